@@ -1,0 +1,53 @@
+"""The audit vocabulary: every event the node records, as an enum.
+
+DICOM PS3.15 A.5 events come first (their EventID codes from DCM, used by the exports),
+then the node's own. Outcomes are PS3.15 EventOutcomeIndicator values.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+
+
+class Outcome(IntEnum):
+    """PS3.15 / RFC 3881 EventOutcomeIndicator."""
+
+    SUCCESS = 0
+    MINOR_FAILURE = 4
+    SERIOUS_FAILURE = 8
+    MAJOR_FAILURE = 12
+
+
+class AuditEvent(StrEnum):
+    """What happened. The value is the stable name stored in the log."""
+
+    # --- DICOM PS3.15 A.5.3 ------------------------------------------------------------
+    APPLICATION_START = "application-start"  # Application Activity (110100), start
+    APPLICATION_STOP = "application-stop"  # Application Activity (110100), stop
+    BEGIN_TRANSFERRING = "begin-transferring"  # Begin Transferring DICOM Instances (110102)
+    INSTANCES_TRANSFERRED = "instances-transferred"  # DICOM Instances Transferred (110104)
+    INSTANCES_ACCESSED = "instances-accessed"  # DICOM Instances Accessed (110103)
+    QUERY = "query"  # Query (110112)
+    SECURITY_ALERT = "security-alert"  # Security Alert (110113)
+    AUDIT_LOG_USED = "audit-log-used"  # Audit Log Used (110101)
+    EXPORT = "export"  # Export (110106)
+
+    # --- the node's own -----------------------------------------------------------------
+    ASSOCIATION_ACCEPTED = "association-accepted"
+    ASSOCIATION_REJECTED = "association-rejected"
+    ASSOCIATION_CLOSED = "association-closed"
+    INSTANCE_STORED = "instance-stored"
+    INSTANCE_DUPLICATE = "instance-duplicate"
+    INSTANCE_NEW_VERSION = "instance-new-version"
+    INSTANCE_REJECTED = "instance-rejected"
+    INSTANCE_QUARANTINED = "instance-quarantined"
+    STUDY_READY = "study-ready"
+    STUDY_NOT_ROUTED = "study-not-routed"
+    JOB_TRANSITION = "job-transition"
+    DELIVERY_ATTEMPT = "delivery-attempt"
+    DELIVERY_DEAD_LETTER = "delivery-dead-letter"
+    CONFIG_LOADED = "config-loaded"
+    MODEL_LOADED = "model-loaded"
+    GATE_DECISION = "gate-decision"
+    REVIEW_APPROVED = "review-approved"
+    REVIEW_REJECTED = "review-rejected"

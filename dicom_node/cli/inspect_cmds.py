@@ -1,0 +1,245 @@
+"""``studies``, ``jobs``, ``outbox``, ``quarantine``: what the node holds and is doing."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from audit import AuditEvent
+from dicom_node import queries
+from dicom_node.cli import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_runtime, print_json
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for c in columns:
+        table.add_column(c, overflow="fold")
+    for r in rows:
+        table.add_row(*("" if v is None else str(v) for v in r))
+    return table
+
+
+@app.command()
+def studies(config: ConfigOpt = None, home: HomeOpt = Path("."), json_out: JsonOpt = False) -> None:
+    """Studies the node has received, with their state."""
+    runtime = open_runtime(config, home)
+    rows = queries.list_studies(runtime.db)
+    runtime.close()
+    if json_out:
+        print_json(rows)
+        return
+    console.print(
+        _table(
+            f"{len(rows)} stud{'y' if len(rows) == 1 else 'ies'}",
+            [
+                "study",
+                "patient id",
+                "modalities",
+                "series",
+                "instances",
+                "from",
+                "state",
+                "last received",
+            ],
+            [
+                [
+                    r["study_uid"],
+                    r["patient_id"],
+                    ",".join(r["modalities"]),
+                    r["series"],
+                    r["instances"],
+                    r["source_ae"],
+                    r["state"],
+                    _when(r["last_received_at"]),
+                ]
+                for r in rows
+            ],
+        )
+    )
+
+
+@app.command()
+def jobs(
+    config: ConfigOpt = None,
+    home: HomeOpt = Path("."),
+    state: Annotated[str | None, typer.Option(help="Only jobs in this state.")] = None,
+    study: Annotated[str | None, typer.Option(help="Only jobs of this Study Instance UID.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Jobs and their state (queued, running, succeeded, failed, held, delivering, delivered)."""
+    runtime = open_runtime(config, home)
+    rows = queries.list_jobs(runtime.db, state=state, study_uid=study)
+    runtime.close()
+    if json_out:
+        print_json(rows)
+        return
+    console.print(
+        _table(
+            f"{len(rows)} job(s)",
+            [
+                "id",
+                "study",
+                "v",
+                "pipeline",
+                "inputs",
+                "destinations",
+                "state",
+                "reason",
+                "updated",
+            ],
+            [
+                [
+                    r["id"],
+                    r["study_uid"],
+                    r["study_version"],
+                    r["pipeline"],
+                    r["inputs"],
+                    ",".join(r["destinations"]),
+                    r["state"],
+                    r["reason"],
+                    _when(r["updated_at"]),
+                ]
+                for r in rows
+            ],
+        )
+    )
+
+
+outbox_app = typer.Typer(
+    help="Deliveries to PACS/TPS: list, inspect attempts, retry dead letters.",
+    invoke_without_command=True,
+)
+app.add_typer(outbox_app, name="outbox")
+
+
+@outbox_app.callback()
+def outbox(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    home: HomeOpt = Path("."),
+    state: Annotated[str | None, typer.Option(help="pending, sending, delivered or dead.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List deliveries (one per output series per destination)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    runtime = open_runtime(config, home)
+    rows = queries.list_deliveries(runtime.db, state=state)
+    runtime.close()
+    if json_out:
+        print_json(rows)
+        return
+    console.print(
+        _table(
+            f"{len(rows)} deliver{'y' if len(rows) == 1 else 'ies'}",
+            ["id", "job", "series", "destination", "state", "attempts", "next try", "last error"],
+            [
+                [
+                    r["id"],
+                    r["job_id"],
+                    r["series_uid"],
+                    r["destination"],
+                    r["state"],
+                    r["attempts"],
+                    _when(r["next_attempt_at"]) if r["state"] == "pending" else "",
+                    r["last_error"],
+                ]
+                for r in rows
+            ],
+        )
+    )
+
+
+@outbox_app.command("attempts")
+def outbox_attempts(
+    delivery_id: Annotated[int, typer.Argument(help="Delivery id (see `dicom-node outbox`).")],
+    config: ConfigOpt = None,
+    home: HomeOpt = Path("."),
+    json_out: JsonOpt = False,
+) -> None:
+    """Every attempt of one delivery, with its outcome."""
+    runtime = open_runtime(config, home)
+    rows = queries.list_delivery_attempts(runtime.db, delivery_id)
+    runtime.close()
+    if json_out:
+        print_json(rows)
+        return
+    console.print(
+        _table(
+            f"delivery {delivery_id}: {len(rows)} attempt(s)",
+            ["#", "started", "finished", "outcome", "sent", "failed", "detail"],
+            [
+                [
+                    i + 1,
+                    _when(r["started_at"]),
+                    _when(r["finished_at"]),
+                    r["outcome"],
+                    r["instances_sent"],
+                    r["instances_failed"],
+                    r["detail"],
+                ]
+                for i, r in enumerate(rows)
+            ],
+        )
+    )
+
+
+@outbox_app.command("retry")
+def outbox_retry(
+    delivery_id: Annotated[int, typer.Argument(help="A dead-lettered delivery id.")],
+    config: ConfigOpt = None,
+    home: HomeOpt = Path("."),
+) -> None:
+    """Give a dead-lettered delivery a fresh set of attempts."""
+    from dicom_node.outbox import Outbox
+
+    runtime = open_runtime(config, home, actor="cli")
+    try:
+        Outbox(runtime.config, runtime.db, runtime.audit, "cli").retry_dead(delivery_id, actor="cli")
+    except (KeyError, ValueError) as exc:
+        raise fail(str(exc).strip("'\"")) from None
+    runtime.audit.record(
+        AuditEvent.DELIVERY_ATTEMPT,
+        actor="cli",
+        delivery_id=delivery_id,
+        action="retry requested by operator",
+    )
+    runtime.close()
+    console.print(f"delivery {delivery_id} queued again")
+
+
+@app.command()
+def quarantine(config: ConfigOpt = None, home: HomeOpt = Path("."), json_out: JsonOpt = False) -> None:
+    """Instances the node refused to index, with the reason; the bytes are kept."""
+    runtime = open_runtime(config, home)
+    rows = queries.list_quarantine(runtime.db)
+    runtime.close()
+    if json_out:
+        print_json(rows)
+        return
+    console.print(
+        _table(
+            f"{len(rows)} quarantined item(s)",
+            ["id", "at", "from", "host", "claimed SOP UID", "reason", "file"],
+            [
+                [
+                    r["id"],
+                    _when(r["at"]),
+                    r["calling_ae"],
+                    r["peer_host"],
+                    r["claimed_sop_uid"],
+                    r["reason"],
+                    r["path"],
+                ]
+                for r in rows
+            ],
+        )
+    )

@@ -1,0 +1,139 @@
+"""``echo`` and ``send``: talk to a DICOM peer."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from rich.table import Table
+
+from dicom_node.cli import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_runtime, print_json
+from dicom_node.config import Destination
+from dicom_node.net.sender import echo as c_echo
+from dicom_node.net.sender import send_series
+from pipelines.base import OutputInstance
+
+_PEER = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+
+
+def parse_peer(value: str) -> tuple[str, str, int]:
+    m = _PEER.match(value.strip())
+    if not m:
+        raise fail(f"--to {value!r}: expected AET@HOST:PORT, e.g. ORTHANC@127.0.0.1:4242")
+    return m["aet"], m["host"], int(m["port"])
+
+
+@app.command()
+def echo(
+    host: Annotated[str, typer.Argument(help="Peer host.")],
+    port: Annotated[int, typer.Argument(help="Peer DICOM port.")],
+    aet: Annotated[str, typer.Option("--aet", help="Called AE title.")] = "ANY-SCP",
+    calling: Annotated[
+        str | None, typer.Option("--calling", help="Calling AE title (default: this node's).")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds.")] = 10.0,
+    config: ConfigOpt = None,
+    home: HomeOpt = Path("."),
+) -> None:
+    """C-ECHO a peer: is it up, and does it accept us?"""
+    runtime = open_runtime(config, home)
+    calling_ae = calling or runtime.config.node.ae_title
+    runtime.close()
+    status = c_echo(host, port, called_ae=aet, calling_ae=calling_ae, timeout=timeout)
+    if status is None:
+        raise fail(f"no association with {aet}@{host}:{port} (refused, rejected or timed out)")
+    if status != 0:
+        raise fail(f"{aet}@{host}:{port} answered C-ECHO with status 0x{status:04X}")
+    console.print(f"{aet}@{host}:{port} answered C-ECHO: success")
+
+
+def _collect(paths: list[Path]) -> tuple[dict[str, list[OutputInstance]], list[Path]]:
+    by_series: dict[str, list[OutputInstance]] = defaultdict(list)
+    skipped: list[Path] = []
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise fail(f"{p}: no such file or directory")
+    for f in files:
+        try:
+            ds = dcmread(
+                f,
+                stop_before_pixels=True,
+                specific_tags=["SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"],
+            )
+            meta = ds.file_meta
+            by_series[str(ds.SeriesInstanceUID)].append(
+                OutputInstance(
+                    sop_uid=str(meta.MediaStorageSOPInstanceUID),
+                    series_uid=str(ds.SeriesInstanceUID),
+                    sop_class_uid=str(meta.MediaStorageSOPClassUID),
+                    transfer_syntax_uid=str(meta.TransferSyntaxUID),
+                    path=f,
+                )
+            )
+        except (InvalidDicomError, AttributeError, KeyError, OSError, ValueError):
+            skipped.append(f)
+    return by_series, skipped
+
+
+@app.command()
+def send(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or directories (searched recursively).")],
+    to: Annotated[str, typer.Option("--to", help="Destination as AET@HOST:PORT.")],
+    calling: Annotated[
+        str | None, typer.Option("--calling", help="Calling AE title (default: this node's).")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds per association step.")] = 60.0,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+    home: HomeOpt = Path("."),
+) -> None:
+    """C-STORE files to a peer, one association per series, bytes as stored."""
+    aet, host, port = parse_peer(to)
+    runtime = open_runtime(config, home)
+    calling_ae = calling or runtime.config.node.ae_title
+    runtime.close()
+    by_series, skipped = _collect(paths)
+    if not by_series:
+        raise fail(f"no DICOM Part 10 files found in {', '.join(map(str, paths))}")
+    destination = Destination(ae_title=aet, host=host, port=port, timeout_seconds=timeout)
+    results = []
+    for series_uid, files in by_series.items():
+        report = send_series(destination, files, calling_ae=calling_ae)
+        results.append(
+            {
+                "series_uid": series_uid,
+                "instances": len(files),
+                "sent": report.sent,
+                "failed": len(report.failed),
+                "error": report.error,
+            }
+        )
+    if json_out:
+        print_json({"destination": to, "series": results, "skipped_files": [str(s) for s in skipped]})
+    else:
+        table = Table(title=f"sent to {to}")
+        for col in ("series", "instances", "sent", "failed", "error"):
+            table.add_column(col)
+        for r in results:
+            table.add_row(
+                str(r["series_uid"]),
+                str(r["instances"]),
+                str(r["sent"]),
+                str(r["failed"]),
+                str(r["error"] or ""),
+            )
+        console.print(table)
+        if skipped:
+            console.print(f"skipped {len(skipped)} file(s) that are not DICOM Part 10")
+    if any(r["error"] for r in results):
+        raise typer.Exit(1)

@@ -1,0 +1,84 @@
+"""``serve`` and ``worker``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from dicom_node.cli import ConfigOpt, HomeOpt, app, fail, open_runtime
+from dicom_node.runtime import setup_logging
+
+
+def serve_overrides(
+    host: str | None, port: int | None, ae_title: str | None, workers: int | None
+) -> dict[str, Any]:
+    node: dict[str, Any] = {}
+    if host is not None:
+        node["host"] = host
+    if port is not None:
+        node["port"] = port
+    if ae_title is not None:
+        node["ae_title"] = ae_title
+    overrides: dict[str, Any] = {"node": node} if node else {}
+    if workers is not None:
+        overrides["workers"] = {"processes": workers}
+    return overrides
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    home: HomeOpt = Path("."),
+    host: Annotated[str | None, typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="DICOM port (default 11112).")] = None,
+    ae_title: Annotated[
+        str | None, typer.Option("--ae-title", help="This node's AE title (default DICOM_NODE).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (default 1).")] = None,
+    ready_file: Annotated[Path | None, typer.Option(hidden=True)] = None,
+) -> None:
+    """Receive studies, run the routed pipelines, deliver the results. Stops on SIGTERM/Ctrl-C."""
+    from dicom_node.serve import AlreadyRunning
+    from dicom_node.serve import serve as run_serve
+
+    overrides = serve_overrides(host, port, ae_title, workers)
+    runtime = open_runtime(config, home, overrides)
+    setup_logging(runtime.paths, runtime.config)
+    try:
+        code = run_serve(runtime, config_path=config, overrides=overrides, ready_file=ready_file)
+    except (AlreadyRunning, OSError) as exc:
+        raise fail(str(exc)) from None
+    finally:
+        runtime.close()
+    raise typer.Exit(code)
+
+
+@app.command(hidden=True)
+def worker(
+    config: ConfigOpt = None,
+    home: HomeOpt = Path("."),
+    run_id: Annotated[str, typer.Option("--run-id")] = "standalone",
+    overrides: Annotated[str, typer.Option("--overrides")] = "{}",
+) -> None:
+    """A worker process (started by `serve`)."""
+    from dicom_node.worker import Worker
+
+    runtime = open_runtime(config, home, json.loads(overrides))
+    setup_logging(runtime.paths, runtime.config)
+    w = Worker(runtime.config, runtime.paths, runtime.db, runtime.audit, run_id)
+
+    def _stop(_signum: int, _frame: object) -> None:
+        w.stop_event.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        w.run()
+    finally:
+        logging.getLogger(__name__).info("worker %s stopped", w.worker_id)
+        runtime.close()

@@ -1,0 +1,278 @@
+"""Node configuration: one TOML file, validated once, frozen, passed in.
+
+Every key has a default, so ``dicom-node serve`` runs with no file at all. Precedence is
+embedded defaults < TOML file < command-line flags. A bad file raises :class:`ConfigError`
+whose message is one line naming the key and the problem; the CLI prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipelines.registry import pipeline_names
+
+CONFIG_FILENAME = "dicom-node.toml"
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII except backslash
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class ConfigError(Exception):
+    """A configuration problem a user caused: one line, names the key."""
+
+
+def _check_ae_title(value: str) -> str:
+    value = value.strip()
+    if not _AE_TITLE.match(value):
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)")
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSection(_Section):
+    """This node's own DICOM identity and listening address."""
+
+    ae_title: str = "DICOM_NODE"
+    host: str = "127.0.0.1"
+    port: Port = 11112
+    #: Organisation UID root for UIDs this node creates. The default "2.25." derives UIDs
+    #: from a hash (ISO/IEC 9834-8 UUID form) and needs no registration.
+    uid_root: str = "2.25."
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class ReceiverSection(_Section):
+    """C-STORE SCP behaviour."""
+
+    max_associations: int = Field(16, ge=1, le=512)
+    #: Maximum PDU we announce; large PDUs mean fewer round trips (0 = unlimited).
+    max_pdu_bytes: int = Field(4 * 1024 * 1024, ge=0)
+    acse_timeout_seconds: float = Field(30.0, gt=0)
+    dimse_timeout_seconds: float = Field(60.0, gt=0)
+    network_timeout_seconds: float = Field(120.0, gt=0)
+    #: Refuse associations from AE titles not listed under [[callers]].
+    require_known_callers: bool = False
+    #: Refuse associations whose Called AE Title is not ours.
+    require_called_ae: bool = False
+    #: Answer 0xA700 (out of resources) when free space under var/ drops below this.
+    min_free_disk_mb: int = Field(1024, ge=0)
+
+
+class Caller(_Section):
+    """A sending modality or system the node knows."""
+
+    ae_title: str
+    #: Hosts (IP addresses or names) this AE may connect from; empty means any host.
+    hosts: tuple[str, ...] = ()
+    #: Override of completeness.stable_seconds for studies this AE sends.
+    stable_seconds: float | None = Field(None, gt=0)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class CompletenessSection(_Section):
+    """When a study is considered complete ("ready")."""
+
+    stable_seconds: float = Field(30.0, gt=0)
+
+
+class Destination(_Section):
+    """A peer results are delivered to."""
+
+    ae_title: str
+    host: str
+    port: Port
+    profile: Literal["pacs", "tps"] = "pacs"
+    #: Seconds to wait for the association and for each DIMSE response.
+    timeout_seconds: float = Field(60.0, gt=0)
+    #: Maximum PDU we announce to this peer (0 = unlimited).
+    max_pdu_bytes: int = Field(4 * 1024 * 1024, ge=0)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class Route(_Section):
+    """Calling AE → pipeline + destinations (placeholder until the policy engine)."""
+
+    calling_ae: str = "*"
+    pipeline: str = "forward"
+    destinations: tuple[str, ...] = ()
+
+    @field_validator("pipeline")
+    @classmethod
+    def _known_pipeline(cls, value: str) -> str:
+        names = pipeline_names()
+        if value not in names:
+            raise ValueError(f"unknown pipeline {value!r} (available: {', '.join(names)})")
+        return value
+
+
+class OutboxSection(_Section):
+    """Delivery retries: exponential backoff with a cap, then dead-letter."""
+
+    max_attempts: int = Field(10, ge=1)
+    backoff_initial_seconds: float = Field(5.0, gt=0)
+    backoff_factor: float = Field(2.0, ge=1.0)
+    backoff_max_seconds: float = Field(600.0, gt=0)
+
+
+class WorkersSection(_Section):
+    """Worker processes (separate from the receiver so inference never starves the network)."""
+
+    processes: int = Field(1, ge=0, le=64)
+    poll_seconds: float = Field(0.5, gt=0)
+    #: A claimed job or delivery whose worker stops renewing its lease is taken over after this.
+    lease_seconds: float = Field(60.0, gt=5)
+
+
+class StorageSection(_Section):
+    """Where state lives. Relative paths are under <home>/var/."""
+
+    #: SQLAlchemy URL of the index and job database; default SQLite at var/node.db.
+    database_url: str | None = None
+    #: SQLAlchemy URL of the audit log; default SQLite at var/audit.db.
+    audit_database_url: str | None = None
+    data_dir: str = "data"
+    quarantine_dir: str = "quarantine"
+    #: fsync each stored file and its directory before answering success.
+    fsync: bool = True
+
+
+class LoggingSection(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: Application log file under var/ (UIDs and ids only, never patient names).
+    file: str = "log/dicom-node.log"
+
+
+class NodeConfig(_Section):
+    """The whole configuration, frozen once loaded."""
+
+    node: NodeSection = NodeSection()
+    receiver: ReceiverSection = ReceiverSection()
+    callers: tuple[Caller, ...] = ()
+    completeness: CompletenessSection = CompletenessSection()
+    destinations: dict[str, Destination] = {}
+    routes: tuple[Route, ...] = ()
+    outbox: OutboxSection = OutboxSection()
+    workers: WorkersSection = WorkersSection()
+    storage: StorageSection = StorageSection()
+    logging: LoggingSection = LoggingSection()
+
+    @model_validator(mode="after")
+    def _routes_name_known_destinations(self) -> NodeConfig:
+        for i, route in enumerate(self.routes):
+            for name in route.destinations:
+                if name not in self.destinations:
+                    known = ", ".join(sorted(self.destinations)) or "none defined"
+                    raise ValueError(
+                        f"routes[{i}].destinations: unknown destination {name!r} (known: {known})"
+                    )
+        return self
+
+    def caller(self, ae_title: str) -> Caller | None:
+        for caller in self.callers:
+            if caller.ae_title == ae_title:
+                return caller
+        return None
+
+    def stable_seconds_for(self, calling_ae: str | None) -> float:
+        caller = self.caller(calling_ae) if calling_ae else None
+        if caller is not None and caller.stable_seconds is not None:
+            return caller.stable_seconds
+        return self.completeness.stable_seconds
+
+
+class LoadedConfig(BaseModel):
+    """A validated config plus where it came from (for the audit and the banner)."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    config: NodeConfig
+    source: Path | None
+    sha256: str
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check spelling; see deploy/dicom-node.example.toml)"
+    elif (
+        "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict | list)
+    ):
+        msg = f"{msg} (got {first['input']!r})"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    more = len(err.errors()) - 1
+    tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    where = f"{loc}: " if first["loc"] else ""
+    return f"{source}: {where}{msg}{tail}"
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    path: Path | None = None,
+    home: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> LoadedConfig:
+    """Load and validate the configuration.
+
+    Parameters
+    ----------
+    path
+        The TOML file. When ``None``, ``<home>/dicom-node.toml`` is used if it exists,
+        otherwise the embedded defaults alone.
+    home
+        The node's home directory (state lives under ``<home>/var``).
+    overrides
+        Nested mapping applied over the file (command-line flags).
+
+    Raises
+    ------
+    ConfigError
+        One line naming the file, the key and the problem.
+    """
+    raw_bytes = b""
+    source: Path | None = None
+    if path is None and home is not None and (home / CONFIG_FILENAME).is_file():
+        path = home / CONFIG_FILENAME
+    data: dict[str, Any] = {}
+    if path is not None:
+        source = Path(path)
+        try:
+            raw_bytes = source.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read config file: {exc.strerror}") from None
+        try:
+            data = tomllib.loads(raw_bytes.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    if overrides:
+        data = _deep_merge(data, overrides)
+    try:
+        config = NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, str(source) if source else "config")) from None
+    digest = hashlib.sha256(raw_bytes + repr(sorted((overrides or {}).items())).encode()).hexdigest()
+    return LoadedConfig(config=config, source=source, sha256=digest)

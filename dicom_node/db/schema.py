@@ -1,0 +1,198 @@
+"""The SQL schema of the index, the jobs and the outbox (SQLAlchemy Core tables).
+
+Times are UNIX epoch seconds (float): they are compared for timers, leases and backoff far
+more often than they are shown. The schema is created and upgraded by the Alembic
+migrations in ``dicom_node/db/migrations``; never by ``create_all`` at run time.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+UID = String(64)
+
+patients = Table(
+    "patients",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("patient_id", String(64), nullable=False),
+    Column("issuer", String(64), nullable=False, default=""),
+    Column("patient_name", String(324)),
+    Column("birth_date", String(8)),
+    Column("sex", String(16)),
+    UniqueConstraint("patient_id", "issuer", name="uq_patients_patient_id_issuer"),
+)
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_uid", UID, nullable=False, unique=True),
+    Column("patient_fk", ForeignKey("patients.id"), nullable=False),
+    Column("study_date", String(8)),
+    Column("accession_number", String(16)),
+    Column("description", String(64)),
+    #: Calling AE title of the first instance received; routes match on it.
+    Column("source_ae", String(16)),
+    Column("first_received_at", Float, nullable=False),
+    #: Version that newly arriving instances join; bumped when the study becomes ready.
+    Column("open_version", Integer, nullable=False, default=1),
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("series_uid", UID, nullable=False, unique=True),
+    Column("study_fk", ForeignKey("studies.id"), nullable=False, index=True),
+    Column("modality", String(16)),
+    Column("series_number", Integer),
+    Column("description", String(64)),
+    Column("body_part", String(16)),
+    Column("frame_of_reference_uid", UID),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sop_uid", UID, nullable=False),
+    #: 1 for the first bytes received under this SOP Instance UID; +1 per different resend.
+    Column("version", Integer, nullable=False, default=1),
+    #: False once a newer version of the same SOP Instance UID has arrived.
+    Column("current", Boolean, nullable=False, default=True),
+    Column("series_fk", ForeignKey("series.id"), nullable=False, index=True),
+    Column("study_fk", ForeignKey("studies.id"), nullable=False),
+    Column("study_version", Integer, nullable=False),
+    Column("sop_class_uid", UID, nullable=False),
+    Column("transfer_syntax_uid", UID, nullable=False),
+    Column("instance_number", Integer),
+    #: Path relative to the data directory.
+    Column("path", Text, nullable=False),
+    Column("size", Integer, nullable=False),
+    #: sha256 of the data set bytes exactly as received on the wire.
+    Column("sha256", String(64), nullable=False),
+    Column("calling_ae", String(16)),
+    Column("peer_host", String(255)),
+    Column("received_at", Float, nullable=False),
+    #: Tags routing and policies read (CTDIvol, KVP, slice thickness, protocol, ...).
+    Column("tags", JSON, nullable=False, default=dict),
+    UniqueConstraint("sop_uid", "version", name="uq_instances_sop_uid_version"),
+    Index("ix_instances_study_version", "study_fk", "study_version"),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_fk", ForeignKey("studies.id"), nullable=False, index=True),
+    Column("study_version", Integer, nullable=False),
+    Column("pipeline", String(64), nullable=False),
+    Column("destinations", JSON, nullable=False, default=list),
+    Column("state", String(16), nullable=False, index=True),
+    Column("reason", Text),
+    Column("runs", Integer, nullable=False, default=0),
+    Column("claimed_by", String(128)),
+    Column("lease_until", Float),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+job_inputs = Table(
+    "job_inputs",
+    metadata,
+    Column("job_fk", ForeignKey("jobs.id"), primary_key=True),
+    Column("instance_fk", ForeignKey("instances.id"), primary_key=True),
+)
+
+job_transitions = Table(
+    "job_transitions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_fk", ForeignKey("jobs.id"), nullable=False, index=True),
+    Column("from_state", String(16)),
+    Column("to_state", String(16), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("reason", Text),
+    Column("actor", String(128)),
+)
+
+job_outputs = Table(
+    "job_outputs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_fk", ForeignKey("jobs.id"), nullable=False, index=True),
+    Column("series_uid", UID, nullable=False),
+    Column("sop_uid", UID, nullable=False),
+    Column("sop_class_uid", UID, nullable=False),
+    Column("transfer_syntax_uid", UID, nullable=False),
+    #: Absolute path of the file to send.
+    Column("path", Text, nullable=False),
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_fk", ForeignKey("jobs.id"), nullable=False, index=True),
+    Column("series_uid", UID, nullable=False),
+    Column("destination", String(64), nullable=False),
+    Column("state", String(16), nullable=False, index=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("last_error", Text),
+    Column("claimed_by", String(128)),
+    Column("lease_until", Float),
+    Column("created_at", Float, nullable=False),
+    Column("delivered_at", Float),
+    UniqueConstraint("job_fk", "series_uid", "destination", name="uq_deliveries_job_series_dest"),
+)
+
+delivery_attempts = Table(
+    "delivery_attempts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("delivery_fk", ForeignKey("deliveries.id"), nullable=False, index=True),
+    Column("started_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Column("outcome", String(16)),
+    Column("detail", Text),
+    Column("instances_sent", Integer, nullable=False, default=0),
+    Column("instances_failed", Integer, nullable=False, default=0),
+)
+
+quarantine = Table(
+    "quarantine",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("at", Float, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("calling_ae", String(16)),
+    Column("peer_host", String(255)),
+    #: SOP Instance UID as claimed in the C-STORE request (the data set may lack one).
+    Column("claimed_sop_uid", UID),
+    Column("path", Text, nullable=False),
+    Column("size", Integer, nullable=False),
+)

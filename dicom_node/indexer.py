@@ -1,0 +1,281 @@
+"""The index writer: turns durably stored instances into index rows and audit records.
+
+Runs on its own thread and writes in batches (one transaction per batch), so the C-STORE
+round trip never waits on SQL. Items stay visible through :meth:`Indexer.pending` until
+their rows are committed, so duplicate detection sees them. Nothing is dropped: a batch
+that fails to commit is retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, insert, select, update
+
+from audit import AuditEvent, AuditTrail
+from dicom_node.db import schema as t
+from dicom_node.db.engine import Database
+from dicom_node.instance import InstanceFacts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PendingInstance:
+    """A stored instance whose index row is not written yet."""
+
+    facts: InstanceFacts
+    version: int
+    transfer_syntax: str
+    relative_path: str
+    size: int
+    data: bytes
+    calling_ae: str | None
+    peer_host: str | None
+    received_at: float
+    recovered: bool = False
+    _sha256: str | None = field(default=None, repr=False)
+
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            self._sha256 = hashlib.sha256(self.data).hexdigest()
+        return self._sha256
+
+
+@dataclass
+class _IdCache:
+    """UID → row id; rows are never deleted, so ids never go stale."""
+
+    patients: dict[tuple[str, str], int] = field(default_factory=dict)
+    studies: dict[str, int] = field(default_factory=dict)
+    series: dict[str, int] = field(default_factory=dict)
+
+
+def _patient_id(conn: Connection, cache: _IdCache, f: InstanceFacts) -> int:
+    key = (f.patient_id, f.issuer_of_patient_id)
+    if key not in cache.patients:
+        found = conn.execute(
+            select(t.patients.c.id).where(t.patients.c.patient_id == key[0], t.patients.c.issuer == key[1])
+        ).scalar()
+        if found is None:
+            found = conn.execute(
+                insert(t.patients).values(
+                    patient_id=key[0],
+                    issuer=key[1],
+                    patient_name=f.patient_name,
+                    birth_date=f.patient_birth_date,
+                    sex=f.patient_sex,
+                )
+            ).inserted_primary_key[0]
+        cache.patients[key] = int(found)
+    return cache.patients[key]
+
+
+def _study_id(conn: Connection, cache: _IdCache, p: PendingInstance) -> int:
+    f = p.facts
+    if f.study_uid not in cache.studies:
+        found = conn.execute(select(t.studies.c.id).where(t.studies.c.study_uid == f.study_uid)).scalar()
+        if found is None:
+            found = conn.execute(
+                insert(t.studies).values(
+                    study_uid=f.study_uid,
+                    patient_fk=_patient_id(conn, cache, f),
+                    study_date=f.study_date,
+                    accession_number=f.accession_number,
+                    description=f.study_description,
+                    source_ae=p.calling_ae,
+                    first_received_at=p.received_at,
+                    open_version=1,
+                )
+            ).inserted_primary_key[0]
+        cache.studies[f.study_uid] = int(found)
+    return cache.studies[f.study_uid]
+
+
+def _series_id(conn: Connection, cache: _IdCache, f: InstanceFacts, study_fk: int) -> int:
+    if f.series_uid not in cache.series:
+        found = conn.execute(select(t.series.c.id).where(t.series.c.series_uid == f.series_uid)).scalar()
+        if found is None:
+            found = conn.execute(
+                insert(t.series).values(
+                    series_uid=f.series_uid,
+                    study_fk=study_fk,
+                    modality=f.modality,
+                    series_number=f.series_number,
+                    description=f.series_description,
+                    body_part=f.body_part,
+                    frame_of_reference_uid=f.frame_of_reference_uid,
+                )
+            ).inserted_primary_key[0]
+        cache.series[f.series_uid] = int(found)
+    return cache.series[f.series_uid]
+
+
+def index_batch(conn: Connection, batch: list[PendingInstance], cache: _IdCache) -> None:
+    """Insert the index rows of ``batch`` in the caller's (write) transaction."""
+    study_ids = {p.facts.study_uid: _study_id(conn, cache, p) for p in batch}
+    open_versions = dict(
+        conn.execute(
+            select(t.studies.c.id, t.studies.c.open_version).where(t.studies.c.id.in_(study_ids.values()))
+        ).all()
+    )
+    rows: list[dict[str, Any]] = []
+    for p in batch:
+        f = p.facts
+        study_fk = study_ids[f.study_uid]
+        if p.version > 1:
+            conn.execute(
+                update(t.instances).where(t.instances.c.sop_uid == f.sop_instance_uid).values(current=False)
+            )
+        rows.append(
+            {
+                "sop_uid": f.sop_instance_uid,
+                "version": p.version,
+                "current": True,
+                "series_fk": _series_id(conn, cache, f, study_fk),
+                "study_fk": study_fk,
+                "study_version": open_versions[study_fk],
+                "sop_class_uid": f.sop_class_uid,
+                "transfer_syntax_uid": p.transfer_syntax,
+                "instance_number": f.instance_number,
+                "path": p.relative_path,
+                "size": p.size,
+                "sha256": p.sha256(),
+                "calling_ae": p.calling_ae,
+                "peer_host": p.peer_host,
+                "received_at": p.received_at,
+                "tags": f.tags,
+            }
+        )
+    conn.execute(insert(t.instances), rows)
+
+
+def _audit_entry(p: PendingInstance) -> tuple[AuditEvent, dict[str, Any]]:
+    f = p.facts
+    event = AuditEvent.INSTANCE_STORED if p.version == 1 else AuditEvent.INSTANCE_NEW_VERSION
+    facts: dict[str, Any] = {
+        "study_uid": f.study_uid,
+        "patient_id": f.patient_id,
+        "calling_ae": p.calling_ae,
+        "peer_host": p.peer_host,
+        "sop_uid": f.sop_instance_uid,
+        "series_uid": f.series_uid,
+        "sha256": p.sha256(),
+        "version": p.version,
+    }
+    if p.recovered:
+        facts["recovered"] = "re-indexed from disk after an unclean stop"
+    return event, facts
+
+
+class Indexer:
+    """Background writer of index rows and instance audit records."""
+
+    def __init__(
+        self,
+        db: Database,
+        audit: AuditTrail,
+        on_indexed: Callable[[list[PendingInstance]], None] | None = None,
+        *,
+        max_batch: int = 256,
+        gather_seconds: float = 0.25,
+        max_queue: int = 512,
+    ) -> None:
+        self.db = db
+        self.audit = audit
+        self.on_indexed = on_indexed
+        self.max_batch = max_batch
+        self.gather_seconds = gather_seconds
+        self.max_queue = max_queue
+        self._queue: deque[PendingInstance] = deque()
+        self._by_sop: dict[str, PendingInstance] = {}
+        self._busy = False
+        self._stopping = False
+        self._cond = threading.Condition()
+        self._cache = _IdCache()
+        self._thread = threading.Thread(target=self._run, name="indexer", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: PendingInstance) -> None:
+        with self._cond:
+            while len(self._queue) >= self.max_queue and not self._stopping:
+                self._cond.wait()  # backpressure: the sender waits rather than memory growing
+            self._queue.append(item)
+            self._by_sop[item.facts.sop_instance_uid] = item
+            self._cond.notify_all()
+
+    def pending(self, sop_uid: str) -> PendingInstance | None:
+        with self._cond:
+            return self._by_sop.get(sop_uid)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything submitted so far is committed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def stop(self) -> None:
+        self.flush()
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._queue:
+                    return
+            time.sleep(self.gather_seconds)  # let a burst accumulate into one transaction
+            with self._cond:
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch))]
+                self._busy = True
+            try:
+                self._write(batch)
+            finally:
+                with self._cond:
+                    for p in batch:
+                        if self._by_sop.get(p.facts.sop_instance_uid) is p:
+                            del self._by_sop[p.facts.sop_instance_uid]
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _write(self, batch: list[PendingInstance]) -> None:
+        for p in batch:
+            p.sha256()  # hashing releases the GIL; done before taking the write lock
+        delay = 0.5
+        while True:
+            try:
+                with self.db.write() as conn:
+                    index_batch(conn, batch, self._cache)
+                break
+            except Exception:
+                self._cache = _IdCache()
+                log.exception("indexer: writing %d row(s) failed; retrying in %.1f s", len(batch), delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30)
+        try:
+            self.audit.record_many([_audit_entry(p) for p in batch])
+        except Exception:
+            log.exception("indexer: audit records for %d instance(s) failed", len(batch))
+        if self.on_indexed is not None:
+            try:
+                self.on_indexed(batch)
+            except Exception:
+                log.exception("indexer: on_indexed callback failed")
+        for p in batch:
+            p.data = b""  # release the bytes

@@ -1,0 +1,268 @@
+"""Read the facts routing needs from an encoded data set, and decide whether it is usable.
+
+The receiver stores bytes exactly as received, so it never decodes the whole data set.
+:func:`check_instance` walks every element once (values deferred), verifies that the
+bytes are structurally complete, and returns ``(facts, None)`` or ``(None, reason)`` —
+it does not raise for bad input; the caller decides what to do with the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filereader import data_element_generator
+from pydicom.tag import Tag
+from pydicom.uid import UID
+
+_UNDEFINED = 0xFFFFFFFF
+_PIXEL_DATA = 0x7FE00010
+
+#: Tags copied into the index's ``tags`` column for routing and policies.
+ROUTING_KEYWORDS = (
+    "ProtocolName",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "StationName",
+    "CTDIvol",
+    "KVP",
+    "SliceThickness",
+    "MagneticFieldStrength",
+    "ImageType",
+    "ScanningSequence",
+    "ContrastBolusAgent",
+    "ConvolutionKernel",
+)
+
+_INDEX_KEYWORDS = (
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "AccessionNumber",
+    "StudyDescription",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "InstanceNumber",
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "BitsAllocated",
+    "NumberOfFrames",
+)
+
+_WANTED: frozenset[int] = frozenset(int(Tag(k)) for k in _INDEX_KEYWORDS + ROUTING_KEYWORDS)
+
+
+class StoreStatus(IntEnum):
+    """C-STORE response statuses the receiver uses (PS3.4 B.2.3, PS3.7 C)."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+    PROCESSING_FAILURE = 0x0110
+
+
+@dataclass(frozen=True)
+class InstanceFacts:
+    """What the index stores about one instance."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    patient_id: str
+    issuer_of_patient_id: str
+    patient_name: str | None
+    patient_birth_date: str | None
+    patient_sex: str | None
+    study_date: str | None
+    accession_number: str | None
+    study_description: str | None
+    modality: str | None
+    series_number: int | None
+    series_description: str | None
+    body_part: str | None
+    frame_of_reference_uid: str | None
+    instance_number: int | None
+    tags: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why an instance is refused, with the status to answer."""
+
+    status: StoreStatus
+    reason: str
+
+
+def _json_value(value: Any) -> Any:
+    """Convert a pydicom value to something JSON can hold."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return [_json_value(v) for v in value]
+    try:
+        return float(value) if type(value).__name__ in ("DSfloat", "DSdecimal") else str(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return str(value).strip() or None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _walk(data: bytes, implicit_vr: bool, little_endian: bool) -> dict[int, RawDataElement]:
+    """Walk every top-level element; return the wanted ones. Raises on malformed bytes."""
+    fp = io.BytesIO(data)
+    wanted: dict[int, RawDataElement] = {}
+    end = 0
+    size = len(data)
+    for elem in data_element_generator(fp, implicit_vr, little_endian, defer_size=256):
+        length = getattr(elem, "length", None)
+        if length is None or length == _UNDEFINED:
+            end = fp.tell()  # read through its delimiter
+        else:
+            end = elem.value_tell + length
+            if end > size:
+                raise ValueError(f"element {Tag(elem.tag)} needs {end - size} more bytes than were sent")
+        tag = int(elem.tag)
+        if tag in _WANTED or tag == _PIXEL_DATA:
+            wanted[tag] = elem
+    if end != size:
+        raise ValueError(f"{size - end} trailing bytes do not form a complete element")
+    return wanted
+
+
+def _expected_native_pixel_bytes(ds: Dataset) -> int | None:
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    bits = _int(ds, "BitsAllocated")
+    if not rows or not cols or not bits:
+        return None
+    samples = _int(ds, "SamplesPerPixel") or 1
+    frames = _int(ds, "NumberOfFrames") or 1
+    total_bits = rows * cols * samples * frames * bits
+    return (total_bits + 7) // 8
+
+
+def check_instance(
+    data: bytes,
+    transfer_syntax: str,
+    claimed_sop_uid: str | None = None,
+) -> tuple[InstanceFacts | None, Rejection | None]:
+    """Decide whether an encoded data set can be stored and indexed.
+
+    Parameters
+    ----------
+    data
+        The data set bytes exactly as received (no file meta).
+    transfer_syntax
+        The negotiated transfer syntax UID.
+    claimed_sop_uid
+        The Affected SOP Instance UID of the C-STORE request, if any.
+
+    Returns
+    -------
+    (facts, None) when usable, (None, rejection) otherwise.
+    """
+    ts = UID(transfer_syntax)
+    body = data
+    try:
+        if ts.is_deflated:
+            body = zlib.decompress(data, -zlib.MAX_WBITS)
+        raw = _walk(body, ts.is_implicit_VR, ts.is_little_endian)
+    except Exception as exc:  # pydicom raises many types for garbage; all mean the same here
+        return None, Rejection(StoreStatus.CANNOT_UNDERSTAND, f"cannot parse data set: {exc}")
+    if not raw:
+        return None, Rejection(StoreStatus.CANNOT_UNDERSTAND, "cannot parse data set: no elements")
+
+    ds = Dataset()
+    ds.set_original_encoding(ts.is_implicit_VR, ts.is_little_endian, "iso8859")
+    for tag, elem in raw.items():
+        if tag != _PIXEL_DATA:
+            ds._dict[Tag(tag)] = elem  # converted lazily, with the data set's character set
+    try:
+        missing = [
+            k
+            for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+            if not _text(ds, k)
+        ]
+    except Exception as exc:
+        return None, Rejection(StoreStatus.CANNOT_UNDERSTAND, f"cannot decode attributes: {exc}")
+    if missing:
+        return None, Rejection(
+            StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+            f"required attribute missing: {', '.join(missing)}",
+        )
+    sop_uid = _text(ds, "SOPInstanceUID") or ""
+    if claimed_sop_uid and claimed_sop_uid.strip("\0 ") != sop_uid:
+        return None, Rejection(
+            StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+            "SOP Instance UID in the data set differs from the C-STORE request",
+        )
+    pixel = raw.get(_PIXEL_DATA)
+    if pixel is not None and not ts.is_compressed:
+        expected = _expected_native_pixel_bytes(ds)
+        length = getattr(pixel, "length", None)
+        if expected is not None and length is not None and length != _UNDEFINED and length < expected:
+            return None, Rejection(
+                StoreStatus.CANNOT_UNDERSTAND,
+                f"pixel data truncated: {length} bytes, image attributes need {expected}",
+            )
+
+    try:
+        tags = {k: _json_value(ds.get(k)) for k in ROUTING_KEYWORDS if k in ds}
+        facts = InstanceFacts(
+            sop_class_uid=_text(ds, "SOPClassUID") or "",
+            sop_instance_uid=sop_uid,
+            study_uid=_text(ds, "StudyInstanceUID") or "",
+            series_uid=_text(ds, "SeriesInstanceUID") or "",
+            patient_id=_text(ds, "PatientID") or "",
+            issuer_of_patient_id=_text(ds, "IssuerOfPatientID") or "",
+            patient_name=_text(ds, "PatientName"),
+            patient_birth_date=_text(ds, "PatientBirthDate"),
+            patient_sex=_text(ds, "PatientSex"),
+            study_date=_text(ds, "StudyDate"),
+            accession_number=_text(ds, "AccessionNumber"),
+            study_description=_text(ds, "StudyDescription"),
+            modality=_text(ds, "Modality"),
+            series_number=_int(ds, "SeriesNumber"),
+            series_description=_text(ds, "SeriesDescription"),
+            body_part=_text(ds, "BodyPartExamined"),
+            frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
+            instance_number=_int(ds, "InstanceNumber"),
+            tags=tags,
+        )
+    except Exception as exc:
+        return None, Rejection(StoreStatus.CANNOT_UNDERSTAND, f"cannot decode attributes: {exc}")
+    for uid in (facts.sop_instance_uid, facts.study_uid, facts.series_uid):
+        if len(uid) > 64 or not UID(uid).is_valid:
+            return None, Rejection(StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"invalid UID {uid[:70]!r}")
+    return facts, None

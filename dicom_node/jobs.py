@@ -1,0 +1,152 @@
+"""The job state machine, kept in SQL.
+
+``queued → running → (succeeded | failed | held) → delivering → delivered``
+
+Every transition is committed before the work it announces starts, so a restart — even
+after kill -9 — finds each job in a state that says what to do next: ``queued`` and an
+orphaned ``running`` are (re)run (work is idempotent), ``delivering`` waits on its
+deliveries. ``failed`` and ``held`` can be retried/released by an operator.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+
+from sqlalchemy import Connection, insert, select, update
+
+from audit import AuditEvent, AuditTrail, Outcome
+from dicom_node.db import schema as t
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    HELD = "held"
+    DELIVERING = "delivering"
+    DELIVERED = "delivered"
+
+
+ALLOWED: dict[JobState | None, frozenset[JobState]] = {
+    None: frozenset({JobState.QUEUED}),
+    JobState.QUEUED: frozenset({JobState.RUNNING}),
+    # running → queued: the worker was lost; the job resumes from the start.
+    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.HELD, JobState.QUEUED}),
+    JobState.SUCCEEDED: frozenset({JobState.DELIVERING, JobState.DELIVERED}),
+    JobState.HELD: frozenset({JobState.DELIVERING, JobState.FAILED}),
+    JobState.FAILED: frozenset({JobState.QUEUED, JobState.DELIVERING}),
+    # delivering → failed: a delivery was dead-lettered; an operator retry goes back.
+    JobState.DELIVERING: frozenset({JobState.DELIVERED, JobState.FAILED}),
+    JobState.DELIVERED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+class StaleTransition(RuntimeError):
+    """The job is no longer in the state the caller expected (someone else moved it)."""
+
+
+def transition(
+    conn: Connection,
+    job_id: int,
+    to_state: JobState,
+    *,
+    expect: JobState | None,
+    reason: str | None = None,
+    actor: str | None = None,
+    **values: object,
+) -> None:
+    """Move a job from ``expect`` to ``to_state`` in the caller's transaction.
+
+    Raises :class:`StaleTransition` when the row is not in ``expect`` any more and
+    :class:`IllegalTransition` when the state machine does not allow the move.
+    """
+    if to_state not in ALLOWED[expect]:
+        raise IllegalTransition(f"job {job_id}: {expect} → {to_state} is not allowed")
+    now = time.time()
+    result = conn.execute(
+        update(t.jobs)
+        .where(t.jobs.c.id == job_id, t.jobs.c.state == (expect.value if expect else None))
+        .values(state=to_state.value, reason=reason, updated_at=now, **values)
+    )
+    if result.rowcount != 1:
+        raise StaleTransition(f"job {job_id} is not {expect}")
+    conn.execute(
+        insert(t.job_transitions).values(
+            job_fk=job_id,
+            from_state=expect.value if expect else None,
+            to_state=to_state.value,
+            at=now,
+            reason=reason,
+            actor=actor,
+        )
+    )
+
+
+def create_job(
+    conn: Connection,
+    *,
+    study_fk: int,
+    study_version: int,
+    pipeline: str,
+    destinations: list[str],
+    instance_ids: list[int],
+    actor: str | None = None,
+) -> int:
+    """Insert a job in ``queued`` with its input snapshot, in the caller's transaction."""
+    now = time.time()
+    job_id = int(
+        conn.execute(
+            insert(t.jobs).values(
+                study_fk=study_fk,
+                study_version=study_version,
+                pipeline=pipeline,
+                destinations=destinations,
+                state=JobState.QUEUED.value,
+                runs=0,
+                created_at=now,
+                updated_at=now,
+            )
+        ).inserted_primary_key[0]
+    )
+    if instance_ids:
+        conn.execute(insert(t.job_inputs), [{"job_fk": job_id, "instance_fk": i} for i in instance_ids])
+    conn.execute(
+        insert(t.job_transitions).values(
+            job_fk=job_id, from_state=None, to_state=JobState.QUEUED.value, at=now, actor=actor
+        )
+    )
+    return job_id
+
+
+def audit_transition(
+    audit: AuditTrail,
+    conn: Connection,
+    job_id: int,
+    from_state: JobState | None,
+    to_state: JobState,
+    reason: str | None = None,
+) -> None:
+    """Record a committed transition in the audit log (facts read from the job row)."""
+    row = conn.execute(
+        select(t.jobs.c.pipeline, t.jobs.c.study_version, t.studies.c.study_uid)
+        .join(t.studies, t.studies.c.id == t.jobs.c.study_fk)
+        .where(t.jobs.c.id == job_id)
+    ).one()
+    outcome = Outcome.SERIOUS_FAILURE if to_state == JobState.FAILED else Outcome.SUCCESS
+    audit.record(
+        AuditEvent.JOB_TRANSITION,
+        outcome,
+        study_uid=row.study_uid,
+        job_id=job_id,
+        pipeline=row.pipeline,
+        study_version=row.study_version,
+        from_state=from_state.value if from_state else None,
+        to_state=to_state.value,
+        reason=reason,
+    )

@@ -1,0 +1,276 @@
+"""The C-ECHO / C-STORE SCP. Handlers are small: check, store, answer with a named status.
+
+Handlers are bound as data (see :meth:`Receiver.handlers`). Association policy lives in
+``EVT_REQUESTED``: calling AE titles not on the allow-list, or connecting from a host the
+AE is not tied to, are rejected before negotiation with A-ASSOCIATE-RJ (rejected-
+permanent, calling AE not recognised).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.uid import UID
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from audit import AuditEvent, AuditTrail, Outcome
+from dicom_node.config import NodeConfig
+from dicom_node.instance import StoreStatus
+from dicom_node.net.tuning import on_connection_open, tune_pynetdicom
+from dicom_node.paths import NodePaths
+from dicom_node.store import InstanceStore, StoreOutcome
+
+log = logging.getLogger(__name__)
+
+_REJECT_PERMANENT, _SOURCE_USER = 0x01, 0x01
+_CALLING_AE_NOT_RECOGNISED, _CALLED_AE_NOT_RECOGNISED = 0x03, 0x07
+
+
+@dataclass
+class _AssociationTally:
+    calling_ae: str
+    peer_host: str
+    counts: Counter[str] = field(default_factory=Counter)
+    studies: dict[str, set[str]] = field(default_factory=dict)
+    patient_by_study: dict[str, str] = field(default_factory=dict)
+
+
+class DiskGuard:
+    """Answers "is there room?" from statvfs, at most every 0.5 s per call site."""
+
+    def __init__(self, path: os.PathLike[str] | str, min_free_mb: int) -> None:
+        self.path = path
+        self.min_free = min_free_mb * 1024 * 1024
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
+    def has_room(self) -> bool:
+        return self.min_free == 0 or self.free_bytes() >= self.min_free
+
+
+class Receiver:
+    """The node's storage SCP."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        paths: NodePaths,
+        store: InstanceStore,
+        audit: AuditTrail,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.audit = audit
+        self.disk = DiskGuard(paths.var, config.receiver.min_free_disk_mb)
+        self._tallies: dict[int, _AssociationTally] = {}
+        self._tally_lock = threading.Lock()
+        self._server: Any = None
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [
+            (evt.EVT_CONN_OPEN, on_connection_open),
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_ESTABLISHED, self.on_established),
+            (evt.EVT_RELEASED, self.on_closed),
+            (evt.EVT_ABORTED, self.on_closed),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+        ]
+
+    def build_ae(self) -> AE:
+        tune_pynetdicom()
+        rc = self.config.receiver
+        ae = AE(ae_title=self.config.node.ae_title)
+        ae.maximum_associations = rc.max_associations
+        ae.maximum_pdu_size = rc.max_pdu_bytes
+        ae.acse_timeout = rc.acse_timeout_seconds
+        ae.dimse_timeout = rc.dimse_timeout_seconds
+        ae.network_timeout = rc.network_timeout_seconds
+        ae.require_called_aet = rc.require_called_ae
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        return ae
+
+    def start(self) -> None:
+        ae = self.build_ae()
+        node = self.config.node
+        self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=self.handlers())
+        log.info("receiver listening on %s:%d as %s", node.host, node.port, node.ae_title)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # -- association policy -----------------------------------------------------------
+
+    def caller_allowed(self, calling_ae: str, peer_host: str) -> tuple[bool, str | None]:
+        caller = self.config.caller(calling_ae)
+        if caller is None:
+            if self.config.receiver.require_known_callers:
+                return False, f"calling AE {calling_ae!r} is not on the allow-list"
+            return True, None
+        if caller.hosts and peer_host not in caller.hosts:
+            return False, f"calling AE {calling_ae!r} is not allowed from host {peer_host}"
+        return True, None
+
+    def on_requested(self, event: Any) -> None:
+        assoc = event.assoc
+        calling_ae = str(assoc.requestor.ae_title).strip()
+        called_ae = str(assoc.acceptor.ae_title).strip()
+        peer_host = assoc.requestor.address
+        ok, why = self.caller_allowed(calling_ae, peer_host)
+        if ok:
+            return
+        assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_USER, _CALLING_AE_NOT_RECOGNISED)
+        log.warning("association from %s@%s rejected: %s", calling_ae, peer_host, why)
+        self.audit.record(
+            AuditEvent.ASSOCIATION_REJECTED,
+            Outcome.MINOR_FAILURE,
+            calling_ae=calling_ae,
+            called_ae=called_ae,
+            peer_host=peer_host,
+            reason=why,
+        )
+        self.audit.record(
+            AuditEvent.SECURITY_ALERT,
+            Outcome.MINOR_FAILURE,
+            calling_ae=calling_ae,
+            peer_host=peer_host,
+            alert="unauthorized-node",
+            reason=why,
+        )
+
+    def on_established(self, event: Any) -> None:
+        assoc = event.assoc
+        calling_ae = str(assoc.requestor.ae_title).strip()
+        peer_host = assoc.requestor.address
+        with self._tally_lock:
+            self._tallies[id(assoc)] = _AssociationTally(calling_ae, peer_host)
+        self.audit.record(
+            AuditEvent.ASSOCIATION_ACCEPTED,
+            calling_ae=calling_ae,
+            called_ae=str(assoc.acceptor.ae_title).strip(),
+            peer_host=peer_host,
+            max_pdu=assoc.requestor.maximum_length,
+        )
+
+    def on_closed(self, event: Any) -> None:
+        with self._tally_lock:
+            tally = self._tallies.pop(id(event.assoc), None)
+        if tally is None:
+            return
+        how = "released" if event.event == evt.EVT_RELEASED else "aborted"
+        self.audit.record(
+            AuditEvent.ASSOCIATION_CLOSED,
+            Outcome.SUCCESS if how == "released" else Outcome.MINOR_FAILURE,
+            calling_ae=tally.calling_ae,
+            peer_host=tally.peer_host,
+            how=how,
+            **{k.replace("-", "_"): v for k, v in tally.counts.items()},
+        )
+        # PS3.15 "DICOM Instances Transferred": one record per study per association.
+        for study_uid, sops in tally.studies.items():
+            self.audit.record(
+                AuditEvent.INSTANCES_TRANSFERRED,
+                study_uid=study_uid,
+                patient_id=tally.patient_by_study.get(study_uid),
+                calling_ae=tally.calling_ae,
+                called_ae=self.config.node.ae_title,
+                peer_host=tally.peer_host,
+                direction="received",
+                instances=len(sops),
+            )
+
+    # -- DIMSE ------------------------------------------------------------------------
+
+    def on_echo(self, event: Any) -> int:
+        return 0x0000
+
+    def on_store(self, event: Any) -> int:
+        assoc = event.assoc
+        calling_ae = str(assoc.requestor.ae_title).strip()
+        peer_host = assoc.requestor.address
+        request = event.request
+        claimed_uid = str(request.AffectedSOPInstanceUID or "")
+        tally = self._tallies.get(id(assoc))
+        if not self.disk.has_room():
+            free_mb = self.disk.free_bytes() // (1024 * 1024)
+            reason = f"free disk {free_mb} MB below the configured floor"
+            self.audit.record(
+                AuditEvent.INSTANCE_REJECTED,
+                Outcome.SERIOUS_FAILURE,
+                calling_ae=calling_ae,
+                peer_host=peer_host,
+                sop_uid=claimed_uid,
+                status=f"0x{StoreStatus.OUT_OF_RESOURCES:04X}",
+                reason=reason,
+            )
+            log.error("refusing instance %s from %s: %s", claimed_uid, calling_ae, reason)
+            if tally:
+                tally.counts["refused"] += 1
+            return StoreStatus.OUT_OF_RESOURCES
+        transfer_syntax = str(UID(event.context.transfer_syntax))
+        try:
+            result = self.store.accept(
+                event.encoded_dataset(include_meta=False),
+                transfer_syntax,
+                claimed_sop_uid=claimed_uid,
+                calling_ae=calling_ae,
+                peer_host=peer_host,
+            )
+        except Exception as exc:  # disk or database failure: nothing acknowledged
+            log.exception("storing %s from %s failed", claimed_uid, calling_ae)
+            self.audit.record(
+                AuditEvent.INSTANCE_REJECTED,
+                Outcome.SERIOUS_FAILURE,
+                calling_ae=calling_ae,
+                peer_host=peer_host,
+                sop_uid=claimed_uid,
+                status=f"0x{StoreStatus.OUT_OF_RESOURCES:04X}",
+                reason=f"storage failure: {type(exc).__name__}: {exc}",
+            )
+            return StoreStatus.OUT_OF_RESOURCES
+        if tally:
+            tally.counts[result.outcome.value] += 1
+        if result.outcome == StoreOutcome.REJECTED:
+            assert result.rejection is not None
+            self.audit.record(
+                AuditEvent.INSTANCE_QUARANTINED,
+                Outcome.MINOR_FAILURE,
+                calling_ae=calling_ae,
+                peer_host=peer_host,
+                sop_uid=claimed_uid,
+                status=f"0x{result.rejection.status:04X}",
+                reason=result.rejection.reason,
+                quarantine_path=str(result.quarantine_path),
+            )
+            return result.rejection.status
+        facts = result.facts
+        assert facts is not None
+        if tally:
+            tally.studies.setdefault(facts.study_uid, set()).add(facts.sop_instance_uid)
+            tally.patient_by_study[facts.study_uid] = facts.patient_id
+        if result.outcome == StoreOutcome.DUPLICATE:
+            # Stored and new-version instances are audited by the indexer with their row.
+            self.audit.record(
+                AuditEvent.INSTANCE_DUPLICATE,
+                study_uid=facts.study_uid,
+                patient_id=facts.patient_id,
+                calling_ae=calling_ae,
+                peer_host=peer_host,
+                sop_uid=facts.sop_instance_uid,
+                version=result.version,
+            )
+        return StoreStatus.SUCCESS

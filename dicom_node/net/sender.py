@@ -1,0 +1,177 @@
+"""C-STORE SCU: send one series to one destination in one association.
+
+Presentation contexts are built from what is being sent: one per SOP class, proposing the
+stored transfer syntax first (and the uncompressed ones as alternatives when it is itself
+uncompressed). Files are streamed from disk unchanged when the stored transfer syntax is
+accepted. Failures are classified: *retryable* (peer down, timeouts, transient rejection,
+out of resources) or *permanent* (rejected permanently, no usable presentation context,
+the peer refuses the data), so the outbox retries only what can succeed later.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pydicom import dcmread
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+
+from dicom_node.config import Destination
+from dicom_node.net.tuning import on_connection_open, tune_pynetdicom
+from pipelines.base import OutputInstance
+
+log = logging.getLogger(__name__)
+
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_MAX_CONTEXTS = 128
+
+
+@dataclass
+class SendReport:
+    """What happened to one series on one association."""
+
+    sent: int = 0
+    warnings: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    error: str | None = None
+    retryable: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.failed
+
+
+def _status_is_retryable(status: int) -> bool:
+    # 0xA7xx out of resources, 0x0110 processing failure, 0x0213 resource limitation
+    return (status & 0xFF00) == 0xA700 or status in (0x0110, 0x0213)
+
+
+def _status_is_success(status: int) -> bool:
+    return status == 0x0000 or (status & 0xF000) == 0xB000 or status == 0x0107
+
+
+def send_series(
+    destination: Destination,
+    files: Sequence[OutputInstance],
+    *,
+    calling_ae: str,
+) -> SendReport:
+    """Send ``files`` (one series) to ``destination`` in a single association."""
+    tune_pynetdicom()
+    report = SendReport()
+    if not files:
+        return report
+    contexts: dict[str, list[UID]] = defaultdict(list)
+    for f in files:
+        proposed = contexts[f.sop_class_uid]
+        for ts in (UID(f.transfer_syntax_uid),) + (
+            _UNCOMPRESSED if not UID(f.transfer_syntax_uid).is_compressed else ()
+        ):
+            if ts not in proposed:
+                proposed.append(ts)
+    if len(contexts) > _MAX_CONTEXTS:
+        report.error = f"series needs {len(contexts)} SOP classes; one association allows 128"
+        return report
+
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = destination.timeout_seconds
+    ae.dimse_timeout = destination.timeout_seconds
+    ae.network_timeout = destination.timeout_seconds
+    ae.connection_timeout = min(destination.timeout_seconds, 15)
+    ae.maximum_pdu_size = destination.max_pdu_bytes
+    for sop_class, syntaxes in contexts.items():
+        ae.add_requested_context(sop_class, syntaxes)
+
+    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    assoc = ae.associate(
+        destination.host,
+        destination.port,
+        ae_title=destination.ae_title,
+        evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)],
+    )
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            rj = assoc.acceptor.primitive
+            permanent = rj is not None and rj.result == 0x01
+            reason = rj.reason_str if rj is not None else "rejected"
+            report.error = f"{where} rejected the association ({reason})"
+            report.retryable = not permanent
+        elif assoc.is_aborted:
+            report.error = f"{where} aborted the association"
+            report.retryable = True
+        else:
+            report.error = f"cannot connect to {where} (refused, unreachable or timed out)"
+            report.retryable = True
+        return report
+
+    try:
+        accepted: dict[str, UID] = {
+            cx.abstract_syntax: UID(cx.transfer_syntax[0])
+            for cx in assoc.accepted_contexts
+            if cx.abstract_syntax and cx.transfer_syntax
+        }
+        missing = sorted(set(contexts) - set(accepted))
+        if missing:
+            names = ", ".join(UID(m).name for m in missing)
+            report.error = f"{where} accepts no presentation context for {names}"
+            return report
+        for f in files:
+            wire_ts = accepted[f.sop_class_uid]
+            if wire_ts == UID(f.transfer_syntax_uid):
+                payload: object = f.path
+            elif not UID(f.transfer_syntax_uid).is_compressed:
+                payload = dcmread(f.path)  # pynetdicom converts between uncompressed syntaxes
+            else:
+                report.error = (
+                    f"{where} does not accept {UID(f.transfer_syntax_uid).name} "
+                    f"for {UID(f.sop_class_uid).name}"
+                )
+                return report
+            status_ds = assoc.send_c_store(payload)  # type: ignore[arg-type]
+            if "Status" not in status_ds:
+                report.error = f"no C-STORE response from {where} (timeout or abort)"
+                report.retryable = True
+                return report
+            status = int(status_ds.Status)
+            if _status_is_success(status):
+                report.sent += 1
+                report.warnings += status != 0x0000
+                continue
+            report.failed.append((f.sop_uid, f"0x{status:04X}"))
+            if _status_is_retryable(status):
+                report.error = f"{where} answered 0x{status:04X} (out of resources / busy)"
+                report.retryable = True
+                return report
+        if report.failed:
+            first_uid, first_status = report.failed[0]
+            report.error = f"{where} refused {len(report.failed)} instance(s), first status {first_status}"
+        return report
+    except (OSError, RuntimeError) as exc:
+        report.error = f"connection to {where} lost: {exc}"
+        report.retryable = True
+        return report
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def echo(host: str, port: int, *, called_ae: str, calling_ae: str, timeout: float = 10.0) -> int | None:
+    """C-ECHO; returns the status, or None when no association could be made."""
+    tune_pynetdicom()
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate(
+        host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)]
+    )
+    if not assoc.is_established:
+        return None
+    try:
+        status = assoc.send_c_echo()
+        return int(status.Status) if "Status" in status else None
+    finally:
+        assoc.release()

@@ -1,0 +1,56 @@
+"""Where the node keeps its state: everything lives under ``<home>/var/``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_node.config import NodeConfig
+
+
+@dataclass(frozen=True)
+class NodePaths:
+    """The directory layout under ``<home>/var``.
+
+    ``data/studies/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` holds received instances,
+    ``data/outputs/<job id>/`` pipeline outputs, ``quarantine/`` what could not be handled,
+    ``tmp/`` staging files (same filesystem, so rename is atomic).
+    """
+
+    home: Path
+    var: Path
+    data: Path
+    studies: Path
+    outputs: Path
+    quarantine: Path
+    tmp: Path
+    log_file: Path
+    run: Path
+
+    @classmethod
+    def for_home(cls, home: Path, config: NodeConfig) -> NodePaths:
+        home = home.resolve()
+        var = home / "var"
+        data = var / config.storage.data_dir
+        return cls(
+            home=home,
+            var=var,
+            data=data,
+            studies=data / "studies",
+            outputs=data / "outputs",
+            quarantine=var / config.storage.quarantine_dir,
+            tmp=var / "tmp",
+            log_file=var / config.logging.file,
+            run=var / "run",
+        )
+
+    def create(self) -> None:
+        for path in (self.var, self.studies, self.outputs, self.quarantine, self.tmp, self.run):
+            path.mkdir(parents=True, exist_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+
+    def database_url(self, config: NodeConfig) -> str:
+        return config.storage.database_url or f"sqlite:///{self.var / 'node.db'}"
+
+    def audit_database_url(self, config: NodeConfig) -> str:
+        return config.storage.audit_database_url or f"sqlite:///{self.var / 'audit.db'}"

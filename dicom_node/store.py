@@ -1,0 +1,339 @@
+"""Durable storage of received instances; their index rows follow from a batching thread.
+
+An instance is acknowledged only once its bytes are on disk for good: written to a
+staging file and fsync'd, renamed into ``studies/<Study>/<Series>/<SOP>.dcm``, and the
+directory fsync'd. The data set bytes are kept exactly as they came off the wire; the
+node only prepends its own Part 10 file meta header.
+
+The file is the record; the SQL index is derived from it. Index rows (and the matching
+audit events) are written by :class:`~dicom_node.indexer.Indexer` in batches just after
+the acknowledgement, so the C-STORE round trip pays for the durable write alone. If the
+process dies in between, :meth:`InstanceStore.reconcile` re-indexes the file at the next
+start — an acknowledged instance is never lost.
+
+A re-sent identical instance is stored once; different bytes under a known SOP Instance
+UID become a new version (``<SOP>.v2.dcm``). Unusable bytes go to ``quarantine/`` with
+their reason — never dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from sqlalchemy import bindparam, func, insert, select
+
+from dicom_node.db import schema as t
+from dicom_node.db.engine import Database
+from dicom_node.indexer import Indexer, PendingInstance
+from dicom_node.instance import InstanceFacts, Rejection, check_instance
+from dicom_node.part10 import encode_file_meta, split_part10
+from dicom_node.paths import NodePaths
+
+log = logging.getLogger(__name__)
+
+_LOCK_STRIPES = 64
+_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+_NEWEST_VERSION = (
+    select(t.instances.c.version, t.instances.c.sha256)
+    .where(t.instances.c.sop_uid == bindparam("sop_uid"))
+    .order_by(t.instances.c.version.desc())
+    .limit(1)
+)
+
+
+class StoreOutcome(StrEnum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    NEW_VERSION = "new-version"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    outcome: StoreOutcome
+    facts: InstanceFacts | None = None
+    rejection: Rejection | None = None
+    version: int = 1
+    quarantine_path: Path | None = None
+
+
+class InstanceStore:
+    """Stores, deduplicates and versions received instances; indexes them via an Indexer."""
+
+    def __init__(self, paths: NodePaths, db: Database, indexer: Indexer, *, fsync: bool = True) -> None:
+        self.paths = paths
+        self.db = db
+        self.indexer = indexer
+        self.fsync = fsync
+        self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._known_dirs: set[Path] = set()
+        self._dirs_lock = threading.Lock()
+        self._staging_names = itertools.count()
+
+    def close(self) -> None:
+        self.indexer.stop()
+
+    # -- filesystem -------------------------------------------------------------------
+
+    def _fsync_dir(self, path: Path) -> None:
+        if not self.fsync:
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _ensure_dir(self, path: Path) -> None:
+        if path in self._known_dirs:
+            return
+        with self._dirs_lock:
+            missing = []
+            probe = path
+            while not probe.exists():
+                missing.append(probe)
+                probe = probe.parent
+            path.mkdir(parents=True, exist_ok=True)
+            for created in reversed(missing):
+                self._fsync_dir(created.parent)
+            self._known_dirs.add(path)
+
+    def _stage(self, chunks: Iterable[bytes]) -> Path:
+        """Write a staging file and flush it to disk; returns its path."""
+        staging = self.paths.tmp / f"{os.getpid()}-{next(self._staging_names)}.part"
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+            if self.fsync:
+                os.fdatasync(fd)
+        except BaseException:
+            os.close(fd)
+            staging.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return staging
+
+    def _commit(self, staging: Path, final: Path) -> None:
+        """Rename a flushed staging file into place and make the rename durable."""
+        self._ensure_dir(final.parent)
+        os.replace(staging, final)
+        self._fsync_dir(final.parent)
+
+    def write_durably(self, final: Path, chunks: Iterable[bytes]) -> None:
+        """Staging file + fsync + rename + directory fsync."""
+        self._commit(self._stage(chunks), final)
+
+    # -- the public operation ---------------------------------------------------------
+
+    def _current_version(self, sop_uid: str) -> tuple[int, str] | None:
+        pending = self.indexer.pending(sop_uid)
+        if pending is not None:
+            return pending.version, pending.sha256()
+        row = self.db.lookup(_NEWEST_VERSION, sop_uid=sop_uid)
+        return (int(row[0]), str(row[1])) if row is not None else None
+
+    def accept(
+        self,
+        data: bytes,
+        transfer_syntax: str,
+        *,
+        claimed_sop_uid: str | None = None,
+        calling_ae: str | None = None,
+        peer_host: str | None = None,
+    ) -> StoreResult:
+        """Store one received data set; durable on disk before it returns.
+
+        The index row and the audit record follow asynchronously (see the module doc).
+        """
+        facts, rejection = check_instance(data, transfer_syntax, claimed_sop_uid)
+        if rejection is not None:
+            qpath = self.quarantine(
+                data, transfer_syntax, rejection.reason, claimed_sop_uid, calling_ae, peer_host
+            )
+            return StoreResult(StoreOutcome.REJECTED, rejection=rejection, quarantine_path=qpath)
+        assert facts is not None
+        lock = self._locks[hash(facts.sop_instance_uid) % _LOCK_STRIPES]
+        with lock:
+            current = self._current_version(facts.sop_instance_uid)
+            if current is not None and current[1] == hashlib.sha256(data).hexdigest():
+                return StoreResult(StoreOutcome.DUPLICATE, facts=facts, version=current[0])
+            version = 1 if current is None else current[0] + 1
+            relative = relative_path(facts, version)
+            meta = encode_file_meta(facts.sop_class_uid, facts.sop_instance_uid, transfer_syntax, calling_ae)
+            self.write_durably(self.paths.data / relative, (meta, data))
+            self.indexer.submit(
+                PendingInstance(
+                    facts=facts,
+                    version=version,
+                    transfer_syntax=transfer_syntax,
+                    relative_path=relative,
+                    size=len(meta) + len(data),
+                    data=data,
+                    calling_ae=calling_ae,
+                    peer_host=peer_host,
+                    received_at=time.time(),
+                )
+            )
+        outcome = StoreOutcome.STORED if version == 1 else StoreOutcome.NEW_VERSION
+        return StoreResult(outcome, facts=facts, version=version)
+
+    def put(self, data: bytes, transfer_syntax: str, **kwargs: str | None) -> StoreResult:
+        """:meth:`accept`, then wait until the index row is written (tools and tests)."""
+        result = self.accept(data, transfer_syntax, **kwargs)  # type: ignore[arg-type]
+        self.indexer.flush()
+        return result
+
+    @staticmethod
+    def discard(staging: Path) -> None:
+        """Remove a staging file that will not be committed (never acknowledged)."""
+        staging.unlink(missing_ok=True)
+
+    def quarantine(
+        self,
+        data: bytes,
+        transfer_syntax: str,
+        reason: str,
+        claimed_sop_uid: str | None,
+        calling_ae: str | None,
+        peer_host: str | None,
+    ) -> Path:
+        """Keep unusable bytes, with their reason, and index them in the quarantine table."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        name = f"{stamp}-{uuid.uuid4().hex[:12]}"
+        target = self.paths.quarantine / f"{name}.dcm"
+        sop = (claimed_sop_uid or "").strip("\0 ")
+        try:
+            meta = encode_file_meta(_SECONDARY_CAPTURE, sop or "2.25.0", transfer_syntax, calling_ae)
+        except UnicodeEncodeError:  # a claimed UID too broken to encode: keep the raw bytes alone
+            meta = b""
+        self.write_durably(target, (meta, data))
+        (self.paths.quarantine / f"{name}.reason.txt").write_text(
+            f"reason: {reason}\ncalling_ae: {calling_ae}\npeer_host: {peer_host}\n"
+            f"claimed_sop_instance_uid: {sop}\ntransfer_syntax: {transfer_syntax}\n"
+            "note: the file meta header was written by dicom-node; the data set bytes "
+            "follow exactly as received\n"
+        )
+        with self.db.write() as conn:
+            conn.execute(
+                insert(t.quarantine).values(
+                    at=time.time(),
+                    reason=reason,
+                    calling_ae=calling_ae,
+                    peer_host=peer_host,
+                    claimed_sop_uid=sop[:64] or None,
+                    path=str(target),
+                    size=len(meta) + len(data),
+                )
+            )
+        log.warning("quarantined %s from %s: %s", target.name, calling_ae, reason)
+        return target
+
+    # -- recovery ---------------------------------------------------------------------
+
+    def reconcile(self, since: float | None = None) -> int:
+        """Index files on disk that have no index row (after a crash or a power loss).
+
+        Only series directories modified at or after ``since`` are scanned (all when
+        ``None``). Staging files left by an interrupted write were never acknowledged;
+        they are moved to quarantine. Returns the number of instances re-indexed.
+        """
+        for part in sorted(self.paths.tmp.glob("*.part")):
+            self.quarantine(
+                part.read_bytes(),
+                "1.2.840.10008.1.2.1",
+                "staging file left by an interrupted store (never acknowledged)",
+                None,
+                None,
+                None,
+            )
+            part.unlink()
+        recovered = 0
+        if not self.paths.studies.exists():
+            return 0
+        for study_dir in sorted(self.paths.studies.iterdir()):
+            if not study_dir.is_dir():
+                continue
+            for series_dir in sorted(study_dir.iterdir()):
+                if since is not None and series_dir.stat().st_mtime < since:
+                    continue
+                with self.db.read() as conn:
+                    known = set(
+                        conn.execute(
+                            select(t.instances.c.path)
+                            .join(t.series, t.series.c.id == t.instances.c.series_fk)
+                            .where(t.series.c.series_uid == series_dir.name)
+                        ).scalars()
+                    )
+                for path in sorted(series_dir.glob("*.dcm")):
+                    relative = str(path.relative_to(self.paths.data))
+                    if relative not in known:
+                        recovered += self._reindex(path, relative)
+        self.indexer.flush()
+        if recovered:
+            log.warning("reconcile: re-indexed %d instance(s) found on disk", recovered)
+        return recovered
+
+    def _reindex(self, path: Path, relative: str) -> int:
+        raw = path.read_bytes()
+        try:
+            meta, data = split_part10(raw)
+            transfer_syntax = str(meta.TransferSyntaxUID)
+        except Exception as exc:
+            log.error("reconcile: %s is not a Part 10 file (%s); left in place", path, exc)
+            return 0
+        facts, rejection = check_instance(data, transfer_syntax)
+        if facts is None:
+            log.error("reconcile: %s unusable (%s); left in place", path, rejection)
+            return 0
+        stem = path.name[: -len(".dcm")]
+        version = int(stem.rsplit(".v", 1)[1]) if ".v" in stem and stem.rsplit(".v", 1)[1].isdigit() else 1
+        source_ae = meta.get("SourceApplicationEntityTitle")
+        self.indexer.submit(
+            PendingInstance(
+                facts=facts,
+                version=version,
+                transfer_syntax=transfer_syntax,
+                relative_path=relative,
+                size=len(raw),
+                data=data,
+                calling_ae=str(source_ae).strip() if source_ae else None,
+                peer_host=None,
+                received_at=path.stat().st_mtime,
+                recovered=True,
+            )
+        )
+        return 1
+
+
+def relative_path(facts: InstanceFacts, version: int) -> str:
+    name = facts.sop_instance_uid + (".dcm" if version == 1 else f".v{version}.dcm")
+    return f"studies/{facts.study_uid}/{facts.series_uid}/{name}"
+
+
+__all__ = [
+    "InstanceStore",
+    "StoreOutcome",
+    "StoreResult",
+    "latest_received_at",
+    "relative_path",
+    "split_part10",
+]
+
+
+def latest_received_at(db: Database) -> float | None:
+    """When the newest indexed instance arrived (reconcile scans from shortly before)."""
+    with db.read() as conn:
+        return conn.execute(select(func.max(t.instances.c.received_at))).scalar()

@@ -1,0 +1,346 @@
+"""Worker processes: run pipelines on queued jobs and drain the outbox.
+
+Workers run in processes separate from the receiver, so inference never holds the
+receiver's GIL. Each claim (job or delivery) carries ``claimed_by = host/run/pid`` and a
+lease renewed while the work goes on; a claim whose process is gone (same host) or whose
+lease ran out (any host) is orphaned and its work resumes from the last committed state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select, update
+
+from audit import AuditTrail
+from dicom_node.config import NodeConfig
+from dicom_node.db import schema as t
+from dicom_node.db.engine import Database
+from dicom_node.jobs import JobState, StaleTransition, audit_transition, transition
+from dicom_node.outbox import Outbox, create_deliveries
+from dicom_node.paths import NodePaths
+from pipelines.base import InputInstance, PipelineError, StudyInput
+from pipelines.registry import get_pipeline
+
+log = logging.getLogger(__name__)
+
+HOST = socket.gethostname()
+
+
+def claim_id(run_id: str, pid: int | None = None) -> str:
+    return f"{HOST}/{run_id}/{pid or os.getpid()}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def orphan_test(current_run_id: str) -> Callable[[str | None, float | None, float], bool]:
+    """A predicate telling whether a claim's owner is gone."""
+
+    def is_orphaned(claimed_by: str | None, lease_until: float | None, now: float) -> bool:
+        if claimed_by is None:
+            return True
+        if lease_until is not None and lease_until < now:
+            return True
+        host, _, rest = claimed_by.partition("/")
+        run_id, _, pid = rest.partition("/")
+        if host != HOST:
+            return False  # another machine's worker: only its lease can tell
+        if run_id != current_run_id:
+            return True  # claimed by an earlier run of this node
+        return not (pid.isdigit() and pid_alive(int(pid)))
+
+    return is_orphaned
+
+
+def recover_jobs(db: Database, audit: AuditTrail, run_id: str, actor: str) -> int:
+    """Put jobs whose worker is gone back to ``queued``; they resume from the start."""
+    is_orphaned = orphan_test(run_id)
+    now = time.time()
+    moved: list[int] = []
+    with db.write() as conn:
+        rows = conn.execute(
+            select(t.jobs.c.id, t.jobs.c.claimed_by, t.jobs.c.lease_until).where(
+                t.jobs.c.state == JobState.RUNNING.value
+            )
+        ).all()
+        for row in rows:
+            if is_orphaned(row.claimed_by, row.lease_until, now):
+                transition(
+                    conn,
+                    row.id,
+                    JobState.QUEUED,
+                    expect=JobState.RUNNING,
+                    reason="resumed: its worker was lost",
+                    actor=actor,
+                    claimed_by=None,
+                    lease_until=None,
+                )
+                moved.append(row.id)
+    with db.read() as conn:
+        for job_id in moved:
+            audit_transition(
+                audit,
+                conn,
+                job_id,
+                JobState.RUNNING,
+                JobState.QUEUED,
+                "resumed: its worker was lost",
+            )
+    return len(moved)
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    job_id: int
+    study_uid: str
+    study_version: int
+    pipeline: str
+    destinations: list[str]
+
+
+class Worker:
+    """One worker process: a job loop and a delivery loop, with leases kept alive."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        paths: NodePaths,
+        db: Database,
+        audit: AuditTrail,
+        run_id: str,
+    ) -> None:
+        self.config = config
+        self.paths = paths
+        self.db = db
+        self.audit = audit
+        self.run_id = run_id
+        self.worker_id = claim_id(run_id)
+        self.outbox = Outbox(config, db, audit, self.worker_id)
+        self.stop_event = threading.Event()
+        self._held_jobs: set[int] = set()
+        self._held_deliveries: set[int] = set()
+        self._held_lock = threading.Lock()
+
+    # -- loops ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        threads = [
+            threading.Thread(target=self._delivery_loop, name="outbox", daemon=True),
+            threading.Thread(target=self._lease_loop, name="leases", daemon=True),
+        ]
+        for th in threads:
+            th.start()
+        log.info("worker %s started", self.worker_id)
+        next_recovery = 0.0
+        while not self.stop_event.is_set():
+            now = time.time()
+            if now >= next_recovery:
+                self._recover()
+                next_recovery = now + self.config.workers.lease_seconds / 2
+            job = self.claim_job()
+            if job is None:
+                self.stop_event.wait(self.config.workers.poll_seconds)
+                continue
+            self.process(job)
+        for th in threads:
+            th.join(timeout=5)
+
+    def _delivery_loop(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                task = self.outbox.claim_due()
+            except Exception:
+                log.exception("outbox: claim failed")
+                task = None
+            if task is None:
+                self.stop_event.wait(self.config.workers.poll_seconds)
+                continue
+            with self._held_lock:
+                self._held_deliveries.add(task.delivery_id)
+            try:
+                self.outbox.send(task)
+            except Exception:
+                log.exception("outbox: delivery %d crashed", task.delivery_id)
+            finally:
+                with self._held_lock:
+                    self._held_deliveries.discard(task.delivery_id)
+
+    def _lease_loop(self) -> None:
+        period = self.config.workers.lease_seconds / 3
+        while not self.stop_event.wait(period):
+            until = time.time() + self.config.workers.lease_seconds
+            with self._held_lock:
+                jobs, deliveries = list(self._held_jobs), list(self._held_deliveries)
+            if not jobs and not deliveries:
+                continue
+            try:
+                with self.db.write() as conn:
+                    if jobs:
+                        conn.execute(update(t.jobs).where(t.jobs.c.id.in_(jobs)).values(lease_until=until))
+                    if deliveries:
+                        conn.execute(
+                            update(t.deliveries)
+                            .where(t.deliveries.c.id.in_(deliveries))
+                            .values(lease_until=until)
+                        )
+            except Exception:
+                log.exception("lease renewal failed")
+
+    def _recover(self) -> None:
+        try:
+            recover_jobs(self.db, self.audit, self.run_id, self.worker_id)
+            self.outbox.recover(orphan_test(self.run_id))
+        except Exception:
+            log.exception("recovery pass failed")
+
+    # -- jobs -------------------------------------------------------------------------
+
+    def claim_job(self) -> ClaimedJob | None:
+        with self.db.write() as conn:
+            row = conn.execute(
+                select(t.jobs, t.studies.c.study_uid)
+                .join(t.studies, t.studies.c.id == t.jobs.c.study_fk)
+                .where(t.jobs.c.state == JobState.QUEUED.value)
+                .order_by(t.jobs.c.id)
+                .limit(1)
+            ).first()
+            if row is None:
+                return None
+            transition(
+                conn,
+                row.id,
+                JobState.RUNNING,
+                expect=JobState.QUEUED,
+                actor=self.worker_id,
+                claimed_by=self.worker_id,
+                lease_until=time.time() + self.config.workers.lease_seconds,
+                runs=row.runs + 1,
+            )
+        with self._held_lock:
+            self._held_jobs.add(row.id)
+        with self.db.read() as conn:
+            audit_transition(self.audit, conn, row.id, JobState.QUEUED, JobState.RUNNING)
+        return ClaimedJob(row.id, row.study_uid, row.study_version, row.pipeline, list(row.destinations))
+
+    def load_input(self, job: ClaimedJob) -> StudyInput:
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(t.instances, t.series.c.series_uid)
+                .join(t.job_inputs, t.job_inputs.c.instance_fk == t.instances.c.id)
+                .join(t.series, t.series.c.id == t.instances.c.series_fk)
+                .where(t.job_inputs.c.job_fk == job.job_id)
+                .order_by(t.series.c.series_uid, t.instances.c.instance_number, t.instances.c.id)
+            ).all()
+        return StudyInput(
+            job_id=job.job_id,
+            study_uid=job.study_uid,
+            study_version=job.study_version,
+            instances=tuple(
+                InputInstance(
+                    sop_uid=r.sop_uid,
+                    series_uid=r.series_uid,
+                    sop_class_uid=r.sop_class_uid,
+                    transfer_syntax_uid=r.transfer_syntax_uid,
+                    path=self.paths.data / r.path,
+                    sha256=r.sha256,
+                )
+                for r in rows
+            ),
+        )
+
+    def process(self, job: ClaimedJob) -> JobState:
+        """Run the pipeline and move the job on. Returns the state it ends in."""
+        log.info(
+            "job %d: running %s on study %s v%d",
+            job.job_id,
+            job.pipeline,
+            job.study_uid,
+            job.study_version,
+        )
+        try:
+            pipeline = get_pipeline(job.pipeline)
+            workdir = self.paths.outputs / f"job-{job.job_id}"
+            workdir.mkdir(parents=True, exist_ok=True)
+            result = pipeline.run(self.load_input(job), workdir)
+        except (PipelineError, KeyError) as exc:
+            return self._fail(job, str(exc))
+        except Exception as exc:
+            log.error("job %d: pipeline crashed:\n%s", job.job_id, traceback.format_exc())
+            return self._fail(job, f"internal error in {job.pipeline}: {type(exc).__name__}: {exc}")
+        finally:
+            with self._held_lock:
+                self._held_jobs.discard(job.job_id)
+        moves: list[tuple[JobState, JobState, str | None]] = []
+        try:
+            with self.db.write() as conn:
+                done_reason = None if job.destinations else "no destinations configured for this route"
+                transition(
+                    conn,
+                    job.job_id,
+                    JobState.SUCCEEDED,
+                    expect=JobState.RUNNING,
+                    reason=done_reason,
+                    actor=self.worker_id,
+                    claimed_by=None,
+                    lease_until=None,
+                )
+                moves.append((JobState.RUNNING, JobState.SUCCEEDED, done_reason))
+                if job.destinations:
+                    n = create_deliveries(conn, job.job_id, result.outputs, job.destinations)
+                    reason = f"{n} delivery(ies) queued"
+                    transition(
+                        conn,
+                        job.job_id,
+                        JobState.DELIVERING,
+                        expect=JobState.SUCCEEDED,
+                        reason=reason,
+                        actor=self.worker_id,
+                    )
+                    moves.append((JobState.SUCCEEDED, JobState.DELIVERING, reason))
+        except StaleTransition:
+            log.warning("job %d was taken over while running; its result is discarded", job.job_id)
+            return JobState.RUNNING
+        with self.db.read() as conn:
+            for src, dst, why in moves:
+                audit_transition(self.audit, conn, job.job_id, src, dst, why)
+        return moves[-1][1]
+
+    def _fail(self, job: ClaimedJob, reason: str) -> JobState:
+        log.warning("job %d failed: %s", job.job_id, reason)
+        try:
+            with self.db.write() as conn:
+                transition(
+                    conn,
+                    job.job_id,
+                    JobState.FAILED,
+                    expect=JobState.RUNNING,
+                    reason=reason,
+                    actor=self.worker_id,
+                    claimed_by=None,
+                    lease_until=None,
+                )
+        except StaleTransition:
+            return JobState.RUNNING
+        with self.db.read() as conn:
+            audit_transition(self.audit, conn, job.job_id, JobState.RUNNING, JobState.FAILED, reason)
+        return JobState.FAILED
+
+
+def output_dir(paths: NodePaths, job_id: int) -> Path:
+    return paths.outputs / f"job-{job_id}"

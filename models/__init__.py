@@ -1,0 +1,1 @@
+"""Networks, model registry, uncertainty, simulators, training and evaluation. No DICOM here."""

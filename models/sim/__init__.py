@@ -1,0 +1,1 @@
+"""Physics-based simulators of anatomy and acquisitions (numpy only)."""

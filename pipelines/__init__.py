@@ -1,0 +1,1 @@
+"""Staged pipelines, series <-> volume I/O and DICOM encoders. Imports models and audit."""

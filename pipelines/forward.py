@@ -1,0 +1,26 @@
+"""``forward``: deliver the study unchanged (proves the receive → job → deliver path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipelines.base import OutputInstance, PipelineResult, StudyInput
+
+
+class ForwardPipeline:
+    name = "forward"
+    version = "1.0"
+
+    def run(self, study: StudyInput, workdir: Path) -> PipelineResult:
+        return PipelineResult(
+            outputs=tuple(
+                OutputInstance(
+                    sop_uid=i.sop_uid,
+                    series_uid=i.series_uid,
+                    sop_class_uid=i.sop_class_uid,
+                    transfer_syntax_uid=i.transfer_syntax_uid,
+                    path=i.path,
+                )
+                for i in study.instances
+            )
+        )

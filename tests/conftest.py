@@ -1,0 +1,124 @@
+"""Shared fixtures: real peers on loopback, simulated studies, node configs."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.peers import ORTHANC, STORESCP, STORESCU, NodeProcess, Orthanc, have
+
+
+def require(*paths: str) -> None:
+    """Skip when a peer is missing — except in CI, where a missing peer is a failure."""
+    missing = [p for p in paths if not have(p)]
+    if not missing:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must install {', '.join(missing)} (see Makefile: deps)")
+    pytest.skip(f"not installed: {', '.join(missing)}")
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    require(ORTHANC)
+    peer = Orthanc(tmp_path).start()
+    try:
+        yield peer
+    finally:
+        peer.stop()
+
+
+@pytest.fixture(scope="session")
+def ct50(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A simulated 50-slice 512x512 CT study (one series)."""
+    from dicom_node.simulate import write_ct_series
+    from models.sim.phantom import PhantomSpec
+
+    out = tmp_path_factory.mktemp("ct50")
+    write_ct_series(out, PhantomSpec(slices=50, seed=1), patient_id="SIM-CT50")
+    return out
+
+
+@pytest.fixture(scope="session")
+def ct200(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A simulated 200-slice 512x512 CT study (one series)."""
+    from dicom_node.simulate import write_ct_series
+    from models.sim.phantom import PhantomSpec
+
+    out = tmp_path_factory.mktemp("ct200")
+    write_ct_series(out, PhantomSpec(slices=200, seed=2), patient_id="SIM-CT200")
+    return out
+
+
+def node_config(
+    orthanc: Orthanc | None = None,
+    *,
+    stable_seconds: float = 2.0,
+    backoff: float = 1.0,
+    backoff_max: float = 4.0,
+    max_attempts: int = 20,
+    extra: str = "",
+) -> str:
+    """A node config that forwards every study to ``orthanc`` (when given)."""
+    text = f"""
+[completeness]
+stable_seconds = {stable_seconds}
+
+[outbox]
+backoff_initial_seconds = {backoff}
+backoff_max_seconds = {backoff_max}
+max_attempts = {max_attempts}
+
+[workers]
+poll_seconds = 0.2
+lease_seconds = 30
+"""
+    if orthanc is not None:
+        text += f"""
+[destinations.pacs]
+ae_title = "{orthanc.aet}"
+host = "127.0.0.1"
+port = {orthanc.dicom_port}
+profile = "pacs"
+timeout_seconds = 10
+
+[[routes]]
+calling_ae = "*"
+pipeline = "forward"
+destinations = ["pacs"]
+"""
+    return text + extra
+
+
+def db_rows(node: NodeProcess, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Read the node's SQLite index directly (cheap polling from tests)."""
+    path = node.home / "var" / "node.db"
+    if not path.exists():
+        return []
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        return con.execute(sql, params).fetchall()
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        con.close()
+
+
+def audit_rows(node: NodeProcess, event: str) -> list[tuple[Any, ...]]:
+    path = node.home / "var" / "audit.db"
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        return con.execute(
+            "select seq, outcome, study_uid, calling_ae, peer_host, facts from audit_events where event = ? order by seq",
+            (event,),
+        ).fetchall()
+    finally:
+        con.close()
+
+
+__all__ = ["STORESCP", "STORESCU", "audit_rows", "db_rows", "node_config", "require"]
