@@ -21,7 +21,7 @@ from sqlalchemy import Connection, insert, select, update
 
 from audit import AuditEvent, AuditTrail
 from dicom_node.db import schema as t
-from dicom_node.db.engine import Database
+from dicom_node.db.engine import Database, inserted_id
 from dicom_node.instance import InstanceFacts
 
 log = logging.getLogger(__name__)
@@ -65,15 +65,17 @@ def _patient_id(conn: Connection, cache: _IdCache, f: InstanceFacts) -> int:
             select(t.patients.c.id).where(t.patients.c.patient_id == key[0], t.patients.c.issuer == key[1])
         ).scalar()
         if found is None:
-            found = conn.execute(
-                insert(t.patients).values(
-                    patient_id=key[0],
-                    issuer=key[1],
-                    patient_name=f.patient_name,
-                    birth_date=f.patient_birth_date,
-                    sex=f.patient_sex,
+            found = inserted_id(
+                conn.execute(
+                    insert(t.patients).values(
+                        patient_id=key[0],
+                        issuer=key[1],
+                        patient_name=f.patient_name,
+                        birth_date=f.patient_birth_date,
+                        sex=f.patient_sex,
+                    )
                 )
-            ).inserted_primary_key[0]
+            )
         cache.patients[key] = int(found)
     return cache.patients[key]
 
@@ -83,18 +85,20 @@ def _study_id(conn: Connection, cache: _IdCache, p: PendingInstance) -> int:
     if f.study_uid not in cache.studies:
         found = conn.execute(select(t.studies.c.id).where(t.studies.c.study_uid == f.study_uid)).scalar()
         if found is None:
-            found = conn.execute(
-                insert(t.studies).values(
-                    study_uid=f.study_uid,
-                    patient_fk=_patient_id(conn, cache, f),
-                    study_date=f.study_date,
-                    accession_number=f.accession_number,
-                    description=f.study_description,
-                    source_ae=p.calling_ae,
-                    first_received_at=p.received_at,
-                    open_version=1,
+            found = inserted_id(
+                conn.execute(
+                    insert(t.studies).values(
+                        study_uid=f.study_uid,
+                        patient_fk=_patient_id(conn, cache, f),
+                        study_date=f.study_date,
+                        accession_number=f.accession_number,
+                        description=f.study_description,
+                        source_ae=p.calling_ae,
+                        first_received_at=p.received_at,
+                        open_version=1,
+                    )
                 )
-            ).inserted_primary_key[0]
+            )
         cache.studies[f.study_uid] = int(found)
     return cache.studies[f.study_uid]
 
@@ -103,17 +107,19 @@ def _series_id(conn: Connection, cache: _IdCache, f: InstanceFacts, study_fk: in
     if f.series_uid not in cache.series:
         found = conn.execute(select(t.series.c.id).where(t.series.c.series_uid == f.series_uid)).scalar()
         if found is None:
-            found = conn.execute(
-                insert(t.series).values(
-                    series_uid=f.series_uid,
-                    study_fk=study_fk,
-                    modality=f.modality,
-                    series_number=f.series_number,
-                    description=f.series_description,
-                    body_part=f.body_part,
-                    frame_of_reference_uid=f.frame_of_reference_uid,
+            found = inserted_id(
+                conn.execute(
+                    insert(t.series).values(
+                        series_uid=f.series_uid,
+                        study_fk=study_fk,
+                        modality=f.modality,
+                        series_number=f.series_number,
+                        description=f.series_description,
+                        body_part=f.body_part,
+                        frame_of_reference_uid=f.frame_of_reference_uid,
+                    )
                 )
-            ).inserted_primary_key[0]
+            )
         cache.series[f.series_uid] = int(found)
     return cache.series[f.series_uid]
 

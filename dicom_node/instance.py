@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
 from pydicom.tag import Tag
@@ -139,10 +138,10 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def _walk(data: bytes, implicit_vr: bool, little_endian: bool) -> dict[int, RawDataElement]:
+def _walk(data: bytes, implicit_vr: bool, little_endian: bool) -> dict[int, Any]:
     """Walk every top-level element; return the wanted ones. Raises on malformed bytes."""
     fp = io.BytesIO(data)
-    wanted: dict[int, RawDataElement] = {}
+    wanted: dict[int, Any] = {}
     end = 0
     size = len(data)
     for elem in data_element_generator(fp, implicit_vr, little_endian, defer_size=256):
@@ -150,7 +149,7 @@ def _walk(data: bytes, implicit_vr: bool, little_endian: bool) -> dict[int, RawD
         if length is None or length == _UNDEFINED:
             end = fp.tell()  # read through its delimiter
         else:
-            end = elem.value_tell + length
+            end = elem.value_tell + length  # type: ignore[union-attr]
             if end > size:
                 raise ValueError(f"element {Tag(elem.tag)} needs {end - size} more bytes than were sent")
         tag = int(elem.tag)

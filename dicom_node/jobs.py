@@ -17,6 +17,7 @@ from sqlalchemy import Connection, insert, select, update
 
 from audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.db import schema as t
+from dicom_node.db.engine import inserted_id
 
 
 class JobState(StrEnum):
@@ -101,18 +102,20 @@ def create_job(
     """Insert a job in ``queued`` with its input snapshot, in the caller's transaction."""
     now = time.time()
     job_id = int(
-        conn.execute(
-            insert(t.jobs).values(
-                study_fk=study_fk,
-                study_version=study_version,
-                pipeline=pipeline,
-                destinations=destinations,
-                state=JobState.QUEUED.value,
-                runs=0,
-                created_at=now,
-                updated_at=now,
+        inserted_id(
+            conn.execute(
+                insert(t.jobs).values(
+                    study_fk=study_fk,
+                    study_version=study_version,
+                    pipeline=pipeline,
+                    destinations=destinations,
+                    state=JobState.QUEUED.value,
+                    runs=0,
+                    created_at=now,
+                    updated_at=now,
+                )
             )
-        ).inserted_primary_key[0]
+        )
     )
     if instance_ids:
         conn.execute(insert(t.job_inputs), [{"job_fk": job_id, "instance_fk": i} for i in instance_ids])

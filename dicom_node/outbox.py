@@ -11,16 +11,17 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import Connection, and_, func, insert, select, update
 
 from audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.config import NodeConfig, OutboxSection
 from dicom_node.db import schema as t
-from dicom_node.db.engine import Database
+from dicom_node.db.engine import Database, inserted_id
 from dicom_node.jobs import JobState, StaleTransition, audit_transition, transition
 from dicom_node.net.sender import SendReport, send_series
 from pipelines.base import OutputInstance
@@ -53,7 +54,9 @@ def backoff_seconds(policy: OutboxSection, attempts: int) -> float:
     return float(min(delay, policy.backoff_max_seconds))
 
 
-def create_deliveries(conn, job_id: int, outputs: tuple[OutputInstance, ...], destinations: list[str]) -> int:  # type: ignore[no-untyped-def]
+def create_deliveries(
+    conn: Connection, job_id: int, outputs: tuple[OutputInstance, ...], destinations: list[str]
+) -> int:
     """Record the job's outputs and one pending delivery per series per destination."""
     now = time.time()
     if outputs:
@@ -126,9 +129,9 @@ class Outbox:
                     lease_until=now + self.config.workers.lease_seconds,
                 )
             )
-            attempt_id = conn.execute(
-                insert(t.delivery_attempts).values(delivery_fk=row.id, started_at=now)
-            ).inserted_primary_key[0]
+            attempt_id = inserted_id(
+                conn.execute(insert(t.delivery_attempts).values(delivery_fk=row.id, started_at=now))
+            )
             files = conn.execute(
                 select(t.job_outputs)
                 .where(
@@ -265,9 +268,9 @@ class Outbox:
             with self.db.read() as conn:
                 audit_transition(self.audit, conn, task.job_id, job_moved[0], job_moved[1], job_moved[2])
 
-    def _settle_job(self, conn, job_id: int) -> tuple[JobState, JobState, str | None] | None:  # type: ignore[no-untyped-def]
+    def _settle_job(self, conn: Connection, job_id: int) -> tuple[JobState, JobState, str | None] | None:
         """Move the job to delivered (all delivered) or failed (one dead), if due."""
-        counts = dict(
+        counts: dict[str, int] = dict(
             conn.execute(
                 select(t.deliveries.c.state, func.count())
                 .where(t.deliveries.c.job_fk == job_id)
@@ -297,7 +300,7 @@ class Outbox:
             return None
         return JobState.DELIVERING, target, reason
 
-    def recover(self, is_orphaned_claim) -> int:  # type: ignore[no-untyped-def]
+    def recover(self, is_orphaned_claim: Callable[[str | None, float | None, float], bool]) -> int:
         """Deliveries left in ``sending`` by a lost worker go back to ``pending``."""
         now = time.time()
         recovered = 0

@@ -41,7 +41,7 @@ def list_studies(db: Database) -> list[dict[str, Any]]:
             .where(t.instances.c.current.is_(True))
             .group_by(t.series.c.id)
         ).all()
-        pending = dict(
+        pending: dict[int, int] = dict(
             conn.execute(
                 select(t.instances.c.study_fk, func.count())
                 .join(t.studies, t.studies.c.id == t.instances.c.study_fk)
@@ -105,7 +105,7 @@ def list_jobs(db: Database, state: str | None = None, study_uid: str | None = No
     if study_uid:
         query = query.where(t.studies.c.study_uid == study_uid)
     with db.read() as conn:
-        inputs = dict(
+        inputs: dict[int, int] = dict(
             conn.execute(select(t.job_inputs.c.job_fk, func.count()).group_by(t.job_inputs.c.job_fk)).all()
         )
         return [{**dict(row._mapping), "inputs": inputs.get(row.id, 0)} for row in conn.execute(query).all()]
@@ -132,7 +132,7 @@ def list_deliveries(db: Database, state: str | None = None) -> list[dict[str, An
     if state:
         query = query.where(t.deliveries.c.state == state)
     with db.read() as conn:
-        counts = dict(
+        counts: dict[int, int] = dict(
             conn.execute(
                 select(t.job_outputs.c.job_fk.label("j"), func.count()).group_by(t.job_outputs.c.job_fk)
             ).all()

@@ -22,6 +22,7 @@ from audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.config import NodeConfig
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
+from dicom_node.indexer import PendingInstance
 from dicom_node.jobs import JobState, create_job
 from dicom_node.routing import routes_for
 
@@ -59,6 +60,11 @@ class StudyReadiness:
                 return
             self._armed.add(study_uid)
         self._arm(study_uid, now + self.config.stable_seconds_for(calling_ae))
+
+    def instances_indexed(self, batch: list[PendingInstance]) -> None:
+        """Indexer callback: the instances of ``batch`` are now in the index."""
+        for item in batch:
+            self.instance_arrived(item.facts.study_uid, item.calling_ae)
 
     def _arm(self, study_uid: str, at: float) -> None:
         self._scheduler.add_job(

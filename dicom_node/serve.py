@@ -144,7 +144,7 @@ def serve(
     indexer = Indexer(
         runtime.db,
         audit,
-        on_indexed=lambda batch: [readiness.instance_arrived(p.facts.study_uid, p.calling_ae) for p in batch],
+        on_indexed=readiness.instances_indexed,
     )
     store = InstanceStore(paths, runtime.db, indexer, fsync=config.storage.fsync)
     clean_mark = paths.run / _CLEAN_MARK

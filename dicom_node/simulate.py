@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from models.sim.phantom import PhantomSpec, torso_slice
@@ -113,7 +113,7 @@ def write_ct_series(
         meta.MediaStorageSOPClassUID = ds.SOPClassUID
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
         meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
         ds.file_meta = meta
         path = out_dir / f"CT{k + 1:04d}.dcm"

@@ -192,7 +192,7 @@ class InstanceStore:
 
     def put(self, data: bytes, transfer_syntax: str, **kwargs: str | None) -> StoreResult:
         """:meth:`accept`, then wait until the index row is written (tools and tests)."""
-        result = self.accept(data, transfer_syntax, **kwargs)  # type: ignore[arg-type]
+        result = self.accept(data, transfer_syntax, **kwargs)
         self.indexer.flush()
         return result
 

@@ -14,6 +14,6 @@ def pipeline_names() -> list[str]:
 
 def get_pipeline(name: str) -> Pipeline:
     try:
-        return _PIPELINES[name]()  # type: ignore[no-any-return]
+        return _PIPELINES[name]()
     except KeyError:
         raise KeyError(f"unknown pipeline {name!r} (available: {', '.join(pipeline_names())})") from None

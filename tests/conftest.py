@@ -114,7 +114,8 @@ def audit_rows(node: NodeProcess, event: str) -> list[tuple[Any, ...]]:
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     try:
         return con.execute(
-            "select seq, outcome, study_uid, calling_ae, peer_host, facts from audit_events where event = ? order by seq",
+            "select seq, outcome, study_uid, calling_ae, peer_host, facts from audit_events"
+            " where event = ? order by seq",
             (event,),
         ).fetchall()
     finally:

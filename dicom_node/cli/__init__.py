@@ -26,8 +26,16 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+
+
+def make_console(stderr: bool = False) -> Console:
+    """Rich console; when output is not a terminal, wide enough that UIDs are never cut."""
+    probe = Console(stderr=stderr)
+    return probe if probe.is_terminal else Console(stderr=stderr, width=240)
+
+
+console = make_console()
+err_console = make_console(stderr=True)
 
 ConfigOpt = Annotated[
     Path | None,

@@ -82,3 +82,24 @@ def worker(
     finally:
         logging.getLogger(__name__).info("worker %s stopped", w.worker_id)
         runtime.close()
+
+
+@app.command()
+def demo(
+    home: Annotated[
+        Path, typer.Option("--home", help="Where the demo keeps its state (wiped first).")
+    ] = Path("demo-home"),
+    slices: Annotated[int, typer.Option(min=1, max=500, help="Slices of the simulated CT.")] = 24,
+    size: Annotated[int, typer.Option(min=32, max=1024, help="Rows/columns of the simulated CT.")] = 256,
+    config: ConfigOpt = None,
+) -> None:
+    """Run the main job end to end: local PACS, node, simulated scanner, delivery, summary."""
+    from dicom_node.cli import console
+    from dicom_node.demo import DemoFailed, run_demo
+
+    if config is not None:
+        raise fail("demo writes its own config (a route to its local PACS); run it without --config")
+    try:
+        run_demo(home, console, slices=slices, size=size)
+    except DemoFailed as exc:
+        raise fail(f"demo failed: {exc}") from None

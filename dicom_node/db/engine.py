@@ -17,10 +17,17 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Connection, Engine, Select, create_engine, event
+from sqlalchemy import Connection, CursorResult, Engine, Select, create_engine, event
 from sqlalchemy.engine import make_url
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def inserted_id(result: CursorResult[Any]) -> int:
+    """The primary key of the row an ``insert()`` created."""
+    key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])
 
 
 def _sqlite_engine(url: str, begin: str) -> Engine:

@@ -76,7 +76,7 @@ class Receiver:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def handlers(self) -> list[tuple[Any, Any]]:
+    def handlers(self) -> list[Any]:
         return [
             (evt.EVT_CONN_OPEN, on_connection_open),
             (evt.EVT_REQUESTED, self.on_requested),
@@ -98,7 +98,7 @@ class Receiver:
         ae.network_timeout = rc.network_timeout_seconds
         ae.require_called_aet = rc.require_called_ae
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         return ae
 
@@ -178,7 +178,7 @@ class Receiver:
             calling_ae=tally.calling_ae,
             peer_host=tally.peer_host,
             how=how,
-            **{k.replace("-", "_"): v for k, v in tally.counts.items()},
+            instances={k: v for k, v in tally.counts.items()},
         )
         # PS3.15 "DICOM Instances Transferred": one record per study per association.
         for study_uid, sops in tally.studies.items():

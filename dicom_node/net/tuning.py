@@ -39,8 +39,8 @@ def tune_pynetdicom() -> None:
     shim = types.ModuleType("time")
     shim.__dict__.update({k: getattr(time, k) for k in dir(time) if not k.startswith("__")})
     shim.sleep = _short_sleep  # type: ignore[attr-defined]
-    pynetdicom.association.time = shim  # type: ignore[attr-defined]
-    pynetdicom.dul.time = shim  # type: ignore[attr-defined]
+    pynetdicom.association.time = shim
+    pynetdicom.dul.time = shim
     # Send stored files straight from disk, without decoding and re-encoding them.
     pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True
     # Reading what a peer sent must not stop on a non-conformant value (the receiver

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Install what dicom-node needs on a Debian/Ubuntu machine, skipping what is there:
+# Debian packages (dcmtk, orthanc, dicom3tools) and the Python venv at .venv/.
+# Runs `apt-get update` at most once. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.deps-stamp
+
+# --- Debian packages -------------------------------------------------------------------
+declare -A NEED=( [/usr/bin/storescu]=dcmtk [/usr/sbin/Orthanc]=orthanc [/usr/bin/dciodvfy]=dicom3tools )
+missing=()
+for bin in "${!NEED[@]}"; do
+  [ -x "$bin" ] || missing+=("${NEED[$bin]}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO="sudo"; else
+    echo "dicom-node: need root (or sudo) to install: ${missing[*]}" >&2; exit 1
+  fi
+  echo "installing Debian packages: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The Debian orthanc package starts a system service on port 4242/8042; the node and
+  # its tests run their own Orthanc instances, so stop it if the init system started it.
+  if command -v service >/dev/null 2>&1; then $SUDO service orthanc stop >/dev/null 2>&1 || true; fi
+fi
+
+# --- Python venv -----------------------------------------------------------------------
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+  # torch first, pinned: a CPU build of exactly this version is what the project ships for;
+  # an unpinned `torch` would pull a multi-GB CUDA build.
+  "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/pip" install -q torch==2.13.0
+  "$VENV/bin/pip" install -q -e '.[test]'
+  touch "$STAMP"
+fi

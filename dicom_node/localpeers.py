@@ -1,0 +1,322 @@
+"""Local DICOM peers on loopback — for the demo, the integration tests and the benchmarks.
+
+Each peer gets its own ports and storage folder and is stopped by PID. Debian's dcmtk and
+Orthanc leave Nagle on; we set TCP_NODELAY=1 in their environment. dcmtk tools are called
+by absolute path because pynetdicom installs console scripts with the same names into the
+venv. Orthanc's REST API is read with the standard library (no extra dependency).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+STORESCU = "/usr/bin/storescu"
+STORESCP = "/usr/bin/storescp"
+ECHOSCU = "/usr/bin/echoscu"
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+DCIODVFY = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"
+NODE_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def have(path: str) -> bool:
+    return Path(path).exists() and os.access(path, os.X_OK)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before opening port {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+def stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def storescu(
+    files_or_dir: Path | list[Path],
+    port: int,
+    aet: str,
+    *,
+    calling: str = "STORESCU",
+    extra: list[str] | None = None,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess[str]:
+    """dcmtk storescu on loopback; returns the completed process (check returncode)."""
+    targets = [str(p) for p in files_or_dir] if isinstance(files_or_dir, list) else [str(files_or_dir)]
+    cmd = [
+        STORESCU,
+        "-aet",
+        calling,
+        "-aec",
+        aet,
+        *(extra or []),
+        "+sd",
+        "+r",
+        "127.0.0.1",
+        str(port),
+        *targets,
+    ]
+    return subprocess.run(cmd, env=NODE_ENV, capture_output=True, text=True, timeout=timeout)
+
+
+class DcmtkStoreSCP:
+    """dcmtk storescp writing into its own folder."""
+
+    def __init__(self, workdir: Path, port: int | None = None, aet: str = "STORESCP") -> None:
+        self.dir = workdir / "storescp"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.aet = aet
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> DcmtkStoreSCP:
+        self.proc = subprocess.Popen(
+            [STORESCP, "-aet", self.aet, "-od", str(self.dir), str(self.port)],
+            env=NODE_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+class Orthanc:
+    """A real Orthanc on loopback, with its own storage, ports and known modalities."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        aet: str = "ORTHANC",
+        modalities: dict[str, tuple[str, str, int]] | None = None,
+    ) -> None:
+        self.dir = workdir / f"orthanc-{aet.lower()}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.aet = aet
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.modalities = modalities or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = self.dir / "orthanc.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "Name": f"test-{self.aet}",
+            "StorageDirectory": str(self.dir / "db"),
+            "IndexDirectory": str(self.dir / "db"),
+            "DicomAet": self.aet,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "HttpServerEnabled": True,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
+            "Plugins": [],
+            "StableAge": 2,
+        }
+
+    def start(self) -> Orthanc:
+        cfg = self.dir / "orthanc.json"
+        cfg.write_text(json.dumps(self.config(), indent=2))
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen([ORTHANC, str(cfg)], env=NODE_ENV, stdout=log, stderr=log)
+        wait_port(self.http_port, proc=self.proc)
+        wait_port(self.dicom_port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+    def _request(self, path: str, body: Any = None) -> bytes:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method="POST" if data else "GET")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return bytes(resp.read())
+
+    def get(self, path: str) -> Any:
+        return json.loads(self._request(path))
+
+    def find(self, level: str, query: dict[str, str]) -> list[dict[str, Any]]:
+        return list(
+            json.loads(self._request("/tools/find", {"Level": level, "Query": query, "Expand": True}))
+        )
+
+    def instances_of_series(self, series_uid: str) -> list[dict[str, Any]]:
+        return self.find("Instance", {"SeriesInstanceUID": series_uid})
+
+    def series_of_study(self, study_uid: str) -> list[dict[str, Any]]:
+        return self.find("Series", {"StudyInstanceUID": study_uid})
+
+    def instance_file(self, orthanc_id: str) -> bytes:
+        return self._request(f"/instances/{orthanc_id}/file")
+
+    def statistics(self) -> dict[str, Any]:
+        return dict(self.get("/statistics"))
+
+
+class NodeProcess:
+    """``dicom-node serve`` as a real process on its own home, port and config."""
+
+    def __init__(
+        self,
+        home: Path,
+        config_text: str = "",
+        port: int | None = None,
+        ae_title: str = "DICOM_NODE",
+    ) -> None:
+        self.home = home
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.ae_title = ae_title
+        self.config_path = home / "dicom-node.toml"
+        self.config_path.write_text(config_text)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.stdout = home / "serve.out"
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "dicom_node", *args]
+
+    def start(self, timeout: float = 60.0) -> NodeProcess:
+        ready = self.home / "ready"
+        ready.unlink(missing_ok=True)
+        with self.stdout.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.command(
+                    "serve",
+                    "--home",
+                    str(self.home),
+                    "--config",
+                    str(self.config_path),
+                    "--port",
+                    str(self.port),
+                    "--ae-title",
+                    self.ae_title,
+                    "--ready-file",
+                    str(ready),
+                ),
+                stdout=out,
+                stderr=out,
+                env=NODE_ENV,
+            )
+        deadline = time.time() + timeout
+        while not ready.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"dicom-node serve exited with {self.proc.returncode}:\n{self.stdout.read_text()[-3000:]}"
+                )
+            if time.time() > deadline:
+                raise TimeoutError("dicom-node serve did not become ready")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            self.command(*args, "--home", str(self.home), "--config", str(self.config_path)),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"dicom-node {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+            )
+        return result
+
+    def cli_json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def wait_for(
+        self, predicate: Any, timeout: float = 120.0, every: float = 0.5, what: str = "condition"
+    ) -> Any:
+        deadline = time.time() + timeout
+        last = None
+        while time.time() < deadline:
+            last = predicate()
+            if last:
+                return last
+            time.sleep(every)
+        raise TimeoutError(f"timed out waiting for {what}; last value: {last!r}")
+
+    def log_text(self) -> str:
+        log = self.home / "var" / "log" / "dicom-node.log"
+        return (log.read_text() if log.exists() else "") + self.stdout.read_text()
+
+
+class MiniPACS:
+    """A bare pynetdicom storage SCP, used by the demo when Orthanc is not installed."""
+
+    def __init__(self, workdir: Path, aet: str = "MINIPACS") -> None:
+        self.dir = workdir / "minipacs"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.aet = aet
+        self.dicom_port = free_port()
+        self._server: Any = None
+
+    def start(self) -> MiniPACS:
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+        def on_store(event: Any) -> int:
+            target = self.dir / f"{event.request.AffectedSOPInstanceUID}.dcm"
+            target.write_bytes(event.encoded_dataset(include_meta=True))
+            return 0x0000
+
+        ae = AE(ae_title=self.aet)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+        self._server = ae.start_server(
+            ("127.0.0.1", self.dicom_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+        )
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+
+    def count(self) -> int:
+        return len(list(self.dir.glob("*.dcm")))
