@@ -205,7 +205,7 @@ class LoadedConfig(BaseModel):
 
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    loc = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in first["loc"]).replace(".[", "[")
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key (check spelling; see deploy/dicom-node.example.toml)"
@@ -218,7 +218,8 @@ def _format_error(err: ValidationError, source: str) -> str:
     more = len(err.errors()) - 1
     tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
     where = f"{loc}: " if first["loc"] else ""
-    return f"{source}: {where}{msg}{tail}"
+    line = f"{source}: {where}{msg}{tail}"
+    return line.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -267,7 +268,7 @@ def load_config(
         try:
             data = tomllib.loads(raw_bytes.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+            raise ConfigError(f"{source}: not valid TOML: {exc}".replace("\n", " ")) from None
     if overrides:
         data = _deep_merge(data, overrides)
     try:

@@ -132,19 +132,22 @@ def index_batch(conn: Connection, batch: list[PendingInstance], cache: _IdCache)
             select(t.studies.c.id, t.studies.c.open_version).where(t.studies.c.id.in_(study_ids.values()))
         ).all()
     )
+    # Only the newest version of a SOP Instance UID is current — also within one batch.
+    newest: dict[str, int] = {}
+    for p in batch:
+        newest[p.facts.sop_instance_uid] = max(p.version, newest.get(p.facts.sop_instance_uid, 0))
+    superseded = [sop for sop, version in newest.items() if version > 1]
+    if superseded:
+        conn.execute(update(t.instances).where(t.instances.c.sop_uid.in_(superseded)).values(current=False))
     rows: list[dict[str, Any]] = []
     for p in batch:
         f = p.facts
         study_fk = study_ids[f.study_uid]
-        if p.version > 1:
-            conn.execute(
-                update(t.instances).where(t.instances.c.sop_uid == f.sop_instance_uid).values(current=False)
-            )
         rows.append(
             {
                 "sop_uid": f.sop_instance_uid,
                 "version": p.version,
-                "current": True,
+                "current": p.version == newest[f.sop_instance_uid],
                 "series_fk": _series_id(conn, cache, f, study_fk),
                 "study_fk": study_fk,
                 "study_version": open_versions[study_fk],

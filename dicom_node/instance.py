@@ -153,7 +153,11 @@ def _walk(data: bytes, implicit_vr: bool, little_endian: bool) -> dict[int, Any]
             if end > size:
                 raise ValueError(f"element {Tag(elem.tag)} needs {end - size} more bytes than were sent")
         tag = int(elem.tag)
-        if tag in _WANTED or tag == _PIXEL_DATA:
+        if tag in _WANTED:
+            if elem.value is None and length:  # deferred: take the value from the bytes
+                elem = elem._replace(value=data[elem.value_tell : elem.value_tell + length])  # type: ignore[union-attr]
+            wanted[tag] = elem
+        elif tag == _PIXEL_DATA:
             wanted[tag] = elem
     if end != size:
         raise ValueError(f"{size - end} trailing bytes do not form a complete element")
@@ -203,7 +207,8 @@ def check_instance(
         return None, Rejection(StoreStatus.CANNOT_UNDERSTAND, "cannot parse data set: no elements")
 
     ds = Dataset()
-    ds.set_original_encoding(ts.is_implicit_VR, ts.is_little_endian, "iso8859")
+    # No character set given: values decode with the data set's own (0008,0005).
+    ds.set_original_encoding(ts.is_implicit_VR, ts.is_little_endian)
     for tag, elem in raw.items():
         if tag != _PIXEL_DATA:
             ds._dict[Tag(tag)] = elem  # converted lazily, with the data set's character set
@@ -261,7 +266,7 @@ def check_instance(
         )
     except Exception as exc:
         return None, Rejection(StoreStatus.CANNOT_UNDERSTAND, f"cannot decode attributes: {exc}")
-    for uid in (facts.sop_instance_uid, facts.study_uid, facts.series_uid):
+    for uid in (facts.sop_class_uid, facts.sop_instance_uid, facts.study_uid, facts.series_uid):
         if len(uid) > 64 or not UID(uid).is_valid:
             return None, Rejection(StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"invalid UID {uid[:70]!r}")
     return facts, None

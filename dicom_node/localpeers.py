@@ -165,6 +165,10 @@ class Orthanc:
     def stop(self) -> None:
         stop(self.proc)
 
+    def kill(self) -> None:
+        """Abrupt stop (SIGKILL): open associations break mid-transfer."""
+        stop(self.proc, signal.SIGKILL)
+
     def _request(self, path: str, body: Any = None) -> bytes:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.url + path, data=data, method="POST" if data else "GET")

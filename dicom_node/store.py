@@ -19,7 +19,6 @@ their reason — never dropped.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import os
 import threading
@@ -78,7 +77,6 @@ class InstanceStore:
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._known_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
-        self._staging_names = itertools.count()
 
     def close(self) -> None:
         self.indexer.stop()
@@ -110,7 +108,7 @@ class InstanceStore:
 
     def _stage(self, chunks: Iterable[bytes]) -> Path:
         """Write a staging file and flush it to disk; returns its path."""
-        staging = self.paths.tmp / f"{os.getpid()}-{next(self._staging_names)}.part"
+        staging = self.paths.tmp / f"{uuid.uuid4().hex}.part"
         fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
             for chunk in chunks:

@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from dicom_node import __version__
 from dicom_node.config import ConfigError
@@ -55,7 +56,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -68,7 +69,7 @@ def open_runtime(
     try:
         return Runtime.open(config, home, overrides, actor=actor)
     except ConfigError as exc:
-        err_console.print(f"config error: {exc}", highlight=False, soft_wrap=True)
+        err_console.print(Text(f"config error: {exc}"), highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 

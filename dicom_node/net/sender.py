@@ -11,6 +11,7 @@ the peer refuses the data), so the outbox retries only what can succeed later.
 from __future__ import annotations
 
 import logging
+import socket
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,20 @@ class SendReport:
     @property
     def ok(self) -> bool:
         return self.error is None and not self.failed
+
+
+def _why_no_association(destination: Destination, where: str) -> str:
+    """A clear reason for an operator: refused, unreachable, or aborted after connecting."""
+    try:
+        with socket.create_connection((destination.host, destination.port), timeout=5):
+            pass
+    except ConnectionRefusedError:
+        return f"cannot connect to {where}: connection refused (is the peer running on that port?)"
+    except TimeoutError:
+        return f"cannot connect to {where}: timed out (host down or a firewall in between?)"
+    except OSError as exc:
+        return f"cannot connect to {where}: {exc.strerror or exc}"
+    return f"{where} accepted the connection but aborted the association (check its AE title and config)"
 
 
 def _status_is_retryable(status: int) -> bool:
@@ -99,11 +114,9 @@ def send_series(
             reason = rj.reason_str if rj is not None else "rejected"
             report.error = f"{where} rejected the association ({reason})"
             report.retryable = not permanent
-        elif assoc.is_aborted:
-            report.error = f"{where} aborted the association"
-            report.retryable = True
         else:
-            report.error = f"cannot connect to {where} (refused, unreachable or timed out)"
+            # pynetdicom reports a refused connection as an abort; find out which it was.
+            report.error = _why_no_association(destination, where)
             report.retryable = True
         return report
 

@@ -1,0 +1,369 @@
+"""The outbox: backoff, delivery to a real storage SCP, retries, dead-letter, operator retry, recovery."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select, update
+
+from audit import AuditEvent, Outcome
+from dicom_node.config import NodeConfig, OutboxSection
+from dicom_node.db import schema as t
+from dicom_node.indexer import Indexer
+from dicom_node.jobs import JobState, create_job, transition
+from dicom_node.localpeers import MiniPACS, free_port
+from dicom_node.outbox import DeliveryState, Outbox, backoff_seconds, create_deliveries
+from dicom_node.part10 import split_part10
+from dicom_node.runtime import Runtime
+from dicom_node.simulate import write_ct_series
+from dicom_node.store import InstanceStore
+from dicom_node.worker import claim_id, orphan_test
+from models.sim.phantom import PhantomSpec
+from pipelines.base import OutputInstance
+
+SLICES = 3
+
+# -- backoff -------------------------------------------------------------------------------
+
+
+def test_backoff_grows_by_factor_and_is_capped() -> None:
+    policy = OutboxSection(backoff_initial_seconds=5, backoff_factor=2, backoff_max_seconds=30)
+    assert [backoff_seconds(policy, n) for n in range(1, 7)] == [5.0, 10.0, 20.0, 30.0, 30.0, 30.0]
+    assert backoff_seconds(policy, 0) == 5.0  # before any failure: the initial delay
+    assert backoff_seconds(policy, 100) == 30.0  # no overflow far out
+    flat = OutboxSection(backoff_initial_seconds=3, backoff_factor=1, backoff_max_seconds=100)
+    assert {backoff_seconds(flat, n) for n in range(1, 10)} == {3.0}
+    triple = OutboxSection(backoff_initial_seconds=0.5, backoff_factor=3, backoff_max_seconds=1000)
+    assert [backoff_seconds(triple, n) for n in (1, 2, 3)] == [0.5, 1.5, 4.5]
+
+
+# -- a job with stored inputs, ready for delivery ------------------------------------------
+
+
+@dataclass
+class Env:
+    rt: Runtime
+    study_uid: str
+    series_uid: str
+    job_id: int
+    outputs: tuple[OutputInstance, ...]
+
+    def delivery(self) -> dict[str, Any]:
+        with self.rt.db.read() as conn:
+            return dict(conn.execute(select(t.deliveries)).mappings().one())
+
+    def attempts(self) -> list[dict[str, Any]]:
+        with self.rt.db.read() as conn:
+            return [
+                dict(r)
+                for r in conn.execute(
+                    select(t.delivery_attempts).order_by(t.delivery_attempts.c.id)
+                ).mappings()
+            ]
+
+    def job_state(self) -> str:
+        with self.rt.db.read() as conn:
+            return str(conn.execute(select(t.jobs.c.state).where(t.jobs.c.id == self.job_id)).scalar_one())
+
+    def history(self) -> list[tuple[str | None, str, str | None]]:
+        with self.rt.db.read() as conn:
+            rows = conn.execute(
+                select(
+                    t.job_transitions.c.from_state, t.job_transitions.c.to_state, t.job_transitions.c.actor
+                )
+                .where(t.job_transitions.c.job_fk == self.job_id)
+                .order_by(t.job_transitions.c.id)
+            ).all()
+        return [tuple(r) for r in rows]
+
+    def make_due(self) -> None:
+        with self.rt.db.write() as conn:
+            conn.execute(update(t.deliveries).values(next_attempt_at=time.time() - 1))
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    sim = write_ct_series(tmp_path / "sim", PhantomSpec(rows=64, columns=64, slices=SLICES, seed=7))
+    rt = Runtime.open(None, tmp_path / "home")
+    store = InstanceStore(rt.paths, rt.db, Indexer(rt.db, rt.audit, gather_seconds=0.01))
+    try:
+        for path in sim.files:
+            meta, data = split_part10(path.read_bytes())
+            store.put(
+                data,
+                str(meta.TransferSyntaxUID),
+                claimed_sop_uid=str(meta.MediaStorageSOPInstanceUID),
+                calling_ae="CT1",
+                peer_host="127.0.0.1",
+            )
+    finally:
+        store.close()
+    with rt.db.write() as conn:
+        study_fk = conn.execute(select(t.studies.c.id)).scalar_one()
+        rows = conn.execute(
+            select(t.instances, t.series.c.series_uid)
+            .join(t.series, t.series.c.id == t.instances.c.series_fk)
+            .order_by(t.instances.c.instance_number)
+        ).all()
+        job_id = create_job(
+            conn,
+            study_fk=study_fk,
+            study_version=1,
+            pipeline="forward",
+            destinations=["pacs"],
+            instance_ids=[r.id for r in rows],
+        )
+        transition(conn, job_id, JobState.RUNNING, expect=JobState.QUEUED)
+        transition(conn, job_id, JobState.SUCCEEDED, expect=JobState.RUNNING)
+        outputs = tuple(
+            OutputInstance(
+                sop_uid=r.sop_uid,
+                series_uid=r.series_uid,
+                sop_class_uid=r.sop_class_uid,
+                transfer_syntax_uid=r.transfer_syntax_uid,
+                path=rt.paths.data / r.path,
+            )
+            for r in rows
+        )
+        assert create_deliveries(conn, job_id, outputs, ["pacs"]) == 1
+        transition(conn, job_id, JobState.DELIVERING, expect=JobState.SUCCEEDED)
+    assert len(outputs) == SLICES
+    try:
+        yield Env(rt, sim.study_uid, sim.series_uid, job_id, outputs)
+    finally:
+        rt.close()
+
+
+def _config(port: int, **outbox: float) -> NodeConfig:
+    return NodeConfig.model_validate(
+        {
+            "node": {"ae_title": "DICOM_NODE"},
+            "destinations": {
+                "pacs": {"ae_title": "MINIPACS", "host": "127.0.0.1", "port": port, "timeout_seconds": 5}
+            },
+            "outbox": outbox,
+        }
+    )
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[MiniPACS]:
+    peer = MiniPACS(tmp_path / "peer").start()
+    try:
+        yield peer
+    finally:
+        peer.stop()
+
+
+# -- delivery ------------------------------------------------------------------------------
+
+
+def test_create_deliveries_records_outputs_and_one_pending_delivery(env: Env) -> None:
+    d = env.delivery()
+    assert (d["job_fk"], d["series_uid"], d["destination"], d["state"], d["attempts"]) == (
+        env.job_id,
+        env.series_uid,
+        "pacs",
+        "pending",
+        0,
+    )
+    with env.rt.db.read() as conn:
+        outs = conn.execute(select(t.job_outputs).order_by(t.job_outputs.c.id)).mappings().all()
+    assert [o["sop_uid"] for o in outs] == [o.sop_uid for o in env.outputs]
+    assert [o["path"] for o in outs] == [str(o.path) for o in env.outputs]
+
+
+def test_delivery_to_minipacs(env: Env, pacs: MiniPACS) -> None:
+    config = _config(pacs.dicom_port)
+    worker = claim_id("run-a")
+    outbox = Outbox(config, env.rt.db, env.rt.audit, worker)
+
+    task = outbox.claim_due()
+    assert task is not None
+    assert (task.job_id, task.study_uid, task.series_uid, task.destination, task.attempt) == (
+        env.job_id,
+        env.study_uid,
+        env.series_uid,
+        "pacs",
+        1,
+    )
+    assert [f.sop_uid for f in task.files] == [o.sop_uid for o in env.outputs]
+    claimed = env.delivery()
+    assert (claimed["state"], claimed["attempts"], claimed["claimed_by"]) == ("sending", 1, worker)
+    assert claimed["lease_until"] > time.time()
+    assert outbox.claim_due() is None  # a claimed delivery is not handed out twice
+
+    report = outbox.send(task)
+
+    assert report.ok, report.error
+    assert report.sent == SLICES
+    d = env.delivery()
+    assert d["state"] == DeliveryState.DELIVERED
+    assert d["delivered_at"] is not None
+    assert (d["claimed_by"], d["lease_until"], d["last_error"]) == (None, None, None)
+    assert env.job_state() == JobState.DELIVERED
+    assert env.history()[-1] == ("delivering", "delivered", worker)
+
+    # the peer received every file, with the same content (MiniPACS may pick another
+    # uncompressed transfer syntax, so the decoded data sets are compared)
+    assert pacs.count() == SLICES
+    for out in env.outputs:
+        received = pacs.dir / f"{out.sop_uid}.dcm"
+        assert received.is_file()
+        got, sent = dcmread(received), dcmread(out.path)
+        assert got.SOPInstanceUID == out.sop_uid
+        assert got.StudyInstanceUID == env.study_uid
+        assert got.PixelData == sent.PixelData
+        assert got == sent
+
+    (attempt,) = env.attempts()
+    assert attempt["outcome"] == "delivered"
+    assert attempt["delivery_fk"] == d["id"]
+    assert attempt["finished_at"] >= attempt["started_at"]
+    assert (attempt["instances_sent"], attempt["instances_failed"], attempt["detail"]) == (SLICES, 0, None)
+
+    audit = env.rt.audit
+    (begin,) = audit.events(AuditEvent.BEGIN_TRANSFERRING)
+    assert begin.called_ae == "MINIPACS" and begin.facts["instances"] == SLICES
+    (att,) = audit.events(AuditEvent.DELIVERY_ATTEMPT)
+    assert att.outcome == Outcome.SUCCESS and att.facts["result"] == "delivered"
+    (sent,) = audit.events(AuditEvent.INSTANCES_TRANSFERRED)
+    assert sent.study_uid == env.study_uid
+    assert sent.facts["sop_uids"] == [o.sop_uid for o in env.outputs]
+    moves = [(e.facts["from_state"], e.facts["to_state"]) for e in audit.events(AuditEvent.JOB_TRANSITION)]
+    assert moves == [("delivering", "delivered")]
+
+    assert outbox.claim_due() is None  # nothing left
+
+
+def test_retry_then_dead_letter_then_operator_retry(env: Env, tmp_path: Path) -> None:
+    # The peer exists but is not started yet: its port is closed.
+    pacs = MiniPACS(tmp_path / "late-peer")
+    config = _config(pacs.dicom_port, max_attempts=2, backoff_initial_seconds=60, backoff_max_seconds=600)
+    outbox = Outbox(config, env.rt.db, env.rt.audit, claim_id("run-b"))
+
+    # attempt 1: refused → retry later by the backoff
+    task = outbox.claim_due()
+    assert task is not None and task.attempt == 1
+    report = outbox.send(task)
+    assert not report.ok and report.retryable
+    d = env.delivery()
+    (a1,) = env.attempts()
+    assert a1["outcome"] == "retry"
+    assert a1["detail"] and f"127.0.0.1:{pacs.dicom_port}" in a1["detail"]
+    assert d["state"] == DeliveryState.PENDING
+    assert d["attempts"] == 1
+    assert d["last_error"] == a1["detail"]
+    assert d["next_attempt_at"] == pytest.approx(a1["finished_at"] + backoff_seconds(config.outbox, 1))
+    assert d["next_attempt_at"] > time.time() + 50
+    assert (d["claimed_by"], d["lease_until"]) == (None, None)
+    assert env.job_state() == JobState.DELIVERING
+    (retry_audit,) = env.rt.audit.events(AuditEvent.DELIVERY_ATTEMPT)
+    assert retry_audit.outcome == Outcome.MINOR_FAILURE
+    assert retry_audit.facts["result"] == "retry"
+    assert retry_audit.facts["next_attempt_in"] == pytest.approx(60.0, abs=0.2)
+    assert outbox.claim_due() is None  # not due yet
+
+    # attempt 2 (= max_attempts): dead-lettered, the job fails
+    env.make_due()
+    task = outbox.claim_due()
+    assert task is not None and task.attempt == 2
+    assert not outbox.send(task).ok
+    d = env.delivery()
+    assert d["state"] == DeliveryState.DEAD
+    assert d["attempts"] == 2
+    assert [a["outcome"] for a in env.attempts()] == ["retry", "dead"]
+    assert env.job_state() == JobState.FAILED
+    with env.rt.db.read() as conn:
+        reason = conn.execute(select(t.jobs.c.reason).where(t.jobs.c.id == env.job_id)).scalar_one()
+    assert reason == "1 delivery(ies) dead-lettered"
+    (dead,) = env.rt.audit.events(AuditEvent.DELIVERY_DEAD_LETTER)
+    assert dead.outcome == Outcome.SERIOUS_FAILURE and dead.facts["attempt"] == 2
+    (failed,) = env.rt.audit.events(AuditEvent.JOB_TRANSITION)
+    assert (failed.facts["from_state"], failed.facts["to_state"]) == ("delivering", "failed")
+    env.make_due()
+    assert outbox.claim_due() is None  # dead is never picked up again by itself
+
+    # operator retry: pending again with fresh attempts; the job goes back to delivering
+    with pytest.raises(KeyError):
+        outbox.retry_dead(9999, actor="operator")
+    outbox.retry_dead(d["id"], actor="operator")
+    d = env.delivery()
+    assert (d["state"], d["attempts"]) == ("pending", 0)
+    assert d["next_attempt_at"] <= time.time()
+    assert env.job_state() == JobState.DELIVERING
+    assert env.history()[-1] == ("failed", "delivering", "operator")
+    with pytest.raises(ValueError):
+        outbox.retry_dead(d["id"], actor="operator")  # not dead any more
+
+    # the peer comes up: the retried delivery goes through and the job is delivered
+    pacs.start()
+    try:
+        task = outbox.claim_due()
+        assert task is not None and task.attempt == 1
+        assert outbox.send(task).ok
+    finally:
+        pacs.stop()
+    assert env.delivery()["state"] == DeliveryState.DELIVERED
+    assert env.job_state() == JobState.DELIVERED
+    assert pacs.count() == SLICES
+    assert [a["outcome"] for a in env.attempts()] == ["retry", "dead", "delivered"]
+
+
+def test_unconfigured_destination_is_dead_lettered(env: Env) -> None:
+    config = NodeConfig.model_validate({})  # "pacs" is no longer configured
+    outbox = Outbox(config, env.rt.db, env.rt.audit, claim_id("run-c"))
+    task = outbox.claim_due()
+    assert task is not None
+    report = outbox.send(task)
+    assert not report.ok and not report.retryable
+    assert env.delivery()["state"] == DeliveryState.DEAD
+    assert env.attempts()[0]["outcome"] == "dead"
+    assert "no longer configured" in env.attempts()[0]["detail"]
+    assert env.job_state() == JobState.FAILED
+
+
+def test_recover_orphaned_sending_delivery(env: Env) -> None:
+    config = _config(free_port())
+    lost = Outbox(config, env.rt.db, env.rt.audit, claim_id("old-run"))
+    task = lost.claim_due()
+    assert task is not None
+    assert env.delivery()["state"] == DeliveryState.SENDING
+
+    # a claim of the current run by a live process (this one) is not orphaned
+    assert lost.recover(orphan_test("old-run")) == 0
+    assert env.delivery()["state"] == DeliveryState.SENDING
+
+    # a new run finds the old run's claim and takes it back
+    fresh = Outbox(config, env.rt.db, env.rt.audit, claim_id("new-run"))
+    assert fresh.recover(orphan_test("new-run")) == 1
+    d = env.delivery()
+    assert (d["state"], d["claimed_by"], d["lease_until"]) == ("pending", None, None)
+    assert d["next_attempt_at"] <= time.time()
+    (attempt,) = env.attempts()
+    assert attempt["outcome"] == "interrupted"
+    assert attempt["finished_at"] is not None
+    assert attempt["detail"] == "worker lost during send"
+    assert env.job_state() == JobState.DELIVERING
+
+    # the next claim counts on from the interrupted attempt
+    again = fresh.claim_due()
+    assert again is not None and again.attempt == 2
+    assert fresh.recover(orphan_test("new-run")) == 0  # own live claim: left alone
+
+
+def test_recover_takes_back_expired_lease(env: Env) -> None:
+    config = _config(free_port())
+    outbox = Outbox(config, env.rt.db, env.rt.audit, claim_id("run-d"))
+    assert outbox.claim_due() is not None
+    with env.rt.db.write() as conn:
+        conn.execute(update(t.deliveries).values(lease_until=time.time() - 1))
+    assert outbox.recover(orphan_test("run-d")) == 1
+    assert env.delivery()["state"] == DeliveryState.PENDING
+    assert env.attempts()[0]["outcome"] == "interrupted"
