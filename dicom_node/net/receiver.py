@@ -127,13 +127,17 @@ class Receiver:
 
     def on_requested(self, event: Any) -> None:
         assoc = event.assoc
-        calling_ae = str(assoc.requestor.ae_title).strip()
-        called_ae = str(assoc.acceptor.ae_title).strip()
+        request = assoc.requestor.primitive  # A-ASSOCIATE-RQ; titles are not copied over yet
+        calling_ae = str(request.calling_ae_title).strip()
+        called_ae = str(request.called_ae_title).strip()
         peer_host = assoc.requestor.address
         ok, why = self.caller_allowed(calling_ae, peer_host)
         if ok:
             return
         assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_USER, _CALLING_AE_NOT_RECOGNISED)
+        # As pynetdicom's own rejection path does: let the DUL send the A-ASSOCIATE-RJ
+        # and see the connection closed before the socket is shut.
+        assoc.kill()
         log.warning("association from %s@%s rejected: %s", calling_ae, peer_host, why)
         self.audit.record(
             AuditEvent.ASSOCIATION_REJECTED,

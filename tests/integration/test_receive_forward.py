@@ -74,3 +74,35 @@ def test_storescu_study_is_stored_indexed_and_forwarded(tmp_path: Path, orthanc:
         assert attempts and json.loads(attempts[-1][5])["result"] == "delivered"
     finally:
         node.stop()
+
+
+def test_instances_after_a_job_started_open_a_new_job_version(tmp_path: Path, orthanc: Orthanc) -> None:
+    require(STORESCU)
+    from dicom_node.simulate import write_ct_series
+    from models.sim.phantom import PhantomSpec
+
+    first = write_ct_series(tmp_path / "first", PhantomSpec(rows=64, columns=64, slices=10, seed=3))
+    late = write_ct_series(
+        tmp_path / "late", PhantomSpec(rows=64, columns=64, slices=5, seed=4), study_uid=first.study_uid
+    )
+    node = NodeProcess(tmp_path / "node", node_config(orthanc, stable_seconds=1)).start()
+    try:
+        assert storescu(tmp_path / "first", node.port, node.ae_title).returncode == 0
+        node.wait_for(
+            lambda: [j for j in node.cli_json("jobs") if j["state"] == "delivered"], what="v1 delivered"
+        )
+        assert storescu(tmp_path / "late", node.port, node.ae_title).returncode == 0
+
+        def two_delivered() -> bool:
+            jobs = node.cli_json("jobs")
+            return len(jobs) == 2 and all(j["state"] == "delivered" for j in jobs)
+
+        node.wait_for(two_delivered, what="v2 delivered")
+        jobs = node.cli_json("jobs")
+        assert [(j["study_version"], j["inputs"]) for j in jobs] == [(1, 10), (2, 15)]
+        study = node.cli_json("studies")[0]
+        assert study["instances"] == 15 and study["series"] == 2 and study["version"] == 2
+        in_pacs = {s["MainDicomTags"]["SeriesInstanceUID"] for s in orthanc.series_of_study(first.study_uid)}
+        assert in_pacs == {first.series_uid, late.series_uid}
+    finally:
+        node.stop()
