@@ -204,9 +204,11 @@ class Indexer:
         self.gather_seconds = gather_seconds
         self.max_queue = max_queue
         self._queue: deque[PendingInstance] = deque()
+        self._audits: deque[tuple[AuditEvent, dict[str, Any]]] = deque()
         self._by_sop: dict[str, PendingInstance] = {}
         self._busy = False
         self._stopping = False
+        self._flush_requested = 0
         self._cond = threading.Condition()
         self._cache = _IdCache()
         self._thread = threading.Thread(target=self._run, name="indexer", daemon=True)
@@ -220,6 +222,12 @@ class Indexer:
             self._by_sop[item.facts.sop_instance_uid] = item
             self._cond.notify_all()
 
+    def submit_audit(self, event: AuditEvent, facts: dict[str, Any]) -> None:
+        """Queue an audit record for the next batch (hot-path events with no index row)."""
+        with self._cond:
+            self._audits.append((event, facts))
+            self._cond.notify_all()
+
     def pending(self, sop_uid: str) -> PendingInstance | None:
         with self._cond:
             return self._by_sop.get(sop_uid)
@@ -228,11 +236,20 @@ class Indexer:
         """Wait until everything submitted so far is committed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._queue or self._busy:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
+            self._flush_requested += 1
+            self._cond.notify_all()
+            try:
+                return self._wait_drained(deadline)
+            finally:
+                self._flush_requested -= 1
+
+    def _wait_drained(self, deadline: float | None) -> bool:
+        """Wait (holding the condition) until nothing is queued or being written."""
+        while self._queue or self._audits or self._busy:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            self._cond.wait(remaining)
         return True
 
     def stop(self) -> None:
@@ -245,16 +262,23 @@ class Indexer:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
+                while not self._queue and not self._audits and not self._stopping:
                     self._cond.wait()
-                if self._stopping and not self._queue:
+                if self._stopping and not self._queue and not self._audits:
                     return
-            time.sleep(self.gather_seconds)  # let a burst accumulate into one transaction
             with self._cond:
+                # Let a burst accumulate into one transaction, unless someone is waiting.
+                deadline = time.monotonic() + self.gather_seconds
+                while not self._flush_requested and not self._stopping:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch))]
+                audits = [self._audits.popleft() for _ in range(len(self._audits))]
                 self._busy = True
             try:
-                self._write(batch)
+                self._write(batch, audits)
             finally:
                 with self._cond:
                     for p in batch:
@@ -263,11 +287,11 @@ class Indexer:
                     self._busy = False
                     self._cond.notify_all()
 
-    def _write(self, batch: list[PendingInstance]) -> None:
+    def _write(self, batch: list[PendingInstance], audits: list[tuple[AuditEvent, dict[str, Any]]]) -> None:
         for p in batch:
             p.sha256()  # hashing releases the GIL; done before taking the write lock
         delay = 0.5
-        while True:
+        while batch:
             try:
                 with self.db.write() as conn:
                     index_batch(conn, batch, self._cache)
@@ -278,7 +302,7 @@ class Indexer:
                 time.sleep(delay)
                 delay = min(delay * 2, 30)
         try:
-            self.audit.record_many([_audit_entry(p) for p in batch])
+            self.audit.record_many([_audit_entry(p) for p in batch] + audits)
         except Exception:
             log.exception("indexer: audit records for %d instance(s) failed", len(batch))
         if self.on_indexed is not None:

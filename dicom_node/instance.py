@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from pydicom.dataset import Dataset
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.dataelem import convert_raw_data_element
 from pydicom.filereader import data_element_generator
 from pydicom.tag import Tag
 from pydicom.uid import UID
@@ -63,9 +64,12 @@ _INDEX_KEYWORDS = (
     "SamplesPerPixel",
     "BitsAllocated",
     "NumberOfFrames",
+    "PhotometricInterpretation",
 )
 
-_WANTED: frozenset[int] = frozenset(int(Tag(k)) for k in _INDEX_KEYWORDS + ROUTING_KEYWORDS)
+_KEYWORDS: dict[int, str] = {int(Tag(k)): k for k in _INDEX_KEYWORDS + ROUTING_KEYWORDS}
+_WANTED: frozenset[int] = frozenset(_KEYWORDS)
+_SPECIFIC_CHARACTER_SET = 0x00080005
 
 
 class StoreStatus(IntEnum):
@@ -123,19 +127,33 @@ def _json_value(value: Any) -> Any:
         return str(value)
 
 
-def _text(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
+def _text(values: dict[str, Any], keyword: str) -> str | None:
+    value = values.get(keyword)
     if value is None or value == "":
         return None
     return str(value).strip() or None
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
+def _int(values: dict[str, Any], keyword: str) -> int | None:
+    value = values.get(keyword)
     try:
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+
+
+def _decode(raw: dict[int, Any]) -> dict[str, Any]:
+    """Convert the wanted raw elements to Python values, with the data set's character set."""
+    encodings: Any = default_encoding
+    charset = raw.get(_SPECIFIC_CHARACTER_SET)
+    if charset is not None:
+        declared = convert_raw_data_element(charset, encoding=default_encoding).value
+        encodings = convert_encodings(declared or default_encoding)
+    values: dict[str, Any] = {}
+    for tag, elem in raw.items():
+        if tag != _PIXEL_DATA:
+            values[_KEYWORDS[tag]] = convert_raw_data_element(elem, encoding=encodings).value
+    return values
 
 
 def _walk(data: bytes, implicit_vr: bool, little_endian: bool) -> dict[int, Any]:
@@ -164,13 +182,15 @@ def _walk(data: bytes, implicit_vr: bool, little_endian: bool) -> dict[int, Any]
     return wanted
 
 
-def _expected_native_pixel_bytes(ds: Dataset) -> int | None:
-    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
-    bits = _int(ds, "BitsAllocated")
+def _expected_native_pixel_bytes(values: dict[str, Any]) -> int | None:
+    rows, cols = _int(values, "Rows"), _int(values, "Columns")
+    bits = _int(values, "BitsAllocated")
     if not rows or not cols or not bits:
         return None
-    samples = _int(ds, "SamplesPerPixel") or 1
-    frames = _int(ds, "NumberOfFrames") or 1
+    samples = _int(values, "SamplesPerPixel") or 1
+    frames = _int(values, "NumberOfFrames") or 1
+    if _text(values, "PhotometricInterpretation") in ("YBR_FULL_422", "YBR_PARTIAL_422"):
+        samples = 2  # chroma subsampled: two samples per pixel on average (PS3.3 C.7.6.3.1.2)
     total_bits = rows * cols * samples * frames * bits
     return (total_bits + 7) // 8
 
@@ -206,13 +226,8 @@ def check_instance(
     if not raw:
         return None, Rejection(StoreStatus.CANNOT_UNDERSTAND, "cannot parse data set: no elements")
 
-    ds = Dataset()
-    # No character set given: values decode with the data set's own (0008,0005).
-    ds.set_original_encoding(ts.is_implicit_VR, ts.is_little_endian)
-    for tag, elem in raw.items():
-        if tag != _PIXEL_DATA:
-            ds._dict[Tag(tag)] = elem  # converted lazily, with the data set's character set
     try:
+        ds = _decode(raw)
         missing = [
             k
             for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
@@ -242,7 +257,7 @@ def check_instance(
             )
 
     try:
-        tags = {k: _json_value(ds.get(k)) for k in ROUTING_KEYWORDS if k in ds}
+        tags = {k: _json_value(ds[k]) for k in ROUTING_KEYWORDS if k in ds}
         facts = InstanceFacts(
             sop_class_uid=_text(ds, "SOPClassUID") or "",
             sop_instance_uid=sop_uid,

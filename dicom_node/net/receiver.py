@@ -267,14 +267,17 @@ class Receiver:
             tally.studies.setdefault(facts.study_uid, set()).add(facts.sop_instance_uid)
             tally.patient_by_study[facts.study_uid] = facts.patient_id
         if result.outcome == StoreOutcome.DUPLICATE:
-            # Stored and new-version instances are audited by the indexer with their row.
-            self.audit.record(
+            # Stored and new-version instances are audited by the indexer with their row;
+            # duplicates ride along in its next batch (kept off the C-STORE round trip).
+            self.store.indexer.submit_audit(
                 AuditEvent.INSTANCE_DUPLICATE,
-                study_uid=facts.study_uid,
-                patient_id=facts.patient_id,
-                calling_ae=calling_ae,
-                peer_host=peer_host,
-                sop_uid=facts.sop_instance_uid,
-                version=result.version,
+                {
+                    "study_uid": facts.study_uid,
+                    "patient_id": facts.patient_id,
+                    "calling_ae": calling_ae,
+                    "peer_host": peer_host,
+                    "sop_uid": facts.sop_instance_uid,
+                    "version": result.version,
+                },
             )
         return StoreStatus.SUCCESS
