@@ -21,6 +21,7 @@ lint: deps
 
 bench: deps
 	$(BIN)/python tests/bench/bench_ingest.py
+	$(BIN)/python tests/bench/bench_audit.py
 
 clean:
 	rm -rf demo-home .pytest_cache .ruff_cache .mypy_cache

@@ -51,3 +51,12 @@ class AuditEvent(StrEnum):
     GATE_DECISION = "gate-decision"
     REVIEW_APPROVED = "review-approved"
     REVIEW_REJECTED = "review-rejected"
+    #: One per output series: inputs (SOP UIDs + sha256), pipeline, model and weights
+    #: sha256, parameters, QC, gate verdict, output UIDs. Facts:
+    #: ``job_id, pipeline, pipeline_version, model ({name, version, weights_sha256} or
+    #: null), parameters, inputs ([{sop_uid, sha256}]), output_series_uid, outputs
+    #: ([sop_uid]), qc, gate``. Deliveries of the series are ``delivery-attempt`` events
+    #: with the same ``job_id`` and ``series_uid``.
+    PROVENANCE = "provenance"
+    USER_LOGIN = "user-login"
+    USER_CHANGED = "user-changed"

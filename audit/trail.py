@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -31,6 +32,7 @@ from sqlalchemy import (
     create_engine,
     event,
     insert,
+    or_,
     select,
 )
 from sqlalchemy.engine import make_url
@@ -86,6 +88,66 @@ def chain_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
 
 
 @dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of :meth:`AuditTrail.verify`."""
+
+    ok: bool
+    records: int
+    head_seq: int
+    first_bad_seq: int | None
+    problem: str | None
+    checkpoints_checked: int = 0
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    seq: int
+    hash: str
+    at: float
+    actor: str | None
+
+    @property
+    def when(self) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.at))
+
+
+class CheckpointFile:
+    """Chain heads written outside the database (JSON lines, append-only, fsync'd).
+
+    Several processes append to the same file; each line is one ``write()`` under
+    ``O_APPEND``, so lines never interleave.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def write(self, seq: int, digest: str, actor: str | None) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = (
+            canonical_json({"seq": seq, "hash": digest, "at": time.time(), "actor": actor}) + "\n"
+        ).encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read(self) -> list[Checkpoint]:
+        if not self.path.exists():
+            return []
+        points = []
+        for line in self.path.read_text().splitlines():
+            if line.strip():
+                d = json.loads(line)
+                points.append(Checkpoint(int(d["seq"]), str(d["hash"]), float(d["at"]), d.get("actor")))
+        return points
+
+    def seqs(self) -> list[int]:
+        return [p.seq for p in self.read()]
+
+
+@dataclass(frozen=True)
 class AuditRecord:
     seq: int
     at: float
@@ -138,9 +200,18 @@ class AuditTrail:
         Default actor written on each record (e.g. ``"serve@host:pid"``).
     """
 
-    def __init__(self, url: str, actor: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        actor: str | None = None,
+        *,
+        checkpoint_file: Path | None = None,
+        checkpoint_every: int = 100,
+    ) -> None:
         self.url = url
         self.actor = actor
+        self.checkpoints = CheckpointFile(checkpoint_file) if checkpoint_file else None
+        self.checkpoint_every = checkpoint_every
         self._engine = _engine(url)
         self._is_sqlite = make_url(url).get_backend_name() == "sqlite"
         self._lock = threading.Lock()
@@ -185,7 +256,28 @@ class AuditTrail:
                 row["prev_hash"] = prev_hash
                 row["hash"] = prev_hash = chain_hash(prev_hash, row)
             conn.execute(insert(audit_events), rows)
+        if self.checkpoints is not None:
+            first = seq - len(rows) + 1
+            if seq // self.checkpoint_every != (first - 1) // self.checkpoint_every:
+                self.checkpoints.write(seq, prev_hash, self.actor)
         return int(seq)
+
+    def head(self) -> tuple[int, str]:
+        """Sequence number and hash of the newest record (0 and the genesis hash if empty)."""
+        with self._read() as conn:
+            row = conn.execute(
+                select(audit_events.c.seq, audit_events.c.hash).order_by(audit_events.c.seq.desc()).limit(1)
+            ).first()
+        return (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
+
+    def checkpoint(self) -> tuple[int, str] | None:
+        """Write the current chain head to the checkpoint file (at shutdown, on demand)."""
+        if self.checkpoints is None:
+            return None
+        seq, digest = self.head()
+        if seq:
+            self.checkpoints.write(seq, digest, self.actor)
+        return seq, digest
 
     def record(
         self,
@@ -236,6 +328,110 @@ class AuditTrail:
     def _read(self) -> Iterator[Connection]:
         with self._engine.connect() as conn:
             yield conn
+
+    def search(
+        self,
+        *,
+        patient_id: str | None = None,
+        study_uid: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        events: list[str] | None = None,
+        ae: str | None = None,
+        limit: int | None = None,
+    ) -> list[AuditRecord]:
+        """Records matching every given filter, oldest first. ``ae`` matches calling or called AE."""
+        query = select(audit_events).order_by(audit_events.c.seq)
+        if patient_id is not None:
+            query = query.where(audit_events.c.patient_id == patient_id)
+        if study_uid is not None:
+            query = query.where(audit_events.c.study_uid == study_uid)
+        if since is not None:
+            query = query.where(audit_events.c.at >= since)
+        if until is not None:
+            query = query.where(audit_events.c.at <= until)
+        if events:
+            query = query.where(audit_events.c.event.in_([AuditEvent(e).value for e in events]))
+        if ae is not None:
+            query = query.where(or_(audit_events.c.calling_ae == ae, audit_events.c.called_ae == ae))
+        if limit is not None:
+            query = query.limit(limit)
+        with self._read() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [AuditRecord(**{**row, "facts": json.loads(row["facts"])}) for row in rows]
+
+    def verify(self, checkpoint_file: Path | None = None) -> VerifyResult:
+        """Walk the whole chain; then hold it against the external checkpoints.
+
+        Detects an edited record (its hash no longer matches its content), a deleted one
+        (a gap in the sequence), reordered records (``prev_hash`` no longer links) and a cut
+        tail (a checkpoint names a record the log no longer has, or a different hash).
+        """
+        expected, prev_hash, count = 1, GENESIS_HASH, 0
+        hashes_at: dict[int, str] = {}
+        source = CheckpointFile(checkpoint_file) if checkpoint_file else self.checkpoints
+        wanted = set(source.seqs()) if source is not None else set()
+        with self._read() as conn:
+            rows = conn.execution_options(yield_per=5000).execute(
+                select(audit_events).order_by(audit_events.c.seq)
+            )
+            for row in rows.mappings():
+                seq = row["seq"]
+                if seq != expected:
+                    return VerifyResult(
+                        False,
+                        count,
+                        expected - 1,
+                        expected,
+                        f"record {expected} is missing (the next record is {seq})",
+                    )
+                if row["prev_hash"] != prev_hash:
+                    return VerifyResult(
+                        False,
+                        count,
+                        seq,
+                        seq,
+                        f"record {seq} does not link to record {seq - 1} (prev_hash differs)",
+                    )
+                if chain_hash(prev_hash, dict(row)) != row["hash"]:
+                    return VerifyResult(
+                        False,
+                        count,
+                        seq,
+                        seq,
+                        f"record {seq} was altered (its content does not match its hash)",
+                    )
+                if seq in wanted:
+                    hashes_at[seq] = row["hash"]
+                prev_hash = row["hash"]
+                expected += 1
+                count += 1
+        head = expected - 1
+        checked = 0
+        if source is not None:
+            for point in source.read():
+                checked += 1
+                if point.seq > head:
+                    return VerifyResult(
+                        False,
+                        count,
+                        head,
+                        head + 1,
+                        f"the log ends at record {head} but a checkpoint written {point.when} names record "
+                        f"{point.seq}: records {head + 1}..{point.seq} were cut off",
+                        checked,
+                    )
+                if hashes_at.get(point.seq) != point.hash:
+                    return VerifyResult(
+                        False,
+                        count,
+                        head,
+                        point.seq,
+                        f"record {point.seq} differs from the checkpoint written {point.when} "
+                        "(the chain was rewritten)",
+                        checked,
+                    )
+        return VerifyResult(True, count, head, None, None, checked)
 
     def events(self, event: AuditEvent | None = None, study_uid: str | None = None) -> list[AuditRecord]:
         """Records in sequence order, optionally filtered (used by tests and reports)."""

@@ -10,7 +10,10 @@ VENV=.venv
 STAMP=$VENV/.deps-stamp
 
 # --- Debian packages -------------------------------------------------------------------
-declare -A NEED=( [/usr/bin/storescu]=dcmtk [/usr/sbin/Orthanc]=orthanc [/usr/bin/dciodvfy]=dicom3tools )
+# dcmtk: the test scanner (storescu/echoscu); orthanc: the PACS stand-in; dicom3tools:
+# dciodvfy, the IOD validator; chromium + chromium-driver: the web page tests.
+declare -A NEED=( [/usr/bin/storescu]=dcmtk [/usr/sbin/Orthanc]=orthanc [/usr/bin/dciodvfy]=dicom3tools
+                  [/usr/bin/chromium]=chromium [/usr/bin/chromedriver]=chromium-driver )
 missing=()
 for bin in "${!NEED[@]}"; do
   [ -x "$bin" ] || missing+=("${NEED[$bin]}")

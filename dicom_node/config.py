@@ -149,6 +149,43 @@ class StorageSection(_Section):
     fsync: bool = True
 
 
+class SyslogSection(_Section):
+    """Audit records to a syslog collector over TLS (RFC 5425 / RFC 5424, IHE ATNA)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 6514
+    #: CA bundle (PEM) that signs the collector's certificate; empty = system CAs.
+    ca_file: str = ""
+    #: Client certificate and key (PEM) for mutual TLS; empty = none.
+    cert_file: str = ""
+    key_file: str = ""
+    app_name: str = "dicom-node"
+
+
+class AuditSection(_Section):
+    """The tamper-evident audit log."""
+
+    #: Write the chain head (sequence number + hash) outside the database every N events
+    #: (and at every shutdown), so a cut-off tail is detectable.
+    checkpoint_every: int = Field(100, ge=1)
+    #: The checkpoint file, relative to var/ unless absolute.
+    checkpoint_file: str = "audit/checkpoints.jsonl"
+    syslog: SyslogSection = SyslogSection()
+
+
+class WebSection(_Section):
+    """The web pages (audit search and reports; later the review queue). Login required."""
+
+    enabled: bool = True
+    #: Loopback by default; put a TLS-terminating reverse proxy in front to expose it.
+    host: str = "127.0.0.1"
+    port: Port = 8480
+    session_hours: float = Field(8.0, gt=0, le=168)
+    #: Mark the session cookie Secure (set when served over HTTPS through a proxy).
+    secure_cookies: bool = False
+
+
 class LoggingSection(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: Application log file under var/ (UIDs and ids only, never patient names).
@@ -167,6 +204,8 @@ class NodeConfig(_Section):
     outbox: OutboxSection = OutboxSection()
     workers: WorkersSection = WorkersSection()
     storage: StorageSection = StorageSection()
+    audit: AuditSection = AuditSection()
+    web: WebSection = WebSection()
     logging: LoggingSection = LoggingSection()
 
     @model_validator(mode="after")

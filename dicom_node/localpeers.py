@@ -205,7 +205,10 @@ class NodeProcess:
         config_text: str = "",
         port: int | None = None,
         ae_title: str = "DICOM_NODE",
+        web_port: int | None = 0,
     ) -> None:
+        """``web_port``: 0 (default) turns the web pages off; None keeps the config's."""
+        self.web_port = web_port
         self.home = home
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -235,6 +238,7 @@ class NodeProcess:
                     self.ae_title,
                     "--ready-file",
                     str(ready),
+                    *(["--web-port", str(self.web_port)] if self.web_port is not None else []),
                 ),
                 stdout=out,
                 stderr=out,

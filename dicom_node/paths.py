@@ -52,5 +52,8 @@ class NodePaths:
     def database_url(self, config: NodeConfig) -> str:
         return config.storage.database_url or f"sqlite:///{self.var / 'node.db'}"
 
+    def checkpoint_file(self, config: NodeConfig) -> Path:
+        return self.var / config.audit.checkpoint_file  # an absolute path replaces var/
+
     def audit_database_url(self, config: NodeConfig) -> str:
         return config.storage.audit_database_url or f"sqlite:///{self.var / 'audit.db'}"

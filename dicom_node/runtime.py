@@ -45,7 +45,12 @@ class Runtime:
         paths.create()
         db = Database(paths.database_url(loaded.config))
         db.upgrade()
-        audit = AuditTrail(paths.audit_database_url(loaded.config), actor=actor)
+        audit = AuditTrail(
+            paths.audit_database_url(loaded.config),
+            actor=actor,
+            checkpoint_file=paths.checkpoint_file(loaded.config),
+            checkpoint_every=loaded.config.audit.checkpoint_every,
+        )
         return cls(loaded=loaded, paths=paths, db=db, audit=audit)
 
     def close(self) -> None:

@@ -195,6 +195,25 @@ def serve(
         readiness.shutdown()
         pidfile.unlink(missing_ok=True)
         raise OSError(f"cannot listen on {config.node.host}:{config.node.port}: {exc.strerror}") from None
+    web = None
+    if config.web.enabled:
+        from dicom_node.web.app import WebContext, create_app
+        from dicom_node.web.server import WebServer
+
+        web = WebServer(
+            create_app(WebContext(config, runtime.db, audit, paths.checkpoint_file(config))),
+            config.web.host,
+            config.web.port,
+        )
+        try:
+            web.start()
+        except OSError:
+            receiver.stop()
+            store.close()
+            readiness.shutdown()
+            pidfile.unlink(missing_ok=True)
+            raise
+        log.info("web pages on http://%s:%d/", config.web.host, config.web.port)
     supervisor.start()
     log.info(
         "dicom-node %s serving %s on %s:%d (home %s, %d worker process(es), destinations: %s)",
@@ -212,11 +231,14 @@ def serve(
         while not stop.wait(0.5):
             pass
     finally:
+        if web is not None:
+            web.stop()
         receiver.stop()
         store.close()
         readiness.shutdown()
         supervisor.stop()
         audit.record(AuditEvent.APPLICATION_STOP, Outcome.SUCCESS, actor=actor, version=__version__)
+        audit.checkpoint()
         clean_mark.write_text(f"{time.time()}\n")
         pidfile.unlink(missing_ok=True)
         log.info("stopped cleanly")

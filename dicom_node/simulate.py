@@ -33,6 +33,7 @@ def write_ct_series(
     *,
     patient_id: str = "SIM-0001",
     patient_name: str = "SIMULATED^PHANTOM",
+    patient_birth_date: str = "",
     study_description: str = "SIMULATED CT CHEST",
     series_description: str = "SIMULATED AXIAL 2.5mm",
     station_name: str = "SIMCT",
@@ -68,7 +69,7 @@ def write_ct_series(
         ds.SeriesDescription = series_description
         ds.PatientName = patient_name
         ds.PatientID = patient_id
-        ds.PatientBirthDate = ""
+        ds.PatientBirthDate = patient_birth_date
         ds.PatientSex = "O"
         ds.BodyPartExamined = "CHEST"
         ds.SliceThickness = f"{spec.slice_thickness_mm:g}"

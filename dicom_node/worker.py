@@ -15,19 +15,18 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 from sqlalchemy import select, update
 
-from audit import AuditTrail
+from audit import AuditEvent, AuditTrail
 from dicom_node.config import NodeConfig
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
 from dicom_node.jobs import JobState, StaleTransition, audit_transition, transition
 from dicom_node.outbox import Outbox, create_deliveries
 from dicom_node.paths import NodePaths
-from pipelines.base import InputInstance, PipelineError, StudyInput
+from pipelines.base import InputInstance, Pipeline, PipelineError, PipelineResult, StudyInput
 from pipelines.registry import get_pipeline
 
 log = logging.getLogger(__name__)
@@ -277,7 +276,8 @@ class Worker:
             pipeline = get_pipeline(job.pipeline)
             workdir = self.paths.outputs / f"job-{job.job_id}"
             workdir.mkdir(parents=True, exist_ok=True)
-            result = pipeline.run(self.load_input(job), workdir)
+            study = self.load_input(job)
+            result = pipeline.run(study, workdir)
         except (PipelineError, KeyError) as exc:
             return self._fail(job, str(exc))
         except Exception as exc:
@@ -286,6 +286,7 @@ class Worker:
         finally:
             with self._held_lock:
                 self._held_jobs.discard(job.job_id)
+        self._record_provenance(job, study, pipeline, result)
         moves: list[tuple[JobState, JobState, str | None]] = []
         try:
             with self.db.write() as conn:
@@ -321,6 +322,41 @@ class Worker:
                 audit_transition(self.audit, conn, job.job_id, src, dst, why)
         return moves[-1][1]
 
+    def _record_provenance(
+        self, job: ClaimedJob, study: StudyInput, pipeline: Pipeline, result: PipelineResult
+    ) -> None:
+        """One provenance record per output series: inputs, pipeline, model, outputs."""
+        by_series: dict[str, list[str]] = {}
+        for out in result.outputs:
+            by_series.setdefault(out.series_uid, []).append(out.sop_uid)
+        inputs = [{"sop_uid": i.sop_uid, "sha256": i.sha256} for i in study.instances]
+        patient_id = self._patient_of(job)
+        for series_uid, sop_uids in by_series.items():
+            self.audit.record(
+                AuditEvent.PROVENANCE,
+                study_uid=job.study_uid,
+                patient_id=patient_id,
+                job_id=job.job_id,
+                study_version=job.study_version,
+                pipeline=pipeline.name,
+                pipeline_version=pipeline.version,
+                model=asdict(result.model) if result.model else None,
+                parameters=result.parameters,
+                inputs=inputs,
+                output_series_uid=series_uid,
+                outputs=sop_uids,
+                qc=result.qc.get(series_uid, {}),
+                gate=result.gate,
+            )
+
+    def _patient_of(self, job: ClaimedJob) -> str | None:
+        with self.db.read() as conn:
+            return conn.execute(
+                select(t.patients.c.patient_id)
+                .join(t.studies, t.studies.c.patient_fk == t.patients.c.id)
+                .where(t.studies.c.study_uid == job.study_uid)
+            ).scalar()
+
     def _fail(self, job: ClaimedJob, reason: str) -> JobState:
         log.warning("job %d failed: %s", job.job_id, reason)
         try:
@@ -340,7 +376,3 @@ class Worker:
         with self.db.read() as conn:
             audit_transition(self.audit, conn, job.job_id, JobState.RUNNING, JobState.FAILED, reason)
         return JobState.FAILED
-
-
-def output_dir(paths: NodePaths, job_id: int) -> Path:
-    return paths.outputs / f"job-{job_id}"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,27 @@ class OutputInstance:
 
 
 @dataclass(frozen=True)
+class ModelIdentity:
+    """The model that produced an output: what the provenance record and the DICOM
+    headers carry. ``weights_sha256`` is checked at load."""
+
+    name: str
+    version: str
+    weights_sha256: str
+
+
+@dataclass(frozen=True)
 class PipelineResult:
+    """What a pipeline produced, and the facts its provenance record needs."""
+
     outputs: tuple[OutputInstance, ...]
+    #: None when no learned model was involved (``forward``).
+    model: ModelIdentity | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    #: Quality figures per output series UID (uncertainty, hallucination burden, ...).
+    qc: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Gate verdict ("auto", "review", "shadow"), once policies decide it.
+    gate: str | None = None
 
 
 class Pipeline(Protocol):

@@ -94,7 +94,7 @@ def _root(
 
 
 # Command modules register themselves on `app` on import.
-from dicom_node.cli import inspect_cmds, net_cmds, serve_cmds, sim_cmds  # noqa: E402,F401
+from dicom_node.cli import audit_cmds, inspect_cmds, net_cmds, serve_cmds, sim_cmds, user_cmds  # noqa: E402,F401
 
 
 def main() -> None:

@@ -15,7 +15,11 @@ from dicom_node.runtime import setup_logging
 
 
 def serve_overrides(
-    host: str | None, port: int | None, ae_title: str | None, workers: int | None
+    host: str | None,
+    port: int | None,
+    ae_title: str | None,
+    workers: int | None,
+    web_port: int | None = None,
 ) -> dict[str, Any]:
     node: dict[str, Any] = {}
     if host is not None:
@@ -27,6 +31,8 @@ def serve_overrides(
     overrides: dict[str, Any] = {"node": node} if node else {}
     if workers is not None:
         overrides["workers"] = {"processes": workers}
+    if web_port is not None:
+        overrides["web"] = {"port": web_port} if web_port else {"enabled": False}
     return overrides
 
 
@@ -40,13 +46,16 @@ def serve(
         str | None, typer.Option("--ae-title", help="This node's AE title (default DICOM_NODE).")
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes (default 1).")] = None,
+    web_port: Annotated[
+        int | None, typer.Option(help="Port of the web pages (default 8480; 0 = off).")
+    ] = None,
     ready_file: Annotated[Path | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Receive studies, run the routed pipelines, deliver the results. Stops on SIGTERM/Ctrl-C."""
     from dicom_node.serve import AlreadyRunning
     from dicom_node.serve import serve as run_serve
 
-    overrides = serve_overrides(host, port, ae_title, workers)
+    overrides = serve_overrides(host, port, ae_title, workers, web_port)
     runtime = open_runtime(config, home, overrides)
     setup_logging(runtime.paths, runtime.config)
     try:

@@ -196,3 +196,27 @@ quarantine = Table(
     Column("path", Text, nullable=False),
     Column("size", Integer, nullable=False),
 )
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("username", String(64), nullable=False, unique=True),
+    #: "auditor" (audit search, reports, chain status) or "operator" (studies, jobs, review).
+    Column("role", String(16), nullable=False),
+    #: scrypt$N$r$p$salt$hash (hex)
+    Column("password_hash", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("disabled", Boolean, nullable=False, default=False),
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    #: sha256 of the session token; the token itself lives only in the browser's cookie.
+    Column("token_sha256", String(64), nullable=False, unique=True),
+    Column("user_fk", ForeignKey("users.id"), nullable=False, index=True),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)

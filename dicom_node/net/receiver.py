@@ -263,6 +263,14 @@ class Receiver:
             return result.rejection.status
         facts = result.facts
         assert facts is not None
+        log.debug(
+            "C-STORE %s (study %s) from %s@%s: %s",
+            facts.sop_instance_uid,
+            facts.study_uid,
+            calling_ae,
+            peer_host,
+            result.outcome.value,
+        )
         if tally:
             tally.studies.setdefault(facts.study_uid, set()).add(facts.sop_instance_uid)
             tally.patient_by_study[facts.study_uid] = facts.patient_id

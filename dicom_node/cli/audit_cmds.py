@@ -1,0 +1,215 @@
+"""``dicom-node audit verify | search | report | export`` — every read is itself audited."""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from audit import AuditEvent, AuditTrail, Outcome
+from dicom_node.cli import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_runtime, print_json
+
+audit_app = typer.Typer(
+    help="The tamper-evident audit log: verify, search, report, export.", no_args_is_help=True
+)
+app.add_typer(audit_app, name="audit")
+
+
+def _user() -> str:
+    try:
+        return f"os:{getpass.getuser()}"
+    except Exception:  # no login name (containers)
+        return "os:unknown"
+
+
+def _log_used(trail: AuditTrail, what: str, outcome: Outcome = Outcome.SUCCESS, **facts: Any) -> None:
+    trail.record(AuditEvent.AUDIT_LOG_USED, outcome, actor=_user(), what=what, **facts)
+
+
+def parse_when(value: str | None, option: str) -> float | None:
+    """ISO date or date-time (local time unless it carries an offset) → UNIX time."""
+    if value is None:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise fail(
+            f"{option} {value!r}: expected an ISO date or date-time, e.g. 2026-11-26 or 2026-11-26T14:30"
+        ) from None
+    return parsed.timestamp()
+
+
+@audit_app.command("verify")
+def verify(
+    config: ConfigOpt = None,
+    home: HomeOpt = Path("."),
+    checkpoint_file: Annotated[
+        Path | None, typer.Option(help="Checkpoints to hold the log against (default: the configured file).")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Check the hash chain and the external checkpoints. Exit 0 when intact, 1 otherwise."""
+    runtime = open_runtime(config, home)
+    started = time.perf_counter()
+    result = runtime.audit.verify(checkpoint_file)
+    elapsed = time.perf_counter() - started
+    _log_used(
+        runtime.audit,
+        "verify",
+        Outcome.SUCCESS if result.ok else Outcome.SERIOUS_FAILURE,
+        intact=result.ok,
+        first_bad_seq=result.first_bad_seq,
+    )
+    runtime.close()
+    if json_out:
+        print_json({**result.__dict__, "seconds": round(elapsed, 3)})
+    elif result.ok:
+        console.print(
+            f"audit log intact: {result.records} records, head {result.head_seq}, "
+            f"{result.checkpoints_checked} checkpoint(s) match ({elapsed:.2f} s)"
+        )
+    else:
+        console.print(
+            f"AUDIT LOG NOT INTACT — first bad record: {result.first_bad_seq}: {result.problem}", markup=False
+        )
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@audit_app.command("search")
+def search(
+    patient: Annotated[str | None, typer.Option(help="Patient ID.")] = None,
+    study: Annotated[str | None, typer.Option(help="Study Instance UID.")] = None,
+    since: Annotated[str | None, typer.Option(help="From (ISO date/date-time).")] = None,
+    until: Annotated[str | None, typer.Option(help="Until (ISO date/date-time).")] = None,
+    event: Annotated[
+        list[str] | None, typer.Option(help="Event name (repeatable), e.g. instance-stored.")
+    ] = None,
+    ae: Annotated[str | None, typer.Option(help="Calling or called AE title.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many records.")] = 1000,
+    config: ConfigOpt = None,
+    home: HomeOpt = Path("."),
+    json_out: JsonOpt = False,
+) -> None:
+    """Find audit records by patient, study, time, event or AE title."""
+    known = {e.value for e in AuditEvent}
+    for name in event or []:
+        if name not in known:
+            raise fail(f"--event {name!r}: unknown event (known: {', '.join(sorted(known))})")
+    filters = {"patient": patient, "study": study, "since": since, "until": until, "event": event, "ae": ae}
+    runtime = open_runtime(config, home)
+    records = runtime.audit.search(
+        patient_id=patient,
+        study_uid=study,
+        since=parse_when(since, "--since"),
+        until=parse_when(until, "--until"),
+        events=event,
+        ae=ae,
+        limit=limit,
+    )
+    _log_used(runtime.audit, "search", filters={k: v for k, v in filters.items() if v}, results=len(records))
+    runtime.close()
+    if json_out:
+        print_json([r.__dict__ for r in records])
+        return
+    table = Table(title=f"{len(records)} audit record(s)", title_justify="left")
+    for col in (
+        "seq",
+        "time",
+        "event",
+        "outcome",
+        "study",
+        "patient id",
+        "calling → called",
+        "host",
+        "facts",
+    ):
+        table.add_column(col, overflow="fold")
+    for r in records:
+        facts = json.dumps(r.facts, default=str)
+        table.add_row(
+            str(r.seq),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.at)),
+            r.event,
+            Outcome(r.outcome).name.lower(),
+            r.study_uid or "",
+            r.patient_id or "",
+            f"{r.calling_ae or ''} → {r.called_ae or ''}" if (r.calling_ae or r.called_ae) else "",
+            r.peer_host or "",
+            facts if len(facts) < 160 else facts[:157] + "...",
+        )
+    console.print(table)
+
+
+@audit_app.command("report")
+def report(
+    study: Annotated[str, typer.Option(help="Study Instance UID.")],
+    config: ConfigOpt = None,
+    home: HomeOpt = Path("."),
+    json_out: JsonOpt = False,
+) -> None:
+    """What came in, what ran with which models, what went out where, and whether it was confirmed."""
+    from audit.report import build_study_report, render_text
+
+    runtime = open_runtime(config, home)
+    records = runtime.audit.search(study_uid=study)
+    _log_used(runtime.audit, "report", study_uid=study)
+    runtime.close()
+    if not records:
+        raise fail(f"no audit records for study {study}")
+    built = build_study_report(study, records)
+    if json_out:
+        print_json(built.as_dict())
+    else:
+        console.print(render_text(built), markup=False, highlight=False)
+
+
+@audit_app.command("export")
+def export(
+    format: Annotated[str, typer.Option("--format", help="fhir-r5, fhir-r4b or dicom-xml.")] = "fhir-r5",
+    study: Annotated[str | None, typer.Option(help="Only this Study Instance UID.")] = None,
+    since: Annotated[str | None, typer.Option(help="From (ISO date/date-time).")] = None,
+    until: Annotated[str | None, typer.Option(help="Until (ISO date/date-time).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write to this file (default: standard output).")
+    ] = None,
+    config: ConfigOpt = None,
+    home: HomeOpt = Path("."),
+) -> None:
+    """A FHIR Bundle of AuditEvent + Provenance (R5 or R4B), or DICOM audit messages (PS3.15 XML)."""
+    from audit import export as exporter
+
+    formats = {"fhir-r5", "fhir-r4b", "dicom-xml"}
+    if format not in formats:
+        raise fail(f"--format {format!r}: choose one of {', '.join(sorted(formats))}")
+    runtime = open_runtime(config, home)
+    records = runtime.audit.search(
+        study_uid=study, since=parse_when(since, "--since"), until=parse_when(until, "--until")
+    )
+    _log_used(runtime.audit, "export", format=format, study_uid=study, records=len(records))
+    runtime.audit.record(
+        AuditEvent.EXPORT,
+        actor=_user(),
+        study_uid=study,
+        format=format,
+        records=len(records),
+        to=str(out or "stdout"),
+    )
+    runtime.close()
+    if format == "dicom-xml":
+        text = exporter.dicom_xml_document(records)
+    else:
+        text = json.dumps(
+            exporter.fhir_bundle(records, version="R5" if format == "fhir-r5" else "R4B"), indent=2
+        )
+    if out is None:
+        typer.echo(text)
+    else:
+        out.write_text(text)
+        console.print(f"wrote {len(records)} record(s) as {format} to {out}")

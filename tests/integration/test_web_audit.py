@@ -1,0 +1,139 @@
+"""The audit web pages in headless Chromium: log in, search a study, read its report;
+a wrong password is refused; an operator cannot read the audit log."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+
+from tests.conftest import audit_rows, node_config, require
+from tests.peers import STORESCU, NodeProcess, Orthanc, free_port, storescu
+
+pytestmark = pytest.mark.integration
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser() -> Iterator[WebDriver]:
+    require(CHROMIUM, CHROMEDRIVER)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}",
+    ):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.implicitly_wait(5)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def add_user(node: NodeProcess, name: str, role: str, password: str) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dicom_node",
+            "user",
+            "add",
+            name,
+            "--role",
+            role,
+            "--password-stdin",
+            "--home",
+            str(node.home),
+            "--config",
+            str(node.config_path),
+        ],
+        input=password + "\n",
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_auditor_logs_in_searches_and_reads_report(
+    tmp_path: Path, orthanc: Orthanc, browser: WebDriver
+) -> None:
+    require(STORESCU)
+    from dicom_node.simulate import write_ct_series
+    from models.sim.phantom import PhantomSpec
+
+    study = write_ct_series(tmp_path / "ct", PhantomSpec(rows=64, columns=64, slices=10, seed=5))
+    web_port = free_port()
+    node = NodeProcess(tmp_path / "node", node_config(orthanc, stable_seconds=1), web_port=web_port).start()
+    try:
+        add_user(node, "alice", "auditor", "correct horse battery")
+        add_user(node, "olga", "operator", "operator password")
+        assert storescu(tmp_path / "ct", node.port, node.ae_title).returncode == 0
+        node.wait_for(
+            lambda: [j for j in node.cli_json("jobs") if j["state"] == "delivered"], what="delivered"
+        )
+        base = f"http://127.0.0.1:{web_port}"
+
+        browser.get(base + "/audit")
+        assert "/login" in browser.current_url
+        browser.find_element(By.ID, "username").send_keys("alice")
+        browser.find_element(By.ID, "password").send_keys("not the password")
+        browser.find_element(By.ID, "sign-in").click()
+        assert "Wrong user name or password" in browser.find_element(By.ID, "login-error").text
+
+        browser.find_element(By.ID, "password").send_keys("correct horse battery")
+        browser.find_element(By.ID, "sign-in").click()
+        assert browser.current_url.endswith("/audit")
+        assert "alice (auditor)" in browser.page_source
+
+        browser.find_element(By.ID, "study").send_keys(study.study_uid)
+        browser.find_element(By.ID, "search").click()
+        assert "record(s)" in browser.find_element(By.ID, "result-count").text
+        links = browser.find_elements(By.CLASS_NAME, "study-link")
+        assert links and all(link.text == study.study_uid for link in links)
+        links[0].click()
+
+        assert "Study report" in browser.title
+        assert browser.find_element(By.ID, "received").text.startswith("10 instance(s)")
+        assert "Job 1: forward" in browser.find_element(By.CLASS_NAME, "job").text
+        assert "none (no learned model)" in browser.find_element(By.CLASS_NAME, "provenance").text
+        assert [e.text for e in browser.find_elements(By.CLASS_NAME, "delivery-result")] == ["delivered"]
+
+        browser.get(base + "/audit/chain")
+        assert browser.find_element(By.ID, "chain-status").text.startswith("Intact")
+        browser.find_element(By.ID, "logout").click()
+        browser.get(base + "/audit")
+        assert "/login" in browser.current_url
+
+        # An operator is turned away from the audit log.
+        with httpx.Client(base_url=base, follow_redirects=False) as client:
+            r = client.post("/login", data={"username": "olga", "password": "operator password", "next": "/"})
+            assert r.status_code == 303
+            assert client.get("/audit").status_code == 403
+            assert client.get("/studies").status_code == 200
+
+        logins = [(r[1], json.loads(r[5])["result"]) for r in audit_rows(node, "user-login")]
+        assert (4, "refused") in logins and (0, "signed in") in logins
+        used = audit_rows(node, "audit-log-used")
+        assert {json.loads(r[5])["what"] for r in used} >= {"search", "report", "verify"}
+    finally:
+        node.stop()
