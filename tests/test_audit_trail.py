@@ -46,7 +46,8 @@ def verify(home: Path) -> subprocess.CompletedProcess[str]:
 def edit_field(db: sqlite3.Connection) -> None:
     facts = json.loads(db.execute("select facts from audit_events where seq = 12").fetchone()[0])
     facts["sha256"] = "f" * 64
-    db.execute("update audit_events set facts = ? where seq = 12", (json.dumps(facts, separators=(",", ":")),))
+    text = json.dumps(facts, separators=(",", ":"))
+    db.execute("update audit_events set facts = ? where seq = 12", (text,))
 
 
 def edit_participant(db: sqlite3.Connection) -> None:
@@ -117,7 +118,9 @@ def test_tampering_is_detected(
 
 
 def test_checkpoints_every_n_and_verify_reads_are_audited(tmp_path: Path) -> None:
-    trail = AuditTrail(f"sqlite:///{tmp_path}/a.db", checkpoint_file=tmp_path / "cp.jsonl", checkpoint_every=10)
+    trail = AuditTrail(
+        f"sqlite:///{tmp_path}/a.db", checkpoint_file=tmp_path / "cp.jsonl", checkpoint_every=10
+    )
     for _ in range(25):
         trail.record(AuditEvent.QUERY, Outcome.SUCCESS, what="x")
     trail.record_many([(AuditEvent.QUERY, {"what": "batch"}) for _ in range(12)])  # crosses 30
