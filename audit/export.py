@@ -133,6 +133,7 @@ AE_TITLE_SYSTEM = "urn:dicom-node:ae-title"
 ACTOR_SYSTEM = "urn:dicom-node:actor"
 USER_SYSTEM = "urn:dicom-node:user"
 RECORD_SYSTEM = "urn:dicom-node:audit-record"
+AUDIT_LOG_URI = "urn:dicom-node:audit-log"
 PIPELINE_SYSTEM = "urn:dicom-node:pipeline"
 WEIGHTS_SYSTEM = "urn:dicom-node:weights-sha256"
 _OUTCOME_SYSTEM_R5 = "http://terminology.hl7.org/CodeSystem/audit-event-outcome"
@@ -192,7 +193,9 @@ ID_STUDY_INSTANCE_UID = Code("110180", "Study Instance UID")
 ID_NODE = Code("110182", "Node ID")
 ID_PATIENT_NUMBER = Code("2", "Patient Number", "RFC-3881")
 ID_URI = Code("12", "URI", "RFC-3881")
-AUDIT_SOURCE_TYPE = Code("4", "Application Server process tier in a multi-tier system")
+ID_USER_IDENTIFIER = Code("11", "User Identifier", "RFC-3881")
+#: PS3.15 A.5.1.2.1 Audit Source Type: 4 = application server process tier in a multi-tier system.
+AUDIT_SOURCE_TYPE_CODE = "4"
 
 _TRANSFER_EVENT_IDS = {BEGIN_TRANSFERRING.code, INSTANCES_TRANSFERRED.code}
 
@@ -413,11 +416,15 @@ def _instance_count(record: AuditRecord, uids: tuple[str, ...]) -> int | None:
 def _participants(record: AuditRecord, mapping: EventMapping) -> list[_Participant]:
     facts = record.facts
     transfer = mapping.event_id.code in _TRANSFER_EVENT_IDS
-    inbound = record.calling_ae is not None or (record.called_ae is None and record.peer_host is not None)
-    user = _text(facts.get("user"))
+    # A ``user`` fact names who acted -- except on user-changed, where it is the account changed.
+    user = None if record.event == AuditEvent.USER_CHANGED.value else _text(facts.get("user"))
+    bare_peer = record.peer_host is not None and not record.calling_ae and not record.called_ae
+    # A login with no AE title (the web UI): the host is the client of the user who signs in.
+    actor_host = record.peer_host if bare_peer and mapping.event_id == USER_AUTHENTICATION else None
+    inbound = bool(record.calling_ae) or (bare_peer and actor_host is None)
     peer_is_requestor = inbound and record.peer_host is not None and user is None
     out: list[_Participant] = []
-    if inbound and (record.calling_ae or record.peer_host):
+    if inbound:
         title = record.calling_ae
         out.append(
             _Participant(
@@ -441,19 +448,20 @@ def _participants(record: AuditRecord, mapping: EventMapping) -> list[_Participa
         )
     if user is not None:
         out.append(_Participant(user_id=user, kind="user", requestor=True))
+    node_roles: tuple[Code, ...] = ()
     if transfer:
-        node_roles: tuple[Code, ...] = () if record.called_ae else (ROLE_DESTINATION,)
         if not inbound:
             node_roles = (ROLE_SOURCE,)
+        elif not record.called_ae:
+            node_roles = (ROLE_DESTINATION,)
     elif mapping.event_id == APPLICATION_ACTIVITY:
         node_roles = (ROLE_APPLICATION,)
-    else:
-        node_roles = ()
     out.append(
         _Participant(
             user_id=record.actor or AUDIT_SOURCE_ID,
             kind="actor",
             requestor=not peer_is_requestor and user is None,
+            host=actor_host,
             roles=node_roles,
         )
     )
@@ -490,16 +498,26 @@ def _objects(record: AuditRecord) -> list[_Object]:
             )
         )
     if record.event == AuditEvent.AUDIT_LOG_USED.value:
-        filters = facts.get("filters")
+        log_details = [(key, _text(facts.get(key))) for key in ("what", "filters")]
         out.append(
             _Object(
                 kind="log",
-                object_id=_text(facts.get("what")) or "urn:dicom-node:audit-log",
+                object_id=AUDIT_LOG_URI,
                 id_type=ID_URI,
                 type_code="2",
                 role="13",
                 name="Security Audit Log",
-                details=(("filters", _text(filters) or ""),) if filters else (),
+                details=tuple((key, text) for key, text in log_details if text is not None),
+            )
+        )
+    if record.event == AuditEvent.USER_CHANGED.value and _text(facts.get("user")):
+        out.append(
+            _Object(
+                kind="account",
+                object_id=str(_text(facts.get("user"))),
+                id_type=ID_USER_IDENTIFIER,
+                type_code="1",
+                role="11",
             )
         )
     if record.event == AuditEvent.SECURITY_ALERT.value and (record.peer_host or record.calling_ae):
@@ -598,7 +616,9 @@ def _message_element(record: AuditRecord) -> ET.Element:
             _coded(participant, "RoleIDCode", role)
 
     source = ET.SubElement(root, "AuditSourceIdentification", {"AuditSourceID": AUDIT_SOURCE_ID})
-    _coded(source, "AuditSourceTypeCode", AUDIT_SOURCE_TYPE)
+    # The schema's own value 4 (application server process), so no codeSystemName/originalText:
+    # those would make it a code of that system, and "4" is no DCM code.
+    ET.SubElement(source, "AuditSourceTypeCode", {"csd-code": AUDIT_SOURCE_TYPE_CODE})
 
     for obj in view.objects:
         attrs = {"ParticipantObjectID": _xml_safe(obj.object_id)}
@@ -696,6 +716,8 @@ def _what(obj: _Object) -> dict[str, Any]:
         return {"identifier": {"value": obj.object_id}, "type": "Patient"}
     if obj.kind == "record":
         return {"identifier": {"system": RECORD_SYSTEM, "value": str(obj.object_id.rsplit(":", 1)[-1])}}
+    if obj.kind == "account":
+        return {"identifier": {"system": USER_SYSTEM, "value": obj.object_id}}
     reference: dict[str, Any] = {"identifier": {"value": obj.object_id}}
     if obj.name:
         reference["display"] = obj.name

@@ -752,8 +752,7 @@ class AuditForwarder:
 
     def _fetch(self, after: int) -> tuple[list[AuditRecord], int]:
         """Up to ``batch_size`` records with ``seq > after``, and the current head ``seq``."""
-        engine: sa.Engine = self.trail._engine
-        with engine.connect() as conn:
+        with self.trail.read_connection() as conn:
             head = conn.execute(sa.select(sa.func.max(audit_events.c.seq))).scalar()
             rows = (
                 conn.execute(

@@ -164,7 +164,10 @@ class AuditRecord:
     hash: str
 
 
-def _engine(url: str) -> Engine:
+def _engine(url: str, begin: str = "BEGIN IMMEDIATE") -> Engine:
+    """SQLite: WAL, and ``begin`` as the transaction start (IMMEDIATE for appends, so the
+    head read and the insert are one atomic step across processes; plain for reads, which
+    then never hold up a writer)."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
@@ -183,7 +186,7 @@ def _engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql(begin)
 
     return engine
 
@@ -213,6 +216,7 @@ class AuditTrail:
         self.checkpoints = CheckpointFile(checkpoint_file) if checkpoint_file else None
         self.checkpoint_every = checkpoint_every
         self._engine = _engine(url)
+        self._reader = _engine(url, begin="BEGIN")
         self._is_sqlite = make_url(url).get_backend_name() == "sqlite"
         self._lock = threading.Lock()
         metadata.create_all(self._engine)
@@ -325,9 +329,12 @@ class AuditTrail:
         return self._append(rows)
 
     @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self._engine.connect() as conn:
+    def read_connection(self) -> Iterator[Connection]:
+        """A read-only connection that never takes the write lock (for exporters, forwarders)."""
+        with self._reader.connect() as conn:
             yield conn
+
+    _read = read_connection
 
     def search(
         self,
@@ -446,3 +453,4 @@ class AuditTrail:
 
     def dispose(self) -> None:
         self._engine.dispose()
+        self._reader.dispose()

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from audit import AuditEvent, Outcome
+from audit.export import to_dicom_xml
+from audit.syslog import AuditForwarder, SyslogTlsSender
 from dicom_node import __version__
 from dicom_node.indexer import Indexer
 from dicom_node.net.receiver import Receiver
@@ -96,6 +99,32 @@ class WorkerSupervisor:
                 proc.wait()
 
 
+def start_syslog_forwarder(runtime: Runtime) -> AuditForwarder | None:
+    """Ship the audit log to the configured syslog collector (one forwarder per node)."""
+    settings = runtime.config.audit.syslog
+    if not settings.enabled:
+        return None
+    sender = SyslogTlsSender(
+        settings.host,
+        settings.port,
+        cafile=settings.ca_file or None,
+        certfile=settings.cert_file or None,
+        keyfile=settings.key_file or None,
+    )
+    forwarder = AuditForwarder(
+        runtime.audit,
+        sender,
+        runtime.paths.var / "audit" / "syslog-forwarder.json",
+        app_name=settings.app_name,
+        hostname=socket.gethostname(),
+        payload=to_dicom_xml,
+        checkpoint_every=runtime.config.audit.checkpoint_every,
+    )
+    forwarder.start()
+    log.info("shipping the audit log to syslog collector %s:%d over TLS", settings.host, settings.port)
+    return forwarder
+
+
 def _claim_pidfile(runtime: Runtime) -> Path:
     pidfile = runtime.paths.run / "serve.pid"
     if pidfile.exists():
@@ -163,6 +192,7 @@ def serve(
         )
 
     readiness.start()
+    forwarder = start_syslog_forwarder(runtime)
     receiver = Receiver(config, paths, store, audit)
     worker_argv = [
         sys.executable,
@@ -239,6 +269,8 @@ def serve(
         supervisor.stop()
         audit.record(AuditEvent.APPLICATION_STOP, Outcome.SUCCESS, actor=actor, version=__version__)
         audit.checkpoint()
+        if forwarder is not None:
+            forwarder.stop(timeout=5)
         clean_mark.write_text(f"{time.time()}\n")
         pidfile.unlink(missing_ok=True)
         log.info("stopped cleanly")

@@ -116,7 +116,9 @@ def _sequence() -> list[AuditRecord]:
             0,
             {
                 "study_uid": STUDY,
+                "patient_id": PATIENT,
                 "job_id": 7,
+                "study_version": 1,
                 "pipeline": "ct-organs",
                 "pipeline_version": "2.1.0",
                 "model": {"name": "unet-organs", "version": "1.4", "weights_sha256": WEIGHTS},
@@ -159,7 +161,7 @@ def _sequence() -> list[AuditRecord]:
         (
             "audit-log-used",
             0,
-            {"actor": "cli", "what": "sqlite:///var/audit.db", "user": "admin", "filters": {"study": STUDY}},
+            {"actor": "cli", "what": "search", "user": "admin", "filters": {"study": STUDY}},
         ),
         (
             "security-alert",
@@ -284,7 +286,7 @@ def test_provenance_lists_inputs_outputs_model_and_weights(bundle: tuple[str, di
     refs = [v for p, v in _strings(_resources(data, "AuditEvent")) if p.endswith(".what.reference")]
     assert refs == [prov_url]
     if version == "R5":
-        assert "patient" not in prov  # the provenance record carries no patient ID; none is made up
+        assert prov["patient"] == {"identifier": {"value": PATIENT}, "type": "Patient"}
 
 
 def test_outcomes_map(bundle: tuple[str, dict[str, Any]], records: list[AuditRecord]) -> None:
@@ -521,7 +523,13 @@ def test_audit_log_used_and_security_alert(xml_root: ET.Element, records: list[A
         o for o in used.findall("ParticipantObjectIdentification") if o.findtext("ParticipantObjectName")
     ]
     assert log.findtext("ParticipantObjectName") == "Security Audit Log"
-    assert log.get("ParticipantObjectID") == "sqlite:///var/audit.db"
+    assert log.get("ParticipantObjectID") == "urn:dicom-node:audit-log"
+    details = {
+        d.get("type"): base64.b64decode(d.get("value", "")).decode()
+        for d in log.iter("ParticipantObjectDetail")
+    }
+    assert details["what"] == "search"
+    assert json.loads(details["filters"]) == {"study": STUDY}
     assert (log.get("ParticipantObjectTypeCode"), log.get("ParticipantObjectTypeCodeRole")) == ("2", "13")
     assert _codes(log, "ParticipantObjectIDTypeCode") == [("12", "RFC-3881")]
     requestor = [
@@ -603,3 +611,48 @@ def test_xml_adds_no_names(xml_root: ET.Element, records: list[AuditRecord]) -> 
     ):
         assert patient.get("ParticipantObjectID") == PATIENT
         assert patient.find("ParticipantObjectName") is None
+
+
+def test_web_login_and_user_changed() -> None:
+    login, refused, changed = _chain(
+        [
+            ("user-login", 0, {"actor": "web:alice", "peer_host": "192.168.7.20", "result": "signed in"}),
+            ("user-login", 4, {"actor": "web:mallory", "peer_host": "192.168.7.21", "result": "refused"}),
+            ("user-changed", 0, {"actor": "os:root", "action": "disabled", "user": "bob"}),
+        ]
+    )
+    message = ET.fromstring(to_dicom_xml(login))
+    assert [c for c, _ in _codes(message, "EventID")] == ["110114"]
+    assert _codes(message, "EventTypeCode") == [("110122", "DCM")]
+    (person,) = message.findall("ActiveParticipant")
+    assert (person.get("UserID"), person.get("UserIsRequestor")) == ("web:alice", "true")
+    assert (person.get("NetworkAccessPointID"), person.get("NetworkAccessPointTypeCode")) == (
+        "192.168.7.20",
+        "2",
+    )
+    failed = ET.fromstring(to_dicom_xml(refused))
+    assert failed.find("EventIdentification").get("EventOutcomeIndicator") == "4"  # type: ignore[union-attr]
+
+    message = ET.fromstring(to_dicom_xml(changed))
+    assert [c for c, _ in _codes(message, "EventTypeCode")] == ["110137", "user-changed"]
+    (operator,) = message.findall("ActiveParticipant")
+    assert (operator.get("UserID"), operator.get("UserIsRequestor")) == ("os:root", "true")
+    (account,) = [
+        o for o in message.findall("ParticipantObjectIdentification") if o.get("ParticipantObjectID") == "bob"
+    ]
+    assert (account.get("ParticipantObjectTypeCode"), account.get("ParticipantObjectTypeCodeRole")) == (
+        "1",
+        "11",
+    )
+    assert _codes(account, "ParticipantObjectIDTypeCode") == [("11", "RFC-3881")]
+    for version, cls in (("R5", BundleR5), ("R4B", BundleR4B)):
+        cls.model_validate(fhir_bundle([login, refused, changed], version=version))
+
+
+def test_web_audit_log_use_has_the_user_as_requestor() -> None:
+    (record,) = _chain([("audit-log-used", 0, {"actor": "web:alice", "what": "report", "study_uid": STUDY})])
+    message = ET.fromstring(to_dicom_xml(record))
+    (person,) = message.findall("ActiveParticipant")
+    assert (person.get("UserID"), person.get("UserIsRequestor")) == ("web:alice", "true")
+    ids = [o.get("ParticipantObjectID") for o in message.findall("ParticipantObjectIdentification")]
+    assert ids == [STUDY, "urn:dicom-node:audit-log", f"urn:dicom-node:audit-record:{record.seq}"]
