@@ -68,6 +68,8 @@ else to 110132 Use of Restricted Function. (PS3.15 makes the EventTypeCode manda
 replaces its copy (a new version); C when it did not hold them.
 (4) Job transitions carry no patient ID, and PS3.15 makes the patient mandatory for 110103,
 so the job life cycle is reported as application activity naming the study.
+The AuditSourceTypeCode is the schema's own value ``4`` (application server process), written as a
+bare ``csd-code``.
 
 Participants
 ------------
@@ -76,8 +78,12 @@ Participants
   address) or 1 (machine name). It is the requestor when the record names a live peer host.
 * The called AE: for inbound records the node's own AE; for outbound ones (no calling AE, a
   called AE) the destination, and then ``peer_host`` is the destination's host.
-* The actor (the node process, e.g. ``serve@host:pid``, or ``cli``; ``dicom-node`` when the record
-  has none); a ``user`` fact adds that user as the requestor.
+* The actor (the node process, e.g. ``serve@host:pid``, a worker, ``cli``, or a person such as
+  ``web:alice`` / ``os:bob``; ``dicom-node`` when the record has none). It is the requestor unless
+  a peer or a ``user`` fact is. On a login without AE titles (``user-login`` from the web UI) the
+  ``peer_host`` is the actor's client address.
+* A ``user`` fact is the person who acted (added as the requestor) -- except on ``user-changed``,
+  where it is the account changed and becomes a participant object instead.
 * RoleIDCode: 110153 Source / 110152 Destination on transfers (110102, 110104), 110150
   Application on the node for application activity.
 
@@ -85,8 +91,10 @@ Participant objects: the study (type 2, role 3, ID type 110180 Study Instance UI
 ``SOPClass`` description listing the SOP Instance UIDs or the count when known; the SOP Class
 UID only when a ``sop_class_uid`` fact carries it), the patient (type 1, role 1, ID type RFC 3881
 ``2`` Patient Number; ID only -- records carry no names and none are invented), the audit log for
-``audit-log-used`` (type 2, role 13, ID type RFC 3881 ``12`` URI, name ``Security Audit Log``),
-the alert subject for ``security-alert`` (ID type 110182 Node ID), and -- always -- the audit
+``audit-log-used`` (type 2, role 13, ID type RFC 3881 ``12`` URI, ID ``urn:dicom-node:audit-log``,
+name ``Security Audit Log``, details ``what`` and ``filters``), the account for ``user-changed``
+(type 1, role 11 Security User Entity, ID type RFC 3881 ``11`` User Identifier), the alert subject
+for ``security-alert`` (ID type 110182 Node ID, detail ``Alert Description``), and -- always -- the audit
 record itself (type 2, role 13, ID ``urn:dicom-node:audit-record:<seq>``) carrying
 ``ParticipantObjectDetail type="dicom-node-chain"``.
 

@@ -137,8 +137,9 @@ def audit_transition(
 ) -> None:
     """Record a committed transition in the audit log (facts read from the job row)."""
     row = conn.execute(
-        select(t.jobs.c.pipeline, t.jobs.c.study_version, t.studies.c.study_uid)
+        select(t.jobs.c.pipeline, t.jobs.c.study_version, t.studies.c.study_uid, t.patients.c.patient_id)
         .join(t.studies, t.studies.c.id == t.jobs.c.study_fk)
+        .join(t.patients, t.patients.c.id == t.studies.c.patient_fk)
         .where(t.jobs.c.id == job_id)
     ).one()
     outcome = Outcome.SERIOUS_FAILURE if to_state == JobState.FAILED else Outcome.SUCCESS
@@ -146,6 +147,7 @@ def audit_transition(
         AuditEvent.JOB_TRANSITION,
         outcome,
         study_uid=row.study_uid,
+        patient_id=row.patient_id,
         job_id=job_id,
         pipeline=row.pipeline,
         study_version=row.study_version,

@@ -42,6 +42,7 @@ class DeliveryTask:
     attempt_id: int
     job_id: int
     study_uid: str
+    patient_id: str | None
     series_uid: str
     destination: str
     attempt: int
@@ -106,9 +107,10 @@ class Outbox:
         now = time.time()
         with self.db.write() as conn:
             row = conn.execute(
-                select(t.deliveries, t.studies.c.study_uid)
+                select(t.deliveries, t.studies.c.study_uid, t.patients.c.patient_id)
                 .join(t.jobs, t.jobs.c.id == t.deliveries.c.job_fk)
                 .join(t.studies, t.studies.c.id == t.jobs.c.study_fk)
+                .join(t.patients, t.patients.c.id == t.studies.c.patient_fk)
                 .where(
                     t.deliveries.c.state == DeliveryState.PENDING.value,
                     t.deliveries.c.next_attempt_at <= now,
@@ -145,6 +147,7 @@ class Outbox:
             attempt_id=int(attempt_id),
             job_id=row.job_fk,
             study_uid=row.study_uid,
+            patient_id=row.patient_id,
             series_uid=row.series_uid,
             destination=row.destination,
             attempt=attempt,
@@ -165,6 +168,8 @@ class Outbox:
         self.audit.record(
             AuditEvent.BEGIN_TRANSFERRING,
             study_uid=task.study_uid,
+            patient_id=task.patient_id,
+            calling_ae=self.config.node.ae_title,
             called_ae=destination.ae_title if destination else None,
             peer_host=destination.host if destination else None,
             job_id=task.job_id,
@@ -228,6 +233,8 @@ class Outbox:
             if report.ok
             else (Outcome.MINOR_FAILURE if state == DeliveryState.PENDING else Outcome.SERIOUS_FAILURE),
             study_uid=task.study_uid,
+            patient_id=task.patient_id,
+            calling_ae=self.config.node.ae_title,
             called_ae=destination.ae_title if destination else None,
             peer_host=destination.host if destination else None,
             job_id=task.job_id,
@@ -245,6 +252,8 @@ class Outbox:
             self.audit.record(
                 AuditEvent.INSTANCES_TRANSFERRED,
                 study_uid=task.study_uid,
+                patient_id=task.patient_id,
+                calling_ae=self.config.node.ae_title,
                 called_ae=destination.ae_title if destination else None,
                 peer_host=destination.host if destination else None,
                 direction="sent",

@@ -180,6 +180,7 @@ class Receiver:
             AuditEvent.ASSOCIATION_CLOSED,
             Outcome.SUCCESS if how == "released" else Outcome.MINOR_FAILURE,
             calling_ae=tally.calling_ae,
+            called_ae=self.config.node.ae_title,
             peer_host=tally.peer_host,
             how=how,
             instances={k: v for k, v in tally.counts.items()},
