@@ -220,6 +220,14 @@ class AuditTrail:
         self._is_sqlite = make_url(url).get_backend_name() == "sqlite"
         self._lock = threading.Lock()
         metadata.create_all(self._engine)
+        if self._is_sqlite:
+            # Defence in depth: the chain detects rewriting, these stop it happening by accident.
+            with self._engine.begin() as conn:
+                for action in ("UPDATE", "DELETE"):
+                    conn.exec_driver_sql(
+                        f"CREATE TRIGGER IF NOT EXISTS audit_events_no_{action.lower()} BEFORE {action} "
+                        "ON audit_events BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END"
+                    )
 
     def _row(
         self,

@@ -108,6 +108,11 @@ def test_tampering_is_detected(
 ) -> None:
     db_path = populate(tmp_path)
     db = sqlite3.connect(db_path)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.execute("delete from audit_events where seq = 1")
+    # A determined attacker with file access drops the guards first; the chain still tells.
+    db.execute("drop trigger audit_events_no_update")
+    db.execute("drop trigger audit_events_no_delete")
     tamper(db)
     db.commit()
     db.close()
