@@ -1,0 +1,308 @@
+"""Series ↔ volume: load a selected series into a 3-D array with its patient geometry.
+
+Single-frame (one file per slice) and enhanced multi-frame series, uncompressed or
+compressed (JPEG lossless, JPEG 2000, RLE via pylibjpeg), become a :class:`Volume`:
+slices sorted along the slice normal, pixel values in modality units (Rescale Slope /
+Intercept applied: HU for CT), spacing, origin and direction. A series that cannot be
+made into one honest volume is refused with :class:`SeriesError`, whose message names
+the series and the problem: mixed orientations, gaps or uneven spacing (unless
+resampling is asked for), duplicate positions, missing pixel data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+
+class SeriesError(ValueError):
+    """A series that cannot be loaded as one volume; the message names series and problem."""
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    """Where one slice of the volume came from, and where it sits in the patient."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    #: 1-based frame number for multi-frame sources; None for single-frame instances.
+    frame_number: int | None
+    #: Image Position (Patient) of the slice's first voxel, mm (x, y, z).
+    position: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A series as a volume, with everything a writer needs to reference it.
+
+    ``array`` is ``(slices, rows, columns)`` float32 in modality units; slice ``k`` is at
+    ``slices[k].position`` and the slices run along ``normal`` (row direction × column
+    direction) with ``spacing[0]`` mm between them.
+    """
+
+    series_uid: str
+    study_uid: str
+    frame_of_reference_uid: str
+    modality: str
+    array: np.ndarray
+    #: (slice, row, column) spacing in mm: slice distance, then Pixel Spacing (row, column).
+    spacing: tuple[float, float, float]
+    #: Image Orientation (Patient): row direction cosines then column direction cosines.
+    orientation: tuple[float, float, float, float, float, float]
+    slices: tuple[SliceRef, ...]
+    #: The source data sets, pixel data included (one per file), in file order.
+    datasets: tuple[Dataset, ...]
+    #: Units of ``array``: "HU" for CT with a rescale, otherwise the Rescale Type or "".
+    units: str = ""
+    #: True when slices were resampled onto a uniform grid (then ``slices`` lists the
+    #: nearest source slice of each resampled position).
+    resampled: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def normal(self) -> np.ndarray:
+        row, col = np.array(self.orientation[:3]), np.array(self.orientation[3:])
+        return np.cross(row, col)
+
+    @property
+    def origin(self) -> tuple[float, float, float]:
+        return self.slices[0].position
+
+    def direction(self) -> np.ndarray:
+        """3x3 direction matrix (columns: row dir, column dir, normal) as SimpleITK uses."""
+        row, col = np.array(self.orientation[:3]), np.array(self.orientation[3:])
+        return np.stack([row, col, self.normal], axis=1)
+
+    def to_sitk(self) -> Any:
+        """The volume as a SimpleITK image (x = columns, y = rows, z = slices)."""
+        import SimpleITK as sitk
+
+        image = sitk.GetImageFromArray(self.array)
+        image.SetSpacing((self.spacing[2], self.spacing[1], self.spacing[0]))
+        image.SetOrigin(self.origin)
+        image.SetDirection(tuple(self.direction().flatten()))
+        return image
+
+
+@dataclass
+class _Frame:
+    dataset_index: int
+    frame_number: int | None
+    position: np.ndarray
+    orientation: np.ndarray
+    pixel_spacing: tuple[float, float]
+    slope: float
+    intercept: float
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+def _xyz(values: Any) -> tuple[float, float, float]:
+    x, y, z = (float(v) for v in values)
+    return (x, y, z)
+
+
+def _first(item: Any, sequence: str) -> Any:
+    seq = getattr(item, sequence, None) if item is not None else None
+    return seq[0] if seq else None
+
+
+def _frames_of(index: int, ds: Dataset, label: str) -> list[_Frame]:
+    sop = str(ds.get("SOPInstanceUID", "?"))
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise SeriesError(f"{label}: instance {sop} has no pixel data")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame:
+        shared = _first(ds, "SharedFunctionalGroupsSequence")
+        frames = []
+        for n, groups in enumerate(per_frame, start=1):
+
+            def group(name: str, groups: Any = groups) -> Any:
+                return _first(groups, name) or _first(shared, name)
+
+            plane_pos, plane_ori, measures = (
+                group("PlanePositionSequence"),
+                group("PlaneOrientationSequence"),
+                group("PixelMeasuresSequence"),
+            )
+            if plane_pos is None or plane_ori is None or measures is None:
+                raise SeriesError(
+                    f"{label}: frame {n} of {sop} lacks plane position, orientation or pixel spacing"
+                )
+            transform = group("PixelValueTransformationSequence")
+            frames.append(
+                _Frame(
+                    index,
+                    n,
+                    np.array(plane_pos.ImagePositionPatient, dtype=float),
+                    np.array(plane_ori.ImageOrientationPatient, dtype=float),
+                    (float(measures.PixelSpacing[0]), float(measures.PixelSpacing[1])),
+                    float(transform.RescaleSlope) if transform is not None else 1.0,
+                    float(transform.RescaleIntercept) if transform is not None else 0.0,
+                    sop_class,
+                    sop,
+                )
+            )
+        return frames
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        if keyword not in ds:
+            raise SeriesError(f"{label}: instance {sop} has no {keyword}; cannot place it in the patient")
+    return [
+        _Frame(
+            index,
+            None,
+            np.array(ds.ImagePositionPatient, dtype=float),
+            np.array(ds.ImageOrientationPatient, dtype=float),
+            (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])),
+            float(ds.get("RescaleSlope", 1) or 1),
+            float(ds.get("RescaleIntercept", 0) or 0),
+            sop_class,
+            sop,
+        )
+    ]
+
+
+def _pixels(ds: Dataset, label: str) -> np.ndarray:
+    try:
+        return np.asarray(ds.pixel_array)
+    except Exception as exc:  # decoder missing or corrupt stream: say which instance
+        raise SeriesError(
+            f"{label}: cannot decode the pixel data of {ds.get('SOPInstanceUID', '?')}: {exc}"
+        ) from None
+
+
+def load_series(datasets: list[Dataset], *, resample: bool = False) -> Volume:
+    """Load one series (all its instances, any order) into a :class:`Volume`.
+
+    Parameters
+    ----------
+    datasets
+        The series' instances, read with pixel data.
+    resample
+        Accept uneven slice spacing or gaps by resampling onto a uniform grid at the
+        median spacing (linear interpolation). Default: refuse such a series.
+
+    Raises
+    ------
+    SeriesError
+        The series cannot be one volume; the message says which series and why.
+    """
+    if not datasets:
+        raise SeriesError("empty series: no instances to load")
+    series_uid = str(datasets[0].get("SeriesInstanceUID", "?"))
+    label = f"series {series_uid}"
+    others = {str(ds.get("SeriesInstanceUID")) for ds in datasets} - {series_uid}
+    if others:
+        raise SeriesError(f"{label}: instances of other series mixed in ({', '.join(sorted(others))})")
+    frames = [f for i, ds in enumerate(datasets) for f in _frames_of(i, ds, label)]
+
+    orientation = frames[0].orientation
+    distinct = [f for f in frames if not np.allclose(f.orientation, orientation, atol=1e-4)]
+    if distinct:
+        raise SeriesError(
+            f"{label}: mixed orientations ({len(distinct)} of {len(frames)} slices differ from "
+            f"{np.round(orientation, 4).tolist()}); select one stack"
+        )
+    if any(not np.allclose(f.pixel_spacing, frames[0].pixel_spacing, atol=1e-4) for f in frames):
+        raise SeriesError(f"{label}: pixel spacing differs between slices")
+    row, col = orientation[:3], orientation[3:]
+    normal = np.cross(row, col)
+    distance = np.array([float(np.dot(f.position, normal)) for f in frames])
+    order = np.argsort(distance, kind="stable")
+    frames = [frames[i] for i in order]
+    distance = distance[order]
+    steps = np.diff(distance)
+    if len(steps) and np.min(steps) < 1e-3:
+        k = int(np.argmin(steps))
+        raise SeriesError(
+            f"{label}: duplicate slice position {distance[k]:.3f} mm along the normal "
+            f"({frames[k].sop_instance_uid} and {frames[k + 1].sop_instance_uid})"
+        )
+    if len(steps):
+        step = float(np.median(steps))
+        uneven = np.abs(steps - step) > max(0.01 * step, 1e-3)
+        if uneven.any() and not resample:
+            k = int(np.argmax(np.abs(steps - step)))
+            raise SeriesError(
+                f"{label}: uneven slice spacing — {steps.min():.3f} to {steps.max():.3f} mm "
+                f"(median {step:.3f}; {int(uneven.sum())} step(s) off, first after slice {k + 1}); "
+                "a gap or a missing slice? Resampling was not asked for"
+            )
+    else:
+        step = float(datasets[0].get("SliceThickness", 1.0) or 1.0)
+
+    # Pixel data, decoded once per file (a multi-frame file decodes all its frames at once).
+    decoded: dict[int, np.ndarray] = {}
+    shape = None
+    slices_px = []
+    for f in frames:
+        if f.dataset_index not in decoded:
+            decoded[f.dataset_index] = _pixels(datasets[f.dataset_index], label)
+        pixels = decoded[f.dataset_index]
+        plane = pixels[f.frame_number - 1] if f.frame_number is not None and pixels.ndim == 3 else pixels
+        if plane.ndim != 2:
+            raise SeriesError(f"{label}: {f.sop_instance_uid} is not a grayscale image (shape {plane.shape})")
+        if shape is None:
+            shape = plane.shape
+        elif plane.shape != shape:
+            raise SeriesError(f"{label}: slice sizes differ ({shape} vs {plane.shape})")
+        slices_px.append(plane.astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept))
+    array = np.stack(slices_px)
+    refs = tuple(
+        SliceRef(f.sop_class_uid, f.sop_instance_uid, f.frame_number, _xyz(f.position)) for f in frames
+    )
+    resampled = False
+    if resample and len(steps) and (np.abs(steps - step) > max(0.01 * step, 1e-3)).any():
+        array, refs = _resample(array, distance, frames, step, normal)
+        resampled = True
+
+    first = datasets[frames[0].dataset_index]
+    modality = str(first.get("Modality", ""))
+    if "FrameOfReferenceUID" not in first:
+        raise SeriesError(f"{label}: no Frame of Reference UID; outputs could not share its geometry")
+    units = str(first.get("RescaleType", "") or "")
+    if modality == "CT" and (units in ("", "HU") or "RescaleIntercept" in first):
+        units = "HU"
+    return Volume(
+        series_uid=series_uid,
+        study_uid=str(first.StudyInstanceUID),
+        frame_of_reference_uid=str(first.FrameOfReferenceUID),
+        modality=modality,
+        array=array,
+        spacing=(step, frames[0].pixel_spacing[0], frames[0].pixel_spacing[1]),
+        orientation=tuple(float(v) for v in orientation),  # type: ignore[arg-type]
+        slices=refs,
+        datasets=tuple(datasets),
+        units=units,
+        resampled=resampled,
+    )
+
+
+def _resample(
+    array: np.ndarray, distance: np.ndarray, frames: list[_Frame], step: float, normal: np.ndarray
+) -> tuple[np.ndarray, tuple[SliceRef, ...]]:
+    """Linear interpolation onto a uniform grid along the normal, at the median step."""
+    count = int(round((distance[-1] - distance[0]) / step)) + 1
+    grid = distance[0] + step * np.arange(count)
+    out = np.empty((count,) + array.shape[1:], dtype=np.float32)
+    refs = []
+    for k, d in enumerate(grid):
+        hi = int(np.clip(np.searchsorted(distance, d), 1, len(distance) - 1))
+        lo = hi - 1
+        w = (d - distance[lo]) / (distance[hi] - distance[lo])
+        out[k] = (1 - w) * array[lo] + w * array[hi]
+        near = frames[lo] if w < 0.5 else frames[hi]
+        position = frames[0].position + (d - distance[0]) * normal
+        refs.append(
+            SliceRef(
+                near.sop_class_uid,
+                near.sop_instance_uid,
+                near.frame_number,
+                _xyz(position),
+            )
+        )
+    return out, tuple(refs)
