@@ -20,13 +20,14 @@ from dataclasses import asdict, dataclass
 from sqlalchemy import select, update
 
 from audit import AuditEvent, AuditTrail
+from dicom_node import __version__
 from dicom_node.config import NodeConfig
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
 from dicom_node.jobs import JobState, StaleTransition, audit_transition, transition
 from dicom_node.outbox import Outbox, create_deliveries
 from dicom_node.paths import NodePaths
-from pipelines.base import InputInstance, Pipeline, PipelineError, PipelineResult, StudyInput
+from pipelines.base import InputInstance, Pipeline, PipelineError, PipelineResult, RunEnvironment, StudyInput
 from pipelines.registry import get_pipeline
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,10 @@ class Worker:
             workdir = self.paths.outputs / f"job-{job.job_id}"
             workdir.mkdir(parents=True, exist_ok=True)
             study = self.load_input(job)
-            result = pipeline.run(study, workdir)
+            result = pipeline.run(
+                study,
+                RunEnvironment(workdir=workdir, uid_root=self.config.node.uid_root, node_version=__version__),
+            )
         except (PipelineError, KeyError) as exc:
             return self._fail(job, str(exc))
         except Exception as exc:

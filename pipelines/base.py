@@ -64,13 +64,22 @@ class PipelineResult:
     gate: str | None = None
 
 
+@dataclass(frozen=True)
+class RunEnvironment:
+    """What a run needs from the node: where to write, which UID root, which version."""
+
+    workdir: Path
+    uid_root: str = "2.25."
+    node_version: str = "0.0"
+
+
 class Pipeline(Protocol):
-    """A pipeline turns a study snapshot into output files in ``workdir``."""
+    """A pipeline turns a study snapshot into output files in ``env.workdir``."""
 
     name: str
     version: str
 
-    def run(self, study: StudyInput, workdir: Path) -> PipelineResult: ...
+    def run(self, study: StudyInput, env: RunEnvironment) -> PipelineResult: ...
 
 
 class PipelineError(Exception):

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from pipelines.base import OutputInstance, PipelineResult, StudyInput
+from pipelines.base import OutputInstance, PipelineResult, RunEnvironment, StudyInput
 
 
 class ForwardPipeline:
     name = "forward"
     version = "1.0"
 
-    def run(self, study: StudyInput, workdir: Path) -> PipelineResult:
+    def run(self, study: StudyInput, env: RunEnvironment) -> PipelineResult:
         return PipelineResult(
             outputs=tuple(
                 OutputInstance(

@@ -11,6 +11,7 @@ resampling is asked for), duplicate positions, missing pixel data.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,7 +176,7 @@ def _pixels(ds: Dataset, label: str) -> np.ndarray:
         ) from None
 
 
-def load_series(datasets: list[Dataset], *, resample: bool = False) -> Volume:
+def load_series(datasets: Sequence[Dataset], *, resample: bool = False) -> Volume:
     """Load one series (all its instances, any order) into a :class:`Volume`.
 
     Parameters
