@@ -15,11 +15,11 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from sqlalchemy import select, update
 
-from audit import AuditEvent, AuditTrail
+from audit import AuditTrail
 from dicom_node import __version__
 from dicom_node.config import NodeConfig
 from dicom_node.db import schema as t
@@ -27,6 +27,7 @@ from dicom_node.db.engine import Database
 from dicom_node.jobs import JobState, StaleTransition, audit_transition, transition
 from dicom_node.outbox import Outbox, create_deliveries
 from dicom_node.paths import NodePaths
+from dicom_node.provenance import record_provenance
 from pipelines.base import InputInstance, Pipeline, PipelineError, PipelineResult, RunEnvironment, StudyInput
 from pipelines.registry import get_pipeline
 
@@ -329,29 +330,9 @@ class Worker:
     def _record_provenance(
         self, job: ClaimedJob, study: StudyInput, pipeline: Pipeline, result: PipelineResult
     ) -> None:
-        """One provenance record per output series: inputs, pipeline, model, outputs."""
-        by_series: dict[str, list[str]] = {}
-        for out in result.outputs:
-            by_series.setdefault(out.series_uid, []).append(out.sop_uid)
-        inputs = [{"sop_uid": i.sop_uid, "sha256": i.sha256} for i in study.instances]
-        patient_id = self._patient_of(job)
-        for series_uid, sop_uids in by_series.items():
-            self.audit.record(
-                AuditEvent.PROVENANCE,
-                study_uid=job.study_uid,
-                patient_id=patient_id,
-                job_id=job.job_id,
-                study_version=job.study_version,
-                pipeline=pipeline.name,
-                pipeline_version=pipeline.version,
-                model=asdict(result.model) if result.model else None,
-                parameters=result.parameters,
-                inputs=inputs,
-                output_series_uid=series_uid,
-                outputs=sop_uids,
-                qc=result.qc.get(series_uid, {}),
-                gate=result.gate,
-            )
+        record_provenance(
+            self.audit, study=study, pipeline=pipeline, result=result, patient_id=self._patient_of(job)
+        )
 
     def _patient_of(self, job: ClaimedJob) -> str | None:
         with self.db.read() as conn:

@@ -94,7 +94,15 @@ def _root(
 
 
 # Command modules register themselves on `app` on import.
-from dicom_node.cli import audit_cmds, inspect_cmds, net_cmds, serve_cmds, sim_cmds, user_cmds  # noqa: E402,F401
+from dicom_node.cli import (  # noqa: E402,F401
+    audit_cmds,
+    inspect_cmds,
+    net_cmds,
+    run_cmds,
+    serve_cmds,
+    sim_cmds,
+    user_cmds,
+)
 
 
 def main() -> None:
