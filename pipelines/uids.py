@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-from pydicom.uid import UID
+from pydicom.uid import RE_VALID_UID
 
 MAX_UID = 64
 
@@ -30,7 +30,7 @@ def derive_uid(root: str, *parts: str) -> str:
     """A valid UID under ``root``, determined by ``parts``."""
     if root and not root.endswith("."):
         root += "."
-    if not UID(root + "1").is_valid:
+    if not RE_VALID_UID.match(root + "1"):
         raise ValueError(f"organisation UID root {root!r} is not a valid UID prefix")
     number = int.from_bytes(hashlib.sha256("\0".join(parts).encode()).digest()[:16], "big")
     if root == "2.25.":
