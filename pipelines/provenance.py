@@ -38,6 +38,12 @@ class OutputProvenance:
             value = getattr(self, f.name)
             if value is None or (isinstance(value, str) and not value.strip()):
                 raise ProvenanceError(f"provenance: argument {f.name!r} is required (got {value!r})")
+        for name in ("pipeline", "pipeline_version", "model_name", "model_version", "node_version"):
+            if any(c.isspace() for c in getattr(self, name)) or ";" in getattr(self, name):
+                raise ProvenanceError(
+                    f"provenance: argument {name!r} must be one token without spaces or ';' "
+                    f"(got {getattr(self, name)!r})"
+                )
         if not _SHA256.match(self.weights_sha256):
             raise ProvenanceError(
                 "provenance: argument 'weights_sha256' must be 64 lowercase hex digits "

@@ -167,6 +167,20 @@ def _frames_of(index: int, ds: Dataset, label: str) -> list[_Frame]:
     ]
 
 
+def _rescale_type(ds: Dataset) -> str:
+    """Rescale Type: top level, else shared, else first frame's Pixel Value Transformation."""
+    if ds.get("RescaleType"):
+        return str(ds.RescaleType)
+    for groups in (
+        _first(ds, "SharedFunctionalGroupsSequence"),
+        _first(ds, "PerFrameFunctionalGroupsSequence"),
+    ):
+        transform = _first(groups, "PixelValueTransformationSequence")
+        if transform is not None and transform.get("RescaleType"):
+            return str(transform.RescaleType)
+    return ""
+
+
 def _pixels(ds: Dataset, label: str) -> np.ndarray:
     try:
         return np.asarray(ds.pixel_array)
@@ -265,8 +279,8 @@ def load_series(datasets: Sequence[Dataset], *, resample: bool = False) -> Volum
     modality = str(first.get("Modality", ""))
     if "FrameOfReferenceUID" not in first:
         raise SeriesError(f"{label}: no Frame of Reference UID; outputs could not share its geometry")
-    units = str(first.get("RescaleType", "") or "")
-    if modality == "CT" and (units in ("", "HU") or "RescaleIntercept" in first):
+    units = _rescale_type(first)
+    if modality == "CT" and units in ("", "HU"):
         units = "HU"
     return Volume(
         series_uid=series_uid,
