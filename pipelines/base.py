@@ -76,8 +76,11 @@ class RunEnvironment:
 class Pipeline(Protocol):
     """A pipeline turns a study snapshot into output files in ``env.workdir``."""
 
-    name: str
-    version: str
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
 
     def run(self, study: StudyInput, env: RunEnvironment) -> PipelineResult: ...
 

@@ -39,13 +39,16 @@ from pipelines.volume import Volume
 class Context:
     study: StudyInput
     env: RunEnvironment
+    pipeline: str = ""
+    pipeline_version: str = ""
     series: tuple[InputInstance, ...] = ()
     volume: Volume | None = None
     model: ModelCard | None = None
     prediction: Prediction | None = None
     hallucination: np.ndarray | None = None
     suspect: np.ndarray | None = None
-    qc: dict[str, Any] = field(default_factory=dict)
+    #: QC figures: name → (value, UCUM unit).
+    qc: dict[str, tuple[float, str]] = field(default_factory=dict)
     gate: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     outputs: tuple[OutputInstance, ...] = ()
@@ -68,7 +71,8 @@ class Context:
 
 
 class Stage(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def run(self, ctx: Context) -> Context: ...
 
@@ -82,7 +86,7 @@ class StagedPipeline:
     stages: Sequence[Stage]
 
     def execute(self, study: StudyInput, env: RunEnvironment) -> Context:
-        ctx = Context(study=study, env=env)
+        ctx = Context(study=study, env=env, pipeline=self.name, pipeline_version=self.version)
         for stage in self.stages:
             started = time.perf_counter()
             ctx = stage.run(ctx)

@@ -99,14 +99,15 @@ class ScoreHallucination:
         score = data_consistency_score(volume.array, prediction.mean, sigma, window=self.window)
         suspect = suspect_regions(score, self.threshold, min_voxels=self.min_voxels)
         voxel_ml = volume.spacing[0] * volume.spacing[1] * volume.spacing[2] / 1000.0
+        units = volume.units or "1"
         qc = {
             **ctx.qc,
-            "input noise sigma": round(sigma, 3),
-            "mean uncertainty": round(float(prediction.sigma.mean()), 3),
-            "hallucination score p99": round(float(np.percentile(score, 99)), 3),
-            "suspect fraction": round(float(suspect.mean()), 6),
-            "suspect volume mL": round(float(suspect.sum() * voxel_ml), 3),
-            "suspect threshold": self.threshold,
+            "input noise sigma": (round(sigma, 3), units),
+            "mean uncertainty": (round(float(prediction.sigma.mean()), 3), units),
+            "hallucination score p99": (round(float(np.percentile(score, 99)), 3), "1"),
+            "suspect fraction": (round(float(suspect.mean()), 6), "1"),
+            "suspect volume": (round(float(suspect.sum() * voxel_ml), 3), "ml"),
+            "suspect threshold": (self.threshold, "1"),
         }
         return ctx.evolve(hallucination=score, suspect=suspect, qc=qc)
 

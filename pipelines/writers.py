@@ -901,7 +901,10 @@ class _ParametricMapWriter:
             quantity_definition=self.quantity,
         )
         center, width = _window_of(pixels)
-        window = hd.VOILUTTransformation(window_center=center, window_width=width)
+        # Float maps: LINEAR_EXACT, so a window narrower than 1 (scores, small sigmas) is valid.
+        window = hd.VOILUTTransformation(
+            window_center=center, window_width=width, voi_lut_function=hd.VOILUTFunctionValues.LINEAR_EXACT
+        )
         pm = hd.pm.ParametricMap(
             source_images=list(volume.datasets),
             pixel_array=pixels,
