@@ -1,0 +1,171 @@
+"""The low-dose CT restoration model: restored image and its σ in one forward pass.
+
+A MONAI 2-D U-Net with two output channels predicts, per pixel, the noise to remove
+(residual learning: ``mean = input − residual``) and the log-variance of the remaining
+error (heteroscedastic head). The variance is calibrated by a split-conformal scale
+fitted on held-out cases and stored in the model card, so ``mean ± 1.645 σ`` covers 90 %
+of the reference. Inputs and outputs are HU; the network sees ``HU / 1000``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.networks.nets import UNet
+from torch import nn
+
+from models.base import ModelCard, Prediction
+
+HU_SCALE = 1000.0
+HU_CLIP = (-1024.0, 3071.0)
+Z90 = 1.6448536269514722
+ZOO = Path(__file__).parent / "zoo"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[int, ...] = (2, 2, 2)
+    num_res_units: int = 1
+
+    def build(self) -> nn.Module:
+        return RestorationNet(self)
+
+
+class RestorationNet(nn.Module):
+    """U-Net → (residual, log-variance), both in normalised units."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        self.unet = UNet(
+            spatial_dims=2,
+            in_channels=1,
+            out_channels=2,
+            channels=arch.channels,
+            strides=arch.strides,
+            num_res_units=arch.num_res_units,
+            norm=None,
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.unet(x)
+        mean = x - out[:, :1]
+        log_var = out[:, 1:].clamp(-16.0, 8.0)
+        return mean, log_var
+
+
+def to_network(hu: np.ndarray) -> np.ndarray:
+    return (np.clip(hu, *HU_CLIP) / HU_SCALE).astype(np.float32)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class RestorationCard:
+    """The model card as stored next to the weights (``card.json``)."""
+
+    name: str
+    version: str
+    weights_file: str
+    weights_sha256: str
+    architecture: dict[str, Any]
+    intended_use: str
+    training_data: str
+    #: Multiply the network's σ by this to get σ whose ±1.645 interval covers 90 %.
+    sigma_scale: float
+    calibration: str
+    metrics: dict[str, str] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    #: Spread factor of a window mean of this CT noise relative to white noise (used by
+    #: the hallucination score), per window size.
+    noise_correlation: dict[str, float] = field(default_factory=dict)
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def read(cls, path: Path) -> RestorationCard:
+        return cls(**json.loads(path.read_text()))
+
+    def model_card(self) -> ModelCard:
+        return ModelCard(
+            name=self.name,
+            version=self.version,
+            weights_sha256=self.weights_sha256,
+            intended_use=self.intended_use,
+            training_data=self.training_data,
+            metrics=dict(self.metrics),
+            calibration=self.calibration,
+        )
+
+
+class WeightsMismatch(RuntimeError):
+    pass
+
+
+class RestorationModel:
+    """Loads a model from its zoo directory (weights hash checked) and predicts volumes."""
+
+    def __init__(self, directory: Path, *, threads: int | None = None, batch: int = 4) -> None:
+        self.directory = Path(directory)
+        card_path = self.directory / "card.json"
+        if not card_path.exists():
+            raise FileNotFoundError(f"no model card at {card_path}")
+        self.meta = RestorationCard.read(card_path)
+        weights = self.directory / self.meta.weights_file
+        actual = sha256_of(weights)
+        if actual != self.meta.weights_sha256:
+            raise WeightsMismatch(
+                f"{weights}: sha256 {actual} does not match the model card ({self.meta.weights_sha256}); "
+                "refusing to run weights that are not the ones described"
+            )
+        arch = Architecture(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in self.meta.architecture.items()}
+        )
+        self.net = arch.build()
+        self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.net.eval()
+        self.card = self.meta.model_card()
+        self.batch = batch
+        if threads:
+            torch.set_num_threads(threads)
+
+    @classmethod
+    def shipped(cls, name: str = "ldct-restoration", version: str | None = None) -> RestorationModel:
+        base = ZOO / name
+        if version is None:
+            versions = sorted(p.name for p in base.iterdir() if (p / "card.json").exists())
+            if not versions:
+                raise FileNotFoundError(f"no shipped versions of {name} under {base}")
+            version = versions[-1]
+        return cls(base / version)
+
+    @torch.inference_mode()
+    def predict_raw(self, volume_hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Restored HU and uncalibrated σ (HU) for a (slices, H, W) volume."""
+        x = to_network(np.asarray(volume_hu))
+        means, sigmas = [], []
+        for start in range(0, len(x), self.batch):
+            chunk = torch.from_numpy(x[start : start + self.batch, None])
+            mean, log_var = self.net(chunk)
+            means.append(mean[:, 0].numpy())
+            sigmas.append(torch.exp(0.5 * log_var[:, 0]).numpy())
+        return np.concatenate(means) * HU_SCALE, np.concatenate(sigmas) * HU_SCALE
+
+    def predict(self, volume: np.ndarray, spacing: tuple[float, float, float]) -> Prediction:
+        mean, sigma = self.predict_raw(volume)
+        return Prediction(
+            mean=mean.astype(np.float32), sigma=(sigma * self.meta.sigma_scale).astype(np.float32)
+        )
