@@ -103,11 +103,32 @@ class Destination(_Section):
 
 
 class Route(_Section):
-    """Calling AE → pipeline + destinations (placeholder until the policy engine)."""
+    """Calling AE (and, optionally, what the study holds) → pipeline + destinations.
+
+    A placeholder until the policy engine. With ``modality``, ``max_ctdivol`` or
+    ``series_description`` set, the study must hold a series of that modality whose
+    CTDIvol is below ``max_ctdivol`` *or* whose Series Description matches the regular
+    expression (either condition alone when only one is set).
+    """
 
     calling_ae: str = "*"
     pipeline: str = "forward"
     destinations: tuple[str, ...] = ()
+    modality: str | None = None
+    #: mGy; e.g. 5 to send low-dose CT to restoration.
+    max_ctdivol: float | None = Field(None, gt=0)
+    #: Case-insensitive regular expression on Series Description, e.g. "low.?dose|ldct".
+    series_description: str | None = None
+
+    @field_validator("series_description")
+    @classmethod
+    def _valid_regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
 
     @field_validator("pipeline")
     @classmethod

@@ -24,7 +24,7 @@ from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
 from dicom_node.indexer import PendingInstance
 from dicom_node.jobs import JobState, create_job
-from dicom_node.routing import routes_for
+from dicom_node.routing import SeriesFacts, routes_for
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,20 @@ class StudyReadiness:
                     )
                 ).scalars()
             )
-            routes = routes_for(self.config, study.source_ae)
+            facts = [
+                SeriesFacts(row.modality, row.description, row.ctdivol)
+                for row in conn.execute(
+                    select(
+                        t.series.c.modality,
+                        t.series.c.description,
+                        func.min(t.instances.c.tags["CTDIvol"].as_float()).label("ctdivol"),
+                    )
+                    .join(t.instances, t.instances.c.series_fk == t.series.c.id)
+                    .where(t.series.c.study_fk == study.id, t.instances.c.current.is_(True))
+                    .group_by(t.series.c.id)
+                )
+            ]
+            routes = routes_for(self.config, study.source_ae, facts)
             for route in routes:
                 job_ids.append(
                     create_job(
@@ -174,7 +187,7 @@ class StudyReadiness:
                 study_uid=study_uid,
                 calling_ae=study.source_ae,
                 study_version=study.open_version,
-                reason="no route matches the calling AE",
+                reason="no route matches the calling AE and the study's series",
             )
         for job_id, route in zip(job_ids, routes, strict=True):
             self.audit.record(

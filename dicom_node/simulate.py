@@ -1,15 +1,23 @@
-"""A simulated CT scanner: writes a phantom study as a DICOM CT Image Storage series.
+"""Simulated CT scanners: write phantom studies as DICOM CT Image Storage series.
 
-The pixels come from :mod:`models.sim.phantom` (numpy, no DICOM); this module gives them
-the headers a scanner would send. Every study says plainly that it is simulated (Patient
-Name ``SIMULATED^PHANTOM``, Study Description starting with ``SIMULATED``).
+The pixels come from :mod:`models.sim` (numpy, no DICOM); this module gives them the
+headers a scanner would send. Every study says plainly that it is simulated (Patient
+Name ``SIMULATED^PHANTOM``, Study and Series Descriptions starting with ``SIMULATED``).
+
+* :func:`write_ct_series` — the quick procedural torso (backbone tests, forward demo).
+* :func:`write_ldct_study` — the physics-based low-dose simulator: ``low-dose/`` is what a
+  scanner sends (CTDIvol scaled by the dose), ``reference/`` the matching full-dose
+  series on the same frame of reference, for evaluation only.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -18,6 +26,10 @@ from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_ui
 from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from models.sim.phantom import PhantomSpec, torso_slice
 
+#: CTDIvol of the simulated full-dose protocol (mGy); low-dose series scale it by the dose.
+FULL_DOSE_CTDIVOL = {"chest": 10.0, "head": 50.0}
+FULL_DOSE_MAS = {"chest": 200.0, "head": 300.0}
+
 
 @dataclass(frozen=True)
 class SimulatedStudy:
@@ -25,6 +37,116 @@ class SimulatedStudy:
     series_uid: str
     frame_of_reference_uid: str
     files: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class SeriesHeader:
+    """What stays the same for every slice of a simulated series."""
+
+    study_uid: str
+    series_uid: str
+    frame_uid: str
+    series_number: int = 1
+    patient_id: str = "SIM-0001"
+    patient_name: str = "SIMULATED^PHANTOM"
+    patient_birth_date: str = ""
+    study_description: str = "SIMULATED CT CHEST"
+    series_description: str = "SIMULATED AXIAL 2.5mm"
+    body_part: str = "CHEST"
+    station_name: str = "SIMCT"
+    ctdi_vol_mgy: float = 8.0
+    kvp: float = 120.0
+    exposure_mas: float | None = None
+    kernel: str = ""
+    pixel_spacing_mm: float = 0.75
+    slice_thickness_mm: float = 2.5
+
+
+def ct_slice(hu: np.ndarray, k: int, header: SeriesHeader, when: dt.datetime) -> Dataset:
+    """One CT Image Storage instance: slice ``k`` of the series, int16 with HU rescale."""
+    rows, columns = hu.shape
+    stored = np.clip(np.round(hu + 1024.0), -32768, 32767).astype(np.int16)
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = when.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = when.strftime("%H%M%S")
+    ds.AccessionNumber = ""
+    ds.Modality = "CT"
+    ds.Manufacturer = "dicom-node simulator"
+    ds.ManufacturerModelName = "phantom"
+    ds.StationName = header.station_name
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = header.study_description
+    ds.SeriesDescription = header.series_description
+    ds.PatientName = header.patient_name
+    ds.PatientID = header.patient_id
+    ds.PatientBirthDate = header.patient_birth_date
+    ds.PatientSex = "O"
+    ds.BodyPartExamined = header.body_part
+    ds.SliceThickness = f"{header.slice_thickness_mm:g}"
+    ds.KVP = f"{header.kvp:g}"
+    if header.exposure_mas is not None:
+        ds.Exposure = str(int(round(header.exposure_mas)))
+    if header.kernel:
+        ds.ConvolutionKernel = header.kernel
+    ds.CTDIvol = float(header.ctdi_vol_mgy)
+    phantom = Dataset()
+    phantom.CodeValue = "113691"
+    phantom.CodingSchemeDesignator = "DCM"
+    phantom.CodeMeaning = "IEC Body Dosimetry Phantom"
+    ds.CTDIPhantomTypeCodeSequence = [phantom]
+    ds.PatientPosition = "HFS"
+    ds.StudyInstanceUID = header.study_uid
+    ds.SeriesInstanceUID = header.series_uid
+    ds.StudyID = "1"
+    ds.SeriesNumber = header.series_number
+    ds.InstanceNumber = k + 1
+    ds.AcquisitionNumber = 1
+    z = -k * header.slice_thickness_mm
+    half_w = (columns - 1) * header.pixel_spacing_mm / 2
+    half_h = (rows - 1) * header.pixel_spacing_mm / 2
+    ds.ImagePositionPatient = [f"{-half_w:.3f}", f"{-half_h:.3f}", f"{z:.3f}"]
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.FrameOfReferenceUID = header.frame_uid
+    ds.PositionReferenceIndicator = ""
+    ds.SliceLocation = f"{z:.3f}"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.PixelSpacing = [f"{header.pixel_spacing_mm:g}", f"{header.pixel_spacing_mm:g}"]
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept = "-1024"
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "HU"
+    ds.WindowCenter = "40" if header.body_part != "HEAD" else "40"
+    ds.WindowWidth = "400" if header.body_part != "HEAD" else "80"
+    ds.PixelData = stored.tobytes()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    ds.file_meta = meta
+    return ds
+
+
+def _write_series(out_dir: Path, slices: Iterable[np.ndarray], header: SeriesHeader) -> SimulatedStudy:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    when = dt.datetime.now()
+    files = []
+    for k, hu in enumerate(slices):
+        path = out_dir / f"CT{k + 1:04d}.dcm"
+        ct_slice(hu, k, header, when).save_as(path, enforce_file_format=True)
+        files.append(path)
+    return SimulatedStudy(header.study_uid, header.series_uid, header.frame_uid, tuple(files))
 
 
 def write_ct_series(
@@ -41,83 +163,108 @@ def write_ct_series(
     kvp: float = 120.0,
     study_uid: str | None = None,
 ) -> SimulatedStudy:
-    """Write one axial CT series, one file per slice, int16 with HU rescale."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """The quick procedural torso, one file per slice, int16 in HU."""
     rng = np.random.default_rng(spec.seed)
-    study_uid = study_uid or generate_uid()
-    series_uid = generate_uid()
-    frame_uid = generate_uid()
-    now = dt.datetime.now()
-    files = []
-    for k in range(spec.slices):
-        hu = torso_slice(spec, (k + 0.5) / spec.slices, rng)
-        stored = np.clip(np.round(hu + 1024.0), -32768, 32767).astype(np.int16)
-        ds = Dataset()
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
-        ds.AccessionNumber = ""
-        ds.Modality = "CT"
-        ds.Manufacturer = "dicom-node simulator"
-        ds.ManufacturerModelName = "phantom"
-        ds.StationName = station_name
-        ds.ReferringPhysicianName = ""
-        ds.StudyDescription = study_description
-        ds.SeriesDescription = series_description
-        ds.PatientName = patient_name
-        ds.PatientID = patient_id
-        ds.PatientBirthDate = patient_birth_date
-        ds.PatientSex = "O"
-        ds.BodyPartExamined = "CHEST"
-        ds.SliceThickness = f"{spec.slice_thickness_mm:g}"
-        ds.KVP = f"{kvp:g}"
-        ds.CTDIvol = float(ctdi_vol_mgy)
-        phantom = Dataset()
-        phantom.CodeValue = "113691"
-        phantom.CodingSchemeDesignator = "DCM"
-        phantom.CodeMeaning = "IEC Body Dosimetry Phantom"
-        ds.CTDIPhantomTypeCodeSequence = [phantom]
-        ds.PatientPosition = "HFS"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.StudyID = "1"
-        ds.SeriesNumber = 1
-        ds.InstanceNumber = k + 1
-        ds.AcquisitionNumber = 1
-        z = -k * spec.slice_thickness_mm
-        half_w = (spec.columns - 1) * spec.pixel_spacing_mm / 2
-        half_h = (spec.rows - 1) * spec.pixel_spacing_mm / 2
-        ds.ImagePositionPatient = [f"{-half_w:.3f}", f"{-half_h:.3f}", f"{z:.3f}"]
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PositionReferenceIndicator = ""
-        ds.SliceLocation = f"{z:.3f}"
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = spec.rows
-        ds.Columns = spec.columns
-        ds.PixelSpacing = [f"{spec.pixel_spacing_mm:g}", f"{spec.pixel_spacing_mm:g}"]
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.RescaleIntercept = "-1024"
-        ds.RescaleSlope = "1"
-        ds.RescaleType = "HU"
-        ds.WindowCenter = "40"
-        ds.WindowWidth = "400"
-        ds.PixelData = stored.tobytes()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-        ds.file_meta = meta
-        path = out_dir / f"CT{k + 1:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
-    return SimulatedStudy(study_uid, series_uid, frame_uid, tuple(files))
+    header = SeriesHeader(
+        study_uid=study_uid or generate_uid(),
+        series_uid=generate_uid(),
+        frame_uid=generate_uid(),
+        patient_id=patient_id,
+        patient_name=patient_name,
+        patient_birth_date=patient_birth_date,
+        study_description=study_description,
+        series_description=series_description,
+        station_name=station_name,
+        ctdi_vol_mgy=ctdi_vol_mgy,
+        kvp=kvp,
+        pixel_spacing_mm=spec.pixel_spacing_mm,
+        slice_thickness_mm=spec.slice_thickness_mm,
+    )
+    slices = (torso_slice(spec, (k + 0.5) / spec.slices, rng) for k in range(spec.slices))
+    return _write_series(out_dir, slices, header)
+
+
+@dataclass(frozen=True)
+class LdctSpec:
+    anatomy: Literal["head", "chest"] = "chest"
+    slices: int = 24
+    size: int = 512
+    dose: float = 0.25
+    seed: int = 0
+    #: Axial levels covered (0..1, see models.sim.anatomy), evenly spaced.
+    levels: tuple[float, float] = (0.2, 0.8)
+    slice_thickness_mm: float = 2.5
+
+
+def _simulate_level(args: tuple[str, int, int, float, float]) -> tuple[np.ndarray, np.ndarray, float]:
+    from models.sim.ldct import make_case
+
+    anatomy, seed, size, dose, level = args
+    case = make_case(anatomy, seed, size=size, dose=dose, level=level)  # type: ignore[arg-type]
+    return case.low_dose_hu.astype(np.float32), case.reference_hu.astype(np.float32), case.pixel_mm
+
+
+def write_ldct_study(
+    out_dir: Path,
+    spec: LdctSpec,
+    *,
+    workers: int = 2,
+    progress: Callable[[int, int], None] | None = None,
+    patient_id: str = "SIM-LDCT-0001",
+) -> tuple[SimulatedStudy, SimulatedStudy]:
+    """``out_dir/low-dose`` (what the scanner sends) and ``out_dir/reference`` (full dose).
+
+    Both series share the study and the frame of reference, slice for slice, so a restored
+    series can be scored against the reference position by position.
+    """
+    lo, hi = spec.levels
+    levels = [lo + (hi - lo) * (k + 0.5) / spec.slices for k in range(spec.slices)]
+    jobs = [(spec.anatomy, spec.seed, spec.size, spec.dose, level) for level in levels]
+    low_slices, ref_slices, spacings = [], [], []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for k, (low_hu, ref_hu, spacing) in enumerate(pool.map(_simulate_level, jobs)):
+            low_slices.append(low_hu)
+            ref_slices.append(ref_hu)
+            spacings.append(spacing)
+            if progress:
+                progress(k + 1, spec.slices)
+    pixel_mm = spacings[0]
+    study_uid, frame_uid = generate_uid(), generate_uid()
+    part = spec.anatomy.upper()
+    base = SeriesHeader(
+        study_uid=study_uid,
+        series_uid="",
+        frame_uid=frame_uid,
+        patient_id=patient_id,
+        study_description=f"SIMULATED CT {part}",
+        body_part=part,
+        kvp=120.0,
+        kernel="FBP SHEPP-LOGAN",
+        pixel_spacing_mm=pixel_mm,
+        slice_thickness_mm=spec.slice_thickness_mm,
+    )
+    low = _write_series(
+        out_dir / "low-dose",
+        low_slices,
+        replace(
+            base,
+            series_uid=generate_uid(),
+            series_number=2,
+            series_description=f"SIMULATED LOW DOSE {spec.dose * 100:g}% {part}",
+            ctdi_vol_mgy=round(FULL_DOSE_CTDIVOL[spec.anatomy] * spec.dose, 3),
+            exposure_mas=FULL_DOSE_MAS[spec.anatomy] * spec.dose,
+        ),
+    )
+    reference = _write_series(
+        out_dir / "reference",
+        ref_slices,
+        replace(
+            base,
+            series_uid=generate_uid(),
+            series_number=1,
+            series_description=f"SIMULATED FULL DOSE REFERENCE {part}",
+            ctdi_vol_mgy=FULL_DOSE_CTDIVOL[spec.anatomy],
+            exposure_mas=FULL_DOSE_MAS[spec.anatomy],
+        ),
+    )
+    return low, reference

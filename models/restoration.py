@@ -50,7 +50,7 @@ class RestorationNet(nn.Module):
             channels=arch.channels,
             strides=arch.strides,
             num_res_units=arch.num_res_units,
-            norm=None,
+            norm=None,  # type: ignore[arg-type]  # MONAI accepts None: no normalisation layer
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,9 +131,8 @@ class RestorationModel:
                 f"{weights}: sha256 {actual} does not match the model card ({self.meta.weights_sha256}); "
                 "refusing to run weights that are not the ones described"
             )
-        arch = Architecture(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in self.meta.architecture.items()}
-        )
+        a = self.meta.architecture
+        arch = Architecture(tuple(a["channels"]), tuple(a["strides"]), int(a["num_res_units"]))
         self.net = arch.build()
         self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         self.net.eval()

@@ -1,16 +1,19 @@
-"""The pipelines this installation can run, by name."""
+"""The pipelines this installation can run, by name.
+
+Entries are import paths, loaded only when a pipeline is used: checking a config or
+starting the receiver must not import torch.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from importlib import import_module
 
 from pipelines.base import Pipeline
-from pipelines.denoise_classical import denoise_classical
-from pipelines.forward import ForwardPipeline
 
-_PIPELINES: dict[str, Callable[[], Pipeline]] = {
-    "forward": ForwardPipeline,
-    "denoise-classical": denoise_classical,
+_PIPELINES: dict[str, str] = {
+    "forward": "pipelines.forward:ForwardPipeline",
+    "denoise-classical": "pipelines.denoise_classical:denoise_classical",
+    "restoration": "pipelines.restoration:restoration",
 }
 
 
@@ -20,7 +23,9 @@ def pipeline_names() -> list[str]:
 
 def get_pipeline(name: str) -> Pipeline:
     try:
-        factory = _PIPELINES[name]
+        target = _PIPELINES[name]
     except KeyError:
         raise KeyError(f"unknown pipeline {name!r} (available: {', '.join(pipeline_names())})") from None
-    return factory()
+    module, _, factory = target.partition(":")
+    pipeline: Pipeline = getattr(import_module(module), factory)()
+    return pipeline

@@ -101,6 +101,7 @@ from dicom_node.cli import (  # noqa: E402,F401
     run_cmds,
     serve_cmds,
     sim_cmds,
+    train_cmds,
     user_cmds,
 )
 

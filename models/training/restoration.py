@@ -75,7 +75,7 @@ def case_plan(
 ) -> list[CaseSpec]:
     """Which cases to simulate for a role; disjoint seeds per role, held-out test levels."""
     rng = np.random.default_rng([seed, _SEED_BASE[role]])
-    specs = []
+    specs: list[CaseSpec] = []
     k = 0
     while len(specs) < n:
         level = float(rng.uniform(0.0, 1.0))

@@ -1,0 +1,118 @@
+"""``dicom-node train restoration``: train (or fine-tune) the restoration model on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from dicom_node.cli import app, console, fail
+
+if TYPE_CHECKING:  # torch and friends load only when training runs
+    from models.training.restoration import Pair
+    from pipelines.volume import Volume
+
+train_app = typer.Typer(help="Train models (deterministic, seeded; CPU).", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+def _paired_series(low_dir: Path, ref_dir: Path) -> list[Pair]:
+    """A site's own paired series (same geometry, one low-dose and one reference) → pairs."""
+    import numpy as np
+    from pydicom import dcmread
+
+    from models.training.restoration import Pair
+    from pipelines.volume import SeriesError, load_series
+
+    def volume(directory: Path) -> Volume:
+        files = sorted(f for f in directory.rglob("*") if f.is_file())
+        if not files:
+            raise fail(f"{directory}: no files")
+        try:
+            return load_series([dcmread(f) for f in files])
+        except SeriesError as exc:
+            raise fail(f"{directory}: {exc}") from None
+
+    low, ref = volume(low_dir), volume(ref_dir)
+    if low.array.shape != ref.array.shape or not np.allclose(
+        [s.position for s in low.slices], [s.position for s in ref.slices], atol=0.01
+    ):
+        raise fail("the two series do not share their geometry slice for slice (positions differ)")
+    return [
+        Pair(
+            low=np.round(lo).astype(np.int16),
+            ref=np.round(re).astype(np.int16),
+            body=re > -500,
+            dose=float("nan"),
+            anatomy="site",
+        )
+        for lo, re in zip(low.array, ref.array, strict=True)
+    ]
+
+
+@train_app.command("restoration")
+def train_restoration(
+    out: Annotated[Path, typer.Option("--out", help="Directory for weights.pt and card.json.")] = Path(
+        "models/zoo/ldct-restoration/1.0"
+    ),
+    steps: Annotated[
+        int, typer.Option(min=1, help="Optimiser steps (sets the run time; ~0.06 s each).")
+    ] = 12_000,
+    train_cases: Annotated[int, typer.Option(min=2, help="Simulated training slices.")] = 360,
+    calib_cases: Annotated[
+        int, typer.Option(min=2, help="Held-out slices for the conformal calibration.")
+    ] = 40,
+    seed: Annotated[int, typer.Option(help="Seed: same seed, same weights.")] = 20261126,
+    version: Annotated[str, typer.Option(help="Model version written into the card.")] = "1.0",
+    paired_low: Annotated[
+        Path | None, typer.Option(help="Site data: a low-dose series directory (with --paired-reference).")
+    ] = None,
+    paired_reference: Annotated[
+        Path | None, typer.Option(help="Site data: the matching reference series.")
+    ] = None,
+    init: Annotated[
+        Path | None, typer.Option(help="Fine-tune from these weights (e.g. the shipped model).")
+    ] = None,
+) -> None:
+    """Train the low-dose CT restoration model (simulated data, or a site's paired series)."""
+    import torch
+    from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+
+    from models.training.restoration import TrainConfig, train
+
+    torch.set_num_threads(2)
+    pairs = calib = None
+    if (paired_low is None) != (paired_reference is None):
+        raise fail("give both --paired-low and --paired-reference, or neither")
+    if paired_low is not None and paired_reference is not None:
+        site = _paired_series(paired_low, paired_reference)
+        if len(site) < 4:
+            raise fail(f"only {len(site)} paired slices: need at least 4 (3/4 train, 1/4 calibration)")
+        cut = max(1, len(site) // 4)
+        pairs, calib = site[cut:], site[:cut]
+        console.print(f"site data: {len(pairs)} training and {len(calib)} calibration slice pairs")
+    config = TrainConfig(
+        seed=seed, steps=steps, train_cases=train_cases, calib_cases=calib_cases, version=version
+    )
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[loss]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def progress(stage: str, done: int, total: int, loss: float | None) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total, loss="")
+            bar.update(tasks[stage], completed=done, loss=f"loss {loss:.4f}" if loss is not None else "")
+
+        report = train(config, out, pairs=pairs, calib_pairs=calib, init_weights=init, progress=progress)
+    card = report.card
+    console.print(f"wrote {out / card.weights_file} (sha256 {card.weights_sha256}) and {out / 'card.json'}")
+    console.print(
+        f"trained in {report.seconds / 60:.1f} min; σ scale {card.sigma_scale}; {card.metrics}", markup=False
+    )
