@@ -21,6 +21,9 @@ interval ``mean ± z·sigma`` covers the truth (the reference image) with probab
   interval is the conformal one. Pixels of one image are not independent: draw the calibration
   set from whole held-out cases (slices), not from pixels of the test images.
 
+Pixels where the error or sigma is not finite (NaN sigma from a numerically negative local
+variance, say) are left out of every statistic.
+
 The truth is the full-dose reference (or the noise-free phantom when the question is the
 uncertainty about the object rather than about the reference scan).
 """
@@ -92,7 +95,9 @@ def _prepare(
     else:
         m = np.asarray(mask, dtype=bool)
         m = np.broadcast_to(m[None] if m.ndim == mu.ndim - 1 else m, mu.shape)
-    return np.abs(t - mu), sd, m
+    err = np.abs(t - mu)
+    m = m & np.isfinite(err) & np.isfinite(sd)
+    return err, sd, m
 
 
 def interval_coverage(
@@ -205,6 +210,7 @@ def sparsification(
     e = np.asarray(error_abs, dtype=np.float64)
     s = np.broadcast_to(np.asarray(sigma, dtype=np.float64), e.shape)
     m = np.ones(e.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), e.shape)
+    m = m & np.isfinite(e) & np.isfinite(s)
     e2 = e[m] ** 2
     sv = s[m]
     n = e2.size
@@ -249,7 +255,9 @@ def ause(error_abs: np.ndarray, sigma: np.ndarray, mask: np.ndarray | None = Non
     return float(sparsification(error_abs, sigma, mask)["ause"])
 
 
-def conformal_scale(residual_abs: np.ndarray, sigma: np.ndarray, coverage: float = 0.9) -> float:
+def conformal_scale(
+    residual_abs: np.ndarray, sigma: np.ndarray, coverage: float = 0.9, *, sigma_floor: float = 0.0
+) -> float:
     """Split-conformal multiplier ``q`` such that ``mean ± q·sigma`` has the stated coverage.
 
     Parameters
@@ -260,6 +268,10 @@ def conformal_scale(residual_abs: np.ndarray, sigma: np.ndarray, coverage: float
         Predicted sigma on the same pixels (broadcastable).
     coverage : float, optional
         Target coverage ``1 - alpha`` (0.9).
+    sigma_floor : float, optional
+        Sigma below this (HU) is raised to it before dividing. A model whose sigma is exactly 0 on
+        many pixels otherwise gets an infinite or absurd scale; use the same floor in
+        :func:`calibrated_sigma`. Default 0 (no floor; 1e-12 guards the division).
 
     Returns
     -------
@@ -272,18 +284,20 @@ def conformal_scale(residual_abs: np.ndarray, sigma: np.ndarray, coverage: float
         raise ValueError(f"coverage must be in (0, 1), got {coverage}")
     r = np.abs(np.asarray(residual_abs, dtype=np.float64))
     s = np.broadcast_to(np.asarray(sigma, dtype=np.float64), r.shape)
-    scores = (r / np.maximum(s, 1e-12)).ravel()
+    scores = (r / np.maximum(s, max(float(sigma_floor), 1e-12))).ravel()
     scores = scores[np.isfinite(scores)]
     n = scores.size
     if n == 0:
         raise ValueError("no finite calibration scores")
-    k = int(math.ceil((n + 1) * coverage))
+    k = int(math.ceil((n + 1) * coverage - 1e-9))  # tolerance: 100 * 0.9 is 90.00000000000001
     if k > n:
         return float("inf")
     return float(np.partition(scores, k - 1)[k - 1])
 
 
-def calibrated_sigma(sigma: np.ndarray, scale: float, z: float = Z90) -> np.ndarray:
+def calibrated_sigma(
+    sigma: np.ndarray, scale: float, z: float = Z90, *, sigma_floor: float = 0.0
+) -> np.ndarray:
     """Calibrated sigma ``sigma · scale / z`` from a conformal scale.
 
     With ``scale`` from :func:`conformal_scale` at coverage ``c`` and ``z = z_for_coverage(c)``,
@@ -298,13 +312,16 @@ def calibrated_sigma(sigma: np.ndarray, scale: float, z: float = Z90) -> np.ndar
         Conformal multiplier.
     z : float, optional
         The ``z`` the calibrated sigma will be used with (1.6449 for 90 %).
+    sigma_floor : float, optional
+        The floor used in :func:`conformal_scale` (sigma is raised to it first).
 
     Returns
     -------
     numpy.ndarray
-        ``sigma * scale / z`` (float32).
+        ``max(sigma, sigma_floor) * scale / z`` (float32).
     """
-    return (np.asarray(sigma, dtype=np.float64) * (float(scale) / float(z))).astype(np.float32)
+    s = np.maximum(np.asarray(sigma, dtype=np.float64), float(sigma_floor))
+    return (s * (float(scale) / float(z))).astype(np.float32)
 
 
 def calibration_summary(

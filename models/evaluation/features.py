@@ -45,6 +45,7 @@ from scipy import ndimage
 from torch import nn
 from torch.nn import functional as F
 
+from models.evaluation._threads import torch_threads
 from models.evaluation.results import FeatureResult
 
 #: Label every feature-based number and figure must carry.
@@ -59,11 +60,14 @@ FEATURE_NOTE = (
 #: Where the shipped encoder lives.
 SIM_ENCODER_DIR = Path(__file__).resolve().parents[1] / "zoo" / "sim-encoder" / SIM_ENCODER_VERSION
 WEIGHTS_FILE = "weights.safetensors"
-#: sha256 of the shipped ``weights.safetensors`` (pinned here so a changed card cannot vouch for changed weights).
-SIM_ENCODER_SHA256 = "0000000000000000000000000000000000000000000000000000000000000000"
+#: sha256 of the shipped ``weights.safetensors``, pinned in code so that an edited card cannot vouch for
+#: edited weights.
+SIM_ENCODER_SHA256 = "d1ff332f8061e493dc2a944c7080f99187337195b343c42486830fd1393b6cd8"
 #: Patch side the encoder was trained on.
 PATCH = 64
 EMBED_DIM = 64
+CHANNELS = (32, 48, 64, 96)
+STRIDES = (2, 2, 2, 2)
 #: Tissue groups of the auxiliary fraction task (values: :class:`models.sim.ctphysics.Tissue`).
 TISSUE_GROUPS: dict[str, tuple[int, ...]] = {
     "air": (0,),
@@ -141,7 +145,8 @@ def kid(
     n_subsets : int, optional
         Number of random subsets.
     subset_size : int, optional
-        Subset size (capped at ``min(n, m)``).
+        Subset size, capped at ``min(n, m)`` (when the cap applies every subset is a whole set and
+        the reported std is 0: use more samples for a spread).
     rng : numpy.random.Generator, optional
         Subset sampling (default seed 0, so the value is reproducible).
 
@@ -155,12 +160,21 @@ def kid(
     d = a.shape[1]
     size = min(subset_size, a.shape[0], b.shape[0])
     vals = []
+    full = max(a.shape[0], b.shape[0]) <= 4096  # kernels of the whole sets fit: index them per subset
+    if full:
+        kxx_all = (a @ a.T / d + 1.0) ** 3
+        kyy_all = (b @ b.T / d + 1.0) ** 3
+        kxy_all = (a @ b.T / d + 1.0) ** 3
     for _ in range(n_subsets):
-        xa = a[rng.choice(a.shape[0], size, replace=False)]
-        yb = b[rng.choice(b.shape[0], size, replace=False)]
-        kxx = (xa @ xa.T / d + 1.0) ** 3
-        kyy = (yb @ yb.T / d + 1.0) ** 3
-        kxy = (xa @ yb.T / d + 1.0) ** 3
+        ia = rng.choice(a.shape[0], size, replace=False)
+        ib = rng.choice(b.shape[0], size, replace=False)
+        if full:
+            kxx, kyy, kxy = kxx_all[np.ix_(ia, ia)], kyy_all[np.ix_(ib, ib)], kxy_all[np.ix_(ia, ib)]
+        else:
+            xa, yb = a[ia], b[ib]
+            kxx = (xa @ xa.T / d + 1.0) ** 3
+            kyy = (yb @ yb.T / d + 1.0) ** 3
+            kxy = (xa @ yb.T / d + 1.0) ** 3
         vals.append(_mmd2_unbiased(kxx, kyy, kxy))
     v = np.asarray(vals)
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
@@ -300,7 +314,9 @@ class SimEncoder(nn.Module):
     Parameters
     ----------
     channels : sequence of int
-        Widths of the five 3 x 3 conv blocks (strides 1, 2, 2, 2, 2; GroupNorm(8); ReLU).
+        Widths of the 3 x 3 conv blocks (GroupNorm(8), ReLU).
+    strides : sequence of int
+        Their strides (four stride-2 blocks: 64 -> 4 px).
     embed_dim : int
         Embedding size (64).
     n_tissues : int
@@ -309,12 +325,12 @@ class SimEncoder(nn.Module):
 
     def __init__(
         self,
-        channels: Sequence[int] = (16, 32, 48, 64, 96),
+        channels: Sequence[int] = CHANNELS,
+        strides: Sequence[int] = STRIDES,
         embed_dim: int = EMBED_DIM,
         n_tissues: int = len(TISSUE_GROUPS),
     ) -> None:
         super().__init__()
-        strides = (1, 2, 2, 2, 2)
         layers = []
         cin = 2
         for cout, s in zip(channels, strides, strict=True):
@@ -450,7 +466,8 @@ def load_sim_encoder(
             )
     arch = card.get("architecture", {})
     net = SimEncoder(
-        channels=tuple(arch.get("channels", (16, 32, 48, 64, 96))),
+        channels=tuple(arch.get("channels", CHANNELS)),
+        strides=tuple(arch.get("strides", STRIDES)),
         embed_dim=int(arch.get("embed_dim", EMBED_DIM)),
         n_tissues=int(arch.get("n_tissues", len(TISSUE_GROUPS))),
     )
@@ -491,7 +508,7 @@ def embed(patches_hu: np.ndarray, encoder: SimEncoder | None = None, *, batch_si
     if p.ndim == 2:
         p = p[None]
     out = []
-    with torch.inference_mode():
+    with torch.inference_mode(), torch_threads(1):
         for start in range(0, p.shape[0], batch_size):
             out.append(encoder(to_input(p[start : start + batch_size])).numpy())
     if not out:
@@ -649,7 +666,7 @@ def _task_loss(
     l_anat = F.binary_cross_entropy_with_logits(out[:, 0], anat)
     l_dose = F.mse_loss(out[:, 1], dose_t)
     l_frac = -(frac * F.log_softmax(out[:, 2:], dim=1)).sum(1).mean()
-    return l_anat + l_dose + l_frac, [float(l_anat), float(l_dose), float(l_frac)]
+    return l_anat + l_dose + l_frac, [float(l_anat.detach()), float(l_dose.detach()), float(l_frac.detach())]
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -662,7 +679,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def _evaluate(net: SimEncoder, data: dict[str, np.ndarray]) -> dict[str, float]:
     net.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), torch_threads(1):
         outs = [
             net.predict_tasks(to_input(data["patches"][s : s + 256]))[1]
             for s in range(0, len(data["patches"]), 256)
@@ -680,17 +697,18 @@ def _evaluate(net: SimEncoder, data: dict[str, np.ndarray]) -> dict[str, float]:
 def train_sim_encoder(
     out_dir: Path | str,
     seed: int = 0,
-    minutes: float = 4.0,
+    minutes: float = 4.5,
     *,
     n_cases: int = 96,
     n_val_cases: int = 8,
     patches_per_image: int = 16,
     size: int = 256,
     anatomies: Sequence[str] = ("head", "chest"),
-    max_steps: int = 1500,
+    max_steps: int = 2500,
+    min_steps: int = 1,
     batch_size: int = 64,
     lr: float = 2e-3,
-    threads: int = 2,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """Train the sim-encoder on simulated patches and write ``weights.safetensors`` + ``card.json``.
 
@@ -699,9 +717,11 @@ def train_sim_encoder(
     (references are dose 1.0) and a soft-label cross-entropy on the tissue fractions of the patch
     (:data:`TISSUE_GROUPS`). AdamW (weight decay 1e-4), cosine learning-rate decay over
     ``max_steps``, batches of ``batch_size`` with random 90-degree rotations and flips. Training
-    stops after ``max_steps`` or when ``minutes`` (wall clock, data simulation included) have
-    passed, whichever is first; with the same seed, thread count and torch build it is bit-for-bit
-    reproducible as long as the step budget, not the clock, ends it (the card records which).
+    stops after ``max_steps`` or when ``minutes`` of CPU time of this process (``time.process_time``,
+    all threads, data simulation included) are spent, whichever is first, but never before
+    ``min_steps``. With the same seed, thread count and torch build it is bit-for-bit reproducible
+    as long as the step budget, not the clock, ends it (the card records which). One thread is the
+    default: on a busy 2-core machine OpenMP threads spin and a step gets ~10x slower.
 
     Parameters
     ----------
@@ -710,7 +730,7 @@ def train_sim_encoder(
     seed : int, optional
         Seeds the data (cases, doses, patch positions) and the network initialisation/batches.
     minutes : float, optional
-        Wall-clock budget.
+        CPU-time budget in minutes.
     n_cases, n_val_cases : int, optional
         Training cases and held-out validation cases (disjoint case indices).
     patches_per_image : int, optional
@@ -721,6 +741,8 @@ def train_sim_encoder(
         Anatomies alternated over cases.
     max_steps : int, optional
         Optimiser steps.
+    min_steps : int, optional
+        Steps done even when the budget is spent (e.g. to test determinism of the first losses).
     batch_size : int, optional
         Batch size.
     lr : float, optional
@@ -747,6 +769,7 @@ def train_sim_encoder(
         else None
     )
     t_data = time.monotonic() - t0
+    c_data = time.process_time() - c0
 
     old_threads = torch.get_num_threads()
     old_det = torch.are_deterministic_algorithms_enabled()
@@ -770,7 +793,7 @@ def train_sim_encoder(
         hit_clock = False
         net.train()
         for _step in range(max_steps):
-            if history and time.monotonic() - t0 > budget:
+            if len(history) >= min_steps and time.process_time() - c0 > budget:
                 hit_clock = True
                 break
             idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
@@ -781,7 +804,7 @@ def train_sim_encoder(
             loss.backward()
             opt.step()
             sched.step()
-            history.append(float(loss))
+            history.append(float(loss.detach()))
             parts.append(comp)
         metrics = _evaluate(net, val) if val is not None else {}
         state = net.state_dict()
@@ -798,9 +821,10 @@ def train_sim_encoder(
         "version": SIM_ENCODER_VERSION,
         "label": SIM_ENCODER_LABEL,
         "what": (
-            "Small CNN (5 conv blocks, GroupNorm, global average pool, linear 64-d embedding) that embeds "
-            "64x64 CT patches (HU, two input windows) for feature-space distances (FID/KID/MMD) between "
-            "restored and reference images. Trained here with auxiliary supervised tasks."
+            "Small CNN (4 stride-2 3x3 conv blocks, GroupNorm, global average pool, linear 64-d "
+            "embedding) that embeds 64x64 CT patches (HU, two input windows) for feature-space "
+            "distances (FID/KID/MMD) between restored and reference images. Trained here with "
+            "auxiliary supervised tasks."
         ),
         "intended_use": (
             "Feature space for comparing image sets of simulated CT in this project's evaluation "
@@ -818,7 +842,8 @@ def train_sim_encoder(
         "weights_sha256": digest,
         "weights_bytes": weights.stat().st_size,
         "architecture": {
-            "channels": [16, 32, 48, 64, 96],
+            "channels": list(CHANNELS),
+            "strides": list(STRIDES),
             "embed_dim": EMBED_DIM,
             "n_tissues": len(TISSUE_GROUPS),
             "input": "(n, 2, 64, 64): clip(HU,-1000,2000)/1000 and clip(HU-40,-200,200)/100",
@@ -826,7 +851,9 @@ def train_sim_encoder(
         },
         "training": {
             "seed": seed,
-            "data_seed_formula": "case seed = seed * 100000 + case index; per-case rng = default_rng([seed, i, 7])",
+            "data_seed_formula": (
+                "case seed = seed * 100000 + case index i; per-case rng = default_rng([seed, i, 7])"
+            ),
             "loss": "BCE(anatomy) + MSE(standardised log10 dose) + soft cross-entropy(tissue fractions)",
             "tissue_groups": {k: list(v) for k, v in TISSUE_GROUPS.items()},
             "dose_standardisation": {"mu": DOSE_MU, "sd": DOSE_SD},
@@ -835,7 +862,8 @@ def train_sim_encoder(
             "augmentation": "random rot90 and horizontal flip",
             "steps": len(history),
             "max_steps": max_steps,
-            "stopped_by_clock": hit_clock,
+            "stopped_by_cpu_budget": hit_clock,
+            "cpu_budget_minutes": float(minutes),
             "n_train_patches": int(n),
             "n_val_patches": int(len(val["patches"])) if val is not None else 0,
             "first_losses": history[:5],
@@ -843,6 +871,7 @@ def train_sim_encoder(
                 zip(["anatomy_bce", "dose_mse", "fraction_ce"], tail, strict=True)
             ),
             "data_wall_s": round(t_data, 1),
+            "data_cpu_s": round(c_data, 1),
             "wall_s": round(time.monotonic() - t0, 1),
             "cpu_s": round(time.process_time() - c0, 1),
             "threads": threads,

@@ -232,9 +232,10 @@ def remove_structures(
     Each mask, dilated by ``dilate_px`` (to take the partial-volume edge too), is replaced by the
     least-squares plane fitted to the surrounding ring (``ring_px`` wide; the ring mean plus the
     local gradient; ring pixels more than 3 robust SDs from the ring median, i.e. a neighbouring
-    tissue, are left out of the fit) plus *matched texture*: the same-shaped patch from a nearby position that is
-    free of structures, with its own plane removed, chosen among ``n_candidates`` random offsets as
-    the one whose standard deviation is closest to that of the ring residual. If no candidate
+    tissue, are left out of the fit) plus *matched texture*: the same-shaped patch from a nearby
+    position that is free of structures, with its own plane removed, chosen among
+    ``n_candidates`` random offsets as the one whose standard deviation is closest to that of the
+    ring residual. If no candidate
     fits, white Gaussian noise of the ring residual's standard deviation is used instead.
 
     Parameters
@@ -388,8 +389,7 @@ def region_scores(score_map: np.ndarray, masks: Sequence[np.ndarray], reduce: Re
     numpy.ndarray
         float64 scores, one per mask (NaN for an empty mask).
     """
-    fn = {"max": np.max, "mean": np.mean}.get(reduce)
-    if fn is None:
+    if reduce not in ("max", "mean"):
         raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
     score = np.asarray(score_map, dtype=np.float64)
     vals = []
@@ -397,7 +397,10 @@ def region_scores(score_map: np.ndarray, masks: Sequence[np.ndarray], reduce: Re
         mm = np.asarray(m, dtype=bool)
         if mm.shape != score.shape:
             raise ValueError(f"mask shape {mm.shape} does not match score map {score.shape}")
-        vals.append(float(fn(score[mm])) if mm.any() else float("nan"))
+        if not mm.any():
+            vals.append(float("nan"))
+        else:
+            vals.append(float(score[mm].max() if reduce == "max" else score[mm].mean()))
     return np.asarray(vals, dtype=np.float64)
 
 

@@ -20,7 +20,8 @@ Two measures on simulated cases whose lesions are known exactly
   Signal responses ``t_s`` are taken at the lesion locations, noise responses ``t_n`` by the
   same templates at lesion-free control locations of the same images (random positions whose
   whole window lies inside ``control_masks`` — e.g. the lesions' host tissue,
-  :func:`host_tissue_mask` — and contains no lesion pixel). ``d' = (mean(t_s) - mean(t_n)) / sqrt((var(t_s) + var(t_n)) / 2)``.
+  :func:`host_tissue_mask` — and contains no lesion pixel), and
+  ``d' = (mean(t_s) - mean(t_n)) / sqrt((var(t_s) + var(t_n)) / 2)``.
 
   Because the response is normalised, ``t_s`` estimates the fraction of the expected signal
   present and the pooled d' over lesions of different size and contrast is the d' of the mixed
