@@ -96,6 +96,7 @@ def _root(
 # Command modules register themselves on `app` on import.
 from dicom_node.cli import (  # noqa: E402,F401
     audit_cmds,
+    eval_cmds,
     inspect_cmds,
     net_cmds,
     run_cmds,

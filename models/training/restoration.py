@@ -123,7 +123,7 @@ class TrainConfig:
     batch: int = 16
     patch: int = 96
     lr: float = 2e-3
-    nll_weight: float = 0.05
+    nll_weight: float = 0.1
     arch: Architecture = field(default_factory=Architecture)
     name: str = "ldct-restoration"
     version: str = "1.0"
