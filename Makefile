@@ -22,6 +22,7 @@ lint: deps
 bench: deps
 	$(BIN)/python tests/bench/bench_ingest.py
 	$(BIN)/python tests/bench/bench_audit.py
+	$(BIN)/python tests/bench/bench_restoration_e2e.py
 
 clean:
 	rm -rf demo-home .pytest_cache .ruff_cache .mypy_cache

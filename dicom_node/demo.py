@@ -1,14 +1,18 @@
 """``dicom-node demo``: the main job end to end, on embedded defaults, in one command.
 
-Starts a local PACS (Orthanc when installed, otherwise a bare pynetdicom store SCP), a
-real ``dicom-node serve`` process routing everything to it with the ``forward``
-pipeline, a simulated CT scanner that sends a study (dcmtk ``storescu`` when installed),
-then waits for the delivery, verifies that the PACS holds the study, prints what
-happened and where everything is, and stops what it started.
+Starts a local PACS (Orthanc when installed, otherwise a bare pynetdicom store SCP) and a
+real ``dicom-node serve`` process whose route sends low-dose CT (CTDIvol below 5 mGy) to
+the ``restoration`` pipeline and the results to the PACS. A simulated low-dose CT scanner
+(the physics-based simulator) sends a study with dcmtk ``storescu``; the demo waits for
+the delivery, checks that the PACS holds the restored series, both maps, the SEG and the
+SR under the original study, prints what happened, the shipped model's evaluation
+figures (computed on simulated data) and where everything is, and stops what it started.
+``--pipeline forward`` runs the plain backbone instead (the study delivered unchanged).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -29,7 +33,7 @@ from dicom_node.localpeers import (
     storescu,
 )
 from dicom_node.net.sender import send_series
-from dicom_node.simulate import write_ct_series
+from dicom_node.simulate import FULL_DOSE_CTDIVOL, LdctSpec, write_ct_series, write_ldct_study
 from models.sim.phantom import PhantomSpec
 from pipelines.base import OutputInstance
 
@@ -48,8 +52,9 @@ class DemoResult:
     seconds_to_delivered: float
 
 
-def _config(pacs_aet: str, pacs_port: int) -> str:
-    return f"""# Written by `dicom-node demo`: forward every study to the local PACS.
+def _config(pacs_aet: str, pacs_port: int, pipeline: str) -> str:
+    condition = 'modality = "CT"\nmax_ctdivol = 5.0\n' if pipeline == "restoration" else ""
+    return f"""# Written by `dicom-node demo`: {pipeline} for every matching study, results to the local PACS.
 [completeness]
 stable_seconds = 3
 
@@ -68,9 +73,9 @@ profile = "pacs"
 
 [[routes]]
 calling_ae = "*"
-pipeline = "forward"
+pipeline = "{pipeline}"
 destinations = ["pacs"]
-"""
+{condition}"""
 
 
 def _send(study_dir: Path, port: int, aet: str, console: Console) -> str:
@@ -101,8 +106,71 @@ def _send(study_dir: Path, port: int, aet: str, console: Console) -> str:
     return "pynetdicom (dcmtk storescu not installed)"
 
 
+def _evaluation_table(console: Console) -> None:
+    """The shipped restoration model's evaluation figures (from its evaluation summary)."""
+    summary_path = (
+        Path(__file__).resolve().parents[1]
+        / "models"
+        / "zoo"
+        / "ldct-restoration"
+        / "1.0"
+        / "evaluation.json"
+    )
+    if not summary_path.exists():
+        console.print("(no evaluation summary shipped with the model; run `dicom-node evaluate restoration`)")
+        return
+    summary = json.loads(summary_path.read_text())
+    table = Table(
+        title="shipped model, held-out SIMULATED test set (dicom-node evaluate restoration)",
+        title_justify="left",
+    )
+    for col in (
+        "dose",
+        "PSNR input",
+        "PSNR model",
+        "gain",
+        "vs NLM",
+        "vs BM3D",
+        "90% coverage",
+        "lesion contrast",
+    ):
+        table.add_column(col)
+    for dose, d in summary.get("doses", {}).items():
+        psnr = d["psnr_db"]
+        table.add_row(
+            dose,
+            f"{psnr['low-dose input']:.2f} dB",
+            f"{psnr['model']:.2f} dB",
+            f"+{d['psnr_gain_over_input_db']:.2f} dB",
+            f"{d['psnr_gain_over_nlm_db']:+.2f} dB",
+            f"{d['psnr_gain_over_bm3d_db']:+.2f} dB" if "psnr_gain_over_bm3d_db" in d else "-",
+            f"{d['coverage_90']:.3f}",
+            f"{d['lesion_contrast_ratio'].get('model', float('nan')):.2f}",
+        )
+    console.print(table)
+    aurocs: dict[str, float] = next(
+        (d["hallucination_auroc"] for d in summary.get("doses", {}).values() if "hallucination_auroc" in d),
+        {},
+    )
+    if aurocs:
+        console.print(
+            "hallucination map AUROC (simulated): " + "; ".join(f"{k} {v:.3f}" for k, v in aurocs.items())
+        )
+    if "inference_slices_per_s_512" in summary:
+        console.print(
+            f"inference: {summary['inference_slices_per_s_512']} slices/s at 512x512 incl. maps "
+            "(measured on this machine)"
+        )
+
+
 def run_demo(
-    home: Path, console: Console, *, slices: int = 24, size: int = 256, timeout: float = 180
+    home: Path,
+    console: Console,
+    *,
+    slices: int = 12,
+    size: int = 512,
+    pipeline: str = "restoration",
+    timeout: float = 300,
 ) -> DemoResult:
     home = home.resolve()
     for leftover in ("var", "orthanc-demo_pacs", "minipacs"):
@@ -118,7 +186,7 @@ def run_demo(
     else:
         pacs = MiniPACS(home, aet="DEMO_PACS").start()
         pacs_name = f"pynetdicom store SCP in {pacs.dir} (Orthanc not installed)"
-    node = NodeProcess(home, _config(pacs.aet, pacs.dicom_port))
+    node = NodeProcess(home, _config(pacs.aet, pacs.dicom_port, pipeline))
     try:
         console.print(f"[bold]1.[/] local PACS up: {pacs_name}, AE {pacs.aet} on 127.0.0.1:{pacs.dicom_port}")
         node.start()
@@ -128,11 +196,22 @@ def run_demo(
         study_dir = home / "scanner-out"
         if study_dir.exists():
             shutil.rmtree(study_dir)
-        study = write_ct_series(study_dir, PhantomSpec(rows=size, columns=size, slices=slices, seed=7))
+        if pipeline == "restoration":
+            study, _reference = write_ldct_study(
+                study_dir, LdctSpec(slices=slices, size=size, dose=0.25, seed=7)
+            )
+            sent_dir = study_dir / "low-dose"
+            what = (
+                f"a SIMULATED low-dose chest CT (25% dose, CTDIvol {0.25 * FULL_DOSE_CTDIVOL['chest']:g} mGy)"
+            )
+        else:
+            study = write_ct_series(study_dir, PhantomSpec(rows=size, columns=size, slices=slices, seed=7))
+            sent_dir = study_dir
+            what = "a SIMULATED CT"
         console.print(
-            f"[bold]3.[/] simulated CT scanner wrote {slices} slices ({size}x{size}) to {study_dir}"
+            f"[bold]3.[/] simulated scanner wrote {what}: {slices} slices ({size}x{size}) to {study_dir}"
         )
-        how = _send(study_dir, node.port, node.ae_title, console)
+        how = _send(sent_dir, node.port, node.ae_title, console)
         console.print(f"[bold]4.[/] scanner sent the study with {how}")
         db = Database(f"sqlite:///{home / 'var' / 'node.db'}")
         deadline = time.time() + timeout
@@ -147,24 +226,29 @@ def run_demo(
             raise DemoFailed(f"the study was not delivered within {timeout:.0f} s; see {home / 'var/log'}")
         if job["state"] != "delivered":
             raise DemoFailed(f"job {job['id']} ended {job['state']}: {job['reason']}")
+        deliveries = [d for d in queries.list_deliveries(db) if d["job_id"] == job["id"]]
+        expected = slices + (len(deliveries) - 1 if pipeline == "restoration" else 0)
         if isinstance(pacs, Orthanc):
             series = pacs.series_of_study(study.study_uid)
             in_pacs = sum(len(s["Instances"]) for s in series)
+            kinds = ", ".join(sorted(s["MainDicomTags"].get("SeriesDescription", "?") for s in series))
         else:
-            in_pacs = pacs.count()
-        if in_pacs != slices:
-            raise DemoFailed(f"the PACS holds {in_pacs} of {slices} instances")
+            in_pacs, kinds = pacs.count(), ""
+        if in_pacs != expected:
+            raise DemoFailed(f"the PACS holds {in_pacs} of {expected} instances")
         console.print(
-            f"[bold]5.[/] study ready, job {job['id']} ran `forward`, PACS confirms {in_pacs} instances"
+            f"[bold]5.[/] study ready, job {job['id']} ran `{pipeline}`, PACS confirms {in_pacs} instances "
+            f"in {len(deliveries)} series under the original study"
         )
-        deliveries = [d for d in queries.list_deliveries(db) if d["job_id"] == job["id"]]
+        if kinds:
+            console.print(f"   series in the PACS: {kinds}")
         studies = queries.list_studies(db)
         db.dispose()
         summary = Table(title="what happened", title_justify="left", show_header=False)
         summary.add_row("study", study.study_uid)
         summary.add_row("received", f"{studies[0]['instances']} instances from {studies[0]['source_ae']}")
         summary.add_row(
-            "job", f"#{job['id']} forward (study version {job['study_version']}) → {job['state']}"
+            "job", f"#{job['id']} {pipeline} (study version {job['study_version']}) → {job['state']}"
         )
         for d in deliveries:
             summary.add_row(
@@ -174,6 +258,8 @@ def run_demo(
             )
         summary.add_row("end to end", f"{time.time() - started:.1f} s (includes the 3 s completeness wait)")
         console.print(summary)
+        if pipeline == "restoration":
+            _evaluation_table(console)
         where = Table(title="where everything is", title_justify="left", show_header=False)
         where.add_row("config", str(node.config_path))
         where.add_row("received files", str(home / "var" / "data" / "studies"))

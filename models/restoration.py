@@ -64,6 +64,17 @@ def to_network(hu: np.ndarray) -> np.ndarray:
     return (np.clip(hu, *HU_CLIP) / HU_SCALE).astype(np.float32)
 
 
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` (shipped format) or a legacy ``.pt`` file."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state: dict[str, torch.Tensor] = torch.load(path, map_location="cpu", weights_only=True)
+    return state
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -134,7 +145,7 @@ class RestorationModel:
         a = self.meta.architecture
         arch = Architecture(tuple(a["channels"]), tuple(a["strides"]), int(a["num_res_units"]))
         self.net = arch.build()
-        self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.net.load_state_dict(load_weights(weights))
         self.net.eval()
         self.card = self.meta.model_card()
         self.batch = batch

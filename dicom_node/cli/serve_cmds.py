@@ -98,17 +98,20 @@ def demo(
     home: Annotated[
         Path, typer.Option("--home", help="Where the demo keeps its state (wiped first).")
     ] = Path("demo-home"),
-    slices: Annotated[int, typer.Option(min=1, max=500, help="Slices of the simulated CT.")] = 24,
-    size: Annotated[int, typer.Option(min=32, max=1024, help="Rows/columns of the simulated CT.")] = 256,
+    slices: Annotated[int, typer.Option(min=1, max=500, help="Slices of the simulated CT.")] = 12,
+    size: Annotated[int, typer.Option(min=64, max=1024, help="Rows/columns of the simulated CT.")] = 512,
+    pipeline: Annotated[str, typer.Option(help="restoration (default) or forward.")] = "restoration",
     config: ConfigOpt = None,
 ) -> None:
     """Run the main job end to end: local PACS, node, simulated scanner, delivery, summary."""
     from dicom_node.cli import console
     from dicom_node.demo import DemoFailed, run_demo
 
+    if pipeline not in ("restoration", "forward"):
+        raise fail(f"--pipeline {pipeline!r}: choose restoration or forward")
     if config is not None:
         raise fail("demo writes its own config (a route to its local PACS); run it without --config")
     try:
-        run_demo(home, console, slices=slices, size=size)
+        run_demo(home, console, slices=slices, size=size, pipeline=pipeline)
     except DemoFailed as exc:
         raise fail(f"demo failed: {exc}") from None

@@ -24,6 +24,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from scipy import ndimage
 
 from models.restoration import (
@@ -31,6 +32,7 @@ from models.restoration import (
     Z90,
     Architecture,
     RestorationCard,
+    load_weights,
     sha256_of,
     to_network,
 )
@@ -231,7 +233,7 @@ def train(
 
     net = config.arch.build()
     if init_weights is not None:
-        net.load_state_dict(torch.load(init_weights, map_location="cpu", weights_only=True))
+        net.load_state_dict(load_weights(init_weights))
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.05
@@ -259,8 +261,10 @@ def train(
     tell("calibrating", 1, 1)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / "weights.pt"
-    torch.save(net.state_dict(), weights)
+    weights = out_dir / "weights.safetensors"
+    # safetensors: byte-identical for identical tensors (torch.save embeds a random id),
+    # so the same seed gives the same weights hash.
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
     card = RestorationCard(
         name=config.name,
         version=config.version,
