@@ -16,8 +16,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipelines.registry import pipeline_names
-
 CONFIG_FILENAME = "dicom-node.toml"
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII except backslash
 
@@ -102,41 +100,14 @@ class Destination(_Section):
     _ae = field_validator("ae_title")(_check_ae_title)
 
 
-class Route(_Section):
-    """Calling AE (and, optionally, what the study holds) → pipeline + destinations.
+class PolicySection(_Section):
+    """Which studies go to which pipeline, and what gates the outputs (a YAML policy file)."""
 
-    A placeholder until the policy engine. With ``modality``, ``max_ctdivol`` or
-    ``series_description`` set, the study must hold a series of that modality whose
-    CTDIvol is below ``max_ctdivol`` *or* whose Series Description matches the regular
-    expression (either condition alone when only one is set).
-    """
-
-    calling_ae: str = "*"
-    pipeline: str = "forward"
-    destinations: tuple[str, ...] = ()
-    modality: str | None = None
-    #: mGy; e.g. 5 to send low-dose CT to restoration.
-    max_ctdivol: float | None = Field(None, gt=0)
-    #: Case-insensitive regular expression on Series Description, e.g. "low.?dose|ldct".
-    series_description: str | None = None
-
-    @field_validator("series_description")
-    @classmethod
-    def _valid_regex(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from None
-        return value
-
-    @field_validator("pipeline")
-    @classmethod
-    def _known_pipeline(cls, value: str) -> str:
-        names = pipeline_names()
-        if value not in names:
-            raise ValueError(f"unknown pipeline {value!r} (available: {', '.join(names)})")
-        return value
+    #: The policy file (relative to <home> unless absolute). None: no study is processed —
+    #: the node stores only. Start from policies/default.yaml.
+    file: str | None = None
+    #: How often the file is checked for changes (SIGHUP reloads at once).
+    reload_seconds: float = Field(2.0, gt=0)
 
 
 class OutboxSection(_Section):
@@ -221,7 +192,7 @@ class NodeConfig(_Section):
     callers: tuple[Caller, ...] = ()
     completeness: CompletenessSection = CompletenessSection()
     destinations: dict[str, Destination] = {}
-    routes: tuple[Route, ...] = ()
+    policy: PolicySection = PolicySection()
     outbox: OutboxSection = OutboxSection()
     workers: WorkersSection = WorkersSection()
     storage: StorageSection = StorageSection()
@@ -229,16 +200,12 @@ class NodeConfig(_Section):
     web: WebSection = WebSection()
     logging: LoggingSection = LoggingSection()
 
-    @model_validator(mode="after")
-    def _routes_name_known_destinations(self) -> NodeConfig:
-        for i, route in enumerate(self.routes):
-            for name in route.destinations:
-                if name not in self.destinations:
-                    known = ", ".join(sorted(self.destinations)) or "none defined"
-                    raise ValueError(
-                        f"routes[{i}].destinations: unknown destination {name!r} (known: {known})"
-                    )
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _routes_moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "routes" in data:
+            raise ValueError("[[routes]] moved to a policy file: set [policy] file (policies/default.yaml)")
+        return data
 
     def caller(self, ae_title: str) -> Caller | None:
         for caller in self.callers:

@@ -1,13 +1,14 @@
 """``dicom-node demo``: the main job end to end, on embedded defaults, in one command.
 
 Starts a local PACS (Orthanc when installed, otherwise a bare pynetdicom store SCP) and a
-real ``dicom-node serve`` process whose route sends low-dose CT (CTDIvol below 5 mGy) to
-the ``restoration`` pipeline and the results to the PACS. A simulated low-dose CT scanner
-(the physics-based simulator) sends a study with dcmtk ``storescu``; the demo waits for
-the delivery, checks that the PACS holds the restored series, both maps, the SEG and the
-SR under the original study, prints what happened, the shipped model's evaluation
-figures (computed on simulated data) and where everything is, and stops what it started.
-``--pipeline forward`` runs the plain backbone instead (the study delivered unchanged).
+real ``dicom-node serve`` process whose policy (the shipped ``policies/default.yaml``)
+sends low-dose CT (CTDIvol below 5 mGy) to the ``restoration`` pipeline and the results to
+the PACS. A simulated low-dose CT scanner (the physics-based simulator) sends a study with
+dcmtk ``storescu``; the demo waits for the delivery, checks that the PACS holds the
+restored series, both maps, the SEG and the SR under the original study, prints what
+happened, the shipped model's evaluation figures (computed on simulated data) and where
+everything is, and stops what it started. ``--pipeline forward`` runs the plain backbone
+instead (the study delivered unchanged).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dicom_node.localpeers import (
     NodeProcess,
     Orthanc,
     have,
+    policy_yaml,
     storescu,
 )
 from dicom_node.net.sender import send_series
@@ -53,7 +55,6 @@ class DemoResult:
 
 
 def _config(pacs_aet: str, pacs_port: int, pipeline: str) -> str:
-    condition = 'modality = "CT"\nmax_ctdivol = 5.0\n' if pipeline == "restoration" else ""
     return f"""# Written by `dicom-node demo`: {pipeline} for every matching study, results to the local PACS.
 [completeness]
 stable_seconds = 3
@@ -71,11 +72,16 @@ host = "127.0.0.1"
 port = {pacs_port}
 profile = "pacs"
 
-[[routes]]
-calling_ae = "*"
-pipeline = "{pipeline}"
-destinations = ["pacs"]
-{condition}"""
+[policy]
+file = "policy.yaml"
+"""
+
+
+def _policy(pipeline: str) -> str:
+    """The shipped default policy for the restoration demo; a forward-all rule otherwise."""
+    if pipeline == "restoration":
+        return (Path(__file__).resolve().parents[1] / "policies" / "default.yaml").read_text()
+    return policy_yaml(pipeline, name=f"demo-{pipeline}-everything")
 
 
 def _send(study_dir: Path, port: int, aet: str, console: Console) -> str:
@@ -145,7 +151,8 @@ def _evaluation_table(console: Console) -> None:
             f"{d['psnr_gain_over_nlm_db']:+.2f} dB",
             f"{d['psnr_gain_over_bm3d_db']:+.2f} dB" if "psnr_gain_over_bm3d_db" in d else "-",
             f"{d['coverage_90']:.3f}",
-            f"{d['lesion_contrast_ratio'].get('model', float('nan')):.2f}",
+            f"{d['lesion_contrast_ratio'].get('model', float('nan')):.2f} "
+            f"(full dose {d.get('lesion_contrast_ratio_reference', float('nan')):.2f})",
         )
     console.print(table)
     aurocs: dict[str, float] = next(
@@ -186,7 +193,7 @@ def run_demo(
     else:
         pacs = MiniPACS(home, aet="DEMO_PACS").start()
         pacs_name = f"pynetdicom store SCP in {pacs.dir} (Orthanc not installed)"
-    node = NodeProcess(home, _config(pacs.aet, pacs.dicom_port, pipeline))
+    node = NodeProcess(home, _config(pacs.aet, pacs.dicom_port, pipeline), policy=_policy(pipeline))
     try:
         console.print(f"[bold]1.[/] local PACS up: {pacs_name}, AE {pacs.aet} on 127.0.0.1:{pacs.dicom_port}")
         node.start()

@@ -40,6 +40,7 @@ class PendingInstance:
     calling_ae: str | None
     peer_host: str | None
     received_at: float
+    called_ae: str | None = None
     recovered: bool = False
     _sha256: str | None = field(default=None, repr=False)
 
@@ -158,6 +159,7 @@ def index_batch(conn: Connection, batch: list[PendingInstance], cache: _IdCache)
                 "size": p.size,
                 "sha256": p.sha256(),
                 "calling_ae": p.calling_ae,
+                "called_ae": p.called_ae,
                 "peer_host": p.peer_host,
                 "received_at": p.received_at,
                 "tags": f.tags,

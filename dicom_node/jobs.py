@@ -98,6 +98,11 @@ def create_job(
     destinations: list[str],
     instance_ids: list[int],
     actor: str | None = None,
+    rule: str | None = None,
+    gate: str = "auto",
+    qc_policy: dict[str, object] | None = None,
+    options: dict[str, object] | None = None,
+    series_uid: str | None = None,
 ) -> int:
     """Insert a job in ``queued`` with its input snapshot, in the caller's transaction."""
     now = time.time()
@@ -109,6 +114,11 @@ def create_job(
                     study_version=study_version,
                     pipeline=pipeline,
                     destinations=destinations,
+                    rule=rule,
+                    gate=gate,
+                    qc_policy=qc_policy or {},
+                    options=options or {},
+                    series_uid=series_uid,
                     state=JobState.QUEUED.value,
                     runs=0,
                     created_at=now,
@@ -134,6 +144,7 @@ def audit_transition(
     from_state: JobState | None,
     to_state: JobState,
     reason: str | None = None,
+    actor: str | None = None,
 ) -> None:
     """Record a committed transition in the audit log (facts read from the job row)."""
     row = conn.execute(
@@ -146,6 +157,7 @@ def audit_transition(
     audit.record(
         AuditEvent.JOB_TRANSITION,
         outcome,
+        actor=actor,
         study_uid=row.study_uid,
         patient_id=row.patient_id,
         job_id=job_id,

@@ -196,6 +196,29 @@ class Orthanc:
         return dict(self.get("/statistics"))
 
 
+def policy_yaml(
+    pipeline: str = "forward",
+    destinations: tuple[str, ...] = ("pacs",),
+    *,
+    gate: str = "auto",
+    match: dict[str, Any] | None = None,
+    select: dict[str, Any] | None = None,
+    qc: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
+    name: str = "local-rule",
+    mode: str = "first-match",
+) -> str:
+    """A one-rule policy file (what the demo, the tests and the benchmarks route by)."""
+    import yaml
+
+    rule: dict[str, Any] = {"name": name, "pipeline": pipeline, "destinations": list(destinations)}
+    rule["gate"] = gate
+    for key, value in (("match", match), ("select", select), ("qc", qc), ("options", options)):
+        if value:
+            rule[key] = value
+    return str(yaml.safe_dump({"version": 1, "mode": mode, "rules": [rule]}, sort_keys=False))
+
+
 class NodeProcess:
     """``dicom-node serve`` as a real process on its own home, port and config."""
 
@@ -206,8 +229,13 @@ class NodeProcess:
         port: int | None = None,
         ae_title: str = "DICOM_NODE",
         web_port: int | None = 0,
+        policy: str | None = None,
     ) -> None:
-        """``web_port``: 0 (default) turns the web pages off; None keeps the config's."""
+        """``web_port``: 0 (default) turns the web pages off; None keeps the config's.
+
+        ``policy`` is written to ``<home>/policy.yaml`` (default: forward everything to
+        ``pacs``); it is used when the config says ``[policy] file = "policy.yaml"``.
+        """
         self.web_port = web_port
         self.home = home
         self.home.mkdir(parents=True, exist_ok=True)
@@ -215,6 +243,8 @@ class NodeProcess:
         self.ae_title = ae_title
         self.config_path = home / "dicom-node.toml"
         self.config_path.write_text(config_text)
+        self.policy_path = home / "policy.yaml"
+        self.policy_path.write_text(policy if policy is not None else policy_yaml())
         self.proc: subprocess.Popen[bytes] | None = None
         self.stdout = home / "serve.out"
 

@@ -55,11 +55,8 @@ def backoff_seconds(policy: OutboxSection, attempts: int) -> float:
     return float(min(delay, policy.backoff_max_seconds))
 
 
-def create_deliveries(
-    conn: Connection, job_id: int, outputs: tuple[OutputInstance, ...], destinations: list[str]
-) -> int:
-    """Record the job's outputs and one pending delivery per series per destination."""
-    now = time.time()
+def record_outputs(conn: Connection, job_id: int, outputs: tuple[OutputInstance, ...]) -> None:
+    """Record the files a job produced (whether or not they may leave yet)."""
     if outputs:
         conn.execute(
             insert(t.job_outputs),
@@ -75,7 +72,23 @@ def create_deliveries(
                 for o in outputs
             ],
         )
-    series_uids = sorted({o.series_uid for o in outputs})
+
+
+def queue_deliveries(conn: Connection, job_id: int, destinations: list[str]) -> int:
+    """One pending delivery per recorded output series per destination (idempotent)."""
+    now = time.time()
+    series_uids = sorted(
+        set(
+            conn.execute(select(t.job_outputs.c.series_uid).where(t.job_outputs.c.job_fk == job_id)).scalars()
+        )
+    )
+    existing = set(
+        conn.execute(
+            select(t.deliveries.c.series_uid, t.deliveries.c.destination).where(
+                t.deliveries.c.job_fk == job_id
+            )
+        ).all()
+    )
     rows = [
         {
             "job_fk": job_id,
@@ -88,10 +101,19 @@ def create_deliveries(
         }
         for s in series_uids
         for d in destinations
+        if (s, d) not in existing
     ]
     if rows:
         conn.execute(insert(t.deliveries), rows)
     return len(rows)
+
+
+def create_deliveries(
+    conn: Connection, job_id: int, outputs: tuple[OutputInstance, ...], destinations: list[str]
+) -> int:
+    """Record the job's outputs and queue one delivery per series per destination."""
+    record_outputs(conn, job_id, outputs)
+    return queue_deliveries(conn, job_id, destinations)
 
 
 class Outbox:
@@ -114,6 +136,8 @@ class Outbox:
                 .where(
                     t.deliveries.c.state == DeliveryState.PENDING.value,
                     t.deliveries.c.next_attempt_at <= now,
+                    # defence in depth: a held, failed or shadow job never sends anything
+                    t.jobs.c.state == JobState.DELIVERING.value,
                 )
                 .order_by(t.deliveries.c.next_attempt_at, t.deliveries.c.id)
                 .limit(1)

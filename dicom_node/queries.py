@@ -90,6 +90,8 @@ def list_jobs(db: Database, state: str | None = None, study_uid: str | None = No
             t.studies.c.study_uid,
             t.jobs.c.study_version,
             t.jobs.c.pipeline,
+            t.jobs.c.rule,
+            t.jobs.c.gate,
             t.jobs.c.destinations,
             t.jobs.c.state,
             t.jobs.c.reason,

@@ -24,7 +24,7 @@ from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
 from dicom_node.indexer import PendingInstance
 from dicom_node.jobs import JobState, create_job
-from dicom_node.routing import SeriesFacts, routes_for
+from dicom_node.routing import PolicyRouter
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,15 @@ log = logging.getLogger(__name__)
 class StudyReadiness:
     """Tracks when studies stop changing and turns them into jobs."""
 
-    def __init__(self, config: NodeConfig, db: Database, audit: AuditTrail, actor: str | None = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        db: Database,
+        audit: AuditTrail,
+        actor: str | None = None,
+        router: PolicyRouter | None = None,
+    ) -> None:
+        self.router = router
         self.config = config
         self.db = db
         self.audit = audit
@@ -115,7 +123,7 @@ class StudyReadiness:
             log.info("readiness: re-armed %d pending stud(ies) from the index", len(rows))
 
     def make_ready(self, study_uid: str) -> list[int]:
-        """Snapshot the study into one job per matching route. Returns the new job ids."""
+        """Snapshot the study into one job per rule the policy chooses. Returns the new job ids."""
         job_ids: list[int] = []
         with self.db.write() as conn:
             study = conn.execute(
@@ -140,30 +148,22 @@ class StudyReadiness:
                     )
                 ).scalars()
             )
-            facts = [
-                SeriesFacts(row.modality, row.description, row.ctdivol)
-                for row in conn.execute(
-                    select(
-                        t.series.c.modality,
-                        t.series.c.description,
-                        func.min(t.instances.c.tags["CTDIvol"].as_float()).label("ctdivol"),
-                    )
-                    .join(t.instances, t.instances.c.series_fk == t.series.c.id)
-                    .where(t.series.c.study_fk == study.id, t.instances.c.current.is_(True))
-                    .group_by(t.series.c.id)
-                )
-            ]
-            routes = routes_for(self.config, study.source_ae, facts)
-            for route in routes:
+            _view, decision, plans = self.router.plan(conn, study.id) if self.router else (None, None, [])
+            for plan in plans:
                 job_ids.append(
                     create_job(
                         conn,
                         study_fk=study.id,
                         study_version=study.open_version,
-                        pipeline=route.pipeline,
-                        destinations=list(route.destinations),
+                        pipeline=plan.pipeline,
+                        destinations=plan.destinations,
                         instance_ids=snapshot,
                         actor=self.actor,
+                        rule=plan.rule,
+                        gate=plan.gate,
+                        qc_policy=plan.qc_policy,
+                        options=plan.options,
+                        series_uid=plan.series_uid,
                     )
                 )
             conn.execute(
@@ -180,21 +180,43 @@ class StudyReadiness:
             new_instances=new_count,
             jobs=job_ids,
         )
-        if not routes:
+        if not plans:
+            why = "no policy is configured" if decision is None else "no rule of the policy matches"
+            deciding = (
+                {
+                    v.rule.name: v.deciding.condition + " → " + v.deciding.seen
+                    for v in decision.verdicts
+                    if v.deciding
+                }
+                if decision is not None
+                else {}
+            )
             self.audit.record(
                 AuditEvent.STUDY_NOT_ROUTED,
                 Outcome.SUCCESS,
                 study_uid=study_uid,
                 calling_ae=study.source_ae,
                 study_version=study.open_version,
-                reason="no route matches the calling AE and the study's series",
+                reason=why,
+                deciding_conditions=deciding,
             )
-        for job_id, route in zip(job_ids, routes, strict=True):
+        for job_id, plan in zip(job_ids, plans, strict=True):
+            self.audit.record(
+                AuditEvent.GATE_DECISION,
+                study_uid=study_uid,
+                job_id=job_id,
+                rule=plan.rule,
+                pipeline=plan.pipeline,
+                gate=plan.gate,
+                destinations=plan.destinations,
+                stage="routing",
+            )
             self.audit.record(
                 AuditEvent.JOB_TRANSITION,
                 study_uid=study_uid,
                 job_id=job_id,
-                pipeline=route.pipeline,
+                pipeline=plan.pipeline,
+                rule=plan.rule,
                 study_version=study.open_version,
                 from_state=None,
                 to_state=JobState.QUEUED.value,
@@ -204,6 +226,6 @@ class StudyReadiness:
             study_uid,
             study.open_version,
             len(snapshot),
-            job_ids or "none (no route)",
+            job_ids or "none (no rule matched)",
         )
         return job_ids

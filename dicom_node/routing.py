@@ -1,51 +1,161 @@
-"""Which pipeline a ready study goes to, and where its results are delivered.
+"""Routing a ready study by the policy: what the study holds → which jobs to make.
 
-A placeholder until the policy engine lands: ``[[routes]]`` in the config map the calling
-AE title that sent the study (``"*"`` for any) and, optionally, what the study holds
-(modality, CTDIvol below a value, Series Description matching a pattern) to a pipeline
-and destinations. Every matching route yields its own job.
+The node builds the policy engine's view of a study from its index (modality, Series
+Description, body part, calling/called AE, and the routing tags it keeps per instance);
+an attribute the index does not keep is read from the series' first header, once. The
+engine decides; this module turns the chosen rules into job plans, each with the rule's
+gate, QC limits, options and selected series frozen into the job.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from dicom_node.config import NodeConfig, Route
+from pydicom import dcmread
+from sqlalchemy import Connection, func, select
+
+from dicom_node.db import schema as t
+from policies.engine import Decision, SeriesView, StudyView, decide
+from policies.loader import LoadedPolicy, PolicyError, load_policy
+from policies.model import Rule
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SeriesFacts:
-    """What routing looks at in each series of a ready study."""
+class JobPlan:
+    rule: str
+    pipeline: str
+    destinations: list[str]
+    gate: str
+    qc_policy: dict[str, Any]
+    options: dict[str, Any]
+    series_uid: str | None
 
+
+@dataclass
+class _SeriesRow:
+    uid: str
     modality: str | None
     description: str | None
-    #: Lowest CTDIvol (mGy) of the series' instances, if they carry one.
-    ctdivol: float | None
+    body_part: str | None
+    instances: int
+    tags: dict[str, Any]
+    first_path: Path
+    _header: Any = field(default=None, repr=False)
+
+    def attribute(self, keyword: str) -> Any:
+        if keyword in self.tags and self.tags[keyword] not in (None, ""):
+            return self.tags[keyword]
+        if self._header is None:
+            try:
+                self._header = dcmread(self.first_path, stop_before_pixels=True)
+            except Exception:  # unreadable: treat the attribute as absent
+                self._header = {}
+        value = self._header.get(keyword) if hasattr(self._header, "get") else None
+        return value if value is None else getattr(value, "value", value)
 
 
-def _series_matches(route: Route, s: SeriesFacts) -> bool:
-    if route.modality is not None and (s.modality or "").upper() != route.modality.upper():
-        return False
-    dose_ok = route.max_ctdivol is not None and s.ctdivol is not None and s.ctdivol < route.max_ctdivol
-    text_ok = route.series_description is not None and bool(
-        re.search(route.series_description, s.description or "", re.IGNORECASE)
-    )
-    if route.max_ctdivol is None and route.series_description is None:
-        return True
-    return dose_ok or text_ok
+def study_view(conn: Connection, study_id: int, data_dir: Path) -> StudyView:
+    """The engine's view of a study, from the index (current instances only)."""
+    study = conn.execute(
+        select(t.studies.c.study_uid, t.studies.c.source_ae).where(t.studies.c.id == study_id)
+    ).one()
+    called = conn.execute(
+        select(t.instances.c.called_ae).where(t.instances.c.study_fk == study_id).limit(1)
+    ).scalar()
+    rows = conn.execute(
+        select(
+            t.series.c.series_uid,
+            t.series.c.modality,
+            t.series.c.description,
+            t.series.c.body_part,
+            func.count(t.instances.c.id),
+            func.min(t.instances.c.id),
+        )
+        .join(t.instances, t.instances.c.series_fk == t.series.c.id)
+        .where(t.series.c.study_fk == study_id, t.instances.c.current.is_(True))
+        .group_by(t.series.c.id)
+        .order_by(t.series.c.id)
+    ).all()
+    series = []
+    for uid, modality, description, body_part, count, first_id in rows:
+        first = conn.execute(
+            select(t.instances.c.tags, t.instances.c.path).where(t.instances.c.id == first_id)
+        ).one()
+        row = _SeriesRow(
+            uid, modality, description, body_part, int(count), dict(first.tags or {}), data_dir / first.path
+        )
+        series.append(SeriesView(uid, modality, description, body_part, int(count), row.attribute))
+    return StudyView(study.study_uid, study.source_ae, called, tuple(series))
 
 
-def routes_for(
-    config: NodeConfig, calling_ae: str | None, series: list[SeriesFacts] | None = None
-) -> list[Route]:
-    """All routes that match a study sent by ``calling_ae`` holding ``series``, in file order."""
-    matched = []
-    for route in config.routes:
-        if route.calling_ae not in ("*", calling_ae):
-            continue
-        conditional = route.modality or route.max_ctdivol is not None or route.series_description
-        if conditional and not any(_series_matches(route, s) for s in series or []):
-            continue
-        matched.append(route)
-    return matched
+def _selected_series(rule: Rule, study: StudyView, matched_series: str | None) -> str | None:
+    """The series the rule's ``select`` picks (largest fitting one), else the matched one."""
+    if rule.select is None:
+        return matched_series
+    fitting = [
+        s
+        for s in study.series
+        if (rule.select.modality is None or (s.modality or "") in rule.select.modality)
+        and (
+            rule.select.series_description is None
+            or re.search(rule.select.series_description, s.description or "")
+        )
+    ]
+    return max(fitting, key=lambda s: s.instances).series_uid if fitting else matched_series
+
+
+class PolicyRouter:
+    """Holds the active policy (reloadable) and plans jobs for ready studies."""
+
+    def __init__(self, loaded: LoadedPolicy | None, data_dir: Path) -> None:
+        self._loaded = loaded
+        self.data_dir = data_dir
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> LoadedPolicy | None:
+        with self._lock:
+            return self._loaded
+
+    def replace(self, loaded: LoadedPolicy | None) -> None:
+        with self._lock:
+            self._loaded = loaded
+
+    def reload(self, path: Path, destinations: set[str]) -> LoadedPolicy:
+        """Load ``path``; on success it becomes the active policy. Raises PolicyError."""
+        loaded = load_policy(path, destinations)
+        self.replace(loaded)
+        return loaded
+
+    def decide(self, conn: Connection, study_id: int) -> tuple[StudyView, Decision | None]:
+        view = study_view(conn, study_id, self.data_dir)
+        loaded = self.loaded
+        return view, (decide(loaded.policy, view) if loaded is not None else None)
+
+    def plan(self, conn: Connection, study_id: int) -> tuple[StudyView, Decision | None, list[JobPlan]]:
+        view, decision = self.decide(conn, study_id)
+        if decision is None:
+            return view, None, []
+        plans = [
+            JobPlan(
+                rule=v.rule.name,
+                pipeline=v.rule.pipeline,
+                destinations=list(v.rule.destinations),
+                gate=v.rule.gate,
+                qc_policy=v.rule.qc.model_dump(),
+                options=dict(v.rule.options),
+                series_uid=_selected_series(v.rule, view, v.series_uid),
+            )
+            for v in decision.chosen
+        ]
+        return view, decision, plans
+
+
+__all__ = ["JobPlan", "PolicyError", "PolicyRouter", "study_view"]

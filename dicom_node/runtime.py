@@ -32,6 +32,15 @@ class Runtime:
     def config(self) -> NodeConfig:
         return self.loaded.config
 
+    @property
+    def policy_path(self) -> Path | None:
+        """The configured policy file (a relative path is under the node's home), or None."""
+        name = self.config.policy.file
+        if not name:
+            return None
+        path = Path(name)
+        return path if path.is_absolute() else self.paths.home / path
+
     @classmethod
     def open(
         cls,

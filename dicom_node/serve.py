@@ -28,7 +28,9 @@ from dicom_node import __version__
 from dicom_node.indexer import Indexer
 from dicom_node.net.receiver import Receiver
 from dicom_node.outbox import Outbox
+from dicom_node.policywatch import PolicyWatcher
 from dicom_node.readiness import StudyReadiness
+from dicom_node.routing import PolicyRouter
 from dicom_node.runtime import Runtime
 from dicom_node.store import InstanceStore, latest_received_at
 from dicom_node.worker import claim_id, orphan_test, recover_jobs
@@ -169,7 +171,25 @@ def serve(
     )
     audit.record(AuditEvent.APPLICATION_START, actor=actor, version=__version__, home=str(paths.home))
 
-    readiness = StudyReadiness(config, runtime.db, audit, actor=actor)
+    router = PolicyRouter(None, paths.data)
+    watcher = None
+    policy_path = runtime.policy_path
+    if policy_path is not None:
+        loaded = router.reload(policy_path, set(config.destinations))  # PolicyError: refuse to start
+        audit.record(
+            AuditEvent.CONFIG_LOADED,
+            actor=actor,
+            source=str(policy_path),
+            what="policy",
+            sha256=loaded.sha256,
+            rules=[r.name for r in loaded.policy.rules],
+        )
+        watcher = PolicyWatcher(
+            router, policy_path, set(config.destinations), audit, config.policy.reload_seconds, actor
+        )
+    else:
+        log.warning("no [policy] file configured: studies are stored, none is processed")
+    readiness = StudyReadiness(config, runtime.db, audit, actor=actor, router=router)
     indexer = Indexer(
         runtime.db,
         audit,
@@ -218,6 +238,9 @@ def serve(
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    if watcher is not None:
+        signal.signal(signal.SIGHUP, lambda _s, _f: watcher.request_reload())
+        watcher.start()
 
     try:
         receiver.start()
@@ -261,6 +284,8 @@ def serve(
         while not stop.wait(0.5):
             pass
     finally:
+        if watcher is not None:
+            watcher.stop()
         if web is not None:
             web.stop()
         receiver.stop()

@@ -151,6 +151,7 @@ class InstanceStore:
         claimed_sop_uid: str | None = None,
         calling_ae: str | None = None,
         peer_host: str | None = None,
+        called_ae: str | None = None,
     ) -> StoreResult:
         """Store one received data set; durable on disk before it returns.
 
@@ -183,6 +184,7 @@ class InstanceStore:
                     calling_ae=calling_ae,
                     peer_host=peer_host,
                     received_at=time.time(),
+                    called_ae=called_ae,
                 )
             )
         outcome = StoreOutcome.STORED if version == 1 else StoreOutcome.NEW_VERSION

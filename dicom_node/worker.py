@@ -14,22 +14,33 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from sqlalchemy import select, update
 
-from audit import AuditTrail
+from audit import AuditEvent, AuditTrail, Outcome
 from dicom_node import __version__
 from dicom_node.config import NodeConfig
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
 from dicom_node.jobs import JobState, StaleTransition, audit_transition, transition
-from dicom_node.outbox import Outbox, create_deliveries
+from dicom_node.outbox import Outbox, queue_deliveries, record_outputs
 from dicom_node.paths import NodePaths
 from dicom_node.provenance import record_provenance
-from pipelines.base import InputInstance, Pipeline, PipelineError, PipelineResult, RunEnvironment, StudyInput
+from pipelines.base import (
+    GatePolicy,
+    InputInstance,
+    Pipeline,
+    PipelineError,
+    PipelineResult,
+    RunEnvironment,
+    StudyInput,
+)
 from pipelines.registry import get_pipeline
+from policies.engine import GateVerdict, gate_output
+from policies.model import QcGates
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +124,22 @@ class ClaimedJob:
     study_version: int
     pipeline: str
     destinations: list[str]
+    rule: str | None = None
+    gate: str = "auto"
+    qc_policy: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    series_uid: str | None = None
+
+
+def _gate_policy(job: ClaimedJob) -> GatePolicy:
+    """The job's rule gate as the pipeline sees it: figures and problems → (action, reasons)."""
+    qc = QcGates(**job.qc_policy)
+
+    def decide(figures: Mapping[str, float], problems: Sequence[str]) -> tuple[str, tuple[str, ...]]:
+        verdict = gate_output(job.gate, qc, figures, list(problems))  # type: ignore[arg-type]
+        return verdict.action, verdict.reasons
+
+    return decide
 
 
 class Worker:
@@ -237,7 +264,18 @@ class Worker:
             self._held_jobs.add(row.id)
         with self.db.read() as conn:
             audit_transition(self.audit, conn, row.id, JobState.QUEUED, JobState.RUNNING)
-        return ClaimedJob(row.id, row.study_uid, row.study_version, row.pipeline, list(row.destinations))
+        return ClaimedJob(
+            row.id,
+            row.study_uid,
+            row.study_version,
+            row.pipeline,
+            list(row.destinations),
+            rule=row.rule,
+            gate=row.gate or "auto",
+            qc_policy=dict(row.qc_policy or {}),
+            options=dict(row.options or {}),
+            series_uid=row.series_uid,
+        )
 
     def load_input(self, job: ClaimedJob) -> StudyInput:
         with self.db.read() as conn:
@@ -252,6 +290,9 @@ class Worker:
             job_id=job.job_id,
             study_uid=job.study_uid,
             study_version=job.study_version,
+            options=job.options,
+            series_uid=job.series_uid,
+            gate_policy=_gate_policy(job),
             instances=tuple(
                 InputInstance(
                     sop_uid=r.sop_uid,
@@ -291,34 +332,77 @@ class Worker:
         finally:
             with self._held_lock:
                 self._held_jobs.discard(job.job_id)
+        figures: dict[str, float] = {}
+        for series_qc in result.qc.values():
+            figures.update({k: float(v) for k, v in series_qc.items() if isinstance(v, int | float)})
+        verdict = gate_output(
+            job.gate,  # type: ignore[arg-type]  # validated by the policy when the job was made
+            QcGates(**job.qc_policy),
+            figures,
+            list(result.validation_errors),
+        )
+        result = replace(result, gate=f"{job.gate}: {verdict.action}")
         self._record_provenance(job, study, pipeline, result)
+        self.audit.record(
+            AuditEvent.GATE_DECISION,
+            Outcome.SUCCESS if verdict.action == "release" else Outcome.MINOR_FAILURE,
+            study_uid=job.study_uid,
+            job_id=job.job_id,
+            rule=job.rule,
+            gate=job.gate,
+            action=verdict.action,
+            reasons=list(verdict.reasons),
+            qc=figures,
+            stage="output",
+        )
+        return self._settle(job, result, verdict)
+
+    def _settle(self, job: ClaimedJob, result: PipelineResult, verdict: GateVerdict) -> JobState:
+        """Commit what the gate decided: deliver, hold for review, or keep (shadow)."""
+        reasons = "; ".join(verdict.reasons)
         moves: list[tuple[JobState, JobState, str | None]] = []
         try:
             with self.db.write() as conn:
-                done_reason = None if job.destinations else "no destinations configured for this route"
-                transition(
-                    conn,
-                    job.job_id,
-                    JobState.SUCCEEDED,
-                    expect=JobState.RUNNING,
-                    reason=done_reason,
-                    actor=self.worker_id,
-                    claimed_by=None,
-                    lease_until=None,
-                )
-                moves.append((JobState.RUNNING, JobState.SUCCEEDED, done_reason))
-                if job.destinations:
-                    n = create_deliveries(conn, job.job_id, result.outputs, job.destinations)
-                    reason = f"{n} delivery(ies) queued"
+                record_outputs(conn, job.job_id, result.outputs)
+                if verdict.action == "hold":
                     transition(
                         conn,
                         job.job_id,
-                        JobState.DELIVERING,
-                        expect=JobState.SUCCEEDED,
-                        reason=reason,
+                        JobState.HELD,
+                        expect=JobState.RUNNING,
+                        reason=f"held for review: {reasons}",
                         actor=self.worker_id,
+                        claimed_by=None,
+                        lease_until=None,
                     )
-                    moves.append((JobState.SUCCEEDED, JobState.DELIVERING, reason))
+                    moves.append((JobState.RUNNING, JobState.HELD, f"held for review: {reasons}"))
+                else:
+                    why = reasons if verdict.action == "shadow" else None
+                    if verdict.action == "release" and not job.destinations:
+                        why = "no destinations for this rule"
+                    transition(
+                        conn,
+                        job.job_id,
+                        JobState.SUCCEEDED,
+                        expect=JobState.RUNNING,
+                        reason=why,
+                        actor=self.worker_id,
+                        claimed_by=None,
+                        lease_until=None,
+                    )
+                    moves.append((JobState.RUNNING, JobState.SUCCEEDED, why))
+                    if verdict.action == "release" and job.destinations:
+                        n = queue_deliveries(conn, job.job_id, job.destinations)
+                        reason = f"{n} delivery(ies) queued"
+                        transition(
+                            conn,
+                            job.job_id,
+                            JobState.DELIVERING,
+                            expect=JobState.SUCCEEDED,
+                            reason=reason,
+                            actor=self.worker_id,
+                        )
+                        moves.append((JobState.SUCCEEDED, JobState.DELIVERING, reason))
         except StaleTransition:
             log.warning("job %d was taken over while running; its result is discarded", job.job_id)
             return JobState.RUNNING

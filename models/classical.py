@@ -88,5 +88,6 @@ class ClassicalDenoiser:
             ).astype(np.float32)
         removed = volume - mean
         window = (1, p.uncertainty_window, p.uncertainty_window)
-        sigma = np.sqrt(ndimage.uniform_filter(removed**2, size=window)).astype(np.float32)
+        # uniform_filter of a square can dip below zero by rounding: clip before the root
+        sigma = np.sqrt(np.maximum(ndimage.uniform_filter(removed**2, size=window), 0.0)).astype(np.float32)
         return Prediction(mean=mean, sigma=sigma)

@@ -104,3 +104,13 @@ def restoration_score(
         spread = np.sqrt((noise * c / w) ** 2 + ndimage.uniform_filter(model, size=(1, w, w)) ** 2)
         np.maximum(best, np.abs(local_mean) / spread, out=best)
     return best
+
+
+def largest_region_voxels(suspect: np.ndarray) -> int:
+    """Voxels in the largest 3-D connected suspect region (0 when there is none).
+
+    A focal invented or erased structure is one connected region; its size does not grow
+    with the length of the scan, unlike the total suspect volume.
+    """
+    labels, n = ndimage.label(np.asarray(suspect, bool))
+    return int(np.bincount(labels.ravel())[1:].max()) if n else 0

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+#: The rule's gate, applied to QC figures and validation problems → (action, reasons);
+#: action is "release", "hold" or "shadow". Injected by the node (pipelines never import
+#: policies), so the verdict a pipeline writes into its report is the rule's verdict.
+GatePolicy = Callable[[Mapping[str, float], Sequence[str]], tuple[str, tuple[str, ...]]]
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,12 @@ class StudyInput:
     study_uid: str
     study_version: int
     instances: tuple[InputInstance, ...]
+    #: Options from the policy rule (e.g. a gate fire drill); pipelines ignore unknown ones.
+    options: dict[str, Any] = field(default_factory=dict)
+    #: The series the policy selected; None lets the pipeline choose.
+    series_uid: str | None = None
+    #: The rule's gate (None: no policy; outputs are released).
+    gate_policy: GatePolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,8 @@ class PipelineResult:
     qc: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Gate verdict ("auto", "review", "shadow"), once policies decide it.
     gate: str | None = None
+    #: Problems found when validating the written objects (a non-empty list holds the job).
+    validation_errors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from pipelines.steps import (
     ScoreHallucination,
     SelectSeries,
 )
+from pipelines.validate import Validate
 
 
 def denoise_classical() -> StagedPipeline:
@@ -33,5 +34,6 @@ def denoise_classical() -> StagedPipeline:
             ScoreHallucination(threshold=5.0),
             Gate(),
             Encode(derived_description="denoised (classical non-local means)", synthetic=False),
+            Validate(),
         ),
     )

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.hallucination import restoration_score, suspect_regions
+from models.hallucination import largest_region_voxels, restoration_score, suspect_regions
 from models.restoration import RestorationModel
 from pipelines.encode import Encode
 from pipelines.stages import Context, StagedPipeline
 from pipelines.steps import CT_CLASSES, Gate, LoadVolume, Predict, SelectSeries
+from pipelines.validate import Validate
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class ScoreRestoration:
             "mean calibrated sigma in body": (round(float(prediction.sigma[body].mean()), 3), units),
             "hallucination score p99": (round(float(np.percentile(score, 99)), 3), "1"),
             "suspect fraction": (round(float(suspect.mean()), 6), "1"),
-            "suspect volume": (round(float(suspect.sum() * voxel_ml), 3), "ml"),
+            "suspect volume": (round(float(suspect.sum() * voxel_ml), 3), "mL"),
+            "largest suspect region": (round(largest_region_voxels(suspect) * voxel_ml, 4), "mL"),
             "suspect threshold": (self.threshold, "1"),
         }
         return ctx.evolve(hallucination=score, suspect=suspect, qc=qc)
@@ -62,5 +64,6 @@ def restoration() -> StagedPipeline:
             ScoreRestoration(model),
             Gate(),
             Encode(derived_description="restored low-dose CT", synthetic=False),
+            Validate(),
         ),
     )

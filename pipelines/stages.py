@@ -55,6 +55,8 @@ class Context:
     #: Per output series UID: the QC figures that belong to it (for provenance records).
     qc_by_series: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    #: Problems found re-reading the written objects (any one holds the job).
+    validation_errors: tuple[str, ...] = ()
 
     def evolve(self, **changes: Any) -> Context:
         return replace(self, **changes)
@@ -104,4 +106,5 @@ class StagedPipeline:
             parameters=ctx.parameters,
             qc=ctx.qc_by_series,
             gate=ctx.gate,
+            validation_errors=ctx.validation_errors,
         )

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 
-from models.base import Model
-from models.hallucination import data_consistency_score, suspect_regions
+from models.base import Model, Prediction
+from models.hallucination import data_consistency_score, largest_region_voxels, suspect_regions
 from pipelines.base import InputInstance, PipelineError
 from pipelines.stages import Context
 from pipelines.volume import SeriesError, load_series
@@ -41,6 +41,8 @@ class SelectSeries:
         for inst in ctx.study.instances:
             if inst.sop_class_uid in self.sop_classes:
                 by_series[inst.series_uid].append(inst)
+        if ctx.study.series_uid and ctx.study.series_uid in by_series:
+            return ctx.evolve(series=tuple(by_series[ctx.study.series_uid]))  # the policy's choice
         candidates = [s for s in by_series.values() if not made_by_this_node(str(s[0].path))]
         if not candidates:
             raise PipelineError(f"no {self.what} series in study {ctx.study.study_uid} to process")
@@ -74,7 +76,28 @@ class Predict:
     def run(self, ctx: Context) -> Context:
         volume = ctx.need_volume()
         prediction = self.model.predict(volume.array, volume.spacing)
+        drill = ctx.study.options.get("inject_hallucination_hu")
+        if drill:
+            prediction = inject_hallucination(prediction, float(drill), volume.spacing)
         return ctx.evolve(model=self.model.card, prediction=prediction)
+
+
+def inject_hallucination(
+    prediction: Prediction, contrast_hu: float, spacing: tuple[float, float, float]
+) -> Prediction:
+    """Gate fire drill: add a 6 mm disc the input does not contain to the middle slice.
+
+    Set by a policy rule's ``options: {inject_hallucination_hu: 80}`` to prove, end to end
+    on live traffic, that the hallucination map and the QC gate catch an invented
+    structure and hold the output. Never set in a clinical rule.
+    """
+    mean = prediction.mean.copy()
+    k, rows, cols = len(mean) // 2, mean.shape[1], mean.shape[2]
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    radius_px = 3.0 / max(spacing[1], 1e-3)
+    disc = (yy - rows * 0.45) ** 2 + (xx - cols * 0.5) ** 2 <= radius_px**2
+    mean[k][disc] += contrast_hu
+    return Prediction(mean=mean, sigma=prediction.sigma)
 
 
 @dataclass(frozen=True)
@@ -106,7 +129,8 @@ class ScoreHallucination:
             "mean uncertainty": (round(float(prediction.sigma.mean()), 3), units),
             "hallucination score p99": (round(float(np.percentile(score, 99)), 3), "1"),
             "suspect fraction": (round(float(suspect.mean()), 6), "1"),
-            "suspect volume": (round(float(suspect.sum() * voxel_ml), 3), "ml"),
+            "suspect volume": (round(float(suspect.sum() * voxel_ml), 3), "mL"),
+            "largest suspect region": (round(largest_region_voxels(suspect) * voxel_ml, 4), "mL"),
             "suspect threshold": (self.threshold, "1"),
         }
         return ctx.evolve(hallucination=score, suspect=suspect, qc=qc)
@@ -114,11 +138,19 @@ class ScoreHallucination:
 
 @dataclass(frozen=True)
 class Gate:
-    """The verdict written with the outputs. The policy engine decides it later; until
-    then every output is released automatically and the QC figures are recorded."""
+    """The rule's verdict on the QC figures, written into the outputs' report.
 
-    verdict: str = "auto"
+    The node re-applies the same gate after :class:`pipelines.validate.Validate` (a failed
+    validation also holds the job); that final decision, and any reviewer's approval, are
+    in the job state and the audit trail.
+    """
+
     name: str = "gate"
 
     def run(self, ctx: Context) -> Context:
-        return ctx.evolve(gate=self.verdict)
+        policy = ctx.study.gate_policy
+        if policy is None:
+            return ctx.evolve(gate="release (no policy gate)")
+        figures = {k: float(v[0]) for k, v in ctx.qc.items() if isinstance(v[0], int | float)}
+        action, reasons = policy(figures, ())
+        return ctx.evolve(gate=f"{action} before output validation: {'; '.join(reasons)}")

@@ -107,7 +107,7 @@ _UCUM_MEANINGS = {
     "mm": "millimeter",
     "mm2": "square millimeter",
     "mm3": "cubic millimeter",
-    "ml": "milliliter",
+    "mL": "milliliter",
     "s": "second",
     "ms": "millisecond",
     "[arb'U]": "arbitrary unit",

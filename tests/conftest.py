@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.remote.webdriver import WebDriver
 
 from tests.peers import ORTHANC, STORESCP, STORESCU, NodeProcess, Orthanc, have
 
@@ -63,8 +68,11 @@ def node_config(
     backoff_max: float = 4.0,
     max_attempts: int = 20,
     extra: str = "",
+    policy: bool | None = None,
 ) -> str:
-    """A node config that forwards every study to ``orthanc`` (when given)."""
+    """A node config that routes by ``<home>/policy.yaml`` (NodeProcess writes it; by
+    default it forwards every study to ``pacs``), with ``pacs`` = ``orthanc`` when given.
+    ``policy`` defaults to on exactly when ``orthanc`` is given."""
     text = f"""
 [completeness]
 stable_seconds = {stable_seconds}
@@ -86,12 +94,9 @@ host = "127.0.0.1"
 port = {orthanc.dicom_port}
 profile = "pacs"
 timeout_seconds = 10
-
-[[routes]]
-calling_ae = "*"
-pipeline = "forward"
-destinations = ["pacs"]
 """
+    if policy if policy is not None else orthanc is not None:
+        text += '\n[policy]\nfile = "policy.yaml"\nreload_seconds = 0.5\n'
     return text + extra
 
 
@@ -122,4 +127,57 @@ def audit_rows(node: NodeProcess, event: str) -> list[tuple[Any, ...]]:
         con.close()
 
 
-__all__ = ["STORESCP", "STORESCU", "audit_rows", "db_rows", "node_config", "require"]
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
+    require(CHROMIUM, CHROMEDRIVER)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.implicitly_wait(5)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def add_user(node: NodeProcess, name: str, role: str, password: str) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dicom_node",
+            "user",
+            "add",
+            name,
+            "--role",
+            role,
+            "--password-stdin",
+            "--home",
+            str(node.home),
+            "--config",
+            str(node.config_path),
+        ],
+        input=password + "\n",
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+
+
+__all__ = ["STORESCP", "STORESCU", "add_user", "audit_rows", "browser", "db_rows", "node_config", "require"]

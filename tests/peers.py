@@ -13,6 +13,7 @@ from dicom_node.localpeers import (  # noqa: F401
     Orthanc,
     free_port,
     have,
+    policy_yaml,
     stop,
     storescu,
     wait_port,

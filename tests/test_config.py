@@ -45,7 +45,7 @@ def test_no_file_gives_embedded_defaults() -> None:
     assert cfg.node.host == "127.0.0.1"
     assert cfg.completeness.stable_seconds == 30.0
     assert cfg.workers.processes == 1
-    assert cfg.routes == ()
+    assert cfg.policy.file is None
     assert cfg.destinations == {}
 
 
@@ -100,17 +100,16 @@ def test_ae_title_is_stripped(tmp_path: Path) -> None:
     assert load_config(path).config.node.ae_title == "CT_NODE"
 
 
-def test_full_config_with_destination_and_route(tmp_path: Path) -> None:
+def test_full_config_with_destination_and_policy(tmp_path: Path) -> None:
     path = write(
         tmp_path / "c.toml",
-        DESTINATION_PACS
-        + '\n[[routes]]\ncalling_ae = "CT1"\npipeline = "forward"\ndestinations = ["pacs"]\n',
+        DESTINATION_PACS + '\n[policy]\nfile = "/etc/dicom-node/policy.yaml"\nreload_seconds = 5\n',
     )
     cfg = load_config(path).config
     assert cfg.destinations["pacs"].port == 4242
     assert cfg.destinations["pacs"].profile == "pacs"
-    assert cfg.routes[0].calling_ae == "CT1"
-    assert cfg.routes[0].destinations == ("pacs",)
+    assert cfg.policy.file == "/etc/dicom-node/policy.yaml"
+    assert cfg.policy.reload_seconds == 5
 
 
 def test_config_is_frozen() -> None:
@@ -131,19 +130,12 @@ BAD_CONFIGS = [
     pytest.param('[node]\nae_title = "AB\\\\CD"\n', ["node.ae_title", "backslash"], id="ae-backslash"),
     pytest.param('[node]\nae_title = "   "\n', ["node.ae_title", "AE title"], id="ae-blank"),
     pytest.param(
-        '[[routes]]\ndestinations = ["nowhere"]\n',
-        ["routes[0].destinations", "'nowhere'", "none defined"],
-        id="route-unknown-destination-none-defined",
+        '[[routes]]\npipeline = "forward"\n',
+        ["[[routes]] moved to a policy file", "[policy] file"],
+        id="old-routes-table",
     ),
     pytest.param(
-        DESTINATION_PACS + '\n[[routes]]\ndestinations = ["pacs", "nowhere"]\n',
-        ["unknown destination", "'nowhere'", "known: pacs"],
-        id="route-unknown-destination",
-    ),
-    pytest.param(
-        '[[routes]]\npipeline = "segment_organs"\n',
-        ["pipeline", "'segment_organs'", "forward"],
-        id="route-unknown-pipeline",
+        "[policy]\nreload_seconds = 0\n", ["policy.reload_seconds", "greater than 0"], id="policy-reload"
     ),
     pytest.param("[node\nport = 1\n", ["not valid TOML"], id="toml-syntax"),
     pytest.param("[node]\nport = \n", ["not valid TOML"], id="toml-missing-value"),

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from dicom_node.config import Caller, Destination, NodeConfig, Route, load_config
+from dicom_node.config import Caller, Destination, NodeConfig, load_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "dicom-node.example.toml"
 
@@ -32,8 +32,6 @@ def test_every_key_of_every_section_is_documented() -> None:
         section = data[name]
         if name == "callers":
             model, section = Caller, section[0]
-        elif name == "routes":
-            model, section = Route, section[0]
         elif name == "destinations":
             model, section = Destination, next(iter(section.values()))
         assert isinstance(model, type) and issubclass(model, BaseModel)
@@ -44,5 +42,5 @@ def test_every_key_of_every_section_is_documented() -> None:
 def test_sample_tables_validate() -> None:
     data: dict[str, Any] = tomllib.loads(_uncommented(EXAMPLE.read_text()))
     config = NodeConfig.model_validate(data)
-    assert config.routes[0].destinations == ("pacs",)
+    assert config.policy.file == "policy.yaml"
     assert config.caller("CT_SCANNER_1") is not None

@@ -15,24 +15,41 @@ from audit import AuditEvent
 from dicom_node.config import NodeConfig
 from dicom_node.db import schema as t
 from dicom_node.indexer import Indexer
+from dicom_node.localpeers import policy_yaml
 from dicom_node.part10 import split_part10
 from dicom_node.readiness import StudyReadiness
+from dicom_node.routing import PolicyRouter
 from dicom_node.runtime import Runtime
 from dicom_node.simulate import SimulatedStudy, write_ct_series
 from dicom_node.store import InstanceStore
 from models.sim.phantom import PhantomSpec
+from policies.loader import load_policy
 
 CALLING_AE = "CT1"
 
 
-def _config(*, routed: bool = True, stable_seconds: float = 30.0, calling_ae: str = "*") -> NodeConfig:
-    raw: dict[str, Any] = {
-        "completeness": {"stable_seconds": stable_seconds},
-        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 11112}},
-    }
+def _readiness(
+    node: Node,
+    *,
+    routed: bool = True,
+    stable_seconds: float = 30.0,
+    calling_ae: str | None = None,
+    actor: str | None = None,
+) -> StudyReadiness:
+    config = NodeConfig.model_validate(
+        {
+            "completeness": {"stable_seconds": stable_seconds},
+            "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 11112}},
+        }
+    )
+    loaded = None
     if routed:
-        raw["routes"] = [{"calling_ae": calling_ae, "pipeline": "forward", "destinations": ["pacs"]}]
-    return NodeConfig.model_validate(raw)
+        match = {"calling_ae": [calling_ae]} if calling_ae else None
+        path = node.rt.paths.home / "policy.yaml"
+        path.write_text(policy_yaml("forward", match=match))
+        loaded = load_policy(path, {"pacs"})
+    router = PolicyRouter(loaded, node.rt.paths.data)
+    return StudyReadiness(config, node.rt.db, node.rt.audit, actor=actor, router=router)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +122,7 @@ def test_make_ready_snapshots_current_instances_into_a_job(node: Node, study: Si
     first = study.files[:3]
     for path in first:
         node.put(path)
-    readiness = StudyReadiness(_config(), node.rt.db, node.rt.audit, actor="tester")
+    readiness = _readiness(node, actor="tester")
 
     job_ids = readiness.make_ready(study.study_uid)
 
@@ -139,7 +156,7 @@ def test_make_ready_snapshots_current_instances_into_a_job(node: Node, study: Si
 def test_make_ready_again_without_new_instances_does_nothing(node: Node, study: SimulatedStudy) -> None:
     for path in study.files[:3]:
         node.put(path)
-    readiness = StudyReadiness(_config(), node.rt.db, node.rt.audit)
+    readiness = _readiness(node)
     assert len(readiness.make_ready(study.study_uid)) == 1
 
     assert readiness.make_ready(study.study_uid) == []
@@ -153,7 +170,7 @@ def test_late_instance_joins_a_new_study_version(node: Node, study: SimulatedStu
     first, late = study.files[:3], study.files[3]
     for path in first:
         node.put(path)
-    readiness = StudyReadiness(_config(), node.rt.db, node.rt.audit)
+    readiness = _readiness(node)
     (job1,) = readiness.make_ready(study.study_uid)
 
     node.put(late)
@@ -180,7 +197,7 @@ def test_late_instance_joins_a_new_study_version(node: Node, study: SimulatedStu
 def test_no_matching_route_audits_not_routed(node: Node, study: SimulatedStudy) -> None:
     for path in study.files[:2]:
         node.put(path)
-    readiness = StudyReadiness(_config(calling_ae="OTHER_AE"), node.rt.db, node.rt.audit)
+    readiness = _readiness(node, calling_ae="OTHER_AE")
 
     assert readiness.make_ready(study.study_uid) == []
 
@@ -189,6 +206,8 @@ def test_no_matching_route_audits_not_routed(node: Node, study: SimulatedStudy) 
     assert not_routed.study_uid == study.study_uid
     assert not_routed.calling_ae == CALLING_AE
     assert not_routed.facts["study_version"] == 1
+    assert not_routed.facts["reason"] == "no rule of the policy matches"
+    assert "calling AE in ['OTHER_AE']" in not_routed.facts["deciding_conditions"]["local-rule"]
     (ready,) = node.rt.audit.events(AuditEvent.STUDY_READY)
     assert ready.facts["jobs"] == []
     assert node.rt.audit.events(AuditEvent.JOB_TRANSITION) == []
@@ -196,7 +215,7 @@ def test_no_matching_route_audits_not_routed(node: Node, study: SimulatedStudy) 
 
 def test_no_routes_at_all_creates_no_job(node: Node, study: SimulatedStudy) -> None:
     node.put(study.files[0])
-    readiness = StudyReadiness(_config(routed=False), node.rt.db, node.rt.audit)
+    readiness = _readiness(node, routed=False)
     assert readiness.make_ready(study.study_uid) == []
     assert node.jobs() == []
     assert len(node.rt.audit.events(AuditEvent.STUDY_NOT_ROUTED)) == 1
@@ -204,7 +223,7 @@ def test_no_routes_at_all_creates_no_job(node: Node, study: SimulatedStudy) -> N
 
 def test_route_for_the_calling_ae_matches(node: Node, study: SimulatedStudy) -> None:
     node.put(study.files[0])
-    readiness = StudyReadiness(_config(calling_ae=CALLING_AE), node.rt.db, node.rt.audit)
+    readiness = _readiness(node, calling_ae=CALLING_AE)
     assert len(readiness.make_ready(study.study_uid)) == 1
     assert len(node.jobs()) == 1
 
@@ -223,7 +242,7 @@ def _wait_for_job(node: Node, timeout: float) -> dict[str, Any] | None:
 
 
 def test_timer_makes_study_ready_after_stable_seconds(node: Node, study: SimulatedStudy) -> None:
-    readiness = StudyReadiness(_config(stable_seconds=0.3), node.rt.db, node.rt.audit)
+    readiness = _readiness(node, stable_seconds=0.3)
     readiness.start()
     try:
         for path in study.files[:2]:
@@ -242,7 +261,7 @@ def test_timer_makes_study_ready_after_stable_seconds(node: Node, study: Simulat
 
 def test_rearrivals_postpone_readiness(node: Node, study: SimulatedStudy) -> None:
     stable = 0.3
-    readiness = StudyReadiness(_config(stable_seconds=stable), node.rt.db, node.rt.audit)
+    readiness = _readiness(node, stable_seconds=stable)
     readiness.start()
     try:
         node.put(study.files[0])
@@ -269,7 +288,7 @@ def test_rearrivals_postpone_readiness(node: Node, study: SimulatedStudy) -> Non
 def test_start_rearms_pending_studies_from_the_index(node: Node, study: SimulatedStudy) -> None:
     """After a restart, a study with instances not yet in a job becomes ready without new arrivals."""
     node.put(study.files[0])
-    readiness = StudyReadiness(_config(stable_seconds=0.2), node.rt.db, node.rt.audit)
+    readiness = _readiness(node, stable_seconds=0.2)
     readiness.start()
     try:
         job = _wait_for_job(node, timeout=1.5)

@@ -6,6 +6,7 @@ one line and exit 2 (configuration) or 1 (everything else); tracebacks are for b
 
 from __future__ import annotations
 
+import getpass
 import json
 import sys
 from collections.abc import Callable
@@ -73,6 +74,14 @@ def open_runtime(
         raise typer.Exit(2) from None
 
 
+def os_user() -> str:
+    """Who runs this command, for the audit trail (``os:<login>``)."""
+    try:
+        return f"os:{getpass.getuser()}"
+    except Exception:  # no login name (containers)
+        return "os:unknown"
+
+
 def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
 
@@ -99,6 +108,8 @@ from dicom_node.cli import (  # noqa: E402,F401
     eval_cmds,
     inspect_cmds,
     net_cmds,
+    policy_cmds,
+    review_cmds,
     run_cmds,
     serve_cmds,
     sim_cmds,

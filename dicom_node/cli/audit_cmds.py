@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import getpass
 import json
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ import typer
 from rich.table import Table
 
 from audit import AuditEvent, AuditTrail, Outcome
-from dicom_node.cli import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_runtime, print_json
+from dicom_node.cli import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_runtime, os_user, print_json
 
 audit_app = typer.Typer(
     help="The tamper-evident audit log: verify, search, report, export.", no_args_is_help=True
@@ -21,15 +20,8 @@ audit_app = typer.Typer(
 app.add_typer(audit_app, name="audit")
 
 
-def _user() -> str:
-    try:
-        return f"os:{getpass.getuser()}"
-    except Exception:  # no login name (containers)
-        return "os:unknown"
-
-
 def _log_used(trail: AuditTrail, what: str, outcome: Outcome = Outcome.SUCCESS, **facts: Any) -> None:
-    trail.record(AuditEvent.AUDIT_LOG_USED, outcome, actor=_user(), what=what, **facts)
+    trail.record(AuditEvent.AUDIT_LOG_USED, outcome, actor=os_user(), what=what, **facts)
 
 
 def parse_when(value: str | None, option: str) -> float | None:
@@ -195,7 +187,7 @@ def export(
     _log_used(runtime.audit, "export", format=format, study_uid=study, records=len(records))
     runtime.audit.record(
         AuditEvent.EXPORT,
-        actor=_user(),
+        actor=os_user(),
         study_uid=study,
         format=format,
         records=len(records),

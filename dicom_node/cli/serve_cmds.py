@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.text import Text
 
-from dicom_node.cli import ConfigOpt, HomeOpt, app, fail, open_runtime
+from dicom_node.cli import ConfigOpt, HomeOpt, app, err_console, fail, open_runtime
 from dicom_node.runtime import setup_logging
 
 
@@ -52,6 +53,7 @@ def serve(
     ready_file: Annotated[Path | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Receive studies, run the routed pipelines, deliver the results. Stops on SIGTERM/Ctrl-C."""
+    from dicom_node.routing import PolicyError
     from dicom_node.serve import AlreadyRunning
     from dicom_node.serve import serve as run_serve
 
@@ -62,6 +64,10 @@ def serve(
         code = run_serve(runtime, config_path=config, overrides=overrides, ready_file=ready_file)
     except (AlreadyRunning, OSError) as exc:
         raise fail(str(exc)) from None
+    except PolicyError as exc:
+        for problem in exc.problems:
+            err_console.print(Text(f"policy error: {problem}"), highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     finally:
         runtime.close()
     raise typer.Exit(code)
@@ -110,7 +116,7 @@ def demo(
     if pipeline not in ("restoration", "forward"):
         raise fail(f"--pipeline {pipeline!r}: choose restoration or forward")
     if config is not None:
-        raise fail("demo writes its own config (a route to its local PACS); run it without --config")
+        raise fail("demo writes its own config and policy (its local PACS); run it without --config")
     try:
         run_demo(home, console, slices=slices, size=size, pipeline=pipeline)
     except DemoFailed as exc:

@@ -74,6 +74,15 @@ def train_restoration(
     init: Annotated[
         Path | None, typer.Option(help="Fine-tune from these weights (e.g. the shipped model).")
     ] = None,
+    lesion_patch_fraction: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of patches centred near a simulated faint lesion.")
+    ] = 0.0,
+    lesion_weight: Annotated[
+        float, typer.Option(min=0, help="Extra loss weight of lesion pixels (0: plain MSE).")
+    ] = 0.0,
+    lowpass_weight: Annotated[
+        float, typer.Option(min=0, help="Weight of the low-pass (σ 1.5 px) error term.")
+    ] = 0.0,
 ) -> None:
     """Train the low-dose CT restoration model (simulated data, or a site's paired series)."""
     import torch
@@ -93,7 +102,14 @@ def train_restoration(
         pairs, calib = site[cut:], site[:cut]
         console.print(f"site data: {len(pairs)} training and {len(calib)} calibration slice pairs")
     config = TrainConfig(
-        seed=seed, steps=steps, train_cases=train_cases, calib_cases=calib_cases, version=version
+        seed=seed,
+        steps=steps,
+        train_cases=train_cases,
+        calib_cases=calib_cases,
+        version=version,
+        lesion_patch_fraction=lesion_patch_fraction,
+        lesion_weight=lesion_weight,
+        lowpass_weight=lowpass_weight,
     )
     columns = (
         TextColumn("{task.description}"),

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from audit import AuditEvent
-from dicom_node.cli import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_runtime, print_json
+from dicom_node.cli import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_runtime, os_user, print_json
 from dicom_node.users import UserError, UserStore
 
 user_app = typer.Typer(help="Accounts for the web pages (roles: auditor, operator).", no_args_is_help=True)
@@ -31,13 +31,6 @@ def _password(from_stdin: bool) -> str:
     return first
 
 
-def _actor() -> str:
-    try:
-        return f"os:{getpass.getuser()}"
-    except Exception:
-        return "os:unknown"
-
-
 @user_app.command("add")
 def add(
     username: Annotated[str, typer.Argument(help="Login name.")],
@@ -54,7 +47,7 @@ def add(
     except UserError as exc:
         raise fail(str(exc)) from None
     runtime.audit.record(
-        AuditEvent.USER_CHANGED, actor=_actor(), action="added", user=username, role=user.role.value
+        AuditEvent.USER_CHANGED, actor=os_user(), action="added", user=username, role=user.role.value
     )
     runtime.close()
     console.print(f"added {user.username} ({user.role.value})")
@@ -74,7 +67,7 @@ def passwd(
         UserStore(runtime.db).set_password(username, password)
     except UserError as exc:
         raise fail(str(exc)) from None
-    runtime.audit.record(AuditEvent.USER_CHANGED, actor=_actor(), action="password changed", user=username)
+    runtime.audit.record(AuditEvent.USER_CHANGED, actor=os_user(), action="password changed", user=username)
     runtime.close()
     console.print(f"password of {username} changed")
 
@@ -91,7 +84,7 @@ def disable(
         UserStore(runtime.db).disable(username)
     except UserError as exc:
         raise fail(str(exc)) from None
-    runtime.audit.record(AuditEvent.USER_CHANGED, actor=_actor(), action="disabled", user=username)
+    runtime.audit.record(AuditEvent.USER_CHANGED, actor=os_user(), action="disabled", user=username)
     runtime.close()
     console.print(f"disabled {username}")
 

@@ -95,6 +95,8 @@ instances = Table(
     #: sha256 of the data set bytes exactly as received on the wire.
     Column("sha256", String(64), nullable=False),
     Column("calling_ae", String(16)),
+    #: The AE title the sender called us by (policies may route on it).
+    Column("called_ae", String(16)),
     Column("peer_host", String(255)),
     Column("received_at", Float, nullable=False),
     #: Tags routing and policies read (CTDIvol, KVP, slice thickness, protocol, ...).
@@ -111,6 +113,14 @@ jobs = Table(
     Column("study_version", Integer, nullable=False),
     Column("pipeline", String(64), nullable=False),
     Column("destinations", JSON, nullable=False, default=list),
+    #: The policy rule that made this job, its gate and QC limits, frozen at creation so a
+    #: policy reload never changes a job already under way.
+    Column("rule", String(64)),
+    Column("gate", String(16), nullable=False, default="auto"),
+    Column("qc_policy", JSON, nullable=False, default=dict),
+    Column("options", JSON, nullable=False, default=dict),
+    #: The series the policy selected for the pipeline (None: the pipeline chooses).
+    Column("series_uid", UID),
     Column("state", String(16), nullable=False, index=True),
     Column("reason", Text),
     Column("runs", Integer, nullable=False, default=0),

@@ -36,6 +36,7 @@ _CALLING_AE_NOT_RECOGNISED, _CALLED_AE_NOT_RECOGNISED = 0x03, 0x07
 class _AssociationTally:
     calling_ae: str
     peer_host: str
+    called_ae: str | None = None
     counts: Counter[str] = field(default_factory=Counter)
     studies: dict[str, set[str]] = field(default_factory=dict)
     patient_by_study: dict[str, str] = field(default_factory=dict)
@@ -160,8 +161,9 @@ class Receiver:
         assoc = event.assoc
         calling_ae = str(assoc.requestor.ae_title).strip()
         peer_host = assoc.requestor.address
+        called_ae = str(assoc.requestor.primitive.called_ae_title).strip()
         with self._tally_lock:
-            self._tallies[id(assoc)] = _AssociationTally(calling_ae, peer_host)
+            self._tallies[id(assoc)] = _AssociationTally(calling_ae, peer_host, called_ae)
         self.audit.record(
             AuditEvent.ASSOCIATION_ACCEPTED,
             calling_ae=calling_ae,
@@ -234,6 +236,7 @@ class Receiver:
                 claimed_sop_uid=claimed_uid,
                 calling_ae=calling_ae,
                 peer_host=peer_host,
+                called_ae=tally.called_ae if tally else None,
             )
         except Exception as exc:  # disk or database failure: nothing acknowledged
             log.exception("storing %s from %s failed", claimed_uid, calling_ae)

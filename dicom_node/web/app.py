@@ -1,10 +1,10 @@
 """The node's web pages (FastAPI, served from the ``serve`` process; loopback by default).
 
 Login required for everything but the login page. Roles: ``auditor`` reads the audit log
-(search, per-study report, chain status); ``operator`` sees studies and jobs (the review
-queue joins later). Every read of the audit log is itself audited, with the user's name.
-Pages are server-rendered (Jinja2, autoescaped); no script, no external asset, and a
-strict Content-Security-Policy.
+(search, per-study report, chain status); ``operator`` sees studies and jobs and works the
+review queue (previews of held outputs with their maps; approve or reject, audited). Every
+read of the audit log is itself audited, with the user's name. Pages are server-rendered
+(Jinja2, autoescaped); no script, no external asset, and a strict Content-Security-Policy.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from audit.report import build_study_report
 from dicom_node import queries
 from dicom_node.config import NodeConfig
 from dicom_node.db.engine import Database
+from dicom_node.review import PreviewCache, ReviewError, approve, held_jobs, job_detail, reject
 from dicom_node.users import Role, User, UserStore
 
 COOKIE = "dicom_node_session"
@@ -315,5 +316,83 @@ def create_app(ctx: WebContext) -> FastAPI:
             studies=queries.list_studies(ctx.db),
             jobs=queries.list_jobs(ctx.db),
         )
+
+    previews = PreviewCache()
+
+    @app.get("/review", response_class=HTMLResponse)
+    def review_queue(request: Request, message: str = "") -> Response:
+        user = gate(request, Role.OPERATOR)
+        if not isinstance(user, User):
+            return user
+        jobs = [{**j, "held_since": _when(j["held_since"])} for j in held_jobs(ctx.db)]
+        return page(request, "review_list.html", user=user, title="Review queue", jobs=jobs, message=message)
+
+    def review_page(
+        request: Request, user: User, job_id: int, status: int = 200, error: str = ""
+    ) -> Response:
+        try:
+            detail = job_detail(ctx.db, ctx.audit, job_id)
+        except ReviewError as exc:
+            return page(
+                request, "message.html", 404, user=user, title="No such job", kind="error", message=str(exc)
+            )
+        context: dict[str, Any] = {"kinds": [], "z": 0.0, "where": "", "preview_error": ""}
+        try:
+            made = previews.get(ctx.db, job_id)
+            context.update(kinds=list(made.images), z=made.z, where=made.why)
+        except (ReviewError, OSError, ValueError, AttributeError) as exc:
+            context["preview_error"] = f"No preview: {exc}"
+        return page(
+            request,
+            "review_job.html",
+            status,
+            user=user,
+            title=f"Job {job_id}",
+            j=detail,
+            error=error,
+            **context,
+        )
+
+    @app.get("/review/{job_id}", response_class=HTMLResponse)
+    def review_job(request: Request, job_id: int) -> Response:
+        user = gate(request, Role.OPERATOR)
+        if not isinstance(user, User):
+            return user
+        return review_page(request, user, job_id)
+
+    @app.get("/review/{job_id}/preview/{kind}.png")
+    def review_preview(request: Request, job_id: int, kind: str) -> Response:
+        user = gate(request, Role.OPERATOR)
+        if not isinstance(user, User):
+            return user
+        try:
+            data = previews.get(ctx.db, job_id).images[kind]
+        except (ReviewError, KeyError):
+            return Response(status_code=404)
+        return Response(data, media_type="image/png")
+
+    @app.post("/review/{job_id}/approve", response_class=HTMLResponse)
+    def review_approve(request: Request, job_id: int, note: str = Form("")) -> Response:
+        user = gate(request, Role.OPERATOR)
+        if not isinstance(user, User):
+            return user
+        try:
+            n = approve(ctx.db, ctx.audit, job_id, f"web:{user.username}", note.strip() or None)
+        except ReviewError as exc:
+            return review_page(request, user, job_id, 409, error=str(exc))
+        done = f"Job {job_id} approved: {n} delivery(ies) queued."
+        return RedirectResponse(f"/review?message={quote(done)}", status_code=303)
+
+    @app.post("/review/{job_id}/reject", response_class=HTMLResponse)
+    def review_reject(request: Request, job_id: int, reason: str = Form("")) -> Response:
+        user = gate(request, Role.OPERATOR)
+        if not isinstance(user, User):
+            return user
+        try:
+            reject(ctx.db, ctx.audit, job_id, f"web:{user.username}", reason)
+        except ReviewError as exc:
+            return review_page(request, user, job_id, 409, error=str(exc))
+        done = f"Job {job_id} rejected: nothing will be sent."
+        return RedirectResponse(f"/review?message={quote(done)}", status_code=303)
 
     return app

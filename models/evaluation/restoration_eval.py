@@ -109,6 +109,26 @@ def _grey_white(image: np.ndarray, labels: np.ndarray) -> float | None:
     return float(image[grey].mean() - image[white].mean())
 
 
+def _mean_nps(
+    images: np.ndarray, reference: np.ndarray, pixel_mm: Any, regions: np.ndarray, bins: int = 24
+) -> tuple[np.ndarray, np.ndarray]:
+    """The NPS of ``image - reference`` averaged over slices (each slice has its own pixel
+    size, so each slice's radial NPS is interpolated onto a common frequency grid up to the
+    lowest Nyquist frequency). Slices where no ROI fits inside the body are skipped."""
+    spacing = np.broadcast_to(np.asarray(pixel_mm, dtype=np.float64), (len(images),))
+    grid = np.linspace(0.0, 0.5 / float(np.max(spacing)), bins)
+    curves = []
+    for image, ref, mm, region in zip(images, reference, spacing, regions, strict=True):
+        try:
+            f, nps = noise_power_spectrum(image, ref, float(mm), roi=region)
+        except ValueError:
+            continue
+        curves.append(np.interp(grid, f, nps))
+    if not curves:
+        return grid, np.full(bins, np.nan)
+    return grid, np.mean(curves, axis=0)
+
+
 def evaluate(
     model: RestorationModel, cfg: EvalConfig, progress: Progress | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -218,7 +238,7 @@ def evaluate(
         # NPS of what is left of the noise.
         inner = np.stack([ndimage.binary_erosion(b, iterations=16) for b in body])
         for name in ("low-dose input", "model"):
-            f_, nps = noise_power_spectrum(outputs[name], ref, float(np.mean(pixel_mm)), roi=inner)
+            f_, nps = _mean_nps(outputs[name], ref, pixel_mm, inner)
             results["nps"][f"{name} minus reference ({tag})"] = {
                 "frequency_per_mm": list(map(float, f_)),
                 "nps_hu2_mm2": list(map(float, nps)),
@@ -238,7 +258,7 @@ def evaluate(
             "grey_white_contrast_hu": {k: round(float(np.mean(v)), 2) if v else None for k, v in gw.items()},
             "dprime": {k: round(float(v["dprime"]), 3) for k, v in lesion_results.items()},
             "coverage_90": round(float(cov["coverage"]), 4),
-            "min_slice_coverage_90": round(float(np.min(cov["per_slice"])), 4),
+            "min_slice_coverage_90": round(float(np.nanmin(cov["per_slice_coverage"])), 4),
             "mean_interval_width_hu": round(float(cov["mean_width_hu"]), 2),
             "baseline_parameters": {
                 "Gaussian sigma mm": sigma_g,

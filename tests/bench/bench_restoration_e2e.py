@@ -24,7 +24,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dicom_node.localpeers import NodeProcess, Orthanc, storescu  # noqa: E402
+from dicom_node.localpeers import NodeProcess, Orthanc, policy_yaml, storescu  # noqa: E402
 from dicom_node.simulate import LdctSpec, write_ldct_study  # noqa: E402
 
 
@@ -77,13 +77,13 @@ poll_seconds = 0.2
 ae_title = "{pacs.aet}"
 host = "127.0.0.1"
 port = {pacs.dicom_port}
-[[routes]]
-pipeline = "restoration"
-destinations = ["pacs"]
-modality = "CT"
-max_ctdivol = 5.0
+[policy]
+file = "policy.yaml"
 """
-        node = NodeProcess(root / "node", config).start()
+        low_dose_ct = {"modality": "CT", "attributes": [{"keyword": "CTDIvol", "op": "<", "value": 5.0}]}
+        node = NodeProcess(
+            root / "node", config, policy=policy_yaml("restoration", match=low_dose_ct)
+        ).start()
         assert node.proc is not None
         try:
             with PeakRss(node.proc.pid) as rss:

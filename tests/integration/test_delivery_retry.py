@@ -68,16 +68,12 @@ def test_unreachable_destination_is_dead_lettered_and_can_be_retried(tmp_path: P
     require(STORESCU)
     port = free_port()  # nobody listens here
     config = (
-        node_config(stable_seconds=1, backoff=0.2, backoff_max=0.5, max_attempts=3)
+        node_config(stable_seconds=1, backoff=0.2, backoff_max=0.5, max_attempts=3, policy=True)
         + f"""
 [destinations.pacs]
 ae_title = "NOBODY"
 host = "127.0.0.1"
 port = {port}
-
-[[routes]]
-pipeline = "forward"
-destinations = ["pacs"]
 """
     )
     node = NodeProcess(tmp_path / "node", config).start()

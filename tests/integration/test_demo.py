@@ -21,7 +21,9 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert "PACS confirms 24 instances" in out
+    # 12 restored slices + uncertainty map, hallucination map, SEG, SR and overlay
+    assert "job 1 ran `restoration`, PACS confirms 17 instances in 6 series" in out
+    assert "SIMULATED" in out  # every figure shown is labelled as computed on simulated data
     assert "delivered after 1 attempt(s)" in out
     assert str(home / "var" / "audit.db") in out
     # It cleans up after itself: nothing it started is left running.

@@ -22,7 +22,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_report_and_fhir_export_after_demo(tmp_path: Path) -> None:
     home = tmp_path / "demo-home"
-    demo = cli("demo", "--home", str(home))
+    demo = cli("demo", "--home", str(home), "--pipeline", "forward", "--slices", "24")
     assert demo.returncode == 0, demo.stdout + demo.stderr
     study_uid = re.search(r"│ study\s+│ ([0-9.]+)", demo.stdout)
     assert study_uid, demo.stdout

@@ -18,7 +18,7 @@ from pydicom.data import get_testdata_file
 
 from pipelines.writers import kind_of, provenance_of
 from tests.conftest import db_rows, node_config, require
-from tests.peers import DCIODVFY, STORESCU, NodeProcess, Orthanc, storescu
+from tests.peers import DCIODVFY, STORESCU, NodeProcess, Orthanc, policy_yaml, storescu
 from tests.test_writers import complete_emri
 
 pytestmark = pytest.mark.integration
@@ -169,10 +169,8 @@ def test_routed_denoise_classical_reaches_orthanc(tmp_path: Path, orthanc: Ortha
     from models.sim.phantom import PhantomSpec
 
     study = write_ct_series(tmp_path / "ct", PhantomSpec(rows=96, columns=96, slices=12, seed=12))
-    config = node_config(orthanc, stable_seconds=1).replace(
-        'pipeline = "forward"', 'pipeline = "denoise-classical"'
-    )
-    node = NodeProcess(tmp_path / "node", config).start()
+    config = node_config(orthanc, stable_seconds=1)
+    node = NodeProcess(tmp_path / "node", config, policy=policy_yaml("denoise-classical")).start()
     try:
         assert storescu(tmp_path / "ct", node.port, node.ae_title).returncode == 0
         node.wait_for(

@@ -13,7 +13,7 @@ import pytest
 
 from pipelines.writers import kind_of, provenance_of
 from tests.conftest import db_rows, node_config, require
-from tests.peers import DCIODVFY, STORESCU, NodeProcess, Orthanc, storescu
+from tests.peers import DCIODVFY, STORESCU, NodeProcess, Orthanc, policy_yaml, storescu
 
 pytestmark = pytest.mark.integration
 
@@ -82,10 +82,11 @@ def test_low_dose_ct_is_routed_to_restoration_and_delivered(
     ldct: Path, tmp_path: Path, orthanc: Orthanc
 ) -> None:
     require(STORESCU)
-    config = node_config(orthanc, stable_seconds=1).replace(
-        'pipeline = "forward"', 'pipeline = "restoration"\nmodality = "CT"\nmax_ctdivol = 5.0'
-    )
-    node = NodeProcess(tmp_path / "node", config).start()
+    config = node_config(orthanc, stable_seconds=1)
+    low_dose_ct = {"modality": "CT", "attributes": [{"keyword": "CTDIvol", "op": "<", "value": 5.0}]}
+    node = NodeProcess(
+        tmp_path / "node", config, policy=policy_yaml("restoration", match=low_dose_ct)
+    ).start()
     try:
         assert storescu(ldct / "low-dose", node.port, node.ae_title).returncode == 0
         node.wait_for(

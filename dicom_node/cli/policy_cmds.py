@@ -1,0 +1,219 @@
+"""``dicom-node policy check FILE | explain STUDY_UID``: is a policy valid, and why did a
+study go where it went (or nowhere)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.text import Text
+
+from dicom_node.cli import (
+    ConfigOpt,
+    HomeOpt,
+    JsonOpt,
+    app,
+    console,
+    err_console,
+    fail,
+    open_runtime,
+    print_json,
+)
+
+if TYPE_CHECKING:
+    from policies.engine import Decision, RuleVerdict, StudyView
+    from policies.model import Rule
+
+policy_app = typer.Typer(
+    help="Routing policies: check a file, explain a study's routing.", no_args_is_help=True
+)
+app.add_typer(policy_app, name="policy")
+
+
+def _gate_text(rule: Rule) -> str:
+    limits = {
+        k: v for k, v in rule.qc.model_dump().items() if v is not None and k != "hold_on_failed_validation"
+    }
+    qc = ", ".join(f"{k} {v:g}" for k, v in limits.items())
+    if rule.gate == "shadow":
+        return "shadow: the pipeline runs and is audited; nothing is sent"
+    if rule.gate == "review":
+        return "review: every output is held until a person approves it (dicom-node review)"
+    return "auto: delivered, unless validation fails" + (f" or a QC limit is exceeded ({qc})" if qc else "")
+
+
+def _print_problems(problems: list[str]) -> None:
+    for problem in problems:
+        err_console.print(Text(f"policy error: {problem}"), highlight=False, soft_wrap=True)
+
+
+@policy_app.command("check")
+def check(
+    file: Annotated[Path, typer.Argument(help="The policy YAML file to check.")],
+    config: ConfigOpt = None,
+    home: HomeOpt = Path("."),
+    json_out: JsonOpt = False,
+) -> None:
+    """Validate a policy file against the pipelines and the configured destinations.
+
+    Exit 0 when it can be used, 2 with one line per problem (file:line: field: what).
+    """
+    from policies.loader import PolicyError, load_policy
+
+    runtime = open_runtime(config, home)
+    destinations = set(runtime.config.destinations)
+    runtime.close()
+    try:
+        loaded = load_policy(file, destinations or None)
+    except PolicyError as exc:
+        _print_problems(exc.problems)
+        raise typer.Exit(2) from None
+    rules = loaded.policy.ordered()
+    if json_out:
+        print_json(
+            {
+                "file": str(file),
+                "sha256": loaded.sha256,
+                "mode": loaded.policy.mode,
+                "rules": [r.model_dump(mode="json") for r in rules],
+                "destinations_checked": bool(destinations),
+            }
+        )
+        return
+    console.print(
+        Text(f"{file}: valid — {len(rules)} rule(s), mode {loaded.policy.mode}, sha256 {loaded.sha256[:12]}")
+    )
+    for rule in rules:
+        console.print(
+            Text(
+                f"  [{rule.priority}] {rule.name}: {rule.pipeline} → "
+                f"{', '.join(rule.destinations) or 'nowhere'}; {_gate_text(rule)}"
+            )
+        )
+    if not destinations:
+        console.print(
+            Text("note: the config defines no [destinations]; destination names were not checked"),
+            style="yellow",
+        )
+
+
+def _verdict_json(v: RuleVerdict) -> dict[str, Any]:
+    deciding = v.deciding
+    return {
+        "rule": v.rule.name,
+        "priority": v.rule.priority,
+        "matched": v.matched,
+        "series_uid": v.series_uid,
+        "checks": [{"condition": c.condition, "passed": c.passed, "seen": c.seen} for c in v.checks],
+        "deciding": None if deciding is None else {"condition": deciding.condition, "seen": deciding.seen},
+    }
+
+
+def _next_steps(decision: Decision, plans: list[Any]) -> list[str]:
+    if not decision.chosen:
+        return ["no rule matches: the study is stored and nothing is processed or sent"]
+    steps = []
+    for v, plan in zip(decision.chosen, plans, strict=True):
+        steps.append(
+            f"rule {v.rule.name}: run {plan.pipeline} on series {plan.series_uid or '(pipeline chooses)'}, "
+            f"then {', '.join(plan.destinations) or 'no destination'}; {_gate_text(v.rule)}"
+        )
+    return steps
+
+
+@policy_app.command("explain")
+def explain(
+    study_uid: Annotated[str, typer.Argument(help="Study Instance UID (see `dicom-node studies`).")],
+    config: ConfigOpt = None,
+    home: HomeOpt = Path("."),
+    policy_file: Annotated[
+        Path | None,
+        typer.Option("--policy", help="Explain with this policy file instead of the configured one."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Which rule matches a received study, which conditions passed or failed, what happens next."""
+    from sqlalchemy import select
+
+    from dicom_node import queries
+    from dicom_node.db import schema as t
+    from dicom_node.routing import PolicyRouter
+    from policies.loader import PolicyError, load_policy
+
+    runtime = open_runtime(config, home)
+    try:
+        path = policy_file or runtime.policy_path
+        if path is None:
+            raise fail("no policy: set [policy] file in the config, or pass --policy FILE")
+        try:
+            loaded = load_policy(path, set(runtime.config.destinations))
+        except PolicyError as exc:
+            _print_problems(exc.problems)
+            raise typer.Exit(2) from None
+        router = PolicyRouter(loaded, runtime.paths.data)
+        with runtime.db.read() as conn:
+            study_id = conn.execute(
+                select(t.studies.c.id).where(t.studies.c.study_uid == study_uid.strip())
+            ).scalar()
+            if study_id is None:
+                raise fail(f"no study {study_uid} in this node's index (see `dicom-node studies`)")
+            view, decision, plans = router.plan(conn, study_id)
+        jobs = queries.list_jobs(runtime.db, study_uid=study_uid.strip())
+    finally:
+        runtime.close()
+    assert decision is not None
+    if json_out:
+        print_json(
+            {
+                "study_uid": view.study_uid,
+                "policy": str(path),
+                "mode": loaded.policy.mode,
+                "calling_ae": view.calling_ae,
+                "called_ae": view.called_ae,
+                "rules": [_verdict_json(v) for v in decision.verdicts],
+                "chosen": [v.rule.name for v in decision.chosen],
+                "next": _next_steps(decision, plans),
+                "jobs": jobs,
+            }
+        )
+        return
+    _print_explanation(view, decision, plans, path, loaded.policy.mode, jobs)
+
+
+def _print_explanation(
+    view: StudyView, decision: Decision, plans: list[Any], path: Path, mode: str, jobs: list[dict[str, Any]]
+) -> None:
+    out = console
+    out.print(
+        Text(f"study {view.study_uid} from {view.calling_ae} to {view.called_ae}; policy {path} ({mode})")
+    )
+    for s in view.series:
+        out.print(Text(f"  series {s.series_uid}: {s.modality} {s.description!r}, {s.instances} instance(s)"))
+    chosen = {v.rule.name for v in decision.chosen}
+    for v in decision.verdicts:
+        if v.rule.name in chosen:
+            head, style = "MATCHED (chosen)", "bold green"
+        elif v.matched:
+            head, style = "matched (not chosen: first-match takes the higher-priority rule)", "green"
+        else:
+            head, style = "no match", "red"
+        out.print(Text(f"rule {v.rule.name} [priority {v.rule.priority}]: {head}", style=style))
+        for c in v.checks:
+            mark = "pass" if c.passed else "FAIL"
+            out.print(Text(f"    {mark}  {c.condition}   (seen: {c.seen})"))
+        if v.deciding is not None:
+            verb = "matched on" if v.matched else "failed on"
+            out.print(Text(f"    deciding condition: {verb} {v.deciding.condition}"))
+    out.print(Text("next:", style="bold"))
+    for step in _next_steps(decision, plans):
+        out.print(Text(f"  {step}"))
+    if jobs:
+        out.print(Text("jobs already made for this study:", style="bold"))
+        for j in jobs:
+            out.print(
+                Text(
+                    f"  job {j['id']} (v{j['study_version']}) {j['pipeline']}: "
+                    f"{j['state']} {j['reason'] or ''}"
+                )
+            )

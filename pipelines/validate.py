@@ -1,0 +1,106 @@
+"""Output validation: re-read every written object before anything may leave.
+
+Checks what a receiving PACS or TPS would otherwise find the hard way: each file parses;
+it belongs to the input study and carries the identity the job recorded; its provenance
+names sources that are in the processed series; pixel data decode to the declared
+geometry with finite values; the derived series has one image per source slice, in the
+source's frame of reference. Any problem is returned (not raised) — the node's gate then
+holds the job for a person, whatever the rule's gate says.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from pipelines.stages import Context
+from pipelines.writers import KIND_DERIVED, KIND_HALLUCINATION, KIND_UNCERTAINTY, provenance_of
+
+_PIXEL_KINDS = (KIND_DERIVED, KIND_UNCERTAINTY, KIND_HALLUCINATION)
+
+
+def validate_outputs(ctx: Context, *, max_problems: int = 20) -> list[str]:
+    """Problems with the objects in ``ctx.outputs`` (empty: all good)."""
+    problems: list[str] = []
+    source_sops = {i.sop_uid for i in ctx.series}
+    source_series = {i.series_uid for i in ctx.series}
+    # an overlay illustrates a map of this job: its own outputs are legitimate sources too
+    known_series = source_series | {o.series_uid for o in ctx.outputs}
+    frame_of_reference = None
+    if ctx.series:
+        first = pydicom.dcmread(ctx.series[0].path, stop_before_pixels=True)
+        frame_of_reference = first.get("FrameOfReferenceUID")
+    kinds: Counter[str] = Counter()
+    if not ctx.outputs:
+        return ["the pipeline wrote no output objects"]
+    for out in ctx.outputs:
+        if len(problems) >= max_problems:
+            problems.append("… (more problems not listed)")
+            break
+        where = f"{out.path.name}"
+        try:
+            ds = pydicom.dcmread(out.path)
+        except (OSError, InvalidDicomError) as exc:
+            problems.append(f"{where}: cannot be read back: {exc}")
+            continue
+        if str(ds.get("StudyInstanceUID", "")) != ctx.study.study_uid:
+            problems.append(f"{where}: Study Instance UID is not the input study's")
+        if (
+            str(ds.get("SOPInstanceUID", "")) != out.sop_uid
+            or str(ds.get("SOPClassUID", "")) != out.sop_class_uid
+        ):
+            problems.append(f"{where}: SOP Instance/Class UID differ from what the job recorded")
+        try:
+            facts = provenance_of(ds)
+        except ValueError as exc:
+            problems.append(f"{where}: provenance: {exc}")
+            continue
+        kind = str(facts["kind"])
+        kinds[kind] += 1
+        if source_series and not set(facts["source_series_instance_uids"]) <= known_series:
+            problems.append(f"{where}: references a source series that was not processed")
+        if kind == KIND_DERIVED and not set(facts["source_sop_instance_uids"]) <= source_sops:
+            problems.append(f"{where}: references a source image that was not processed")
+        if (
+            frame_of_reference is not None
+            and kind in _PIXEL_KINDS
+            and facts.get("frame_of_reference_uid") not in (None, str(frame_of_reference))
+        ):
+            problems.append(f"{where}: Frame of Reference UID differs from the source's")
+        if kind in _PIXEL_KINDS:
+            problems.extend(f"{where}: {p}" for p in _pixel_problems(ds))
+    if ctx.series and kinds[KIND_DERIVED] and kinds[KIND_DERIVED] != len(ctx.series):
+        problems.append(
+            f"derived series has {kinds[KIND_DERIVED]} images for {len(ctx.series)} source slices"
+        )
+    return problems
+
+
+def _pixel_problems(ds: pydicom.Dataset) -> list[str]:
+    try:
+        pixels = np.asarray(ds.pixel_array)
+    except Exception as exc:  # any decoder failure is a validation failure, not a crash
+        return [f"pixel data do not decode: {exc}"]
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    expected = (rows, cols) if frames == 1 else (frames, rows, cols)
+    problems = []
+    if pixels.shape[-len(expected) :] != expected and pixels.shape[:3] != expected:
+        problems.append(f"pixel data shape {pixels.shape} does not match {expected}")
+    if pixels.dtype.kind == "f" and not np.all(np.isfinite(pixels)):
+        problems.append("pixel data hold NaN or infinite values")
+    return problems
+
+
+@dataclass(frozen=True)
+class Validate:
+    """Stage: re-read and check the written objects (see :func:`validate_outputs`)."""
+
+    name: str = "validate"
+
+    def run(self, ctx: Context) -> Context:
+        return ctx.evolve(validation_errors=tuple(validate_outputs(ctx)))

@@ -1,0 +1,244 @@
+"""Deciding: which rules a study matches (with every condition's result, for ``explain``),
+and whether an output may leave (the QC gate).
+
+The engine sees plain data: a :class:`StudyView` built by the node from its index (and,
+for attributes the index does not keep, the series' first header). It never imports the
+node and never evaluates text as code.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from policies.model import Comparison, Gate, Policy, QcGates, Rule, SeriesConditions
+
+
+@dataclass(frozen=True)
+class SeriesView:
+    series_uid: str
+    modality: str | None
+    description: str | None
+    body_part: str | None
+    instances: int
+    #: Value of a DICOM attribute (by keyword) in the series, or None when absent.
+    attribute: Callable[[str], Any]
+
+
+@dataclass(frozen=True)
+class StudyView:
+    study_uid: str
+    calling_ae: str | None
+    called_ae: str | None
+    series: tuple[SeriesView, ...]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One condition of one rule: what was asked, whether it held, and what was seen."""
+
+    condition: str
+    passed: bool
+    seen: str
+
+
+@dataclass(frozen=True)
+class RuleVerdict:
+    rule: Rule
+    matched: bool
+    checks: tuple[Check, ...]
+    #: The series that met the series conditions (the one the rule is about).
+    series_uid: str | None
+
+    @property
+    def deciding(self) -> Check | None:
+        """The first failed condition; for a matching rule, its last condition."""
+        for check in self.checks:
+            if not check.passed:
+                return check
+        return self.checks[-1] if self.checks else None
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdicts: tuple[RuleVerdict, ...]
+    chosen: tuple[RuleVerdict, ...]
+
+
+def _compare(c: Comparison, value: Any) -> tuple[bool, str]:
+    if value is None or value == "":
+        return False, f"{c.keyword} absent"
+    if isinstance(value, list | tuple):
+        value = value[0] if value else None
+    if isinstance(c.value, int | float):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return False, f"{c.keyword} = {value!r} (not a number)"
+        ops: dict[str, Callable[[float, float], bool]] = {
+            "<": lambda a, b: a < b,
+            "<=": lambda a, b: a <= b,
+            ">": lambda a, b: a > b,
+            ">=": lambda a, b: a >= b,
+            "==": lambda a, b: a == b,
+            "!=": lambda a, b: a != b,
+        }
+        return ops[c.op](number, float(c.value)), f"{c.keyword} = {number:g}"
+    text = str(value).strip()
+    if c.op not in ("==", "!="):
+        return False, f"{c.keyword}: {c.op} needs a number"
+    equal = text == str(c.value)
+    return (equal if c.op == "==" else not equal), f"{c.keyword} = {text!r}"
+
+
+def _series_checks(cond: SeriesConditions, s: SeriesView, prefix: str = "") -> list[Check]:
+    checks = []
+    if cond.modality is not None:
+        checks.append(
+            Check(
+                f"{prefix}modality in {list(cond.modality)}",
+                (s.modality or "").upper() in {m.upper() for m in cond.modality},
+                f"{s.modality}",
+            )
+        )
+    if cond.body_part is not None:
+        checks.append(
+            Check(
+                f"{prefix}body part in {list(cond.body_part)}",
+                (s.body_part or "").upper() in {b.upper() for b in cond.body_part},
+                f"{s.body_part}",
+            )
+        )
+    if cond.series_description is not None:
+        checks.append(
+            Check(
+                f"{prefix}series description ~ /{cond.series_description}/",
+                re.search(cond.series_description, s.description or "") is not None,
+                repr(s.description or ""),
+            )
+        )
+    for c in cond.attributes:
+        ok, seen = _compare(c, s.attribute(c.keyword))
+        checks.append(Check(f"{prefix}{c.describe()}", ok, seen))
+    return checks
+
+
+def evaluate_rule(rule: Rule, study: StudyView) -> RuleVerdict:
+    m = rule.match
+    checks: list[Check] = []
+    if m.calling_ae is not None:
+        checks.append(
+            Check(
+                f"calling AE in {list(m.calling_ae)}",
+                (study.calling_ae or "") in m.calling_ae,
+                f"{study.calling_ae}",
+            )
+        )
+    if m.called_ae is not None:
+        checks.append(
+            Check(
+                f"called AE in {list(m.called_ae)}",
+                (study.called_ae or "") in m.called_ae,
+                f"{study.called_ae}",
+            )
+        )
+    descriptions = [s.description or "" for s in study.series]
+    if m.has_series is not None:
+        present = any(re.search(m.has_series, d) for d in descriptions)
+        checks.append(Check(f"study has a series ~ /{m.has_series}/", present, f"{descriptions}"))
+    if m.lacks_series is not None:
+        present = any(re.search(m.lacks_series, d) for d in descriptions)
+        checks.append(Check(f"study lacks any series ~ /{m.lacks_series}/", not present, f"{descriptions}"))
+    if not all(c.passed for c in checks):
+        return RuleVerdict(rule, False, tuple(checks), None)
+    series_level = bool(m.modality or m.body_part or m.series_description or m.attributes or m.any_of)
+    if not series_level:
+        return RuleVerdict(rule, True, tuple(checks) or (Check("no conditions", True, "every study"),), None)
+    best: list[Check] | None = None
+    for s in study.series:
+        own = _series_checks(m, s, prefix=f"series {s.series_uid}: ")
+        if m.any_of:
+            alternatives = [
+                _series_checks(alt, s, prefix=f"series {s.series_uid}: any_of[{i}] ")
+                for i, alt in enumerate(m.any_of)
+            ]
+            ok_alt = next((a for a in alternatives if all(c.passed for c in a)), None)
+            if ok_alt is not None:
+                own = [*own, *ok_alt]
+            else:
+                seen = "; ".join(f"{c.condition} → {c.seen}" for a in alternatives for c in a)
+                own = [
+                    *own,
+                    Check(f"series {s.series_uid}: one of {len(m.any_of)} alternatives", False, seen),
+                ]
+        if all(c.passed for c in own):
+            return RuleVerdict(rule, True, tuple(checks + own), s.series_uid)
+        if best is None or sum(c.passed for c in own) > sum(c.passed for c in best):
+            best = own
+    if best is None:
+        best = [Check("a series meeting the series conditions", False, "the study has no series")]
+    return RuleVerdict(rule, False, tuple(checks + best), None)
+
+
+def decide(policy: Policy, study: StudyView) -> Decision:
+    """Every rule's verdict (priority order) and the rule(s) the policy's mode chooses."""
+    verdicts = tuple(evaluate_rule(rule, study) for rule in policy.ordered())
+    matched = tuple(v for v in verdicts if v.matched)
+    chosen = matched[:1] if policy.mode == "first-match" else matched
+    return Decision(verdicts, chosen)
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """``release`` (deliver), ``hold`` (review queue) or ``shadow`` (record, send nothing)."""
+
+    action: str
+    reasons: tuple[str, ...]
+
+
+_SIGMA_KEYS = ("mean calibrated sigma in body", "mean uncertainty")
+
+
+def gate_output(
+    gate: Gate, qc: QcGates, figures: Mapping[str, float], validation_errors: list[str] | None = None
+) -> GateVerdict:
+    """Apply a rule's gate and QC thresholds to a finished job's QC figures."""
+    reasons: list[str] = []
+    if qc.hold_on_failed_validation and validation_errors:
+        reasons += [f"output validation failed: {e}" for e in validation_errors]
+    # A limit the rule sets but the pipeline did not report holds the job (fail closed).
+    fraction = figures.get("suspect fraction")
+    if qc.max_suspect_fraction is not None:
+        if fraction is None:
+            reasons.append("suspect fraction not reported by the pipeline (the rule sets a limit)")
+        elif fraction > qc.max_suspect_fraction:
+            reasons.append(f"suspect fraction {fraction:g} > {qc.max_suspect_fraction:g}")
+    volume = figures.get("suspect volume")
+    if qc.max_suspect_volume_ml is not None:
+        if volume is None:
+            reasons.append("suspect volume not reported by the pipeline (the rule sets a limit)")
+        elif volume > qc.max_suspect_volume_ml:
+            reasons.append(f"suspect volume {volume:g} mL > {qc.max_suspect_volume_ml:g} mL")
+    region = figures.get("largest suspect region")
+    if qc.max_suspect_region_ml is not None:
+        if region is None:
+            reasons.append("largest suspect region not reported by the pipeline (the rule sets a limit)")
+        elif region > qc.max_suspect_region_ml:
+            reasons.append(f"largest suspect region {region:g} mL > {qc.max_suspect_region_ml:g} mL")
+    sigma = next((figures[k] for k in _SIGMA_KEYS if k in figures), None)
+    if qc.max_mean_sigma is not None:
+        if sigma is None:
+            reasons.append("mean calibrated sigma not reported by the pipeline (the rule sets a limit)")
+        elif sigma > qc.max_mean_sigma:
+            reasons.append(f"mean calibrated sigma {sigma:g} > {qc.max_mean_sigma:g}")
+    if gate == "shadow":
+        return GateVerdict("shadow", ("shadow mode: run and audit, send nothing", *reasons))
+    if gate == "review":
+        return GateVerdict("hold", ("the rule requires review", *reasons))
+    return (
+        GateVerdict("hold", tuple(reasons))
+        if reasons
+        else GateVerdict("release", ("QC within the rule's limits",))
+    )

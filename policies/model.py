@@ -1,0 +1,189 @@
+"""The policy file's schema: rules that say which studies go to which pipeline, where the
+results go, and what gates them. Validated with pydantic (unknown keys refused); no
+``eval`` anywhere — conditions are data, compared by the engine.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydicom.datadict import tag_for_keyword
+
+Gate = Literal["auto", "review", "shadow"]
+Op = Literal["<", "<=", ">", ">=", "==", "!="]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _regex(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+    return value
+
+
+def _names(value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if (
+        not isinstance(items, list | tuple)
+        or not items
+        or any(not isinstance(v, str) or not v.strip() for v in items)
+    ):
+        raise ValueError(f"expected a name or a non-empty list of names, got {value!r}")
+    return tuple(v.strip() for v in items)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+class Comparison(_Strict):
+    """``{keyword: CTDIvol, op: "<", value: 5}`` — any DICOM attribute by keyword."""
+
+    keyword: str
+    op: Op
+    value: float | str
+
+    @field_validator("keyword")
+    @classmethod
+    def _known_keyword(cls, value: str) -> str:
+        if tag_for_keyword(value) is None:
+            raise ValueError(
+                f"{value!r} is not a DICOM attribute keyword (e.g. CTDIvol, KVP, SliceThickness)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _ordering_needs_a_number(self) -> Comparison:
+        if self.op in ("<", "<=", ">", ">=") and isinstance(self.value, str):
+            raise ValueError(
+                f"value: {self.op!r} compares numbers; write {self.value} without quotes"
+                if _is_number(self.value)
+                else f"value: {self.op!r} compares numbers, got text {self.value!r}"
+            )
+        return self
+
+    def describe(self) -> str:
+        return f"{self.keyword} {self.op} {self.value}"
+
+
+class SeriesConditions(_Strict):
+    """Conditions one series of the study must meet (all of them)."""
+
+    modality: tuple[str, ...] | None = None
+    body_part: tuple[str, ...] | None = None
+    #: Regular expression searched in Series Description (add ``(?i)`` for case-insensitive).
+    series_description: str | None = None
+    attributes: tuple[Comparison, ...] = ()
+
+    _names = field_validator("modality", "body_part", mode="before")(_names)
+    _regex = field_validator("series_description")(_regex)
+
+
+class Match(SeriesConditions):
+    """When a rule applies: study-level conditions, plus one series meeting the series-level
+    conditions and, when ``any_of`` is given, at least one of its alternatives."""
+
+    calling_ae: tuple[str, ...] | None = None
+    called_ae: tuple[str, ...] | None = None
+    #: The study must hold a series whose description matches / must not hold one.
+    has_series: str | None = None
+    lacks_series: str | None = None
+    any_of: tuple[SeriesConditions, ...] = ()
+
+    _ae = field_validator("calling_ae", "called_ae", mode="before")(_names)
+    _present = field_validator("has_series", "lacks_series")(_regex)
+
+
+class Select(_Strict):
+    """Which series the pipeline processes (default: the largest of its kind)."""
+
+    modality: tuple[str, ...] | None = None
+    series_description: str | None = None
+
+    _names = field_validator("modality", mode="before")(_names)
+    _regex = field_validator("series_description")(_regex)
+
+
+class QcGates(_Strict):
+    """Hold the output for review when the model's own evidence says it may be wrong."""
+
+    #: Fraction of voxels in suspect (possible hallucination) regions.
+    max_suspect_fraction: float | None = Field(None, ge=0, le=1)
+    #: Volume of all suspect regions together, millilitres (diffuse trouble).
+    max_suspect_volume_ml: float | None = Field(None, ge=0)
+    #: Volume of the largest connected suspect region, millilitres (one invented or erased
+    #: structure; unlike the total it does not grow with the length of the scan).
+    max_suspect_region_ml: float | None = Field(None, ge=0)
+    #: Mean calibrated σ of the output (in its units, e.g. HU) inside the body.
+    max_mean_sigma: float | None = Field(None, gt=0)
+    #: Any failed validation of the written objects holds the job (always on).
+    hold_on_failed_validation: bool = True
+
+
+class Rule(_Strict):
+    name: str
+    priority: int = 0
+    match: Match = Match()
+    select: Select | None = None
+    pipeline: str
+    destinations: tuple[str, ...] = ()
+    gate: Gate = "auto"
+    qc: QcGates = QcGates()
+    #: Options passed to the pipeline (e.g. a gate fire drill: {inject_hallucination_hu: 80}).
+    options: dict[str, float | int | str | bool] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+            raise ValueError(
+                f"{value!r}: a rule name is 1-64 letters, digits, '-', '_' or '.' (no spaces); "
+                "it appears in job records and the audit trail"
+            )
+        return value
+
+    @field_validator("pipeline")
+    @classmethod
+    def _known_pipeline(cls, value: str) -> str:
+        from pipelines.registry import pipeline_names
+
+        if value not in pipeline_names():
+            raise ValueError(f"unknown pipeline {value!r} (available: {', '.join(pipeline_names())})")
+        return value
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _dest_list(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _sends_somewhere(self) -> Rule:
+        if self.gate != "shadow" and not self.destinations:
+            raise ValueError(
+                "destinations: a rule that is not gate: shadow must name at least one destination"
+            )
+        return self
+
+
+class Policy(_Strict):
+    version: Literal[1] = 1
+    #: first-match: the highest-priority matching rule alone; all-matches: every match.
+    mode: Literal["first-match", "all-matches"]
+    rules: tuple[Rule, ...] = ()
+
+    def ordered(self) -> list[Rule]:
+        """Rules by priority (highest first), file order among equals."""
+        return sorted(self.rules, key=lambda r: -r.priority)
