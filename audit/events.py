@@ -46,6 +46,15 @@ class AuditEvent(StrEnum):
     JOB_TRANSITION = "job-transition"
     DELIVERY_ATTEMPT = "delivery-attempt"
     DELIVERY_DEAD_LETTER = "delivery-dead-letter"
+    #: Checks before sending found problems (a ``tps`` destination's validation): nothing
+    #: was sent. Facts: ``delivery_id, destination, series_uid, problems``.
+    DELIVERY_REFUSED = "delivery-refused"
+    #: Storage Commitment (Push Model) N-ACTION sent after a series: ``transaction_uid,
+    #: instances``; then one ``storage-commitment-result`` (``result`` committed/failed,
+    #: ``committed``, ``failed``, ``failures``) or ``storage-commitment-timeout``.
+    STORAGE_COMMITMENT_REQUESTED = "storage-commitment-requested"
+    STORAGE_COMMITMENT_RESULT = "storage-commitment-result"
+    STORAGE_COMMITMENT_TIMEOUT = "storage-commitment-timeout"
     CONFIG_LOADED = "config-loaded"
     MODEL_LOADED = "model-loaded"
     GATE_DECISION = "gate-decision"

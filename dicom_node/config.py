@@ -91,11 +91,21 @@ class Destination(_Section):
     ae_title: str
     host: str
     port: Port
+    #: "tps": every series is checked before anything is sent (CT Image Storage, the
+    #: planning MR's frame of reference, HU rescale, one evenly spaced stack, mandatory
+    #: attributes, dciodvfy when installed); a series that fails is dead-lettered unsent.
     profile: Literal["pacs", "tps"] = "pacs"
     #: Seconds to wait for the association and for each DIMSE response.
     timeout_seconds: float = Field(60.0, gt=0)
     #: Maximum PDU we announce to this peer (0 = unlimited).
     max_pdu_bytes: int = Field(4 * 1024 * 1024, ge=0)
+    #: Ask the peer to commit to the series (Storage Commitment Push Model, N-ACTION) after
+    #: sending it; the delivery is "delivered" only when its N-EVENT-REPORT says every
+    #: instance is committed. The peer must know this node (AE title, host, port) to
+    #: report back on a new association.
+    storage_commitment: bool = False
+    #: Seconds to wait for the commitment result; then the series is sent again.
+    commitment_timeout_seconds: float = Field(120.0, gt=0)
 
     _ae = field_validator("ae_title")(_check_ae_title)
 

@@ -122,12 +122,16 @@ class Orthanc:
         aet: str = "ORTHANC",
         modalities: dict[str, tuple[str, str, int]] | None = None,
     ) -> None:
+        """``modalities``: name → (AE title, host, port) of the peers Orthanc knows; add
+        more, with options, by :meth:`register_modality`."""
         self.dir = workdir / f"orthanc-{aet.lower()}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.aet = aet
         self.dicom_port = free_port()
         self.http_port = free_port()
-        self.modalities = modalities or {}
+        self.modalities: dict[str, list[Any] | dict[str, Any]] = {
+            name: list(entry) for name, entry in (modalities or {}).items()
+        }
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.dir / "orthanc.log"
 
@@ -148,7 +152,7 @@ class Orthanc:
             "HttpServerEnabled": True,
             "DicomCheckCalledAet": False,
             "DicomAlwaysAllowStore": True,
-            "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
+            "DicomModalities": dict(self.modalities),
             "Plugins": [],
             "StableAge": 2,
         }
@@ -169,9 +173,24 @@ class Orthanc:
         """Abrupt stop (SIGKILL): open associations break mid-transfer."""
         stop(self.proc, signal.SIGKILL)
 
-    def _request(self, path: str, body: Any = None) -> bytes:
+    def register_modality(
+        self, name: str, aet: str, port: int, host: str = "127.0.0.1", *, storage_commitment: bool = True
+    ) -> None:
+        """Make a peer (e.g. the node) known to Orthanc as a DICOM modality.
+
+        Orthanc accepts a storage commitment request (N-ACTION) only from a known
+        modality, and sends the result (N-EVENT-REPORT) on a new association to the
+        host and port registered for the requester's AE title. Takes effect at once when
+        Orthanc runs (``PUT /modalities/<name>``) and on every later start.
+        """
+        entry = {"AET": aet, "Host": host, "Port": port, "AllowStorageCommitment": storage_commitment}
+        self.modalities[name] = entry
+        if self.proc is not None and self.proc.poll() is None:
+            self._request(f"/modalities/{name}", entry, method="PUT")
+
+    def _request(self, path: str, body: Any = None, method: str | None = None) -> bytes:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method="POST" if data else "GET")
+        req = urllib.request.Request(self.url + path, data=data, method=method or ("POST" if data else "GET"))
         with urllib.request.urlopen(req, timeout=30) as resp:
             return bytes(resp.read())
 

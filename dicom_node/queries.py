@@ -140,8 +140,26 @@ def list_deliveries(db: Database, state: str | None = None) -> list[dict[str, An
             ).all()
         )
         rows = [dict(r._mapping) for r in conn.execute(query).all()]
+        # The latest storage commitment transaction of each delivery (where there is one).
+        latest = (
+            select(func.max(t.storage_commitments.c.id))
+            .group_by(t.storage_commitments.c.delivery_fk)
+            .scalar_subquery()
+        )
+        commitments = {
+            c.delivery_fk: {"transaction_uid": c.transaction_uid, "state": c.state, "detail": c.detail}
+            for c in conn.execute(
+                select(
+                    t.storage_commitments.c.delivery_fk,
+                    t.storage_commitments.c.transaction_uid,
+                    t.storage_commitments.c.state,
+                    t.storage_commitments.c.detail,
+                ).where(t.storage_commitments.c.id.in_(latest))
+            ).all()
+        }
     for r in rows:
         r["job_outputs"] = counts.get(r["job_id"], 0)
+        r["commitment"] = commitments.get(r["id"])
     return rows
 
 

@@ -203,7 +203,8 @@ def serve(
         last = latest_received_at(runtime.db)
         store.reconcile(since=None if last is None else last - 600)
     requeued = recover_jobs(runtime.db, audit, run_id, actor)
-    redelivered = Outbox(config, runtime.db, audit, actor).recover(orphan_test(run_id))
+    outbox = Outbox(config, runtime.db, audit, actor, data_dir=paths.data)
+    redelivered = outbox.recover(orphan_test(run_id))
     if requeued or redelivered:
         log.warning(
             "resumed %d job(s) and %d delivery(ies) left unfinished by the last run",
@@ -213,7 +214,8 @@ def serve(
 
     readiness.start()
     forwarder = start_syslog_forwarder(runtime)
-    receiver = Receiver(config, paths, store, audit)
+    # Storage commitment results that peers report on new associations settle deliveries.
+    receiver = Receiver(config, paths, store, audit, commitment_reports=outbox.record_commitment_report)
     worker_argv = [
         sys.executable,
         "-m",

@@ -159,7 +159,7 @@ class Worker:
         self.audit = audit
         self.run_id = run_id
         self.worker_id = claim_id(run_id)
-        self.outbox = Outbox(config, db, audit, self.worker_id)
+        self.outbox = Outbox(config, db, audit, self.worker_id, data_dir=paths.data)
         self.stop_event = threading.Event()
         self._held_jobs: set[int] = set()
         self._held_deliveries: set[int] = set()
@@ -192,6 +192,7 @@ class Worker:
     def _delivery_loop(self) -> None:
         while not self.stop_event.is_set():
             try:
+                self.outbox.expire_commitments()
                 task = self.outbox.claim_due()
             except Exception:
                 log.exception("outbox: claim failed")

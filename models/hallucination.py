@@ -83,6 +83,7 @@ def restoration_score(
     correlation: dict[str, float] | None = None,
     model_weight: float = 0.5,
     windows: tuple[int, ...] = DEFAULT_WINDOWS,
+    model_correlation: dict[str, float] | None = None,
 ) -> np.ndarray:
     """The restoration hallucination map: a combined z-score, maximised over windows.
 
@@ -93,6 +94,10 @@ def restoration_score(
     card), the model part (spatially smooth) not shrinking, weighted by λ. Where the
     local mean departs by many of those spreads, the output added or removed something
     the input's noise cannot explain.
+
+    With ``model_correlation`` (measured at calibration: the spread of a ``w×w`` mean of
+    the model's error over the mean calibrated σ), the model part is ``k_w · σ_model``
+    per window instead of the fixed ``λ · σ_model``.
     """
     residual = np.asarray(observed, np.float32) - np.asarray(restored, np.float32)
     noise = local_noise_sigma(observed) if noise_sigma is None else np.asarray(noise_sigma, np.float32)
@@ -101,6 +106,8 @@ def restoration_score(
     for w in windows:
         c = (correlation or {}).get(str(w), 1.0)
         local_mean = ndimage.uniform_filter(residual, size=(1, w, w))
+        if model_correlation and str(w) in model_correlation:
+            model = model_correlation[str(w)] * np.asarray(sigma_model, np.float32)
         spread = np.sqrt((noise * c / w) ** 2 + ndimage.uniform_filter(model, size=(1, w, w)) ** 2)
         np.maximum(best, np.abs(local_mean) / spread, out=best)
     return best

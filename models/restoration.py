@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,14 @@ class RestorationCard:
     #: Spread factor of a window mean of this CT noise relative to white noise (used by
     #: the hallucination score), per window size.
     noise_correlation: dict[str, float] = field(default_factory=dict)
+    #: Spread of a window mean of the model's own error, relative to the mean calibrated σ,
+    #: per window size (measured on the calibration slices against the reference). Empty:
+    #: the score falls back to a fixed fraction of σ.
+    model_error_correlation: dict[str, float] = field(default_factory=dict)
+    #: Low-frequency data consistency: the Gaussian low-pass (σ in mm) of what the network
+    #: removed (input − output) is put back, so the network may only change fine detail —
+    #: it cannot flatten a faint lesion or shift a tissue's mean. 0: off.
+    residual_lowpass_mm: float = 0.0
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
@@ -174,8 +183,50 @@ class RestorationModel:
             sigmas.append(torch.exp(0.5 * log_var[:, 0]).numpy())
         return np.concatenate(means) * HU_SCALE, np.concatenate(sigmas) * HU_SCALE
 
-    def predict(self, volume: np.ndarray, spacing: tuple[float, float, float]) -> Prediction:
+    def score(self, observed: np.ndarray, restored: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+        """The restoration hallucination map with this model's measured correlations."""
+        from models.hallucination import restoration_score
+
+        return restoration_score(
+            observed,
+            restored,
+            sigma,
+            correlation=self.meta.noise_correlation,
+            model_correlation=self.meta.model_error_correlation or None,
+        )
+
+    def predict(
+        self,
+        volume: np.ndarray,
+        spacing: tuple[float, float, float],
+        pixel_mm: Sequence[float] | None = None,
+    ) -> Prediction:
+        """Restored volume and calibrated σ. ``spacing`` is (slice, row, column) in mm;
+        ``pixel_mm`` gives each slice its own in-plane pixel size (a stack of cases)."""
         mean, sigma = self.predict_raw(volume)
+        mean = data_consistent(
+            np.asarray(volume, np.float32), mean, self.meta.residual_lowpass_mm, spacing, pixel_mm
+        )
         return Prediction(
             mean=mean.astype(np.float32), sigma=(sigma * self.meta.sigma_scale).astype(np.float32)
         )
+
+
+def data_consistent(
+    volume: np.ndarray,
+    restored: np.ndarray,
+    lowpass_mm: float,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    pixel_mm: Sequence[float] | None = None,
+) -> np.ndarray:
+    """``restored + G_σ * (volume − restored)`` per slice (σ = ``lowpass_mm`` in mm)."""
+    if lowpass_mm <= 0:
+        return restored
+    from scipy import ndimage
+
+    sizes = list(pixel_mm) if pixel_mm is not None else [None] * len(volume)
+    out = np.empty_like(restored, dtype=np.float32)
+    for k, (v, r, px) in enumerate(zip(volume, restored, sizes, strict=True)):
+        sy, sx = (px, px) if px is not None else (spacing[1], spacing[2])
+        out[k] = r + ndimage.gaussian_filter(v - r, (lowpass_mm / sy, lowpass_mm / sx))
+    return out

@@ -14,6 +14,7 @@ _PIPELINES: dict[str, str] = {
     "forward": "pipelines.forward:ForwardPipeline",
     "denoise-classical": "pipelines.denoise_classical:denoise_classical",
     "restoration": "pipelines.restoration:restoration",
+    "sct": "pipelines.sct:sct",
 }
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.hallucination import largest_region_voxels, restoration_score, suspect_regions
+from models.hallucination import largest_region_voxels, suspect_regions
 from models.restoration import RestorationModel
 from pipelines.encode import Encode
 from pipelines.stages import Context, StagedPipeline
@@ -33,9 +33,7 @@ class ScoreRestoration:
     def run(self, ctx: Context) -> Context:
         volume = ctx.need_volume()
         prediction = ctx.need_prediction()
-        score = restoration_score(
-            volume.array, prediction.mean, prediction.sigma, correlation=self.model.meta.noise_correlation
-        )
+        score = self.model.score(volume.array, prediction.mean, prediction.sigma)
         suspect = suspect_regions(score, self.threshold, min_voxels=self.min_voxels)
         voxel_ml = volume.spacing[0] * volume.spacing[1] * volume.spacing[2] / 1000.0
         body = volume.array > -500

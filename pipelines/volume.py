@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
+from pipelines.geometry import analyse_stack
+
 
 class SeriesError(ValueError):
     """A series that cannot be loaded as one volume; the message names series and problem."""
@@ -215,36 +217,31 @@ def load_series(datasets: Sequence[Dataset], *, resample: bool = False) -> Volum
         raise SeriesError(f"{label}: instances of other series mixed in ({', '.join(sorted(others))})")
     frames = [f for i, ds in enumerate(datasets) for f in _frames_of(i, ds, label)]
 
-    orientation = frames[0].orientation
-    distinct = [f for f in frames if not np.allclose(f.orientation, orientation, atol=1e-4)]
-    if distinct:
+    stack = analyse_stack([f.position for f in frames], [f.orientation for f in frames])
+    orientation = stack.orientation
+    if stack.off_orientation:
         raise SeriesError(
-            f"{label}: mixed orientations ({len(distinct)} of {len(frames)} slices differ from "
-            f"{np.round(orientation, 4).tolist()}); select one stack"
+            f"{label}: mixed orientations ({len(stack.off_orientation)} of {len(frames)} slices differ "
+            f"from {np.round(orientation, 4).tolist()}); select one stack"
         )
     if any(not np.allclose(f.pixel_spacing, frames[0].pixel_spacing, atol=1e-4) for f in frames):
         raise SeriesError(f"{label}: pixel spacing differs between slices")
-    row, col = orientation[:3], orientation[3:]
-    normal = np.cross(row, col)
-    distance = np.array([float(np.dot(f.position, normal)) for f in frames])
-    order = np.argsort(distance, kind="stable")
-    frames = [frames[i] for i in order]
-    distance = distance[order]
-    steps = np.diff(distance)
-    if len(steps) and np.min(steps) < 1e-3:
-        k = int(np.argmin(steps))
+    normal = stack.normal
+    frames = [frames[i] for i in stack.order]
+    distance, steps = stack.distances, stack.steps
+    if stack.duplicates:
+        k = stack.duplicates[0]
         raise SeriesError(
             f"{label}: duplicate slice position {distance[k]:.3f} mm along the normal "
             f"({frames[k].sop_instance_uid} and {frames[k + 1].sop_instance_uid})"
         )
-    if len(steps):
-        step = float(np.median(steps))
-        uneven = np.abs(steps - step) > max(0.01 * step, 1e-3)
-        if uneven.any() and not resample:
+    if stack.step is not None:
+        step = stack.step
+        if stack.uneven.any() and not resample:
             k = int(np.argmax(np.abs(steps - step)))
             raise SeriesError(
                 f"{label}: uneven slice spacing — {steps.min():.3f} to {steps.max():.3f} mm "
-                f"(median {step:.3f}; {int(uneven.sum())} step(s) off, first after slice {k + 1}); "
+                f"(median {step:.3f}; {int(stack.uneven.sum())} step(s) off, first after slice {k + 1}); "
                 "a gap or a missing slice? Resampling was not asked for"
             )
     else:
@@ -271,7 +268,7 @@ def load_series(datasets: Sequence[Dataset], *, resample: bool = False) -> Volum
         SliceRef(f.sop_class_uid, f.sop_instance_uid, f.frame_number, _xyz(f.position)) for f in frames
     )
     resampled = False
-    if resample and len(steps) and (np.abs(steps - step) > max(0.01 * step, 1e-3)).any():
+    if resample and stack.uneven.any():
         array, refs = _resample(array, distance, frames, step, normal)
         resampled = True
 

@@ -70,6 +70,7 @@ __all__ = [
     "SuspectRegionWriter",
     "UncertaintyMapWriter",
     "SMOOTHING",
+    "SYNTHESIS",
     "SUSPECT_CATEGORY",
     "SUSPECT_LABEL",
     "SUSPECT_TYPE",
@@ -91,6 +92,10 @@ _LOCAL_SCHEME_NAME = "dicom-node local codes"
 
 #: DCM 113087 "Smoothing": the default Derivation Code of a derived image.
 SMOOTHING = CodedConcept("113087", "DCM", "Smoothing")
+#: Derivation Code of an image a model synthesised from an image of another kind (e.g. a
+#: synthetic CT from an MR). CID 7203 has no such concept, hence the local scheme; the
+#: model's Contributing Equipment item says DCM 109100 "Synthesizing Equipment" as well.
+SYNTHESIS = CodedConcept("AI-SYNTHESIS", LOCAL_SCHEME, "Image synthesis by an AI model")
 #: DCM 121322 "Source image for image processing operation" (Purpose of Reference).
 _SOURCE_FOR_PROCESSING = CodedConcept("121322", "DCM", "Source image for image processing operation")
 #: DCM 121324 "Source image" (concept name of SR references to the inputs).
@@ -583,6 +588,14 @@ class DerivedImageWriter:
     Enhanced CT / MR sources give classic single-frame objects (what every PACS shows),
     with the geometry of each frame taken from the volume and its functional groups.
 
+    The IOD is the source's modality unless ``output_modality`` names another: a CT
+    made from an MR (synthetic CT) is CT Image Storage in HU (``units="HU"`` required)
+    with Image Type ``DERIVED\\SECONDARY\\AXIAL``, an empty KVP and Acquisition
+    Number (nothing was acquired as CT), a window for HU rather than the MR's, and none
+    of the MR's acquisition attributes or its Contrast/Bolus module (an MR agent says
+    nothing about the HU). Patient, study, Frame of Reference, Patient Position and slice
+    geometry are the source's, as for any derived series.
+
     Parameters
     ----------
     provenance
@@ -606,6 +619,12 @@ class DerivedImageWriter:
         1.00~20220618) report it as an unrecognised attribute *Error*; pass False where
         such a validator gates delivery. Synthetic pixels are then still declared by the
         Contributing Equipment purpose DCM 109100, Image Comments and Series Description.
+        (:func:`dicom_node.tps.dciodvfy_errors` discounts exactly that stale report.)
+    output_modality
+        ``"CT"`` or ``"MR"``: the IOD to write; default (None) the source volume's.
+        Only a CT may be made from a source of another modality.
+    units
+        Units of the written array (``"HU"``); default the source volume's units.
     """
 
     kind: ClassVar[str] = KIND_DERIVED
@@ -621,9 +640,17 @@ class DerivedImageWriter:
         derivation_code: Code | CodedConcept = SMOOTHING,
         name: str = "derived",
         synthetic_data_element: bool = True,
+        output_modality: str | None = None,
+        units: str | None = None,
     ) -> None:
         owner = type(self).__name__
         self.synthetic_data_element = bool(synthetic_data_element)
+        if output_modality not in (None, "CT", "MR"):
+            raise ValueError(
+                f"{owner}: argument 'output_modality' must be 'CT', 'MR' or None, got {output_modality!r}"
+            )
+        self.output_modality = output_modality
+        self.units = units
         self.provenance = _check_provenance(owner, provenance)
         self.uids = _check_uids(owner, uids)
         self.series_number = _check_series_number(owner, series_number)
@@ -652,7 +679,7 @@ class DerivedImageWriter:
         volume
             The source volume (its ``datasets`` give the headers to copy).
         array
-            ``(slices, rows, columns)`` in the volume's units (HU for CT).
+            ``(slices, rows, columns)`` in the volume's units (HU for CT), or in ``units``.
         out_dir
             When given, the instances are also saved there (see :func:`save`).
 
@@ -665,6 +692,16 @@ class DerivedImageWriter:
         values = _check_array(owner, volume, array, "array").astype(np.float32)
         if volume.modality not in ("CT", "MR"):
             raise ValueError(f"{owner}: writes CT or MR images only; the volume is {volume.modality!r}")
+        modality = self.output_modality or volume.modality
+        units = volume.units if self.units is None else self.units
+        cross = modality != volume.modality
+        if cross and modality != "CT":
+            raise ValueError(f"{owner}: only a CT can be made from a {volume.modality} volume, not {modality}")
+        if cross and units != "HU":
+            raise ValueError(
+                f"{owner}: a CT made from a {volume.modality} volume must be in Hounsfield units "
+                f"(pass units='HU'; got {units!r})"
+            )
         sources = _sources_by_uid(volume)
         now = _now()
         series_uid = self.series_instance_uid
@@ -674,17 +711,18 @@ class DerivedImageWriter:
         for k, ref in enumerate(volume.slices):
             source = sources[ref.sop_instance_uid]
             stored, slope, intercept = _rescale(values[k])
-            ds = self._dataset(volume, k, source, first, series_uid, now)
+            ds = self._dataset(volume, k, source, first, series_uid, now, modality)
             ds.SamplesPerPixel = 1
             ds.PhotometricInterpretation = "MONOCHROME2"
             ds.Rows, ds.Columns = int(stored.shape[0]), int(stored.shape[1])
             ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-            if volume.modality == "CT" or (slope, intercept) != (1.0, 0.0):
+            if modality == "CT" or (slope, intercept) != (1.0, 0.0):
                 ds.RescaleIntercept = _ds(intercept)
                 ds.RescaleSlope = _ds(slope)
-                if volume.modality == "CT":
-                    ds.RescaleType = "HU" if volume.units == "HU" else (volume.units or "US")[:64]
-            window = _source_window(source, ref.frame_number) or window_default
+                if modality == "CT":
+                    ds.RescaleType = "HU" if units == "HU" else (units or "US")[:64]
+            # The source's window suits the source's values, not another modality's.
+            window = (None if cross else _source_window(source, ref.frame_number)) or window_default
             ds.WindowCenter, ds.WindowWidth = _ds(window[0]), _ds(window[1])
             ds.PixelData = stored.tobytes()
             _file_meta(ds)
@@ -694,17 +732,25 @@ class DerivedImageWriter:
         return out
 
     def _dataset(
-        self, volume: Volume, k: int, source: Dataset, first: Dataset, series_uid: str, now: dt.datetime
+        self,
+        volume: Volume,
+        k: int,
+        source: Dataset,
+        first: Dataset,
+        series_uid: str,
+        now: dt.datetime,
+        modality: str,
     ) -> Dataset:
         ref = volume.slices[k]
         frame = ref.frame_number
         prov = self.provenance
+        cross = modality != volume.modality
         ds = Dataset()
         if "SpecificCharacterSet" in source:
             ds.SpecificCharacterSet = source.SpecificCharacterSet
-        ds.ImageType = ["DERIVED", "SECONDARY", self._image_type_3(volume.modality, source)]
+        ds.ImageType = ["DERIVED", "SECONDARY", self._image_type_3(modality, source)]
         ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-        ds.SOPClassUID = CTImageStorage if volume.modality == "CT" else MRImageStorage
+        ds.SOPClassUID = CTImageStorage if modality == "CT" else MRImageStorage
         ds.SOPInstanceUID = self.uids.instance(self.name, k + 1)
         for keyword in _PATIENT_STUDY_KEYWORDS:
             if keyword in source:
@@ -714,7 +760,7 @@ class DerivedImageWriter:
                 setattr(ds, keyword, "")
         ds.StudyInstanceUID = volume.study_uid
         # General Series
-        ds.Modality = volume.modality
+        ds.Modality = modality
         ds.SeriesInstanceUID = series_uid
         ds.SeriesNumber = self.series_number
         ds.SeriesDate, ds.SeriesTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
@@ -736,9 +782,16 @@ class DerivedImageWriter:
         # General Image
         ds.InstanceNumber = k + 1
         ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+        made_from = (
+            f"{modality} synthesized from {volume.modality} series {volume.series_uid}; not for diagnosis. "
+            if cross
+            else ""
+        )
         ds.ImageComments = (
-            "AI-generated (synthetic) image, not acquired. " if prov.synthetic else "AI-processed image. "
-        ) + "See Derivation Description and Contributing Equipment."
+            ("AI-generated (synthetic) image, not acquired. " if prov.synthetic else "AI-processed image. ")
+            + made_from
+            + "See Derivation Description and Contributing Equipment."
+        )
         ds.DerivationDescription = self.derivation_description
         ds.DerivationCodeSequence = [_code_item(self.derivation_code)]
         ds.SourceImageSequence = [_source_image_item(ref.sop_class_uid, ref.sop_instance_uid, frame)]
@@ -761,11 +814,15 @@ class DerivedImageWriter:
             ds.SpacingBetweenSlices = _ds(volume.spacing[0])
         if "SliceLocation" in source and ref.frame_number is None and not volume.resampled:
             ds.SliceLocation = source.SliceLocation  # vendor-defined: copied, not recomputed
-        _copy_contrast(ds, source)
-        # Modality-specific acquisition facts (copied, never invented)
-        acquisition = _frame_value(source, frame, "AcquisitionNumber", "FrameContentSequence")
-        if volume.modality == "CT":
-            kvp = _frame_value(source, frame, "KVP", "CTXRayDetailsSequence")
+        if not cross:
+            _copy_contrast(ds, source)
+        # Modality-specific acquisition facts (copied, never invented; for pixels of another
+        # modality than the acquisition there are none: Type 2, written empty)
+        acquisition = (
+            None if cross else _frame_value(source, frame, "AcquisitionNumber", "FrameContentSequence")
+        )
+        if modality == "CT":
+            kvp = None if cross else _frame_value(source, frame, "KVP", "CTXRayDetailsSequence")
             ds.KVP = kvp if kvp is not None else ""
             ds.AcquisitionNumber = acquisition if acquisition is not None else ""
         else:
@@ -1663,6 +1720,8 @@ def write_outputs(
     first_series_number: int = 1001,
     overlay: bool = True,
     synthetic_data_element: bool = True,
+    output_modality: str | None = None,
+    output_units: str | None = None,
     out_dir: Path | None = None,
 ) -> OutputSet:
     """Write every output of one job and return them by kind.
@@ -1686,16 +1745,21 @@ def write_outputs(
     derivation_code
         Derivation Code of the derived images.
     uncertainty_units
-        UCUM code of the uncertainty; default from the volume's units.
+        UCUM code of the uncertainty; default from ``output_units`` (else the volume's units).
     overlay
         Also write the Secondary Capture heat map of the busiest slice.
     synthetic_data_element
         See :class:`DerivedImageWriter`.
+    output_modality, output_units
+        The derived series' IOD and the units of ``derived`` (and of ``uncertainty``), e.g.
+        ``"CT"`` / ``"HU"`` for a synthetic CT from an MR; default the volume's (see
+        :class:`DerivedImageWriter`).
     out_dir
         When given, all objects are saved there (see :func:`save`).
     """
     n = _check_series_number("write_outputs", first_series_number)
-    units = uncertainty_units if uncertainty_units is not None else ucum_for_units(volume.units)
+    image_units = volume.units if output_units is None else output_units
+    units = uncertainty_units if uncertainty_units is not None else ucum_for_units(image_units)
     images = DerivedImageWriter(
         provenance=provenance,
         uids=uids,
@@ -1703,6 +1767,8 @@ def write_outputs(
         series_description=derived_description,
         derivation_code=derivation_code,
         synthetic_data_element=synthetic_data_element,
+        output_modality=output_modality,
+        units=output_units,
     ).write(volume, derived)
     sigma = UncertaintyMapWriter(provenance=provenance, uids=uids, series_number=n + 1, units=units).write(
         volume, uncertainty

@@ -208,31 +208,27 @@ def gate_output(
     reasons: list[str] = []
     if qc.hold_on_failed_validation and validation_errors:
         reasons += [f"output validation failed: {e}" for e in validation_errors]
-    # A limit the rule sets but the pipeline did not report holds the job (fail closed).
-    fraction = figures.get("suspect fraction")
-    if qc.max_suspect_fraction is not None:
-        if fraction is None:
-            reasons.append("suspect fraction not reported by the pipeline (the rule sets a limit)")
-        elif fraction > qc.max_suspect_fraction:
-            reasons.append(f"suspect fraction {fraction:g} > {qc.max_suspect_fraction:g}")
-    volume = figures.get("suspect volume")
-    if qc.max_suspect_volume_ml is not None:
-        if volume is None:
-            reasons.append("suspect volume not reported by the pipeline (the rule sets a limit)")
-        elif volume > qc.max_suspect_volume_ml:
-            reasons.append(f"suspect volume {volume:g} mL > {qc.max_suspect_volume_ml:g} mL")
-    region = figures.get("largest suspect region")
-    if qc.max_suspect_region_ml is not None:
-        if region is None:
-            reasons.append("largest suspect region not reported by the pipeline (the rule sets a limit)")
-        elif region > qc.max_suspect_region_ml:
-            reasons.append(f"largest suspect region {region:g} mL > {qc.max_suspect_region_ml:g} mL")
-    sigma = next((figures[k] for k in _SIGMA_KEYS if k in figures), None)
-    if qc.max_mean_sigma is not None:
-        if sigma is None:
-            reasons.append("mean calibrated sigma not reported by the pipeline (the rule sets a limit)")
-        elif sigma > qc.max_mean_sigma:
-            reasons.append(f"mean calibrated sigma {sigma:g} > {qc.max_mean_sigma:g}")
+    # (figure name(s) the pipelines report, limit, how to say it, unit)
+    limits: tuple[tuple[tuple[str, ...], float | None, str, str], ...] = (
+        (("suspect fraction",), qc.max_suspect_fraction, "suspect fraction", ""),
+        (("suspect volume",), qc.max_suspect_volume_ml, "suspect volume", " mL"),
+        (("largest suspect region",), qc.max_suspect_region_ml, "largest suspect region", " mL"),
+        (_SIGMA_KEYS, qc.max_mean_sigma, "mean calibrated sigma", ""),
+        (
+            ("mean sigma at bone/air interfaces",),
+            qc.max_interface_sigma_hu,
+            "mean sigma at bone/air interfaces",
+            " HU",
+        ),
+    )
+    for keys, limit, label, unit in limits:
+        if limit is None:
+            continue
+        value = next((figures[k] for k in keys if k in figures), None)
+        if value is None:  # a limit the rule sets but the pipeline did not report: fail closed
+            reasons.append(f"{label} not reported by the pipeline (the rule sets a limit)")
+        elif value > limit:
+            reasons.append(f"{label} {value:g}{unit} > {limit:g}{unit}")
     if gate == "shadow":
         return GateVerdict("shadow", ("shadow mode: run and audit, send nothing", *reasons))
     if gate == "review":

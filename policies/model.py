@@ -129,6 +129,10 @@ class QcGates(_Strict):
     max_suspect_region_ml: float | None = Field(None, ge=0)
     #: Mean calibrated σ of the output (in its units, e.g. HU) inside the body.
     max_mean_sigma: float | None = Field(None, gt=0)
+    #: Mean calibrated σ, HU, at bone/air interfaces of a synthetic CT: the dose-relevant
+    #: uncertainty (where the MR cannot tell bone from air and a dose calculation is most
+    #: sensitive to the HU).
+    max_interface_sigma_hu: float | None = Field(None, gt=0)
     #: Any failed validation of the written objects holds the job (always on).
     hold_on_failed_validation: bool = True
 

@@ -1,7 +1,9 @@
-"""The outbox: backoff, delivery to a real storage SCP, retries, dead-letter, operator retry, recovery."""
+"""The outbox: backoff, delivery to a real storage SCP, retries, dead-letter, operator retry,
+recovery; TPS validation before sending; storage commitment results, failures and timeouts."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,6 +12,9 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select, update
 
 from audit import AuditEvent, Outcome
@@ -18,7 +23,8 @@ from dicom_node.db import schema as t
 from dicom_node.indexer import Indexer
 from dicom_node.jobs import JobState, create_job, transition
 from dicom_node.localpeers import MiniPACS, free_port
-from dicom_node.outbox import DeliveryState, Outbox, backoff_seconds, create_deliveries
+from dicom_node.net.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE, CommitmentReport, Failure, ReportStatus
+from dicom_node.outbox import CommitmentState, DeliveryState, Outbox, backoff_seconds, create_deliveries
 from dicom_node.part10 import split_part10
 from dicom_node.runtime import Runtime
 from dicom_node.simulate import write_ct_series
@@ -140,12 +146,18 @@ def env(tmp_path: Path) -> Iterator[Env]:
         rt.close()
 
 
-def _config(port: int, **outbox: float) -> NodeConfig:
+def _config(port: int, destination: dict[str, Any] | None = None, **outbox: float) -> NodeConfig:
     return NodeConfig.model_validate(
         {
             "node": {"ae_title": "DICOM_NODE"},
             "destinations": {
-                "pacs": {"ae_title": "MINIPACS", "host": "127.0.0.1", "port": port, "timeout_seconds": 5}
+                "pacs": {
+                    "ae_title": "MINIPACS",
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "timeout_seconds": 5,
+                    **(destination or {}),
+                }
             },
             "outbox": outbox,
         }
@@ -367,3 +379,299 @@ def test_recover_takes_back_expired_lease(env: Env) -> None:
     assert outbox.recover(orphan_test("run-d")) == 1
     assert env.delivery()["state"] == DeliveryState.PENDING
     assert env.attempts()[0]["outcome"] == "interrupted"
+
+
+# -- TPS validation before sending ---------------------------------------------------------
+
+
+def test_tps_destination_refuses_an_invalid_series_before_sending(env: Env, pacs: MiniPACS) -> None:
+    victim = env.outputs[1].path
+    ds = dcmread(victim)
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.save_as(victim, enforce_file_format=True)
+    config = _config(pacs.dicom_port, {"profile": "tps"})
+    outbox = Outbox(config, env.rt.db, env.rt.audit, claim_id("run-tps"), data_dir=env.rt.paths.data)
+    task = outbox.claim_due()
+    assert task is not None
+
+    report = outbox.send(task)
+
+    assert not report.ok and not report.retryable
+    assert pacs.count() == 0  # nothing was sent: no association was even opened
+    d = env.delivery()
+    assert d["state"] == DeliveryState.DEAD and d["attempts"] == 1  # no retries: it will not get better
+    assert d["last_error"].startswith("refused before sending to a TPS: instances of 2 frames of reference")
+    assert env.job_state() == JobState.FAILED
+    (refused,) = env.rt.audit.events(AuditEvent.DELIVERY_REFUSED)
+    assert refused.outcome == Outcome.SERIOUS_FAILURE and refused.called_ae == "MINIPACS"
+    assert any("frames of reference mixed in" in p for p in refused.facts["problems"])
+    assert any("is not the planning MR's" in p for p in refused.facts["problems"])
+    assert env.rt.audit.events(AuditEvent.DELIVERY_DEAD_LETTER)
+    assert env.rt.audit.events(AuditEvent.BEGIN_TRANSFERRING) == []
+
+
+def test_tps_destination_sends_a_valid_series(env: Env, pacs: MiniPACS) -> None:
+    outbox = Outbox(_config(pacs.dicom_port, {"profile": "tps"}), env.rt.db, env.rt.audit, claim_id("run-ok"))
+    task = outbox.claim_due()
+    assert task is not None and outbox.send(task).ok
+    assert pacs.count() == SLICES and env.delivery()["state"] == DeliveryState.DELIVERED
+
+
+# -- storage commitment --------------------------------------------------------------------
+
+
+class CommitmentPeer:
+    """A storage SCP that also takes storage commitment requests (N-ACTION).
+
+    With ``same_association`` it reports (N-EVENT-REPORT) on the requesting association
+    at once; otherwise it stays silent, and the test hands the outbox the report the
+    receiver would get from a new association.
+    """
+
+    aet = "COMMITSCP"
+
+    def __init__(self, *, same_association: bool) -> None:
+        self.same_association = same_association
+        self.port = free_port()
+        self.stored: set[str] = set()
+        self.requests: list[Dataset] = []
+        self._server: Any = None
+
+    def start(self) -> CommitmentPeer:
+        ae = AE(ae_title=self.aet)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.add_supported_context(PUSH_MODEL, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        self._server = ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self.on_store), (evt.EVT_N_ACTION, self.on_action)],
+        )
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+    def on_store(self, event: Any) -> int:
+        self.stored.add(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    def on_action(self, event: Any) -> tuple[int, None]:
+        info = event.action_information
+        self.requests.append(info)
+        if self.same_association:
+            threading.Thread(target=self.report, args=(event.assoc, info), daemon=True).start()
+        return 0x0000, None
+
+    def report(self, assoc: Any, info: Dataset) -> None:
+        time.sleep(0.1)  # after the N-ACTION response has gone
+        ds = Dataset()
+        ds.TransactionUID = info.TransactionUID
+        ds.ReferencedSOPSequence = list(info.ReferencedSOPSequence)
+        assoc.send_n_event_report(ds, 1, PUSH_MODEL, PUSH_MODEL_INSTANCE)
+
+
+@pytest.fixture
+def silent_peer() -> Iterator[CommitmentPeer]:
+    peer = CommitmentPeer(same_association=False).start()
+    try:
+        yield peer
+    finally:
+        peer.stop()
+
+
+def _commit_config(peer: CommitmentPeer, timeout: float = 30.0) -> NodeConfig:
+    return _config(
+        peer.port,
+        {"ae_title": peer.aet, "storage_commitment": True, "commitment_timeout_seconds": timeout},
+        backoff_initial_seconds=60,
+    )
+
+
+def _commitments(env: Env) -> list[dict[str, Any]]:
+    with env.rt.db.read() as conn:
+        rows = conn.execute(select(t.storage_commitments).order_by(t.storage_commitments.c.id))
+        return [dict(r) for r in rows.mappings()]
+
+
+def _report(transaction_uid: str, outputs: tuple[OutputInstance, ...], failed: int = 0) -> CommitmentReport:
+    refs = [(o.sop_class_uid, o.sop_uid) for o in outputs]
+    return CommitmentReport(
+        transaction_uid,
+        2 if failed else 1,
+        tuple(refs[failed:]),
+        tuple(Failure(c, u, 0x0112) for c, u in refs[:failed]),
+    )
+
+
+def test_commitment_reported_on_the_same_association_delivers(env: Env) -> None:
+    peer = CommitmentPeer(same_association=True).start()
+    try:
+        outbox = Outbox(_commit_config(peer), env.rt.db, env.rt.audit, claim_id("run-same"))
+        task = outbox.claim_due()
+        assert task is not None
+        report = outbox.send(task)
+    finally:
+        peer.stop()
+    assert report.ok and report.commitment_requested
+    assert peer.stored == {o.sop_uid for o in env.outputs}
+    (request,) = peer.requests
+    assert [i.ReferencedSOPInstanceUID for i in request.ReferencedSOPSequence] == [
+        o.sop_uid for o in env.outputs
+    ]
+
+    (commitment,) = _commitments(env)
+    assert commitment["transaction_uid"] == request.TransactionUID
+    assert (commitment["state"], commitment["reported_via"], commitment["reported_by"]) == (
+        "committed",
+        "same-association",
+        peer.aet,
+    )
+    assert (commitment["committed"], commitment["failed"]) == (SLICES, 0)
+    assert env.delivery()["state"] == DeliveryState.DELIVERED
+    assert env.attempts()[0]["outcome"] == "delivered"
+    assert env.job_state() == JobState.DELIVERED
+    (asked,) = env.rt.audit.events(AuditEvent.STORAGE_COMMITMENT_REQUESTED)
+    (result,) = env.rt.audit.events(AuditEvent.STORAGE_COMMITMENT_RESULT)
+    assert asked.seq < result.seq
+    assert asked.facts["transaction_uid"] == result.facts["transaction_uid"] == request.TransactionUID
+    assert (result.facts["result"], result.facts["committed"], result.facts["failed"]) == (
+        "committed",
+        SLICES,
+        0,
+    )
+    (attempt,) = env.rt.audit.events(AuditEvent.DELIVERY_ATTEMPT)
+    assert attempt.facts["result"] == "delivered"
+
+
+def test_commitment_failure_sends_the_series_again(env: Env, silent_peer: CommitmentPeer) -> None:
+    config = _commit_config(silent_peer)
+    outbox = Outbox(config, env.rt.db, env.rt.audit, claim_id("run-fail"))
+    task = outbox.claim_due()
+    assert task is not None
+    before = time.time()
+    assert outbox.send(task).ok
+    d = env.delivery()
+    assert d["state"] == DeliveryState.COMMITTING
+    assert before + 30 <= d["next_attempt_at"] <= time.time() + 30  # the deadline
+    assert env.attempts()[0]["outcome"] == "committing"
+    assert env.job_state() == JobState.DELIVERING
+    (first,) = _commitments(env)
+    assert first["state"] == CommitmentState.REQUESTED and first["deadline"] == d["next_attempt_at"]
+
+    # The report comes in on a new association — to a restarted node: a fresh outbox.
+    after_restart = Outbox(config, env.rt.db, env.rt.audit, claim_id("run-fail-2"))
+    status = after_restart.record_commitment_report(
+        _report(first["transaction_uid"], env.outputs, failed=1),
+        reported_by=silent_peer.aet,
+        peer_host="127.0.0.1",
+        via="new-association",
+    )
+    assert status == ReportStatus.SUCCESS
+    d = env.delivery()
+    assert d["state"] == DeliveryState.PENDING
+    assert d["last_error"] == "pacs did not commit 1 of 3 instance(s): 1 no such object instance (0x0112)"
+    assert d["next_attempt_at"] >= time.time() + 50  # the backoff
+    (first,) = _commitments(env)
+    assert (first["state"], first["committed"], first["failed"]) == ("failed", 2, 1)
+    assert first["failures"] == [
+        {
+            "sop_uid": env.outputs[0].sop_uid,
+            "sop_class_uid": env.outputs[0].sop_class_uid,
+            "reason": "no such object instance (0x0112)",
+        }
+    ]
+    assert env.attempts()[0]["outcome"] == "retry"
+    (result,) = env.rt.audit.events(AuditEvent.STORAGE_COMMITMENT_RESULT)
+    assert result.outcome == Outcome.MINOR_FAILURE and result.facts["via"] == "new-association"
+    assert result.calling_ae == silent_peer.aet and result.facts["failed"] == 1
+
+    # the same report again is acknowledged and ignored; strangers are refused
+    again = _report(first["transaction_uid"], env.outputs, failed=1)
+    assert (
+        after_restart.record_commitment_report(again, reported_by=silent_peer.aet, peer_host=None, via="x")
+        == 0
+    )
+    stranger = after_restart.record_commitment_report(
+        _report(first["transaction_uid"], env.outputs), reported_by="INTRUDER", peer_host="10.0.0.9", via="x"
+    )
+    unknown = after_restart.record_commitment_report(
+        _report(generate_uid(), env.outputs), reported_by=silent_peer.aet, peer_host=None, via="x"
+    )
+    assert stranger == unknown == ReportStatus.PROCESSING_FAILURE
+    assert env.delivery()["state"] == DeliveryState.PENDING
+    ignored = [
+        e for e in env.rt.audit.events(AuditEvent.STORAGE_COMMITMENT_RESULT) if e.facts["result"] == "ignored"
+    ]
+    assert [e.facts["reason"] for e in ignored] == [
+        "already recorded as failed",
+        f"reported by INTRUDER, not by {silent_peer.aet} the series was sent to",
+        "no delivery waits for this transaction UID",
+    ]
+
+    # attempt 2: sent again, a new transaction, committed this time
+    env.make_due()
+    task = after_restart.claim_due()
+    assert task is not None and task.attempt == 2
+    assert after_restart.send(task).ok
+    assert env.delivery()["state"] == DeliveryState.COMMITTING
+    second = _commitments(env)[1]
+    assert second["transaction_uid"] != first["transaction_uid"]
+    after_restart.record_commitment_report(
+        _report(second["transaction_uid"], env.outputs),
+        reported_by=silent_peer.aet,
+        peer_host="127.0.0.1",
+        via="new-association",
+    )
+    d = env.delivery()
+    assert d["state"] == DeliveryState.DELIVERED and d["delivered_at"] is not None
+    assert env.job_state() == JobState.DELIVERED
+    assert [a["outcome"] for a in env.attempts()] == ["retry", "delivered"]
+    assert len(silent_peer.requests) == 2
+
+
+def test_commitment_timeout_sends_again_and_a_late_report_still_counts(
+    env: Env, silent_peer: CommitmentPeer
+) -> None:
+    outbox = Outbox(_commit_config(silent_peer), env.rt.db, env.rt.audit, claim_id("run-late"))
+    task = outbox.claim_due()
+    assert task is not None and outbox.send(task).ok
+    assert outbox.expire_commitments() == 0  # not due yet
+    with env.rt.db.write() as conn:
+        conn.execute(update(t.deliveries).values(next_attempt_at=time.time() - 1))
+
+    assert outbox.expire_commitments() == 1
+
+    d = env.delivery()
+    assert d["state"] == DeliveryState.PENDING and d["attempts"] == 1
+    (commitment,) = _commitments(env)
+    txn = commitment["transaction_uid"]
+    assert commitment["state"] == CommitmentState.TIMED_OUT
+    assert d["last_error"].startswith(f"no storage commitment result from {silent_peer.aet} after ")
+    assert d["last_error"].endswith(f"(transaction {txn})")
+    assert env.attempts()[0]["outcome"] == "retry"
+    (timeout,) = env.rt.audit.events(AuditEvent.STORAGE_COMMITMENT_TIMEOUT)
+    assert timeout.facts["transaction_uid"] == txn and timeout.facts["timeout_seconds"] == 30
+    assert outbox.expire_commitments() == 0
+
+    # the report arrives while the retry waits: the series is committed after all
+    status = outbox.record_commitment_report(
+        _report(txn, env.outputs), reported_by=silent_peer.aet, peer_host="127.0.0.1", via="new-association"
+    )
+    assert status == ReportStatus.SUCCESS
+    assert env.delivery()["state"] == DeliveryState.DELIVERED
+    assert _commitments(env)[0]["state"] == CommitmentState.COMMITTED
+    assert env.job_state() == JobState.DELIVERED
+    assert len(silent_peer.requests) == 1  # the series was not sent twice
+
+
+def test_peer_without_storage_commitment_fails_before_sending(env: Env, pacs: MiniPACS) -> None:
+    config = _config(pacs.dicom_port, {"storage_commitment": True}, max_attempts=3)
+    outbox = Outbox(config, env.rt.db, env.rt.audit, claim_id("run-nocommit"))
+    task = outbox.claim_due()
+    assert task is not None
+    report = outbox.send(task)
+    assert not report.ok and not report.retryable
+    assert "does not accept Storage Commitment Push Model" in str(report.error)
+    assert pacs.count() == 0 and _commitments(env) == []
+    assert env.delivery()["state"] == DeliveryState.DEAD

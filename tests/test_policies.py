@@ -814,6 +814,36 @@ GATES = [
     ),
     pytest.param(
         "auto",
+        QcGates(max_interface_sigma_hu=150.0),
+        {"mean calibrated sigma in body": 40.0, "mean sigma at bone/air interfaces": 212.5},
+        None,
+        "hold",
+        ("mean sigma at bone/air interfaces 212.5 HU > 150 HU",),
+        id="interface-sigma",
+    ),
+    pytest.param(
+        "auto",
+        QcGates(max_interface_sigma_hu=150.0, max_mean_sigma=60.0),
+        {"mean calibrated sigma in body": 40.0, "mean sigma at bone/air interfaces": 150.0},
+        None,
+        "release",
+        ("QC within the rule's limits",),
+        id="interface-sigma-at-limit",
+    ),
+    pytest.param(
+        "review",
+        QcGates(max_interface_sigma_hu=150.0),
+        {"mean calibrated sigma in body": 40.0},
+        None,
+        "hold",
+        (
+            "the rule requires review",
+            "mean sigma at bone/air interfaces not reported by the pipeline (the rule sets a limit)",
+        ),
+        id="interface-sigma-not-reported-fails-closed",
+    ),
+    pytest.param(
+        "auto",
         LIMITS,
         WITHIN,
         ["missing SOP Class UID", "pixel data length"],
@@ -887,9 +917,18 @@ def test_default_policy_loads() -> None:
     loaded = load_policy(DEFAULT_POLICY, known_destinations=DESTINATIONS)
     assert loaded.sha256 == hashlib.sha256(DEFAULT_POLICY.read_bytes()).hexdigest()
     assert loaded.policy.mode == "first-match"
-    assert [r.name for r in loaded.policy.rules] == ["low-dose-ct-restoration"]
+    assert [r.name for r in loaded.policy.rules] == ["low-dose-ct-restoration", "mr-planning-sct"]
     rule = loaded.policy.rules[0]
     assert (rule.pipeline, rule.destinations, rule.gate) == ("restoration", ("pacs",), "auto")
+    sct = loaded.policy.rules[1]
+    assert (sct.pipeline, sct.destinations, sct.gate) == ("sct", ("tps",), "review")
+    assert sct.match.calling_ae == ("RT_MR_PLANNING",) and sct.match.modality == ("MR",)
+    assert sct.qc.max_interface_sigma_hu == 150.0
+
+
+def test_default_policy_needs_a_tps_destination() -> None:
+    with pytest.raises(PolicyError, match=r"rules\[1\]\.destinations\[0\]: unknown destination 'tps'"):
+        load_policy(DEFAULT_POLICY, known_destinations={"pacs"})
 
 
 @pytest.mark.parametrize(
@@ -908,6 +947,18 @@ def test_default_policy_loads() -> None:
             id="full-dose-ct",
         ),
         pytest.param(study(MR), [], "series s1: modality in ['CT']", id="mr"),
+        pytest.param(
+            study(MR, calling_ae="RT_MR_PLANNING"),
+            ["mr-planning-sct"],
+            "series s1: modality in ['CT']",
+            id="planning-mr-sct",
+        ),
+        pytest.param(
+            study(series(attrs={"CTDIvol": 2.5}), calling_ae="RT_MR_PLANNING"),
+            ["low-dose-ct-restoration"],
+            "series s1: any_of[0] CTDIvol < 5.0",
+            id="low-dose-ct-from-the-planning-ae",
+        ),
         pytest.param(
             study(series(description="LOW DOSE CHEST")),
             ["low-dose-ct-restoration"],

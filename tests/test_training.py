@@ -14,13 +14,30 @@ def test_same_seed_same_weights_and_card(tmp_path: Path) -> None:
     torch.set_num_threads(2)
     pairs = simulate_all(case_plan("train", 2, 5, size=128), workers=1)
     calib = simulate_all(case_plan("calib", 2, 5, size=128), workers=1)
-    config = TrainConfig(seed=5, steps=3, batch=2, patch=48)
+    config = TrainConfig(
+        seed=5, steps=3, batch=2, patch=48, lesion_patch_fraction=0.5, lesion_weight=10, lowpass_weight=2
+    )
     a = train(config, tmp_path / "a", pairs=pairs, calib_pairs=calib, workers=1)
     b = train(config, tmp_path / "b", pairs=pairs, calib_pairs=calib, workers=1)
     assert a.card.weights_sha256 == b.card.weights_sha256
     assert a.card.sigma_scale == b.card.sigma_scale and a.card.sigma_scale > 0
     model = RestorationModel(tmp_path / "a")  # loads, with the hash check
     assert model.card.weights_sha256 == a.card.weights_sha256
+    assert set(a.card.model_error_correlation) == {"3", "5", "7", "9"}
+    assert a.card.training["lesion_weight"] == 10
+
+
+def test_lesion_patches_are_centred_near_known_lesions() -> None:
+    import numpy as np
+
+    from models.training.restoration import _sample_batch
+
+    pairs = simulate_all(case_plan("train", 2, 6, size=128), workers=1)
+    assert any(p.lesion is not None and p.lesion.any() for p in pairs), "the simulator inserts lesions"
+    _x, _y, masks = _sample_batch(pairs, np.random.default_rng(0), 16, 48, lesion_fraction=1.0)
+    assert all(m.any() for m in masks), "every patch holds lesion pixels when the fraction is 1"
+    _x, _y, masks = _sample_batch(pairs, np.random.default_rng(0), 16, 48, lesion_fraction=0.0)
+    assert masks.shape == (16, 1, 48, 48)
 
 
 def test_plan_keeps_test_levels_and_seeds_out_of_training() -> None:

@@ -125,7 +125,10 @@ def outbox(
     ctx: typer.Context,
     config: ConfigOpt = None,
     home: HomeOpt = Path("."),
-    state: Annotated[str | None, typer.Option(help="pending, sending, delivered or dead.")] = None,
+    state: Annotated[
+        str | None,
+        typer.Option(help="pending, sending, committing (awaiting storage commitment), delivered or dead."),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """List deliveries (one per output series per destination)."""

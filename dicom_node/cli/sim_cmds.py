@@ -57,3 +57,29 @@ def simulate_ldct(
         f"wrote {slices} simulated low-dose slices (dose {dose:g}) to {out / 'low-dose'} and the full-dose "
         f"reference to {out / 'reference'} (study {low.study_uid})"
     )
+
+
+@simulate_app.command("sct")
+def simulate_sct(
+    out: Annotated[Path, typer.Option("--out", help="Writes OUT/mr/ and OUT/reference-ct/.")],
+    slices: Annotated[
+        int, typer.Option(min=1, max=40, help="Contiguous 2.5 mm axial slices (the head model spans 102 mm).")
+    ] = 24,
+    size: Annotated[int, typer.Option(min=32, max=1024, help="Rows and columns.")] = 256,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same pixels).")] = 0,
+    sequence: Annotated[str, typer.Option(help="MR series to write: t1 or t2 (spin echo).")] = "t1",
+    patient_id: Annotated[str, typer.Option(help="Patient ID to write.")] = "SIM-SCT-0001",
+) -> None:
+    """Paired MR / CT head (MNI152-based): the MR planning series and, separately, the reference CT."""
+    from dicom_node.simulate import SctSpec, write_sct_study
+
+    if sequence not in ("t1", "t2"):
+        raise typer.BadParameter("choose t1 or t2", param_hint="--sequence")
+    spec = SctSpec(slices=slices, size=size, seed=seed, sequence=sequence)  # type: ignore[arg-type]
+    with console.status("simulating the paired MR / CT head"):
+        mr, ct = write_sct_study(out, spec, patient_id=patient_id)
+    console.print(
+        f"wrote {len(mr.files)} SIMULATED MR slices ({sequence.upper()}-weighted spin echo) to {out / 'mr'} "
+        f"and the SIMULATED reference CT (for evaluating synthetic CT only, not for planning) to "
+        f"{out / 'reference-ct'} (study {mr.study_uid}, frame of reference {mr.frame_of_reference_uid})"
+    )

@@ -46,6 +46,7 @@ def _paired_series(low_dir: Path, ref_dir: Path) -> list[Pair]:
             body=re > -500,
             dose=float("nan"),
             anatomy="site",
+            pixel_mm=float(np.mean(low.spacing[1:])),
         )
         for lo, re in zip(low.array, ref.array, strict=True)
     ]
@@ -83,6 +84,10 @@ def train_restoration(
     lowpass_weight: Annotated[
         float, typer.Option(min=0, help="Weight of the low-pass (σ 1.5 px) error term.")
     ] = 0.0,
+    residual_lowpass_mm: Annotated[
+        float,
+        typer.Option(min=0, help="Put back the low-pass (σ, mm) of what the network removed (0: off)."),
+    ] = 0.0,
 ) -> None:
     """Train the low-dose CT restoration model (simulated data, or a site's paired series)."""
     import torch
@@ -92,6 +97,8 @@ def train_restoration(
 
     torch.set_num_threads(2)
     pairs = calib = None
+    if init is not None and init.is_dir():
+        init = init / "weights.safetensors"
     if (paired_low is None) != (paired_reference is None):
         raise fail("give both --paired-low and --paired-reference, or neither")
     if paired_low is not None and paired_reference is not None:
@@ -110,6 +117,7 @@ def train_restoration(
         lesion_patch_fraction=lesion_patch_fraction,
         lesion_weight=lesion_weight,
         lowpass_weight=lowpass_weight,
+        residual_lowpass_mm=residual_lowpass_mm,
     )
     columns = (
         TextColumn("{task.description}"),
@@ -127,6 +135,61 @@ def train_restoration(
             bar.update(tasks[stage], completed=done, loss=f"loss {loss:.4f}" if loss is not None else "")
 
         report = train(config, out, pairs=pairs, calib_pairs=calib, init_weights=init, progress=progress)
+    card = report.card
+    console.print(f"wrote {out / card.weights_file} (sha256 {card.weights_sha256}) and {out / 'card.json'}")
+    console.print(
+        f"trained in {report.seconds / 60:.1f} min; σ scale {card.sigma_scale}; {card.metrics}", markup=False
+    )
+
+
+@train_app.command("sct")
+def train_sct(
+    out: Annotated[Path, typer.Option("--out", help="Directory for the weights and card.json.")] = Path(
+        "models/zoo/sct-head/1.0"
+    ),
+    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps (sets the run time).")] = 8000,
+    train_cases: Annotated[int, typer.Option(min=2, help="Simulated training MR/CT volumes.")] = 72,
+    calib_cases: Annotated[
+        int, typer.Option(min=2, help="Held-out volumes for the conformal calibration.")
+    ] = 12,
+    slices: Annotated[int, typer.Option(min=3, help="Slices per simulated volume.")] = 12,
+    seed: Annotated[int, typer.Option(help="Seed: same seed, same weights.")] = 20261126,
+    version: Annotated[str, typer.Option(help="Model version written into the card.")] = "1.0",
+    init: Annotated[
+        Path | None, typer.Option(help="Fine-tune from these weights (e.g. the shipped model).")
+    ] = None,
+) -> None:
+    """Train the MR → synthetic CT model (simulated head MR/CT pairs, CPU)."""
+    from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+
+    from models.training.sct import SctTrainConfig, train
+
+    if init is not None and init.is_dir():
+        init = init / "weights.safetensors"
+    config = SctTrainConfig(
+        seed=seed,
+        steps=steps,
+        train_cases=train_cases,
+        calib_cases=calib_cases,
+        slices=slices,
+        version=version,
+    )
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[loss]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def progress(stage: str, done: int, total: int, loss: float | None) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total, loss="")
+            bar.update(tasks[stage], completed=done, loss=f"loss {loss:.4f}" if loss is not None else "")
+
+        report = train(config, out, init_weights=init, progress=progress)
     card = report.card
     console.print(f"wrote {out / card.weights_file} (sha256 {card.weights_sha256}) and {out / 'card.json'}")
     console.print(

@@ -193,6 +193,33 @@ delivery_attempts = Table(
     Column("instances_failed", Integer, nullable=False, default=0),
 )
 
+storage_commitments = Table(
+    "storage_commitments",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("delivery_fk", ForeignKey("deliveries.id"), nullable=False, index=True),
+    #: The attempt whose series this transaction asks the peer to commit.
+    Column("attempt_fk", ForeignKey("delivery_attempts.id")),
+    #: Storage Commitment Transaction UID: what the peer's N-EVENT-REPORT is matched by.
+    Column("transaction_uid", UID, nullable=False, unique=True),
+    #: requested → committed | failed | timed_out; cancelled when the N-ACTION never left.
+    Column("state", String(16), nullable=False, index=True),
+    #: [[SOP Class UID, SOP Instance UID], ...] as sent in the Referenced SOP Sequence.
+    Column("references", JSON, nullable=False, default=list),
+    Column("requested_at", Float, nullable=False),
+    #: When the result is overdue (set once the N-ACTION was answered).
+    Column("deadline", Float),
+    Column("reported_at", Float),
+    #: AE title that sent the N-EVENT-REPORT, and on which association.
+    Column("reported_by", String(16)),
+    Column("reported_via", String(16)),
+    Column("committed", Integer),
+    Column("failed", Integer),
+    #: [{"sop_uid", "sop_class_uid", "reason"}] for failed or unreported instances.
+    Column("failures", JSON),
+    Column("detail", Text),
+)
+
 quarantine = Table(
     "quarantine",
     metadata,

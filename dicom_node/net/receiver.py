@@ -4,29 +4,47 @@ Handlers are bound as data (see :meth:`Receiver.handlers`). Association policy l
 ``EVT_REQUESTED``: calling AE titles not on the allow-list, or connecting from a host the
 AE is not tied to, are rejected before negotiation with A-ASSOCIATE-RJ (rejected-
 permanent, calling AE not recognised).
+
+With a commitment handler the receiver also takes the Storage Commitment Push Model in the
+SCU role: a destination the node asked to commit reports back on a new association
+(proposing the SCP role for itself) with an N-EVENT-REPORT, which is handed on to the
+outbox and answered with its status. A destination with ``storage_commitment`` set may
+connect for this even when ``require_known_callers`` is on.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.config import NodeConfig
 from dicom_node.instance import StoreStatus
+from dicom_node.net.commitment import (
+    PUSH_MODEL,
+    CommitmentReport,
+    CommitmentReportError,
+    ReportStatus,
+    parse_event_report,
+)
 from dicom_node.net.tuning import on_connection_open, tune_pynetdicom
 from dicom_node.paths import NodePaths
 from dicom_node.store import InstanceStore, StoreOutcome
 
 log = logging.getLogger(__name__)
+
+#: Records a storage commitment result: (report, calling AE, peer host, via) → status.
+CommitmentHandler = Callable[..., int]
 
 _REJECT_PERMANENT, _SOURCE_USER = 0x01, 0x01
 _CALLING_AE_NOT_RECOGNISED, _CALLED_AE_NOT_RECOGNISED = 0x03, 0x07
@@ -66,10 +84,13 @@ class Receiver:
         paths: NodePaths,
         store: InstanceStore,
         audit: AuditTrail,
+        commitment_reports: CommitmentHandler | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.audit = audit
+        #: ``Outbox.record_commitment_report``: where N-EVENT-REPORTs go (None: not accepted).
+        self.commitment_reports = commitment_reports
         self.disk = DiskGuard(paths.var, config.receiver.min_free_disk_mb)
         self._tallies: dict[int, _AssociationTally] = {}
         self._tally_lock = threading.Lock()
@@ -86,6 +107,7 @@ class Receiver:
             (evt.EVT_ABORTED, self.on_closed),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_N_EVENT_REPORT, self.on_event_report),
         ]
 
     def build_ae(self) -> AE:
@@ -101,6 +123,11 @@ class Receiver:
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
+        if self.commitment_reports is not None:
+            # The reporting peer proposes the SCP role for itself; we take the SCU role.
+            ae.add_supported_context(
+                PUSH_MODEL, [ExplicitVRLittleEndian, ImplicitVRLittleEndian], scu_role=False, scp_role=True
+            )
         return ae
 
     def start(self) -> None:
@@ -116,10 +143,20 @@ class Receiver:
 
     # -- association policy -----------------------------------------------------------
 
+    def commitment_peer(self, calling_ae: str, peer_host: str | None) -> bool:
+        """Is this a destination the node asks for storage commitment (AE title and host)?"""
+        for destination in self.config.destinations.values():
+            if destination.storage_commitment and destination.ae_title == calling_ae:
+                if peer_host is None or _same_host(destination.host, peer_host):
+                    return True
+        return False
+
     def caller_allowed(self, calling_ae: str, peer_host: str) -> tuple[bool, str | None]:
         caller = self.config.caller(calling_ae)
         if caller is None:
-            if self.config.receiver.require_known_callers:
+            if self.config.receiver.require_known_callers and not (
+                self.commitment_reports is not None and self.commitment_peer(calling_ae, peer_host)
+            ):
                 return False, f"calling AE {calling_ae!r} is not on the allow-list"
             return True, None
         if caller.hosts and peer_host not in caller.hosts:
@@ -293,3 +330,47 @@ class Receiver:
                 },
             )
         return StoreStatus.SUCCESS
+
+    def on_event_report(self, event: Any) -> tuple[int, None]:
+        """A storage commitment result from a destination, on an association it opened."""
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        peer_host = event.assoc.requestor.address
+        if self.commitment_reports is None or str(event.request.AffectedSOPClassUID) != PUSH_MODEL:
+            return ReportStatus.PROCESSING_FAILURE, None
+        why = None
+        if not self.commitment_peer(calling_ae, peer_host):
+            why = f"{calling_ae}@{peer_host} is not a destination this node asks for storage commitment"
+        else:
+            try:
+                report: CommitmentReport = parse_event_report(event.event_type, event.event_information)
+            except CommitmentReportError as exc:
+                why = str(exc)
+            except Exception as exc:  # an undecodable data set is the peer's problem, not a crash
+                why = f"the report cannot be decoded: {exc}"
+        if why is not None:
+            log.warning("N-EVENT-REPORT from %s@%s refused: %s", calling_ae, peer_host, why)
+            self.audit.record(
+                AuditEvent.STORAGE_COMMITMENT_RESULT,
+                Outcome.MINOR_FAILURE,
+                calling_ae=calling_ae,
+                called_ae=self.config.node.ae_title,
+                peer_host=peer_host,
+                result="ignored",
+                reason=why,
+                via="new-association",
+            )
+            return ReportStatus.PROCESSING_FAILURE, None
+        status = self.commitment_reports(
+            report, reported_by=calling_ae, peer_host=peer_host, via="new-association"
+        )
+        return int(status), None
+
+
+def _same_host(configured: str, peer_host: str) -> bool:
+    """The configured host (name or address) is the peer's address."""
+    if configured == peer_host:
+        return True
+    try:
+        return peer_host in {info[4][0] for info in socket.getaddrinfo(configured, None)}
+    except OSError:
+        return False

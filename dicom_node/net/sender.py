@@ -6,21 +6,37 @@ uncompressed). Files are streamed from disk unchanged when the stored transfer s
 accepted. Failures are classified: *retryable* (peer down, timeouts, transient rejection,
 out of resources) or *permanent* (rejected permanently, no usable presentation context,
 the peer refuses the data), so the outbox retries only what can succeed later.
+
+When the destination does storage commitment, the N-ACTION follows the last C-STORE on
+the same association, which then stays open a moment for a report on it (most peers,
+Orthanc among them, report on a new association to the node's receiver instead).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 
 from dicom_node.config import Destination
+from dicom_node.net.commitment import (
+    ACTION_REQUEST_COMMITMENT,
+    PUSH_MODEL,
+    PUSH_MODEL_INSTANCE,
+    CommitmentReport,
+    CommitmentReportError,
+    ReportStatus,
+    action_information,
+    parse_event_report,
+)
 from dicom_node.net.tuning import on_connection_open, tune_pynetdicom
 from pipelines.base import OutputInstance
 
@@ -28,6 +44,24 @@ log = logging.getLogger(__name__)
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _MAX_CONTEXTS = 128
+#: N-ACTION statuses no retry will change: not authorised, no such SOP class / action.
+_PERMANENT_ACTION_STATUSES = (0x0124, 0x0118, 0x0123)
+
+
+@dataclass(frozen=True)
+class CommitmentRequest:
+    """Ask the peer to commit to the series once it is sent (Storage Commitment Push Model)."""
+
+    transaction_uid: str
+    #: Records a report that arrives on this association; returns the N-EVENT-REPORT status.
+    on_report: Callable[[CommitmentReport], int]
+    #: Called just before the N-ACTION goes out (record the transaction first: the
+    #: peer may answer on another association before the N-ACTION response is read).
+    before_request: Callable[[], None]
+    #: True once the result is known (it may arrive on another association meanwhile).
+    settled: Callable[[], bool]
+    #: How long the association stays open after the N-ACTION for a report on it.
+    linger_seconds: float = 2.0
 
 
 @dataclass
@@ -39,6 +73,8 @@ class SendReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
     error: str | None = None
     retryable: bool = False
+    #: The peer accepted the N-ACTION: a commitment result is now awaited.
+    commitment_requested: bool = False
 
     @property
     def ok(self) -> bool:
@@ -73,8 +109,13 @@ def send_series(
     files: Sequence[OutputInstance],
     *,
     calling_ae: str,
+    commitment: CommitmentRequest | None = None,
 ) -> SendReport:
-    """Send ``files`` (one series) to ``destination`` in a single association."""
+    """Send ``files`` (one series) to ``destination`` in a single association.
+
+    With ``commitment``, the N-ACTION asking the peer to commit to every file follows
+    the last C-STORE on the same association (only when all were stored).
+    """
     tune_pynetdicom()
     report = SendReport()
     if not files:
@@ -87,8 +128,9 @@ def send_series(
         ):
             if ts not in proposed:
                 proposed.append(ts)
-    if len(contexts) > _MAX_CONTEXTS:
-        report.error = f"series needs {len(contexts)} SOP classes; one association allows 128"
+    needed = len(contexts) + (commitment is not None)
+    if needed > _MAX_CONTEXTS:
+        report.error = f"series needs {needed} presentation contexts; one association allows 128"
         return report
 
     ae = AE(ae_title=calling_ae)
@@ -99,13 +141,14 @@ def send_series(
     ae.maximum_pdu_size = destination.max_pdu_bytes
     for sop_class, syntaxes in contexts.items():
         ae.add_requested_context(sop_class, syntaxes)
+    handlers: list[Any] = [(evt.EVT_CONN_OPEN, on_connection_open)]
+    if commitment is not None:
+        ae.add_requested_context(PUSH_MODEL, list(_UNCOMPRESSED))
+        handlers.append((evt.EVT_N_EVENT_REPORT, _report_handler(commitment)))
 
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
     assoc = ae.associate(
-        destination.host,
-        destination.port,
-        ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)],
+        destination.host, destination.port, ae_title=destination.ae_title, evt_handlers=handlers
     )
     if not assoc.is_established:
         if assoc.is_rejected:
@@ -130,6 +173,12 @@ def send_series(
         if missing:
             names = ", ".join(UID(m).name for m in missing)
             report.error = f"{where} accepts no presentation context for {names}"
+            return report
+        if commitment is not None and PUSH_MODEL not in accepted:
+            report.error = (
+                f"{where} does not accept Storage Commitment Push Model; "
+                "turn storage_commitment off for this destination or enable it on the peer"
+            )
             return report
         for f in files:
             wire_ts = accepted[f.sop_class_uid]
@@ -161,6 +210,8 @@ def send_series(
         if report.failed:
             first_uid, first_status = report.failed[0]
             report.error = f"{where} refused {len(report.failed)} instance(s), first status {first_status}"
+        elif commitment is not None:
+            _request_commitment(assoc, commitment, files, where, report)
         return report
     except (OSError, RuntimeError) as exc:
         report.error = f"connection to {where} lost: {exc}"
@@ -169,6 +220,48 @@ def send_series(
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def _report_handler(commitment: CommitmentRequest) -> Callable[[Any], tuple[int, None]]:
+    """EVT_N_EVENT_REPORT handler for a report on the association of the request."""
+
+    def on_event_report(event: Any) -> tuple[int, None]:
+        if str(event.request.AffectedSOPClassUID) != PUSH_MODEL:
+            return ReportStatus.PROCESSING_FAILURE, None
+        try:
+            result = parse_event_report(event.event_type, event.event_information)
+        except CommitmentReportError as exc:
+            log.warning("storage commitment report on the sending association ignored: %s", exc)
+            return ReportStatus.PROCESSING_FAILURE, None
+        return commitment.on_report(result), None
+
+    return on_event_report
+
+
+def _request_commitment(
+    assoc: Any,
+    commitment: CommitmentRequest,
+    files: Sequence[OutputInstance],
+    where: str,
+    report: SendReport,
+) -> None:
+    """N-ACTION for every sent file, then linger briefly for a report on this association."""
+    info = action_information(commitment.transaction_uid, ((f.sop_class_uid, f.sop_uid) for f in files))
+    commitment.before_request()
+    status_ds, _reply = assoc.send_n_action(info, ACTION_REQUEST_COMMITMENT, PUSH_MODEL, PUSH_MODEL_INSTANCE)
+    if "Status" not in status_ds:
+        report.error = f"no N-ACTION (storage commitment) response from {where} (timeout or abort)"
+        report.retryable = True
+        return
+    status = int(status_ds.Status)
+    if status != 0x0000:
+        report.error = f"{where} refused the storage commitment request (N-ACTION status 0x{status:04X})"
+        report.retryable = status not in _PERMANENT_ACTION_STATUSES
+        return
+    report.commitment_requested = True
+    until = time.monotonic() + commitment.linger_seconds
+    while time.monotonic() < until and assoc.is_established and not commitment.settled():
+        time.sleep(0.05)
 
 
 def echo(host: str, port: int, *, called_ae: str, calling_ae: str, timeout: float = 10.0) -> int | None:

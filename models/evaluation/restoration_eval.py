@@ -36,7 +36,6 @@ from models.evaluation import features as feat
 from models.evaluation import hallucination as hal
 from models.evaluation import lesions as les
 from models.evaluation.pixel import pixel_metrics
-from models.hallucination import restoration_score
 from models.restoration import RestorationModel
 from models.sim.ctphysics import Tissue
 from models.sim.ldct import Case, make_case, noise_power_spectrum
@@ -192,8 +191,8 @@ def evaluate(
 
         tell(f"{tag}: model")
         started = time.perf_counter()
-        prediction = model.predict(low, (1.0, 1.0, 1.0))
-        restoration_score(low, prediction.mean, prediction.sigma, correlation=model.meta.noise_correlation)
+        prediction = model.predict(low, (1.0, 1.0, 1.0), pixel_mm=pixel_mm)
+        model.score(low, prediction.mean, prediction.sigma)
         seconds = time.perf_counter() - started
         outputs["model"] = prediction.mean
 
@@ -305,9 +304,7 @@ def _hallucination_tests(
                 mean[k], rng, 4, list(contrast * sign), radius, inner, avoid=avoid
             )
             controls = hal.control_regions(inner, blobs, 8, rng, avoid=[*avoid, *blobs])
-            score = restoration_score(
-                low[k : k + 1], altered[None], sigma[k : k + 1], correlation=model.meta.noise_correlation
-            )[0]
+            score = model.score(low[k : k + 1], altered[None], sigma[k : k + 1])[0]
             pos_scores.extend(hal.region_scores(score, blobs))
             neg_scores.extend(hal.region_scores(score, controls))
         aurocs[label] = _auroc(pos_scores, neg_scores, results, f"model: {label}")
@@ -328,9 +325,7 @@ def _hallucination_tests(
         controls = hal.control_regions(
             inner, [s.mask for s in structures], 2 * len(structures), rng, avoid=avoid
         )
-        score = restoration_score(
-            low[k : k + 1], altered[None], sigma[k : k + 1], correlation=model.meta.noise_correlation
-        )[0]
+        score = model.score(low[k : k + 1], altered[None], sigma[k : k + 1])[0]
         pos_scores.extend(hal.region_scores(score, [s.mask for s in structures]))
         neg_scores.extend(hal.region_scores(score, controls))
     if pos_scores:
@@ -362,8 +357,8 @@ def inference_speed(model: RestorationModel, slices: int = 16, size: int = 512) 
     """Slices per second at ``size``×``size`` including σ and the hallucination map."""
     rng = np.random.default_rng(0)
     volume = rng.normal(0, 30, (slices, size, size)).astype(np.float32)
-    model.predict(volume[:2], (1, 1, 1))  # warm-up
+    model.predict(volume[:2], (1.0, 0.7, 0.7))  # warm-up
     started = time.perf_counter()
-    prediction = model.predict(volume, (1, 1, 1))
-    restoration_score(volume, prediction.mean, prediction.sigma, correlation=model.meta.noise_correlation)
+    prediction = model.predict(volume, (1.0, 0.7, 0.7))
+    model.score(volume, prediction.mean, prediction.sigma)
     return slices / (time.perf_counter() - started)

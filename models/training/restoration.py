@@ -27,11 +27,13 @@ import torch
 from safetensors.torch import save_file
 from scipy import ndimage
 
+from models.hallucination import local_noise_sigma
 from models.restoration import (
     HU_SCALE,
     Z90,
     Architecture,
     RestorationCard,
+    data_consistent,
     load_weights,
     sha256_of,
     to_network,
@@ -63,6 +65,8 @@ class Pair:
     #: Known faint structures (simulated lesions, dilated 2 px), for lesion-aware training;
     #: None for a site's own pairs.
     lesion: np.ndarray | None = None
+    #: In-plane pixel size, mm (for the low-frequency data-consistency blend).
+    pixel_mm: float = 1.0
 
 
 def _held_out(level: float) -> bool:
@@ -107,6 +111,7 @@ def simulate(spec: CaseSpec) -> Pair:
         dose=spec.dose,
         anatomy=spec.anatomy,
         lesion=ndimage.binary_dilation(lesion, iterations=2) if lesion.any() else None,
+        pixel_mm=float(case.pixel_mm),
     )
 
 
@@ -140,6 +145,9 @@ class TrainConfig:
     lesion_patch_fraction: float = 0.0
     lesion_weight: float = 0.0
     lowpass_weight: float = 0.0
+    #: Put back the low-pass (σ mm) of what the network removed (see RestorationCard);
+    #: the conformal calibration is fitted on the blended output. 0: off.
+    residual_lowpass_mm: float = 0.0
     arch: Architecture = field(default_factory=Architecture)
     name: str = "ldct-restoration"
     version: str = "1.0"
@@ -217,22 +225,44 @@ def _psnr(x: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
     return 10 * np.log10(2000.0**2 / max(mse, 1e-12))
 
 
-def calibrate(net: torch.nn.Module, pairs: list[Pair]) -> tuple[float, dict[str, float], dict[str, float]]:
-    """Split-conformal σ scale (90 %), window-mean noise correlation, validation PSNRs."""
+@dataclass(frozen=True)
+class Calibration:
+    sigma_scale: float
+    #: window → spread of a window mean of the input noise relative to white noise
+    noise_correlation: dict[str, float]
+    #: (relative to the input's local Immerkær σ estimate, as the hallucination score uses it)
+    #: window → spread of a window mean of the model's error relative to the mean calibrated σ
+    model_error_correlation: dict[str, float]
+    metrics: dict[str, float]
+
+
+def calibrate(net: torch.nn.Module, pairs: list[Pair], residual_lowpass_mm: float = 0.0) -> Calibration:
+    """Split-conformal σ scale (90 %), window-mean noise and model-error correlations,
+    validation PSNRs — all on held-out slices with their reference."""
     ratios: list[np.ndarray] = []
     corr_num: dict[int, list[float]] = {3: [], 5: [], 7: [], 9: []}
     corr_den: dict[int, list[float]] = {3: [], 5: [], 7: [], 9: []}
+    err_num: dict[int, list[float]] = {3: [], 5: [], 7: [], 9: []}
+    sigma_means: list[float] = []
     psnr_in, psnr_out = [], []
     for p in pairs:
         mean, sigma = _predict(net, p.low.astype(np.float32))
         ref, low = p.ref.astype(np.float32), p.low.astype(np.float32)
+        mean = data_consistent(low[None], mean[None], residual_lowpass_mm, pixel_mm=[p.pixel_mm])[0]
         ratios.append(np.abs(ref - mean)[p.body] / np.maximum(sigma[p.body], 1e-3))
         noise = low - mean  # what the model removed: the input noise if the output is right
         inner = ndimage.binary_erosion(p.body, iterations=12)
+        # the score estimates the noise from the input alone (Immerkær); measure the window
+        # spread relative to that estimate, so the estimator's bias on correlated CT noise
+        # (it reads about half the true σ) is calibrated away
+        estimate = float(np.mean(local_noise_sigma(low[None])[0][inner]))
+        error = ref - mean
+        sigma_means.append(float(np.mean(sigma[inner])))
         for w in corr_num:
             local = ndimage.uniform_filter(noise, size=w)
             corr_num[w].append(float(np.std(local[inner])))
-            corr_den[w].append(float(np.std(noise[inner]) / w))
+            corr_den[w].append(estimate / w)
+            err_num[w].append(float(np.std(ndimage.uniform_filter(error, size=w)[inner])))
         psnr_in.append(_psnr(low, ref, p.body))
         psnr_out.append(_psnr(mean, ref, p.body))
     all_ratios = np.concatenate(ratios)
@@ -244,7 +274,11 @@ def calibrate(net: torch.nn.Module, pairs: list[Pair]) -> tuple[float, dict[str,
         "validation PSNR low-dose input (dB)": round(float(np.mean(psnr_in)), 2),
         "validation PSNR model (dB)": round(float(np.mean(psnr_out)), 2),
     }
-    return q / Z90, correlation, metrics
+    scale = q / Z90
+    model_error = {
+        str(w): round(float(np.mean(err_num[w]) / (np.mean(sigma_means) * scale)), 4) for w in err_num
+    }
+    return Calibration(scale, correlation, model_error, metrics)
 
 
 def train(
@@ -306,7 +340,12 @@ def train(
     net.eval()
 
     tell("calibrating", 0, 1)
-    sigma_scale, correlation, metrics = calibrate(net, calib_pairs)
+    calibration = calibrate(net, calib_pairs, config.residual_lowpass_mm)
+    sigma_scale, correlation, metrics = (
+        calibration.sigma_scale,
+        calibration.noise_correlation,
+        calibration.metrics,
+    )
     tell("calibrating", 1, 1)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -348,6 +387,7 @@ def train(
             "lesion_patch_fraction": config.lesion_patch_fraction,
             "lesion_weight": config.lesion_weight,
             "lowpass_weight": config.lowpass_weight,
+            "residual_lowpass_mm": config.residual_lowpass_mm,
             "initialised_from": None if init_weights is None else sha256_of(init_weights),
             "train_cases": len(pairs),
             "calib_cases": len(calib_pairs),
@@ -355,6 +395,8 @@ def train(
             "final_loss": round(float(np.mean(losses[-200:])), 5) if losses else None,
         },
         noise_correlation=correlation,
+        model_error_correlation=calibration.model_error_correlation,
+        residual_lowpass_mm=config.residual_lowpass_mm,
     )
     card.write(out_dir / "card.json")
     return TrainReport(card=card, seconds=time.perf_counter() - started, losses=losses)
