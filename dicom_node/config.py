@@ -94,6 +94,7 @@ class Destination(_Section):
     #: "tps": every series is checked before anything is sent (CT Image Storage, the
     #: planning MR's frame of reference, HU rescale, one evenly spaced stack, mandatory
     #: attributes, dciodvfy when installed); a series that fails is dead-lettered unsent.
+    #: A TPS is sent image series only, not the AI maps, SEG, SR and overlay (outbox.NOT_FOR_TPS).
     profile: Literal["pacs", "tps"] = "pacs"
     #: Seconds to wait for the association and for each DIMSE response.
     timeout_seconds: float = Field(60.0, gt=0)

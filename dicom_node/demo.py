@@ -72,6 +72,13 @@ host = "127.0.0.1"
 port = {pacs_port}
 profile = "pacs"
 
+# The shipped policy's MR planning rule (sct) delivers to "tps"; the local PACS stands in.
+[destinations.tps]
+ae_title = "{pacs_aet}"
+host = "127.0.0.1"
+port = {pacs_port}
+profile = "tps"
+
 [policy]
 file = "policy.yaml"
 """
@@ -114,20 +121,16 @@ def _send(study_dir: Path, port: int, aet: str, console: Console) -> str:
 
 def _evaluation_table(console: Console) -> None:
     """The shipped restoration model's evaluation figures (from its evaluation summary)."""
-    summary_path = (
-        Path(__file__).resolve().parents[1]
-        / "models"
-        / "zoo"
-        / "ldct-restoration"
-        / "1.0"
-        / "evaluation.json"
-    )
+    zoo = Path(__file__).resolve().parents[1] / "models" / "zoo" / "ldct-restoration"
+    versions = sorted(p.name for p in zoo.iterdir() if (p / "card.json").exists()) if zoo.exists() else []
+    summary_path = zoo / (versions[-1] if versions else "none") / "evaluation.json"
     if not summary_path.exists():
         console.print("(no evaluation summary shipped with the model; run `dicom-node evaluate restoration`)")
         return
     summary = json.loads(summary_path.read_text())
     table = Table(
-        title="shipped model, held-out SIMULATED test set (dicom-node evaluate restoration)",
+        title=f"shipped model ldct-restoration {summary_path.parent.name}, held-out SIMULATED test set "
+        "(dicom-node evaluate restoration)",
         title_justify="left",
     )
     for col in (

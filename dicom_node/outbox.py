@@ -6,7 +6,10 @@ exponential backoff (capped) after a retryable failure, or ``dead`` (dead-letter
 ``delivered`` only when all of its deliveries are.
 
 A ``tps`` destination's series is validated before anything is sent (:mod:`dicom_node.tps`);
-one that fails is dead-lettered unsent with the reasons — retrying cannot change it.
+one that fails is dead-lettered unsent with the reasons — retrying cannot change it. A
+``tps`` destination is not sent the AI companions of an image series (Parametric Maps,
+Segmentation, SR, Secondary Capture: :data:`NOT_FOR_TPS`): a planning system plans on
+the image series; the companions stay with the job and go to the rule's other destinations.
 
 Where the destination does storage commitment, a sent series goes ``sending → committing``
 and is ``delivered`` only when the peer's N-EVENT-REPORT commits every instance. The
@@ -23,13 +26,19 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydicom.uid import generate_uid
+from pydicom.uid import (
+    ComprehensiveSRStorage,
+    ParametricMapStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+    generate_uid,
+)
 from sqlalchemy import Connection, and_, func, insert, select, update
 
 from audit import AuditEvent, AuditTrail, Outcome
@@ -64,6 +73,18 @@ class CommitmentState(StrEnum):
     TIMED_OUT = "timed_out"
     #: The N-ACTION was refused or unanswered, or its worker was lost.
     CANCELLED = "cancelled"
+
+
+#: Output SOP classes a ``tps`` destination is not sent (no delivery is queued): the maps,
+#: suspect-region SEG, report and overlay that accompany an AI image series.
+NOT_FOR_TPS = frozenset(
+    {ParametricMapStorage, SegmentationStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage}
+)
+
+
+def tps_destinations(config: NodeConfig) -> frozenset[str]:
+    """Names of the configured destinations with profile ``tps``."""
+    return frozenset(name for name, d in config.destinations.items() if d.profile == "tps")
 
 
 #: How long the sending association stays open after the N-ACTION for a report on it.
@@ -108,14 +129,23 @@ def record_outputs(conn: Connection, job_id: int, outputs: tuple[OutputInstance,
         )
 
 
-def queue_deliveries(conn: Connection, job_id: int, destinations: list[str]) -> int:
-    """One pending delivery per recorded output series per destination (idempotent)."""
+def queue_deliveries(
+    conn: Connection, job_id: int, destinations: list[str], *, tps: Collection[str] = ()
+) -> int:
+    """One pending delivery per recorded output series per destination (idempotent).
+
+    A destination named in ``tps`` (profile ``tps``, see :func:`tps_destinations`) gets
+    no delivery for a series of the :data:`NOT_FOR_TPS` classes.
+    """
     now = time.time()
-    series_uids = sorted(
-        set(
-            conn.execute(select(t.job_outputs.c.series_uid).where(t.job_outputs.c.job_fk == job_id)).scalars()
+    classes: dict[str, set[str]] = defaultdict(set)
+    for series_uid, sop_class in conn.execute(
+        select(t.job_outputs.c.series_uid, t.job_outputs.c.sop_class_uid).where(
+            t.job_outputs.c.job_fk == job_id
         )
-    )
+    ).all():
+        classes[series_uid].add(sop_class)
+    series_uids = sorted(classes)
     existing = set(
         conn.execute(
             select(t.deliveries.c.series_uid, t.deliveries.c.destination).where(
@@ -135,7 +165,7 @@ def queue_deliveries(conn: Connection, job_id: int, destinations: list[str]) -> 
         }
         for s in series_uids
         for d in destinations
-        if (s, d) not in existing
+        if (s, d) not in existing and not (d in tps and classes[s] <= NOT_FOR_TPS)
     ]
     if rows:
         conn.execute(insert(t.deliveries), rows)
@@ -143,11 +173,16 @@ def queue_deliveries(conn: Connection, job_id: int, destinations: list[str]) -> 
 
 
 def create_deliveries(
-    conn: Connection, job_id: int, outputs: tuple[OutputInstance, ...], destinations: list[str]
+    conn: Connection,
+    job_id: int,
+    outputs: tuple[OutputInstance, ...],
+    destinations: list[str],
+    *,
+    tps: Collection[str] = (),
 ) -> int:
     """Record the job's outputs and queue one delivery per series per destination."""
     record_outputs(conn, job_id, outputs)
-    return queue_deliveries(conn, job_id, destinations)
+    return queue_deliveries(conn, job_id, destinations, tps=tps)
 
 
 class Outbox:

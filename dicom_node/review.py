@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import threading
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,8 +140,19 @@ def job_detail(db: Database, audit: AuditTrail, job_id: int) -> dict[str, Any]:
     return detail
 
 
-def approve(db: Database, audit: AuditTrail, job_id: int, reviewer: str, note: str | None = None) -> int:
+def approve(
+    db: Database,
+    audit: AuditTrail,
+    job_id: int,
+    reviewer: str,
+    note: str | None = None,
+    *,
+    tps: Collection[str],
+) -> int:
     """Release a held job: queue its deliveries and move it to ``delivering``.
+
+    ``tps``: the destinations with profile ``tps`` (:func:`dicom_node.outbox.tps_destinations`),
+    which are not sent the maps, SEG, SR and overlay.
 
     Returns the number of deliveries queued. Raises :class:`ReviewError` when the job is
     not held (already approved, rejected, or never held).
@@ -156,7 +168,7 @@ def approve(db: Database, audit: AuditTrail, job_id: int, reviewer: str, note: s
         if not row.destinations:
             raise ReviewError(f"job {job_id}: its rule names no destination to deliver to")
         try:
-            n = queue_deliveries(conn, job_id, list(row.destinations))
+            n = queue_deliveries(conn, job_id, list(row.destinations), tps=tps)
             transition(
                 conn,
                 job_id,

@@ -26,7 +26,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
 from dicom_node.jobs import JobState, StaleTransition, audit_transition, transition
-from dicom_node.outbox import Outbox, queue_deliveries, record_outputs
+from dicom_node.outbox import Outbox, queue_deliveries, record_outputs, tps_destinations
 from dicom_node.paths import NodePaths
 from dicom_node.provenance import record_provenance
 from pipelines.base import (
@@ -393,7 +393,9 @@ class Worker:
                     )
                     moves.append((JobState.RUNNING, JobState.SUCCEEDED, why))
                     if verdict.action == "release" and job.destinations:
-                        n = queue_deliveries(conn, job.job_id, job.destinations)
+                        n = queue_deliveries(
+                            conn, job.job_id, job.destinations, tps=tps_destinations(self.config)
+                        )
                         reason = f"{n} delivery(ies) queued"
                         transition(
                             conn,

@@ -696,7 +696,10 @@ class DerivedImageWriter:
         units = volume.units if self.units is None else self.units
         cross = modality != volume.modality
         if cross and modality != "CT":
-            raise ValueError(f"{owner}: only a CT can be made from a {volume.modality} volume, not {modality}")
+            raise ValueError(
+                f"{owner}: cannot write {modality} images from a {volume.modality} volume "
+                "(across modalities only a CT in HU is written)"
+            )
         if cross and units != "HU":
             raise ValueError(
                 f"{owner}: a CT made from a {volume.modality} volume must be in Hounsfield units "

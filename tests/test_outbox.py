@@ -24,7 +24,16 @@ from dicom_node.indexer import Indexer
 from dicom_node.jobs import JobState, create_job, transition
 from dicom_node.localpeers import MiniPACS, free_port
 from dicom_node.net.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE, CommitmentReport, Failure, ReportStatus
-from dicom_node.outbox import CommitmentState, DeliveryState, Outbox, backoff_seconds, create_deliveries
+from dicom_node.outbox import (
+    CommitmentState,
+    DeliveryState,
+    Outbox,
+    backoff_seconds,
+    create_deliveries,
+    queue_deliveries,
+    record_outputs,
+    tps_destinations,
+)
 from dicom_node.part10 import split_part10
 from dicom_node.runtime import Runtime
 from dicom_node.simulate import write_ct_series
@@ -189,6 +198,37 @@ def test_create_deliveries_records_outputs_and_one_pending_delivery(env: Env) ->
         outs = conn.execute(select(t.job_outputs).order_by(t.job_outputs.c.id)).mappings().all()
     assert [o["sop_uid"] for o in outs] == [o.sop_uid for o in env.outputs]
     assert [o["path"] for o in outs] == [str(o.path) for o in env.outputs]
+
+
+def test_a_tps_destination_gets_the_image_series_and_not_its_ai_companions(env: Env) -> None:
+    companions = {
+        "1.2.840.10008.5.1.4.1.1.30": generate_uid(),  # Parametric Map (uncertainty)
+        "1.2.840.10008.5.1.4.1.1.66.4": generate_uid(),  # Segmentation (suspect regions)
+        "1.2.840.10008.5.1.4.1.1.88.33": generate_uid(),  # Comprehensive SR
+        "1.2.840.10008.5.1.4.1.1.7": generate_uid(),  # Secondary Capture overlay
+    }
+    extra = tuple(
+        OutputInstance(generate_uid(), series, sop_class, ExplicitVRLittleEndian, Path(f"/x/{series}.dcm"))
+        for sop_class, series in companions.items()
+    )
+    config = _config(1, None)
+    config = config.model_copy(
+        update={
+            "destinations": {
+                **config.destinations,
+                "tps": config.destinations["pacs"].model_copy(update={"profile": "tps"}),
+            }
+        }
+    )
+    assert tps_destinations(config) == {"tps"}
+    with env.rt.db.write() as conn:
+        record_outputs(conn, env.job_id, extra)
+        # pacs: the four companions (the image series is queued already); tps: the image series only
+        assert queue_deliveries(conn, env.job_id, ["pacs", "tps"], tps=tps_destinations(config)) == 5
+        assert queue_deliveries(conn, env.job_id, ["pacs", "tps"], tps={"tps"}) == 0  # idempotent
+        rows = conn.execute(select(t.deliveries.c.series_uid, t.deliveries.c.destination)).all()
+    assert sorted(s for s, d in rows if d == "tps") == [env.series_uid]
+    assert sorted(s for s, d in rows if d == "pacs") == sorted([env.series_uid, *companions.values()])
 
 
 def test_delivery_to_minipacs(env: Env, pacs: MiniPACS) -> None:

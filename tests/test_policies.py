@@ -508,10 +508,10 @@ MALFORMED = [
         id="missing-pipeline",
     ),
     pytest.param(
-        "mode: first-match\nrules:\n  - name: mr-planning-sct\n    pipeline: sct\n    destinations: [tps]\n",
+        "mode: first-match\nrules:\n  - name: follow-up\n    pipeline: prognosis\n    destinations: [pacs]\n",
         [
-            "p.yaml:4: rules[0].pipeline: unknown pipeline 'sct' "
-            "(available: denoise-classical, forward, restoration)"
+            "p.yaml:4: rules[0].pipeline: unknown pipeline 'prognosis' "
+            "(available: denoise-classical, forward, restoration, sct)"
         ],
         id="unknown-pipeline",
     ),
@@ -656,10 +656,10 @@ MALFORMED = [
         id="unsupported-version",
     ),
     pytest.param(
-        "mode: first-match\nrules:\n  - name: r1\n    pipeline: sct\n    destinations: [pacs]\n"
+        "mode: first-match\nrules:\n  - name: r1\n    pipeline: prognosis\n    destinations: [pacs]\n"
         "  - name: r2\n    pipeline: forward\n    destinations: [pacs]\n    gate: later\n",
         [
-            "p.yaml:4: rules[0].pipeline: unknown pipeline 'sct'",
+            "p.yaml:4: rules[0].pipeline: unknown pipeline 'prognosis'",
             "p.yaml:9: rules[1].gate: Input should be 'auto', 'review' or 'shadow'",
         ],
         id="every-problem-reported",
@@ -923,7 +923,7 @@ def test_default_policy_loads() -> None:
     sct = loaded.policy.rules[1]
     assert (sct.pipeline, sct.destinations, sct.gate) == ("sct", ("tps",), "review")
     assert sct.match.calling_ae == ("RT_MR_PLANNING",) and sct.match.modality == ("MR",)
-    assert sct.qc.max_interface_sigma_hu == 150.0
+    assert sct.qc.max_interface_sigma_hu == 140.0 and sct.qc.max_suspect_region_ml == 0.08
 
 
 def test_default_policy_needs_a_tps_destination() -> None:

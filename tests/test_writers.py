@@ -464,6 +464,56 @@ def test_processing_pipeline_is_not_marked_synthetic(tmp_path: Path) -> None:
     }
 
 
+def test_a_ct_made_from_an_mr_is_ct_image_storage_in_hu(tmp_path: Path) -> None:
+    volume = enhanced_mr()
+    hu = np.where(volume.array > volume.array.mean(), 40.0, -1000.0).astype(np.float32)
+    images = W.DerivedImageWriter(
+        provenance=PROVENANCE,
+        uids=UidFactory("2.25.", "sct"),
+        series_number=4,
+        series_description="synthetic CT (sCT) from MR",
+        derivation_code=W.SYNTHESIS,
+        output_modality="CT",
+        units="HU",
+    ).write(volume, hu, tmp_path)
+    assert len(images) == len(volume.slices)
+    for ds, ref in zip(images, volume.slices, strict=True):
+        assert (ds.SOPClassUID, ds.Modality, ds.RescaleType) == (pydicom.uid.CTImageStorage, "CT", "HU")
+        assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
+        assert ds.FrameOfReferenceUID == volume.frame_of_reference_uid
+        assert np.allclose([float(v) for v in ds.ImagePositionPatient], ref.position, atol=1e-3)
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == ref.sop_instance_uid
+        assert "ScanningSequence" not in ds and "EchoTime" not in ds and "MagneticFieldStrength" not in ds
+        assert ds.KVP in (None, "") and "AcquisitionNumber" in ds
+        assert ds.DerivationCodeSequence[0].CodeValue == "AI-SYNTHESIS"
+        assert "synthesized from MR" in ds.ImageComments
+        stored = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        assert set(np.unique(stored)) <= {40.0, -1000.0}
+    if DCIODVFY.exists():
+        for path in sorted(tmp_path.glob("*.dcm")):
+            errors = [e for e in dciodvfy_errors(path) if not e.startswith(STALE_SYNTHETIC_DATA_ERROR)]
+            assert errors == [], path.name
+
+
+def test_an_output_modality_the_writer_cannot_honestly_make_is_refused() -> None:
+    uids = UidFactory("2.25.", "refused")
+    mr, ct = enhanced_mr(), enhanced_ct()
+    with pytest.raises(ValueError, match="must be in Hounsfield units"):
+        W.DerivedImageWriter(
+            provenance=PROVENANCE, uids=uids, series_number=1, series_description="x", output_modality="CT"
+        ).write(mr, mr.array)
+    with pytest.raises(
+        ValueError, match=r"cannot write MR images from a CT volume \(across modalities only a CT in HU"
+    ):
+        W.DerivedImageWriter(
+            provenance=PROVENANCE, uids=uids, series_number=1, series_description="x", output_modality="MR"
+        ).write(ct, ct.array)
+    with pytest.raises(ValueError, match="'output_modality' must be 'CT', 'MR' or None"):
+        W.DerivedImageWriter(
+            provenance=PROVENANCE, uids=uids, series_number=1, series_description="x", output_modality="PT"
+        )
+
+
 # --------------------------------------------------------------------------- identity, construction
 
 

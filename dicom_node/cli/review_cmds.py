@@ -125,12 +125,13 @@ def review_approve(
     reviewer: ReviewerOpt = None,
 ) -> None:
     """Release a held job: its outputs are queued for delivery to the rule's destinations."""
+    from dicom_node.outbox import tps_destinations
     from dicom_node.review import ReviewError, approve
 
     who = reviewer or os_user()
     runtime = open_runtime(config, home, actor=who)
     try:
-        n = approve(runtime.db, runtime.audit, job_id, who, note)
+        n = approve(runtime.db, runtime.audit, job_id, who, note, tps=tps_destinations(runtime.config))
     except ReviewError as exc:
         raise fail(str(exc)) from None
     finally:

@@ -28,6 +28,7 @@ from audit.report import build_study_report
 from dicom_node import queries
 from dicom_node.config import NodeConfig
 from dicom_node.db.engine import Database
+from dicom_node.outbox import tps_destinations
 from dicom_node.review import PreviewCache, ReviewError, approve, held_jobs, job_detail, reject
 from dicom_node.users import Role, User, UserStore
 
@@ -377,7 +378,14 @@ def create_app(ctx: WebContext) -> FastAPI:
         if not isinstance(user, User):
             return user
         try:
-            n = approve(ctx.db, ctx.audit, job_id, f"web:{user.username}", note.strip() or None)
+            n = approve(
+                ctx.db,
+                ctx.audit,
+                job_id,
+                f"web:{user.username}",
+                note.strip() or None,
+                tps=tps_destinations(ctx.config),
+            )
         except ReviewError as exc:
             return review_page(request, user, job_id, 409, error=str(exc))
         done = f"Job {job_id} approved: {n} delivery(ies) queued."

@@ -78,7 +78,8 @@ def case_plan(role: Role, n: int, seed: int, *, slices: int = 12, size: int = 25
         level = float(rng.uniform(0.0, 1.0))
         if (role == "test") != _held_out(level):
             continue
-        specs.append(SctCaseSpec(_SEED_BASE[role] + seed % 100_000 * 1000 + k, level, slices, size))
+        case_seed = int(np.random.SeedSequence([seed, _SEED_BASE[role], k]).generate_state(1)[0])
+        specs.append(SctCaseSpec(case_seed, level, slices, size))
         k += 1
     return specs
 
@@ -126,7 +127,7 @@ class SctTrainConfig:
     train_cases: int = 72
     calib_cases: int = 12
     slices: int = 12
-    steps: int = 8000
+    steps: int = 16000
     batch: int = 12
     patch: int = 128
     lr: float = 2e-3

@@ -160,6 +160,7 @@ def test_policy_explain_names_the_deciding_condition(tmp_path: Path) -> None:
     simulate(tmp_path / "study", seed=24)
     config = node_config(stable_seconds=60, policy=True) + (
         '\n[destinations.pacs]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\n'
+        '\n[destinations.tps]\nae_title = "TPS"\nhost = "127.0.0.1"\nport = 104\nprofile = "tps"\n'
     )
     node = NodeProcess(tmp_path / "node", config, policy=DEFAULT_POLICY.read_text()).start()
     try:
@@ -168,11 +169,14 @@ def test_policy_explain_names_the_deciding_condition(tmp_path: Path) -> None:
         node.wait_for(lambda: db_rows(node, "select count(*) from instances")[0][0] == 6, what="indexed")
         out = node.cli("policy", "explain", study).stdout
         assert "rule low-dose-ct-restoration [priority 20]: no match" in out
+        assert "rule mr-planning-sct [priority 10]: no match" in out
         assert "deciding condition: failed on series" in out and "one of 2 alternatives" in out
         assert "no rule matches: the study is stored and nothing is processed or sent" in out
         explained = node.cli_json("policy", "explain", study)
-        (verdict,) = explained["rules"]
+        verdict, sct = explained["rules"]
         assert verdict["matched"] is False and "alternatives" in verdict["deciding"]["condition"]
+        assert sct["rule"] == "mr-planning-sct" and sct["matched"] is False
+        assert "RT_MR_PLANNING" in sct["deciding"]["condition"]  # not sent by the planning MR
         assert "CTDIvol = " in verdict["deciding"]["seen"]  # what the study actually had
         unknown = node.cli("policy", "explain", "1.2.3.4", check=False)
         assert unknown.returncode == 1 and "no study 1.2.3.4" in unknown.stderr
