@@ -58,6 +58,8 @@ def suspect_regions(score: np.ndarray, threshold: float, *, min_voxels: int = 4)
 #: Windows (pixels) of the multi-scale local mean; a hallucinated or removed structure of
 #: radius r shows most clearly at a window about 2r wide.
 DEFAULT_WINDOWS = (3, 5, 7, 9)
+#: Slices scored at a time (the score is per slice; this bounds temporary memory).
+_CHUNK = 16
 
 
 def local_noise_sigma(observed: np.ndarray, window: int = 31) -> np.ndarray:
@@ -99,6 +101,21 @@ def restoration_score(
     the model's error over the mean calibrated σ), the model part is ``k_w · σ_model``
     per window instead of the fixed ``λ · σ_model``.
     """
+    if len(observed) > _CHUNK:  # every operation is per slice: bound the temporaries' memory
+        out = np.empty(np.shape(observed), dtype=np.float32)
+        for k in range(0, len(observed), _CHUNK):
+            part = slice(k, k + _CHUNK)
+            out[part] = restoration_score(
+                observed[part],
+                restored[part],
+                sigma_model[part],
+                noise_sigma=None if noise_sigma is None else np.asarray(noise_sigma)[part],
+                correlation=correlation,
+                model_weight=model_weight,
+                windows=windows,
+                model_correlation=model_correlation,
+            )
+        return out
     residual = np.asarray(observed, np.float32) - np.asarray(restored, np.float32)
     noise = local_noise_sigma(observed) if noise_sigma is None else np.asarray(noise_sigma, np.float32)
     model = model_weight * np.asarray(sigma_model, np.float32)

@@ -174,14 +174,15 @@ class RestorationModel:
     @torch.inference_mode()
     def predict_raw(self, volume_hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Restored HU and uncalibrated σ (HU) for a (slices, H, W) volume."""
-        x = to_network(np.asarray(volume_hu))
-        means, sigmas = [], []
-        for start in range(0, len(x), self.batch):
-            chunk = torch.from_numpy(x[start : start + self.batch, None])
-            mean, log_var = self.net(chunk)
-            means.append(mean[:, 0].numpy())
-            sigmas.append(torch.exp(0.5 * log_var[:, 0]).numpy())
-        return np.concatenate(means) * HU_SCALE, np.concatenate(sigmas) * HU_SCALE
+        volume_hu = np.asarray(volume_hu)
+        means = np.empty(volume_hu.shape, np.float32)  # filled batch by batch: no stacked copies
+        sigmas = np.empty(volume_hu.shape, np.float32)
+        for start in range(0, len(volume_hu), self.batch):
+            part = slice(start, start + self.batch)
+            mean, log_var = self.net(torch.from_numpy(to_network(volume_hu[part])[:, None]))
+            means[part] = mean[:, 0].numpy() * HU_SCALE
+            sigmas[part] = torch.exp(0.5 * log_var[:, 0]).numpy() * HU_SCALE
+        return means, sigmas
 
     def score(self, observed: np.ndarray, restored: np.ndarray, sigma: np.ndarray) -> np.ndarray:
         """The restoration hallucination map with this model's measured correlations."""
@@ -207,9 +208,8 @@ class RestorationModel:
         mean = data_consistent(
             np.asarray(volume, np.float32), mean, self.meta.residual_lowpass_mm, spacing, pixel_mm
         )
-        return Prediction(
-            mean=mean.astype(np.float32), sigma=(sigma * self.meta.sigma_scale).astype(np.float32)
-        )
+        sigma *= np.float32(self.meta.sigma_scale)
+        return Prediction(mean=mean.astype(np.float32, copy=False), sigma=sigma)
 
 
 def data_consistent(
