@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from highdicom.sr import CodedConcept
@@ -12,7 +13,7 @@ from pipelines.base import OutputInstance
 from pipelines.provenance import OutputProvenance
 from pipelines.stages import Context
 from pipelines.uids import UidFactory, job_key
-from pipelines.writers import SMOOTHING, save, write_outputs
+from pipelines.writers import SMOOTHING, file_name, write_outputs
 
 
 def _card_facts(ctx: Context) -> dict[str, str]:
@@ -85,9 +86,11 @@ class Encode:
             first_series_number=self.first_series_number,
             output_modality=self.output_modality,
             output_units=self.output_units,
+            out_dir=ctx.env.workdir,
+            release_pixels=True,  # each object is on disk before the next is made
         )
         datasets: list[Dataset] = written.datasets()
-        paths = save(datasets, ctx.env.workdir)
+        paths = [Path(ctx.env.workdir) / file_name(ds) for ds in datasets]
         outputs = tuple(
             OutputInstance(
                 sop_uid=str(ds.SOPInstanceUID),

@@ -1726,6 +1726,7 @@ def write_outputs(
     output_modality: str | None = None,
     output_units: str | None = None,
     out_dir: Path | None = None,
+    release_pixels: bool = False,
 ) -> OutputSet:
     """Write every output of one job and return them by kind.
 
@@ -1759,7 +1760,23 @@ def write_outputs(
         :class:`DerivedImageWriter`).
     out_dir
         When given, all objects are saved there (see :func:`save`).
+    release_pixels
+        With ``out_dir``: save each object as soon as it is written and drop its pixel data
+        from memory (the report references objects by their headers only), so a long
+        series never holds every output's pixels at once. The returned data sets then
+        carry no pixel data: read the files.
     """
+    stream = out_dir is not None and release_pixels
+
+    def done(datasets: list[Dataset]) -> None:
+        if stream:
+            assert out_dir is not None
+            save(datasets, out_dir)
+            for ds in datasets:
+                for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+                    if keyword in ds:
+                        delattr(ds, keyword)
+
     n = _check_series_number("write_outputs", first_series_number)
     image_units = volume.units if output_units is None else output_units
     units = uncertainty_units if uncertainty_units is not None else ucum_for_units(image_units)
@@ -1773,24 +1790,30 @@ def write_outputs(
         output_modality=output_modality,
         units=output_units,
     ).write(volume, derived)
+    done(images)
     sigma = UncertaintyMapWriter(provenance=provenance, uids=uids, series_number=n + 1, units=units).write(
         volume, uncertainty
     )
+    done([sigma])
     score = HallucinationMapWriter(provenance=provenance, uids=uids, series_number=n + 2).write(
         volume, hallucination
     )
     seg = SuspectRegionWriter(provenance=provenance, uids=uids, series_number=n + 3).write(volume, suspect)
+    done([seg])
     picture = None
     if overlay:
         picture = OverlayWriter(provenance=provenance, uids=uids, series_number=n + 4).write(
             volume, hallucination, hallucination_map=score, mask=np.asarray(suspect, dtype=bool)
         )
+        done([picture])
+    done([score])  # the overlay reads the hallucination map's pixels
     written = [*images, sigma, score, seg, *([picture] if picture is not None else [])]
     report = SummaryReportWriter(
         provenance=provenance, uids=uids, series_number=n + 5, model_card=model_card
     ).write(volume, outputs=written, qc=qc, gate=gate)
+    done([report])
     result = OutputSet(tuple(images), sigma, score, seg, report, picture)
-    if out_dir is not None:
+    if out_dir is not None and not stream:
         save(result.datasets(), out_dir)
     return result
 
