@@ -164,7 +164,7 @@ def _config(port: int, destination: dict[str, Any] | None = None, **outbox: floa
                     "ae_title": "MINIPACS",
                     "host": "127.0.0.1",
                     "port": port,
-                    "timeout_seconds": 5,
+                    "timeout_seconds": 30,  # a loaded CI machine must not abort a live association
                     **(destination or {}),
                 }
             },
