@@ -11,6 +11,9 @@ calibrated z-score.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from scipy import ndimage
 
@@ -101,9 +104,12 @@ def restoration_score(
     the model's error over the mean calibrated σ), the model part is ``k_w · σ_model``
     per window instead of the fixed ``λ · σ_model``.
     """
-    if len(observed) > _CHUNK:  # every operation is per slice: bound the temporaries' memory
+    if len(observed) > _CHUNK:
+        # Every operation is per slice: score chunks of slices (bounded temporaries) on as
+        # many threads as there are cores (SciPy's filters release the GIL).
         out = np.empty(np.shape(observed), dtype=np.float32)
-        for k in range(0, len(observed), _CHUNK):
+
+        def one(k: int) -> None:
             part = slice(k, k + _CHUNK)
             out[part] = restoration_score(
                 observed[part],
@@ -115,6 +121,9 @@ def restoration_score(
                 windows=windows,
                 model_correlation=model_correlation,
             )
+
+        with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+            list(pool.map(one, range(0, len(observed), _CHUNK)))
         return out
     residual = np.asarray(observed, np.float32) - np.asarray(restored, np.float32)
     noise = local_noise_sigma(observed) if noise_sigma is None else np.asarray(noise_sigma, np.float32)

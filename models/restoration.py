@@ -206,7 +206,12 @@ class RestorationModel:
         ``pixel_mm`` gives each slice its own in-plane pixel size (a stack of cases)."""
         mean, sigma = self.predict_raw(volume)
         mean = data_consistent(
-            np.asarray(volume, np.float32), mean, self.meta.residual_lowpass_mm, spacing, pixel_mm
+            np.asarray(volume, np.float32),
+            mean,
+            self.meta.residual_lowpass_mm,
+            spacing,
+            pixel_mm,
+            inplace=True,
         )
         sigma *= np.float32(self.meta.sigma_scale)
         return Prediction(mean=mean.astype(np.float32, copy=False), sigma=sigma)
@@ -218,14 +223,17 @@ def data_consistent(
     lowpass_mm: float,
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
     pixel_mm: Sequence[float] | None = None,
+    *,
+    inplace: bool = False,
 ) -> np.ndarray:
-    """``restored + G_σ * (volume − restored)`` per slice (σ = ``lowpass_mm`` in mm)."""
+    """``restored + G_σ * (volume − restored)`` per slice (σ = ``lowpass_mm`` in mm);
+    ``inplace`` writes into ``restored`` (a float32 array the caller owns)."""
     if lowpass_mm <= 0:
         return restored
     from scipy import ndimage
 
     sizes = list(pixel_mm) if pixel_mm is not None else [None] * len(volume)
-    out = np.empty_like(restored, dtype=np.float32)
+    out = restored if inplace and restored.dtype == np.float32 else np.empty_like(restored, dtype=np.float32)
     for k, (v, r, px) in enumerate(zip(volume, restored, sizes, strict=True)):
         sy, sx = (px, px) if px is not None else (spacing[1], spacing[2])
         out[k] = r + ndimage.gaussian_filter(v - r, (lowpass_mm / sy, lowpass_mm / sx))

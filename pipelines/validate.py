@@ -80,18 +80,36 @@ def validate_outputs(ctx: Context, *, max_problems: int = 20) -> list[str]:
     return problems
 
 
+def _native_float_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
+    """Uncompressed 32-bit float pixel data as a view of the file's bytes (no decoded copy:
+    a map of a long series is hundreds of MB), shaped (frames, rows, columns); else None."""
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if "FloatPixelData" not in ds or ts is None or ts.is_compressed or not ts.is_little_endian:
+        return None
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    flat = np.frombuffer(ds.FloatPixelData, dtype="<f4")
+    return flat.reshape(frames, rows, cols) if flat.size == frames * rows * cols else flat
+
+
 def _pixel_problems(ds: pydicom.Dataset) -> list[str]:
     try:
-        pixels = np.asarray(ds.pixel_array)
+        pixels = _native_float_pixels(ds)
+        if pixels is None:
+            pixels = np.asarray(ds.pixel_array)
     except Exception as exc:  # any decoder failure is a validation failure, not a crash
         return [f"pixel data do not decode: {exc}"]
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     expected = (rows, cols) if frames == 1 else (frames, rows, cols)
+    if frames == 1 and pixels.ndim == 3 and pixels.shape[0] == 1:
+        pixels = pixels[0]
     problems = []
     if pixels.shape[-len(expected) :] != expected and pixels.shape[:3] != expected:
         problems.append(f"pixel data shape {pixels.shape} does not match {expected}")
-    if pixels.dtype.kind == "f" and not np.all(np.isfinite(pixels)):
+    if pixels.dtype.kind == "f" and not all(
+        np.isfinite(part).all() for part in np.array_split(pixels.ravel(), 16)
+    ):
         problems.append("pixel data hold NaN or infinite values")
     return problems
 

@@ -192,6 +192,13 @@ def _pixels(ds: Dataset, label: str) -> np.ndarray:
         ) from None
 
 
+def _drop_decoded(ds: Dataset) -> None:
+    """Forget pydicom's cached decoded pixels (the encoded Pixel Data stays)."""
+    if getattr(ds, "_pixel_array", None) is not None:
+        ds._pixel_array = None
+        ds._pixel_id = {}
+
+
 def load_series(datasets: Sequence[Dataset], *, resample: bool = False) -> Volume:
     """Load one series (all its instances, any order) into a :class:`Volume`.
 
@@ -247,23 +254,28 @@ def load_series(datasets: Sequence[Dataset], *, resample: bool = False) -> Volum
     else:
         step = float(datasets[0].get("SliceThickness", 1.0) or 1.0)
 
-    # Pixel data, decoded once per file (a multi-frame file decodes all its frames at once).
+    # Pixel data, decoded once per file (a multi-frame file decodes all its frames at once),
+    # written straight into the volume; each file's decoded copy is dropped once its frames
+    # are in (pydicom caches it on the data set, which the volume keeps for the writers).
+    array = np.empty(0, np.float32)
+    last_use = {f.dataset_index: k for k, f in enumerate(frames)}
     decoded: dict[int, np.ndarray] = {}
-    shape = None
-    slices_px = []
-    for f in frames:
+    for k, f in enumerate(frames):
         if f.dataset_index not in decoded:
             decoded[f.dataset_index] = _pixels(datasets[f.dataset_index], label)
         pixels = decoded[f.dataset_index]
         plane = pixels[f.frame_number - 1] if f.frame_number is not None and pixels.ndim == 3 else pixels
         if plane.ndim != 2:
             raise SeriesError(f"{label}: {f.sop_instance_uid} is not a grayscale image (shape {plane.shape})")
-        if shape is None:
-            shape = plane.shape
-        elif plane.shape != shape:
-            raise SeriesError(f"{label}: slice sizes differ ({shape} vs {plane.shape})")
-        slices_px.append(plane.astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept))
-    array = np.stack(slices_px)
+        if k == 0:
+            array = np.empty((len(frames), *plane.shape), np.float32)
+        elif plane.shape != array.shape[1:]:
+            raise SeriesError(f"{label}: slice sizes differ ({array.shape[1:]} vs {plane.shape})")
+        np.multiply(plane, np.float32(f.slope), out=array[k], casting="unsafe")
+        array[k] += np.float32(f.intercept)
+        if last_use[f.dataset_index] == k:
+            del decoded[f.dataset_index]
+            _drop_decoded(datasets[f.dataset_index])
     refs = tuple(
         SliceRef(f.sop_class_uid, f.sop_instance_uid, f.frame_number, _xyz(f.position)) for f in frames
     )

@@ -401,7 +401,10 @@ def _source_window(ds: Dataset, frame_number: int | None) -> tuple[float, float]
 
 
 def _window_of(values: np.ndarray) -> tuple[float, float]:
-    lo, hi = (float(v) for v in np.percentile(values, [1.0, 99.0]))
+    """Display window from the 1st-99th percentile (of a fixed subsample of a large volume)."""
+    flat = values.ravel()
+    step = max(1, flat.size // 4_000_000)
+    lo, hi = (float(v) for v in np.percentile(flat[::step], [1.0, 99.0]))
     if hi <= lo:
         lo, hi = float(values.min()), float(values.max())
     width = max(hi - lo, 1e-3)
@@ -689,7 +692,7 @@ class DerivedImageWriter:
             In volume slice order, Instance Number 1..n.
         """
         owner = type(self).__name__
-        values = _check_array(owner, volume, array, "array").astype(np.float32)
+        values = _check_array(owner, volume, array, "array").astype(np.float32, copy=False)
         if volume.modality not in ("CT", "MR"):
             raise ValueError(f"{owner}: writes CT or MR images only; the volume is {volume.modality!r}")
         modality = self.output_modality or volume.modality
@@ -946,7 +949,7 @@ class _ParametricMapWriter:
             When given, the object is also saved there (see :func:`save`).
         """
         owner = type(self).__name__
-        pixels = _check_array(owner, volume, values, "values").astype(np.float32)
+        pixels = _check_array(owner, volume, values, "values").astype(np.float32, copy=False)
         self._validate(pixels)
         prov = self.provenance
         measures, orientation, positions = _geometry(volume)
@@ -1349,7 +1352,7 @@ class OverlayWriter:
             When given, the object is also saved there (see :func:`save`).
         """
         owner = type(self).__name__
-        values = _check_array(owner, volume, score, "score").astype(np.float32)
+        values = _check_array(owner, volume, score, "score").astype(np.float32, copy=False)
         if (
             not isinstance(hallucination_map, Dataset)
             or hallucination_map.get("SOPClassUID") != ParametricMapStorage
