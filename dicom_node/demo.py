@@ -121,10 +121,13 @@ def _send(study_dir: Path, port: int, aet: str, console: Console) -> str:
 
 def _evaluation_table(console: Console) -> None:
     """The shipped restoration model's evaluation figures (from its evaluation summary)."""
-    zoo = Path(__file__).resolve().parents[1] / "models" / "zoo" / "ldct-restoration"
-    versions = sorted(p.name for p in zoo.iterdir() if (p / "card.json").exists()) if zoo.exists() else []
-    summary_path = zoo / (versions[-1] if versions else "none") / "evaluation.json"
-    if not summary_path.exists():
+    from models.zoo import version_dir
+
+    try:
+        summary_path: Path | None = version_dir("ldct-restoration") / "evaluation.json"
+    except FileNotFoundError:
+        summary_path = None
+    if summary_path is None or not summary_path.exists():
         console.print("(no evaluation summary shipped with the model; run `dicom-node evaluate restoration`)")
         return
     summary = json.loads(summary_path.read_text())

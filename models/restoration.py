@@ -9,7 +9,6 @@ of the reference. Inputs and outputs are HU; the network sees ``HU / 1000``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,11 +21,13 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from models.base import ModelCard, Prediction
+from models.zoo import WeightsMismatch as WeightsMismatch
+from models.zoo import sha256_of as sha256_of
+from models.zoo import verified_weights, version_dir
 
 HU_SCALE = 1000.0
 HU_CLIP = (-1024.0, 3071.0)
 Z90 = 1.6448536269514722
-ZOO = Path(__file__).parent / "zoo"
 
 
 @dataclass(frozen=True)
@@ -76,14 +77,6 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass
 class RestorationCard:
     """The model card as stored next to the weights (``card.json``)."""
@@ -131,10 +124,6 @@ class RestorationCard:
         )
 
 
-class WeightsMismatch(RuntimeError):
-    pass
-
-
 class RestorationModel:
     """Loads a model from its zoo directory (weights hash checked) and predicts volumes."""
 
@@ -144,13 +133,7 @@ class RestorationModel:
         if not card_path.exists():
             raise FileNotFoundError(f"no model card at {card_path}")
         self.meta = RestorationCard.read(card_path)
-        weights = self.directory / self.meta.weights_file
-        actual = sha256_of(weights)
-        if actual != self.meta.weights_sha256:
-            raise WeightsMismatch(
-                f"{weights}: sha256 {actual} does not match the model card ({self.meta.weights_sha256}); "
-                "refusing to run weights that are not the ones described"
-            )
+        weights = verified_weights(self.directory, self.meta.weights_file, self.meta.weights_sha256)
         a = self.meta.architecture
         arch = Architecture(tuple(a["channels"]), tuple(a["strides"]), int(a["num_res_units"]))
         self.net = arch.build()
@@ -163,13 +146,7 @@ class RestorationModel:
 
     @classmethod
     def shipped(cls, name: str = "ldct-restoration", version: str | None = None) -> RestorationModel:
-        base = ZOO / name
-        if version is None:
-            versions = sorted(p.name for p in base.iterdir() if (p / "card.json").exists())
-            if not versions:
-                raise FileNotFoundError(f"no shipped versions of {name} under {base}")
-            version = versions[-1]
-        return cls(base / version)
+        return cls(version_dir(name, version))
 
     @torch.inference_mode()
     def predict_raw(self, volume_hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

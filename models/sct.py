@@ -29,9 +29,9 @@ from scipy import ndimage
 from torch import nn
 
 from models.base import ModelCard, Prediction
-from models.restoration import HU_CLIP, HU_SCALE, WeightsMismatch, load_weights, sha256_of
+from models.restoration import HU_CLIP, HU_SCALE, load_weights
+from models.zoo import verified_weights, version_dir
 
-ZOO = Path(__file__).parent / "zoo"
 CONTEXT = 1  # neighbouring slices on each side (2.5-D input: 2·CONTEXT + 1 channels)
 #: HU above which a voxel counts as bone, below which as air (for interface figures).
 BONE_HU = 250.0
@@ -246,13 +246,7 @@ class SctModel:
         if not card_path.exists():
             raise FileNotFoundError(f"no model card at {card_path}")
         self.meta = SctCard.read(card_path)
-        weights = self.directory / self.meta.weights_file
-        actual = sha256_of(weights)
-        if actual != self.meta.weights_sha256:
-            raise WeightsMismatch(
-                f"{weights}: sha256 {actual} does not match the model card ({self.meta.weights_sha256}); "
-                "refusing to run weights that are not the ones described"
-            )
+        weights = verified_weights(self.directory, self.meta.weights_file, self.meta.weights_sha256)
         a = self.meta.architecture
         arch = SctArchitecture(tuple(a["channels"]), tuple(a["strides"]), int(a["num_res_units"]))
         self.net = arch.build()
@@ -264,15 +258,7 @@ class SctModel:
 
     @classmethod
     def shipped(cls, name: str = "sct-head", version: str | None = None) -> SctModel:
-        base = ZOO / name
-        if version is None:
-            versions = (
-                sorted(p.name for p in base.iterdir() if (p / "card.json").exists()) if base.exists() else []
-            )
-            if not versions:
-                raise FileNotFoundError(f"no shipped versions of {name} under {base}")
-            version = versions[-1]
-        return cls(base / version)
+        return cls(version_dir(name, version))
 
     @torch.inference_mode()
     def predict_raw(self, mr_norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

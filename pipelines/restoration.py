@@ -11,13 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-from models.hallucination import largest_region_voxels, suspect_regions
+from models.hallucination import suspect_regions
 from models.restoration import RestorationModel
 from pipelines.encode import Encode
 from pipelines.stages import Context, StagedPipeline
-from pipelines.steps import CT_CLASSES, Gate, LoadVolume, Predict, SelectSeries
+from pipelines.steps import CT_CLASSES, Gate, LoadVolume, Predict, SelectSeries, suspect_figures
 from pipelines.validate import Validate
 
 
@@ -41,11 +39,7 @@ class ScoreRestoration:
         qc = {
             **ctx.qc,
             "mean calibrated sigma in body": (round(float(prediction.sigma[body].mean()), 3), units),
-            "hallucination score p99": (round(float(np.percentile(score, 99)), 3), "1"),
-            "suspect fraction": (round(float(suspect.mean()), 6), "1"),
-            "suspect volume": (round(float(suspect.sum() * voxel_ml), 3), "mL"),
-            "largest suspect region": (round(largest_region_voxels(suspect) * voxel_ml, 4), "mL"),
-            "suspect threshold": (self.threshold, "1"),
+            **suspect_figures(score, suspect, voxel_ml, self.threshold),
         }
         return ctx.evolve(hallucination=score, suspect=suspect, qc=qc)
 

@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from models.hallucination import largest_region_voxels, suspect_regions
+from models.hallucination import suspect_regions
 from models.sct import SctModel
 from pipelines.base import PipelineError
 from pipelines.encode import Encode
 from pipelines.stages import Context, StagedPipeline
-from pipelines.steps import MR_CLASSES, Gate, LoadVolume, SelectSeries, inject_hallucination
+from pipelines.steps import MR_CLASSES, Gate, LoadVolume, SelectSeries, inject_hallucination, suspect_figures
 from pipelines.validate import Validate
 from pipelines.writers import SYNTHESIS
 
@@ -163,15 +163,7 @@ class PredictSct:
                 round(float(prediction.sigma[result.interfaces].mean()), 3),
                 _HU,
             )
-        qc.update(
-            {
-                "hallucination score p99": (round(float(np.percentile(score[body], 99)), 3), "1"),
-                "suspect fraction": (round(float(suspect.sum() / body.sum()), 6), "1"),
-                "suspect volume": (round(float(suspect.sum() * voxel_ml), 3), "mL"),
-                "largest suspect region": (round(largest_region_voxels(suspect) * voxel_ml, 4), "mL"),
-                "suspect threshold": (self.threshold, "1"),
-            }
-        )
+        qc.update(suspect_figures(score, suspect, voxel_ml, self.threshold, within=body))
         parameters: dict[str, Any] = {
             **ctx.parameters,
             "input_sequence": self.model.meta.input_sequence,

@@ -127,13 +127,30 @@ class ScoreHallucination:
             **ctx.qc,
             "input noise sigma": (round(sigma, 3), units),
             "mean uncertainty": (round(float(prediction.sigma.mean()), 3), units),
-            "hallucination score p99": (round(float(np.percentile(score, 99)), 3), "1"),
-            "suspect fraction": (round(float(suspect.mean()), 6), "1"),
-            "suspect volume": (round(float(suspect.sum() * voxel_ml), 3), "mL"),
-            "largest suspect region": (round(largest_region_voxels(suspect) * voxel_ml, 4), "mL"),
-            "suspect threshold": (self.threshold, "1"),
+            **suspect_figures(score, suspect, voxel_ml, self.threshold),
         }
         return ctx.evolve(hallucination=score, suspect=suspect, qc=qc)
+
+
+def suspect_figures(
+    score: np.ndarray,
+    suspect: np.ndarray,
+    voxel_ml: float,
+    threshold: float,
+    within: np.ndarray | None = None,
+) -> dict[str, tuple[float, str]]:
+    """The hallucination QC figures every pipeline reports (the gate's limits read them):
+    score p99 and suspect fraction (over ``within``, default every voxel), total and
+    largest suspect region (mL), and the threshold used."""
+    inside = score if within is None else score[within]
+    fraction = suspect.mean() if within is None else suspect.sum() / within.sum()
+    return {
+        "hallucination score p99": (round(float(np.percentile(inside, 99)), 3), "1"),
+        "suspect fraction": (round(float(fraction), 6), "1"),
+        "suspect volume": (round(float(suspect.sum() * voxel_ml), 3), "mL"),
+        "largest suspect region": (round(largest_region_voxels(suspect) * voxel_ml, 4), "mL"),
+        "suspect threshold": (threshold, "1"),
+    }
 
 
 @dataclass(frozen=True)

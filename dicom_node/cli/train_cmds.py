@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -52,6 +54,36 @@ def _paired_series(low_dir: Path, ref_dir: Path) -> list[Pair]:
     ]
 
 
+@contextmanager
+def _progress_bar() -> Iterator[Callable[[str, int, int, float | None], None]]:
+    """A rich progress bar per training stage; yields the trainers' ``progress`` callback."""
+    from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[loss]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def progress(stage: str, done: int, total: int, loss: float | None) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total, loss="")
+            bar.update(tasks[stage], completed=done, loss=f"loss {loss:.4f}" if loss is not None else "")
+
+        yield progress
+
+
+def _trained(out: Path, card: Any, seconds: float) -> None:
+    console.print(f"wrote {out / card.weights_file} (sha256 {card.weights_sha256}) and {out / 'card.json'}")
+    console.print(
+        f"trained in {seconds / 60:.1f} min; σ scale {card.sigma_scale}; {card.metrics}", markup=False
+    )
+
+
 @train_app.command("restoration")
 def train_restoration(
     out: Annotated[Path, typer.Option("--out", help="Directory for weights.pt and card.json.")] = Path(
@@ -91,7 +123,6 @@ def train_restoration(
 ) -> None:
     """Train the low-dose CT restoration model (simulated data, or a site's paired series)."""
     import torch
-    from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
     from models.training.restoration import TrainConfig, train
 
@@ -119,27 +150,9 @@ def train_restoration(
         lowpass_weight=lowpass_weight,
         residual_lowpass_mm=residual_lowpass_mm,
     )
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[loss]}"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console) as bar:
-        tasks: dict[str, TaskID] = {}
-
-        def progress(stage: str, done: int, total: int, loss: float | None) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total, loss="")
-            bar.update(tasks[stage], completed=done, loss=f"loss {loss:.4f}" if loss is not None else "")
-
+    with _progress_bar() as progress:
         report = train(config, out, pairs=pairs, calib_pairs=calib, init_weights=init, progress=progress)
-    card = report.card
-    console.print(f"wrote {out / card.weights_file} (sha256 {card.weights_sha256}) and {out / 'card.json'}")
-    console.print(
-        f"trained in {report.seconds / 60:.1f} min; σ scale {card.sigma_scale}; {card.metrics}", markup=False
-    )
+    _trained(out, report.card, report.seconds)
 
 
 @train_app.command("sct")
@@ -162,8 +175,6 @@ def train_sct(
     ] = None,
 ) -> None:
     """Train the MR → synthetic CT model (simulated head MR/CT pairs, CPU)."""
-    from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
-
     from models.training.sct import SctTrainConfig, train
 
     if init is not None and init.is_dir():
@@ -176,24 +187,6 @@ def train_sct(
         slices=slices,
         version=version,
     )
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[loss]}"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console) as bar:
-        tasks: dict[str, TaskID] = {}
-
-        def progress(stage: str, done: int, total: int, loss: float | None) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total, loss="")
-            bar.update(tasks[stage], completed=done, loss=f"loss {loss:.4f}" if loss is not None else "")
-
+    with _progress_bar() as progress:
         report = train(config, out, init_weights=init, progress=progress)
-    card = report.card
-    console.print(f"wrote {out / card.weights_file} (sha256 {card.weights_sha256}) and {out / 'card.json'}")
-    console.print(
-        f"trained in {report.seconds / 60:.1f} min; σ scale {card.sigma_scale}; {card.metrics}", markup=False
-    )
+    _trained(out, report.card, report.seconds)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -38,6 +37,7 @@ from models.restoration import (
     sha256_of,
     to_network,
 )
+from models.training.parallel import simulate_in_processes
 
 Role = Literal["train", "calib", "test"]
 HELD_OUT_LEVEL_BANDS = ((0.2, 0.3), (0.7, 0.8))
@@ -119,13 +119,7 @@ def simulate_all(
     specs: Sequence[CaseSpec], workers: int = 2, progress: Callable[[int, int], None] | None = None
 ) -> list[Pair]:
     """Simulate cases in parallel processes (each case has its own seed: order-independent)."""
-    pairs: list[Pair] = []
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        for i, pair in enumerate(pool.map(simulate, specs, chunksize=4)):
-            pairs.append(pair)
-            if progress:
-                progress(i + 1, len(specs))
-    return pairs
+    return simulate_in_processes(simulate, specs, workers, progress, chunksize=4)
 
 
 @dataclass(frozen=True)

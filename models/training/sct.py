@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -37,6 +36,7 @@ from models.sct import (
     normalise_mr,
     stack_context,
 )
+from models.training.parallel import simulate_in_processes
 
 Role = Literal["train", "calib", "test"]
 HELD_OUT_LEVEL_BANDS = ((0.15, 0.3), (0.7, 0.85))
@@ -111,14 +111,9 @@ def simulate_all(
     keep_raw: bool = False,
 ) -> list[SctPair]:
     """Simulate cases in parallel processes (each case has its own seed: order-independent)."""
-    pairs: list[SctPair] = []
-    fn = _simulate_raw if keep_raw else simulate
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        for i, pair in enumerate(pool.map(fn, specs, chunksize=2)):
-            pairs.append(pair)
-            if progress:
-                progress(i + 1, len(specs))
-    return pairs
+    return simulate_in_processes(
+        _simulate_raw if keep_raw else simulate, specs, workers, progress, chunksize=2
+    )
 
 
 @dataclass(frozen=True)
