@@ -181,3 +181,14 @@ def add_user(node: NodeProcess, name: str, role: str, password: str) -> None:
 
 
 __all__ = ["STORESCP", "STORESCU", "add_user", "audit_rows", "browser", "db_rows", "node_config", "require"]
+
+
+def wait_for_url(browser: WebDriver, suffix: str, timeout: float = 15.0) -> None:
+    """Wait until a click's navigation has landed (a form post is not synchronous)."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        WebDriverWait(browser, timeout).until(lambda b: b.current_url.endswith(suffix))
+    except TimeoutException:
+        pass  # the caller's assertion reports where the browser is

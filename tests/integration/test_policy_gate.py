@@ -23,7 +23,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from policies.loader import load_policy
-from tests.conftest import add_user, audit_rows, db_rows, node_config, require
+from tests.conftest import add_user, audit_rows, db_rows, node_config, require, wait_for_url
 from tests.peers import STORESCU, NodeProcess, Orthanc, free_port, policy_yaml, storescu
 
 pytestmark = pytest.mark.integration
@@ -239,6 +239,7 @@ def test_operator_reviews_and_approves_in_chromium(
         browser.find_element(By.ID, "username").send_keys("olga")
         browser.find_element(By.ID, "password").send_keys("operator password")
         browser.find_element(By.ID, "sign-in").click()
+        wait_for_url(browser, "/review")
         assert browser.current_url.endswith("/review")
         assert "the rule requires review" in browser.find_element(By.ID, "held").text
         browser.find_element(By.ID, "held-1").click()

@@ -11,7 +11,7 @@ import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from tests.conftest import add_user, audit_rows, node_config, require
+from tests.conftest import add_user, audit_rows, node_config, require, wait_for_url
 from tests.peers import STORESCU, NodeProcess, Orthanc, free_port, storescu
 
 pytestmark = pytest.mark.integration
@@ -45,6 +45,7 @@ def test_auditor_logs_in_searches_and_reads_report(
 
         browser.find_element(By.ID, "password").send_keys("correct horse battery")
         browser.find_element(By.ID, "sign-in").click()
+        wait_for_url(browser, "/audit")
         assert browser.current_url.endswith("/audit")
         assert "alice (auditor)" in browser.page_source
 
