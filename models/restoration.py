@@ -10,7 +10,9 @@ of the reference. Inputs and outputs are HU; the network sees ``HU / 1000``.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,42 @@ from models.zoo import verified_weights, version_dir
 HU_SCALE = 1000.0
 HU_CLIP = (-1024.0, 3071.0)
 Z90 = 1.6448536269514722
+
+#: Low-pass widths (mm) the noise-adaptive put-back chooses from (the card's
+#: ``residual_lowpass_mm`` is the narrowest one used).
+PUTBACK_WIDTHS_MM = (0.8, 0.9, 1.0, 1.1, 1.2, 1.4, 1.6, 2.0)
+#: A slice's body: HU above this (after a 2-pixel Gaussian); lung: below LUNG_HU inside it.
+BODY_HU = -500.0
+LUNG_HU = -400.0
+#: A slice whose body is more than this share lung is calibrated in the "thorax" group.
+THORAX_LUNG_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class SliceFacts:
+    """What the blend and the calibration need to know about one input slice."""
+
+    #: Median local noise σ estimate in the body (Immerkær; about half the true σ of
+    #: FBP-textured CT noise — every use is calibrated against this same estimate).
+    noise_hu: float
+    #: Mondrian calibration group: "thorax" (lung in the slice) or "other".
+    group: str
+
+
+def slice_facts(plane: np.ndarray) -> SliceFacts:
+    """Noise level and calibration group of one input slice (HU), from the image alone."""
+    from scipy import ndimage
+
+    from models.hallucination import local_noise_sigma
+
+    plane = np.asarray(plane, np.float32)
+    in_body = plane > BODY_HU
+    noise = float(np.median(local_noise_sigma(plane[None])[0][in_body])) if in_body.any() else 0.0
+    smooth = ndimage.gaussian_filter(plane, 2.0)
+    body = ndimage.binary_fill_holes(smooth > BODY_HU)
+    lung = body & (smooth < LUNG_HU)
+    share = float(lung.sum()) / max(int(body.sum()), 1)
+    return SliceFacts(noise_hu=noise, group="thorax" if share > THORAX_LUNG_FRACTION else "other")
 
 
 @dataclass(frozen=True)
@@ -104,6 +142,31 @@ class RestorationCard:
     #: removed (input − output) is put back, so the network may only change fine detail —
     #: it cannot flatten a faint lesion or shift a tissue's mean. 0: off.
     residual_lowpass_mm: float = 0.0
+    #: Noise-adaptive put-back: per slice, the narrowest low-pass width (from
+    #: ``residual_lowpass_mm`` up) whose put-back noise — ``lowpass_noise_factor[width]`` ×
+    #: the slice's noise estimate — stays at or below this many HU. A noisier input gets
+    #: only coarser structure back (a faint small lesion cannot be told from noise there).
+    #: 0: the fixed ``residual_lowpass_mm``.
+    putback_noise_hu: float = 0.0
+    #: Spread of the low-passed input noise over the slice noise estimate, per width (mm),
+    #: measured on the calibration slices against their reference.
+    lowpass_noise_factor: dict[str, float] = field(default_factory=dict)
+    #: Mondrian (group-conditional) conformal scales, per :class:`SliceFacts` group; a
+    #: group not listed uses ``sigma_scale`` (fitted on all calibration slices).
+    sigma_scale_by_group: dict[str, float] = field(default_factory=dict)
+
+    def lowpass_for(self, noise_hu: float) -> float:
+        """The put-back low-pass width (mm) for a slice with this noise estimate."""
+        if self.residual_lowpass_mm <= 0 or self.putback_noise_hu <= 0 or not self.lowpass_noise_factor:
+            return self.residual_lowpass_mm
+        widths = sorted((float(w), f) for w, f in self.lowpass_noise_factor.items())
+        for width, factor in widths:
+            if width >= self.residual_lowpass_mm - 1e-9 and factor * noise_hu <= self.putback_noise_hu:
+                return width
+        return widths[-1][0]
+
+    def scale_for(self, group: str) -> float:
+        return float(self.sigma_scale_by_group.get(group, self.sigma_scale))
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
@@ -129,6 +192,8 @@ class RestorationModel:
 
     def __init__(self, directory: Path, *, threads: int | None = None, batch: int = 4) -> None:
         self.directory = Path(directory)
+        #: Per-slice noise estimate and calibration group of the last ``predict`` call.
+        self.last_facts: list[SliceFacts] = []
         card_path = self.directory / "card.json"
         if not card_path.exists():
             raise FileNotFoundError(f"no model card at {card_path}")
@@ -182,36 +247,46 @@ class RestorationModel:
         """Restored volume and calibrated σ. ``spacing`` is (slice, row, column) in mm;
         ``pixel_mm`` gives each slice its own in-plane pixel size (a stack of cases)."""
         mean, sigma = self.predict_raw(volume)
+        # per slice and independent: 2 threads (SciPy's filters release the GIL)
+        with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+            facts = list(pool.map(slice_facts, volume))
+        self.last_facts = facts
         mean = data_consistent(
             np.asarray(volume, np.float32),
             mean,
-            self.meta.residual_lowpass_mm,
+            [self.meta.lowpass_for(f.noise_hu) for f in facts],
             spacing,
             pixel_mm,
             inplace=True,
         )
-        sigma *= np.float32(self.meta.sigma_scale)
+        for k, f in enumerate(facts):
+            sigma[k] *= np.float32(self.meta.scale_for(f.group))
         return Prediction(mean=mean.astype(np.float32, copy=False), sigma=sigma)
 
 
 def data_consistent(
     volume: np.ndarray,
     restored: np.ndarray,
-    lowpass_mm: float,
+    lowpass_mm: float | Sequence[float],
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
     pixel_mm: Sequence[float] | None = None,
     *,
     inplace: bool = False,
 ) -> np.ndarray:
-    """``restored + G_σ * (volume − restored)`` per slice (σ = ``lowpass_mm`` in mm);
-    ``inplace`` writes into ``restored`` (a float32 array the caller owns)."""
-    if lowpass_mm <= 0:
+    """``restored + G_σ * (volume − restored)`` per slice (σ = ``lowpass_mm`` in mm, one
+    for all slices or one per slice; 0 leaves a slice as it is); ``inplace`` writes into
+    ``restored`` (a float32 array the caller owns)."""
+    widths = [float(lowpass_mm)] * len(volume) if np.isscalar(lowpass_mm) else list(lowpass_mm)  # type: ignore[arg-type]
+    if all(w <= 0 for w in widths):
         return restored
     from scipy import ndimage
 
     sizes = list(pixel_mm) if pixel_mm is not None else [None] * len(volume)
     out = restored if inplace and restored.dtype == np.float32 else np.empty_like(restored, dtype=np.float32)
-    for k, (v, r, px) in enumerate(zip(volume, restored, sizes, strict=True)):
+    for k, (v, r, px, w) in enumerate(zip(volume, restored, sizes, widths, strict=True)):
+        if w <= 0:
+            out[k] = r
+            continue
         sy, sx = (px, px) if px is not None else (spacing[1], spacing[2])
-        out[k] = r + ndimage.gaussian_filter(v - r, (lowpass_mm / sy, lowpass_mm / sx))
+        out[k] = r + ndimage.gaussian_filter(v - r, (w / sy, w / sx))
     return out

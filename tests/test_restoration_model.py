@@ -9,7 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.restoration import RestorationModel, WeightsMismatch, sha256_of
+from models.restoration import (
+    RestorationCard,
+    RestorationModel,
+    WeightsMismatch,
+    data_consistent,
+    sha256_of,
+    slice_facts,
+)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "zoo" / "ldct-restoration" / "1.0"
 
@@ -46,3 +53,77 @@ def test_predicts_restored_hu_and_positive_sigma() -> None:
     assert np.abs(prediction.mean - clean).mean() < np.abs(noisy - clean).mean() / 2
     again = model.predict(noisy, (1.0, 0.7, 0.7))
     assert np.array_equal(again.mean, prediction.mean), "inference is deterministic"
+
+
+def _card(**overrides: object) -> RestorationCard:
+    fields: dict[str, object] = dict(
+        name="t",
+        version="0",
+        weights_file="w",
+        weights_sha256="0",
+        architecture={},
+        intended_use="",
+        training_data="",
+        sigma_scale=1.5,
+        calibration="",
+        residual_lowpass_mm=0.8,
+        putback_noise_hu=10.0,
+        lowpass_noise_factor={"0.8": 0.6, "1.0": 0.45, "1.2": 0.35, "2.0": 0.18},
+        sigma_scale_by_group={"thorax": 1.2},
+    )
+    fields.update(overrides)
+    return RestorationCard(**fields)  # type: ignore[arg-type]
+
+
+def test_noisier_slices_get_only_coarser_structure_back() -> None:
+    card = _card()
+    # put-back noise = factor x slice noise must stay <= 10 HU
+    assert card.lowpass_for(15.0) == 0.8  # 0.6 * 15 = 9
+    assert card.lowpass_for(20.0) == 1.0  # 0.6 * 20 = 12 > 10; 0.45 * 20 = 9
+    assert card.lowpass_for(100.0) == 2.0  # nothing is quiet enough: the widest
+    assert _card(putback_noise_hu=0.0).lowpass_for(100.0) == 0.8, "0: the fixed width"
+    assert _card(residual_lowpass_mm=0.0).lowpass_for(15.0) == 0.0, "no put-back at all"
+    assert _card(residual_lowpass_mm=1.0).lowpass_for(1.0) == 1.0, "never narrower than the card's width"
+
+
+def test_group_scales_fall_back_to_the_pooled_scale() -> None:
+    card = _card()
+    assert card.scale_for("thorax") == 1.2
+    assert card.scale_for("other") == 1.5
+
+
+def test_blend_takes_one_width_per_slice() -> None:
+    rng = np.random.default_rng(1)
+    volume = rng.normal(0, 30, (3, 64, 64)).astype(np.float32)
+    restored = np.zeros_like(volume)
+    out = data_consistent(volume, restored, [0.0, 1.0, 3.0], (1.0, 1.0, 1.0))
+    assert np.array_equal(out[0], restored[0]), "width 0 leaves the slice as it is"
+    assert out[1].std() > out[2].std() > 0, "a wider low-pass puts back less noise"
+    assert np.allclose(data_consistent(volume, restored, 1.0)[1], out[1])
+
+
+def test_slice_facts_tell_a_chest_slice_from_a_head_slice() -> None:
+    from models.sim.ldct import make_case
+
+    chest = make_case("chest", 3, size=256, dose=0.25, level=0.5)
+    head = make_case("head", 3, size=256, dose=0.25, level=0.5)
+    low_dose = make_case("head", 3, size=256, dose=0.08, level=0.5)
+    assert slice_facts(chest.low_dose_hu).group == "thorax"
+    assert slice_facts(head.low_dose_hu).group == "other"
+    assert slice_facts(low_dose.low_dose_hu).noise_hu > 1.3 * slice_facts(head.low_dose_hu).noise_hu
+
+
+def test_prediction_uses_the_group_scale_and_records_the_slice_facts(tmp_path: Path) -> None:
+    shipped = RestorationModel.shipped()
+    copy = tmp_path / "model"
+    shutil.copytree(shipped.directory, copy)
+    card = json.loads((copy / "card.json").read_text())
+    rng = np.random.default_rng(0)
+    volume = np.full((1, 96, 96), 40.0, np.float32) + rng.normal(0, 30, (1, 96, 96)).astype(np.float32)
+    base = RestorationModel(copy).predict(volume, (1.0, 0.7, 0.7))
+    card["sigma_scale_by_group"] = {"other": 2 * RestorationModel(copy).meta.scale_for("other")}
+    (copy / "card.json").write_text(json.dumps(card))
+    model = RestorationModel(copy)
+    doubled = model.predict(volume, (1.0, 0.7, 0.7))
+    assert [f.group for f in model.last_facts] == ["other"]
+    assert np.allclose(doubled.sigma, 2 * base.sigma, rtol=1e-5)

@@ -47,3 +47,33 @@ def test_plan_keeps_test_levels_and_seeds_out_of_training() -> None:
     assert all(any(lo <= s.level < hi for lo, hi in held) for s in test_specs)
     assert not any(any(lo <= s.level < hi for lo, hi in held) for s in train_specs)
     assert not {s.seed for s in train_specs} & {s.seed for s in test_specs}
+
+
+def test_zero_steps_recalibrates_the_given_weights(tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    pairs = simulate_all(case_plan("train", 2, 5, size=128), workers=1)
+    calib = simulate_all(case_plan("calib", 4, 5, size=128), workers=1)
+    first = train(
+        TrainConfig(seed=5, steps=2, batch=2, patch=48), tmp_path / "a", pairs=pairs, calib_pairs=calib
+    )
+    config = TrainConfig(seed=5, steps=0, residual_lowpass_mm=0.8, putback_noise_hu=10.0, version="a.1")
+    again = train(
+        config, tmp_path / "b", calib_pairs=calib, init_weights=tmp_path / "a" / "weights.safetensors"
+    )
+    assert again.card.weights_sha256 == first.card.weights_sha256, "the weights are not touched"
+    assert again.card.training["recalibrated_from_version"] == "1.0"
+    assert again.card.training_data == first.card.training_data
+    assert set(again.card.lowpass_noise_factor) >= {"0.8", "1.0", "2.0"}
+    factors = [again.card.lowpass_noise_factor[w] for w in ("0.8", "1.0", "2.0")]
+    assert factors == sorted(factors, reverse=True), "a wider low-pass keeps less of the noise"
+    assert again.card.putback_noise_hu == 10.0
+    # 4 calibration slices: too few for a group of its own, so every group uses the pooled scale
+    assert again.card.sigma_scale_by_group == {}
+    RestorationModel(tmp_path / "b")  # loads with the hash check
+
+
+def test_zero_steps_without_weights_is_refused(tmp_path: Path) -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="give the weights"):
+        train(TrainConfig(steps=0), tmp_path, pairs=[], calib_pairs=[])

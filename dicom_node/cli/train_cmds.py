@@ -90,7 +90,10 @@ def train_restoration(
         "models/zoo/ldct-restoration/1.0"
     ),
     steps: Annotated[
-        int, typer.Option(min=1, help="Optimiser steps (sets the run time; ~0.06 s each).")
+        int,
+        typer.Option(
+            min=0, help="Optimiser steps (sets the run time; ~0.06 s each). 0 with --init: recalibrate only."
+        ),
     ] = 12_000,
     train_cases: Annotated[int, typer.Option(min=2, help="Simulated training slices.")] = 360,
     calib_cases: Annotated[
@@ -120,6 +123,16 @@ def train_restoration(
         float,
         typer.Option(min=0, help="Put back the low-pass (σ, mm) of what the network removed (0: off)."),
     ] = 0.0,
+    putback_noise_hu: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help=(
+                "Noise-adaptive put-back: widen the low-pass per slice until its noise "
+                "is at most this (HU; 0: fixed)."
+            ),
+        ),
+    ] = 0.0,
 ) -> None:
     """Train the low-dose CT restoration model (simulated data, or a site's paired series)."""
     import torch
@@ -132,6 +145,8 @@ def train_restoration(
         init = init / "weights.safetensors"
     if (paired_low is None) != (paired_reference is None):
         raise fail("give both --paired-low and --paired-reference, or neither")
+    if steps == 0 and init is None:
+        raise fail("--steps 0 recalibrates existing weights: give them with --init")
     if paired_low is not None and paired_reference is not None:
         site = _paired_series(paired_low, paired_reference)
         if len(site) < 4:
@@ -149,6 +164,7 @@ def train_restoration(
         lesion_weight=lesion_weight,
         lowpass_weight=lowpass_weight,
         residual_lowpass_mm=residual_lowpass_mm,
+        putback_noise_hu=putback_noise_hu,
     )
     with _progress_bar() as progress:
         report = train(config, out, pairs=pairs, calib_pairs=calib, init_weights=init, progress=progress)

@@ -29,12 +29,14 @@ from scipy import ndimage
 from models.hallucination import local_noise_sigma
 from models.restoration import (
     HU_SCALE,
+    PUTBACK_WIDTHS_MM,
     Z90,
     Architecture,
     RestorationCard,
     data_consistent,
     load_weights,
     sha256_of,
+    slice_facts,
     to_network,
 )
 from models.training.parallel import simulate_in_processes
@@ -142,6 +144,8 @@ class TrainConfig:
     #: Put back the low-pass (σ mm) of what the network removed (see RestorationCard);
     #: the conformal calibration is fitted on the blended output. 0: off.
     residual_lowpass_mm: float = 0.0
+    #: Noise-adaptive put-back (see RestorationCard.putback_noise_hu); 0: fixed width.
+    putback_noise_hu: float = 0.0
     arch: Architecture = field(default_factory=Architecture)
     name: str = "ldct-restoration"
     version: str = "1.0"
@@ -228,22 +232,99 @@ class Calibration:
     #: window → spread of a window mean of the model's error relative to the mean calibrated σ
     model_error_correlation: dict[str, float]
     metrics: dict[str, float]
+    #: width (mm) → spread of the low-passed input noise over the slice noise estimate
+    lowpass_noise_factor: dict[str, float] = field(default_factory=dict)
+    #: Mondrian conformal scale per slice group (groups with enough calibration slices)
+    sigma_scale_by_group: dict[str, float] = field(default_factory=dict)
+    #: calibration slices per group
+    group_slices: dict[str, int] = field(default_factory=dict)
 
 
-def calibrate(net: torch.nn.Module, pairs: list[Pair], residual_lowpass_mm: float = 0.0) -> Calibration:
-    """Split-conformal σ scale (90 %), window-mean noise and model-error correlations,
-    validation PSNRs — all on held-out slices with their reference."""
-    ratios: list[np.ndarray] = []
-    corr_num: dict[int, list[float]] = {3: [], 5: [], 7: [], 9: []}
-    corr_den: dict[int, list[float]] = {3: [], 5: [], 7: [], 9: []}
-    err_num: dict[int, list[float]] = {3: [], 5: [], 7: [], 9: []}
+#: A group needs this many calibration slices for its own conformal scale.
+MIN_GROUP_SLICES = 8
+
+
+def _conformal_scale(ratios: list[np.ndarray]) -> float:
+    """Split-conformal 90 % multiplier of σ (finite-sample corrected), over ``Z90``."""
+    values = np.concatenate(ratios)
+    n = len(values)
+    level = min(1.0, np.ceil((n + 1) * 0.9) / n)
+    return float(np.quantile(values, level)) / Z90
+
+
+def lowpass_noise_factors(pairs: list[Pair], min_width_mm: float) -> dict[str, float]:
+    """Per put-back width: spread of the low-passed input noise (low − reference) in the
+    body over the slice noise estimate, averaged over the slices."""
+    facts = [slice_facts(p.low.astype(np.float32)) for p in pairs]
+    estimate = float(np.mean([f.noise_hu for f in facts]))
+    factors: dict[str, float] = {}
+    for width in PUTBACK_WIDTHS_MM:
+        if width < min_width_mm - 1e-9:
+            continue
+        spread = [
+            float(
+                np.std(
+                    ndimage.gaussian_filter((p.low - p.ref).astype(np.float32), width / p.pixel_mm)[p.body]
+                )
+            )
+            for p in pairs
+        ]
+        factors[str(width)] = round(float(np.mean(spread)) / max(estimate, 1e-6), 4)
+    return factors
+
+
+def calibrate(
+    net: torch.nn.Module,
+    pairs: list[Pair],
+    residual_lowpass_mm: float = 0.0,
+    putback_noise_hu: float = 0.0,
+) -> Calibration:
+    """On held-out slices with their reference: the put-back noise factors, the
+    split-conformal σ scale (90 %) overall and per slice group (Mondrian), window-mean
+    noise and model-error correlations, validation PSNRs."""
+    factors = lowpass_noise_factors(pairs, residual_lowpass_mm) if residual_lowpass_mm > 0 else {}
+    blend = RestorationCard(
+        name="",
+        version="",
+        weights_file="",
+        weights_sha256="",
+        architecture={},
+        intended_use="",
+        training_data="",
+        sigma_scale=1.0,
+        calibration="",
+        residual_lowpass_mm=residual_lowpass_mm,
+        putback_noise_hu=putback_noise_hu,
+        lowpass_noise_factor=factors,
+    )
+    outputs = []
+    for p in pairs:
+        low = p.low.astype(np.float32)
+        mean, sigma = _predict(net, low)
+        facts = slice_facts(low)
+        width = blend.lowpass_for(facts.noise_hu)
+        mean = data_consistent(low[None], mean[None], width, pixel_mm=[p.pixel_mm])[0]
+        outputs.append((mean, sigma, facts.group))
+    ratios = [
+        np.abs(p.ref - mean)[p.body] / np.maximum(sigma[p.body], 1e-3)
+        for p, (mean, sigma, _g) in zip(pairs, outputs, strict=True)
+    ]
+    scale = _conformal_scale(ratios)
+    groups: dict[str, list[np.ndarray]] = {}
+    for r, (_m, _s, group) in zip(ratios, outputs, strict=True):
+        groups.setdefault(group, []).append(r)
+    by_group = {
+        g: round(_conformal_scale(rs), 6) for g, rs in sorted(groups.items()) if len(rs) >= MIN_GROUP_SLICES
+    }
+
+    windows = (3, 5, 7, 9)
+    corr_num: dict[int, list[float]] = {w: [] for w in windows}
+    corr_den: dict[int, list[float]] = {w: [] for w in windows}
+    err_num: dict[int, list[float]] = {w: [] for w in windows}
     sigma_means: list[float] = []
     psnr_in, psnr_out = [], []
-    for p in pairs:
-        mean, sigma = _predict(net, p.low.astype(np.float32))
+    for p, (mean, sigma, group) in zip(pairs, outputs, strict=True):
         ref, low = p.ref.astype(np.float32), p.low.astype(np.float32)
-        mean = data_consistent(low[None], mean[None], residual_lowpass_mm, pixel_mm=[p.pixel_mm])[0]
-        ratios.append(np.abs(ref - mean)[p.body] / np.maximum(sigma[p.body], 1e-3))
         noise = low - mean  # what the model removed: the input noise if the output is right
         inner = ndimage.binary_erosion(p.body, iterations=12)
         # the score estimates the noise from the input alone (Immerkær); measure the window
@@ -251,28 +332,29 @@ def calibrate(net: torch.nn.Module, pairs: list[Pair], residual_lowpass_mm: floa
         # (it reads about half the true σ) is calibrated away
         estimate = float(np.mean(local_noise_sigma(low[None])[0][inner]))
         error = ref - mean
-        sigma_means.append(float(np.mean(sigma[inner])))
-        for w in corr_num:
+        sigma_means.append(float(np.mean(sigma[inner])) * by_group.get(group, scale))
+        for w in windows:
             local = ndimage.uniform_filter(noise, size=w)
             corr_num[w].append(float(np.std(local[inner])))
             corr_den[w].append(estimate / w)
             err_num[w].append(float(np.std(ndimage.uniform_filter(error, size=w)[inner])))
         psnr_in.append(_psnr(low, ref, p.body))
         psnr_out.append(_psnr(mean, ref, p.body))
-    all_ratios = np.concatenate(ratios)
-    n = len(all_ratios)
-    level = min(1.0, np.ceil((n + 1) * 0.9) / n)
-    q = float(np.quantile(all_ratios, level))
-    correlation = {str(w): round(float(np.mean(corr_num[w]) / np.mean(corr_den[w])), 4) for w in corr_num}
+    correlation = {str(w): round(float(np.mean(corr_num[w]) / np.mean(corr_den[w])), 4) for w in windows}
     metrics = {
         "validation PSNR low-dose input (dB)": round(float(np.mean(psnr_in)), 2),
         "validation PSNR model (dB)": round(float(np.mean(psnr_out)), 2),
     }
-    scale = q / Z90
-    model_error = {
-        str(w): round(float(np.mean(err_num[w]) / (np.mean(sigma_means) * scale)), 4) for w in err_num
-    }
-    return Calibration(scale, correlation, model_error, metrics)
+    model_error = {str(w): round(float(np.mean(err_num[w]) / np.mean(sigma_means)), 4) for w in windows}
+    return Calibration(
+        scale,
+        correlation,
+        model_error,
+        metrics,
+        lowpass_noise_factor=factors,
+        sigma_scale_by_group=by_group,
+        group_slices={g: len(rs) for g, rs in sorted(groups.items())},
+    )
 
 
 def train(
@@ -296,6 +378,11 @@ def train(
             progress(stage, done, total, loss)
 
     source = "site-provided paired series" if pairs is not None else "simulated"
+    recalibrate_only = config.steps == 0
+    if recalibrate_only and init_weights is None:
+        raise ValueError("0 training steps only recalibrates: give the weights to start from")
+    if recalibrate_only and pairs is None:
+        pairs = []
     if pairs is None:
         specs = case_plan("train", config.train_cases, config.seed)
         pairs = simulate_all(specs, workers, lambda d, t: tell("simulating training cases", d, t))
@@ -308,7 +395,7 @@ def train(
         net.load_state_dict(load_weights(init_weights))
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.05
+        opt, max_lr=config.lr, total_steps=max(config.steps, 1), pct_start=0.05
     )
     losses: list[float] = []
     net.train()
@@ -334,7 +421,7 @@ def train(
     net.eval()
 
     tell("calibrating", 0, 1)
-    calibration = calibrate(net, calib_pairs, config.residual_lowpass_mm)
+    calibration = calibrate(net, calib_pairs, config.residual_lowpass_mm, config.putback_noise_hu)
     sigma_scale, correlation, metrics = (
         calibration.sigma_scale,
         calibration.noise_correlation,
@@ -347,6 +434,28 @@ def train(
     # safetensors: byte-identical for identical tensors (torch.save embeds a random id),
     # so the same seed gives the same weights hash.
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+    training_data = (
+        f"{source}: {len(pairs)} training slice pairs (reference vs low dose), 512x512 head "
+        "(MNI152-based) and procedural chest phantoms, dose 0.08-0.6 of reference, projection-domain "
+        "Poisson + electronic noise with filtered back-projection. No patient data."
+        if source == "simulated"
+        else f"{source}: {len(pairs)} slice pairs"
+    )
+    trained_as: dict[str, object] = {}
+    if recalibrate_only and init_weights is not None:
+        # the weights are the init's: keep what they were trained on, and say so
+        init_card = Path(init_weights).parent / "card.json"
+        if init_card.exists():
+            previous = RestorationCard.read(init_card)
+            training_data = previous.training_data
+            trained_as = {
+                "weights_trained_as": previous.training,
+                "recalibrated_from_version": previous.version,
+            }
+    groups = ", ".join(
+        f"{g} {n} slices" + (" (own scale)" if g in calibration.sigma_scale_by_group else " (pooled scale)")
+        for g, n in calibration.group_slices.items()
+    )
     card = RestorationCard(
         name=config.name,
         version=config.version,
@@ -357,18 +466,13 @@ def train(
             "Noise reduction of low-dose CT slices (restoration), with per-pixel calibrated uncertainty. "
             "Research use; not for diagnosis without review."
         ),
-        training_data=(
-            f"{source}: {len(pairs)} training slice pairs (reference vs low dose), 512x512 head "
-            "(MNI152-based) and procedural chest phantoms, dose 0.08-0.6 of reference, projection-domain "
-            "Poisson + electronic noise with filtered back-projection. No patient data."
-            if source == "simulated"
-            else f"{source}: {len(pairs)} slice pairs"
-        ),
+        training_data=training_data,
         sigma_scale=round(sigma_scale, 6),
         calibration=(
             f"split conformal on {len(calib_pairs)} held-out "
             f"{'simulated ' if source == 'simulated' else ''}slices: "
-            "mean +/- 1.645 sigma covers 90% of reference pixels in the body"
+            "mean +/- 1.645 sigma covers 90% of reference pixels in the body; "
+            f"Mondrian per slice group ({groups}; thorax = lung in the slice)"
         ),
         metrics={k: str(v) for k, v in metrics.items()},
         training={
@@ -382,6 +486,8 @@ def train(
             "lesion_weight": config.lesion_weight,
             "lowpass_weight": config.lowpass_weight,
             "residual_lowpass_mm": config.residual_lowpass_mm,
+            "putback_noise_hu": config.putback_noise_hu,
+            **trained_as,
             "initialised_from": None if init_weights is None else sha256_of(init_weights),
             "train_cases": len(pairs),
             "calib_cases": len(calib_pairs),
@@ -391,6 +497,9 @@ def train(
         noise_correlation=correlation,
         model_error_correlation=calibration.model_error_correlation,
         residual_lowpass_mm=config.residual_lowpass_mm,
+        putback_noise_hu=config.putback_noise_hu,
+        lowpass_noise_factor=calibration.lowpass_noise_factor,
+        sigma_scale_by_group=calibration.sigma_scale_by_group,
     )
     card.write(out_dir / "card.json")
     return TrainReport(card=card, seconds=time.perf_counter() - started, losses=losses)
