@@ -172,6 +172,23 @@ def queue_deliveries(
     return len(rows)
 
 
+def delivery_count(conn: Connection, job_id: int) -> int:
+    """How many deliveries the job has, in any state."""
+    return int(
+        conn.execute(
+            select(func.count()).select_from(t.deliveries).where(t.deliveries.c.job_fk == job_id)
+        ).scalar_one()
+    )
+
+
+def nothing_to_send(destinations: Collection[str], tps: Collection[str]) -> str:
+    """Why a released job with outputs got no delivery at all (said to the operator)."""
+    why = f"nothing to deliver: none of the job's output series is accepted by {', '.join(destinations)}"
+    if set(destinations) <= set(tps):
+        why += " (a TPS is sent image series only, not maps, SEG, SR or overlays)"
+    return why
+
+
 def create_deliveries(
     conn: Connection,
     job_id: int,

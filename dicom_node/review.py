@@ -27,7 +27,7 @@ from audit import AuditEvent, AuditTrail
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
 from dicom_node.jobs import JobState, StaleTransition, audit_transition, transition
-from dicom_node.outbox import queue_deliveries
+from dicom_node.outbox import delivery_count, nothing_to_send, queue_deliveries
 from pipelines.writers import KIND_DERIVED, KIND_HALLUCINATION, KIND_UNCERTAINTY, kind_of
 
 PREVIEW_KINDS = (KIND_DERIVED, KIND_UNCERTAINTY, KIND_HALLUCINATION)
@@ -169,6 +169,11 @@ def approve(
             raise ReviewError(f"job {job_id}: its rule names no destination to deliver to")
         try:
             n = queue_deliveries(conn, job_id, list(row.destinations), tps=tps)
+            if delivery_count(conn, job_id) == 0:
+                raise ReviewError(
+                    f"job {job_id}: {nothing_to_send(row.destinations, tps)}; reject it, or change the "
+                    "rule's destinations and run it again"
+                )
             transition(
                 conn,
                 job_id,

@@ -26,7 +26,14 @@ from dicom_node.config import NodeConfig
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
 from dicom_node.jobs import JobState, StaleTransition, audit_transition, transition
-from dicom_node.outbox import Outbox, queue_deliveries, record_outputs, tps_destinations
+from dicom_node.outbox import (
+    Outbox,
+    delivery_count,
+    nothing_to_send,
+    queue_deliveries,
+    record_outputs,
+    tps_destinations,
+)
 from dicom_node.paths import NodePaths
 from dicom_node.provenance import record_provenance
 from pipelines.base import (
@@ -406,6 +413,19 @@ class Worker:
                             actor=self.worker_id,
                         )
                         moves.append((JobState.SUCCEEDED, JobState.DELIVERING, reason))
+                        if delivery_count(conn, job.job_id) == 0:
+                            # released, yet nothing its destinations accept: say so, and
+                            # never leave the job waiting in `delivering` for nothing
+                            failed = nothing_to_send(job.destinations, tps_destinations(self.config))
+                            transition(
+                                conn,
+                                job.job_id,
+                                JobState.FAILED,
+                                expect=JobState.DELIVERING,
+                                reason=failed,
+                                actor=self.worker_id,
+                            )
+                            moves.append((JobState.DELIVERING, JobState.FAILED, failed))
         except StaleTransition:
             log.warning("job %d was taken over while running; its result is discarded", job.job_id)
             return JobState.RUNNING

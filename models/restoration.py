@@ -115,6 +115,21 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def putback_width(
+    noise_hu: float, min_width_mm: float, max_noise_hu: float, factors: dict[str, float]
+) -> float:
+    """The narrowest width (from ``min_width_mm`` up) whose put-back noise, ``factors[width]``
+    × the slice's noise estimate, is at most ``max_noise_hu``; the widest when none is.
+    ``min_width_mm`` itself when the adaptation is off (no limit or no factors)."""
+    if min_width_mm <= 0 or max_noise_hu <= 0 or not factors:
+        return min_width_mm
+    widths = sorted((float(w), f) for w, f in factors.items() if float(w) >= min_width_mm - 1e-9)
+    for width, factor in widths:
+        if factor * noise_hu <= max_noise_hu:
+            return width
+    return widths[-1][0] if widths else min_width_mm
+
+
 @dataclass
 class RestorationCard:
     """The model card as stored next to the weights (``card.json``)."""
@@ -157,13 +172,9 @@ class RestorationCard:
 
     def lowpass_for(self, noise_hu: float) -> float:
         """The put-back low-pass width (mm) for a slice with this noise estimate."""
-        if self.residual_lowpass_mm <= 0 or self.putback_noise_hu <= 0 or not self.lowpass_noise_factor:
-            return self.residual_lowpass_mm
-        widths = sorted((float(w), f) for w, f in self.lowpass_noise_factor.items())
-        for width, factor in widths:
-            if width >= self.residual_lowpass_mm - 1e-9 and factor * noise_hu <= self.putback_noise_hu:
-                return width
-        return widths[-1][0]
+        return putback_width(
+            noise_hu, self.residual_lowpass_mm, self.putback_noise_hu, self.lowpass_noise_factor
+        )
 
     def scale_for(self, group: str) -> float:
         return float(self.sigma_scale_by_group.get(group, self.sigma_scale))

@@ -715,3 +715,83 @@ def test_peer_without_storage_commitment_fails_before_sending(env: Env, pacs: Mi
     assert "does not accept Storage Commitment Push Model" in str(report.error)
     assert pacs.count() == 0 and _commitments(env) == []
     assert env.delivery()["state"] == DeliveryState.DEAD
+
+
+# -- a released job whose destinations accept none of its outputs -------------------------
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
+
+
+def _tps_only_config() -> NodeConfig:
+    config = _config(1, None)
+    tps = config.destinations["pacs"].model_copy(update={"profile": "tps"})
+    return config.model_copy(update={"destinations": {"tps": tps}})
+
+
+def _new_job(env: Env, destinations: list[str]) -> int:
+    with env.rt.db.write() as conn:
+        return create_job(
+            conn,
+            study_fk=conn.execute(select(t.studies.c.id)).scalar_one(),
+            study_version=1,
+            pipeline="only-report",
+            destinations=destinations,
+            instance_ids=list(conn.execute(select(t.instances.c.id)).scalars()),
+        )
+
+
+def _job_state(env: Env, job_id: int) -> tuple[str, str | None, int]:
+    with env.rt.db.read() as conn:
+        row = conn.execute(select(t.jobs.c.state, t.jobs.c.reason).where(t.jobs.c.id == job_id)).one()
+        n = conn.execute(select(t.deliveries.c.id).where(t.deliveries.c.job_fk == job_id)).all()
+    return row.state, row.reason, len(n)
+
+
+def test_a_released_job_with_nothing_its_tps_accepts_fails_with_the_reason(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicom_node.worker import Worker
+    from pipelines.base import PipelineResult
+
+    report = OutputInstance(
+        generate_uid(), generate_uid(), SR_CLASS, ExplicitVRLittleEndian, Path("/x/sr.dcm")
+    )
+
+    class OnlyReport:
+        name = "only-report"
+        version = "0"
+
+        def run(self, study: Any, run_env: Any) -> PipelineResult:
+            return PipelineResult(outputs=(report,))
+
+    monkeypatch.setattr("dicom_node.worker.get_pipeline", lambda name: OnlyReport())
+    job_id = _new_job(env, ["tps"])
+    worker = Worker(_tps_only_config(), env.rt.paths, env.rt.db, env.rt.audit, "run-t")
+    job = worker.claim_job()
+    assert job is not None and job.job_id == job_id
+    assert worker.process(job) == JobState.FAILED, "not left waiting in delivering for nothing"
+    state, reason, deliveries = _job_state(env, job_id)
+    assert (state, deliveries) == ("failed", 0)
+    assert reason is not None and "nothing to deliver" in reason and "image series only" in reason
+    moves = [
+        e.facts["to_state"]
+        for e in env.rt.audit.events(AuditEvent.JOB_TRANSITION)
+        if e.facts["job_id"] == job_id
+    ]
+    assert moves[-2:] == ["delivering", "failed"]
+
+
+def test_approving_a_held_job_with_nothing_its_tps_accepts_is_refused(env: Env) -> None:
+    from dicom_node.review import ReviewError, approve
+
+    job_id = _new_job(env, ["tps"])
+    report = OutputInstance(
+        generate_uid(), generate_uid(), SR_CLASS, ExplicitVRLittleEndian, Path("/x/sr.dcm")
+    )
+    with env.rt.db.write() as conn:
+        transition(conn, job_id, JobState.RUNNING, expect=JobState.QUEUED)
+        transition(conn, job_id, JobState.HELD, expect=JobState.RUNNING, reason="held for review")
+        record_outputs(conn, job_id, (report,))
+    with pytest.raises(ReviewError, match="nothing to deliver.*image series only"):
+        approve(env.rt.db, env.rt.audit, job_id, "physicist", tps={"tps"})
+    assert _job_state(env, job_id) == ("held", "held for review", 0), "still held, nothing queued"

@@ -35,6 +35,7 @@ from models.restoration import (
     RestorationCard,
     data_consistent,
     load_weights,
+    putback_width,
     sha256_of,
     slice_facts,
     to_network,
@@ -283,26 +284,12 @@ def calibrate(
     split-conformal σ scale (90 %) overall and per slice group (Mondrian), window-mean
     noise and model-error correlations, validation PSNRs."""
     factors = lowpass_noise_factors(pairs, residual_lowpass_mm) if residual_lowpass_mm > 0 else {}
-    blend = RestorationCard(
-        name="",
-        version="",
-        weights_file="",
-        weights_sha256="",
-        architecture={},
-        intended_use="",
-        training_data="",
-        sigma_scale=1.0,
-        calibration="",
-        residual_lowpass_mm=residual_lowpass_mm,
-        putback_noise_hu=putback_noise_hu,
-        lowpass_noise_factor=factors,
-    )
     outputs = []
     for p in pairs:
         low = p.low.astype(np.float32)
         mean, sigma = _predict(net, low)
         facts = slice_facts(low)
-        width = blend.lowpass_for(facts.noise_hu)
+        width = putback_width(facts.noise_hu, residual_lowpass_mm, putback_noise_hu, factors)
         mean = data_consistent(low[None], mean[None], width, pixel_mm=[p.pixel_mm])[0]
         outputs.append((mean, sigma, facts.group))
     ratios = [
