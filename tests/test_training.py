@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -77,3 +78,39 @@ def test_zero_steps_without_weights_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="give the weights"):
         train(TrainConfig(steps=0), tmp_path, pairs=[], calib_pairs=[])
+
+
+def test_train_never_overwrites_a_model_without_being_told(tmp_path: Path) -> None:
+    import hashlib
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+    from models.zoo import ZOO, version_dir
+
+    runner = CliRunner()
+    shipped = version_dir("ldct-restoration", "1.0") / "weights.safetensors"
+    before = hashlib.sha256(shipped.read_bytes()).hexdigest()
+    # no --out: the zoo directory of --version, which holds the shipped 1.0
+    result = runner.invoke(app, ["train", "restoration", "--version", "1.0", "--steps", "1"])
+    assert result.exit_code != 0
+    assert "already holds a model (ldct-restoration 1.0)" in result.output and "--overwrite" in result.output
+    assert hashlib.sha256(shipped.read_bytes()).hexdigest() == before
+    assert (ZOO / "sct-head" / "1.0" / "card.json").exists()
+    result = runner.invoke(app, ["train", "sct", "--version", "1.0", "--steps", "1"])
+    assert result.exit_code != 0 and "already holds a model (sct-head 1.0)" in result.output
+    # an explicit --out holding a model is refused the same way
+    shutil.copytree(version_dir("ldct-restoration", "1.0"), tmp_path / "mine")
+    result = runner.invoke(app, ["train", "restoration", "--out", str(tmp_path / "mine"), "--steps", "1"])
+    assert result.exit_code != 0 and "already holds a model" in result.output
+    # a new directory is written; writing it again needs --overwrite
+    recalibrate = ["train", "restoration", "--steps", "0", "--calib-cases", "2", "--version", "t.1"]
+    recalibrate += ["--init", str(version_dir("ldct-restoration")), "--residual-lowpass-mm", "0.8"]
+    result = runner.invoke(app, [*recalibrate, "--out", str(tmp_path / "new")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "new" / "card.json").read_text())["version"] == "t.1"
+    again = runner.invoke(app, [*recalibrate, "--out", str(tmp_path / "new")])
+    assert again.exit_code != 0 and "already holds a model (ldct-restoration t.1)" in again.output
+    forced = runner.invoke(app, [*recalibrate, "--out", str(tmp_path / "new"), "--overwrite"])
+    assert forced.exit_code == 0, forced.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,6 +78,26 @@ def _progress_bar() -> Iterator[Callable[[str, int, int, float | None], None]]:
         yield progress
 
 
+def _out_dir(out: Path | None, name: str, version: str, overwrite: bool) -> Path:
+    """Where a training run writes: ``--out``, else the zoo's ``<name>/<version>``. A model
+    directory that already holds a card is never overwritten without ``--overwrite`` (the
+    shipped models, or a site's own earlier run, must not vanish by a missed option)."""
+    from models.zoo import ZOO
+
+    target = out if out is not None else ZOO / name / version
+    card = target / "card.json"
+    if card.exists() and not overwrite:
+        try:
+            existing = json.loads(card.read_text()).get("version", "?")
+        except (OSError, ValueError):
+            existing = "?"
+        raise fail(
+            f"{target} already holds a model ({name} {existing}); "
+            "choose a new --version or --out, or pass --overwrite to replace it"
+        )
+    return target
+
+
 def _trained(out: Path, card: Any, seconds: float) -> None:
     console.print(f"wrote {out / card.weights_file} (sha256 {card.weights_sha256}) and {out / 'card.json'}")
     console.print(
@@ -86,9 +107,10 @@ def _trained(out: Path, card: Any, seconds: float) -> None:
 
 @train_app.command("restoration")
 def train_restoration(
-    out: Annotated[Path, typer.Option("--out", help="Directory for weights.pt and card.json.")] = Path(
-        "models/zoo/ldct-restoration/1.0"
-    ),
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Directory for the weights and card.json (default: the zoo's <version>)."),
+    ] = None,
     steps: Annotated[
         int,
         typer.Option(
@@ -101,6 +123,7 @@ def train_restoration(
     ] = 40,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same weights.")] = 20261126,
     version: Annotated[str, typer.Option(help="Model version written into the card.")] = "1.0",
+    overwrite: Annotated[bool, typer.Option(help="Replace a model already in the output directory.")] = False,
     paired_low: Annotated[
         Path | None, typer.Option(help="Site data: a low-dose series directory (with --paired-reference).")
     ] = None,
@@ -140,6 +163,7 @@ def train_restoration(
     from models.training.restoration import TrainConfig, train
 
     torch.set_num_threads(2)
+    out = _out_dir(out, "ldct-restoration", version, overwrite)
     pairs = calib = None
     if init is not None and init.is_dir():
         init = init / "weights.safetensors"
@@ -173,9 +197,10 @@ def train_restoration(
 
 @train_app.command("sct")
 def train_sct(
-    out: Annotated[Path, typer.Option("--out", help="Directory for the weights and card.json.")] = Path(
-        "models/zoo/sct-head/1.0"
-    ),
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Directory for the weights and card.json (default: the zoo's <version>)."),
+    ] = None,
     steps: Annotated[
         int, typer.Option(min=1, help="Optimiser steps (sets the run time; ~0.08 s each).")
     ] = 16000,
@@ -186,6 +211,7 @@ def train_sct(
     slices: Annotated[int, typer.Option(min=3, help="Slices per simulated volume.")] = 12,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same weights.")] = 20261126,
     version: Annotated[str, typer.Option(help="Model version written into the card.")] = "1.0",
+    overwrite: Annotated[bool, typer.Option(help="Replace a model already in the output directory.")] = False,
     init: Annotated[
         Path | None, typer.Option(help="Fine-tune from these weights (e.g. the shipped model).")
     ] = None,
@@ -193,6 +219,7 @@ def train_sct(
     """Train the MR → synthetic CT model (simulated head MR/CT pairs, CPU)."""
     from models.training.sct import SctTrainConfig, train
 
+    out = _out_dir(out, "sct-head", version, overwrite)
     if init is not None and init.is_dir():
         init = init / "weights.safetensors"
     config = SctTrainConfig(
