@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from models.restoration import RestorationModel
@@ -29,8 +30,6 @@ def test_same_seed_same_weights_and_card(tmp_path: Path) -> None:
 
 
 def test_lesion_patches_are_centred_near_known_lesions() -> None:
-    import numpy as np
-
     from models.training.restoration import _sample_batch
 
     pairs = simulate_all(case_plan("train", 2, 6, size=128), workers=1)
@@ -114,3 +113,50 @@ def test_train_never_overwrites_a_model_without_being_told(tmp_path: Path) -> No
     assert again.exit_code != 0 and "already holds a model (ldct-restoration t.1)" in again.output
     forced = runner.invoke(app, [*recalibrate, "--out", str(tmp_path / "new"), "--overwrite"])
     assert forced.exit_code == 0, forced.output
+
+
+def test_a_site_recalibrates_the_shipped_model_on_all_of_its_own_pairs(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+    from models.zoo import version_dir
+
+    runner = CliRunner()
+    sim = runner.invoke(
+        app,
+        [
+            "simulate",
+            "ldct",
+            "--dose",
+            "0.25",
+            "--slices",
+            "3",
+            "--size",
+            "128",
+            "--out",
+            str(tmp_path / "site"),
+        ],
+    )
+    assert sim.exit_code == 0, sim.output
+    result = runner.invoke(
+        app,
+        [
+            "train", "restoration", "--steps", "0", "--init", str(version_dir("ldct-restoration")),
+            "--paired-low", str(tmp_path / "site" / "low-dose"),
+            "--paired-reference", str(tmp_path / "site" / "reference"),
+            "--residual-lowpass-mm", "0.8", "--putback-noise-hu", "11", "--version", "site.1",
+            "--out", str(tmp_path / "model"),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "site data: 0 training and 3 calibration slice pairs" in result.output
+    card = json.loads((tmp_path / "model" / "card.json").read_text())
+    assert card["calibration"].startswith("split conformal on 3 held-out slices")
+    shipped = json.loads((version_dir("ldct-restoration") / "card.json").read_text())
+    assert card["weights_sha256"] == shipped["weights_sha256"]
+    assert card["training_data"] == shipped["training_data"], (
+        "the weights' training data, not the site's pairs"
+    )
+    factors = [*card["noise_correlation"].values(), *card["model_error_correlation"].values()]
+    assert all(np.isfinite(v) and v > 0 for v in factors), factors
+    RestorationModel(tmp_path / "model")

@@ -173,10 +173,13 @@ def train_restoration(
         raise fail("--steps 0 recalibrates existing weights: give them with --init")
     if paired_low is not None and paired_reference is not None:
         site = _paired_series(paired_low, paired_reference)
-        if len(site) < 4:
+        if len(site) < 4 and steps > 0:
             raise fail(f"only {len(site)} paired slices: need at least 4 (3/4 train, 1/4 calibration)")
-        cut = max(1, len(site) // 4)
-        pairs, calib = site[cut:], site[:cut]
+        if steps == 0:  # recalibrating only: every pair calibrates
+            pairs, calib = [], site
+        else:
+            cut = max(1, len(site) // 4)
+            pairs, calib = site[cut:], site[:cut]
         console.print(f"site data: {len(pairs)} training and {len(calib)} calibration slice pairs")
     config = TrainConfig(
         seed=seed,

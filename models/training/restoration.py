@@ -314,6 +314,8 @@ def calibrate(
         ref, low = p.ref.astype(np.float32), p.low.astype(np.float32)
         noise = low - mean  # what the model removed: the input noise if the output is right
         inner = ndimage.binary_erosion(p.body, iterations=12)
+        if inner.sum() < 1000:  # a small image or body: the whole body, not an empty interior
+            inner = p.body
         # the score estimates the noise from the input alone (Immerkær); measure the window
         # spread relative to that estimate, so the estimator's bias on correlated CT noise
         # (it reads about half the true σ) is calibrated away
