@@ -214,7 +214,9 @@ class RestorationModel:
         arch = Architecture(tuple(a["channels"]), tuple(a["strides"]), int(a["num_res_units"]))
         self.net = arch.build()
         self.net.load_state_dict(load_weights(weights))
-        self.net.eval()
+        # channels-last: oneDNN's convolutions run ~1.6x faster on the CPU here (same
+        # results to 3e-6 of the normalised output, i.e. 0.003 HU)
+        self.net = self.net.to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]  # documented, not in the stubs
         self.card = self.meta.model_card()
         self.batch = batch
         if threads:
@@ -232,7 +234,8 @@ class RestorationModel:
         sigmas = np.empty(volume_hu.shape, np.float32)
         for start in range(0, len(volume_hu), self.batch):
             part = slice(start, start + self.batch)
-            mean, log_var = self.net(torch.from_numpy(to_network(volume_hu[part])[:, None]))
+            x = torch.from_numpy(to_network(volume_hu[part])[:, None])
+            mean, log_var = self.net(x.contiguous(memory_format=torch.channels_last))
             means[part] = mean[:, 0].numpy() * HU_SCALE
             sigmas[part] = torch.exp(0.5 * log_var[:, 0]).numpy() * HU_SCALE
         return means, sigmas

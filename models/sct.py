@@ -251,7 +251,9 @@ class SctModel:
         arch = SctArchitecture(tuple(a["channels"]), tuple(a["strides"]), int(a["num_res_units"]))
         self.net = arch.build()
         self.net.load_state_dict(load_weights(weights))
-        self.net.eval()
+        # channels-last: ~1.6x faster convolutions on the CPU here (same results to 6e-5
+        # of the normalised output, i.e. 0.06 HU)
+        self.net = self.net.to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]  # documented, not in the stubs
         self.card = self.meta.model_card()
         self.table = SupportTable(**self.meta.support_table)
         self.batch = batch
@@ -266,7 +268,8 @@ class SctModel:
         x = stack_context(mr_norm)
         means, sigmas = [], []
         for start in range(0, len(x), self.batch):
-            mean, log_var = self.net(torch.from_numpy(x[start : start + self.batch]))
+            batch = torch.from_numpy(x[start : start + self.batch])
+            mean, log_var = self.net(batch.contiguous(memory_format=torch.channels_last))
             means.append(mean[:, 0].numpy())
             sigmas.append(torch.exp(0.5 * log_var[:, 0]).numpy())
         return np.concatenate(means) * HU_SCALE, np.concatenate(sigmas) * HU_SCALE
