@@ -24,3 +24,35 @@ def test_nodelay_set_on_association_socket() -> None:
     finally:
         for s in (client, accepted, server):
             s.close()
+
+
+def test_the_idle_association_reactor_never_keeps_a_response_from_its_waiter() -> None:
+    """The reactor's idle wait shares the DIMSE queue's condition with the thread that
+    waits for a response; ``put`` wakes one waiter, the first. When that is the reactor, the
+    response must still reach the waiting thread at once, not after its DIMSE timeout
+    (which once stalled deliveries for 30 s until the network timeout aborted them)."""
+    import queue
+    import threading
+    import time
+
+    from dicom_node.net.tuning import _association_idle
+
+    messages: queue.Queue[str] = queue.Queue()
+    assoc = SimpleNamespace(dimse=SimpleNamespace(msg_queue=messages))
+    reactor = threading.Thread(target=_association_idle, args=(assoc, 5.0))
+    reactor.start()
+    time.sleep(0.2)  # the reactor waits first, so the put below wakes it, not the waiter
+    got: list[tuple[str, float]] = []
+
+    def wait_for_response() -> None:
+        started = time.monotonic()
+        got.append((messages.get(timeout=5.0), time.monotonic() - started))
+
+    waiter = threading.Thread(target=wait_for_response)
+    waiter.start()
+    time.sleep(0.2)
+    messages.put("C-STORE-RSP")
+    waiter.join(10)
+    reactor.join(10)
+    assert got and got[0][0] == "C-STORE-RSP"
+    assert got[0][1] < 1.5, f"the response waited {got[0][1]:.1f} s for a wake-up the reactor took"

@@ -10,7 +10,9 @@ sleeps, recognised by the thread that makes them:
 
 * the DUL reactor waits in ``select()`` on its socket and on a wake-up pipe that is
   written whenever the association hands it a primitive to send (a response);
-* the association reactor waits on its DIMSE message queue's condition.
+* the association reactor waits on its DIMSE message queue's condition, and passes the
+  wake-up on when a message is there (a condition's notify wakes one waiter: taking it
+  from the thread that waits for a response stalled that thread until its DIMSE timeout).
 
 Both still wake at least every millisecond, so everything pynetdicom checks by polling
 (timers, release, abort, shutdown) behaves as before. ``tune_pynetdicom`` is idempotent.
@@ -94,6 +96,12 @@ def _association_idle(assoc: Any, timeout: float) -> None:
     with queue.not_empty:
         if not queue.queue:
             queue.not_empty.wait(timeout)
+        if queue.queue:
+            # Queue.put notifies ONE waiter. When that was us, the thread blocked in
+            # dimse.get_msg (an SCU waiting for its C-STORE response) would sleep until
+            # its DIMSE timeout while the network idle timer aborted the association:
+            # hand the wake-up on.
+            queue.not_empty.notify()
 
 
 def _sleep(seconds: float) -> None:
