@@ -25,16 +25,27 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def versions(name: str) -> list[str]:
+    """Versions of ``name`` that have a card, oldest first (the last is the one pipelines use)."""
+    base = ZOO / name
+    if not base.exists():
+        return []
+    return sorted(p.name for p in base.iterdir() if (p / "card.json").exists())
+
+
+def model_names() -> list[str]:
+    """Every model with at least one version in the zoo."""
+    return sorted(p.name for p in ZOO.iterdir() if p.is_dir() and versions(p.name)) if ZOO.exists() else []
+
+
 def version_dir(name: str, version: str | None = None) -> Path:
     """``models/zoo/<name>/<version>``; without a version, the newest one that has a card."""
     base = ZOO / name
     if version is None:
-        versions = (
-            sorted(p.name for p in base.iterdir() if (p / "card.json").exists()) if base.exists() else []
-        )
-        if not versions:
+        found = versions(name)
+        if not found:
             raise FileNotFoundError(f"no shipped versions of {name} under {base}")
-        version = versions[-1]
+        version = found[-1]
     return base / version
 
 

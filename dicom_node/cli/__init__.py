@@ -107,6 +107,7 @@ from dicom_node.cli import (  # noqa: E402,F401
     audit_cmds,
     eval_cmds,
     inspect_cmds,
+    model_cmds,
     net_cmds,
     policy_cmds,
     review_cmds,
