@@ -9,7 +9,9 @@ Map, suspect-region SEG, Comprehensive SR, and a Secondary Capture overlay.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from models.hallucination import suspect_regions
 from models.restoration import RestorationModel
@@ -44,8 +46,19 @@ class ScoreRestoration:
         return ctx.evolve(hallucination=score, suspect=suspect, qc=qc)
 
 
+#: Environment variable naming a model version directory to run instead of the newest
+#: shipped ``ldct-restoration`` (a site's pinned or recalibrated version).
+MODEL_ENV = "DICOM_NODE_RESTORATION_MODEL"
+
+
+def load_model() -> RestorationModel:
+    """The model ``DICOM_NODE_RESTORATION_MODEL`` names, else the newest shipped one."""
+    override = os.environ.get(MODEL_ENV, "").strip()
+    return RestorationModel(Path(override)) if override else RestorationModel.shipped()
+
+
 def restoration() -> StagedPipeline:
-    model = RestorationModel.shipped()
+    model = load_model()
     return StagedPipeline(
         name="restoration",
         version="1.0",

@@ -127,3 +127,17 @@ def test_prediction_uses_the_group_scale_and_records_the_slice_facts(tmp_path: P
     doubled = model.predict(volume, (1.0, 0.7, 0.7))
     assert [f.group for f in model.last_facts] == ["other"]
     assert np.allclose(doubled.sigma, 2 * base.sigma, rtol=1e-5)
+
+
+def test_a_site_pins_the_restoration_model_with_an_environment_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from models.zoo import version_dir, versions
+    from pipelines.restoration import MODEL_ENV, load_model
+
+    assert load_model().card.version == versions("ldct-restoration")[-1], "default: the newest version"
+    monkeypatch.setenv(MODEL_ENV, str(version_dir("ldct-restoration", "1.1")))
+    assert load_model().card.version == "1.1"
+    monkeypatch.setenv(MODEL_ENV, "/nonexistent/model")
+    with pytest.raises(FileNotFoundError, match="no model card"):
+        load_model()

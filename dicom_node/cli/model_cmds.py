@@ -22,7 +22,7 @@ app.add_typer(models_app, name="models")
 #: The pipeline that runs the newest version of each model, and the environment variable
 #: that can point it at another model directory instead.
 USED_BY: dict[str, tuple[str, str | None]] = {
-    "ldct-restoration": ("restoration", None),
+    "ldct-restoration": ("restoration", "DICOM_NODE_RESTORATION_MODEL"),
     "sct-head": ("sct", "DICOM_NODE_SCT_MODEL"),
     "sim-encoder": ("evaluate (features)", None),
 }
