@@ -400,9 +400,8 @@ class Worker:
                     )
                     moves.append((JobState.RUNNING, JobState.SUCCEEDED, why))
                     if verdict.action == "release" and job.destinations:
-                        n = queue_deliveries(
-                            conn, job.job_id, job.destinations, tps=tps_destinations(self.config)
-                        )
+                        tps = tps_destinations(self.config)
+                        n = queue_deliveries(conn, job.job_id, job.destinations, tps=tps)
                         reason = f"{n} delivery(ies) queued"
                         transition(
                             conn,
@@ -416,7 +415,7 @@ class Worker:
                         if delivery_count(conn, job.job_id) == 0:
                             # released, yet nothing its destinations accept: say so, and
                             # never leave the job waiting in `delivering` for nothing
-                            failed = nothing_to_send(job.destinations, tps_destinations(self.config))
+                            failed = nothing_to_send(job.destinations, tps)
                             transition(
                                 conn,
                                 job.job_id,

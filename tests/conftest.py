@@ -192,3 +192,20 @@ def wait_for_url(browser: WebDriver, suffix: str, timeout: float = 15.0) -> None
         WebDriverWait(browser, timeout).until(lambda b: b.current_url.endswith(suffix))
     except TimeoutException:
         pass  # the caller's assertion reports where the browser is
+
+
+def tps_config(orthanc: Orthanc, *, commitment: bool = True, timeout: float = 60, extra: str = "") -> str:
+    return (
+        node_config(stable_seconds=1, backoff=1, backoff_max=2, policy=True)
+        + f"""
+[destinations.tps]
+ae_title = "{orthanc.aet}"
+host = "127.0.0.1"
+port = {orthanc.dicom_port}
+profile = "tps"
+timeout_seconds = 10
+storage_commitment = {"true" if commitment else "false"}
+commitment_timeout_seconds = {timeout}
+"""
+        + extra
+    )

@@ -33,6 +33,7 @@ from models.restoration import (
     Z90,
     Architecture,
     RestorationCard,
+    SliceFacts,
     data_consistent,
     load_weights,
     putback_width,
@@ -253,10 +254,11 @@ def _conformal_scale(ratios: list[np.ndarray]) -> float:
     return float(np.quantile(values, level)) / Z90
 
 
-def lowpass_noise_factors(pairs: list[Pair], min_width_mm: float) -> dict[str, float]:
+def lowpass_noise_factors(
+    pairs: list[Pair], facts: list[SliceFacts], min_width_mm: float
+) -> dict[str, float]:
     """Per put-back width: spread of the low-passed input noise (low − reference) in the
-    body over the slice noise estimate, averaged over the slices."""
-    facts = [slice_facts(p.low.astype(np.float32)) for p in pairs]
+    body over the slice noise estimate (``facts``, one per pair), averaged over the slices."""
     estimate = float(np.mean([f.noise_hu for f in facts]))
     factors: dict[str, float] = {}
     for width in PUTBACK_WIDTHS_MM:
@@ -283,12 +285,12 @@ def calibrate(
     """On held-out slices with their reference: the put-back noise factors, the
     split-conformal σ scale (90 %) overall and per slice group (Mondrian), window-mean
     noise and model-error correlations, validation PSNRs."""
-    factors = lowpass_noise_factors(pairs, residual_lowpass_mm) if residual_lowpass_mm > 0 else {}
+    all_facts = [slice_facts(p.low.astype(np.float32)) for p in pairs]
+    factors = lowpass_noise_factors(pairs, all_facts, residual_lowpass_mm) if residual_lowpass_mm > 0 else {}
     outputs = []
-    for p in pairs:
+    for p, facts in zip(pairs, all_facts, strict=True):
         low = p.low.astype(np.float32)
         mean, sigma = _predict(net, low)
-        facts = slice_facts(low)
         width = putback_width(facts.noise_hu, residual_lowpass_mm, putback_noise_hu, factors)
         mean = data_consistent(low[None], mean[None], width, pixel_mm=[p.pixel_mm])[0]
         outputs.append((mean, sigma, facts.group))

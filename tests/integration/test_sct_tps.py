@@ -20,7 +20,7 @@ import pytest
 from pydicom.uid import CTImageStorage
 
 from dicom_node.simulate import SctSpec, write_sct_study
-from tests.conftest import audit_rows, db_rows, node_config, require
+from tests.conftest import audit_rows, db_rows, require, tps_config
 from tests.peers import STORESCU, NodeProcess, Orthanc, free_port, storescu
 
 pytestmark = pytest.mark.integration
@@ -36,24 +36,13 @@ def test_planning_mr_to_sct_held_for_review_then_committed_by_the_tps(
     mr, _reference = write_sct_study(tmp_path / "study", SctSpec(slices=SLICES, size=128, seed=11))
     port = free_port()
     orthanc.register_modality("dicom-node", "DICOM_NODE", port)  # to report the commitment back
-    config = (
-        node_config(stable_seconds=1, backoff=1, backoff_max=2, policy=True)
-        + f"""
+    no_pacs = f"""
 [destinations.pacs]
 ae_title = "NO_PACS"
 host = "127.0.0.1"
 port = {free_port()}
-
-[destinations.tps]
-ae_title = "{orthanc.aet}"
-host = "127.0.0.1"
-port = {orthanc.dicom_port}
-profile = "tps"
-timeout_seconds = 10
-storage_commitment = true
-commitment_timeout_seconds = 60
 """
-    )
+    config = tps_config(orthanc, extra=no_pacs)
     node = NodeProcess(tmp_path / "node", config, port=port, policy=DEFAULT_POLICY.read_text()).start()
     try:
         assert storescu(list(mr.files), node.port, node.ae_title, calling="RT_MR_PLANNING").returncode == 0

@@ -17,7 +17,7 @@ import pytest
 
 from dicom_node.simulate import write_ct_series
 from models.sim.phantom import PhantomSpec
-from tests.conftest import audit_rows, db_rows, node_config, require
+from tests.conftest import audit_rows, db_rows, require, tps_config
 from tests.peers import STORESCU, NodeProcess, Orthanc, free_port, policy_yaml, storescu
 from tests.test_tps import AXIAL, SAGITTAL, write_mr
 
@@ -32,23 +32,6 @@ require_known_callers = true
 [[callers]]
 ae_title = "STORESCU"
 """
-
-
-def tps_config(orthanc: Orthanc, *, commitment: bool = True, timeout: float = 60, extra: str = "") -> str:
-    return (
-        node_config(stable_seconds=1, backoff=1, backoff_max=2, policy=True)
-        + f"""
-[destinations.tps]
-ae_title = "{orthanc.aet}"
-host = "127.0.0.1"
-port = {orthanc.dicom_port}
-profile = "tps"
-timeout_seconds = 10
-storage_commitment = {"true" if commitment else "false"}
-commitment_timeout_seconds = {timeout}
-"""
-        + extra
-    )
 
 
 def facts(node: NodeProcess, event: str) -> list[dict[str, object]]:
