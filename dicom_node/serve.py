@@ -25,14 +25,14 @@ from audit import AuditEvent, Outcome
 from audit.export import to_dicom_xml
 from audit.syslog import AuditForwarder, SyslogTlsSender
 from dicom_node import __version__
-from dicom_node.indexer import Indexer
-from dicom_node.net.receiver import Receiver
-from dicom_node.outbox import Outbox
-from dicom_node.policywatch import PolicyWatcher
-from dicom_node.readiness import StudyReadiness
-from dicom_node.routing import PolicyRouter
+from dicom_node.delivery.outbox import Outbox
+from dicom_node.ingest.indexer import Indexer
+from dicom_node.ingest.readiness import StudyReadiness
+from dicom_node.ingest.receiver import Receiver
+from dicom_node.ingest.store import InstanceStore, latest_received_at
+from dicom_node.jobs.policywatch import PolicyWatcher
+from dicom_node.jobs.routing import PolicyRouter
 from dicom_node.runtime import Runtime
-from dicom_node.store import InstanceStore, latest_received_at
 from dicom_node.worker import claim_id, orphan_test, recover_jobs
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,7 @@ from dicom_node import __version__
 from dicom_node.config import NodeConfig
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
-from dicom_node.jobs import JobState, StaleTransition, audit_transition, transition
-from dicom_node.outbox import (
+from dicom_node.delivery.outbox import (
     Outbox,
     delivery_count,
     nothing_to_send,
@@ -34,8 +33,9 @@ from dicom_node.outbox import (
     record_outputs,
     tps_destinations,
 )
+from dicom_node.jobs.provenance import record_provenance
+from dicom_node.jobs.state import JobState, StaleTransition, audit_transition, transition
 from dicom_node.paths import NodePaths
-from dicom_node.provenance import record_provenance
 from pipelines.base import (
     GatePolicy,
     InputInstance,

@@ -41,7 +41,7 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
 @pytest.fixture(scope="session")
 def ct50(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A simulated 50-slice 512x512 CT study (one series)."""
-    from dicom_node.simulate import write_ct_series
+    from dicom_node.lab.simulate import write_ct_series
     from models.sim.phantom import PhantomSpec
 
     out = tmp_path_factory.mktemp("ct50")
@@ -52,7 +52,7 @@ def ct50(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def ct200(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A simulated 200-slice 512x512 CT study (one series)."""
-    from dicom_node.simulate import write_ct_series
+    from dicom_node.lab.simulate import write_ct_series
     from models.sim.phantom import PhantomSpec
 
     out = tmp_path_factory.mktemp("ct200")

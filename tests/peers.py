@@ -1,7 +1,7 @@
 """Test-side access to the local peers (they live in the package: the demo uses them too)."""
 
-from dicom_node.localpeers import *  # noqa: F403
-from dicom_node.localpeers import (  # noqa: F401
+from dicom_node.lab.localpeers import *  # noqa: F403
+from dicom_node.lab.localpeers import (  # noqa: F401
     DCIODVFY,
     ECHOSCU,
     NODE_ENV,

@@ -8,7 +8,7 @@ import sys
 
 def test_cli_and_serve_modules_do_not_import_torch() -> None:
     code = (
-        "import sys, dicom_node.cli, dicom_node.serve, dicom_node.net.receiver; "
+        "import sys, dicom_node.cli, dicom_node.serve, dicom_node.ingest.receiver; "
         "print(sorted(m for m in ('torch', 'monai', 'skimage') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,4 +1,4 @@
-"""Unit tests for dicom_node.instance.check_instance: facts from good data sets, rejections for bad ones."""
+"""dicom_node.ingest.instance.check_instance: facts from good data sets, rejections for bad ones."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from dicom_node.instance import InstanceFacts, Rejection, StoreStatus, check_instance
-from dicom_node.part10 import split_part10
+from dicom_node.ingest.instance import InstanceFacts, Rejection, StoreStatus, check_instance
+from dicom_node.ingest.part10 import split_part10
 
 SOP_UID = "1.2.826.0.1.3680043.8.498.100"
 STUDY_UID = "1.2.826.0.1.3680043.8.498.101"

@@ -13,7 +13,7 @@ from sqlalchemy import func, insert, select
 from audit import AuditEvent, Outcome
 from dicom_node.db import schema as t
 from dicom_node.db.engine import inserted_id
-from dicom_node.jobs import (
+from dicom_node.jobs.state import (
     ALLOWED,
     IllegalTransition,
     JobState,

@@ -20,11 +20,7 @@ from sqlalchemy import select, update
 from audit import AuditEvent, Outcome
 from dicom_node.config import NodeConfig, OutboxSection
 from dicom_node.db import schema as t
-from dicom_node.indexer import Indexer
-from dicom_node.jobs import JobState, create_job, transition
-from dicom_node.localpeers import MiniPACS, free_port
-from dicom_node.net.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE, CommitmentReport, Failure, ReportStatus
-from dicom_node.outbox import (
+from dicom_node.delivery.outbox import (
     CommitmentState,
     DeliveryState,
     Outbox,
@@ -34,10 +30,14 @@ from dicom_node.outbox import (
     record_outputs,
     tps_destinations,
 )
-from dicom_node.part10 import split_part10
+from dicom_node.ingest.indexer import Indexer
+from dicom_node.ingest.part10 import split_part10
+from dicom_node.ingest.store import InstanceStore
+from dicom_node.jobs.state import JobState, create_job, transition
+from dicom_node.lab.localpeers import MiniPACS, free_port
+from dicom_node.lab.simulate import write_ct_series
+from dicom_node.net.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE, CommitmentReport, Failure, ReportStatus
 from dicom_node.runtime import Runtime
-from dicom_node.simulate import write_ct_series
-from dicom_node.store import InstanceStore
 from dicom_node.worker import claim_id, orphan_test
 from models.sim.phantom import PhantomSpec
 from pipelines.base import OutputInstance
@@ -782,7 +782,7 @@ def test_a_released_job_with_nothing_its_tps_accepts_fails_with_the_reason(
 
 
 def test_approving_a_held_job_with_nothing_its_tps_accepts_is_refused(env: Env) -> None:
-    from dicom_node.review import ReviewError, approve
+    from dicom_node.jobs.review import ReviewError, approve
 
     job_id = _new_job(env, ["tps"])
     report = OutputInstance(

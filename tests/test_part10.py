@@ -1,4 +1,4 @@
-"""Unit tests for dicom_node.part10: the hand-written file meta and the Part 10 splitter."""
+"""Unit tests for dicom_node.ingest.part10: the hand-written file meta and the Part 10 splitter."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pydicom.uid import (
 )
 
 from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from dicom_node.part10 import PREAMBLE, encode_file_meta, split_part10
+from dicom_node.ingest.part10 import PREAMBLE, encode_file_meta, split_part10
 
 
 def pydicom_meta_bytes(

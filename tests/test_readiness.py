@@ -14,14 +14,14 @@ from sqlalchemy import select
 from audit import AuditEvent
 from dicom_node.config import NodeConfig
 from dicom_node.db import schema as t
-from dicom_node.indexer import Indexer
-from dicom_node.localpeers import policy_yaml
-from dicom_node.part10 import split_part10
-from dicom_node.readiness import StudyReadiness
-from dicom_node.routing import PolicyRouter
+from dicom_node.ingest.indexer import Indexer
+from dicom_node.ingest.part10 import split_part10
+from dicom_node.ingest.readiness import StudyReadiness
+from dicom_node.ingest.store import InstanceStore
+from dicom_node.jobs.routing import PolicyRouter
+from dicom_node.lab.localpeers import policy_yaml
+from dicom_node.lab.simulate import SimulatedStudy, write_ct_series
 from dicom_node.runtime import Runtime
-from dicom_node.simulate import SimulatedStudy, write_ct_series
-from dicom_node.store import InstanceStore
 from models.sim.phantom import PhantomSpec
 from policies.loader import load_policy
 

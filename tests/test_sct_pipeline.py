@@ -3,7 +3,7 @@ a synthetic CT (CT Image Storage, HU) on the MR's frame of reference and slice g
 with its maps, SEG and SR; a T2-weighted series is refused; and a structure set drawn on the
 MR applies to the sCT unchanged.
 
-The studies are SIMULATED (``dicom_node.simulate.write_sct_study``, 12 slices of 128×128);
+The studies are SIMULATED (``dicom_node.lab.simulate.write_sct_study``, 12 slices of 128×128);
 the model is the shipped ``sct-head``.
 """
 
@@ -23,8 +23,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from dicom_node.simulate import SctSpec, SimulatedStudy, write_sct_study
-from dicom_node.tps import DCIODVFY, STALE_DCIODVFY_ERRORS, dciodvfy_errors, validate_for_tps
+from dicom_node.delivery.tps import DCIODVFY, STALE_DCIODVFY_ERRORS, dciodvfy_errors, validate_for_tps
+from dicom_node.lab.simulate import SctSpec, SimulatedStudy, write_sct_study
 from pipelines.writers import kind_of, provenance_of
 from tests.conftest import require
 

@@ -1,4 +1,4 @@
-"""Paired MR / CT simulator (models.sim.mrct) and its DICOM study (dicom_node.simulate.write_sct_study)."""
+"""Paired MR / CT simulator (models.sim.mrct) and its study (dicom_node.lab.simulate.write_sct_study)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage as ndi
 from typer.testing import CliRunner
 
-from dicom_node.simulate import SctSpec, write_sct_study
+from dicom_node.lab.simulate import SctSpec, write_sct_study
 from models.sim.mrct import T1W, T2W, HeadTissue, MrCtPair, make_pair
 
 DCIODVFY = Path("/usr/bin/dciodvfy")

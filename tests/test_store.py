@@ -15,12 +15,12 @@ from sqlalchemy import delete, func, select
 from audit import AuditEvent
 from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.db import schema as t
-from dicom_node.indexer import Indexer, PendingInstance
-from dicom_node.instance import check_instance
-from dicom_node.part10 import split_part10
+from dicom_node.ingest.indexer import Indexer, PendingInstance
+from dicom_node.ingest.instance import check_instance
+from dicom_node.ingest.part10 import split_part10
+from dicom_node.ingest.store import InstanceStore, StoreOutcome, relative_path
+from dicom_node.lab.simulate import SimulatedStudy, write_ct_series
 from dicom_node.runtime import Runtime
-from dicom_node.simulate import SimulatedStudy, write_ct_series
-from dicom_node.store import InstanceStore, StoreOutcome, relative_path
 from models.sim.phantom import PhantomSpec
 
 CALLING_AE = "CT_SCANNER"

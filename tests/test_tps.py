@@ -11,8 +11,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from dicom_node.simulate import write_ct_series
-from dicom_node.tps import DCIODVFY, validate_for_tps, validate_input_series
+from dicom_node.delivery.tps import DCIODVFY, validate_for_tps, validate_input_series
+from dicom_node.lab.simulate import write_ct_series
 from models.sim.phantom import PhantomSpec
 from tests.peers import have
 

@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_node.simulate import write_ct_series
+from dicom_node.lab.simulate import write_ct_series
 from models.sim.phantom import PhantomSpec
 from pipelines.base import InputInstance, RunEnvironment, StudyInput
 from pipelines.denoise_classical import denoise_classical

@@ -26,7 +26,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ParametricMapStorage
 
-from dicom_node.simulate import write_ct_series
+from dicom_node.lab.simulate import write_ct_series
 from models.sim.phantom import PhantomSpec
 from pipelines import writers as W
 from pipelines.provenance import OutputProvenance, ProvenanceError

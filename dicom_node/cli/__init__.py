@@ -2,108 +2,13 @@
 
 Every command takes ``--config FILE`` and ``--home DIR``. Errors a user can cause print
 one line and exit 2 (configuration) or 1 (everything else); tracebacks are for bugs.
+The shared app, options and ``fail`` live in :mod:`dicom_node.cli.common`; each
+``*_cmds`` module registers its commands on that app when imported here.
 """
 
 from __future__ import annotations
 
-import getpass
-import json
-import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import Annotated, Any, TypeVar
-
-import typer
-from rich.console import Console
-from rich.text import Text
-
-from dicom_node import __version__
-from dicom_node.config import ConfigError
-from dicom_node.runtime import Runtime
-
-app = typer.Typer(
-    name="dicom-node",
-    help="A DICOM node that routes studies through AI pipelines and delivers provenance-stamped results.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-
-def make_console(stderr: bool = False) -> Console:
-    """Rich console; when output is not a terminal, wide enough that UIDs are never cut."""
-    probe = Console(stderr=stderr)
-    return probe if probe.is_terminal else Console(stderr=stderr, width=240)
-
-
-console = make_console()
-err_console = make_console(stderr=True)
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="TOML config file (default: <home>/dicom-node.toml if present, else defaults).",
-    ),
-]
-HomeOpt = Annotated[
-    Path,
-    typer.Option("--home", help="Node home; state lives under <home>/var/.", envvar="DICOM_NODE_HOME"),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
-def open_runtime(
-    config: Path | None,
-    home: Path,
-    overrides: dict[str, Any] | None = None,
-    actor: str | None = None,
-) -> Runtime:
-    try:
-        return Runtime.open(config, home, overrides, actor=actor)
-    except ConfigError as exc:
-        err_console.print(Text(f"config error: {exc}"), highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-
-
-def os_user() -> str:
-    """Who runs this command, for the audit trail (``os:<login>``)."""
-    try:
-        return f"os:{getpass.getuser()}"
-    except Exception:  # no login name (containers)
-        return "os:unknown"
-
-
-def print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
-
-
-def version_callback(value: bool) -> None:
-    if value:
-        console.print(f"dicom-node {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version."),
-    ] = False,
-) -> None:
-    """dicom-node: receive, route, process, deliver — with provenance and an audit trail."""
-
-
-# Command modules register themselves on `app` on import.
-from dicom_node.cli import (  # noqa: E402,F401
+from dicom_node.cli import (  # noqa: F401  (imported for their commands)
     audit_cmds,
     eval_cmds,
     inspect_cmds,
@@ -117,6 +22,7 @@ from dicom_node.cli import (  # noqa: E402,F401
     train_cmds,
     user_cmds,
 )
+from dicom_node.cli.common import app
 
 
 def main() -> None:

@@ -12,7 +12,17 @@ import typer
 from rich.table import Table
 
 from audit import AuditEvent, AuditTrail, Outcome
-from dicom_node.cli import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_runtime, os_user, print_json
+from dicom_node.cli.common import (
+    ConfigOpt,
+    HomeOpt,
+    JsonOpt,
+    app,
+    console,
+    fail,
+    open_runtime,
+    os_user,
+    print_json,
+)
 
 audit_app = typer.Typer(
     help="The tamper-evident audit log: verify, search, report, export.", no_args_is_help=True

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from dicom_node.cli import app, console, fail
+from dicom_node.cli.common import app, console, fail
 
 evaluate_app = typer.Typer(
     help="Evaluate models on held-out simulated data (HTML + JSON report).", no_args_is_help=True

@@ -10,8 +10,8 @@ import typer
 from rich.table import Table
 
 from audit import AuditEvent
-from dicom_node import queries
-from dicom_node.cli import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_runtime, print_json
+from dicom_node.cli.common import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_runtime, print_json
+from dicom_node.db import queries
 
 
 def _when(ts: float | None) -> str:
@@ -202,7 +202,7 @@ def outbox_retry(
     home: HomeOpt = Path("."),
 ) -> None:
     """Give a dead-lettered delivery a fresh set of attempts."""
-    from dicom_node.outbox import Outbox
+    from dicom_node.delivery.outbox import Outbox
 
     runtime = open_runtime(config, home, actor="cli")
     try:

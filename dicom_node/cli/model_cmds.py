@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from dicom_node.cli import JsonOpt, app, console, fail, print_json
+from dicom_node.cli.common import JsonOpt, app, console, fail, print_json
 
 models_app = typer.Typer(
     help="Models in the zoo: versions, which one runs, weights check, model card.",

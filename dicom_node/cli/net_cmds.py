@@ -12,10 +12,10 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from rich.table import Table
 
-from dicom_node.cli import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_runtime, print_json
+from dicom_node.cli.common import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_runtime, print_json
 from dicom_node.config import Destination
-from dicom_node.net.sender import echo as c_echo
-from dicom_node.net.sender import send_series
+from dicom_node.delivery.sender import echo as c_echo
+from dicom_node.delivery.sender import send_series
 from pipelines.base import OutputInstance
 
 _PEER = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.text import Text
 
-from dicom_node.cli import (
+from dicom_node.cli.common import (
     ConfigOpt,
     HomeOpt,
     JsonOpt,
@@ -136,9 +136,9 @@ def explain(
     """Which rule matches a received study, which conditions passed or failed, what happens next."""
     from sqlalchemy import select
 
-    from dicom_node import queries
+    from dicom_node.db import queries
     from dicom_node.db import schema as t
-    from dicom_node.routing import PolicyRouter
+    from dicom_node.jobs.routing import PolicyRouter
     from policies.loader import PolicyError, load_policy
 
     runtime = open_runtime(config, home)

@@ -14,7 +14,17 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from dicom_node.cli import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_runtime, os_user, print_json
+from dicom_node.cli.common import (
+    ConfigOpt,
+    HomeOpt,
+    JsonOpt,
+    app,
+    console,
+    fail,
+    open_runtime,
+    os_user,
+    print_json,
+)
 
 review_app = typer.Typer(
     help="Outputs held for review: list, show, approve (deliver) or reject (never sent).",
@@ -36,7 +46,7 @@ def _when(ts: float | None) -> str:
 @review_app.command("list")
 def review_list(config: ConfigOpt = None, home: HomeOpt = Path("."), json_out: JsonOpt = False) -> None:
     """Jobs waiting for review, oldest first, with why they were held."""
-    from dicom_node.review import held_jobs
+    from dicom_node.jobs.review import held_jobs
 
     runtime = open_runtime(config, home)
     rows = held_jobs(runtime.db)
@@ -73,7 +83,7 @@ def review_show(
     json_out: JsonOpt = False,
 ) -> None:
     """One job: why it was held, its QC figures, its output series; optionally PNG previews."""
-    from dicom_node.review import ReviewError, job_detail, previews
+    from dicom_node.jobs.review import ReviewError, job_detail, previews
 
     runtime = open_runtime(config, home)
     try:
@@ -125,8 +135,8 @@ def review_approve(
     reviewer: ReviewerOpt = None,
 ) -> None:
     """Release a held job: its outputs are queued for delivery to the rule's destinations."""
-    from dicom_node.outbox import tps_destinations
-    from dicom_node.review import ReviewError, approve
+    from dicom_node.delivery.outbox import tps_destinations
+    from dicom_node.jobs.review import ReviewError, approve
 
     who = reviewer or os_user()
     runtime = open_runtime(config, home, actor=who)
@@ -148,7 +158,7 @@ def review_reject(
     reviewer: ReviewerOpt = None,
 ) -> None:
     """Reject a held job: it is marked failed with the reason and nothing is ever sent."""
-    from dicom_node.review import ReviewError, reject
+    from dicom_node.jobs.review import ReviewError, reject
 
     who = reviewer or os_user()
     runtime = open_runtime(config, home, actor=who)

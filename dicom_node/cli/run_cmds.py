@@ -22,9 +22,9 @@ from rich.table import Table
 
 from audit import AuditEvent, Outcome
 from dicom_node import __version__
-from dicom_node.cli import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_runtime, print_json
-from dicom_node.part10 import split_part10
-from dicom_node.provenance import record_provenance
+from dicom_node.cli.common import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_runtime, print_json
+from dicom_node.ingest.part10 import split_part10
+from dicom_node.jobs.provenance import record_provenance
 from pipelines.base import InputInstance, PipelineError, RunEnvironment, StudyInput
 from pipelines.registry import get_pipeline, pipeline_names
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
-from dicom_node.cli import ConfigOpt, HomeOpt, app, err_console, fail, open_runtime
+from dicom_node.cli.common import ConfigOpt, HomeOpt, app, err_console, fail, open_runtime
 from dicom_node.runtime import setup_logging
 
 
@@ -53,7 +53,7 @@ def serve(
     ready_file: Annotated[Path | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Receive studies, run the routed pipelines, deliver the results. Stops on SIGTERM/Ctrl-C."""
-    from dicom_node.routing import PolicyError
+    from dicom_node.jobs.routing import PolicyError
     from dicom_node.serve import AlreadyRunning
     from dicom_node.serve import serve as run_serve
 
@@ -110,8 +110,8 @@ def demo(
     config: ConfigOpt = None,
 ) -> None:
     """Run the main job end to end: local PACS, node, simulated scanner, delivery, summary."""
-    from dicom_node.cli import console
-    from dicom_node.demo import DemoFailed, run_demo
+    from dicom_node.cli.common import console
+    from dicom_node.lab.demo import DemoFailed, run_demo
 
     if pipeline not in ("restoration", "forward"):
         raise fail(f"--pipeline {pipeline!r}: choose restoration or forward")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dicom_node.cli import app, console
+from dicom_node.cli.common import app, console
 
 simulate_app = typer.Typer(
     help="Write simulated DICOM studies (clearly labelled SIMULATED).", no_args_is_help=True
@@ -24,7 +24,7 @@ def simulate_ct(
     patient_id: Annotated[str, typer.Option(help="Patient ID to write.")] = "SIM-0001",
 ) -> None:
     """A procedural torso CT phantom, one file per slice, int16 in HU."""
-    from dicom_node.simulate import write_ct_series
+    from dicom_node.lab.simulate import write_ct_series
     from models.sim.phantom import PhantomSpec
 
     study = write_ct_series(
@@ -45,7 +45,7 @@ def simulate_ldct(
     """Physics-based low-dose CT: projection-domain noise at the given dose, plus the reference."""
     from rich.progress import Progress
 
-    from dicom_node.simulate import LdctSpec, write_ldct_study
+    from dicom_node.lab.simulate import LdctSpec, write_ldct_study
 
     if anatomy not in ("chest", "head"):
         raise typer.BadParameter("choose chest or head", param_hint="--anatomy")
@@ -71,7 +71,7 @@ def simulate_sct(
     patient_id: Annotated[str, typer.Option(help="Patient ID to write.")] = "SIM-SCT-0001",
 ) -> None:
     """Paired MR / CT head (MNI152-based): the MR planning series and, separately, the reference CT."""
-    from dicom_node.simulate import SctSpec, write_sct_study
+    from dicom_node.lab.simulate import SctSpec, write_sct_study
 
     if sequence not in ("t1", "t2"):
         raise typer.BadParameter("choose t1 or t2", param_hint="--sequence")

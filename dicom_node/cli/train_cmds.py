@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from dicom_node.cli import app, console, fail
+from dicom_node.cli.common import app, console, fail
 
 if TYPE_CHECKING:  # torch and friends load only when training runs
     from models.training.restoration import Pair

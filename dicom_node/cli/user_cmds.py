@@ -11,8 +11,18 @@ import typer
 from rich.table import Table
 
 from audit import AuditEvent
-from dicom_node.cli import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_runtime, os_user, print_json
-from dicom_node.users import UserError, UserStore
+from dicom_node.cli.common import (
+    ConfigOpt,
+    HomeOpt,
+    JsonOpt,
+    app,
+    console,
+    fail,
+    open_runtime,
+    os_user,
+    print_json,
+)
+from dicom_node.web.users import UserError, UserStore
 
 user_app = typer.Typer(help="Accounts for the web pages (roles: auditor, operator).", no_args_is_help=True)
 app.add_typer(user_app, name="user")

@@ -25,12 +25,12 @@ from fastapi.templating import Jinja2Templates
 
 from audit import AuditEvent, AuditTrail, Outcome
 from audit.report import build_study_report
-from dicom_node import queries
 from dicom_node.config import NodeConfig
+from dicom_node.db import queries
 from dicom_node.db.engine import Database
-from dicom_node.outbox import tps_destinations
-from dicom_node.review import PreviewCache, ReviewError, approve, held_jobs, job_detail, reject
-from dicom_node.users import Role, User, UserStore
+from dicom_node.delivery.outbox import tps_destinations
+from dicom_node.jobs.review import PreviewCache, ReviewError, approve, held_jobs, job_detail, reject
+from dicom_node.web.users import Role, User, UserStore
 
 COOKIE = "dicom_node_session"
 _HERE = Path(__file__).parent

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dicom_node.localpeers import (  # noqa: E402
+from dicom_node.lab.localpeers import (  # noqa: E402
     ORTHANC,
     DcmtkStoreSCP,
     NodeProcess,

@@ -24,8 +24,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dicom_node.localpeers import NodeProcess, Orthanc, policy_yaml, storescu  # noqa: E402
-from dicom_node.simulate import LdctSpec, write_ldct_study  # noqa: E402
+from dicom_node.lab.localpeers import NodeProcess, Orthanc, policy_yaml, storescu  # noqa: E402
+from dicom_node.lab.simulate import LdctSpec, write_ldct_study  # noqa: E402
 
 
 class PeakRss:

@@ -15,7 +15,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 
-from dicom_node.part10 import encode_file_meta, split_part10
+from dicom_node.ingest.part10 import encode_file_meta, split_part10
 from tests.conftest import audit_rows, db_rows, node_config, require
 from tests.peers import ECHOSCU, NODE_ENV, NodeProcess
 

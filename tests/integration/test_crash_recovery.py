@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dicom_node.part10 import split_part10
+from dicom_node.ingest.part10 import split_part10
 from tests.conftest import db_rows, node_config, require
 from tests.peers import NODE_ENV, STORESCU, NodeProcess, Orthanc, storescu
 

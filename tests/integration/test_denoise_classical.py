@@ -58,7 +58,7 @@ def dciodvfy_errors(path: Path) -> list[str]:
 def source(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     src = tmp_path_factory.mktemp(request.param)
     if request.param == "ct30":
-        from dicom_node.simulate import write_ct_series
+        from dicom_node.lab.simulate import write_ct_series
         from models.sim.phantom import PhantomSpec
 
         write_ct_series(src, PhantomSpec(rows=96, columns=96, slices=30, seed=11))
@@ -165,7 +165,7 @@ def test_orthanc_files_every_object_under_the_original_study(
 
 def test_routed_denoise_classical_reaches_orthanc(tmp_path: Path, orthanc: Orthanc) -> None:
     require(STORESCU)
-    from dicom_node.simulate import write_ct_series
+    from dicom_node.lab.simulate import write_ct_series
     from models.sim.phantom import PhantomSpec
 
     study = write_ct_series(tmp_path / "ct", PhantomSpec(rows=96, columns=96, slices=12, seed=12))

@@ -20,7 +20,7 @@ BIRTH_DATE = "19370412"
 
 def test_patient_name_and_birth_date_never_reach_the_logs(tmp_path: Path, orthanc: Orthanc) -> None:
     require(STORESCU)
-    from dicom_node.simulate import write_ct_series
+    from dicom_node.lab.simulate import write_ct_series
     from models.sim.phantom import PhantomSpec
 
     study = write_ct_series(

@@ -186,7 +186,7 @@ def test_policy_explain_names_the_deciding_condition(tmp_path: Path) -> None:
 
 def test_invalid_policy_edit_is_refused_and_the_old_policy_stays(tmp_path: Path, orthanc: Orthanc) -> None:
     require(STORESCU)
-    from dicom_node.simulate import write_ct_series
+    from dicom_node.lab.simulate import write_ct_series
     from models.sim.phantom import PhantomSpec
 
     node = NodeProcess(tmp_path / "node", node_config(orthanc, stable_seconds=1)).start()

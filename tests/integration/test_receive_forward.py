@@ -8,7 +8,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.part10 import split_part10
+from dicom_node.ingest.part10 import split_part10
 from tests.conftest import audit_rows, db_rows, node_config, require
 from tests.peers import STORESCU, NodeProcess, Orthanc, storescu
 
@@ -78,7 +78,7 @@ def test_storescu_study_is_stored_indexed_and_forwarded(tmp_path: Path, orthanc:
 
 def test_instances_after_a_job_started_open_a_new_job_version(tmp_path: Path, orthanc: Orthanc) -> None:
     require(STORESCU)
-    from dicom_node.simulate import write_ct_series
+    from dicom_node.lab.simulate import write_ct_series
     from models.sim.phantom import PhantomSpec
 
     first = write_ct_series(tmp_path / "first", PhantomSpec(rows=64, columns=64, slices=10, seed=3))

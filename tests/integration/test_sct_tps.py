@@ -19,7 +19,7 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage
 
-from dicom_node.simulate import SctSpec, write_sct_study
+from dicom_node.lab.simulate import SctSpec, write_sct_study
 from tests.conftest import audit_rows, db_rows, require, tps_config
 from tests.peers import STORESCU, NodeProcess, Orthanc, free_port, storescu
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.simulate import write_ct_series
+from dicom_node.lab.simulate import write_ct_series
 from models.sim.phantom import PhantomSpec
 from tests.conftest import audit_rows, db_rows, require, tps_config
 from tests.peers import STORESCU, NodeProcess, Orthanc, free_port, policy_yaml, storescu

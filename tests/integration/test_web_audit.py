@@ -21,7 +21,7 @@ def test_auditor_logs_in_searches_and_reads_report(
     tmp_path: Path, orthanc: Orthanc, browser: WebDriver
 ) -> None:
     require(STORESCU)
-    from dicom_node.simulate import write_ct_series
+    from dicom_node.lab.simulate import write_ct_series
     from models.sim.phantom import PhantomSpec
 
     study = write_ct_series(tmp_path / "ct", PhantomSpec(rows=64, columns=64, slices=10, seed=5))

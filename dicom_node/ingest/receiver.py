@@ -29,7 +29,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.config import NodeConfig
-from dicom_node.instance import StoreStatus
+from dicom_node.ingest.instance import StoreStatus
+from dicom_node.ingest.store import InstanceStore, StoreOutcome
 from dicom_node.net.commitment import (
     PUSH_MODEL,
     CommitmentReport,
@@ -39,7 +40,6 @@ from dicom_node.net.commitment import (
 )
 from dicom_node.net.tuning import on_connection_open, tune_pynetdicom
 from dicom_node.paths import NodePaths
-from dicom_node.store import InstanceStore, StoreOutcome
 
 log = logging.getLogger(__name__)
 

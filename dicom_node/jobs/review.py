@@ -26,8 +26,8 @@ from sqlalchemy import select
 from audit import AuditEvent, AuditTrail
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
-from dicom_node.jobs import JobState, StaleTransition, audit_transition, transition
-from dicom_node.outbox import delivery_count, nothing_to_send, queue_deliveries
+from dicom_node.delivery.outbox import delivery_count, nothing_to_send, queue_deliveries
+from dicom_node.jobs.state import JobState, StaleTransition, audit_transition, transition
 from pipelines.writers import KIND_DERIVED, KIND_HALLUCINATION, KIND_UNCERTAINTY, kind_of
 
 PREVIEW_KINDS = (KIND_DERIVED, KIND_UNCERTAINTY, KIND_HALLUCINATION)
@@ -151,7 +151,7 @@ def approve(
 ) -> int:
     """Release a held job: queue its deliveries and move it to ``delivering``.
 
-    ``tps``: the destinations with profile ``tps`` (:func:`dicom_node.outbox.tps_destinations`),
+    ``tps``: the destinations with profile ``tps`` (:func:`dicom_node.delivery.outbox.tps_destinations`),
     which are not sent the maps, SEG, SR and overlay.
 
     Returns the number of deliveries queued. Raises :class:`ReviewError` when the job is

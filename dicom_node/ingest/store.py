@@ -6,7 +6,7 @@ directory fsync'd. The data set bytes are kept exactly as they came off the wire
 node only prepends its own Part 10 file meta header.
 
 The file is the record; the SQL index is derived from it. Index rows (and the matching
-audit events) are written by :class:`~dicom_node.indexer.Indexer` in batches just after
+audit events) are written by :class:`~dicom_node.ingest.indexer.Indexer` in batches just after
 the acknowledgement, so the C-STORE round trip pays for the durable write alone. If the
 process dies in between, :meth:`InstanceStore.reconcile` re-indexes the file at the next
 start — an acknowledged instance is never lost.
@@ -33,9 +33,9 @@ from sqlalchemy import bindparam, func, insert, select
 
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
-from dicom_node.indexer import Indexer, PendingInstance
-from dicom_node.instance import InstanceFacts, Rejection, check_instance
-from dicom_node.part10 import encode_file_meta, split_part10
+from dicom_node.ingest.indexer import Indexer, PendingInstance
+from dicom_node.ingest.instance import InstanceFacts, Rejection, check_instance
+from dicom_node.ingest.part10 import encode_file_meta, split_part10
 from dicom_node.paths import NodePaths
 
 log = logging.getLogger(__name__)

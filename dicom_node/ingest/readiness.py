@@ -22,9 +22,9 @@ from audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.config import NodeConfig
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
-from dicom_node.indexer import PendingInstance
-from dicom_node.jobs import JobState, create_job
-from dicom_node.routing import PolicyRouter
+from dicom_node.ingest.indexer import PendingInstance
+from dicom_node.jobs.routing import PolicyRouter
+from dicom_node.jobs.state import JobState, create_job
 
 log = logging.getLogger(__name__)
 

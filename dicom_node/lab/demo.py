@@ -22,9 +22,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from dicom_node import queries
+from dicom_node.db import queries
 from dicom_node.db.engine import Database
-from dicom_node.localpeers import (
+from dicom_node.delivery.sender import send_series
+from dicom_node.lab.localpeers import (
     ORTHANC,
     STORESCU,
     MiniPACS,
@@ -34,8 +35,7 @@ from dicom_node.localpeers import (
     policy_yaml,
     storescu,
 )
-from dicom_node.net.sender import send_series
-from dicom_node.simulate import FULL_DOSE_CTDIVOL, LdctSpec, write_ct_series, write_ldct_study
+from dicom_node.lab.simulate import FULL_DOSE_CTDIVOL, LdctSpec, write_ct_series, write_ldct_study
 from models.sim.phantom import PhantomSpec
 from pipelines.base import OutputInstance
 

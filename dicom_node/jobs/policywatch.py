@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from audit import AuditEvent, AuditTrail, Outcome
-from dicom_node.routing import PolicyError, PolicyRouter
+from dicom_node.jobs.routing import PolicyError, PolicyRouter
 
 log = logging.getLogger(__name__)
 

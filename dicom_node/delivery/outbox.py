@@ -5,7 +5,7 @@ exponential backoff (capped) after a retryable failure, or ``dead`` (dead-letter
 ``max_attempts`` or a permanent failure. Every attempt is a row with its outcome. A job is
 ``delivered`` only when all of its deliveries are.
 
-A ``tps`` destination's series is validated before anything is sent (:mod:`dicom_node.tps`);
+A ``tps`` destination's series is validated before anything is sent (:mod:`dicom_node.delivery.tps`);
 one that fails is dead-lettered unsent with the reasons — retrying cannot change it. A
 ``tps`` destination is not sent the AI companions of an image series (Parametric Maps,
 Segmentation, SR, Secondary Capture: :data:`NOT_FOR_TPS`): a planning system plans on
@@ -45,10 +45,10 @@ from audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.config import Destination, NodeConfig, OutboxSection
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database, inserted_id
-from dicom_node.jobs import JobState, StaleTransition, audit_transition, transition
+from dicom_node.delivery.sender import CommitmentRequest, SendReport, send_series
+from dicom_node.delivery.tps import validate_for_tps, validate_input_series
+from dicom_node.jobs.state import JobState, StaleTransition, audit_transition, transition
 from dicom_node.net.commitment import CommitmentReport, ReportStatus
-from dicom_node.net.sender import CommitmentRequest, SendReport, send_series
-from dicom_node.tps import validate_for_tps, validate_input_series
 from pipelines.base import OutputInstance
 
 log = logging.getLogger(__name__)

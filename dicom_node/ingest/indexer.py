@@ -22,7 +22,7 @@ from sqlalchemy import Connection, insert, select, update
 from audit import AuditEvent, AuditTrail
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database, inserted_id
-from dicom_node.instance import InstanceFacts
+from dicom_node.ingest.instance import InstanceFacts
 
 log = logging.getLogger(__name__)
 
