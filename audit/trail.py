@@ -22,21 +22,19 @@ from typing import Any
 from sqlalchemy import (
     Column,
     Connection,
-    Engine,
     Float,
     Integer,
     MetaData,
     String,
     Table,
     Text,
-    create_engine,
-    event,
     insert,
     or_,
     select,
 )
 from sqlalchemy.engine import make_url
 
+from audit import sqlite
 from audit.events import AuditEvent, Outcome
 
 GENESIS_HASH = "0" * 64
@@ -164,33 +162,6 @@ class AuditRecord:
     hash: str
 
 
-def _engine(url: str, begin: str = "BEGIN IMMEDIATE") -> Engine:
-    """SQLite: WAL, and ``begin`` as the transaction start (IMMEDIATE for appends, so the
-    head read and the insert are one atomic step across processes; plain for reads, which
-    then never hold up a writer)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
-    if parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=60000")
-        cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql(begin)
-
-    return engine
-
-
 class AuditTrail:
     """The node's audit log. ``record()`` is the one call every call site uses.
 
@@ -215,8 +186,8 @@ class AuditTrail:
         self.actor = actor
         self.checkpoints = CheckpointFile(checkpoint_file) if checkpoint_file else None
         self.checkpoint_every = checkpoint_every
-        self._engine = _engine(url)
-        self._reader = _engine(url, begin="BEGIN")
+        self._engine = sqlite.engine(url)
+        self._reader = sqlite.engine(url, begin="BEGIN")
         self._is_sqlite = make_url(url).get_backend_name() == "sqlite"
         self._lock = threading.Lock()
         metadata.create_all(self._engine)

@@ -13,14 +13,9 @@ from fhir.resources.bundle import Bundle as BundleR5
 from fhir.resources.R4B.bundle import Bundle as BundleR4B
 
 from audit import AuditEvent, AuditRecord, Outcome
-from audit.export import (
-    EVENT_MAP,
-    WEIGHTS_SYSTEM,
-    dicom_xml_document,
-    event_mapping,
-    fhir_bundle,
-    to_dicom_xml,
-)
+from audit.export import dicom_xml_document, event_mapping, fhir_bundle, to_dicom_xml
+from audit.export.fhir import WEIGHTS_SYSTEM
+from audit.export.mapping import EVENT_MAP
 from audit.trail import GENESIS_HASH, HASHED_FIELDS, canonical_json, chain_hash
 
 STUDY = "1.2.826.0.1.3680043.8.498.1001"

@@ -19,19 +19,17 @@ import pytest
 import trustme
 
 from audit import AuditEvent, AuditRecord, AuditTrail, Outcome
-from audit.syslog import (
+from audit.syslog import AuditForwarder, SyslogTlsSender
+from audit.syslog.forwarder import read_state, write_state
+from audit.syslog.messages import (
     BOM,
     CHECKPOINT_MSGID,
     DEFAULT_MSGID,
     SD_ID,
-    AuditForwarder,
-    SyslogTlsSender,
     format_checkpoint,
     format_rfc5424,
     frame_rfc5425,
-    read_state,
     sd_escape,
-    write_state,
 )
 
 pytestmark = pytest.mark.timeout(60)

@@ -2,9 +2,10 @@
 
 SQLite runs in WAL mode so readers never block the receiver. Write transactions begin with
 ``BEGIN IMMEDIATE``: the write lock is taken up front, so two processes (receiver and
-workers) never deadlock upgrading a read lock. ``synchronous=NORMAL`` keeps a commit
-durable across a process crash (kill -9); the DICOM files themselves are fsync'd, and
-startup reconciliation re-indexes any file whose index row a power loss took away.
+workers) never deadlock upgrading a read lock (the engine setup is :mod:`audit.sqlite`,
+shared with the audit log). ``synchronous=NORMAL`` keeps a commit durable across a process
+crash (kill -9); the DICOM files themselves are fsync'd, and startup reconciliation
+re-indexes any file whose index row a power loss took away.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Connection, CursorResult, Engine, Select, create_engine, event
+from sqlalchemy import Connection, CursorResult, Select
 from sqlalchemy.engine import make_url
+
+from audit import sqlite
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -30,31 +33,6 @@ def inserted_id(result: CursorResult[Any]) -> int:
     return int(key[0])
 
 
-def _sqlite_engine(url: str, begin: str) -> Engine:
-    engine = create_engine(
-        url,
-        connect_args={"timeout": 60, "check_same_thread": False},
-        pool_size=20,
-        max_overflow=20,
-    )
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=60000")
-        cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql(begin)
-
-    return engine
-
-
 class Database:
     """The node's SQL database: ``write()`` and ``read()`` transactions."""
 
@@ -63,15 +41,12 @@ class Database:
         self._local = threading.local()
         self._compiled: dict[Select[Any], tuple[str, Any, dict[str, Any]]] = {}
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
-        if self.is_sqlite:
-            database = make_url(url).database
-            if database and database != ":memory:":
-                Path(database).parent.mkdir(parents=True, exist_ok=True)
-            self._writer = _sqlite_engine(url, "BEGIN IMMEDIATE")
-            self._reader = _sqlite_engine(url, "BEGIN")
-        else:
-            self._writer = create_engine(url, pool_pre_ping=True)
-            self._reader = self._writer
+        self._writer = sqlite.engine(url, "BEGIN IMMEDIATE", foreign_keys=True, pool_size=20, max_overflow=20)
+        self._reader = (
+            sqlite.engine(url, "BEGIN", foreign_keys=True, pool_size=20, max_overflow=20)
+            if self.is_sqlite
+            else self._writer
+        )
 
     @contextmanager
     def write(self) -> Iterator[Connection]:

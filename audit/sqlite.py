@@ -1,0 +1,78 @@
+"""The project's one SQLAlchemy engine setup, tuned for SQLite.
+
+SQLite runs in WAL mode, so readers never block the writer, with ``synchronous=NORMAL`` (a
+commit survives a process crash) and a 60 s busy timeout. The driver's own transaction
+handling is switched off and every transaction starts with the ``begin`` statement instead:
+``BEGIN IMMEDIATE`` takes the write lock up front, so two processes never deadlock upgrading a
+read lock (and a read-then-insert, such as appending to the audit chain, is one atomic step);
+a plain ``BEGIN`` suits readers, which then never hold up a writer.
+
+Both the audit trail and the node's own database use it; it lives here because ``audit`` is
+the bottom layer and imports no other project folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+
+def engine(
+    url: str,
+    begin: str = "BEGIN IMMEDIATE",
+    *,
+    foreign_keys: bool = False,
+    pool_size: int | None = None,
+    max_overflow: int | None = None,
+) -> Engine:
+    """An engine for ``url``, set up as the module docstring describes when it is SQLite.
+
+    Parameters
+    ----------
+    url
+        SQLAlchemy URL. For an SQLite file, its directory is created if missing.
+    begin
+        The statement every transaction starts with (SQLite only): ``"BEGIN IMMEDIATE"`` for
+        writers, ``"BEGIN"`` for readers.
+    foreign_keys
+        Also enforce foreign keys (``PRAGMA foreign_keys=ON``; SQLite only).
+    pool_size, max_overflow
+        Connection pool limits (SQLite only); ``None`` keeps SQLAlchemy's default.
+
+    Returns
+    -------
+    Engine
+        For SQLite, the engine described above. For any other database, a plain engine with
+        ``pool_pre_ping=True`` (the other arguments do not apply there).
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    pool: dict[str, int] = {}
+    if pool_size is not None:
+        pool["pool_size"] = pool_size
+    if max_overflow is not None:
+        pool["max_overflow"] = max_overflow
+    sqlite_engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False}, **pool)
+
+    @event.listens_for(sqlite_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        if foreign_keys:
+            cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.close()
+
+    @event.listens_for(sqlite_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql(begin)
+
+    return sqlite_engine
