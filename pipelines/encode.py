@@ -1,19 +1,188 @@
-"""The encode stage: every output of a job as DICOM objects, with provenance in each."""
+"""The encode stage: every output of a job as DICOM objects, with provenance in each.
+
+:func:`write_outputs` runs the writers of :mod:`pipelines.writers` for one job (derived
+series, both Parametric Maps, the SEG, the optional SC overlay, the SR) and returns an
+:class:`OutputSet`; :class:`Encode` is the stage that calls it and records the files.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from highdicom.sr import CodedConcept
 from pydicom import Dataset
+from pydicom.sr.coding import Code
 
 from pipelines.base import OutputInstance
 from pipelines.provenance import OutputProvenance
 from pipelines.stages import Context
 from pipelines.uids import UidFactory, job_key
-from pipelines.writers import SMOOTHING, file_name, write_outputs
+from pipelines.volume import Volume
+from pipelines.writers import (
+    KIND_DERIVED,
+    KIND_HALLUCINATION,
+    KIND_OVERLAY,
+    KIND_REPORT,
+    KIND_SUSPECT,
+    KIND_UNCERTAINTY,
+    SMOOTHING,
+    DerivedImageWriter,
+    HallucinationMapWriter,
+    OverlayWriter,
+    SummaryReportWriter,
+    SuspectRegionWriter,
+    UncertaintyMapWriter,
+    file_name,
+    save,
+    ucum_for_units,
+)
+from pipelines.writers.common import _check_series_number
+
+
+@dataclass(frozen=True)
+class OutputSet:
+    """The objects written for one job, by kind."""
+
+    derived: tuple[Dataset, ...]
+    uncertainty: Dataset
+    hallucination: Dataset
+    suspect: Dataset
+    report: Dataset
+    overlay: Dataset | None = None
+
+    def by_kind(self) -> dict[str, list[Dataset]]:
+        """``{"derived": [...], "uncertainty": [pm], ..., "report": [sr]}`` (overlay if written)."""
+        kinds: dict[str, list[Dataset]] = {
+            KIND_DERIVED: list(self.derived),
+            KIND_UNCERTAINTY: [self.uncertainty],
+            KIND_HALLUCINATION: [self.hallucination],
+            KIND_SUSPECT: [self.suspect],
+        }
+        if self.overlay is not None:
+            kinds[KIND_OVERLAY] = [self.overlay]
+        kinds[KIND_REPORT] = [self.report]
+        return kinds
+
+    def datasets(self) -> list[Dataset]:
+        """All objects, report last."""
+        return [ds for group in self.by_kind().values() for ds in group]
+
+
+def write_outputs(
+    volume: Volume,
+    *,
+    provenance: OutputProvenance,
+    uids: UidFactory,
+    derived: np.ndarray,
+    uncertainty: np.ndarray,
+    hallucination: np.ndarray,
+    suspect: np.ndarray,
+    model_card: Mapping[str, str],
+    qc: Mapping[str, tuple[float, str | Code | CodedConcept]],
+    gate: str,
+    derived_description: str,
+    derivation_code: Code | CodedConcept = SMOOTHING,
+    uncertainty_units: str | Code | CodedConcept | None = None,
+    first_series_number: int = 1001,
+    overlay: bool = True,
+    synthetic_data_element: bool = True,
+    output_modality: str | None = None,
+    output_units: str | None = None,
+    out_dir: Path | None = None,
+    release_pixels: bool = False,
+) -> OutputSet:
+    """Write every output of one job and return them by kind.
+
+    Series numbers run from ``first_series_number``: derived, uncertainty, hallucination,
+    suspect regions, overlay, report.
+
+    Parameters
+    ----------
+    volume
+        The source volume.
+    provenance, uids
+        As for every writer.
+    derived, uncertainty, hallucination, suspect
+        The AI image (volume units), its uncertainty (≥ 0), the hallucination score and
+        the boolean suspect-region mask, each of the volume's shape.
+    model_card, qc, gate
+        For the summary report (:meth:`SummaryReportWriter.write`).
+    derived_description
+        What the derived series is (Series Description, after "AI").
+    derivation_code
+        Derivation Code of the derived images.
+    uncertainty_units
+        UCUM code of the uncertainty; default from ``output_units`` (else the volume's units).
+    overlay
+        Also write the Secondary Capture heat map of the busiest slice.
+    synthetic_data_element
+        See :class:`DerivedImageWriter`.
+    output_modality, output_units
+        The derived series' IOD and the units of ``derived`` (and of ``uncertainty``), e.g.
+        ``"CT"`` / ``"HU"`` for a synthetic CT from an MR; default the volume's (see
+        :class:`DerivedImageWriter`).
+    out_dir
+        When given, all objects are saved there (see :func:`save`).
+    release_pixels
+        With ``out_dir``: save each object as soon as it is written and drop its pixel data
+        from memory (the report references objects by their headers only), so a long
+        series never holds every output's pixels at once. The returned data sets then
+        carry no pixel data: read the files.
+    """
+    stream = out_dir is not None and release_pixels
+
+    def done(datasets: list[Dataset]) -> None:
+        if stream:
+            assert out_dir is not None
+            save(datasets, out_dir)
+            for ds in datasets:
+                for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+                    if keyword in ds:
+                        delattr(ds, keyword)
+
+    n = _check_series_number("write_outputs", first_series_number)
+    image_units = volume.units if output_units is None else output_units
+    units = uncertainty_units if uncertainty_units is not None else ucum_for_units(image_units)
+    images = DerivedImageWriter(
+        provenance=provenance,
+        uids=uids,
+        series_number=n,
+        series_description=derived_description,
+        derivation_code=derivation_code,
+        synthetic_data_element=synthetic_data_element,
+        output_modality=output_modality,
+        units=output_units,
+    ).write(volume, derived)
+    done(images)
+    sigma = UncertaintyMapWriter(provenance=provenance, uids=uids, series_number=n + 1, units=units).write(
+        volume, uncertainty
+    )
+    done([sigma])
+    score = HallucinationMapWriter(provenance=provenance, uids=uids, series_number=n + 2).write(
+        volume, hallucination
+    )
+    seg = SuspectRegionWriter(provenance=provenance, uids=uids, series_number=n + 3).write(volume, suspect)
+    done([seg])
+    picture = None
+    if overlay:
+        picture = OverlayWriter(provenance=provenance, uids=uids, series_number=n + 4).write(
+            volume, hallucination, hallucination_map=score, mask=np.asarray(suspect, dtype=bool)
+        )
+        done([picture])
+    done([score])  # the overlay reads the hallucination map's pixels
+    written = [*images, sigma, score, seg, *([picture] if picture is not None else [])]
+    report = SummaryReportWriter(
+        provenance=provenance, uids=uids, series_number=n + 5, model_card=model_card
+    ).write(volume, outputs=written, qc=qc, gate=gate)
+    done([report])
+    result = OutputSet(tuple(images), sigma, score, seg, report, picture)
+    if out_dir is not None and not stream:
+        save(result.datasets(), out_dir)
+    return result
 
 
 def _card_facts(ctx: Context) -> dict[str, str]:

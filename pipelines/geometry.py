@@ -1,13 +1,15 @@
 """Slice geometry of a series, from its headers: one stack, evenly spaced, nothing missing.
 
 A series is placed in the patient by each slice's Image Position / Orientation (Patient)
-(per frame for enhanced multi-frame objects). :func:`analyse_stack` sorts the slices
-along the slice normal and reports the facts — slices off the common orientation,
-duplicate positions, the median step, gaps and uneven steps — without judging them;
-:func:`stack_problems` turns the facts into the reasons a person can act on ("the MR
-series has 12 of 24 slices: gap of 32.5 mm between z=-27.5 and z=5.0"). The volume
-loader and the TPS checks both build on these, so a series is judged the same way on
-the way in and on the way out.
+(per frame for enhanced multi-frame objects: :func:`frame_group` is the one reader of
+per-frame functional groups, the frame's own item else the shared one, and the volume
+loader, :func:`planes_of` and the writers all find a frame's geometry through it).
+:func:`analyse_stack` sorts the slices along the slice normal and reports the facts —
+slices off the common orientation, duplicate positions, the median step, gaps and
+uneven steps — without judging them; :func:`stack_problems` turns the facts into the
+reasons a person can act on ("the MR series has 12 of 24 slices: gap of 32.5 mm between
+z=-27.5 and z=5.0"). The volume loader and the TPS checks both build on these, so a
+series is judged the same way on the way in and on the way out.
 
 Tolerances: orientations agree within 1e-4 (direction cosines); two slices closer than
 0.001 mm along the normal are duplicates; a step may differ from the median step by 1 %
@@ -86,9 +88,34 @@ def _floats(values: Any, n: int) -> tuple[float, ...] | None:
     return out if len(out) == n else None
 
 
-def _first(item: Any, sequence: str) -> Any:
+def first_item(item: Dataset | None, sequence: str) -> Dataset | None:
+    """The first item of ``sequence`` in ``item`` (None when either is absent or empty)."""
     seq = getattr(item, sequence, None) if item is not None else None
     return seq[0] if seq else None
+
+
+def frame_group(ds: Dataset, frame_number: int | None, sequence: str) -> Dataset | None:
+    """The item of functional group ``sequence`` that applies to one frame of ``ds``.
+
+    The frame's own item (Per-Frame Functional Groups Sequence) when it has a non-empty
+    one, else the Shared Functional Groups item; None when neither has the group.
+
+    Parameters
+    ----------
+    ds
+        An instance with functional groups (enhanced multi-frame); for one without, None.
+    frame_number
+        1-based frame number; None asks for the shared item only.
+    sequence
+        Keyword of the functional group, e.g. ``"PlanePositionSequence"``.
+    """
+    if frame_number is not None:
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+        if per_frame and len(per_frame) >= frame_number:
+            item = first_item(per_frame[frame_number - 1], sequence)
+            if item:
+                return item
+    return first_item(first_item(ds, "SharedFunctionalGroupsSequence"), sequence)
 
 
 def planes_of(ds: Dataset) -> tuple[list[Plane], str | None]:
@@ -100,17 +127,12 @@ def planes_of(ds: Dataset) -> tuple[list[Plane], str | None]:
     sop = str(ds.get("SOPInstanceUID", "?"))
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame:
-        shared = _first(ds, "SharedFunctionalGroupsSequence")
         planes = []
-        for n, groups in enumerate(per_frame, start=1):
-
-            def group(name: str, groups: Any = groups) -> Any:
-                return _first(groups, name) or _first(shared, name)
-
+        for n in range(1, len(per_frame) + 1):
             pos, ori, measures = (
-                group("PlanePositionSequence"),
-                group("PlaneOrientationSequence"),
-                group("PixelMeasuresSequence"),
+                frame_group(ds, n, "PlanePositionSequence"),
+                frame_group(ds, n, "PlaneOrientationSequence"),
+                frame_group(ds, n, "PixelMeasuresSequence"),
             )
             position = _floats(getattr(pos, "ImagePositionPatient", None), 3)
             orientation = _floats(getattr(ori, "ImageOrientationPatient", None), 6)

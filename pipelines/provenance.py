@@ -1,10 +1,18 @@
-"""What every output object says about where it came from (required by every writer)."""
+"""What every output object says about where it came from.
+
+:class:`OutputProvenance` is required by every writer of :mod:`pipelines.writers`, which
+stamps it on each object; :func:`provenance_of` reads it back, with the object's source
+instances, from any single object written there.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
+
+from pydicom.dataset import Dataset
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -75,3 +83,117 @@ class OutputProvenance:
             "model_version": m["model_version"],
             "weights_sha256": m["sha"],
         }
+
+
+def _walk_sr(items: Iterable[Dataset]) -> Iterable[tuple[str, Dataset]]:
+    """(concept code value of the enclosing container, item) for every SR content item."""
+    for item in items:
+        name = item.get("ConceptNameCodeSequence")
+        code = str(name[0].CodeValue) if name else ""
+        for child in item.get("ContentSequence", []):
+            yield code, child
+            yield from _walk_sr([child])
+
+
+def provenance_of(ds: Dataset) -> dict[str, Any]:
+    """What any single object the writers wrote says about itself and where it came from.
+
+    Reads the Source Image Sequence, Referenced Series Sequence and per-frame Derivation
+    Image Sequences (images, maps, segmentations), or the "Source images" container and
+    evidence (report); and the pipeline, model and weights from Contributing Equipment's
+    Contribution Description (parsed with :meth:`OutputProvenance.parse`), falling back to
+    Derivation Description and, for the report, its provenance line.
+
+    Returns
+    -------
+    dict
+        ``kind``, ``sop_class_uid``, ``sop_instance_uid``, ``series_instance_uid``,
+        ``study_instance_uid``, ``frame_of_reference_uid`` (or None), ``source_sop_instance_uids``
+        and ``source_series_instance_uids`` (sorted lists), ``referenced_output_sop_instance_uids``
+        (report only, else empty), ``synthetic`` (bool), and the parsed provenance fields
+        ``node_version``, ``pipeline``, ``pipeline_version``, ``model_name``, ``model_version``,
+        ``weights_sha256``.
+
+    Raises
+    ------
+    ValueError
+        ``ds`` carries no dicom-node provenance.
+    """
+    # The writers import this module (each requires an OutputProvenance): their vocabulary
+    # is imported when an object is read back, so this module needs no writer to load.
+    from pipelines.writers.common import _SYNTHESIZING_EQUIPMENT, KIND_REPORT, kind_of
+    from pipelines.writers.report import _SR_OUTPUTS, _SR_PROVENANCE, _SR_SOURCES
+
+    kind = kind_of(ds)
+    sources: set[str] = set()
+    series: set[str] = set()
+    outputs: set[str] = set()
+
+    def add_source_items(seq: Any) -> None:
+        for item in seq or []:
+            if "ReferencedSOPInstanceUID" in item:
+                sources.add(str(item.ReferencedSOPInstanceUID))
+
+    add_source_items(ds.get("SourceImageSequence"))
+    for group in [
+        *ds.get("SharedFunctionalGroupsSequence", []),
+        *ds.get("PerFrameFunctionalGroupsSequence", []),
+    ]:
+        for derivation in group.get("DerivationImageSequence", []) or []:
+            add_source_items(derivation.get("SourceImageSequence"))
+    for item in ds.get("ReferencedSeriesSequence", []):
+        series.add(str(item.SeriesInstanceUID))
+        add_source_items(item.get("ReferencedInstanceSequence"))
+    if kind == KIND_REPORT:
+        for container, item in _walk_sr([ds]):
+            refs = item.get("ReferencedSOPSequence")
+            if not refs:
+                continue
+            uid = str(refs[0].ReferencedSOPInstanceUID)
+            if container == _SR_SOURCES.value:
+                sources.add(uid)
+            elif container == _SR_OUTPUTS.value:
+                outputs.add(uid)
+        for study in ds.get("CurrentRequestedProcedureEvidenceSequence", []):
+            for item in study.get("ReferencedSeriesSequence", []):
+                uids = {str(i.ReferencedSOPInstanceUID) for i in item.get("ReferencedSOPSequence", [])}
+                if uids & sources:
+                    series.add(str(item.SeriesInstanceUID))
+
+    facts: dict[str, Any] | None = None
+    synthetic = str(ds.get("SyntheticData", "")) == "YES"
+    for item in ds.get("ContributingEquipmentSequence", []):
+        purpose = item.get("PurposeOfReferenceCodeSequence")
+        if purpose and purpose[0].CodeValue == _SYNTHESIZING_EQUIPMENT.value:
+            synthetic = True
+        if facts is None and "ContributionDescription" in item:
+            try:
+                facts = OutputProvenance.parse(str(item.ContributionDescription))
+            except ValueError:
+                continue
+    if facts is None and "DerivationDescription" in ds:
+        try:
+            facts = OutputProvenance.parse(str(ds.DerivationDescription))
+        except ValueError:
+            pass
+    if facts is None and kind == KIND_REPORT:
+        for _container, item in _walk_sr([ds]):
+            name = item.get("ConceptNameCodeSequence")
+            if name and name[0].CodeValue == _SR_PROVENANCE.value and "TextValue" in item:
+                facts = OutputProvenance.parse(str(item.TextValue))
+                break
+    if facts is None:
+        raise ValueError(f"{kind} object {ds.get('SOPInstanceUID')} carries no dicom-node provenance")
+    return {
+        "kind": kind,
+        "sop_class_uid": str(ds.SOPClassUID),
+        "sop_instance_uid": str(ds.SOPInstanceUID),
+        "series_instance_uid": str(ds.SeriesInstanceUID),
+        "study_instance_uid": str(ds.StudyInstanceUID),
+        "frame_of_reference_uid": str(ds.FrameOfReferenceUID) if "FrameOfReferenceUID" in ds else None,
+        "source_sop_instance_uids": sorted(sources),
+        "source_series_instance_uids": sorted(series),
+        "referenced_output_sop_instance_uids": sorted(outputs),
+        "synthetic": synthetic,
+        **facts,
+    }

@@ -7,7 +7,7 @@ fitted on the training pairs). Outputs: the sCT as **CT Image Storage** in HU on
 MR's frame of reference (each slice exactly where its MR slice is), the uncertainty
 Parametric Map (HU), the hallucination Parametric Map, the suspect-region SEG, the
 Comprehensive SR and a Secondary Capture overlay. A ``tps`` destination checks the sCT
-again before sending (``dicom_node.tps``).
+again before sending (``dicom_node.delivery.tps``).
 
 The model is the shipped one; ``DICOM_NODE_SCT_MODEL`` (a model version directory with
 ``card.json`` and the weights) replaces it, e.g. for a model trained at the site.

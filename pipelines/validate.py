@@ -17,8 +17,9 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from pipelines.provenance import provenance_of
 from pipelines.stages import Context
-from pipelines.writers import KIND_DERIVED, KIND_HALLUCINATION, KIND_UNCERTAINTY, provenance_of
+from pipelines.writers import KIND_DERIVED, KIND_HALLUCINATION, KIND_UNCERTAINTY
 
 _PIXEL_KINDS = (KIND_DERIVED, KIND_UNCERTAINTY, KIND_HALLUCINATION)
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
-from pipelines.geometry import analyse_stack
+from pipelines.geometry import analyse_stack, first_item, frame_group
 
 
 class SeriesError(ValueError):
@@ -108,11 +108,6 @@ def _xyz(values: Any) -> tuple[float, float, float]:
     return (x, y, z)
 
 
-def _first(item: Any, sequence: str) -> Any:
-    seq = getattr(item, sequence, None) if item is not None else None
-    return seq[0] if seq else None
-
-
 def _frames_of(index: int, ds: Dataset, label: str) -> list[_Frame]:
     sop = str(ds.get("SOPInstanceUID", "?"))
     sop_class = str(ds.get("SOPClassUID", ""))
@@ -120,23 +115,18 @@ def _frames_of(index: int, ds: Dataset, label: str) -> list[_Frame]:
         raise SeriesError(f"{label}: instance {sop} has no pixel data")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame:
-        shared = _first(ds, "SharedFunctionalGroupsSequence")
         frames = []
-        for n, groups in enumerate(per_frame, start=1):
-
-            def group(name: str, groups: Any = groups) -> Any:
-                return _first(groups, name) or _first(shared, name)
-
+        for n in range(1, len(per_frame) + 1):
             plane_pos, plane_ori, measures = (
-                group("PlanePositionSequence"),
-                group("PlaneOrientationSequence"),
-                group("PixelMeasuresSequence"),
+                frame_group(ds, n, "PlanePositionSequence"),
+                frame_group(ds, n, "PlaneOrientationSequence"),
+                frame_group(ds, n, "PixelMeasuresSequence"),
             )
             if plane_pos is None or plane_ori is None or measures is None:
                 raise SeriesError(
                     f"{label}: frame {n} of {sop} lacks plane position, orientation or pixel spacing"
                 )
-            transform = group("PixelValueTransformationSequence")
+            transform = frame_group(ds, n, "PixelValueTransformationSequence")
             frames.append(
                 _Frame(
                     index,
@@ -174,10 +164,10 @@ def _rescale_type(ds: Dataset) -> str:
     if ds.get("RescaleType"):
         return str(ds.RescaleType)
     for groups in (
-        _first(ds, "SharedFunctionalGroupsSequence"),
-        _first(ds, "PerFrameFunctionalGroupsSequence"),
+        first_item(ds, "SharedFunctionalGroupsSequence"),
+        first_item(ds, "PerFrameFunctionalGroupsSequence"),
     ):
-        transform = _first(groups, "PixelValueTransformationSequence")
+        transform = first_item(groups, "PixelValueTransformationSequence")
         if transform is not None and transform.get("RescaleType"):
             return str(transform.RescaleType)
     return ""

@@ -25,7 +25,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, 
 
 from dicom_node.delivery.tps import DCIODVFY, STALE_DCIODVFY_ERRORS, dciodvfy_errors, validate_for_tps
 from dicom_node.lab.simulate import SctSpec, SimulatedStudy, write_sct_study
-from pipelines.writers import kind_of, provenance_of
+from pipelines.provenance import provenance_of
+from pipelines.writers import kind_of
 from tests.conftest import require
 
 SLICES, SIZE = 12, 128

@@ -29,9 +29,12 @@ from pydicom.uid import ParametricMapStorage
 from dicom_node.lab.simulate import write_ct_series
 from models.sim.phantom import PhantomSpec
 from pipelines import writers as W
-from pipelines.provenance import OutputProvenance, ProvenanceError
+from pipelines.encode import OutputSet, write_outputs
+from pipelines.provenance import OutputProvenance, ProvenanceError, _walk_sr, provenance_of
 from pipelines.uids import UidFactory
 from pipelines.volume import SeriesError, Volume, load_series
+from pipelines.writers.common import _CONTENT_LABELS
+from pipelines.writers.derived import _rescale
 
 DCIODVFY = Path("/usr/bin/dciodvfy")
 #: The one error dicom3tools builds older than Synthetic Data (0008,001C) report for it
@@ -127,7 +130,7 @@ class Case:
     sigma: np.ndarray
     score: np.ndarray
     mask: np.ndarray
-    outputs: W.OutputSet
+    outputs: OutputSet
     paths: list[Path]
     uids: UidFactory
 
@@ -150,7 +153,7 @@ def fake_outputs(volume: Volume, seed: int = 0) -> tuple[np.ndarray, np.ndarray,
 def write_case(name: str, volume: Volume, out_dir: Path, key: str = "job-1") -> Case:
     derived, sigma, score, mask = fake_outputs(volume)
     uids = UidFactory("2.25.", key)
-    outputs = W.write_outputs(
+    outputs = write_outputs(
         volume,
         provenance=PROVENANCE,
         uids=uids,
@@ -247,7 +250,7 @@ def test_empty_mask_still_gives_a_complete_valid_segmentation(tmp_path: Path) ->
 
 
 def provenance_facts(ds: Dataset) -> dict[str, Any]:
-    return W.provenance_of(ds)
+    return provenance_of(ds)
 
 
 def test_every_object_rereads_with_pydicom_and_highdicom(case: Case) -> None:
@@ -259,7 +262,7 @@ def test_every_object_rereads_with_pydicom_and_highdicom(case: Case) -> None:
         assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
         if kind in ("uncertainty", "hallucination"):
             pm = hd.pm.ParametricMap.from_dataset(ds)
-            assert pm.ContentLabel == W._CONTENT_LABELS[kind]
+            assert pm.ContentLabel == _CONTENT_LABELS[kind]
             rwvm = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
             unit = rwvm.MeasurementUnitsCodeSequence[0]
             expected = W.ucum_for_units(case.volume.units) if kind == "uncertainty" else "1"
@@ -375,7 +378,7 @@ def test_derived_pixels_round_trip_within_half_a_unit(case: Case) -> None:
 
 def test_wide_range_is_rescaled_not_clipped() -> None:
     values = np.linspace(-50000.0, 90000.0, 64 * 64, dtype=np.float32).reshape(64, 64)
-    stored, slope, intercept = W._rescale(values)
+    stored, slope, intercept = _rescale(values)
     error = np.abs(stored.astype(np.float64) * slope + intercept - values)
     assert slope > 1 and error.max() <= slope / 2 + 1e-6
 
@@ -389,7 +392,7 @@ def test_provenance_is_recoverable_from_every_single_object(case: Case) -> None:
     hallucination_uid = str(case.outputs.hallucination.SOPInstanceUID)
     for path in case.paths:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        facts = W.provenance_of(ds)
+        facts = provenance_of(ds)
         assert facts["pipeline"] == PROVENANCE.pipeline
         assert facts["pipeline_version"] == PROVENANCE.pipeline_version
         assert facts["model_name"] == PROVENANCE.model_name
@@ -419,7 +422,7 @@ def test_report_contents_and_complete_evidence(case: Case) -> None:
         str(ds.SOPInstanceUID) for ds in case.outputs.datasets() if ds is not case.outputs.report
     }
     assert evidence == expected
-    items = {item.ConceptNameCodeSequence[0].CodeMeaning: item for _, item in W._walk_sr([sr])}
+    items = {item.ConceptNameCodeSequence[0].CodeMeaning: item for _, item in _walk_sr([sr])}
     assert items["Provenance"].TextValue == PROVENANCE.description()
     assert items["Gate verdict"].TextValue.startswith("review")
     for key, value in MODEL_CARD.items():
@@ -456,7 +459,7 @@ def test_processing_pipeline_is_not_marked_synthetic(tmp_path: Path) -> None:
         provenance=prov, uids=UidFactory("2.25.", "p"), series_number=3, series_description="smoothed CT"
     ).write(volume, volume.array)
     assert ds.SyntheticData == "NO"
-    assert W.provenance_of(ds)["synthetic"] is False
+    assert provenance_of(ds)["synthetic"] is False
     assert not ds.SeriesDescription.startswith("AI SYNTHETIC")
     assert {i.PurposeOfReferenceCodeSequence[0].CodeValue for i in ds.ContributingEquipmentSequence} == {
         "109101",  # the scanner (acquisition equipment of the source)

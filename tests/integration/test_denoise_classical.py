@@ -16,7 +16,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from pipelines.writers import kind_of, provenance_of
+from pipelines.provenance import provenance_of
+from pipelines.writers import kind_of
 from tests.conftest import db_rows, node_config, require
 from tests.peers import DCIODVFY, STORESCU, NodeProcess, Orthanc, policy_yaml, storescu
 from tests.test_writers import complete_emri

@@ -11,7 +11,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pipelines.writers import kind_of, provenance_of
+from pipelines.provenance import provenance_of
+from pipelines.writers import kind_of
 from tests.conftest import db_rows, node_config, require
 from tests.peers import DCIODVFY, STORESCU, NodeProcess, Orthanc, policy_yaml, storescu
 

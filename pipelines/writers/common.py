@@ -1,0 +1,444 @@
+"""What every writer shares: coded concepts, units, argument checks and equipment.
+
+* the local coding scheme ``99DCMNODE`` for concepts without a standard code (declared,
+  by :func:`_finish`, in the Coding Scheme Identification Sequence of each object that
+  uses it), and the standard concepts the writers cite;
+* UCUM units (:func:`ucum`, :func:`ucum_for_units`);
+* the argument checks every writer runs when it is built (provenance, UID factory,
+  series number, array shape), each naming the argument at fault;
+* Contributing Equipment (the source's scanner, the node, the model) and Software
+  Versions, which carry the provenance of every object;
+* the output kinds (``KIND_*``) and :func:`kind_of`, which tells them apart again;
+* what the writers read from the source: windows, per-frame values (through
+  :func:`pipelines.geometry.frame_group`), references, body part, plane geometry.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+from highdicom.sr.coding import CodedConcept
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import (
+    ComprehensiveSRStorage,
+    CTImageStorage,
+    MRImageStorage,
+    ParametricMapStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
+from pydicom.valuerep import format_number_as_ds
+
+from pipelines.geometry import frame_group
+from pipelines.provenance import OutputProvenance, ProvenanceError
+from pipelines.uids import UidFactory
+from pipelines.volume import Volume
+
+__all__ = [
+    "KIND_DERIVED",
+    "KIND_HALLUCINATION",
+    "KIND_OVERLAY",
+    "KIND_REPORT",
+    "KIND_SUSPECT",
+    "KIND_UNCERTAINTY",
+    "LOCAL_SCHEME",
+    "NODE_MANUFACTURER",
+    "SMOOTHING",
+    "SYNTHESIS",
+    "kind_of",
+    "local_code",
+    "ucum",
+    "ucum_for_units",
+]
+
+#: Manufacturer of every object written here (General Equipment, Contributing Equipment).
+NODE_MANUFACTURER = "dicom-node"
+#: Local (private) coding scheme for concepts no standard code names.
+LOCAL_SCHEME = "99DCMNODE"
+_LOCAL_SCHEME_NAME = "dicom-node local codes"
+
+#: DCM 113087 "Smoothing": the default Derivation Code of a derived image.
+SMOOTHING = CodedConcept("113087", "DCM", "Smoothing")
+#: Derivation Code of an image a model synthesised from an image of another kind (e.g. a
+#: synthetic CT from an MR). CID 7203 has no such concept, hence the local scheme; the
+#: model's Contributing Equipment item says DCM 109100 "Synthesizing Equipment" as well.
+SYNTHESIS = CodedConcept("AI-SYNTHESIS", LOCAL_SCHEME, "Image synthesis by an AI model")
+#: DCM 121322 "Source image for image processing operation" (Purpose of Reference).
+_SOURCE_FOR_PROCESSING = CodedConcept("121322", "DCM", "Source image for image processing operation")
+#: DCM 109102 "Processing Equipment" / 109100 "Synthesizing Equipment" (CID 7005).
+_PROCESSING_EQUIPMENT = CodedConcept.from_code(codes.DCM.ProcessingEquipment)
+_SYNTHESIZING_EQUIPMENT = CodedConcept.from_code(codes.DCM.SynthesizingEquipment)
+
+_UCUM_MEANINGS = {
+    "[hnsf'U]": "Hounsfield unit",
+    "1": "no units",
+    "{ratio}": "ratio",
+    "%": "Percent",
+    "mm": "millimeter",
+    "mm2": "square millimeter",
+    "mm3": "cubic millimeter",
+    "mL": "milliliter",
+    "s": "second",
+    "ms": "millisecond",
+    "[arb'U]": "arbitrary unit",
+    "{counts}": "Counts",
+    "dB": "decibel",
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def local_code(value: str, meaning: str) -> CodedConcept:
+    """A concept of the local coding scheme ``99DCMNODE`` (value ≤ 16 characters)."""
+    if not value or len(value) > 16:
+        raise ValueError(f"local code value must be 1-16 characters: {value!r}")
+    return CodedConcept(value, LOCAL_SCHEME, meaning[:64])
+
+
+def ucum(code: str | Code | CodedConcept) -> CodedConcept:
+    """A UCUM unit as a coded concept (``"[hnsf'U]"`` → Hounsfield unit, ``"1"`` → no units).
+
+    A :class:`~pydicom.sr.coding.Code` or :class:`~highdicom.sr.CodedConcept` passes through.
+    """
+    if isinstance(code, CodedConcept):
+        return code
+    if isinstance(code, Code):
+        return CodedConcept.from_code(code)
+    if not isinstance(code, str) or not code.strip():
+        raise ValueError(f"a UCUM unit code is required (got {code!r})")
+    return CodedConcept(code, "UCUM", _UCUM_MEANINGS.get(code, code))
+
+
+def ucum_for_units(units: str) -> str:
+    """The UCUM code for a :attr:`Volume.units` string: ``"HU"`` → ``"[hnsf'U]"``; ``""`` → ``"1"``.
+
+    Raises
+    ------
+    ValueError
+        Units this function does not know; pass the UCUM code explicitly.
+    """
+    table = {"HU": "[hnsf'U]", "": "1", "US": "1", "MM": "mm", "%": "%"}
+    key = units.strip().upper() if units.strip() != "%" else "%"
+    if key not in table:
+        raise ValueError(f"no UCUM code known for volume units {units!r}; pass units= explicitly")
+    return table[key]
+
+
+def _concept(owner: str, argument: str, value: Any) -> CodedConcept:
+    if isinstance(value, CodedConcept):
+        return value
+    if isinstance(value, Code):
+        return CodedConcept.from_code(value)
+    raise TypeError(f"{owner}: argument {argument!r} must be a pydicom Code or highdicom CodedConcept")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now().astimezone()
+
+
+def _ds(value: float) -> str:
+    """A Decimal String (≤ 16 characters) for ``value``."""
+    return format_number_as_ds(float(value))
+
+
+def _lo(text: str) -> str:
+    """Trim to the 64 characters of an LO value."""
+    return text[:64]
+
+
+def _check_provenance(owner: str, provenance: Any) -> OutputProvenance:
+    if provenance is None:
+        raise ProvenanceError(
+            f"{owner}: argument 'provenance' is required (an OutputProvenance naming pipeline, "
+            "model, weights and node); got None"
+        )
+    if not isinstance(provenance, OutputProvenance):
+        raise TypeError(
+            f"{owner}: argument 'provenance' must be a pipelines.provenance.OutputProvenance, "
+            f"got {type(provenance).__name__}"
+        )
+    # Every object is read back with OutputProvenance.parse: a value that would not
+    # survive the round trip (e.g. a model name with a space) fails here, not in an audit.
+    try:
+        parsed = OutputProvenance.parse(provenance.description())
+    except ValueError:
+        parsed = {}
+    expected = {
+        "node_version": provenance.node_version,
+        "pipeline": provenance.pipeline,
+        "pipeline_version": provenance.pipeline_version,
+        "model_name": provenance.model_name,
+        "model_version": provenance.model_version,
+        "weights_sha256": provenance.weights_sha256,
+    }
+    wrong = sorted(k for k, v in expected.items() if parsed.get(k) != v)
+    if wrong:
+        raise ProvenanceError(
+            f"{owner}: provenance field(s) {', '.join(wrong)} would not read back from the "
+            "objects (no spaces allowed in names and versions)"
+        )
+    return provenance
+
+
+def _check_uids(owner: str, uids: Any) -> UidFactory:
+    if not isinstance(uids, UidFactory):
+        raise TypeError(
+            f"{owner}: argument 'uids' must be a pipelines.uids.UidFactory, got {type(uids).__name__}"
+        )
+    return uids
+
+
+def _check_series_number(owner: str, series_number: Any) -> int:
+    if isinstance(series_number, bool) or not isinstance(series_number, int) or not 0 < series_number < 2**31:
+        raise ValueError(
+            f"{owner}: argument 'series_number' must be a positive integer, got {series_number!r}"
+        )
+    return series_number
+
+
+def _check_array(owner: str, volume: Volume, array: Any, name: str) -> np.ndarray:
+    if not isinstance(volume, Volume):
+        raise TypeError(f"{owner}: 'volume' must be a pipelines.volume.Volume, got {type(volume).__name__}")
+    values = np.asarray(array)
+    if values.shape != volume.array.shape:
+        raise ValueError(
+            f"{owner}: '{name}' has shape {values.shape}, the volume {volume.array.shape} "
+            "(slices, rows, columns)"
+        )
+    if values.dtype != bool and not np.all(np.isfinite(values)):
+        raise ValueError(f"{owner}: '{name}' has NaN or infinite values")
+    return values
+
+
+def _software_versions(provenance: OutputProvenance) -> Any:
+    """Software Versions (LO, multi-valued): node, pipeline, model.
+
+    A list, which pydicom stores as a multi-value (highdicom's annotation says tuple).
+    """
+    return [
+        _lo(provenance.node_version),
+        _lo(f"{provenance.pipeline} {provenance.pipeline_version}"),
+        _lo(f"{provenance.model_name} {provenance.model_version}"),
+    ]
+
+
+def _contributing_equipment(
+    provenance: OutputProvenance, source: Dataset | None = None, *, include_acquisition: bool = True
+) -> list[hd.ContributingEquipment]:
+    """Contributing Equipment items: the source's scanner (optional), the node, the model.
+
+    The node did the processing (DCM 109102); the model is Synthesizing Equipment
+    (DCM 109100) when its pixels are generated, Processing Equipment otherwise. Both carry
+    ``provenance.description()`` as Contribution Description, which
+    :meth:`OutputProvenance.parse` reads back.
+    """
+    now = _now()
+    items: list[hd.ContributingEquipment] = []
+    if include_acquisition and source is not None:
+        try:
+            items.append(hd.ContributingEquipment.for_image_acquisition(source))
+        except (AttributeError, ValueError):
+            pass  # a source without Manufacturer: no acquisition item rather than an invented one
+    description = provenance.description()
+    items.append(
+        hd.ContributingEquipment(
+            manufacturer=NODE_MANUFACTURER,
+            purpose_of_reference=_PROCESSING_EQUIPMENT,
+            manufacturer_model_name=NODE_MANUFACTURER,
+            software_versions=_lo(provenance.node_version),
+            contribution_datetime=now,
+            contribution_description=description,
+        )
+    )
+    items.append(
+        hd.ContributingEquipment(
+            manufacturer=NODE_MANUFACTURER,
+            purpose_of_reference=_SYNTHESIZING_EQUIPMENT if provenance.synthetic else _PROCESSING_EQUIPMENT,
+            manufacturer_model_name=_lo(provenance.model_name),
+            software_versions=_lo(provenance.model_version),
+            device_serial_number=provenance.weights_sha256,
+            contribution_datetime=now,
+            contribution_description=description,
+        )
+    )
+    return items
+
+
+def _code_item(concept: CodedConcept | Code) -> Dataset:
+    item = Dataset()
+    item.CodeValue = concept.value
+    item.CodingSchemeDesignator = concept.scheme_designator
+    item.CodeMeaning = concept.meaning
+    return item
+
+
+def _uses_local_scheme(ds: Dataset) -> bool:
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                if item.get("CodingSchemeDesignator") == LOCAL_SCHEME or _uses_local_scheme(item):
+                    return True
+    return False
+
+
+def _finish(ds: Dataset) -> Dataset:
+    """Declare the local coding scheme where the object uses it."""
+    if _uses_local_scheme(ds):
+        known = [
+            i for i in ds.get("CodingSchemeIdentificationSequence", []) if i.get("CodingSchemeDesignator")
+        ]
+        if not any(i.CodingSchemeDesignator == LOCAL_SCHEME for i in known):
+            item = Dataset()
+            item.CodingSchemeDesignator = LOCAL_SCHEME
+            item.CodingSchemeName = _LOCAL_SCHEME_NAME
+            item.CodingSchemeResponsibleOrganization = NODE_MANUFACTURER
+            ds.CodingSchemeIdentificationSequence = [*known, item]
+    return ds
+
+
+def _ai_series_description(what: str, *, synthetic: bool = False) -> str:
+    """Series Description that says AI (and SYNTHETIC for generated pixels), ≤ 64 chars."""
+    words = re.findall(r"[A-Z]+", what.upper())
+    prefix = [w for w, wanted in (("AI", True), ("SYNTHETIC", synthetic)) if wanted and w not in words]
+    return _lo(" ".join([*prefix, what]))
+
+
+def _sources_by_uid(volume: Volume) -> dict[str, Dataset]:
+    return {str(ds.SOPInstanceUID): ds for ds in volume.datasets}
+
+
+def _frame_value(ds: Dataset, frame_number: int | None, keyword: str, *groups: str) -> Any:
+    """``keyword`` at the top level, else in the frame's (or shared) functional groups."""
+    value = ds.get(keyword)
+    if value is not None and value != "":
+        return value
+    for group in groups:
+        item = frame_group(ds, frame_number, group)
+        if item is not None:
+            value = item.get(keyword)
+            if value is not None and value != "":
+                return value
+    return None
+
+
+def _source_window(ds: Dataset, frame_number: int | None) -> tuple[float, float] | None:
+    center = _frame_value(ds, frame_number, "WindowCenter", "FrameVOILUTSequence")
+    width = _frame_value(ds, frame_number, "WindowWidth", "FrameVOILUTSequence")
+    if center is None or width is None:
+        return None
+
+    def first(value: Any) -> float:
+        multi = isinstance(value, Sequence) and not isinstance(value, str)
+        return float(value[0]) if multi else float(value)
+
+    try:
+        c, w = first(center), first(width)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return (c, w) if w > 0 else None
+
+
+def _window_of(values: np.ndarray) -> tuple[float, float]:
+    """Display window from the 1st-99th percentile (of a fixed subsample of a large volume)."""
+    flat = values.ravel()
+    step = max(1, flat.size // 4_000_000)
+    lo, hi = (float(v) for v in np.percentile(flat[::step], [1.0, 99.0]))
+    if hi <= lo:
+        lo, hi = float(values.min()), float(values.max())
+    width = max(hi - lo, 1e-3)
+    return (lo + hi) / 2.0, width
+
+
+def _reference_item(sop_class_uid: str, sop_instance_uid: str, frame_number: int | None = None) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class_uid
+    item.ReferencedSOPInstanceUID = sop_instance_uid
+    if frame_number is not None:
+        item.ReferencedFrameNumber = frame_number
+    return item
+
+
+def _source_image_item(sop_class_uid: str, sop_instance_uid: str, frame_number: int | None) -> Dataset:
+    item = _reference_item(sop_class_uid, sop_instance_uid, frame_number)
+    item.PurposeOfReferenceCodeSequence = [_code_item(_SOURCE_FOR_PROCESSING)]
+    return item
+
+
+def _referenced_series(references: Iterable[tuple[str, str, str]]) -> list[Dataset]:
+    """Common Instance Reference: (series UID, SOP class, SOP instance) → Referenced Series items."""
+    by_series: dict[str, dict[str, str]] = {}
+    for series_uid, sop_class, sop_uid in references:
+        by_series.setdefault(series_uid, {})[sop_uid] = sop_class
+    items = []
+    for series_uid, instances in by_series.items():
+        item = Dataset()
+        item.SeriesInstanceUID = series_uid
+        item.ReferencedInstanceSequence = [_reference_item(c, u) for u, c in instances.items()]
+        items.append(item)
+    return items
+
+
+def _copy_anatomy(ds: Dataset, source: Dataset, *, empty_laterality: bool) -> None:
+    """Body Part Examined / Laterality of the source's series; Laterality empty ("unknown")
+    when the source names neither and ``empty_laterality`` (General Series Type 2C)."""
+    for keyword in ("BodyPartExamined", "Laterality"):
+        if keyword in source and keyword not in ds:
+            ds[keyword] = source[keyword]
+    if empty_laterality and "Laterality" not in ds and not str(ds.get("BodyPartExamined", "")):
+        ds.Laterality = ""
+
+
+def _geometry(
+    volume: Volume,
+) -> tuple[hd.PixelMeasuresSequence, hd.PlaneOrientationSequence, list[hd.PlanePositionSequence]]:
+    """Pixel measures, orientation and per-slice positions of the volume (slice order)."""
+    first = volume.slices[0]
+    source = _sources_by_uid(volume)[first.sop_instance_uid]
+    thickness = _frame_value(source, first.frame_number, "SliceThickness", "PixelMeasuresSequence")
+    measures = hd.PixelMeasuresSequence(
+        pixel_spacing=[float(volume.spacing[1]), float(volume.spacing[2])],
+        slice_thickness=float(thickness) if thickness not in (None, "") else float(volume.spacing[0]),
+        spacing_between_slices=float(volume.spacing[0]) if len(volume.slices) > 1 else None,
+    )
+    orientation = hd.PlaneOrientationSequence("PATIENT", [float(v) for v in volume.orientation])
+    positions = [hd.PlanePositionSequence("PATIENT", [float(v) for v in s.position]) for s in volume.slices]
+    return measures, orientation, positions
+
+
+# --------------------------------------------------------------------------- kinds
+
+# Kinds, as :func:`pipelines.provenance.provenance_of` and
+# :meth:`pipelines.encode.OutputSet.by_kind` name them.
+KIND_DERIVED = "derived"
+KIND_UNCERTAINTY = "uncertainty"
+KIND_HALLUCINATION = "hallucination"
+KIND_SUSPECT = "suspect"
+KIND_REPORT = "report"
+KIND_OVERLAY = "overlay"
+
+_CONTENT_LABELS = {KIND_UNCERTAINTY: "AI_UNCERTAINTY", KIND_HALLUCINATION: "AI_HALLUCINATION"}
+
+
+def kind_of(ds: Dataset) -> str:
+    """Which kind of output ``ds`` is (``"derived"``, ``"uncertainty"``, …, ``"overlay"``)."""
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class in (CTImageStorage, MRImageStorage):
+        return KIND_DERIVED
+    if sop_class == ParametricMapStorage:
+        label = str(ds.get("ContentLabel", ""))
+        return KIND_HALLUCINATION if label == _CONTENT_LABELS[KIND_HALLUCINATION] else KIND_UNCERTAINTY
+    if sop_class == SegmentationStorage:
+        return KIND_SUSPECT
+    if sop_class == SecondaryCaptureImageStorage:
+        return KIND_OVERLAY
+    if sop_class == ComprehensiveSRStorage or str(ds.get("Modality", "")) == "SR":
+        return KIND_REPORT
+    raise ValueError(f"not an object kind these writers produce: SOP Class {sop_class}")
