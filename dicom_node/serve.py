@@ -30,10 +30,12 @@ from dicom_node.ingest.indexer import Indexer
 from dicom_node.ingest.readiness import StudyReadiness
 from dicom_node.ingest.receiver import Receiver
 from dicom_node.ingest.store import InstanceStore, latest_received_at
+from dicom_node.jobs.claims import claim_id, orphan_test
+from dicom_node.jobs.intake import JobIntake
 from dicom_node.jobs.policywatch import PolicyWatcher
 from dicom_node.jobs.routing import PolicyRouter
+from dicom_node.jobs.runner import recover_jobs
 from dicom_node.runtime import Runtime
-from dicom_node.worker import claim_id, orphan_test, recover_jobs
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +191,8 @@ def serve(
         )
     else:
         log.warning("no [policy] file configured: studies are stored, none is processed")
-    readiness = StudyReadiness(config, runtime.db, audit, actor=actor, router=router)
+    intake = JobIntake(runtime.db, audit, router, actor=actor)
+    readiness = StudyReadiness(config, runtime.db, on_ready=intake.study_ready)
     indexer = Indexer(
         runtime.db,
         audit,
@@ -203,7 +206,7 @@ def serve(
         last = latest_received_at(runtime.db)
         store.reconcile(since=None if last is None else last - 600)
     requeued = recover_jobs(runtime.db, audit, run_id, actor)
-    outbox = Outbox(config, runtime.db, audit, actor, data_dir=paths.data)
+    outbox = Outbox(config, runtime.db, audit, actor)
     redelivered = outbox.recover(orphan_test(run_id))
     if requeued or redelivered:
         log.warning(
@@ -215,7 +218,7 @@ def serve(
     readiness.start()
     forwarder = start_syslog_forwarder(runtime)
     # Storage commitment results that peers report on new associations settle deliveries.
-    receiver = Receiver(config, paths, store, audit, commitment_reports=outbox.record_commitment_report)
+    receiver = Receiver(config, paths, store, audit, commitment_reports=outbox.commitments.record_report)
     worker_argv = [
         sys.executable,
         "-m",

@@ -202,10 +202,18 @@ _SIGMA_KEYS = ("mean calibrated sigma in body", "mean uncertainty")
 
 
 def gate_output(
-    gate: Gate, qc: QcGates, figures: Mapping[str, float], validation_errors: list[str] | None = None
+    gate: Gate,
+    qc: QcGates,
+    figures: Mapping[str, float],
+    validation_errors: list[str] | None = None,
+    destination_problems: list[str] | None = None,
 ) -> GateVerdict:
-    """Apply a rule's gate and QC thresholds to a finished job's QC figures."""
-    reasons: list[str] = []
+    """Apply a rule's gate and QC thresholds to a finished job's QC figures.
+
+    ``destination_problems`` (why a destination would refuse the outputs) always hold the
+    job, whatever the rule says about validation: no rule can send a TPS what it refuses.
+    """
+    reasons: list[str] = list(destination_problems or [])
     if qc.hold_on_failed_validation and validation_errors:
         reasons += [f"output validation failed: {e}" for e in validation_errors]
     # (figure name(s) the pipelines report, limit, how to say it, unit)

@@ -12,14 +12,16 @@ from sqlalchemy import func, insert, select
 
 from audit import AuditEvent, Outcome
 from dicom_node.db import schema as t
+from dicom_node.db.audited import audited_write
 from dicom_node.db.engine import inserted_id
 from dicom_node.jobs.state import (
     ALLOWED,
     IllegalTransition,
     JobState,
     StaleTransition,
-    audit_transition,
     create_job,
+    job_ref,
+    move,
     transition,
 )
 from dicom_node.runtime import Runtime
@@ -259,14 +261,22 @@ def test_allowed_covers_every_state() -> None:
         assert JobState.DELIVERED in seen, state
 
 
-def test_audit_transition_records_job_facts(rt: Runtime) -> None:
+def test_move_records_job_facts_once_committed(rt: Runtime) -> None:
     job_id, _ = _new_job(rt)
-    with rt.db.write() as conn:
-        transition(conn, job_id, JobState.RUNNING, expect=JobState.QUEUED)
-        transition(conn, job_id, JobState.FAILED, expect=JobState.RUNNING, reason="boom")
     with rt.db.read() as conn:
-        audit_transition(rt.audit, conn, job_id, JobState.QUEUED, JobState.RUNNING)
-        audit_transition(rt.audit, conn, job_id, JobState.RUNNING, JobState.FAILED, "boom")
+        ref = job_ref(conn, job_id)
+    assert (ref.study_uid, ref.pipeline, ref.study_version) == (STUDY_UID, "forward", 1)
+    with audited_write(rt.db, rt.audit) as work:
+        move(work, ref, JobState.RUNNING, expect=JobState.QUEUED)
+        move(work, ref, JobState.FAILED, expect=JobState.RUNNING, reason="boom")
+        assert rt.audit.events(AuditEvent.JOB_TRANSITION) == []  # not before the commit
+    # a move whose transaction rolls back is not recorded
+    with pytest.raises(StaleTransition), audited_write(rt.db, rt.audit) as work:
+        move(work, ref, JobState.QUEUED, expect=JobState.FAILED, reason="operator retry")
+        move(work, ref, JobState.RUNNING, expect=JobState.QUEUED)
+        move(work, ref, JobState.RUNNING, expect=JobState.QUEUED)  # it is running by now: stale
+    with rt.db.read() as conn:
+        assert conn.execute(select(t.jobs.c.state).where(t.jobs.c.id == job_id)).scalar_one() == "failed"
     events = rt.audit.events(AuditEvent.JOB_TRANSITION, study_uid=STUDY_UID)
     assert [(e.facts["from_state"], e.facts["to_state"]) for e in events] == [
         ("queued", "running"),

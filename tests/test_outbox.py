@@ -20,25 +20,19 @@ from sqlalchemy import select, update
 from audit import AuditEvent, Outcome
 from dicom_node.config import NodeConfig, OutboxSection
 from dicom_node.db import schema as t
-from dicom_node.delivery.outbox import (
-    CommitmentState,
-    DeliveryState,
-    Outbox,
-    backoff_seconds,
-    create_deliveries,
-    queue_deliveries,
-    record_outputs,
-    tps_destinations,
-)
+from dicom_node.delivery.commitment import CommitmentState
+from dicom_node.delivery.ledger import DeliveryState, backoff_seconds
+from dicom_node.delivery.outbox import Outbox, create_deliveries
+from dicom_node.delivery.profiles import DestinationProfiles, tps_destinations
 from dicom_node.ingest.indexer import Indexer
 from dicom_node.ingest.part10 import split_part10
 from dicom_node.ingest.store import InstanceStore
-from dicom_node.jobs.state import JobState, create_job, transition
+from dicom_node.jobs.claims import claim_id, orphan_test
+from dicom_node.jobs.state import JobState, create_job, record_outputs, transition
 from dicom_node.lab.localpeers import MiniPACS, free_port
 from dicom_node.lab.simulate import write_ct_series
 from dicom_node.net.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE, CommitmentReport, Failure, ReportStatus
 from dicom_node.runtime import Runtime
-from dicom_node.worker import claim_id, orphan_test
 from models.sim.phantom import PhantomSpec
 from pipelines.base import OutputInstance
 
@@ -224,8 +218,9 @@ def test_a_tps_destination_gets_the_image_series_and_not_its_ai_companions(env: 
     with env.rt.db.write() as conn:
         record_outputs(conn, env.job_id, extra)
         # pacs: the four companions (the image series is queued already); tps: the image series only
-        assert queue_deliveries(conn, env.job_id, ["pacs", "tps"], tps=tps_destinations(config)) == 5
-        assert queue_deliveries(conn, env.job_id, ["pacs", "tps"], tps={"tps"}) == 0  # idempotent
+        profiles = DestinationProfiles(config)
+        assert profiles.queue(conn, env.job_id, ["pacs", "tps"]) == (5, 6)  # 5 new, 6 in all
+        assert profiles.queue(conn, env.job_id, ["pacs", "tps"]) == (0, 6)  # idempotent
         rows = conn.execute(select(t.deliveries.c.series_uid, t.deliveries.c.destination)).all()
     assert sorted(s for s, d in rows if d == "tps") == [env.series_uid]
     assert sorted(s for s, d in rows if d == "pacs") == sorted([env.series_uid, *companions.values()])
@@ -421,33 +416,7 @@ def test_recover_takes_back_expired_lease(env: Env) -> None:
     assert env.attempts()[0]["outcome"] == "interrupted"
 
 
-# -- TPS validation before sending ---------------------------------------------------------
-
-
-def test_tps_destination_refuses_an_invalid_series_before_sending(env: Env, pacs: MiniPACS) -> None:
-    victim = env.outputs[1].path
-    ds = dcmread(victim)
-    ds.FrameOfReferenceUID = generate_uid()
-    ds.save_as(victim, enforce_file_format=True)
-    config = _config(pacs.dicom_port, {"profile": "tps"})
-    outbox = Outbox(config, env.rt.db, env.rt.audit, claim_id("run-tps"), data_dir=env.rt.paths.data)
-    task = outbox.claim_due()
-    assert task is not None
-
-    report = outbox.send(task)
-
-    assert not report.ok and not report.retryable
-    assert pacs.count() == 0  # nothing was sent: no association was even opened
-    d = env.delivery()
-    assert d["state"] == DeliveryState.DEAD and d["attempts"] == 1  # no retries: it will not get better
-    assert d["last_error"].startswith("refused before sending to a TPS: instances of 2 frames of reference")
-    assert env.job_state() == JobState.FAILED
-    (refused,) = env.rt.audit.events(AuditEvent.DELIVERY_REFUSED)
-    assert refused.outcome == Outcome.SERIOUS_FAILURE and refused.called_ae == "MINIPACS"
-    assert any("frames of reference mixed in" in p for p in refused.facts["problems"])
-    assert any("is not the planning MR's" in p for p in refused.facts["problems"])
-    assert env.rt.audit.events(AuditEvent.DELIVERY_DEAD_LETTER)
-    assert env.rt.audit.events(AuditEvent.BEGIN_TRANSFERRING) == []
+# -- TPS: a valid series is sent (the checks run before the gate: see the end) ---------
 
 
 def test_tps_destination_sends_a_valid_series(env: Env, pacs: MiniPACS) -> None:
@@ -601,7 +570,7 @@ def test_commitment_failure_sends_the_series_again(env: Env, silent_peer: Commit
 
     # The report comes in on a new association — to a restarted node: a fresh outbox.
     after_restart = Outbox(config, env.rt.db, env.rt.audit, claim_id("run-fail-2"))
-    status = after_restart.record_commitment_report(
+    status = after_restart.commitments.record_report(
         _report(first["transaction_uid"], env.outputs, failed=1),
         reported_by=silent_peer.aet,
         peer_host="127.0.0.1",
@@ -629,13 +598,13 @@ def test_commitment_failure_sends_the_series_again(env: Env, silent_peer: Commit
     # the same report again is acknowledged and ignored; strangers are refused
     again = _report(first["transaction_uid"], env.outputs, failed=1)
     assert (
-        after_restart.record_commitment_report(again, reported_by=silent_peer.aet, peer_host=None, via="x")
+        after_restart.commitments.record_report(again, reported_by=silent_peer.aet, peer_host=None, via="x")
         == 0
     )
-    stranger = after_restart.record_commitment_report(
+    stranger = after_restart.commitments.record_report(
         _report(first["transaction_uid"], env.outputs), reported_by="INTRUDER", peer_host="10.0.0.9", via="x"
     )
-    unknown = after_restart.record_commitment_report(
+    unknown = after_restart.commitments.record_report(
         _report(generate_uid(), env.outputs), reported_by=silent_peer.aet, peer_host=None, via="x"
     )
     assert stranger == unknown == ReportStatus.PROCESSING_FAILURE
@@ -657,7 +626,7 @@ def test_commitment_failure_sends_the_series_again(env: Env, silent_peer: Commit
     assert env.delivery()["state"] == DeliveryState.COMMITTING
     second = _commitments(env)[1]
     assert second["transaction_uid"] != first["transaction_uid"]
-    after_restart.record_commitment_report(
+    after_restart.commitments.record_report(
         _report(second["transaction_uid"], env.outputs),
         reported_by=silent_peer.aet,
         peer_host="127.0.0.1",
@@ -676,11 +645,11 @@ def test_commitment_timeout_sends_again_and_a_late_report_still_counts(
     outbox = Outbox(_commit_config(silent_peer), env.rt.db, env.rt.audit, claim_id("run-late"))
     task = outbox.claim_due()
     assert task is not None and outbox.send(task).ok
-    assert outbox.expire_commitments() == 0  # not due yet
+    assert outbox.commitments.expire_overdue() == 0  # not due yet
     with env.rt.db.write() as conn:
         conn.execute(update(t.deliveries).values(next_attempt_at=time.time() - 1))
 
-    assert outbox.expire_commitments() == 1
+    assert outbox.commitments.expire_overdue() == 1
 
     d = env.delivery()
     assert d["state"] == DeliveryState.PENDING and d["attempts"] == 1
@@ -692,10 +661,10 @@ def test_commitment_timeout_sends_again_and_a_late_report_still_counts(
     assert env.attempts()[0]["outcome"] == "retry"
     (timeout,) = env.rt.audit.events(AuditEvent.STORAGE_COMMITMENT_TIMEOUT)
     assert timeout.facts["transaction_uid"] == txn and timeout.facts["timeout_seconds"] == 30
-    assert outbox.expire_commitments() == 0
+    assert outbox.commitments.expire_overdue() == 0
 
     # the report arrives while the retry waits: the series is committed after all
-    status = outbox.record_commitment_report(
+    status = outbox.commitments.record_report(
         _report(txn, env.outputs), reported_by=silent_peer.aet, peer_host="127.0.0.1", via="new-association"
     )
     assert status == ReportStatus.SUCCESS
@@ -764,12 +733,12 @@ def test_a_released_job_with_nothing_its_tps_accepts_fails_with_the_reason(
         def run(self, study: Any, run_env: Any) -> PipelineResult:
             return PipelineResult(outputs=(report,))
 
-    monkeypatch.setattr("dicom_node.worker.get_pipeline", lambda name: OnlyReport())
+    monkeypatch.setattr("dicom_node.jobs.runner.get_pipeline", lambda name: OnlyReport())
     job_id = _new_job(env, ["tps"])
     worker = Worker(_tps_only_config(), env.rt.paths, env.rt.db, env.rt.audit, "run-t")
-    job = worker.claim_job()
+    job = worker.runner.claim()
     assert job is not None and job.job_id == job_id
-    assert worker.process(job) == JobState.FAILED, "not left waiting in delivering for nothing"
+    assert worker.runner.run(job) == JobState.FAILED, "not left waiting in delivering for nothing"
     state, reason, deliveries = _job_state(env, job_id)
     assert (state, deliveries) == ("failed", 0)
     assert reason is not None and "nothing to deliver" in reason and "image series only" in reason
@@ -793,5 +762,76 @@ def test_approving_a_held_job_with_nothing_its_tps_accepts_is_refused(env: Env) 
         transition(conn, job_id, JobState.HELD, expect=JobState.RUNNING, reason="held for review")
         record_outputs(conn, job_id, (report,))
     with pytest.raises(ReviewError, match="nothing to deliver.*image series only"):
-        approve(env.rt.db, env.rt.audit, job_id, "physicist", tps={"tps"})
+        approve(
+            env.rt.db, env.rt.audit, job_id, "physicist", handover=DestinationProfiles(_tps_only_config())
+        )
     assert _job_state(env, job_id) == ("held", "held for review", 0), "still held, nothing queued"
+
+
+# -- a TPS destination that would refuse the series: held before the gate -------------------
+
+
+def test_a_series_the_tps_would_refuse_holds_the_job_and_cannot_be_approved(
+    env: Env, pacs: MiniPACS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicom_node.jobs.review import ReviewError, approve
+    from dicom_node.worker import Worker
+    from pipelines.base import PipelineResult
+
+    victim = env.outputs[1].path
+    ds = dcmread(victim)
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.save_as(victim, enforce_file_format=True)
+
+    class SendsTheSeries:
+        name = "only-report"
+        version = "0"
+
+        def run(self, study: Any, run_env: Any) -> PipelineResult:
+            return PipelineResult(outputs=env.outputs)
+
+    monkeypatch.setattr("dicom_node.jobs.runner.get_pipeline", lambda name: SendsTheSeries())
+    config = _config(pacs.dicom_port)
+    config = config.model_copy(
+        update={"destinations": {"tps": config.destinations["pacs"].model_copy(update={"profile": "tps"})}}
+    )
+    with env.rt.db.write() as conn:
+        job_id = create_job(
+            conn,
+            study_fk=conn.execute(select(t.studies.c.id)).scalar_one(),
+            study_version=1,
+            pipeline="only-report",
+            destinations=["tps"],
+            instance_ids=list(conn.execute(select(t.instances.c.id)).scalars()),
+            # a rule that lets failed validation through still cannot send a TPS what it refuses
+            qc_policy={"hold_on_failed_validation": False},
+        )
+    worker = Worker(config, env.rt.paths, env.rt.db, env.rt.audit, "run-tps")
+    job = worker.runner.claim()
+    assert job is not None and job.job_id == job_id
+
+    assert worker.runner.run(job) == JobState.HELD
+
+    state, reason, deliveries = _job_state(env, job_id)
+    assert (state, deliveries) == ("held", 0)  # nothing queued
+    with env.rt.db.read() as conn:
+        problems = conn.execute(
+            select(t.jobs.c.destination_problems).where(t.jobs.c.id == job_id)
+        ).scalar_one()
+    assert problems and all(p.startswith("tps (profile tps) would refuse it: ") for p in problems)
+    assert any("frames of reference mixed in" in p for p in problems)
+    assert any("is not the planning MR's" in p for p in problems)
+    assert reason is not None and reason.startswith("held for review: tps (profile tps) would refuse it: ")
+    (gate,) = [
+        e
+        for e in env.rt.audit.events(AuditEvent.GATE_DECISION)
+        if e.facts["job_id"] == job_id and e.facts["stage"] == "output"
+    ]
+    assert gate.facts["action"] == "hold" and gate.facts["reasons"] == problems
+
+    # the reviewer sees why, and cannot approve what the TPS would refuse
+    with pytest.raises(ReviewError, match="would refuse it.*cannot be approved"):
+        approve(env.rt.db, env.rt.audit, job_id, "physicist", handover=DestinationProfiles(config))
+    assert _job_state(env, job_id)[::2] == ("held", 0)
+    assert pacs.count() == 0
+    assert env.rt.audit.events(AuditEvent.REVIEW_APPROVED) == []

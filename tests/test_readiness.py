@@ -18,6 +18,7 @@ from dicom_node.ingest.indexer import Indexer
 from dicom_node.ingest.part10 import split_part10
 from dicom_node.ingest.readiness import StudyReadiness
 from dicom_node.ingest.store import InstanceStore
+from dicom_node.jobs.intake import JobIntake
 from dicom_node.jobs.routing import PolicyRouter
 from dicom_node.lab.localpeers import policy_yaml
 from dicom_node.lab.simulate import SimulatedStudy, write_ct_series
@@ -49,7 +50,8 @@ def _readiness(
         path.write_text(policy_yaml("forward", match=match))
         loaded = load_policy(path, {"pacs"})
     router = PolicyRouter(loaded, node.rt.paths.data)
-    return StudyReadiness(config, node.rt.db, node.rt.audit, actor=actor, router=router)
+    intake = JobIntake(node.rt.db, node.rt.audit, router, actor=actor)
+    return StudyReadiness(config, node.rt.db, on_ready=intake.study_ready)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +117,7 @@ def _sop(path: Path) -> str:
     return str(split_part10(path.read_bytes())[0].MediaStorageSOPInstanceUID)
 
 
-# -- make_ready ----------------------------------------------------------------------------
+# -- a ready study becomes jobs (JobIntake.study_ready) ---------------------------------------
 
 
 def test_make_ready_snapshots_current_instances_into_a_job(node: Node, study: SimulatedStudy) -> None:
@@ -124,7 +126,7 @@ def test_make_ready_snapshots_current_instances_into_a_job(node: Node, study: Si
         node.put(path)
     readiness = _readiness(node, actor="tester")
 
-    job_ids = readiness.make_ready(study.study_uid)
+    job_ids = readiness.on_ready(study.study_uid)
 
     assert len(job_ids) == 1
     (job,) = node.jobs()
@@ -157,9 +159,9 @@ def test_make_ready_again_without_new_instances_does_nothing(node: Node, study: 
     for path in study.files[:3]:
         node.put(path)
     readiness = _readiness(node)
-    assert len(readiness.make_ready(study.study_uid)) == 1
+    assert len(readiness.on_ready(study.study_uid)) == 1
 
-    assert readiness.make_ready(study.study_uid) == []
+    assert readiness.on_ready(study.study_uid) == []
 
     assert len(node.jobs()) == 1
     assert node.open_version(study.study_uid) == 2
@@ -171,7 +173,7 @@ def test_late_instance_joins_a_new_study_version(node: Node, study: SimulatedStu
     for path in first:
         node.put(path)
     readiness = _readiness(node)
-    (job1,) = readiness.make_ready(study.study_uid)
+    (job1,) = readiness.on_ready(study.study_uid)
 
     node.put(late)
 
@@ -179,7 +181,7 @@ def test_late_instance_joins_a_new_study_version(node: Node, study: SimulatedStu
     assert versions[_sop(late)] == 2
     assert {versions[_sop(p)] for p in first} == {1}
 
-    (job2,) = readiness.make_ready(study.study_uid)
+    (job2,) = readiness.on_ready(study.study_uid)
     jobs = {j["id"]: j for j in node.jobs()}
     assert jobs[job2]["study_version"] == 2
     assert jobs[job2]["state"] == "queued"
@@ -199,7 +201,7 @@ def test_no_matching_route_audits_not_routed(node: Node, study: SimulatedStudy) 
         node.put(path)
     readiness = _readiness(node, calling_ae="OTHER_AE")
 
-    assert readiness.make_ready(study.study_uid) == []
+    assert readiness.on_ready(study.study_uid) == []
 
     assert node.jobs() == []
     (not_routed,) = node.rt.audit.events(AuditEvent.STUDY_NOT_ROUTED)
@@ -216,7 +218,7 @@ def test_no_matching_route_audits_not_routed(node: Node, study: SimulatedStudy) 
 def test_no_routes_at_all_creates_no_job(node: Node, study: SimulatedStudy) -> None:
     node.put(study.files[0])
     readiness = _readiness(node, routed=False)
-    assert readiness.make_ready(study.study_uid) == []
+    assert readiness.on_ready(study.study_uid) == []
     assert node.jobs() == []
     assert len(node.rt.audit.events(AuditEvent.STUDY_NOT_ROUTED)) == 1
 
@@ -224,7 +226,7 @@ def test_no_routes_at_all_creates_no_job(node: Node, study: SimulatedStudy) -> N
 def test_route_for_the_calling_ae_matches(node: Node, study: SimulatedStudy) -> None:
     node.put(study.files[0])
     readiness = _readiness(node, calling_ae=CALLING_AE)
-    assert len(readiness.make_ready(study.study_uid)) == 1
+    assert len(readiness.on_ready(study.study_uid)) == 1
     assert len(node.jobs()) == 1
 
 

@@ -83,7 +83,8 @@ def review_show(
     json_out: JsonOpt = False,
 ) -> None:
     """One job: why it was held, its QC figures, its output series; optionally PNG previews."""
-    from dicom_node.jobs.review import ReviewError, job_detail, previews
+    from dicom_node.jobs.previews import previews
+    from dicom_node.jobs.review import ReviewError, job_detail
 
     runtime = open_runtime(config, home)
     try:
@@ -135,13 +136,15 @@ def review_approve(
     reviewer: ReviewerOpt = None,
 ) -> None:
     """Release a held job: its outputs are queued for delivery to the rule's destinations."""
-    from dicom_node.delivery.outbox import tps_destinations
+    from dicom_node.delivery.profiles import DestinationProfiles
     from dicom_node.jobs.review import ReviewError, approve
 
     who = reviewer or os_user()
     runtime = open_runtime(config, home, actor=who)
     try:
-        n = approve(runtime.db, runtime.audit, job_id, who, note, tps=tps_destinations(runtime.config))
+        n = approve(
+            runtime.db, runtime.audit, job_id, who, note, handover=DestinationProfiles(runtime.config)
+        )
     except ReviewError as exc:
         raise fail(str(exc)) from None
     finally:

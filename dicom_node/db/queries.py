@@ -95,6 +95,7 @@ def list_jobs(db: Database, state: str | None = None, study_uid: str | None = No
             t.jobs.c.destinations,
             t.jobs.c.state,
             t.jobs.c.reason,
+            t.jobs.c.destination_problems,
             t.jobs.c.runs,
             t.jobs.c.created_at,
             t.jobs.c.updated_at,

@@ -121,6 +121,9 @@ jobs = Table(
     Column("options", JSON, nullable=False, default=dict),
     #: The series the policy selected for the pipeline (None: the pipeline chooses).
     Column("series_uid", UID),
+    #: Why a destination would refuse the outputs (its profile's checks, run before the
+    #: gate); a job with any is held, and approving it is refused. None: not checked.
+    Column("destination_problems", JSON),
     Column("state", String(16), nullable=False, index=True),
     Column("reason", Text),
     Column("runs", Integer, nullable=False, default=0),

@@ -6,18 +6,24 @@ Every transition is committed before the work it announces starts, so a restart 
 after kill -9 — finds each job in a state that says what to do next: ``queued`` and an
 orphaned ``running`` are (re)run (work is idempotent), ``delivering`` waits on its
 deliveries. ``failed`` and ``held`` can be retried/released by an operator.
+
+:func:`move` is how a job is settled: the transition and its audit record, recorded once
+the transaction commits (:mod:`dicom_node.db.audited`), from facts the caller already has.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from enum import StrEnum
 
 from sqlalchemy import Connection, insert, select, update
 
-from audit import AuditEvent, AuditTrail, Outcome
+from audit import AuditEvent, Outcome
 from dicom_node.db import schema as t
+from dicom_node.db.audited import AuditedWrite
 from dicom_node.db.engine import inserted_id
+from pipelines.base import OutputInstance
 
 
 class JobState(StrEnum):
@@ -137,33 +143,70 @@ def create_job(
     return job_id
 
 
-def audit_transition(
-    audit: AuditTrail,
-    conn: Connection,
-    job_id: int,
-    from_state: JobState | None,
-    to_state: JobState,
-    reason: str | None = None,
-    actor: str | None = None,
-) -> None:
-    """Record a committed transition in the audit log (facts read from the job row)."""
+@dataclass(frozen=True)
+class JobRef:
+    """The facts every audit record of a job names, read once (with the claim or the row)."""
+
+    job_id: int
+    study_uid: str
+    patient_id: str | None
+    pipeline: str
+    study_version: int
+
+
+def job_ref(conn: Connection, job_id: int) -> JobRef:
+    """The job's :class:`JobRef` (raises ``NoResultFound`` when there is no such job)."""
     row = conn.execute(
         select(t.jobs.c.pipeline, t.jobs.c.study_version, t.studies.c.study_uid, t.patients.c.patient_id)
         .join(t.studies, t.studies.c.id == t.jobs.c.study_fk)
         .join(t.patients, t.patients.c.id == t.studies.c.patient_fk)
         .where(t.jobs.c.id == job_id)
     ).one()
-    outcome = Outcome.SERIOUS_FAILURE if to_state == JobState.FAILED else Outcome.SUCCESS
-    audit.record(
+    return JobRef(job_id, row.study_uid, row.patient_id, row.pipeline, row.study_version)
+
+
+def move(
+    work: AuditedWrite,
+    job: JobRef,
+    to_state: JobState,
+    *,
+    expect: JobState,
+    reason: str | None = None,
+    actor: str | None = None,
+    **values: object,
+) -> None:
+    """Move a job (:func:`transition`) and queue its ``job-transition`` audit record, which
+    is appended once ``work`` commits. Every settling of a job goes through here."""
+    transition(work.conn, job.job_id, to_state, expect=expect, reason=reason, actor=actor, **values)
+    work.record(
         AuditEvent.JOB_TRANSITION,
-        outcome,
+        Outcome.SERIOUS_FAILURE if to_state == JobState.FAILED else Outcome.SUCCESS,
         actor=actor,
-        study_uid=row.study_uid,
-        patient_id=row.patient_id,
-        job_id=job_id,
-        pipeline=row.pipeline,
-        study_version=row.study_version,
-        from_state=from_state.value if from_state else None,
+        study_uid=job.study_uid,
+        patient_id=job.patient_id,
+        job_id=job.job_id,
+        pipeline=job.pipeline,
+        study_version=job.study_version,
+        from_state=expect.value,
         to_state=to_state.value,
         reason=reason,
     )
+
+
+def record_outputs(conn: Connection, job_id: int, outputs: tuple[OutputInstance, ...]) -> None:
+    """Record the files a job produced (whether or not they may leave yet)."""
+    if outputs:
+        conn.execute(
+            insert(t.job_outputs),
+            [
+                {
+                    "job_fk": job_id,
+                    "series_uid": o.series_uid,
+                    "sop_uid": o.sop_uid,
+                    "sop_class_uid": o.sop_class_uid,
+                    "transfer_syntax_uid": o.transfer_syntax_uid,
+                    "path": str(o.path),
+                }
+                for o in outputs
+            ],
+        )

@@ -28,8 +28,9 @@ from audit.report import build_study_report
 from dicom_node.config import NodeConfig
 from dicom_node.db import queries
 from dicom_node.db.engine import Database
-from dicom_node.delivery.outbox import tps_destinations
-from dicom_node.jobs.review import PreviewCache, ReviewError, approve, held_jobs, job_detail, reject
+from dicom_node.delivery.profiles import DestinationProfiles
+from dicom_node.jobs.previews import PreviewCache
+from dicom_node.jobs.review import ReviewError, approve, held_jobs, job_detail, reject
 from dicom_node.web.users import Role, User, UserStore
 
 COOKIE = "dicom_node_session"
@@ -384,7 +385,7 @@ def create_app(ctx: WebContext) -> FastAPI:
                 job_id,
                 f"web:{user.username}",
                 note.strip() or None,
-                tps=tps_destinations(ctx.config),
+                handover=DestinationProfiles(ctx.config),
             )
         except ReviewError as exc:
             return review_page(request, user, job_id, 409, error=str(exc))

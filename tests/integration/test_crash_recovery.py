@@ -85,7 +85,9 @@ def test_kill9_while_receiving_loses_no_acknowledged_instance(
     assert node_processes(node.home) == [], "the worker must die with the node (PDEATHSIG)"
 
     acked = {sop_of(f) for f in acknowledged_files(log.read_text())}
-    assert 60 <= len(acked) < 200
+    # 60 files were on disk; the last may not have been acknowledged when the kill landed
+    # (the durable write comes before the ack, by design)
+    assert 59 <= len(acked) < 200
 
     node.start()  # same home: reconcile, requeue, re-arm timers
     indexed = {r[0] for r in db_rows(node, "select sop_uid from instances")}

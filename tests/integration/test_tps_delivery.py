@@ -3,8 +3,8 @@
 A valid CT series goes in one association, then a storage commitment request; the
 delivery is ``delivered`` only once Orthanc's N-EVENT-REPORT (sent on a new association
 to the node's receiver) commits every instance. An invalid series — a CT with a gap, an MR
-with half its slices missing or with mixed orientations — is refused before anything is
-sent, with the reason.
+with half its slices missing or with mixed orientations — is held before the gate with the
+reason, approving it is refused, and nothing is ever sent.
 """
 
 from __future__ import annotations
@@ -135,39 +135,62 @@ def test_invalid_series_are_refused_before_anything_is_sent(tmp_path: Path, orth
         for files in (list(ct_with_gap), mr_half, mr_mixed):
             assert storescu(files, node.port, node.ae_title).returncode == 0
         node.wait_for(
-            lambda: db_rows(node, "select count(*) from deliveries where state = 'dead'")[0][0] == 3,
+            lambda: db_rows(node, "select count(*) from jobs where state = 'held'")[0][0] == 3,
             timeout=120,
-            what="three dead letters",
+            what="three held jobs",
         )
         assert orthanc.statistics()["CountInstances"] == 0
+        assert db_rows(node, "select count(*) from deliveries")[0][0] == 0  # nothing queued, nothing sent
         assert db_rows(node, "select count(*) from storage_commitments")[0][0] == 0
-        assert {r[0] for r in db_rows(node, "select state from jobs")} == {"failed"}
-        assert db_rows(node, "select attempts from deliveries") == [(1,), (1,), (1,)]  # never retried
 
-        errors = {uid: error for uid, error in db_rows(node, "select series_uid, last_error from deliveries")}
+        jobs = node.cli_json("jobs")
+        reasons = {j["id"]: j["reason"] for j in jobs}
         series_of = {
             "ct": ct.series_uid,
             "mr-half": str(pydicom.dcmread(mr_half[0]).SeriesInstanceUID),
             "mr-mixed": str(pydicom.dcmread(mr_mixed[0]).SeriesInstanceUID),
         }
-        assert errors[series_of["ct"]] == (
-            "refused before sending to a TPS: the series has 6 of 8 slices: gap of 7.5 mm between "
+        job_of = {
+            name: next(j["id"] for j in jobs if _input_series(node, j["id"]) == uid)
+            for name, uid in series_of.items()
+        }
+        refuse = "held for review: tps (profile tps) would refuse it: "
+        assert reasons[job_of["ct"]] == (
+            refuse + "the series has 6 of 8 slices: gap of 7.5 mm between "
             "z=-12.5 and z=-5.0 (slices are 2.50 mm apart elsewhere)"
         )
-        half = errors[series_of["mr-half"]]
+        half = reasons[job_of["mr-half"]]
         assert half.startswith(
-            f"refused before sending to a TPS: the source MR series {series_of['mr-half']} has 12 of 24 "
+            f"{refuse}the source MR series {series_of['mr-half']} has 12 of 24 "
             "slices: gap of 32.5 mm between z=12.5 and z=45.0"
         )
         assert "not CT Image Storage (MR Image Storage)" in half
-        mixed = errors[series_of["mr-mixed"]]
+        mixed = reasons[job_of["mr-mixed"]]
         assert f"the source MR series {series_of['mr-mixed']} mixes 2 orientations (4 axial" in mixed
 
-        refused = facts(node, "delivery-refused")
-        assert {f["series_uid"] for f in refused} == set(series_of.values())
-        assert len(audit_rows(node, "delivery-dead-letter")) == 3
+        # the physicist sees why on the review queue, and cannot approve it
+        held = node.cli_json("review", "list")
+        assert {h["id"] for h in held} == set(job_of.values())
+        assert all(h["destination_problems"] for h in held)
+        refused = node.cli("review", "approve", str(job_of["ct"]), check=False)
+        assert refused.returncode == 1
+        assert "would refuse it" in refused.stderr and "cannot be approved" in refused.stderr
+        assert audit_rows(node, "review-approved") == []
         assert audit_rows(node, "begin-transferring") == []
-        listing = node.cli_json("outbox")
-        assert {d["state"] for d in listing} == {"dead"}
+        assert node.cli_json("outbox") == []
+        assert orthanc.statistics()["CountInstances"] == 0
     finally:
         node.stop()
+
+
+def _input_series(node: NodeProcess, job_id: int) -> str:
+    """The series a job's inputs come from (each of these studies holds one series)."""
+    (uid,) = {
+        r[0]
+        for r in db_rows(
+            node,
+            "select s.series_uid from job_inputs ji join instances i on i.id = ji.instance_fk "
+            f"join series s on s.id = i.series_fk where ji.job_fk = {int(job_id)}",
+        )
+    }
+    return str(uid)

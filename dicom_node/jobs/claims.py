@@ -1,0 +1,50 @@
+"""Who holds a job or a delivery: ``claimed_by = host/run/pid`` and a lease.
+
+A claim whose process is gone (same host), whose run is an earlier run of this node, or
+whose lease ran out (any host) is orphaned, and its work resumes from the last committed
+state.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+
+HOST = socket.gethostname()
+
+#: (claimed_by, lease_until, now) → whether the claim's owner is gone.
+OrphanTest = Callable[[str | None, float | None, float], bool]
+
+
+def claim_id(run_id: str, pid: int | None = None) -> str:
+    return f"{HOST}/{run_id}/{pid or os.getpid()}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def orphan_test(current_run_id: str) -> OrphanTest:
+    """A predicate telling whether a claim's owner is gone."""
+
+    def is_orphaned(claimed_by: str | None, lease_until: float | None, now: float) -> bool:
+        if claimed_by is None:
+            return True
+        if lease_until is not None and lease_until < now:
+            return True
+        host, _, rest = claimed_by.partition("/")
+        run_id, _, pid = rest.partition("/")
+        if host != HOST:
+            return False  # another machine's worker: only its lease can tell
+        if run_id != current_run_id:
+            return True  # claimed by an earlier run of this node
+        return not (pid.isdigit() and pid_alive(int(pid)))
+
+    return is_orphaned

@@ -1,0 +1,322 @@
+"""Running one job: claim it, run its pipeline, check its destinations, gate, settle.
+
+The steps, in order::
+
+    claim (queued → running)  →  load the study snapshot  →  pipeline.run
+      →  destination checks (would a destination refuse the outputs?)
+      →  gate (the rule's gate, QC limits, validation, destination refusals)
+      →  provenance records  →  settle: held | succeeded (shadow) | delivering | failed
+
+Settling goes through :func:`dicom_node.jobs.state.move` (transition and audit record,
+recorded once committed). Destination checks and queueing deliveries are the delivery
+layer's, reached through the :class:`~dicom_node.jobs.handover.Handover` the caller gives.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from sqlalchemy import select
+
+from audit import AuditEvent, AuditTrail, Outcome
+from dicom_node import __version__
+from dicom_node.config import NodeConfig
+from dicom_node.db import schema as t
+from dicom_node.db.audited import audited_write
+from dicom_node.db.engine import Database
+from dicom_node.jobs.claims import orphan_test
+from dicom_node.jobs.handover import Handover
+from dicom_node.jobs.provenance import record_provenance
+from dicom_node.jobs.state import JobRef, JobState, StaleTransition, job_ref, move, record_outputs
+from dicom_node.paths import NodePaths
+from pipelines.base import (
+    GatePolicy,
+    InputInstance,
+    PipelineError,
+    PipelineResult,
+    RunEnvironment,
+    StudyInput,
+)
+from pipelines.registry import get_pipeline
+from policies.engine import GateVerdict, gate_output
+from policies.model import QcGates
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    ref: JobRef
+    destinations: list[str]
+    rule: str | None = None
+    gate: str = "auto"
+    qc_policy: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    series_uid: str | None = None
+
+    @property
+    def job_id(self) -> int:
+        return self.ref.job_id
+
+    @property
+    def study_uid(self) -> str:
+        return self.ref.study_uid
+
+    @property
+    def pipeline(self) -> str:
+        return self.ref.pipeline
+
+    @property
+    def study_version(self) -> int:
+        return self.ref.study_version
+
+
+def _gate_policy(job: ClaimedJob) -> GatePolicy:
+    """The job's rule gate as the pipeline sees it: figures and problems → (action, reasons)."""
+    qc = QcGates(**job.qc_policy)
+
+    def decide(figures: Mapping[str, float], problems: Sequence[str]) -> tuple[str, tuple[str, ...]]:
+        verdict = gate_output(job.gate, qc, figures, list(problems))  # type: ignore[arg-type]
+        return verdict.action, verdict.reasons
+
+    return decide
+
+
+def recover_jobs(db: Database, audit: AuditTrail, run_id: str, actor: str) -> int:
+    """Put jobs whose worker is gone back to ``queued``; they resume from the start."""
+    is_orphaned = orphan_test(run_id)
+    now = time.time()
+    moved = 0
+    with audited_write(db, audit) as work:
+        rows = work.conn.execute(
+            select(t.jobs.c.id, t.jobs.c.claimed_by, t.jobs.c.lease_until).where(
+                t.jobs.c.state == JobState.RUNNING.value
+            )
+        ).all()
+        for row in rows:
+            if is_orphaned(row.claimed_by, row.lease_until, now):
+                move(
+                    work,
+                    job_ref(work.conn, row.id),
+                    JobState.QUEUED,
+                    expect=JobState.RUNNING,
+                    reason="resumed: its worker was lost",
+                    actor=actor,
+                    claimed_by=None,
+                    lease_until=None,
+                )
+                moved += 1
+    return moved
+
+
+class JobRunner:
+    """Claims queued jobs and runs them to a settled state."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        paths: NodePaths,
+        db: Database,
+        audit: AuditTrail,
+        worker_id: str,
+        handover: Handover,
+    ) -> None:
+        self.config = config
+        self.paths = paths
+        self.db = db
+        self.audit = audit
+        self.worker_id = worker_id
+        self.handover = handover
+
+    def claim(self) -> ClaimedJob | None:
+        """The oldest queued job, moved to ``running`` under this worker's claim (or None)."""
+        with audited_write(self.db, self.audit) as work:
+            row = work.conn.execute(
+                select(t.jobs, t.studies.c.study_uid, t.patients.c.patient_id)
+                .join(t.studies, t.studies.c.id == t.jobs.c.study_fk)
+                .join(t.patients, t.patients.c.id == t.studies.c.patient_fk)
+                .where(t.jobs.c.state == JobState.QUEUED.value)
+                .order_by(t.jobs.c.id)
+                .limit(1)
+            ).first()
+            if row is None:
+                return None
+            job = ClaimedJob(
+                JobRef(row.id, row.study_uid, row.patient_id, row.pipeline, row.study_version),
+                list(row.destinations),
+                rule=row.rule,
+                gate=row.gate or "auto",
+                qc_policy=dict(row.qc_policy or {}),
+                options=dict(row.options or {}),
+                series_uid=row.series_uid,
+            )
+            move(
+                work,
+                job.ref,
+                JobState.RUNNING,
+                expect=JobState.QUEUED,
+                actor=self.worker_id,
+                claimed_by=self.worker_id,
+                lease_until=time.time() + self.config.workers.lease_seconds,
+                runs=row.runs + 1,
+            )
+        return job
+
+    def load_input(self, job: ClaimedJob) -> StudyInput:
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(t.instances, t.series.c.series_uid)
+                .join(t.job_inputs, t.job_inputs.c.instance_fk == t.instances.c.id)
+                .join(t.series, t.series.c.id == t.instances.c.series_fk)
+                .where(t.job_inputs.c.job_fk == job.job_id)
+                .order_by(t.series.c.series_uid, t.instances.c.instance_number, t.instances.c.id)
+            ).all()
+        return StudyInput(
+            job_id=job.job_id,
+            study_uid=job.study_uid,
+            study_version=job.study_version,
+            options=job.options,
+            series_uid=job.series_uid,
+            gate_policy=_gate_policy(job),
+            instances=tuple(
+                InputInstance(
+                    sop_uid=r.sop_uid,
+                    series_uid=r.series_uid,
+                    sop_class_uid=r.sop_class_uid,
+                    transfer_syntax_uid=r.transfer_syntax_uid,
+                    path=self.paths.data / r.path,
+                    sha256=r.sha256,
+                )
+                for r in rows
+            ),
+        )
+
+    def run(self, job: ClaimedJob) -> JobState:
+        """Run the pipeline and move the job on. Returns the state it ends in."""
+        log.info(
+            "job %d: running %s on study %s v%d",
+            job.job_id,
+            job.pipeline,
+            job.study_uid,
+            job.study_version,
+        )
+        try:
+            pipeline = get_pipeline(job.pipeline)
+            workdir = self.paths.outputs / f"job-{job.job_id}"
+            workdir.mkdir(parents=True, exist_ok=True)
+            study = self.load_input(job)
+            result = pipeline.run(
+                study,
+                RunEnvironment(workdir=workdir, uid_root=self.config.node.uid_root, node_version=__version__),
+            )
+            with self.db.read() as conn:
+                refusals = self.handover.problems(conn, job.job_id, job.destinations, result.outputs)
+        except (PipelineError, KeyError) as exc:
+            return self._fail(job, str(exc))
+        except Exception as exc:
+            log.error("job %d: pipeline crashed:\n%s", job.job_id, traceback.format_exc())
+            return self._fail(job, f"internal error in {job.pipeline}: {type(exc).__name__}: {exc}")
+        figures: dict[str, float] = {}
+        for series_qc in result.qc.values():
+            figures.update({k: float(v) for k, v in series_qc.items() if isinstance(v, int | float)})
+        verdict = gate_output(
+            job.gate,  # type: ignore[arg-type]  # validated by the policy when the job was made
+            QcGates(**job.qc_policy),
+            figures,
+            list(result.validation_errors),
+            destination_problems=refusals,
+        )
+        result = replace(result, gate=f"{job.gate}: {verdict.action}")
+        record_provenance(
+            self.audit, study=study, pipeline=pipeline, result=result, patient_id=job.ref.patient_id
+        )
+        self.audit.record(
+            AuditEvent.GATE_DECISION,
+            Outcome.SUCCESS if verdict.action == "release" else Outcome.MINOR_FAILURE,
+            study_uid=job.study_uid,
+            job_id=job.job_id,
+            rule=job.rule,
+            gate=job.gate,
+            action=verdict.action,
+            reasons=list(verdict.reasons),
+            qc=figures,
+            stage="output",
+        )
+        return self._settle(job, result, verdict, refusals)
+
+    def _settle(
+        self, job: ClaimedJob, result: PipelineResult, verdict: GateVerdict, refusals: list[str]
+    ) -> JobState:
+        """Commit what the gate decided: deliver, hold for review, or keep (shadow)."""
+        reasons = "; ".join(verdict.reasons)
+        # the claim ends, and the destination checks' findings stay with the job
+        done: dict[str, Any] = {
+            "actor": self.worker_id,
+            "claimed_by": None,
+            "lease_until": None,
+            "destination_problems": refusals,
+        }
+        try:
+            with audited_write(self.db, self.audit) as work:
+                record_outputs(work.conn, job.job_id, result.outputs)
+                if verdict.action == "hold":
+                    held = f"held for review: {reasons}"
+                    move(work, job.ref, JobState.HELD, expect=JobState.RUNNING, reason=held, **done)
+                    return JobState.HELD
+                release = verdict.action == "release"
+                kept = reasons if verdict.action == "shadow" else None
+                if release and not job.destinations:
+                    kept = "no destinations for this rule"
+                move(work, job.ref, JobState.SUCCEEDED, expect=JobState.RUNNING, reason=kept, **done)
+                if not (release and job.destinations):
+                    return JobState.SUCCEEDED
+                queued = self.handover.queue(work.conn, job.job_id, job.destinations)
+                why = f"{queued.new} delivery(ies) queued"
+                move(
+                    work,
+                    job.ref,
+                    JobState.DELIVERING,
+                    expect=JobState.SUCCEEDED,
+                    reason=why,
+                    actor=self.worker_id,
+                )
+                if queued.total == 0:
+                    # released, yet nothing its destinations accept: say so, and never
+                    # leave the job waiting in `delivering` for nothing
+                    why = self.handover.nothing_to_send(job.destinations)
+                    move(
+                        work,
+                        job.ref,
+                        JobState.FAILED,
+                        expect=JobState.DELIVERING,
+                        reason=why,
+                        actor=self.worker_id,
+                    )
+                    return JobState.FAILED
+                return JobState.DELIVERING
+        except StaleTransition:
+            log.warning("job %d was taken over while running; its result is discarded", job.job_id)
+            return JobState.RUNNING
+
+    def _fail(self, job: ClaimedJob, reason: str) -> JobState:
+        log.warning("job %d failed: %s", job.job_id, reason)
+        try:
+            with audited_write(self.db, self.audit) as work:
+                move(
+                    work,
+                    job.ref,
+                    JobState.FAILED,
+                    expect=JobState.RUNNING,
+                    reason=reason,
+                    actor=self.worker_id,
+                    claimed_by=None,
+                    lease_until=None,
+                )
+        except StaleTransition:
+            return JobState.RUNNING
+        return JobState.FAILED
