@@ -3,10 +3,21 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: deps demo test lint bench clean
+.PHONY: deps install-node lock demo test lint bench clean
 
+# Everything, for development and CI: the node, ai, lab, test and dev extras in .venv.
 deps:
 	@./deploy/install-deps.sh
+
+# A server: the node and its AI pipelines in /opt/dicom-node/.venv, no test or lab tools
+# (PREFIX=... to install elsewhere, EXTRAS= for the receiver alone).
+install-node:
+	@./deploy/install-node.sh
+
+# Re-resolve deploy/constraints.txt after changing dependencies in pyproject.toml
+# (UPGRADE=1 to move every pin to the newest release its range allows).
+lock:
+	@./deploy/lock.sh
 
 demo: deps
 	$(BIN)/dicom-node demo

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Install what dicom-node needs on a Debian/Ubuntu machine, skipping what is there:
-# Debian packages (dcmtk, orthanc, dicom3tools) and the Python venv at .venv/.
-# Runs `apt-get update` at most once. Safe to run again.
+# Install what dicom-node needs to be developed and tested on a Debian/Ubuntu machine,
+# skipping what is there: Debian packages (dcmtk, orthanc, dicom3tools, chromium) and the
+# Python venv at .venv/ with every extra (ai, lab, test, dev), pinned by
+# deploy/constraints.txt. Runs `apt-get update` at most once. Safe to run again.
+# A server that only runs the node: deploy/install-node.sh (no test tools, no lab).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.deps-stamp
+CONSTRAINTS=deploy/constraints.txt
+EXTRAS=ai,lab,test,dev
 
 # --- Debian packages -------------------------------------------------------------------
 # dcmtk: the test scanner (storescu/echoscu); orthanc: the PACS stand-in; dicom3tools:
@@ -35,10 +39,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "creating $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
-if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ "$CONSTRAINTS" -nt "$STAMP" ]; then
   # torch first, pinned: a CPU build of exactly this version is what the project ships for;
-  # an unpinned `torch` would pull a multi-GB CUDA build.
-  "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/pip" install -q torch==2.13.0
-  "$VENV/bin/pip" install -q -e '.[test]'
+  # an unpinned `torch` would pull a multi-GB CUDA build. (Reading the installed version
+  # from its metadata is instant; importing torch is not.)
+  "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('torch').split('+')[0] != '2.13.0')" \
+    2>/dev/null || "$VENV/bin/pip" install -q -c "$CONSTRAINTS" torch==2.13.0
+  "$VENV/bin/pip" install -q -c "$CONSTRAINTS" -e ".[$EXTRAS]"
   touch "$STAMP"
 fi

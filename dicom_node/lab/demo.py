@@ -17,6 +17,7 @@ import json
 import shutil
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
@@ -87,7 +88,7 @@ file = "policy.yaml"
 def _policy(pipeline: str) -> str:
     """The shipped default policy for the restoration demo; a forward-all rule otherwise."""
     if pipeline == "restoration":
-        return (Path(__file__).resolve().parents[1] / "policies" / "default.yaml").read_text()
+        return (resources.files("policies") / "default.yaml").read_text()
     return policy_yaml(pipeline, name=f"demo-{pipeline}-everything")
 
 
