@@ -1,28 +1,113 @@
 """The model zoo on disk: ``models/zoo/<name>/<version>/`` with ``card.json`` and weights.
 
-Shared by every learned model: which version is the newest, and refusing weights whose
-sha256 is not the one their model card states. No torch here (the CLI and the demo read
-the zoo without loading a network).
+Shared by every learned model: which version is the newest, reading and writing the model
+card (``card.json``, the one place that knows the file's name and layout), and refusing
+weights whose sha256 is not the one their model card states. No torch here (the CLI and
+the demo read the zoo without loading a network).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar, Self
+
+from models.base import ModelCard
 
 ZOO = Path(__file__).parent / "zoo"
+#: The model card's file name inside a model directory.
+CARD_FILE = "card.json"
 
 
 class WeightsMismatch(RuntimeError):
     pass
 
 
-def sha256_of(path: Path) -> str:
+def sha256_of(path: Path | str) -> str:
+    """Lower-case hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with Path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_card(directory: Path | str) -> dict[str, Any]:
+    """The ``card.json`` of a model directory, parsed.
+
+    Raises
+    ------
+    FileNotFoundError
+        The directory has no card (the message names the path).
+    """
+    path = Path(directory) / CARD_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no model card at {path}")
+    card: dict[str, Any] = json.loads(path.read_text())
+    return card
+
+
+def write_card(
+    directory: Path | str, card: Mapping[str, Any], *, indent: int, sort_keys: bool = True
+) -> Path:
+    """Write ``card.json`` into a model directory; returns its path.
+
+    ``indent`` and ``sort_keys`` are the card kind's layout: the shipped cards were written with
+    them, and the same card written again must give the same bytes (and so the same diff).
+    """
+    path = Path(directory) / CARD_FILE
+    path.write_text(json.dumps(card, indent=indent, sort_keys=sort_keys) + "\n")
+    return path
+
+
+@dataclass(kw_only=True)
+class StoredCard:
+    """The fields every learned model's ``card.json`` has, and reading and writing it.
+
+    A model's card class adds its own fields and sets :attr:`JSON_INDENT` to the layout its
+    shipped cards have (keys are always sorted).
+    """
+
+    JSON_INDENT: ClassVar[int] = 2
+
+    name: str
+    version: str
+    weights_file: str
+    weights_sha256: str
+    architecture: dict[str, Any]
+    intended_use: str
+    training_data: str
+    calibration: str
+    metrics: dict[str, str] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read_from(cls, directory: Path | str) -> Self:
+        """The card of a model directory (``FileNotFoundError`` when it has none)."""
+        return cls(**read_card(directory))
+
+    def write_to(self, directory: Path | str) -> Path:
+        """Write this card as ``card.json`` into ``directory``; returns its path."""
+        return write_card(directory, asdict(self), indent=self.JSON_INDENT)
+
+    def verified_weights(self, directory: Path | str) -> Path:
+        """The weights file this card names in ``directory``, after checking its sha256."""
+        return verified_weights(Path(directory), self.weights_file, self.weights_sha256)
+
+    def model_card(self) -> ModelCard:
+        """The plain facts a pipeline reports about the model."""
+        return ModelCard(
+            name=self.name,
+            version=self.version,
+            weights_sha256=self.weights_sha256,
+            intended_use=self.intended_use,
+            training_data=self.training_data,
+            metrics=dict(self.metrics),
+            calibration=self.calibration,
+        )
 
 
 def versions(name: str) -> list[str]:
@@ -30,7 +115,7 @@ def versions(name: str) -> list[str]:
     base = ZOO / name
     if not base.exists():
         return []
-    return sorted(p.name for p in base.iterdir() if (p / "card.json").exists())
+    return sorted(p.name for p in base.iterdir() if (p / CARD_FILE).exists())
 
 
 def model_names() -> list[str]:

@@ -19,6 +19,7 @@ from models.evaluation import lesions as les
 from models.evaluation.pixel import ms_ssim_scales, pixel_metrics
 from models.evaluation.report import SIMULATED_NOTE, write_report
 from models.sim.ldct import Case, lesion_contrast, make_case
+from models.zoo import sha256_of
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +271,7 @@ def test_fid_kid_mmd_are_zero_for_identical_sets_and_grow_with_a_shift() -> None
 def test_shipped_sim_encoder_loads_with_sha256_check_and_embeds() -> None:
     card = json.loads((feat.SIM_ENCODER_DIR / "card.json").read_text())
     assert card["weights_sha256"] == feat.SIM_ENCODER_SHA256
-    assert feat.sha256_file(feat.SIM_ENCODER_DIR / feat.WEIGHTS_FILE) == feat.SIM_ENCODER_SHA256
+    assert sha256_of(feat.SIM_ENCODER_DIR / feat.WEIGHTS_FILE) == feat.SIM_ENCODER_SHA256
     assert card["label"] == feat.SIM_ENCODER_LABEL == "sim-encoder"
     assert "simulated" in card["training_data"].lower()
     enc = feat.load_sim_encoder()
@@ -310,6 +311,20 @@ def test_tampered_weights_fail_with_a_clear_message(tmp_path: Path) -> None:
         feat.load_sim_encoder(feat.SIM_ENCODER_DIR, expected_sha256="0" * 64)
 
 
+def test_weights_file_round_trips_and_repeats_byte_for_byte(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    state = feat.SimEncoder().state_dict()
+    feat._save_weights(tmp_path / "a.safetensors", state)
+    feat._save_weights(tmp_path / "b.safetensors", state)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    loaded = feat._load_weights(tmp_path / "a.safetensors")
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    (tmp_path / "short.safetensors").write_bytes(b"abc")
+    with pytest.raises(feat.SimEncoderError, match="not a readable safetensors file"):
+        feat._load_weights(tmp_path / "short.safetensors")
+
+
 def test_train_sim_encoder_is_deterministic(tmp_path: Path) -> None:
     kwargs = dict(
         seed=3, minutes=3 / 60, n_cases=2, n_val_cases=0, patches_per_image=6, size=128, anatomies=("chest",),
@@ -320,7 +335,7 @@ def test_train_sim_encoder_is_deterministic(tmp_path: Path) -> None:
     assert len(a["history"]) >= 3 and len(b["history"]) >= 3
     assert a["history"][:3] == b["history"][:3]
     card = json.loads((tmp_path / "a" / "card.json").read_text())
-    assert card["weights_sha256"] == feat.sha256_file(tmp_path / "a" / feat.WEIGHTS_FILE)
+    assert card["weights_sha256"] == sha256_of(tmp_path / "a" / feat.WEIGHTS_FILE)
     feat.load_sim_encoder(tmp_path / "a")
 
 
@@ -376,6 +391,7 @@ def test_report_writes_json_and_self_contained_html(tmp_path: Path, chest_cases:
 def test_models_evaluation_imports_no_dicom() -> None:
     # bm3d: optional (non-commercial licence), imported only when installed
     allowed = {"numpy", "scipy", "skimage", "sklearn", "torch", "monai", "matplotlib", "models", "bm3d"}
+    allowed.add("safetensors")  # the weights file format of the sim-encoder
     stdlib = {
         "__future__",
         "base64",

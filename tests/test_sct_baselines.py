@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from models.evaluation.sct_baselines import BulkDensity, NotFitted, PiecewiseIntensity
 from models.sct import depth_mm, head_mask, normalise_mr
-from models.sct_baselines import BulkDensity, NotFitted, PiecewiseIntensity
 from models.training.sct import SctPair
 
 SPACING = (2.5, 1.0, 1.0)

@@ -9,6 +9,6 @@ the in-house "sim-encoder" (:mod:`~models.evaluation.features`).
 :mod:`~models.evaluation.report` writes ``report.json`` and a self-contained ``report.html`` from
 the nested results dict of :mod:`~models.evaluation.results`.
 
-Only numpy, scipy, scikit-image, scikit-learn, torch, MONAI, matplotlib and ``models.*`` are
-imported here (no DICOM).
+Only numpy, scipy, scikit-image, scikit-learn, torch, MONAI, safetensors, matplotlib and
+``models.*`` are imported here (no DICOM).
 """

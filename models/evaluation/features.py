@@ -22,18 +22,15 @@ the dose level (log10 dose fraction; references count as 1.0) and the patch's ti
 level and texture. Every number computed with it must be labelled :data:`SIM_ENCODER_LABEL`;
 :data:`FEATURE_NOTE` is the caption text the report uses.
 
-The shipped weights live in ``models/zoo/sim-encoder/1.0/`` (``weights.safetensors``, a
-safetensors-layout file written here without the safetensors package, plus ``card.json``);
+The shipped weights live in ``models/zoo/sim-encoder/1.0/`` (``weights.safetensors``, read and
+written with the safetensors package, plus ``card.json``, read and written by :mod:`models.zoo`);
 :func:`load_sim_encoder` refuses a weights file whose sha256 differs from the pinned
 :data:`SIM_ENCODER_SHA256` (shipped copy) or from the card (any other directory).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import struct
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,12 +38,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from scipy import ndimage
 from torch import nn
 from torch.nn import functional as F
 
 from models.evaluation._threads import torch_threads
 from models.evaluation.results import FeatureResult
+from models.zoo import CARD_FILE, read_card, sha256_of, write_card
 
 #: Label every feature-based number and figure must carry.
 SIM_ENCODER_LABEL = "sim-encoder"
@@ -351,71 +351,27 @@ class SimEncoder(nn.Module):
         return e, self.heads(e)
 
 
-# -- weights file (safetensors layout) ------------------------------------------------------------
-def _save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write float32 tensors in the safetensors layout; byte-identical for identical tensors."""
-    header: dict[str, Any] = {}
-    blobs = []
-    offset = 0
-    for name in sorted(state):
-        arr = np.ascontiguousarray(state[name].detach().cpu().numpy(), dtype="<f4")
-        data = arr.tobytes()
-        header[name] = {
-            "dtype": "F32",
-            "shape": list(arr.shape),
-            "data_offsets": [offset, offset + len(data)],
-        }
-        blobs.append(data)
-        offset += len(data)
-    header["__metadata__"] = dict(metadata)
-    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for data in blobs:
-            f.write(data)
+# -- weights file ---------------------------------------------------------------------------------
+def _save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Write a state dict as safetensors; byte-identical for identical tensors.
+
+    The metadata has one key only: safetensors writes the metadata map in a random order
+    (safetensors issue #584), so with more keys the same tensors would give different bytes and a
+    retrained encoder's sha256 would not reproduce. Name and version are in the card.
+    """
+    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
-    blob = path.read_bytes()
-    if len(blob) < 8:
-        raise SimEncoderError(f"{path}: not a weights file (too short)")
-    (n,) = struct.unpack("<Q", blob[:8])
     try:
-        header = json.loads(blob[8 : 8 + n])
-    except ValueError as exc:
-        raise SimEncoderError(f"{path}: malformed header") from exc
-    header.pop("__metadata__", None)
-    data = memoryview(blob)[8 + n :]
-    out = {}
-    for name, spec in header.items():
-        if spec.get("dtype") != "F32":
-            raise SimEncoderError(f"{path}: tensor {name} has dtype {spec.get('dtype')}, expected F32")
-        a, b = spec["data_offsets"]
-        arr = np.frombuffer(data[a:b], dtype="<f4").reshape(spec["shape"]).copy()
-        out[name] = torch.from_numpy(arr)
-    return out
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 hex digest of a file.
-
-    Parameters
-    ----------
-    path : pathlib.Path
-        The file.
-
-    Returns
-    -------
-    str
-        Lower-case hex digest.
-    """
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        state = load_file(str(path))
+    except SafetensorError as exc:
+        raise SimEncoderError(f"{path}: not a readable safetensors file ({exc})") from exc
+    for name, tensor in state.items():
+        if tensor.dtype != torch.float32:
+            raise SimEncoderError(f"{path}: tensor {name} has dtype {tensor.dtype}, expected float32")
+    return state
 
 
 def load_sim_encoder(
@@ -444,14 +400,14 @@ def load_sim_encoder(
     """
     shipped = directory is None
     path = SIM_ENCODER_DIR if directory is None else Path(directory)
-    card_path = path / "card.json"
-    if not card_path.exists():
-        raise SimEncoderError(f"no sim-encoder card at {card_path}")
-    card = json.loads(card_path.read_text())
+    try:
+        card = read_card(path)
+    except FileNotFoundError as exc:
+        raise SimEncoderError(f"no sim-encoder card at {path / CARD_FILE}") from exc
     weights = path / card.get("weights_file", WEIGHTS_FILE)
     if not weights.exists():
         raise SimEncoderError(f"sim-encoder weights missing: {weights}")
-    actual = sha256_file(weights)
+    actual = sha256_of(weights)
     wanted = [card.get("weights_sha256")]
     if expected_sha256 is not None:
         wanted.append(expected_sha256)
@@ -719,9 +675,10 @@ def train_sim_encoder(
     ``max_steps``, batches of ``batch_size`` with random 90-degree rotations and flips. Training
     stops after ``max_steps`` or when ``minutes`` of CPU time of this process (``time.process_time``,
     all threads, data simulation included) are spent, whichever is first, but never before
-    ``min_steps``. With the same seed, thread count and torch build it is bit-for-bit reproducible
-    as long as the step budget, not the clock, ends it (the card records which). One thread is the
-    default: on a busy 2-core machine OpenMP threads spin and a step gets ~10x slower.
+    ``min_steps``. With the same seed, thread count, torch build and CPU it is bit-for-bit
+    reproducible as long as the step budget, not the clock, ends it (the card records which); the
+    weights file is then byte-identical too, but not to the shipped one (see the README). One
+    thread is the default: on a busy 2-core machine OpenMP threads spin and a step gets ~10x slower.
 
     Parameters
     ----------
@@ -813,8 +770,8 @@ def train_sim_encoder(
         torch.use_deterministic_algorithms(old_det)
 
     weights = out / WEIGHTS_FILE
-    _save_weights(weights, state, {"format": "pt", "name": SIM_ENCODER_LABEL, "version": SIM_ENCODER_VERSION})
-    digest = sha256_file(weights)
+    _save_weights(weights, state)
+    digest = sha256_of(weights)
     tail = np.asarray(parts[-50:]).mean(0).tolist() if parts else [float("nan")] * 3
     card: dict[str, Any] = {
         "name": SIM_ENCODER_LABEL,
@@ -881,5 +838,5 @@ def train_sim_encoder(
         "metrics_validation_simulated": metrics,
         "caption": FEATURE_NOTE,
     }
-    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    write_card(out, card, indent=2, sort_keys=False)  # the shipped card's layout: keys in this order
     return {"history": history, "card": card, "weights": weights}

@@ -3,7 +3,7 @@
 Test cases come from :func:`models.training.sct.case_plan` with the ``"test"`` role: seeds
 disjoint from training and calibration (checked against the model card) and stack levels
 (bands 0.15–0.3 and 0.7–0.85 of the head) that training never saw. The baselines of
-:mod:`models.sct_baselines` are fitted on the first training-role cases of the model's own
+:mod:`models.evaluation.sct_baselines` are fitted on the first training-role cases of the model's own
 training seed. Every number is computed on SIMULATED data (:mod:`models.sim.mrct`).
 
 * intensity: mean absolute error and mean error (sCT − reference, HU) in the head and per
@@ -39,8 +39,8 @@ from models.evaluation import calibration as cal
 from models.evaluation import hallucination as hal
 from models.evaluation.pixel import pixel_metrics
 from models.evaluation.results import HallucinationResult
+from models.evaluation.sct_baselines import BulkDensity, PiecewiseIntensity
 from models.sct import BONE_HU, SctModel
-from models.sct_baselines import BulkDensity, PiecewiseIntensity
 from models.sim.mrct import HeadTissue
 from models.training.sct import Role, SctPair, SctTrainConfig, case_plan, simulate_all
 

@@ -110,9 +110,10 @@ def _baseline_section(baselines: Mapping[str, Any]) -> str:
     out = ["<h2>Baselines</h2>"]
     out.append(
         '<p class="small">Fitted on training-role simulated cases (never test cases), see '
-        "models.sct_baselines. Bulk density: dark (normalised, smoothed T1w &lt; bone_below) is bone; "
-        "of the dark voxels, very dark ones (&lt; air_below) and those within air_edge_mm of the head "
-        "edge are air (0 turns a rule off); the rest is soft tissue; each class gets its median "
+        "models.evaluation.sct_baselines. Bulk density: dark (normalised, smoothed T1w &lt; "
+        "bone_below) is bone; of the dark voxels, very dark ones (&lt; air_below) and those within "
+        "air_edge_mm of the head edge are air (0 turns a rule off); the rest is soft tissue; each "
+        "class gets its median "
         "reference HU. Piecewise intensity: median reference HU per intensity bin, linear between "
         "bin centres.</p>"
     )

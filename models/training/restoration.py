@@ -42,6 +42,7 @@ from models.restoration import (
     to_network,
 )
 from models.training.parallel import simulate_in_processes
+from models.zoo import CARD_FILE
 
 Role = Literal["train", "calib", "test"]
 HELD_OUT_LEVEL_BANDS = ((0.2, 0.3), (0.7, 0.8))
@@ -246,8 +247,9 @@ class Calibration:
 MIN_GROUP_SLICES = 8
 
 
-def _conformal_scale(ratios: list[np.ndarray]) -> float:
-    """Split-conformal 90 % multiplier of σ (finite-sample corrected), over ``Z90``."""
+def conformal_sigma_scale(ratios: list[np.ndarray]) -> float:
+    """Split-conformal 90 % multiplier of σ (finite-sample corrected), over ``Z90``: the
+    card's ``sigma_scale``, from per-slice (or per-volume) ``|reference − mean| / σ``."""
     values = np.concatenate(ratios)
     n = len(values)
     level = min(1.0, np.ceil((n + 1) * 0.9) / n)
@@ -298,12 +300,14 @@ def calibrate(
         np.abs(p.ref - mean)[p.body] / np.maximum(sigma[p.body], 1e-3)
         for p, (mean, sigma, _g) in zip(pairs, outputs, strict=True)
     ]
-    scale = _conformal_scale(ratios)
+    scale = conformal_sigma_scale(ratios)
     groups: dict[str, list[np.ndarray]] = {}
     for r, (_m, _s, group) in zip(ratios, outputs, strict=True):
         groups.setdefault(group, []).append(r)
     by_group = {
-        g: round(_conformal_scale(rs), 6) for g, rs in sorted(groups.items()) if len(rs) >= MIN_GROUP_SLICES
+        g: round(conformal_sigma_scale(rs), 6)
+        for g, rs in sorted(groups.items())
+        if len(rs) >= MIN_GROUP_SLICES
     }
 
     windows = (3, 5, 7, 9)
@@ -435,9 +439,9 @@ def train(
     trained_as: dict[str, object] = {}
     if recalibrate_only and init_weights is not None:
         # the weights are the init's: keep what they were trained on, and say so
-        init_card = Path(init_weights).parent / "card.json"
-        if init_card.exists():
-            previous = RestorationCard.read(init_card)
+        init_dir = Path(init_weights).parent
+        if (init_dir / CARD_FILE).exists():
+            previous = RestorationCard.read_from(init_dir)
             training_data = previous.training_data
             trained_as = {
                 "weights_trained_as": previous.training,
@@ -492,5 +496,5 @@ def train(
         lowpass_noise_factor=calibration.lowpass_noise_factor,
         sigma_scale_by_group=calibration.sigma_scale_by_group,
     )
-    card.write(out_dir / "card.json")
+    card.write_to(out_dir)
     return TrainReport(card=card, seconds=time.perf_counter() - started, losses=losses)

@@ -37,11 +37,11 @@ from models.sct import (
     stack_context,
 )
 from models.training.parallel import simulate_in_processes
+from models.training.restoration import conformal_sigma_scale
 
 Role = Literal["train", "calib", "test"]
 HELD_OUT_LEVEL_BANDS = ((0.15, 0.3), (0.7, 0.85))
 _SEED_BASE = {"train": 0, "calib": 1_000_000, "test": 2_000_000}
-Z90 = 1.6448536269514722
 
 
 @dataclass(frozen=True)
@@ -198,14 +198,11 @@ def calibrate(net: torch.nn.Module, pairs: list[SctPair]) -> SctCalibration:
         errors.append(err[p.body])
         bone = np.isin(p.labels, [HeadTissue.CORTICAL_BONE, HeadTissue.CANCELLOUS_BONE]) & p.body
         bone_errors.append(err[bone])
-    r = np.concatenate(ratios)
-    n = len(r)
-    q = float(np.quantile(r, min(1.0, np.ceil((n + 1) * 0.9) / n)))
     metrics = {
         "validation MAE in head (HU)": round(float(np.mean(np.concatenate(errors))), 1),
         "validation MAE in bone (HU)": round(float(np.mean(np.concatenate(bone_errors))), 1),
     }
-    return SctCalibration(q / Z90, metrics)
+    return SctCalibration(conformal_sigma_scale(ratios), metrics)
 
 
 def fit_support_table(pairs: list[SctPair], rng: np.random.Generator, per_case: int = 40_000) -> SupportTable:
@@ -321,5 +318,5 @@ def train(
             "final_loss": round(float(np.mean(losses[-200:])), 5) if losses else None,
         },
     )
-    card.write(out_dir / "card.json")
+    card.write_to(out_dir)
     return SctTrainReport(card=card, seconds=time.perf_counter() - started, losses=losses)
