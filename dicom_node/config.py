@@ -1,13 +1,15 @@
 """Node configuration: one TOML file, validated once, frozen, passed in.
 
 Every key has a default, so ``dicom-node serve`` runs with no file at all. Precedence is
-embedded defaults < TOML file < command-line flags. A bad file raises :class:`ConfigError`
+embedded defaults < TOML file < command-line flags < ``DICOM_NODE_<PIPELINE>_MODEL`` model
+pins in the environment. A bad file raises :class:`ConfigError`
 whose message is one line naming the key and the problem; the CLI prints it and exits 2.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -189,6 +191,54 @@ class WebSection(_Section):
     secure_cookies: bool = False
 
 
+class ModelsSection(_Section):
+    """Which model version each pipeline runs. Unpinned: the newest version shipped with
+    dicom-node (a site's own zoo never runs unless pinned)."""
+
+    #: A site's zoo directories (absolute), each holding ``<model>/<version>/card.json`` and
+    #: the weights; a pin by version looks here first, then in the shipped zoo.
+    zoo: tuple[str, ...] = ()
+    #: Pipeline → a version of its model (``"1.2"``) or a model directory (an absolute path).
+    #: ``DICOM_NODE_<PIPELINE>_MODEL`` in the environment overrides it (e.g.
+    #: ``DICOM_NODE_SCT_MODEL=/srv/models/sct-site``).
+    pin: dict[str, str] = {}
+
+    @field_validator("zoo")
+    @classmethod
+    def _absolute_zoos(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            if not Path(entry).is_absolute():
+                raise ValueError(f"{entry!r}: a zoo directory must be an absolute path")
+        return value
+
+    @model_validator(mode="after")
+    def _pins_resolve(self) -> ModelsSection:
+        for pipeline in self.pin:
+            self.directory(pipeline)  # a pin that names nothing fails at load, not at the first job
+        return self
+
+    def directory(self, pipeline: str) -> Path | None:
+        """The model directory ``pipeline`` runs (None: the pipeline has no learned model).
+
+        Raises ``ValueError`` naming the key when a pin names no model.
+        """
+        from models.zoo import ModelNotFound, resolve
+        from pipelines.registry import MODEL_OF
+
+        model = MODEL_OF.get(pipeline)
+        if model is None:
+            if pipeline in self.pin:
+                raise ValueError(
+                    f"pin.{pipeline}: no pipeline {pipeline!r} runs a learned model "
+                    f"(pipelines with one: {', '.join(sorted(MODEL_OF))})"
+                )
+            return None
+        try:
+            return resolve(model, self.pin.get(pipeline), tuple(Path(z) for z in self.zoo))
+        except ModelNotFound as exc:
+            raise ValueError(f"pin.{pipeline}: {exc}") from None
+
+
 class LoggingSection(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: Application log file under var/ (UIDs and ids only, never patient names).
@@ -209,6 +259,7 @@ class NodeConfig(_Section):
     storage: StorageSection = StorageSection()
     audit: AuditSection = AuditSection()
     web: WebSection = WebSection()
+    models: ModelsSection = ModelsSection()
     logging: LoggingSection = LoggingSection()
 
     @model_validator(mode="before")
@@ -239,6 +290,8 @@ class LoadedConfig(BaseModel):
     config: NodeConfig
     source: Path | None
     sha256: str
+    #: Model pins that came from ``DICOM_NODE_<PIPELINE>_MODEL`` (pipeline → value).
+    environment_pins: dict[str, str] = {}
 
 
 def _format_error(err: ValidationError, source: str) -> str:
@@ -270,6 +323,19 @@ def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, 
     return merged
 
 
+def model_env_var(pipeline: str) -> str:
+    """The environment variable that pins ``pipeline``'s model: ``DICOM_NODE_<PIPELINE>_MODEL``."""
+    return f"DICOM_NODE_{pipeline.upper().replace('-', '_')}_MODEL"
+
+
+def model_pins_from_environment() -> dict[str, str]:
+    """Model pins set in the environment, by pipeline (read once, when the config is loaded)."""
+    from pipelines.registry import MODEL_OF
+
+    found = {p: os.environ.get(model_env_var(p), "").strip() for p in MODEL_OF}
+    return {p: value for p, value in found.items() if value}
+
+
 def load_config(
     path: Path | None = None,
     home: Path | None = None,
@@ -285,7 +351,8 @@ def load_config(
     home
         The node's home directory (state lives under ``<home>/var``).
     overrides
-        Nested mapping applied over the file (command-line flags).
+        Nested mapping applied over the file (command-line flags). Model pins from the
+        environment (:func:`model_pins_from_environment`) are applied over both.
 
     Raises
     ------
@@ -307,11 +374,19 @@ def load_config(
             data = tomllib.loads(raw_bytes.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{source}: not valid TOML: {exc}".replace("\n", " ")) from None
+    overrides = {**(overrides or {})}
+    pins = model_pins_from_environment()
+    if pins:
+        overrides = _deep_merge(overrides, {"models": {"pin": pins}})
     if overrides:
         data = _deep_merge(data, overrides)
     try:
         config = NodeConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, str(source) if source else "config")) from None
+        line = _format_error(exc, str(source) if source else "config")
+        for pipeline in pins:
+            if f"pin.{pipeline}:" in line:
+                line += f" (set by {model_env_var(pipeline)} in the environment)"
+        raise ConfigError(line) from None
     digest = hashlib.sha256(raw_bytes + repr(sorted((overrides or {}).items())).encode()).hexdigest()
-    return LoadedConfig(config=config, source=source, sha256=digest)
+    return LoadedConfig(config=config, source=source, sha256=digest, environment_pins=pins)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -110,17 +110,26 @@ class StoredCard:
         )
 
 
-def versions(name: str) -> list[str]:
-    """Versions of ``name`` that have a card, oldest first (the last is the one pipelines use)."""
-    base = ZOO / name
-    if not base.exists():
+class ModelNotFound(ValueError):
+    """A model version or directory that is not there (the message says what was looked for)."""
+
+
+def versions(name: str, zoo: Path | None = None) -> list[str]:
+    """Versions of ``name`` in ``zoo`` (default: the shipped one) that have a card, oldest first."""
+    base = (zoo or ZOO) / name
+    if not base.is_dir():
         return []
     return sorted(p.name for p in base.iterdir() if (p / CARD_FILE).exists())
 
 
-def model_names() -> list[str]:
-    """Every model with at least one version in the zoo."""
-    return sorted(p.name for p in ZOO.iterdir() if p.is_dir() and versions(p.name)) if ZOO.exists() else []
+def model_names(zoo: Path | None = None) -> list[str]:
+    """Every model with at least one version in ``zoo`` (default: the shipped one)."""
+    root = zoo or ZOO
+    return (
+        sorted(p.name for p in root.iterdir() if p.is_dir() and versions(p.name, root))
+        if root.is_dir()
+        else []
+    )
 
 
 def version_dir(name: str, version: str | None = None) -> Path:
@@ -132,6 +141,43 @@ def version_dir(name: str, version: str | None = None) -> Path:
             raise FileNotFoundError(f"no shipped versions of {name} under {base}")
         version = found[-1]
     return base / version
+
+
+def resolve(name: str, pin: str | None = None, zoos: Sequence[Path] = ()) -> Path:
+    """The directory of the version of model ``name`` that is to run.
+
+    Parameters
+    ----------
+    name
+        The model (e.g. ``ldct-restoration``).
+    pin
+        None: the newest version shipped with dicom-node (a site's own zoo never runs
+        unpinned). A version (``"1.2"``): ``<zoo>/<name>/<pin>`` in ``zoos``, in order, then
+        in the shipped zoo. A path (it contains ``/``): that model directory.
+    zoos
+        A site's zoo directories.
+
+    Raises
+    ------
+    ModelNotFound
+        One line: what was looked for, where, and what is there.
+    """
+    if pin is None:
+        try:
+            return version_dir(name)
+        except FileNotFoundError as exc:
+            raise ModelNotFound(str(exc)) from None
+    if "/" in pin:
+        directory = Path(pin)
+        if not (directory / CARD_FILE).is_file():
+            raise ModelNotFound(f"{directory} is not a model directory (no {CARD_FILE} in it)")
+        return directory
+    for zoo in (*zoos, ZOO):
+        if (zoo / name / pin / CARD_FILE).is_file():
+            return zoo / name / pin
+    have = sorted({v for zoo in (*zoos, ZOO) for v in versions(name, zoo)})
+    where = ", ".join(str(z) for z in (*zoos, ZOO))
+    raise ModelNotFound(f"no version {pin!r} of {name} in {where} (there: {', '.join(have) or 'none'})")
 
 
 def verified_weights(directory: Path, weights_file: str, expected_sha256: str) -> Path:

@@ -9,7 +9,6 @@ Map, suspect-region SEG, Comprehensive SR, and a Secondary Capture overlay.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,19 +45,9 @@ class ScoreRestoration:
         return ctx.evolve(hallucination=score, suspect=suspect, qc=qc)
 
 
-#: Environment variable naming a model version directory to run instead of the newest
-#: shipped ``ldct-restoration`` (a site's pinned or recalibrated version).
-MODEL_ENV = "DICOM_NODE_RESTORATION_MODEL"
-
-
-def load_model() -> RestorationModel:
-    """The model ``DICOM_NODE_RESTORATION_MODEL`` names, else the newest shipped one."""
-    override = os.environ.get(MODEL_ENV, "").strip()
-    return RestorationModel(Path(override)) if override else RestorationModel.shipped()
-
-
-def restoration() -> StagedPipeline:
-    model = load_model()
+def restoration(model_dir: Path | None = None) -> StagedPipeline:
+    """The pipeline with the model in ``model_dir`` (None: the newest shipped version)."""
+    model = RestorationModel(model_dir) if model_dir else RestorationModel.shipped()
     return StagedPipeline(
         name="restoration",
         version="1.0",

@@ -6,17 +6,16 @@ hallucination map asks whether the MR supports each HU (an MR-intensity × depth
 fitted on the training pairs). Outputs: the sCT as **CT Image Storage** in HU on the
 MR's frame of reference (each slice exactly where its MR slice is), the uncertainty
 Parametric Map (HU), the hallucination Parametric Map, the suspect-region SEG, the
-Comprehensive SR and a Secondary Capture overlay. A ``tps`` destination checks the sCT
-again before sending (``dicom_node.delivery.tps``).
+Comprehensive SR and a Secondary Capture overlay. A ``tps`` destination's checks
+(``dicom_node.delivery.tps``) run on the sCT before the gate.
 
-The model is the shipped one; ``DICOM_NODE_SCT_MODEL`` (a model version directory with
-``card.json`` and the weights) replaces it, e.g. for a model trained at the site.
+The model is the newest shipped ``sct-head`` unless the node's config pins another version
+or a site's model directory (``[models] pin``), e.g. a model trained at the site.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +33,7 @@ from pipelines.steps import MR_CLASSES, Gate, LoadVolume, SelectSeries, inject_h
 from pipelines.validate import Validate
 from pipelines.writers import SYNTHESIS
 
-#: Environment variable naming a model version directory to use instead of the shipped model.
-MODEL_ENV = "DICOM_NODE_SCT_MODEL"
 _HU = "[hnsf'U]"
-
-
-def load_model() -> SctModel:
-    """The model ``DICOM_NODE_SCT_MODEL`` names, else the newest shipped ``sct-head``."""
-    override = os.environ.get(MODEL_ENV, "").strip()
-    return SctModel(Path(override)) if override else SctModel.shipped()
 
 
 # -- the input contrast --------------------------------------------------------------------------
@@ -180,8 +171,9 @@ class PredictSct:
         )
 
 
-def sct() -> StagedPipeline:
-    model = load_model()
+def sct(model_dir: Path | None = None) -> StagedPipeline:
+    """The pipeline with the model in ``model_dir`` (None: the newest shipped version)."""
+    model = SctModel(model_dir) if model_dir else SctModel.shipped()
     return StagedPipeline(
         name="sct",
         version="1.0",

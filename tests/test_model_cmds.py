@@ -29,11 +29,37 @@ def test_list_says_which_version_each_pipeline_runs() -> None:
     )
 
 
-def test_an_override_is_shown_instead_of_the_newest(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DICOM_NODE_SCT_MODEL", "/srv/models/sct-site")
-    rows = json.loads(runner.invoke(app, ["models", "list", "--json"]).output)
-    (sct,) = [r for r in rows if r["name"] == "sct-head"]
-    assert sct["runs_in"] is None and sct["override"] == "DICOM_NODE_SCT_MODEL=/srv/models/sct-site"
+def test_a_pin_is_shown_instead_of_the_newest_and_its_weights_are_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = tmp_path / "sct-site"
+    shutil.copytree(zoo.version_dir("sct-head"), site)
+    monkeypatch.setenv("DICOM_NODE_SCT_MODEL", str(site))
+    rows = json.loads(runner.invoke(app, ["models", "list", "--json", "--home", str(tmp_path)]).output)
+    shipped, pinned = [r for r in rows if r["name"] == "sct-head"]
+    assert shipped["runs_in"] is None and shipped["directory"] == str(zoo.version_dir("sct-head"))
+    assert (pinned["runs_in"], pinned["directory"]) == ("sct", str(site))
+    assert pinned["pinned_by"] == f"DICOM_NODE_SCT_MODEL={site}" and pinned["weights_ok"]
+    # a pin's weights are checked like the zoo's
+    weights = site / "weights.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-5] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    result = runner.invoke(app, ["models", "list", "--home", str(tmp_path)])
+    assert result.exit_code == 1
+    assert f"weights do not match their model card: sct-head 1.0 ({site})" in result.output
+
+
+def test_a_pin_in_the_config_file_and_a_pin_that_names_nothing(tmp_path: Path) -> None:
+    (tmp_path / "dicom-node.toml").write_text('[models]\npin = { restoration = "1.1" }\n')
+    rows = json.loads(runner.invoke(app, ["models", "list", "--json", "--home", str(tmp_path)]).output)
+    running = {r["name"]: (r["version"], r["pinned_by"]) for r in rows if r["runs_in"] == "restoration"}
+    assert running == {"ldct-restoration": ("1.1", "[models] pin.restoration = '1.1'")}
+    (tmp_path / "dicom-node.toml").write_text('[models]\npin = { restoration = "9.9" }\n')
+    result = runner.invoke(app, ["models", "list", "--home", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "pin.restoration: no version '9.9' of ldct-restoration" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_tampered_weights_are_reported_and_fail_the_command(

@@ -129,15 +129,26 @@ def test_prediction_uses_the_group_scale_and_records_the_slice_facts(tmp_path: P
     assert np.allclose(doubled.sigma, 2 * base.sigma, rtol=1e-5)
 
 
-def test_a_site_pins_the_restoration_model_with_an_environment_variable(
-    monkeypatch: pytest.MonkeyPatch,
+def test_a_site_pins_the_restoration_model_in_the_config_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from dicom_node.config import ConfigError, load_config
     from models.zoo import version_dir, versions
-    from pipelines.restoration import MODEL_ENV, load_model
+    from pipelines.registry import get_pipeline
 
-    assert load_model().card.version == versions("ldct-restoration")[-1], "default: the newest version"
-    monkeypatch.setenv(MODEL_ENV, str(version_dir("ldct-restoration", "1.1")))
-    assert load_model().card.version == "1.1"
-    monkeypatch.setenv(MODEL_ENV, "/nonexistent/model")
-    with pytest.raises(FileNotFoundError, match="no model card"):
-        load_model()
+    def chosen() -> str:
+        directory = load_config(None, tmp_path).config.models.directory("restoration")
+        assert directory is not None
+        return RestorationModel(directory).card.version
+
+    assert chosen() == versions("ldct-restoration")[-1], "default: the newest version"
+    (tmp_path / "dicom-node.toml").write_text('[models]\npin = { restoration = "1.1" }\n')
+    assert chosen() == "1.1"
+    monkeypatch.setenv("DICOM_NODE_RESTORATION_MODEL", str(version_dir("ldct-restoration", "1.0")))
+    assert chosen() == "1.0", "the environment overrides the file"
+    monkeypatch.setenv("DICOM_NODE_RESTORATION_MODEL", "/nonexistent/model")
+    with pytest.raises(ConfigError, match="is not a model directory.*DICOM_NODE_RESTORATION_MODEL"):
+        load_config(None, tmp_path)
+    # the pipeline is built with the directory the config chose
+    pipeline = get_pipeline("restoration", version_dir("ldct-restoration", "1.1"))
+    assert {s.model.card.version for s in pipeline.stages if hasattr(s, "model")} == {"1.1"}

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.text import Text
 
 from dicom_node import __version__
-from dicom_node.config import ConfigError
+from dicom_node.config import ConfigError, LoadedConfig, load_config
 from dicom_node.runtime import Runtime
 
 app = typer.Typer(
@@ -61,6 +61,20 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def config_error(exc: ConfigError) -> typer.Exit:
+    """Print a configuration error (one line) and return the exit to raise (code 2)."""
+    err_console.print(Text(f"config error: {exc}"), highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
+def read_config(config: Path | None, home: Path) -> LoadedConfig:
+    """The config alone, for commands that need no database (exit 2 on a config error)."""
+    try:
+        return load_config(config, home)
+    except ConfigError as exc:
+        raise config_error(exc) from None
+
+
 def open_runtime(
     config: Path | None,
     home: Path,
@@ -70,8 +84,7 @@ def open_runtime(
     try:
         return Runtime.open(config, home, overrides, actor=actor)
     except ConfigError as exc:
-        err_console.print(Text(f"config error: {exc}"), highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise config_error(exc) from None
 
 
 def os_user() -> str:

@@ -7,7 +7,6 @@ record per output series) in the audit log of ``--home``.
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import shutil
 import time
@@ -22,7 +21,17 @@ from rich.table import Table
 
 from audit import AuditEvent, Outcome
 from dicom_node import __version__
-from dicom_node.cli.common import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_runtime, print_json
+from dicom_node.cli.common import (
+    ConfigOpt,
+    HomeOpt,
+    JsonOpt,
+    app,
+    console,
+    fail,
+    open_runtime,
+    os_user,
+    print_json,
+)
 from dicom_node.ingest.part10 import split_part10
 from dicom_node.jobs.provenance import record_provenance
 from pipelines.base import InputInstance, PipelineError, RunEnvironment, StudyInput
@@ -78,18 +87,18 @@ def run(
     json_out: JsonOpt = False,
 ) -> None:
     """Run a pipeline on DICOM files and write its outputs to --out (no network)."""
-    try:
-        chosen = get_pipeline(pipeline)
-    except KeyError as exc:
-        raise fail(str(exc).strip("'\"")) from None
+    if pipeline not in pipeline_names():
+        raise fail(f"unknown pipeline {pipeline!r} (available: {', '.join(pipeline_names())})")
     studies, patients, skipped = _study_inputs(paths)
     if not studies:
         raise fail(f"no DICOM Part 10 files found in {', '.join(map(str, paths))}")
     runtime = open_runtime(config, home)
     try:
-        actor = f"os:{getpass.getuser()}"
-    except Exception:
-        actor = "os:unknown"
+        chosen = get_pipeline(pipeline, runtime.config.models.directory(pipeline))
+    except PipelineError as exc:
+        runtime.close()
+        raise fail(str(exc)) from None
+    actor = os_user()
     summary: list[dict[str, Any]] = []
     failed = False
     for study_uid, instances in studies.items():

@@ -37,6 +37,7 @@ from dicom_node.paths import NodePaths
 from pipelines.base import (
     GatePolicy,
     InputInstance,
+    Pipeline,
     PipelineError,
     PipelineResult,
     RunEnvironment,
@@ -132,6 +133,19 @@ class JobRunner:
         self.audit = audit
         self.worker_id = worker_id
         self.handover = handover
+        #: Built pipelines by name: each model is loaded and its weights hash-checked once
+        #: per worker process, not per job.
+        self._pipelines: dict[str, Pipeline] = {}
+
+    def pipeline(self, name: str) -> Pipeline:
+        """Pipeline ``name`` with the model the config chose (built on first use)."""
+        if name not in self._pipelines:
+            try:
+                model_dir = self.config.models.directory(name)
+            except ValueError as exc:  # the pinned model went away since the config was loaded
+                raise PipelineError(f"[models] {exc}") from None
+            self._pipelines[name] = get_pipeline(name, model_dir)
+        return self._pipelines[name]
 
     def claim(self) -> ClaimedJob | None:
         """The oldest queued job, moved to ``running`` under this worker's claim (or None)."""
@@ -206,7 +220,7 @@ class JobRunner:
             job.study_version,
         )
         try:
-            pipeline = get_pipeline(job.pipeline)
+            pipeline = self.pipeline(job.pipeline)
             workdir = self.paths.outputs / f"job-{job.job_id}"
             workdir.mkdir(parents=True, exist_ok=True)
             study = self.load_input(job)
