@@ -75,19 +75,9 @@ class Volume:
         return self.slices[0].position
 
     def direction(self) -> np.ndarray:
-        """3x3 direction matrix (columns: row dir, column dir, normal) as SimpleITK uses."""
+        """3x3 direction matrix (columns: row direction, column direction, normal), as ITK uses."""
         row, col = np.array(self.orientation[:3]), np.array(self.orientation[3:])
         return np.stack([row, col, self.normal], axis=1)
-
-    def to_sitk(self) -> Any:
-        """The volume as a SimpleITK image (x = columns, y = rows, z = slices)."""
-        import SimpleITK as sitk
-
-        image = sitk.GetImageFromArray(self.array)
-        image.SetSpacing((self.spacing[2], self.spacing[1], self.spacing[0]))
-        image.SetOrigin(self.origin)
-        image.SetDirection(tuple(self.direction().flatten()))
-        return image
 
 
 @dataclass

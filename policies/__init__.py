@@ -1,1 +1,1 @@
-"""Routing policies and safety gates (the policy engine lands in a later issue)."""
+"""Routing policies and safety gates: YAML rules (model, loader), decisions and the QC gate (engine)."""

@@ -22,8 +22,26 @@ from dicom_node.cli import (  # noqa: F401  (imported for their commands)
     train_cmds,
     user_cmds,
 )
-from dicom_node.cli.common import app
+from dicom_node.cli.common import app, fail
+
+#: Packages of the optional extras, by the extra that brings them (pyproject.toml).
+EXTRA_OF = {
+    **dict.fromkeys(("torch", "monai", "SimpleITK", "safetensors", "scipy", "skimage", "matplotlib"), "ai"),
+    **dict.fromkeys(("nilearn", "nibabel", "sklearn"), "lab"),
+}
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except ModuleNotFoundError as exc:
+        # A command of an extra this installation lacks: one line, not a traceback.
+        top = (exc.name or "").split(".")[0]
+        if top not in EXTRA_OF:
+            raise  # one of our own modules missing is a bug
+        raise SystemExit(
+            fail(
+                f"this command needs {top}, which this installation lacks: "
+                f"pip install 'dicom-node[{EXTRA_OF[top]}]'"
+            ).exit_code
+        ) from None

@@ -135,6 +135,31 @@ def test_package_data_is_installed(lean_venv: Path) -> None:
     assert missing == [], "not installed by `pip install .` (add to [tool.setuptools.package-data])"
 
 
+def test_commands_of_a_missing_extra_say_which_extra_in_one_line(lean_venv: Path, tmp_path: Path) -> None:
+    ct = ct_file(tmp_path / "in")
+    home = ["--home", str(tmp_path / "cli-home")]
+    cases = {
+        ("run", "restoration", str(ct), "--out", str(tmp_path / "out"), *home): "dicom-node[ai]",
+        (
+            "simulate",
+            "ldct",
+            "--out",
+            str(tmp_path / "sim"),
+            "--slices",
+            "1",
+            "--size",
+            "64",
+        ): "dicom-node[ai]",
+    }
+    for args, extra in cases.items():
+        result = lean(lean_venv, *args, cwd=tmp_path)
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert f"pip install '{extra}'" in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, (
+            result.stderr
+        )
+
+
 def test_help_echo_and_send(lean_venv: Path, tmp_path: Path) -> None:
     require(STORESCP)
     helped = lean(lean_venv, "--help", cwd=tmp_path)
