@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
@@ -83,8 +83,10 @@ def list_studies(db: Database) -> list[dict[str, Any]]:
     return out
 
 
-def list_jobs(db: Database, state: str | None = None, study_uid: str | None = None) -> list[dict[str, Any]]:
-    query = (
+def job_rows() -> Select[Any]:
+    """Jobs with their study and patient: what job listings, the review queue and audit
+    records name (one query for all of them)."""
+    return (
         select(
             t.jobs.c.id,
             t.studies.c.study_uid,
@@ -99,10 +101,16 @@ def list_jobs(db: Database, state: str | None = None, study_uid: str | None = No
             t.jobs.c.runs,
             t.jobs.c.created_at,
             t.jobs.c.updated_at,
+            t.studies.c.source_ae,
+            t.patients.c.patient_id,
         )
         .join(t.studies, t.studies.c.id == t.jobs.c.study_fk)
-        .order_by(t.jobs.c.id)
+        .join(t.patients, t.patients.c.id == t.studies.c.patient_fk)
     )
+
+
+def list_jobs(db: Database, state: str | None = None, study_uid: str | None = None) -> list[dict[str, Any]]:
+    query = job_rows().order_by(t.jobs.c.id)
     if state:
         query = query.where(t.jobs.c.state == state)
     if study_uid:

@@ -24,6 +24,7 @@ from audit import AuditEvent, AuditTrail
 from dicom_node.db import schema as t
 from dicom_node.db.audited import audited_write
 from dicom_node.db.engine import Database
+from dicom_node.db.queries import job_rows
 from dicom_node.jobs.handover import Handover
 from dicom_node.jobs.state import JobRef, JobState, StaleTransition, move
 from pipelines.writers import kind_of
@@ -42,26 +43,7 @@ class HeldOutput:
 
 
 def _job_rows(conn: Any, job_id: int | None = None, state: str | None = JobState.HELD.value) -> list[Any]:
-    query = (
-        select(
-            t.jobs.c.id,
-            t.jobs.c.state,
-            t.jobs.c.pipeline,
-            t.jobs.c.rule,
-            t.jobs.c.gate,
-            t.jobs.c.destinations,
-            t.jobs.c.reason,
-            t.jobs.c.destination_problems,
-            t.jobs.c.study_version,
-            t.jobs.c.updated_at,
-            t.studies.c.study_uid,
-            t.studies.c.source_ae,
-            t.patients.c.patient_id,
-        )
-        .join(t.studies, t.studies.c.id == t.jobs.c.study_fk)
-        .join(t.patients, t.patients.c.id == t.studies.c.patient_fk)
-        .order_by(t.jobs.c.updated_at)
-    )
+    query = job_rows().order_by(t.jobs.c.updated_at)
     if job_id is not None:
         query = query.where(t.jobs.c.id == job_id)
     if state is not None:

@@ -17,12 +17,13 @@ import time
 from dataclasses import dataclass
 from enum import StrEnum
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, insert, update
 
 from audit import AuditEvent, Outcome
 from dicom_node.db import schema as t
 from dicom_node.db.audited import AuditedWrite
 from dicom_node.db.engine import inserted_id
+from dicom_node.db.queries import job_rows
 from pipelines.base import OutputInstance
 
 
@@ -156,12 +157,7 @@ class JobRef:
 
 def job_ref(conn: Connection, job_id: int) -> JobRef:
     """The job's :class:`JobRef` (raises ``NoResultFound`` when there is no such job)."""
-    row = conn.execute(
-        select(t.jobs.c.pipeline, t.jobs.c.study_version, t.studies.c.study_uid, t.patients.c.patient_id)
-        .join(t.studies, t.studies.c.id == t.jobs.c.study_fk)
-        .join(t.patients, t.patients.c.id == t.studies.c.patient_fk)
-        .where(t.jobs.c.id == job_id)
-    ).one()
+    row = conn.execute(job_rows().where(t.jobs.c.id == job_id)).one()
     return JobRef(job_id, row.study_uid, row.patient_id, row.pipeline, row.study_version)
 
 
