@@ -120,7 +120,7 @@ def _sop(path: Path) -> str:
 # -- a ready study becomes jobs (JobIntake.study_ready) ---------------------------------------
 
 
-def test_make_ready_snapshots_current_instances_into_a_job(node: Node, study: SimulatedStudy) -> None:
+def test_a_ready_study_snapshots_current_instances_into_a_job(node: Node, study: SimulatedStudy) -> None:
     first = study.files[:3]
     for path in first:
         node.put(path)
@@ -155,7 +155,7 @@ def test_make_ready_snapshots_current_instances_into_a_job(node: Node, study: Si
     assert node.rt.audit.events(AuditEvent.STUDY_NOT_ROUTED) == []
 
 
-def test_make_ready_again_without_new_instances_does_nothing(node: Node, study: SimulatedStudy) -> None:
+def test_ready_again_without_new_instances_does_nothing(node: Node, study: SimulatedStudy) -> None:
     for path in study.files[:3]:
         node.put(path)
     readiness = _readiness(node)

@@ -303,6 +303,8 @@ class Indexer:
                 log.exception("indexer: writing %d row(s) failed; retrying in %.1f s", len(batch), delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 30)
+        # Commit, then audit — by hand rather than with db.audited_write: the write is
+        # retried until it commits, and an audit failure must not re-run it.
         try:
             self.audit.record_many([_audit_entry(p) for p in batch] + audits)
         except Exception:

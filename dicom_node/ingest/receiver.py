@@ -7,8 +7,9 @@ permanent, calling AE not recognised).
 
 With a commitment handler the receiver also takes the Storage Commitment Push Model in the
 SCU role: a destination the node asked to commit reports back on a new association
-(proposing the SCP role for itself) with an N-EVENT-REPORT, which is handed on to the
-outbox and answered with its status. A destination with ``storage_commitment`` set may
+(proposing the SCP role for itself) with an N-EVENT-REPORT, which is handed to the
+commitment handler serve wires in (delivery's storage commitment bookkeeping) and answered
+with its status. A destination with ``storage_commitment`` set may
 connect for this even when ``require_known_callers`` is on.
 """
 
@@ -89,7 +90,7 @@ class Receiver:
         self.config = config
         self.store = store
         self.audit = audit
-        #: ``Outbox.record_commitment_report``: where N-EVENT-REPORTs go (None: not accepted).
+        #: Where N-EVENT-REPORTs go (``StorageCommitments.record_report``; None: not accepted).
         self.commitment_reports = commitment_reports
         self.disk = DiskGuard(paths.var, config.receiver.min_free_disk_mb)
         self._tallies: dict[int, _AssociationTally] = {}
