@@ -93,10 +93,11 @@ class Destination(_Section):
     ae_title: str
     host: str
     port: Port
-    #: "tps": every series is checked before anything is sent (CT Image Storage, the
-    #: planning MR's frame of reference, HU rescale, one evenly spaced stack, mandatory
-    #: attributes, dciodvfy when installed); a series that fails is dead-lettered unsent.
-    #: A TPS is sent image series only, not the AI maps, SEG, SR and overlay (outbox.NOT_FOR_TPS).
+    #: "tps": the job's series are checked before the gate (CT Image Storage, the planning
+    #: MR's frame of reference, HU rescale, one evenly spaced stack, mandatory attributes,
+    #: dciodvfy when installed); a job whose series would be refused is held with the
+    #: reasons, and approving it is refused. A TPS is sent image series only, not the AI
+    #: maps, SEG, SR and overlay (delivery.profiles.NOT_FOR_TPS).
     profile: Literal["pacs", "tps"] = "pacs"
     #: Seconds to wait for the association and for each DIMSE response.
     timeout_seconds: float = Field(60.0, gt=0)
@@ -180,7 +181,7 @@ class AuditSection(_Section):
 
 
 class WebSection(_Section):
-    """The web pages (audit search and reports; later the review queue). Login required."""
+    """The web pages (studies, the review queue, audit search and reports). Login required."""
 
     enabled: bool = True
     #: Loopback by default; put a TLS-terminating reverse proxy in front to expose it.

@@ -13,7 +13,7 @@ class NodePaths:
     """The directory layout under ``<home>/var``.
 
     ``data/studies/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` holds received instances,
-    ``data/outputs/<job id>/`` pipeline outputs, ``quarantine/`` what could not be handled,
+    ``data/outputs/job-<id>/`` pipeline outputs, ``quarantine/`` what could not be handled,
     ``tmp/`` staging files (same filesystem, so rename is atomic).
     """
 

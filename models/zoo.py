@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -119,7 +120,12 @@ def versions(name: str, zoo: Path | None = None) -> list[str]:
     base = (zoo or ZOO) / name
     if not base.is_dir():
         return []
-    return sorted(p.name for p in base.iterdir() if (p / CARD_FILE).exists())
+    return sorted((p.name for p in base.iterdir() if (p / CARD_FILE).exists()), key=_version_order)
+
+
+def _version_order(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Numeric parts compare as numbers ("1.10" after "1.2"), the rest as text."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"[.\-_]", version))
 
 
 def model_names(zoo: Path | None = None) -> list[str]:
@@ -175,7 +181,7 @@ def resolve(name: str, pin: str | None = None, zoos: Sequence[Path] = ()) -> Pat
     for zoo in (*zoos, ZOO):
         if (zoo / name / pin / CARD_FILE).is_file():
             return zoo / name / pin
-    have = sorted({v for zoo in (*zoos, ZOO) for v in versions(name, zoo)})
+    have = sorted({v for zoo in (*zoos, ZOO) for v in versions(name, zoo)}, key=_version_order)
     where = ", ".join(str(z) for z in (*zoos, ZOO))
     raise ModelNotFound(f"no version {pin!r} of {name} in {where} (there: {', '.join(have) or 'none'})")
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from models import zoo
 from models.restoration import RestorationCard
 from models.sct import SctCard
 from models.zoo import CARD_FILE, ZOO, read_card, version_dir, write_card
@@ -51,3 +52,15 @@ def test_a_directory_without_a_card_says_where_it_looked(tmp_path: Path) -> None
         read_card(tmp_path)
     with pytest.raises(FileNotFoundError, match="no model card"):
         RestorationCard.read_from(tmp_path)
+
+
+def test_versions_are_ordered_by_number_not_by_text(tmp_path: Path) -> None:
+    for version in ("1.2", "1.10", "1.9", "2.0-site"):
+        (tmp_path / "m" / version).mkdir(parents=True)
+        (tmp_path / "m" / version / "card.json").write_text("{}")
+    assert zoo.versions("m", tmp_path) == ["1.2", "1.9", "1.10", "2.0-site"]
+    assert zoo.resolve("m", "1.10", [tmp_path]) == tmp_path / "m" / "1.10"
+    with pytest.raises(
+        zoo.ModelNotFound, match=r"no version '3.0' of m in .* \(there: 1.2, 1.9, 1.10, 2.0-site\)"
+    ):
+        zoo.resolve("m", "3.0", [tmp_path])

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from dicom_node.cli.common import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, print_json, read_config
@@ -96,7 +97,7 @@ def list_models(config: ConfigOpt = None, home: HomeOpt = Path("."), json_out: J
                 r["name"],
                 r["version"],
                 r["runs_in"] or "",
-                r["pinned_by"] or "",
+                escape(r["pinned_by"] or ""),
                 "ok" if r["weights_ok"] else "MISMATCH",
                 f"{(r['weights_bytes'] or 0) / 1e6:.1f} MB",
                 r["directory"],

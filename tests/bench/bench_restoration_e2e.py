@@ -3,7 +3,7 @@ by dcmtk storescu to dicom-node (route: CTDIvol < 5 mGy → restoration → Orth
 
 Prints the time from the last instance received to the last delivery confirmed, the
 stages of the job, and the peak resident memory of the node's processes (serve +
-worker). Targets (issue 5): ≤ 60 s and ≤ 3 GB on 2 cores. Not a timed test. The study is
+worker). Targets: ≤ 60 s and ≤ 3 GB on 2 cores. Not a timed test. The study is
 SIMULATED (models.sim, projection-domain low dose).
 
 Usage: ``python tests/bench/bench_restoration_e2e.py [--slices 300]``
