@@ -47,7 +47,9 @@ class AuditEvent(StrEnum):
     DELIVERY_ATTEMPT = "delivery-attempt"
     DELIVERY_DEAD_LETTER = "delivery-dead-letter"
     #: Checks before sending found problems (a ``tps`` destination's validation): nothing
-    #: was sent. Facts: ``delivery_id, destination, series_uid, problems``.
+    #: was sent. Facts: ``delivery_id, destination, series_uid, problems``. Written by
+    #: nodes whose outbox ran those checks; they now run before the gate (the problems are
+    #: in the ``gate-decision`` reasons), and the event stays for the records that hold it.
     DELIVERY_REFUSED = "delivery-refused"
     #: Storage Commitment (Push Model) N-ACTION sent after a series: ``transaction_uid,
     #: instances``; then one ``storage-commitment-result`` (``result`` committed/failed,
@@ -56,6 +58,8 @@ class AuditEvent(StrEnum):
     STORAGE_COMMITMENT_RESULT = "storage-commitment-result"
     STORAGE_COMMITMENT_TIMEOUT = "storage-commitment-timeout"
     CONFIG_LOADED = "config-loaded"
+    #: A worker built a pipeline with a learned model (once per process): ``pipeline, model,
+    #: version, weights_sha256, directory``; the weights were checked against the card.
     MODEL_LOADED = "model-loaded"
     GATE_DECISION = "gate-decision"
     REVIEW_APPROVED = "review-approved"

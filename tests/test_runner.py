@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from audit import AuditEvent
 from dicom_node.config import NodeConfig
 from dicom_node.delivery.profiles import DestinationProfiles
 from dicom_node.jobs.runner import JobRunner
@@ -33,6 +34,16 @@ def test_a_model_is_loaded_and_hash_checked_once_per_worker(
         assert runner.pipeline("restoration") is first  # the next job reuses it
         assert checks == [zoo.version_dir("ldct-restoration", "1.1") / "weights.safetensors"]
         assert {s.model.card.version for s in first.stages if hasattr(s, "model")} == {"1.1"}
+        (loaded,) = rt.audit.events(AuditEvent.MODEL_LOADED)
+        assert (loaded.actor, loaded.facts["pipeline"], loaded.facts["version"]) == (
+            "test-worker",
+            "restoration",
+            "1.1",
+        )
+        assert (
+            loaded.facts["weights_sha256"]
+            == zoo.read_card(zoo.version_dir("ldct-restoration", "1.1"))["weights_sha256"]
+        )
     finally:
         rt.close()
 

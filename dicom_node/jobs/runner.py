@@ -34,6 +34,7 @@ from dicom_node.jobs.handover import Handover
 from dicom_node.jobs.provenance import record_provenance
 from dicom_node.jobs.state import JobRef, JobState, StaleTransition, job_ref, move, record_outputs
 from dicom_node.paths import NodePaths
+from models.zoo import read_card
 from pipelines.base import (
     GatePolicy,
     InputInstance,
@@ -145,6 +146,17 @@ class JobRunner:
             except ValueError as exc:  # the pinned model went away since the config was loaded
                 raise PipelineError(f"[models] {exc}") from None
             self._pipelines[name] = get_pipeline(name, model_dir)
+            if model_dir is not None:
+                card = read_card(model_dir)
+                self.audit.record(
+                    AuditEvent.MODEL_LOADED,
+                    actor=self.worker_id,
+                    pipeline=name,
+                    model=card["name"],
+                    version=card["version"],
+                    weights_sha256=card["weights_sha256"],
+                    directory=str(model_dir),
+                )
         return self._pipelines[name]
 
     def claim(self) -> ClaimedJob | None:
