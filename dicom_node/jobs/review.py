@@ -124,6 +124,16 @@ def job_detail(db: Database, audit: AuditTrail, job_id: int) -> dict[str, Any]:
     return detail
 
 
+def _held(conn: Any, job_id: int, action: str) -> Any:
+    """The job's row, if it is held (else why not, as a :class:`ReviewError`)."""
+    rows = _job_rows(conn, job_id, state=None)
+    if not rows:
+        raise ReviewError(f"no job {job_id}")
+    if rows[0].state != JobState.HELD.value:
+        raise ReviewError(f"job {job_id} is {rows[0].state}, not held: nothing to {action}")
+    return rows[0]
+
+
 def approve(
     db: Database,
     audit: AuditTrail,
@@ -144,12 +154,7 @@ def approve(
     """
     reason = f"approved by {reviewer}" + (f": {note}" if note else "")
     with audited_write(db, audit) as work:
-        rows = _job_rows(work.conn, job_id, state=None)
-        if not rows:
-            raise ReviewError(f"no job {job_id}")
-        row = rows[0]
-        if row.state != JobState.HELD.value:
-            raise ReviewError(f"job {job_id} is {row.state}, not held: nothing to approve")
+        row = _held(work.conn, job_id, "approve")
         if not row.destinations:
             raise ReviewError(f"job {job_id}: its rule names no destination to deliver to")
         if row.destination_problems:
@@ -202,12 +207,7 @@ def reject(db: Database, audit: AuditTrail, job_id: int, reviewer: str, reason: 
         raise ReviewError("a rejection needs a reason (it goes into the audit trail)")
     why = f"rejected by {reviewer}: {reason}"
     with audited_write(db, audit) as work:
-        rows = _job_rows(work.conn, job_id, state=None)
-        if not rows:
-            raise ReviewError(f"no job {job_id}")
-        row = rows[0]
-        if row.state != JobState.HELD.value:
-            raise ReviewError(f"job {job_id} is {row.state}, not held: nothing to reject")
+        row = _held(work.conn, job_id, "reject")
         work.record(
             AuditEvent.REVIEW_REJECTED,
             actor=reviewer,
