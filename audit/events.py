@@ -47,9 +47,9 @@ class AuditEvent(StrEnum):
     DELIVERY_ATTEMPT = "delivery-attempt"
     DELIVERY_DEAD_LETTER = "delivery-dead-letter"
     #: Checks before sending found problems (a ``tps`` destination's validation): nothing
-    #: was sent. Facts: ``delivery_id, destination, series_uid, problems``. Written by
-    #: nodes whose outbox ran those checks; they now run before the gate (the problems are
-    #: in the ``gate-decision`` reasons), and the event stays for the records that hold it.
+    #: was sent. Facts: ``delivery_id, destination, series_uid, problems``. The checks run
+    #: before the gate now (their problems are in the ``gate-decision`` reasons); the outbox
+    #: still refuses a TPS delivery of a job made before that, whose series were never checked.
     DELIVERY_REFUSED = "delivery-refused"
     #: Storage Commitment (Push Model) N-ACTION sent after a series: ``transaction_uid,
     #: instances``; then one ``storage-commitment-result`` (``result`` committed/failed,

@@ -129,7 +129,8 @@ def env(tmp_path: Path) -> Iterator[Env]:
             instance_ids=[r.id for r in rows],
         )
         transition(conn, job_id, JobState.RUNNING, expect=JobState.QUEUED)
-        transition(conn, job_id, JobState.SUCCEEDED, expect=JobState.RUNNING)
+        # settled as the runner settles a job: its destinations were checked before the gate
+        transition(conn, job_id, JobState.SUCCEEDED, expect=JobState.RUNNING, destination_problems=[])
         outputs = tuple(
             OutputInstance(
                 sop_uid=r.sop_uid,
@@ -424,6 +425,37 @@ def test_tps_destination_sends_a_valid_series(env: Env, pacs: MiniPACS) -> None:
     task = outbox.claim_due()
     assert task is not None and outbox.send(task).ok
     assert pacs.count() == SLICES and env.delivery()["state"] == DeliveryState.DELIVERED
+
+
+def test_a_tps_delivery_of_a_job_made_before_the_checks_ran_before_the_gate_is_refused(
+    env: Env, pacs: MiniPACS
+) -> None:
+    with env.rt.db.write() as conn:  # a job an older node settled: never checked
+        conn.execute(update(t.jobs).where(t.jobs.c.id == env.job_id).values(destination_problems=None))
+    outbox = Outbox(
+        _config(pacs.dicom_port, {"profile": "tps"}), env.rt.db, env.rt.audit, claim_id("run-old")
+    )
+    task = outbox.claim_due()
+    assert task is not None and not task.checked
+
+    report = outbox.send(task)
+
+    assert not report.ok and not report.retryable
+    assert pacs.count() == 0  # nothing sent
+    d = env.delivery()
+    assert d["state"] == DeliveryState.DEAD and d["attempts"] == 1
+    assert "run the job again" in d["last_error"]
+    (refused,) = env.rt.audit.events(AuditEvent.DELIVERY_REFUSED)
+    assert refused.outcome == Outcome.SERIOUS_FAILURE and refused.facts["profile"] == "tps"
+    assert env.rt.audit.events(AuditEvent.BEGIN_TRANSFERRING) == []
+    # a PACS destination is sent such a job's series as before
+    env.make_due()
+    with env.rt.db.write() as conn:
+        conn.execute(update(t.deliveries).values(state="pending", attempts=0))
+        conn.execute(update(t.jobs).where(t.jobs.c.id == env.job_id).values(state="delivering"))
+    task = Outbox(_config(pacs.dicom_port), env.rt.db, env.rt.audit, claim_id("run-pacs")).claim_due()
+    assert task is not None
+    assert Outbox(_config(pacs.dicom_port), env.rt.db, env.rt.audit, claim_id("run-pacs")).send(task).ok
 
 
 # -- storage commitment --------------------------------------------------------------------

@@ -54,6 +54,9 @@ class DeliveryTask:
     destination: str
     attempt: int
     files: tuple[OutputInstance, ...]
+    #: Whether the job's destinations were checked before its gate (every job settled by
+    #: this version was; one made by an older node that was not never reaches a TPS).
+    checked: bool = True
 
     @property
     def job_id(self) -> int:
@@ -75,6 +78,7 @@ def delivery_rows() -> Select[Any]:
             t.deliveries,
             t.jobs.c.pipeline,
             t.jobs.c.study_version,
+            t.jobs.c.destination_problems,
             t.studies.c.study_uid,
             t.patients.c.patient_id,
         )

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from sqlalchemy import Connection, and_, func, insert, select, update
 
-from audit import AuditEvent, AuditTrail
-from dicom_node.config import NodeConfig
+from audit import AuditEvent, AuditTrail, Outcome
+from dicom_node.config import Destination, NodeConfig
 from dicom_node.db import schema as t
 from dicom_node.db.audited import audited_write
 from dicom_node.db.engine import Database, inserted_id
@@ -172,6 +172,7 @@ class Outbox:
             series_uid=row.series_uid,
             destination=row.destination,
             attempt=attempt,
+            checked=row.destination_problems is not None,
             files=tuple(
                 OutputInstance(
                     sop_uid=f.sop_uid,
@@ -186,6 +187,8 @@ class Outbox:
 
     def send(self, task: DeliveryTask) -> SendReport:
         destination = self.config.destinations.get(task.destination)
+        if destination is not None and destination.profile == "tps" and not task.checked:
+            return self._refuse(task, destination)
         self.audit.record(
             AuditEvent.BEGIN_TRANSFERRING,
             study_uid=task.study_uid,
@@ -214,6 +217,29 @@ class Outbox:
                     destination, task.files, calling_ae=self.config.node.ae_title, commitment=commitment
                 )
         self.finish(task, report, transaction_uid=commitment.transaction_uid if commitment else None)
+        return report
+
+    def _refuse(self, task: DeliveryTask, destination: Destination) -> SendReport:
+        """Fail closed: a TPS delivery of a job whose series were never checked (it was made
+        by a node whose outbox checked at send time, before an upgrade) is not sent."""
+        why = "its job was made before the TPS checks ran before the gate: run the job again so they do"
+        log.warning(
+            "delivery %d (series %s → %s) refused: %s",
+            task.delivery_id,
+            task.series_uid,
+            task.destination,
+            why,
+        )
+        self.audit.record(
+            AuditEvent.DELIVERY_REFUSED,
+            Outcome.SERIOUS_FAILURE,
+            **self.ledger.facts(task, destination),
+            instances=len(task.files),
+            profile=destination.profile,
+            problems=[why],
+        )
+        report = SendReport(error=f"refused before sending to a TPS: {why}")
+        self.finish(task, report)
         return report
 
     def finish(self, task: DeliveryTask, report: SendReport, *, transaction_uid: str | None = None) -> None:
