@@ -30,6 +30,7 @@ from dicom_node.db.engine import Database, inserted_id
 from dicom_node.delivery.commitment import StorageCommitments
 from dicom_node.delivery.ledger import DeliveryLedger, DeliveryState, DeliveryTask, delivery_rows, job_of
 from dicom_node.delivery.sender import SendReport, send_series
+from dicom_node.jobs.claims import OrphanTest
 from dicom_node.jobs.state import JobState, job_ref, move, record_outputs
 from pipelines.base import OutputInstance
 
@@ -293,7 +294,7 @@ class Outbox:
             return
         self.ledger.log_outcome(task, state, outcome, error)
 
-    def recover(self, is_orphaned_claim: Callable[[str | None, float | None, float], bool]) -> int:
+    def recover(self, is_orphaned_claim: OrphanTest) -> int:
         """Deliveries left in ``sending`` by a lost worker go back to ``pending``.
 
         A transaction that worker opened is cancelled (a late report of it is still
