@@ -194,7 +194,7 @@ def render_text(report: StudyReport) -> str:
             f"  job {d.job_id}, series {d.series_uid} → {d.destination}: {d.result}; confirmed: {d.confirmed}"
         )
         for a in d.attempts:
-            detail = f" — {a['error']}" if a.get("error") else ""
+            detail = "".join(f" — {a[k]}" for k in ("error", "note") if a.get(k))
             peer = f"{a.get('called_ae')}@{a.get('peer_host')}"
             add(
                 f"    attempt {a.get('attempt')} at {_when(a['at'])} to {peer}: "

@@ -867,3 +867,59 @@ def test_a_series_the_tps_would_refuse_holds_the_job_and_cannot_be_approved(
     assert _job_state(env, job_id)[::2] == ("held", 0)
     assert pacs.count() == 0
     assert env.rt.audit.events(AuditEvent.REVIEW_APPROVED) == []
+
+
+# -- transcoding on send -------------------------------------------------------------------
+
+
+def test_a_transcoded_delivery_says_so_in_its_attempt_and_audit_record(env: Env, tmp_path: Path) -> None:
+    from pydicom.uid import CTImageStorage, JPEG2000Lossless
+
+    # The job's outputs are JPEG 2000; the peer takes CT uncompressed only.
+    with env.rt.db.write() as conn:
+        for out in env.outputs:
+            ds = dcmread(out.path)
+            ds.compress(JPEG2000Lossless, generate_instance_uid=False)
+            target = tmp_path / "j2k" / f"{out.sop_uid}.dcm"
+            target.parent.mkdir(exist_ok=True)
+            ds.save_as(target, enforce_file_format=True)
+            conn.execute(
+                update(t.job_outputs)
+                .where(t.job_outputs.c.sop_uid == out.sop_uid)
+                .values(path=str(target), transfer_syntax_uid=JPEG2000Lossless)
+            )
+    received: list[str] = []
+
+    def on_store(event: Any) -> int:
+        received.append(str(event.context.transfer_syntax))
+        return 0x0000
+
+    ae = AE(ae_title="MINIPACS")
+    ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert server is not None
+    try:
+        outbox = Outbox(_config(port), env.rt.db, env.rt.audit, claim_id("run-t"))
+        task = outbox.claim_due()
+        assert task is not None
+        assert {f.transfer_syntax_uid for f in task.files} == {JPEG2000Lossless}
+        report = outbox.send(task)
+    finally:
+        server.shutdown()
+
+    assert report.ok, report.error
+    assert received == [ExplicitVRLittleEndian] * SLICES
+    note = (
+        "transcoded from JPEG 2000 Image Compression (Lossless Only) to Explicit VR Little Endian "
+        f"for {SLICES} instance(s)"
+    )
+    (attempt,) = env.attempts()
+    assert (attempt["outcome"], attempt["instances_sent"], attempt["detail"]) == ("delivered", SLICES, note)
+    assert env.delivery()["last_error"] is None  # a note, not an error
+    (att,) = env.rt.audit.events(AuditEvent.DELIVERY_ATTEMPT)
+    assert (att.facts["note"], att.facts["instances_transcoded"], att.facts["error"]) == (note, SLICES, None)
+    from audit.report import build_study_report, render_text
+
+    story = render_text(build_study_report(env.study_uid, env.rt.audit.events(study_uid=env.study_uid)))
+    assert f"delivered, {SLICES} sent — {note}" in story

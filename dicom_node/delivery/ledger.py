@@ -156,14 +156,19 @@ class DeliveryLedger:
         *,
         from_state: str,
         counts: dict[str, int] | None = None,
+        note: str | None = None,
         **attempt_values: Any,
     ) -> str | None:
-        """:meth:`move_delivery`, then :meth:`record_outcome` if it moved."""
+        """:meth:`move_delivery`, then :meth:`record_outcome` if it moved.
+
+        ``note``: what the attempt did besides its outcome (e.g. transcoding), added to
+        the attempt's detail and to its audit record.
+        """
         outcome = self.move_delivery(
-            work, task, state, next_at, error, now, from_state=from_state, **attempt_values
+            work, task, state, next_at, error, now, from_state=from_state, note=note, **attempt_values
         )
         if outcome is not None:
-            self.record_outcome(work, task, state, next_at, outcome, error, now, counts=counts)
+            self.record_outcome(work, task, state, next_at, outcome, error, now, counts=counts, note=note)
         return outcome
 
     def move_delivery(
@@ -176,10 +181,12 @@ class DeliveryLedger:
         now: float,
         *,
         from_state: str,
+        note: str | None = None,
         **attempt_values: Any,
     ) -> str | None:
         """Move the delivery (if still ``from_state``) and close its attempt; returns the
-        outcome's name (None: someone else moved it first)."""
+        outcome's name (None: someone else moved it first). The attempt's detail is the
+        error, then ``note``."""
         outcome = OUTCOMES[state]
         moved = work.conn.execute(
             update(t.deliveries)
@@ -199,7 +206,9 @@ class DeliveryLedger:
             work.conn.execute(
                 update(t.delivery_attempts)
                 .where(t.delivery_attempts.c.id == task.attempt_id)
-                .values(outcome=outcome, detail=error, **attempt_values)
+                .values(
+                    outcome=outcome, detail="; ".join(filter(None, (error, note))) or None, **attempt_values
+                )
             )
         return outcome
 
@@ -214,6 +223,7 @@ class DeliveryLedger:
         now: float,
         *,
         counts: dict[str, int] | None = None,
+        note: str | None = None,
     ) -> None:
         """Queue the attempt's audit record: ``delivery-attempt``, or ``delivery-dead-letter``."""
         work.record(
@@ -225,6 +235,7 @@ class DeliveryLedger:
             result=outcome,
             **(counts or {}),
             error=error,
+            **({"note": note} if note else {}),
             next_attempt_in=round(next_at - now, 1)
             if state in (DeliveryState.PENDING, DeliveryState.COMMITTING)
             else None,

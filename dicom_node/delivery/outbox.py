@@ -248,6 +248,9 @@ class Outbox:
         now = time.time()
         destination = self.config.destinations.get(task.destination)
         ok, retryable, error, committing = report.ok, report.retryable, report.error, False
+        counts = {"instances_sent": report.sent, "instances_failed": len(report.failed)}
+        if report.transcoded:
+            counts["instances_transcoded"] = sum(report.transcoded.values())
         with audited_write(self.db, self.audit) as work:
             if transaction_uid is not None:
                 sent = self.commitments.after_send(work.conn, transaction_uid, report, destination, now)
@@ -267,7 +270,8 @@ class Outbox:
                 error,
                 now,
                 from_state=DeliveryState.SENDING.value,
-                counts={"instances_sent": report.sent, "instances_failed": len(report.failed)},
+                counts=counts,
+                note=report.transcoding_note,
                 finished_at=now,
                 instances_sent=report.sent,
                 instances_failed=len(report.failed),

@@ -1,11 +1,16 @@
 """C-STORE SCU: send one series to one destination in one association.
 
-Presentation contexts are built from what is being sent: one per SOP class, proposing the
-stored transfer syntax first (and the uncompressed ones as alternatives when it is itself
-uncompressed). Files are streamed from disk unchanged when the stored transfer syntax is
-accepted. Failures are classified: *retryable* (peer down, timeouts, transient rejection,
-out of resources) or *permanent* (rejected permanently, no usable presentation context,
-the peer refuses the data), so the outbox retries only what can succeed later.
+Presentation contexts are built from what is being sent (:func:`propose_contexts`): per
+SOP class, one context for each transfer syntax the files are stored in, and one
+proposing the uncompressed syntaxes not stored. A file whose stored syntax the peer
+accepts is streamed from disk unchanged — never transcoded. A compressed file whose
+syntax the peer refuses is decoded by pydicom's pixel plugins and sent uncompressed
+(Explicit VR Little Endian, or Implicit when that is what the peer accepted); an
+uncompressed one is converted by pynetdicom. The report counts what was transcoded. When
+nothing the peer accepted fits, the error names the syntaxes offered and accepted.
+Failures are classified: *retryable* (peer down, timeouts, transient rejection, out of
+resources) or *permanent* (rejected permanently, no usable presentation context, the peer
+refuses the data), so the outbox retries only what can succeed later.
 
 When the destination does storage commitment, the N-ACTION follows the last C-STORE on
 the same association, which then stays open a moment for a report on it (most peers,
@@ -18,13 +23,22 @@ import logging
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+)
 from pynetdicom import AE, evt
+from pynetdicom.presentation import PresentationContext
 
 from dicom_node.config import Destination
 from dicom_node.net.commitment import (
@@ -44,6 +58,11 @@ log = logging.getLogger(__name__)
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _MAX_CONTEXTS = 128
+#: Presentation context result: the peer does not support the SOP class at all.
+_ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03
+#: Syntaxes that are lossy whatever the encoder did, and the method (0028,2114) names them
+#: by; a decoded copy must still say it was lossy (the others' encoders set the flags).
+_ALWAYS_LOSSY = {JPEGBaseline8Bit: "ISO_10918_1", JPEGExtended12Bit: "ISO_10918_1"}
 #: N-ACTION statuses no retry will change: not authorised, no such SOP class / action.
 _PERMANENT_ACTION_STATUSES = (0x0124, 0x0118, 0x0123)
 
@@ -75,10 +94,137 @@ class SendReport:
     retryable: bool = False
     #: The peer accepted the N-ACTION: a commitment result is now awaited.
     commitment_requested: bool = False
+    #: (stored transfer syntax, syntax sent) → instances stored by the peer after transcoding.
+    transcoded: dict[tuple[str, str], int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return self.error is None and not self.failed
+
+    @property
+    def transcoding_note(self) -> str | None:
+        """What was sent otherwise than as stored, for the attempt's record (None: nothing)."""
+        if not self.transcoded:
+            return None
+        return "; ".join(
+            f"transcoded from {UID(stored).name} to {UID(sent).name} for {n} instance(s)"
+            for (stored, sent), n in self.transcoded.items()
+        )
+
+
+class TooManyContexts(ValueError):
+    """A series whose SOP classes and transfer syntaxes need more than one association allows."""
+
+
+def propose_contexts(
+    files: Sequence[OutputInstance], *, reserved: int = 0
+) -> list[tuple[str, tuple[UID, ...]]]:
+    """The presentation contexts to propose for ``files``: (SOP class, transfer syntaxes).
+
+    Per SOP class, in the order the files come, each transfer syntax its files are stored
+    in gets a context of its own — a peer that accepts it gets the bytes as stored, and
+    cannot pick another syntax instead — and one more context proposes the uncompressed
+    syntaxes not stored: what a compressed file is decoded into, or an uncompressed one
+    converted to, when the peer refuses its own syntax. Those fallbacks are left out, from
+    the last SOP class back, when the association has no room for them.
+
+    Parameters
+    ----------
+    files
+        The series to send.
+    reserved
+        Contexts the association needs besides these (storage commitment: 1).
+
+    Raises
+    ------
+    TooManyContexts
+        When even the contexts without fallbacks exceed the 128 of one association.
+    """
+    stored: dict[str, list[UID]] = {}
+    for f in files:
+        syntaxes = stored.setdefault(f.sop_class_uid, [])
+        if UID(f.transfer_syntax_uid) not in syntaxes:
+            syntaxes.append(UID(f.transfer_syntax_uid))
+    needed = sum(len(syntaxes) for syntaxes in stored.values())
+    if needed + reserved > _MAX_CONTEXTS:
+        raise TooManyContexts(
+            f"series needs {needed + reserved} presentation contexts; one association allows 128"
+        )
+    room_for_fallbacks = _MAX_CONTEXTS - reserved - needed
+    contexts: list[tuple[str, tuple[UID, ...]]] = []
+    for sop_class, syntaxes in stored.items():
+        contexts += [(sop_class, (ts,)) for ts in syntaxes]
+        fallback = tuple(ts for ts in _UNCOMPRESSED if ts not in syntaxes)
+        if fallback and room_for_fallbacks > 0:
+            room_for_fallbacks -= 1
+            contexts.append((sop_class, fallback))
+    return contexts
+
+
+def _route(stored: UID, accepted: Sequence[UID]) -> UID | None:
+    """The syntax a file stored in ``stored`` goes out in: its own when accepted, else an
+    accepted uncompressed one pynetdicom can encode it in (None: no fit)."""
+    if stored in accepted:
+        return stored
+    # Decoded pixels are Explicit VR Little Endian; pynetdicom sends a data set in the
+    # accepted syntax equal to its own, else in the first it can convert it to (the same
+    # endianness, uncompressed), in the order of the contexts: so does this.
+    encoded = ExplicitVRLittleEndian if stored.is_compressed else stored
+    if encoded in accepted:
+        return encoded
+    little = encoded.is_little_endian
+    return next((ts for ts in accepted if not ts.is_compressed and ts.is_little_endian == little), None)
+
+
+def decompressed(path: Path) -> Dataset:
+    """The data set of the file at ``path`` with its pixel data decoded (Explicit VR Little
+    Endian), by pydicom's pixel plugins.
+
+    pydicom fixes Photometric Interpretation, Planar Configuration and Number of Frames to
+    match the decoded pixels; the SOP Instance UID is kept (the encoding changes, not the
+    instance). A syntax that is always lossy keeps saying so in Lossy Image Compression.
+    """
+    ds = dcmread(path)
+    stored = UID(ds.file_meta.TransferSyntaxUID)
+    if "PixelData" not in ds:  # nothing encapsulated: the data set is explicit VR little endian
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        return ds
+    ds.decompress(generate_instance_uid=False)
+    if stored in _ALWAYS_LOSSY and ds.get("LossyImageCompression") != "01":
+        ds.LossyImageCompression = "01"
+        ds.LossyImageCompressionMethod = _ALWAYS_LOSSY[stored]
+    return ds
+
+
+def _names(syntaxes: Iterable[str]) -> str:
+    return ", ".join(UID(ts).name for ts in syntaxes) or "none"
+
+
+def _no_fit(
+    where: str,
+    sop_class: str,
+    stored: UID | None,
+    offered: Sequence[UID],
+    accepted: Sequence[UID],
+    rejected: Sequence[PresentationContext],
+) -> str:
+    """Why no file of ``sop_class`` stored in ``stored`` can be sent, naming the syntaxes."""
+    listed = f"offered {_names(offered)}; accepted: {_names(accepted)}"
+    sop = UID(sop_class).name
+    refusals = [cx.result for cx in rejected if cx.abstract_syntax == sop_class]
+    if not accepted and refusals and all(r == _ABSTRACT_SYNTAX_NOT_SUPPORTED for r in refusals):
+        return f"{where} does not accept {sop} at all (abstract syntax not supported): {listed}"
+    if not accepted:
+        return f"{where} accepted none of the transfer syntaxes offered for {sop}: {listed}"
+    what = f"{stored.name} {sop}" if stored is not None else sop
+    return f"{where} accepted none of the transfer syntaxes {what} can be sent in: {listed}"
+
+
+def _offered_by_sop_class(contexts: Sequence[tuple[str, tuple[UID, ...]]]) -> dict[str, list[UID]]:
+    offered: dict[str, list[UID]] = defaultdict(list)
+    for sop_class, syntaxes in contexts:
+        offered[sop_class] += [ts for ts in syntaxes if ts not in offered[sop_class]]
+    return offered
 
 
 def _why_no_association(destination: Destination, where: str) -> str:
@@ -113,6 +259,11 @@ def send_series(
 ) -> SendReport:
     """Send ``files`` (one series) to ``destination`` in a single association.
 
+    Each file goes as stored when the peer accepts its transfer syntax, else decoded
+    (compressed) or converted (uncompressed) to an uncompressed syntax the peer accepted;
+    :attr:`SendReport.transcoded` counts those. A series with a file that fits nothing
+    the peer accepted is not sent at all, and the error names the syntaxes.
+
     With ``commitment``, the N-ACTION asking the peer to commit to every file follows
     the last C-STORE on the same association (only when all were stored).
     """
@@ -120,18 +271,12 @@ def send_series(
     report = SendReport()
     if not files:
         return report
-    contexts: dict[str, list[UID]] = defaultdict(list)
-    for f in files:
-        proposed = contexts[f.sop_class_uid]
-        for ts in (UID(f.transfer_syntax_uid),) + (
-            _UNCOMPRESSED if not UID(f.transfer_syntax_uid).is_compressed else ()
-        ):
-            if ts not in proposed:
-                proposed.append(ts)
-    needed = len(contexts) + (commitment is not None)
-    if needed > _MAX_CONTEXTS:
-        report.error = f"series needs {needed} presentation contexts; one association allows 128"
+    try:
+        contexts = propose_contexts(files, reserved=int(commitment is not None))
+    except TooManyContexts as exc:
+        report.error = str(exc)
         return report
+    offered = _offered_by_sop_class(contexts)
 
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = destination.timeout_seconds
@@ -139,8 +284,8 @@ def send_series(
     ae.network_timeout = destination.timeout_seconds
     ae.connection_timeout = min(destination.timeout_seconds, 15)
     ae.maximum_pdu_size = destination.max_pdu_bytes
-    for sop_class, syntaxes in contexts.items():
-        ae.add_requested_context(sop_class, syntaxes)
+    for sop_class, syntaxes in contexts:
+        ae.add_requested_context(sop_class, list(syntaxes))
     handlers: list[Any] = [(evt.EVT_CONN_OPEN, on_connection_open)]
     if commitment is not None:
         ae.add_requested_context(PUSH_MODEL, list(_UNCOMPRESSED))
@@ -157,6 +302,12 @@ def send_series(
             reason = rj.reason_str if rj is not None else "rejected"
             report.error = f"{where} rejected the association ({reason})"
             report.retryable = not permanent
+        elif assoc.rejected_contexts and not assoc.accepted_contexts:
+            # The peer answered A-ASSOCIATE-AC refusing every context; pynetdicom then aborts.
+            report.error = ". ".join(
+                _no_fit(where, sop_class, None, syntaxes, [], assoc.rejected_contexts)
+                for sop_class, syntaxes in offered.items()
+            )
         else:
             # pynetdicom reports a refused connection as an abort; find out which it was.
             report.error = _why_no_association(destination, where)
@@ -164,15 +315,29 @@ def send_series(
         return report
 
     try:
-        accepted: dict[str, UID] = {
-            cx.abstract_syntax: UID(cx.transfer_syntax[0])
-            for cx in assoc.accepted_contexts
-            if cx.abstract_syntax and cx.transfer_syntax
-        }
-        missing = sorted(set(contexts) - set(accepted))
-        if missing:
-            names = ", ".join(UID(m).name for m in missing)
-            report.error = f"{where} accepts no presentation context for {names}"
+        accepted: dict[str, list[UID]] = defaultdict(list)
+        for cx in assoc.accepted_contexts:
+            if cx.abstract_syntax and cx.transfer_syntax:
+                accepted[str(cx.abstract_syntax)].append(UID(cx.transfer_syntax[0]))
+        routes = [_route(UID(f.transfer_syntax_uid), accepted.get(f.sop_class_uid, [])) for f in files]
+        # Checked before anything is sent: no half-delivered series for want of a syntax.
+        no_fit = dict.fromkeys(
+            (f.sop_class_uid, UID(f.transfer_syntax_uid))
+            for f, route in zip(files, routes, strict=True)
+            if route is None
+        )
+        if no_fit:
+            report.error = ". ".join(
+                _no_fit(
+                    where,
+                    sop_class,
+                    stored,
+                    offered[sop_class],
+                    accepted.get(sop_class, []),
+                    assoc.rejected_contexts,
+                )
+                for sop_class, stored in no_fit
+            )
             return report
         if commitment is not None and PUSH_MODEL not in accepted:
             report.error = (
@@ -180,18 +345,24 @@ def send_series(
                 "turn storage_commitment off for this destination or enable it on the peer"
             )
             return report
-        for f in files:
-            wire_ts = accepted[f.sop_class_uid]
-            if wire_ts == UID(f.transfer_syntax_uid):
-                payload: object = f.path
-            elif not UID(f.transfer_syntax_uid).is_compressed:
+        for f, wire_ts in zip(files, routes, strict=True):
+            stored = UID(f.transfer_syntax_uid)
+            if wire_ts == stored:
+                payload: object = f.path  # as stored, never transcoded
+            elif not stored.is_compressed:
                 payload = dcmread(f.path)  # pynetdicom converts between uncompressed syntaxes
             else:
-                report.error = (
-                    f"{where} does not accept {UID(f.transfer_syntax_uid).name} "
-                    f"for {UID(f.sop_class_uid).name}"
-                )
-                return report
+                try:
+                    payload = decompressed(f.path)
+                except Exception as exc:  # the pixel plugins raise what they like
+                    why = " ".join(str(exc).split()) or type(exc).__name__
+                    report.error = (
+                        f"{where} does not accept {UID(f.sop_class_uid).name} in {stored.name}, "
+                        f"and decompressing instance {f.sop_uid} failed ({why}): "
+                        f"offered {_names(offered[f.sop_class_uid])}; "
+                        f"accepted: {_names(accepted[f.sop_class_uid])}"
+                    )
+                    return report
             status_ds = assoc.send_c_store(payload)  # type: ignore[arg-type]
             if "Status" not in status_ds:
                 report.error = f"no C-STORE response from {where} (timeout or abort)"
@@ -201,6 +372,9 @@ def send_series(
             if _status_is_success(status):
                 report.sent += 1
                 report.warnings += status != 0x0000
+                if wire_ts != stored:
+                    key = (str(stored), str(wire_ts))
+                    report.transcoded[key] = report.transcoded.get(key, 0) + 1
                 continue
             report.failed.append((f.sop_uid, f"0x{status:04X}"))
             if _status_is_retryable(status):
@@ -212,6 +386,8 @@ def send_series(
             report.error = f"{where} refused {len(report.failed)} instance(s), first status {first_status}"
         elif commitment is not None:
             _request_commitment(assoc, commitment, files, where, report)
+        if report.transcoded:
+            log.info("sent to %s: %s", where, report.transcoding_note)
         return report
     except (OSError, RuntimeError) as exc:
         report.error = f"connection to {where} lost: {exc}"

@@ -92,16 +92,25 @@ def storescu(
 class DcmtkStoreSCP:
     """dcmtk storescp writing into its own folder."""
 
-    def __init__(self, workdir: Path, port: int | None = None, aet: str = "STORESCP") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        aet: str = "STORESCP",
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        """``extra_args``: more storescp options, e.g. ``("+xa",)`` to accept compressed
+        transfer syntaxes (by default it accepts uncompressed ones only)."""
         self.dir = workdir / "storescp"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.aet = aet
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> DcmtkStoreSCP:
         self.proc = subprocess.Popen(
-            [STORESCP, "-aet", self.aet, "-od", str(self.dir), str(self.port)],
+            [STORESCP, *self.extra_args, "-aet", self.aet, "-od", str(self.dir), str(self.port)],
             env=NODE_ENV,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
