@@ -41,8 +41,26 @@ class AuditEvent(StrEnum):
     INSTANCE_NEW_VERSION = "instance-new-version"
     INSTANCE_REJECTED = "instance-rejected"
     INSTANCE_QUARANTINED = "instance-quarantined"
+    #: An object this node wrote came back (a PACS or a person sent it): stored, never a
+    #: job. ``sop_uid, series_uid, calling_ae, recognised_by`` (what gave it away).
+    OWN_OUTPUT_RETURNED = "own-output-returned"
+    #: A rule's destination is the AE the study came from and the rule does not say
+    #: ``return_to_sender: true``: the destination is left out. ``rule, destination, ae_title``.
+    RETURN_TO_SENDER_SKIPPED = "return-to-sender-skipped"
     STUDY_READY = "study-ready"
     STUDY_NOT_ROUTED = "study-not-routed"
+    #: A Modality Performed Procedure Step (MPPS N-CREATE / N-SET) from a scanner, by the
+    #: status it now has: ``mpps_uid, operation, instances`` (how many SOP Instance UIDs
+    #: it lists), ``mode`` for a discontinued one (``[completeness] mpps_discontinued``).
+    MPPS_IN_PROGRESS = "mpps-in-progress"
+    MPPS_COMPLETED = "mpps-completed"
+    MPPS_DISCONTINUED = "mpps-discontinued"
+    #: An MPPS request answered with a failure: ``mpps_uid, operation, status, reason``.
+    MPPS_REFUSED = "mpps-refused"
+    #: A completeness signal, not the idle timer, made the study ready: ``signal`` (``mpps``
+    #: or ``expected-counts``), ``detail``, ``mpps`` (the steps it settled), ``jobs``; the
+    #: ``study-ready`` record precedes it.
+    STUDY_COMPLETE = "study-complete"
     JOB_TRANSITION = "job-transition"
     DELIVERY_ATTEMPT = "delivery-attempt"
     DELIVERY_DEAD_LETTER = "delivery-dead-letter"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 CONFIG_FILENAME = "dicom-node.toml"
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII except backslash
@@ -25,7 +26,17 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 class ConfigError(Exception):
-    """A configuration problem a user caused: one line, names the key."""
+    """Configuration problems a user caused: each one line, ``file: key: problem``.
+
+    ``problems`` holds every problem found; ``str()`` joins them on one line.
+    """
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__(*problems)
+        self.problems: tuple[str, ...] = problems
+
+    def __str__(self) -> str:
+        return "; ".join(self.problems)
 
 
 def _check_ae_title(value: str) -> str:
@@ -77,6 +88,11 @@ class Caller(_Section):
     hosts: tuple[str, ...] = ()
     #: Override of completeness.stable_seconds for studies this AE sends.
     stable_seconds: float | None = Field(None, gt=0)
+    #: A study from this AE is ready, without waiting for the timer, as soon as its newest
+    #: version holds this many acquired instances (and ``expected_series`` series, if set).
+    expected_instances: int | None = Field(None, ge=1)
+    #: ... or this many series (with ``expected_instances`` too, both must be reached).
+    expected_series: int | None = Field(None, ge=1)
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -85,6 +101,12 @@ class CompletenessSection(_Section):
     """When a study is considered complete ("ready")."""
 
     stable_seconds: float = Field(30.0, gt=0)
+    #: What an MPPS that ends DISCONTINUED does to its study (it is always audited):
+    #: "wait-for-timer" — nothing, the idle timer decides as if no MPPS had come (safe: no
+    #: study is lost or made ready early); "ready-now" — as COMPLETED: ready once every
+    #: instance it lists is stored; "hold" — the timer does not make the study ready; a
+    #: later MPPS of the study that completes does.
+    mpps_discontinued: Literal["wait-for-timer", "ready-now", "hold"] = "wait-for-timer"
 
 
 class Destination(_Section):
@@ -295,22 +317,26 @@ class LoadedConfig(BaseModel):
     environment_pins: dict[str, str] = {}
 
 
-def _format_error(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in first["loc"]).replace(".[", "[")
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
+def _format_errors(err: ValidationError, source: str) -> list[str]:
+    """Every problem pydantic found, each as one line ``source: key: problem``."""
+    return [_format_problem(problem, source) for problem in err.errors()]
+
+
+def _format_problem(problem: ErrorDetails, source: str) -> str:
+    loc = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in problem["loc"]).replace(".[", "[")
+    msg = problem["msg"]
+    if problem["type"] == "extra_forbidden":
         msg = "unknown key (check spelling; see deploy/dicom-node.example.toml)"
     elif (
-        "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict | list)
+        "input" in problem
+        and problem["type"] not in ("missing",)
+        and not isinstance(problem["input"], dict | list)
     ):
-        msg = f"{msg} (got {first['input']!r})"
+        msg = f"{msg} (got {problem['input']!r})"
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
-    more = len(err.errors()) - 1
-    tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    where = f"{loc}: " if first["loc"] else ""
-    line = f"{source}: {where}{msg}{tail}"
+    where = f"{loc}: " if problem["loc"] else ""
+    line = f"{source}: {where}{msg}"
     return line.replace("\r", "\\r").replace("\n", "\\n")
 
 
@@ -358,7 +384,7 @@ def load_config(
     Raises
     ------
     ConfigError
-        One line naming the file, the key and the problem.
+        Every problem found, each one line naming the file, the key and the problem.
     """
     raw_bytes = b""
     source: Path | None = None
@@ -384,10 +410,11 @@ def load_config(
     try:
         config = NodeConfig.model_validate(data)
     except ValidationError as exc:
-        line = _format_error(exc, str(source) if source else "config")
-        for pipeline in pins:
-            if f"pin.{pipeline}:" in line:
-                line += f" (set by {model_env_var(pipeline)} in the environment)"
-        raise ConfigError(line) from None
+        problems = _format_errors(exc, str(source) if source else "config")
+        for i, line in enumerate(problems):
+            pinned = next((p for p in pins if f"pin.{p}:" in line), None)
+            if pinned is not None:
+                problems[i] = f"{line} (set by {model_env_var(pinned)} in the environment)"
+        raise ConfigError(*problems) from None
     digest = hashlib.sha256(raw_bytes + repr(sorted((overrides or {}).items())).encode()).hexdigest()
     return LoadedConfig(config=config, source=source, sha256=digest, environment_pins=pins)

@@ -9,14 +9,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+
 from audit import AuditTrail
 from dicom_node.config import LoadedConfig, NodeConfig, load_config
 from dicom_node.db.engine import Database
 from dicom_node.paths import NodePaths
+from dicom_node.safelog import CLI_HANDLER, PhiSafeFilter, route_warnings_and_crashes
 
 #: Third-party loggers that would otherwise flood the log (or, at DEBUG, dump data sets
 #: with patient names into it).
 _QUIET = ("pynetdicom", "apscheduler", "alembic", "sqlalchemy", "PIL", "highdicom")
+
+
+class NoNodeState(Exception):
+    """A command that reads a node's state was pointed at a home that holds none."""
+
+
+def missing_state(paths: NodePaths, config: NodeConfig) -> Path | None:
+    """The first SQLite database of the node (index, then audit log) that does not exist.
+
+    A server database (a non-SQLite URL) is not checked: it has no file to look for.
+    """
+    for url in (paths.database_url(config), paths.audit_database_url(config)):
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            file = Path(str(parsed.database))
+            if not file.exists():
+                return file
+    return None
 
 
 @dataclass(frozen=True)
@@ -48,9 +69,16 @@ class Runtime:
         home: Path,
         overrides: dict[str, Any] | None = None,
         actor: str | None = None,
+        *,
+        existing: bool = False,
     ) -> Runtime:
+        """Open ``home``; with ``existing``, raise :class:`NoNodeState` (creating nothing)
+        unless the node's databases are already there."""
         loaded = load_config(config_path, home, overrides)
         paths = NodePaths.for_home(home, loaded.config)
+        if existing and (missing := missing_state(paths, loaded.config)) is not None:
+            shown = missing.relative_to(paths.home) if missing.is_relative_to(paths.home) else missing
+            raise NoNodeState(f"no dicom-node state under {paths.home} ({shown} missing): is --home right?")
         paths.create()
         db = Database(paths.database_url(loaded.config))
         db.upgrade()
@@ -68,16 +96,22 @@ class Runtime:
 
 
 def setup_logging(paths: NodePaths, config: NodeConfig, *, to_stderr: bool = True) -> None:
-    """Application log: UIDs and ids only — callers never log patient names."""
+    """Application log: UIDs and ids only — callers never log patient names, and what
+    libraries say (log records, warnings, exception messages) passes :mod:`dicom_node.safelog`."""
     root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, CLI_HANDLER, False)]:
+        root.removeHandler(handler)  # the command line's stopgap; these handlers replace it
     root.setLevel(config.logging.level)
     fmt = logging.Formatter("%(asctime)s %(levelname)-7s %(processName)s[%(process)d] %(name)s: %(message)s")
     file_handler = logging.handlers.WatchedFileHandler(paths.log_file)
     file_handler.setFormatter(fmt)
+    file_handler.addFilter(PhiSafeFilter())
     root.addHandler(file_handler)
     if to_stderr:
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(fmt)
+        stream.addFilter(PhiSafeFilter())
         root.addHandler(stream)
+    route_warnings_and_crashes()
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -27,6 +27,8 @@ from audit.syslog import AuditForwarder, SyslogTlsSender
 from dicom_node import __version__
 from dicom_node.delivery.outbox import Outbox
 from dicom_node.ingest.indexer import Indexer
+from dicom_node.ingest.mpps import PerformedProcedureSteps
+from dicom_node.ingest.origin import OriginRules, job_output_lookup
 from dicom_node.ingest.readiness import StudyReadiness
 from dicom_node.ingest.receiver import Receiver
 from dicom_node.ingest.store import InstanceStore, latest_received_at
@@ -173,7 +175,7 @@ def serve(
     )
     audit.record(AuditEvent.APPLICATION_START, actor=actor, version=__version__, home=str(paths.home))
 
-    router = PolicyRouter(None, paths.data)
+    router = PolicyRouter(None, paths.data, {n: d.ae_title for n, d in config.destinations.items()})
     watcher = None
     policy_path = runtime.policy_path
     if policy_path is not None:
@@ -192,13 +194,19 @@ def serve(
     else:
         log.warning("no [policy] file configured: studies are stored, none is processed")
     intake = JobIntake(runtime.db, audit, router, actor=actor)
-    readiness = StudyReadiness(config, runtime.db, on_ready=intake.study_ready)
+    readiness = StudyReadiness(config, runtime.db, on_ready=intake.study_ready, audit=audit)
     indexer = Indexer(
         runtime.db,
         audit,
         on_indexed=readiness.instances_indexed,
     )
-    store = InstanceStore(paths, runtime.db, indexer, fsync=config.storage.fsync)
+    store = InstanceStore(
+        paths,
+        runtime.db,
+        indexer,
+        fsync=config.storage.fsync,
+        origin=OriginRules(config.node.ae_title, config.node.uid_root, job_output_lookup(runtime.db)),
+    )
     clean_mark = paths.run / _CLEAN_MARK
     if clean_mark.exists():
         clean_mark.unlink()
@@ -218,7 +226,16 @@ def serve(
     readiness.start()
     forwarder = start_syslog_forwarder(runtime)
     # Storage commitment results that peers report on new associations settle deliveries.
-    receiver = Receiver(config, paths, store, audit, commitment_reports=outbox.commitments.record_report)
+    # A scanner's MPPS COMPLETED makes its study ready once the instances it lists are stored.
+    procedure_steps = PerformedProcedureSteps(config, runtime.db, audit, on_changed=readiness.steps_changed)
+    receiver = Receiver(
+        config,
+        paths,
+        store,
+        audit,
+        commitment_reports=outbox.commitments.record_report,
+        procedure_steps=procedure_steps,
+    )
     worker_argv = [
         sys.executable,
         "-m",

@@ -85,6 +85,9 @@ class RunEnvironment:
     workdir: Path
     uid_root: str = "2.25."
     node_version: str = "0.0"
+    #: The node's AE title, written as Station Name of the node's Contributing Equipment
+    #: item so the node recognises its own outputs when a PACS sends them back.
+    node_ae_title: str | None = None
 
 
 class Pipeline(Protocol):

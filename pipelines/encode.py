@@ -233,6 +233,7 @@ class Encode:
             weights_sha256=ctx.model.weights_sha256,
             node_version=ctx.env.node_version,
             synthetic=self.synthetic,
+            station=ctx.env.node_ae_title,
         )
         uids = UidFactory(
             ctx.env.uid_root, job_key(ctx.study.job_id, [i.sop_uid for i in ctx.study.instances])

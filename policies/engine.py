@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from policies.model import Comparison, Gate, Policy, QcGates, Rule, SeriesConditions
@@ -25,6 +25,8 @@ class SeriesView:
     instances: int
     #: Value of a DICOM attribute (by keyword) in the series, or None when absent.
     attribute: Callable[[str], Any]
+    #: Another AI node made this series (rules with ``ai_outputs: ignore`` do not see it).
+    made_by_ai: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,12 @@ def _series_checks(cond: SeriesConditions, s: SeriesView, prefix: str = "") -> l
 
 
 def evaluate_rule(rule: Rule, study: StudyView) -> RuleVerdict:
+    if rule.ai_outputs == "ignore" and any(s.made_by_ai for s in study.series):
+        acquired = tuple(s for s in study.series if not s.made_by_ai)
+        if not acquired:
+            seen = f"{len(study.series)} series, all made by another AI node"
+            return RuleVerdict(rule, False, (Check("a series not made by an AI node", False, seen),), None)
+        study = replace(study, series=acquired)
     m = rule.match
     checks: list[Check] = []
     if m.calling_ae is not None:

@@ -148,6 +148,14 @@ class Rule(_Strict):
     qc: QcGates = QcGates()
     #: Options passed to the pipeline (e.g. a gate fire drill: {inject_hallucination_hu: 80}).
     options: dict[str, float | int | str | bool] = {}
+    #: Series another AI node made (Synthesizing Equipment, Synthetic Data YES, another
+    #: dicom-node): ``ignore`` (default) — the rule neither matches on them nor processes
+    #: them, so an AI output never feeds an AI model by accident; ``accept`` to use them.
+    ai_outputs: Literal["ignore", "accept"] = "ignore"
+    #: Allow a destination whose AE title is the AE the study came from (a PACS that
+    #: forwards studies and takes the results back). Off: such a destination is skipped,
+    #: audited, so a study is never bounced back to its sender by accident.
+    return_to_sender: bool = False
 
     @field_validator("name")
     @classmethod

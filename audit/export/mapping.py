@@ -28,6 +28,7 @@ instance-new-version      110104 DICOM Instances Transferred      U       local
 instance-duplicate        110104 DICOM Instances Transferred      R       local (3)
 instance-rejected         110104 DICOM Instances Transferred      C       local (failed outcome)
 instance-quarantined      110104 DICOM Instances Transferred      C       local (failed outcome)
+own-output-returned       110104 DICOM Instances Transferred      C       local
 delivery-attempt          110104 DICOM Instances Transferred      R       local
 delivery-dead-letter      110104 DICOM Instances Transferred      R       local
 provenance                110103 DICOM Instances Accessed         C       local (derived instances)
@@ -167,6 +168,7 @@ EVENT_MAP: dict[AuditEvent, EventMapping] = {
     AuditEvent.INSTANCE_DUPLICATE: EventMapping(INSTANCES_TRANSFERRED, "R"),
     AuditEvent.INSTANCE_REJECTED: EventMapping(INSTANCES_TRANSFERRED, "C"),
     AuditEvent.INSTANCE_QUARANTINED: EventMapping(INSTANCES_TRANSFERRED, "C"),
+    AuditEvent.OWN_OUTPUT_RETURNED: EventMapping(INSTANCES_TRANSFERRED, "C"),
     AuditEvent.DELIVERY_ATTEMPT: EventMapping(INSTANCES_TRANSFERRED, "R"),
     AuditEvent.DELIVERY_DEAD_LETTER: EventMapping(INSTANCES_TRANSFERRED, "R"),
     AuditEvent.DELIVERY_REFUSED: EventMapping(INSTANCES_TRANSFERRED, "R"),

@@ -23,6 +23,7 @@ from dicom_node.cli import (  # noqa: F401  (imported for their commands)
     user_cmds,
 )
 from dicom_node.cli.common import app, fail
+from dicom_node.safelog import protect_stderr
 
 #: Packages of the optional extras, by the extra that brings them (pyproject.toml).
 EXTRA_OF = {
@@ -32,6 +33,7 @@ EXTRA_OF = {
 
 
 def main() -> None:
+    protect_stderr()
     try:
         app()
     except ModuleNotFoundError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,7 +20,7 @@ from dicom_node.cli.common import (
     app,
     console,
     fail,
-    open_runtime,
+    open_existing,
     os_user,
     print_json,
 )
@@ -28,6 +29,12 @@ audit_app = typer.Typer(
     help="The tamper-evident audit log: verify, search, report, export.", no_args_is_help=True
 )
 app.add_typer(audit_app, name="audit")
+
+
+class ExportFormat(StrEnum):
+    FHIR_R5 = "fhir-r5"
+    FHIR_R4B = "fhir-r4b"
+    DICOM_XML = "dicom-xml"
 
 
 def _log_used(trail: AuditTrail, what: str, outcome: Outcome = Outcome.SUCCESS, **facts: Any) -> None:
@@ -57,7 +64,7 @@ def verify(
     json_out: JsonOpt = False,
 ) -> None:
     """Check the hash chain and the external checkpoints. Exit 0 when intact, 1 otherwise."""
-    runtime = open_runtime(config, home)
+    runtime = open_existing(config, home)
     started = time.perf_counter()
     result = runtime.audit.verify(checkpoint_file)
     elapsed = time.perf_counter() - started
@@ -105,7 +112,7 @@ def search(
         if name not in known:
             raise fail(f"--event {name!r}: unknown event (known: {', '.join(sorted(known))})")
     filters = {"patient": patient, "study": study, "since": since, "until": until, "event": event, "ae": ae}
-    runtime = open_runtime(config, home)
+    runtime = open_existing(config, home)
     records = runtime.audit.search(
         patient_id=patient,
         study_uid=study,
@@ -159,7 +166,7 @@ def report(
     """What came in, what ran with which models, what went out where, and whether it was confirmed."""
     from audit.report import build_study_report, render_text
 
-    runtime = open_runtime(config, home)
+    runtime = open_existing(config, home)
     records = runtime.audit.search(study_uid=study)
     _log_used(runtime.audit, "report", study_uid=study)
     runtime.close()
@@ -174,7 +181,9 @@ def report(
 
 @audit_app.command("export")
 def export(
-    format: Annotated[str, typer.Option("--format", help="fhir-r5, fhir-r4b or dicom-xml.")] = "fhir-r5",
+    format: Annotated[
+        ExportFormat, typer.Option("--format", help="FHIR R5 or R4B Bundle, or DICOM audit messages.")
+    ] = ExportFormat.FHIR_R5,
     study: Annotated[str | None, typer.Option(help="Only this Study Instance UID.")] = None,
     since: Annotated[str | None, typer.Option(help="From (ISO date/date-time).")] = None,
     until: Annotated[str | None, typer.Option(help="Until (ISO date/date-time).")] = None,
@@ -187,31 +196,27 @@ def export(
     """A FHIR Bundle of AuditEvent + Provenance (R5 or R4B), or DICOM audit messages (PS3.15 XML)."""
     from audit import export as exporter
 
-    formats = {"fhir-r5", "fhir-r4b", "dicom-xml"}
-    if format not in formats:
-        raise fail(f"--format {format!r}: choose one of {', '.join(sorted(formats))}")
-    runtime = open_runtime(config, home)
+    runtime = open_existing(config, home)
     records = runtime.audit.search(
         study_uid=study, since=parse_when(since, "--since"), until=parse_when(until, "--until")
     )
-    _log_used(runtime.audit, "export", format=format, study_uid=study, records=len(records))
+    _log_used(runtime.audit, "export", format=format.value, study_uid=study, records=len(records))
     runtime.audit.record(
         AuditEvent.EXPORT,
         actor=os_user(),
         study_uid=study,
-        format=format,
+        format=format.value,
         records=len(records),
         to=str(out or "stdout"),
     )
     runtime.close()
-    if format == "dicom-xml":
+    if format is ExportFormat.DICOM_XML:
         text = exporter.dicom_xml_document(records)
     else:
-        text = json.dumps(
-            exporter.fhir_bundle(records, version="R5" if format == "fhir-r5" else "R4B"), indent=2
-        )
+        version = "R5" if format is ExportFormat.FHIR_R5 else "R4B"
+        text = json.dumps(exporter.fhir_bundle(records, version=version), indent=2)
     if out is None:
         typer.echo(text)
     else:
         out.write_text(text)
-        console.print(f"wrote {len(records)} record(s) as {format} to {out}")
+        console.print(f"wrote {len(records)} record(s) as {format.value} to {out}")

@@ -19,7 +19,7 @@ from rich.text import Text
 
 from dicom_node import __version__
 from dicom_node.config import ConfigError, LoadedConfig, load_config
-from dicom_node.runtime import Runtime
+from dicom_node.runtime import NoNodeState, Runtime
 
 app = typer.Typer(
     name="dicom-node",
@@ -62,8 +62,9 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def config_error(exc: ConfigError) -> typer.Exit:
-    """Print a configuration error (one line) and return the exit to raise (code 2)."""
-    err_console.print(Text(f"config error: {exc}"), highlight=False, soft_wrap=True)
+    """Print every configuration problem (one line each) and return the exit to raise (code 2)."""
+    for problem in exc.problems:
+        err_console.print(Text(f"config error: {problem}"), highlight=False, soft_wrap=True)
     return typer.Exit(2)
 
 
@@ -81,10 +82,22 @@ def open_runtime(
     overrides: dict[str, Any] | None = None,
     actor: str | None = None,
 ) -> Runtime:
+    """Open the home, creating its state when it has none (``serve``, ``run``, ``user add``)."""
     try:
         return Runtime.open(config, home, overrides, actor=actor)
     except ConfigError as exc:
         raise config_error(exc) from None
+
+
+def open_existing(config: Path | None, home: Path, actor: str | None = None) -> Runtime:
+    """Open a home that already holds a node's state; on one that holds none, say so and
+    exit 1, creating nothing (a mistyped --home must not read as an empty node)."""
+    try:
+        return Runtime.open(config, home, actor=actor, existing=True)
+    except ConfigError as exc:
+        raise config_error(exc) from None
+    except NoNodeState as exc:
+        raise fail(str(exc)) from None
 
 
 def os_user() -> str:

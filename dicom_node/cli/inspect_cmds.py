@@ -10,8 +10,11 @@ import typer
 from rich.table import Table
 
 from audit import AuditEvent
-from dicom_node.cli.common import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_runtime, print_json
+from dicom_node.cli.common import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_existing, print_json
 from dicom_node.db import queries
+from dicom_node.delivery.ledger import DeliveryState
+from dicom_node.ingest.completeness import waiting_reasons
+from dicom_node.jobs.state import JobState
 
 
 def _when(ts: float | None) -> str:
@@ -30,8 +33,13 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
 @app.command()
 def studies(config: ConfigOpt = None, home: HomeOpt = Path("."), json_out: JsonOpt = False) -> None:
     """Studies the node has received, with their state."""
-    runtime = open_runtime(config, home)
+    runtime = open_existing(config, home)
     rows = queries.list_studies(runtime.db)
+    receiving = [r["study_uid"] for r in rows if r["state"] == "receiving"]
+    with runtime.db.read() as conn:
+        waiting = waiting_reasons(conn, runtime.config, receiving)  # MPPS, expected counts, timer
+    for r in rows:
+        r["waiting"] = waiting.get(r["study_uid"])
     runtime.close()
     if json_out:
         print_json(rows)
@@ -47,6 +55,7 @@ def studies(config: ConfigOpt = None, home: HomeOpt = Path("."), json_out: JsonO
                 "instances",
                 "from",
                 "state",
+                "waiting",
                 "last received",
             ],
             [
@@ -58,6 +67,7 @@ def studies(config: ConfigOpt = None, home: HomeOpt = Path("."), json_out: JsonO
                     r["instances"],
                     r["source_ae"],
                     r["state"],
+                    r["waiting"],
                     _when(r["last_received_at"]),
                 ]
                 for r in rows
@@ -70,13 +80,13 @@ def studies(config: ConfigOpt = None, home: HomeOpt = Path("."), json_out: JsonO
 def jobs(
     config: ConfigOpt = None,
     home: HomeOpt = Path("."),
-    state: Annotated[str | None, typer.Option(help="Only jobs in this state.")] = None,
+    state: Annotated[JobState | None, typer.Option(help="Only jobs in this state.")] = None,
     study: Annotated[str | None, typer.Option(help="Only jobs of this Study Instance UID.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Jobs and their state (queued, running, succeeded, failed, held, delivering, delivered)."""
-    runtime = open_runtime(config, home)
-    rows = queries.list_jobs(runtime.db, state=state, study_uid=study)
+    runtime = open_existing(config, home)
+    rows = queries.list_jobs(runtime.db, state=state.value if state else None, study_uid=study)
     runtime.close()
     if json_out:
         print_json(rows)
@@ -126,16 +136,16 @@ def outbox(
     config: ConfigOpt = None,
     home: HomeOpt = Path("."),
     state: Annotated[
-        str | None,
-        typer.Option(help="pending, sending, committing (awaiting storage commitment), delivered or dead."),
+        DeliveryState | None,
+        typer.Option(help="Only deliveries in this state (committing: awaiting storage commitment)."),
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """List deliveries (one per output series per destination)."""
     if ctx.invoked_subcommand is not None:
         return
-    runtime = open_runtime(config, home)
-    rows = queries.list_deliveries(runtime.db, state=state)
+    runtime = open_existing(config, home)
+    rows = queries.list_deliveries(runtime.db, state=state.value if state else None)
     runtime.close()
     if json_out:
         print_json(rows)
@@ -169,7 +179,7 @@ def outbox_attempts(
     json_out: JsonOpt = False,
 ) -> None:
     """Every attempt of one delivery, with its outcome."""
-    runtime = open_runtime(config, home)
+    runtime = open_existing(config, home)
     rows = queries.list_delivery_attempts(runtime.db, delivery_id)
     runtime.close()
     if json_out:
@@ -204,7 +214,7 @@ def outbox_retry(
     """Give a dead-lettered delivery a fresh set of attempts."""
     from dicom_node.delivery.outbox import Outbox
 
-    runtime = open_runtime(config, home, actor="cli")
+    runtime = open_existing(config, home, actor="cli")
     try:
         Outbox(runtime.config, runtime.db, runtime.audit, "cli").retry_dead(delivery_id, actor="cli")
     except (KeyError, ValueError) as exc:
@@ -222,7 +232,7 @@ def outbox_retry(
 @app.command()
 def quarantine(config: ConfigOpt = None, home: HomeOpt = Path("."), json_out: JsonOpt = False) -> None:
     """Instances the node refused to index, with the reason; the bytes are kept."""
-    runtime = open_runtime(config, home)
+    runtime = open_existing(config, home)
     rows = queries.list_quarantine(runtime.db)
     runtime.close()
     if json_out:

@@ -12,7 +12,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from rich.table import Table
 
-from dicom_node.cli.common import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_runtime, print_json
+from dicom_node.cli.common import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, print_json, read_config
 from dicom_node.config import Destination
 from dicom_node.delivery.sender import echo as c_echo
 from dicom_node.delivery.sender import send_series
@@ -41,9 +41,7 @@ def echo(
     home: HomeOpt = Path("."),
 ) -> None:
     """C-ECHO a peer: is it up, and does it accept us?"""
-    runtime = open_runtime(config, home)
-    calling_ae = calling or runtime.config.node.ae_title
-    runtime.close()
+    calling_ae = calling or read_config(config, home).config.node.ae_title  # writes nothing to disk
     status = c_echo(host, port, called_ae=aet, calling_ae=calling_ae, timeout=timeout)
     if status is None:
         raise fail(f"no association with {aet}@{host}:{port} (refused, rejected or timed out)")
@@ -97,11 +95,13 @@ def send(
     config: ConfigOpt = None,
     home: HomeOpt = Path("."),
 ) -> None:
-    """C-STORE files to a peer, one association per series, bytes as stored."""
+    """C-STORE files to a peer, one association per series, bytes as stored.
+
+    A compressed file goes decompressed (Explicit VR Little Endian) only to a peer that
+    accepts none of its stored transfer syntax.
+    """
     aet, host, port = parse_peer(to)
-    runtime = open_runtime(config, home)
-    calling_ae = calling or runtime.config.node.ae_title
-    runtime.close()
+    calling_ae = calling or read_config(config, home).config.node.ae_title  # writes nothing to disk
     by_series, skipped = _collect(paths)
     if not by_series:
         raise fail(f"no DICOM Part 10 files found in {', '.join(map(str, paths))}")

@@ -17,8 +17,9 @@ from dicom_node.cli.common import (
     console,
     err_console,
     fail,
-    open_runtime,
+    open_existing,
     print_json,
+    read_config,
 )
 
 if TYPE_CHECKING:
@@ -61,9 +62,7 @@ def check(
     """
     from policies.loader import PolicyError, load_policy
 
-    runtime = open_runtime(config, home)
-    destinations = set(runtime.config.destinations)
-    runtime.close()
+    destinations = set(read_config(config, home).config.destinations)
     try:
         loaded = load_policy(file, destinations or None)
     except PolicyError as exc:
@@ -141,7 +140,7 @@ def explain(
     from dicom_node.jobs.routing import PolicyRouter
     from policies.loader import PolicyError, load_policy
 
-    runtime = open_runtime(config, home)
+    runtime = open_existing(config, home)
     try:
         path = policy_file or runtime.policy_path
         if path is None:
@@ -151,7 +150,9 @@ def explain(
         except PolicyError as exc:
             _print_problems(exc.problems)
             raise typer.Exit(2) from None
-        router = PolicyRouter(loaded, runtime.paths.data)
+        router = PolicyRouter(
+            loaded, runtime.paths.data, {n: d.ae_title for n, d in runtime.config.destinations.items()}
+        )
         with runtime.db.read() as conn:
             study_id = conn.execute(
                 select(t.studies.c.id).where(t.studies.c.study_uid == study_uid.strip())

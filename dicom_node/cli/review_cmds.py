@@ -21,7 +21,7 @@ from dicom_node.cli.common import (
     app,
     console,
     fail,
-    open_runtime,
+    open_existing,
     os_user,
     print_json,
 )
@@ -48,7 +48,7 @@ def review_list(config: ConfigOpt = None, home: HomeOpt = Path("."), json_out: J
     """Jobs waiting for review, oldest first, with why they were held."""
     from dicom_node.jobs.review import held_jobs
 
-    runtime = open_runtime(config, home)
+    runtime = open_existing(config, home)
     rows = held_jobs(runtime.db)
     runtime.close()
     if json_out:
@@ -86,7 +86,7 @@ def review_show(
     from dicom_node.jobs.previews import previews
     from dicom_node.jobs.review import ReviewError, job_detail
 
-    runtime = open_runtime(config, home)
+    runtime = open_existing(config, home)
     try:
         detail = job_detail(runtime.db, runtime.audit, job_id)
         written: list[str] = []
@@ -140,7 +140,7 @@ def review_approve(
     from dicom_node.jobs.review import ReviewError, approve
 
     who = reviewer or os_user()
-    runtime = open_runtime(config, home, actor=who)
+    runtime = open_existing(config, home, actor=who)
     try:
         n = approve(
             runtime.db, runtime.audit, job_id, who, note, handover=DestinationProfiles(runtime.config)
@@ -164,7 +164,7 @@ def review_reject(
     from dicom_node.jobs.review import ReviewError, reject
 
     who = reviewer or os_user()
-    runtime = open_runtime(config, home, actor=who)
+    runtime = open_existing(config, home, actor=who)
     try:
         reject(runtime.db, runtime.audit, job_id, who, reason)
     except ReviewError as exc:

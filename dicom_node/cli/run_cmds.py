@@ -8,11 +8,15 @@ record per output series) in the audit log of ``--home``.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydicom import dcmread
@@ -27,6 +31,7 @@ from dicom_node.cli.common import (
     JsonOpt,
     app,
     console,
+    err_console,
     fail,
     open_runtime,
     os_user,
@@ -34,8 +39,124 @@ from dicom_node.cli.common import (
 )
 from dicom_node.ingest.part10 import split_part10
 from dicom_node.jobs.provenance import record_provenance
-from pipelines.base import InputInstance, PipelineError, RunEnvironment, StudyInput
+from pipelines.base import InputInstance, Pipeline, PipelineError, RunEnvironment, StudyInput
 from pipelines.registry import get_pipeline, pipeline_names
+
+if TYPE_CHECKING:
+    from pipelines.stages import Context, Stage
+
+#: Told as each stage starts: (stage name, its number from 1, how many stages).
+StageStarted = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class _Announced:
+    """A pipeline stage that says when it starts (the pipeline itself is not changed)."""
+
+    stage: Stage
+    number: int
+    total: int
+    started: StageStarted
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+    def run(self, ctx: Context) -> Context:
+        self.started(self.stage.name, self.number, self.total)
+        return self.stage.run(ctx)
+
+
+def announcing(pipeline: Pipeline, started: StageStarted) -> Pipeline:
+    """``pipeline`` with each stage reported to ``started`` as it begins.
+
+    A staged pipeline's stages are wrapped; any other pipeline is one stage, its own name.
+    """
+    from pipelines.stages import StagedPipeline
+
+    if not isinstance(pipeline, StagedPipeline):
+        started(pipeline.name, 1, 1)
+        return pipeline
+    stages = pipeline.stages
+    return replace(
+        pipeline,
+        stages=tuple(_Announced(s, i, len(stages), started) for i, s in enumerate(stages, start=1)),
+    )
+
+
+@contextmanager
+def stage_progress(pipeline: str, studies: int) -> Iterator[Callable[[str, int], StageStarted]]:
+    """Progress on stderr: a bar on a terminal, otherwise one line per stage.
+
+    Yields ``for_study(study_uid, index)``, which gives the callback for that study's stages.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if not err_console.is_terminal:
+
+        def lines(study_uid: str, index: int) -> StageStarted:
+            def started(stage: str, number: int, total: int) -> None:
+                err_console.print(
+                    f"{pipeline}: study {index}/{studies} {study_uid}: stage {number}/{total} {stage}",
+                    highlight=False,
+                    markup=False,
+                    soft_wrap=True,
+                )
+
+            return started
+
+        yield lines
+        return
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+
+        def bars(study_uid: str, index: int) -> StageStarted:
+            task = bar.add_task(f"{pipeline} study {index}/{studies}", total=None)
+
+            def started(stage: str, number: int, total: int) -> None:
+                bar.update(
+                    task,
+                    description=f"{pipeline} study {index}/{studies}: {stage}",
+                    completed=number - 1,
+                    total=total,
+                )
+
+            return started
+
+        yield bars
+
+
+def _figure(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def qc_tables(qc: dict[str, dict[str, Any]]) -> list[Table]:
+    """One table of QC figures per output series; series with the same figures share one."""
+    groups: dict[str, tuple[dict[str, Any], list[str]]] = {}
+    for series_uid, figures in qc.items():
+        key = json.dumps(figures, sort_keys=True, default=str)
+        groups.setdefault(key, (figures, []))[1].append(series_uid)
+    tables = []
+    for figures, series in groups.values():
+        if len(series) == 1:
+            title = f"QC of output series {series[0]}"
+        elif len(groups) == 1:
+            title = f"QC (the same for all {len(series)} output series)"
+        else:
+            title = f"QC of output series {', '.join(series)}"
+        table = Table(title=title, title_justify="left", min_width=len(title))
+        table.add_column("figure")
+        table.add_column("value", justify="right")
+        for name, value in figures.items():
+            table.add_row(name, _figure(value))
+        tables.append(table)
+    return tables
 
 
 def _study_inputs(paths: list[Path]) -> tuple[dict[str, list[InputInstance]], dict[str, str | None], int]:
@@ -101,66 +222,67 @@ def run(
     actor = os_user()
     summary: list[dict[str, Any]] = []
     failed = False
-    for study_uid, instances in studies.items():
-        study = StudyInput(job_id=0, study_uid=study_uid, study_version=0, instances=tuple(instances))
-        target = out if len(studies) == 1 else out / study_uid
-        target.mkdir(parents=True, exist_ok=True)
-        runtime.audit.record(
-            AuditEvent.INSTANCES_ACCESSED,
-            study_uid=study_uid,
-            patient_id=patients.get(study_uid),
-            actor=actor,
-            what=f"dicom-node run {pipeline}",
-            instances=len(instances),
-        )
-        started = time.perf_counter()
-        try:
-            result = chosen.run(
-                study,
-                RunEnvironment(
-                    workdir=target, uid_root=runtime.config.node.uid_root, node_version=__version__
-                ),
-            )
-        except PipelineError as exc:
-            failed = True
+    with stage_progress(pipeline, len(studies)) as for_study:
+        for index, (study_uid, instances) in enumerate(studies.items(), start=1):
+            study = StudyInput(job_id=0, study_uid=study_uid, study_version=0, instances=tuple(instances))
+            target = out if len(studies) == 1 else out / study_uid
+            target.mkdir(parents=True, exist_ok=True)
             runtime.audit.record(
                 AuditEvent.INSTANCES_ACCESSED,
-                Outcome.SERIOUS_FAILURE,
                 study_uid=study_uid,
+                patient_id=patients.get(study_uid),
                 actor=actor,
                 what=f"dicom-node run {pipeline}",
-                error=str(exc),
+                instances=len(instances),
             )
-            summary.append({"study_uid": study_uid, "error": str(exc)})
-            continue
-        record_provenance(
-            runtime.audit,
-            study=study,
-            pipeline=chosen,
-            result=result,
-            patient_id=patients.get(study_uid),
-            actor=actor,
-            run="dicom-node run",
-        )
-        series: dict[str, list[str]] = defaultdict(list)
-        for o in result.outputs:
-            path = o.path
-            if target.resolve() not in path.resolve().parents:  # e.g. `forward`: outputs are the inputs
-                path = target / o.series_uid / f"{o.sop_uid}.dcm"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(o.path, path)
-            series[o.series_uid].append(str(path))
-        summary.append(
-            {
-                "study_uid": study_uid,
-                "inputs": len(instances),
-                "seconds": round(time.perf_counter() - started, 2),
-                "model": None if result.model is None else result.model.__dict__,
-                "gate": result.gate,
-                "qc": result.qc,
-                "outputs": [{"series_uid": s, "files": f} for s, f in series.items()],
-            }
-        )
+            started = time.perf_counter()
+            try:
+                result = announcing(chosen, for_study(study_uid, index)).run(
+                    study,
+                    RunEnvironment(
+                        workdir=target, uid_root=runtime.config.node.uid_root, node_version=__version__
+                    ),
+                )
+            except PipelineError as exc:
+                failed = True
+                runtime.audit.record(
+                    AuditEvent.INSTANCES_ACCESSED,
+                    Outcome.SERIOUS_FAILURE,
+                    study_uid=study_uid,
+                    actor=actor,
+                    what=f"dicom-node run {pipeline}",
+                    error=str(exc),
+                )
+                summary.append({"study_uid": study_uid, "error": str(exc)})
+                continue
+            record_provenance(
+                runtime.audit,
+                study=study,
+                pipeline=chosen,
+                result=result,
+                patient_id=patients.get(study_uid),
+                actor=actor,
+                run="dicom-node run",
+            )
+            series: dict[str, list[str]] = defaultdict(list)
+            for o in result.outputs:
+                path = o.path
+                if target.resolve() not in path.resolve().parents:  # e.g. `forward`: outputs are the inputs
+                    path = target / o.series_uid / f"{o.sop_uid}.dcm"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(o.path, path)
+                series[o.series_uid].append(str(path))
+            summary.append(
+                {
+                    "study_uid": study_uid,
+                    "inputs": len(instances),
+                    "seconds": round(time.perf_counter() - started, 2),
+                    "model": None if result.model is None else result.model.__dict__,
+                    "gate": result.gate,
+                    "qc": result.qc,
+                    "outputs": [{"series_uid": s, "files": f} for s, f in series.items()],
+                }
+            )
     runtime.close()
     if json_out:
         print_json({"pipeline": pipeline, "out": str(out), "studies": summary, "skipped_files": skipped})
@@ -180,7 +302,10 @@ def run(
             if s["model"]:
                 m = s["model"]
                 console.print(f"model {m['name']} {m['version']} (weights sha256 {m['weights_sha256']})")
-                console.print(f"gate: {s['gate']}; QC: {s['qc']}", markup=False)
+            if s["gate"]:
+                console.print(f"gate: {s['gate']}", markup=False)
+            for qc_table in qc_tables(s["qc"]):
+                console.print(qc_table)
         if skipped:
             console.print(f"skipped {skipped} file(s) that are not DICOM Part 10")
     if failed:

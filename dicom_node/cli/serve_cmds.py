@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -99,25 +100,57 @@ def worker(
         runtime.close()
 
 
+class DemoPipeline(StrEnum):
+    RESTORATION = "restoration"
+    FORWARD = "forward"
+
+
 @app.command()
 def demo(
     home: Annotated[
-        Path, typer.Option("--home", help="Where the demo keeps its state (wiped first).")
+        Path,
+        typer.Option(
+            "--home",
+            help="Where the demo keeps its state. A home the demo made is cleared and reused; "
+            "any other that holds a node's state is refused (see --fresh).",
+        ),
     ] = Path("demo-home"),
+    fresh: Annotated[
+        bool,
+        typer.Option(
+            "--fresh",
+            help="Use a home that holds a node the demo did not make: its state (audit log "
+            "included) is moved into <home>/before-demo-<UTC time>/ first, never deleted.",
+        ),
+    ] = False,
     slices: Annotated[int, typer.Option(min=1, max=500, help="Slices of the simulated CT.")] = 12,
     size: Annotated[int, typer.Option(min=64, max=1024, help="Rows/columns of the simulated CT.")] = 512,
-    pipeline: Annotated[str, typer.Option(help="restoration (default) or forward.")] = "restoration",
+    pipeline: Annotated[
+        DemoPipeline, typer.Option(help="What the node runs on the study.")
+    ] = DemoPipeline.RESTORATION,
     config: ConfigOpt = None,
 ) -> None:
     """Run the main job end to end: local PACS, node, simulated scanner, delivery, summary."""
     from dicom_node.cli.common import console
-    from dicom_node.lab.demo import DemoFailed, run_demo
+    from dicom_node.lab.demo_home import HomeNotTheDemos, claim_home
 
-    if pipeline not in ("restoration", "forward"):
-        raise fail(f"--pipeline {pipeline!r}: choose restoration or forward")
     if config is not None:
         raise fail("demo writes its own config and policy (its local PACS); run it without --config")
     try:
-        run_demo(home, console, slices=slices, size=size, pipeline=pipeline)
+        claimed = claim_home(home, fresh=fresh)  # before anything is imported, started or written
+    except HomeNotTheDemos as exc:
+        raise fail(f"demo: {exc}") from None
+    if claimed.moved_aside is not None:
+        console.print(
+            f"--fresh: moved {', '.join(claimed.moved)} from {claimed.path} to {claimed.moved_aside} "
+            "(nothing was deleted)",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+    from dicom_node.lab.demo import DemoFailed, run_demo
+
+    try:
+        run_demo(claimed, console, slices=slices, size=size, pipeline=pipeline.value)
     except DemoFailed as exc:
         raise fail(f"demo failed: {exc}") from None

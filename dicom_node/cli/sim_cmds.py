@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +14,16 @@ simulate_app = typer.Typer(
     help="Write simulated DICOM studies (clearly labelled SIMULATED).", no_args_is_help=True
 )
 app.add_typer(simulate_app, name="simulate")
+
+
+class Anatomy(StrEnum):
+    CHEST = "chest"
+    HEAD = "head"
+
+
+class MrSequence(StrEnum):
+    T1 = "t1"
+    T2 = "t2"
 
 
 @simulate_app.command("ct")
@@ -39,7 +50,7 @@ def simulate_ldct(
     dose: Annotated[float, typer.Option(min=0.01, max=1.0, help="Dose fraction of the reference.")] = 0.25,
     slices: Annotated[int, typer.Option(min=1, max=2000, help="Number of axial slices.")] = 24,
     size: Annotated[int, typer.Option(min=64, max=1024, help="Rows and columns.")] = 512,
-    anatomy: Annotated[str, typer.Option(help="chest or head (MNI152-based).")] = "chest",
+    anatomy: Annotated[Anatomy, typer.Option(help="Body part (MNI152-based).")] = Anatomy.CHEST,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same study).")] = 0,
 ) -> None:
     """Physics-based low-dose CT: projection-domain noise at the given dose, plus the reference."""
@@ -47,9 +58,7 @@ def simulate_ldct(
 
     from dicom_node.lab.simulate import LdctSpec, write_ldct_study
 
-    if anatomy not in ("chest", "head"):
-        raise typer.BadParameter("choose chest or head", param_hint="--anatomy")
-    spec = LdctSpec(anatomy=anatomy, slices=slices, size=size, dose=dose, seed=seed)  # type: ignore[arg-type]
+    spec = LdctSpec(anatomy=anatomy.value, slices=slices, size=size, dose=dose, seed=seed)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("simulating slices", total=slices)
         low, ref = write_ldct_study(out, spec, progress=lambda done, total: bar.update(task, completed=done))
@@ -67,15 +76,13 @@ def simulate_sct(
     ] = 24,
     size: Annotated[int, typer.Option(min=32, max=1024, help="Rows and columns.")] = 256,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same pixels).")] = 0,
-    sequence: Annotated[str, typer.Option(help="MR series to write: t1 or t2 (spin echo).")] = "t1",
+    sequence: Annotated[MrSequence, typer.Option(help="MR series to write (spin echo).")] = MrSequence.T1,
     patient_id: Annotated[str, typer.Option(help="Patient ID to write.")] = "SIM-SCT-0001",
 ) -> None:
     """Paired MR / CT head (MNI152-based): the MR planning series and, separately, the reference CT."""
     from dicom_node.lab.simulate import SctSpec, write_sct_study
 
-    if sequence not in ("t1", "t2"):
-        raise typer.BadParameter("choose t1 or t2", param_hint="--sequence")
-    spec = SctSpec(slices=slices, size=size, seed=seed, sequence=sequence)  # type: ignore[arg-type]
+    spec = SctSpec(slices=slices, size=size, seed=seed, sequence=sequence.value)
     with console.status("simulating the paired MR / CT head"):
         mr, ct = write_sct_study(out, spec, patient_id=patient_id)
     console.print(

@@ -18,11 +18,12 @@ from dicom_node.cli.common import (
     app,
     console,
     fail,
+    open_existing,
     open_runtime,
     os_user,
     print_json,
 )
-from dicom_node.web.users import UserError, UserStore
+from dicom_node.web.users import Role, UserError, UserStore
 
 user_app = typer.Typer(help="Accounts for the web pages (roles: auditor, operator).", no_args_is_help=True)
 app.add_typer(user_app, name="user")
@@ -44,7 +45,7 @@ def _password(from_stdin: bool) -> str:
 @user_app.command("add")
 def add(
     username: Annotated[str, typer.Argument(help="Login name.")],
-    role: Annotated[str, typer.Option(help="auditor or operator.")],
+    role: Annotated[Role, typer.Option(help="What the account may do on the web pages.")],
     password_stdin: StdinOpt = False,
     config: ConfigOpt = None,
     home: HomeOpt = Path("."),
@@ -53,7 +54,7 @@ def add(
     password = _password(password_stdin)
     runtime = open_runtime(config, home)
     try:
-        user = UserStore(runtime.db).add(username, role, password)
+        user = UserStore(runtime.db).add(username, role.value, password)
     except UserError as exc:
         raise fail(str(exc)) from None
     runtime.audit.record(
@@ -72,7 +73,7 @@ def passwd(
 ) -> None:
     """Set a new password."""
     password = _password(password_stdin)
-    runtime = open_runtime(config, home)
+    runtime = open_existing(config, home)
     try:
         UserStore(runtime.db).set_password(username, password)
     except UserError as exc:
@@ -89,7 +90,7 @@ def disable(
     home: HomeOpt = Path("."),
 ) -> None:
     """Disable an account (its sessions end now; the audit log keeps its name)."""
-    runtime = open_runtime(config, home)
+    runtime = open_existing(config, home)
     try:
         UserStore(runtime.db).disable(username)
     except UserError as exc:
@@ -102,7 +103,7 @@ def disable(
 @user_app.command("list")
 def list_users(config: ConfigOpt = None, home: HomeOpt = Path("."), json_out: JsonOpt = False) -> None:
     """Accounts and their roles."""
-    runtime = open_runtime(config, home)
+    runtime = open_existing(config, home)
     users = UserStore(runtime.db).list()
     runtime.close()
     if json_out:

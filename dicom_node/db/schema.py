@@ -101,6 +101,10 @@ instances = Table(
     Column("received_at", Float, nullable=False),
     #: Tags routing and policies read (CTDIvol, KVP, slice thickness, protocol, ...).
     Column("tags", JSON, nullable=False, default=dict),
+    #: Why this instance never opens a study version or a job: ``own-output`` (this node
+    #: made it and it came back), ``ai-output`` (another AI node made it; rules decide),
+    #: NULL for an acquired instance.
+    Column("role", String(16)),
     UniqueConstraint("sop_uid", "version", name="uq_instances_sop_uid_version"),
     Index("ix_instances_study_version", "study_fk", "study_version"),
 )
@@ -158,7 +162,7 @@ job_outputs = Table(
     Column("id", Integer, primary_key=True),
     Column("job_fk", ForeignKey("jobs.id"), nullable=False, index=True),
     Column("series_uid", UID, nullable=False),
-    Column("sop_uid", UID, nullable=False),
+    Column("sop_uid", UID, nullable=False, index=True),
     Column("sop_class_uid", UID, nullable=False),
     Column("transfer_syntax_uid", UID, nullable=False),
     #: Absolute path of the file to send.
@@ -221,6 +225,28 @@ storage_commitments = Table(
     #: [{"sop_uid", "sop_class_uid", "reason"}] for failed or unreported instances.
     Column("failures", JSON),
     Column("detail", Text),
+)
+
+mpps = Table(
+    "mpps",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    #: The Modality Performed Procedure Step's SOP Instance UID (the scanner's N-CREATE).
+    Column("sop_uid", UID, nullable=False, unique=True),
+    #: Study Instance UID of the first Scheduled Step Attributes item.
+    Column("study_uid", UID, nullable=False, index=True),
+    Column("calling_ae", String(16)),
+    Column("peer_host", String(255)),
+    #: "IN PROGRESS" → "COMPLETED" | "DISCONTINUED" (Performed Procedure Step Status).
+    Column("status", String(16), nullable=False),
+    #: SOP Instance UIDs the step lists (Performed Series Sequence: images and non-image
+    #: composite instances); UIDs only, nothing else of the attribute list is kept.
+    Column("referenced", JSON, nullable=False, default=list),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    #: When the study was made ready after this step had ended; a step counts once, so an
+    #: instance arriving later waits for its own signal or the timer.
+    Column("settled_at", Float),
 )
 
 quarantine = Table(

@@ -24,6 +24,9 @@ from dicom_node.db import schema as t
 from dicom_node.db.engine import Database, inserted_id
 from dicom_node.ingest.instance import InstanceFacts
 
+#: The role of an instance the node wrote itself (dicom_node.ingest.origin.OWN_OUTPUT).
+OWN_OUTPUT = "own-output"
+
 log = logging.getLogger(__name__)
 
 
@@ -42,6 +45,10 @@ class PendingInstance:
     received_at: float
     called_ae: str | None = None
     recovered: bool = False
+    #: own-output / ai-output (see :mod:`dicom_node.ingest.origin`); None: acquired.
+    role: str | None = None
+    #: What gave the role away (audited).
+    role_reason: str | None = None
     _sha256: str | None = field(default=None, repr=False)
 
     def sha256(self) -> str:
@@ -163,6 +170,7 @@ def index_batch(conn: Connection, batch: list[PendingInstance], cache: _IdCache)
                 "peer_host": p.peer_host,
                 "received_at": p.received_at,
                 "tags": f.tags,
+                "role": p.role,
             }
         )
     conn.execute(insert(t.instances), rows)
@@ -170,7 +178,10 @@ def index_batch(conn: Connection, batch: list[PendingInstance], cache: _IdCache)
 
 def _audit_entry(p: PendingInstance) -> tuple[AuditEvent, dict[str, Any]]:
     f = p.facts
-    event = AuditEvent.INSTANCE_STORED if p.version == 1 else AuditEvent.INSTANCE_NEW_VERSION
+    if p.role == OWN_OUTPUT:
+        event = AuditEvent.OWN_OUTPUT_RETURNED
+    else:
+        event = AuditEvent.INSTANCE_STORED if p.version == 1 else AuditEvent.INSTANCE_NEW_VERSION
     facts: dict[str, Any] = {
         "study_uid": f.study_uid,
         "patient_id": f.patient_id,
@@ -181,6 +192,9 @@ def _audit_entry(p: PendingInstance) -> tuple[AuditEvent, dict[str, Any]]:
         "sha256": p.sha256(),
         "version": p.version,
     }
+    if p.role is not None:
+        facts["role"] = p.role
+        facts["recognised_by"] = p.role_reason
     if p.recovered:
         facts["recovered"] = "re-indexed from disk after an unclean stop"
     return event, facts

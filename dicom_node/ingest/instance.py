@@ -16,7 +16,7 @@ from typing import Any
 
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataelem import convert_raw_data_element
-from pydicom.filereader import data_element_generator
+from pydicom.filereader import data_element_generator, read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
@@ -65,11 +65,13 @@ _INDEX_KEYWORDS = (
     "BitsAllocated",
     "NumberOfFrames",
     "PhotometricInterpretation",
+    "SyntheticData",
 )
 
 _KEYWORDS: dict[int, str] = {int(Tag(k)): k for k in _INDEX_KEYWORDS + ROUTING_KEYWORDS}
 _WANTED: frozenset[int] = frozenset(_KEYWORDS)
 _SPECIFIC_CHARACTER_SET = 0x00080005
+_CONTRIBUTING_EQUIPMENT = 0x0018A001
 
 
 class StoreStatus(IntEnum):
@@ -80,6 +82,16 @@ class StoreStatus(IntEnum):
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     CANNOT_UNDERSTAND = 0xC000
     PROCESSING_FAILURE = 0x0110
+
+
+@dataclass(frozen=True)
+class Producer:
+    """One Contributing Equipment item: who made or changed the object, and in what role."""
+
+    manufacturer: str
+    station_name: str | None
+    #: Purpose of Reference code value (DCM 109100 Synthesizing, 109102 Processing, ...).
+    purpose: str | None
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,10 @@ class InstanceFacts:
     frame_of_reference_uid: str | None
     instance_number: int | None
     tags: dict[str, Any] = field(default_factory=dict)
+    #: Contributing Equipment items (empty for almost every acquired image).
+    producers: tuple[Producer, ...] = ()
+    #: Synthetic Data (0008,001C) is YES.
+    synthetic: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,9 +167,35 @@ def _decode(raw: dict[int, Any]) -> dict[str, Any]:
         encodings = convert_encodings(declared or default_encoding)
     values: dict[str, Any] = {}
     for tag, elem in raw.items():
-        if tag != _PIXEL_DATA:
+        if tag in _KEYWORDS:
             values[_KEYWORDS[tag]] = convert_raw_data_element(elem, encoding=encodings).value
     return values
+
+
+def _producers(body: bytes, ts: UID) -> tuple[Producer, ...]:
+    """Read the Contributing Equipment Sequence (only called when the data set has one).
+
+    A sequence pydicom cannot read is treated as absent: it says nothing about who made
+    the object, and the instance itself walked cleanly.
+    """
+    try:
+        ds = read_dataset(
+            io.BytesIO(body),
+            ts.is_implicit_VR,
+            ts.is_little_endian,
+            specific_tags=[Tag(_SPECIFIC_CHARACTER_SET), Tag(_CONTRIBUTING_EQUIPMENT)],
+        )
+        found = []
+        for item in ds.get("ContributingEquipmentSequence", None) or []:
+            purpose = item.get("PurposeOfReferenceCodeSequence") or []
+            code = str(purpose[0].get("CodeValue", "")).strip() if purpose else ""
+            station = str(item.get("StationName", "") or "").strip()
+            found.append(
+                Producer(str(item.get("Manufacturer", "") or "").strip(), station or None, code or None)
+            )
+        return tuple(found)
+    except Exception:
+        return ()
 
 
 def _walk(data: bytes, implicit_vr: bool, little_endian: bool) -> dict[int, Any]:
@@ -175,7 +217,7 @@ def _walk(data: bytes, implicit_vr: bool, little_endian: bool) -> dict[int, Any]
             if elem.value is None and length:  # deferred: take the value from the bytes
                 elem = elem._replace(value=data[elem.value_tell : elem.value_tell + length])  # type: ignore[union-attr]
             wanted[tag] = elem
-        elif tag == _PIXEL_DATA:
+        elif tag in (_PIXEL_DATA, _CONTRIBUTING_EQUIPMENT):
             wanted[tag] = elem
     if end != size:
         raise ValueError(f"{size - end} trailing bytes do not form a complete element")
@@ -278,6 +320,8 @@ def check_instance(
             frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
             instance_number=_int(ds, "InstanceNumber"),
             tags=tags,
+            producers=_producers(body, ts) if _CONTRIBUTING_EQUIPMENT in raw else (),
+            synthetic=(_text(ds, "SyntheticData") or "").upper() == "YES",
         )
     except Exception as exc:
         return None, Rejection(StoreStatus.CANNOT_UNDERSTAND, f"cannot decode attributes: {exc}")

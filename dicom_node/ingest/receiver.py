@@ -11,12 +11,16 @@ SCU role: a destination the node asked to commit reports back on a new associati
 commitment handler serve wires in (delivery's storage commitment bookkeeping) and answered
 with its status. A destination with ``storage_commitment`` set may
 connect for this even when ``require_known_callers`` is on.
+
+With procedure steps (:mod:`dicom_node.ingest.mpps`) it is also the MPPS SCP: a scanner's
+N-CREATE / N-SET go to their handlers, over the same association policy.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 from collections import Counter
@@ -24,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom import Dataset
+from pydicom.datadict import tag_for_keyword
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -31,6 +37,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.config import NodeConfig
 from dicom_node.ingest.instance import StoreStatus
+from dicom_node.ingest.mpps import MPPS_SOP_CLASS, PerformedProcedureSteps
 from dicom_node.ingest.store import InstanceStore, StoreOutcome
 from dicom_node.net.commitment import (
     PUSH_MODEL,
@@ -41,6 +48,7 @@ from dicom_node.net.commitment import (
 )
 from dicom_node.net.tuning import on_connection_open, tune_pynetdicom
 from dicom_node.paths import NodePaths
+from dicom_node.safelog import describe_exception
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +94,15 @@ class Receiver:
         store: InstanceStore,
         audit: AuditTrail,
         commitment_reports: CommitmentHandler | None = None,
+        procedure_steps: PerformedProcedureSteps | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.audit = audit
         #: Where N-EVENT-REPORTs go (``StorageCommitments.record_report``; None: not accepted).
         self.commitment_reports = commitment_reports
+        #: The MPPS SCP (N-CREATE / N-SET) a scanner reports its procedure steps to (None: refused).
+        self.procedure_steps = procedure_steps
         self.disk = DiskGuard(paths.var, config.receiver.min_free_disk_mb)
         self._tallies: dict[int, _AssociationTally] = {}
         self._tally_lock = threading.Lock()
@@ -100,6 +111,8 @@ class Receiver:
     # -- lifecycle --------------------------------------------------------------------
 
     def handlers(self) -> list[Any]:
+        steps = self.procedure_steps
+        mpps = [] if steps is None else [(evt.EVT_N_CREATE, steps.on_create), (evt.EVT_N_SET, steps.on_set)]
         return [
             (evt.EVT_CONN_OPEN, on_connection_open),
             (evt.EVT_REQUESTED, self.on_requested),
@@ -109,6 +122,7 @@ class Receiver:
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_N_EVENT_REPORT, self.on_event_report),
+            *mpps,
         ]
 
     def build_ae(self) -> AE:
@@ -124,6 +138,8 @@ class Receiver:
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
+        if self.procedure_steps is not None:
+            ae.add_supported_context(MPPS_SOP_CLASS, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         if self.commitment_reports is not None:
             # The reporting peer proposes the SCP role for itself; we take the SCU role.
             ae.add_supported_context(
@@ -243,7 +259,8 @@ class Receiver:
     def on_echo(self, event: Any) -> int:
         return 0x0000
 
-    def on_store(self, event: Any) -> int:
+    def on_store(self, event: Any) -> int | Dataset:
+        """Store one instance; a refusal answers its status with the reason as Error Comment."""
         assoc = event.assoc
         calling_ae = str(assoc.requestor.ae_title).strip()
         peer_host = assoc.requestor.address
@@ -265,7 +282,7 @@ class Receiver:
             log.error("refusing instance %s from %s: %s", claimed_uid, calling_ae, reason)
             if tally:
                 tally.counts["refused"] += 1
-            return StoreStatus.OUT_OF_RESOURCES
+            return failure_status(StoreStatus.OUT_OF_RESOURCES, reason)
         transfer_syntax = str(UID(event.context.transfer_syntax))
         try:
             result = self.store.accept(
@@ -278,6 +295,8 @@ class Receiver:
             )
         except Exception as exc:  # disk or database failure: nothing acknowledged
             log.exception("storing %s from %s failed", claimed_uid, calling_ae)
+            # A database error's message quotes the row (names included): the type only.
+            reason = f"storage failure: {describe_exception(exc)}"
             self.audit.record(
                 AuditEvent.INSTANCE_REJECTED,
                 Outcome.SERIOUS_FAILURE,
@@ -285,9 +304,9 @@ class Receiver:
                 peer_host=peer_host,
                 sop_uid=claimed_uid,
                 status=f"0x{StoreStatus.OUT_OF_RESOURCES:04X}",
-                reason=f"storage failure: {type(exc).__name__}: {exc}",
+                reason=reason,
             )
-            return StoreStatus.OUT_OF_RESOURCES
+            return failure_status(StoreStatus.OUT_OF_RESOURCES, reason)
         if tally:
             tally.counts[result.outcome.value] += 1
         if result.outcome == StoreOutcome.REJECTED:
@@ -302,7 +321,7 @@ class Receiver:
                 reason=result.rejection.reason,
                 quarantine_path=str(result.quarantine_path),
             )
-            return result.rejection.status
+            return failure_status(result.rejection.status, result.rejection.reason)
         facts = result.facts
         assert facts is not None
         log.debug(
@@ -328,6 +347,8 @@ class Receiver:
                     "peer_host": peer_host,
                     "sop_uid": facts.sop_instance_uid,
                     "version": result.version,
+                    "duplicate": result.duplicate_of,
+                    **({"role": result.role} if result.role else {}),
                 },
             )
         return StoreStatus.SUCCESS
@@ -365,6 +386,68 @@ class Receiver:
             report, reported_by=calling_ae, peer_host=peer_host, via="new-association"
         )
         return int(status), None
+
+
+#: Refusal reasons (``ingest.instance``, the disk guard, a storage failure) whose parts are
+#: all the node's own words, counts, tag keywords and UID digits, each with its short form
+#: for the Error Comment. Any other reason is cut to its category: its detail may quote the
+#: data set (a library's message, a value that is not a UID). A short form cut at 64
+#: characters ends in "...".
+_MISSING = r"required attribute missing: ([A-Za-z]+(?:, [A-Za-z]+)*)"
+_SHORT_REASONS = tuple(
+    (re.compile(pattern), short)
+    for pattern, short in (
+        (_MISSING, "required attribute missing: {}|missing: {}"),
+        (
+            r"SOP Instance UID in the data set differs from the C-STORE request",
+            "SOP Instance UID differs from the C-STORE request",
+        ),
+        (
+            r"pixel data truncated: (\d+) bytes, image attributes need (\d+)",
+            "pixel data truncated: {} of {} bytes",
+        ),
+        (
+            r"cannot parse data set: element (\([0-9A-F]{4},[0-9A-F]{4}\)) "
+            r"needs (\d+) more bytes than were sent",
+            "data set truncated: element {} lacks {} bytes",
+        ),
+        (
+            r"cannot parse data set: (\d+) trailing bytes do not form a complete element",
+            "cannot parse data set: {} trailing bytes",
+        ),
+        (r"cannot parse data set: no elements", "cannot parse data set: no elements"),
+        (r"invalid UID '([0-9.]*)'", "invalid UID {}"),
+        (r"free disk (\d+) MB below the configured floor", "free disk {} MB below the configured floor"),
+        (r"storage failure: (\w+)\b.*", "storage failure: {}"),
+    )
+)
+_LO_MAX = 64
+
+
+def error_comment(reason: str) -> str:
+    """The Error Comment (0000,0902) for a refusal: its reason, short (LO, at most 64
+    characters) and free of patient data (see ``_SHORT_REASONS``)."""
+    for pattern, short in _SHORT_REASONS:
+        if found := pattern.fullmatch(reason):
+            forms = [form.format(*found.groups()) for form in short.split("|")]
+            text = next((form for form in forms if len(form) <= _LO_MAX), forms[0])
+            break
+    else:
+        text = re.split(r"[:'\"]", reason, maxsplit=1)[0].strip() or "refused"
+    return text if len(text) <= _LO_MAX else text[: _LO_MAX - 3] + "..."
+
+
+def failure_status(status: int, reason: str) -> Dataset:
+    """A C-STORE failure response: the status, the reason as Error Comment and, for missing
+    attributes, their tags as Offending Element (0000,0901)."""
+    response = Dataset()
+    response.Status = int(status)
+    response.ErrorComment = error_comment(reason)
+    if missing := re.fullmatch(_MISSING, reason):
+        tags = [tag_for_keyword(keyword) for keyword in missing.group(1).split(", ")]
+        if all(tag is not None for tag in tags):
+            response.OffendingElement = tags
+    return response
 
 
 def _same_host(configured: str, peer_host: str) -> bool:

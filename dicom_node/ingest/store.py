@@ -11,9 +11,12 @@ the acknowledgement, so the C-STORE round trip pays for the durable write alone.
 process dies in between, :meth:`InstanceStore.reconcile` re-indexes the file at the next
 start — an acknowledged instance is never lost.
 
-A re-sent identical instance is stored once; different bytes under a known SOP Instance
-UID become a new version (``<SOP>.v2.dcm``). Unusable bytes go to ``quarantine/`` with
-their reason — never dropped.
+A re-sent identical instance is stored once — identical bytes, or the same content in
+another transfer syntax (:mod:`dicom_node.ingest.content`); a changed instance under a
+known SOP Instance UID becomes a new version (``<SOP>.v2.dcm``). Unusable bytes go to
+``quarantine/`` with their reason — never dropped. Each stored instance carries its
+origin (:mod:`dicom_node.ingest.origin`): the node's own outputs sent back to it are
+stored with the role ``own-output`` and never open a study version or a job.
 """
 
 from __future__ import annotations
@@ -24,17 +27,20 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from pydicom.uid import UID
 from sqlalchemy import bindparam, func, insert, select
 
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
+from dicom_node.ingest.content import same_content
 from dicom_node.ingest.indexer import Indexer, PendingInstance
 from dicom_node.ingest.instance import InstanceFacts, Rejection, check_instance
+from dicom_node.ingest.origin import ACQUIRED, Origin, OriginRules
 from dicom_node.ingest.part10 import encode_file_meta, split_part10
 from dicom_node.paths import NodePaths
 
@@ -43,7 +49,7 @@ log = logging.getLogger(__name__)
 _LOCK_STRIPES = 64
 _SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 _NEWEST_VERSION = (
-    select(t.instances.c.version, t.instances.c.sha256)
+    select(t.instances.c.version, t.instances.c.sha256, t.instances.c.path, t.instances.c.transfer_syntax_uid)
     .where(t.instances.c.sop_uid == bindparam("sop_uid"))
     .order_by(t.instances.c.version.desc())
     .limit(1)
@@ -64,16 +70,30 @@ class StoreResult:
     rejection: Rejection | None = None
     version: int = 1
     quarantine_path: Path | None = None
+    #: Why a duplicate is one ("identical bytes" or "same content in <syntax>").
+    duplicate_of: str | None = None
+    #: own-output / ai-output (see :mod:`dicom_node.ingest.origin`); None: acquired.
+    role: str | None = None
 
 
 class InstanceStore:
     """Stores, deduplicates and versions received instances; indexes them via an Indexer."""
 
-    def __init__(self, paths: NodePaths, db: Database, indexer: Indexer, *, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        paths: NodePaths,
+        db: Database,
+        indexer: Indexer,
+        *,
+        fsync: bool = True,
+        origin: OriginRules | None = None,
+    ) -> None:
         self.paths = paths
         self.db = db
         self.indexer = indexer
         self.fsync = fsync
+        #: Recognises the node's own outputs; None (tools, tests): everything is acquired.
+        self.origin = origin
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._known_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
@@ -136,12 +156,19 @@ class InstanceStore:
 
     # -- the public operation ---------------------------------------------------------
 
-    def _current_version(self, sop_uid: str) -> tuple[int, str] | None:
+    def _current_version(self, sop_uid: str) -> _Current | None:
         pending = self.indexer.pending(sop_uid)
         if pending is not None:
-            return pending.version, pending.sha256()
+            data = pending.data
+            return _Current(pending.version, pending.sha256(), pending.transfer_syntax, lambda: data)
         row = self.db.lookup(_NEWEST_VERSION, sop_uid=sop_uid)
-        return (int(row[0]), str(row[1])) if row is not None else None
+        if row is None:
+            return None
+        path = self.paths.data / str(row[2])
+        return _Current(int(row[0]), str(row[1]), str(row[3]), lambda: split_part10(path.read_bytes())[1])
+
+    def _classify(self, facts: InstanceFacts) -> Origin:
+        return self.origin.classify(facts) if self.origin is not None else ACQUIRED
 
     def accept(
         self,
@@ -165,11 +192,28 @@ class InstanceStore:
             return StoreResult(StoreOutcome.REJECTED, rejection=rejection, quarantine_path=qpath)
         assert facts is not None
         lock = self._locks[hash(facts.sop_instance_uid) % _LOCK_STRIPES]
+        origin = self._classify(facts)
         with lock:
             current = self._current_version(facts.sop_instance_uid)
-            if current is not None and current[1] == hashlib.sha256(data).hexdigest():
-                return StoreResult(StoreOutcome.DUPLICATE, facts=facts, version=current[0])
-            version = 1 if current is None else current[0] + 1
+            if current is not None:
+                if current.sha256 == hashlib.sha256(data).hexdigest():
+                    return StoreResult(
+                        StoreOutcome.DUPLICATE,
+                        facts=facts,
+                        version=current.version,
+                        duplicate_of="identical bytes",
+                        role=origin.role,
+                    )
+                if same_content(current.data(), current.transfer_syntax, data, transfer_syntax):
+                    return StoreResult(
+                        StoreOutcome.DUPLICATE,
+                        facts=facts,
+                        version=current.version,
+                        duplicate_of=f"same content as version {current.version} "
+                        f"({UID(current.transfer_syntax).name}), re-sent in {UID(transfer_syntax).name}",
+                        role=origin.role,
+                    )
+            version = 1 if current is None else current.version + 1
             relative = relative_path(facts, version)
             meta = encode_file_meta(facts.sop_class_uid, facts.sop_instance_uid, transfer_syntax, calling_ae)
             self.write_durably(self.paths.data / relative, (meta, data))
@@ -185,10 +229,12 @@ class InstanceStore:
                     peer_host=peer_host,
                     received_at=time.time(),
                     called_ae=called_ae,
+                    role=origin.role,
+                    role_reason=origin.why,
                 )
             )
         outcome = StoreOutcome.STORED if version == 1 else StoreOutcome.NEW_VERSION
-        return StoreResult(outcome, facts=facts, version=version)
+        return StoreResult(outcome, facts=facts, version=version, role=origin.role)
 
     def put(self, data: bytes, transfer_syntax: str, **kwargs: str | None) -> StoreResult:
         """:meth:`accept`, then wait until the index row is written (tools and tests)."""
@@ -238,7 +284,10 @@ class InstanceStore:
                     size=len(meta) + len(data),
                 )
             )
-        log.warning("quarantined %s from %s: %s", target.name, calling_ae, reason)
+        # A parse error's text may quote bytes of the data set: the log names its kind only
+        # (the whole reason is in the reason file next to the bytes).
+        said = reason.split(":", 1)[0] if reason.startswith(("cannot parse", "cannot decode")) else reason
+        log.warning("quarantined %s from %s: %s", target.name, calling_ae, said)
         return target
 
     # -- recovery ---------------------------------------------------------------------
@@ -313,9 +362,21 @@ class InstanceStore:
                 peer_host=None,
                 received_at=path.stat().st_mtime,
                 recovered=True,
+                role=(origin := self._classify(facts)).role,
+                role_reason=origin.why,
             )
         )
         return 1
+
+
+@dataclass(frozen=True)
+class _Current:
+    """The newest version of a SOP Instance UID, with its data set bytes on demand."""
+
+    version: int
+    sha256: str
+    transfer_syntax: str
+    data: Callable[[], bytes]
 
 
 def relative_path(facts: InstanceFacts, version: int) -> str:

@@ -5,6 +5,10 @@ instances into a job per matching rule (with the rule's gate, QC limits, options
 selected series frozen into the job) and opens the next study version, so an instance
 arriving later can only ever join a *new* job, never a finished one. The completeness
 timers of :mod:`dicom_node.ingest.readiness` call it.
+
+Only acquired instances open a study version: the node's own outputs sent back to it
+never do, and outputs of another AI node only when a rule of the policy accepts them
+(``ai_outputs: accept``). A job's snapshot never holds the node's own outputs.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.db import schema as t
 from dicom_node.db.audited import audited_write
 from dicom_node.db.engine import Database
-from dicom_node.jobs.routing import PolicyRouter
+from dicom_node.jobs.routing import PolicyRouter, acquired_only, not_own_output
 from dicom_node.jobs.state import JobState, create_job
 
 log = logging.getLogger(__name__)
@@ -44,24 +48,42 @@ class JobIntake:
                     t.studies.c.study_uid == study_uid
                 )
             ).one()
+            opens_version = (
+                not_own_output() if self.router and self.router.accepts_ai_outputs() else acquired_only()
+            )
             new_count = conn.execute(
                 select(func.count())
                 .select_from(t.instances)
                 .where(
                     t.instances.c.study_fk == study.id,
                     t.instances.c.study_version == study.open_version,
+                    opens_version,
                 )
             ).scalar_one()
             if new_count == 0:
                 return []
-            snapshot = list(
-                conn.execute(
-                    select(t.instances.c.id).where(
-                        t.instances.c.study_fk == study.id, t.instances.c.current.is_(True)
-                    )
-                ).scalars()
+            current = select(t.instances.c.id).where(
+                t.instances.c.study_fk == study.id, t.instances.c.current.is_(True)
             )
-            _view, decision, plans = self.router.plan(conn, study.id) if self.router else (None, None, [])
+            snapshot = list(conn.execute(current.where(acquired_only())).scalars())
+            with_ai = list(conn.execute(current.where(not_own_output())).scalars())
+            _view, decision, all_plans = self.router.plan(conn, study.id) if self.router else (None, None, [])
+            plans = []
+            for plan in all_plans:
+                for name, ae in plan.skipped_destinations:
+                    work.record(
+                        AuditEvent.RETURN_TO_SENDER_SKIPPED,
+                        Outcome.SUCCESS,
+                        study_uid=study_uid,
+                        calling_ae=study.source_ae,
+                        rule=plan.rule,
+                        destination=name,
+                        ae_title=ae,
+                        reason=f"{name} ({ae}) sent this study; the rule does not say return_to_sender: true",
+                    )
+                if plan.skipped_destinations and not plan.destinations:
+                    continue  # its only destinations are the sender: no job
+                plans.append(plan)
             for plan in plans:
                 job_ids.append(
                     create_job(
@@ -70,7 +92,7 @@ class JobIntake:
                         study_version=study.open_version,
                         pipeline=plan.pipeline,
                         destinations=plan.destinations,
-                        instance_ids=snapshot,
+                        instance_ids=with_ai if plan.include_ai_outputs else snapshot,
                         actor=self.actor,
                         rule=plan.rule,
                         gate=plan.gate,
@@ -95,6 +117,8 @@ class JobIntake:
             )
             if not plans:
                 why = "no policy is configured" if decision is None else "no rule of the policy matches"
+                if all_plans:
+                    why = "every matching rule's destinations are the AE that sent the study"
                 deciding = (
                     {
                         v.rule.name: v.deciding.condition + " → " + v.deciding.seen

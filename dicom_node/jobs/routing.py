@@ -5,6 +5,11 @@ Description, body part, calling/called AE, and the routing tags it keeps per ins
 an attribute the index does not keep is read from the series' first header, once. The
 engine decides; this module turns the chosen rules into job plans, each with the rule's
 gate, QC limits, options and selected series frozen into the job.
+
+Instances the node wrote itself (role ``own-output``) are not part of the view; series
+another AI node made are marked, and a rule sees them only with ``ai_outputs: accept``. A
+destination whose AE title is the AE the study came from is left out of the plan unless
+the rule says ``return_to_sender: true`` (the plan names what was left out, for the audit).
 """
 
 from __future__ import annotations
@@ -12,14 +17,16 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from sqlalchemy import Connection, func, select
+from sqlalchemy import ColumnElement, Connection, func, or_, select
 
 from dicom_node.db import schema as t
+from dicom_node.ingest.origin import OWN_OUTPUT
 from policies.engine import Decision, SeriesView, StudyView, decide
 from policies.loader import LoadedPolicy, PolicyError, load_policy
 from policies.model import Rule
@@ -36,6 +43,10 @@ class JobPlan:
     qc_policy: dict[str, Any]
     options: dict[str, Any]
     series_uid: str | None
+    #: The job's input includes series another AI node made (rule ``ai_outputs: accept``).
+    include_ai_outputs: bool = False
+    #: (destination, AE title) left out because that AE sent the study.
+    skipped_destinations: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -61,6 +72,16 @@ class _SeriesRow:
         return value if value is None else getattr(value, "value", value)
 
 
+def not_own_output() -> ColumnElement[bool]:
+    """Instances that are not the node's own outputs sent back to it."""
+    return or_(t.instances.c.role.is_(None), t.instances.c.role != OWN_OUTPUT)
+
+
+def acquired_only() -> ColumnElement[bool]:
+    """Instances a scanner or a person made (no AI output of any node)."""
+    return t.instances.c.role.is_(None)
+
+
 def study_view(conn: Connection, study_id: int, data_dir: Path) -> StudyView:
     """The engine's view of a study, from the index (current instances only)."""
     study = conn.execute(
@@ -77,21 +98,30 @@ def study_view(conn: Connection, study_id: int, data_dir: Path) -> StudyView:
             t.series.c.body_part,
             func.count(t.instances.c.id),
             func.min(t.instances.c.id),
+            func.count(t.instances.c.role),
         )
         .join(t.instances, t.instances.c.series_fk == t.series.c.id)
-        .where(t.series.c.study_fk == study_id, t.instances.c.current.is_(True))
+        .where(
+            t.series.c.study_fk == study_id,
+            t.instances.c.current.is_(True),
+            not_own_output(),
+        )
         .group_by(t.series.c.id)
         .order_by(t.series.c.id)
     ).all()
     series = []
-    for uid, modality, description, body_part, count, first_id in rows:
+    for uid, modality, description, body_part, count, first_id, ai_count in rows:
         first = conn.execute(
             select(t.instances.c.tags, t.instances.c.path).where(t.instances.c.id == first_id)
         ).one()
         row = _SeriesRow(
             uid, modality, description, body_part, int(count), dict(first.tags or {}), data_dir / first.path
         )
-        series.append(SeriesView(uid, modality, description, body_part, int(count), row.attribute))
+        series.append(
+            SeriesView(
+                uid, modality, description, body_part, int(count), row.attribute, made_by_ai=ai_count > 0
+            )
+        )
     return StudyView(study.study_uid, study.source_ae, called, tuple(series))
 
 
@@ -114,9 +144,13 @@ def _selected_series(rule: Rule, study: StudyView, matched_series: str | None) -
 class PolicyRouter:
     """Holds the active policy (reloadable) and plans jobs for ready studies."""
 
-    def __init__(self, loaded: LoadedPolicy | None, data_dir: Path) -> None:
+    def __init__(
+        self, loaded: LoadedPolicy | None, data_dir: Path, destination_aes: Mapping[str, str] | None = None
+    ) -> None:
         self._loaded = loaded
         self.data_dir = data_dir
+        #: Destination name → AE title (to keep a study from going back to its sender).
+        self.destination_aes = dict(destination_aes or {})
         self._lock = threading.Lock()
 
     @property
@@ -139,23 +173,48 @@ class PolicyRouter:
         loaded = self.loaded
         return view, (decide(loaded.policy, view) if loaded is not None else None)
 
+    def accepts_ai_outputs(self) -> bool:
+        """Does any rule of the active policy take series another AI node made?"""
+        loaded = self.loaded
+        return loaded is not None and any(r.ai_outputs == "accept" for r in loaded.policy.rules)
+
+    def _destinations(self, rule: Rule, sender: str | None) -> tuple[list[str], tuple[tuple[str, str], ...]]:
+        """The rule's destinations, less those that are the study's sender (unless allowed)."""
+        if rule.return_to_sender or not sender:
+            return list(rule.destinations), ()
+        kept, skipped = [], []
+        for name in rule.destinations:
+            ae = self.destination_aes.get(name)
+            if ae is not None and ae.strip() == sender.strip():
+                skipped.append((name, ae))
+            else:
+                kept.append(name)
+        return kept, tuple(skipped)
+
     def plan(self, conn: Connection, study_id: int) -> tuple[StudyView, Decision | None, list[JobPlan]]:
         view, decision = self.decide(conn, study_id)
         if decision is None:
             return view, None, []
-        plans = [
-            JobPlan(
-                rule=v.rule.name,
-                pipeline=v.rule.pipeline,
-                destinations=list(v.rule.destinations),
-                gate=v.rule.gate,
-                qc_policy=v.rule.qc.model_dump(),
-                options=dict(v.rule.options),
-                series_uid=_selected_series(v.rule, view, v.series_uid),
+        plans = []
+        for v in decision.chosen:
+            destinations, skipped = self._destinations(v.rule, view.calling_ae)
+            rule_view = view
+            if v.rule.ai_outputs == "ignore":
+                rule_view = replace(view, series=tuple(s for s in view.series if not s.made_by_ai))
+            plans.append(
+                JobPlan(
+                    rule=v.rule.name,
+                    pipeline=v.rule.pipeline,
+                    destinations=destinations,
+                    gate=v.rule.gate,
+                    qc_policy=v.rule.qc.model_dump(),
+                    options=dict(v.rule.options),
+                    series_uid=_selected_series(v.rule, rule_view, v.series_uid),
+                    include_ai_outputs=v.rule.ai_outputs == "accept",
+                    skipped_destinations=skipped,
+                )
             )
-            for v in decision.chosen
-        ]
         return view, decision, plans
 
 
-__all__ = ["JobPlan", "PolicyError", "PolicyRouter", "study_view"]
+__all__ = ["JobPlan", "PolicyError", "PolicyRouter", "acquired_only", "not_own_output", "study_view"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -34,6 +33,7 @@ from dicom_node.jobs.handover import Handover
 from dicom_node.jobs.provenance import record_provenance
 from dicom_node.jobs.state import JobRef, JobState, StaleTransition, job_ref, move, record_outputs
 from dicom_node.paths import NodePaths
+from dicom_node.safelog import describe_exception
 from models.zoo import read_card
 from pipelines.base import (
     GatePolicy,
@@ -238,15 +238,20 @@ class JobRunner:
             study = self.load_input(job)
             result = pipeline.run(
                 study,
-                RunEnvironment(workdir=workdir, uid_root=self.config.node.uid_root, node_version=__version__),
+                RunEnvironment(
+                    workdir=workdir,
+                    uid_root=self.config.node.uid_root,
+                    node_version=__version__,
+                    node_ae_title=self.config.node.ae_title,
+                ),
             )
             with self.db.read() as conn:
                 refusals = self.handover.problems(conn, job.job_id, job.destinations, result.outputs)
         except (PipelineError, KeyError) as exc:
             return self._fail(job, str(exc))
         except Exception as exc:
-            log.error("job %d: pipeline crashed:\n%s", job.job_id, traceback.format_exc())
-            return self._fail(job, f"internal error in {job.pipeline}: {type(exc).__name__}: {exc}")
+            log.error("job %d: pipeline crashed", job.job_id, exc_info=True)  # safelog withholds library text
+            return self._fail(job, f"internal error in {job.pipeline}: {describe_exception(exc)}")
         figures: dict[str, float] = {}
         for series_qc in result.qc.values():
             figures.update({k: float(v) for k, v in series_qc.items() if isinstance(v, int | float)})

@@ -8,7 +8,8 @@ dcmtk ``storescu``; the demo waits for the delivery, checks that the PACS holds 
 restored series, both maps, the SEG and the SR under the original study, prints what
 happened, the shipped model's evaluation figures (computed on simulated data) and where
 everything is, and stops what it started. ``--pipeline forward`` runs the plain backbone
-instead (the study delivered unchanged).
+instead (the study delivered unchanged). It runs only in a home
+:func:`dicom_node.lab.demo_home.claim_home` gave it: never over a node it did not make.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from rich.table import Table
 from dicom_node.db import queries
 from dicom_node.db.engine import Database
 from dicom_node.delivery.sender import send_series
+from dicom_node.lab.demo_home import DemoHome
 from dicom_node.lab.localpeers import (
     ORTHANC,
     STORESCU,
@@ -179,7 +181,7 @@ def _evaluation_table(console: Console) -> None:
 
 
 def run_demo(
-    home: Path,
+    claimed: DemoHome,
     console: Console,
     *,
     slices: int = 12,
@@ -187,11 +189,8 @@ def run_demo(
     pipeline: str = "restoration",
     timeout: float = 300,
 ) -> DemoResult:
-    home = home.resolve()
-    for leftover in ("var", "orthanc-demo_pacs", "minipacs"):
-        if (home / leftover).exists():
-            shutil.rmtree(home / leftover)
-    home.mkdir(parents=True, exist_ok=True)
+    """Run the demo in a home :func:`~dicom_node.lab.demo_home.claim_home` gave it."""
+    home = claimed.path
     started = time.time()
 
     pacs: Orthanc | MiniPACS

@@ -254,6 +254,7 @@ def _contributing_equipment(
             purpose_of_reference=_PROCESSING_EQUIPMENT,
             manufacturer_model_name=NODE_MANUFACTURER,
             software_versions=_lo(provenance.node_version),
+            station_name=provenance.station or None,
             contribution_datetime=now,
             contribution_description=description,
         )
