@@ -21,6 +21,7 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from models.base import Prediction
+from models.padding import pad_planes, size_multiple
 from models.zoo import StoredCard, version_dir
 from models.zoo import WeightsMismatch as WeightsMismatch
 from models.zoo import sha256_of as sha256_of
@@ -190,6 +191,8 @@ class RestorationModel:
         a = self.meta.architecture
         arch = Architecture(tuple(a["channels"]), tuple(a["strides"]), int(a["num_res_units"]))
         self.net = load_network(arch.build(), weights)
+        #: Rows and columns the network takes are multiples of this (any other size is padded).
+        self.size_multiple = size_multiple(arch.strides)
         self.card = self.meta.model_card()
         self.batch = batch
         if threads:
@@ -201,16 +204,18 @@ class RestorationModel:
 
     @torch.inference_mode()
     def predict_raw(self, volume_hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Restored HU and uncalibrated σ (HU) for a (slices, H, W) volume."""
+        """Restored HU and uncalibrated σ (HU) for a (slices, H, W) volume of any H × W
+        (padded by reflection to what the network takes, outputs cropped back)."""
         volume_hu = np.asarray(volume_hu)
         means = np.empty(volume_hu.shape, np.float32)  # filled batch by batch: no stacked copies
         sigmas = np.empty(volume_hu.shape, np.float32)
         for start in range(0, len(volume_hu), self.batch):
             part = slice(start, start + self.batch)
-            x = torch.from_numpy(to_network(volume_hu[part])[:, None])
+            padded, padding = pad_planes(to_network(volume_hu[part])[:, None], self.size_multiple)
+            x = torch.from_numpy(padded)
             mean, log_var = self.net(x.contiguous(memory_format=torch.channels_last))
-            means[part] = mean[:, 0].numpy() * HU_SCALE
-            sigmas[part] = torch.exp(0.5 * log_var[:, 0]).numpy() * HU_SCALE
+            means[part] = padding.crop(mean[:, 0].numpy()) * HU_SCALE
+            sigmas[part] = padding.crop(torch.exp(0.5 * log_var[:, 0]).numpy()) * HU_SCALE
         return means, sigmas
 
     def score(self, observed: np.ndarray, restored: np.ndarray, sigma: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ from scipy import ndimage
 from torch import nn
 
 from models.base import Prediction
+from models.padding import pad_planes, size_multiple
 from models.restoration import HU_CLIP, HU_SCALE, load_network
 from models.zoo import StoredCard, version_dir
 
@@ -220,6 +221,8 @@ class SctModel:
         a = self.meta.architecture
         arch = SctArchitecture(tuple(a["channels"]), tuple(a["strides"]), int(a["num_res_units"]))
         self.net = load_network(arch.build(), weights)
+        #: Rows and columns the network takes are multiples of this (any other size is padded).
+        self.size_multiple = size_multiple(arch.strides)
         self.card = self.meta.model_card()
         self.table = SupportTable(**self.meta.support_table)
         self.batch = batch
@@ -230,14 +233,16 @@ class SctModel:
 
     @torch.inference_mode()
     def predict_raw(self, mr_norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """HU and uncalibrated σ (HU) for a normalised (slices, H, W) MR volume."""
+        """HU and uncalibrated σ (HU) for a normalised (slices, H, W) MR volume of any H × W
+        (padded by reflection to what the network takes, outputs cropped back)."""
         x = stack_context(mr_norm)
         means, sigmas = [], []
         for start in range(0, len(x), self.batch):
-            batch = torch.from_numpy(x[start : start + self.batch])
+            padded, padding = pad_planes(x[start : start + self.batch], self.size_multiple)
+            batch = torch.from_numpy(padded)
             mean, log_var = self.net(batch.contiguous(memory_format=torch.channels_last))
-            means.append(mean[:, 0].numpy())
-            sigmas.append(torch.exp(0.5 * log_var[:, 0]).numpy())
+            means.append(padding.crop(mean[:, 0].numpy()))
+            sigmas.append(padding.crop(torch.exp(0.5 * log_var[:, 0]).numpy()))
         return np.concatenate(means) * HU_SCALE, np.concatenate(sigmas) * HU_SCALE
 
     def predict_full(self, mr: np.ndarray, spacing: tuple[float, float, float]) -> SctPrediction:

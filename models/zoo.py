@@ -84,6 +84,10 @@ class StoredCard:
     calibration: str
     metrics: dict[str, str] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    #: The series the model may be given (modality, Image Type, units, geometry, anatomy,
+    #: sequence, image check; for restoration the calibrated input noise range). Checked by
+    #: ``pipelines.domain`` before the model runs; empty: the default for its modality.
+    input_domain: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def read_from(cls, directory: Path | str) -> Self:

@@ -14,6 +14,42 @@ GatePolicy = Callable[[Mapping[str, float], Sequence[str]], tuple[str, tuple[str
 
 
 @dataclass(frozen=True)
+class GateLimit:
+    """One QC limit of the rule's gate, as the report names it."""
+
+    #: What is limited, as the gate's reasons say it (e.g. "largest suspect region").
+    label: str
+    #: The largest value that passes.
+    maximum: float
+    #: The QC figures the limit reads, in order of preference.
+    figures: tuple[str, ...] = ()
+    #: UCUM unit of ``maximum``; None: the unit of the figure it reads.
+    unit: str | None = None
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    """What the gate decided, as the report states it.
+
+    ``final`` is False for the pipeline's own verdict on its QC figures alone (its report
+    is then a draft); the node restates the report with its final verdict — after output
+    validation and the destination checks — before the outputs are recorded, and a
+    reviewer's approval writes a new report (``pipelines.writers.report``).
+    """
+
+    #: "release", "hold" or "shadow".
+    action: str
+    reasons: tuple[str, ...] = ()
+    #: The rule's gate: "auto", "review" or "shadow" (None: not known here).
+    rule_gate: str | None = None
+    #: The QC limits the figures were judged against.
+    limits: tuple[GateLimit, ...] = ()
+    #: What holds whatever the figures say (e.g. "any output validation problem holds").
+    rules: tuple[str, ...] = ()
+    final: bool = True
+
+
+@dataclass(frozen=True)
 class InputInstance:
     """One received instance of the study snapshot a job runs on."""
 
@@ -105,3 +141,19 @@ class Pipeline(Protocol):
 class PipelineError(Exception):
     """A failure a pipeline can explain (bad input, unsupported series): the job fails
     with this message as its reason."""
+
+
+class InputRefused(PipelineError):
+    """The input is outside the model's declared input domain (:mod:`pipelines.domain`).
+
+    Not a failure: the job ends ``refused`` with every reason, and the policy rule's
+    ``fallback`` says what runs instead. ``series_uid`` is the series that was refused.
+    """
+
+    def __init__(self, model: str, series_uid: str | None, reasons: Sequence[str]) -> None:
+        self.model = model
+        self.series_uid = series_uid
+        self.reasons = tuple(reasons)
+        super().__init__(
+            f"input outside the domain of {model} (series {series_uid or '?'}): {'; '.join(self.reasons)}"
+        )

@@ -9,7 +9,9 @@ output layer is proven end to end before the learned models land.
 from __future__ import annotations
 
 from models.classical import ClassicalDenoiser, ClassicalParameters
+from pipelines.domain import CLASSICAL_DOMAINS, CheckInputHeaders, CheckInputImage
 from pipelines.encode import Encode
+from pipelines.fov import DetectFieldOfView
 from pipelines.stages import StagedPipeline
 from pipelines.steps import (
     CT_CLASSES,
@@ -29,7 +31,10 @@ def denoise_classical() -> StagedPipeline:
         version="1.0",
         stages=(
             SelectSeries(CT_CLASSES | MR_CLASSES, what="CT or MR"),
+            CheckInputHeaders(CLASSICAL_DOMAINS, "denoise-classical"),
             LoadVolume(),
+            CheckInputImage(CLASSICAL_DOMAINS, "denoise-classical"),
+            DetectFieldOfView(),
             Predict(ClassicalDenoiser(ClassicalParameters(method="nlm"))),
             ScoreHallucination(threshold=5.0),
             Gate(),

@@ -17,11 +17,11 @@ from highdicom.sr import CodedConcept
 from pydicom import Dataset
 from pydicom.sr.coding import Code
 
-from pipelines.base import OutputInstance
+from pipelines.base import GateOutcome, OutputInstance
 from pipelines.provenance import OutputProvenance
 from pipelines.stages import Context
-from pipelines.uids import UidFactory, job_key
-from pipelines.volume import Volume
+from pipelines.uids import UidFactory, derived_frame_of_reference, job_key
+from pipelines.volume import Volume, on_frame_of_reference
 from pipelines.writers import (
     KIND_DERIVED,
     KIND_HALLUCINATION,
@@ -83,7 +83,7 @@ def write_outputs(
     suspect: np.ndarray,
     model_card: Mapping[str, str],
     qc: Mapping[str, tuple[float, str | Code | CodedConcept]],
-    gate: str,
+    gate: GateOutcome | str,
     derived_description: str,
     derivation_code: Code | CodedConcept = SMOOTHING,
     uncertainty_units: str | Code | CodedConcept | None = None,
@@ -145,6 +145,11 @@ def write_outputs(
                         delattr(ds, keyword)
 
     n = _check_series_number("write_outputs", first_series_number)
+    if not volume.frame_of_reference_uid:
+        raise ValueError(
+            f"write_outputs: series {volume.series_uid} has no Frame of Reference UID and every "
+            "output must carry one: place the volume on one first (pipelines.volume.on_frame_of_reference)"
+        )
     image_units = volume.units if output_units is None else output_units
     units = uncertainty_units if uncertainty_units is not None else ucum_for_units(image_units)
     images = DerivedImageWriter(
@@ -185,6 +190,26 @@ def write_outputs(
     return result
 
 
+#: The QC fact (1: yes) the report carries when the source series had no Frame of Reference
+#: UID and the outputs are on one derived from the series (pipelines.uids).
+NEW_FRAME_OF_REFERENCE = "new frame of reference (source series had none)"
+
+
+def _on_a_frame_of_reference(ctx: Context) -> Context:
+    """The context with its volume on a Frame of Reference: the source's, or for a legacy
+    series without one, a new one derived from the series (the same for every job on it),
+    said in the QC figures (so in the report) and in the run's parameters."""
+    volume = ctx.need_volume()
+    if volume.frame_of_reference_uid:
+        return ctx
+    uid = derived_frame_of_reference(ctx.env.uid_root, volume.series_uid)
+    return ctx.evolve(
+        volume=on_frame_of_reference(volume, uid),
+        qc={**ctx.qc, NEW_FRAME_OF_REFERENCE: (1.0, "1")},
+        parameters={**ctx.parameters, "derived_frame_of_reference_uid": uid},
+    )
+
+
 def _card_facts(ctx: Context) -> dict[str, str]:
     card = ctx.model
     if card is None:
@@ -205,7 +230,10 @@ class Encode:
     The derived series is CT or MR Image Storage as its source is, unless
     ``output_modality`` says otherwise: the ``sct`` pipeline asks for ``"CT"`` in
     ``"HU"`` from an MR (see :class:`pipelines.writers.DerivedImageWriter`). The
-    uncertainty map is in the derived series' units.
+    uncertainty map is in the derived series' units. A legacy source series without a
+    Frame of Reference UID gets one derived from the series, and the report says so
+    (:data:`NEW_FRAME_OF_REFERENCE`); a pipeline whose outputs must be on the source's
+    own frame (``sct``: the planning system) refuses such a series before this stage.
     """
 
     derived_description: str
@@ -221,6 +249,7 @@ class Encode:
     name: str = "encode"
 
     def run(self, ctx: Context) -> Context:
+        ctx = _on_a_frame_of_reference(ctx)
         volume = ctx.need_volume()
         prediction = ctx.need_prediction()
         if ctx.model is None or ctx.hallucination is None or ctx.suspect is None:
@@ -248,7 +277,7 @@ class Encode:
             suspect=ctx.suspect,
             model_card=_card_facts(ctx),
             qc={k: (float(v[0]), v[1]) for k, v in ctx.qc.items()},
-            gate=ctx.gate or "auto",
+            gate=ctx.verdict or GateOutcome("release", ("no gate stage ran",), final=False),
             derived_description=self.derived_description,
             derivation_code=self.derivation_code,
             overlay=self.overlay,

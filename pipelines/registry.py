@@ -27,6 +27,12 @@ MODEL_OF: dict[str, str] = {
     "sct": "sct-head",
 }
 
+#: The shipped non-AI pipeline for the task of a learned pipeline (a rule's ``fallback:
+#: classical``); absent: there is none (``sct``: no classical synthetic CT ships).
+CLASSICAL_OF: dict[str, str] = {
+    "restoration": "denoise-classical",
+}
+
 
 def pipeline_names() -> list[str]:
     return sorted(_PIPELINES)

@@ -5,6 +5,10 @@ their σ in one pass; the hallucination map is the data-consistency test of what
 model changed against the input's own noise, combined with the model's calibrated σ.
 Outputs: restored CT series, uncertainty Parametric Map (HU), hallucination Parametric
 Map, suspect-region SEG, Comprehensive SR, and a Secondary Capture overlay.
+
+A series outside the model card's input domain is refused (:mod:`pipelines.domain`); one
+whose noise the model's calibration never saw gets the classical baseline in the model's
+place, and its report says so (:mod:`pipelines.baseline`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from pathlib import Path
 
 from models.hallucination import suspect_regions
 from models.restoration import RestorationModel
+from pipelines import fov
+from pipelines.baseline import ModelOrBaseline, classical_baseline
+from pipelines.domain import CheckInputHeaders, CheckInputImage, domain_of_card
 from pipelines.encode import Encode
 from pipelines.stages import Context, StagedPipeline
 from pipelines.steps import CT_CLASSES, Gate, LoadVolume, Predict, SelectSeries, suspect_figures
@@ -22,7 +29,8 @@ from pipelines.validate import Validate
 
 @dataclass(frozen=True)
 class ScoreRestoration:
-    """The restoration hallucination map and its suspect regions."""
+    """The restoration hallucination map and its suspect regions (0 and none outside the
+    field of view; the QC figures are taken inside it)."""
 
     model: RestorationModel
     threshold: float = 6.0
@@ -32,15 +40,16 @@ class ScoreRestoration:
     def run(self, ctx: Context) -> Context:
         volume = ctx.need_volume()
         prediction = ctx.need_prediction()
-        score = self.model.score(volume.array, prediction.mean, prediction.sigma)
+        observed, restored = fov.scoring_pair(volume, prediction)
+        score = fov.clear_outside(volume, self.model.score(observed, restored, prediction.sigma))
         suspect = suspect_regions(score, self.threshold, min_voxels=self.min_voxels)
         voxel_ml = volume.spacing[0] * volume.spacing[1] * volume.spacing[2] / 1000.0
-        body = volume.array > -500
+        body = fov.inside(volume, volume.array > -500)
         units = volume.units or "1"
         qc = {
             **ctx.qc,
             "mean calibrated sigma in body": (round(float(prediction.sigma[body].mean()), 3), units),
-            **suspect_figures(score, suspect, voxel_ml, self.threshold),
+            **suspect_figures(score, suspect, voxel_ml, self.threshold, within=volume.fov),
         }
         return ctx.evolve(hallucination=score, suspect=suspect, qc=qc)
 
@@ -48,14 +57,22 @@ class ScoreRestoration:
 def restoration(model_dir: Path | None = None) -> StagedPipeline:
     """The pipeline with the model in ``model_dir`` (None: the newest shipped version)."""
     model = RestorationModel(model_dir) if model_dir else RestorationModel.shipped()
+    domain, model_label = domain_of_card(vars(model.meta), "CT")
     return StagedPipeline(
         name="restoration",
         version="1.0",
         stages=(
             SelectSeries(CT_CLASSES, what="CT"),
+            CheckInputHeaders((domain,), model_label),
             LoadVolume(),
-            Predict(model),
-            ScoreRestoration(model),
+            CheckInputImage((domain,), model_label),
+            fov.DetectFieldOfView(),
+            ModelOrBaseline(
+                model,
+                learned=(Predict(model), ScoreRestoration(model)),
+                baseline=classical_baseline(),
+                noise_hu=domain.calibrated_noise_hu,
+            ),
             Gate(),
             Encode(derived_description="restored low-dose CT", synthetic=False),
             Validate(),

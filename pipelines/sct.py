@@ -7,7 +7,9 @@ fitted on the training pairs). Outputs: the sCT as **CT Image Storage** in HU on
 MR's frame of reference (each slice exactly where its MR slice is), the uncertainty
 Parametric Map (HU), the hallucination Parametric Map, the suspect-region SEG, the
 Comprehensive SR and a Secondary Capture overlay. A ``tps`` destination's checks
-(``dicom_node.delivery.tps``) run on the sCT before the gate.
+(``dicom_node.delivery.tps``) run on the sCT before the gate. A series outside the model
+card's input domain — not an axial T1-weighted head, by its tags or its pixels — is
+refused before the model runs (:mod:`pipelines.domain`).
 
 The model is the newest shipped ``sct-head`` unless the node's config pins another version
 or a site's model directory (``[models] pin``), e.g. a model trained at the site.
@@ -16,7 +18,6 @@ or a site's model directory (``[models] pin``), e.g. a model trained at the site
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ import pydicom
 
 from models.hallucination import suspect_regions
 from models.sct import SctModel
-from pipelines.base import PipelineError
+from pipelines import fov
+from pipelines.base import InputRefused, PipelineError
+from pipelines.domain import CheckInputHeaders, CheckInputImage, domain_of_card
 from pipelines.encode import Encode
 from pipelines.stages import Context, StagedPipeline
 from pipelines.steps import MR_CLASSES, Gate, LoadVolume, SelectSeries, inject_hallucination, suspect_figures
@@ -36,70 +39,31 @@ from pipelines.writers import SYNTHESIS
 _HU = "[hnsf'U]"
 
 
-# -- the input contrast --------------------------------------------------------------------------
-#: Acquisition rule per input contrast a model card can name: (TR ms, TE ms) → matches.
-#: T1-weighted spin echo: short TR and short TE (the simulator's T1w is TR 500, TE 12).
-CONTRAST_RULES: dict[str, tuple[str, Callable[[float, float], bool]]] = {
-    "t1w": ("T1-weighted (TR < 1000 ms and TE < 30 ms)", lambda tr, te: tr < 1000.0 and te < 30.0),
-}
-
-
-def _timing(ds: pydicom.Dataset, keyword: str, group: str) -> float | None:
-    """``keyword`` at the top level, else in the shared functional group ``group`` (enhanced MR)."""
-    value = ds.get(keyword)
-    if value in (None, ""):
-        shared = ds.get("SharedFunctionalGroupsSequence")
-        items = shared[0].get(group) if shared else None
-        value = items[0].get(keyword) if items else None
-    try:
-        return float(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
+# -- the input ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class RequireInputContrast:
-    """Refuse an MR series acquired with another contrast than the model was trained on.
+class RequireFrameOfReference:
+    """Refuse an MR series without a Frame of Reference UID.
 
-    Judged from Repetition Time and Echo Time where the headers give them (a series
-    without them passes: the node cannot tell). An inversion-prepared T1 (e.g. MPRAGE,
-    TR about 2000 ms) is refused too: the model has seen T1-weighted spin echo only.
+    The sCT goes to a planning system, which places it by the MR's frame (the structures
+    drawn on the MR are on it); a frame made up here would place it nowhere the TPS knows.
+    The slice-wise pipelines (``restoration``, ``denoise-classical``) give such a series a
+    derived frame instead (:class:`pipelines.encode.Encode`). The job ends ``refused``.
     """
 
-    #: The model card's ``input_sequence`` (e.g. "t1w").
-    sequence: str
     #: "name version" of the model, for the message.
     model: str
-    name: str = "check-contrast"
-
-    def __post_init__(self) -> None:
-        if self.sequence not in CONTRAST_RULES:
-            raise ValueError(
-                f"model {self.model}: input sequence {self.sequence!r} has no acquisition rule "
-                f"(known: {', '.join(sorted(CONTRAST_RULES))})"
-            )
+    name: str = "check-frame-of-reference"
 
     def run(self, ctx: Context) -> Context:
-        what, matches = CONTRAST_RULES[self.sequence]
-        timings: set[tuple[float, float]] = set()
-        series_uid = ctx.series[0].series_uid if ctx.series else "?"
-        tags = ["RepetitionTime", "EchoTime", "EffectiveEchoTime", "SharedFunctionalGroupsSequence"]
         for inst in ctx.series:
-            ds = pydicom.dcmread(inst.path, stop_before_pixels=True, specific_tags=tags)
-            tr = _timing(ds, "RepetitionTime", "MRTimingAndRelatedParametersSequence")
-            te = _timing(ds, "EchoTime", "MREchoSequence")
-            if te is None:
-                te = _timing(ds, "EffectiveEchoTime", "MREchoSequence")
-            if tr is not None and te is not None:
-                timings.add((tr, te))
-        wrong = sorted(t for t in timings if not matches(*t))
-        if wrong:
-            seen = ", ".join(f"TR {tr:g} ms / TE {te:g} ms" for tr, te in wrong[:3])
-            raise PipelineError(
-                f"MR series {series_uid} is not {what}: it has {seen}; model {self.model} makes a "
-                f"synthetic CT from {self.sequence} MR only (send the T1-weighted planning series, "
-                "or select it in the policy rule)"
-            )
+            ds = pydicom.dcmread(inst.path, stop_before_pixels=True, specific_tags=["FrameOfReferenceUID"])
+            if not ds.get("FrameOfReferenceUID"):
+                reason = (
+                    f"no Frame of Reference UID (instance {inst.sop_uid}): a synthetic CT must be on "
+                    "the MR's own frame for the planning system to place it; send the series from a "
+                    "scanner or archive that writes one"
+                )
+                raise InputRefused(self.model, inst.series_uid, [reason])
         return ctx
 
 
@@ -122,6 +86,9 @@ class PredictSct:
     mean calibrated σ in the body; mean σ at bone/air interfaces (the dose-relevant
     uncertainty; not reported when the sCT has no interface, so a rule limiting it holds
     the job); the score's 99th percentile; suspect fraction, total and largest region.
+
+    Outside the field of view (:mod:`pipelines.fov`) the model sees the background level,
+    the sCT is air with σ 0, the score is 0 and no figure counts it.
     """
 
     model: SctModel
@@ -132,15 +99,18 @@ class PredictSct:
     def run(self, ctx: Context) -> Context:
         volume = ctx.need_volume()
         series = volume.series_uid
-        result = self.model.predict_full(volume.array, volume.spacing)
-        body = result.body
+        mr = fov.model_input(volume)
+        result = self.model.predict_full(mr, volume.spacing)
+        body = fov.inside(volume, result.body)
         if not body.any():
             raise PipelineError(f"MR series {series}: no head found in the images (is the series blank?)")
-        prediction, score = result.prediction, result.score
+        prediction = fov.as_delivered(volume, result.prediction, outside=fov.AIR_HU)
+        score = fov.clear_outside(volume, result.score)
         drill = ctx.study.options.get("inject_hallucination_hu")
         if drill:  # the gate fire drill (see pipelines.steps.inject_hallucination)
             prediction = inject_hallucination(prediction, float(drill), volume.spacing)
-            score = self.model.score(volume.array, prediction.mean, prediction.sigma, volume.spacing)
+            score = self.model.score(mr, prediction.mean, prediction.sigma, volume.spacing)
+            score = fov.clear_outside(volume, score)
         voxel_mm3 = float(np.prod(volume.spacing))
         min_voxels = max(2, math.ceil(self.min_region_mm3 / voxel_mm3))
         suspect = suspect_regions(score, self.threshold, min_voxels=min_voxels) & body
@@ -149,9 +119,10 @@ class PredictSct:
             **ctx.qc,
             "mean calibrated sigma in body": (round(float(prediction.sigma[body].mean()), 3), _HU),
         }
-        if result.interfaces.any():
+        interfaces = fov.inside(volume, result.interfaces)
+        if interfaces.any():
             qc["mean sigma at bone/air interfaces"] = (
-                round(float(prediction.sigma[result.interfaces].mean()), 3),
+                round(float(prediction.sigma[interfaces].mean()), 3),
                 _HU,
             )
         qc.update(suspect_figures(score, suspect, voxel_ml, self.threshold, within=body))
@@ -174,13 +145,17 @@ class PredictSct:
 def sct(model_dir: Path | None = None) -> StagedPipeline:
     """The pipeline with the model in ``model_dir`` (None: the newest shipped version)."""
     model = SctModel(model_dir) if model_dir else SctModel.shipped()
+    domain, model_label = domain_of_card(vars(model.meta), "MR")
     return StagedPipeline(
         name="sct",
         version="1.0",
         stages=(
             SelectSeries(MR_CLASSES, what="MR"),
-            RequireInputContrast(model.meta.input_sequence, f"{model.card.name} {model.card.version}"),
+            CheckInputHeaders((domain,), model_label),
+            RequireFrameOfReference(f"{model.card.name} {model.card.version}"),
             LoadVolume(),
+            CheckInputImage((domain,), model_label),
+            fov.DetectFieldOfView(),
             PredictSct(model),
             Gate(),
             Encode(

@@ -25,6 +25,7 @@ import numpy as np
 
 from models.base import ModelCard, Prediction
 from pipelines.base import (
+    GateOutcome,
     InputInstance,
     ModelIdentity,
     OutputInstance,
@@ -50,6 +51,8 @@ class Context:
     #: QC figures: name → (value, UCUM unit).
     qc: dict[str, tuple[float, str]] = field(default_factory=dict)
     gate: str | None = None
+    #: The gate stage's verdict, for the report (restated by the node when it is final).
+    verdict: GateOutcome | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     outputs: tuple[OutputInstance, ...] = ()
     #: Per output series UID: the QC figures that belong to it (for provenance records).

@@ -10,7 +10,8 @@ import pydicom
 
 from models.base import Model, Prediction
 from models.hallucination import data_consistency_score, largest_region_voxels, suspect_regions
-from pipelines.base import InputInstance, PipelineError
+from pipelines import fov
+from pipelines.base import GateOutcome, InputInstance, PipelineError
 from pipelines.stages import Context
 from pipelines.volume import SeriesError, load_series
 
@@ -68,14 +69,18 @@ class LoadVolume:
 
 @dataclass(frozen=True)
 class Predict:
-    """Run the model: restored volume and its per-voxel standard deviation."""
+    """Run the model: restored volume and its per-voxel standard deviation.
+
+    The model sees the outside of the field of view filled; the prediction keeps the
+    source's values there, with σ 0 (:mod:`pipelines.fov`).
+    """
 
     model: Model
     name: str = "predict"
 
     def run(self, ctx: Context) -> Context:
         volume = ctx.need_volume()
-        prediction = self.model.predict(volume.array, volume.spacing)
+        prediction = fov.as_delivered(volume, self.model.predict(fov.model_input(volume), volume.spacing))
         drill = ctx.study.options.get("inject_hallucination_hu")
         if drill:
             prediction = inject_hallucination(prediction, float(drill), volume.spacing)
@@ -102,7 +107,10 @@ def inject_hallucination(
 
 @dataclass(frozen=True)
 class ScoreHallucination:
-    """Data-consistency score of output vs input, and suspect regions above a threshold."""
+    """Data-consistency score of output vs input, and suspect regions above a threshold.
+
+    Outside the field of view the score is 0 and the QC figures do not count it.
+    """
 
     noise_sigma: float | None = None  # None: estimate from the input (Immerkær)
     threshold: float = 5.0
@@ -115,19 +123,23 @@ class ScoreHallucination:
 
         volume = ctx.need_volume()
         prediction = ctx.need_prediction()
+        observed, predicted = fov.scoring_pair(volume, prediction)
         sigma = self.noise_sigma
-        if sigma is None:
-            picks = volume.array[:: max(1, len(volume.array) // 8)]
+        if sigma is None:  # of the image the model saw (as the denoiser estimates it)
+            picks = observed[:: max(1, len(observed) // 8)]
             sigma = float(np.median([immerkaer_sigma(s) for s in picks]))
-        score = data_consistency_score(volume.array, prediction.mean, sigma, window=self.window)
+        score = data_consistency_score(observed, predicted, sigma, window=self.window)
+        score = fov.clear_outside(volume, score)
         suspect = suspect_regions(score, self.threshold, min_voxels=self.min_voxels)
         voxel_ml = volume.spacing[0] * volume.spacing[1] * volume.spacing[2] / 1000.0
         units = volume.units or "1"
+        within = volume.fov
+        mean_sigma = prediction.sigma.mean() if within is None else prediction.sigma[within].mean()
         qc = {
             **ctx.qc,
             "input noise sigma": (round(sigma, 3), units),
-            "mean uncertainty": (round(float(prediction.sigma.mean()), 3), units),
-            **suspect_figures(score, suspect, voxel_ml, self.threshold),
+            "mean uncertainty": (round(float(mean_sigma), 3), units),
+            **suspect_figures(score, suspect, voxel_ml, self.threshold, within=within),
         }
         return ctx.evolve(hallucination=score, suspect=suspect, qc=qc)
 
@@ -155,11 +167,12 @@ def suspect_figures(
 
 @dataclass(frozen=True)
 class Gate:
-    """The rule's verdict on the QC figures, written into the outputs' report.
+    """The rule's verdict on the QC figures alone: the report's provisional verdict.
 
-    The node re-applies the same gate after :class:`pipelines.validate.Validate` (a failed
-    validation also holds the job); that final decision, and any reviewer's approval, are
-    in the job state and the audit trail.
+    The node re-applies the same gate after :class:`pipelines.validate.Validate` and its
+    destination checks (a failed validation or a refusing destination also holds the job)
+    and restates the report with that final verdict before anything may leave; a
+    reviewer's approval writes a new report (:mod:`pipelines.writers.report`).
     """
 
     name: str = "gate"
@@ -167,7 +180,10 @@ class Gate:
     def run(self, ctx: Context) -> Context:
         policy = ctx.study.gate_policy
         if policy is None:
-            return ctx.evolve(gate="release (no policy gate)")
-        figures = {k: float(v[0]) for k, v in ctx.qc.items() if isinstance(v[0], int | float)}
-        action, reasons = policy(figures, ())
-        return ctx.evolve(gate=f"{action} before output validation: {'; '.join(reasons)}")
+            verdict = GateOutcome("release", ("no policy gate",), final=False)
+        else:
+            figures = {k: float(v[0]) for k, v in ctx.qc.items() if isinstance(v[0], int | float)}
+            action, reasons = policy(figures, ())
+            verdict = GateOutcome(action, tuple(reasons), final=False)
+        said = f"{verdict.action} on the QC figures: {'; '.join(verdict.reasons)}"
+        return ctx.evolve(gate=said, verdict=verdict)

@@ -42,6 +42,16 @@ def derive_uid(root: str, *parts: str) -> str:
     return root + suffix
 
 
+def derived_frame_of_reference(root: str, series_uid: str) -> str:
+    """The Frame of Reference UID given to the outputs of a series that has none.
+
+    Determined by the series alone (not the job): every pipeline and every re-run on the
+    series puts its outputs on the same frame, so they overlay one another; another
+    series, which may have been moved or re-positioned, never shares it.
+    """
+    return derive_uid(root, "frame-of-reference", series_uid)
+
+
 class UidFactory:
     """UIDs for the objects of one job: ``series("restored")``, ``instance("restored", 7)``."""
 

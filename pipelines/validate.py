@@ -19,6 +19,7 @@ from pydicom.errors import InvalidDicomError
 
 from pipelines.provenance import provenance_of
 from pipelines.stages import Context
+from pipelines.uids import derived_frame_of_reference
 from pipelines.writers import KIND_DERIVED, KIND_HALLUCINATION, KIND_UNCERTAINTY
 
 _PIXEL_KINDS = (KIND_DERIVED, KIND_UNCERTAINTY, KIND_HALLUCINATION)
@@ -31,10 +32,7 @@ def validate_outputs(ctx: Context, *, max_problems: int = 20) -> list[str]:
     source_series = {i.series_uid for i in ctx.series}
     # an overlay illustrates a map of this job: its own outputs are legitimate sources too
     known_series = source_series | {o.series_uid for o in ctx.outputs}
-    frame_of_reference = None
-    if ctx.series:
-        first = pydicom.dcmread(ctx.series[0].path, stop_before_pixels=True)
-        frame_of_reference = first.get("FrameOfReferenceUID")
+    frame_of_reference = _expected_frame_of_reference(ctx)
     kinds: Counter[str] = Counter()
     if not ctx.outputs:
         return ["the pipeline wrote no output objects"]
@@ -66,19 +64,31 @@ def validate_outputs(ctx: Context, *, max_problems: int = 20) -> list[str]:
             problems.append(f"{where}: references a source series that was not processed")
         if kind == KIND_DERIVED and not set(facts["source_sop_instance_uids"]) <= source_sops:
             problems.append(f"{where}: references a source image that was not processed")
-        if (
-            frame_of_reference is not None
-            and kind in _PIXEL_KINDS
-            and facts.get("frame_of_reference_uid") not in (None, str(frame_of_reference))
-        ):
-            problems.append(f"{where}: Frame of Reference UID differs from the source's")
+        if frame_of_reference is not None and kind in _PIXEL_KINDS:
+            found = facts.get("frame_of_reference_uid")
+            if not found:
+                problems.append(f"{where}: no Frame of Reference UID")
+            elif found != frame_of_reference:
+                problems.append(f"{where}: Frame of Reference UID is not the source's ({frame_of_reference})")
         if kind in _PIXEL_KINDS:
             problems.extend(f"{where}: {p}" for p in _pixel_problems(ds))
-    if ctx.series and kinds[KIND_DERIVED] and kinds[KIND_DERIVED] != len(ctx.series):
-        problems.append(
-            f"derived series has {kinds[KIND_DERIVED]} images for {len(ctx.series)} source slices"
-        )
+    # one derived image per slice of the volume (a multi-frame source has several per file)
+    slices = len(ctx.volume.slices) if ctx.volume is not None else len(ctx.series)
+    if ctx.series and kinds[KIND_DERIVED] and kinds[KIND_DERIVED] != slices:
+        problems.append(f"derived series has {kinds[KIND_DERIVED]} images for {slices} source slices")
     return problems
+
+
+def _expected_frame_of_reference(ctx: Context) -> str | None:
+    """The Frame of Reference UID the pixel outputs must carry: the source series' own, or
+    for a legacy series without one, the one derived from the series under the job's UID
+    root (:func:`pipelines.uids.derived_frame_of_reference`), whatever the encode stage
+    says it used. None: nothing to compare with (no source series)."""
+    if not ctx.series:
+        return None
+    first = pydicom.dcmread(ctx.series[0].path, stop_before_pixels=True)
+    own = str(first.get("FrameOfReferenceUID", "") or "")
+    return own or derived_frame_of_reference(ctx.env.uid_root, ctx.series[0].series_uid)
 
 
 def _native_float_pixels(ds: pydicom.Dataset) -> np.ndarray | None:

@@ -6,13 +6,16 @@ slices sorted along the slice normal, pixel values in modality units (Rescale Sl
 Intercept applied: HU for CT), spacing, origin and direction. A series that cannot be
 made into one honest volume is refused with :class:`SeriesError`, whose message names
 the series and the problem: mixed orientations, gaps or uneven spacing (unless
-resampling is asked for), duplicate positions, missing pixel data.
+resampling is asked for), duplicate positions, missing pixel data. A series without a
+Frame of Reference UID loads (with ``frame_of_reference_uid`` ""): whether its outputs
+may be put on a new one is the pipeline's decision (:func:`on_frame_of_reference`).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -48,6 +51,7 @@ class Volume:
 
     series_uid: str
     study_uid: str
+    #: "" when the source series has none (legacy files): see :func:`on_frame_of_reference`.
     frame_of_reference_uid: str
     modality: str
     array: np.ndarray
@@ -64,6 +68,9 @@ class Volume:
     #: nearest source slice of each resampled position).
     resampled: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Where ``array`` holds measured image (bool, ``array``'s shape): False on padding and
+    #: outside the reconstruction circle (:mod:`pipelines.fov`); None: everywhere.
+    fov: np.ndarray | None = None
 
     @property
     def normal(self) -> np.ndarray:
@@ -179,6 +186,48 @@ def _drop_decoded(ds: Dataset) -> None:
         ds._pixel_id = {}
 
 
+def _frame_of_reference(datasets: Sequence[Dataset], label: str) -> str:
+    """The series' Frame of Reference UID, or "" when no instance has one (legacy files).
+
+    A series whose instances disagree (two frames, or some with one and some without)
+    is not one volume in one patient coordinate system: refused.
+    """
+    found = [str(ds.get("FrameOfReferenceUID", "") or "") for ds in datasets]
+    frames = sorted(set(found) - {""})
+    if len(frames) > 1:
+        raise SeriesError(f"{label}: instances on {len(frames)} frames of reference ({', '.join(frames)})")
+    if frames and "" in found:
+        raise SeriesError(
+            f"{label}: {found.count('')} of {len(found)} instances have no Frame of Reference UID "
+            f"and the others have {frames[0]}; resend the series complete"
+        )
+    return frames[0] if frames else ""
+
+
+def on_frame_of_reference(volume: Volume, frame_of_reference_uid: str) -> Volume:
+    """``volume`` placed on ``frame_of_reference_uid``: for a series that has none.
+
+    Positions and orientation stay the source's; only the coordinate system gets a name,
+    so the outputs (which must carry one) can say they share one another's geometry. The
+    source data sets are copied with the UID added — the writers read it from them — and
+    share everything else, pixel data included; the files are untouched.
+    """
+    if volume.frame_of_reference_uid:
+        raise ValueError(
+            f"series {volume.series_uid} already has Frame of Reference UID "
+            f"{volume.frame_of_reference_uid}; it is never replaced"
+        )
+    if not frame_of_reference_uid:
+        raise ValueError("on_frame_of_reference: a Frame of Reference UID is required")
+    datasets = []
+    for ds in volume.datasets:
+        clone = copy.copy(ds)
+        clone._dict = dict(ds._dict)  # copy.copy would share the element mapping
+        clone.FrameOfReferenceUID = frame_of_reference_uid
+        datasets.append(clone)
+    return replace(volume, frame_of_reference_uid=frame_of_reference_uid, datasets=tuple(datasets))
+
+
 def load_series(datasets: Sequence[Dataset], *, resample: bool = False) -> Volume:
     """Load one series (all its instances, any order) into a :class:`Volume`.
 
@@ -203,6 +252,7 @@ def load_series(datasets: Sequence[Dataset], *, resample: bool = False) -> Volum
     if others:
         raise SeriesError(f"{label}: instances of other series mixed in ({', '.join(sorted(others))})")
     frames = [f for i, ds in enumerate(datasets) for f in _frames_of(i, ds, label)]
+    frame_of_reference = _frame_of_reference(datasets, label)
 
     stack = analyse_stack([f.position for f in frames], [f.orientation for f in frames])
     orientation = stack.orientation
@@ -266,15 +316,13 @@ def load_series(datasets: Sequence[Dataset], *, resample: bool = False) -> Volum
 
     first = datasets[frames[0].dataset_index]
     modality = str(first.get("Modality", ""))
-    if "FrameOfReferenceUID" not in first:
-        raise SeriesError(f"{label}: no Frame of Reference UID; outputs could not share its geometry")
     units = _rescale_type(first)
     if modality == "CT" and units in ("", "HU"):
         units = "HU"
     return Volume(
         series_uid=series_uid,
         study_uid=str(first.StudyInstanceUID),
-        frame_of_reference_uid=str(first.FrameOfReferenceUID),
+        frame_of_reference_uid=frame_of_reference,
         modality=modality,
         array=array,
         spacing=(step, frames[0].pixel_spacing[0], frames[0].pixel_spacing[1]),

@@ -209,6 +209,39 @@ class GateVerdict:
 _SIGMA_KEYS = ("mean calibrated sigma in body", "mean uncertainty")
 
 
+@dataclass(frozen=True)
+class QcLimit:
+    """One QC limit a rule sets: the figures it reads (in order of preference), the largest
+    value that passes, how the gate's reasons name it, and its UCUM unit (None: the
+    figure's own, e.g. σ in the output's units)."""
+
+    figures: tuple[str, ...]
+    maximum: float
+    label: str
+    unit: str | None
+
+
+def qc_limits(qc: QcGates) -> tuple[QcLimit, ...]:
+    """The limits ``qc`` sets (one left unset is no limit): what the gate judges against."""
+    table: tuple[tuple[tuple[str, ...], float | None, str, str | None], ...] = (
+        (("suspect fraction",), qc.max_suspect_fraction, "suspect fraction", "1"),
+        (("suspect volume",), qc.max_suspect_volume_ml, "suspect volume", "mL"),
+        (("largest suspect region",), qc.max_suspect_region_ml, "largest suspect region", "mL"),
+        (_SIGMA_KEYS, qc.max_mean_sigma, "mean calibrated sigma", None),
+        (
+            ("mean sigma at bone/air interfaces",),
+            qc.max_interface_sigma_hu,
+            "mean sigma at bone/air interfaces",
+            "[hnsf'U]",
+        ),
+    )
+    return tuple(QcLimit(keys, limit, label, unit) for keys, limit, label, unit in table if limit is not None)
+
+
+#: How a reason writes a limit's unit after the number.
+_UNIT_SUFFIX = {"mL": " mL", "[hnsf'U]": " HU"}
+
+
 def gate_output(
     gate: Gate,
     qc: QcGates,
@@ -224,27 +257,13 @@ def gate_output(
     reasons: list[str] = list(destination_problems or [])
     if qc.hold_on_failed_validation and validation_errors:
         reasons += [f"output validation failed: {e}" for e in validation_errors]
-    # (figure name(s) the pipelines report, limit, how to say it, unit)
-    limits: tuple[tuple[tuple[str, ...], float | None, str, str], ...] = (
-        (("suspect fraction",), qc.max_suspect_fraction, "suspect fraction", ""),
-        (("suspect volume",), qc.max_suspect_volume_ml, "suspect volume", " mL"),
-        (("largest suspect region",), qc.max_suspect_region_ml, "largest suspect region", " mL"),
-        (_SIGMA_KEYS, qc.max_mean_sigma, "mean calibrated sigma", ""),
-        (
-            ("mean sigma at bone/air interfaces",),
-            qc.max_interface_sigma_hu,
-            "mean sigma at bone/air interfaces",
-            " HU",
-        ),
-    )
-    for keys, limit, label, unit in limits:
-        if limit is None:
-            continue
-        value = next((figures[k] for k in keys if k in figures), None)
+    for limit in qc_limits(qc):
+        value = next((figures[k] for k in limit.figures if k in figures), None)
+        unit = _UNIT_SUFFIX.get(limit.unit or "", "")
         if value is None:  # a limit the rule sets but the pipeline did not report: fail closed
-            reasons.append(f"{label} not reported by the pipeline (the rule sets a limit)")
-        elif value > limit:
-            reasons.append(f"{label} {value:g}{unit} > {limit:g}{unit}")
+            reasons.append(f"{limit.label} not reported by the pipeline (the rule sets a limit)")
+        elif value > limit.maximum:
+            reasons.append(f"{limit.label} {value:g}{unit} > {limit.maximum:g}{unit}")
     if gate == "shadow":
         return GateVerdict("shadow", ("shadow mode: run and audit, send nothing", *reasons))
     if gate == "review":

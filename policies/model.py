@@ -12,6 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydicom.datadict import tag_for_keyword
 
 Gate = Literal["auto", "review", "shadow"]
+#: What runs when a job's input is outside the model's declared domain (the job is ``refused``).
+Fallback = Literal["forward", "classical", "nothing"]
+#: The job option that carries the rule's fallback, and the one a fallback job names the
+#: refused job by (reserved: a rule's ``options`` may not set them).
+FALLBACK_OPTION = "fallback"
+FALLBACK_OF_OPTION = "fallback_of"
 Op = Literal["<", "<=", ">", ">=", "==", "!="]
 
 
@@ -148,6 +154,12 @@ class Rule(_Strict):
     qc: QcGates = QcGates()
     #: Options passed to the pipeline (e.g. a gate fire drill: {inject_hallucination_hu: 80}).
     options: dict[str, float | int | str | bool] = {}
+    #: When the pipeline refuses the input (outside its model's declared input domain, the
+    #: job ends ``refused``): ``nothing`` (default) — nothing more; ``classical`` — the shipped
+    #: non-AI pipeline for the task runs instead (restoration → denoise-classical; a pipeline
+    #: without one, e.g. sct, behaves as ``nothing`` and the refusal says so); ``forward`` —
+    #: the refused series goes unchanged to this rule's destinations.
+    fallback: Fallback = "nothing"
     #: Series another AI node made (Synthesizing Equipment, Synthetic Data YES, another
     #: dicom-node): ``ignore`` (default) — the rule neither matches on them nor processes
     #: them, so an AI output never feeds an AI model by accident; ``accept`` to use them.
@@ -174,6 +186,18 @@ class Rule(_Strict):
 
         if value not in pipeline_names():
             raise ValueError(f"unknown pipeline {value!r} (available: {', '.join(pipeline_names())})")
+        return value
+
+    @field_validator("options")
+    @classmethod
+    def _no_reserved_option(
+        cls, value: dict[str, float | int | str | bool]
+    ) -> dict[str, float | int | str | bool]:
+        reserved = sorted({FALLBACK_OPTION, FALLBACK_OF_OPTION} & set(value))
+        if reserved:
+            raise ValueError(
+                f"{', '.join(reserved)}: reserved for the node (say `fallback:` on the rule itself)"
+            )
         return value
 
     @field_validator("destinations", mode="before")

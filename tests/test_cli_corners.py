@@ -224,17 +224,20 @@ def test_run_shows_stages_and_a_qc_table(tmp_path: Path) -> None:
     args = ["run", "denoise-classical", str(tmp_path / "ct"), "--home", str(home)]
     result = cli(*args, "--out", str(tmp_path / "out"))
     assert result.exit_code == 0, result.output
-    stages = re.findall(r"stage (\d)/(\d) (\w+)", result.stderr)
+    stages = re.findall(r"stage (\d+)/(\d+) ([\w-]+)", result.stderr)
     assert [name for _, _, name in stages] == [
         "select",
+        "check-domain",
         "load",
+        "check-image",
+        "fov",
         "predict",
         "score",
         "gate",
         "encode",
         "validate",
     ]
-    assert all(total == "7" for _, total, _ in stages)
+    assert all(total == str(len(stages)) for _, total, _ in stages)
     assert "QC (the same for all 6 output series)" in result.stdout
     assert re.search(r"│ input noise sigma\s+│\s+[0-9.]+ │", result.stdout)
     assert "{'" not in result.stdout, "no Python dict printed"

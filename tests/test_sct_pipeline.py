@@ -191,7 +191,30 @@ def test_a_t2_weighted_series_is_refused_with_the_reason(tmp_path: Path) -> None
     message = " ".join((result.stdout + result.stderr).split())
     assert f"MR series {mr.series_uid} is not T1-weighted (TR < 1000 ms and TE < 30 ms)" in message
     assert "it has TR 4000 ms / TE 100 ms" in message
-    assert "makes a synthetic CT from t1w MR only" in message
+    assert "sct-head 1.0 takes t1w MR only" in message
+    assert list(out.glob("*.dcm")) == []
+
+
+def test_an_mr_series_without_a_frame_of_reference_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """A legacy MR (no Frame of Reference UID): the TPS could not place an sCT on it, and a
+    frame made up here would be no frame the TPS knows. Refused before the model runs."""
+    from pipelines.base import InputInstance, InputRefused, RunEnvironment, StudyInput
+    from pipelines.sct import sct
+
+    mr, _ = write_sct_study(tmp_path / "study", SctSpec(slices=4, size=SIZE, seed=9))
+    instances = []
+    for f in mr.files:
+        ds = pydicom.dcmread(f)
+        del ds.FrameOfReferenceUID
+        ds.save_as(f)
+        instances.append(InputInstance(str(ds.SOPInstanceUID), mr.series_uid, str(ds.SOPClassUID), "", f, ""))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(InputRefused) as refused:
+        sct().run(StudyInput(1, mr.study_uid, 1, tuple(instances)), RunEnvironment(workdir=out))
+    message = str(refused.value)
+    assert "\n" not in message and mr.series_uid in message
+    assert "no Frame of Reference UID" in message and "for the planning system to place it" in message
     assert list(out.glob("*.dcm")) == []
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydicom.uid import UID
 
-from pipelines.uids import UidFactory, derive_uid, job_key
+from pipelines.uids import UidFactory, derive_uid, derived_frame_of_reference, job_key
 
 
 def test_same_job_same_uids_and_different_objects_differ() -> None:
@@ -39,3 +39,11 @@ def test_bad_roots_are_refused_with_a_reason() -> None:
         derive_uid("1.02.abc.", "x")
     with pytest.raises(ValueError, match="fewer than 10 digits"):
         derive_uid("1." + "2." * 28, "x")
+
+
+def test_a_derived_frame_of_reference_depends_on_the_series_alone() -> None:
+    frame = derived_frame_of_reference("1.2.826.0.1.3680043.10.999.", "1.2.3.4")
+    assert UID(frame).is_valid and len(frame) <= 64 and frame.startswith("1.2.826.0.1.3680043.10.999.")
+    # every job and pipeline on the series gets the same frame; another series another one
+    assert frame == derived_frame_of_reference("1.2.826.0.1.3680043.10.999.", "1.2.3.4")
+    assert frame != derived_frame_of_reference("1.2.826.0.1.3680043.10.999.", "1.2.3.5")

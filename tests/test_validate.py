@@ -7,12 +7,16 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 
 from dicom_node.lab.simulate import write_ct_series
+from models.classical import ClassicalDenoiser, ClassicalParameters
 from models.sim.phantom import PhantomSpec
 from pipelines.base import InputInstance, RunEnvironment, StudyInput
 from pipelines.denoise_classical import denoise_classical
+from pipelines.encode import Encode
 from pipelines.stages import Context
+from pipelines.steps import Gate, LoadVolume, Predict, ScoreHallucination
 from pipelines.validate import validate_outputs
 from pipelines.writers import KIND_DERIVED, KIND_UNCERTAINTY, kind_of
 
@@ -101,3 +105,76 @@ def test_foreign_source_reference_is_named(ran: Context) -> None:
 
 def test_no_outputs_is_a_problem(ran: Context) -> None:
     assert validate_outputs(ran.evolve(outputs=())) == ["the pipeline wrote no output objects"]
+
+
+def test_a_frame_of_reference_not_the_sources_is_named(ran: Context, tmp_path: Path) -> None:
+    def damage(ds: pydicom.Dataset) -> None:
+        ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.10.999.1"
+
+    problems = validate_outputs(_damaged(ran, tmp_path, KIND_UNCERTAINTY, damage))
+    assert any("Frame of Reference UID is not the source's" in p for p in problems)
+
+
+@pytest.fixture(scope="module")
+def legacy(tmp_path_factory: pytest.TempPathFactory) -> Context:
+    """``denoise-classical`` on a series without a Frame of Reference UID (legacy files)."""
+    src = tmp_path_factory.mktemp("legacy")
+    study = write_ct_series(src, PhantomSpec(rows=64, columns=64, slices=4, seed=42))
+    instances = []
+    for f in sorted(src.iterdir()):
+        ds = pydicom.dcmread(f)
+        del ds.FrameOfReferenceUID
+        ds.save_as(f)
+        instances.append(
+            InputInstance(str(ds.SOPInstanceUID), study.series_uid, str(ds.SOPClassUID), "", f, "")
+        )
+    return denoise_classical().execute(
+        StudyInput(2, study.study_uid, 1, tuple(instances)),
+        RunEnvironment(workdir=tmp_path_factory.mktemp("out"), uid_root="2.25", node_version="test"),
+    )
+
+
+def test_outputs_of_a_legacy_series_must_be_on_the_frame_derived_from_it(
+    legacy: Context, tmp_path: Path
+) -> None:
+    assert legacy.validation_errors == () and validate_outputs(legacy) == []
+
+    def another(ds: pydicom.Dataset) -> None:
+        ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.10.999.1"
+
+    def none(ds: pydicom.Dataset) -> None:
+        del ds.FrameOfReferenceUID
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    problems = validate_outputs(_damaged(legacy, tmp_path / "a", KIND_UNCERTAINTY, another))
+    assert any("Frame of Reference UID is not the source's" in p for p in problems)
+    problems = validate_outputs(_damaged(legacy, tmp_path / "b", KIND_DERIVED, none))
+    assert any(p.endswith(": no Frame of Reference UID") for p in problems)
+
+
+def test_a_multi_frame_source_has_one_derived_image_per_frame(tmp_path: Path) -> None:
+    """pydicom's enhanced CT: one file, two frames → two derived images, not a problem."""
+    path = Path(str(get_testdata_file("eCT_Supplemental.dcm")))
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    source = InputInstance(
+        str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPClassUID), "", path, ""
+    )
+    ctx = Context(
+        study=StudyInput(3, str(ds.StudyInstanceUID), 1, (source,)),
+        env=RunEnvironment(workdir=tmp_path, uid_root="2.25", node_version="test"),
+        pipeline="denoise-classical",
+        pipeline_version="1.0",
+        series=(source,),
+    )
+    # the stages alone, whatever input-domain checks the shipped pipeline runs first
+    for stage in (
+        LoadVolume(),
+        Predict(ClassicalDenoiser(ClassicalParameters(method="nlm"))),
+        ScoreHallucination(),
+        Gate(),
+        Encode(derived_description="denoised (classical non-local means)"),
+    ):
+        ctx = stage.run(ctx)
+    assert len(ctx.need_volume().slices) == 2
+    assert validate_outputs(ctx) == []

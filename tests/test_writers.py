@@ -424,7 +424,8 @@ def test_report_contents_and_complete_evidence(case: Case) -> None:
     assert evidence == expected
     items = {item.ConceptNameCodeSequence[0].CodeMeaning: item for _, item in _walk_sr([sr])}
     assert items["Provenance"].TextValue == PROVENANCE.description()
-    assert items["Gate verdict"].TextValue.startswith("review")
+    assert items["Gate verdict"].ConceptCodeSequence[0].CodeValue == "HELD"  # "review: ..." holds
+    assert items["Reason for the verdict"].TextValue.startswith("review")
     for key, value in MODEL_CARD.items():
         assert items[key].TextValue == value
     burden = items["hallucination burden"]
@@ -605,3 +606,26 @@ def test_wrong_shapes_and_values_are_refused() -> None:
         W.HallucinationMapWriter(provenance=PROVENANCE, uids=uids, series_number=3).write(
             volume, np.full(volume.array.shape, np.nan, dtype=np.float32)
         )
+
+
+@pytest.mark.parametrize(
+    ("name", "lacks"),
+    [("CT_small.dcm", "a value for Laterality (it is empty)"), ("explicit_VR-UN.dcm", "Slice Thickness")],
+)
+def test_segmentation_writes_only_what_it_may(name: str, lacks: str, tmp_path: Path) -> None:
+    """pydicom's CT_small.dcm has an empty Laterality, explicit_VR-UN.dcm no Slice Thickness:
+    the SEG leaves the empty Laterality out and takes Slice Thickness from the geometry."""
+    volume = load_series([pydicom.dcmread(get_testdata_file(name))])
+    mask = np.zeros(volume.array.shape, dtype=bool)
+    mask[0, 10:14, 10:14] = True
+    W.SuspectRegionWriter(provenance=PROVENANCE, uids=UidFactory("2.25.", name), series_number=7).write(
+        volume, mask, tmp_path
+    )
+    (path,) = sorted(tmp_path.glob("*.dcm"))
+    seg = pydicom.dcmread(path)
+    assert "Laterality" not in seg, lacks
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    own = volume.datasets[0].get("SliceThickness")
+    assert float(measures.SliceThickness) == pytest.approx(float(own) if own else volume.spacing[0])
+    if DCIODVFY.exists():
+        assert dciodvfy_errors(path) == [], lacks

@@ -84,7 +84,7 @@ def jobs(
     study: Annotated[str | None, typer.Option(help="Only jobs of this Study Instance UID.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Jobs and their state (queued, running, succeeded, failed, held, delivering, delivered)."""
+    """Jobs and their state (queued, running, succeeded, failed, refused, held, delivering, delivered)."""
     runtime = open_existing(config, home)
     rows = queries.list_jobs(runtime.db, state=state.value if state else None, study_uid=study)
     runtime.close()

@@ -44,6 +44,22 @@ def _gate_text(rule: Rule) -> str:
     return "auto: delivered, unless validation fails" + (f" or a QC limit is exceeded ({qc})" if qc else "")
 
 
+def _fallback_text(rule: Rule) -> str:
+    """What happens when the rule's pipeline refuses the input (outside its model's domain)."""
+    from dicom_node.jobs.fallback import fallback_pipeline
+
+    if rule.pipeline == "forward":
+        return ""  # forward takes anything: nothing to refuse
+    pipeline, none_runs = fallback_pipeline(rule.pipeline, rule.fallback)
+    if pipeline is None:
+        return f"; input outside the model's domain: refused, {none_runs}"
+    if pipeline == "forward":
+        then = f"the refused series goes unchanged to {', '.join(rule.destinations) or 'no destination'}"
+    else:
+        then = f"{pipeline} runs instead"
+    return f"; input outside the model's domain: refused, then {then} (fallback {rule.fallback})"
+
+
 def _print_problems(problems: list[str]) -> None:
     for problem in problems:
         err_console.print(Text(f"policy error: {problem}"), highlight=False, soft_wrap=True)
@@ -87,7 +103,7 @@ def check(
         console.print(
             Text(
                 f"  [{rule.priority}] {rule.name}: {rule.pipeline} → "
-                f"{', '.join(rule.destinations) or 'nowhere'}; {_gate_text(rule)}"
+                f"{', '.join(rule.destinations) or 'nowhere'}; {_gate_text(rule)}{_fallback_text(rule)}"
             )
         )
     if not destinations:
@@ -117,6 +133,7 @@ def _next_steps(decision: Decision, plans: list[Any]) -> list[str]:
         steps.append(
             f"rule {v.rule.name}: run {plan.pipeline} on series {plan.series_uid or '(pipeline chooses)'}, "
             f"then {', '.join(plan.destinations) or 'no destination'}; {_gate_text(v.rule)}"
+            f"{_fallback_text(v.rule)}"
         )
     return steps
 

@@ -143,7 +143,13 @@ def review_approve(
     runtime = open_existing(config, home, actor=who)
     try:
         n = approve(
-            runtime.db, runtime.audit, job_id, who, note, handover=DestinationProfiles(runtime.config)
+            runtime.db,
+            runtime.audit,
+            job_id,
+            who,
+            note,
+            handover=DestinationProfiles(runtime.config),
+            uid_root=runtime.config.node.uid_root,
         )
     except ReviewError as exc:
         raise fail(str(exc)) from None

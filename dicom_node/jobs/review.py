@@ -26,6 +26,7 @@ from dicom_node.db.audited import audited_write
 from dicom_node.db.engine import Database
 from dicom_node.db.queries import job_rows
 from dicom_node.jobs.handover import Handover
+from dicom_node.jobs.report import approve_reports
 from dicom_node.jobs.state import JobRef, JobState, StaleTransition, move
 from pipelines.writers import kind_of
 
@@ -142,11 +143,17 @@ def approve(
     note: str | None = None,
     *,
     handover: Handover,
+    uid_root: str = "2.25.",
 ) -> int:
     """Release a held job: queue its deliveries and move it to ``delivering``.
 
     ``handover``: the delivery side (:class:`dicom_node.delivery.profiles.DestinationProfiles`),
     which knows what each destination takes (a TPS is not sent the maps, SEG, SR and overlay).
+
+    The job's summary report is replaced, in its outputs, by a new, verified one that names
+    the reviewer, when and the note, beside the held verdict's reasons and limits
+    (:func:`dicom_node.jobs.report.approve_reports`; its UID under ``uid_root``): the held
+    report is never sent.
 
     Returns the number of deliveries queued. Raises :class:`ReviewError` when the job is
     not held (already approved, rejected, or never held), or when a destination would
@@ -173,6 +180,14 @@ def approve(
                 f"job {job_id}: {handover.nothing_to_send(row.destinations)}; reject it, or change the "
                 "rule's destinations and run it again"
             )
+        try:  # the same transaction: a delivery reads the job's outputs when it is sent
+            reports = approve_reports(
+                work.conn, job_id, row.study_uid, reviewer=reviewer, note=note, uid_root=uid_root
+            )
+        except ValueError as exc:
+            raise ReviewError(
+                f"job {job_id}: {exc}; reject it and run it again, so its report states its verdict"
+            ) from None
         work.record(
             AuditEvent.REVIEW_APPROVED,
             actor=reviewer,
@@ -185,6 +200,8 @@ def approve(
             deliveries=queued.new,
             held_for=_reasons(row.reason),
             note=note,
+            report=[r.sop_uid for r in reports],
+            held_report=[r.held_sop_uid for r in reports],
         )
         try:
             move(

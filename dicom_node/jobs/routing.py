@@ -29,7 +29,7 @@ from dicom_node.db import schema as t
 from dicom_node.ingest.origin import OWN_OUTPUT
 from policies.engine import Decision, SeriesView, StudyView, decide
 from policies.loader import LoadedPolicy, PolicyError, load_policy
-from policies.model import Rule
+from policies.model import FALLBACK_OPTION, Rule
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,9 @@ class JobPlan:
     include_ai_outputs: bool = False
     #: (destination, AE title) left out because that AE sent the study.
     skipped_destinations: tuple[tuple[str, str], ...] = ()
+    #: What runs if the pipeline refuses the input (the rule's ``fallback``; frozen into the
+    #: job's options unless ``nothing``: see :mod:`dicom_node.jobs.fallback`).
+    fallback: str = "nothing"
 
 
 @dataclass
@@ -208,13 +211,22 @@ class PolicyRouter:
                     destinations=destinations,
                     gate=v.rule.gate,
                     qc_policy=v.rule.qc.model_dump(),
-                    options=dict(v.rule.options),
+                    options=_job_options(v.rule),
                     series_uid=_selected_series(v.rule, rule_view, v.series_uid),
                     include_ai_outputs=v.rule.ai_outputs == "accept",
                     skipped_destinations=skipped,
+                    fallback=v.rule.fallback,
                 )
             )
         return view, decision, plans
+
+
+def _job_options(rule: Rule) -> dict[str, Any]:
+    """The rule's options as a job carries them: with its fallback, when it has one."""
+    options: dict[str, Any] = dict(rule.options)
+    if rule.fallback != "nothing":
+        options[FALLBACK_OPTION] = rule.fallback
+    return options
 
 
 __all__ = ["JobPlan", "PolicyError", "PolicyRouter", "acquired_only", "not_own_output", "study_view"]

@@ -7,6 +7,9 @@ The steps, in order::
       →  gate (the rule's gate, QC limits, validation, destination refusals)
       →  provenance records  →  settle: held | succeeded (shadow) | delivering | failed
 
+An input outside the model's declared domain ends the job ``refused`` (not ``failed``),
+with the rule's fallback queued as a job of its own (:mod:`dicom_node.jobs.fallback`).
+
 Settling goes through :func:`dicom_node.jobs.state.move` (transition and audit record,
 recorded once committed). Destination checks and queueing deliveries are the delivery
 layer's, reached through the :class:`~dicom_node.jobs.handover.Handover` the caller gives.
@@ -29,8 +32,10 @@ from dicom_node.db import schema as t
 from dicom_node.db.audited import audited_write
 from dicom_node.db.engine import Database
 from dicom_node.jobs.claims import orphan_test
+from dicom_node.jobs.fallback import queue_fallback
 from dicom_node.jobs.handover import Handover
 from dicom_node.jobs.provenance import record_provenance
+from dicom_node.jobs.report import final_verdict
 from dicom_node.jobs.state import JobRef, JobState, StaleTransition, job_ref, move, record_outputs
 from dicom_node.paths import NodePaths
 from dicom_node.safelog import describe_exception
@@ -38,6 +43,7 @@ from models.zoo import read_card
 from pipelines.base import (
     GatePolicy,
     InputInstance,
+    InputRefused,
     Pipeline,
     PipelineError,
     PipelineResult,
@@ -247,6 +253,8 @@ class JobRunner:
             )
             with self.db.read() as conn:
                 refusals = self.handover.problems(conn, job.job_id, job.destinations, result.outputs)
+        except InputRefused as exc:
+            return self._refuse(job, exc)
         except (PipelineError, KeyError) as exc:
             return self._fail(job, str(exc))
         except Exception as exc:
@@ -255,13 +263,8 @@ class JobRunner:
         figures: dict[str, float] = {}
         for series_qc in result.qc.values():
             figures.update({k: float(v) for k, v in series_qc.items() if isinstance(v, int | float)})
-        verdict = gate_output(
-            job.gate,  # type: ignore[arg-type]  # validated by the policy when the job was made
-            QcGates(**job.qc_policy),
-            figures,
-            list(result.validation_errors),
-            destination_problems=refusals,
-        )
+        # the final verdict, stated in the job's report before its outputs are recorded
+        verdict, result = final_verdict(job.gate, QcGates(**job.qc_policy), figures, result, study, refusals)
         result = replace(result, gate=f"{job.gate}: {verdict.action}")
         record_provenance(
             self.audit, study=study, pipeline=pipeline, result=result, patient_id=job.ref.patient_id
@@ -351,3 +354,24 @@ class JobRunner:
         except StaleTransition:
             return JobState.RUNNING
         return JobState.FAILED
+
+    def _refuse(self, job: ClaimedJob, refused: InputRefused) -> JobState:
+        """The input is outside the model's domain: ``refused`` with the reasons, and the
+        rule's fallback queued as a job of its own (:mod:`dicom_node.jobs.fallback`)."""
+        log.warning("job %d refused: %s", job.job_id, refused)
+        try:
+            with audited_write(self.db, self.audit) as work:
+                then = queue_fallback(work, job.ref, refused, self.worker_id)
+                move(
+                    work,
+                    job.ref,
+                    JobState.REFUSED,
+                    expect=JobState.RUNNING,
+                    reason=f"{refused}; {then}",
+                    actor=self.worker_id,
+                    claimed_by=None,
+                    lease_until=None,
+                )
+        except StaleTransition:
+            return JobState.RUNNING
+        return JobState.REFUSED

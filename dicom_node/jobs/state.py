@@ -1,11 +1,14 @@
 """The job state machine, kept in SQL.
 
-``queued → running → (succeeded | failed | held) → delivering → delivered``
+``queued → running → (succeeded | failed | refused | held) → delivering → delivered``
 
 Every transition is committed before the work it announces starts, so a restart — even
 after kill -9 — finds each job in a state that says what to do next: ``queued`` and an
 orphaned ``running`` are (re)run (work is idempotent), ``delivering`` waits on its
-deliveries. ``failed`` and ``held`` can be retried/released by an operator.
+deliveries. ``failed`` and ``held`` can be retried/released by an operator. ``refused``
+means the input is outside the model's declared domain (not a failure): the rule's
+fallback has run as a job of its own (:mod:`dicom_node.jobs.fallback`); an operator may
+queue a refused job again, e.g. after pinning a model whose domain covers the input.
 
 :func:`move` is how a job is settled: the transition and its audit record, recorded once
 the transaction commits (:mod:`dicom_node.db.audited`), from facts the caller already has.
@@ -33,6 +36,8 @@ class JobState(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     HELD = "held"
+    #: The input is outside the model's declared input domain (the reasons are the job's).
+    REFUSED = "refused"
     DELIVERING = "delivering"
     DELIVERED = "delivered"
 
@@ -41,14 +46,22 @@ ALLOWED: dict[JobState | None, frozenset[JobState]] = {
     None: frozenset({JobState.QUEUED}),
     JobState.QUEUED: frozenset({JobState.RUNNING}),
     # running → queued: the worker was lost; the job resumes from the start.
-    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.HELD, JobState.QUEUED}),
+    JobState.RUNNING: frozenset(
+        {JobState.SUCCEEDED, JobState.FAILED, JobState.REFUSED, JobState.HELD, JobState.QUEUED}
+    ),
     JobState.SUCCEEDED: frozenset({JobState.DELIVERING, JobState.DELIVERED}),
     JobState.HELD: frozenset({JobState.DELIVERING, JobState.FAILED}),
     JobState.FAILED: frozenset({JobState.QUEUED, JobState.DELIVERING}),
+    # refused → queued: an operator runs it again (e.g. a model whose domain covers the input).
+    JobState.REFUSED: frozenset({JobState.QUEUED}),
     # delivering → failed: a delivery was dead-lettered; an operator retry goes back.
     JobState.DELIVERING: frozenset({JobState.DELIVERED, JobState.FAILED}),
     JobState.DELIVERED: frozenset(),
 }
+
+
+#: The audit outcome of a move to these states (any other: success).
+_OUTCOME = {JobState.FAILED: Outcome.SERIOUS_FAILURE, JobState.REFUSED: Outcome.MINOR_FAILURE}
 
 
 class IllegalTransition(RuntimeError):
@@ -176,7 +189,7 @@ def move(
     transition(work.conn, job.job_id, to_state, expect=expect, reason=reason, actor=actor, **values)
     work.record(
         AuditEvent.JOB_TRANSITION,
-        Outcome.SERIOUS_FAILURE if to_state == JobState.FAILED else Outcome.SUCCESS,
+        _OUTCOME.get(to_state, Outcome.SUCCESS),
         actor=actor,
         study_uid=job.study_uid,
         patient_id=job.patient_id,

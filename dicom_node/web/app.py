@@ -386,6 +386,7 @@ def create_app(ctx: WebContext) -> FastAPI:
                 f"web:{user.username}",
                 note.strip() or None,
                 handover=DestinationProfiles(ctx.config),
+                uid_root=ctx.config.node.uid_root,
             )
         except ReviewError as exc:
             return review_page(request, user, job_id, 409, error=str(exc))

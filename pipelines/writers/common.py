@@ -23,7 +23,9 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 from highdicom.sr.coding import CodedConcept
+from pydicom import config
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import (
@@ -34,7 +36,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
-from pydicom.valuerep import format_number_as_ds
+from pydicom.valuerep import format_number_as_ds, validate_value
 
 from pipelines.geometry import frame_group
 from pipelines.provenance import OutputProvenance, ProvenanceError
@@ -290,8 +292,59 @@ def _uses_local_scheme(ds: Dataset) -> bool:
     return False
 
 
+#: De-identification Method of an output whose source says Patient Identity Removed YES
+#: and names no method: the fact is kept, the method is not invented.
+_UNSTATED_DEIDENTIFICATION = "not stated by the source (its Patient Identity Removed is YES)"
+
+
+def _state_deidentification(ds: Dataset) -> None:
+    """Patient Identity Removed YES requires a De-identification Method (or its code
+    sequence; Type 1C). Legacy files say YES and name neither; every object copied from
+    them would inherit the gap, so the output says the method is unknown."""
+    removed = str(ds.get("PatientIdentityRemoved", "")).strip().upper() == "YES"
+    if removed and not ds.get("DeidentificationMethod") and not ds.get("DeidentificationMethodCodeSequence"):
+        ds.DeidentificationMethod = _UNSTATED_DEIDENTIFICATION
+
+
+#: Descriptive patient and study attributes the outputs copy from their source, which a
+#: legacy source may hold with invalid values (an Age "22Y", a 64-character Study ID):
+#: Type 2 ones are then written empty, the others left out. Identity (Patient Name and ID,
+#: Accession Number, the UIDs) is copied as received, valid or not: it files the outputs.
+_EMPTIED_WHEN_INVALID = (
+    "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+)  # fmt: skip
+_LEFT_OUT_WHEN_INVALID = ("PatientAge", "PatientSize", "PatientWeight", "StudyDescription")
+
+
+def _valid(vr: str, value: Any) -> bool:
+    values = value if isinstance(value, MultiValue) else [value]
+    try:
+        for item in values:
+            validate_value(vr, str(item), config.RAISE)
+    except ValueError:
+        return False
+    return True
+
+
+def _drop_invalid_copies(ds: Dataset) -> None:
+    """Write no invalid value of the descriptive attributes copied from the source."""
+    for keyword in (*_EMPTIED_WHEN_INVALID, *_LEFT_OUT_WHEN_INVALID):
+        elem = ds[keyword] if keyword in ds else None
+        if elem is None or elem.value in (None, "") or _valid(elem.VR, elem.value):
+            continue
+        if keyword in _EMPTIED_WHEN_INVALID:
+            ds[keyword].value = ""
+        else:
+            del ds[keyword]
+
+
 def _finish(ds: Dataset) -> Dataset:
-    """Declare the local coding scheme where the object uses it."""
+    """What every writer does last: no invalid value copied from a legacy source
+    (:func:`_drop_invalid_copies`) and the Patient module's de-identification facts
+    complete (:func:`_state_deidentification`); the local coding scheme declared where
+    the object uses it."""
+    _drop_invalid_copies(ds)
+    _state_deidentification(ds)
     if _uses_local_scheme(ds):
         known = [
             i for i in ds.get("CodingSchemeIdentificationSequence", []) if i.get("CodingSchemeDesignator")
@@ -389,9 +442,13 @@ def _referenced_series(references: Iterable[tuple[str, str, str]]) -> list[Datas
 
 def _copy_anatomy(ds: Dataset, source: Dataset, *, empty_laterality: bool) -> None:
     """Body Part Examined / Laterality of the source's series; Laterality empty ("unknown")
-    when the source names neither and ``empty_laterality`` (General Series Type 2C)."""
+    when the source names neither and ``empty_laterality`` (General Series Type 2C).
+    Without ``empty_laterality`` an empty Laterality is never written, not even the
+    source's (a Segmentation may carry Laterality only with a value)."""
     for keyword in ("BodyPartExamined", "Laterality"):
         if keyword in source and keyword not in ds:
+            if keyword == "Laterality" and not empty_laterality and not str(source.Laterality or "").strip():
+                continue
             ds[keyword] = source[keyword]
     if empty_laterality and "Laterality" not in ds and not str(ds.get("BodyPartExamined", "")):
         ds.Laterality = ""

@@ -5,6 +5,7 @@ One BINARY segment, every slice encoded by default; see :class:`SuspectRegionWri
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import ClassVar
 
@@ -12,6 +13,7 @@ import highdicom as hd
 import numpy as np
 from highdicom.sr.coding import CodedConcept
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 
 from pipelines.provenance import OutputProvenance
@@ -42,6 +44,19 @@ SUSPECT_CATEGORY = CodedConcept.from_code(codes.SCT.SpatialAndRelationalConcept)
 #: DCM 111207 "Image artifact(s)" — content the imaging chain (here: the model) put there.
 SUSPECT_TYPE = CodedConcept("111207", "DCM", "Image artifact(s)")
 SUSPECT_LABEL = "suspect region (possible AI hallucination)"
+
+
+def _slice_thickness_from_geometry(seg: Dataset, measures: hd.PixelMeasuresSequence) -> None:
+    """Slice Thickness (Type 1C in the Pixel Measures) from the volume's geometry when the
+    source has none: highdicom keeps the source's own pixel measures when their spacing
+    matches, and a source may lack it (Type 2 in CT and MR Image)."""
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    kept = shared.PixelMeasuresSequence[0]
+    if str(kept.get("SliceThickness", "") or "").strip() or "SliceThickness" not in measures[0]:
+        return
+    item = copy.deepcopy(kept)  # the source's item itself, for a multi-frame source
+    item.SliceThickness = measures[0].SliceThickness
+    shared.PixelMeasuresSequence = DicomSequence([item])
 
 
 class SuspectRegionWriter:
@@ -158,6 +173,7 @@ class SuspectRegionWriter:
             contributing_equipment=_contributing_equipment(prov, include_acquisition=False),
         )
         seg.SeriesDescription = _ai_series_description("suspect regions (possible hallucination)")
+        _slice_thickness_from_geometry(seg, measures)
         _copy_anatomy(seg, volume.datasets[0], empty_laterality=False)
         _file_meta_keep(seg)
         _finish(seg)

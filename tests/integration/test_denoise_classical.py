@@ -1,7 +1,8 @@
 """`denoise-classical` end to end: `dicom-node run` on a 30-slice CT and on pydicom's
-enhanced CT and MR test files (every object dciodvfy-clean, re-readable, same geometry,
+enhanced MR test file (every object dciodvfy-clean, re-readable, same geometry,
 provenance recoverable from each one), Orthanc files every object under the original
-study, and the routed path storescu → node → Orthanc delivers all of them."""
+study, and the routed path storescu → node → Orthanc delivers all of them. pydicom's
+enhanced CT is a perfusion map: refused, with the reason."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
 
-@pytest.fixture(scope="module", params=["ct30", "enhanced-ct", "enhanced-mr"])
+@pytest.fixture(scope="module", params=["ct30", "enhanced-mr"])
 def source(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     src = tmp_path_factory.mktemp(request.param)
     if request.param == "ct30":
@@ -63,13 +64,27 @@ def source(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         from models.sim.phantom import PhantomSpec
 
         write_ct_series(src, PhantomSpec(rows=96, columns=96, slices=30, seed=11))
-    elif request.param == "enhanced-ct":
-        pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm")).save_as(src / "ect.dcm")
     else:
         # pydicom's enhanced MR test file has no functional groups (no patient geometry);
         # the test completes it with plausible ones (see tests/test_writers.py).
         complete_emri(pydicom.dcmread(get_testdata_file("emri_small.dcm"))).save_as(src / "emr.dcm")
     return src
+
+
+def test_the_enhanced_ct_perfusion_map_is_refused_with_its_reason(tmp_path: Path) -> None:
+    src = tmp_path / "ect"
+    src.mkdir()
+    pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm")).save_as(src / "ect.dcm")
+    result = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "run", "denoise-classical", str(src)]
+        + ["--out", str(tmp_path / "out"), "--home", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "PERFUSION" in result.stdout and "Traceback" not in result.stdout + result.stderr
+    assert not list((tmp_path / "out").glob("*.dcm"))
 
 
 @pytest.fixture(scope="module")
