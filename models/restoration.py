@@ -207,6 +207,18 @@ class RestorationCard(StoredCard):
     #: the group scale alone.
     sigma_adaptive: dict[str, float] = field(default_factory=dict)
 
+    def write_to(self, directory: Path | str) -> Path:
+        """As :meth:`StoredCard.write_to`, leaving out an empty ``sigma_adaptive`` (a card
+        without it reads and writes back byte-identically)."""
+        from dataclasses import asdict
+
+        from models.zoo import write_card
+
+        data = asdict(self)
+        if not data["sigma_adaptive"]:
+            del data["sigma_adaptive"]
+        return write_card(directory, data, indent=self.JSON_INDENT)
+
     def lowpass_for(self, noise_hu: float) -> float:
         """The put-back low-pass width (mm) for a slice with this noise estimate."""
         return putback_width(

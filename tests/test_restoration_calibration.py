@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from models.evaluation.foreign_noise import FOREIGN_CONDITIONS, NoiseTexture, shaped_noise
-from models.restoration import SliceFacts, adaptive_factor, slice_facts
+from models.restoration import RestorationCard, SliceFacts, adaptive_factor, slice_facts
 from models.training.restoration_adaptive import SliceRecord, coverage_at, fit_adaptive
+from models.zoo import read_card, version_dir
 
 COEF = {"base": 0.9, "coarse": 1.5, "coarse_offset": 1.7}
 
@@ -56,3 +60,16 @@ def test_fit_widens_sigma_where_coarse_noise_is_unaccounted_for() -> None:
     assert coef["coarse"] > 0
     for recs in families.values():
         assert coverage_at(recs, coef) == pytest.approx(0.9, abs=0.02)
+
+
+def test_the_card_writes_sigma_adaptive_only_when_set(tmp_path: Path) -> None:
+    card = RestorationCard.read_from(version_dir("ldct-restoration", "1.2"))
+    assert card.sigma_adaptive == {}
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "adaptive").mkdir()
+    card.write_to(tmp_path / "plain")
+    assert "sigma_adaptive" not in read_card(tmp_path / "plain")
+    adaptive = replace(card, version="t", sigma_adaptive=dict(COEF))
+    adaptive.write_to(tmp_path / "adaptive")
+    assert RestorationCard.read_from(tmp_path / "adaptive") == adaptive
+    assert read_card(tmp_path / "adaptive")["sigma_adaptive"] == COEF

@@ -14,7 +14,7 @@ from models.zoo import CARD_FILE, ZOO, read_card, version_dir, write_card
 
 @pytest.mark.parametrize(
     ("name", "version", "card_class"),
-    [("ldct-restoration", "1.3", RestorationCard), ("sct-head", "1.0", SctCard)],
+    [("ldct-restoration", "1.2", RestorationCard), ("sct-head", "1.0", SctCard)],
 )
 def test_a_shipped_card_written_again_is_byte_identical(
     tmp_path: Path, name: str, version: str, card_class: type[RestorationCard] | type[SctCard]
@@ -26,7 +26,7 @@ def test_a_shipped_card_written_again_is_byte_identical(
     assert card_class.read_from(tmp_path) == card
 
 
-@pytest.mark.parametrize("version", ["1.0", "1.1", "1.2"])
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
 def test_an_older_restoration_card_gains_only_the_later_fields_defaults(tmp_path: Path, version: str) -> None:
     shipped = version_dir("ldct-restoration", version)
     RestorationCard.read_from(shipped).write_to(tmp_path)
@@ -38,7 +38,6 @@ def test_an_older_restoration_card_gains_only_the_later_fields_defaults(tmp_path
         "putback_noise_hu",
         "residual_lowpass_mm",
         "sigma_scale_by_group",
-        "sigma_adaptive",
     }
 
 

@@ -152,7 +152,7 @@ def main() -> None:  # pragma: no cover - a one-off, run by hand (about 2 CPU-mi
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--source", type=Path, default=Path("models/zoo/ldct-restoration/1.2"))
-    parser.add_argument("--out", type=Path, default=Path("models/zoo/ldct-restoration/1.3"))
+    parser.add_argument("--out", type=Path, required=True, help="directory for the candidate card")
     parser.add_argument("--version", default="1.3")
     args = parser.parse_args()
     fit = fit_on_simulation(RestorationModel(args.source))
