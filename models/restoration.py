@@ -49,10 +49,25 @@ class SliceFacts:
     noise_hu: float
     #: Mondrian calibration group: "thorax" (lung in the slice) or "other".
     group: str
+    #: Noise texture: the noise estimate of the 4×4-binned slice over the slice's own
+    #: (about 0.25 for white noise; higher for coarse, correlated noise — which the
+    #: network cannot remove and the put-back returns — lower for noise piled at the
+    #: highest frequencies). 0: not measured.
+    texture: float = 0.0
+
+    @property
+    def coarse_noise_hu(self) -> float:
+        """The noise estimate at 4× the pixel size: what the put-back and the network let through."""
+        return self.texture * self.noise_hu
+
+
+def _bin(plane: np.ndarray, factor: int) -> np.ndarray:
+    h, w = (plane.shape[0] // factor) * factor, (plane.shape[1] // factor) * factor
+    return plane[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
 
 
 def slice_facts(plane: np.ndarray) -> SliceFacts:
-    """Noise level and calibration group of one input slice (HU), from the image alone."""
+    """Noise level, texture and calibration group of one input slice (HU), from the image alone."""
     from scipy import ndimage
 
     from models.hallucination import local_noise_sigma
@@ -64,7 +79,26 @@ def slice_facts(plane: np.ndarray) -> SliceFacts:
     body = ndimage.binary_fill_holes(smooth > BODY_HU)
     lung = body & (smooth < LUNG_HU)
     share = float(lung.sum()) / max(int(body.sum()), 1)
-    return SliceFacts(noise_hu=noise, group="thorax" if share > THORAX_LUNG_FRACTION else "other")
+    texture = 0.0
+    binned_body = _bin(in_body.astype(np.float32), 4) > 0.99
+    if binned_body.any() and noise > 0:
+        binned = local_noise_sigma(_bin(plane, 4)[None], window=9)[0]
+        texture = float(np.median(binned[binned_body])) / noise
+    group = "thorax" if share > THORAX_LUNG_FRACTION else "other"
+    return SliceFacts(noise_hu=noise, group=group, texture=texture)
+
+
+def adaptive_factor(facts: SliceFacts, sigma_median_hu: float, coefficients: dict[str, float]) -> float:
+    """The σ multiplier that follows the input's measured noise, on top of the group scale:
+    ``sqrt(base² + (coarse · max(0, x − coarse_offset))²)`` with ``x`` the slice's coarse
+    noise estimate (:attr:`SliceFacts.coarse_noise_hu`) over the median group-scaled σ in
+    its body. Coarse noise the network's σ does not account for widens the interval; 1
+    when no coefficients are given (or nothing was measured)."""
+    if not coefficients or facts.texture <= 0 or sigma_median_hu <= 0:
+        return 1.0
+    x = facts.coarse_noise_hu / sigma_median_hu
+    excess = max(0.0, x - coefficients.get("coarse_offset", 0.0))
+    return float(np.hypot(coefficients.get("base", 1.0), coefficients.get("coarse", 0.0) * excess))
 
 
 @dataclass(frozen=True)
@@ -168,6 +202,22 @@ class RestorationCard(StoredCard):
     #: Mondrian (group-conditional) conformal scales, per :class:`SliceFacts` group; a
     #: group not listed uses ``sigma_scale`` (fitted on all calibration slices).
     sigma_scale_by_group: dict[str, float] = field(default_factory=dict)
+    #: σ that follows the input (see :func:`adaptive_factor`): ``base``, ``coarse`` and
+    #: ``coarse_offset``, fitted on calibration slices with varied noise textures. Empty:
+    #: the group scale alone.
+    sigma_adaptive: dict[str, float] = field(default_factory=dict)
+
+    def write_to(self, directory: Path | str) -> Path:
+        """As :meth:`StoredCard.write_to`, leaving out an empty ``sigma_adaptive`` (a card
+        without it reads and writes back byte-identically)."""
+        from dataclasses import asdict
+
+        from models.zoo import write_card
+
+        data = asdict(self)
+        if not data["sigma_adaptive"]:
+            del data["sigma_adaptive"]
+        return write_card(directory, data, indent=self.JSON_INDENT)
 
     def lowpass_for(self, noise_hu: float) -> float:
         """The put-back low-pass width (mm) for a slice with this noise estimate."""
@@ -177,6 +227,15 @@ class RestorationCard(StoredCard):
 
     def scale_for(self, group: str) -> float:
         return float(self.sigma_scale_by_group.get(group, self.sigma_scale))
+
+    def scale_for_slice(self, facts: SliceFacts, sigma_raw: np.ndarray, body: np.ndarray) -> float:
+        """The group's conformal scale times the input-adaptive factor (``sigma_raw``: the
+        network's σ for the slice, ``body``: where to take its median)."""
+        scale = self.scale_for(facts.group)
+        if not self.sigma_adaptive:
+            return scale
+        median = float(np.median(sigma_raw[body])) * scale if body.any() else 0.0
+        return scale * adaptive_factor(facts, median, self.sigma_adaptive)
 
 
 class RestorationModel:
@@ -252,7 +311,7 @@ class RestorationModel:
             inplace=True,
         )
         for k, f in enumerate(facts):
-            sigma[k] *= np.float32(self.meta.scale_for(f.group))
+            sigma[k] *= np.float32(self.meta.scale_for_slice(f, sigma[k], volume[k] > BODY_HU))
         return Prediction(mean=mean.astype(np.float32, copy=False), sigma=sigma)
 
 
