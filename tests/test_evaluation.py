@@ -404,6 +404,7 @@ def test_models_evaluation_imports_no_dicom() -> None:
         "json",
     }
     stdlib |= {
+        "argparse",
         "contextlib",
         "math",
         "pathlib",
