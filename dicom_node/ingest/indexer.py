@@ -23,9 +23,7 @@ from audit import AuditEvent, AuditTrail
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database, inserted_id
 from dicom_node.ingest.instance import InstanceFacts
-
-#: The role of an instance the node wrote itself (dicom_node.ingest.origin.OWN_OUTPUT).
-OWN_OUTPUT = "own-output"
+from dicom_node.ingest.origin import OWN_OUTPUT
 
 log = logging.getLogger(__name__)
 

@@ -259,6 +259,19 @@ class Receiver:
     def on_echo(self, event: Any) -> int:
         return 0x0000
 
+    def _out_of_resources(self, calling_ae: str, peer_host: str, claimed_uid: str, reason: str) -> Dataset:
+        """Audit a refusal the node caused (disk floor, storage failure) and answer 0xA700."""
+        self.audit.record(
+            AuditEvent.INSTANCE_REJECTED,
+            Outcome.SERIOUS_FAILURE,
+            calling_ae=calling_ae,
+            peer_host=peer_host,
+            sop_uid=claimed_uid,
+            status=f"0x{StoreStatus.OUT_OF_RESOURCES:04X}",
+            reason=reason,
+        )
+        return failure_status(StoreStatus.OUT_OF_RESOURCES, reason)
+
     def on_store(self, event: Any) -> int | Dataset:
         """Store one instance; a refusal answers its status with the reason as Error Comment."""
         assoc = event.assoc
@@ -270,19 +283,10 @@ class Receiver:
         if not self.disk.has_room():
             free_mb = self.disk.free_bytes() // (1024 * 1024)
             reason = f"free disk {free_mb} MB below the configured floor"
-            self.audit.record(
-                AuditEvent.INSTANCE_REJECTED,
-                Outcome.SERIOUS_FAILURE,
-                calling_ae=calling_ae,
-                peer_host=peer_host,
-                sop_uid=claimed_uid,
-                status=f"0x{StoreStatus.OUT_OF_RESOURCES:04X}",
-                reason=reason,
-            )
             log.error("refusing instance %s from %s: %s", claimed_uid, calling_ae, reason)
             if tally:
                 tally.counts["refused"] += 1
-            return failure_status(StoreStatus.OUT_OF_RESOURCES, reason)
+            return self._out_of_resources(calling_ae, peer_host, claimed_uid, reason)
         transfer_syntax = str(UID(event.context.transfer_syntax))
         try:
             result = self.store.accept(
@@ -297,16 +301,7 @@ class Receiver:
             log.exception("storing %s from %s failed", claimed_uid, calling_ae)
             # A database error's message quotes the row (names included): the type only.
             reason = f"storage failure: {describe_exception(exc)}"
-            self.audit.record(
-                AuditEvent.INSTANCE_REJECTED,
-                Outcome.SERIOUS_FAILURE,
-                calling_ae=calling_ae,
-                peer_host=peer_host,
-                sop_uid=claimed_uid,
-                status=f"0x{StoreStatus.OUT_OF_RESOURCES:04X}",
-                reason=reason,
-            )
-            return failure_status(StoreStatus.OUT_OF_RESOURCES, reason)
+            return self._out_of_resources(calling_ae, peer_host, claimed_uid, reason)
         if tally:
             tally.counts[result.outcome.value] += 1
         if result.outcome == StoreOutcome.REJECTED:
