@@ -78,6 +78,47 @@ class ReceiverSection(_Section):
     require_called_ae: bool = False
     #: Answer 0xA700 (out of resources) when free space under var/ drops below this.
     min_free_disk_mb: int = Field(1024, ge=0)
+    #: Listening beyond loopback needs ``require_known_callers`` and ``require_called_ae``
+    #: on, unless this says, knowingly, that any AE from any host may store here.
+    accept_unknown_callers: bool = False
+    #: A connection must deliver its whole A-ASSOCIATE-RQ within this many seconds of being
+    #: accepted (the ARTIM timer), or it is closed.
+    association_request_seconds: float = Field(5.0, gt=0, le=300)
+    #: Once a PDU has begun to arrive, all of it must arrive within this many seconds.
+    pdu_read_seconds: float = Field(30.0, gt=0)
+    #: Connections that have not (yet) become an association, in all and per peer address;
+    #: more are closed at once. Established associations count against max_associations.
+    max_pending_connections: int = Field(256, ge=1)
+    max_pending_per_host: int = Field(128, ge=1)
+    #: Established associations per peer address (0 = only max_associations applies).
+    max_associations_per_host: int = Field(0, ge=0)
+    #: Largest data set accepted after inflating a Deflated transfer syntax, in MB (a data
+    #: set is also refused when it inflates well beyond what its image attributes declare).
+    max_inflated_mb: int = Field(1024, ge=1)
+    #: How often host names in [[callers]] hosts are resolved again, in seconds.
+    caller_hosts_refresh_seconds: float = Field(300.0, gt=0)
+
+
+class TlsSection(_Section):
+    """DICOM TLS (PS3.15 BCP 195) for the receiver (a TLS port beside or instead of the plain
+    one). Destinations use TLS with their own ``tls`` keys; reports of storage commitment
+    arrive on whichever port the peer uses."""
+
+    #: The TLS listening port (None: no TLS listener).
+    port: Port | None = None
+    #: Keep the plain [node].port listening too (false: TLS only).
+    plain: bool = True
+    #: This node's certificate chain and private key (PEM), used as server and as client.
+    cert_file: str = ""
+    key_file: str = ""
+    #: CA certificates (PEM) trusted for peers' certificates (callers and destinations).
+    ca_file: str = ""
+    #: Require a client certificate signed by ca_file on the TLS port (mutual TLS). A caller
+    #: with ``certificate_subject`` or ``certificate_sha256`` must present a matching one.
+    require_client_certificate: bool = True
+    #: "bcp195-nd": TLS 1.2 or 1.3 with BCP 195's recommended cipher suites (dcmtk's
+    #: default); "bcp195-extended": TLS 1.2 or 1.3, ECDHE with AES-GCM only.
+    profile: Literal["bcp195-nd", "bcp195-extended"] = "bcp195-nd"
 
 
 class Caller(_Section):
@@ -93,6 +134,11 @@ class Caller(_Section):
     expected_instances: int | None = Field(None, ge=1)
     #: ... or this many series (with ``expected_instances`` too, both must be reached).
     expected_series: int | None = Field(None, ge=1)
+    #: Over TLS: the client certificate this AE must present — its subject Common Name
+    #: and/or SHA-256 fingerprints (hex, colons allowed). A known AE presenting another
+    #: certificate is rejected and audited as a security alert.
+    certificate_subject: str | None = None
+    certificate_sha256: tuple[str, ...] = ()
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -132,6 +178,12 @@ class Destination(_Section):
     storage_commitment: bool = False
     #: Seconds to wait for the commitment result; then the series is sent again.
     commitment_timeout_seconds: float = Field(120.0, gt=0)
+    #: Connect over DICOM TLS, verifying the peer's certificate against [tls].ca_file (or
+    #: ``ca_file`` here) and presenting [tls].cert_file when the peer asks for one.
+    tls: bool = False
+    ca_file: str = ""
+    #: The name the peer's certificate must carry (default: ``host``).
+    tls_server_name: str | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -210,8 +262,15 @@ class WebSection(_Section):
     host: str = "127.0.0.1"
     port: Port = 8480
     session_hours: float = Field(8.0, gt=0, le=168)
-    #: Mark the session cookie Secure (set when served over HTTPS through a proxy).
+    #: Mark the session cookie Secure (set when served over HTTPS through a proxy; always
+    #: on when cert_file is set).
     secure_cookies: bool = False
+    #: Serve the pages over HTTPS with this certificate chain and key (PEM); empty = HTTP.
+    cert_file: str = ""
+    key_file: str = ""
+    #: Origins (scheme://host:port) besides the page's own allowed to post forms, e.g. a
+    #: reverse proxy's public address.
+    trusted_origins: tuple[str, ...] = ()
 
 
 class ModelsSection(_Section):
@@ -273,6 +332,7 @@ class NodeConfig(_Section):
 
     node: NodeSection = NodeSection()
     receiver: ReceiverSection = ReceiverSection()
+    tls: TlsSection = TlsSection()
     callers: tuple[Caller, ...] = ()
     completeness: CompletenessSection = CompletenessSection()
     destinations: dict[str, Destination] = {}

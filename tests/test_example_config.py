@@ -16,7 +16,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "dicom-node.example.t
 
 def _uncommented(text: str) -> str:
     """The example with its commented-out sample tables switched on."""
-    return re.sub(r"^# (\[|[a-z_]+ = )", r"\1", text, flags=re.M)
+    return re.sub(r"^# (\[|[a-z0-9_]+ = )", r"\1", text, flags=re.M)
 
 
 def test_example_loads_and_matches_defaults() -> None:

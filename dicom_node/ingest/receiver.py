@@ -46,6 +46,7 @@ from dicom_node.net.commitment import (
     ReportStatus,
     parse_event_report,
 )
+from dicom_node.net.guard import guard_server
 from dicom_node.net.tuning import on_connection_open, tune_pynetdicom
 from dicom_node.paths import NodePaths
 from dicom_node.safelog import describe_exception
@@ -106,7 +107,7 @@ class Receiver:
         self.disk = DiskGuard(paths.var, config.receiver.min_free_disk_mb)
         self._tallies: dict[int, _AssociationTally] = {}
         self._tally_lock = threading.Lock()
-        self._server: Any = None
+        self._servers: list[Any] = []
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -147,16 +148,31 @@ class Receiver:
             )
         return ae
 
+    def listeners(self) -> list[tuple[tuple[str, int], Any]]:
+        """The addresses to listen on, each with its TLS context (None: plain)."""
+        node = self.config.node
+        return [((node.host, node.port), None)]
+
     def start(self) -> None:
         ae = self.build_ae()
         node = self.config.node
-        self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=self.handlers())
-        log.info("receiver listening on %s:%d as %s", node.host, node.port, node.ae_title)
+        for address, ssl_context in self.listeners():
+            server = ae.start_server(
+                address, block=False, evt_handlers=self.handlers(), ssl_context=ssl_context
+            )
+            guard_server(server, self.config.receiver)
+            self._servers.append(server)
+            log.info(
+                "receiver listening on %s:%d%s as %s",
+                *address,
+                " (TLS)" if ssl_context is not None else "",
+                node.ae_title,
+            )
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.shutdown()
 
     # -- association policy -----------------------------------------------------------
 
