@@ -85,7 +85,7 @@ class ReceiverSection(_Section):
     #: accepted (the ARTIM timer), or it is closed.
     association_request_seconds: float = Field(5.0, gt=0, le=300)
     #: Once a PDU has begun to arrive, all of it must arrive within this many seconds.
-    pdu_read_seconds: float = Field(30.0, gt=0)
+    pdu_read_seconds: float = Field(120.0, gt=0)
     #: Connections that have not (yet) become an association, in all and per peer address;
     #: more are closed at once. Established associations count against max_associations.
     max_pending_connections: int = Field(256, ge=1)

@@ -14,7 +14,11 @@ whole data sets. So every record on the node's handlers passes :class:`PhiSafeFi
 * a Python warning is logged (``py.warnings``) as its category and the code that warned,
   its text withheld: the node's own code logs, it does not warn;
 * an uncaught exception, in any thread, is logged through the same filter instead of
-  being printed to stderr verbatim.
+  being printed to stderr verbatim;
+* one record is one line: the filter folds a record's traceback into its message and
+  escapes every control character (C0, DEL, C1, and the Unicode line and paragraph
+  separators) as ``\\xNN`` / ``\\uNNNN``. AE titles, host names and other text a peer sends
+  cannot forge a log line (read a traceback with ``sed 's/\\\\x0a/\\n/g'``).
 
 :func:`route_warnings_and_crashes` and the filter are installed by
 ``runtime.setup_logging``, which ``serve`` and every worker process call.
@@ -25,6 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 import sysconfig
 import threading
@@ -43,6 +48,21 @@ _LIBRARY_DIRS = frozenset({"site-packages", "dist-packages"})
 Origin = Literal["node", "library", "other"]
 
 log = logging.getLogger(__name__)
+
+#: What :func:`escape_controls` escapes: C0, DEL, C1, and U+2028 / U+2029 (line breaks to
+#: ``str.splitlines`` and to some log viewers).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as ``\\xNN`` (``\\u2028`` for the
+    Unicode separators): printable, and always one line."""
+    return _CONTROL.sub(_escaped, text)
+
+
+def _escaped(found: re.Match[str]) -> str:
+    code = ord(found[0])
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -112,7 +132,8 @@ def format_exception(exc: BaseException) -> str:
 
 
 class PhiSafeFilter(logging.Filter):
-    """Attach to every handler: withholds library text and library exception messages."""
+    """Attach to every handler: withholds library text and library exception messages, and
+    makes the record one line (traceback folded in, control characters escaped)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "phi_safe", False):  # one record, several handlers
@@ -133,7 +154,22 @@ class PhiSafeFilter(logging.Filter):
                 )
         if record.exc_info and record.exc_info[1] is not None:
             record.exc_text = format_exception(record.exc_info[1])
+        _one_line(record)
         return True
+
+
+def _one_line(record: logging.LogRecord) -> None:
+    """Fold the record's message, arguments, traceback and stack into one escaped line."""
+    try:
+        text = record.getMessage()
+    except Exception:  # arguments that do not fit the format: keep both, as logging would fail
+        text = f"{record.msg!r} % {record.args!r}"
+    for extra in (record.exc_text, record.stack_info):
+        if extra:
+            text = f"{text}\n{extra}"
+    record.msg = escape_controls(text)
+    record.args = ()
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
 
 
 def log_warning(

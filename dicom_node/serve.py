@@ -3,11 +3,15 @@
 Start-up order matters for "nothing lost": first re-index what an unclean stop left on
 disk, then requeue work whose worker died, then re-arm study timers, and only then open
 the port.
+
+Before any of that: a node that listens beyond loopback must know its callers (see
+:func:`exposure_problem`), and only one ``serve`` runs on a home (:class:`ServeLock`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -25,6 +29,7 @@ from audit import AuditEvent, Outcome
 from audit.export import to_dicom_xml
 from audit.syslog import AuditForwarder, SyslogTlsSender
 from dicom_node import __version__
+from dicom_node.config import ConfigError, NodeConfig
 from dicom_node.delivery.outbox import Outbox
 from dicom_node.ingest.indexer import Indexer
 from dicom_node.ingest.mpps import PerformedProcedureSteps
@@ -37,6 +42,8 @@ from dicom_node.jobs.intake import JobIntake
 from dicom_node.jobs.policywatch import PolicyWatcher
 from dicom_node.jobs.routing import PolicyRouter
 from dicom_node.jobs.runner import recover_jobs
+from dicom_node.net.hostnames import parse_address, resolve_name
+from dicom_node.net.tls import check_config as check_tls_config
 from dicom_node.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -46,7 +53,119 @@ _CLEAN_MARK = "clean-shutdown"
 
 
 class AlreadyRunning(RuntimeError):
-    pass
+    """Another ``dicom-node serve`` holds the home's lock (the message names its pid)."""
+
+
+class ServeLock:
+    """``var/run/serve.pid``, locked with ``flock`` for the life of the serve process.
+
+    The kernel drops the lock however the process ends (kill -9 included), so a file left
+    behind never blocks a start, and a live unrelated process that happens to have the pid
+    written in it does not either. The file holds the pid only to name the holder in the
+    refusal. On release the file is removed while still locked; a start that opened it
+    just before sees, once it has the lock, that the path no longer names the file it
+    locked, and tries again on the new one.
+    """
+
+    def __init__(self, path: Path, home: Path) -> None:
+        self.path = path
+        self.home = home
+        self._fd: int | None = None
+
+    def acquire(self) -> ServeLock:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                other = lock_holder_pid(self.path)
+                who = f"another dicom-node serve (pid {other})" if other else "another dicom-node serve"
+                raise AlreadyRunning(
+                    f"{who} is using {self.home} (it holds {self.path}); "
+                    "stop it first or use a different --home"
+                ) from None
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # a serve that was stopping removed the file we locked
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> ServeLock:
+        return self.acquire()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()
+
+
+def lock_holder_pid(pidfile: Path) -> int | None:
+    """The pid written in ``pidfile`` (None when it cannot be read)."""
+    try:
+        return int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def running_serve(pidfile: Path) -> int | None:
+    """The pid of the live ``serve`` that holds ``pidfile``'s lock, 0 when one does but its
+    pid cannot be read, or None when none holds it (a stale file, or no file)."""
+    try:
+        fd = os.open(pidfile, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return lock_holder_pid(pidfile) or 0
+    finally:
+        os.close(fd)  # closing drops a shared lock we took
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    """Does ``host`` (an address or a name) listen on loopback only? "" and 0.0.0.0 do not."""
+    address = parse_address(host)
+    if address is not None:
+        return address.is_loopback
+    if not host.strip():
+        return False
+    addresses = resolve_name(host)
+    return bool(addresses) and all(a.is_loopback for a in addresses)
+
+
+def exposure_problem(config: NodeConfig) -> str | None:
+    """Why this config must not start, or None.
+
+    Listening beyond loopback (the plain port and the TLS port share ``[node] host``), the
+    node stores from whoever connects unless it requires known callers and its own called
+    AE title. That takes ``[receiver] accept_unknown_callers = true``, said knowingly.
+    """
+    receiver = config.receiver
+    if is_loopback(config.node.host) or receiver.accept_unknown_callers:
+        return None
+    off = [name for name in ("require_known_callers", "require_called_ae") if not getattr(receiver, name)]
+    if not off:
+        return None
+    needs = "list the senders under [[callers]] and " if not config.callers else ""
+    return (
+        f"[node] host = {config.node.host!r} listens beyond loopback, but [receiver] "
+        f"{' and '.join(off)} {'is' if len(off) == 1 else 'are'} off: any AE from any host could store "
+        f"here; {needs}set [receiver] {' and '.join(f'{name} = true' for name in off)}, "
+        "or set [receiver] accept_unknown_callers = true to accept that knowingly"
+    )
 
 
 def _die_with_parent() -> None:
@@ -131,24 +250,16 @@ def start_syslog_forwarder(runtime: Runtime) -> AuditForwarder | None:
     return forwarder
 
 
-def _claim_pidfile(runtime: Runtime) -> Path:
-    pidfile = runtime.paths.run / "serve.pid"
-    if pidfile.exists():
-        try:
-            other = int(pidfile.read_text().strip())
-        except ValueError:
-            other = 0
-        if other and other != os.getpid():
-            try:
-                os.kill(other, 0)
-                raise AlreadyRunning(
-                    f"another dicom-node serve (pid {other}) is using {runtime.paths.home}; "
-                    "stop it first or use a different --home"
-                )
-            except ProcessLookupError:
-                pass
-    pidfile.write_text(f"{os.getpid()}\n")
-    return pidfile
+def web_tls_files(runtime: Runtime) -> tuple[Path, Path] | None:
+    """``[web] cert_file`` and ``key_file`` (relative to the home unless absolute), or None."""
+    web = runtime.config.web
+    if not web.cert_file and not web.key_file:
+        return None
+    if not (web.cert_file and web.key_file):
+        raise ConfigError("[web] cert_file and key_file: set both (HTTPS) or neither (plain HTTP)")
+    home = runtime.paths.home
+    cert, key = Path(web.cert_file), Path(web.key_file)
+    return (cert if cert.is_absolute() else home / cert, key if key.is_absolute() else home / key)
 
 
 def serve(
@@ -158,13 +269,40 @@ def serve(
     overrides: dict[str, Any],
     ready_file: Path | None = None,
 ) -> int:
-    """Run the node until SIGTERM/SIGINT. Returns the exit code."""
+    """Run the node until SIGTERM/SIGINT. Returns the exit code.
+
+    Raises
+    ------
+    ConfigError
+        The node would listen beyond loopback without knowing its callers
+        (:func:`exposure_problem`), ``[tls]`` or a TLS destination names files that
+        cannot work, or ``[web]`` names half a certificate.
+    AlreadyRunning
+        Another ``serve`` holds the home.
+    """
+    if (problem := exposure_problem(runtime.config)) is not None:
+        raise ConfigError(problem)
+    check_tls_config(runtime.config, runtime.paths.home)  # TlsConfigError is a ConfigError
+    web_tls = web_tls_files(runtime)
+    with ServeLock(runtime.paths.run / "serve.pid", runtime.paths.home):
+        return _serve(
+            runtime, config_path=config_path, overrides=overrides, ready_file=ready_file, web_tls=web_tls
+        )
+
+
+def _serve(
+    runtime: Runtime,
+    *,
+    config_path: Path | None,
+    overrides: dict[str, Any],
+    ready_file: Path | None,
+    web_tls: tuple[Path, Path] | None,
+) -> int:
     config = runtime.config
     paths = runtime.paths
     audit = runtime.audit
     run_id = uuid.uuid4().hex[:12]
     actor = claim_id(run_id)
-    pidfile = _claim_pidfile(runtime)
 
     audit.record(
         AuditEvent.CONFIG_LOADED,
@@ -268,17 +406,21 @@ def serve(
         receiver.start()
     except OSError as exc:
         readiness.shutdown()
-        pidfile.unlink(missing_ok=True)
-        raise OSError(f"cannot listen on {config.node.host}:{config.node.port}: {exc.strerror}") from None
+        raise OSError(f"cannot listen: {exc.strerror}") from None
     web = None
     if config.web.enabled:
         from dicom_node.web.app import WebContext, create_app
         from dicom_node.web.server import WebServer
 
         web = WebServer(
-            create_app(WebContext(config, runtime.db, audit, paths.checkpoint_file(config))),
+            create_app(
+                WebContext(
+                    config, runtime.db, audit, paths.checkpoint_file(config), https=web_tls is not None
+                )
+            ),
             config.web.host,
             config.web.port,
+            tls=web_tls,
         )
         try:
             web.start()
@@ -286,16 +428,17 @@ def serve(
             receiver.stop()
             store.close()
             readiness.shutdown()
-            pidfile.unlink(missing_ok=True)
             raise
-        log.info("web pages on http://%s:%d/", config.web.host, config.web.port)
+        log.info("web pages on %s", web.url)
     supervisor.start()
     log.info(
-        "dicom-node %s serving %s on %s:%d (home %s, %d worker process(es), destinations: %s)",
+        "dicom-node %s serving %s on %s (home %s, %d worker process(es), destinations: %s)",
         __version__,
         config.node.ae_title,
-        config.node.host,
-        config.node.port,
+        ", ".join(
+            f"{host}:{port}{' (TLS)' if context is not None else ''}"
+            for (host, port), context in receiver.listeners()
+        ),
         paths.home,
         config.workers.processes,
         ", ".join(config.destinations) or "none",
@@ -319,6 +462,5 @@ def serve(
         if forwarder is not None:
             forwarder.stop(timeout=5)
         clean_mark.write_text(f"{time.time()}\n")
-        pidfile.unlink(missing_ok=True)
         log.info("stopped cleanly")
     return 0

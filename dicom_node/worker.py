@@ -23,6 +23,7 @@ from dicom_node.delivery.outbox import Outbox
 from dicom_node.delivery.profiles import DestinationProfiles
 from dicom_node.jobs.claims import claim_id, orphan_test
 from dicom_node.jobs.runner import JobRunner, recover_jobs
+from dicom_node.net.tls import ClientTls
 from dicom_node.paths import NodePaths
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class Worker:
         self.worker_id = claim_id(run_id)
         profiles = DestinationProfiles(config, data_dir=paths.data)
         self.runner = JobRunner(config, paths, db, audit, self.worker_id, profiles)
-        self.outbox = Outbox(config, db, audit, self.worker_id)
+        self.outbox = Outbox(config, db, audit, self.worker_id, tls=ClientTls(config.tls, paths.home))
         self.stop_event = threading.Event()
         self._held_jobs: set[int] = set()
         self._held_deliveries: set[int] = set()

@@ -124,3 +124,21 @@ def test_cli_commands_print_library_warnings_without_their_text(tmp_path: Path) 
     assert result.returncode == 0, result.stderr
     assert "UserWarning from highdicom" in result.stderr
     assert "ZELDAPHI" not in result.stderr + result.stdout
+
+
+def test_every_record_is_one_line_with_control_characters_escaped(captured: io.StringIO) -> None:
+    log = logging.getLogger("dicom_node.ingest.receiver")
+    log.warning("association from %s@%s rejected", "A\r\nFORGED RECORD", "10.0.0.9\x1b[2J\x85\u2028")
+    try:
+        raise ValueError("peer said:\nFORGED TOO")
+    except ValueError:
+        log.exception("report from %s refused", "B\tC")
+    lines = captured.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0] == (
+        "WARNING dicom_node.ingest.receiver: association from A\\x0d\\x0aFORGED RECORD"
+        "@10.0.0.9\\x1b[2J\\x85\\u2028 rejected"
+    )
+    assert lines[1].startswith("ERROR dicom_node.ingest.receiver: report from B\\x09C refused\\x0a")
+    assert "Traceback (most recent call last):\\x0a" in lines[1], "the traceback folded in"
+    assert lines[1].endswith("ValueError: peer said:\\x0aFORGED TOO")

@@ -56,3 +56,39 @@ def test_the_idle_association_reactor_never_keeps_a_response_from_its_waiter() -
     reactor.join(10)
     assert got and got[0][0] == "C-STORE-RSP"
     assert got[0][1] < 1.5, f"the response waited {got[0][1]:.1f} s for a wake-up the reactor took"
+
+
+def test_an_acceptor_whose_connection_ends_before_its_request_ends_at_once() -> None:
+    """pynetdicom's acceptor thread waits ``acse_timeout`` for the A-ASSOCIATE-RQ even after
+    the connection is gone, and counts against ``maximum_associations`` all that time: a
+    few connect-and-close probes refused every sender for the ACSE timeout."""
+    import time
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from dicom_node.net.tuning import tune_pynetdicom
+
+    tune_pynetdicom()
+    ae = AE(ae_title="TUNED")
+    ae.add_supported_context(Verification)
+    ae.acse_timeout = 30
+    ae.maximum_associations = 2
+    server = ae.start_server(("127.0.0.1", 0), block=False)
+    try:
+        port = server.server_address[1]
+        for _ in range(3):
+            socket.create_connection(("127.0.0.1", port)).close()
+        started = time.monotonic()
+        time.sleep(0.2)
+        while server.active_associations and time.monotonic() - started < 10:
+            time.sleep(0.02)
+        took = time.monotonic() - started
+        assert not server.active_associations and took < 1.0, f"acceptors lingered {took:.1f} s"
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", port, ae_title="TUNED")
+        assert assoc.is_established
+        assoc.release()
+    finally:
+        server.shutdown()

@@ -1,4 +1,5 @@
-"""``echo`` and ``send``: talk to a DICOM peer."""
+"""``echo`` and ``send``: talk to a DICOM peer, over DICOM TLS with ``--tls`` (the node's
+[tls] certificate, key and CA file; see docs/tls.md)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,42 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from rich.table import Table
 
-from dicom_node.cli.common import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, print_json, read_config
-from dicom_node.config import Destination
+from dicom_node.cli.common import (
+    ConfigOpt,
+    HomeOpt,
+    JsonOpt,
+    app,
+    config_error,
+    console,
+    fail,
+    print_json,
+    read_config,
+)
+from dicom_node.config import Destination, NodeConfig
 from dicom_node.delivery.sender import echo as c_echo
 from dicom_node.delivery.sender import send_series
+from dicom_node.net.tls import ClientTls, TlsConfigError
 from pipelines.base import OutputInstance
 
 _PEER = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+
+
+TlsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--tls",
+        help="DICOM TLS: verify the peer against [tls] ca_file (or --ca-file), present [tls] cert_file.",
+    ),
+]
+CaFileOpt = Annotated[
+    str | None, typer.Option("--ca-file", help="With --tls: CA file for the peer's certificate.")
+]
+ServerNameOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tls-server-name", help="With --tls: the name the peer's certificate must carry (default HOST)."
+    ),
+]
 
 
 def parse_peer(value: str) -> tuple[str, str, int]:
@@ -26,6 +56,24 @@ def parse_peer(value: str) -> tuple[str, str, int]:
     if not m:
         raise fail(f"--to {value!r}: expected AET@HOST:PORT, e.g. ORTHANC@127.0.0.1:4242")
     return m["aet"], m["host"], int(m["port"])
+
+
+def _absolute(ca_file: str | None) -> str:
+    """--ca-file as given on the command line: relative to the working directory."""
+    return str(Path(ca_file).resolve()) if ca_file else ""
+
+
+def tls_client(config: NodeConfig, home: Path, destination: Destination) -> ClientTls | None:
+    """The node's TLS client settings for ``destination`` (None: plain), checked here so a
+    missing or unusable file is one config error line before anything connects."""
+    if not destination.tls:
+        return None
+    tls = ClientTls(config.tls, home)
+    try:
+        tls.args_for(destination)
+    except TlsConfigError as exc:
+        raise config_error(exc) from None
+    return tls
 
 
 @app.command()
@@ -37,17 +85,38 @@ def echo(
         str | None, typer.Option("--calling", help="Calling AE title (default: this node's).")
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds.")] = 10.0,
+    tls: TlsOpt = False,
+    ca_file: CaFileOpt = None,
+    tls_server_name: ServerNameOpt = None,
     config: ConfigOpt = None,
     home: HomeOpt = Path("."),
 ) -> None:
     """C-ECHO a peer: is it up, and does it accept us?"""
-    calling_ae = calling or read_config(config, home).config.node.ae_title  # writes nothing to disk
-    status = c_echo(host, port, called_ae=aet, calling_ae=calling_ae, timeout=timeout)
+    node_config = read_config(config, home).config  # writes nothing to disk
+    calling_ae = calling or node_config.node.ae_title
+    peer = Destination(
+        ae_title=aet,
+        host=host,
+        port=port,
+        tls=tls,
+        ca_file=_absolute(ca_file),
+        tls_server_name=tls_server_name,
+    )
+    client = tls_client(node_config, home, peer)
+    result = c_echo(
+        host,
+        port,
+        called_ae=aet,
+        calling_ae=calling_ae,
+        timeout=timeout,
+        tls_args=client.args_for(peer) if client else None,
+    )
+    status = result.status
     if status is None:
-        raise fail(f"no association with {aet}@{host}:{port} (refused, rejected or timed out)")
+        raise fail(f"no association with {aet}@{host}:{port}: {result.error}")
     if status != 0:
         raise fail(f"{aet}@{host}:{port} answered C-ECHO with status 0x{status:04X}")
-    console.print(f"{aet}@{host}:{port} answered C-ECHO: success")
+    console.print(f"{aet}@{host}:{port} answered C-ECHO{' over TLS' if tls else ''}: success")
 
 
 def _collect(paths: list[Path]) -> tuple[dict[str, list[OutputInstance]], list[Path]]:
@@ -91,6 +160,9 @@ def send(
         str | None, typer.Option("--calling", help="Calling AE title (default: this node's).")
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds per association step.")] = 60.0,
+    tls: TlsOpt = False,
+    ca_file: CaFileOpt = None,
+    tls_server_name: ServerNameOpt = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
     home: HomeOpt = Path("."),
@@ -101,14 +173,24 @@ def send(
     accepts none of its stored transfer syntax.
     """
     aet, host, port = parse_peer(to)
-    calling_ae = calling or read_config(config, home).config.node.ae_title  # writes nothing to disk
+    node_config = read_config(config, home).config  # writes nothing to disk
+    calling_ae = calling or node_config.node.ae_title
+    destination = Destination(
+        ae_title=aet,
+        host=host,
+        port=port,
+        timeout_seconds=timeout,
+        tls=tls,
+        ca_file=_absolute(ca_file),
+        tls_server_name=tls_server_name,
+    )
+    client = tls_client(node_config, home, destination)
     by_series, skipped = _collect(paths)
     if not by_series:
         raise fail(f"no DICOM Part 10 files found in {', '.join(map(str, paths))}")
-    destination = Destination(ae_title=aet, host=host, port=port, timeout_seconds=timeout)
     results = []
     for series_uid, files in by_series.items():
-        report = send_series(destination, files, calling_ae=calling_ae)
+        report = send_series(destination, files, calling_ae=calling_ae, tls=client)
         results.append(
             {
                 "series_uid": series_uid,

@@ -12,7 +12,8 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
-from dicom_node.cli.common import ConfigOpt, HomeOpt, app, err_console, fail, open_runtime
+from dicom_node.cli.common import ConfigOpt, HomeOpt, app, config_error, err_console, fail, open_runtime
+from dicom_node.config import ConfigError
 from dicom_node.runtime import setup_logging
 
 
@@ -53,7 +54,10 @@ def serve(
     ] = None,
     ready_file: Annotated[Path | None, typer.Option(hidden=True)] = None,
 ) -> None:
-    """Receive studies, run the routed pipelines, deliver the results. Stops on SIGTERM/Ctrl-C."""
+    """Receive studies, run the routed pipelines, deliver the results. Stops on SIGTERM/Ctrl-C.
+
+    Listening beyond loopback needs [receiver] require_known_callers and require_called_ae
+    (or accept_unknown_callers = true); one serve per --home."""
     from dicom_node.jobs.routing import PolicyError
     from dicom_node.serve import AlreadyRunning
     from dicom_node.serve import serve as run_serve
@@ -63,6 +67,8 @@ def serve(
     setup_logging(runtime.paths, runtime.config)
     try:
         code = run_serve(runtime, config_path=config, overrides=overrides, ready_file=ready_file)
+    except ConfigError as exc:
+        raise config_error(exc) from None
     except (AlreadyRunning, OSError) as exc:
         raise fail(str(exc)) from None
     except PolicyError as exc:

@@ -32,6 +32,7 @@ from dicom_node.delivery.ledger import DeliveryLedger, DeliveryState, DeliveryTa
 from dicom_node.delivery.sender import SendReport, send_series
 from dicom_node.jobs.claims import OrphanTest
 from dicom_node.jobs.state import JobState, job_ref, move, record_outputs
+from dicom_node.net.tls import ClientTls
 from pipelines.base import OutputInstance
 
 log = logging.getLogger(__name__)
@@ -120,11 +121,20 @@ def create_deliveries(
 class Outbox:
     """Claims due deliveries, sends them, and records every attempt."""
 
-    def __init__(self, config: NodeConfig, db: Database, audit: AuditTrail, worker_id: str) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        db: Database,
+        audit: AuditTrail,
+        worker_id: str,
+        tls: ClientTls | None = None,
+    ) -> None:
         self.config = config
         self.db = db
         self.audit = audit
         self.worker_id = worker_id
+        #: The node's TLS client settings, for destinations with ``tls`` on.
+        self.tls = tls
         self.ledger = DeliveryLedger(config, worker_id)
         self.commitments = StorageCommitments(config, db, audit, self.ledger)
 
@@ -215,7 +225,11 @@ class Outbox:
                 if destination.storage_commitment:
                     commitment = self.commitments.request(task, destination)
                 report = send_series(
-                    destination, task.files, calling_ae=self.config.node.ae_title, commitment=commitment
+                    destination,
+                    task.files,
+                    calling_ae=self.config.node.ae_title,
+                    commitment=commitment,
+                    tls=self.tls,
                 )
         self.finish(task, report, transaction_uid=commitment.transaction_uid if commitment else None)
         return report

@@ -15,12 +15,17 @@ refuses the data), so the outbox retries only what can succeed later.
 When the destination does storage commitment, the N-ACTION follows the last C-STORE on
 the same association, which then stays open a moment for a report on it (most peers,
 Orthanc among them, report on a new association to the node's receiver instead).
+
+A destination with ``tls`` is reached over DICOM TLS (:class:`~dicom_node.net.tls.ClientTls`:
+its certificate verified against the CA file and its name, the node's certificate presented
+when asked); a failed handshake is reported with OpenSSL's reason.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -51,6 +56,7 @@ from dicom_node.net.commitment import (
     action_information,
     parse_event_report,
 )
+from dicom_node.net.tls import ClientTls, TlsConfigError
 from dicom_node.net.tuning import on_connection_open, tune_pynetdicom
 from pipelines.base import OutputInstance
 
@@ -227,11 +233,15 @@ def _offered_by_sop_class(contexts: Sequence[tuple[str, tuple[UID, ...]]]) -> di
     return offered
 
 
-def _why_no_association(destination: Destination, where: str) -> str:
-    """A clear reason for an operator: refused, unreachable, or aborted after connecting."""
+def _why_no_association(
+    host: str, port: int, where: str, tls_args: tuple[ssl.SSLContext, str] | None = None
+) -> str:
+    """A clear reason for an operator: refused, unreachable, a failed TLS handshake, or
+    aborted after connecting."""
     try:
-        with socket.create_connection((destination.host, destination.port), timeout=5):
-            pass
+        with socket.create_connection((host, port), timeout=5) as sock:
+            if tls_args is not None:
+                return _why_no_tls_association(sock, where, *tls_args)
     except ConnectionRefusedError:
         return f"cannot connect to {where}: connection refused (is the peer running on that port?)"
     except TimeoutError:
@@ -239,6 +249,40 @@ def _why_no_association(destination: Destination, where: str) -> str:
     except OSError as exc:
         return f"cannot connect to {where}: {exc.strerror or exc}"
     return f"{where} accepted the connection but aborted the association (check its AE title and config)"
+
+
+def _why_no_tls_association(
+    sock: socket.socket, where: str, context: ssl.SSLContext, server_name: str
+) -> str:
+    """Handshake again to name what failed: the peer's certificate, ours, or neither."""
+    try:
+        with context.wrap_socket(sock, server_hostname=server_name) as tls:
+            # Under TLS 1.3 a server refuses the client's certificate after the client's
+            # side of the handshake is done: its alert arrives on the first read.
+            tls.settimeout(1.0)
+            try:
+                tls.recv(1)
+            except TimeoutError:
+                pass
+    except ssl.SSLCertVerificationError as exc:
+        return (
+            f"TLS handshake with {where} failed: its certificate is not accepted ({exc.verify_message}; "
+            f"expected name {server_name!r}, check ca_file and tls_server_name)"
+        )
+    except ssl.SSLError as exc:
+        reason = str(exc.reason or exc).replace("_", " ").lower()
+        if exc.reason == "WRONG_VERSION_NUMBER" or isinstance(exc, ssl.SSLEOFError):
+            return f"TLS handshake with {where} failed: {reason} (is that port the peer's TLS port?)"
+        return f"TLS handshake with {where} failed: {reason} (does the peer trust this node's certificate?)"
+    except OSError as exc:
+        return (
+            f"TLS connection to {where} lost during the handshake: {exc.strerror or exc} "
+            "(is that port the peer's TLS port?)"
+        )
+    return (
+        f"{where} accepted the TLS connection but aborted the association "
+        "(check its AE title, its config and that it trusts this node's certificate)"
+    )
 
 
 def _status_is_retryable(status: int) -> bool:
@@ -256,6 +300,7 @@ def send_series(
     *,
     calling_ae: str,
     commitment: CommitmentRequest | None = None,
+    tls: ClientTls | None = None,
 ) -> SendReport:
     """Send ``files`` (one series) to ``destination`` in a single association.
 
@@ -266,6 +311,8 @@ def send_series(
 
     With ``commitment``, the N-ACTION asking the peer to commit to every file follows
     the last C-STORE on the same association (only when all were stored).
+
+    ``tls``: the node's TLS client settings, needed for a destination with ``tls`` on.
     """
     tune_pynetdicom()
     report = SendReport()
@@ -292,8 +339,17 @@ def send_series(
         handlers.append((evt.EVT_N_EVENT_REPORT, _report_handler(commitment)))
 
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    try:
+        tls_args = _tls_args(destination, tls)
+    except TlsConfigError as exc:
+        report.error = str(exc)  # the config must change: retrying cannot help
+        return report
     assoc = ae.associate(
-        destination.host, destination.port, ae_title=destination.ae_title, evt_handlers=handlers
+        destination.host,
+        destination.port,
+        ae_title=destination.ae_title,
+        evt_handlers=handlers,
+        tls_args=tls_args,
     )
     if not assoc.is_established:
         if assoc.is_rejected:
@@ -310,7 +366,7 @@ def send_series(
             )
         else:
             # pynetdicom reports a refused connection as an abort; find out which it was.
-            report.error = _why_no_association(destination, where)
+            report.error = _why_no_association(destination.host, destination.port, where, tls_args)
             report.retryable = True
         return report
 
@@ -398,6 +454,18 @@ def send_series(
             assoc.release()
 
 
+def _tls_args(destination: Destination, tls: ClientTls | None) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's ``tls_args`` for ``destination`` (None: plain TCP)."""
+    if not destination.tls:
+        return None
+    if tls is None:
+        raise TlsConfigError(
+            f"destination {destination.ae_title}@{destination.host}:{destination.port} has tls = true, "
+            "but no [tls] client settings were given to the sender"
+        )
+    return tls.args_for(destination)
+
+
 def _report_handler(commitment: CommitmentRequest) -> Callable[[Any], tuple[int, None]]:
     """EVT_N_EVENT_REPORT handler for a report on the association of the request."""
 
@@ -440,20 +508,48 @@ def _request_commitment(
         time.sleep(0.05)
 
 
-def echo(host: str, port: int, *, called_ae: str, calling_ae: str, timeout: float = 10.0) -> int | None:
-    """C-ECHO; returns the status, or None when no association could be made."""
+@dataclass(frozen=True)
+class EchoResult:
+    """A C-ECHO's status, or why there was no association (``status`` None)."""
+
+    status: int | None
+    error: str | None = None
+
+
+def echo(
+    host: str,
+    port: int,
+    *,
+    called_ae: str,
+    calling_ae: str,
+    timeout: float = 10.0,
+    tls_args: tuple[ssl.SSLContext, str] | None = None,
+) -> EchoResult:
+    """C-ECHO, over TLS with ``tls_args`` (context, server name)."""
     tune_pynetdicom()
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     ae.add_requested_context("1.2.840.10008.1.1")
     assoc = ae.associate(
-        host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)]
+        host,
+        port,
+        ae_title=called_ae,
+        evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)],
+        tls_args=tls_args,
     )
+    where = f"{called_ae}@{host}:{port}"
     if not assoc.is_established:
-        return None
+        if assoc.is_rejected:
+            rj = assoc.acceptor.primitive
+            return EchoResult(
+                None, f"{where} rejected the association ({rj.reason_str if rj else 'rejected'})"
+            )
+        return EchoResult(None, _why_no_association(host, port, where, tls_args))
     try:
         status = assoc.send_c_echo()
-        return int(status.Status) if "Status" in status else None
+        if "Status" not in status:
+            return EchoResult(None, f"no C-ECHO response from {where} (timeout or abort)")
+        return EchoResult(int(status.Status))
     finally:
         assoc.release()

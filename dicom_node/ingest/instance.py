@@ -1,15 +1,16 @@
 """Read the facts routing needs from an encoded data set, and decide whether it is usable.
 
 The receiver stores bytes exactly as received, so it never decodes the whole data set.
-:func:`check_instance` walks every element once (values deferred), verifies that the
-bytes are structurally complete, and returns ``(facts, None)`` or ``(None, reason)`` —
-it does not raise for bad input; the caller decides what to do with the reason.
+:func:`check_instance` inflates a deflated data set within bounds, confirms that the bytes
+are encoded as the transfer syntax says (:mod:`dicom_node.ingest.encoding`), walks every
+element once (values deferred), verifies that the bytes are structurally complete, and
+returns ``(facts, None)`` or ``(None, reason)`` — it does not raise for bad input; the
+caller decides what to do with the reason.
 """
 
 from __future__ import annotations
 
 import io
-import zlib
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -19,6 +20,9 @@ from pydicom.dataelem import convert_raw_data_element
 from pydicom.filereader import data_element_generator, read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
+
+from dicom_node.config import ReceiverSection
+from dicom_node.ingest.encoding import DEFLATED_SYNTAXES, MIB, check_encoding, inflate
 
 _UNDEFINED = 0xFFFFFFFF
 _PIXEL_DATA = 0x7FE00010
@@ -82,6 +86,13 @@ class StoreStatus(IntEnum):
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     CANNOT_UNDERSTAND = 0xC000
     PROCESSING_FAILURE = 0x0110
+    #: Invalid SOP Instance (PS3.7 Annex C, a C-STORE status): the UID breaks the UID rules.
+    INVALID_SOP_INSTANCE = 0x0117
+
+
+#: The inflate limit when the caller has no configuration (tools, reconcile): the default of
+#: ``[receiver] max_inflated_mb``.
+DEFAULT_MAX_INFLATED_BYTES = ReceiverSection.model_fields["max_inflated_mb"].default * MIB
 
 
 @dataclass(frozen=True)
@@ -241,6 +252,8 @@ def check_instance(
     data: bytes,
     transfer_syntax: str,
     claimed_sop_uid: str | None = None,
+    *,
+    max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
 ) -> tuple[InstanceFacts | None, Rejection | None]:
     """Decide whether an encoded data set can be stored and indexed.
 
@@ -252,19 +265,37 @@ def check_instance(
         The negotiated transfer syntax UID.
     claimed_sop_uid
         The Affected SOP Instance UID of the C-STORE request, if any.
+    max_inflated_bytes
+        A deflated data set larger than this once inflated is refused (Out of Resources).
 
     Returns
     -------
     (facts, None) when usable, (None, rejection) otherwise.
     """
     ts = UID(transfer_syntax)
-    body = data
+    body: bytes | None = data
+    if ts in DEFLATED_SYNTAXES:
+        body, refused = inflate(data, max_inflated_bytes)
+        if refused is not None:
+            status = (
+                StoreStatus.OUT_OF_RESOURCES
+                if refused.over_configured_limit
+                else StoreStatus.CANNOT_UNDERSTAND
+            )
+            return None, Rejection(status, refused.reason)
+    assert body is not None
     try:
-        if ts.is_deflated:
-            body = zlib.decompress(data, -zlib.MAX_WBITS)
         raw = _walk(body, ts.is_implicit_VR, ts.is_little_endian)
     except Exception as exc:  # pydicom raises many types for garbage; all mean the same here
+        mismatch = check_encoding(body, ts)
+        if mismatch is not None and mismatch.reads_as_other_vr:  # not garbage: the wrong encoding
+            return None, Rejection(StoreStatus.CANNOT_UNDERSTAND, mismatch.reason)
         return None, Rejection(StoreStatus.CANNOT_UNDERSTAND, f"cannot parse data set: {exc}")
+    # pydicom reads on where the bytes break the transfer syntax (implicit VR found where
+    # explicit was promised, say); what a receiving tool cannot read is refused here.
+    mismatch = check_encoding(body, ts)
+    if mismatch is not None:
+        return None, Rejection(StoreStatus.CANNOT_UNDERSTAND, mismatch.reason)
     if not raw:
         return None, Rejection(StoreStatus.CANNOT_UNDERSTAND, "cannot parse data set: no elements")
 

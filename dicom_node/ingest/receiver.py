@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.config import NodeConfig
-from dicom_node.ingest.instance import StoreStatus
+from dicom_node.ingest.instance import Rejection, StoreStatus
 from dicom_node.ingest.mpps import MPPS_SOP_CLASS, PerformedProcedureSteps
 from dicom_node.ingest.store import InstanceStore, StoreOutcome
 from dicom_node.net.commitment import (
@@ -46,7 +45,11 @@ from dicom_node.net.commitment import (
     ReportStatus,
     parse_event_report,
 )
+from dicom_node.net.dimse_guard import command_defect, install_dimse_guard
 from dicom_node.net.guard import guard_server
+from dicom_node.net.hostnames import HostNames
+from dicom_node.net.tls import certificate_problem, peer_certificate, server_context
+from dicom_node.net.tls import check_config as check_tls
 from dicom_node.net.tuning import on_connection_open, tune_pynetdicom
 from dicom_node.paths import NodePaths
 from dicom_node.safelog import describe_exception
@@ -105,9 +108,13 @@ class Receiver:
         #: The MPPS SCP (N-CREATE / N-SET) a scanner reports its procedure steps to (None: refused).
         self.procedure_steps = procedure_steps
         self.disk = DiskGuard(paths.var, config.receiver.min_free_disk_mb)
+        #: Relative [tls] files are under the home.
+        self.home = paths.home
         self._tallies: dict[int, _AssociationTally] = {}
         self._tally_lock = threading.Lock()
         self._servers: list[Any] = []
+        #: Callers' and destinations' hosts, names resolved at most once per refresh period.
+        self.host_names = HostNames(config.receiver.caller_hosts_refresh_seconds)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -128,6 +135,7 @@ class Receiver:
 
     def build_ae(self) -> AE:
         tune_pynetdicom()
+        install_dimse_guard()  # malformed C-STORE requests reach on_store (see net.dimse_guard)
         rc = self.config.receiver
         ae = AE(ae_title=self.config.node.ae_title)
         ae.maximum_associations = rc.max_associations
@@ -149,18 +157,47 @@ class Receiver:
         return ae
 
     def listeners(self) -> list[tuple[tuple[str, int], Any]]:
-        """The addresses to listen on, each with its TLS context (None: plain)."""
-        node = self.config.node
-        return [((node.host, node.port), None)]
+        """The addresses to listen on, each with its TLS context (None: plain): [node] port
+        unless [tls] plain is false, and [tls] port when set (:mod:`dicom_node.net.tls`).
+
+        Raises :class:`~dicom_node.net.tls.TlsConfigError` when the TLS files cannot be used.
+        """
+        node, tls = self.config.node, self.config.tls
+        found: list[tuple[tuple[str, int], Any]] = []
+        if tls.plain or tls.port is None:
+            found.append(((node.host, node.port), None))
+        if tls.port is not None:
+
+            def handshake_refused(peer_host: str, reason: str) -> None:
+                # No AE title yet: the TLS handshake comes before the A-ASSOCIATE-RQ.
+                self.audit.record(
+                    AuditEvent.SECURITY_ALERT,
+                    Outcome.MINOR_FAILURE,
+                    called_ae=node.ae_title,
+                    peer_host=peer_host,
+                    alert="node-authentication",
+                    reason=reason,
+                )
+
+            context = server_context(tls, self.home, on_refused=handshake_refused)
+            found.append(((node.host, tls.port), context))
+        return found
 
     def start(self) -> None:
+        # Every TLS file the config names (server, destinations, caller bindings) is
+        # checked before any port opens: one line per problem, not a failed association later.
+        check_tls(self.config, self.home)
         ae = self.build_ae()
         node = self.config.node
         for address, ssl_context in self.listeners():
-            server = ae.start_server(
-                address, block=False, evt_handlers=self.handlers(), ssl_context=ssl_context
-            )
-            guard_server(server, self.config.receiver)
+            try:
+                server = ae.start_server(
+                    address, block=False, evt_handlers=self.handlers(), ssl_context=ssl_context
+                )
+            except OSError as exc:
+                self.stop()  # all the node's ports or none
+                raise OSError(exc.errno, f"{exc.strerror} ({address[0]}:{address[1]})") from None
+            guard_server(server, self.config.receiver, self.audit)
             self._servers.append(server)
             log.info(
                 "receiver listening on %s:%d%s as %s",
@@ -180,7 +217,7 @@ class Receiver:
         """Is this a destination the node asks for storage commitment (AE title and host)?"""
         for destination in self.config.destinations.values():
             if destination.storage_commitment and destination.ae_title == calling_ae:
-                if peer_host is None or _same_host(destination.host, peer_host):
+                if peer_host is None or self.host_names.matches(destination.host, peer_host):
                     return True
         return False
 
@@ -192,7 +229,7 @@ class Receiver:
             ):
                 return False, f"calling AE {calling_ae!r} is not on the allow-list"
             return True, None
-        if caller.hosts and peer_host not in caller.hosts:
+        if caller.hosts and not self.host_names.any_matches(caller.hosts, peer_host):
             return False, f"calling AE {calling_ae!r} is not allowed from host {peer_host}"
         return True, None
 
@@ -203,8 +240,15 @@ class Receiver:
         called_ae = str(request.called_ae_title).strip()
         peer_host = assoc.requestor.address
         ok, why = self.caller_allowed(calling_ae, peer_host)
+        alert = "unauthorized-node"
         if ok:
-            return
+            # A caller bound to a client certificate must present it (over TLS: on the
+            # plain port it is refused, being configured to use TLS).
+            caller = self.config.caller(calling_ae)
+            why = None if caller is None else certificate_problem(caller, peer_certificate(assoc))
+            if why is None:
+                return
+            alert = "node-authentication"
         assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_USER, _CALLING_AE_NOT_RECOGNISED)
         # As pynetdicom's own rejection path does: let the DUL send the A-ASSOCIATE-RJ
         # and see the connection closed before the socket is shut.
@@ -223,7 +267,7 @@ class Receiver:
             Outcome.MINOR_FAILURE,
             calling_ae=calling_ae,
             peer_host=peer_host,
-            alert="unauthorized-node",
+            alert=alert,
             reason=why,
         )
 
@@ -294,7 +338,9 @@ class Receiver:
         calling_ae = str(assoc.requestor.ae_title).strip()
         peer_host = assoc.requestor.address
         request = event.request
-        claimed_uid = str(request.AffectedSOPInstanceUID or "")
+        # A C-STORE request pynetdicom would have dropped (net.dimse_guard): refused below.
+        defect = command_defect(request)
+        claimed_uid = defect.claimed_sop_uid if defect else str(request.AffectedSOPInstanceUID or "")
         tally = self._tallies.get(id(assoc))
         if not self.disk.has_room():
             free_mb = self.disk.free_bytes() // (1024 * 1024)
@@ -305,14 +351,31 @@ class Receiver:
             return self._out_of_resources(calling_ae, peer_host, claimed_uid, reason)
         transfer_syntax = str(UID(event.context.transfer_syntax))
         try:
-            result = self.store.accept(
-                event.encoded_dataset(include_meta=False),
-                transfer_syntax,
-                claimed_sop_uid=claimed_uid,
-                calling_ae=calling_ae,
-                peer_host=peer_host,
-                called_ae=tally.called_ae if tally else None,
-            )
+            data = event.encoded_dataset(include_meta=False)
+            if defect is not None:
+                status = (
+                    StoreStatus.INVALID_SOP_INSTANCE
+                    if defect.invalid_sop_instance_uid
+                    else StoreStatus.CANNOT_UNDERSTAND
+                )
+                result = self.store.refuse(
+                    data,
+                    transfer_syntax,
+                    Rejection(status, defect.reason),
+                    claimed_sop_uid=claimed_uid,
+                    calling_ae=calling_ae,
+                    peer_host=peer_host,
+                )
+            else:
+                result = self.store.accept(
+                    data,
+                    transfer_syntax,
+                    claimed_sop_uid=claimed_uid,
+                    calling_ae=calling_ae,
+                    peer_host=peer_host,
+                    called_ae=tally.called_ae if tally else None,
+                    max_inflated_bytes=self.config.receiver.max_inflated_mb * 1024 * 1024,
+                )
         except Exception as exc:  # disk or database failure: nothing acknowledged
             log.exception("storing %s from %s failed", claimed_uid, calling_ae)
             # A database error's message quotes the row (names included): the type only.
@@ -399,12 +462,23 @@ class Receiver:
         return int(status), None
 
 
-#: Refusal reasons (``ingest.instance``, the disk guard, a storage failure) whose parts are
-#: all the node's own words, counts, tag keywords and UID digits, each with its short form
+#: Refusal reasons (``ingest.instance`` and ``ingest.encoding``, ``net.dimse_guard``, the disk
+#: guard, a storage failure) whose parts are all the node's own words, counts, tags, tag
+#: keywords, VR codes and UID digits (or transfer syntax names, dropped), each with its short form
 #: for the Error Comment. Any other reason is cut to its category: its detail may quote the
 #: data set (a library's message, a value that is not a UID). A short form cut at 64
 #: characters ends in "...".
 _MISSING = r"required attribute missing: ([A-Za-z]+(?:, [A-Za-z]+)*)"
+_TAG = r"(\([0-9A-F]{4},[0-9A-F]{4}\))"
+#: ``ingest.encoding``: "not encoded as <transfer syntax name>: <detail>"; the detail is kept.
+_NOT_ENCODED_AS = r"not encoded as [^:]+: "
+_ENCODING_DETAILS = (
+    "explicit VR data set on an implicit VR context",
+    "native pixel data, the transfer syntax needs it encapsulated",
+    "encapsulated pixel data, the transfer syntax needs it native",
+    "pixel data has no Basic Offset Table item",
+    "pixel data has no fragment after its Basic Offset Table",
+)
 _SHORT_REASONS = tuple(
     (re.compile(pattern), short)
     for pattern, short in (
@@ -429,6 +503,49 @@ _SHORT_REASONS = tuple(
         (r"cannot parse data set: no elements", "cannot parse data set: no elements"),
         (r"invalid UID '([0-9.]*)'", "invalid UID {}"),
         (r"free disk (\d+) MB below the configured floor", "free disk {} MB below the configured floor"),
+        (
+            _NOT_ENCODED_AS + rf"element {_TAG} has no valid VR, the data set reads as implicit VR",
+            "implicit VR data set on an explicit VR context",
+        ),
+        (_NOT_ENCODED_AS + rf"element {_TAG} has no valid VR", "not explicit VR: element {} has no valid VR"),
+        *((_NOT_ENCODED_AS + re.escape(detail), detail) for detail in _ENCODING_DETAILS),
+        (
+            _NOT_ENCODED_AS + rf"pixel data holds {_TAG} where a fragment item belongs",
+            "pixel data holds {} where a fragment item belongs",
+        ),
+        (
+            _NOT_ENCODED_AS + r"pixel data item (\d+) has undefined length",
+            "pixel data item {} has undefined length",
+        ),
+        (
+            _NOT_ENCODED_AS + rf"element {_TAG} has undefined length but VR ([A-Z]{{2}})",
+            "element {} has undefined length but VR {}",
+        ),
+        (
+            _NOT_ENCODED_AS + rf"element {_TAG} holds {_TAG} where an item belongs",
+            "element {} holds {} where an item belongs",
+        ),
+        (_NOT_ENCODED_AS + rf"item tag {_TAG} outside a sequence", "item tag {} outside a sequence"),
+        (
+            r"deflated data set inflates past the configured limit of ([\d.]+) MB",
+            "deflated data set inflates past the configured limit of {} MB",
+        ),
+        (
+            r"deflated data set inflates past (\d+) bytes: "
+            r"its image attributes declare (\d+) pixel bytes, and the margin for the rest is [\d.]+ MB",
+            "deflated data set inflates past {} bytes, pixels need {}"
+            "|deflated data set inflates past its declared size",
+        ),
+        (
+            r"cannot parse data set: the deflate stream (is invalid|ends early)",
+            "cannot parse data set: the deflate stream {}",
+        ),
+        (
+            r"C-STORE request has (no|an invalid) "
+            r"(Affected SOP Class UID|Affected SOP Instance UID|Priority)",
+            "C-STORE request has {} {}",
+        ),
+        (r"C-STORE request has no data set", "C-STORE request has no data set"),
         (r"storage failure: (\w+)\b.*", "storage failure: {}"),
     )
 )
@@ -459,13 +576,3 @@ def failure_status(status: int, reason: str) -> Dataset:
         if all(tag is not None for tag in tags):
             response.OffendingElement = tags
     return response
-
-
-def _same_host(configured: str, peer_host: str) -> bool:
-    """The configured host (name or address) is the peer's address."""
-    if configured == peer_host:
-        return True
-    try:
-        return peer_host in {info[4][0] for info in socket.getaddrinfo(configured, None)}
-    except OSError:
-        return False

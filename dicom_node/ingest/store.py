@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from pydicom.uid import UID
 from sqlalchemy import bindparam, func, insert, select
@@ -39,7 +40,7 @@ from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
 from dicom_node.ingest.content import same_content
 from dicom_node.ingest.indexer import Indexer, PendingInstance
-from dicom_node.ingest.instance import InstanceFacts, Rejection, check_instance
+from dicom_node.ingest.instance import DEFAULT_MAX_INFLATED_BYTES, InstanceFacts, Rejection, check_instance
 from dicom_node.ingest.origin import ACQUIRED, Origin, OriginRules
 from dicom_node.ingest.part10 import encode_file_meta, split_part10
 from dicom_node.paths import NodePaths
@@ -179,17 +180,26 @@ class InstanceStore:
         calling_ae: str | None = None,
         peer_host: str | None = None,
         called_ae: str | None = None,
+        max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
     ) -> StoreResult:
         """Store one received data set; durable on disk before it returns.
 
         The index row and the audit record follow asynchronously (see the module doc).
+        ``max_inflated_bytes`` bounds a deflated data set once inflated
+        (``[receiver] max_inflated_mb``).
         """
-        facts, rejection = check_instance(data, transfer_syntax, claimed_sop_uid)
+        facts, rejection = check_instance(
+            data, transfer_syntax, claimed_sop_uid, max_inflated_bytes=max_inflated_bytes
+        )
         if rejection is not None:
-            qpath = self.quarantine(
-                data, transfer_syntax, rejection.reason, claimed_sop_uid, calling_ae, peer_host
+            return self.refuse(
+                data,
+                transfer_syntax,
+                rejection,
+                claimed_sop_uid=claimed_sop_uid,
+                calling_ae=calling_ae,
+                peer_host=peer_host,
             )
-            return StoreResult(StoreOutcome.REJECTED, rejection=rejection, quarantine_path=qpath)
         assert facts is not None
         lock = self._locks[hash(facts.sop_instance_uid) % _LOCK_STRIPES]
         origin = self._classify(facts)
@@ -236,7 +246,23 @@ class InstanceStore:
         outcome = StoreOutcome.STORED if version == 1 else StoreOutcome.NEW_VERSION
         return StoreResult(outcome, facts=facts, version=version, role=origin.role)
 
-    def put(self, data: bytes, transfer_syntax: str, **kwargs: str | None) -> StoreResult:
+    def refuse(
+        self,
+        data: bytes,
+        transfer_syntax: str,
+        rejection: Rejection,
+        *,
+        claimed_sop_uid: str | None = None,
+        calling_ae: str | None = None,
+        peer_host: str | None = None,
+    ) -> StoreResult:
+        """Refuse one received data set: its bytes go to quarantine with the reason."""
+        qpath = self.quarantine(
+            data, transfer_syntax, rejection.reason, claimed_sop_uid, calling_ae, peer_host
+        )
+        return StoreResult(StoreOutcome.REJECTED, rejection=rejection, quarantine_path=qpath)
+
+    def put(self, data: bytes, transfer_syntax: str, **kwargs: Any) -> StoreResult:
         """:meth:`accept`, then wait until the index row is written (tools and tests)."""
         result = self.accept(data, transfer_syntax, **kwargs)
         self.indexer.flush()

@@ -12,10 +12,11 @@ same filesystem; nothing is deleted) before it claims the home.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from dicom_node.serve import running_serve
 
 #: The file that says "the demo made this home"; its absence protects everything else.
 MARKER = ".dicom-node-demo"
@@ -53,18 +54,9 @@ def _found(home: Path) -> list[str]:
 
 
 def _running_node(home: Path) -> int | None:
-    """The pid of a live ``dicom-node serve`` on ``home`` (its pid file), or None."""
-    try:
-        pid = int((home / "var" / "run" / "serve.pid").read_text().strip())
-    except (OSError, ValueError):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid  # alive, someone else's
-    return pid
+    """The pid of a live ``dicom-node serve`` on ``home`` (the holder of its pid-file lock;
+    0 when one holds it but its pid cannot be read), or None."""
+    return running_serve(home / "var" / "run" / "serve.pid")
 
 
 def claim_home(home: Path, *, fresh: bool = False, now: dt.datetime | None = None) -> DemoHome:

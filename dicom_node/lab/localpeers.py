@@ -130,9 +130,11 @@ class Orthanc:
         workdir: Path,
         aet: str = "ORTHANC",
         modalities: dict[str, tuple[str, str, int]] | None = None,
+        extra_config: dict[str, Any] | None = None,
     ) -> None:
         """``modalities``: name → (AE title, host, port) of the peers Orthanc knows; add
-        more, with options, by :meth:`register_modality`."""
+        more, with options, by :meth:`register_modality`. ``extra_config``: more Orthanc
+        settings, e.g. DICOM TLS (``DicomTlsEnabled``, ``DicomTlsCertificate``, ...)."""
         self.dir = workdir / f"orthanc-{aet.lower()}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.aet = aet
@@ -141,6 +143,7 @@ class Orthanc:
         self.modalities: dict[str, list[Any] | dict[str, Any]] = {
             name: list(entry) for name, entry in (modalities or {}).items()
         }
+        self.extra_config = dict(extra_config or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.dir / "orthanc.log"
 
@@ -164,6 +167,7 @@ class Orthanc:
             "DicomModalities": dict(self.modalities),
             "Plugins": [],
             "StableAge": 2,
+            **self.extra_config,
         }
 
     def start(self) -> Orthanc:
@@ -183,16 +187,31 @@ class Orthanc:
         stop(self.proc, signal.SIGKILL)
 
     def register_modality(
-        self, name: str, aet: str, port: int, host: str = "127.0.0.1", *, storage_commitment: bool = True
+        self,
+        name: str,
+        aet: str,
+        port: int,
+        host: str = "127.0.0.1",
+        *,
+        storage_commitment: bool = True,
+        tls: bool = False,
     ) -> None:
         """Make a peer (e.g. the node) known to Orthanc as a DICOM modality.
 
         Orthanc accepts a storage commitment request (N-ACTION) only from a known
         modality, and sends the result (N-EVENT-REPORT) on a new association to the
         host and port registered for the requester's AE title. Takes effect at once when
-        Orthanc runs (``PUT /modalities/<name>``) and on every later start.
+        Orthanc runs (``PUT /modalities/<name>``) and on every later start. ``tls``: Orthanc
+        connects to it over DICOM TLS (its ``DicomTls*`` settings must be given).
         """
-        entry = {"AET": aet, "Host": host, "Port": port, "AllowStorageCommitment": storage_commitment}
+        entry: dict[str, Any] = {
+            "AET": aet,
+            "Host": host,
+            "Port": port,
+            "AllowStorageCommitment": storage_commitment,
+        }
+        if tls:
+            entry["UseDicomTls"] = True
         self.modalities[name] = entry
         if self.proc is not None and self.proc.poll() is None:
             self._request(f"/modalities/{name}", entry, method="PUT")

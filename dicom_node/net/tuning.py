@@ -19,16 +19,38 @@ Both still wake at least every millisecond, so everything pynetdicom checks by p
 
 Nagle's algorithm adds ~40 ms per small PDU on loopback and LANs; pynetdicom never sets
 TCP_NODELAY, so every socket we open or accept gets it (``on_connection_open``).
+
+Two hooks bound what a connection may cost (the policy is :mod:`dicom_node.net.guard`):
+
+* **bounded PDU reads.** pynetdicom reads a PDU with ``recv(length)`` straight from its
+  6-byte header, with no deadline and no limit: a header declaring 4 GB holds the reader
+  forever and buffers whatever follows. A DUL given :class:`PduBounds` (``bound_reads``)
+  reads instead with a deadline (the A-ASSOCIATE-RQ's, then one per PDU), checks type and
+  length from the header before buffering anything, grows its buffer only as bytes arrive,
+  and answers a violation with an A-ABORT and a closed socket at once, reporting it to
+  ``PduBounds.on_close``. DULs without bounds (our own associations as requestor) read as
+  pynetdicom does.
+* **an acceptor whose connection ends before its A-ASSOCIATE-RQ is released at once.**
+  pynetdicom's acceptor thread waits ``acse_timeout`` for the request even when the
+  connection is already gone (peer closed, ARTIM expired, refused), and counts as an
+  association all that time. When the DUL thread ends first, it hands the waiting thread
+  ``None``, which is what that wait returns on timeout.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import socket
+import ssl
+import struct
 import threading
 import time
 import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import pydicom.config
@@ -37,6 +59,9 @@ import pynetdicom.association
 import pynetdicom.dul
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+
+log = logging.getLogger(__name__)
 
 _IDLE_POLL = 0.001  # the sleep pynetdicom uses when it has nothing to do
 _real_sleep = time.sleep
@@ -137,10 +162,242 @@ def _run_reactor(self: Any) -> None:
         _original_run_reactor(self)
     finally:
         _close_wake_pipe(self)
+        _release_waiting_acceptor(self)
+
+
+def _release_waiting_acceptor(dul: Any) -> None:
+    """The DUL thread ends: an acceptor still waiting for the A-ASSOCIATE-RQ will never
+    get it. Hand it what its wait returns on timeout (it then closes and ends) instead of
+    letting it wait out ``acse_timeout``, counted as an association all the while."""
+    assoc = dul.assoc
+    if assoc.is_acceptor and assoc.requestor.primitive is None and dul.to_user_queue.empty():
+        dul.to_user_queue.put(None)
+
+
+# -- bounded PDU reads ----------------------------------------------------------------------
+
+#: The largest A-ASSOCIATE-RQ/-AC accepted (all storage classes with every transfer syntax
+#: and a user identity stay well below it).
+MAX_ASSOCIATE_PDU = 1024 * 1024
+#: The largest P-DATA-TF accepted when we announce no maximum (max_pdu_bytes = 0).
+PDATA_CEILING = 64 * 1024 * 1024
+#: A-ASSOCIATE-RJ, A-RELEASE-RQ/-RP and A-ABORT carry 4 bytes; some slack, no more.
+_SHORT_PDU_LIMIT = 1024
+_PDU_NAMES = {
+    0x01: "A-ASSOCIATE-RQ",
+    0x02: "A-ASSOCIATE-AC",
+    0x03: "A-ASSOCIATE-RJ",
+    0x04: "P-DATA-TF",
+    0x05: "A-RELEASE-RQ",
+    0x06: "A-RELEASE-RP",
+    0x07: "A-ABORT",
+}
+_RECV_CHUNK = 256 * 1024
+_ABORT_SEND_SECONDS = 1.0
+
+
+class Closing(StrEnum):
+    """Why the bounded reader ended a connection: the peer did, or a refusal."""
+
+    #: The peer closed the connection (or sent A-ABORT before its request): not a refusal.
+    PEER_CLOSED = "peer-closed"
+    #: The A-ASSOCIATE-RQ was not complete by its deadline.
+    REQUEST_TIMEOUT = "request-timeout"
+    #: A PDU, once begun, was not complete within ``pdu_seconds``.
+    PDU_TIMEOUT = "pdu-timeout"
+    #: Longer than announced (P-DATA-TF) or than any sane request.
+    PDU_TOO_LONG = "pdu-too-long"
+    UNKNOWN_PDU_TYPE = "unknown-pdu-type"
+    #: Anything but an A-ASSOCIATE-RQ (or A-ABORT) before the association.
+    UNEXPECTED_PDU = "unexpected-pdu"
+    #: A PDU that does not decode.
+    MALFORMED_PDU = "malformed-pdu"
+    #: The TLS handshake (run on the first read) or a TLS record failed.
+    TLS_FAILED = "tls-failed"
+
+
+#: PS3.8 9.3.8 A-ABORT reason/diag. (source: service provider) per refusal.
+_ABORT_REASON = {
+    Closing.REQUEST_TIMEOUT: 0x00,  # reason not specified
+    Closing.PDU_TIMEOUT: 0x00,
+    Closing.UNKNOWN_PDU_TYPE: 0x01,  # unrecognized PDU
+    Closing.UNEXPECTED_PDU: 0x02,  # unexpected PDU
+    Closing.PDU_TOO_LONG: 0x06,  # invalid PDU parameter value
+    Closing.MALFORMED_PDU: 0x06,
+    Closing.TLS_FAILED: 0x00,
+}
+
+
+def _no_report(dul: Any, closing: Closing, detail: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class PduBounds:
+    """What one accepted connection may send, and whom to tell when it is closed for it.
+
+    Deadlines are ``time.monotonic()`` values.
+    """
+
+    #: The A-ASSOCIATE-RQ must be complete by then (the connection's ARTIM deadline).
+    request_deadline: float
+    #: A PDU must be complete this many seconds after the reader starts on it.
+    pdu_seconds: float
+    #: The longest P-DATA-TF accepted: the maximum length we announced.
+    max_pdata: int
+    #: Called in the DUL thread with (dul, why, detail) after the reader closed the
+    #: connection, or saw the peer close it.
+    on_close: Callable[[Any, Closing, str], None] = _no_report
+    max_associate: int = MAX_ASSOCIATE_PDU
+
+
+def bound_reads(dul: DULServiceProvider, bounds: PduBounds) -> None:
+    """Read this DUL's PDUs within ``bounds`` (before its thread starts)."""
+    dul._dn_bounds = bounds  # type: ignore[attr-defined]
+
+
+class _Late(Exception):
+    pass
+
+
+def _receive(sock: socket.socket, count: int, deadline: float) -> bytearray:
+    """Up to ``count`` bytes by ``deadline`` (fewer: the peer closed). Raises _Late."""
+    data = bytearray()
+    previous = sock.gettimeout()
+    try:
+        while len(data) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Late
+            sock.settimeout(remaining)
+            try:
+                chunk = sock.recv(min(count - len(data), _RECV_CHUNK))
+            except TimeoutError:
+                continue
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        try:
+            sock.settimeout(previous)
+        except OSError:
+            pass
+    return data
+
+
+def _check_header(
+    pdu_type: int, length: int, awaiting_request: bool, bounds: PduBounds
+) -> tuple[Closing, str] | None:
+    name = _PDU_NAMES.get(pdu_type)
+    if name is None:
+        return Closing.UNKNOWN_PDU_TYPE, f"unknown PDU type 0x{pdu_type:02X}"
+    if awaiting_request and pdu_type not in (0x01, 0x07):
+        return Closing.UNEXPECTED_PDU, f"{name} before an A-ASSOCIATE-RQ"
+    if pdu_type == 0x04:
+        limit = bounds.max_pdata
+    elif pdu_type in (0x01, 0x02):
+        limit = bounds.max_associate
+    else:
+        limit = _SHORT_PDU_LIMIT
+    if length > limit:
+        return Closing.PDU_TOO_LONG, f"{name} of {length} bytes, longer than {limit}"
+    return None
+
+
+def _report(dul: Any, bounds: PduBounds, closing: Closing, detail: str) -> None:
+    try:
+        bounds.on_close(dul, closing, detail)
+    except Exception:  # the policy's bug must not take the DUL reactor down with it
+        log.exception("reporting a closed connection failed")
+
+
+def _refuse(dul: Any, bounds: PduBounds, closing: Closing, detail: str) -> None:
+    """A-ABORT (service provider) and close: the state machine sees the connection closed.
+    Reported first: what the peer sees has been recorded."""
+    _report(dul, bounds, closing, detail)
+    sock = dul.socket.socket
+    abort = A_ABORT_RQ()
+    abort.source = 0x02
+    abort.reason_diagnostic = _ABORT_REASON[closing]
+    try:
+        sock.settimeout(_ABORT_SEND_SECONDS)
+        sock.sendall(abort.encode())
+    except OSError:
+        pass
+    dul.socket.close()  # Evt17: Sta2 -> Sta1, or A-P-ABORT to an established association
+
+
+def _peer_closed(dul: Any, bounds: PduBounds, detail: str) -> None:
+    _report(dul, bounds, Closing.PEER_CLOSED, detail)
+    dul.event_queue.put("Evt17")
+
+
+def _read_bounded(dul: Any, bounds: PduBounds) -> None:
+    """pynetdicom's ``_read_pdu_data`` within ``bounds``: same events, same queues."""
+    sock = dul.socket.socket
+    # Sta1: the first read can come before the state machine has taken the connection
+    # (Evt5, already queued) — an acceptor's DUL is never in Sta1 otherwise while reading.
+    awaiting_request = dul.state_machine.current_state in ("Sta1", "Sta2")
+    deadline = time.monotonic() + bounds.pdu_seconds
+    late = Closing.PDU_TIMEOUT
+    if awaiting_request and bounds.request_deadline < deadline:
+        deadline, late = bounds.request_deadline, Closing.REQUEST_TIMEOUT
+    try:
+        header = _receive(sock, 6, deadline)
+        if len(header) < 6:
+            _peer_closed(dul, bounds, "connection closed")
+            return
+        pdu_type, _, length = struct.unpack(">BBL", header)
+        refusal = _check_header(pdu_type, length, awaiting_request, bounds)
+        if refusal is not None:
+            _refuse(dul, bounds, *refusal)
+            return
+        body = _receive(sock, length, deadline)
+    except _Late:
+        what = "A-ASSOCIATE-RQ" if late is Closing.REQUEST_TIMEOUT else "PDU"
+        _refuse(dul, bounds, late, f"{what} not complete in time")
+        return
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+        _peer_closed(dul, bounds, "connection closed during TLS")
+        return
+    except ssl.SSLError as exc:
+        _refuse(dul, bounds, Closing.TLS_FAILED, f"TLS failed: {exc.reason or type(exc).__name__}")
+        return
+    except OSError as exc:  # reset by the peer, or closed under us
+        _peer_closed(dul, bounds, f"connection lost ({type(exc).__name__})")
+        return
+    if len(body) < length:
+        _peer_closed(dul, bounds, f"connection closed {len(body)} bytes into a {length}-byte PDU")
+        return
+    if awaiting_request and pdu_type == 0x07:
+        _report(dul, bounds, Closing.PEER_CLOSED, "A-ABORT before an A-ASSOCIATE-RQ")
+    try:
+        pdu, event = dul._decode_pdu(header + body)
+        if pdu_type == 0x01 and awaiting_request:
+            # AE-6 converts it inside the state machine, where a failure stops the DUL
+            # thread and leaves the socket open: find out here.
+            pdu.to_primitive()
+    except Exception as exc:
+        detail = f"{_PDU_NAMES[pdu_type]} does not decode ({type(exc).__name__})"
+        _refuse(dul, bounds, Closing.MALFORMED_PDU, detail)
+        return
+    dul.event_queue.put(event)
+    dul._recv_pdu.put(pdu)
+
+
+_original_read_pdu_data = DULServiceProvider._read_pdu_data
+
+
+def _read_pdu_data(self: Any) -> None:
+    bounds = getattr(self, "_dn_bounds", None)
+    if bounds is None:
+        _original_read_pdu_data(self)
+    else:
+        _read_bounded(self, bounds)
 
 
 def tune_pynetdicom() -> None:
-    """Apply the latency settings once per process."""
+    """Apply the latency settings and the connection hooks once per process."""
     global _applied
     with _lock:
         if _applied:
@@ -152,6 +409,7 @@ def tune_pynetdicom() -> None:
         pynetdicom.dul.time = shim
         DULServiceProvider.send_pdu = _send_pdu  # type: ignore[method-assign]
         DULServiceProvider.run_reactor = _run_reactor  # type: ignore[method-assign]
+        DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
         # Send stored files straight from disk, without decoding and re-encoding them.
         pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True
         # Reading what a peer sent must not stop on a non-conformant value (the receiver

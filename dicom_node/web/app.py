@@ -5,6 +5,11 @@ Login required for everything but the login page. Roles: ``auditor`` reads the a
 review queue (previews of held outputs with their maps; approve or reject, audited). Every
 read of the audit log is itself audited, with the user's name. Pages are server-rendered
 (Jinja2, autoescaped); no script, no external asset, and a strict Content-Security-Policy.
+
+Every POST passes :mod:`dicom_node.web.guard` (its origin, and the form token tied to the
+session); a refusal is a 403 with a plain message, audited as a security alert. Every
+query and path parameter is checked: a bad one is a 400 that says which and why. Failed
+logins are throttled per user name and per source address.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import FastAPI, Form, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi import Depends, FastAPI, Form, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
@@ -31,22 +38,68 @@ from dicom_node.db.engine import Database
 from dicom_node.delivery.profiles import DestinationProfiles
 from dicom_node.jobs.previews import PreviewCache
 from dicom_node.jobs.review import ReviewError, approve, held_jobs, job_detail, reject
+from dicom_node.web.guard import (
+    PRESESSION_COOKIE,
+    SAFE_METHODS,
+    SESSION_COOKIE,
+    TOKEN_FIELD,
+    allowed_origins,
+    form_token,
+    new_presession,
+    origin_problem,
+    token_matches,
+    token_secret,
+)
 from dicom_node.web.users import Role, User, UserStore
 
-COOKIE = "dicom_node_session"
+COOKIE = SESSION_COOKIE
 _HERE = Path(__file__).parent
-_FAILURE_WINDOW, _FAILURE_LIMIT = 300.0, 5
+_FAILURE_WINDOW = 300.0
+#: Failed logins in the window before a user name, or a source address, must wait. An
+#: address gets more: several people may share one (a ward PC, a proxy).
+_NAME_LIMIT, _ADDRESS_LIMIT = 5, 20
+#: Searchable dates (a wider year is a typo, and the far ends overflow the clock).
+_FIRST_YEAR, _LAST_YEAR = 1900, 2999
+#: Row ids are SQLite integers.
+_MAX_ID = 2**63 - 1
+_TEXT_MAX = 256
+
+JobId = Annotated[int, PathParam(ge=1, le=_MAX_ID)]
+SearchText = Annotated[str, Query(max_length=_TEXT_MAX)]
+
+
+class BadRequest(Exception):
+    """A search parameter the page cannot use: a 400 that names it and why."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class CrossSiteRefused(Exception):
+    """A POST that failed the origin or the form-token check: a 403."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
 
 
-def _day(value: str | None, end: bool = False) -> float | None:
+def _day(name: str, value: str, end: bool = False) -> float | None:
+    """A search date (``YYYY-MM-DD`` or ISO date-time) as a timestamp; ``end``: a bare date
+    means up to the end of that day. Raises :class:`BadRequest` for anything else."""
     if not value:
         return None
-    day = dt.datetime.fromisoformat(value)
-    if end and len(value) <= 10:
+    try:
+        day = dt.datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise BadRequest(f"{name}: {value[:40]!r} is not a date (write YYYY-MM-DD)") from None
+    if not _FIRST_YEAR <= day.year <= _LAST_YEAR:
+        raise BadRequest(f"{name}: year {day.year} is outside {_FIRST_YEAR}-{_LAST_YEAR}")
+    if end and len(value.strip()) <= 10:
         day += dt.timedelta(days=1)
     return day.timestamp()
 
@@ -57,33 +110,118 @@ class WebContext:
     db: Database
     audit: AuditTrail
     checkpoint_file: Path
+    #: Served over HTTPS ([web] cert_file): cookies are Secure.
+    https: bool = False
 
 
 class _LoginThrottle:
-    """At most 5 failed logins per user name in 5 minutes (then: wait)."""
+    """At most 5 failed logins per user name, and 20 per source address, in 5 minutes
+    (then: wait). A success clears its user name's count, never its address's: one valid
+    account must not reset the count of a guesser going through many names."""
 
     def __init__(self) -> None:
-        self._failures: dict[str, deque[float]] = defaultdict(deque)
+        self._by_name: dict[str, deque[float]] = defaultdict(deque)
+        self._by_address: dict[str, deque[float]] = defaultdict(deque)
 
-    def blocked(self, username: str) -> bool:
-        recent = self._failures[username]
+    @staticmethod
+    def _count(failures: dict[str, deque[float]], key: str) -> int:
+        recent = failures.get(key)
+        if recent is None:
+            return 0
         while recent and recent[0] < time.time() - _FAILURE_WINDOW:
             recent.popleft()
-        return len(recent) >= _FAILURE_LIMIT
+        if not recent:
+            del failures[key]
+        return len(recent)
 
-    def failed(self, username: str) -> None:
-        self._failures[username].append(time.time())
+    def blocked(self, username: str, address: str) -> str | None:
+        """Why this login must wait ("name" or "address"), or None."""
+        if self._count(self._by_address, address) >= _ADDRESS_LIMIT:
+            return "address"
+        if self._count(self._by_name, username) >= _NAME_LIMIT:
+            return "name"
+        return None
+
+    def failed(self, username: str, address: str) -> None:
+        now = time.time()
+        for failures, key in ((self._by_name, username), (self._by_address, address)):
+            if len(failures) > 10_000:  # a flood of names: forget the ones whose window has passed
+                for old in [k for k, v in failures.items() if not v or v[-1] < now - _FAILURE_WINDOW]:
+                    del failures[old]
+            failures[key].append(now)
 
     def succeeded(self, username: str) -> None:
-        self._failures.pop(username, None)
+        self._by_name.pop(username, None)
 
 
 def create_app(ctx: WebContext) -> FastAPI:
-    app = FastAPI(title="dicom-node", docs_url=None, redoc_url=None, openapi_url=None)
-    app.mount("/static", StaticFiles(directory=_HERE / "static"), name="static")
+    web = ctx.config.web
+    secure = ctx.https or web.secure_cookies
     templates = Jinja2Templates(directory=_HERE / "templates")
     users = UserStore(ctx.db)
     throttle = _LoginThrottle()
+
+    def session_user(request: Request) -> User | None:
+        return users.session_user(request.cookies.get(COOKIE))
+
+    async def same_site_post(request: Request) -> None:
+        """Every route's dependency: a POST must come from this site's own page."""
+        if request.method in SAFE_METHODS:
+            return
+        allowed = allowed_origins(request.url.scheme, request.headers.get("host"), web.trusted_origins)
+        problem = origin_problem(request.headers, allowed)
+        if problem is None:
+            form = await request.form()
+            if not token_matches(request.cookies, form.get(TOKEN_FIELD)):
+                problem = "the form's security token is missing or out of date"
+        if problem is None:
+            return
+        user = session_user(request)
+        ctx.audit.record(
+            AuditEvent.SECURITY_ALERT,
+            Outcome.MINOR_FAILURE,
+            actor=f"web:{user.username}" if user else None,
+            peer_host=request.client.host if request.client else None,
+            alert="restricted-function",
+            reason=f"cross-site request refused: {problem}",
+            method=request.method,
+            path=request.url.path,
+        )
+        raise CrossSiteRefused(f"Refused: {problem}. Reload the page on this site and submit the form again.")
+
+    app = FastAPI(
+        title="dicom-node",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        dependencies=[Depends(same_site_post)],
+    )
+    app.mount("/static", StaticFiles(directory=_HERE / "static"), name="static")
+
+    @app.exception_handler(CrossSiteRefused)
+    async def cross_site_refused(_request: Request, exc: CrossSiteRefused) -> Response:
+        return PlainTextResponse(exc.message, status_code=403)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameter(request: Request, exc: RequestValidationError) -> Response:
+        problems = []
+        for error in exc.errors()[:5]:
+            where = ".".join(
+                str(part) for part in error.get("loc", ()) if part not in ("query", "path", "body")
+            )
+            problems.append(f"{where or 'request'}: {error.get('msg', 'invalid')}")
+        return message_page(request, "Bad request", "; ".join(problems))
+
+    def message_page(request: Request, title: str, message: str, status: int = 400) -> Response:
+        return page(
+            request,
+            "message.html",
+            status,
+            user=session_user(request),
+            title=title,
+            kind="error",
+            message=message,
+        )
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next: Any) -> Response:
@@ -93,15 +231,27 @@ def create_app(ctx: WebContext) -> FastAPI:
         )
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"
+        # Not no-referrer: a browser then sends "Origin: null" on our own forms' POSTs.
+        response.headers["Referrer-Policy"] = "same-origin"
         response.headers["Cache-Control"] = "no-store"
         return response
 
-    def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
-        return templates.TemplateResponse(request, name, context, status_code=status)
+    def set_cookie(response: Response, name: str, value: str, max_age: int | None = None) -> None:
+        response.set_cookie(name, value, httponly=True, samesite="strict", secure=secure, max_age=max_age)
 
-    def session_user(request: Request) -> User | None:
-        return users.session_user(request.cookies.get(COOKIE))
+    def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+        """Render a page; its forms carry the token of the browser's session (a browser
+        with no session yet is given a pre-session cookie to tie the token to)."""
+        secret = token_secret(request.cookies)
+        presession = None
+        if secret is None:
+            secret = presession = new_presession()
+        response = templates.TemplateResponse(
+            request, name, {**context, "csrf_token": form_token(secret)}, status_code=status
+        )
+        if presession is not None:
+            set_cookie(response, PRESESSION_COOKIE, presession)
+        return response
 
     def gate(request: Request, role: Role) -> User | Response:
         """The user, or the response that turns them away (login page or 403)."""
@@ -125,22 +275,28 @@ def create_app(ctx: WebContext) -> FastAPI:
         ctx.audit.record(AuditEvent.AUDIT_LOG_USED, actor=f"web:{user.username}", what=what, **facts)
 
     @app.get("/login", response_class=HTMLResponse)
-    def login_form(request: Request, next: str = "/") -> Response:
+    def login_form(request: Request, next: Annotated[str, Query(max_length=2048)] = "/") -> Response:
         return page(request, "login.html", user=None, title="Sign in", next=next)
 
     @app.post("/login", response_class=HTMLResponse)
     def login(
-        request: Request, username: str = Form(...), password: str = Form(...), next: str = Form("/")
+        request: Request,
+        username: Annotated[str, Form(max_length=_TEXT_MAX)],
+        password: Annotated[str, Form(max_length=1024)],
+        next: Annotated[str, Form(max_length=2048)] = "/",
     ) -> Response:
         client = request.client.host if request.client else None
-        if throttle.blocked(username):
+        blocked = throttle.blocked(username, client or "")
+        if blocked is not None:
             ctx.audit.record(
                 AuditEvent.USER_LOGIN,
                 Outcome.MINOR_FAILURE,
                 actor=f"web:{username}",
                 peer_host=client,
                 result="throttled",
+                throttled_by=blocked,
             )
+            why = "this user name" if blocked == "name" else "this address"
             return page(
                 request,
                 "login.html",
@@ -149,11 +305,11 @@ def create_app(ctx: WebContext) -> FastAPI:
                 title="Sign in",
                 username=username,
                 next=next,
-                error="Too many failed attempts for this user name; wait five minutes.",
+                error=f"Too many failed attempts for {why}; wait five minutes.",
             )
         user = users.authenticate(username, password)
         if user is None:
-            throttle.failed(username)
+            throttle.failed(username, client or "")
             ctx.audit.record(
                 AuditEvent.USER_LOGIN,
                 Outcome.MINOR_FAILURE,
@@ -180,23 +336,16 @@ def create_app(ctx: WebContext) -> FastAPI:
             result="signed in",
             role=user.role.value,
         )
-        target = next if next.startswith("/") and not next.startswith("//") else "/"
-        response = RedirectResponse(target, status_code=303)
-        response.set_cookie(
-            COOKIE,
-            token,
-            httponly=True,
-            samesite="strict",
-            secure=ctx.config.web.secure_cookies,
-            max_age=int(ctx.config.web.session_hours * 3600),
-        )
+        response = RedirectResponse(_local_target(next), status_code=303)
+        set_cookie(response, COOKIE, token, max_age=int(web.session_hours * 3600))
+        response.delete_cookie(PRESESSION_COOKIE, httponly=True, samesite="strict", secure=secure)
         return response
 
     @app.post("/logout")
     def logout(request: Request) -> Response:
         users.close_session(request.cookies.get(COOKIE))
         response = RedirectResponse("/login", status_code=303)
-        response.delete_cookie(COOKIE)
+        response.delete_cookie(COOKIE, httponly=True, samesite="strict", secure=secure)
         return response
 
     @app.get("/", response_class=HTMLResponse)
@@ -209,12 +358,12 @@ def create_app(ctx: WebContext) -> FastAPI:
     @app.get("/audit", response_class=HTMLResponse)
     def audit_search(
         request: Request,
-        patient: str = "",
-        study: str = "",
-        since: str = "",
-        until: str = "",
-        event: str = "",
-        ae: str = "",
+        patient: SearchText = "",
+        study: SearchText = "",
+        since: SearchText = "",
+        until: SearchText = "",
+        event: SearchText = "",
+        ae: SearchText = "",
     ) -> Response:
         user = gate(request, Role.AUDITOR)
         if not isinstance(user, User):
@@ -222,21 +371,26 @@ def create_app(ctx: WebContext) -> FastAPI:
         q = {"patient": patient, "study": study, "since": since, "until": until, "event": event, "ae": ae}
         searched = any(q.values()) or "search" in request.query_params
         records: list[Any] = []
-        error = None
+        error, status = None, 200
         limit = 500
+        events = sorted(e.value for e in AuditEvent)
+        bounds: tuple[float | None, float | None] = (None, None)
+        try:
+            bounds = (_day("since", since), _day("until", until, end=True))
+            if event and event not in events:
+                raise BadRequest(f"event: {event[:40]!r} is not an audit event (choose one from the list)")
+        except BadRequest as exc:
+            error, status, searched = f"Cannot search: {exc.message}", 400, False
         if searched:
-            try:
-                found = ctx.audit.search(
-                    patient_id=patient or None,
-                    study_uid=study.strip() or None,
-                    since=_day(since),
-                    until=_day(until, end=True),
-                    events=[event] if event else None,
-                    ae=ae or None,
-                    limit=limit,
-                )
-            except ValueError as exc:
-                found, error = [], f"Cannot search: {exc}"
+            found = ctx.audit.search(
+                patient_id=patient or None,
+                study_uid=study.strip() or None,
+                since=bounds[0],
+                until=bounds[1],
+                events=[event] if event else None,
+                ae=ae or None,
+                limit=limit,
+            )
             log_used(user, "search", filters={k: v for k, v in q.items() if v}, results=len(found))
             records = [
                 {
@@ -250,6 +404,7 @@ def create_app(ctx: WebContext) -> FastAPI:
         return page(
             request,
             "audit_search.html",
+            status,
             user=user,
             title="Audit search",
             q=q,
@@ -257,11 +412,13 @@ def create_app(ctx: WebContext) -> FastAPI:
             records=records,
             limit=limit,
             error=error,
-            events=sorted(e.value for e in AuditEvent),
+            events=events,
         )
 
     @app.get("/audit/study/{study_uid}", response_class=HTMLResponse)
-    def audit_report(request: Request, study_uid: str) -> Response:
+    def audit_report(
+        request: Request, study_uid: Annotated[str, PathParam(max_length=_TEXT_MAX)]
+    ) -> Response:
         user = gate(request, Role.AUDITOR)
         if not isinstance(user, User):
             return user
@@ -322,7 +479,7 @@ def create_app(ctx: WebContext) -> FastAPI:
     previews = PreviewCache()
 
     @app.get("/review", response_class=HTMLResponse)
-    def review_queue(request: Request, message: str = "") -> Response:
+    def review_queue(request: Request, message: Annotated[str, Query(max_length=500)] = "") -> Response:
         user = gate(request, Role.OPERATOR)
         if not isinstance(user, User):
             return user
@@ -356,14 +513,16 @@ def create_app(ctx: WebContext) -> FastAPI:
         )
 
     @app.get("/review/{job_id}", response_class=HTMLResponse)
-    def review_job(request: Request, job_id: int) -> Response:
+    def review_job(request: Request, job_id: JobId) -> Response:
         user = gate(request, Role.OPERATOR)
         if not isinstance(user, User):
             return user
         return review_page(request, user, job_id)
 
     @app.get("/review/{job_id}/preview/{kind}.png")
-    def review_preview(request: Request, job_id: int, kind: str) -> Response:
+    def review_preview(
+        request: Request, job_id: JobId, kind: Annotated[str, PathParam(max_length=64)]
+    ) -> Response:
         user = gate(request, Role.OPERATOR)
         if not isinstance(user, User):
             return user
@@ -374,7 +533,9 @@ def create_app(ctx: WebContext) -> FastAPI:
         return Response(data, media_type="image/png")
 
     @app.post("/review/{job_id}/approve", response_class=HTMLResponse)
-    def review_approve(request: Request, job_id: int, note: str = Form("")) -> Response:
+    def review_approve(
+        request: Request, job_id: JobId, note: Annotated[str, Form(max_length=2000)] = ""
+    ) -> Response:
         user = gate(request, Role.OPERATOR)
         if not isinstance(user, User):
             return user
@@ -394,7 +555,9 @@ def create_app(ctx: WebContext) -> FastAPI:
         return RedirectResponse(f"/review?message={quote(done)}", status_code=303)
 
     @app.post("/review/{job_id}/reject", response_class=HTMLResponse)
-    def review_reject(request: Request, job_id: int, reason: str = Form("")) -> Response:
+    def review_reject(
+        request: Request, job_id: JobId, reason: Annotated[str, Form(max_length=2000)] = ""
+    ) -> Response:
         user = gate(request, Role.OPERATOR)
         if not isinstance(user, User):
             return user
@@ -406,3 +569,9 @@ def create_app(ctx: WebContext) -> FastAPI:
         return RedirectResponse(f"/review?message={quote(done)}", status_code=303)
 
     return app
+
+
+def _local_target(next_page: str) -> str:
+    """Where to go after login: a path on this site, never another ("//host" and "/\\host"
+    are read by browsers as other sites; the redirect percent-encodes the rest)."""
+    return next_page if next_page.startswith("/") and next_page[1:2] not in ("/", "\\") else "/"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pydicom
@@ -122,6 +123,10 @@ def test_unknown_calling_ae_and_wrong_host_are_rejected(tmp_path: Path) -> None:
         assert send(node, [], calling="EVIL") is None
         assert send(node, [], calling="GOODSCU", bind="127.0.0.2") is None, "AE tied to 127.0.0.1"
         assert send(node, [], calling="GOODSCU") == []
+        # The rejection reaches the client before its audit record is committed: wait for it.
+        deadline = time.monotonic() + 10
+        while len(audit_rows(node, "security-alert")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
         rejected = audit_rows(node, "association-rejected")
         assert [(r[3], r[4]) for r in rejected] == [("EVIL", "127.0.0.1"), ("GOODSCU", "127.0.0.2")]
         assert "not on the allow-list" in json.loads(rejected[0][5])["reason"]

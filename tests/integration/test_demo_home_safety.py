@@ -19,6 +19,7 @@ import pytest
 from audit import AuditEvent
 from dicom_node.lab.demo_home import MARKER, HomeNotTheDemos, claim_home
 from dicom_node.runtime import Runtime
+from dicom_node.serve import ServeLock
 from tests.conftest import require
 from tests.peers import STORESCU
 
@@ -134,9 +135,10 @@ def test_a_home_the_demo_made_is_cleared_and_reused(tmp_path: Path) -> None:
     assert (home / "before-demo-20260102T030405Z").is_dir(), "what --fresh moved aside stays"
 
 
-def test_a_running_node_is_never_moved(tmp_path: Path) -> None:
+def test_a_running_node_is_never_moved(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     home = make_node_home(tmp_path / "site")
-    (home / "var" / "run" / "serve.pid").write_text(f"{os.getpid()}\n")  # a live process
+    lock = ServeLock(home / "var" / "run" / "serve.pid", home).acquire()  # as a live serve holds it
+    request.addfinalizer(lock.release)
     before = fingerprint(tmp_path)
     for marked in (False, True):
         if marked:

@@ -4,6 +4,7 @@ a wrong password is refused; an operator cannot read the audit log."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -70,7 +71,10 @@ def test_auditor_logs_in_searches_and_reads_report(
 
         # An operator is turned away from the audit log.
         with httpx.Client(base_url=base, follow_redirects=False) as client:
-            r = client.post("/login", data={"username": "olga", "password": "operator password", "next": "/"})
+            token = re.search(r'name="csrf_token" value="(\w+)"', client.get("/login").text)
+            assert token is not None, "the login form carries its token"
+            login = {"username": "olga", "password": "operator password", "csrf_token": token.group(1)}
+            r = client.post("/login", data=login, headers={"Origin": base})
             assert r.status_code == 303
             assert client.get("/audit").status_code == 403
             assert client.get("/studies").status_code == 200

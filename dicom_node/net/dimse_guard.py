@@ -1,0 +1,222 @@
+"""Malformed C-STORE requests get an answer: a failure status, or an A-ABORT — never silence.
+
+Where pynetdicom 3.0.4 goes quiet or drops the connection:
+
+* ``Association._serve_request`` ignores a request that lacks a mandatory parameter
+  (``is_valid_request``) with a log line: an SCU that sent a C-STORE-RQ without Affected
+  SOP Instance UID waits for a response that never comes.
+* ``DIMSEMessage.message_to_primitive`` raises on a command value that fails validation (an
+  Affected SOP Instance UID over 64 characters): the association is aborted and the data
+  set, already received, is dropped.
+* An exception while decoding a command set (garbled bytes, an unknown Command Field) kills
+  the DUL thread: the peer sees the connection drop without an A-ABORT, and the
+  association's handlers never hear that it ended.
+
+:func:`install_dimse_guard` (called by ``Receiver.build_ae``; idempotent) changes three
+things and nothing else:
+
+1. A C-STORE request primitive is built leniently: a command value that fails validation is
+   left out; a mandatory one is recorded, as is anything missing, as a
+   :class:`CommandDefect` (an invalid optional one, such as Move Originator, is just dropped).
+2. A C-STORE request with a defect goes to the Storage Service like any other, so the
+   EVT_C_STORE handler sees it (:func:`command_defect`) and answers with a failure status;
+   the receiver quarantines its data set. A request without Message ID, or on a context
+   that was not accepted, cannot be answered (a response names both): it is aborted.
+3. A DIMSE message that cannot be decoded, or whose fragments come out of order (a data
+   set before its command, a command while a data set is due — a Command Data Set Type that
+   lies), ends the association with A-ABORT, as pynetdicom already does for a message it
+   decodes but cannot convert (Evt19); the association handlers see it aborted. So does a
+   response that reaches the SCP, answering no request of its own (pynetdicom ignores it,
+   and the peer that sent it waits).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.service_class import StorageServiceClass
+
+log = logging.getLogger(__name__)
+
+_NO_DATA_SET = 0x0101
+#: Mandatory C-STORE-RQ parameters (PS3.7 Table 9.1-1) and how a reason names them.
+_MANDATORY = {
+    "MessageID": "Message ID",
+    "AffectedSOPClassUID": "Affected SOP Class UID",
+    "AffectedSOPInstanceUID": "Affected SOP Instance UID",
+    "Priority": "Priority",
+}
+#: How much of an invalid Affected SOP Instance UID the quarantine record keeps.
+_CLAIMED_MAX = 128
+_DEFECT = "_dn_command_defect"
+_RESPONSE = "_dn_response"
+
+_applied = False
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class CommandDefect:
+    """What is wrong with a C-STORE request's command set."""
+
+    #: The node's own words, naming the parameter: never its value.
+    reason: str
+    #: The Affected SOP Instance UID as sent (possibly invalid), "" when there was none.
+    claimed_sop_uid: str
+    #: The Affected SOP Instance UID breaks the UID rules (status Invalid SOP Instance).
+    invalid_sop_instance_uid: bool = False
+
+
+class _ProtocolViolation(Exception):
+    """DIMSE fragments that cannot form a message (the message is the reason)."""
+
+
+def command_defect(request: Any) -> CommandDefect | None:
+    """The defect of a C-STORE request primitive the guard let through, or None."""
+    defect = getattr(request, _DEFECT, None)
+    return defect if isinstance(defect, CommandDefect) else None
+
+
+def _peer(assoc: Association) -> str:
+    return str((assoc.acceptor if assoc.is_requestor else assoc.requestor).address)
+
+
+def _value(elem: Any) -> Any:
+    value = elem.value
+    return value[0] if elem.VM > 1 and isinstance(value, list | tuple) else value
+
+
+def _find_defect(message: DIMSEMessage, invalid: list[str], claimed: str) -> CommandDefect | None:
+    command = message.command_set
+    if "AffectedSOPInstanceUID" in invalid:
+        return CommandDefect(
+            "C-STORE request has an invalid Affected SOP Instance UID", claimed, invalid_sop_instance_uid=True
+        )
+    for keyword, name in _MANDATORY.items():
+        if keyword in invalid:
+            return CommandDefect(f"C-STORE request has an invalid {name}", claimed)
+        if keyword not in command or command[keyword].value in (None, ""):
+            return CommandDefect(f"C-STORE request has no {name}", claimed)
+    if command.get("CommandDataSetType") == _NO_DATA_SET:
+        return CommandDefect("C-STORE request has no data set", claimed)
+    return None
+
+
+_original_to_primitive = DIMSEMessage.message_to_primitive
+
+
+def _to_primitive(self: DIMSEMessage) -> Any:
+    if type(self).__name__.endswith("_RSP"):
+        primitive = _original_to_primitive(self)
+        setattr(primitive, _RESPONSE, True)  # the primitive alone does not say (request fields fit it)
+        return primitive
+    if not isinstance(self, C_STORE_RQ):
+        return _original_to_primitive(self)
+    scratch = C_STORE()
+    invalid: list[str] = []
+    claimed = ""
+    for elem in list(self.command_set):
+        if not hasattr(scratch, elem.keyword):
+            continue
+        value = _value(elem)
+        if elem.keyword == "AffectedSOPInstanceUID":  # kept for the quarantine record, within reason
+            claimed = str(value or "").strip("\0 ")[:_CLAIMED_MAX]
+        try:
+            setattr(scratch, elem.keyword, value)
+        except (ValueError, TypeError):
+            invalid.append(elem.keyword)
+    for keyword in invalid:  # left out of the primitive: it would fail again in the response
+        delattr(self.command_set, keyword)
+        if keyword not in _MANDATORY:  # an optional one (Move Originator): dropped, not a defect
+            log.info("C-STORE request: dropped an invalid %s", keyword)
+    primitive = _original_to_primitive(self)
+    defect = _find_defect(self, invalid, claimed)
+    if defect is not None:
+        setattr(primitive, _DEFECT, defect)
+    return primitive
+
+
+_original_serve_request = Association._serve_request
+
+
+def _serve_request(self: Association, msg: Any, context_id: int) -> None:
+    if self.is_acceptor and getattr(msg, _RESPONSE, False):
+        # Requests this side sends wait for their responses themselves; one that reaches
+        # the dispatcher answers no request (a Command Field turned into a response's).
+        log.warning(
+            "aborting the association with %s: a %s response to no request", _peer(self), msg.msg_type
+        )
+        self.abort()
+        return
+    defect = command_defect(msg)
+    if defect is None or self._sent_release:
+        _original_serve_request(self, msg, context_id)
+        return
+    context = self._accepted_cx.get(context_id)
+    if context is None or msg.MessageID is None:
+        log.warning(
+            "aborting the association with %s: a C-STORE request that cannot be answered (%s)",
+            _peer(self),
+            "no Message ID" if context is not None else f"context {context_id} was not accepted",
+        )
+        self.abort()
+        return
+    try:
+        # As pynetdicom's own dispatch does around a service class.
+        self.dimse.cancel_req = {}
+        self._is_paused = True
+        StorageServiceClass(self).SCP(msg, context)
+        self._is_paused = False
+        self.dimse.cancel_req = {}
+    except Exception:
+        log.exception("answering a malformed C-STORE request failed; aborting the association")
+        self.abort()
+
+
+def _check_order(message: DIMSEMessage | None, primitive: Any) -> None:
+    """Command fragments first, then (when announced) data set fragments — per message."""
+    command_done = message is not None and type(message) is not DIMSEMessage
+    for _context_id, data in primitive.presentation_data_value_list:
+        if not data:
+            raise _ProtocolViolation("an empty presentation data value")
+        if data[0] & 1:
+            if command_done:
+                raise _ProtocolViolation("a command set arrived while a data set was due")
+            command_done = bool(data[0] & 2)
+        elif not command_done:
+            raise _ProtocolViolation("a data set fragment arrived before its command set")
+
+
+_original_receive_primitive = DIMSEServiceProvider.receive_primitive
+
+
+def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
+    try:
+        _check_order(self.message, primitive)
+        _original_receive_primitive(self, primitive)
+    except Exception as exc:
+        why = (
+            str(exc) if isinstance(exc, _ProtocolViolation) else f"undecodable message ({type(exc).__name__})"
+        )
+        log.warning("aborting the association with %s: %s", _peer(self.assoc), why)
+        self.message = None
+        self.dul.event_queue.put("Evt19")  # unrecognised PDU: A-ABORT to the peer, A-P-ABORT here
+
+
+def install_dimse_guard() -> None:
+    """Apply the guard once per process (see the module doc)."""
+    global _applied
+    with _lock:
+        if _applied:
+            return
+        DIMSEMessage.message_to_primitive = _to_primitive  # type: ignore[method-assign]
+        Association._serve_request = _serve_request  # type: ignore[method-assign]
+        DIMSEServiceProvider.receive_primitive = _receive_primitive  # type: ignore[method-assign]
+        _applied = True
