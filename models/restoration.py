@@ -49,16 +49,20 @@ class SliceFacts:
     noise_hu: float
     #: Mondrian calibration group: "thorax" (lung in the slice) or "other".
     group: str
-    #: Noise texture: the noise estimate of the 4×4-binned slice over the slice's own
-    #: (about 0.25 for white noise; higher for coarse, correlated noise — which the
-    #: network cannot remove and the put-back returns — lower for noise piled at the
-    #: highest frequencies). 0: not measured.
-    texture: float = 0.0
+    #: Coarse noise: the noise σ of the 4×4-binned slice, from the median absolute
+    #: Laplacian over the body (robust to edges), HU. Coarse, correlated noise (a smooth
+    #: kernel, iterative reconstruction) is what the network and the put-back let through;
+    #: the simulator's FBP noise, at the same fine-grained level, has less of it. 0: not
+    #: measured (a body too small to bin).
+    coarse_noise_hu: float = 0.0
 
-    @property
-    def coarse_noise_hu(self) -> float:
-        """The noise estimate at 4× the pixel size: what the put-back and the network let through."""
-        return self.texture * self.noise_hu
+
+#: The Laplacian kernel of Immerkær's estimator; its response to white noise of σ 1 has σ 6.
+_LAPLACIAN = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float32)
+#: median |N(0, 1)|: a median absolute value over this is a robust σ.
+_MAD_NORMAL = 0.6744897501960817
+#: Binning of the coarse-noise estimate (4: noise at 4× the pixel size).
+COARSE_BIN = 4
 
 
 def _bin(plane: np.ndarray, factor: int) -> np.ndarray:
@@ -66,8 +70,21 @@ def _bin(plane: np.ndarray, factor: int) -> np.ndarray:
     return plane[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
 
 
+def coarse_noise(plane: np.ndarray, in_body: np.ndarray) -> float:
+    """The noise σ (HU) of the 4×4-binned slice: median absolute Laplacian over the binned
+    body, one binned pixel in from its edge, scaled to a σ (0 when fewer than 16 binned
+    pixels are inside). The median ignores the edges of anatomy, which a mean would add."""
+    from scipy import ndimage
+
+    body = ndimage.binary_erosion(_bin(in_body.astype(np.float32), COARSE_BIN) > 0.99)
+    if int(body.sum()) < 16:
+        return 0.0
+    response = np.abs(ndimage.convolve(_bin(plane, COARSE_BIN), _LAPLACIAN, mode="reflect"))
+    return float(np.median(response[body])) / (6.0 * _MAD_NORMAL)
+
+
 def slice_facts(plane: np.ndarray) -> SliceFacts:
-    """Noise level, texture and calibration group of one input slice (HU), from the image alone."""
+    """Noise level, coarse noise and calibration group of one input slice (HU), from the image alone."""
     from scipy import ndimage
 
     from models.hallucination import local_noise_sigma
@@ -79,26 +96,28 @@ def slice_facts(plane: np.ndarray) -> SliceFacts:
     body = ndimage.binary_fill_holes(smooth > BODY_HU)
     lung = body & (smooth < LUNG_HU)
     share = float(lung.sum()) / max(int(body.sum()), 1)
-    texture = 0.0
-    binned_body = _bin(in_body.astype(np.float32), 4) > 0.99
-    if binned_body.any() and noise > 0:
-        binned = local_noise_sigma(_bin(plane, 4)[None], window=9)[0]
-        texture = float(np.median(binned[binned_body])) / noise
     group = "thorax" if share > THORAX_LUNG_FRACTION else "other"
-    return SliceFacts(noise_hu=noise, group=group, texture=texture)
+    return SliceFacts(noise_hu=noise, group=group, coarse_noise_hu=coarse_noise(plane, in_body))
+
+
+#: The keys of a card's ``sigma_adaptive`` (see :func:`adaptive_factor`).
+ADAPTIVE_KEYS = ("sigma_weight", "coarse_weight", "min_factor", "max_factor")
 
 
 def adaptive_factor(facts: SliceFacts, sigma_median_hu: float, coefficients: dict[str, float]) -> float:
     """The σ multiplier that follows the input's measured noise, on top of the group scale:
-    ``sqrt(base² + (coarse · max(0, x − coarse_offset))²)`` with ``x`` the slice's coarse
-    noise estimate (:attr:`SliceFacts.coarse_noise_hu`) over the median group-scaled σ in
-    its body. Coarse noise the network's σ does not account for widens the interval; 1
-    when no coefficients are given (or nothing was measured)."""
-    if not coefficients or facts.texture <= 0 or sigma_median_hu <= 0:
+    ``sqrt(sigma_weight + coarse_weight · (c / s)²)``, clipped to ``[min_factor,
+    max_factor]``, with ``c`` the slice's coarse noise (:attr:`SliceFacts.coarse_noise_hu`)
+    and ``s`` the median group-scaled σ in its body. So the calibrated variance is
+    ``sigma_weight · σ² + coarse_weight · c²`` (at the slice's median σ): part of it follows
+    the network's σ, part the coarse noise measured in the input, which the network's σ
+    (learnt on one noise texture) does not see. 1 when no coefficients are given or nothing
+    was measured."""
+    if not coefficients or facts.coarse_noise_hu <= 0 or sigma_median_hu <= 0:
         return 1.0
     x = facts.coarse_noise_hu / sigma_median_hu
-    excess = max(0.0, x - coefficients.get("coarse_offset", 0.0))
-    return float(np.hypot(coefficients.get("base", 1.0), coefficients.get("coarse", 0.0) * excess))
+    factor = float(np.sqrt(coefficients["sigma_weight"] + coefficients["coarse_weight"] * x * x))
+    return float(np.clip(factor, coefficients["min_factor"], coefficients["max_factor"]))
 
 
 @dataclass(frozen=True)
@@ -202,9 +221,9 @@ class RestorationCard(StoredCard):
     #: Mondrian (group-conditional) conformal scales, per :class:`SliceFacts` group; a
     #: group not listed uses ``sigma_scale`` (fitted on all calibration slices).
     sigma_scale_by_group: dict[str, float] = field(default_factory=dict)
-    #: σ that follows the input (see :func:`adaptive_factor`): ``base``, ``coarse`` and
-    #: ``coarse_offset``, fitted on calibration slices with varied noise textures. Empty:
-    #: the group scale alone.
+    #: σ that follows the input (see :func:`adaptive_factor`): ``sigma_weight``,
+    #: ``coarse_weight`` (fitted on calibration slices with varied noise textures),
+    #: ``min_factor`` and ``max_factor`` (fixed bounds). Empty: the group scale alone.
     sigma_adaptive: dict[str, float] = field(default_factory=dict)
 
     def write_to(self, directory: Path | str) -> Path:

@@ -122,7 +122,7 @@ def head_mr(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 # -- the model cards ------------------------------------------------------------------------------
-@pytest.mark.parametrize(("name", "version"), [("ldct-restoration", v) for v in ("1.0", "1.1", "1.2")])
+@pytest.mark.parametrize(("name", "version"), [("ldct-restoration", v) for v in ("1.0", "1.1", "1.2", "1.3")])
 def test_each_restoration_card_declares_its_domain_and_calibrated_noise(name: str, version: str) -> None:
     card = read_card(version_dir(name, version))
     domain, label = domain_of_card(card, "CT")
@@ -135,8 +135,8 @@ def test_each_restoration_card_declares_its_domain_and_calibrated_noise(name: st
     assert domain.image_check == "ct-tissue-in-air" and domain.orientation == "axial"
     noise = domain.calibrated_noise_hu
     assert noise is not None and noise.estimator == "immerkaer-fov-median"
-    # measured on the card's own calibration slices (40 for 1.0/1.1, 80 for 1.2)
-    assert (noise.low, noise.high) == ((4.4, 20.9) if version == "1.2" else (4.4, 19.6))
+    # measured on the card's own calibration slices (40 for 1.0/1.1, 80 for 1.2; 1.3 keeps 1.2's)
+    assert (noise.low, noise.high) == ((4.4, 20.9) if version in ("1.2", "1.3") else (4.4, 19.6))
     assert f"the {card['training']['calib_cases']} calibration slices" in noise.measured_on
 
 
@@ -183,14 +183,14 @@ def test_the_perfusion_map_is_refused_by_restoration_naming_image_type(
     restoration: StagedPipeline, tmp_path: Path
 ) -> None:
     refused = refusal(restoration, [Path(get_testdata_file(PERFUSION_MAP))], tmp_path)
-    assert refused.model == "ldct-restoration 1.2"
+    assert refused.model == "ldct-restoration 1.3"
     assert refused.reasons == (
         "Image Type DERIVED\\PRIMARY\\PERFUSION\\RCBF: not an ORIGINAL\\PRIMARY acquisition "
         "(PERFUSION, RCBF: a map, a localizer or a reformat)",
         "Rescale Type US: pixel values are not HU",
     )
     assert str(refused).startswith(
-        "input outside the domain of ldct-restoration 1.2 (series 1.3.6.1.4.1.5962."
+        "input outside the domain of ldct-restoration 1.3 (series 1.3.6.1.4.1.5962."
     )
 
 
@@ -365,7 +365,7 @@ def test_an_input_noisier_than_the_calibration_saw_gets_the_classical_baseline(
     qc = next(iter(result.qc.values()))
     assert qc[baseline.BASELINE_RAN] == 1.0 and qc[baseline.NOISE_ESTIMATE] > 20.9
     assert result.parameters["model_out_of_depth"].endswith(
-        "outside the 4.4-20.9 HU the calibration of ldct-restoration 1.2 saw: the classical baseline "
+        "outside the 4.4-20.9 HU the calibration of ldct-restoration 1.3 saw: the classical baseline "
         "(non-local means) ran instead"
     )
     # the delivered report says which ran and why
@@ -546,8 +546,8 @@ def test_a_refused_job_ends_refused_and_its_classical_fallback_runs_and_delivers
     series_uid = str(pydicom.dcmread(low_dose_ct[0], stop_before_pixels=True).SeriesInstanceUID)
     assert refused["state"] == "refused"
     assert refused["reason"] == (
-        f"input outside the domain of ldct-restoration 1.2 (series {series_uid}): anatomy check (tags): "
-        "Body Part Examined ABDOMEN; ldct-restoration 1.2 takes HEAD, BRAIN, SKULL, CHEST, THORAX, LUNG; "
+        f"input outside the domain of ldct-restoration 1.3 (series {series_uid}): anatomy check (tags): "
+        "Body Part Examined ABDOMEN; ldct-restoration 1.3 takes HEAD, BRAIN, SKULL, CHEST, THORAX, LUNG; "
         f"fallback classical: job {fallback_id} (denoise-classical) queued"
     )
     assert (fallback["state"], fallback["pipeline"], fallback["destinations"]) == (

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from models.restoration import (
+    BODY_HU,
     RestorationCard,
     RestorationModel,
     WeightsMismatch,
+    adaptive_factor,
     data_consistent,
     sha256_of,
     slice_facts,
@@ -118,6 +120,8 @@ def test_prediction_uses_the_group_scale_and_records_the_slice_facts(tmp_path: P
     copy = tmp_path / "model"
     shutil.copytree(shipped.directory, copy)
     card = json.loads((copy / "card.json").read_text())
+    card.pop("sigma_adaptive", None)  # the group scale alone here; the adaptive factor below
+    (copy / "card.json").write_text(json.dumps(card))
     rng = np.random.default_rng(0)
     volume = np.full((1, 96, 96), 40.0, np.float32) + rng.normal(0, 30, (1, 96, 96)).astype(np.float32)
     base = RestorationModel(copy).predict(volume, (1.0, 0.7, 0.7))
@@ -127,6 +131,15 @@ def test_prediction_uses_the_group_scale_and_records_the_slice_facts(tmp_path: P
     doubled = model.predict(volume, (1.0, 0.7, 0.7))
     assert [f.group for f in model.last_facts] == ["other"]
     assert np.allclose(doubled.sigma, 2 * base.sigma, rtol=1e-5)
+    # the shipped card's σ also follows the slice's coarse noise: network σ × group scale ×
+    # the adaptive factor of the slice's measured coarse noise over its median scaled σ
+    if shipped.meta.sigma_adaptive:
+        adaptive = shipped.predict(volume, (1.0, 0.7, 0.7))
+        scaled = shipped.predict_raw(volume)[1][0] * shipped.meta.scale_for("other")
+        median = float(np.median(scaled[volume[0] > BODY_HU]))
+        factor = adaptive_factor(shipped.last_facts[0], median, shipped.meta.sigma_adaptive)
+        assert shipped.last_facts[0].coarse_noise_hu > 0 and factor != 1.0
+        assert np.allclose(adaptive.sigma[0], scaled * factor, rtol=1e-5)
 
 
 def test_a_site_pins_the_restoration_model_in_the_config_or_the_environment(

@@ -14,7 +14,11 @@ from models.zoo import CARD_FILE, ZOO, read_card, version_dir, write_card
 
 @pytest.mark.parametrize(
     ("name", "version", "card_class"),
-    [("ldct-restoration", "1.2", RestorationCard), ("sct-head", "1.0", SctCard)],
+    [
+        ("ldct-restoration", "1.2", RestorationCard),
+        ("ldct-restoration", "1.3", RestorationCard),
+        ("sct-head", "1.0", SctCard),
+    ],
 )
 def test_a_shipped_card_written_again_is_byte_identical(
     tmp_path: Path, name: str, version: str, card_class: type[RestorationCard] | type[SctCard]

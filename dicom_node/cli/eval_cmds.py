@@ -34,7 +34,7 @@ def evaluate_restoration(
     from rich.progress import Progress
 
     from models.evaluation.report import write_report
-    from models.evaluation.restoration_eval import EvalConfig, evaluate, inference_speed
+    from models.evaluation.restoration_eval import EvalConfig, evaluate_with_example, inference_speed
     from models.evaluation.results import to_jsonable
     from models.restoration import RestorationModel
 
@@ -45,7 +45,7 @@ def evaluate_restoration(
         raise fail(str(exc)) from None
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("evaluating", total=None)
-        results, summary = evaluate(
+        results, summary, example = evaluate_with_example(
             model,
             EvalConfig(seed=seed, n_cases=cases, size=size, bm3d=bm3d),
             progress=lambda stage, done, total: bar.update(task, description=stage),
@@ -60,7 +60,10 @@ def evaluate_restoration(
     summary["note"] = "computed on SIMULATED data (models.sim); not a clinical validation"
     results["summary"] = summary
     write_report(
-        results, report, title=f"{model.card.name} {model.card.version} — evaluation on simulated data"
+        results,
+        report,
+        title=f"{model.card.name} {model.card.version} — evaluation on simulated data",
+        example=example,
     )
     (report / "summary.json").write_text(json.dumps(to_jsonable(summary), indent=2) + "\n")
     console.print_json(data=to_jsonable(summary))

@@ -140,15 +140,24 @@ def evaluate(
 
 def main() -> None:  # pragma: no cover - run by hand (about 2 CPU-minutes)
     import argparse
+    import json
+    from pathlib import Path
 
     from models.restoration import RestorationModel
 
     parser = argparse.ArgumentParser(description="90 % coverage on foreign noise (SIMULATED data)")
     parser.add_argument("--version", action="append", help="model versions (default: the newest)")
+    parser.add_argument("--model-dir", action="append", type=Path, help="a model directory (repeatable)")
     parser.add_argument("--cases", type=int, default=16)
+    parser.add_argument("--json", type=Path, help="also write the table(s) here")
     args = parser.parse_args()
-    versions = args.version or [None]
-    tables = {v or "newest": evaluate(RestorationModel.shipped(version=v), args.cases) for v in versions}
+    models = {v or "newest": RestorationModel.shipped(version=v) for v in args.version or []}
+    models.update({str(d): RestorationModel(d) for d in args.model_dir or []})
+    if not models:
+        models = {"newest": RestorationModel.shipped()}
+    tables = {name: evaluate(model, args.cases) for name, model in models.items()}
+    if args.json:
+        args.json.write_text(json.dumps(tables, indent=1) + "\n")
     print("condition".ljust(40) + "".join(f"{v:>22}" for v in tables))
     for row in next(iter(tables.values())):
         cells = "".join(

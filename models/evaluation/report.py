@@ -26,7 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from models.evaluation.features import FEATURE_NOTE, SIM_ENCODER_LABEL
-from models.evaluation.results import EvaluationResults, to_jsonable
+from models.evaluation.results import EvaluationResults, RestorationExample, to_jsonable
 
 #: Shown under the page title.
 SIMULATED_NOTE = (
@@ -381,6 +381,46 @@ def _nps_section(nps: Mapping[str, Any]) -> str:
     return "".join(out)
 
 
+def _example_section(ex: RestorationExample) -> str:
+    """Image panels of one SIMULATED test slice: input, restored, reference, error, σ and the
+    hallucination map, same slice and same view."""
+    out = [
+        "<h2>Example slice</h2>",
+        f'<p class="small"><b>SIMULATED data. {html.escape(CAPTION_SUFFIX)}</b></p>',
+    ]
+    window = (-160.0, 240.0)  # soft tissue (W 400, L 40): where the noise shows
+    sigma_top = float(max(np.percentile(ex.sigma, 99), 1.0))
+    panels: list[tuple[str, np.ndarray, str, tuple[float, float]]] = [
+        ("low-dose input (HU, W400 L40)", ex.low, "gray", window),
+        ("model restored (HU, W400 L40)", ex.restored, "gray", window),
+        ("full-dose reference (HU, W400 L40)", ex.reference, "gray", window),
+        ("|restored − reference| (HU)", np.abs(ex.restored - ex.reference), "magma", (0.0, 2.0 * sigma_top)),
+        ("model σ, calibrated (HU)", ex.sigma, "viridis", (0.0, sigma_top)),
+        ("hallucination map (z)", ex.score, "inferno", (0.0, float(max(np.percentile(ex.score, 99.5), 3.0)))),
+    ]
+    ncols = 3
+    nrows = math.ceil(len(panels) / ncols)
+    fig, _ = _new_figure(12.0, 4.0 * nrows, 0)
+    for i, (title, img, cmap, (lo, hi)) in enumerate(panels):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        im = ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+        ax.set_title(f"{title} — SIMULATED", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    fig.suptitle(
+        f"SIMULATED {ex.anatomy} test slice {ex.slice_index} (case seed {ex.case_seed}), dose {ex.dose:g}"
+    )
+    out.append(
+        _figure(
+            fig,
+            "Example slice (SIMULATED): the low-dose input, the model's restored image, the full-dose "
+            "reference, the error, the calibrated σ and the hallucination map, all of the same slice.",
+        )
+    )
+    return "".join(out)
+
+
 _SECTIONS: list[tuple[str, Callable[[Mapping[str, Any]], str]]] = [
     ("meta", _meta_section),
     ("pixel", _pixel_section),
@@ -392,7 +432,12 @@ _SECTIONS: list[tuple[str, Callable[[Mapping[str, Any]], str]]] = [
 ]
 
 
-def write_report(results: EvaluationResults | Mapping[str, Any], out_dir: Path, title: str) -> Path:
+def write_report(
+    results: EvaluationResults | Mapping[str, Any],
+    out_dir: Path,
+    title: str,
+    example: RestorationExample | None = None,
+) -> Path:
     """Write ``report.json`` and a self-contained ``report.html`` into ``out_dir``.
 
     Parameters
@@ -406,6 +451,9 @@ def write_report(results: EvaluationResults | Mapping[str, Any], out_dir: Path, 
         Directory (created if needed).
     title : str
         Page title.
+    example : RestorationExample, optional
+        One test slice for the image panels (input, restored, reference, σ, hallucination
+        map); not written to ``report.json``.
 
     Returns
     -------
@@ -433,6 +481,8 @@ def write_report(results: EvaluationResults | Mapping[str, Any], out_dir: Path, 
         section = data.get(key)
         if section:
             body.append(render(section))
+        if key == "meta" and example is not None:
+            body.append(_example_section(example))
     unknown = [k for k in data if k not in dict(_SECTIONS)]
     if unknown:
         body.append(

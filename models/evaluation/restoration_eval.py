@@ -15,7 +15,9 @@ role: seeds disjoint from training and calibration, and anatomy levels (bands 0.
 * calibration: coverage of the 90 % interval overall and per slice, width, AUSE;
 * hallucination: AUROC of the hallucination map for structures inserted into the output
   (60 HU r 3 px, 30 HU r 2.5 px) and for real structures removed from it;
-* speed: slices/s at 512×512 including the σ and hallucination maps.
+* speed: slices/s at 512×512 including the σ and hallucination maps;
+* image panels (:func:`evaluate_with_example`): input, restored, reference, σ and
+  hallucination map of one test slice.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from models.evaluation import features as feat
 from models.evaluation import hallucination as hal
 from models.evaluation import lesions as les
 from models.evaluation.pixel import pixel_metrics
+from models.evaluation.results import RestorationExample
 from models.restoration import RestorationModel
 from models.sim.ctphysics import Tissue
 from models.sim.ldct import Case, make_case, noise_power_spectrum
@@ -132,6 +135,22 @@ def evaluate(
     model: RestorationModel, cfg: EvalConfig, progress: Progress | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the evaluation; returns (results for the report, acceptance summary)."""
+    results, summary, _example = evaluate_with_example(model, cfg, progress)
+    return results, summary
+
+
+def _example_index(specs: Sequence[CaseSpec]) -> int:
+    """The slice of the report's image panels: the first chest slice (lung, bone and soft
+    tissue in one view), else the first slice."""
+    return next((k for k, s in enumerate(specs) if s.anatomy == "chest"), 0)
+
+
+def evaluate_with_example(
+    model: RestorationModel, cfg: EvalConfig, progress: Progress | None = None
+) -> tuple[dict[str, Any], dict[str, Any], RestorationExample | None]:
+    """:func:`evaluate`, and one test slice at the first dose for the report's image panels
+    (input, restored, reference, σ and hallucination map of the same slice)."""
+    example: RestorationExample | None = None
 
     def tell(stage: str, done: int = 0, total: int = 1) -> None:
         if progress:
@@ -164,7 +183,8 @@ def evaluate(
     for dose in cfg.doses:
         tag = f"dose {dose:g}"
         tell(f"{tag}: simulating {cfg.n_cases} test and {cfg.tune_cases} tuning cases")
-        test = simulate_cases(case_plan("test", cfg.n_cases, cfg.seed, dose=dose, size=cfg.size), cfg.workers)
+        specs = case_plan("test", cfg.n_cases, cfg.seed, dose=dose, size=cfg.size)
+        test = simulate_cases(specs, cfg.workers)
         tune = simulate_cases(
             case_plan("calib", cfg.tune_cases, cfg.seed + 1, dose=dose, size=cfg.size), cfg.workers
         )
@@ -192,9 +212,22 @@ def evaluate(
         tell(f"{tag}: model")
         started = time.perf_counter()
         prediction = model.predict(low, (1.0, 1.0, 1.0), pixel_mm=pixel_mm)
-        model.score(low, prediction.mean, prediction.sigma)
+        score = model.score(low, prediction.mean, prediction.sigma)
         seconds = time.perf_counter() - started
         outputs["model"] = prediction.mean
+        if example is None:
+            k = _example_index(specs)
+            example = RestorationExample(
+                case_seed=specs[k].seed,
+                anatomy=specs[k].anatomy,
+                dose=dose,
+                slice_index=k,
+                low=low[k].copy(),
+                restored=prediction.mean[k].copy(),
+                reference=ref[k].copy(),
+                sigma=prediction.sigma[k].copy(),
+                score=score[k].copy(),
+            )
 
         pix = {name: pixel_metrics(out, ref, body) for name, out in outputs.items()}
         for name, value in pix.items():
@@ -279,7 +312,7 @@ def evaluate(
                 test, low, prediction.mean, prediction.sigma, model, results, cfg.seed
             )
         summary["doses"][tag] = dose_summary
-    return results, summary
+    return results, summary, example
 
 
 def _hallucination_tests(

@@ -23,7 +23,10 @@ Non-finite numbers (an infinite PSNR of a perfect match, an undefined MS-SSIM) a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, TypedDict
+
+import numpy as np
 
 
 class MetaResult(TypedDict, total=False):
@@ -132,6 +135,23 @@ class NPSResult(TypedDict, total=False):
 
     frequency_per_mm: list[float]
     nps_hu2_mm2: list[float]
+
+
+@dataclass(frozen=True)
+class RestorationExample:
+    """One test slice for the restoration report's image panels (arrays in HU; not written
+    to ``report.json``): the low-dose input, the model's output, the full-dose reference,
+    the calibrated σ and the hallucination map, all of the same SIMULATED slice."""
+
+    case_seed: int
+    anatomy: str
+    dose: float
+    slice_index: int
+    low: np.ndarray
+    restored: np.ndarray
+    reference: np.ndarray
+    sigma: np.ndarray
+    score: np.ndarray
 
 
 class EvaluationResults(TypedDict, total=False):
