@@ -17,7 +17,9 @@ checked when the writer is built, not when a PACS rejects the result.
 * :class:`SummaryReportWriter` (``report``) — Comprehensive SR (highdicom): model card, QC
   figures, gate verdict, provenance, references to the sources and every output;
 * :class:`OverlayWriter` (``overlay``) — Secondary Capture RGB heat map (highdicom),
-  burned in; it illustrates a Parametric Map and never replaces it.
+  burned in; it illustrates a Parametric Map and never replaces it;
+* :class:`SpatialRegistrationWriter` (``spatial_registration``) — Spatial Registration
+  (pydicom: highdicom has none): a prior's Frame of Reference registered to the current's.
 
 What they share (coded concepts, units, checks, equipment, the output kinds and
 :func:`kind_of`) is in ``common``; ``files`` writes DICOM Part 10 files whose names sort
@@ -53,11 +55,13 @@ from pipelines.writers.segmentation import (
     SUSPECT_TYPE,
     SuspectRegionWriter,
 )
+from pipelines.writers.spatial_registration import KIND_REGISTRATION, SpatialRegistrationWriter
 
 __all__ = [
     "KIND_DERIVED",
     "KIND_HALLUCINATION",
     "KIND_OVERLAY",
+    "KIND_REGISTRATION",
     "KIND_REPORT",
     "KIND_SUSPECT",
     "KIND_UNCERTAINTY",
@@ -71,6 +75,7 @@ __all__ = [
     "DerivedImageWriter",
     "HallucinationMapWriter",
     "OverlayWriter",
+    "SpatialRegistrationWriter",
     "SummaryReportWriter",
     "SuspectRegionWriter",
     "UncertaintyMapWriter",

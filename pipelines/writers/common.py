@@ -35,6 +35,7 @@ from pydicom.uid import (
     ParametricMapStorage,
     SecondaryCaptureImageStorage,
     SegmentationStorage,
+    SpatialRegistrationStorage,
 )
 from pydicom.valuerep import format_number_as_ds, validate_value
 
@@ -481,6 +482,7 @@ KIND_HALLUCINATION = "hallucination"
 KIND_SUSPECT = "suspect"
 KIND_REPORT = "report"
 KIND_OVERLAY = "overlay"
+KIND_REGISTRATION = "registration"
 
 _CONTENT_LABELS = {KIND_UNCERTAINTY: "AI_UNCERTAINTY", KIND_HALLUCINATION: "AI_HALLUCINATION"}
 
@@ -499,4 +501,6 @@ def kind_of(ds: Dataset) -> str:
         return KIND_OVERLAY
     if sop_class == ComprehensiveSRStorage or str(ds.get("Modality", "")) == "SR":
         return KIND_REPORT
+    if sop_class == SpatialRegistrationStorage:
+        return KIND_REGISTRATION
     raise ValueError(f"not an object kind these writers produce: SOP Class {sop_class}")
