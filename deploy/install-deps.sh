@@ -15,12 +15,14 @@ EXTRAS=ai,lab,test,dev
 
 # --- Debian packages -------------------------------------------------------------------
 # dcmtk: the test scanner (storescu/echoscu); orthanc: the PACS stand-in; dicom3tools:
-# dciodvfy, the IOD validator; chromium + chromium-driver: the web page tests.
+# dciodvfy, the IOD validator; chromium + chromium-driver: the web page tests;
+# orthanc-dicomweb: Orthanc's DICOMweb plugin, the DICOMweb archive of the priors tests.
 declare -A NEED=( [/usr/bin/storescu]=dcmtk [/usr/sbin/Orthanc]=orthanc [/usr/bin/dciodvfy]=dicom3tools
-                  [/usr/bin/chromium]=chromium [/usr/bin/chromedriver]=chromium-driver )
+                  [/usr/bin/chromium]=chromium [/usr/bin/chromedriver]=chromium-driver
+                  [/usr/share/orthanc/plugins/libOrthancDicomWeb.so]=orthanc-dicomweb )
 missing=()
 for bin in "${!NEED[@]}"; do
-  [ -x "$bin" ] || missing+=("${NEED[$bin]}")
+  [ -e "$bin" ] || missing+=("${NEED[$bin]}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO="sudo"; else

@@ -188,6 +188,84 @@ class Destination(_Section):
     _ae = field_validator("ae_title")(_check_ae_title)
 
 
+class ArchiveSection(_Section):
+    """An archive the node queries and retrieves prior studies from (see docs/priors.md).
+
+    ``c-move`` asks the archive to send the study to this node's own AE title: the archive
+    must know [node] ae_title with this node's host and port, and the instances arrive at
+    the receiver (so ``serve`` must run). ``c-get`` takes them on the query association
+    itself, for archives that cannot reach the node. ``dicomweb`` searches with QIDO-RS and
+    retrieves with WADO-RS from ``dicomweb_url``. Secrets are never written here: a
+    password or bearer token is read from its file when the archive is used.
+    """
+
+    #: The archive's AE title, host and DICOM port (c-move, c-get; and the C-ECHO of
+    #: ``dicom-node archives echo``).
+    ae_title: str | None = None
+    host: str | None = None
+    port: Port | None = None
+    method: Literal["c-move", "c-get", "dicomweb"] = "c-move"
+    #: Base URL of the DICOMweb service (QIDO-RS and WADO-RS below it), e.g.
+    #: ``https://pacs.example/dicom-web``; needed for ``dicomweb``.
+    dicomweb_url: str = ""
+    #: HTTP basic authentication for DICOMweb: the user name, and a file holding the
+    #: password (relative to <home> unless absolute).
+    username: str = ""
+    password_file: str = ""
+    #: A file holding a bearer token for DICOMweb (instead of username / password_file).
+    token_file: str = ""
+    #: Seconds to wait for the association and each query response (or HTTP request).
+    timeout_seconds: float = Field(30.0, gt=0)
+    #: Seconds one retrieval (a study, or the chosen series of it) may take in all; then
+    #: it is abandoned and reported as timed out.
+    retrieve_timeout_seconds: float = Field(600.0, gt=0)
+    #: Retrievals from this archive running at once in one process; more wait their turn
+    #: (within their own timeout).
+    max_concurrent_retrievals: int = Field(2, ge=1, le=64)
+    #: DICOM TLS (c-move, c-get) as for destinations: the archive's certificate is verified
+    #: against ``ca_file`` (default [tls].ca_file) and must name ``tls_server_name`` (default
+    #: ``host``). For DICOMweb, ``ca_file`` verifies an https URL (default: system CAs).
+    tls: bool = False
+    ca_file: str = ""
+    tls_server_name: str | None = None
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+    @model_validator(mode="after")
+    def _method_needs(self) -> ArchiveSection:
+        if self.method in ("c-move", "c-get"):
+            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"method {self.method!r} needs {', '.join(missing)}")
+        elif not re.match(r"^https?://[^/\s]+", self.dicomweb_url):
+            raise ValueError("method 'dicomweb' needs dicomweb_url (http:// or https://)")
+        if self.password_file and not self.username:
+            raise ValueError("password_file needs username")
+        if self.username and not self.password_file:
+            raise ValueError("username needs password_file (a password is never written in the config)")
+        if self.token_file and self.username:
+            raise ValueError("set either username / password_file or token_file, not both")
+        return self
+
+    def as_peer(self) -> Destination:
+        """The archive as a DICOM peer (AE title, address, TLS), for the TLS settings and
+        the association; ``method`` must be c-move or c-get (a DICOM archive)."""
+        if self.ae_title is None or self.host is None or self.port is None:
+            raise ValueError("a dicomweb archive without ae_title, host and port is no DICOM peer")
+        return Destination(
+            ae_title=self.ae_title,
+            host=self.host,
+            port=self.port,
+            timeout_seconds=self.timeout_seconds,
+            tls=self.tls,
+            ca_file=self.ca_file,
+            tls_server_name=self.tls_server_name,
+        )
+
+
 class PolicySection(_Section):
     """Which studies go to which pipeline, and what gates the outputs (a YAML policy file)."""
 
@@ -336,6 +414,7 @@ class NodeConfig(_Section):
     callers: tuple[Caller, ...] = ()
     completeness: CompletenessSection = CompletenessSection()
     destinations: dict[str, Destination] = {}
+    archives: dict[str, ArchiveSection] = {}
     policy: PolicySection = PolicySection()
     outbox: OutboxSection = OutboxSection()
     workers: WorkersSection = WorkersSection()
@@ -356,6 +435,13 @@ class NodeConfig(_Section):
         for caller in self.callers:
             if caller.ae_title == ae_title:
                 return caller
+        return None
+
+    def archive_of(self, ae_title: str) -> str | None:
+        """The name of the DICOM archive (c-move, c-get) whose AE title is ``ae_title``."""
+        for name, archive in self.archives.items():
+            if archive.method != "dicomweb" and archive.ae_title == ae_title:
+                return name
         return None
 
     def stable_seconds_for(self, calling_ae: str | None) -> float:

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from dicom_node.config import Caller, Destination, NodeConfig, load_config
+from dicom_node.config import ArchiveSection, Caller, Destination, NodeConfig, load_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "dicom-node.example.toml"
 
@@ -34,6 +34,8 @@ def test_every_key_of_every_section_is_documented() -> None:
             model, section = Caller, section[0]
         elif name == "destinations":
             model, section = Destination, next(iter(section.values()))
+        elif name == "archives":
+            model, section = ArchiveSection, next(iter(section.values()))
         assert isinstance(model, type) and issubclass(model, BaseModel)
         missing = set(model.model_fields) - set(section)
         assert not missing, f"[{name}] does not document {sorted(missing)}"
@@ -44,3 +46,5 @@ def test_sample_tables_validate() -> None:
     config = NodeConfig.model_validate(data)
     assert config.policy.file == "policy.yaml"
     assert config.caller("CT_SCANNER_1") is not None
+    assert config.archives["pacs"].method == "c-move"
+    assert config.archive_of("ORTHANC") == "pacs"

@@ -25,7 +25,7 @@ from pydicom.uid import (
 )
 
 from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from dicom_node.ingest.part10 import PREAMBLE, encode_file_meta, split_part10
+from dicom_node.ingest.part10 import PREAMBLE, PRIOR_MARK, encode_file_meta, retrieved_from, split_part10
 
 
 def pydicom_meta_bytes(
@@ -195,3 +195,27 @@ def test_split_part10_on_bundled_files_agrees_with_dcmread(name: str) -> None:
 def test_split_part10_rejects_bytes_without_dicm() -> None:
     with pytest.raises(InvalidDicomError, match="DICM"):
         split_part10(b"not a dicom file " * 20)
+
+
+@pytest.mark.parametrize("archive", ["PACS", "pacs-2", "x"])
+def test_a_prior_mark_matches_pydicom_and_reads_back(archive: str) -> None:
+    """A retrieved prior's file meta: Private Information Creator UID + Private Information,
+    byte for byte what pydicom writes, and read back as the archive's name."""
+    ours = encode_file_meta(CTImageStorage, "1.2.3", ExplicitVRLittleEndian, "PACS", archive)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = "1.2.3"
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    meta.SourceApplicationEntityTitle = "PACS"
+    meta.PrivateInformationCreatorUID = IMPLEMENTATION_CLASS_UID
+    mark = PRIOR_MARK + archive.encode()
+    meta.PrivateInformation = mark + b"\x00" * (len(mark) % 2)
+    buf = io.BytesIO()
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    assert ours[132:] == buf.getvalue()
+    read, _ = split_part10(ours + b"\x08\x00\x18\x00UI\x06\x001.2.3\x00")
+    assert retrieved_from(read) == archive
+    plain, _ = split_part10(encode_file_meta(CTImageStorage, "1.2.3", ExplicitVRLittleEndian, "PACS"))
+    assert retrieved_from(plain) is None

@@ -381,6 +381,30 @@ def test_reconcile_reindexes_files_whose_rows_were_lost(node: Node, series) -> N
     assert len(node.instance_rows()) == len(items)
 
 
+def test_reconcile_keeps_a_retrieved_prior_a_prior(node: Node, series) -> None:
+    """A prior whose index row was lost (a crash between the ack and the index write) is
+    re-indexed as a prior, from its file meta: it must never start a job of its own."""
+    _, items = series
+    item = items[0]
+    node.store.accept(
+        item.data,
+        item.ts,
+        claimed_sop_uid=item.sop_uid,
+        calling_ae="PACS",
+        peer_host=PEER,
+        retrieved_from="pacs",
+    )
+    node.indexer.flush()
+    assert [r["role"] for r in node.instance_rows()] == ["prior"]
+    with node.rt.db.write() as conn:
+        conn.execute(delete(t.instances))
+
+    assert node.store.reconcile() == 1
+    assert [r["role"] for r in node.instance_rows()] == ["prior"]
+    (recovered,) = [e for e in node.rt.audit.events(AuditEvent.INSTANCE_STORED) if "recovered" in e.facts]
+    assert "retrieved from archive pacs" in recovered.facts["recognised_by"]
+
+
 def test_reconcile_since_skips_older_series_dirs(node: Node, series) -> None:
     _, items = series
     node.put(items[0])

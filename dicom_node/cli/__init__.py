@@ -9,6 +9,7 @@ The shared app, options and ``fail`` live in :mod:`dicom_node.cli.common`; each
 from __future__ import annotations
 
 from dicom_node.cli import (  # noqa: F401  (imported for their commands)
+    archive_cmds,
     audit_cmds,
     eval_cmds,
     inspect_cmds,

@@ -43,7 +43,7 @@ class PendingInstance:
     received_at: float
     called_ae: str | None = None
     recovered: bool = False
-    #: own-output / ai-output (see :mod:`dicom_node.ingest.origin`); None: acquired.
+    #: own-output / ai-output / prior (see :mod:`dicom_node.ingest.origin`); None: acquired.
     role: str | None = None
     #: What gave the role away (audited).
     role_reason: str | None = None

@@ -14,6 +14,12 @@ Such an instance is stored and audited ("own output returned") but never opens a
 version, a job or a delivery. An object another AI node made — dicom-node equipment with
 another Station Name, Synthesizing Equipment (DCM 109100) or Synthetic Data YES — is an
 ``ai-output``: stored, but no rule sees it unless the rule says ``ai_outputs: accept``.
+
+A ``prior`` is an instance the node itself retrieved from an archive
+(:mod:`dicom_node.ingest.archives`): the role comes from the retrieval, never from the
+data — a C-GET or WADO-RS response the node asked for, or a C-STORE sub-operation of the
+node's own C-MOVE (Move Originator AE Title = this node, from a configured archive's AE).
+A prior never opens a study version, never starts a job and is never forwarded.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ UUID_ROOT = "2.25."
 
 OWN_OUTPUT = "own-output"
 AI_OUTPUT = "ai-output"
+PRIOR = "prior"
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,13 @@ class Origin:
 
 
 ACQUIRED = Origin(None)
+
+
+def retrieved(archive: str, content: Origin) -> Origin:
+    """The origin of an instance retrieved from ``archive``: always a prior (what its
+    content says, e.g. an output of this node kept in the archive, is noted beside it)."""
+    why = f"retrieved from archive {archive}"
+    return Origin(PRIOR, why if content.role is None else f"{why}; content: {content.role} ({content.why})")
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,32 @@ def _short(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
     return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
 
 
+#: Private Information (0002,0102) of a stored instance the node retrieved from an archive
+#: (a prior): this prefix + the archive's name. Private Information Creator UID (0002,0100)
+#: is the node's implementation class UID. It keeps the instance a prior when the index is
+#: rebuilt from the files (``InstanceStore.reconcile``) after a crash.
+PRIOR_MARK = b"dicom-node prior from "
+
+
 def encode_file_meta(
-    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str | None = None
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    source_ae: str | None = None,
+    retrieved_from: str | None = None,
 ) -> bytes:
-    """Preamble, ``DICM`` and the group 0002 elements, explicit VR little endian."""
+    """Preamble, ``DICM`` and the group 0002 elements, explicit VR little endian
+    (``retrieved_from``: the archive a prior came from, see :data:`PRIOR_MARK`)."""
+    private = b""
+    if retrieved_from:
+        mark = PRIOR_MARK + retrieved_from.encode("utf-8", "replace")
+        if len(mark) % 2:
+            mark += b"\x00"
+        private = (
+            _short(0x0100, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii"), b"\x00")
+            + struct.pack("<HH2sHI", 0x0002, 0x0102, b"OB", 0, len(mark))
+            + mark
+        )
     body = b"".join(
         (
             _VERSION,
@@ -38,6 +60,7 @@ def encode_file_meta(
             _short(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii"), b"\x00"),
             _short(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii"), b" "),
             _short(0x0016, b"AE", source_ae.encode("ascii", "replace"), b" ") if source_ae else b"",
+            private,
         )
     )
     group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
@@ -50,3 +73,13 @@ def split_part10(raw: bytes) -> tuple[FileMetaDataset, bytes]:
     read_preamble(fp, False)
     meta = _read_file_meta_info(fp)
     return meta, raw[fp.tell() :]
+
+
+def retrieved_from(meta: FileMetaDataset) -> str | None:
+    """The archive a stored file was retrieved from (its :data:`PRIOR_MARK`), or None."""
+    if str(meta.get("PrivateInformationCreatorUID", "")) != IMPLEMENTATION_CLASS_UID:
+        return None
+    value = bytes(meta.get("PrivateInformation", b"") or b"").rstrip(b"\x00")
+    if not value.startswith(PRIOR_MARK):
+        return None
+    return value[len(PRIOR_MARK) :].decode("utf-8", "replace")

@@ -12,6 +12,12 @@ commitment handler serve wires in (delivery's storage commitment bookkeeping) an
 with its status. A destination with ``storage_commitment`` set may
 connect for this even when ``require_known_callers`` is on.
 
+The C-STORE sub-operations of the node's own C-MOVE (:mod:`dicom_node.ingest.archives`)
+arrive here too: an instance whose Move Originator AE Title (0000,1030) is this node's AE
+title, sent by the AE title of a configured archive, is stored as a ``prior`` (it never
+starts a job). A configured archive may store from its host even when
+``require_known_callers`` is on.
+
 With procedure steps (:mod:`dicom_node.ingest.mpps`) it is also the MPPS SCP: a scanner's
 N-CREATE / N-SET go to their handlers, over the same association policy.
 """
@@ -221,11 +227,26 @@ class Receiver:
                     return True
         return False
 
+    def archive_peer(self, calling_ae: str, peer_host: str) -> bool:
+        """Is this a DICOM archive of [archives] (AE title and host), sending what we moved?"""
+        name = self.config.archive_of(calling_ae)
+        host = self.config.archives[name].host if name is not None else None
+        return host is not None and self.host_names.matches(host, peer_host)
+
+    def prior_source(self, calling_ae: str, request: Any) -> str | None:
+        """The archive a C-STORE comes from when it is a sub-operation of our own C-MOVE."""
+        originator = str(getattr(request, "MoveOriginatorApplicationEntityTitle", None) or "").strip()
+        if originator != self.config.node.ae_title:
+            return None
+        return self.config.archive_of(calling_ae)
+
     def caller_allowed(self, calling_ae: str, peer_host: str) -> tuple[bool, str | None]:
         caller = self.config.caller(calling_ae)
         if caller is None:
-            if self.config.receiver.require_known_callers and not (
-                self.commitment_reports is not None and self.commitment_peer(calling_ae, peer_host)
+            if (
+                self.config.receiver.require_known_callers
+                and not (self.commitment_reports is not None and self.commitment_peer(calling_ae, peer_host))
+                and not self.archive_peer(calling_ae, peer_host)
             ):
                 return False, f"calling AE {calling_ae!r} is not on the allow-list"
             return True, None
@@ -278,12 +299,24 @@ class Receiver:
         called_ae = str(assoc.requestor.primitive.called_ae_title).strip()
         with self._tally_lock:
             self._tallies[id(assoc)] = _AssociationTally(calling_ae, peer_host, called_ae)
+        # Over TLS the record says so, with the certificate the peer authenticated with.
+        presented = peer_certificate(assoc)
+        tls: dict[str, Any] = (
+            {}
+            if presented is None
+            else {
+                "tls": True,
+                "certificate_sha256": presented.sha256,
+                "certificate_subject": ", ".join(presented.common_names) or None,
+            }
+        )
         self.audit.record(
             AuditEvent.ASSOCIATION_ACCEPTED,
             calling_ae=calling_ae,
             called_ae=str(assoc.acceptor.ae_title).strip(),
             peer_host=peer_host,
             max_pdu=assoc.requestor.maximum_length,
+            **tls,
         )
 
     def on_closed(self, event: Any) -> None:
@@ -375,6 +408,7 @@ class Receiver:
                     peer_host=peer_host,
                     called_ae=tally.called_ae if tally else None,
                     max_inflated_bytes=self.config.receiver.max_inflated_mb * 1024 * 1024,
+                    retrieved_from=self.prior_source(calling_ae, request),
                 )
         except Exception as exc:  # disk or database failure: nothing acknowledged
             log.exception("storing %s from %s failed", claimed_uid, calling_ae)

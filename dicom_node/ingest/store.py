@@ -33,6 +33,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID
 from sqlalchemy import bindparam, func, insert, select
 
@@ -41,8 +42,9 @@ from dicom_node.db.engine import Database
 from dicom_node.ingest.content import same_content
 from dicom_node.ingest.indexer import Indexer, PendingInstance
 from dicom_node.ingest.instance import DEFAULT_MAX_INFLATED_BYTES, InstanceFacts, Rejection, check_instance
-from dicom_node.ingest.origin import ACQUIRED, Origin, OriginRules
+from dicom_node.ingest.origin import ACQUIRED, Origin, OriginRules, retrieved
 from dicom_node.ingest.part10 import encode_file_meta, split_part10
+from dicom_node.ingest.part10 import retrieved_from as part10_retrieved_from
 from dicom_node.paths import NodePaths
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ class StoreResult:
     quarantine_path: Path | None = None
     #: Why a duplicate is one ("identical bytes" or "same content in <syntax>").
     duplicate_of: str | None = None
-    #: own-output / ai-output (see :mod:`dicom_node.ingest.origin`); None: acquired.
+    #: own-output / ai-output / prior (see :mod:`dicom_node.ingest.origin`); None: acquired.
     role: str | None = None
 
 
@@ -181,12 +183,15 @@ class InstanceStore:
         peer_host: str | None = None,
         called_ae: str | None = None,
         max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
+        retrieved_from: str | None = None,
     ) -> StoreResult:
         """Store one received data set; durable on disk before it returns.
 
         The index row and the audit record follow asynchronously (see the module doc).
         ``max_inflated_bytes`` bounds a deflated data set once inflated
-        (``[receiver] max_inflated_mb``).
+        (``[receiver] max_inflated_mb``). ``retrieved_from``: the archive the node
+        retrieved it from (C-MOVE, C-GET, WADO-RS): it is stored as a ``prior``
+        (:func:`~dicom_node.ingest.origin.retrieved`), which never starts a job.
         """
         facts, rejection = check_instance(
             data, transfer_syntax, claimed_sop_uid, max_inflated_bytes=max_inflated_bytes
@@ -203,6 +208,8 @@ class InstanceStore:
         assert facts is not None
         lock = self._locks[hash(facts.sop_instance_uid) % _LOCK_STRIPES]
         origin = self._classify(facts)
+        if retrieved_from is not None:
+            origin = retrieved(retrieved_from, origin)
         with lock:
             current = self._current_version(facts.sop_instance_uid)
             if current is not None:
@@ -225,7 +232,9 @@ class InstanceStore:
                     )
             version = 1 if current is None else current.version + 1
             relative = relative_path(facts, version)
-            meta = encode_file_meta(facts.sop_class_uid, facts.sop_instance_uid, transfer_syntax, calling_ae)
+            meta = encode_file_meta(
+                facts.sop_class_uid, facts.sop_instance_uid, transfer_syntax, calling_ae, retrieved_from
+            )
             self.write_durably(self.paths.data / relative, (meta, data))
             self.indexer.submit(
                 PendingInstance(
@@ -388,11 +397,17 @@ class InstanceStore:
                 peer_host=None,
                 received_at=path.stat().st_mtime,
                 recovered=True,
-                role=(origin := self._classify(facts)).role,
+                role=(origin := self._origin_on_disk(meta, facts)).role,
                 role_reason=origin.why,
             )
         )
         return 1
+
+    def _origin_on_disk(self, meta: FileMetaDataset, facts: InstanceFacts) -> Origin:
+        """A stored file's origin: a prior when its file meta says so, else from its content."""
+        origin = self._classify(facts)
+        archive = part10_retrieved_from(meta)
+        return origin if archive is None else retrieved(archive, origin)
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,10 @@ selected series frozen into the job) and opens the next study version, so an ins
 arriving later can only ever join a *new* job, never a finished one. The completeness
 timers of :mod:`dicom_node.ingest.readiness` call it.
 
-Only acquired instances open a study version: the node's own outputs sent back to it
-never do, and outputs of another AI node only when a rule of the policy accepts them
-(``ai_outputs: accept``). A job's snapshot never holds the node's own outputs.
+Only acquired instances open a study version: the node's own outputs sent back to it and
+priors retrieved from an archive never do, and outputs of another AI node only when a rule
+of the policy accepts them (``ai_outputs: accept``). A job's snapshot never holds the
+node's own outputs or priors.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ an attribute the index does not keep is read from the series' first header, once
 engine decides; this module turns the chosen rules into job plans, each with the rule's
 gate, QC limits, options and selected series frozen into the job.
 
-Instances the node wrote itself (role ``own-output``) are not part of the view; series
+Instances the node wrote itself (role ``own-output``) and priors it retrieved from an
+archive (role ``prior``) are not part of the view; series
 another AI node made are marked, and a rule sees them only with ``ai_outputs: accept``. A
 destination whose AE title is the AE the study came from is left out of the plan unless
 the rule says ``return_to_sender: true`` (the plan names what was left out, for the audit).
@@ -26,7 +27,7 @@ from pydicom import dcmread
 from sqlalchemy import ColumnElement, Connection, func, or_, select
 
 from dicom_node.db import schema as t
-from dicom_node.ingest.origin import OWN_OUTPUT
+from dicom_node.ingest.origin import OWN_OUTPUT, PRIOR
 from policies.engine import Decision, SeriesView, StudyView, decide
 from policies.loader import LoadedPolicy, PolicyError, load_policy
 from policies.model import FALLBACK_OPTION, Rule
@@ -76,8 +77,9 @@ class _SeriesRow:
 
 
 def not_own_output() -> ColumnElement[bool]:
-    """Instances that are not the node's own outputs sent back to it."""
-    return or_(t.instances.c.role.is_(None), t.instances.c.role != OWN_OUTPUT)
+    """Instances that are neither the node's own outputs sent back to it nor priors it
+    retrieved (those never become a job's input by themselves)."""
+    return or_(t.instances.c.role.is_(None), t.instances.c.role.not_in((OWN_OUTPUT, PRIOR)))
 
 
 def acquired_only() -> ColumnElement[bool]:

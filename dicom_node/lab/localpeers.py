@@ -122,6 +122,15 @@ class DcmtkStoreSCP:
         stop(self.proc)
 
 
+#: Orthanc's DICOMweb plugin (Debian package orthanc-dicomweb).
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+def dicomweb_config(root: str = "/dicom-web/") -> dict[str, Any]:
+    """``extra_config`` for :class:`Orthanc` that loads the DICOMweb plugin at ``root``."""
+    return {"Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": root}}
+
+
 class Orthanc:
     """A real Orthanc on loopback, with its own storage, ports and known modalities."""
 
@@ -224,6 +233,15 @@ class Orthanc:
 
     def get(self, path: str) -> Any:
         return json.loads(self._request(path))
+
+    def upload(self, data: bytes) -> str:
+        """Store one DICOM Part 10 file through the REST API (``POST /instances``); returns
+        Orthanc's id of the instance."""
+        req = urllib.request.Request(
+            self.url + "/instances", data=data, method="POST", headers={"Content-Type": "application/dicom"}
+        )
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return str(json.loads(resp.read())["ID"])
 
     def find(self, level: str, query: dict[str, str]) -> list[dict[str, Any]]:
         return list(

@@ -146,6 +146,12 @@ ae_title = "STORESCU"
         # Three more associations accepted (one over TLS refused), no further alert.
         accepted = [r[3] for r in audit_rows(node, "association-accepted")]
         assert accepted == ["CT1", "STORESCU", "CT1", "STORESCU"]
+        # The accepted record says which came over TLS and with which certificate.
+        records = facts(node, "association-accepted")
+        assert [r.get("tls", False) for r in records] == [True, False, True, True]
+        assert records[0]["certificate_subject"] == "ct-scanner-1"
+        assert records[0]["certificate_sha256"] == pki.scanner.sha256.lower()
+        assert "certificate_subject" not in records[1]
         assert len(audit_rows(node, "security-alert")) == 1
     finally:
         node.stop()
