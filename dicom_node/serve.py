@@ -313,7 +313,9 @@ def _serve(
     )
     audit.record(AuditEvent.APPLICATION_START, actor=actor, version=__version__, home=str(paths.home))
 
-    router = PolicyRouter(None, paths.data, {n: d.ae_title for n, d in config.destinations.items()})
+    router = PolicyRouter(
+        None, paths.data, {n: d.ae_title for n, d in config.destinations.items()}, set(config.archives)
+    )
     watcher = None
     policy_path = runtime.policy_path
     if policy_path is not None:

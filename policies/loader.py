@@ -143,6 +143,26 @@ def _destination_problems(
     return problems
 
 
+def _archive_problems(
+    data: dict[str, Any], root: yaml.Node | None, source: Path, known: set[str]
+) -> list[str]:
+    """A rule's ``priors.archive`` must be a configured ``[archives.NAME]``."""
+    problems = []
+    rules = data.get("rules")
+    for i, rule in enumerate(rules if isinstance(rules, list) else []):
+        priors = rule.get("priors") if isinstance(rule, dict) else None
+        name = priors.get("archive") if isinstance(priors, dict) else None
+        if isinstance(name, str) and name.strip() and name.strip() not in known:
+            configured = (
+                f"configured: {', '.join(sorted(known))}" if known else "no [archives] are configured"
+            )
+            at = _line_of(root, ("rules", i, "priors", "archive"))
+            problems.append(
+                f"{source}:{at}: rules[{i}].priors.archive: unknown archive {name!r} ({configured})"
+            )
+    return problems
+
+
 def _duplicate_rule_names(policy: Policy, root: yaml.Node | None, source: Path) -> list[str]:
     problems: list[str] = []
     first: dict[str, int] = {}
@@ -157,11 +177,17 @@ def _duplicate_rule_names(policy: Policy, root: yaml.Node | None, source: Path) 
     return problems
 
 
-def parse_policy(text: str, source: Path, known_destinations: set[str] | None = None) -> Policy:
+def parse_policy(
+    text: str,
+    source: Path,
+    known_destinations: set[str] | None = None,
+    known_archives: set[str] | None = None,
+) -> Policy:
     """Validate policy text; raise :class:`PolicyError` naming file, line and field.
 
-    Every problem found is reported at once (schema, duplicate keys, unknown destinations,
-    duplicate rule names), so one edit-and-check round fixes them all.
+    Every problem found is reported at once (schema, duplicate keys, unknown destinations
+    and archives, duplicate rule names), so one edit-and-check round fixes them all.
+    ``known_archives`` None: the archives a rule's priors name are not checked.
     """
     try:
         data: Any = yaml.safe_load(text)
@@ -182,6 +208,8 @@ def parse_policy(text: str, source: Path, known_destinations: set[str] | None = 
     problems = _duplicate_keys(root, source)
     if known_destinations is not None:
         problems += _destination_problems(data, root, source, known_destinations)
+    if known_archives is not None:
+        problems += _archive_problems(data, root, source, known_archives)
     try:
         policy = Policy.model_validate(data)
     except ValidationError as exc:
@@ -192,7 +220,9 @@ def parse_policy(text: str, source: Path, known_destinations: set[str] | None = 
     return policy
 
 
-def load_policy(path: Path, known_destinations: set[str] | None = None) -> LoadedPolicy:
+def load_policy(
+    path: Path, known_destinations: set[str] | None = None, known_archives: set[str] | None = None
+) -> LoadedPolicy:
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
@@ -201,5 +231,5 @@ def load_policy(path: Path, known_destinations: set[str] | None = None) -> Loade
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise PolicyError([f"{path}: not UTF-8 text"]) from None
-    policy = parse_policy(text, Path(path), known_destinations)
+    policy = parse_policy(text, Path(path), known_destinations, known_archives)
     return LoadedPolicy(policy=policy, source=Path(path), sha256=hashlib.sha256(raw).hexdigest())

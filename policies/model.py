@@ -143,6 +143,89 @@ class QcGates(_Strict):
     hold_on_failed_validation: bool = True
 
 
+#: The attributes ``priors.same`` may name: what a prior must share with the current study
+#: (PatientID always; BodyPartExamined and Modality compared with the rule's series).
+PRIOR_SAME_KEYS = ("PatientID", "BodyPartExamined", "Modality")
+
+
+class Priors(_Strict):
+    """Earlier studies of the same patient a rule asks for, fetched from an archive before the
+    job runs (see docs/priors.md, "Priors in policies").
+
+    ``{archive: pacs, count: 2, same: [PatientID, BodyPartExamined], modality: MR,
+    series: "T1.*post|T1C", within_days: 1100, min_interval_days: 30}``
+    """
+
+    #: The ``[archives.NAME]`` of the config to query and retrieve from.
+    archive: str
+    #: How many prior studies (the most recent that qualify).
+    count: int = Field(1, ge=1, le=10)
+    #: Attributes a prior must share with the current study; PatientID always.
+    same: tuple[str, ...] = ("PatientID",)
+    #: Modality of the prior (the study-level query key and each prior series').
+    modality: str | None = None
+    #: Regular expression searched in the prior's Series Description (``(?i)`` for any case).
+    series: str | None = None
+    #: A prior is at most this many days older than the current study.
+    within_days: int | None = Field(None, ge=1)
+    #: ... and at least this many days older (0: any earlier date, the same day included).
+    min_interval_days: int = Field(0, ge=0)
+    #: How long the job waits in ``fetching-priors`` for the archive, seconds.
+    timeout_seconds: float = Field(300, gt=0, le=86400)
+    #: Fewer than ``count`` priors (archive down, failures, none found, a failed quality
+    #: check): ``run`` with what arrived, or ``refuse`` the job with the reason.
+    on_missing: Literal["run", "refuse"] = "run"
+    #: Register each prior series to the job's input series (and write a Spatial
+    #: Registration object): ``none``, ``rigid`` or ``affine``.
+    registration: Literal["none", "rigid", "affine"] = "none"
+    #: The registration quality check's body-mask Dice limit (default: the node's, 0.85).
+    min_dice: float | None = Field(None, gt=0, le=1)
+
+    _regex = field_validator("series")(_regex)
+
+    @field_validator("archive")
+    @classmethod
+    def _archive_name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("name a configured archive ([archives.NAME] in the config)")
+        return value.strip()
+
+    @field_validator("modality")
+    @classmethod
+    def _one_modality(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Z0-9_]{1,16}", value):
+            raise ValueError(f"{value!r}: one DICOM modality, e.g. MR or CT")
+        return value
+
+    @field_validator("same", mode="before")
+    @classmethod
+    def _same_keys(cls, value: object) -> tuple[str, ...]:
+        names = _names(value) or ()
+        unknown = [n for n in names if n not in PRIOR_SAME_KEYS]
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: priors.same compares {', '.join(PRIOR_SAME_KEYS)}")
+        return ("PatientID", *[n for n in dict.fromkeys(names) if n != "PatientID"])
+
+    @model_validator(mode="after")
+    def _window(self) -> Priors:
+        if self.within_days is not None and self.min_interval_days > self.within_days:
+            raise ValueError(
+                f"min_interval_days {self.min_interval_days} is more than within_days "
+                f"{self.within_days}: no study could qualify"
+            )
+        return self
+
+    def describe(self) -> str:
+        window = f"{self.min_interval_days}-{self.within_days if self.within_days else '∞'} days earlier"
+        what = " ".join(p for p in (self.modality, f"series /{self.series}/" if self.series else None) if p)
+        return (
+            f"{self.count} prior(s) {what + ' ' if what else ''}from {self.archive}, {window}, "
+            f"same {', '.join(self.same)}; wait {self.timeout_seconds:g} s, then "
+            f"{'run with what arrived' if self.on_missing == 'run' else 'refuse'}"
+            + (f"; register {self.registration}" if self.registration != "none" else "")
+        )
+
+
 class Rule(_Strict):
     name: str
     priority: int = 0
@@ -168,6 +251,8 @@ class Rule(_Strict):
     #: forwards studies and takes the results back). Off: such a destination is skipped,
     #: audited, so a study is never bounced back to its sender by accident.
     return_to_sender: bool = False
+    #: Earlier studies of the patient to fetch before the job runs (None: none).
+    priors: Priors | None = None
 
     @field_validator("name")
     @classmethod

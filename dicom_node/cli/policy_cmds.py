@@ -18,6 +18,7 @@ from dicom_node.cli.common import (
     err_console,
     fail,
     open_existing,
+    os_user,
     print_json,
     read_config,
 )
@@ -78,9 +79,10 @@ def check(
     """
     from policies.loader import PolicyError, load_policy
 
-    destinations = set(read_config(config, home).config.destinations)
+    node_config = read_config(config, home).config
+    destinations = set(node_config.destinations)
     try:
-        loaded = load_policy(file, destinations or None)
+        loaded = load_policy(file, destinations or None, set(node_config.archives) if destinations else None)
     except PolicyError as exc:
         _print_problems(exc.problems)
         raise typer.Exit(2) from None
@@ -106,6 +108,8 @@ def check(
                 f"{', '.join(rule.destinations) or 'nowhere'}; {_gate_text(rule)}{_fallback_text(rule)}"
             )
         )
+        if rule.priors is not None:
+            console.print(Text(f"      priors: {rule.priors.describe()}"))
     if not destinations:
         console.print(
             Text("note: the config defines no [destinations]; destination names were not checked"),
@@ -147,9 +151,20 @@ def explain(
         Path | None,
         typer.Option("--policy", help="Explain with this policy file instead of the configured one."),
     ] = None,
+    query_archive: Annotated[
+        bool,
+        typer.Option(
+            "--query-archive",
+            help="For a rule with priors, send its query to the archive (audited) and show what it holds.",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Which rule matches a received study, which conditions passed or failed, what happens next."""
+    """Which rule matches a received study, which conditions passed or failed, what happens next.
+
+    For a chosen rule with priors: the query it would send the archive, the priors this
+    node already holds, and (``--query-archive``) what the archive answered.
+    """
     from sqlalchemy import select
 
     from dicom_node.db import queries
@@ -157,13 +172,13 @@ def explain(
     from dicom_node.jobs.routing import PolicyRouter
     from policies.loader import PolicyError, load_policy
 
-    runtime = open_existing(config, home)
+    runtime = open_existing(config, home, actor=os_user() if query_archive else None)
     try:
         path = policy_file or runtime.policy_path
         if path is None:
             raise fail("no policy: set [policy] file in the config, or pass --policy FILE")
         try:
-            loaded = load_policy(path, set(runtime.config.destinations))
+            loaded = load_policy(path, set(runtime.config.destinations), set(runtime.config.archives))
         except PolicyError as exc:
             _print_problems(exc.problems)
             raise typer.Exit(2) from None
@@ -177,6 +192,8 @@ def explain(
             if study_id is None:
                 raise fail(f"no study {study_uid} in this node's index (see `dicom-node studies`)")
             view, decision, plans = router.plan(conn, study_id)
+            assert decision is not None
+            priors = _explain_priors(runtime, conn, study_id, decision, query_archive)
         jobs = queries.list_jobs(runtime.db, study_uid=study_uid.strip())
     finally:
         runtime.close()
@@ -192,11 +209,95 @@ def explain(
                 "rules": [_verdict_json(v) for v in decision.verdicts],
                 "chosen": [v.rule.name for v in decision.chosen],
                 "next": _next_steps(decision, plans),
+                "priors": priors,
                 "jobs": jobs,
             }
         )
         return
     _print_explanation(view, decision, plans, path, loaded.policy.mode, jobs)
+    _print_priors(priors)
+
+
+def _explain_priors(
+    runtime: Any, conn: Any, study_id: int, decision: Decision, ask: bool
+) -> list[dict[str, Any]]:
+    """Per chosen rule with priors: the query, what is held here, what the archive holds."""
+    from dicom_node.ingest.archives import ArchiveError, Archives
+    from dicom_node.jobs import priors as p
+
+    out: list[dict[str, Any]] = []
+    for v in decision.chosen:
+        wanted = v.rule.priors
+        if wanted is None:
+            continue
+        current = p.current_study(conn, study_id, v.series_uid)
+        local = p.local_priors(conn, current)
+        entry: dict[str, Any] = {
+            "rule": v.rule.name,
+            "priors": wanted.describe(),
+            "query": {"archive": wanted.archive, **p.query(wanted, current).keys()},
+            "query_text": p.describe_query(wanted, current),
+            "series_regex": wanted.series,
+        }
+        remote: list[p.PriorStudy] = []
+        if ask:
+            try:
+                archive = Archives(runtime.config, runtime.paths.home, runtime.audit, actor=os_user()).get(
+                    wanted.archive
+                )
+                remote = p.archive_priors(archive, wanted, current)
+                entry["archive_answer"] = [_prior_json(s) for s in remote]
+            except ArchiveError as exc:
+                entry["archive_error"] = str(exc)
+        selection = p.choose(wanted, current, p.merge(local, remote))
+        entry["held_locally"] = [_prior_json(s) for s in p.choose(wanted, current, local).chosen]
+        entry["chosen"] = [_prior_json(s) for s in selection.chosen]
+        entry["to_fetch"] = selection.to_fetch
+        entry["shortfall"] = selection.shortfall
+        out.append(entry)
+    return out
+
+
+def _prior_json(study: Any) -> dict[str, Any]:
+    return {
+        "study_uid": study.study_uid,
+        "study_date": study.study_date.isoformat() if study.study_date else None,
+        "series": [
+            {
+                "series_uid": s.series_uid,
+                "modality": s.modality,
+                "description": s.description,
+                "local": s.local,
+            }
+            for s in study.series
+        ],
+    }
+
+
+def _print_priors(priors: list[dict[str, Any]]) -> None:
+    for entry in priors:
+        console.print(Text(f"priors for rule {entry['rule']}: {entry['priors']}", style="bold"))
+        console.print(Text(f"  query: {entry['query_text']}"))
+        if "archive_error" in entry:
+            console.print(Text(f"  archive not asked: {entry['archive_error']}", style="red"))
+        for label, key in (("held here", "held_locally"), ("archive answered", "archive_answer")):
+            if key not in entry:
+                continue
+            studies = entry[key]
+            noun = "study" if len(studies) == 1 else "studies"
+            console.print(Text(f"  {label}: {len(studies)} qualifying {noun}"))
+            for s in studies:
+                console.print(
+                    Text(
+                        f"    {s['study_uid']} ({s['study_date']}): "
+                        + ", ".join(f"{x['modality']} {x['description']!r}" for x in s["series"])
+                    )
+                )
+        console.print(Text(f"  would use: {', '.join(s['study_uid'] for s in entry['chosen']) or 'none'}"))
+        if entry["to_fetch"]:
+            console.print(Text(f"  would fetch: {', '.join(entry['to_fetch'])}"))
+        if entry["shortfall"]:
+            console.print(Text(f"  short: {entry['shortfall']}", style="yellow"))
 
 
 def _print_explanation(

@@ -150,9 +150,15 @@ class PolicyRouter:
     """Holds the active policy (reloadable) and plans jobs for ready studies."""
 
     def __init__(
-        self, loaded: LoadedPolicy | None, data_dir: Path, destination_aes: Mapping[str, str] | None = None
+        self,
+        loaded: LoadedPolicy | None,
+        data_dir: Path,
+        destination_aes: Mapping[str, str] | None = None,
+        archives: set[str] | None = None,
     ) -> None:
         self._loaded = loaded
+        #: The configured archives' names, which a rule's priors must name (None: unchecked).
+        self.archives = archives
         self.data_dir = data_dir
         #: Destination name → AE title (to keep a study from going back to its sender).
         self.destination_aes = dict(destination_aes or {})
@@ -169,7 +175,7 @@ class PolicyRouter:
 
     def reload(self, path: Path, destinations: set[str]) -> LoadedPolicy:
         """Load ``path``; on success it becomes the active policy. Raises PolicyError."""
-        loaded = load_policy(path, destinations)
+        loaded = load_policy(path, destinations, self.archives)
         self.replace(loaded)
         return loaded
 

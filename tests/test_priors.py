@@ -1,0 +1,351 @@
+"""Priors in policies (issue 16 item 3): the rule's ``priors`` model, its validation on
+load, and the selection of prior studies (window, interval, regex, count, local first)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dicom_node.ingest.archives import SeriesMatch, StudyMatch, StudyQuery
+from dicom_node.ingest.indexer import Indexer
+from dicom_node.ingest.origin import OriginRules, job_output_lookup
+from dicom_node.ingest.store import InstanceStore
+from dicom_node.jobs import priors as p
+from dicom_node.runtime import Runtime
+from policies.loader import PolicyError, parse_policy
+from policies.model import Priors, Rule
+from tests.test_archives import NODE_AE, mr_instance, wire_bytes
+
+CURRENT = p.CurrentStudy("1.2.3.100", "P1", date(2024, 6, 1), modality="MR", body_part="HEAD")
+
+
+def _series(
+    uid: str, description: str = "T1 post", modality: str = "MR", body: str = "HEAD", local: bool = False
+) -> p.PriorSeries:
+    return p.PriorSeries(uid, modality, description, body, 10, local=local)
+
+
+def _study(uid: str, day: date | None, *series: p.PriorSeries, patient: str = "P1") -> p.PriorStudy:
+    return p.PriorStudy(uid, patient, day, tuple(series) or (_series(uid + ".1"),))
+
+
+# -- the model -----------------------------------------------------------------------------
+
+
+def test_priors_defaults_and_patient_id_is_always_compared() -> None:
+    priors = Priors(archive="pacs", same=["BodyPartExamined"])
+    assert priors.same == ("PatientID", "BodyPartExamined")
+    assert (priors.count, priors.on_missing, priors.registration, priors.min_interval_days) == (
+        1,
+        "run",
+        "none",
+        0,
+    )
+    assert Priors(archive="pacs", same="PatientID").same == ("PatientID",)
+    rule = Rule.model_validate(
+        {
+            "name": "mr-with-priors",
+            "pipeline": "forward",
+            "destinations": ["pacs"],
+            "priors": {"archive": "pacs", "count": 2, "modality": "MR", "series": "T1.*post|T1C"},
+        }
+    )
+    assert rule.priors is not None and rule.priors.count == 2
+    assert "2 prior(s) MR series /T1.*post|T1C/ from pacs" in rule.priors.describe()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"count": 0}, "greater than or equal to 1"),
+        ({"same": ["StudyDate"]}, "priors.same compares PatientID, BodyPartExamined, Modality"),
+        ({"series": "T1(("}, "not a valid regular expression"),
+        ({"within_days": 20, "min_interval_days": 30}, "no study could qualify"),
+        ({"modality": "mr head"}, "one DICOM modality"),
+        ({"on_missing": "wait"}, "'run' or 'refuse'"),
+        ({"registration": "deformable"}, "'none', 'rigid' or 'affine'"),
+        ({"timeout_seconds": 0}, "greater than 0"),
+        ({"archive": "  "}, "name a configured archive"),
+        ({"regsitration": "rigid"}, "Extra inputs are not permitted"),
+    ],
+)
+def test_priors_refuses_what_cannot_work(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace("|", r"\|")):
+        Priors.model_validate({"archive": "pacs", **fields})
+
+
+POLICY = """\
+mode: first-match
+rules:
+  - name: mr-priors
+    pipeline: forward
+    destinations: [pacs]
+    priors:
+      archive: {archive}
+      count: 2
+"""
+
+
+def test_the_archive_a_rule_names_is_checked_on_load(tmp_path: Path) -> None:
+    source = tmp_path / "policy.yaml"
+    policy = parse_policy(POLICY.format(archive="pacs"), source, {"pacs"}, {"pacs"})
+    assert policy.rules[0].priors is not None
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(POLICY.format(archive="vna"), source, {"pacs"}, {"pacs"})
+    assert caught.value.problems == [
+        f"{source}:7: rules[0].priors.archive: unknown archive 'vna' (configured: pacs)"
+    ]
+    with pytest.raises(PolicyError, match="no \\[archives\\] are configured"):
+        parse_policy(POLICY.format(archive="vna"), source, {"pacs"}, set())
+    # Archives not known (no config at hand): not checked.
+    assert parse_policy(POLICY.format(archive="vna"), source, {"pacs"}).rules[0].priors is not None
+
+
+# -- the window and the query --------------------------------------------------------------
+
+
+def test_the_window_and_the_query_the_archive_is_sent() -> None:
+    priors = Priors(archive="pacs", modality="MR", within_days=1100, min_interval_days=30)
+    assert p.window(priors, date(2024, 6, 1)) == (date(2021, 5, 28), date(2024, 5, 2))
+    assert p.window(Priors(archive="pacs"), date(2024, 6, 1)) == (None, date(2024, 6, 1))
+    assert p.window(priors, None) == (None, None)
+    query = p.query(priors, CURRENT)
+    assert query == StudyQuery(
+        patient_id="P1", modality="MR", since=date(2021, 5, 28), until=date(2024, 5, 2)
+    )
+    assert query.keys() == {
+        "PatientID": "P1",
+        "ModalitiesInStudy": "MR",
+        "StudyDate": "20210528-20240502",
+    }
+    assert p.describe_query(priors, CURRENT) == (
+        "C-FIND STUDY to pacs: PatientID=P1, ModalitiesInStudy=MR, StudyDate=20210528-20240502"
+    )
+
+
+# -- the choice ------------------------------------------------------------------------------
+
+
+def test_the_newest_qualifying_studies_are_chosen() -> None:
+    priors = Priors(archive="pacs", count=2, modality="MR", within_days=1100, min_interval_days=30)
+    candidates = [
+        _study("1.2.3.1", date(2024, 5, 20)),  # 12 days: inside the minimum interval
+        _study("1.2.3.2", date(2024, 4, 1)),
+        _study("1.2.3.3", date(2023, 1, 1)),
+        _study("1.2.3.4", date(2022, 1, 1)),
+        _study("1.2.3.5", date(2020, 1, 1)),  # beyond within_days
+        _study("1.2.3.6", None),  # no date: the window cannot be judged
+        _study("1.2.3.100", date(2023, 6, 1)),  # the current study itself
+        _study("1.2.3.7", date(2024, 3, 1), patient="P2"),  # another patient
+        _study("1.2.3.8", date(2024, 3, 2), _series("1.2.3.8.1", modality="CT")),
+    ]
+    selection = p.choose(priors, CURRENT, candidates)
+    assert [s.study_uid for s in selection.chosen] == ["1.2.3.2", "1.2.3.3"]
+    assert selection.shortfall is None
+    assert selection.to_fetch == {"1.2.3.2": ("1.2.3.2.1",), "1.2.3.3": ("1.2.3.3.1",)}
+    # Without the interval, the study of 12 days ago is the newest.
+    loose = Priors(archive="pacs", count=2, modality="MR")
+    assert [s.study_uid for s in p.choose(loose, CURRENT, candidates).chosen] == ["1.2.3.1", "1.2.3.2"]
+
+
+def test_series_regex_and_same_body_part_pick_the_series() -> None:
+    priors = Priors(archive="pacs", count=3, series="(?i)T1.*post|T1C", same=["BodyPartExamined"])
+    candidates = [
+        _study("1.2.3.1", date(2024, 1, 1), _series("a", "T1 post"), _series("b", "T2 FLAIR")),
+        _study("1.2.3.2", date(2023, 1, 1), _series("c", "T2 FLAIR")),  # no wanted series
+        _study("1.2.3.3", date(2022, 1, 1), _series("d", "t1c"), _series("e", "T1C", body="PELVIS")),
+    ]
+    selection = p.choose(priors, CURRENT, candidates)
+    assert [(s.study_uid, [x.series_uid for x in s.series]) for s in selection.chosen] == [
+        ("1.2.3.1", ["a"]),
+        ("1.2.3.3", ["d"]),
+    ]
+    assert selection.shortfall == (
+        "2 of 3 prior(s) found (any modality, dated any time..2024-06-01, series '(?i)T1.*post|T1C')"
+    )
+    no_date = p.choose(priors, p.CurrentStudy("1.2.3.100", "P1", None), candidates)
+    assert no_date.chosen == ()
+    assert no_date.shortfall is not None and "the current study has no Study Date" in no_date.shortfall
+
+
+def test_priors_held_locally_are_not_fetched_again() -> None:
+    priors = Priors(archive="pacs", count=2, modality="MR")
+    local = [
+        _study("1.2.3.1", date(2024, 1, 1), _series("a", local=True)),
+        _study("1.2.3.2", date(2023, 1, 1), _series("b", local=True)),
+    ]
+    remote = [
+        _study("1.2.3.1", date(2024, 1, 1), _series("a"), _series("a2", "T1 post")),
+        _study("1.2.3.2", date(2023, 1, 1), _series("b")),
+        _study("1.2.3.3", date(2022, 1, 1), _series("c")),
+    ]
+    selection = p.choose(priors, CURRENT, p.merge(local, remote))
+    assert [s.study_uid for s in selection.chosen] == ["1.2.3.1", "1.2.3.2"]
+    # Only the series the archive has and this node lacks is fetched.
+    assert selection.to_fetch == {"1.2.3.1": ("a2",)}
+    assert [s.study_uid for s in selection.held] == ["1.2.3.2"]
+    # Everything held: nothing to fetch.
+    assert p.choose(priors, CURRENT, local).to_fetch == {}
+
+
+class FakeArchive:
+    """Answers like an archive and counts the series queries."""
+
+    def __init__(self, studies: dict[str, tuple[str, list[str]]]) -> None:
+        self.studies = studies  # uid -> (date, series descriptions)
+        self.series_asked: list[str] = []
+        self.queries: list[StudyQuery] = []
+
+    def find_studies(self, query: StudyQuery) -> list[StudyMatch]:
+        self.queries.append(query)
+        return [
+            StudyMatch(uid, "P1", "SIM", day, None, ("MR",), None, len(desc), None)
+            for uid, (day, desc) in self.studies.items()
+        ]
+
+    def find_series(self, study_uid: str, modality: str | None = None) -> list[SeriesMatch]:
+        self.series_asked.append(study_uid)
+        _, descriptions = self.studies[study_uid]
+        return [
+            SeriesMatch(study_uid, f"{study_uid}.{i}", "MR", i, d, "HEAD", 5)
+            for i, d in enumerate(descriptions, 1)
+        ]
+
+
+def test_the_archive_is_asked_for_series_only_until_enough_qualify() -> None:
+    priors = Priors(archive="pacs", count=2, modality="MR", series="T1", min_interval_days=30)
+    archive = FakeArchive(
+        {
+            "1.2.3.1": ("20240525", ["T1"]),  # inside the interval: not asked (the archive
+            # ignored the date range; the answer is checked again)
+            "1.2.3.2": ("20240101", ["T2"]),
+            "1.2.3.3": ("20230101", ["T1"]),
+            "1.2.3.4": ("20220101", ["T1", "T2"]),
+            "1.2.3.5": ("20210101", ["T1"]),
+        }
+    )
+    found = p.archive_priors(archive, priors, CURRENT)  # type: ignore[arg-type]
+    assert archive.queries == [p.query(priors, CURRENT)]
+    assert archive.series_asked == ["1.2.3.2", "1.2.3.3", "1.2.3.4"]
+    selection = p.choose(priors, CURRENT, found)
+    assert [s.study_uid for s in selection.chosen] == ["1.2.3.3", "1.2.3.4"]
+    assert selection.to_fetch == {"1.2.3.3": ("1.2.3.3.1",), "1.2.3.4": ("1.2.3.4.1",)}
+
+
+# -- from the index ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[tuple[Runtime, InstanceStore]]:
+    rt = Runtime.open(None, tmp_path)
+    origin = OriginRules(NODE_AE, "1.2.826.0.1.3680043.10.999.", job_output_lookup(rt.db))
+    store = InstanceStore(rt.paths, rt.db, Indexer(rt.db, rt.audit, gather_seconds=0.01), origin=origin)
+    try:
+        yield rt, store
+    finally:
+        store.close()
+        rt.close()
+
+
+def _put(store: InstanceStore, patient: str, study: str, series: str, day: str, prior: bool) -> None:
+    ds = mr_instance(patient, study, series, 1, day)
+    store.put(
+        wire_bytes(ds), ExplicitVRLittleEndian, claimed_sop_uid=ds.SOPInstanceUID, calling_ae="PACS",
+        retrieved_from="pacs" if prior else None,
+    )  # fmt: skip
+
+
+def test_local_priors_come_from_the_index(node: tuple[Runtime, InstanceStore]) -> None:
+    rt, store = node
+    current, acquired, retrieved, other = (generate_uid() for _ in range(4))
+    _put(store, "P1", current, generate_uid(), "20240601", prior=False)
+    acquired_series = generate_uid()
+    _put(store, "P1", acquired, acquired_series, "20240101", prior=False)
+    retrieved_series = generate_uid()
+    _put(store, "P1", retrieved, retrieved_series, "20230101", prior=True)
+    _put(store, "P2", other, generate_uid(), "20230601", prior=False)
+    with rt.db.read() as conn:
+        from sqlalchemy import select
+
+        from dicom_node.db import schema as t
+
+        study_id = conn.execute(select(t.studies.c.id).where(t.studies.c.study_uid == current)).scalar_one()
+        now = p.current_study(conn, study_id, None)
+        assert (now.study_uid, now.patient_id, now.study_date) == (current, "P1", date(2024, 6, 1))
+        local = p.local_priors(conn, now)
+    assert {(s.study_uid, s.study_date, s.local) for s in local} == {
+        (acquired, date(2024, 1, 1), True),
+        (retrieved, date(2023, 1, 1), True),
+    }
+    priors = Priors(archive="pacs", count=2, modality="MR", series="SIMULATED T1")
+    selection = p.choose(priors, now, local)
+    assert [s.study_uid for s in selection.chosen] == [acquired, retrieved]
+    assert selection.to_fetch == {}
+    assert [x.series_uid for s in selection.chosen for x in s.series] == [acquired_series, retrieved_series]
+
+
+# -- policy explain --------------------------------------------------------------------------
+
+
+def test_policy_explain_shows_the_query_and_the_priors_held(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+    from tests.peers import free_port
+
+    home = tmp_path / "node"
+    home.mkdir()
+    port = free_port()  # nothing listens there: the archive is down
+    (home / "dicom-node.toml").write_text(
+        f'[policy]\nfile = "policy.yaml"\n'
+        f'[destinations.pacs]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {port}\n'
+        f'[archives.pacs]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {port}\n'
+        "timeout_seconds = 2\n"
+    )
+    (home / "policy.yaml").write_text(
+        POLICY.format(archive="pacs")
+        + "      modality: MR\n      min_interval_days: 30\n      on_missing: refuse\n"
+    )
+    rt = Runtime.open(None, home)
+    origin = OriginRules(NODE_AE, "1.2.826.0.1.3680043.10.999.", job_output_lookup(rt.db))
+    store = InstanceStore(rt.paths, rt.db, Indexer(rt.db, rt.audit, gather_seconds=0.01), origin=origin)
+    current, held, too_recent = generate_uid(), generate_uid(), generate_uid()
+    try:
+        _put(store, "P1", current, generate_uid(), "20240601", prior=False)
+        _put(store, "P1", held, generate_uid(), "20240101", prior=True)
+        _put(store, "P1", too_recent, generate_uid(), "20240520", prior=False)
+    finally:
+        store.close()
+        rt.close()
+    result = CliRunner().invoke(app, ["policy", "explain", current, "--home", str(home)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "C-FIND STUDY to pacs: PatientID=P1, ModalitiesInStudy=MR, StudyDate=-20240502" in text
+    assert f"held here: 1 qualifying study {held} (2024-01-01)" in text
+    assert f"would use: {held}" in text
+    assert too_recent not in text
+    assert "short: 1 of 2 prior(s) found (MR, dated any time..2024-05-02)" in text
+    assert "archive answered" not in text  # not asked without --query-archive
+
+    asked = CliRunner().invoke(
+        app, ["policy", "explain", current, "--home", str(home), "--query-archive", "--json"]
+    )
+    assert asked.exit_code == 0, asked.output
+    import json
+
+    entry = json.loads(asked.output)["priors"][0]
+    assert entry["query"] == {
+        "archive": "pacs",
+        "PatientID": "P1",
+        "ModalitiesInStudy": "MR",
+        "StudyDate": "-20240502",
+    }
+    assert "archive_answer" not in entry and entry["archive_error"]
+    assert [s["study_uid"] for s in entry["held_locally"]] == [held]
+    assert entry["to_fetch"] == {}
