@@ -31,6 +31,7 @@ from audit.syslog import AuditForwarder, SyslogTlsSender
 from dicom_node import __version__
 from dicom_node.config import ConfigError, NodeConfig
 from dicom_node.delivery.outbox import Outbox
+from dicom_node.ingest.archives import Archives
 from dicom_node.ingest.indexer import Indexer
 from dicom_node.ingest.mpps import PerformedProcedureSteps
 from dicom_node.ingest.origin import OriginRules, job_output_lookup
@@ -40,6 +41,7 @@ from dicom_node.ingest.store import InstanceStore, latest_received_at
 from dicom_node.jobs.claims import claim_id, orphan_test
 from dicom_node.jobs.intake import JobIntake
 from dicom_node.jobs.policywatch import PolicyWatcher
+from dicom_node.jobs.prior_fetch import PriorFetcher
 from dicom_node.jobs.routing import PolicyRouter
 from dicom_node.jobs.runner import recover_jobs
 from dicom_node.net.hostnames import parse_address, resolve_name
@@ -432,6 +434,15 @@ def _serve(
             readiness.shutdown()
             raise
         log.info("web pages on %s", web.url)
+    # Jobs whose rule asks for priors wait in fetching-priors; the fetcher (its own threads,
+    # never the receiver's) finds and retrieves them — a C-MOVE arrives through the receiver.
+    prior_fetcher = PriorFetcher(
+        runtime.db,
+        audit,
+        Archives(config, paths.home, audit, db=runtime.db, store=store, actor=actor),
+        actor=actor,
+    )
+    prior_fetcher.start()
     supervisor.start()
     log.info(
         "dicom-node %s serving %s on %s (home %s, %d worker process(es), destinations: %s)",
@@ -455,6 +466,7 @@ def _serve(
             watcher.stop()
         if web is not None:
             web.stop()
+        prior_fetcher.stop()
         receiver.stop()
         store.close()
         readiness.shutdown()

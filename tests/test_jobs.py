@@ -239,7 +239,9 @@ def test_allowed_covers_every_state() -> None:
     assert set(ALLOWED) == {None, *JobState}
     for src, targets in ALLOWED.items():
         assert targets <= set(JobState), src
-    assert ALLOWED[None] == {JobState.QUEUED}
+    # a job is created queued, or fetching-priors when its rule asks for priors
+    assert ALLOWED[None] == {JobState.QUEUED, JobState.FETCHING_PRIORS}
+    assert ALLOWED[JobState.FETCHING_PRIORS] == {JobState.QUEUED, JobState.REFUSED}
     assert ALLOWED[JobState.DELIVERED] == frozenset()  # terminal
     # every state is reachable from creation
     reachable: set[JobState] = set()

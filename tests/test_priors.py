@@ -3,6 +3,7 @@ load, and the selection of prior studies (window, interval, regex, count, local 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
@@ -11,14 +12,21 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from sqlalchemy import func, select
 
-from dicom_node.ingest.archives import SeriesMatch, StudyMatch, StudyQuery
+from audit import AuditEvent
+from dicom_node.db import schema as t
+from dicom_node.ingest.archives import ArchiveError, RetrieveResult, SeriesMatch, StudyMatch, StudyQuery
 from dicom_node.ingest.indexer import Indexer
 from dicom_node.ingest.origin import OriginRules, job_output_lookup
 from dicom_node.ingest.store import InstanceStore
 from dicom_node.jobs import priors as p
+from dicom_node.jobs.intake import JobIntake
+from dicom_node.jobs.prior_fetch import PriorFetcher
+from dicom_node.jobs.routing import PolicyRouter
+from dicom_node.jobs.state import JobState
 from dicom_node.runtime import Runtime
-from policies.loader import PolicyError, parse_policy
+from policies.loader import PolicyError, load_policy, parse_policy
 from policies.model import Priors, Rule
 from tests.test_archives import NODE_AE, mr_instance, wire_bytes
 
@@ -253,11 +261,13 @@ def node(tmp_path: Path) -> Iterator[tuple[Runtime, InstanceStore]]:
         rt.close()
 
 
-def _put(store: InstanceStore, patient: str, study: str, series: str, day: str, prior: bool) -> None:
-    ds = mr_instance(patient, study, series, 1, day)
+def _put(
+    store: InstanceStore, patient: str, study: str, series: str, day: str, prior: bool, number: int = 1
+) -> None:
+    ds = mr_instance(patient, study, series, number, day)
     store.put(
-        wire_bytes(ds), ExplicitVRLittleEndian, claimed_sop_uid=ds.SOPInstanceUID, calling_ae="PACS",
-        retrieved_from="pacs" if prior else None,
+        wire_bytes(ds), ExplicitVRLittleEndian, claimed_sop_uid=ds.SOPInstanceUID,
+        calling_ae="PACS" if prior else "SCANNER", retrieved_from="pacs" if prior else None,
     )  # fmt: skip
 
 
@@ -271,10 +281,6 @@ def test_local_priors_come_from_the_index(node: tuple[Runtime, InstanceStore]) -
     _put(store, "P1", retrieved, retrieved_series, "20230101", prior=True)
     _put(store, "P2", other, generate_uid(), "20230601", prior=False)
     with rt.db.read() as conn:
-        from sqlalchemy import select
-
-        from dicom_node.db import schema as t
-
         study_id = conn.execute(select(t.studies.c.id).where(t.studies.c.study_uid == current)).scalar_one()
         now = p.current_study(conn, study_id, None)
         assert (now.study_uid, now.patient_id, now.study_date) == (current, "P1", date(2024, 6, 1))
@@ -349,3 +355,182 @@ def test_policy_explain_shows_the_query_and_the_priors_held(tmp_path: Path) -> N
     assert "archive_answer" not in entry and entry["archive_error"]
     assert [s["study_uid"] for s in entry["held_locally"]] == [held]
     assert entry["to_fetch"] == {}
+
+
+# -- the job waits in fetching-priors ----------------------------------------------------------
+
+
+class StoringArchive(FakeArchive):
+    """A fake archive whose retrieve stores the asked series here as priors (as a C-MOVE
+    through the receiver would), or fails as told."""
+
+    def __init__(self, store: InstanceStore, studies: dict[str, tuple[str, list[str]]]) -> None:
+        super().__init__(studies)
+        self.store = store
+        self.retrieved: list[tuple[str, tuple[str, ...]]] = []
+        self.fail: str | None = None
+
+    def retrieve(
+        self, study_uid: str, series_uids: Any = None, timeout: float | None = None
+    ) -> RetrieveResult:
+        assert timeout is not None and timeout > 0
+        self.retrieved.append((study_uid, tuple(series_uids or ())))
+        if self.fail:
+            return RetrieveResult("pacs", "c-move", study_uid, tuple(series_uids), error=self.fail)
+        day = self.studies[study_uid][0]
+        for series in series_uids:
+            for number in (1, 2):
+                _put(self.store, "P1", study_uid, series, day, prior=True, number=number)
+        return RetrieveResult("pacs", "c-move", study_uid, tuple(series_uids), completed=2 * len(series_uids))
+
+
+class OneArchive:
+    def __init__(self, archive: Any) -> None:
+        self.archive = archive
+
+    def get(self, name: str) -> Any:
+        if self.archive is None:
+            raise ArchiveError(f"archive {name} (127.0.0.1:1) does not answer: connection refused")
+        assert name == "pacs"
+        return self.archive
+
+
+JOB_POLICY = """\
+mode: first-match
+rules:
+  - name: mr-priors
+    match: {{modality: MR}}
+    pipeline: forward
+    destinations: [pacs]
+    priors:
+      archive: pacs
+      count: 2
+      modality: MR
+      min_interval_days: 30
+      timeout_seconds: 5
+      on_missing: {on_missing}
+"""
+
+
+def _job_for_current_study(rt: Runtime, store: InstanceStore, on_missing: str = "run") -> tuple[int, str]:
+    current = generate_uid()
+    _put(store, "P1", current, generate_uid(), "20240601", prior=False)
+    path = rt.paths.home / "policy.yaml"
+    path.write_text(JOB_POLICY.format(on_missing=on_missing))
+    router = PolicyRouter(load_policy(path, {"pacs"}, {"pacs"}), rt.paths.data, {"pacs": "PACS"})
+    (job_id,) = JobIntake(rt.db, rt.audit, router).study_ready(current)
+    with rt.db.read() as conn:
+        state = conn.execute(select(t.jobs.c.state).where(t.jobs.c.id == job_id)).scalar_one()
+    assert state == JobState.FETCHING_PRIORS.value
+    return job_id, current
+
+
+def _job(rt: Runtime, job_id: int) -> tuple[str, str | None, list[tuple[str, str, str | None]]]:
+    with rt.db.read() as conn:
+        row = conn.execute(select(t.jobs.c.state, t.jobs.c.reason).where(t.jobs.c.id == job_id)).one()
+        moves = [
+            (r.from_state, r.to_state, r.reason)
+            for r in conn.execute(
+                select(t.job_transitions)
+                .where(t.job_transitions.c.job_fk == job_id)
+                .order_by(t.job_transitions.c.id)
+            )
+        ]
+    return row.state, row.reason, moves
+
+
+ARCHIVE = {
+    "1.2.3.1": ("20240520", ["SIMULATED T1"]),  # inside min_interval_days
+    "1.2.3.2": ("20240101", ["SIMULATED T1"]),
+    "1.2.3.3": ("20230101", ["SIMULATED T1"]),
+    "1.2.3.4": ("20220101", ["SIMULATED T1"]),
+}
+
+
+def test_a_job_fetches_the_two_newest_priors_and_runs(node: tuple[Runtime, InstanceStore]) -> None:
+    rt, store = node
+    job_id, _ = _job_for_current_study(rt, store)
+    archive = StoringArchive(store, dict(ARCHIVE))
+    fetcher = PriorFetcher(rt.db, rt.audit, OneArchive(archive))
+    assert fetcher.pending() == [job_id]
+    assert fetcher.fetch(job_id) == JobState.QUEUED
+    assert archive.retrieved == [("1.2.3.2", ("1.2.3.2.1",)), ("1.2.3.3", ("1.2.3.3.1",))]
+    state, reason, moves = _job(rt, job_id)
+    assert (state, reason) == ("queued", "priors: 2 at hand")
+    assert moves == [(None, "fetching-priors", None), ("fetching-priors", "queued", "priors: 2 at hand")]
+    with rt.db.read() as conn:
+        rows = conn.execute(select(t.job_priors).order_by(t.job_priors.c.id)).all()
+        # The retrieved priors opened no job of their own.
+        assert conn.execute(select(func.count(t.jobs.c.id))).scalar_one() == 1
+    assert [(r.study_uid, r.series_uid, r.study_date, r.archive, r.sop_count) for r in rows] == [
+        ("1.2.3.2", "1.2.3.2.1", "20240101", "pacs", 2),
+        ("1.2.3.3", "1.2.3.3.1", "20230101", "pacs", 2),
+    ]
+    assert all(r.retrieved_at is not None for r in rows)
+    transition = rt.audit.events(AuditEvent.JOB_TRANSITION)[-1]
+    assert (transition.facts["from_state"], transition.facts["to_state"]) == ("fetching-priors", "queued")
+    assert fetcher.fetch(job_id) is None  # settled: nothing more to do
+
+    # A second job of the same patient finds both priors held here: nothing fetched again.
+    again, _ = _job_for_current_study(rt, store)
+    archive.retrieved.clear()
+    assert fetcher.fetch(again) == JobState.QUEUED
+    assert archive.retrieved == []
+    with rt.db.read() as conn:
+        held = conn.execute(
+            select(t.job_priors.c.study_uid, t.job_priors.c.retrieved_at).where(
+                t.job_priors.c.job_fk == again
+            )
+        ).all()
+    assert [(uid, at) for uid, at in held] == [("1.2.3.2", None), ("1.2.3.3", None)]
+
+
+@pytest.mark.parametrize("on_missing", ["refuse", "run"])
+def test_archive_down_refuses_or_runs_as_the_rule_says(
+    node: tuple[Runtime, InstanceStore], on_missing: str
+) -> None:
+    rt, store = node
+    job_id, _ = _job_for_current_study(rt, store, on_missing)
+    started = time.monotonic()
+    state = PriorFetcher(rt.db, rt.audit, OneArchive(None)).fetch(job_id)
+    assert time.monotonic() - started < 5
+    want = JobState.REFUSED if on_missing == "refuse" else JobState.QUEUED
+    assert state == want
+    _, reason, _ = _job(rt, job_id)
+    lead = "priors: " if on_missing == "refuse" else "priors: running with "
+    assert reason == (
+        f"{lead}0 of 2 prior(s) at hand; 0 of 2 prior(s) found (MR, dated any time..2024-05-02); "
+        "archive pacs: archive pacs (127.0.0.1:1) does not answer: connection refused"
+    )
+    transition = rt.audit.events(AuditEvent.JOB_TRANSITION)[-1]
+    assert transition.facts["reason"] == reason
+    with rt.db.read() as conn:
+        assert conn.execute(select(t.job_priors)).all() == []
+
+
+def test_a_failed_retrieval_is_named_and_the_job_refused(node: tuple[Runtime, InstanceStore]) -> None:
+    rt, store = node
+    job_id, _ = _job_for_current_study(rt, store, "refuse")
+    archive = StoringArchive(store, dict(ARCHIVE))
+    archive.fail = "C-MOVE: 0 completed, 1 failed (0xA801 move destination unknown)"
+    assert PriorFetcher(rt.db, rt.audit, OneArchive(archive)).fetch(job_id) == JobState.REFUSED
+    _, reason, _ = _job(rt, job_id)
+    assert reason == (
+        "priors: 0 of 2 prior(s) at hand; "
+        "1.2.3.2: C-MOVE: 0 completed, 1 failed (0xA801 move destination unknown); "
+        "1.2.3.3: C-MOVE: 0 completed, 1 failed (0xA801 move destination unknown)"
+    )
+
+
+def test_the_fetcher_thread_settles_waiting_jobs(node: tuple[Runtime, InstanceStore]) -> None:
+    rt, store = node
+    job_id, _ = _job_for_current_study(rt, store)
+    fetcher = PriorFetcher(rt.db, rt.audit, OneArchive(StoringArchive(store, dict(ARCHIVE))), every=0.05)
+    fetcher.start()
+    try:
+        deadline = time.monotonic() + 10
+        while _job(rt, job_id)[0] == "fetching-priors" and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        fetcher.stop()
+    assert _job(rt, job_id)[:2] == ("queued", "priors: 2 at hand")

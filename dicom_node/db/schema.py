@@ -128,6 +128,8 @@ jobs = Table(
     #: Why a destination would refuse the outputs (its profile's checks, run before the
     #: gate); a job with any is held, and approving it is refused. None: not checked.
     Column("destination_problems", JSON),
+    #: The rule's ``priors`` (policies.model.Priors), frozen at creation; None: none asked.
+    Column("priors", JSON),
     Column("state", String(16), nullable=False, index=True),
     Column("reason", Text),
     Column("runs", Integer, nullable=False, default=0),
@@ -135,6 +137,23 @@ jobs = Table(
     Column("lease_until", Float),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+)
+
+#: The prior series a job uses (fetched from an archive or already held here): what its
+#: provenance lists. One row per series; ``sop_count`` instances of it were in the index.
+job_priors = Table(
+    "job_priors",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_fk", ForeignKey("jobs.id"), nullable=False, index=True),
+    Column("study_uid", UID, nullable=False),
+    Column("series_uid", UID, nullable=False),
+    Column("study_date", String(8)),
+    Column("archive", String(64), nullable=False),
+    #: When it was retrieved for this job (None: already held here, nothing fetched).
+    Column("retrieved_at", Float),
+    Column("sop_count", Integer, nullable=False, default=0),
+    UniqueConstraint("job_fk", "series_uid", name="uq_job_priors_job_fk_series_uid"),
 )
 
 job_inputs = Table(

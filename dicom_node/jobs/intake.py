@@ -100,6 +100,7 @@ class JobIntake:
                         qc_policy=plan.qc_policy,
                         options=plan.options,
                         series_uid=plan.series_uid,
+                        priors=plan.priors,
                     )
                 )
             conn.execute(
@@ -157,7 +158,7 @@ class JobIntake:
                     rule=plan.rule,
                     study_version=study.open_version,
                     from_state=None,
-                    to_state=JobState.QUEUED.value,
+                    to_state=(JobState.FETCHING_PRIORS if plan.priors else JobState.QUEUED).value,
                 )
         log.info(
             "study %s v%d ready: %d instance(s), jobs %s",

@@ -51,6 +51,8 @@ class JobPlan:
     #: What runs if the pipeline refuses the input (the rule's ``fallback``; frozen into the
     #: job's options unless ``nothing``: see :mod:`dicom_node.jobs.fallback`).
     fallback: str = "nothing"
+    #: The rule's ``priors`` (frozen into the job; the job starts in ``fetching-priors``).
+    priors: dict[str, Any] | None = None
 
 
 @dataclass
@@ -224,6 +226,7 @@ class PolicyRouter:
                     include_ai_outputs=v.rule.ai_outputs == "accept",
                     skipped_destinations=skipped,
                     fallback=v.rule.fallback,
+                    priors=v.rule.priors.model_dump(mode="json") if v.rule.priors else None,
                 )
             )
         return view, decision, plans

@@ -2,6 +2,10 @@
 
 ``queued → running → (succeeded | failed | refused | held) → delivering → delivered``
 
+A job whose rule asks for priors starts in ``fetching-priors`` and goes to ``queued`` (with
+what arrived) or ``refused`` (the rule's ``on_missing: refuse``), see
+:mod:`dicom_node.jobs.prior_fetch`.
+
 Every transition is committed before the work it announces starts, so a restart — even
 after kill -9 — finds each job in a state that says what to do next: ``queued`` and an
 orphaned ``running`` are (re)run (work is idempotent), ``delivering`` waits on its
@@ -38,12 +42,16 @@ class JobState(StrEnum):
     HELD = "held"
     #: The input is outside the model's declared input domain (the reasons are the job's).
     REFUSED = "refused"
+    #: The rule asked for priors: the job waits for them (then queued, or refused when the
+    #: rule says ``on_missing: refuse`` and they did not all arrive in time).
+    FETCHING_PRIORS = "fetching-priors"
     DELIVERING = "delivering"
     DELIVERED = "delivered"
 
 
 ALLOWED: dict[JobState | None, frozenset[JobState]] = {
-    None: frozenset({JobState.QUEUED}),
+    None: frozenset({JobState.QUEUED, JobState.FETCHING_PRIORS}),
+    JobState.FETCHING_PRIORS: frozenset({JobState.QUEUED, JobState.REFUSED}),
     JobState.QUEUED: frozenset({JobState.RUNNING}),
     # running → queued: the worker was lost; the job resumes from the start.
     JobState.RUNNING: frozenset(
@@ -123,8 +131,11 @@ def create_job(
     qc_policy: dict[str, object] | None = None,
     options: dict[str, object] | None = None,
     series_uid: str | None = None,
+    priors: dict[str, object] | None = None,
 ) -> int:
-    """Insert a job in ``queued`` with its input snapshot, in the caller's transaction."""
+    """Insert a job with its input snapshot, in the caller's transaction: ``queued``, or
+    ``fetching-priors`` when the rule asked for ``priors``."""
+    state = JobState.FETCHING_PRIORS if priors else JobState.QUEUED
     now = time.time()
     job_id = int(
         inserted_id(
@@ -139,7 +150,8 @@ def create_job(
                     qc_policy=qc_policy or {},
                     options=options or {},
                     series_uid=series_uid,
-                    state=JobState.QUEUED.value,
+                    priors=priors,
+                    state=state.value,
                     runs=0,
                     created_at=now,
                     updated_at=now,
@@ -151,7 +163,7 @@ def create_job(
         conn.execute(insert(t.job_inputs), [{"job_fk": job_id, "instance_fk": i} for i in instance_ids])
     conn.execute(
         insert(t.job_transitions).values(
-            job_fk=job_id, from_state=None, to_state=JobState.QUEUED.value, at=now, actor=actor
+            job_fk=job_id, from_state=None, to_state=state.value, at=now, actor=actor
         )
     )
     return job_id
