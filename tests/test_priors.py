@@ -534,3 +534,45 @@ def test_the_fetcher_thread_settles_waiting_jobs(node: tuple[Runtime, InstanceSt
     finally:
         fetcher.stop()
     assert _job(rt, job_id)[:2] == ("queued", "priors: 2 at hand")
+
+
+def test_the_provenance_of_a_job_lists_its_priors(node: tuple[Runtime, InstanceStore]) -> None:
+    from dicom_node.config import NodeConfig
+    from dicom_node.delivery.profiles import DestinationProfiles
+    from dicom_node.jobs.runner import JobRunner
+
+    rt, store = node
+    job_id, current = _job_for_current_study(rt, store)
+    assert PriorFetcher(rt.db, rt.audit, OneArchive(StoringArchive(store, dict(ARCHIVE)))).fetch(job_id)
+    config = NodeConfig.model_validate(
+        {"destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 11112}}}
+    )
+    runner = JobRunner(config, rt.paths, rt.db, rt.audit, "test-worker", DestinationProfiles(config))
+    claimed = runner.claim()
+    assert claimed is not None and claimed.job_id == job_id
+    runner.run(claimed)
+    records = rt.audit.events(AuditEvent.PROVENANCE)
+    assert records, "the job wrote no provenance record"
+    with rt.db.read() as conn:
+        held = {
+            series: sorted(
+                (sop, sha)
+                for sop, sha in conn.execute(
+                    select(t.instances.c.sop_uid, t.instances.c.sha256)
+                    .join(t.series, t.series.c.id == t.instances.c.series_fk)
+                    .where(t.series.c.series_uid == series)
+                )
+            )
+            for series in ("1.2.3.2.1", "1.2.3.3.1")
+        }
+    for record in records:
+        assert record.facts["job_id"] == job_id and record.study_uid == current
+        listed = record.facts["priors"]
+        assert [(x["study_uid"], x["series_uid"], x["archive"]) for x in listed] == [
+            ("1.2.3.2", "1.2.3.2.1", "pacs"),
+            ("1.2.3.3", "1.2.3.3.1", "pacs"),
+        ]
+        for x in listed:
+            assert x["retrieved_at"] is not None
+            assert sorted((i["sop_uid"], i["sha256"]) for i in x["instances"]) == held[x["series_uid"]]
+            assert len(x["instances"]) == 2

@@ -275,3 +275,30 @@ def archive_priors(archive: Archive, priors: Priors, current: CurrentStudy) -> l
             if found >= priors.count:
                 break
     return out
+
+
+def job_prior_records(conn: Connection, job_id: int) -> list[dict[str, object]]:
+    """The priors a job used, for its provenance records: per series its study, archive,
+    retrieval time and every current instance's SOP Instance UID and sha256 (as stored)."""
+    rows = conn.execute(
+        select(t.job_priors).where(t.job_priors.c.job_fk == job_id).order_by(t.job_priors.c.id)
+    ).all()
+    out: list[dict[str, object]] = []
+    for row in rows:
+        instances = conn.execute(
+            select(t.instances.c.sop_uid, t.instances.c.sha256)
+            .join(t.series, t.series.c.id == t.instances.c.series_fk)
+            .where(t.series.c.series_uid == row.series_uid, t.instances.c.current.is_(True))
+            .order_by(t.instances.c.instance_number, t.instances.c.id)
+        ).all()
+        out.append(
+            {
+                "study_uid": row.study_uid,
+                "series_uid": row.series_uid,
+                "study_date": row.study_date,
+                "archive": row.archive,
+                "retrieved_at": row.retrieved_at,
+                "instances": [{"sop_uid": i.sop_uid, "sha256": i.sha256} for i in instances],
+            }
+        )
+    return out

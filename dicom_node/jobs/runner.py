@@ -5,7 +5,8 @@ The steps, in order::
     claim (queued → running)  →  load the study snapshot  →  pipeline.run
       →  destination checks (would a destination refuse the outputs?)
       →  gate (the rule's gate, QC limits, validation, destination refusals)
-      →  provenance records  →  settle: held | succeeded (shadow) | delivering | failed
+      →  provenance records (with the priors the job used, if any)
+      →  settle: held | succeeded (shadow) | delivering | failed
 
 An input outside the model's declared domain ends the job ``refused`` (not ``failed``),
 with the rule's fallback queued as a job of its own (:mod:`dicom_node.jobs.fallback`).
@@ -34,6 +35,7 @@ from dicom_node.db.engine import Database
 from dicom_node.jobs.claims import orphan_test
 from dicom_node.jobs.fallback import queue_fallback
 from dicom_node.jobs.handover import Handover
+from dicom_node.jobs.priors import job_prior_records
 from dicom_node.jobs.provenance import record_provenance
 from dicom_node.jobs.report import final_verdict
 from dicom_node.jobs.state import JobRef, JobState, StaleTransition, job_ref, move, record_outputs
@@ -266,8 +268,11 @@ class JobRunner:
         # the final verdict, stated in the job's report before its outputs are recorded
         verdict, result = final_verdict(job.gate, QcGates(**job.qc_policy), figures, result, study, refusals)
         result = replace(result, gate=f"{job.gate}: {verdict.action}")
+        with self.db.read() as conn:
+            priors = job_prior_records(conn, job.job_id)
+        extra: dict[str, Any] = {"priors": priors} if priors else {}
         record_provenance(
-            self.audit, study=study, pipeline=pipeline, result=result, patient_id=job.ref.patient_id
+            self.audit, study=study, pipeline=pipeline, result=result, patient_id=job.ref.patient_id, **extra
         )
         self.audit.record(
             AuditEvent.GATE_DECISION,
