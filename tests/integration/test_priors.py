@@ -1,0 +1,236 @@
+"""Priors in policies against a real archive (Orthanc's C-FIND / C-MOVE SCP).
+
+A patient with three earlier SIMULATED MR studies in Orthanc; a new study arrives at the
+node by storescu; the rule asks for two priors at least 30 days older: exactly the two
+newest are retrieved by C-MOVE, the job passes through ``fetching-priors``, its provenance
+lists them, no job is made for them and nothing but the job's output reaches Orthanc. With
+the archive down and ``on_missing: refuse`` the job ends ``refused`` within its timeout,
+the reason in ``jobs`` and the audit log.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import Dataset
+from pydicom.uid import generate_uid
+
+from audit import AuditEvent
+from dicom_node.ingest.origin import PRIOR
+from dicom_node.lab.localpeers import policy_yaml
+from tests.conftest import audit_rows, db_rows, node_config, require
+from tests.peers import ORTHANC, NodeProcess, Orthanc, free_port, storescu
+from tests.test_archives import mr_instance
+
+pytestmark = pytest.mark.integration
+
+PATIENT = "PRIORS-P1"
+NODE_AE = "PRIORSNODE"
+TODAY = "20240601"
+
+
+def _part10(ds: Dataset) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _policy(archive: str, on_missing: str, timeout: float) -> str:
+    import yaml
+
+    data = yaml.safe_load(policy_yaml("forward", ("pacs",), name="mr-with-priors"))
+    data["rules"][0]["priors"] = {
+        "archive": archive,
+        "count": 2,
+        "modality": "MR",
+        "min_interval_days": 30,
+        "timeout_seconds": timeout,
+        "on_missing": on_missing,
+    }
+    return str(yaml.safe_dump(data, sort_keys=False))
+
+
+def _current_study(folder: Path) -> str:
+    """The new SIMULATED MR study (three images) the scanner sends, as files."""
+    folder.mkdir()
+    study_uid, series_uid = generate_uid(), generate_uid()
+    for number in (1, 2, 3):
+        mr_instance(PATIENT, study_uid, series_uid, number, TODAY).save_as(
+            folder / f"{number}.dcm", enforce_file_format=True
+        )
+    return study_uid
+
+
+def _wait_job(node: NodeProcess, states: set[str], timeout: float) -> tuple[Any, ...]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = db_rows(node, "select id, state, reason from jobs order by id")
+        if rows and rows[0][1] in states:
+            return rows[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no job reached {states} in {timeout} s: {db_rows(node, 'select * from jobs')}")
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Iterator[Orthanc]:
+    require(ORTHANC)
+    peer = Orthanc(
+        tmp_path, extra_config={"DicomAlwaysAllowFind": True, "DicomAlwaysAllowMove": True}
+    ).start()
+    try:
+        yield peer
+    finally:
+        peer.stop()
+
+
+def test_the_two_wanted_priors_are_moved_and_listed_in_the_provenance(
+    tmp_path: Path, archive: Orthanc
+) -> None:
+    earlier: dict[str, tuple[str, str]] = {}
+    for day in ("20220310", "20230310", "20240310"):
+        study_uid, series_uid = generate_uid(), generate_uid()
+        for number in (1, 2, 3):
+            archive.upload(_part10(mr_instance(PATIENT, study_uid, series_uid, number, day)))
+        earlier[day] = (study_uid, series_uid)
+    seeded = archive.statistics()["CountInstances"]
+    config = (
+        f'[node]\nae_title = "{NODE_AE}"\n'
+        + node_config(archive, stable_seconds=1.0)
+        + f"""
+[archives.main]
+ae_title = "{archive.aet}"
+host = "127.0.0.1"
+port = {archive.dicom_port}
+method = "c-move"
+timeout_seconds = 10
+retrieve_timeout_seconds = 30
+"""
+    )
+    node = NodeProcess(tmp_path / "home", config, ae_title=NODE_AE, policy=_policy("main", "refuse", 30))
+    archive.register_modality("node", NODE_AE, node.port, storage_commitment=False)
+    current = _current_study(tmp_path / "current")
+    node.start()
+    try:
+        sent = storescu(tmp_path / "current", node.port, NODE_AE, calling="SCANNER")
+        assert sent.returncode == 0, sent.stderr
+        job_id, state, reason = _wait_job(node, {"delivered", "failed", "refused", "held"}, 60)
+        assert state == "delivered", (state, reason)
+        moves = db_rows(
+            node,
+            "select from_state, to_state, reason from job_transitions where job_fk = ? order by id",
+            (job_id,),
+        )
+        assert moves[0] == (None, "fetching-priors", None)
+        assert moves[1] == ("fetching-priors", "queued", "priors: 2 at hand")
+        # Exactly the two newest studies at least 30 days older, each series whole.
+        got = db_rows(
+            node,
+            "select study_uid, series_uid, archive, sop_count, retrieved_at is not null from job_priors"
+            " where job_fk = ? order by study_date desc",
+            (job_id,),
+        )
+        assert got == [
+            (*earlier["20240310"], "main", 3, 1),
+            (*earlier["20230310"], "main", 3, 1),
+        ]
+        assert db_rows(node, "select role, count(*) from instances group by role order by role") == [
+            (None, 3),
+            (PRIOR, 6),
+        ]
+        prior_studies = db_rows(
+            node,
+            "select distinct s.study_uid from instances i join studies s on s.id = i.study_fk"
+            " where i.role = ?",
+            (PRIOR,),
+        )
+        assert {uid for (uid,) in prior_studies} == {earlier["20240310"][0], earlier["20230310"][0]}
+        # The priors opened no job; only the job's output went to Orthanc (the forwarded study).
+        assert db_rows(node, "select count(*) from jobs") == [(1,)]
+        ready = audit_rows(node, AuditEvent.STUDY_READY.value)
+        assert [(r[2], json.loads(r[5])["jobs"]) for r in ready] == [(current, [job_id])]
+        deadline = time.monotonic() + 10
+        while archive.statistics()["CountInstances"] < seeded + 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert archive.statistics()["CountInstances"] == seeded + 3
+        # The provenance lists the priors with their instances' sha256.
+        provenance = [json.loads(r[5]) for r in audit_rows(node, AuditEvent.PROVENANCE.value)]
+        assert provenance
+        for record in provenance:
+            listed = record["priors"]
+            assert [(x["study_uid"], x["series_uid"]) for x in listed] == [
+                earlier["20240310"],
+                earlier["20230310"],
+            ]
+            assert all(len(x["instances"]) == 3 and x["archive"] == "main" for x in listed)
+            stored = {
+                sop: sha
+                for sop, sha in db_rows(
+                    node, "select sop_uid, sha256 from instances where role = ?", (PRIOR,)
+                )
+            }
+            assert all(stored[i["sop_uid"]] == i["sha256"] for x in listed for i in x["instances"])
+        # The audit log shows the query and the transfers.
+        queries = [json.loads(r[5]) for r in audit_rows(node, AuditEvent.QUERY.value)]
+        assert queries and all(q["archive"] == "main" for q in queries)
+        moved = [
+            r[2]
+            for r in audit_rows(node, AuditEvent.BEGIN_TRANSFERRING.value)
+            if "archive" in json.loads(r[5])
+        ]
+        assert sorted(moved) == sorted([earlier["20240310"][0], earlier["20230310"][0]])
+        sent_out = [json.loads(r[5]) for r in audit_rows(node, AuditEvent.BEGIN_TRANSFERRING.value)]
+        assert [r["destination"] for r in sent_out if "destination" in r] == ["pacs"]
+    finally:
+        node.stop()
+
+
+def test_archive_down_refuses_the_job_within_the_timeout(tmp_path: Path) -> None:
+    down = free_port()  # nothing listens there
+    config = (
+        f'[node]\nae_title = "{NODE_AE}"\n'
+        + node_config(None, stable_seconds=1.0, policy=True)
+        + f"""
+[destinations.pacs]
+ae_title = "PACS"
+host = "127.0.0.1"
+port = {down}
+timeout_seconds = 5
+
+[archives.main]
+ae_title = "PACS"
+host = "127.0.0.1"
+port = {down}
+method = "c-move"
+timeout_seconds = 3
+"""
+    )
+    node = NodeProcess(tmp_path / "home", config, ae_title=NODE_AE, policy=_policy("main", "refuse", 5))
+    _current_study(tmp_path / "current")
+    node.start()
+    try:
+        sent = storescu(tmp_path / "current", node.port, NODE_AE, calling="SCANNER")
+        assert sent.returncode == 0, sent.stderr
+        started = time.monotonic()
+        job_id, state, reason = _wait_job(node, {"refused", "queued", "running", "delivered", "failed"}, 30)
+        assert time.monotonic() - started < 20
+        assert state == "refused", (state, reason)
+        assert reason.startswith("priors: 0 of 2 prior(s) at hand; ")
+        assert "archive main:" in reason
+        listed = node.cli_json("jobs")
+        rows = listed["jobs"] if isinstance(listed, dict) else listed
+        assert any(j["id"] == job_id and j["state"] == "refused" and j["reason"] == reason for j in rows)
+        transitions = [json.loads(r[5]) for r in audit_rows(node, AuditEvent.JOB_TRANSITION.value)]
+        assert any(
+            t["job_id"] == job_id and t["to_state"] == "refused" and t["reason"] == reason
+            for t in transitions
+        )
+        assert db_rows(node, "select count(*) from job_priors") == [(0,)]
+    finally:
+        node.stop()
