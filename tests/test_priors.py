@@ -576,3 +576,27 @@ def test_the_provenance_of_a_job_lists_its_priors(node: tuple[Runtime, InstanceS
             assert x["retrieved_at"] is not None
             assert sorted((i["sop_uid"], i["sha256"]) for i in x["instances"]) == held[x["series_uid"]]
             assert len(x["instances"]) == 2
+
+
+class BrokenArchive(FakeArchive):
+    def find_studies(self, query: StudyQuery) -> list[StudyMatch]:
+        raise RuntimeError("unexpected")
+
+
+@pytest.mark.parametrize("on_missing", ["refuse", "run"])
+def test_a_broken_fetch_never_leaves_the_job_waiting(
+    node: tuple[Runtime, InstanceStore], on_missing: str
+) -> None:
+    rt, store = node
+    job_id, _ = _job_for_current_study(rt, store, on_missing)
+    fetcher = PriorFetcher(rt.db, rt.audit, OneArchive(BrokenArchive({})), every=0.05)
+    fetcher.start()
+    try:
+        deadline = time.monotonic() + 10
+        while _job(rt, job_id)[0] == "fetching-priors" and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        fetcher.stop()
+    state, reason, _ = _job(rt, job_id)
+    assert state == ("refused" if on_missing == "refuse" else "queued")
+    assert reason is not None and reason.startswith("priors: ") and "internal error: RuntimeError" in reason

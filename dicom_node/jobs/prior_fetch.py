@@ -34,6 +34,7 @@ from dicom_node.db.engine import Database
 from dicom_node.ingest.archives import ArchiveError, RetrieveResult, StudyMatch
 from dicom_node.jobs import priors as p
 from dicom_node.jobs.state import JobState, StaleTransition, job_ref, move
+from dicom_node.safelog import describe_exception
 from policies.model import Priors
 
 log = logging.getLogger(__name__)
@@ -122,11 +123,36 @@ class PriorFetcher:
     def _fetch_guarded(self, job_id: int) -> None:
         try:
             self.fetch(job_id)
-        except Exception:
-            log.exception("job %d: fetching priors failed", job_id)
+        except Exception as exc:
+            log.error("job %d: fetching priors failed", job_id, exc_info=True)
+            self.give_up(job_id, f"internal error: {describe_exception(exc)}")
         finally:
             with self._lock:
                 self._busy.discard(job_id)
+
+    def give_up(self, job_id: int, why: str) -> JobState | None:
+        """Settle a job whose fetch broke (never leave it waiting): as ``on_missing`` says."""
+        try:
+            with self.db.read() as conn:
+                frozen = conn.execute(select(t.jobs.c.priors).where(t.jobs.c.id == job_id)).scalar()
+            refuse = not isinstance(frozen, dict) or frozen.get("on_missing") != "run"
+            to_state = JobState.REFUSED if refuse else JobState.QUEUED
+            reason = f"priors: {why}" if refuse else f"priors: running without them: {why}"
+            with audited_write(self.db, self.audit) as work:
+                move(
+                    work,
+                    job_ref(work.conn, job_id),
+                    to_state,
+                    expect=JobState.FETCHING_PRIORS,
+                    reason=reason,
+                    actor=self.actor,
+                )
+        except StaleTransition:
+            return None
+        except Exception:
+            log.error("job %d: could not settle it after a failed fetch", job_id, exc_info=True)
+            return None
+        return to_state
 
     def fetch(self, job_id: int) -> JobState | None:
         """Settle one job in ``fetching-priors``; its new state (None: it had moved on)."""
