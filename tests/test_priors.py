@@ -284,6 +284,8 @@ def test_local_priors_come_from_the_index(node: tuple[Runtime, InstanceStore]) -
         study_id = conn.execute(select(t.studies.c.id).where(t.studies.c.study_uid == current)).scalar_one()
         now = p.current_study(conn, study_id, None)
         assert (now.study_uid, now.patient_id, now.study_date) == (current, "P1", date(2024, 6, 1))
+        # No input series named: the study's largest acquired series gives Modality / Body Part.
+        assert (now.modality, now.body_part) == ("MR", None)
         local = p.local_priors(conn, now)
     assert {(s.study_uid, s.study_date, s.local) for s in local} == {
         (acquired, date(2024, 1, 1), True),

@@ -193,19 +193,27 @@ def choose(priors: Priors, current: CurrentStudy, candidates: Sequence[PriorStud
 
 
 def current_study(conn: Connection, study_id: int, series_uid: str | None) -> CurrentStudy:
-    """The job's study, from the index."""
+    """The job's study, from the index; its input series ``series_uid`` (None: the study's
+    largest acquired series) gives the Modality and Body Part ``same`` compares with."""
     row = conn.execute(
         select(t.studies.c.study_uid, t.studies.c.study_date, t.patients.c.patient_id)
         .join(t.patients, t.patients.c.id == t.studies.c.patient_fk)
         .where(t.studies.c.id == study_id)
     ).one()
     modality = body_part = None
+    which = select(t.series.c.modality, t.series.c.body_part)
     if series_uid:
+        s = conn.execute(which.where(t.series.c.series_uid == series_uid)).first()
+    else:
         s = conn.execute(
-            select(t.series.c.modality, t.series.c.body_part).where(t.series.c.series_uid == series_uid)
+            which.join(t.instances, t.instances.c.series_fk == t.series.c.id)
+            .where(t.series.c.study_fk == study_id, t.instances.c.role.is_(None))
+            .group_by(t.series.c.id)
+            .order_by(func.count(t.instances.c.id).desc(), t.series.c.id)
+            .limit(1)
         ).first()
-        if s is not None:
-            modality, body_part = s.modality, s.body_part
+    if s is not None:
+        modality, body_part = s.modality, s.body_part
     return CurrentStudy(row.study_uid, row.patient_id, parse_da(row.study_date), modality, body_part)
 
 
