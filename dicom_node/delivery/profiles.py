@@ -25,6 +25,7 @@ from pydicom.uid import (
     ParametricMapStorage,
     SecondaryCaptureImageStorage,
     SegmentationStorage,
+    SpatialRegistrationStorage,
 )
 from sqlalchemy import Connection, select
 
@@ -36,9 +37,16 @@ from dicom_node.jobs.handover import Queued
 from pipelines.base import OutputInstance
 
 #: Output SOP classes a ``tps`` destination is not sent (no delivery is queued): the maps,
-#: suspect-region SEG, report and overlay that accompany an AI image series.
+#: suspect-region SEG, report and overlay that accompany an AI image series, and the
+#: Spatial Registration object of a prior (a planning system plans on the image series).
 NOT_FOR_TPS = frozenset(
-    {ParametricMapStorage, SegmentationStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage}
+    {
+        ParametricMapStorage,
+        SegmentationStorage,
+        ComprehensiveSRStorage,
+        SecondaryCaptureImageStorage,
+        SpatialRegistrationStorage,
+    }
 )
 
 

@@ -35,6 +35,7 @@ from dicom_node.db.engine import Database
 from dicom_node.jobs.claims import orphan_test
 from dicom_node.jobs.fallback import queue_fallback
 from dicom_node.jobs.handover import Handover
+from dicom_node.jobs.prior_registration import PriorRegistrations, prior_files, register_priors
 from dicom_node.jobs.priors import job_prior_records
 from dicom_node.jobs.provenance import record_provenance
 from dicom_node.jobs.report import final_verdict
@@ -54,7 +55,7 @@ from pipelines.base import (
 )
 from pipelines.registry import get_pipeline
 from policies.engine import GateVerdict, gate_output
-from policies.model import QcGates
+from policies.model import Priors, QcGates
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class ClaimedJob:
     qc_policy: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     series_uid: str | None = None
+    #: The rule's ``priors`` as frozen on the job (None: none asked).
+    priors: dict[str, Any] | None = None
 
     @property
     def job_id(self) -> int:
@@ -188,6 +191,7 @@ class JobRunner:
                 qc_policy=dict(row.qc_policy or {}),
                 options=dict(row.options or {}),
                 series_uid=row.series_uid,
+                priors=dict(row.priors) if row.priors else None,
             )
             move(
                 work,
@@ -230,6 +234,21 @@ class JobRunner:
             ),
         )
 
+    def register_priors(
+        self, job: ClaimedJob, study: StudyInput, result: PipelineResult, env: RunEnvironment
+    ) -> PriorRegistrations:
+        """The priors registered to the input, their Spatial Registration objects added to
+        the outputs (:mod:`dicom_node.jobs.prior_registration`); nothing without priors."""
+        if not job.priors:
+            return PriorRegistrations(result)
+        priors = Priors.model_validate(job.priors)
+        if priors.registration == "none":
+            return PriorRegistrations(result)
+        with self.db.read() as conn:
+            files = prior_files(conn, job.job_id)
+        files = {uid: [self.paths.data / p for p in paths] for uid, paths in files.items()}
+        return register_priors(study, priors, files, result, env)
+
     def run(self, job: ClaimedJob) -> JobState:
         """Run the pipeline and move the job on. Returns the state it ends in."""
         log.info(
@@ -244,15 +263,15 @@ class JobRunner:
             workdir = self.paths.outputs / f"job-{job.job_id}"
             workdir.mkdir(parents=True, exist_ok=True)
             study = self.load_input(job)
-            result = pipeline.run(
-                study,
-                RunEnvironment(
-                    workdir=workdir,
-                    uid_root=self.config.node.uid_root,
-                    node_version=__version__,
-                    node_ae_title=self.config.node.ae_title,
-                ),
+            env = RunEnvironment(
+                workdir=workdir,
+                uid_root=self.config.node.uid_root,
+                node_version=__version__,
+                node_ae_title=self.config.node.ae_title,
             )
+            result = pipeline.run(study, env)
+            registered = self.register_priors(job, study, result, env)
+            result = registered.result
             with self.db.read() as conn:
                 refusals = self.handover.problems(conn, job.job_id, job.destinations, result.outputs)
         except InputRefused as exc:
@@ -270,6 +289,9 @@ class JobRunner:
         result = replace(result, gate=f"{job.gate}: {verdict.action}")
         with self.db.read() as conn:
             priors = job_prior_records(conn, job.job_id)
+        for entry in priors:
+            if (done := registered.entries.get(str(entry["series_uid"]))) is not None:
+                entry["registration"] = done
         extra: dict[str, Any] = {"priors": priors} if priors else {}
         record_provenance(
             self.audit, study=study, pipeline=pipeline, result=result, patient_id=job.ref.patient_id, **extra
