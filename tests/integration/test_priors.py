@@ -42,7 +42,7 @@ def _part10(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def _policy(archive: str, on_missing: str, timeout: float) -> str:
+def _policy(archive: str, on_missing: str, timeout: float, **priors: Any) -> str:
     import yaml
 
     data = yaml.safe_load(policy_yaml("forward", ("pacs",), name="mr-with-priors"))
@@ -53,6 +53,7 @@ def _policy(archive: str, on_missing: str, timeout: float) -> str:
         "min_interval_days": 30,
         "timeout_seconds": timeout,
         "on_missing": on_missing,
+        **priors,
     }
     return str(yaml.safe_dump(data, sort_keys=False))
 
@@ -232,5 +233,90 @@ timeout_seconds = 3
             for t in transitions
         )
         assert db_rows(node, "select count(*) from job_priors") == [(0,)]
+    finally:
+        node.stop()
+
+
+def test_a_rigid_prior_is_registered_and_its_spatial_registration_object_delivered(
+    tmp_path: Path, archive: Orthanc
+) -> None:
+    """A simulated head MR whose prior in Orthanc is the same head moved by a known rigid
+    transform, on its own Frame of Reference: the job (``forward``) registers it, and the
+    Spatial Registration object reaches Orthanc with the forwarded study, dciodvfy-clean,
+    its matrix — and the provenance record's — the known transform within 1 mm / 0.5°."""
+    import numpy as np
+    import pydicom
+
+    from tests.test_registration import dciodvfy, make_case, matrix_for, transform_error
+
+    case = make_case(5)
+    # the prior is really moved: taken as already aligned it would be off by more than 5 mm
+    assert transform_error(np.eye(4), case.truth, case.current)[0] > 5.0
+    prior_frame = str(case.prior.datasets[0].FrameOfReferenceUID)
+    prior_series = str(case.prior.datasets[0].SeriesInstanceUID)
+    for ds in case.prior.datasets:
+        ds.PatientID = PATIENT
+        for keyword in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
+            if keyword in ds:
+                setattr(ds, keyword, "20240310")
+        archive.upload(_part10(ds))
+    seeded = archive.statistics()["CountInstances"]
+    folder = tmp_path / "current"
+    folder.mkdir()
+    for n, ds in enumerate(case.current.datasets):
+        ds.PatientID = PATIENT
+        ds.save_as(folder / f"{n:03d}.dcm", enforce_file_format=True)
+    current = str(case.current.datasets[0].StudyInstanceUID)
+    config = (
+        f'[node]\nae_title = "{NODE_AE}"\n'
+        + node_config(archive, stable_seconds=1.0)
+        + f"""
+[archives.main]
+ae_title = "{archive.aet}"
+host = "127.0.0.1"
+port = {archive.dicom_port}
+method = "c-move"
+timeout_seconds = 10
+retrieve_timeout_seconds = 60
+"""
+    )
+    policy = _policy("main", "refuse", 60, count=1, registration="rigid")
+    node = NodeProcess(tmp_path / "home", config, ae_title=NODE_AE, policy=policy)
+    archive.register_modality("node", NODE_AE, node.port, storage_commitment=False)
+    node.start()
+    try:
+        sent = storescu(folder, node.port, NODE_AE, calling="SCANNER")
+        assert sent.returncode == 0, sent.stderr
+        job_id, state, reason = _wait_job(node, {"delivered", "failed", "refused", "held"}, 240)
+        assert state == "delivered", (state, reason)
+        slices = len(case.current.datasets)
+        deadline = time.monotonic() + 20
+        while archive.statistics()["CountInstances"] < seeded + slices + 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert archive.statistics()["CountInstances"] == seeded + slices + 1
+        registrations = [
+            s for s in archive.series_of_study(current) if s["MainDicomTags"]["Modality"] == "REG"
+        ]
+        assert len(registrations) == 1
+        (instance,) = archive.instances_of_series(registrations[0]["MainDicomTags"]["SeriesInstanceUID"])
+        path = tmp_path / "registration.dcm"
+        path.write_bytes(archive.instance_file(instance["ID"]))
+        errors, _ = dciodvfy(path)
+        assert errors == []
+        delivered, kind = matrix_for(pydicom.dcmread(path), prior_frame)
+        assert kind == "RIGID"
+        displacement, rotation = transform_error(delivered, case.truth, case.current)
+        assert displacement < 1.0 and rotation < 0.5, (displacement, rotation)
+        # Every provenance record lists the prior with its registration: the same matrix.
+        provenance = [json.loads(r[5]) for r in audit_rows(node, AuditEvent.PROVENANCE.value)]
+        assert len(provenance) == 2  # the forwarded series and the registration series
+        for record in provenance:
+            (listed,) = record["priors"]
+            assert listed["series_uid"] == prior_series
+            done = listed["registration"]
+            assert done["mode"] == "rigid" and done["quality_ok"] is True
+            assert done["registration_sop_uid"] == instance["MainDicomTags"]["SOPInstanceUID"]
+            recorded = np.array(done["matrix"]).reshape(4, 4)
+            np.testing.assert_allclose(recorded, delivered, atol=1e-4)
     finally:
         node.stop()
