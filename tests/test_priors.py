@@ -602,3 +602,47 @@ def test_a_broken_fetch_never_leaves_the_job_waiting(
     state, reason, _ = _job(rt, job_id)
     assert state == ("refused" if on_missing == "refuse" else "queued")
     assert reason is not None and reason.startswith("priors: ") and "internal error: RuntimeError" in reason
+
+
+def test_the_runner_registers_the_job_priors_and_a_refusal_ends_the_job_refused(
+    node: tuple[Runtime, InstanceStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wiring: with ``registration: rigid`` frozen on the job, the runner hands the
+    registration step the job's prior series files (the registration itself is
+    tests/test_prior_registration.py's); a prior it refuses ends the job ``refused`` with
+    the reason."""
+    from dicom_node.config import NodeConfig
+    from dicom_node.delivery.profiles import DestinationProfiles
+    from dicom_node.jobs import runner as runner_module
+    from pipelines.base import InputRefused
+
+    rt, store = node
+    job_id, _ = _job_for_current_study(rt, store, "refuse")
+    assert PriorFetcher(rt.db, rt.audit, OneArchive(StoringArchive(store, dict(ARCHIVE)))).fetch(job_id)
+    with rt.db.write() as conn:
+        frozen = conn.execute(select(t.jobs.c.priors).where(t.jobs.c.id == job_id)).scalar_one()
+        conn.execute(
+            t.jobs.update().where(t.jobs.c.id == job_id).values(priors={**frozen, "registration": "rigid"})
+        )
+    seen: dict[str, Any] = {}
+
+    def refuse(study: Any, priors: Priors, files: Any, result: Any, env: Any) -> Any:
+        seen.update(mode=priors.registration, on_missing=priors.on_missing, files=files)
+        raise InputRefused("prior-registration", "1.2.3.2.1", ["body-mask Dice 0.609 below 0.850"])
+
+    monkeypatch.setattr(runner_module, "register_priors", refuse)
+    config = NodeConfig.model_validate(
+        {"destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 11112}}}
+    )
+    runner = runner_module.JobRunner(
+        config, rt.paths, rt.db, rt.audit, "test-worker", DestinationProfiles(config)
+    )
+    claimed = runner.claim()
+    assert claimed is not None and claimed.job_id == job_id
+    assert runner.run(claimed) == JobState.REFUSED
+    assert (seen["mode"], seen["on_missing"]) == ("rigid", "refuse")
+    assert sorted(seen["files"]) == ["1.2.3.2.1", "1.2.3.3.1"]
+    assert all(len(paths) == 2 and all(p.is_file() for p in paths) for paths in seen["files"].values())
+    state, reason, _ = _job(rt, job_id)
+    assert state == "refused"
+    assert reason is not None and "series 1.2.3.2.1" in reason and "Dice 0.609 below 0.850" in reason
