@@ -66,6 +66,7 @@ def test_auditor_logs_in_searches_and_reads_report(
         browser.get(base + "/audit/chain")
         assert browser.find_element(By.ID, "chain-status").text.startswith("Intact")
         browser.find_element(By.ID, "logout").click()
+        wait_for_url(browser, "/login")  # the logout POST lands before the next navigation
         browser.get(base + "/audit")
         assert "/login" in browser.current_url
 
