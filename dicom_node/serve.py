@@ -448,10 +448,7 @@ def _serve(
         "dicom-node %s serving %s on %s (home %s, %d worker process(es), destinations: %s)",
         __version__,
         config.node.ae_title,
-        ", ".join(
-            f"{host}:{port}{' (TLS)' if context is not None else ''}"
-            for (host, port), context in receiver.listeners()
-        ),
+        ", ".join(receiver.listening),
         paths.home,
         config.workers.processes,
         ", ".join(config.destinations) or "none",

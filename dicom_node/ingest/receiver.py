@@ -119,6 +119,8 @@ class Receiver:
         self._tallies: dict[int, _AssociationTally] = {}
         self._tally_lock = threading.Lock()
         self._servers: list[Any] = []
+        #: What the started servers listen on, e.g. ``127.0.0.1:2762 (TLS)`` (for the banner).
+        self.listening: list[str] = []
         #: Callers' and destinations' hosts, names resolved at most once per refresh period.
         self.host_names = HostNames(config.receiver.caller_hosts_refresh_seconds)
 
@@ -205,15 +207,13 @@ class Receiver:
                 raise OSError(exc.errno, f"{exc.strerror} ({address[0]}:{address[1]})") from None
             guard_server(server, self.config.receiver, self.audit)
             self._servers.append(server)
-            log.info(
-                "receiver listening on %s:%d%s as %s",
-                *address,
-                " (TLS)" if ssl_context is not None else "",
-                node.ae_title,
-            )
+            where = f"{address[0]}:{address[1]}{' (TLS)' if ssl_context is not None else ''}"
+            self.listening.append(where)
+            log.info("receiver listening on %s as %s", where, node.ae_title)
 
     def stop(self) -> None:
         servers, self._servers = self._servers, []
+        self.listening = []
         for server in servers:
             server.shutdown()
 
