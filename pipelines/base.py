@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from pipelines.provenance import PriorReference
+
 #: The rule's gate, applied to QC figures and validation problems → (action, reasons);
 #: action is "release", "hold" or "shadow". Injected by the node (pipelines never import
 #: policies), so the verdict a pipeline writes into its report is the rule's verdict.
@@ -124,6 +126,8 @@ class RunEnvironment:
     #: The node's AE title, written as Station Name of the node's Contributing Equipment
     #: item so the node recognises its own outputs when a PACS sends them back.
     node_ae_title: str | None = None
+    #: The prior series the job fetched for its rule (every output cites them).
+    priors: tuple[PriorReference, ...] = ()
 
 
 class Pipeline(Protocol):

@@ -263,6 +263,7 @@ class Encode:
             node_version=ctx.env.node_version,
             synthetic=self.synthetic,
             station=ctx.env.node_ae_title,
+            priors=ctx.env.priors,
         )
         uids = UidFactory(
             ctx.env.uid_root, job_key(ctx.study.job_id, [i.sop_uid for i in ctx.study.instances])

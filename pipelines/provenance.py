@@ -22,6 +22,24 @@ class ProvenanceError(ValueError):
 
 
 @dataclass(frozen=True)
+class PriorReference:
+    """A prior series a job used (fetched for its rule, perhaps registered to its input).
+
+    Every output of such a job cites it: images in the Common Instance Reference module
+    (Studies Containing Other Referenced Instances), reports in the Pertinent Other
+    Evidence; a pipeline that derives pixels from a prior also names its instances in
+    Source Image Sequence.
+    """
+
+    study_uid: str
+    series_uid: str
+    #: (SOP Class UID, SOP Instance UID) of every instance of the series the job had.
+    instances: tuple[tuple[str, str], ...]
+    study_date: str | None = None
+    archive: str | None = None
+
+
+@dataclass(frozen=True)
 class OutputProvenance:
     """Pipeline, model and node identity written into every output object.
 
@@ -42,10 +60,12 @@ class OutputProvenance:
     synthetic: bool
     #: The node that made the object (its AE title; Station Name of its equipment item).
     station: str | None = None
+    #: The prior series the job used; every object cites them.
+    priors: tuple[PriorReference, ...] = ()
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if f.name == "station":
+            if f.name in ("station", "priors"):
                 continue
             value = getattr(self, f.name)
             if value is None or (isinstance(value, str) and not value.strip()):

@@ -140,6 +140,7 @@ def register_priors(
         node_version=env.node_version,
         synthetic=False,
         station=env.node_ae_title,
+        priors=env.priors,
     )
     uids = UidFactory(env.uid_root, job_key(study.job_id, [i.sop_uid for i in study.instances]))
     out_dir = env.workdir / "registration"

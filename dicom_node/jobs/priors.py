@@ -13,15 +13,17 @@ See docs/priors.md, "Priors in policies".
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Connection, func, or_, select
 
 from dicom_node.db import schema as t
 from dicom_node.ingest.archives import Archive, StudyQuery, keep_study
 from dicom_node.ingest.origin import PRIOR
+from pipelines.provenance import PriorReference
 from policies.model import Priors
 
 
@@ -294,7 +296,7 @@ def job_prior_records(conn: Connection, job_id: int) -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
     for row in rows:
         instances = conn.execute(
-            select(t.instances.c.sop_uid, t.instances.c.sha256)
+            select(t.instances.c.sop_uid, t.instances.c.sop_class_uid, t.instances.c.sha256)
             .join(t.series, t.series.c.id == t.instances.c.series_fk)
             .where(t.series.c.series_uid == row.series_uid, t.instances.c.current.is_(True))
             .order_by(t.instances.c.instance_number, t.instances.c.id)
@@ -306,7 +308,24 @@ def job_prior_records(conn: Connection, job_id: int) -> list[dict[str, object]]:
                 "study_date": row.study_date,
                 "archive": row.archive,
                 "retrieved_at": row.retrieved_at,
-                "instances": [{"sop_uid": i.sop_uid, "sha256": i.sha256} for i in instances],
+                "instances": [
+                    {"sop_uid": i.sop_uid, "sop_class_uid": i.sop_class_uid, "sha256": i.sha256}
+                    for i in instances
+                ],
             }
         )
     return out
+
+
+def prior_references(records: Iterable[Mapping[str, Any]]) -> tuple[PriorReference, ...]:
+    """:func:`job_prior_records` as the references a pipeline writes into every output."""
+    return tuple(
+        PriorReference(
+            study_uid=str(r["study_uid"]),
+            series_uid=str(r["series_uid"]),
+            instances=tuple((str(i["sop_class_uid"]), str(i["sop_uid"])) for i in r["instances"]),
+            study_date=str(r["study_date"]) if r.get("study_date") else None,
+            archive=str(r["archive"]) if r.get("archive") else None,
+        )
+        for r in records
+    )

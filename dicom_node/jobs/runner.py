@@ -36,7 +36,7 @@ from dicom_node.jobs.claims import orphan_test
 from dicom_node.jobs.fallback import queue_fallback
 from dicom_node.jobs.handover import Handover
 from dicom_node.jobs.prior_registration import PriorRegistrations, prior_files, register_priors
-from dicom_node.jobs.priors import job_prior_records
+from dicom_node.jobs.priors import job_prior_records, prior_references
 from dicom_node.jobs.provenance import record_provenance
 from dicom_node.jobs.report import final_verdict
 from dicom_node.jobs.state import JobRef, JobState, StaleTransition, job_ref, move, record_outputs
@@ -263,11 +263,14 @@ class JobRunner:
             workdir = self.paths.outputs / f"job-{job.job_id}"
             workdir.mkdir(parents=True, exist_ok=True)
             study = self.load_input(job)
+            with self.db.read() as conn:
+                used = prior_references(job_prior_records(conn, job.job_id))
             env = RunEnvironment(
                 workdir=workdir,
                 uid_root=self.config.node.uid_root,
                 node_version=__version__,
                 node_ae_title=self.config.node.ae_title,
+                priors=used,
             )
             result = pipeline.run(study, env)
             registered = self.register_priors(job, study, result, env)

@@ -40,7 +40,7 @@ from pydicom.uid import (
 from pydicom.valuerep import format_number_as_ds, validate_value
 
 from pipelines.geometry import frame_group
-from pipelines.provenance import OutputProvenance, ProvenanceError
+from pipelines.provenance import OutputProvenance, PriorReference, ProvenanceError
 from pipelines.uids import UidFactory
 from pipelines.volume import Volume
 
@@ -339,11 +339,65 @@ def _drop_invalid_copies(ds: Dataset) -> None:
             del ds[keyword]
 
 
-def _finish(ds: Dataset) -> Dataset:
+def _cite_priors(ds: Dataset, priors: Iterable[PriorReference]) -> None:
+    """Name the prior series a job used in ``ds``, merged with what it already references.
+
+    A report (SR) lists them in Pertinent Other Evidence Sequence (Hierarchical SOP
+    Instance Reference: Referenced SOP Sequence); any other object in the Common Instance
+    Reference module — Studies Containing Other Referenced Instances for another study,
+    Referenced Series for its own (Referenced Instance Sequence).
+    """
+    priors = list(priors)
+    if not priors:
+        return
+    own_study = str(ds.get("StudyInstanceUID", ""))
+    report = ds.get("Modality") == "SR"
+    instances_key = "ReferencedSOPSequence" if report else "ReferencedInstanceSequence"
+    others_key = (
+        "PertinentOtherEvidenceSequence" if report else "StudiesContainingOtherReferencedInstancesSequence"
+    )
+    # study UID → series UID → SOP Instance UID → SOP Class UID, what ds cites already first
+    studies: dict[str, dict[str, dict[str, str]]] = {}
+    cited = [(own_study, s) for s in ([] if report else ds.get("ReferencedSeriesSequence", []))]
+    for other in ds.get(others_key, []):
+        cited += [(str(other.StudyInstanceUID), s) for s in other.ReferencedSeriesSequence]
+    for study_uid, series in cited:
+        held = studies.setdefault(study_uid, {}).setdefault(str(series.SeriesInstanceUID), {})
+        for ref in series.get(instances_key, []):
+            held[str(ref.ReferencedSOPInstanceUID)] = str(ref.ReferencedSOPClassUID)
+    for prior in priors:
+        held = studies.setdefault(prior.study_uid, {}).setdefault(prior.series_uid, {})
+        held.update({sop_uid: sop_class for sop_class, sop_uid in prior.instances})
+
+    def series_items(by_series: dict[str, dict[str, str]]) -> list[Dataset]:
+        items = []
+        for series_uid, instances in by_series.items():
+            item = Dataset()
+            item.SeriesInstanceUID = series_uid
+            setattr(item, instances_key, [_reference_item(c, u) for u, c in instances.items()])
+            items.append(item)
+        return items
+
+    if not report and studies.get(own_study):
+        ds.ReferencedSeriesSequence = series_items(studies[own_study])
+    others = []
+    for study_uid, by_series in studies.items():
+        if study_uid != own_study:  # an SR's own study is its Current Requested Procedure Evidence
+            item = Dataset()
+            item.StudyInstanceUID = study_uid
+            item.ReferencedSeriesSequence = series_items(by_series)
+            others.append(item)
+    if others:
+        setattr(ds, others_key, others)
+
+
+def _finish(ds: Dataset, provenance: OutputProvenance | None = None) -> Dataset:
     """What every writer does last: no invalid value copied from a legacy source
     (:func:`_drop_invalid_copies`) and the Patient module's de-identification facts
     complete (:func:`_state_deidentification`); the local coding scheme declared where
-    the object uses it."""
+    the object uses it; the job's prior series cited (:func:`_cite_priors`)."""
+    if provenance is not None:
+        _cite_priors(ds, provenance.priors)
     _drop_invalid_copies(ds)
     _state_deidentification(ds)
     if _uses_local_scheme(ds):

@@ -306,7 +306,7 @@ class DerivedImageWriter:
             ds.WindowCenter, ds.WindowWidth = _ds(window[0]), _ds(window[1])
             ds.PixelData = stored.tobytes()
             _file_meta(ds)
-            out.append(_finish(ds))
+            out.append(_finish(ds, self.provenance))
         if out_dir is not None:
             save(out, out_dir)
         return out

@@ -197,7 +197,7 @@ class OverlayWriter:
             ]
         )
         _file_meta_keep(sc)
-        _finish(sc)
+        _finish(sc, prov)
         if out_dir is not None:
             save([sc], out_dir)
         return sc

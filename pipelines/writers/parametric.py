@@ -148,7 +148,7 @@ class _ParametricMapWriter:
         pm.SeriesDescription = self.series_description
         _copy_anatomy(pm, volume.datasets[0], empty_laterality=True)
         _file_meta_keep(pm)
-        _finish(pm)
+        _finish(pm, prov)
         if out_dir is not None:
             save([pm], out_dir)
         return pm

@@ -414,7 +414,7 @@ class SummaryReportWriter:
         sr.SeriesDescription = _ai_series_description("output summary (model card, QC, gate)")
         sr.SpecificCharacterSet = "ISO_IR 192"  # reasons and notes are free text
         _file_meta_keep(sr)
-        _finish(sr)
+        _finish(sr, prov)
         if out_dir is not None:
             save([sr], out_dir)
         return sr

@@ -176,7 +176,7 @@ class SuspectRegionWriter:
         _slice_thickness_from_geometry(seg, measures)
         _copy_anatomy(seg, volume.datasets[0], empty_laterality=False)
         _file_meta_keep(seg)
-        _finish(seg)
+        _finish(seg, prov)
         if out_dir is not None:
             save([seg], out_dir)
         return seg

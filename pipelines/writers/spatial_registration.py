@@ -292,7 +292,7 @@ class SpatialRegistrationWriter:
             ds.StudiesContainingOtherReferencedInstancesSequence = [other]
         ds.ContributingEquipmentSequence = _contributing_equipment(prov, source, include_acquisition=False)
         _file_meta(ds)
-        _finish(ds)
+        _finish(ds, prov)
         if out_dir is not None:
             save([ds], out_dir)
         return ds
