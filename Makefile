@@ -23,7 +23,7 @@ demo: deps
 	$(BIN)/dicom-node demo
 
 test: deps lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 lint: deps
 	$(BIN)/lint-imports
