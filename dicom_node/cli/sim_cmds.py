@@ -90,3 +90,39 @@ def simulate_sct(
         f"and the SIMULATED reference CT (for evaluating synthetic CT only, not for planning) to "
         f"{out / 'reference-ct'} (study {mr.study_uid}, frame of reference {mr.frame_of_reference_uid})"
     )
+
+
+@simulate_app.command("prognosis")
+def simulate_prognosis(
+    out: Annotated[
+        Path, typer.Option("--out", help="Writes OUT/visit-1/, OUT/visit-2/, ... (one study each).")
+    ],
+    visits: Annotated[int, typer.Option(min=2, max=12, help="Number of visits (studies).")] = 4,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same patient).")] = 0,
+    size: Annotated[int, typer.Option(min=32, max=512, help="Rows and columns.")] = 128,
+    slices: Annotated[int, typer.Option(min=4, max=64, help="Contiguous 3 mm axial slices.")] = 32,
+    t2w: Annotated[bool, typer.Option("--t2w/--no-t2w", help="Also write a T2-weighted series.")] = False,
+    patient_id: Annotated[str, typer.Option(help="Patient ID shared by all visits.")] = "SIM-PROG-0001",
+) -> None:
+    """A simulated brain-tumour patient (MNI152, Fisher-Kolmogorov growth): T1c and FLAIR per visit."""
+    from dicom_node.lab.simulate_prognosis import PrognosisSpec, write_prognosis_patient
+
+    spec = PrognosisSpec(visits=visits, seed=seed, size=size, slices=slices, t2w=t2w)
+    with console.status("simulating the tumour's growth and the follow-up studies"):
+        patient, studies = write_prognosis_patient(out, spec, patient_id=patient_id)
+    previous = None
+    for study, visit in zip(studies, patient.visits, strict=True):
+        gap = "" if previous is None else f", {visit.day - previous} days after visit {visit.index - 1}"
+        series = ", ".join(f"{name} ({len(s.files)} slices)" for name, s in study.series.items())
+        console.print(
+            f"visit {study.visit}: {study.directory} — SIMULATED MR study {study.study_uid} on "
+            f"{study.study_date} (day {study.day}{gap}): {series}; "
+            f"T2-visible tumour {visit.volumes_ml['whole_tumour']:.1f} ml"
+        )
+        previous = visit.day
+    treatment = patient.params.treatment
+    console.print(
+        f"patient {patient_id}: {len(studies)} SIMULATED studies, intervals "
+        f"{', '.join(str(d) for d in patient.intervals_days)} days"
+        + (f"; treated on day {treatment.day}" if treatment else "")
+    )
