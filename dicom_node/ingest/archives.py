@@ -21,9 +21,11 @@ or the CLI calls:
 
 Nothing waits without a bound: associations and each response wait ``timeout_seconds``,
 a retrieval ``retrieve_timeout_seconds`` (or the caller's ``timeout``) in all, after which
-the association is aborted. :meth:`Archive.retrieve` never raises for the archive's
-problems: its :class:`RetrieveResult` says what arrived (the SOP Instance UIDs now in the
-index), what failed and why. The queries and errors of ``find_*`` and ``echo`` raise
+the association is aborted — as it is at once by :meth:`Archives.abort_retrievals` (the
+node is stopping: an open association's thread would otherwise keep the process alive).
+:meth:`Archive.retrieve` never raises for the archive's problems: its
+:class:`RetrieveResult` says what arrived (the SOP Instance UIDs now in the index), what
+failed and why. The queries and errors of ``find_*`` and ``echo`` raise
 :class:`ArchiveError`, one line naming the archive and the problem.
 
 Audit (PS3.15): every C-FIND / QIDO-RS is a ``query`` (110112) record with the archive,
@@ -99,6 +101,12 @@ _MOVE_STATUS = {
     0xA900: "identifier does not match SOP class",
     0xFE00: "cancelled",
 }
+#: A C-MOVE's "unable to process" (0xCxxx): Orthanc, for one, answers 0xC000 to a move
+#: destination it does not know.
+_MOVE_UNABLE = (
+    "unable to process (does the archive know this node's AE title, host and port as a move "
+    "destination? its log says why)"
+)
 
 
 class ArchiveError(Exception):
@@ -326,6 +334,35 @@ class Archives:
             name: threading.BoundedSemaphore(section.max_concurrent_retrievals)
             for name, section in config.archives.items()
         }
+        self._stopping = threading.Event()
+        self._retrieving: set[Any] = set()  # the associations of retrievals under way
+        self._retrieving_lock = threading.Lock()
+
+    @property
+    def stopping(self) -> bool:
+        """:meth:`abort_retrievals` was called: no retrieval waits any longer."""
+        return self._stopping.is_set()
+
+    def abort_retrievals(self) -> None:
+        """Abort every retrieval under way, and any started from now on (the process is
+        stopping): each ends at once, its result saying so."""
+        with self._retrieving_lock:
+            self._stopping.set()
+            under_way = list(self._retrieving)
+        for assoc in under_way:
+            _abort(assoc)
+
+    def _retrieval_began(self, assoc: Any) -> bool:
+        """Track a retrieval's association (False: stopping, it must not begin)."""
+        with self._retrieving_lock:
+            if self.stopping:
+                return False
+            self._retrieving.add(assoc)
+            return True
+
+    def _retrieval_ended(self, assoc: Any) -> None:
+        with self._retrieving_lock:
+            self._retrieving.discard(assoc)
 
     def names(self) -> list[str]:
         return sorted(self.config.archives)
@@ -517,6 +554,10 @@ class Archive:
                     self._wado(result, deadline)
             except ArchiveError as exc:
                 result.error = str(exc)
+            except RuntimeError:  # pynetdicom: a request on the association just aborted
+                if not self.archives.stopping:
+                    raise
+                result.error = result.error or f"{self.where}: retrieval aborted, this node is stopping"
         finally:
             self._slots.release()
             result.seconds = round(time.monotonic() - started, 3)
@@ -571,7 +612,7 @@ class Archive:
         wait_until = min(max(deadline, now + 1.0), now + _INDEX_GRACE_SECONDS) if expected else now
         while True:
             result.sop_uids = indexed_instances(db, result.study_uid, result.series_uids)
-            if len(result.sop_uids) >= expected or time.monotonic() >= wait_until:
+            if len(result.sop_uids) >= expected or time.monotonic() >= wait_until or self.archives.stopping:
                 break
             time.sleep(0.2)
         if len(result.sop_uids) < expected:
@@ -662,7 +703,9 @@ class Archive:
             if "Status" not in status:
                 late = time.monotonic() >= deadline - 0.05
                 result.error = (
-                    f"{what} from {self.where} timed out (retrieve timeout reached)"
+                    f"{what} from {self.where} aborted: this node is stopping"
+                    if self.archives.stopping
+                    else f"{what} from {self.where} timed out (retrieve timeout reached)"
                     if late
                     else f"{what} from {self.where} ended without a final response (association aborted)"
                 )
@@ -692,7 +735,9 @@ class Archive:
                     result.failures.append(f"{what}: {failed} sub-operation(s) failed")
                 return True
             comment = status.get("ErrorComment")
-            known = _MOVE_STATUS.get(code, "failed")
+            known = _MOVE_STATUS.get(code) or (
+                _MOVE_UNABLE if what == "C-MOVE" and code >> 12 == 0xC else "failed"
+            )
             result.error = f"{self.where} answered {what} with status 0x{code:04X}: {known}" + (
                 f" ({comment})" if comment else ""
             )
@@ -716,6 +761,9 @@ class Archive:
             while True:
                 if time.monotonic() >= deadline:
                     result.error = f"WADO-RS from {self.where} timed out (retrieve timeout reached)"
+                    break
+                if self.archives.stopping:
+                    result.error = f"WADO-RS from {self.where} aborted: this node is stopping"
                     break
                 ds = _http(self, partial(next, instances, None))
                 if ds is None:
@@ -792,7 +840,10 @@ class Archive:
             raise ArchiveError(_why_unreachable(s.host, s.port, self.where, s.timeout_seconds))
         watchdog = None
         if deadline is not None:
-            watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), assoc.abort)
+            if not self.archives._retrieval_began(assoc):
+                assoc.abort()
+                raise ArchiveError(f"{self.where}: not retrieved, this node is stopping")
+            watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _abort, (assoc,))
             watchdog.daemon = True
             watchdog.start()
         try:
@@ -800,6 +851,7 @@ class Archive:
         finally:
             if watchdog is not None:
                 watchdog.cancel()
+                self.archives._retrieval_ended(assoc)
             if assoc.is_established:
                 assoc.release()
 
@@ -833,6 +885,14 @@ class Archive:
             return path.read_text().strip()
         except OSError as exc:
             raise ArchiveError(f"archives.{self.name}: cannot read {key} {path}: {exc.strerror}") from None
+
+
+def _abort(assoc: Any) -> None:
+    """Abort an association and wake whoever waits on its responses: pynetdicom queues the
+    "no more responses" marker when the peer aborts or the connection drops, not when we
+    abort, so a C-MOVE / C-GET waiting for a response would sit out its DIMSE timeout."""
+    assoc.abort()
+    assoc.dimse.msg_queue.put((None, None))
 
 
 def _retrieve_identifiers(study_uid: str, series_uids: Sequence[str]) -> list[Dataset]:

@@ -14,7 +14,10 @@ own threads, so the receiver never waits on an archive. Per job (:meth:`PriorFet
    job runs with what arrived and the transition's reason says what is missing.
 
 A job left in ``fetching-priors`` by a stopped node is picked up again when the next one
-starts (the poll finds it); its timeout starts again then.
+starts (the poll finds it); its timeout starts again then. So stopping never waits for an
+archive: :meth:`PriorFetcher.stop` aborts the retrievals under way, and a fetch (on a
+daemon thread) then leaves its job unsettled (an archive that never answers cannot hold up
+``serve``'s exit for the rest of the rule's timeout).
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from sqlalchemy import insert, select
@@ -76,8 +78,9 @@ class PriorFetcher:
         self.archives = archives
         self.actor = actor
         self.every = every
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="priors")
+        self.threads = threads
         self._busy: set[int] = set()
+        self._fetches: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -93,8 +96,15 @@ class PriorFetcher:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        # End the retrievals under way (an open association's thread would keep the process
+        # alive); their fetches, on daemon threads, settle nothing once stopping is set.
+        abort = getattr(self.archives, "abort_retrievals", None)  # test fakes may have none
+        if abort is not None:
+            abort()
+        until = time.monotonic() + 5
         self._thread.join(timeout=5)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for fetch in self._fetches:  # let an aborted retrieval audit its end, briefly
+            fetch.join(timeout=max(0.0, until - time.monotonic()))
 
     def pending(self) -> list[int]:
         with self.db.read() as conn:
@@ -111,10 +121,14 @@ class PriorFetcher:
             try:
                 for job_id in self.pending():
                     with self._lock:
-                        if job_id in self._busy:
-                            continue
+                        if job_id in self._busy or len(self._busy) >= self.threads:
+                            continue  # under way, or its turn comes when a fetch ends
                         self._busy.add(job_id)
-                    self._pool.submit(self._fetch_guarded, job_id)
+                    fetch = threading.Thread(
+                        target=self._fetch_guarded, args=(job_id,), name=f"priors-{job_id}", daemon=True
+                    )
+                    self._fetches = [f for f in self._fetches if f.is_alive()] + [fetch]
+                    fetch.start()
             except Exception:
                 log.exception("prior fetcher: listing the jobs failed")
             self._wake.wait(self.every)
@@ -124,11 +138,15 @@ class PriorFetcher:
         try:
             self.fetch(job_id)
         except Exception as exc:
+            if self._stop.is_set():  # e.g. the database closed under it: the next start retries
+                log.info("job %d: fetch abandoned, the node is stopping", job_id)
+                return
             log.error("job %d: fetching priors failed", job_id, exc_info=True)
             self.give_up(job_id, f"internal error: {describe_exception(exc)}")
         finally:
             with self._lock:
                 self._busy.discard(job_id)
+            self._wake.set()  # a job waiting for a free thread may start now
 
     def give_up(self, job_id: int, why: str) -> JobState | None:
         """Settle a job whose fetch broke (never leave it waiting): as ``on_missing`` says."""
@@ -155,7 +173,8 @@ class PriorFetcher:
         return to_state
 
     def fetch(self, job_id: int) -> JobState | None:
-        """Settle one job in ``fetching-priors``; its new state (None: it had moved on)."""
+        """Settle one job in ``fetching-priors``; its new state (None: it had moved on, or
+        the node is stopping and leaves it for the next start)."""
         with self.db.read() as conn:
             row = conn.execute(
                 select(t.jobs.c.study_fk, t.jobs.c.series_uid, t.jobs.c.priors, t.jobs.c.state).where(
@@ -187,6 +206,8 @@ class PriorFetcher:
             retrieved_at[study_uid] = time.time()
             if not result.ok:
                 problems.append(f"{study_uid}: {_why(result)}")
+            if self._stop.is_set():
+                return None  # left in fetching-priors: the next start fetches again
         return self._settle(job_id, priors, current, selection, retrieved_at, problems)
 
     def _settle(

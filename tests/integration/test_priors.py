@@ -2,10 +2,12 @@
 
 A patient with three earlier SIMULATED MR studies in Orthanc; a new study arrives at the
 node by storescu; the rule asks for two priors at least 30 days older: exactly the two
-newest are retrieved by C-MOVE, the job passes through ``fetching-priors``, its provenance
-lists them, no job is made for them and nothing but the job's output reaches Orthanc. With
-the archive down and ``on_missing: refuse`` the job ends ``refused`` within its timeout,
-the reason in ``jobs`` and the audit log.
+newest are retrieved — by C-MOVE, in a second run by C-GET, and the same over DICOMweb
+against Orthanc's DICOMweb plugin — the job passes through ``fetching-priors``, its
+provenance lists them, no job is made for them and nothing but the job's output reaches
+Orthanc. With the archive down and ``on_missing: refuse`` the job ends ``refused`` within
+its timeout, the reason in ``jobs`` and the audit log. (Failing retrievals:
+``test_prior_failures.py``.)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pydicom.uid import generate_uid
 
 from audit import AuditEvent
 from dicom_node.ingest.origin import PRIOR
-from dicom_node.lab.localpeers import policy_yaml
+from dicom_node.lab.localpeers import DICOMWEB_PLUGIN, dicomweb_config, policy_yaml
 from tests.conftest import audit_rows, db_rows, node_config, require
 from tests.peers import ORTHANC, NodeProcess, Orthanc, free_port, storescu
 from tests.test_archives import mr_instance
@@ -82,18 +84,45 @@ def _wait_job(node: NodeProcess, states: set[str], timeout: float) -> tuple[Any,
 @pytest.fixture
 def archive(tmp_path: Path) -> Iterator[Orthanc]:
     require(ORTHANC)
-    peer = Orthanc(
-        tmp_path, extra_config={"DicomAlwaysAllowFind": True, "DicomAlwaysAllowMove": True}
-    ).start()
+    # C-GET from a caller Orthanc does not know as a modality: the node is registered only
+    # where C-MOVE needs to know where to send.
+    extra: dict[str, Any] = {
+        "DicomAlwaysAllowFind": True,
+        "DicomAlwaysAllowMove": True,
+        "DicomAlwaysAllowGet": True,
+    }
+    if Path(DICOMWEB_PLUGIN).exists():
+        extra |= dicomweb_config()
+    peer = Orthanc(tmp_path, extra_config=extra).start()
     try:
         yield peer
     finally:
         peer.stop()
 
 
+def _archive_toml(archive: Orthanc, method: str) -> str:
+    """``[archives.main]``: Orthanc by C-MOVE / C-GET, or its DICOMweb plugin."""
+    if method == "dicomweb":
+        where = f'dicomweb_url = "{archive.url}/dicom-web"'
+    else:
+        where = f'ae_title = "{archive.aet}"\nhost = "127.0.0.1"\nport = {archive.dicom_port}'
+    return f"""
+[archives.main]
+{where}
+method = "{method}"
+timeout_seconds = 10
+retrieve_timeout_seconds = 30
+"""
+
+
+@pytest.mark.parametrize("method", ["c-move", "c-get", "dicomweb"])
 def test_the_two_wanted_priors_are_moved_and_listed_in_the_provenance(
-    tmp_path: Path, archive: Orthanc
+    tmp_path: Path, archive: Orthanc, method: str
 ) -> None:
+    """Acceptance: the two wanted priors are retrieved by C-MOVE, in a second run by C-GET,
+    and the same over DICOMweb (QIDO-RS / WADO-RS against Orthanc's DICOMweb plugin)."""
+    if method == "dicomweb" and not Path(DICOMWEB_PLUGIN).exists():
+        require(DICOMWEB_PLUGIN)  # a plugin, not an executable: require() skips or fails
     earlier: dict[str, tuple[str, str]] = {}
     for day in ("20220310", "20230310", "20240310"):
         study_uid, series_uid = generate_uid(), generate_uid()
@@ -104,18 +133,11 @@ def test_the_two_wanted_priors_are_moved_and_listed_in_the_provenance(
     config = (
         f'[node]\nae_title = "{NODE_AE}"\n'
         + node_config(archive, stable_seconds=1.0)
-        + f"""
-[archives.main]
-ae_title = "{archive.aet}"
-host = "127.0.0.1"
-port = {archive.dicom_port}
-method = "c-move"
-timeout_seconds = 10
-retrieve_timeout_seconds = 30
-"""
+        + _archive_toml(archive, method)
     )
     node = NodeProcess(tmp_path / "home", config, ae_title=NODE_AE, policy=_policy("main", "refuse", 30))
-    archive.register_modality("node", NODE_AE, node.port, storage_commitment=False)
+    if method == "c-move":  # the archive sends to the node's own AE: it must know where that is
+        archive.register_modality("node", NODE_AE, node.port, storage_commitment=False)
     current = _current_study(tmp_path / "current")
     node.start()
     try:
@@ -178,14 +200,32 @@ retrieve_timeout_seconds = 30
             }
             assert all(stored[i["sop_uid"]] == i["sha256"] for x in listed for i in x["instances"])
         # The audit log shows the query and the transfers.
+        # The audit log shows the query (C-FIND, or QIDO-RS over DICOMweb: STUDY level with
+        # the rule's keys, then the series of the studies inside the window) and the transfers.
+        query_method = "qido-rs" if method == "dicomweb" else "c-find"
         queries = [json.loads(r[5]) for r in audit_rows(node, AuditEvent.QUERY.value)]
-        assert queries and all(q["archive"] == "main" for q in queries)
+        assert queries and all(q["archive"] == "main" and q["method"] == query_method for q in queries)
+        studies = [q for q in queries if q["level"] == "STUDY"]
+        assert [(q["query"]["PatientID"], q["query"]["ModalitiesInStudy"]) for q in studies] == [
+            (PATIENT, "MR")
+        ]
+        assert studies[0]["query"]["StudyDate"] == "-20240502" and studies[0]["matches"] == 3
+        series_asked = {q["query"]["StudyInstanceUID"] for q in queries if q["level"] == "SERIES"}
+        assert series_asked == {earlier["20240310"][0], earlier["20230310"][0]}
         moved = [
-            r[2]
+            (r[2], json.loads(r[5])["method"])
             for r in audit_rows(node, AuditEvent.BEGIN_TRANSFERRING.value)
             if "archive" in json.loads(r[5])
         ]
-        assert sorted(moved) == sorted([earlier["20240310"][0], earlier["20230310"][0]])
+        assert sorted(moved) == sorted([(earlier["20240310"][0], method), (earlier["20230310"][0], method)])
+        ended = [
+            (r[1], r[2], json.loads(r[5]))
+            for r in audit_rows(node, AuditEvent.INSTANCES_TRANSFERRED.value)
+            if json.loads(r[5]).get("direction") == "retrieved"
+        ]
+        assert sorted((outcome, uid, f["instances"]) for outcome, uid, f in ended) == sorted(
+            [(0, earlier["20240310"][0], 3), (0, earlier["20230310"][0], 3)]
+        )
         sent_out = [json.loads(r[5]) for r in audit_rows(node, AuditEvent.BEGIN_TRANSFERRING.value)]
         assert [r["destination"] for r in sent_out if "destination" in r] == ["pacs"]
     finally:
