@@ -277,86 +277,143 @@ timeout_seconds = 3
         node.stop()
 
 
-def test_a_rigid_prior_is_registered_and_its_spatial_registration_object_delivered(
-    tmp_path: Path, archive: Orthanc
+@pytest.mark.parametrize("method", ["c-move", "c-get"])
+def test_the_two_wanted_priors_are_registered_and_their_registration_objects_delivered(
+    tmp_path: Path, archive: Orthanc, method: str
 ) -> None:
-    """A simulated head MR whose prior in Orthanc is the same head moved by a known rigid
-    transform, on its own Frame of Reference: the job (``forward``) registers it, and the
-    Spatial Registration object reaches Orthanc with the forwarded study, dciodvfy-clean,
-    its matrix — and the provenance record's — the known transform within 1 mm / 0.5°."""
+    """Acceptance: a patient with three earlier SIMULATED head MR studies in Orthanc, each the
+    same head moved by its own known rigid transform on its own Frame of Reference; the rule
+    asks for two priors registered rigidly. Exactly the two newest are retrieved (by C-MOVE,
+    in a second run by C-GET) and registered; one Spatial Registration object per prior
+    reaches Orthanc with the forwarded study, dciodvfy-clean, its matrix — and the
+    provenance record's — the known transform within 1 mm / 0.5°; every output cites both
+    priors."""
     import numpy as np
     import pydicom
 
-    from tests.test_registration import dciodvfy, make_case, matrix_for, transform_error
+    from tests.test_registration import (
+        Study,
+        clean_head,
+        dciodvfy,
+        draw_rigid,
+        grid_centre,
+        grid_image,
+        matrix_for,
+        moved,
+        mr_series,
+        rician,
+        rigid_matrix,
+        transform_error,
+    )
 
-    case = make_case(5)
-    # the prior is really moved: taken as already aligned it would be off by more than 5 mm
-    assert transform_error(np.eye(4), case.truth, case.current)[0] > 5.0
-    prior_frame = str(case.prior.datasets[0].FrameOfReferenceUID)
-    prior_series = str(case.prior.datasets[0].SeriesInstanceUID)
-    for ds in case.prior.datasets:
-        ds.PatientID = PATIENT
-        for keyword in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
-            if keyword in ds:
-                setattr(ds, keyword, "20240310")
-        archive.upload(_part10(ds))
+    clean = clean_head()
+    image = grid_image(clean)
+    centre = grid_centre(image)
+    rng = np.random.default_rng(5)
+    current = mr_series(rician(clean, rng), Study(generate_uid(), generate_uid()), 3, "SIMULATED T1 current")
+    truths: dict[str, np.ndarray] = {}  # prior Frame of Reference → true prior → current matrix
+    series_of: dict[str, str] = {}  # prior series UID → its study date
+    series_at: dict[str, str] = {}  # prior Frame of Reference → its series UID
+    for day in ("20220310", "20230310", "20240310"):
+        angles, shift = draw_rigid(rng)
+        truth = rigid_matrix(angles, shift, centre)
+        prior = mr_series(
+            rician(1.15 * moved(image, truth), rng),
+            Study(generate_uid(), generate_uid()),
+            2,
+            f"SIMULATED T1 prior {day}",
+        )
+        # the priors are really moved: taken as aligned they would be off by more than 5 mm
+        assert transform_error(np.eye(4), truth, current)[0] > 5.0
+        truths[str(prior.datasets[0].FrameOfReferenceUID)] = truth
+        series_of[str(prior.datasets[0].SeriesInstanceUID)] = day
+        series_at[str(prior.datasets[0].FrameOfReferenceUID)] = str(prior.datasets[0].SeriesInstanceUID)
+        for ds in prior.datasets:
+            ds.PatientID = PATIENT
+            for keyword in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
+                if keyword in ds:
+                    setattr(ds, keyword, day)
+            archive.upload(_part10(ds))
+    wanted = {uid for uid, day in series_of.items() if day != "20220310"}
     seeded = archive.statistics()["CountInstances"]
     folder = tmp_path / "current"
     folder.mkdir()
-    for n, ds in enumerate(case.current.datasets):
+    for n, ds in enumerate(current.datasets):
         ds.PatientID = PATIENT
         ds.save_as(folder / f"{n:03d}.dcm", enforce_file_format=True)
-    current = str(case.current.datasets[0].StudyInstanceUID)
+    current_study = str(current.datasets[0].StudyInstanceUID)
     config = (
         f'[node]\nae_title = "{NODE_AE}"\n'
         + node_config(archive, stable_seconds=1.0)
-        + f"""
-[archives.main]
-ae_title = "{archive.aet}"
-host = "127.0.0.1"
-port = {archive.dicom_port}
-method = "c-move"
-timeout_seconds = 10
-retrieve_timeout_seconds = 60
-"""
+        + _archive_toml(archive, method).replace(
+            "retrieve_timeout_seconds = 30", "retrieve_timeout_seconds = 60"
+        )
     )
-    policy = _policy("main", "refuse", 60, count=1, registration="rigid")
+    policy = _policy("main", "refuse", 90, count=2, registration="rigid")
     node = NodeProcess(tmp_path / "home", config, ae_title=NODE_AE, policy=policy)
-    archive.register_modality("node", NODE_AE, node.port, storage_commitment=False)
+    if method == "c-move":
+        archive.register_modality("node", NODE_AE, node.port, storage_commitment=False)
     node.start()
     try:
         sent = storescu(folder, node.port, NODE_AE, calling="SCANNER")
         assert sent.returncode == 0, sent.stderr
-        job_id, state, reason = _wait_job(node, {"delivered", "failed", "refused", "held"}, 240)
+        job_id, state, reason = _wait_job(node, {"delivered", "failed", "refused", "held"}, 300)
         assert state == "delivered", (state, reason)
-        slices = len(case.current.datasets)
+        got = db_rows(node, "select series_uid from job_priors where job_fk = ?", (job_id,))
+        assert {uid for (uid,) in got} == wanted
+        slices = len(current.datasets)
         deadline = time.monotonic() + 20
-        while archive.statistics()["CountInstances"] < seeded + slices + 1 and time.monotonic() < deadline:
+        while archive.statistics()["CountInstances"] < seeded + slices + 2 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert archive.statistics()["CountInstances"] == seeded + slices + 1
+        assert archive.statistics()["CountInstances"] == seeded + slices + 2
         registrations = [
-            s for s in archive.series_of_study(current) if s["MainDicomTags"]["Modality"] == "REG"
+            s for s in archive.series_of_study(current_study) if s["MainDicomTags"]["Modality"] == "REG"
         ]
-        assert len(registrations) == 1
-        (instance,) = archive.instances_of_series(registrations[0]["MainDicomTags"]["SeriesInstanceUID"])
-        path = tmp_path / "registration.dcm"
-        path.write_bytes(archive.instance_file(instance["ID"]))
-        errors, _ = dciodvfy(path)
-        assert errors == []
-        delivered, kind = matrix_for(pydicom.dcmread(path), prior_frame)
-        assert kind == "RIGID"
-        displacement, rotation = transform_error(delivered, case.truth, case.current)
-        assert displacement < 1.0 and rotation < 0.5, (displacement, rotation)
-        # Every provenance record lists the prior with its registration: the same matrix.
+        assert len(registrations) == 2
+        delivered: dict[str, tuple[str, np.ndarray]] = {}  # prior series → (REG SOP UID, matrix)
+        for series in registrations:
+            (instance,) = archive.instances_of_series(series["MainDicomTags"]["SeriesInstanceUID"])
+            path = tmp_path / f"{instance['ID']}.dcm"
+            path.write_bytes(archive.instance_file(instance["ID"]))
+            errors, _ = dciodvfy(path)
+            assert errors == [], errors
+            ds = pydicom.dcmread(path)
+            (frame,) = [
+                f for f in truths if f in {str(i.FrameOfReferenceUID) for i in ds.RegistrationSequence}
+            ]
+            matrix, kind = matrix_for(ds, frame)
+            assert kind == "RIGID"
+            displacement, rotation = transform_error(matrix, truths[frame], current)
+            assert displacement < 1.0 and rotation < 0.5, (displacement, rotation)
+            # the REG object cites both priors (item 5), each in its own study
+            cited = {
+                str(series.SeriesInstanceUID)
+                for study in ds.StudiesContainingOtherReferencedInstancesSequence
+                for series in study.ReferencedSeriesSequence
+            }
+            assert cited == wanted
+            delivered[series_at[frame]] = (str(ds.SOPInstanceUID), matrix)
+        assert set(delivered) == wanted
+        # Every provenance record lists both priors with their registration: the same matrices.
         provenance = [json.loads(r[5]) for r in audit_rows(node, AuditEvent.PROVENANCE.value)]
-        assert len(provenance) == 2  # the forwarded series and the registration series
+        assert len(provenance) == 3  # the forwarded series and the two registration series
         for record in provenance:
-            (listed,) = record["priors"]
-            assert listed["series_uid"] == prior_series
-            done = listed["registration"]
-            assert done["mode"] == "rigid" and done["quality_ok"] is True
-            assert done["registration_sop_uid"] == instance["MainDicomTags"]["SOPInstanceUID"]
-            recorded = np.array(done["matrix"]).reshape(4, 4)
-            np.testing.assert_allclose(recorded, delivered, atol=1e-4)
+            assert {x["series_uid"] for x in record["priors"]} == wanted
+            for listed in record["priors"]:
+                done = listed["registration"]
+                assert done["mode"] == "rigid" and done["quality_ok"] is True
+                sop_uid, matrix = delivered[listed["series_uid"]]
+                assert done["registration_sop_uid"] == sop_uid
+                np.testing.assert_allclose(np.array(done["matrix"]).reshape(4, 4), matrix, atol=1e-4)
+        # the audit shows the queries and the two transfers, by the method asked
+        transfers = [
+            json.loads(r[5])
+            for r in audit_rows(node, AuditEvent.BEGIN_TRANSFERRING.value)
+            if "archive" in json.loads(r[5])
+        ]
+        assert len(transfers) == 2
+        assert {t["method"] for t in transfers} == {method}
+        queries = [json.loads(r[5]) for r in audit_rows(node, AuditEvent.QUERY.value)]
+        assert queries and all(q["archive"] == "main" for q in queries)
     finally:
         node.stop()
