@@ -12,6 +12,8 @@ and the spacing; and predicts the extent at a follow-up day as a per-voxel proba
   the brain, whose volume is the extrapolated one. A front that moves the same distance
   everywhere is what a sphere does; it keeps the current shape, which a sphere about the
   centroid would throw away, so this baseline is the stronger of the two readings.
+* :func:`linear_volume_sphere` — the literal reading: a sphere of the extrapolated volume
+  about the current extent's centroid.
 
 The per-patient Fisher–Kolmogorov fit is :mod:`models.evaluation.prognosis_fk`.
 """
@@ -112,3 +114,21 @@ def linear_volume(
         target = volumes[-1] + slope * (day - days[-1])
     extent = front_to_volume(current.extent, float(max(target, 0.0)), brain, spacing_mm)
     return Forecast(extent.astype(np.float32), volume_ml(extent, spacing_mm))
+
+
+def linear_volume_sphere(visits: Sequence[Visit], day: float, spacing_mm: Sequence[float]) -> Forecast:
+    """Volume extrapolated linearly in time, as a sphere about the current centroid."""
+    current = _check(visits, day)
+    days = np.array([v.day for v in visits], np.float64)
+    volumes = np.array([volume_ml(v.extent, spacing_mm) for v in visits], np.float64)
+    slope = np.polyfit(days, volumes, 1)[0] if len(visits) > 1 else 0.0
+    target = max(float(volumes[-1] + slope * (day - days[-1])), 0.0)
+    shape = current.extent.shape
+    if target == 0.0 or not current.extent.any():
+        return Forecast(np.zeros(shape, np.float32), 0.0)
+    centre = np.array(ndimage.center_of_mass(current.extent)) * np.asarray(spacing_mm)
+    radius = (3.0 * target * 1000.0 / (4.0 * np.pi)) ** (1.0 / 3.0)
+    axes = [np.arange(n) * s - c for n, s, c in zip(shape, spacing_mm, centre, strict=True)]
+    z, y, x = np.meshgrid(*axes, indexing="ij", sparse=True)
+    sphere = (z**2 + y**2 + x**2) <= radius**2
+    return Forecast(sphere.astype(np.float32), volume_ml(sphere, spacing_mm))
