@@ -152,7 +152,10 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total
 
 
-def _signed_distance(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+def signed_distance_mm(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Signed distance (mm) to the mask's boundary, measured from voxel faces: negative
+    inside, positive outside (``inf`` everywhere for an empty mask)."""
+    mask = np.asarray(mask, bool)
     if not mask.any():
         return np.full(mask.shape, np.inf, np.float32)
     outside = ndimage.distance_transform_edt(~mask, sampling=spacing)
@@ -173,10 +176,10 @@ def density_from_extents(
     core = np.asarray(core, bool)
     if not whole.any():
         return np.zeros(whole.shape, np.float32)
-    d_whole = _signed_distance(whole, spacing_mm)  # < 0 inside the whole tumour
+    d_whole = signed_distance_mm(whole, spacing_mm)  # < 0 inside the whole tumour
     logit = _LOGIT_WHOLE - d_whole / width_mm  # outside the whole tumour, and its fallback inside
     if core.any():
-        d_core = _signed_distance(core, spacing_mm)
+        d_core = signed_distance_mm(core, spacing_mm)
         rim = whole & ~core
         t = np.clip(d_core / np.maximum(d_core - d_whole, 1e-3), 0.0, 1.0)
         logit = np.where(rim, _LOGIT_CORE + t * (_LOGIT_WHOLE - _LOGIT_CORE), logit)
@@ -199,7 +202,8 @@ def _check(observations: Sequence[Observation], day: float) -> None:
         raise ValueError(f"the follow-up day {day} is not after the current visit ({days[-1]})")
 
 
-def _volume_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
+def volume_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
+    """Volume of a boolean mask in millilitres."""
     return float(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000.0
 
 
@@ -267,8 +271,8 @@ def combine(
         if w >= 1e-4:  # a member with no say costs no pass over the volume
             whole += np.float32(w) * m.whole
             core += np.float32(w) * m.core
-    volumes = [_volume_ml(m.whole, spacing_mm) for m in members]
-    core_volumes = [_volume_ml(m.core, spacing_mm) for m in members]
+    volumes = [volume_ml(m.whole, spacing_mm) for m in members]
+    core_volumes = [volume_ml(m.core, spacing_mm) for m in members]
     logv = np.log(np.maximum(np.array(volumes), 1e-3))
     centre = _weighted_quantile(logv, weights, 0.5)
     lo = _weighted_quantile(logv, weights, 0.05)

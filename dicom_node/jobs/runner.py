@@ -264,13 +264,13 @@ class JobRunner:
             workdir.mkdir(parents=True, exist_ok=True)
             study = self.load_input(job)
             with self.db.read() as conn:
-                used = prior_references(job_prior_records(conn, job.job_id))
+                priors = job_prior_records(conn, job.job_id)
             env = RunEnvironment(
                 workdir=workdir,
                 uid_root=self.config.node.uid_root,
                 node_version=__version__,
                 node_ae_title=self.config.node.ae_title,
-                priors=used,
+                priors=prior_references(priors),
             )
             result = pipeline.run(study, env)
             registered = self.register_priors(job, study, result, env)
@@ -290,8 +290,6 @@ class JobRunner:
         # the final verdict, stated in the job's report before its outputs are recorded
         verdict, result = final_verdict(job.gate, QcGates(**job.qc_policy), figures, result, study, refusals)
         result = replace(result, gate=f"{job.gate}: {verdict.action}")
-        with self.db.read() as conn:
-            priors = job_prior_records(conn, job.job_id)
         for entry in priors:
             if (done := registered.entries.get(str(entry["series_uid"]))) is not None:
                 entry["registration"] = done

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from models.evaluation.prognosis_metrics import volume_ml
+from models.prognosis import signed_distance_mm, volume_ml
 
 
 @dataclass(frozen=True)
@@ -68,16 +68,6 @@ def no_change(visits: Sequence[Visit], day: float, spacing_mm: Sequence[float]) 
     return Forecast(extent.astype(np.float32), volume_ml(extent, spacing_mm))
 
 
-def signed_distance_mm(mask: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
-    """Signed Euclidean distance to the mask's boundary (mm): negative inside, positive out."""
-    mask = np.asarray(mask, bool)
-    if not mask.any():
-        return np.full(mask.shape, np.inf, np.float32)
-    outside = ndimage.distance_transform_edt(~mask, sampling=spacing_mm)
-    inside = ndimage.distance_transform_edt(mask, sampling=spacing_mm)
-    return np.asarray(np.where(mask, -inside, outside), np.float32)
-
-
 def front_to_volume(
     extent: np.ndarray, target_ml: float, brain: np.ndarray, spacing_mm: Sequence[float]
 ) -> np.ndarray:
@@ -99,30 +89,29 @@ def front_to_volume(
     return (sdf <= levels[at]) & region
 
 
+def _extrapolated_volume(visits: Sequence[Visit], day: float, spacing_mm: Sequence[float]) -> float:
+    """The volume (ml, ≥ 0) at ``day``: the least-squares slope over the visits, anchored at
+    the current volume (the fit's slope, not its intercept, is the claim)."""
+    days = np.array([v.day for v in visits], np.float64)
+    volumes = np.array([volume_ml(v.extent, spacing_mm) for v in visits], np.float64)
+    slope = np.polyfit(days, volumes, 1)[0] if len(visits) > 1 else 0.0
+    return max(float(volumes[-1] + slope * (day - days[-1])), 0.0)
+
+
 def linear_volume(
     visits: Sequence[Visit], day: float, brain: np.ndarray, spacing_mm: Sequence[float]
 ) -> Forecast:
     """Volume extrapolated linearly in time, the current extent moved by a uniform front."""
     current = _check(visits, day)
-    days = np.array([v.day for v in visits], np.float64)
-    volumes = np.array([volume_ml(v.extent, spacing_mm) for v in visits], np.float64)
-    if len(visits) == 1:
-        target = volumes[-1]
-    else:
-        slope, intercept = np.polyfit(days, volumes, 1)
-        # anchored at the current volume: the fit's slope, not its intercept, is the claim
-        target = volumes[-1] + slope * (day - days[-1])
-    extent = front_to_volume(current.extent, float(max(target, 0.0)), brain, spacing_mm)
+    target = _extrapolated_volume(visits, day, spacing_mm)
+    extent = front_to_volume(current.extent, target, brain, spacing_mm)
     return Forecast(extent.astype(np.float32), volume_ml(extent, spacing_mm))
 
 
 def linear_volume_sphere(visits: Sequence[Visit], day: float, spacing_mm: Sequence[float]) -> Forecast:
     """Volume extrapolated linearly in time, as a sphere about the current centroid."""
     current = _check(visits, day)
-    days = np.array([v.day for v in visits], np.float64)
-    volumes = np.array([volume_ml(v.extent, spacing_mm) for v in visits], np.float64)
-    slope = np.polyfit(days, volumes, 1)[0] if len(visits) > 1 else 0.0
-    target = max(float(volumes[-1] + slope * (day - days[-1])), 0.0)
+    target = _extrapolated_volume(visits, day, spacing_mm)
     shape = current.extent.shape
     if target == 0.0 or not current.extent.any():
         return Forecast(np.zeros(shape, np.float32), 0.0)

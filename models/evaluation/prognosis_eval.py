@@ -137,35 +137,34 @@ def learn_calibration(fit_cases: Sequence[Case], conformal_cases: Sequence[Case]
     )
 
 
-def _forecasts(case: Case, calibration: pg.Calibration) -> dict[str, pb.Forecast]:
+def _forecasts(case: Case, calibration: pg.Calibration) -> dict[str, tuple[pb.Forecast, np.ndarray]]:
+    """Per method: its whole-tumour forecast and its predicted T1c-visible core."""
     spacing = case.anatomy.spacing_mm
-    visits = [pb.Visit(o.day, o.whole) for o in case.observations]
+    whole = [pb.Visit(o.day, o.whole) for o in case.observations]
+    core = [pb.Visit(o.day, o.core) for o in case.observations]
     day = case.follow_up.day
     fit = min(case.members, key=lambda m: m.misfit)
     model = pg.combine(case.members, calibration, day, spacing)
+
+    def extent(f: pb.Forecast) -> np.ndarray:
+        return f.probability >= pg.EXTENT_PROBABILITY
+
     return {
-        "no change": pb.no_change(visits, day, spacing),
-        "linear volume": pb.linear_volume(visits, day, case.brain, spacing),
-        "linear sphere": pb.linear_volume_sphere(visits, day, spacing),
-        "FK fit": pb.Forecast(fit.whole.astype(np.float32), pm.volume_ml(fit.whole, spacing)),
-        "model": pb.Forecast(model.probability, model.volume_ml, model.interval_ml),
+        "no change": (pb.no_change(whole, day, spacing), case.observations[-1].core),
+        "linear volume": (
+            pb.linear_volume(whole, day, case.brain, spacing),
+            extent(pb.linear_volume(core, day, case.brain, spacing)),
+        ),
+        "linear sphere": (
+            pb.linear_volume_sphere(whole, day, spacing),
+            extent(pb.linear_volume_sphere(core, day, spacing)),
+        ),
+        "FK fit": (pb.Forecast(fit.whole.astype(np.float32), pm.volume_ml(fit.whole, spacing)), fit.core),
+        "model": (
+            pb.Forecast(model.probability, model.volume_ml, model.interval_ml),
+            model.core_probability >= pg.EXTENT_PROBABILITY,
+        ),
     }
-
-
-def _core_prediction(case: Case, method: str, calibration: pg.Calibration) -> np.ndarray:
-    if method == "no change":
-        return case.observations[-1].core
-    if method == "FK fit":
-        return min(case.members, key=lambda m: m.misfit).core
-    visits = [pb.Visit(o.day, o.core) for o in case.observations]
-    if method == "linear sphere":
-        sphere = pb.linear_volume_sphere(visits, case.follow_up.day, case.anatomy.spacing_mm)
-        return sphere.probability >= pg.EXTENT_PROBABILITY
-    if method == "model":
-        f = pg.combine(case.members, calibration, case.follow_up.day, case.anatomy.spacing_mm)
-        return f.core_probability >= pg.EXTENT_PROBABILITY
-    forecast = pb.linear_volume(visits, case.follow_up.day, case.brain, case.anatomy.spacing_mm)
-    return forecast.probability >= pg.EXTENT_PROBABILITY
 
 
 def evaluate(cases: Sequence[Case], calibration: pg.Calibration) -> dict[str, Any]:
@@ -181,14 +180,13 @@ def evaluate(cases: Sequence[Case], calibration: pg.Calibration) -> dict[str, An
         current_ml = pm.volume_ml(case.observations[-1].whole, spacing)
         truths.append(truth)
         masks.append(case.brain)
-        for method, f in _forecasts(case, calibration).items():
+        for method, (f, core) in _forecasts(case, calibration).items():
             extent = f.probability >= pg.EXTENT_PROBABILITY
-            core = _core_prediction(case, method, calibration)
             row = {
                 "seed": case.seed,
                 "dice": pm.dice(extent, truth),
                 "hd95_mm": pm.hausdorff95_mm(extent, truth, spacing),
-                "core_dice": pm.dice(core, case.follow_up.core) if core.size else None,
+                "core_dice": pm.dice(core, case.follow_up.core),
                 "volume_ml": f.volume_ml,
                 "true_volume_ml": true_ml,
                 "volume_error_ml": abs(f.volume_ml - true_ml),
@@ -204,7 +202,7 @@ def evaluate(cases: Sequence[Case], calibration: pg.Calibration) -> dict[str, An
     for method in methods:
         r = rows[method]
         rel = pm.reliability(probabilities[method], truths, masks)
-        cores = [x["core_dice"] for x in r if x["core_dice"] is not None]
+        cores = [x["core_dice"] for x in r]
         summary[method] = {
             "dice_mean": float(np.mean([x["dice"] for x in r])),
             "dice_median": float(np.median([x["dice"] for x in r])),

@@ -17,6 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from models.prognosis import volume_ml
+
+__all__ = ["dice", "growth_call", "hausdorff95_mm", "interval_coverage", "reliability", "volume_ml"]
+
 #: Predicted extent: voxels with a tumour probability at least this.
 EXTENT_THRESHOLD = 0.5
 #: Bins of the reliability diagram / ECE.
@@ -53,11 +57,6 @@ def hausdorff95_mm(predicted: np.ndarray, truth: np.ndarray, spacing_mm: Sequenc
         _tensor(p), _tensor(t), include_background=True, percentile=95, spacing=[float(s) for s in spacing_mm]
     )
     return float(value[0, 0])
-
-
-def volume_ml(mask: np.ndarray, spacing_mm: Sequence[float]) -> float:
-    """Volume of a boolean mask in millilitres."""
-    return float(np.count_nonzero(mask) * float(np.prod(spacing_mm)) / 1000.0)
 
 
 @dataclass(frozen=True)
