@@ -14,7 +14,7 @@ Method
     travelling-wave profile of the model. Each member of a fixed grid of front speeds
     ``v = 2√(Dρ)`` and widths ``λ`` (white-matter values; grey matter diffuses
     :data:`GREY_RATIO` times slower) is run from the first visit through every later one
-    (:func:`models.sim.tumour.grow`), and scored by ``1 − Dice`` of both extents at each
+    (:func:`models.growth.grow`), and scored by ``1 − Dice`` of both extents at each
     visit it reaches, plus the population prior's penalty (a Gaussian over ``log v``,
     ``log λ`` learned from training patients' best fits). The forecast runs each member
     forward from the density rebuilt from the *current* visit's contours to the follow-up
@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from models.sim.tumour import grow, tissue_diffusivity
+from models.growth import grow, tissue_diffusivity
 
 #: Visibility thresholds of the tumour cell density.
 CORE_THRESHOLD = 0.8

@@ -3,7 +3,7 @@
 The thresholds sit below what was measured on these visits (SIMULATED data; seed 5, visits 1 - 2:
 core Dice 0.93 / 0.94, whole 0.95 / 0.95, brain 0.98 / 0.98, white matter (fraction >= 0.5) Dice
 0.97 / 0.96, white-matter fraction MAE 0.05 / 0.06). Over 20 unseen patients the figures are
-printed by ``python -m models.brain_tumour_seg --patients 20`` (see that module's docstring).
+printed by ``python -m models.evaluation.brain_tumour_seg --patients 20`` (see that module's docstring).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.brain_tumour_seg import BrainSegmentation, dice, segment, simulated_truth
+from models.brain_tumour_seg import BrainSegmentation, segment
+from models.evaluation.brain_tumour_seg import dice, simulated_truth
 from models.sim.prognosis import SimulatedPatient, make_patient
 
 

@@ -14,7 +14,7 @@ import pytest
 from models import prognosis as pg
 from models.evaluation import prognosis_eval as pe
 from models.evaluation.prognosis_metrics import dice
-from models.sim.tumour import grow, tissue_diffusivity
+from models.growth import grow, tissue_diffusivity
 
 SPACING = (2.0, 2.0, 2.0)
 SHAPE = (30, 30, 30)

@@ -1,4 +1,4 @@
-"""Brain-tumour growth (models.sim.tumour), the longitudinal patient (models.sim.prognosis) and its
+"""Brain-tumour growth (models.growth), the longitudinal patient (models.sim.prognosis) and its
 studies (dicom_node.lab.simulate_prognosis, ``dicom-node simulate prognosis``)."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from scipy import ndimage as ndi
 from typer.testing import CliRunner
 
 from dicom_node.lab.simulate_prognosis import PrognosisSpec, VisitStudy, write_prognosis_patient
+from models.growth import fibre_tensor, front_speed, grow, stable_dt, tissue_diffusivity
 from models.sim.prognosis import (
     FLAIR,
     T1C_THRESHOLD,
@@ -26,7 +27,6 @@ from models.sim.prognosis import (
     to_visit_frame,
     tumour_labels,
 )
-from models.sim.tumour import fibre_tensor, front_speed, grow, stable_dt, tissue_diffusivity
 
 DCIODVFY = Path("/usr/bin/dciodvfy")
 #: Small but anatomical: 64 x 64 at 3.75 mm, 16 slices of 3 mm.

@@ -1,7 +1,7 @@
 """Longitudinal brain-tumour series: one simulated glioma patient imaged at several visits.
 
 One seed gives one patient: a tumour seeded in the white matter of the MNI152 anatomy grows by the
-Fisher–Kolmogorov model (:mod:`models.sim.tumour`) on a 2 mm grid, and at each visit it is imaged as
+Fisher–Kolmogorov model (:mod:`models.growth`) on a 2 mm grid, and at each visit it is imaged as
 T1-weighted post-contrast (T1c), FLAIR and optionally T2-weighted MR, in a slightly different head
 pose, with new noise and bias field, at irregular intervals. Some patients also get effects a plain
 Fisher–Kolmogorov fit does not model, so a physics fit is not handed the answer: anisotropic spread
@@ -105,6 +105,7 @@ from enum import IntEnum
 import numpy as np
 from scipy import ndimage as ndi
 
+from models.growth import fibre_tensor, front_speed, grow, tissue_diffusivity
 from models.sim.anatomy import _head_atlas
 from models.sim.mrct import (
     FIELD_STRENGTH_T,
@@ -117,7 +118,6 @@ from models.sim.mrct import (
     _sample_distance,
     smooth_field,
 )
-from models.sim.tumour import fibre_tensor, front_speed, grow, tissue_diffusivity
 
 #: Visibility thresholds of tumour cell density (Swanson et al. 2008; Harpold et al. 2007).
 T1C_THRESHOLD = 0.8
