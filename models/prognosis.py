@@ -43,6 +43,7 @@ import numpy as np
 from scipy import ndimage
 
 from models.growth import grow, tissue_diffusivity
+from models.zoo import StoredCard, version_dir
 
 #: Visibility thresholds of the tumour cell density.
 CORE_THRESHOLD = 0.8
@@ -297,3 +298,33 @@ def forecast(
     """The tumour at ``day``: probability per voxel, volume and its 90 % interval."""
     members = run_members(observations, anatomy, day, calibration)
     return combine(members, calibration, day, anatomy.spacing_mm)
+
+
+# -- the shipped model ---------------------------------------------------------------------------
+ZOO_NAME = "prognosis-growth"
+
+
+@dataclass(kw_only=True)
+class PrognosisCard(StoredCard):
+    """``models/zoo/prognosis-growth/<version>/card.json``: its weights are the
+    :class:`Calibration` (``calibration.json``)."""
+
+    #: Follow-up horizons (days after the current visit) the pipeline predicts by default.
+    horizons_days: list[int] = field(default_factory=lambda: [90])
+
+
+class PrognosisModel:
+    """The calibrated growth-fit ensemble of one zoo directory (its calibration hash-checked)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.meta = PrognosisCard.read_from(self.directory)
+        self.calibration = Calibration.load(self.meta.verified_weights(self.directory))
+        self.card = self.meta.model_card()
+
+    @classmethod
+    def shipped(cls) -> PrognosisModel:
+        return cls(version_dir(ZOO_NAME))
+
+    def forecast(self, observations: Sequence[Observation], anatomy: Anatomy, day: float) -> Prognosis:
+        return forecast(observations, anatomy, day, self.calibration)
