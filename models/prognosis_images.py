@@ -111,3 +111,13 @@ def predict_images(
         )
         for name, image in images.items()
     }
+
+
+def hallucination_map(p_whole: np.ndarray, whole_now: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Where the forecast claims tumour the current study does not show, how likely the claim
+    is wrong: ``1 − p`` on voxels predicted as tumour (``p ≥ threshold``) outside today's
+    whole-tumour extent, 0 elsewhere. With calibrated probabilities this is the chance that
+    the follow-up has no tumour there (an invented extent); today's tumour is not scored."""
+    p = np.clip(np.asarray(p_whole, np.float32), 0.0, 1.0)
+    invented = (p >= threshold) & ~np.asarray(whole_now, bool)
+    return np.where(invented, 1.0 - p, 0.0).astype(np.float32)
