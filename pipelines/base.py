@@ -116,6 +116,24 @@ class PipelineResult:
     validation_errors: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, eq=False)
+class RegisteredPrior:
+    """A prior series registered to the job's input series (the node registers before the
+    pipeline runs when the rule asks for ``registration``), on the input series' grid."""
+
+    reference: PriorReference
+    #: The prior's first instance, without pixels (descriptions, dates, sequence facts).
+    header: Any
+    #: 4×4: prior patient coordinates (LPS mm) → the input series' patient coordinates.
+    matrix: Any
+    #: The prior's pixels resampled on the input series' grid ``(slices, rows, columns)``.
+    resampled: Any
+    #: Where ``resampled`` holds the prior's data (False outside its field of view).
+    fov: Any
+    #: The series the prior was registered to.
+    input_series_uid: str
+
+
 @dataclass(frozen=True)
 class RunEnvironment:
     """What a run needs from the node: where to write, which UID root, which version."""
@@ -128,6 +146,8 @@ class RunEnvironment:
     node_ae_title: str | None = None
     #: The prior series the job fetched for its rule (every output cites them).
     priors: tuple[PriorReference, ...] = ()
+    #: Those registered to the input series and passing the quality check, on its grid.
+    registered_priors: tuple[RegisteredPrior, ...] = ()
 
 
 class Pipeline(Protocol):

@@ -609,7 +609,7 @@ def test_the_runner_registers_the_job_priors_and_a_refusal_ends_the_job_refused(
 ) -> None:
     """The wiring: with ``registration: rigid`` frozen on the job, the runner hands the
     registration step the job's prior series files (the registration itself is
-    tests/test_prior_registration.py's); a prior it refuses ends the job ``refused`` with
+    tests/test_prior_registration.py's) before the pipeline runs; a prior it refuses ends the job ``refused`` with
     the reason."""
     from dicom_node.config import NodeConfig
     from dicom_node.delivery.profiles import DestinationProfiles
@@ -626,11 +626,11 @@ def test_the_runner_registers_the_job_priors_and_a_refusal_ends_the_job_refused(
         )
     seen: dict[str, Any] = {}
 
-    def refuse(study: Any, priors: Priors, files: Any, result: Any, env: Any) -> Any:
+    def refuse(study: Any, priors: Priors, files: Any) -> Any:
         seen.update(mode=priors.registration, on_missing=priors.on_missing, files=files)
         raise InputRefused("prior-registration", "1.2.3.2.1", ["body-mask Dice 0.609 below 0.850"])
 
-    monkeypatch.setattr(runner_module, "register_priors", refuse)
+    monkeypatch.setattr(runner_module, "compute_registrations", refuse)
     config = NodeConfig.model_validate(
         {"destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 11112}}}
     )

@@ -1,10 +1,13 @@
 """The registration step of a job whose rule has priors with ``registration: rigid|affine``.
 
-After the job's pipeline has written its outputs (for ``forward``, its only processing),
-the job's input series and each prior series (the job's ``job_priors`` rows) are loaded as
-volumes, each prior is registered to the input (:func:`pipelines.registration.register`,
-the rule's ``min_dice``), and one Spatial Registration object per registered prior is added
-to the job's outputs, so it goes through the gate, the destination checks and delivery as
+Before the job's pipeline runs, the job's input series and each prior series (the job's
+``job_priors`` rows) are loaded as volumes and each prior is registered to the input
+(:func:`compute_registrations`: :func:`pipelines.registration.register`, the rule's
+``min_dice``); the pipeline is handed the registered priors on its input's grid
+(``RunEnvironment.registered_priors``: ``prognosis`` reads them, the others do not). After
+it has written its outputs (for ``forward``, its only processing), one Spatial
+Registration object per registered prior is added to the job's outputs
+(:func:`write_registrations`), so it goes through the gate, the destination checks and delivery as
 the others do (a ``tps`` destination is not sent it: ``NOT_FOR_TPS``).
 
 A prior that fails the quality check: with ``on_missing: refuse`` the job ends ``refused``
@@ -25,8 +28,15 @@ import pydicom
 from sqlalchemy import Connection, select
 
 from dicom_node.db import schema as t
-from pipelines.base import OutputInstance, PipelineError, PipelineResult, RunEnvironment, StudyInput
-from pipelines.provenance import OutputProvenance, provenance_of
+from pipelines.base import (
+    OutputInstance,
+    PipelineError,
+    PipelineResult,
+    RegisteredPrior,
+    RunEnvironment,
+    StudyInput,
+)
+from pipelines.provenance import OutputProvenance, PriorReference, provenance_of
 from pipelines.uids import UidFactory, job_key
 from pipelines.volume import SeriesError, Volume, load_series
 from pipelines.writers.files import save
@@ -99,14 +109,23 @@ def _check(path: Path, out: OutputInstance, study: StudyInput, sources: set[str]
     return problems
 
 
-def register_priors(
-    study: StudyInput,
-    priors: Priors,
-    files: Mapping[str, Sequence[Path]],
-    result: PipelineResult,
-    env: RunEnvironment,
-) -> PriorRegistrations:
-    """Register each prior series in ``files`` to the job's input series; see the module.
+@dataclass(frozen=True, eq=False)
+class ComputedRegistrations:
+    """The priors registered to the job's input series, before any object is written."""
+
+    #: The job's input series (the fixed image).
+    current: Volume | None = None
+    #: Per prior series UID, in order: its registration (quality checked or not).
+    registrations: dict[str, Any] = field(default_factory=dict)
+
+
+def compute_registrations(
+    study: StudyInput, priors: Priors, files: Mapping[str, Sequence[Path]]
+) -> ComputedRegistrations:
+    """Register each prior series in ``files`` to the job's input series (no objects yet).
+
+    Runs before the job's pipeline, so a pipeline that reads the priors (``prognosis``)
+    gets them on its input's grid (:class:`pipelines.base.RegisteredPrior`).
 
     Raises
     ------
@@ -116,27 +135,72 @@ def register_priors(
         A series cannot be loaded as one volume.
     """
     if priors.registration == "none" or not files:
-        return PriorRegistrations(result)
+        return ComputedRegistrations()
     # SimpleITK is the 'ai' extra: loaded only for a job that registers
-    from pipelines.registration import (
-        METHOD_NAME,
-        METHOD_VERSION,
-        RegistrationQuality,
-        RegistrationSettings,
-        register,
-        require_quality,
-    )
-    from pipelines.writers.spatial_registration import SpatialRegistrationWriter
+    from pipelines.registration import RegistrationQuality, register, require_quality
 
-    mode = priors.registration
     quality = RegistrationQuality(min_dice=priors.min_dice) if priors.min_dice else RegistrationQuality()
     current = _load(_input_series(study), "the input series")
+    done: dict[str, Any] = {}
+    for series_uid, paths in sorted(files.items()):
+        prior = _load(paths, f"the prior series {series_uid}")
+        try:
+            registration = register(current, prior, mode=priors.registration, quality=quality)
+        except ValueError as exc:  # a blank series: nothing to register
+            raise PipelineError(f"priors: cannot register the prior series {series_uid}: {exc}") from None
+        if not registration.quality_ok and priors.on_missing == "refuse":
+            require_quality(registration)
+        done[series_uid] = registration
+    return ComputedRegistrations(current, done)
+
+
+def registered_priors(
+    computed: ComputedRegistrations, references: Sequence[PriorReference], files: Mapping[str, Sequence[Path]]
+) -> tuple[RegisteredPrior, ...]:
+    """What the pipeline is handed: each prior that passed its quality check, on the grid of
+    the job's input series, with its reference (study, date) and its first file's header."""
+    by_series = {r.series_uid: r for r in references}
+    out = []
+    for series_uid, registration in computed.registrations.items():
+        reference = by_series.get(series_uid)
+        if not registration.quality_ok or reference is None:
+            continue
+        header = pydicom.dcmread(files[series_uid][0], stop_before_pixels=True)
+        out.append(
+            RegisteredPrior(
+                reference=reference,
+                header=header,
+                matrix=registration.matrix,
+                resampled=registration.resampled,
+                fov=registration.resampled_fov,
+                input_series_uid=registration.current_series_uid,
+            )
+        )
+    return tuple(out)
+
+
+def write_registrations(
+    study: StudyInput,
+    computed: ComputedRegistrations,
+    files: Mapping[str, Sequence[Path]],
+    result: PipelineResult,
+    env: RunEnvironment,
+    priors: Priors,
+) -> PriorRegistrations:
+    """One Spatial Registration object per prior that passed its quality check, added to the
+    job's outputs; a prior that did not is dropped and noted (``on_missing: run``)."""
+    if not computed.registrations or computed.current is None:
+        return PriorRegistrations(result)
+    from pipelines.registration import METHOD_NAME, METHOD_VERSION, RegistrationSettings
+    from pipelines.writers.spatial_registration import SpatialRegistrationWriter
+
+    current = computed.current
     provenance = OutputProvenance(
         pipeline="prior-registration",
         pipeline_version=METHOD_VERSION,
         model_name=METHOD_NAME,
         model_version=METHOD_VERSION,
-        weights_sha256=RegistrationSettings().sha256(mode),
+        weights_sha256=RegistrationSettings().sha256(priors.registration),  # type: ignore[arg-type]
         node_version=env.node_version,
         synthetic=False,
         station=env.node_ae_title,
@@ -150,15 +214,12 @@ def register_priors(
     qc = dict(result.qc)
     problems = list(result.validation_errors)
     sources = {i.series_uid for i in study.instances} | set(files)
-    for n, (series_uid, paths) in enumerate(sorted(files.items())):
-        prior = _load(paths, f"the prior series {series_uid}")
-        registration = register(current, prior, mode=mode, quality=quality)
+    for n, (series_uid, registration) in enumerate(computed.registrations.items()):
         entry = registration.provenance()
         if not registration.quality_ok:
-            if priors.on_missing == "refuse":
-                require_quality(registration)
             entries[series_uid] = {**entry, "dropped": registration.quality_reason}
             continue
+        prior = _load(files[series_uid], f"the prior series {series_uid}")
         writer = SpatialRegistrationWriter(
             provenance=provenance,
             uids=uids,
@@ -181,3 +242,25 @@ def register_priors(
     return PriorRegistrations(
         replace(result, outputs=tuple(outputs), qc=qc, validation_errors=tuple(problems)), entries
     )
+
+
+def register_priors(
+    study: StudyInput,
+    priors: Priors,
+    files: Mapping[str, Sequence[Path]],
+    result: PipelineResult,
+    env: RunEnvironment,
+) -> PriorRegistrations:
+    """Register each prior series in ``files`` to the job's input series and add one Spatial
+    Registration object per registered prior to ``result`` (:func:`compute_registrations`,
+    then :func:`write_registrations`); see the module.
+
+    Raises
+    ------
+    RegistrationRefused
+        A prior failed the quality check and the rule says ``on_missing: refuse``.
+    PipelineError
+        A series cannot be loaded as one volume.
+    """
+    computed = compute_registrations(study, priors, files)
+    return write_registrations(study, computed, files, result, env, priors)

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -35,7 +36,14 @@ from dicom_node.db.engine import Database
 from dicom_node.jobs.claims import orphan_test
 from dicom_node.jobs.fallback import queue_fallback
 from dicom_node.jobs.handover import Handover
-from dicom_node.jobs.prior_registration import PriorRegistrations, prior_files, register_priors
+from dicom_node.jobs.prior_registration import (
+    ComputedRegistrations,
+    PriorRegistrations,
+    compute_registrations,
+    prior_files,
+    registered_priors,
+    write_registrations,
+)
 from dicom_node.jobs.priors import job_prior_records, prior_references
 from dicom_node.jobs.provenance import record_provenance
 from dicom_node.jobs.report import final_verdict
@@ -235,19 +243,36 @@ class JobRunner:
         )
 
     def register_priors(
-        self, job: ClaimedJob, study: StudyInput, result: PipelineResult, env: RunEnvironment
-    ) -> PriorRegistrations:
-        """The priors registered to the input, their Spatial Registration objects added to
-        the outputs (:mod:`dicom_node.jobs.prior_registration`); nothing without priors."""
+        self, job: ClaimedJob, study: StudyInput, env: RunEnvironment
+    ) -> tuple[ComputedRegistrations, dict[str, list[Path]], RunEnvironment]:
+        """The priors registered to the input before the pipeline runs
+        (:mod:`dicom_node.jobs.prior_registration`), and the environment that hands them
+        to the pipeline; nothing without priors."""
         if not job.priors:
-            return PriorRegistrations(result)
+            return ComputedRegistrations(), {}, env
         priors = Priors.model_validate(job.priors)
         if priors.registration == "none":
-            return PriorRegistrations(result)
+            return ComputedRegistrations(), {}, env
         with self.db.read() as conn:
             files = prior_files(conn, job.job_id)
         files = {uid: [self.paths.data / p for p in paths] for uid, paths in files.items()}
-        return register_priors(study, priors, files, result, env)
+        computed = compute_registrations(study, priors, files)
+        env = replace(env, registered_priors=registered_priors(computed, env.priors, files))
+        return computed, files, env
+
+    def add_registrations(
+        self,
+        job: ClaimedJob,
+        study: StudyInput,
+        computed: ComputedRegistrations,
+        files: dict[str, list[Path]],
+        result: PipelineResult,
+        env: RunEnvironment,
+    ) -> PriorRegistrations:
+        """The Spatial Registration objects of the registered priors, added to the outputs."""
+        if not computed.registrations or not job.priors:
+            return PriorRegistrations(result)
+        return write_registrations(study, computed, files, result, env, Priors.model_validate(job.priors))
 
     def run(self, job: ClaimedJob) -> JobState:
         """Run the pipeline and move the job on. Returns the state it ends in."""
@@ -272,8 +297,9 @@ class JobRunner:
                 node_ae_title=self.config.node.ae_title,
                 priors=prior_references(priors),
             )
+            computed, files, env = self.register_priors(job, study, env)
             result = pipeline.run(study, env)
-            registered = self.register_priors(job, study, result, env)
+            registered = self.add_registrations(job, study, computed, files, result, env)
             result = registered.result
             with self.db.read() as conn:
                 refusals = self.handover.problems(conn, job.job_id, job.destinations, result.outputs)
