@@ -19,12 +19,14 @@ _PIPELINES: dict[str, str] = {
     "denoise-classical": "pipelines.denoise_classical:denoise_classical",
     "restoration": "pipelines.restoration:restoration",
     "sct": "pipelines.sct:sct",
+    "prognosis": "pipelines.prognosis:prognosis",
 }
 
 #: The learned model (zoo name) each pipeline runs; pipelines without one are absent.
 MODEL_OF: dict[str, str] = {
     "restoration": "ldct-restoration",
     "sct": "sct-head",
+    "prognosis": "prognosis-growth",
 }
 
 #: The shipped non-AI pipeline for the task of a learned pipeline (a rule's ``fallback:

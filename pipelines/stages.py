@@ -43,6 +43,8 @@ class Context:
     pipeline: str = ""
     pipeline_version: str = ""
     series: tuple[InputInstance, ...] = ()
+    #: Other series of the study the pipeline read (e.g. the current FLAIR of ``prognosis``).
+    other_series: tuple[InputInstance, ...] = ()
     volume: Volume | None = None
     model: ModelCard | None = None
     prediction: Prediction | None = None

@@ -20,20 +20,24 @@ from pydicom.errors import InvalidDicomError
 from pipelines.provenance import provenance_of
 from pipelines.stages import Context
 from pipelines.uids import derived_frame_of_reference
-from pipelines.writers import KIND_DERIVED, KIND_HALLUCINATION, KIND_UNCERTAINTY
+from pipelines.writers import KIND_DERIVED, KIND_HALLUCINATION, KIND_PROBABILITY, KIND_UNCERTAINTY
 
-_PIXEL_KINDS = (KIND_DERIVED, KIND_UNCERTAINTY, KIND_HALLUCINATION)
+_PIXEL_KINDS = (KIND_DERIVED, KIND_UNCERTAINTY, KIND_HALLUCINATION, KIND_PROBABILITY)
 
 
 def validate_outputs(ctx: Context, *, max_problems: int = 20) -> list[str]:
     """Problems with the objects in ``ctx.outputs`` (empty: all good)."""
     problems: list[str] = []
-    source_sops = {i.sop_uid for i in ctx.series}
-    source_series = {i.series_uid for i in ctx.series}
+    # what the pipeline read: its series, any other series of the study it read (e.g. the
+    # current FLAIR of `prognosis`) and the job's priors
+    read = (*ctx.series, *ctx.other_series)
+    source_sops = {i.sop_uid for i in read} | {u for p in ctx.env.priors for _, u in p.instances}
+    source_series = {i.series_uid for i in read} | {p.series_uid for p in ctx.env.priors}
     # an overlay illustrates a map of this job: its own outputs are legitimate sources too
     known_series = source_series | {o.series_uid for o in ctx.outputs}
     frame_of_reference = _expected_frame_of_reference(ctx)
     kinds: Counter[str] = Counter()
+    derived_series: Counter[str] = Counter()
     if not ctx.outputs:
         return ["the pipeline wrote no output objects"]
     for out in ctx.outputs:
@@ -60,6 +64,8 @@ def validate_outputs(ctx: Context, *, max_problems: int = 20) -> list[str]:
             continue
         kind = str(facts["kind"])
         kinds[kind] += 1
+        if kind == KIND_DERIVED:
+            derived_series[out.series_uid] += 1
         if source_series and not set(facts["source_series_instance_uids"]) <= known_series:
             problems.append(f"{where}: references a source series that was not processed")
         if kind == KIND_DERIVED and not set(facts["source_sop_instance_uids"]) <= source_sops:
@@ -72,10 +78,12 @@ def validate_outputs(ctx: Context, *, max_problems: int = 20) -> list[str]:
                 problems.append(f"{where}: Frame of Reference UID is not the source's ({frame_of_reference})")
         if kind in _PIXEL_KINDS:
             problems.extend(f"{where}: {p}" for p in _pixel_problems(ds))
-    # one derived image per slice of the volume (a multi-frame source has several per file)
+    # one derived image per slice of the volume (a multi-frame source has several per file),
+    # in each derived series
     slices = len(ctx.volume.slices) if ctx.volume is not None else len(ctx.series)
-    if ctx.series and kinds[KIND_DERIVED] and kinds[KIND_DERIVED] != slices:
-        problems.append(f"derived series has {kinds[KIND_DERIVED]} images for {slices} source slices")
+    for series_uid, count in derived_series.items():
+        if ctx.series and count != slices:
+            problems.append(f"derived series {series_uid} has {count} images for {slices} source slices")
     return problems
 
 

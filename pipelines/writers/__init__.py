@@ -14,6 +14,10 @@ checked when the writer is built, not when a PACS rejects the result.
   score;
 * :class:`SuspectRegionWriter` (``segmentation``) — Segmentation (highdicom), BINARY, one
   segment;
+* :class:`ProbabilityMapWriter` (``parametric``) — Parametric Map (highdicom), a probability
+  per voxel (the predicted tumour of ``prognosis``);
+* :class:`TumourExtentWriter` (``segmentation``) — Segmentation (highdicom), BINARY, a segment
+  per tumour extent (predicted and current);
 * :class:`SummaryReportWriter` (``report``) — Comprehensive SR (highdicom): model card, QC
   figures, gate verdict, provenance, references to the sources and every output;
 * :class:`OverlayWriter` (``overlay``) — Secondary Capture RGB heat map (highdicom),
@@ -30,8 +34,10 @@ its source instances and the pipeline / model / weights that made it.
 
 from pipelines.writers.common import (
     KIND_DERIVED,
+    KIND_EXTENT,
     KIND_HALLUCINATION,
     KIND_OVERLAY,
+    KIND_PROBABILITY,
     KIND_REPORT,
     KIND_SUSPECT,
     KIND_UNCERTAINTY,
@@ -47,20 +53,23 @@ from pipelines.writers.common import (
 from pipelines.writers.derived import DerivedImageWriter
 from pipelines.writers.files import file_name, save
 from pipelines.writers.overlay import OverlayWriter
-from pipelines.writers.parametric import HallucinationMapWriter, UncertaintyMapWriter
+from pipelines.writers.parametric import HallucinationMapWriter, ProbabilityMapWriter, UncertaintyMapWriter
 from pipelines.writers.report import SummaryReportWriter
 from pipelines.writers.segmentation import (
     SUSPECT_CATEGORY,
     SUSPECT_LABEL,
     SUSPECT_TYPE,
     SuspectRegionWriter,
+    TumourExtentWriter,
 )
 from pipelines.writers.spatial_registration import KIND_REGISTRATION, SpatialRegistrationWriter
 
 __all__ = [
     "KIND_DERIVED",
+    "KIND_EXTENT",
     "KIND_HALLUCINATION",
     "KIND_OVERLAY",
+    "KIND_PROBABILITY",
     "KIND_REGISTRATION",
     "KIND_REPORT",
     "KIND_SUSPECT",
@@ -75,9 +84,11 @@ __all__ = [
     "DerivedImageWriter",
     "HallucinationMapWriter",
     "OverlayWriter",
+    "ProbabilityMapWriter",
     "SpatialRegistrationWriter",
     "SummaryReportWriter",
     "SuspectRegionWriter",
+    "TumourExtentWriter",
     "UncertaintyMapWriter",
     "file_name",
     "kind_of",

@@ -49,6 +49,8 @@ __all__ = [
     "KIND_HALLUCINATION",
     "KIND_OVERLAY",
     "KIND_REPORT",
+    "KIND_EXTENT",
+    "KIND_PROBABILITY",
     "KIND_SUSPECT",
     "KIND_UNCERTAINTY",
     "LOCAL_SCHEME",
@@ -416,6 +418,8 @@ def _finish(ds: Dataset, provenance: OutputProvenance | None = None) -> Dataset:
 def _ai_series_description(what: str, *, synthetic: bool = False) -> str:
     """Series Description that says AI (and SYNTHETIC for generated pixels), ≤ 64 chars."""
     words = re.findall(r"[A-Z]+", what.upper())
+    # a predicted image (prognosis) says what it is instead: "AI PREDICTED ... not an acquisition"
+    synthetic = synthetic and "PREDICTED" not in words
     prefix = [w for w, wanted in (("AI", True), ("SYNTHETIC", synthetic)) if wanted and w not in words]
     return _lo(" ".join([*prefix, what]))
 
@@ -537,8 +541,16 @@ KIND_SUSPECT = "suspect"
 KIND_REPORT = "report"
 KIND_OVERLAY = "overlay"
 KIND_REGISTRATION = "registration"
+KIND_PROBABILITY = "probability"
+KIND_EXTENT = "extent"
 
-_CONTENT_LABELS = {KIND_UNCERTAINTY: "AI_UNCERTAINTY", KIND_HALLUCINATION: "AI_HALLUCINATION"}
+_CONTENT_LABELS = {
+    KIND_UNCERTAINTY: "AI_UNCERTAINTY",
+    KIND_HALLUCINATION: "AI_HALLUCINATION",
+    KIND_PROBABILITY: "AI_PROBABILITY",
+    KIND_SUSPECT: "AI_SUSPECT",
+    KIND_EXTENT: "AI_EXTENT",
+}
 
 
 def kind_of(ds: Dataset) -> str:
@@ -548,9 +560,14 @@ def kind_of(ds: Dataset) -> str:
         return KIND_DERIVED
     if sop_class == ParametricMapStorage:
         label = str(ds.get("ContentLabel", ""))
-        return KIND_HALLUCINATION if label == _CONTENT_LABELS[KIND_HALLUCINATION] else KIND_UNCERTAINTY
+        for kind in (KIND_HALLUCINATION, KIND_PROBABILITY):
+            if label == _CONTENT_LABELS[kind]:
+                return kind
+        return KIND_UNCERTAINTY
     if sop_class == SegmentationStorage:
-        return KIND_SUSPECT
+        return (
+            KIND_EXTENT if str(ds.get("ContentLabel", "")) == _CONTENT_LABELS[KIND_EXTENT] else KIND_SUSPECT
+        )
     if sop_class == SecondaryCaptureImageStorage:
         return KIND_OVERLAY
     if sop_class == ComprehensiveSRStorage or str(ds.get("Modality", "")) == "SR":

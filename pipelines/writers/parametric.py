@@ -26,6 +26,7 @@ from pipelines.volume import Volume
 from pipelines.writers.common import (
     _CONTENT_LABELS,
     KIND_HALLUCINATION,
+    KIND_PROBABILITY,
     KIND_UNCERTAINTY,
     NODE_MANUFACTURER,
     _ai_series_description,
@@ -46,7 +47,7 @@ from pipelines.writers.common import (
 )
 from pipelines.writers.files import _file_meta_keep, save
 
-__all__ = ["HallucinationMapWriter", "UncertaintyMapWriter"]
+__all__ = ["HallucinationMapWriter", "ProbabilityMapWriter", "UncertaintyMapWriter"]
 
 
 class _ParametricMapWriter:
@@ -277,3 +278,57 @@ class HallucinationMapWriter(_ParametricMapWriter):
             name=name,
             content_qualification=content_qualification,
         )
+
+
+class ProbabilityMapWriter(_ParametricMapWriter):
+    """A per-voxel probability (0 .. 1) as a float32 Parametric Map, e.g. the probability
+    that a predicted follow-up shows tumour there (``prognosis``).
+
+    Parameters
+    ----------
+    provenance, uids, series_number
+        As for every writer.
+    what
+        What the probability is of (LUT Explanation and Series Description), e.g.
+        ``"tumour at +90 days"``.
+    lut_label
+        Real World Value Mapping LUT Label (≤ 16 characters).
+    name
+        Name of the series in ``uids``.
+    """
+
+    kind: ClassVar[str] = KIND_PROBABILITY
+
+    def __init__(
+        self,
+        *,
+        provenance: OutputProvenance,
+        uids: UidFactory,
+        series_number: int,
+        what: str,
+        lut_label: str = "AI PROBABILITY",
+        name: str = "probability",
+        content_qualification: str = "RESEARCH",
+    ) -> None:
+        if not what or not what.strip():
+            raise ValueError(f"{type(self).__name__}: argument 'what' must say what the probability is of")
+        super().__init__(
+            provenance=provenance,
+            uids=uids,
+            series_number=series_number,
+            units="1",
+            lut_label=lut_label,
+            lut_explanation=f"AI probability of {what.strip()}",
+            quantity=local_code("PROBABILITY", "Probability"),
+            content_description=f"AI probability map: {what.strip()}"[:64],
+            series_description=f"AI probability of {what.strip()}",
+            name=name,
+            content_qualification=content_qualification,
+        )
+
+    def _validate(self, values: np.ndarray) -> None:
+        if float(values.min()) < 0.0 or float(values.max()) > 1.0:
+            raise ValueError(
+                f"{type(self).__name__}: probabilities must lie in 0 .. 1 "
+                f"(min {values.min():g}, max {values.max():g})"
+            )

@@ -45,8 +45,10 @@ from pipelines.uids import UidFactory, derive_uid
 from pipelines.volume import Volume
 from pipelines.writers.common import (
     KIND_DERIVED,
+    KIND_EXTENT,
     KIND_HALLUCINATION,
     KIND_OVERLAY,
+    KIND_PROBABILITY,
     KIND_REPORT,
     KIND_SUSPECT,
     KIND_UNCERTAINTY,
@@ -104,6 +106,8 @@ _OUTPUT_CONCEPTS = {
     KIND_HALLUCINATION: local_code("AI-HALLUC-MAP", "AI hallucination map"),
     KIND_SUSPECT: local_code("AI-SUSPECT-SEG", "AI suspect region segmentation"),
     KIND_OVERLAY: local_code("AI-OVERLAY", "AI hallucination overlay"),
+    KIND_PROBABILITY: local_code("AI-PROBABILITY", "AI probability map"),
+    KIND_EXTENT: local_code("AI-EXTENT-SEG", "AI predicted extent segmentation"),
 }
 _SR_PROVENANCE = local_code("PROVENANCE", "Provenance")
 _SR_MODEL_CARD = local_code("MODEL-CARD", "Model card")

@@ -1,11 +1,12 @@
-"""Suspect regions (highdicom Segmentation): where the model may have invented content.
-
-One BINARY segment, every slice encoded by default; see :class:`SuspectRegionWriter`.
+"""Segmentations (highdicom): suspect regions, where the model may have invented content
+(one BINARY segment, every slice encoded by default; :class:`SuspectRegionWriter`), and
+tumour extents (a segment per extent; :class:`TumourExtentWriter`).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -20,6 +21,8 @@ from pipelines.provenance import OutputProvenance
 from pipelines.uids import UidFactory
 from pipelines.volume import Volume
 from pipelines.writers.common import (
+    _CONTENT_LABELS,
+    KIND_EXTENT,
     KIND_SUSPECT,
     NODE_MANUFACTURER,
     _ai_series_description,
@@ -36,7 +39,15 @@ from pipelines.writers.common import (
 )
 from pipelines.writers.files import _file_meta_keep, save
 
-__all__ = ["SUSPECT_CATEGORY", "SUSPECT_LABEL", "SUSPECT_TYPE", "SuspectRegionWriter"]
+__all__ = [
+    "EXTENT_CATEGORY",
+    "EXTENT_TYPE",
+    "SUSPECT_CATEGORY",
+    "SUSPECT_LABEL",
+    "SUSPECT_TYPE",
+    "SuspectRegionWriter",
+    "TumourExtentWriter",
+]
 
 #: SCT 309825002 "Spatial and Relational Concept" (CID 7150) — the region is a place in
 #: the image, not patient anatomy or pathology.
@@ -165,7 +176,7 @@ class SuspectRegionWriter:
             software_versions=_software_versions(prov),
             device_serial_number=prov.weights_sha256,
             content_description="AI suspect regions: where the model may have invented content",
-            content_label="AI_SUSPECT",
+            content_label=_CONTENT_LABELS[KIND_SUSPECT],
             pixel_measures=measures,
             plane_orientation=orientation,
             plane_positions=positions,
@@ -173,6 +184,117 @@ class SuspectRegionWriter:
             contributing_equipment=_contributing_equipment(prov, include_acquisition=False),
         )
         seg.SeriesDescription = _ai_series_description("suspect regions (possible hallucination)")
+        _slice_thickness_from_geometry(seg, measures)
+        _copy_anatomy(seg, volume.datasets[0], empty_laterality=False)
+        _file_meta_keep(seg)
+        _finish(seg, prov)
+        if out_dir is not None:
+            save([seg], out_dir)
+        return seg
+
+
+#: Segmented Property Category and Type of a tumour extent (CID 7150 / SCT).
+EXTENT_CATEGORY = codes.cid7150.MorphologicallyAbnormalStructure
+EXTENT_TYPE = codes.SCT.Neoplasm
+
+
+class TumourExtentWriter:
+    """Tumour extents as a BINARY Segmentation with one segment per extent (e.g. the
+    predicted extent at the follow-up next to the current one: ``prognosis``).
+
+    Each segment is category SCT 49755003 "Morphologically Abnormal Structure", type SCT
+    108369006 "Neoplasm", algorithm type AUTOMATIC with the provenance's Algorithm
+    Identification, and its label says what it is. Every slice is encoded.
+
+    Parameters
+    ----------
+    provenance, uids, series_number
+        As for every writer.
+    description
+        Series Description (after "AI"), e.g. ``"tumour extent, predicted at +90 days and current"``.
+    name
+        Name of the series in ``uids``.
+    """
+
+    kind: ClassVar[str] = KIND_EXTENT
+
+    def __init__(
+        self,
+        *,
+        provenance: OutputProvenance,
+        uids: UidFactory,
+        series_number: int,
+        description: str,
+        name: str = "extent",
+    ) -> None:
+        owner = type(self).__name__
+        self.provenance = _check_provenance(owner, provenance)
+        self.uids = _check_uids(owner, uids)
+        self.series_number = _check_series_number(owner, series_number)
+        if not description or not description.strip():
+            raise ValueError(f"{owner}: argument 'description' is required")
+        self.description = description.strip()
+        self.name = name
+
+    @property
+    def series_instance_uid(self) -> str:
+        return self.uids.series(self.name)
+
+    def write(
+        self, volume: Volume, extents: Sequence[tuple[str, np.ndarray]], out_dir: Path | None = None
+    ) -> Dataset:
+        """One Segmentation with a segment per ``(label, mask)`` (boolean, shape of the volume)."""
+        owner = type(self).__name__
+        if not extents:
+            raise ValueError(f"{owner}: 'extents' is empty")
+        masks = []
+        for label, mask in extents:
+            values = _check_array(owner, volume, mask, f"mask {label!r}")
+            if values.dtype != bool and not np.isin(values, (0, 1)).all():
+                raise ValueError(f"{owner}: mask {label!r} must be boolean (or 0/1)")
+            masks.append(values.astype(np.uint8))
+        prov = self.provenance
+        algorithm = SuspectRegionWriter(
+            provenance=prov, uids=self.uids, series_number=self.series_number
+        ).algorithm()
+        colours = (hd.color.CIELabColor(60.3, 98.2, -60.8), hd.color.CIELabColor(97.1, -21.6, 94.5))
+        segments = [
+            hd.seg.SegmentDescription(
+                segment_number=n,
+                segment_label=_lo(label),
+                segmented_property_category=EXTENT_CATEGORY,
+                segmented_property_type=EXTENT_TYPE,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+                tracking_uid=self.uids.instance(f"{self.name}-tracking", n),
+                tracking_id=_lo(label),
+                display_color=colours[(n - 1) % len(colours)],
+            )
+            for n, (label, _) in enumerate(extents, 1)
+        ]
+        measures, orientation, positions = _geometry(volume)
+        seg = hd.seg.Segmentation(
+            source_images=list(volume.datasets),
+            pixel_array=np.stack(masks, axis=-1),
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=segments,
+            series_instance_uid=self.series_instance_uid,
+            series_number=self.series_number,
+            sop_instance_uid=self.uids.instance(self.name, 1),
+            instance_number=1,
+            manufacturer=NODE_MANUFACTURER,
+            manufacturer_model_name=_lo(prov.pipeline),
+            software_versions=_software_versions(prov),
+            device_serial_number=prov.weights_sha256,
+            content_description=_lo(f"AI {self.description}"),
+            content_label=_CONTENT_LABELS[KIND_EXTENT],
+            pixel_measures=measures,
+            plane_orientation=orientation,
+            plane_positions=positions,
+            omit_empty_frames=False,
+            contributing_equipment=_contributing_equipment(prov, include_acquisition=False),
+        )
+        seg.SeriesDescription = _ai_series_description(self.description)
         _slice_thickness_from_geometry(seg, measures)
         _copy_anatomy(seg, volume.datasets[0], empty_laterality=False)
         _file_meta_keep(seg)

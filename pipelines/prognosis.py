@@ -1,0 +1,571 @@
+"""``prognosis``: a predicted brain-tumour follow-up from the current MR study and its priors.
+
+Input: the current study's T1 post-contrast (T1c) and FLAIR series, and the rule's priors —
+earlier studies of the same patient with their T1c and FLAIR, fetched and registered to the
+current T1c by the node before this pipeline runs (``RunEnvironment.registered_priors``; the
+rule needs ``priors: {registration: rigid, ...}``). Each visit is segmented (brain, white /
+grey matter, T1c-visible core, FLAIR-visible whole tumour: :mod:`models.brain_tumour_seg`) on
+the current T1c grid; the extents and the current anatomy go to the growth model on a 2 mm
+grid (:class:`models.prognosis.PrognosisModel`: a calibrated ensemble of per-patient
+Fisher–Kolmogorov fits), which forecasts the tumour at each requested horizon (days after the
+current visit; the rule's ``options: {horizons_days: [90]}``, default the model card's).
+
+Outputs per horizon, on the current study and its Frame of Reference:
+
+* the predicted T1c and FLAIR series — MR Image Storage, Image Type DERIVED\\SECONDARY,
+  Synthetic Data YES, Series Description "AI PREDICTED T1c follow-up at +90 days - not an
+  acquisition", no Acquisition Date/Time (:mod:`models.prognosis_images`);
+* their σ as Parametric Maps (the current series' units);
+* the tumour probability as a Parametric Map (0 .. 1, calibrated);
+* the hallucination map: where the forecast claims tumour today's study does not show, the
+  chance the claim is wrong (``1 − p``; :func:`models.prognosis_images.hallucination_map`);
+* a SEG with the predicted extent (p ≥ 0.5) next to the current extent;
+
+and one Comprehensive SR with the current and predicted volumes, their 90 % intervals and
+the horizon of each, the model card, the gate's verdict and the priors used (Pertinent Other
+Evidence). A study this cannot read — no T1c or FLAIR, no brain or no tumour found, fewer than
+one usable earlier visit, dates missing — ends the job ``refused`` with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from scipy import ndimage
+
+from models.brain_tumour_seg import BrainSegmentation, segment
+from models.prognosis import (
+    Anatomy,
+    Observation,
+    Prognosis,
+    PrognosisModel,
+    volume_ml,
+)
+from models.prognosis_images import hallucination_map, predict_images
+from pipelines.base import (
+    GateOutcome,
+    InputInstance,
+    InputRefused,
+    ModelIdentity,
+    OutputInstance,
+    PipelineError,
+    PipelineResult,
+    RegisteredPrior,
+    RunEnvironment,
+    StudyInput,
+)
+from pipelines.provenance import OutputProvenance
+from pipelines.stages import Context
+from pipelines.steps import MR_CLASSES, made_by_this_node
+from pipelines.uids import UidFactory, job_key
+from pipelines.validate import validate_outputs
+from pipelines.volume import SeriesError, Volume, load_series
+from pipelines.writers import (
+    SYNTHESIS,
+    DerivedImageWriter,
+    HallucinationMapWriter,
+    ProbabilityMapWriter,
+    SummaryReportWriter,
+    TumourExtentWriter,
+    UncertaintyMapWriter,
+    file_name,
+    save,
+    ucum_for_units,
+)
+
+#: The growth model's grid (mm): the one its calibration was learned on.
+MODEL_GRID_MM = 2.0
+#: Brain bounding box margin on the model grid (mm), room for the tumour to grow into.
+MARGIN_MM = 12.0
+#: First Series Number of the outputs; each horizon takes ten, the report is 1199.
+FIRST_SERIES_NUMBER = 1101
+REPORT_SERIES_NUMBER = 1199
+#: Longest horizon accepted (days).
+MAX_HORIZON_DAYS = 730
+
+_FLAIR = re.compile(r"FLAIR|DARK[ _-]?FLUID", re.IGNORECASE)
+_T1C = re.compile(
+    r"T1.*(POST|\+ ?C\b|\bGD\b|GAD|CONTRAST|\bCE\b)|\bT1C\b|T1\+C|\bMPRAGE\b.*(POST|GD)", re.IGNORECASE
+)
+
+
+def sequence_of(ds: Dataset) -> str | None:
+    """``"t1c"``, ``"flair"`` or None for an MR series, from its first instance's header:
+    the Series Description first, then the acquisition (inversion time ≥ 1500 ms: FLAIR; a
+    contrast agent with a short TR: T1 post-contrast)."""
+    description = str(ds.get("SeriesDescription", "") or "")
+    if _FLAIR.search(description):
+        return "flair"
+    if _T1C.search(description):
+        return "t1c"
+    try:
+        inversion = float(ds.get("InversionTime", 0) or 0)
+        repetition = float(ds.get("RepetitionTime", 0) or 0)
+    except (TypeError, ValueError):
+        return None
+    if inversion >= 1500:
+        return "flair"
+    if str(ds.get("ContrastBolusAgent", "") or "").strip() and 0 < repetition < 1200:
+        return "t1c"
+    return None
+
+
+def _study_day(value: Any, what: str) -> date:
+    text = str(value or "").strip()
+    try:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        raise InputRefused("prognosis", None, [f"{what} has no valid Study Date ({text!r})"]) from None
+
+
+def _resample_like(volume: Volume, array: np.ndarray, reference: Volume, *, order: int = 1) -> np.ndarray:
+    """``array`` (on ``volume``'s grid) on ``reference``'s grid, by patient coordinates."""
+    if (
+        volume.array.shape == reference.array.shape
+        and np.allclose(volume.orientation, reference.orientation, atol=1e-4)
+        and np.allclose(
+            [s.position for s in volume.slices], [s.position for s in reference.slices], atol=0.01
+        )
+    ):
+        return np.asarray(array, np.float32)
+    import SimpleITK as sitk
+
+    from pipelines.registration import to_sitk
+
+    moving = to_sitk(volume)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+    image.CopyInformation(moving)
+    out = sitk.Resample(
+        image,
+        to_sitk(reference),
+        sitk.Transform(),
+        sitk.sitkLinear if order else sitk.sitkNearestNeighbor,
+        0.0,
+        sitk.sitkFloat32,
+    )
+    return sitk.GetArrayFromImage(out)
+
+
+# -- the visits --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VisitImages:
+    """One visit's T1c and FLAIR on the current T1c grid."""
+
+    day: date
+    study_uid: str
+    t1c: np.ndarray
+    flair: np.ndarray
+    fov: np.ndarray | None = None
+
+
+def _series(study: StudyInput) -> dict[str, list[InputInstance]]:
+    by_series: dict[str, list[InputInstance]] = {}
+    for inst in study.instances:
+        if inst.sop_class_uid in MR_CLASSES:
+            by_series.setdefault(inst.series_uid, []).append(inst)
+    return by_series
+
+
+def select_current(study: StudyInput, model: str) -> tuple[list[InputInstance], list[InputInstance]]:
+    """The current study's T1c and FLAIR series (the rule's series, when it chose one, is the
+    T1c); InputRefused naming what was found when either is missing."""
+    found: dict[str, list[list[InputInstance]]] = {"t1c": [], "flair": []}
+    seen = []
+    for uid, instances in _series(study).items():
+        if made_by_this_node(str(instances[0].path)):
+            continue  # never feed an output back in
+        header = pydicom.dcmread(instances[0].path, stop_before_pixels=True)
+        kind = sequence_of(header)
+        seen.append(f"{header.get('SeriesDescription', '') or uid} ({kind or 'other'})")
+        if kind is not None:
+            if study.series_uid == uid:
+                found[kind].insert(0, instances)
+            else:
+                found[kind].append(instances)
+    missing = [k for k in ("t1c", "flair") if not found[k]]
+    if missing:
+        names = {"t1c": "a T1 post-contrast", "flair": "a FLAIR"}
+        reason = (
+            f"prognosis needs {' and '.join(names[m] for m in missing)} series in the current study "
+            f"(found: {', '.join(seen) or 'no MR series'})"
+        )
+        raise InputRefused(model, study.series_uid, [reason])
+    return max(found["t1c"], key=len), max(found["flair"], key=len)
+
+
+def _load(instances: Sequence[InputInstance], what: str) -> Volume:
+    try:
+        volume = load_series([pydicom.dcmread(i.path) for i in instances])
+    except (SeriesError, ValueError, OSError) as exc:
+        raise PipelineError(f"prognosis: cannot load {what}: {exc}") from None
+    return volume
+
+
+def prior_visits(priors: Sequence[RegisteredPrior], current_day: date) -> tuple[list[VisitImages], list[str]]:
+    """Earlier visits with both a T1c and a FLAIR registered to the current T1c, oldest first;
+    and a note per prior series or study that could not be used."""
+    by_study: dict[str, dict[str, RegisteredPrior]] = {}
+    notes = []
+    for prior in priors:
+        kind = sequence_of(prior.header)
+        if kind is None:
+            notes.append(f"prior series {prior.reference.series_uid}: neither T1c nor FLAIR, not used")
+            continue
+        by_study.setdefault(prior.reference.study_uid, {})[kind] = prior
+    visits = []
+    for study_uid, kinds in by_study.items():
+        if set(kinds) != {"t1c", "flair"}:
+            have = ", ".join(sorted(kinds))
+            notes.append(f"prior study {study_uid}: only {have} registered, the visit is not used")
+            continue
+        t1c, flair = kinds["t1c"], kinds["flair"]
+        day = _study_day(t1c.reference.study_date or t1c.header.get("StudyDate"), f"prior study {study_uid}")
+        if day >= current_day:
+            notes.append(f"prior study {study_uid}: dated {day}, not before the current study, not used")
+            continue
+        fov = np.asarray(t1c.fov, bool) & np.asarray(flair.fov, bool)
+        visits.append(
+            VisitImages(day, study_uid, np.asarray(t1c.resampled), np.asarray(flair.resampled), fov)
+        )
+    visits.sort(key=lambda v: v.day)
+    unique: dict[date, VisitImages] = {}
+    for visit in visits:  # one visit per day: the last study of the day
+        unique[visit.day] = visit
+    return list(unique.values()), notes
+
+
+# -- the model grid ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelGrid:
+    """A 2 mm grid over the brain's bounding box, axis-aligned with the current T1c grid."""
+
+    start: tuple[int, int, int]  # first voxel of the box (current grid)
+    spacing: tuple[float, float, float]  # current grid spacing (mm)
+    shape: tuple[int, int, int]  # model grid shape
+    current_shape: tuple[int, int, int]
+
+    @classmethod
+    def around(cls, brain: np.ndarray, spacing: Sequence[float]) -> ModelGrid:
+        idx = np.argwhere(brain)
+        margin = [int(math.ceil(MARGIN_MM / s)) for s in spacing]
+        lo = [max(0, int(idx[:, a].min()) - margin[a]) for a in range(3)]
+        hi = [min(brain.shape[a], int(idx[:, a].max()) + 1 + margin[a]) for a in range(3)]
+        shape = tuple(max(2, int(math.ceil((hi[a] - lo[a]) * spacing[a] / MODEL_GRID_MM))) for a in range(3))
+        return cls(
+            (lo[0], lo[1], lo[2]),
+            (float(spacing[0]), float(spacing[1]), float(spacing[2])),
+            (shape[0], shape[1], shape[2]),
+            (brain.shape[0], brain.shape[1], brain.shape[2]),
+        )
+
+    def to_model(self, array: np.ndarray) -> np.ndarray:
+        """Linear interpolation of a current-grid array at the model grid's points."""
+        axes = [self.start[a] + np.arange(self.shape[a]) * MODEL_GRID_MM / self.spacing[a] for a in range(3)]
+        coords = np.meshgrid(*axes, indexing="ij")
+        return ndimage.map_coordinates(np.asarray(array, np.float32), coords, order=1, mode="nearest").astype(
+            np.float32
+        )
+
+    def to_current(self, array: np.ndarray) -> np.ndarray:
+        """Linear interpolation of a model-grid array at the current grid's points (0 outside)."""
+        axes = [
+            (np.arange(self.current_shape[a]) - self.start[a]) * self.spacing[a] / MODEL_GRID_MM
+            for a in range(3)
+        ]
+        coords = np.meshgrid(*axes, indexing="ij")
+        return ndimage.map_coordinates(
+            np.asarray(array, np.float32), coords, order=1, mode="constant", cval=0.0
+        ).astype(np.float32)
+
+
+def _mask_to_model(grid: ModelGrid, mask: np.ndarray) -> np.ndarray:
+    return grid.to_model(np.asarray(mask, np.float32)) >= 0.5
+
+
+# -- the pipeline ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HorizonForecast:
+    """One horizon's forecast on the current T1c grid."""
+
+    days: int
+    prognosis: Prognosis
+    p_whole: np.ndarray
+    p_core: np.ndarray
+
+
+class PrognosisPipeline:
+    """The ``prognosis`` pipeline (see the module)."""
+
+    name = "prognosis"
+    version = "1.0"
+
+    def __init__(self, model: PrognosisModel) -> None:
+        self.model = model
+        self.label = f"{model.card.name} {model.card.version}"
+
+    # -- inputs
+    def horizons(self, study: StudyInput) -> list[int]:
+        asked = study.options.get("horizons_days", self.model.meta.horizons_days)
+        values = asked if isinstance(asked, list | tuple) else [asked]
+        out = []
+        for value in values:
+            try:
+                days = int(value)
+            except (TypeError, ValueError):
+                raise PipelineError(
+                    f"prognosis: horizons_days {asked!r}: whole days, e.g. [90, 180]"
+                ) from None
+            if not 1 <= days <= MAX_HORIZON_DAYS:
+                raise PipelineError(f"prognosis: horizon {days} days is outside 1 .. {MAX_HORIZON_DAYS}")
+            out.append(days)
+        if not out:
+            raise PipelineError("prognosis: no horizon asked (options.horizons_days is empty)")
+        return sorted(set(out))
+
+    def segment_visit(
+        self, t1c: np.ndarray, flair: np.ndarray, spacing: Sequence[float]
+    ) -> BrainSegmentation:
+        return segment(t1c, flair, spacing)
+
+    # -- run
+    def run(self, study: StudyInput, env: RunEnvironment) -> PipelineResult:
+        horizons = self.horizons(study)
+        t1c_series, flair_series = select_current(study, self.label)
+        t1c = _load(t1c_series, "the current T1c series")
+        flair = _load(flair_series, "the current FLAIR series")
+        if not t1c.frame_of_reference_uid:
+            raise InputRefused(self.label, t1c.series_uid, ["the T1c series has no Frame of Reference UID"])
+        current_day = _study_day(t1c.datasets[0].get("StudyDate"), "the current study")
+        flair_on_t1c = _resample_like(flair, flair.array, t1c)
+        now = self.segment_visit(t1c.array, flair_on_t1c, t1c.spacing)
+        if not now.ok:
+            raise InputRefused(self.label, t1c.series_uid, [f"current visit: {p}" for p in now.problems])
+        if not now.whole.any():
+            raise InputRefused(self.label, t1c.series_uid, ["no tumour found in the current visit"])
+        visits, notes = prior_visits(env.registered_priors, current_day)
+        observations_now: list[tuple[date, BrainSegmentation]] = []
+        for visit in visits:
+            seg = self.segment_visit(visit.t1c, visit.flair, t1c.spacing)
+            if not seg.ok:
+                notes.append(f"prior study {visit.study_uid}: {'; '.join(seg.problems)}; not used")
+                continue
+            observations_now.append((visit.day, seg))
+        if not observations_now:
+            reasons = notes or ["no prior study registered (the rule needs priors with registration)"]
+            raise InputRefused(
+                self.label,
+                t1c.series_uid,
+                ["prognosis needs at least one earlier visit with a T1c and a FLAIR", *reasons],
+            )
+        grid = ModelGrid.around(now.brain, t1c.spacing)
+        first_day = observations_now[0][0]
+        observations = [
+            Observation(
+                float((day - first_day).days), _mask_to_model(grid, s.core), _mask_to_model(grid, s.whole)
+            )
+            for day, s in observations_now
+        ]
+        current_offset = float((current_day - first_day).days)
+        observations.append(
+            Observation(current_offset, _mask_to_model(grid, now.core), _mask_to_model(grid, now.whole))
+        )
+        anatomy = Anatomy(
+            grid.to_model(now.white), grid.to_model(now.grey), (MODEL_GRID_MM, MODEL_GRID_MM, MODEL_GRID_MM)
+        )
+        forecasts = []
+        for days in horizons:
+            prognosis = self.model.forecast(observations, anatomy, current_offset + days)
+            p_whole = np.clip(grid.to_current(prognosis.probability), 0.0, 1.0)
+            p_core = np.minimum(np.clip(grid.to_current(prognosis.core_probability), 0.0, 1.0), p_whole)
+            forecasts.append(HorizonForecast(days, prognosis, p_whole, p_core))
+        voxel = t1c.spacing
+        qc: dict[str, tuple[float, str]] = {
+            "current whole-tumour volume": (round(volume_ml(now.whole, voxel), 2), "ml"),
+            "current core volume": (round(volume_ml(now.core, voxel), 2), "ml"),
+            "earlier visits used": (float(len(observations_now)), "1"),
+        }
+        for f in forecasts:
+            lo, hi = f.prognosis.interval_ml
+            qc |= {
+                f"predicted whole-tumour volume +{f.days} d": (round(f.prognosis.volume_ml, 2), "ml"),
+                f"predicted volume 90% interval low +{f.days} d": (round(lo, 2), "ml"),
+                f"predicted volume 90% interval high +{f.days} d": (round(hi, 2), "ml"),
+                f"predicted core volume +{f.days} d": (round(f.prognosis.core_volume_ml, 2), "ml"),
+                f"predicted new extent +{f.days} d": (
+                    round(volume_ml((f.p_whole >= 0.5) & ~now.whole, voxel), 2),
+                    "ml",
+                ),
+            }
+        parameters: dict[str, Any] = {
+            "horizons_days": horizons,
+            "visit_days": [(day - first_day).days for day, _ in observations_now] + [int(current_offset)],
+            "prior_studies": [v.study_uid for v in visits],
+            "prior_notes": notes,
+            "t1c_series_uid": t1c.series_uid,
+            "flair_series_uid": flair.series_uid,
+            "model_grid_mm": MODEL_GRID_MM,
+            "interval": "90% (5th-95th percentile, split-conformal widened)",
+        }
+        policy = study.gate_policy
+        figures = {k: float(v[0]) for k, v in qc.items()}
+        if policy is None:
+            verdict = GateOutcome("release", ("no policy gate",), final=False)
+        else:
+            action, why = policy(figures, ())
+            verdict = GateOutcome(action, tuple(why), final=False)
+        outputs = self.write(study, env, t1c, flair, flair_on_t1c, now, forecasts, qc, verdict)
+        ctx = Context(
+            study=study,
+            env=env,
+            pipeline=self.name,
+            pipeline_version=self.version,
+            series=tuple(t1c_series),
+            other_series=tuple(flair_series),
+            volume=t1c,
+            outputs=outputs,
+        )
+        problems = tuple(validate_outputs(ctx))
+        qc_plain = {k: v[0] for k, v in qc.items()}
+        card = self.model.card
+        return PipelineResult(
+            outputs=outputs,
+            model=ModelIdentity(card.name, card.version, card.weights_sha256),
+            parameters=parameters,
+            qc={o.series_uid: qc_plain for o in outputs},
+            gate=f"{verdict.action} on the QC figures: {'; '.join(verdict.reasons)}",
+            validation_errors=problems,
+        )
+
+    # -- outputs
+    def write(
+        self,
+        study: StudyInput,
+        env: RunEnvironment,
+        t1c: Volume,
+        flair: Volume,
+        flair_on_t1c: np.ndarray,
+        now: BrainSegmentation,
+        forecasts: Sequence[HorizonForecast],
+        qc: dict[str, tuple[float, str]],
+        verdict: GateOutcome,
+    ) -> tuple[OutputInstance, ...]:
+        card = self.model.card
+        provenance = OutputProvenance(
+            pipeline=self.name,
+            pipeline_version=self.version,
+            model_name=card.name,
+            model_version=card.version,
+            weights_sha256=card.weights_sha256,
+            node_version=env.node_version,
+            synthetic=True,
+            station=env.node_ae_title,
+            priors=env.priors,
+        )
+        uids = UidFactory(env.uid_root, job_key(study.job_id, [i.sop_uid for i in study.instances]))
+        written: list[Dataset] = []
+        for k, f in enumerate(forecasts):
+            n = FIRST_SERIES_NUMBER + 10 * k
+            images = predict_images(
+                {"t1c": t1c.array, "flair": flair_on_t1c},
+                brain=now.brain,
+                core_now=now.core,
+                whole_now=now.whole,
+                p_core=f.p_core,
+                p_whole=f.p_whole,
+            )
+            for j, (key, source) in enumerate((("t1c", t1c), ("flair", flair))):
+                name = "T1c" if key == "t1c" else "FLAIR"
+                mean, sigma = images[key].mean, images[key].sigma
+                if source is flair:  # back onto the FLAIR's own grid (a no-op when they share it)
+                    mean = _resample_like(t1c, mean, flair)
+                    sigma = np.maximum(_resample_like(t1c, sigma, flair), 0.0)
+                written += DerivedImageWriter(
+                    provenance=provenance,
+                    uids=uids,
+                    series_number=n + j,
+                    series_description=f"PREDICTED {name} follow-up at +{f.days} days - not an acquisition",
+                    derivation_description_extra=(
+                        f"predicted follow-up {f.days} days after this study from this study and "
+                        f"{len(env.priors)} prior series; not an acquisition"
+                    ),
+                    derivation_code=SYNTHESIS,
+                    name=f"predicted-{key}-{f.days}",
+                    output_modality="MR",
+                ).write(source, mean)
+                pm = UncertaintyMapWriter(
+                    provenance=provenance,
+                    uids=uids,
+                    series_number=n + 2 + j,
+                    units=ucum_for_units(source.units),
+                    name=f"sigma-{key}-{f.days}",
+                ).write(source, sigma)
+                pm.SeriesDescription = f"AI sigma of PREDICTED {name} +{f.days} d (1 SD)"
+                written.append(pm)
+            written.append(
+                ProbabilityMapWriter(
+                    provenance=provenance,
+                    uids=uids,
+                    series_number=n + 4,
+                    what=f"tumour at +{f.days} days",
+                    name=f"probability-{f.days}",
+                ).write(t1c, f.p_whole)
+            )
+            written.append(
+                HallucinationMapWriter(
+                    provenance=provenance,
+                    uids=uids,
+                    series_number=n + 5,
+                    score_description="chance a predicted new tumour extent is invented (1 - p)",
+                    name=f"hallucination-{f.days}",
+                ).write(t1c, hallucination_map(f.p_whole, now.whole))
+            )
+            written.append(
+                TumourExtentWriter(
+                    provenance=provenance,
+                    uids=uids,
+                    series_number=n + 6,
+                    description=f"tumour extent predicted at +{f.days} d and current",
+                    name=f"extent-{f.days}",
+                ).write(
+                    t1c,
+                    [
+                        (f"predicted tumour extent +{f.days} d (p >= 0.5)", f.p_whole >= 0.5),
+                        ("current tumour extent", now.whole),
+                    ],
+                )
+            )
+        facts = {
+            "intended use": card.intended_use,
+            "training data": card.training_data,
+            "metrics": "; ".join(f"{k}: {v}" for k, v in card.metrics.items()) or "none reported",
+            "calibration": card.calibration,
+        }
+        report = SummaryReportWriter(
+            provenance=provenance, uids=uids, series_number=REPORT_SERIES_NUMBER, model_card=facts
+        ).write(t1c, outputs=written, qc=qc, gate=verdict)
+        datasets = [*written, report]
+        save(datasets, env.workdir)
+        return tuple(
+            OutputInstance(
+                sop_uid=str(ds.SOPInstanceUID),
+                series_uid=str(ds.SeriesInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                path=Path(env.workdir) / file_name(ds),
+            )
+            for ds in datasets
+        )
+
+
+def prognosis(model_dir: Path | None = None) -> PrognosisPipeline:
+    """The pipeline with the model in ``model_dir`` (None: the newest shipped version)."""
+    return PrognosisPipeline(PrognosisModel(model_dir) if model_dir else PrognosisModel.shipped())
