@@ -508,10 +508,10 @@ MALFORMED = [
         id="missing-pipeline",
     ),
     pytest.param(
-        "mode: first-match\nrules:\n  - name: follow-up\n    pipeline: prognosis\n    destinations: [pacs]\n",
+        "mode: first-match\nrules:\n  - name: follow-up\n    pipeline: synthesis\n    destinations: [pacs]\n",
         [
-            "p.yaml:4: rules[0].pipeline: unknown pipeline 'prognosis' "
-            "(available: denoise-classical, forward, restoration, sct)"
+            "p.yaml:4: rules[0].pipeline: unknown pipeline 'synthesis' "
+            "(available: denoise-classical, forward, prognosis, restoration, sct)"
         ],
         id="unknown-pipeline",
     ),
@@ -656,10 +656,10 @@ MALFORMED = [
         id="unsupported-version",
     ),
     pytest.param(
-        "mode: first-match\nrules:\n  - name: r1\n    pipeline: prognosis\n    destinations: [pacs]\n"
+        "mode: first-match\nrules:\n  - name: r1\n    pipeline: synthesis\n    destinations: [pacs]\n"
         "  - name: r2\n    pipeline: forward\n    destinations: [pacs]\n    gate: later\n",
         [
-            "p.yaml:4: rules[0].pipeline: unknown pipeline 'prognosis'",
+            "p.yaml:4: rules[0].pipeline: unknown pipeline 'synthesis'",
             "p.yaml:9: rules[1].gate: Input should be 'auto', 'review' or 'shadow'",
         ],
         id="every-problem-reported",
@@ -917,13 +917,31 @@ def test_default_policy_loads() -> None:
     loaded = load_policy(DEFAULT_POLICY, known_destinations=DESTINATIONS)
     assert loaded.sha256 == hashlib.sha256(DEFAULT_POLICY.read_bytes()).hexdigest()
     assert loaded.policy.mode == "first-match"
-    assert [r.name for r in loaded.policy.rules] == ["low-dose-ct-restoration", "mr-planning-sct"]
+    assert [r.name for r in loaded.policy.rules] == [
+        "low-dose-ct-restoration",
+        "mr-planning-sct",
+        "brain-tumour-prognosis",
+    ]
     rule = loaded.policy.rules[0]
     assert (rule.pipeline, rule.destinations, rule.gate) == ("restoration", ("pacs",), "auto")
     sct = loaded.policy.rules[1]
     assert (sct.pipeline, sct.destinations, sct.gate) == ("sct", ("tps",), "review")
     assert sct.match.calling_ae == ("RT_MR_PLANNING",) and sct.match.modality == ("MR",)
     assert sct.qc.max_interface_sigma_hu == 140.0 and sct.qc.max_suspect_region_ml == 0.08
+    prognosis = loaded.policy.rules[2]
+    assert (prognosis.pipeline, prognosis.gate) == ("prognosis", "review")
+    assert prognosis.priors is not None
+    assert (prognosis.priors.count, prognosis.priors.on_missing, prognosis.priors.registration) == (
+        2,
+        "refuse",
+        "rigid",
+    )
+
+
+def test_default_policy_needs_an_archive_for_the_prognosis_priors() -> None:
+    with pytest.raises(PolicyError, match=r"rules\[2\]\.priors\.archive"):
+        load_policy(DEFAULT_POLICY, known_destinations=DESTINATIONS, known_archives=set())
+    load_policy(DEFAULT_POLICY, known_destinations=DESTINATIONS, known_archives={"pacs"})
 
 
 def test_default_policy_needs_a_tps_destination() -> None:
@@ -958,6 +976,22 @@ def test_default_policy_needs_a_tps_destination() -> None:
             ["low-dose-ct-restoration"],
             "series s1: any_of[0] CTDIvol < 5.0",
             id="low-dose-ct-from-the-planning-ae",
+        ),
+        pytest.param(
+            study(
+                series("t1c", "MR", "T1 SE POST-CONTRAST AXIAL", "BRAIN"),
+                series("flair", "MR", "FLAIR AXIAL", "BRAIN"),
+                calling_ae="MR_SCANNER",
+            ),
+            ["brain-tumour-prognosis"],
+            "series t1c: modality in ['CT']",
+            id="brain-tumour-follow-up",
+        ),
+        pytest.param(
+            study(series("t1c", "MR", "T1 SE POST-CONTRAST AXIAL", "BRAIN"), calling_ae="MR_SCANNER"),
+            [],
+            "series t1c: modality in ['CT']",
+            id="brain-t1c-without-flair",
         ),
         pytest.param(
             study(series(description="LOW DOSE CHEST")),

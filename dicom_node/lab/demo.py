@@ -82,6 +82,14 @@ host = "127.0.0.1"
 port = {pacs_port}
 profile = "tps"
 
+# The shipped policy's prognosis rule fetches a patient's earlier studies from an archive
+# named "pacs": the local PACS is it (C-GET: the PACS needs no entry for the node).
+[archives.pacs]
+ae_title = "{pacs_aet}"
+host = "127.0.0.1"
+port = {pacs_port}
+method = "c-get"
+
 [policy]
 file = "policy.yaml"
 """

@@ -161,6 +161,7 @@ def test_policy_explain_names_the_deciding_condition(tmp_path: Path) -> None:
     config = node_config(stable_seconds=60, policy=True) + (
         '\n[destinations.pacs]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\n'
         '\n[destinations.tps]\nae_title = "TPS"\nhost = "127.0.0.1"\nport = 104\nprofile = "tps"\n'
+        '\n[archives.pacs]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\nmethod = "c-get"\n'
     )
     node = NodeProcess(tmp_path / "node", config, policy=DEFAULT_POLICY.read_text()).start()
     try:
@@ -173,7 +174,8 @@ def test_policy_explain_names_the_deciding_condition(tmp_path: Path) -> None:
         assert "deciding condition: failed on series" in out and "one of 2 alternatives" in out
         assert "no rule matches: the study is stored and nothing is processed or sent" in out
         explained = node.cli_json("policy", "explain", study)
-        verdict, sct = explained["rules"]
+        verdict, prognosis, sct = explained["rules"]
+        assert prognosis["rule"] == "brain-tumour-prognosis" and prognosis["matched"] is False
         assert verdict["matched"] is False and "alternatives" in verdict["deciding"]["condition"]
         assert sct["rule"] == "mr-planning-sct" and sct["matched"] is False
         assert "RT_MR_PLANNING" in sct["deciding"]["condition"]  # not sent by the planning MR

@@ -41,6 +41,13 @@ def test_planning_mr_to_sct_held_for_review_then_committed_by_the_tps(
 ae_title = "NO_PACS"
 host = "127.0.0.1"
 port = {free_port()}
+
+# the shipped policy's prognosis rule queries an archive named pacs (unused here)
+[archives.pacs]
+ae_title = "{orthanc.aet}"
+host = "127.0.0.1"
+port = {orthanc.dicom_port}
+method = "c-get"
 """
     config = tps_config(orthanc, extra=no_pacs)
     node = NodeProcess(tmp_path / "node", config, port=port, policy=DEFAULT_POLICY.read_text()).start()
