@@ -20,7 +20,7 @@ lock:
 	@./deploy/lock.sh
 
 demo: deps
-	$(BIN)/dicom-node demo
+	$(BIN)/dicom-node demo $(if $(PIPELINE),--pipeline $(PIPELINE))
 
 test: deps lint
 	$(BIN)/python -m pytest -q --durations=25

@@ -109,6 +109,7 @@ def worker(
 class DemoPipeline(StrEnum):
     RESTORATION = "restoration"
     FORWARD = "forward"
+    PROGNOSIS = "prognosis"
 
 
 @app.command()

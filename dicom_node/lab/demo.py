@@ -8,7 +8,8 @@ dcmtk ``storescu``; the demo waits for the delivery, checks that the PACS holds 
 restored series, both maps, the SEG and the SR under the original study, prints what
 happened, the shipped model's evaluation figures (computed on simulated data) and where
 everything is, and stops what it started. ``--pipeline forward`` runs the plain backbone
-instead (the study delivered unchanged). It runs only in a home
+instead (the study delivered unchanged); ``--pipeline prognosis`` a predicted brain-tumour
+follow-up from priors in the archive (:mod:`dicom_node.lab.demo_prognosis`). It runs only in a home
 :func:`dicom_node.lab.demo_home.claim_home` gave it: never over a node it did not make.
 """
 
@@ -96,8 +97,9 @@ file = "policy.yaml"
 
 
 def _policy(pipeline: str) -> str:
-    """The shipped default policy for the restoration demo; a forward-all rule otherwise."""
-    if pipeline == "restoration":
+    """The shipped default policy for the restoration and prognosis demos; a forward-all
+    rule otherwise."""
+    if pipeline in ("restoration", "prognosis"):
         return (resources.files("policies") / "default.yaml").read_text()
     return policy_yaml(pipeline, name=f"demo-{pipeline}-everything")
 
@@ -200,6 +202,17 @@ def run_demo(
     """Run the demo in a home :func:`~dicom_node.lab.demo_home.claim_home` gave it."""
     home = claimed.path
     started = time.time()
+    if pipeline == "prognosis":
+        from dicom_node.lab.demo_prognosis import run_prognosis_demo
+
+        study_uid, sent, job_id, pacs_label, in_pacs, seconds = run_prognosis_demo(
+            claimed,
+            console,
+            config=lambda aet, port: _config(aet, port, pipeline),
+            policy=_policy(pipeline),
+            timeout=timeout * 2,
+        )
+        return DemoResult(study_uid, sent, job_id, pacs_label, in_pacs, seconds)
 
     pacs: Orthanc | MiniPACS
     if have(ORTHANC):

@@ -29,3 +29,24 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     # It cleans up after itself: nothing it started is left running.
     leftovers = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True)
     assert leftovers.stdout.strip() == ""
+
+
+def test_the_prognosis_demo_runs_end_to_end(tmp_path: Path) -> None:
+    """`dicom-node demo --pipeline prognosis` (`make demo PIPELINE=prognosis`): priors in the
+    archive, the current visit sent, held, approved, delivered; figures labelled SIMULATED."""
+    home = tmp_path / "demo-home"
+    result = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "demo", "--home", str(home), "--pipeline", "prognosis"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "job 1 ran `prognosis`, nothing has left the node" in out
+    assert "approved by demo-reviewer: 12 delivery(ies) queued" in out
+    assert "delivered: 74 instances in 12 series" in out  # 2 x 32 predicted slices + 10 objects
+    assert "AI PREDICTED T1c follow-up at +90 days - not an acquisition" in out
+    assert "SIMULATED" in out
+    leftovers = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == ""
