@@ -89,6 +89,8 @@ MARGIN_MM = 12.0
 #: First Series Number of the outputs; each horizon takes ten, the report is 1199.
 FIRST_SERIES_NUMBER = 1101
 REPORT_SERIES_NUMBER = 1199
+_NO_PRIORS = "prognosis needs at least one earlier visit with a T1c and a FLAIR registered to this study"
+_NONE_REGISTERED = "no prior series was registered (the rule needs priors with registration: rigid)"
 #: Longest horizon accepted (days).
 MAX_HORIZON_DAYS = 730
 
@@ -345,13 +347,15 @@ class PrognosisPipeline:
         if not t1c.frame_of_reference_uid:
             raise InputRefused(self.label, t1c.series_uid, ["the T1c series has no Frame of Reference UID"])
         current_day = _study_day(t1c.datasets[0].get("StudyDate"), "the current study")
+        visits, notes = prior_visits(env.registered_priors, current_day)
+        if not visits:  # refused before any segmentation or model runs
+            raise InputRefused(self.label, t1c.series_uid, [_NO_PRIORS, *(notes or [_NONE_REGISTERED])])
         flair_on_t1c = _resample_like(flair, flair.array, t1c)
         now = self.segment_visit(t1c.array, flair_on_t1c, t1c.spacing)
         if not now.ok:
             raise InputRefused(self.label, t1c.series_uid, [f"current visit: {p}" for p in now.problems])
         if not now.whole.any():
             raise InputRefused(self.label, t1c.series_uid, ["no tumour found in the current visit"])
-        visits, notes = prior_visits(env.registered_priors, current_day)
         observations_now: list[tuple[date, BrainSegmentation]] = []
         for visit in visits:
             seg = self.segment_visit(visit.t1c, visit.flair, t1c.spacing)
@@ -360,12 +364,7 @@ class PrognosisPipeline:
                 continue
             observations_now.append((visit.day, seg))
         if not observations_now:
-            reasons = notes or ["no prior study registered (the rule needs priors with registration)"]
-            raise InputRefused(
-                self.label,
-                t1c.series_uid,
-                ["prognosis needs at least one earlier visit with a T1c and a FLAIR", *reasons],
-            )
+            raise InputRefused(self.label, t1c.series_uid, [_NO_PRIORS, *notes])
         grid = ModelGrid.around(now.brain, t1c.spacing)
         first_day = observations_now[0][0]
         observations = [
