@@ -121,6 +121,41 @@ def sequence_of(ds: Dataset) -> str | None:
     return None
 
 
+def _synthetic(ds: Dataset) -> bool:
+    """True for an image no scanner acquired: Synthetic Data YES, or written by this node
+    (a PACS may hold our predictions under the patient's earlier studies)."""
+    if str(ds.get("SyntheticData", "") or "").upper() == "YES":
+        return True
+    return any(
+        str(item.get("Manufacturer", "")) == "dicom-node"
+        for item in ds.get("ContributingEquipmentSequence", [])
+    )
+
+
+def check_input_domain(volume: Volume, domain: dict[str, Any], model: str, what: str) -> None:
+    """Refuse a series outside the model card's ``input_domain`` (body part when the header
+    names one, pixel spacing, slice thickness, number of slices)."""
+    first = volume.datasets[0]
+    reasons = []
+    body = str(first.get("BodyPartExamined", "") or "").upper()
+    allowed = [b.upper() for b in domain.get("body_parts", [])]
+    if body and allowed and body not in allowed:
+        reasons.append(f"{what}: Body Part Examined {body} is not one of {', '.join(allowed)}")
+    lo, hi = domain.get("pixel_spacing_mm", (0.0, math.inf))
+    if not all(lo <= s <= hi for s in volume.spacing[1:]):
+        reasons.append(
+            f"{what}: pixel spacing {volume.spacing[1]:g} x {volume.spacing[2]:g} mm is outside {lo}-{hi} mm"
+        )
+    lo, hi = domain.get("slice_spacing_mm", (0.0, math.inf))
+    if not lo <= volume.spacing[0] <= hi:
+        reasons.append(f"{what}: slice spacing {volume.spacing[0]:g} mm is outside {lo}-{hi} mm")
+    least = int(domain.get("min_slices", 1))
+    if len(volume.slices) < least:
+        reasons.append(f"{what}: {len(volume.slices)} slices, fewer than {least} (the brain must be covered)")
+    if reasons:
+        raise InputRefused(model, volume.series_uid, reasons)
+
+
 def _study_day(value: Any, what: str) -> date:
     text = str(value or "").strip()
     try:
@@ -218,6 +253,10 @@ def prior_visits(priors: Sequence[RegisteredPrior], current_day: date) -> tuple[
     by_study: dict[str, dict[str, RegisteredPrior]] = {}
     notes = []
     for prior in priors:
+        if _synthetic(prior.header):
+            uid = prior.reference.series_uid
+            notes.append(f"prior series {uid}: an AI output (synthetic), not an acquisition; not used")
+            continue
         kind = sequence_of(prior.header)
         if kind is None:
             notes.append(f"prior series {prior.reference.series_uid}: neither T1c nor FLAIR, not used")
@@ -344,6 +383,9 @@ class PrognosisPipeline:
         t1c_series, flair_series = select_current(study, self.label)
         t1c = _load(t1c_series, "the current T1c series")
         flair = _load(flair_series, "the current FLAIR series")
+        domain = dict(self.model.meta.input_domain)
+        check_input_domain(t1c, domain, self.label, "the T1c series")
+        check_input_domain(flair, domain, self.label, "the FLAIR series")
         if not t1c.frame_of_reference_uid:
             raise InputRefused(self.label, t1c.series_uid, ["the T1c series has no Frame of Reference UID"])
         current_day = _study_day(t1c.datasets[0].get("StudyDate"), "the current study")

@@ -25,7 +25,14 @@ from pipelines.base import (
     RunEnvironment,
     StudyInput,
 )
-from pipelines.prognosis import ModelGrid, PrognosisPipeline, prior_visits, select_current, sequence_of
+from pipelines.prognosis import (
+    ModelGrid,
+    PrognosisPipeline,
+    _study_day,
+    prior_visits,
+    select_current,
+    sequence_of,
+)
 from pipelines.provenance import PriorReference
 from pipelines.uids import UidFactory
 from pipelines.writers import ProbabilityMapWriter, TumourExtentWriter, kind_of
@@ -114,6 +121,7 @@ def test_without_registered_priors_the_job_is_refused_before_the_model_runs(
 
     class Card:
         horizons_days = [90]
+        input_domain: dict[str, object] = {}
 
     pipeline.model = type("M", (), {"meta": Card()})()  # type: ignore[assignment]
     monkeypatch.setattr(PrognosisPipeline, "segment_visit", lambda *a: pytest.fail("segmented"))
@@ -123,6 +131,40 @@ def test_without_registered_priors_the_job_is_refused_before_the_model_runs(
         pipeline.run(study, RunEnvironment(tmp_path))
     assert refused.value.reasons[0].startswith("prognosis needs at least one earlier visit")
     assert "registration: rigid" in refused.value.reasons[1]
+
+
+def test_a_series_outside_the_cards_input_domain_is_refused(patient: Patient) -> None:
+    from pipelines.prognosis import check_input_domain
+    from pipelines.volume import load_series
+
+    visit = patient.visits[-1]
+    volume = load_series([pydicom.dcmread(p) for p in visit.series["t1c"].files])
+    domain = {
+        "body_parts": ["BRAIN"],
+        "pixel_spacing_mm": [0.4, 2.5],
+        "slice_spacing_mm": [0.8, 6.0],
+        "min_slices": 24,
+    }
+    with pytest.raises(InputRefused) as refused:
+        check_input_domain(volume, domain, "m", "the T1c series")
+    assert refused.value.reasons == (
+        "the T1c series: pixel spacing 3.75 x 3.75 mm is outside 0.4-2.5 mm",
+        "the T1c series: 16 slices, fewer than 24 (the brain must be covered)",
+    )
+    check_input_domain(volume, {"body_parts": ["BRAIN"]}, "m", "the T1c series")
+    with pytest.raises(InputRefused, match="Body Part Examined BRAIN is not one of KNEE"):
+        check_input_domain(volume, {"body_parts": ["KNEE"]}, "m", "the T1c series")
+
+
+def test_an_ai_output_among_the_priors_is_never_read_as_a_visit(patient: Patient) -> None:
+    first, second = patient.visits
+    shape = (16, 64, 64)
+    t1c, flair = _registered(first, "t1c", shape), _registered(first, "flair", shape)
+    t1c.header.SyntheticData = "YES"
+    today = _study_day(pydicom.dcmread(second.series["t1c"].files[0], stop_before_pixels=True).StudyDate, "x")
+    visits, notes = prior_visits([t1c, flair], today)
+    assert visits == []
+    assert "an AI output (synthetic), not an acquisition; not used" in notes[0]
 
 
 def _registered(visit: VisitStudy, key: str, shape: tuple[int, ...]) -> RegisteredPrior:
@@ -137,8 +179,6 @@ def test_a_prior_visit_needs_both_contrasts_and_an_earlier_date(patient: Patient
     first, second = patient.visits
     shape = (16, 64, 64)
     later = pydicom.dcmread(second.series["t1c"].files[0], stop_before_pixels=True).StudyDate
-    from pipelines.prognosis import _study_day
-
     today = _study_day(later, "x")
     visits, notes = prior_visits([_registered(first, "t1c", shape)], today)
     assert visits == [] and "only t1c registered" in notes[0]
