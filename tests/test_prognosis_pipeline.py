@@ -249,3 +249,28 @@ def test_probability_map_and_extent_seg_are_told_apart(tmp_path: Path) -> None:
     assert [s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in seg.SegmentSequence] == [
         "108369006"
     ] * 2
+
+
+def test_a_flair_on_another_grid_is_resampled_by_patient_coordinates(tmp_path: Path) -> None:
+    """A FLAIR whose slices are not the T1c's comes onto the T1c grid by position (and back)."""
+    from pipelines.prognosis import _resample_like
+    from pipelines.volume import load_series
+
+    study = simulated_ct(tmp_path / "ct")
+    files = sorted(p for p in (tmp_path / "ct").rglob("*.dcm"))
+    part = load_series([pydicom.dcmread(p) for p in files[5:20]])
+    assert _resample_like(study, study.array, study) is not None
+    on_part = _resample_like(study, study.array, part)
+    assert on_part.shape == part.array.shape
+    assert np.allclose(on_part, part.array, atol=0.5)  # the same slices, found by position
+    back = _resample_like(part, part.array, study)
+    z = [s.position[2] for s in study.slices]
+    inside = [
+        k
+        for k, at in enumerate(z)
+        if min(p.position[2] for p in part.slices) <= at <= max(p.position[2] for p in part.slices)
+    ]
+    assert len(inside) == 15
+    assert np.allclose(back[inside], study.array[inside], atol=0.5)
+    outside = [k for k in range(len(z)) if k not in inside]
+    assert np.all(back[outside] == 0.0)  # outside the FLAIR's slab: nothing invented

@@ -1,4 +1,7 @@
-"""Previews for the review page: one slice of a job's output series and of both maps, as PNG.
+"""Previews for the review page: one slice of a job's output series and of its maps, as PNG.
+
+One image per kind: for a job with several series of a kind (``prognosis``: predicted T1c
+and FLAIR) the last one written.
 
 Rendering reads whole series, so the last few jobs' previews are kept in memory. PNGs are
 drawn with matplotlib's colour maps (imported when a preview is drawn: the ``ai`` extra).
@@ -18,9 +21,9 @@ import pydicom
 from dicom_node.db.engine import Database
 from dicom_node.jobs.review import ReviewError, job_outputs
 from pipelines.geometry import frame_group
-from pipelines.writers import KIND_DERIVED, KIND_HALLUCINATION, KIND_UNCERTAINTY
+from pipelines.writers import KIND_DERIVED, KIND_HALLUCINATION, KIND_PROBABILITY, KIND_UNCERTAINTY
 
-PREVIEW_KINDS = (KIND_DERIVED, KIND_UNCERTAINTY, KIND_HALLUCINATION)
+PREVIEW_KINDS = (KIND_DERIVED, KIND_UNCERTAINTY, KIND_HALLUCINATION, KIND_PROBABILITY)
 
 
 def _slices(paths: tuple[Path, ...]) -> list[tuple[float, np.ndarray]]:
@@ -108,6 +111,8 @@ def previews(db: Database, job_id: int) -> Previews:
             images[kind] = _png(nearest, float(lo), float(hi), "gray")
         elif kind == KIND_UNCERTAINTY:
             images[kind] = _png(nearest, 0.0, float(np.percentile(nearest, 99.5)), "viridis")
+        elif kind == KIND_PROBABILITY:  # prognosis: the predicted tumour, 0 .. 1
+            images[kind] = _png(nearest, 0.0, 1.0, "magma")
         else:
             images[kind] = _png(nearest, 0.0, max(1.0, float(np.max(nearest))), "inferno")
     return Previews(z=z, why=why, images=images)
