@@ -1,0 +1,185 @@
+"""The prognosis pipeline end to end on SIMULATED patients: images in, forecast out, scored.
+
+``python -m dicom_node.lab.prognosis_chain --patients 10 --out DIR``
+
+The forecast-level evaluation (:mod:`models.evaluation.prognosis_eval`) hands the model the
+simulator's true extents. This one scores the chain a site runs: each patient's four visits
+are written as DICOM studies (:mod:`dicom_node.lab.simulate_prognosis`), visits 1–2 are the
+priors, registered to visit 3's T1c by the node's registration step
+(:func:`dicom_node.jobs.prior_registration.compute_registrations`), and the ``prognosis``
+pipeline segments every visit from its images and forecasts visit 4 at its true interval.
+The predicted extent (the written probability map, ``p ≥ 0.5``) is scored against the
+simulator's truth at visit 4 brought into visit 3's scanner frame, next to "no change" at
+the same level (the current extent the pipeline segmented) and the segmentation's own Dice
+at visit 3 (how much of the error is reading the images). Test seeds are the forecast-level
+evaluation's (:data:`models.evaluation.prognosis_eval.TEST_SEEDS`): the same patients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+
+from dicom_node.jobs.prior_registration import compute_registrations, registered_priors
+from dicom_node.lab.simulate_prognosis import PrognosisSpec, write_prognosis_patient
+from models.evaluation.prognosis_eval import TEST_SEEDS
+from models.sim.prognosis import TumourLabel, to_visit_frame
+from pipelines.base import InputInstance, RunEnvironment, StudyInput
+from pipelines.prognosis import PrognosisPipeline, prognosis
+from pipelines.provenance import PriorReference
+from pipelines.volume import load_series
+from pipelines.writers import KIND_EXTENT, KIND_PROBABILITY, kind_of
+from policies.model import Priors
+
+SIMULATED = (
+    "SIMULATED data: models.sim.prognosis patients written as DICOM, run through the prognosis pipeline"
+)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def _instance(path: Path) -> InputInstance:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return InputInstance(
+        str(ds.SOPInstanceUID),
+        str(ds.SeriesInstanceUID),
+        str(ds.SOPClassUID),
+        "1.2.840.10008.1.2.1",
+        path,
+        "",
+    )
+
+
+def run_patient(seed: int, work: Path, pipeline: PrognosisPipeline) -> dict[str, Any]:
+    """One patient through the chain; its figures."""
+    patient, visits = write_prognosis_patient(work / f"sim-{seed}", PrognosisSpec(visits=4, seed=seed))
+    current, follow = patient.visits[2], patient.visits[3]
+    horizon = follow.day - current.day
+    instances = tuple(_instance(p) for s in visits[2].series.values() for p in s.files)
+    study = StudyInput(
+        seed,
+        visits[2].study_uid,
+        1,
+        instances,
+        series_uid=visits[2].series["t1c"].series_uid,
+        options={"horizons_days": horizon},
+    )
+    files: dict[str, list[Path]] = {}
+    references = []
+    for v in visits[:2]:
+        for key in ("t1c", "flair"):
+            s = v.series[key]
+            files[s.series_uid] = list(s.files)
+            refs = tuple((str(i.sop_class_uid), str(i.sop_uid)) for i in map(_instance, s.files))
+            references.append(PriorReference(v.study_uid, s.series_uid, refs, v.study_date))
+    computed = compute_registrations(study, Priors(archive="lab", count=2, registration="rigid"), files)
+    env = RunEnvironment(work / f"job-{seed}", priors=tuple(references))
+    env = RunEnvironment(
+        env.workdir, priors=env.priors, registered_priors=registered_priors(computed, env.priors, files)
+    )
+    env.workdir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    result = pipeline.run(study, env)
+    seconds = time.monotonic() - started
+    probability = now_seg = None
+    for out in result.outputs:
+        ds = pydicom.dcmread(out.path)
+        if kind_of(ds) == KIND_PROBABILITY:
+            probability = np.asarray(ds.pixel_array, np.float32)
+        elif kind_of(ds) == KIND_EXTENT:
+            frames = np.asarray(ds.pixel_array, bool)  # segment 1's slices, then segment 2's
+            now_seg = frames[frames.shape[0] // 2 :]
+    if probability is None or now_seg is None:
+        raise RuntimeError(f"seed {seed}: the pipeline wrote no probability map or extent SEG")
+    # truth in visit 3's scanner frame, in the pipeline's slice order (its T1c volume's)
+    whole = (follow.labels != TumourLabel.NONE).astype(np.float32)
+    truth_next = to_visit_frame(whole, current.pose, patient.spacing_mm, order=1) >= 0.5
+    now_truth = (current.labels != TumourLabel.NONE).astype(np.float32)
+    truth_now = to_visit_frame(now_truth, current.pose, patient.spacing_mm, order=1) >= 0.5
+    t1c = load_series([pydicom.dcmread(i.path) for i in instances if i.series_uid == study.series_uid]).array
+    image = current.images["t1c"]
+    same = np.corrcoef(t1c.ravel(), image.ravel())[0, 1]
+    reversed_ = np.corrcoef(t1c.ravel(), image[::-1].ravel())[0, 1]
+    if reversed_ > same:
+        truth_next, truth_now = truth_next[::-1], truth_now[::-1]
+    predicted = probability >= 0.5
+    qc = next(iter(result.qc.values()))
+    key = f"+{horizon} d"
+    volume = float(qc[f"predicted whole-tumour volume {key}"])
+    low, high = (
+        float(qc[f"predicted volume 90% interval low {key}"]),
+        float(qc[f"predicted volume 90% interval high {key}"]),
+    )
+    voxel_ml = float(np.prod(patient.spacing_mm)) / 1000.0
+    true_volume = follow.volumes_ml["whole_tumour"]
+    return {
+        "seed": seed,
+        "horizon_days": horizon,
+        "dice_model": _dice(predicted, truth_next),
+        "dice_no_change": _dice(now_seg, truth_next),
+        "segmentation_dice_now": _dice(now_seg, truth_now),
+        "volume_ml": volume,
+        "true_volume_ml": true_volume,
+        "volume_error_ml": abs(volume - true_volume),
+        "no_change_volume_error_ml": abs(float(now_seg.sum()) * voxel_ml - true_volume),
+        "interval_covers": low <= true_volume <= high,
+        "seconds": seconds,
+        "treated": patient.params.treatment is not None,
+    }
+
+
+def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    def mean(key: str) -> float:
+        return float(np.mean([r[key] for r in rows]))
+
+    return {
+        "patients": len(rows),
+        "dice_model": mean("dice_model"),
+        "dice_no_change": mean("dice_no_change"),
+        "segmentation_dice_now": mean("segmentation_dice_now"),
+        "volume_error_ml": mean("volume_error_ml"),
+        "no_change_volume_error_ml": mean("no_change_volume_error_ml"),
+        "interval_coverage_90": float(np.mean([r["interval_covers"] for r in rows])),
+        "seconds_per_patient": mean("seconds"),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patients", type=int, default=10)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    pipeline = prognosis()
+    rows = []
+    for seed in TEST_SEEDS[: args.patients]:
+        row = run_patient(seed, args.out / "work", pipeline)
+        rows.append(row)
+        print(
+            f"seed {seed}: Dice model {row['dice_model']:.3f}, no change {row['dice_no_change']:.3f}, "
+            f"segmentation now {row['segmentation_dice_now']:.3f}, {row['seconds']:.0f} s",
+            flush=True,
+        )
+    summary = summarise(rows)
+    (args.out / "chain.json").write_text(
+        json.dumps({"data": SIMULATED, "summary": summary, "rows": rows}, indent=1)
+    )
+    print(SIMULATED)
+    for k, v in summary.items():
+        print(f"  {k}: {v:.3f}" if isinstance(v, float) and not math.isnan(v) else f"  {k}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
