@@ -609,8 +609,8 @@ def test_the_runner_registers_the_job_priors_and_a_refusal_ends_the_job_refused(
 ) -> None:
     """The wiring: with ``registration: rigid`` frozen on the job, the runner hands the
     registration step the job's prior series files (the registration itself is
-    tests/test_prior_registration.py's) before the pipeline runs; a prior it refuses ends the job ``refused`` with
-    the reason."""
+    tests/test_prior_registration.py's) before the pipeline runs; a prior it refuses ends the
+    job ``refused`` with the reason."""
     from dicom_node.config import NodeConfig
     from dicom_node.delivery.profiles import DestinationProfiles
     from dicom_node.jobs import runner as runner_module

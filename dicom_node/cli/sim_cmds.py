@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from dicom_node.cli.common import app, console
+from dicom_node.cli.common import app, console, fail
 
 simulate_app = typer.Typer(
     help="Write simulated DICOM studies (clearly labelled SIMULATED).", no_args_is_help=True
@@ -125,4 +125,62 @@ def simulate_prognosis(
         f"patient {patient_id}: {len(studies)} SIMULATED studies, intervals "
         f"{', '.join(str(d) for d in patient.intervals_days)} days"
         + (f"; treated on day {treatment.day}" if treatment else "")
+    )
+
+
+class MissingContrast(StrEnum):
+    FLAIR = "flair"
+    T2W = "t2w"
+    NONE = "none"
+
+
+class FieldStrength(StrEnum):
+    T1_5 = "1.5"
+    T3 = "3"
+
+
+@simulate_app.command("synthesis")
+def simulate_synthesis(
+    out: Annotated[
+        Path, typer.Option("--out", help="Writes OUT/<contrast>/, OUT/reference/<missing>/, OUT/truth.json.")
+    ],
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same study).")] = 0,
+    missing: Annotated[
+        MissingContrast, typer.Option(help="Contrast kept aside under OUT/reference/ (none: write all).")
+    ] = MissingContrast.FLAIR,
+    size: Annotated[int, typer.Option(min=32, max=512, help="Rows and columns.")] = 128,
+    slices: Annotated[int, typer.Option(min=4, max=64, help="Contiguous 3 mm axial slices.")] = 32,
+    field: Annotated[
+        FieldStrength | None, typer.Option(help="Main field in tesla (drawn per seed if omitted).")
+    ] = None,
+    pd: Annotated[bool, typer.Option("--pd/--no-pd", help="Also write a proton-density series.")] = False,
+    patient_id: Annotated[str, typer.Option(help="Patient ID to write.")] = "SIM-SYN-0001",
+) -> None:
+    """Multi-contrast brain MR (MNI152, WM lesions): T1w, T2w, FLAIR (PD); one contrast kept aside."""
+    from dicom_node.lab.simulate_synthesis import SynthesisSpec, write_synthesis_study
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise fail(f"{out} exists and is not an empty directory: choose a new --out")
+    spec = SynthesisSpec(
+        seed=seed,
+        size=size,
+        slices=slices,
+        field_strength_t=None if field is None else float(field.value),
+        missing=() if missing is MissingContrast.NONE else (missing.value,),
+        pd=pd,
+    )
+    try:
+        with console.status("simulating the multi-contrast brain MR study"):
+            sim, written = write_synthesis_study(out, spec, patient_id=patient_id)
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    series = ", ".join(f"{name} ({len(s.files)} slices)" for name, s in written.acquired.items())
+    kept = ", ".join(f"{name} in {out / 'reference' / name}" for name in written.reference) or "none"
+    visible = sum(les.t1_visible for les in sim.lesions)
+    console.print(
+        f"wrote SIMULATED MR study {written.study_uid} ({sim.field_strength_t:g} T) to {out}: {series}; "
+        f"kept aside (evaluation only): {kept}; {len(sim.lesions)} white-matter lesions "
+        f"({visible} visible on T1w)"
+        + ("; tumour with oedema" if sim.tumour is not None else "")
+        + f"; truth in {written.truth_json}"
     )
