@@ -1,8 +1,9 @@
-"""``dicom-node evaluate restoration|sct --report DIR``: model evaluations on simulated data, as reports."""
+"""``dicom-node evaluate restoration|sct|prognosis --report DIR``: model evaluations on simulated data."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -128,3 +129,73 @@ def evaluate_sct(
     )
     console.print_json(data=to_jsonable(summary))
     console.print(f"report: {report / 'report.html'} (simulated data)")
+
+
+@evaluate_app.command("prognosis")
+def evaluate_prognosis(
+    report: Annotated[Path, typer.Option("--report", help="Directory for report.md and evaluation.json.")],
+    test: Annotated[
+        int, typer.Option("--test", min=1, max=40, help="Held-out test patients (seeds 9000-).")
+    ] = 40,
+    train: Annotated[
+        int, typer.Option("--train", min=2, max=80, help="Training patients, with --learn (seeds 7000-).")
+    ] = 80,
+    learn: Annotated[
+        bool, typer.Option("--learn", help="Re-learn the calibration on the training patients.")
+    ] = False,
+    cache: Annotated[
+        Path | None, typer.Option("--cache", help="Keep each patient's growth-fit ensemble here.")
+    ] = None,
+    model_dir: Annotated[
+        Path | None, typer.Option("--model", help="Model directory (default: the shipped prognosis-growth).")
+    ] = None,
+) -> None:
+    """Tumour-growth prognosis: pixel, feature, task, calibration and hallucination levels, on
+    SIMULATED patients."""
+    from rich.progress import Progress
+
+    from models.evaluation import prognosis_eval as pe
+    from models.evaluation.prognosis_report import run, write_report
+    from models.evaluation.results import to_jsonable
+    from models.prognosis import PrognosisModel
+
+    try:
+        model = PrognosisModel(model_dir) if model_dir else PrognosisModel.shipped()
+    except (FileNotFoundError, RuntimeError, ValueError) as exc:
+        raise fail(f"{exc} (pass --model DIR to evaluate another model directory)") from None
+    calibration, source = model.calibration, f"calibration of {model.directory}"
+    if learn:
+        if train % 2:
+            raise fail("--train must be even (half learn the prior, half the interval)")
+        cases = pe._cases(pe.TRAIN_SEEDS[:train], "train", cache)
+        half = min(pe.PRIOR_PATIENTS, len(cases) // 2)
+        calibration = pe.learn_calibration(cases[:half], cases[half:])
+        source = f"calibration re-learned on training seeds {pe.TRAIN_SEEDS[0]}-{pe.TRAIN_SEEDS[train - 1]}"
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("evaluating", total=test)
+        results = run(
+            pe.TEST_SEEDS[:test],
+            calibration,
+            cache=cache,
+            progress=lambda stage, done, total: bar.update(task, description=stage, completed=done),
+        )
+    results["model"] = {
+        "name": model.card.name,
+        "version": model.card.version,
+        "weights_sha256": model.card.weights_sha256,
+        "directory": str(model.directory),
+        "calibration_source": source,
+    }
+    results["calibration"] = to_jsonable(asdict(calibration))
+    path = write_report(
+        results,
+        report,
+        title=f"{model.card.name} {model.card.version} — prognosis evaluation on simulated data",
+    )
+    summary = results["task"]["summary"]["model"]
+    console.print(
+        f"SIMULATED: model Dice {summary['dice_mean']:.3f}, pixel MAE "
+        f"{results['pixel']['mae']['model'].get('flair tumour', float('nan')):.3f} (FLAIR, tumour region), "
+        f"hallucination AUROC {results['hallucination']['auroc']}"
+    )
+    console.print(f"report: {path} (simulated data)")

@@ -7,9 +7,11 @@ Protocol (``python -m models.evaluation.prognosis_eval --out DIR``)
     extent is predicted (30–100 days later). Extents are the truth's visible ones (T1c
     ``c ≥ 0.8``, FLAIR ``c ≥ 0.16``) on the 2 mm growth grid, with its white/grey matter
     fractions: this level scores the *forecast* — segmentation and registration are the
-    pipeline's and are measured on their own. Training seeds :data:`TRAIN_SEEDS` (first half
-    learns the population prior and the temperature, second half the conformal interval
-    factor); test seeds :data:`TEST_SEEDS`, never seen while learning.
+    pipeline's and are measured on their own. Training seeds :data:`TRAIN_SEEDS` (the first
+    :data:`PRIOR_PATIENTS` learn the population prior, its weight and the temperature, the
+    rest the conformal interval factor); test seeds :data:`TEST_SEEDS`, never seen while
+    learning. The prior weight and temperature are the pair of the grid with the lowest
+    Brier score of the voxel probabilities on the prior patients.
 Methods
     ``no change`` and ``linear volume`` (:mod:`models.evaluation.prognosis_baselines`), ``FK
     fit`` (the ensemble member that fits the input visits best, no prior, run forward:
@@ -46,6 +48,9 @@ TEST_SEEDS = tuple(range(9000, 9040))
 SIMULATED = "SIMULATED data: models.sim.prognosis patients (MNI152 anatomy, Fisher-Kolmogorov growth)"
 _PRIOR_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5)
 _TEMPERATURES = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3)
+#: How the cached members were scored (a cache that says otherwise is recomputed; caches
+#: from before this tag have this scoring).
+SCORING = "1 - Dice of core and whole tumour, visits weighted equally"
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,11 @@ def make_case(seed: int, *, with_members: bool = True) -> Case:
     """Simulate patient ``seed`` (4 visits) and, unless told not to, run the ensemble."""
     from models.sim.prognosis import make_patient
 
-    patient = make_patient(seed, visits=4)
+    return case_from_patient(make_patient(seed, visits=4), with_members=with_members)
+
+
+def case_from_patient(patient: Any, *, with_members: bool = True) -> Case:
+    """The :class:`Case` of a simulated 4-visit patient (:class:`models.sim.prognosis.SimulatedPatient`)."""
     d = patient.domain
     spacing = (float(d.spacing_mm),) * 3
     obs = tuple(
@@ -83,7 +92,7 @@ def make_case(seed: int, *, with_members: bool = True) -> Case:
         "d_white": params.d_white,
         "rho": params.rho,
     }
-    case = Case(seed, obs[:3], obs[3], anatomy, ~d.barrier, effects)
+    case = Case(int(patient.seed), obs[:3], obs[3], anatomy, ~d.barrier, effects)
     if with_members:
         unweighted = pg.Calibration(prior_weight=0.0)
         members = pg.run_members(case.observations, anatomy, case.follow_up.day, unweighted)
@@ -103,7 +112,8 @@ def _brier(cases: Sequence[Case], calibration: pg.Calibration) -> float:
 
 
 def learn_calibration(fit_cases: Sequence[Case], conformal_cases: Sequence[Case]) -> pg.Calibration:
-    """Population prior and temperature on ``fit_cases``; interval factor on ``conformal_cases``."""
+    """Population prior, its weight and the temperature on ``fit_cases`` (weight and temperature:
+    the lowest Brier score); interval factor on ``conformal_cases``."""
     best = [min(c.members, key=lambda m: m.misfit) for c in fit_cases]
     x = np.array([[math.log(m.speed), math.log(m.width)] for m in best])
     mean = x.mean(axis=0)
@@ -262,6 +272,7 @@ def _save(case: Case, path: Path) -> None:
         "shape": case.brain.shape,
         "effects": case.effects,
         "members": [[m.speed, m.width, m.misfit, m.score] for m in case.members],
+        "scoring": SCORING,
     }
     np.savez_compressed(
         path,
@@ -273,9 +284,12 @@ def _save(case: Case, path: Path) -> None:
     )
 
 
-def _load(path: Path) -> Case:
+def _load(path: Path) -> Case | None:
+    """A cached case, or ``None`` when its members were scored otherwise than now."""
     with np.load(path) as z:
         meta = json.loads(str(z["meta"]))
+        if meta.get("scoring", SCORING) != SCORING:
+            return None
         shape = tuple(meta["shape"])
         size = int(np.prod(shape))
 
@@ -300,8 +314,9 @@ def _cases(seeds: Iterable[int], label: str, cache: Path | None = None) -> list[
     for n, seed in enumerate(seeds, 1):
         started = time.monotonic()
         cached = None if cache is None else cache / f"case-{seed}.npz"
-        if cached is not None and cached.exists():
-            out.append(_load(cached))
+        loaded = _load(cached) if cached is not None and cached.exists() else None
+        if loaded is not None:
+            out.append(loaded)
             continue
         out.append(make_case(seed))
         if cached is not None:
@@ -311,12 +326,112 @@ def _cases(seeds: Iterable[int], label: str, cache: Path | None = None) -> list[
     return out
 
 
+_INTENDED_USE = (
+    "Research use: a predicted brain-tumour follow-up (extent probability, volume with a 90% interval, "
+    "predicted T1c/FLAIR images) from a current MR study and two or more registered priors, for a tumour "
+    "board to weigh against the acquired follow-up. A prediction, never an acquisition; not for diagnosis."
+)
+_TRAINING_DATA = (
+    "SIMULATED only: {n} models.sim.prognosis patients (seeds {seeds}; MNI152 anatomy, Fisher-Kolmogorov "
+    "growth with D_white 0.02-0.25 mm2/day and rho 0.008-0.04 /day after Swanson et al. 2000, Harpold et al. "
+    "2007, Konukoglu et al. 2010; anisotropy, treatment response and mass effect in some patients)"
+)
+
+
+def _seed_range(seeds: Sequence[int]) -> str:
+    return f"{seeds[0]}-{seeds[-1]}" if seeds else "none"
+
+
+def write_zoo(
+    directory: Path,
+    calibration: pg.Calibration,
+    results: dict[str, Any],
+    version: str = "1.0",
+    *,
+    like: Path | None = None,
+) -> Path:
+    """A zoo version directory: ``calibration.json`` (the weights), ``evaluation.json`` and
+    ``card.json`` (:class:`models.prognosis.PrognosisCard`, its metrics from ``results``).
+
+    What is set by hand rather than learned — the input domain, the intended use, the
+    horizons — is carried over from the card in ``like`` (default: the shipped version).
+    """
+    from models.zoo import sha256_of, version_dir
+
+    try:
+        previous: pg.PrognosisCard | None = pg.PrognosisCard.read_from(like or version_dir(pg.ZOO_NAME))
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        previous = None
+
+    directory.mkdir(parents=True, exist_ok=True)
+    calibration.save(directory / "calibration.json")
+    (directory / "evaluation.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    s, meta = results["summary"], results["meta"]
+    train, test = meta["train_seeds"], meta["test_seeds"]
+    n_prior = min(PRIOR_PATIENTS, len(train) // 2)
+    model = s["model"]
+    card = pg.PrognosisCard(
+        name=pg.ZOO_NAME,
+        version=version,
+        weights_file="calibration.json",
+        weights_sha256=sha256_of(directory / "calibration.json"),
+        architecture={
+            "front_speeds_mm_per_day": list(pg.SPEEDS_MM_PER_DAY),
+            "grey_over_white_diffusivity": 1.0 / pg.GREY_RATIO,
+            "grid_mm": 2.0,
+            "method": "per-patient Fisher-Kolmogorov fit as a weighted ensemble (models.prognosis)",
+            "visibility_thresholds": {"flair": pg.WHOLE_THRESHOLD, "t1c": pg.CORE_THRESHOLD},
+            "wave_widths_mm": list(pg.WIDTHS_MM),
+        },
+        intended_use=previous.intended_use if previous else _INTENDED_USE,
+        training_data=_TRAINING_DATA.format(n=len(train), seeds=_seed_range(train)),
+        calibration=(
+            f"population prior over (log speed, log width), prior weight and ensemble temperature by Brier "
+            f"score on {n_prior} training patients; 5-95% log-volume range widened by a split-conformal "
+            f"factor on {len(train) - n_prior} others"
+        ),
+        metrics={
+            "90% volume interval coverage": f"{model.get('interval_coverage_90', float('nan')):.2f}",
+            "core Dice (mean)": f"{model['core_dice_mean']:.3f}",
+            "data": (
+                f"SIMULATED: {len(test)} held-out models.sim.prognosis patients (seeds {_seed_range(test)}), "
+                "truth extents on the 2 mm grid"
+            ),
+            "volume error (ml, mean)": (
+                f"{model['volume_error_ml_mean']:.2f} "
+                f"(no change {s['no change']['volume_error_ml_mean']:.2f})"
+            ),
+            "voxel probability ECE": f"{model['ece']:.3f}",
+            "whole-tumour Dice at follow-up (mean)": (
+                f"{model['dice_mean']:.3f} (no change {s['no change']['dice_mean']:.3f}, "
+                f"linear sphere {s['linear sphere']['dice_mean']:.3f}, "
+                f"linear uniform front {s['linear volume']['dice_mean']:.3f}, "
+                f"FK fit {s['FK fit']['dice_mean']:.3f})"
+            ),
+        },
+        training={
+            "command": "python -m models.evaluation.prognosis_eval --out DIR --zoo DIR",
+            "test_seeds": _seed_range(test),
+            "train_seeds": _seed_range(train),
+        },
+        input_domain=dict(previous.input_domain) if previous else {},
+        horizons_days=list(previous.horizons_days) if previous else [90],
+    )
+    card.write_to(directory)
+    return directory
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="writes calibration.json and evaluation.json")
     parser.add_argument("--train", type=int, default=len(TRAIN_SEEDS), help="training patients (even)")
     parser.add_argument("--test", type=int, default=len(TEST_SEEDS), help="test patients")
     parser.add_argument("--cache", type=Path, help="keep each simulated patient and its ensemble here")
+    parser.add_argument(
+        "--zoo",
+        type=Path,
+        help="also write a zoo version directory (card.json, calibration.json, evaluation.json)",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -334,6 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "calibration": json.loads((args.out / "calibration.json").read_text()),
     }
     (args.out / "evaluation.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    if args.zoo is not None:
+        write_zoo(args.zoo, calibration, results)
     print(f"{SIMULATED}\n")
     head = ("Dice", "HD95", "core", "vol err", "call", "ECE", "cov90")
     print(f"{'method':15} " + " ".join(f"{h:>6}" for h in head))
