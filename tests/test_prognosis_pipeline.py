@@ -274,3 +274,25 @@ def test_a_flair_on_another_grid_is_resampled_by_patient_coordinates(tmp_path: P
     assert np.allclose(back[inside], study.array[inside], atol=0.5)
     outside = [k for k in range(len(z)) if k not in inside]
     assert np.all(back[outside] == 0.0)  # outside the FLAIR's slab: nothing invented
+
+
+def test_visits_whose_extents_do_not_overlap_are_caught() -> None:
+    from datetime import date
+
+    from pipelines.prognosis import MIN_VISIT_OVERLAP, check_consistency
+
+    a = np.zeros((8, 32, 32), bool)
+    a[3:6, 10:20, 10:20] = True
+    grown = a.copy()
+    grown[2:7, 8:22, 8:22] = True
+    elsewhere = np.zeros_like(a)
+    elsewhere[3:6, 22:30, 0:8] = True
+    days = [date(2024, 1, 1), date(2024, 3, 1), date(2024, 5, 1)]
+    assert check_consistency(list(zip(days, [a, grown, grown], strict=True))) == 1.0
+    shrunk = np.zeros_like(a)
+    shrunk[4:5, 12:16, 12:16] = True
+    assert check_consistency(list(zip(days, [a, grown, shrunk], strict=True))) == 1.0  # treated: inside
+    assert check_consistency(list(zip(days, [a, grown, elsewhere], strict=True))) < MIN_VISIT_OVERLAP
+    assert (
+        check_consistency(list(zip(days, [a, np.zeros_like(a), a], strict=True))) == 1.0
+    )  # nothing to compare

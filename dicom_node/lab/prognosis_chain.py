@@ -8,7 +8,9 @@ are written as DICOM studies (:mod:`dicom_node.lab.simulate_prognosis`), visits 
 priors, registered to visit 3's T1c by the node's registration step
 (:func:`dicom_node.jobs.prior_registration.compute_registrations`), and the ``prognosis``
 pipeline segments every visit from its images and forecasts visit 4 at its true interval.
-The predicted extent (the written probability map, ``p ≥ 0.5``) is scored against the
+A job the pipeline refuses (e.g. visits whose extents do not overlap) is counted as
+refused, the safe outcome, and left out of the figures. The predicted extent (the written
+probability map, ``p ≥ 0.5``) is scored against the
 simulator's truth at visit 4 brought into visit 3's scanner frame, next to "no change" at
 the same level (the current extent the pipeline segmented) and the segmentation's own Dice
 at visit 3 (how much of the error is reading the images). Test seeds are the forecast-level
@@ -32,7 +34,7 @@ from dicom_node.jobs.prior_registration import compute_registrations, registered
 from dicom_node.lab.simulate_prognosis import PrognosisSpec, write_prognosis_patient
 from models.evaluation.prognosis_eval import TEST_SEEDS
 from models.sim.prognosis import TumourLabel, to_visit_frame
-from pipelines.base import InputInstance, RunEnvironment, StudyInput
+from pipelines.base import InputInstance, InputRefused, RunEnvironment, StudyInput
 from pipelines.prognosis import PrognosisPipeline, prognosis
 from pipelines.provenance import PriorReference
 from pipelines.volume import load_series
@@ -59,6 +61,27 @@ def _instance(path: Path) -> InputInstance:
         path,
         "",
     )
+
+
+def _on_volume(ds: pydicom.Dataset, volume: Any, segment: int | None = None) -> np.ndarray:
+    """A multi-frame object's frames (of one segment, for a SEG) on the volume's slices, by
+    Image Position (Patient) along the slice normal (frames may be stored in any order)."""
+    normal = volume.normal
+    slice_at = {round(float(np.dot(s.position, normal)), 2): k for k, s in enumerate(volume.slices)}
+    pixels = np.asarray(ds.pixel_array)
+    pixels = pixels.reshape(-1, *pixels.shape[-2:])
+    out = np.zeros(volume.array.shape, pixels.dtype)
+    for i, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        if (
+            segment is not None
+            and int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber) != segment
+        ):
+            continue
+        at = round(
+            float(np.dot([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient], normal)), 2
+        )
+        out[slice_at[at]] = pixels[i]
+    return out
 
 
 def run_patient(seed: int, work: Path, pipeline: PrognosisPipeline) -> dict[str, Any]:
@@ -90,16 +113,23 @@ def run_patient(seed: int, work: Path, pipeline: PrognosisPipeline) -> dict[str,
     )
     env.workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    result = pipeline.run(study, env)
+    try:
+        result = pipeline.run(study, env)
+    except InputRefused as refused:  # the safe outcome: no prediction at all
+        return {
+            "seed": seed,
+            "refused": "; ".join(refused.reasons),
+            "treated": patient.params.treatment is not None,
+        }
     seconds = time.monotonic() - started
+    t1c_volume = load_series([pydicom.dcmread(i.path) for i in instances if i.series_uid == study.series_uid])
     probability = now_seg = None
     for out in result.outputs:
         ds = pydicom.dcmread(out.path)
         if kind_of(ds) == KIND_PROBABILITY:
-            probability = np.asarray(ds.pixel_array, np.float32)
+            probability = _on_volume(ds, t1c_volume).astype(np.float32)
         elif kind_of(ds) == KIND_EXTENT:
-            frames = np.asarray(ds.pixel_array, bool)  # segment 1's slices, then segment 2's
-            now_seg = frames[frames.shape[0] // 2 :]
+            now_seg = _on_volume(ds, t1c_volume, segment=2) > 0  # segment 2: the current extent
     if probability is None or now_seg is None:
         raise RuntimeError(f"seed {seed}: the pipeline wrote no probability map or extent SEG")
     # truth in visit 3's scanner frame, in the pipeline's slice order (its T1c volume's)
@@ -107,7 +137,7 @@ def run_patient(seed: int, work: Path, pipeline: PrognosisPipeline) -> dict[str,
     truth_next = to_visit_frame(whole, current.pose, patient.spacing_mm, order=1) >= 0.5
     now_truth = (current.labels != TumourLabel.NONE).astype(np.float32)
     truth_now = to_visit_frame(now_truth, current.pose, patient.spacing_mm, order=1) >= 0.5
-    t1c = load_series([pydicom.dcmread(i.path) for i in instances if i.series_uid == study.series_uid]).array
+    t1c = t1c_volume.array
     image = current.images["t1c"]
     same = np.corrcoef(t1c.ravel(), image.ravel())[0, 1]
     reversed_ = np.corrcoef(t1c.ravel(), image[::-1].ravel())[0, 1]
@@ -139,12 +169,15 @@ def run_patient(seed: int, work: Path, pipeline: PrognosisPipeline) -> dict[str,
     }
 
 
-def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def summarise(all_rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    rows = [r for r in all_rows if "refused" not in r]
+
     def mean(key: str) -> float:
-        return float(np.mean([r[key] for r in rows]))
+        return float(np.mean([r[key] for r in rows])) if rows else math.nan
 
     return {
-        "patients": len(rows),
+        "patients": len(all_rows),
+        "refused": len(all_rows) - len(rows),
         "dice_model": mean("dice_model"),
         "dice_no_change": mean("dice_no_change"),
         "segmentation_dice_now": mean("segmentation_dice_now"),
@@ -166,6 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for seed in TEST_SEEDS[: args.patients]:
         row = run_patient(seed, args.out / "work", pipeline)
         rows.append(row)
+        if "refused" in row:
+            print(f"seed {seed}: refused: {row['refused']}", flush=True)
+            continue
         print(
             f"seed {seed}: Dice model {row['dice_model']:.3f}, no change {row['dice_no_change']:.3f}, "
             f"segmentation now {row['segmentation_dice_now']:.3f}, {row['seconds']:.0f} s",
