@@ -36,6 +36,34 @@ def test_a_trained_model_loads_checks_its_weights_and_predicts_in_the_brain(tmp_
     assert np.all(sigma[study.brain] > 0) and np.isfinite(mean).all()
     with pytest.raises(ValueError, match="needs t2w"):
         model.predict({"t1w": study.images["t1w"]}, study.brain)
+    # the evaluation scores it beside both baselines, every figure labelled SIMULATED
+    from models.evaluation.synthesis_eval import run
+
+    results = run(
+        tmp_path / "report",
+        "t1w+t2w->flair",
+        train=1,
+        test=1,
+        model_dir=tmp_path / "model",
+        size=64,
+        slices=8,
+    )
+    assert list(results["methods"]) == [model.name, "tissue regression", "histogram matching"]
+    assert results["methods"][model.name]["coverage_90"]["brain"] is not None
+    assert "SIMULATED" in (tmp_path / "report" / "report.md").read_text()
+    with pytest.raises(ValueError, match="not t1w->t2w"):
+        run(tmp_path / "r2", "t1w->t2w", train=1, test=1, model_dir=tmp_path / "model", size=64, slices=8)
     (tmp_path / "model" / "weights.safetensors").write_bytes(b"tampered")
     with pytest.raises(Exception, match="sha256"):
         SynthesisModel(tmp_path / "model")
+
+
+def test_evaluate_synthesis_refuses_an_unknown_task(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+
+    result = CliRunner().invoke(
+        app, ["evaluate", "synthesis", "--report", str(tmp_path), "--task", "t1w->pd"]
+    )
+    assert result.exit_code != 0 and "one of t1w+t2w->flair, t1w->flair, t1w->t2w" in result.output

@@ -1,4 +1,4 @@
-"""``dicom-node evaluate restoration|sct|prognosis --report DIR``: model evaluations on simulated data."""
+"""``dicom-node evaluate restoration|sct|prognosis|synthesis --report DIR``: evaluations on simulated data."""
 
 from __future__ import annotations
 
@@ -199,3 +199,33 @@ def evaluate_prognosis(
         f"hallucination AUROC {results['hallucination']['auroc']}"
     )
     console.print(f"report: {path} (simulated data)")
+
+
+@evaluate_app.command("synthesis")
+def evaluate_synthesis(
+    report: Annotated[Path, typer.Option("--report", help="Directory for report.md and evaluation.json.")],
+    task: Annotated[
+        str, typer.Option(help='"t1w+t2w->flair", "t1w->flair" or "t1w->t2w".')
+    ] = "t1w+t2w->flair",
+    model_dir: Annotated[
+        Path | None,
+        typer.Option("--model", help="A synthesis model directory to score beside the baselines."),
+    ] = None,
+    train: Annotated[
+        int, typer.Option(min=1, max=200, help="Training studies the baselines are fitted on.")
+    ] = 40,
+    test: Annotated[int, typer.Option(min=1, max=40, help="Held-out test studies (seeds 30000-).")] = 40,
+) -> None:
+    """Contrast synthesis: pixel figures per tissue, lesion detection on the synthetic against the
+    true FLAIR, and coverage of the model's sigma, for a model and two baselines, on SIMULATED data."""
+    from models.evaluation.synthesis_eval import run, table
+    from models.synthesis_norm import TASKS
+
+    if task not in TASKS:
+        raise fail(f"--task {task!r}: one of {', '.join(sorted(TASKS))}")
+    try:
+        results = run(report, task, train=train, test=test, model_dir=model_dir)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        raise fail(f"evaluate synthesis: {exc}") from None
+    console.print(table(results), highlight=False, markup=False)
+    console.print(f"report: {report / 'report.md'} (simulated data)")
