@@ -63,9 +63,10 @@ from pipelines.base import (
     RunEnvironment,
     StudyInput,
 )
+from pipelines.encode import _card_facts
 from pipelines.provenance import OutputProvenance
 from pipelines.stages import Context
-from pipelines.steps import MR_CLASSES, made_by_this_node
+from pipelines.steps import MR_CLASSES, Gate, made_by_this_node, written_by_this_node
 from pipelines.uids import UidFactory, job_key
 from pipelines.validate import validate_outputs
 from pipelines.volume import SeriesError, Volume, load_series
@@ -130,12 +131,7 @@ def sequence_of(ds: Dataset) -> str | None:
 def _synthetic(ds: Dataset) -> bool:
     """True for an image no scanner acquired: Synthetic Data YES, or written by this node
     (a PACS may hold our predictions under the patient's earlier studies)."""
-    if str(ds.get("SyntheticData", "") or "").upper() == "YES":
-        return True
-    return any(
-        str(item.get("Manufacturer", "")) == "dicom-node"
-        for item in ds.get("ContributingEquipmentSequence", [])
-    )
+    return str(ds.get("SyntheticData", "") or "").upper() == "YES" or written_by_this_node(ds)
 
 
 def check_input_domain(volume: Volume, domain: dict[str, Any], model: str, what: str) -> None:
@@ -488,14 +484,7 @@ class PrognosisPipeline:
             "model_grid_mm": MODEL_GRID_MM,
             "interval": "90% (5th-95th percentile, split-conformal widened)",
         }
-        policy = study.gate_policy
-        figures = {k: float(v[0]) for k, v in qc.items()}
-        if policy is None:
-            verdict = GateOutcome("release", ("no policy gate",), final=False)
-        else:
-            action, why = policy(figures, ())
-            verdict = GateOutcome(action, tuple(why), final=False)
-        outputs = self.write(study, env, t1c, flair, flair_on_t1c, now, forecasts, qc, verdict)
+        card = self.model.card
         ctx = Context(
             study=study,
             env=env,
@@ -504,34 +493,32 @@ class PrognosisPipeline:
             series=tuple(t1c_series),
             other_series=tuple(flair_series),
             volume=t1c,
-            outputs=outputs,
+            model=card,
+            qc=qc,
         )
-        problems = tuple(validate_outputs(ctx))
+        ctx = Gate().run(ctx)  # the rule's verdict on the QC figures, as every pipeline's report states it
+        ctx = ctx.evolve(outputs=self.write(ctx, flair, flair_on_t1c, now, forecasts))
         qc_plain = {k: v[0] for k, v in qc.items()}
-        card = self.model.card
         return PipelineResult(
-            outputs=outputs,
+            outputs=ctx.outputs,
             model=ModelIdentity(card.name, card.version, card.weights_sha256),
             parameters=parameters,
-            qc={o.series_uid: qc_plain for o in outputs},
-            gate=f"{verdict.action} on the QC figures: {'; '.join(verdict.reasons)}",
-            validation_errors=problems,
+            qc={o.series_uid: qc_plain for o in ctx.outputs},
+            gate=ctx.gate,
+            validation_errors=tuple(validate_outputs(ctx)),
         )
 
     # -- outputs
     def write(
         self,
-        study: StudyInput,
-        env: RunEnvironment,
-        t1c: Volume,
+        ctx: Context,
         flair: Volume,
         flair_on_t1c: np.ndarray,
         now: BrainSegmentation,
         forecasts: Sequence[HorizonForecast],
-        qc: dict[str, tuple[float, str]],
-        verdict: GateOutcome,
     ) -> tuple[OutputInstance, ...]:
-        card = self.model.card
+        """Every output object, saved in the job's directory (``ctx.volume``: the T1c)."""
+        study, env, t1c, card = ctx.study, ctx.env, ctx.need_volume(), self.model.card
         provenance = OutputProvenance(
             pipeline=self.name,
             pipeline_version=self.version,
@@ -616,15 +603,9 @@ class PrognosisPipeline:
                     ],
                 )
             )
-        facts = {
-            "intended use": card.intended_use,
-            "training data": card.training_data,
-            "metrics": "; ".join(f"{k}: {v}" for k, v in card.metrics.items()) or "none reported",
-            "calibration": card.calibration,
-        }
         report = SummaryReportWriter(
-            provenance=provenance, uids=uids, series_number=REPORT_SERIES_NUMBER, model_card=facts
-        ).write(t1c, outputs=written, qc=qc, gate=verdict)
+            provenance=provenance, uids=uids, series_number=REPORT_SERIES_NUMBER, model_card=_card_facts(ctx)
+        ).write(t1c, outputs=written, qc=ctx.qc, gate=ctx.verdict or GateOutcome("release", final=False))
         datasets = [*written, report]
         save(datasets, env.workdir)
         return tuple(

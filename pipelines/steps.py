@@ -20,13 +20,18 @@ MR_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.
 _OWN_MANUFACTURER = "dicom-node"
 
 
-def made_by_this_node(path: str) -> bool:
-    """True for objects this node wrote (never feed an AI output back into a pipeline)."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["ContributingEquipmentSequence"])
+def written_by_this_node(ds: pydicom.Dataset) -> bool:
+    """True for a data set this node wrote (its Contributing Equipment names the node)."""
     return any(
         str(item.get("Manufacturer", "")) == _OWN_MANUFACTURER
         for item in ds.get("ContributingEquipmentSequence", [])
     )
+
+
+def made_by_this_node(path: str) -> bool:
+    """True for objects this node wrote (never feed an AI output back into a pipeline)."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["ContributingEquipmentSequence"])
+    return written_by_this_node(ds)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ import pydicom
 
 from dicom_node.jobs.prior_registration import compute_registrations, registered_priors
 from dicom_node.lab.simulate_prognosis import PrognosisSpec, write_prognosis_patient
+from models.evaluation.brain_tumour_seg import dice
 from models.evaluation.prognosis_eval import TEST_SEEDS
 from models.sim.prognosis import TumourLabel, to_visit_frame
 from pipelines.base import InputInstance, InputRefused, RunEnvironment, StudyInput
@@ -44,11 +45,6 @@ from policies.model import Priors
 SIMULATED = (
     "SIMULATED data: models.sim.prognosis patients written as DICOM, run through the prognosis pipeline"
 )
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def _instance(path: Path) -> InputInstance:
@@ -156,9 +152,9 @@ def run_patient(seed: int, work: Path, pipeline: PrognosisPipeline) -> dict[str,
     return {
         "seed": seed,
         "horizon_days": horizon,
-        "dice_model": _dice(predicted, truth_next),
-        "dice_no_change": _dice(now_seg, truth_next),
-        "segmentation_dice_now": _dice(now_seg, truth_now),
+        "dice_model": dice(predicted, truth_next),
+        "dice_no_change": dice(now_seg, truth_next),
+        "segmentation_dice_now": dice(now_seg, truth_now),
         "volume_ml": volume,
         "true_volume_ml": true_volume,
         "volume_error_ml": abs(volume - true_volume),

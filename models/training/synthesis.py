@@ -81,7 +81,9 @@ def prepare(seed: int, task: str) -> Prepared:
     )
 
 
-def _batch(data: Sequence[Prepared], rng: np.random.Generator, size: int) -> tuple[torch.Tensor, ...]:
+def _batch(
+    data: Sequence[Prepared], rng: np.random.Generator, size: int, lesion_weight: float
+) -> tuple[torch.Tensor, ...]:
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
     ws: list[np.ndarray] = []
@@ -91,9 +93,7 @@ def _batch(data: Sequence[Prepared], rng: np.random.Generator, size: int) -> tup
         if p.brain[k].sum() < 200:
             continue
         x, y = p.x[k] * np.float32(rng.uniform(0.95, 1.05)), p.y[k]
-        w = p.brain[k].astype(np.float32) * np.where(
-            p.lesion[k], np.float32(_LESION_WEIGHT[0]), np.float32(1.0)
-        )
+        w = p.brain[k].astype(np.float32) * np.where(p.lesion[k], np.float32(lesion_weight), np.float32(1.0))
         if rng.integers(2):
             x, y, w = x[:, :, ::-1], y[:, ::-1], w[:, ::-1]
         xs.append(np.ascontiguousarray(x))
@@ -104,9 +104,6 @@ def _batch(data: Sequence[Prepared], rng: np.random.Generator, size: int) -> tup
         torch.from_numpy(np.stack(ys)[:, None]),
         torch.from_numpy(np.stack(ws)[:, None]),
     )
-
-
-_LESION_WEIGHT = [5.0]
 
 
 @torch.inference_mode()
@@ -130,7 +127,6 @@ def train(config: SynthesisTrainConfig, out_dir: Path) -> SynthesisCard:
     if set(seeds) & set(TEST_SEEDS):
         raise ValueError("training seeds overlap the test seeds")
     fit_seeds, calib_seeds = seeds[: config.train], seeds[config.train :]
-    _LESION_WEIGHT[0] = config.lesion_weight
     fit = [prepare(s, config.task) for s in fit_seeds]
     calib = [prepare(s, config.task) for s in calib_seeds]
     print(f"simulated {len(fit)} + {len(calib)} studies in {time.monotonic() - started:.0f} s", flush=True)
@@ -144,7 +140,7 @@ def train(config: SynthesisTrainConfig, out_dir: Path) -> SynthesisCard:
     step = 0
     net.train()
     while step < config.max_steps and time.monotonic() < deadline:
-        x, y, w = _batch(fit, rng, config.batch)
+        x, y, w = _batch(fit, rng, config.batch, config.lesion_weight)
         mean, log_var = net(x)
         l1 = (w * (mean - y).abs()).sum() / w.sum().clamp(min=1.0)
         nll = (w * 0.5 * (log_var + (mean.detach() - y) ** 2 / log_var.exp())).sum() / w.sum().clamp(min=1.0)

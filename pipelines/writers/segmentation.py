@@ -70,6 +70,21 @@ def _slice_thickness_from_geometry(seg: Dataset, measures: hd.PixelMeasuresSeque
     shared.PixelMeasuresSequence = DicomSequence([item])
 
 
+def _algorithm(prov: OutputProvenance) -> hd.AlgorithmIdentificationSequence:
+    """Algorithm Identification of a segment: the model, family CID 7162 "Artificial
+    Intelligence", parameters pipeline and weights sha256."""
+    return hd.AlgorithmIdentificationSequence(
+        name=_lo(prov.model_name),
+        version=_lo(prov.model_version),
+        family=codes.cid7162.ArtificialIntelligence,
+        source=_lo(f"{NODE_MANUFACTURER} {prov.node_version}"),
+        parameters={
+            "pipeline": f"{prov.pipeline} {prov.pipeline_version}",
+            "weights_sha256": prov.weights_sha256,
+        },
+    )
+
+
 class SuspectRegionWriter:
     """Regions the model may have invented, as a BINARY Segmentation with one segment.
 
@@ -120,17 +135,7 @@ class SuspectRegionWriter:
         return self.uids.series(self.name)
 
     def algorithm(self) -> hd.AlgorithmIdentificationSequence:
-        prov = self.provenance
-        return hd.AlgorithmIdentificationSequence(
-            name=_lo(prov.model_name),
-            version=_lo(prov.model_version),
-            family=codes.cid7162.ArtificialIntelligence,
-            source=_lo(f"{NODE_MANUFACTURER} {prov.node_version}"),
-            parameters={
-                "pipeline": f"{prov.pipeline} {prov.pipeline_version}",
-                "weights_sha256": prov.weights_sha256,
-            },
-        )
+        return _algorithm(self.provenance)
 
     def write(self, volume: Volume, mask: np.ndarray, out_dir: Path | None = None) -> Dataset:
         """One Segmentation of ``mask`` (boolean, shape of the volume).
@@ -254,9 +259,7 @@ class TumourExtentWriter:
                 raise ValueError(f"{owner}: mask {label!r} must be boolean (or 0/1)")
             masks.append(values.astype(np.uint8))
         prov = self.provenance
-        algorithm = SuspectRegionWriter(
-            provenance=prov, uids=self.uids, series_number=self.series_number
-        ).algorithm()
+        algorithm = _algorithm(prov)
         colours = (hd.color.CIELabColor(60.3, 98.2, -60.8), hd.color.CIELabColor(97.1, -21.6, 94.5))
         segments = [
             hd.seg.SegmentDescription(
