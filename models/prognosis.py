@@ -26,10 +26,11 @@ Method
     the test patients only from 0.937 to 0.938, below the plain FK fit and with the volume
     interval over-covering (1.00): not kept either; nor scoring also a fit started at the
     second-to-last visit, 0.923–0.926 on training.) The tumour probability
-    of a voxel is the members' weighted vote (weights ``exp(−score / temperature)``), the
-    predicted volume their weighted median, and its 90 % interval the weighted 5–95 %
-    range widened by a split-conformal factor — temperature and factor learned on training
-    patients (:func:`calibrate`).
+    of a voxel is the members' weighted vote (weights ``exp(−score / temperature)``),
+    Platt-scaled (:meth:`Calibration.probability`); the predicted volume their weighted
+    median, and its 90 % interval the weighted 5–95 % range widened by a split-conformal
+    factor — temperature, Platt scaling and factor learned on training patients
+    (:func:`models.evaluation.prognosis_eval.learn_calibration`).
 
 What it does not model: anything the Fisher–Kolmogorov equation does not (treatment,
 mass effect, anisotropic spread along tracts); the ensemble's spread and the conformal
@@ -46,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from scipy.special import expit
 
 from models.growth import grow, tissue_diffusivity
 from models.zoo import StoredCard, version_dir
@@ -60,6 +62,8 @@ SPEEDS_MM_PER_DAY = (0.01, 0.02, 0.035, 0.06, 0.1, 0.16)
 WIDTHS_MM = (0.7, 1.2, 2.0, 3.2)
 #: Predicted extent: a voxel whose tumour probability is at least this.
 EXTENT_PROBABILITY = 0.5
+#: A vote is clipped to [this, 1 − this] before Platt scaling (the logit stays finite).
+VOTE_CLIP = 1e-3
 
 _LOGIT_CORE = math.log(CORE_THRESHOLD / (1 - CORE_THRESHOLD))
 _LOGIT_WHOLE = math.log(WHOLE_THRESHOLD / (1 - WHOLE_THRESHOLD))
@@ -96,6 +100,12 @@ class Calibration:
     interval_factor: float = 1.0
     #: smallest half-width of the log-volume interval
     interval_floor: float = 0.05
+    #: Platt scaling of the members' weighted vote for the whole tumour:
+    #: ``p = σ(vote_scale · logit(vote) + vote_shift)`` (identity by default). A vote is not
+    #: a probability: the members are neighbours on one grid, so their agreement says too
+    #: little about the truth near the front.
+    vote_scale: float = 1.0
+    vote_shift: float = 0.0
     n_training: int = 0
     notes: dict[str, float] = field(default_factory=dict)
 
@@ -113,6 +123,15 @@ class Calibration:
         x = np.array([math.log(speed), math.log(width)]) - np.array(self.prior_mean)
         inv = np.linalg.inv(np.array(self.prior_cov) + 1e-6 * np.eye(2))
         return float(self.prior_weight * x @ inv @ x)
+
+    def probability(self, vote: np.ndarray) -> np.ndarray:
+        """The calibrated whole-tumour probability of the members' weighted ``vote`` (0 stays 0)."""
+        vote = np.asarray(vote, np.float32)
+        if self.vote_scale == 1.0 and self.vote_shift == 0.0:
+            return np.clip(vote, 0.0, 1.0)
+        q = np.clip(vote, VOTE_CLIP, 1.0 - VOTE_CLIP)
+        z = self.vote_scale * np.log(q / (1.0 - q)) + self.vote_shift
+        return np.where(vote > 0.0, expit(z), 0.0).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -287,7 +306,7 @@ def combine(
     half_hi = max(hi - centre, calibration.interval_floor) * calibration.interval_factor
     return Prognosis(
         day=day,
-        probability=np.clip(whole, 0.0, 1.0),
+        probability=calibration.probability(whole),
         core_probability=np.clip(core, 0.0, 1.0),
         volume_ml=float(math.exp(centre)),
         interval_ml=(float(math.exp(centre - half_lo)), float(math.exp(centre + half_hi))),

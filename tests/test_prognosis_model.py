@@ -99,6 +99,35 @@ def test_the_calibration_round_trips(tmp_path: Path) -> None:
     assert pg.Calibration.load(tmp_path / "calibration.json") == calibration
 
 
+def test_the_vote_scaling_is_monotone_keeps_zero_and_is_identity_by_default() -> None:
+    vote = np.array([0.0, 0.1, 0.42, 0.5, 0.9, 1.0], np.float32)
+    assert np.array_equal(pg.Calibration().probability(vote), vote)
+    scaled = pg.Calibration(vote_scale=0.8, vote_shift=0.3).probability(vote)
+    assert scaled[0] == 0.0 and np.all(np.diff(scaled) > 0) and scaled[-1] < 1.0
+    # a positive shift lowers the vote the extent needs: 0.42 is in, as σ(0.8·logit(0.42)+0.3) > 0.5
+    assert scaled[2] >= pg.EXTENT_PROBABILITY > vote[2]
+
+
+def test_the_vote_scaling_learns_a_known_logistic_link() -> None:
+    """Votes whose truth is drawn from σ(2·logit(vote) − 1): the Newton fit recovers 2 and −1."""
+    rng = np.random.default_rng(3)
+    shape = (40, 40, 40)
+    vote = rng.uniform(0.02, 0.98, shape).astype(np.float32)
+    truth = rng.uniform(size=shape) < 1.0 / (1.0 + np.exp(-(2.0 * np.log(vote / (1 - vote)) - 1.0)))
+    member_a = pg.Member(0.05, 1.2, 0.0, 0.0, np.zeros(shape, bool), np.zeros(shape, bool))
+    case = pe.Case(0, (), pg.Observation(10.0, truth, truth), box_anatomy(), np.ones(shape, bool), {})
+
+    real_combine = pg.combine
+
+    def fake_combine(members, calibration, day, spacing):  # type: ignore[no-untyped-def]
+        return replace(real_combine([member_a], calibration, day, spacing), probability=vote)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pg, "combine", fake_combine)
+        scale, shift = pe._vote_scaling([replace(case, members=(member_a,))], pg.Calibration())
+    assert scale == pytest.approx(2.0, abs=0.1) and shift == pytest.approx(-1.0, abs=0.1)
+
+
 def test_the_evaluation_reports_every_method_and_the_acceptance(grown: list[pg.Observation]) -> None:
     """The harness on two box patients (SIMULATED, tiny): every baseline and the model get
     the same inputs and every figure the issue asks for is reported."""
@@ -111,6 +140,7 @@ def test_the_evaluation_reports_every_method_and_the_acceptance(grown: list[pg.O
         cases.append(replace(case, members=tuple(members)))
     calibration = pe.learn_calibration(cases[:1], cases[1:])
     assert calibration.n_training == 2 and calibration.interval_factor > 0
+    assert math.isfinite(calibration.vote_scale) and calibration.vote_scale > 0
     results = pe.evaluate(cases, calibration)
     assert set(results["summary"]) == {"no change", "linear sphere", "linear volume", "FK fit", "model"}
     for figures in results["summary"].values():

@@ -111,9 +111,39 @@ def _brier(cases: Sequence[Case], calibration: pg.Calibration) -> float:
     return total / max(count, 1)
 
 
+def _vote_scaling(cases: Sequence[Case], calibration: pg.Calibration) -> tuple[float, float]:
+    """Platt scaling of the whole-tumour vote: the logistic regression of the truth on
+    ``logit(vote)`` over the voxels the members vote for or the truth holds (Newton steps)."""
+    xs, ys = [], []
+    for case in cases:
+        vote = pg.combine(
+            case.members,
+            replace(calibration, vote_scale=1.0, vote_shift=0.0),
+            case.follow_up.day,
+            case.anatomy.spacing_mm,
+        ).probability
+        truth = case.follow_up.whole
+        open_q = (vote > 0.0) | truth
+        q = np.clip(vote[open_q].astype(np.float64), pg.VOTE_CLIP, 1.0 - pg.VOTE_CLIP)
+        xs.append(np.log(q / (1.0 - q)))
+        ys.append(truth[open_q].astype(np.float64))
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    design = np.stack([x, np.ones_like(x)], axis=1)
+    beta = np.array([1.0, 0.0])
+    for _ in range(50):
+        p = 1.0 / (1.0 + np.exp(-(design @ beta)))
+        w = p * (1.0 - p) + 1e-9
+        step = np.linalg.solve(design.T @ (design * w[:, None]) + 1e-6 * np.eye(2), design.T @ (y - p))
+        beta = beta + step
+        if float(np.abs(step).max()) < 1e-8:
+            break
+    return float(beta[0]), float(beta[1])
+
+
 def learn_calibration(fit_cases: Sequence[Case], conformal_cases: Sequence[Case]) -> pg.Calibration:
     """Population prior, its weight and the temperature on ``fit_cases`` (weight and temperature:
-    the lowest Brier score); interval factor on ``conformal_cases``."""
+    the lowest Brier score), then the vote's Platt scaling on the same patients; interval
+    factor on ``conformal_cases``."""
     best = [min(c.members, key=lambda m: m.misfit) for c in fit_cases]
     x = np.array([[math.log(m.speed), math.log(m.width)] for m in best])
     mean = x.mean(axis=0)
@@ -127,6 +157,8 @@ def learn_calibration(fit_cases: Sequence[Case], conformal_cases: Sequence[Case]
     scores = {(w, t): _brier(fit_cases, replace(base, prior_weight=w, temperature=t)) for w, t in grid}
     weight, temperature = min(scores, key=lambda k: scores[k])
     chosen = replace(base, prior_weight=weight, temperature=temperature, interval_factor=1.0)
+    scale, shift = _vote_scaling(fit_cases, chosen)
+    chosen = replace(chosen, vote_scale=scale, vote_shift=shift)
     # split conformal: the factor by which the ensemble's own 90 % log-volume interval must
     # be widened to hold the truth in 90 % of the calibration patients
     ratios = []
@@ -387,7 +419,9 @@ def write_zoo(
         training_data=_TRAINING_DATA.format(n=len(train), seeds=_seed_range(train)),
         calibration=(
             f"population prior over (log speed, log width), prior weight and ensemble temperature by Brier "
-            f"score on {n_prior} training patients; 5-95% log-volume range widened by a split-conformal "
+            f"score on {n_prior} training patients, then Platt scaling of the members' vote "
+            f"(scale {calibration.vote_scale:.3f}, shift {calibration.vote_shift:.3f}) on the same patients; "
+            f"5-95% log-volume range widened by a split-conformal "
             f"factor on {len(train) - n_prior} others"
         ),
         metrics={
@@ -432,6 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         help="also write a zoo version directory (card.json, calibration.json, evaluation.json)",
     )
+    parser.add_argument("--version", default="1.0", help="the version the --zoo card names")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -450,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     (args.out / "evaluation.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
     if args.zoo is not None:
-        write_zoo(args.zoo, calibration, results)
+        write_zoo(args.zoo, calibration, results, args.version)
     print(f"{SIMULATED}\n")
     head = ("Dice", "HD95", "core", "vol err", "call", "ECE", "cov90")
     print(f"{'method':15} " + " ".join(f"{h:>6}" for h in head))
