@@ -65,6 +65,7 @@ from pipelines.base import (
 )
 from pipelines.encode import _card_facts
 from pipelines.provenance import OutputProvenance
+from pipelines.registration import resample_onto
 from pipelines.stages import Context
 from pipelines.steps import MR_CLASSES, Gate, made_by_this_node, written_by_this_node
 from pipelines.uids import UidFactory, job_key
@@ -164,34 +165,6 @@ def _study_day(value: Any, what: str) -> date:
         return date(int(text[:4]), int(text[4:6]), int(text[6:8]))
     except ValueError:
         raise InputRefused("prognosis", None, [f"{what} has no valid Study Date ({text!r})"]) from None
-
-
-def _resample_like(volume: Volume, array: np.ndarray, reference: Volume, *, order: int = 1) -> np.ndarray:
-    """``array`` (on ``volume``'s grid) on ``reference``'s grid, by patient coordinates."""
-    if (
-        volume.array.shape == reference.array.shape
-        and np.allclose(volume.orientation, reference.orientation, atol=1e-4)
-        and np.allclose(
-            [s.position for s in volume.slices], [s.position for s in reference.slices], atol=0.01
-        )
-    ):
-        return np.asarray(array, np.float32)
-    import SimpleITK as sitk
-
-    from pipelines.registration import to_sitk
-
-    moving = to_sitk(volume)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
-    image.CopyInformation(moving)
-    out = sitk.Resample(
-        image,
-        to_sitk(reference),
-        sitk.Transform(),
-        sitk.sitkLinear if order else sitk.sitkNearestNeighbor,
-        0.0,
-        sitk.sitkFloat32,
-    )
-    return sitk.GetArrayFromImage(out)
 
 
 # -- the visits --------------------------------------------------------------------------------
@@ -408,7 +381,7 @@ class PrognosisPipeline:
         visits, notes = prior_visits(env.registered_priors, current_day)
         if not visits:  # refused before any segmentation or model runs
             raise InputRefused(self.label, t1c.series_uid, [_NO_PRIORS, *(notes or [_NONE_REGISTERED])])
-        flair_on_t1c = _resample_like(flair, flair.array, t1c)
+        flair_on_t1c = resample_onto(flair, flair.array, t1c)
         now = self.segment_visit(t1c.array, flair_on_t1c, t1c.spacing)
         if not now.ok:
             raise InputRefused(self.label, t1c.series_uid, [f"current visit: {p}" for p in now.problems])
@@ -546,8 +519,8 @@ class PrognosisPipeline:
                 name = "T1c" if key == "t1c" else "FLAIR"
                 mean, sigma = images[key].mean, images[key].sigma
                 if source is flair:  # back onto the FLAIR's own grid (a no-op when they share it)
-                    mean = _resample_like(t1c, mean, flair)
-                    sigma = np.maximum(_resample_like(t1c, sigma, flair), 0.0)
+                    mean = resample_onto(t1c, mean, flair)
+                    sigma = np.maximum(resample_onto(t1c, sigma, flair), 0.0)
                 written += DerivedImageWriter(
                     provenance=provenance,
                     uids=uids,

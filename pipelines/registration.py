@@ -296,6 +296,32 @@ def to_sitk(volume: Volume) -> sitk.Image:
     return image
 
 
+def resample_onto(volume: Volume, array: np.ndarray, reference: Volume, *, order: int = 1) -> np.ndarray:
+    """``array`` (on ``volume``'s grid) on ``reference``'s grid, by patient coordinates
+    (trilinear, ``order=0``: nearest); unchanged when the two grids are the same. Both volumes
+    must be on one Frame of Reference (the caller checks: no registration happens here)."""
+    if (
+        volume.array.shape == reference.array.shape
+        and np.allclose(volume.orientation, reference.orientation, atol=1e-4)
+        and np.allclose(
+            [s.position for s in volume.slices], [s.position for s in reference.slices], atol=0.01
+        )
+    ):
+        return np.asarray(array, np.float32)
+    moving = to_sitk(volume)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+    image.CopyInformation(moving)
+    out = sitk.Resample(
+        image,
+        to_sitk(reference),
+        sitk.Transform(),
+        sitk.sitkLinear if order else sitk.sitkNearestNeighbor,
+        0.0,
+        sitk.sitkFloat32,
+    )
+    return sitk.GetArrayFromImage(out)
+
+
 def _like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     image = sitk.GetImageFromArray(array)
     image.CopyInformation(reference)

@@ -253,17 +253,17 @@ def test_probability_map_and_extent_seg_are_told_apart(tmp_path: Path) -> None:
 
 def test_a_flair_on_another_grid_is_resampled_by_patient_coordinates(tmp_path: Path) -> None:
     """A FLAIR whose slices are not the T1c's comes onto the T1c grid by position (and back)."""
-    from pipelines.prognosis import _resample_like
+    from pipelines.registration import resample_onto
     from pipelines.volume import load_series
 
     study = simulated_ct(tmp_path / "ct")
     files = sorted(p for p in (tmp_path / "ct").rglob("*.dcm"))
     part = load_series([pydicom.dcmread(p) for p in files[5:20]])
-    assert _resample_like(study, study.array, study) is not None
-    on_part = _resample_like(study, study.array, part)
+    assert resample_onto(study, study.array, study) is not None
+    on_part = resample_onto(study, study.array, part)
     assert on_part.shape == part.array.shape
     assert np.allclose(on_part, part.array, atol=0.5)  # the same slices, found by position
-    back = _resample_like(part, part.array, study)
+    back = resample_onto(part, part.array, study)
     z = [s.position[2] for s in study.slices]
     inside = [
         k
