@@ -61,6 +61,8 @@ REFUSED_IMAGE_TYPE_VALUES = frozenset(
 #: inversion-prepared T1 (e.g. MPRAGE, TR about 2000 ms) is not: no model here saw one.
 CONTRAST_RULES: dict[str, tuple[str, Callable[[float, float], bool]]] = {
     "t1w": ("T1-weighted (TR < 1000 ms and TE < 30 ms)", lambda tr, te: tr < 1000.0 and te < 30.0),
+    # T2-weighted spin echo: long TR and long TE (the simulator's T2w is TR 4000, TE 100).
+    "t2w": ("T2-weighted (TR >= 2000 ms and TE >= 60 ms)", lambda tr, te: tr >= 2000.0 and te >= 60.0),
 }
 
 #: Whole words of a description that name a body region (for a series without Body Part

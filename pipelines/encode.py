@@ -92,6 +92,7 @@ def write_outputs(
     synthetic_data_element: bool = True,
     output_modality: str | None = None,
     output_units: str | None = None,
+    output_contrast: str | None = None,
     out_dir: Path | None = None,
     release_pixels: bool = False,
 ) -> OutputSet:
@@ -125,6 +126,9 @@ def write_outputs(
         The derived series' IOD and the units of ``derived`` (and of ``uncertainty``), e.g.
         ``"CT"`` / ``"HU"`` for a synthetic CT from an MR; default the volume's (see
         :class:`DerivedImageWriter`).
+    output_contrast
+        The MR contrast of ``derived`` when it is not the source's (``"FLAIR"`` synthesised on
+        a T1w's grid; see :class:`DerivedImageWriter`).
     out_dir
         When given, all objects are saved there (see :func:`save`).
     release_pixels
@@ -161,6 +165,7 @@ def write_outputs(
         synthetic_data_element=synthetic_data_element,
         output_modality=output_modality,
         units=output_units,
+        contrast=output_contrast,
     ).write(volume, derived)
     done(images)
     sigma = UncertaintyMapWriter(provenance=provenance, uids=uids, series_number=n + 1, units=units).write(
@@ -246,6 +251,8 @@ class Encode:
     output_modality: str | None = None
     #: Units of the prediction (e.g. "HU"); None: the source volume's units.
     output_units: str | None = None
+    #: The MR contrast of the prediction when not the source's (synthesis: "FLAIR").
+    output_contrast: str | None = None
     name: str = "encode"
 
     def run(self, ctx: Context) -> Context:
@@ -286,6 +293,7 @@ class Encode:
             first_series_number=self.first_series_number,
             output_modality=self.output_modality,
             output_units=self.output_units,
+            output_contrast=self.output_contrast,
             out_dir=ctx.env.workdir,
             release_pixels=True,  # each object is on disk before the next is made
         )

@@ -3,7 +3,9 @@
 The pixels come from :func:`models.sim.synthesis.make_study`; the slice headers are the paired
 MR / CT simulator's (:func:`dicom_node.lab.simulate.mr_slice`), completed for inversion recovery
 (FLAIR). One study, one Frame of Reference and one slice geometry for every series; every Study
-and Series Description says ``SIMULATED`` and every instance carries Synthetic Data ``YES``.
+and Series Description says ``SIMULATED`` and every Image Comments says so. Synthetic Data is not
+set: the acquired series stand in for a scanner's (as the other simulators' do), and a node
+ignores Synthetic Data YES series as another AI's output.
 
 Layout::
 
@@ -122,7 +124,6 @@ def _complete_header(ds: Dataset, protocol: SpinEcho | InversionRecovery, refere
         ds.ScanningSequence = ["SE", "IR"]
         ds.InversionTime = f"{protocol.ti_ms:g}"
         ds.SequenceName = "SIM_IR_FLAIR"
-    ds.SyntheticData = "YES"
     ds.ImageComments = "SIMULATED image (dicom-node models.sim.synthesis), not an acquisition." + (
         " Reference contrast kept aside for evaluating synthesis only." if reference else ""
     )

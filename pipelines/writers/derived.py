@@ -202,6 +202,13 @@ class DerivedImageWriter:
         Only a CT may be made from a source of another modality.
     units
         Units of the written array (``"HU"``); default the source volume's units.
+    contrast
+        The MR contrast the pixels show when it is not the source's (a synthesised FLAIR
+        made on a T1w's grid: ``"FLAIR"``). Nothing was acquired with that contrast, so
+        none of the source's acquisition is claimed: Scanning Sequence ``RM`` (research
+        mode: no acquisition sequence), Sequence Variant ``NONE``, repetition / echo /
+        inversion times, flip angle and sequence name empty or absent, no Contrast/Bolus
+        module; Image Comments say what it was made from.
     """
 
     kind: ClassVar[str] = KIND_DERIVED
@@ -219,8 +226,12 @@ class DerivedImageWriter:
         synthetic_data_element: bool = True,
         output_modality: str | None = None,
         units: str | None = None,
+        contrast: str | None = None,
     ) -> None:
         owner = type(self).__name__
+        if contrast is not None and (output_modality not in (None, "MR") or not contrast.strip()):
+            raise ValueError(f"{owner}: argument 'contrast' names the contrast of an MR output")
+        self.contrast = contrast.strip() if contrast else None
         self.synthetic_data_element = bool(synthetic_data_element)
         if output_modality not in (None, "CT", "MR"):
             raise ValueError(
@@ -367,6 +378,11 @@ class DerivedImageWriter:
             if cross
             else ""
         )
+        if self.contrast:
+            made_from = (
+                f"{self.contrast} synthesized on the grid of MR series {volume.series_uid} "
+                "(see Derivation Description for every input); not acquired. "
+            )
         ds.ImageComments = (
             ("AI-generated (synthetic) image, not acquired. " if prov.synthetic else "AI-processed image. ")
             + made_from
@@ -394,7 +410,7 @@ class DerivedImageWriter:
             ds.SpacingBetweenSlices = _ds(volume.spacing[0])
         if "SliceLocation" in source and ref.frame_number is None and not volume.resampled:
             ds.SliceLocation = source.SliceLocation  # vendor-defined: copied, not recomputed
-        if not cross:
+        if not cross and not self.contrast:
             _copy_contrast(ds, source)
         # Modality-specific acquisition facts (copied, never invented; for pixels of another
         # modality than the acquisition there are none: Type 2, written empty)
@@ -405,6 +421,9 @@ class DerivedImageWriter:
             kvp = None if cross else _frame_value(source, frame, "KVP", "CTXRayDetailsSequence")
             ds.KVP = kvp if kvp is not None else ""
             ds.AcquisitionNumber = acquisition if acquisition is not None else ""
+        elif self.contrast:
+            self._no_acquisition(ds, source)
+            ds.AcquisitionNumber = ""
         else:
             self._mr_attributes(ds, source, frame)
             ds.AcquisitionNumber = acquisition if acquisition is not None else ""
@@ -433,6 +452,16 @@ class DerivedImageWriter:
             if item is not None and "ImagePositionPatient" in item:
                 return list(item.ImagePositionPatient)
         return [_ds(v) for v in ref.position]
+
+    @staticmethod
+    def _no_acquisition(ds: Dataset, source: Dataset) -> None:
+        """The MR Image module of a synthesised contrast: no sequence was run for it."""
+        ds.ScanningSequence = "RM"
+        ds.SequenceVariant = "NONE"
+        for keyword in ("ScanOptions", "MRAcquisitionType", "RepetitionTime", "EchoTime", "EchoTrainLength"):
+            setattr(ds, keyword, "")
+        if "MagneticFieldStrength" in source:
+            ds.MagneticFieldStrength = source.MagneticFieldStrength
 
     @staticmethod
     def _mr_attributes(ds: Dataset, source: Dataset, frame: int | None) -> None:
