@@ -2,6 +2,11 @@
 
 ``python -m models.training.synthesis --task "t1w+t2w->flair" --out DIR --minutes 40``
 
+``python -m models.training.synthesis --recalibrate models/zoo/synthesis-t1w-t2w-to-flair/1.0
+--out DIR --version 1.1`` keeps a model's weights (copied, same sha256) and recomputes only its
+conformal scales (:func:`recalibrate`), under the current :class:`SynthesisTrainConfig`
+σ rule.
+
 Data: :func:`models.sim.synthesis.make_study` at the evaluation harness's training seeds
 (:data:`models.evaluation.synthesis_eval.TRAIN_SEEDS`; the harness's test seeds are refused):
 the first ``train`` fit the network, the last ``calib`` (disjoint) fit the conformal scales.
@@ -12,25 +17,60 @@ Loss: L1 of the target inside the brain, lesion voxels weighted ``lesion_weight`
 (lesion-aware: a lesion the inputs show must not be averaged away), plus the Gaussian
 negative log-likelihood of the error under the predicted variance with the mean detached.
 Batches: whole 2.5-D slices, left/right flips, input intensity jitter ±5 %.
+
+Calibration (:func:`calibrate`): on the calibration studies, with the brain mask from the
+inputs as at run time, the split-conformal 90 % scale of ``|reference − mean| / σ`` per group
+of :func:`models.synthesis.sigma_groups` (σ first widened where the T2w is hyperintense).
+The σ rule's values (:data:`SIGMA_RULE`: T2w threshold 1.2 white-matter units, widening
+weight 3.0, brain edge 2 voxels) were chosen on the 50 free training-role seeds 20150-20199
+with the scales fitted on 20120-20149: the brain coverage closest to 0.90 with the highest
+lesion coverage among thresholds 1.2-1.5 and weights 0.3-5 (the labels of those studies were
+used to score the choice, never to assign a group).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from models.restoration import sha256_of
-from models.synthesis import GROUPS, SynthesisArchitecture, SynthesisCard, groups_of, stack_inputs
+from models.restoration import load_network, sha256_of
+from models.synthesis import (
+    SigmaGroups,
+    SigmaRule,
+    SynthesisArchitecture,
+    SynthesisCard,
+    sigma_groups,
+    stack_inputs,
+    widened_sigma,
+)
 from models.synthesis_norm import brain_mask, normalise_inputs, normalise_target, task_contrasts
 from models.training.restoration import conformal_sigma_scale
+
+#: The σ rule of new cards (chosen on free training-role seeds; see the module docstring).
+SIGMA_RULE = SigmaRule(t2w_threshold=1.2, t2w_excess_weight=3.0, edge_px=2)
+#: The series a synthesis model may be given (``pipelines.domain.InputDomain``); the input
+#: contrasts are the card's ``task``. The T1w series is the reference every task has.
+INPUT_DOMAIN: dict[str, object] = {
+    "modality": "MR",
+    "sop_classes": ["1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1"],
+    "image_type": ["ORIGINAL", "PRIMARY"],
+    "orientation": "axial",
+    "pixel_spacing_mm": [0.4, 2.5],
+    "slice_thickness_mm": [0.8, 6.0],
+    "image_size_px": [64, 1024],
+    "body_parts": ["HEAD", "BRAIN"],
+    "sequence": "t1w",
+    "image_check": "mr-head",
+}
 
 
 @dataclass(frozen=True)
@@ -51,6 +91,7 @@ class SynthesisTrainConfig:
     strides: tuple[int, ...] = (2, 2, 2)
     name: str = ""
     version: str = "1.0"
+    sigma_rule: SigmaRule = SIGMA_RULE
 
 
 @dataclass
@@ -61,13 +102,17 @@ class Prepared:
     y: np.ndarray  # (slices, H, W) target in white-matter units
     brain: np.ndarray
     lesion: np.ndarray
-    groups: np.ndarray
+    groups: SigmaGroups
 
 
-def prepare(seed: int, task: str) -> Prepared:
-    from models.sim.synthesis import make_study
+def prepare(
+    seed: int, task: str, rule: SigmaRule = SIGMA_RULE, *, size: int | None = None, slices: int | None = None
+) -> Prepared:
+    """One simulated study as training and calibration see it (``size``/``slices``: the
+    simulator's defaults unless given)."""
+    from models.sim.synthesis import DEFAULT_SIZE, DEFAULT_SLICES, make_study
 
-    study = make_study(seed)
+    study = make_study(seed, size=size or DEFAULT_SIZE, slices=slices or DEFAULT_SLICES)
     inputs, target = task_contrasts(task)
     brain = brain_mask(study.images["t1w"], study.spacing_mm)
     norm = normalise_inputs({c: study.images[c] for c in inputs}, brain)
@@ -77,7 +122,7 @@ def prepare(seed: int, task: str) -> Prepared:
         y=np.where(brain, y, 0.0).astype(np.float32),
         brain=brain,
         lesion=study.lesion_labels > 0,
-        groups=groups_of(norm.images["t1w"]),
+        groups=sigma_groups(norm.images, brain, rule),
     )
 
 
@@ -103,6 +148,60 @@ def _batch(
         torch.from_numpy(np.stack(xs)),
         torch.from_numpy(np.stack(ys)[:, None]),
         torch.from_numpy(np.stack(ws)[:, None]),
+    )
+
+
+def calibrate(
+    net: torch.nn.Module, calib: Sequence[Prepared], rule: SigmaRule
+) -> tuple[dict[str, float], float]:
+    """Split-conformal 90 % σ scale per group (:func:`models.synthesis.sigma_groups`) on the
+    calibration studies, and their MAE in the brain (white-matter units).
+
+    A group that no calibration voxel falls in keeps the scale 1.0.
+    """
+    ratios: dict[str, list[np.ndarray]] = {}
+    errors = []
+    for p in calib:
+        mean, sigma = _predict(net, p)
+        err = np.abs(np.maximum(mean, 0.0) - p.y)
+        errors.append(err[p.brain])
+        sigma = widened_sigma(sigma, p.groups, rule)
+        for i, g in enumerate(p.groups.names):
+            sel = p.brain & (p.groups.index == i)
+            ratios.setdefault(g, []).append(err[sel] / np.maximum(sigma[sel], 1e-4))
+    scales = {
+        g: round(conformal_sigma_scale(r), 6) if sum(len(x) for x in r) else 1.0 for g, r in ratios.items()
+    }
+    return scales, float(np.mean(np.concatenate(errors)))
+
+
+def calibration_text(rule: SigmaRule, studies: int, task: str) -> str:
+    """The card's ``calibration``: the groups and how their scales were fitted."""
+    inputs, _ = task_contrasts(task)
+    groups = "csf-like (< 0.65), grey-like (0.65-0.92), white-like (>= 0.92) by normalised T1w"
+    if rule.t2w_threshold is not None and "t2w" in inputs:
+        groups += (
+            f"; t2w-hyperintense: non-CSF-like brain with normalised T2w > {rule.t2w_threshold:g}, "
+            f"sigma first widened by {rule.t2w_excess_weight:g} x (T2w - {rule.t2w_threshold:g})"
+        )
+    if rule.edge_px:
+        groups += f"; brain-edge: within {rule.edge_px} in-plane voxels of the brain mask's border"
+    return (
+        f"split conformal per group on {studies} simulated studies (brain mask from the T1w as at "
+        f"run time): mean +/- 1.645 sigma covers 90% of each group. Groups from the inputs only: {groups}"
+    )
+
+
+def intended_use(task: str) -> str:
+    """The card's ``intended_use`` for a task."""
+    inputs, target = task_contrasts(task)
+    return (
+        f"Research use only: a synthetic {target.upper()} of the brain from "
+        f"{'+'.join(c.upper() for c in inputs)} when the study lacks it, with calibrated sigma, "
+        "for the synthesis pipeline. Not acquired: every image is marked synthetic and must be "
+        "reviewed against the acquired series before it is read; never a substitute for "
+        "acquiring the contrast. Below the acceptance of issue 18 for lesion detection (see "
+        "docs/synthesis.md)."
     )
 
 
@@ -160,21 +259,10 @@ def train(config: SynthesisTrainConfig, out_dir: Path) -> SynthesisCard:
                 flush=True,
             )
     net.eval()
-    ratios: dict[str, list[np.ndarray]] = {g: [] for g in GROUPS}
-    errors = []
-    for p in calib:
-        mean, sigma = _predict(net, p)
-        err = np.abs(np.maximum(mean, 0.0) - p.y)
-        errors.append(err[p.brain])
-        for i, g in enumerate(GROUPS):
-            sel = p.brain & (p.groups == i)
-            ratios[g].append(err[sel] / np.maximum(sigma[sel], 1e-4))
-    scales = {g: round(conformal_sigma_scale(r), 6) for g, r in ratios.items()}
-    mae = float(np.mean(np.concatenate(errors)))
+    scales, mae = calibrate(net, calib, config.sigma_rule)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / "weights.safetensors"
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
-    inputs_label = "+".join(c.upper() for c in inputs)
     name = config.name or "synthesis-" + config.task.replace("+", "-").replace("->", "-to-")
     card = SynthesisCard(
         name=name,
@@ -182,33 +270,88 @@ def train(config: SynthesisTrainConfig, out_dir: Path) -> SynthesisCard:
         weights_file=weights.name,
         weights_sha256=sha256_of(weights),
         architecture={"channels": list(config.channels), "strides": list(config.strides), "num_res_units": 1},
-        intended_use=(
-            f"Research use: a synthetic {target.upper()} of the brain from {inputs_label} when the study "
-            "lacks it, with calibrated sigma; for reading only after review. Not acquired."
-        ),
+        intended_use=intended_use(config.task),
         training_data=(
             f"SIMULATED only: {len(fit)} models.sim.synthesis studies (seeds {fit_seeds[0]}-"
             f"{fit_seeds[-1]}), conformal scales on {len(calib)} more ({calib_seeds[0]}-{calib_seeds[-1]})"
         ),
-        calibration=(
-            f"split conformal per tissue group on {len(calib)} simulated studies: "
-            "mean +/- 1.645 sigma covers 90%"
-        ),
+        calibration=calibration_text(config.sigma_rule, len(calib), config.task),
         metrics={
             "calibration-set MAE in brain (white-matter units)": f"{mae:.4f}",
         },
         training={
-            **{k: v for k, v in asdict(config).items() if k not in ("channels", "strides")},
+            **{k: v for k, v in asdict(config).items() if k not in ("channels", "strides", "sigma_rule")},
             "steps": step,
             "seconds": round(time.monotonic() - started),
         },
-        input_domain={"modality": "MR", "body_parts": ["HEAD", "BRAIN"], "inputs": list(inputs)},
+        input_domain=dict(INPUT_DOMAIN),
         task=config.task,
         sigma_scales=scales,
+        sigma_rule=config.sigma_rule.to_card(),
     )
     card.write_to(out_dir)
     (out_dir / "losses.json").write_text(json.dumps(losses[::50]))
     return card
+
+
+def recalibrate(
+    source: Path,
+    out_dir: Path,
+    version: str,
+    *,
+    rule: SigmaRule = SIGMA_RULE,
+    calib: int | None = None,
+    size: int | None = None,
+    slices: int | None = None,
+) -> SynthesisCard:
+    """A new version of the model in ``source`` with the same weights and new conformal scales.
+
+    The weights are checked against the card's sha256 and copied unchanged; the calibration
+    studies are the training-role seeds right after the ones it was trained on (as
+    :func:`train` chose them), ``calib`` of them (default: as many as it was calibrated on).
+    ``size``/``slices`` shrink the simulated grid (tests). Writes ``card.json`` and the weights
+    into ``out_dir`` (which must not be ``source``).
+    """
+    from models.evaluation.synthesis_eval import TEST_SEEDS, TRAIN_SEEDS
+
+    source, out_dir = Path(source), Path(out_dir)
+    if out_dir.resolve() == source.resolve():
+        raise ValueError(f"--out {out_dir} is the model being recalibrated: give a new version directory")
+    card = SynthesisCard.read_from(source)
+    weights = card.verified_weights(source)
+    trained_on = int(card.training.get("train", 120))
+    count = calib if calib is not None else int(card.training.get("calib", 30))
+    seeds = list(TRAIN_SEEDS[trained_on : trained_on + count])
+    if len(seeds) < count or set(seeds) & set(TEST_SEEDS):
+        raise ValueError(f"no {count} calibration seeds after the {trained_on} training seeds")
+    inputs, _ = task_contrasts(card.task)
+    a = card.architecture
+    arch = SynthesisArchitecture(
+        len(inputs), tuple(a["channels"]), tuple(a["strides"]), int(a.get("num_res_units", 1))
+    )
+    net = load_network(arch.build(), weights)
+    studies = [prepare(s, card.task, rule, size=size, slices=slices) for s in seeds]
+    scales, mae = calibrate(net, studies, rule)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    copied = out_dir / card.weights_file
+    shutil.copyfile(weights, copied)
+    if sha256_of(copied) != card.weights_sha256:
+        raise RuntimeError(f"{copied}: the copy's sha256 differs from the card's")
+    fit = card.training_data.split(", conformal scales")[0]
+    new = replace(
+        card,
+        version=version,
+        intended_use=intended_use(card.task),
+        training_data=f"{fit}, conformal scales on {len(seeds)} more ({seeds[0]}-{seeds[-1]})",
+        calibration=calibration_text(rule, len(seeds), card.task),
+        metrics={"calibration-set MAE in brain (white-matter units)": f"{mae:.4f}"},
+        training={**card.training, "recalibrated_from": card.version},
+        input_domain=dict(INPUT_DOMAIN),
+        sigma_scales=scales,
+        sigma_rule=rule.to_card(),
+    )
+    new.write_to(out_dir)
+    return new
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -218,9 +361,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=40.0)
     parser.add_argument("--train", type=int, default=120)
     parser.add_argument("--calib", type=int, default=30)
+    parser.add_argument(
+        "--recalibrate",
+        type=Path,
+        metavar="MODEL_DIR",
+        help="keep this model's weights; recompute its scales",
+    )
+    parser.add_argument("--version", default="1.0", help="version of the card written")
     args = parser.parse_args(argv)
-    config = SynthesisTrainConfig(task=args.task, minutes=args.minutes, train=args.train, calib=args.calib)
-    card = train(config, args.out)
+    if args.recalibrate is not None:
+        try:
+            card = recalibrate(args.recalibrate, args.out, args.version, calib=args.calib)
+        except (ValueError, FileNotFoundError) as exc:
+            parser.error(str(exc))
+    else:
+        config = SynthesisTrainConfig(
+            task=args.task, minutes=args.minutes, train=args.train, calib=args.calib, version=args.version
+        )
+        card = train(config, args.out)
     print(
         json.dumps({"name": card.name, "sigma_scales": card.sigma_scales, "metrics": card.metrics}, indent=1)
     )
