@@ -20,6 +20,7 @@ _PIPELINES: dict[str, str] = {
     "restoration": "pipelines.restoration:restoration",
     "sct": "pipelines.sct:sct",
     "prognosis": "pipelines.prognosis:prognosis",
+    "synthesis": "pipelines.synthesis:synthesis",
 }
 
 #: The learned model (zoo name) each pipeline runs; pipelines without one are absent.
@@ -27,6 +28,7 @@ MODEL_OF: dict[str, str] = {
     "restoration": "ldct-restoration",
     "sct": "sct-head",
     "prognosis": "prognosis-growth",
+    "synthesis": "synthesis-t1w-t2w-to-flair",
 }
 
 #: The shipped non-AI pipeline for the task of a learned pipeline (a rule's ``fallback:

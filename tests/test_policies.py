@@ -508,10 +508,10 @@ MALFORMED = [
         id="missing-pipeline",
     ),
     pytest.param(
-        "mode: first-match\nrules:\n  - name: follow-up\n    pipeline: synthesis\n    destinations: [pacs]\n",
+        "mode: first-match\nrules:\n  - name: seg\n    pipeline: segmentation\n    destinations: [pacs]\n",
         [
-            "p.yaml:4: rules[0].pipeline: unknown pipeline 'synthesis' "
-            "(available: denoise-classical, forward, prognosis, restoration, sct)"
+            "p.yaml:4: rules[0].pipeline: unknown pipeline 'segmentation' "
+            "(available: denoise-classical, forward, prognosis, restoration, sct, synthesis)"
         ],
         id="unknown-pipeline",
     ),
@@ -656,10 +656,10 @@ MALFORMED = [
         id="unsupported-version",
     ),
     pytest.param(
-        "mode: first-match\nrules:\n  - name: r1\n    pipeline: synthesis\n    destinations: [pacs]\n"
+        "mode: first-match\nrules:\n  - name: r1\n    pipeline: segmentation\n    destinations: [pacs]\n"
         "  - name: r2\n    pipeline: forward\n    destinations: [pacs]\n    gate: later\n",
         [
-            "p.yaml:4: rules[0].pipeline: unknown pipeline 'synthesis'",
+            "p.yaml:4: rules[0].pipeline: unknown pipeline 'segmentation'",
             "p.yaml:9: rules[1].gate: Input should be 'auto', 'review' or 'shadow'",
         ],
         id="every-problem-reported",
@@ -921,6 +921,7 @@ def test_default_policy_loads() -> None:
         "low-dose-ct-restoration",
         "mr-planning-sct",
         "brain-tumour-prognosis",
+        "brain-mr-missing-flair",
     ]
     rule = loaded.policy.rules[0]
     assert (rule.pipeline, rule.destinations, rule.gate) == ("restoration", ("pacs",), "auto")
@@ -936,6 +937,12 @@ def test_default_policy_loads() -> None:
         "refuse",
         "rigid",
     )
+    synthesis = loaded.policy.rules[3]
+    assert (synthesis.pipeline, synthesis.gate, synthesis.fallback) == ("synthesis", "review", "nothing")
+    # the pipeline reads its inputs by the same patterns the rule matches on
+    assert synthesis.options["protocol_t1w"] == synthesis.match.series_description
+    assert synthesis.options["protocol_t2w"] == synthesis.match.has_series
+    assert synthesis.options["protocol_flair"] == synthesis.match.lacks_series
 
 
 def test_default_policy_needs_an_archive_for_the_prognosis_priors() -> None:
@@ -992,6 +999,58 @@ def test_default_policy_needs_a_tps_destination() -> None:
             [],
             "series t1c: modality in ['CT']",
             id="brain-t1c-without-flair",
+        ),
+        pytest.param(
+            study(
+                series("t1", "MR", "T1W SE AXIAL", "BRAIN"),
+                series("t2", "MR", "T2 TSE AXIAL", "BRAIN"),
+                calling_ae="MR_SCANNER",
+            ),
+            ["brain-mr-missing-flair"],
+            "series t1: modality in ['CT']",
+            id="brain-mr-without-flair",
+        ),
+        pytest.param(
+            study(
+                series("t1", "MR", "T1W SE AXIAL", "BRAIN"),
+                series("t2", "MR", "T2 TSE AXIAL", "BRAIN"),
+                series("t1c", "MR", "T1 SE POST GD AXIAL", "BRAIN"),
+                calling_ae="MR_SCANNER",
+            ),
+            ["brain-mr-missing-flair"],
+            "series t1: modality in ['CT']",
+            id="brain-mr-with-t1c-without-flair",
+        ),
+        pytest.param(
+            study(
+                series("t1", "MR", "T1W SE AXIAL", "BRAIN"),
+                series("t2", "MR", "T2 TSE AXIAL", "BRAIN"),
+                series("flair", "MR", "T2 FLAIR AXIAL", "BRAIN"),
+                calling_ae="MR_SCANNER",
+            ),
+            [],
+            "series t1: modality in ['CT']",
+            id="brain-mr-with-every-expected-contrast",
+        ),
+        pytest.param(
+            study(
+                series("t1", "MR", "T1 SE POST GD AXIAL", "BRAIN"),
+                series("t2", "MR", "T2 TSE AXIAL", "BRAIN"),
+                calling_ae="MR_SCANNER",
+            ),
+            [],
+            "series t1: modality in ['CT']",
+            id="brain-mr-without-a-native-t1",
+        ),
+        pytest.param(
+            study(
+                series("t1", "MR", "T1 TSE SAG", "KNEE"),
+                series("t2", "MR", "T2 TSE COR", "KNEE"),
+                calling_ae="MR_SCANNER",
+            ),
+            [],
+            "series t1: modality in ['CT']",
+            id="knee-mr-without-flair",
         ),
         pytest.param(
             study(series(description="LOW DOSE CHEST")),
