@@ -542,6 +542,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--choose", action="store_true", help="also rerun the constants' choice (seeds 20150-20199)"
     )
+    parser.add_argument(
+        "--t1w-model", type=Path, help="a T1w-only network (task t1w->flair) for the T1w-alone variant"
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.test <= len(TEST_SEEDS):
         parser.error(f"--test {args.test}: choose 1-{len(TEST_SEEDS)}")
@@ -572,6 +575,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         stand_in = T1wRegressionPredictor()
         pairs, scores = run_variant(stand_in, ("t1w",), seeds, progress=progress)
         results["variants"][f"T1w alone → FLAIR, {stand_in.name}"] = pool(
+            pairs, scores, SUSPECT_THRESHOLD, MIN_REGION_MM3
+        )
+    if args.t1w_model is not None:
+        t1w_network = NetworkPredictor(args.t1w_model)
+        if t1w_network.model.inputs != ("t1w",) or t1w_network.model.target != "flair":
+            parser.error(f"--t1w-model {args.t1w_model}: {t1w_network.name} is not a t1w->flair model")
+        pairs, scores = run_variant(t1w_network, ("t1w",), seeds, progress=progress)
+        results["variants"][f"T1w alone → FLAIR, network {t1w_network.name}"] = pool(
             pairs, scores, SUSPECT_THRESHOLD, MIN_REGION_MM3
         )
     results["seconds"] = time.perf_counter() - t0
