@@ -129,9 +129,14 @@ class Calibration:
         vote = np.asarray(vote, np.float32)
         if self.vote_scale == 1.0 and self.vote_shift == 0.0:
             return np.clip(vote, 0.0, 1.0)
-        q = np.clip(vote, VOTE_CLIP, 1.0 - VOTE_CLIP)
-        z = self.vote_scale * np.log(q / (1.0 - q)) + self.vote_shift
+        z = self.vote_scale * vote_logit(vote) + self.vote_shift
         return np.where(vote > 0.0, expit(z), 0.0).astype(np.float32)
+
+
+def vote_logit(vote: np.ndarray) -> np.ndarray:
+    """``logit`` of a vote clipped to [:data:`VOTE_CLIP`, 1 − :data:`VOTE_CLIP`] (finite)."""
+    q = np.clip(vote, VOTE_CLIP, 1.0 - VOTE_CLIP)
+    return np.log(q / (1.0 - q))
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,14 +162,19 @@ class Contrasts:
     seen: tuple[str, ...]  # "'DESCRIPTION' (uid): t1w", one per series, for messages
 
 
+def by_series(instances: Iterable[InputInstance]) -> dict[str, list[InputInstance]]:
+    """Instances grouped by Series Instance UID, in their order."""
+    groups: dict[str, list[InputInstance]] = defaultdict(list)
+    for inst in instances:
+        groups[inst.series_uid].append(inst)
+    return groups
+
+
 def read_contrasts(ctx: Context, protocol: Mapping[str, re.Pattern[str]]) -> Contrasts:
-    by_series: dict[str, list[InputInstance]] = defaultdict(list)
-    for inst in ctx.study.instances:
-        if inst.sop_class_uid in MR_CLASSES:
-            by_series[inst.series_uid].append(inst)
+    mr = by_series(i for i in ctx.study.instances if i.sop_class_uid in MR_CLASSES)
     found: dict[str, tuple[InputInstance, ...]] = {}
     seen = []
-    for uid, instances in by_series.items():
+    for uid, instances in mr.items():
         ds = pydicom.dcmread(instances[0].path, stop_before_pixels=True, specific_tags=_TAGS)
         if written_by_this_node(ds):
             continue
@@ -229,11 +234,8 @@ class CheckOtherInputs:
     name: str = "check-domain-others"
 
     def run(self, ctx: Context) -> Context:
-        by_series: dict[str, list[InputInstance]] = defaultdict(list)
-        for inst in ctx.other_series:
-            by_series[inst.series_uid].append(inst)
         inputs = {uid: c for c, uid in ctx.parameters.get("input_series", {}).items()}
-        for uid, instances in by_series.items():
+        for uid, instances in by_series(ctx.other_series).items():
             contrast = inputs.get(uid)
             domain = self.domain.model_copy(update={"sequence": contrast if contrast == "t2w" else None})
             datasets = [pydicom.dcmread(i.path, stop_before_pixels=True) for i in instances]
@@ -269,14 +271,12 @@ class PredictSynthesis:
     def run(self, ctx: Context) -> Context:
         t1w = ctx.need_volume()
         arrays = {"t1w": t1w.array}
-        by_series: dict[str, list[InputInstance]] = defaultdict(list)
-        for inst in ctx.other_series:
-            by_series[inst.series_uid].append(inst)
+        others = by_series(ctx.other_series)
         inputs = ctx.parameters.get("input_series", {})
         for contrast, uid in inputs.items():
             if contrast == "t1w":
                 continue
-            other = _load(tuple(by_series[uid]))
+            other = _load(tuple(others[uid]))
             if (other.frame_of_reference_uid or "") != (t1w.frame_of_reference_uid or ""):
                 raise InputRefused(
                     self.model.name,

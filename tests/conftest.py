@@ -6,15 +6,17 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webdriver import WebDriver
 
+from pipelines.base import InputInstance
 from tests.peers import ORTHANC, STORESCP, STORESCU, NodeProcess, Orthanc, have
 
 
@@ -26,6 +28,24 @@ def require(*paths: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"CI must install {', '.join(missing)} (see Makefile: deps)")
     pytest.skip(f"not installed: {', '.join(missing)}")
+
+
+def instances(files: Sequence[Path]) -> tuple[InputInstance, ...]:
+    """The pipeline inputs of DICOM files (headers only; no checksum)."""
+    out = []
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        out.append(
+            InputInstance(
+                sop_uid=str(ds.SOPInstanceUID),
+                series_uid=str(ds.SeriesInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                path=f,
+                sha256="",
+            )
+        )
+    return tuple(out)
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 from dicom_node.lab.simulate import LdctSpec, SctSpec, write_ct_series, write_ldct_study, write_sct_study
 from models.padding import pad_planes, size_multiple
 from models.sim.phantom import PhantomSpec
-from pipelines.base import GatePolicy, InputInstance, Pipeline, RunEnvironment, StudyInput
+from pipelines.base import GatePolicy, Pipeline, RunEnvironment, StudyInput
 from pipelines.fov import field_of_view, outside_reconstruction_circle
 from pipelines.registry import get_pipeline
 from pipelines.stages import Context, StagedPipeline
@@ -35,6 +35,7 @@ from pipelines.volume import Volume, load_series
 from pipelines.writers import kind_of
 from policies.engine import gate_output
 from policies.loader import load_policy
+from tests.conftest import instances
 
 DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "policies" / "default.yaml"
 #: What the simulated scanner writes outside its reconstruction circle (no Pixel Padding Value).
@@ -42,23 +43,6 @@ OUTSIDE_HU = -2000
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def instances(files: Sequence[Path]) -> tuple[InputInstance, ...]:
-    out = []
-    for f in files:
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
-        out.append(
-            InputInstance(
-                sop_uid=str(ds.SOPInstanceUID),
-                series_uid=str(ds.SeriesInstanceUID),
-                sop_class_uid=str(ds.SOPClassUID),
-                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                path=f,
-                sha256="",
-            )
-        )
-    return tuple(out)
-
-
 def study_of(
     files: Sequence[Path], gate_policy: GatePolicy | None = None, options: dict[str, Any] | None = None
 ) -> StudyInput:

@@ -24,31 +24,15 @@ from dicom_node.delivery.tps import dciodvfy_errors
 from dicom_node.lab.simulate import write_ct_series
 from dicom_node.lab.simulate_synthesis import SynthesisSpec, SynthesisStudy, write_synthesis_study
 from models.sim.phantom import PhantomSpec
-from pipelines.base import InputInstance, InputRefused, PipelineError, RunEnvironment, StudyInput
+from pipelines.base import InputRefused, PipelineError, RunEnvironment, StudyInput
 from pipelines.provenance import provenance_of
 from pipelines.registry import get_pipeline
 from pipelines.stages import Context, StagedPipeline
 from pipelines.synthesis import DEFAULT_PROTOCOL, contrast_of, protocol_of
 from pipelines.writers import kind_of
+from tests.conftest import instances
 
 SEED = 30001  # a held-out seed of the synthesis evaluation
-
-
-def instances(files: Sequence[Path]) -> tuple[InputInstance, ...]:
-    out = []
-    for f in files:
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
-        out.append(
-            InputInstance(
-                sop_uid=str(ds.SOPInstanceUID),
-                series_uid=str(ds.SeriesInstanceUID),
-                sop_class_uid=str(ds.SOPClassUID),
-                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                path=f,
-                sha256="",
-            )
-        )
-    return tuple(out)
 
 
 def study_of(files: Sequence[Path], options: dict[str, str] | None = None) -> StudyInput:

@@ -124,8 +124,7 @@ def _vote_scaling(cases: Sequence[Case], calibration: pg.Calibration) -> tuple[f
         ).probability
         truth = case.follow_up.whole
         open_q = (vote > 0.0) | truth
-        q = np.clip(vote[open_q].astype(np.float64), pg.VOTE_CLIP, 1.0 - pg.VOTE_CLIP)
-        xs.append(np.log(q / (1.0 - q)))
+        xs.append(pg.vote_logit(vote[open_q].astype(np.float64)))
         ys.append(truth[open_q].astype(np.float64))
     x, y = np.concatenate(xs), np.concatenate(ys)
     design = np.stack([x, np.ones_like(x)], axis=1)

@@ -355,19 +355,21 @@ def brain_mean_mae(cases: Sequence[SynthesisCase]) -> float:
     return float(np.mean(maes)) if maes else math.nan
 
 
-def _json_safe(v: Any) -> Any:
+def json_safe(v: Any) -> Any:
+    """``v`` with non-finite floats as None and numpy scalars as Python numbers (for JSON)."""
     if isinstance(v, float):
         return v if math.isfinite(v) else None
     if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
+        return {str(k): json_safe(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
+        return [json_safe(x) for x in v]
     if isinstance(v, np.generic):
-        return _json_safe(v.item())
+        return json_safe(v.item())
     return v
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
+def fmt(v: Any, digits: int = 3) -> str:
+    """A number with ``digits`` decimals; ``-`` for None or a non-finite float."""
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
 
 
@@ -389,32 +391,32 @@ def table(results: Mapping[str, Any]) -> str:
     ]
     rows = list(results["methods"].items())
     for name, r in rows:
-        line = f"{name:<20}{_fmt(r['mae']):>7}{_fmt(r['psnr_db'], 2):>9}{_fmt(r['ssim']):>7}" + "".join(
-            f"{_fmt(r['mae_by_tissue'][t]):>8}" for t in TISSUES
+        line = f"{name:<20}{fmt(r['mae']):>7}{fmt(r['psnr_db'], 2):>9}{fmt(r['ssim']):>7}" + "".join(
+            f"{fmt(r['mae_by_tissue'][t]):>8}" for t in TISSUES
         )
         lesions = r["lesion_detection"]
         if lesions:
             line += (
-                f"{_fmt(lesions['sensitivity'], 2):>7}{_fmt(lesions['fp_per_case'], 2):>8}"
-                f"{_fmt(lesions['lesion_dice'], 2):>6}{_fmt(lesions.get('sensitivity_ratio_to_true'), 2):>8}"
-                f"{_fmt(lesions.get('fp_ratio_to_true'), 2):>9}"
+                f"{fmt(lesions['sensitivity'], 2):>7}{fmt(lesions['fp_per_case'], 2):>8}"
+                f"{fmt(lesions['lesion_dice'], 2):>6}{fmt(lesions.get('sensitivity_ratio_to_true'), 2):>8}"
+                f"{fmt(lesions.get('fp_ratio_to_true'), 2):>9}"
             )
         lines.append(line)
     truth = results["true_target"]
     if truth:
         lines.append(
-            f"{'true FLAIR':<20}{'':>23}{'':>{8 * len(TISSUES)}}{_fmt(truth['sensitivity'], 2):>7}"
-            f"{_fmt(truth['fp_per_case'], 2):>8}{_fmt(truth['lesion_dice'], 2):>6}"
+            f"{'true FLAIR':<20}{'':>23}{'':>{8 * len(TISSUES)}}{fmt(truth['sensitivity'], 2):>7}"
+            f"{fmt(truth['fp_per_case'], 2):>8}{fmt(truth['lesion_dice'], 2):>6}"
         )
         lines.append(
             f"lesions >= {MIN_LESION_MM:g} mm: {truth['lesions']} in {len(results['test_seeds'])} test "
             "studies "
             f"(detector models.evaluation.wm_lesions on each image; tumour/oedema not counted as FP)"
         )
-    lines.append(f"reference: the true brain mean everywhere gives MAE {_fmt(results.get('brain_mean_mae'))}")
+    lines.append(f"reference: the true brain mean everywhere gives MAE {fmt(results.get('brain_mean_mae'))}")
     for name, r in rows:
         if r["coverage_90"]:
-            lines.append(f"{name}: 90 % coverage in brain {_fmt(r['coverage_90']['brain'])}")
+            lines.append(f"{name}: 90 % coverage in brain {fmt(r['coverage_90']['brain'])}")
     return "\n".join(lines)
 
 
@@ -461,7 +463,7 @@ def run(
     }
     results["parameters"] = {p.name: p.parameters() for p in predictors if hasattr(p, "parameters")}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "evaluation.json").write_text(json.dumps(_json_safe(results), indent=1))
+    (out / "evaluation.json").write_text(json.dumps(json_safe(results), indent=1))
     (out / "report.md").write_text(
         f"# Contrast synthesis {task}: evaluation on SIMULATED data\n\n```\n{table(results)}\n```\n"
     )

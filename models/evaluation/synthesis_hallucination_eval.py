@@ -74,7 +74,14 @@ import numpy as np
 from scipy import ndimage
 
 from models.evaluation.synthesis_baselines import TissueRegression
-from models.evaluation.synthesis_eval import TEST_SEEDS, TRAIN_SEEDS, make_case, training_studies
+from models.evaluation.synthesis_eval import (
+    TEST_SEEDS,
+    TRAIN_SEEDS,
+    fmt,
+    json_safe,
+    make_case,
+    training_studies,
+)
 from models.evaluation.wm_lesions import detect
 from models.hallucination import suspect_regions
 from models.sim.synthesis import SynthLabel, make_study
@@ -444,10 +451,6 @@ def run_variant(
     return pairs, scores
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
-    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
-
-
 def report(results: Mapping[str, Any]) -> str:
     """Markdown report, every heading SIMULATED."""
     lines = [
@@ -467,7 +470,7 @@ def report(results: Mapping[str, Any]) -> str:
             f"## SIMULATED — {name}",
             "",
             f"{r['studies']} studies, {r['lesions_scored']} lesions ≥ {MIN_LESION_MM:g} mm; "
-            f"map {_fmt(r['seconds_per_map'], 2)} s per study.",
+            f"map {fmt(r['seconds_per_map'], 2)} s per study.",
             "",
             "| AUROC (SIMULATED) | vs same place | vs random white matter | vs both |",
             "|---|---|---|---|",
@@ -475,20 +478,20 @@ def report(results: Mapping[str, Any]) -> str:
         for kind in ("erased", "inserted"):
             a = r[kind]
             lines.append(
-                f"| {kind} | {_fmt(a['auroc_vs_same_place'])} | {_fmt(a['auroc_vs_random_white'])} "
-                f"| {_fmt(a['auroc_vs_both'])} |"
+                f"| {kind} | {fmt(a['auroc_vs_same_place'])} | {fmt(a['auroc_vs_random_white'])} "
+                f"| {fmt(a['auroc_vs_both'])} |"
             )
         lines += [
             "",
             "| the network's own lesions (SIMULATED) | n | mean map score | mean σ |",
             "|---|---|---|---|",
             f"| missed by the detector on the synthetic FLAIR | {miss['missed']} | "
-            f"{_fmt(miss['mean_score_missed'], 2)} | {_fmt(miss['mean_sigma_missed'])} |",
-            f"| found | {miss['found']} | {_fmt(miss['mean_score_found'], 2)} "
-            f"| {_fmt(miss['mean_sigma_found'])} |",
+            f"{fmt(miss['mean_score_missed'], 2)} | {fmt(miss['mean_sigma_missed'])} |",
+            f"| found | {miss['found']} | {fmt(miss['mean_score_found'], 2)} "
+            f"| {fmt(miss['mean_sigma_found'])} |",
             "",
-            f"AUROC missed vs found: map {_fmt(miss['auroc_score_missed_vs_found'])}, "
-            f"σ {_fmt(miss['auroc_sigma_missed_vs_found'])}.",
+            f"AUROC missed vs found: map {fmt(miss['auroc_score_missed_vs_found'])}, "
+            f"σ {fmt(miss['auroc_sigma_missed_vs_found'])}.",
             "",
             "| QC on honest outputs (SIMULATED) | largest suspect region ml: median / p95 / max "
             "| suspect fraction: median / p95 / max | regions per study |",
@@ -501,14 +504,14 @@ def report(results: Mapping[str, Any]) -> str:
             q = qc[key]
             lr, sf = q["largest_region_ml"], q["suspect_fraction"]
             lines.append(
-                f"| {label} | {_fmt(lr['median'], 2)} / {_fmt(lr['p95'], 2)} / {_fmt(lr['max'], 2)} "
-                f"| {_fmt(sf['median'], 4)} / {_fmt(sf['p95'], 4)} / {_fmt(sf['max'], 4)} "
-                f"| {_fmt(q['regions_per_study'], 2)} |"
+                f"| {label} | {fmt(lr['median'], 2)} / {fmt(lr['p95'], 2)} / {fmt(lr['max'], 2)} "
+                f"| {fmt(sf['median'], 4)} / {fmt(sf['p95'], 4)} / {fmt(sf['max'], 4)} "
+                f"| {fmt(q['regions_per_study'], 2)} |"
             )
         lines += [
             "",
-            f"Tampered regions overlapped by a suspect region: erased {_fmt(qc['erased_regions_flagged'])}, "
-            f"inserted {_fmt(qc['inserted_regions_flagged'])}.",
+            f"Tampered regions overlapped by a suspect region: erased {fmt(qc['erased_regions_flagged'])}, "
+            f"inserted {fmt(qc['inserted_regions_flagged'])}.",
         ]
     if results.get("choice"):
         chosen = results["choice"]["chosen"]
@@ -519,18 +522,6 @@ def report(results: Mapping[str, Any]) -> str:
             f"Chosen: {chosen}.",
         ]
     return "\n".join(lines) + "\n"
-
-
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, np.generic):
-        return _json_safe(v.item())
-    return v
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -587,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     results["seconds"] = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "evaluation.json").write_text(json.dumps(_json_safe(results), indent=1))
+    (args.out / "evaluation.json").write_text(json.dumps(json_safe(results), indent=1))
     text = report(results)
     (args.out / "report.md").write_text(text)
     print(text)

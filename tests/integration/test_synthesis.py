@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,24 +21,14 @@ import pytest
 
 from dicom_node.delivery.tps import dciodvfy_errors
 from dicom_node.lab.simulate_synthesis import SynthesisSpec, write_synthesis_study
-from tests.conftest import audit_rows, db_rows, node_config, require
-from tests.peers import ORTHANC, NodeProcess, Orthanc, free_port, storescu
+from tests.conftest import audit_rows, db_rows, node_config
+from tests.peers import NodeProcess, Orthanc, free_port, storescu
 
 pytestmark = pytest.mark.integration
 
 DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
 NODE_AE = "SYNNODE"
 DESCRIPTION = "AI SYNTHETIC FLAIR from T1w+T2w - not acquired"
-
-
-@pytest.fixture
-def pacs(tmp_path: Path) -> Iterator[Orthanc]:
-    require(ORTHANC)
-    peer = Orthanc(tmp_path).start()
-    try:
-        yield peer
-    finally:
-        peer.stop()
 
 
 def _jobs(node: NodeProcess) -> list[tuple[Any, ...]]:
@@ -57,8 +46,9 @@ def _wait_job(node: NodeProcess, states: set[str], timeout: float) -> tuple[Any,
 
 
 def test_a_study_without_flair_gets_a_reviewed_synthetic_flair_and_a_complete_one_gets_none(
-    tmp_path: Path, pacs: Orthanc
+    tmp_path: Path, orthanc: Orthanc
 ) -> None:
+    pacs = orthanc
     _, study = write_synthesis_study(tmp_path / "sim", SynthesisSpec(seed=30002))
     _, complete = write_synthesis_study(
         tmp_path / "complete", SynthesisSpec(seed=30003, missing=()), patient_id="SIM-SYN-0002"
