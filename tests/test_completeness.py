@@ -95,6 +95,11 @@ class Node:
         with self.rt.db.read() as conn:
             return [dict(r) for r in conn.execute(select(t.jobs).order_by(t.jobs.c.id)).mappings()]
 
+    def instances_in(self, study_version: int) -> int:
+        with self.rt.db.read() as conn:
+            query = select(t.instances.c.id).where(t.instances.c.study_version == study_version)
+            return len(conn.execute(query).all())
+
     def settled(self, mpps_uid: str) -> bool:
         with self.rt.db.read() as conn:
             at = conn.execute(select(t.mpps.c.settled_at).where(t.mpps.c.sop_uid == mpps_uid)).scalar_one()
@@ -119,7 +124,10 @@ def _eventually(check: Any, timeout: float = 2.0) -> Any:
 
 
 @contextmanager
-def _node(tmp_path: Path, *, stable_seconds: float = 60.0, **completeness: Any) -> Iterator[Node]:
+def _node(
+    tmp_path: Path, *, stable_seconds: float = 60.0, start: bool = True, **completeness: Any
+) -> Iterator[Node]:
+    """A node on ``tmp_path``; ``start=False`` leaves the readiness timers to the test's ``start()``."""
     callers = completeness.pop("callers", [])
     config = NodeConfig.model_validate(
         {
@@ -135,7 +143,8 @@ def _node(tmp_path: Path, *, stable_seconds: float = 60.0, **completeness: Any) 
     readiness = StudyReadiness(config, rt.db, on_ready=intake.study_ready, audit=rt.audit)
     indexer = Indexer(rt.db, rt.audit, on_indexed=readiness.instances_indexed, gather_seconds=0.01)
     store = InstanceStore(rt.paths, rt.db, indexer)
-    readiness.start()
+    if start:
+        readiness.start()
     try:
         yield Node(rt, config, store, readiness)
     finally:
@@ -375,9 +384,13 @@ def test_hold_keeps_the_timer_off_until_a_later_step_completes(tmp_path: Path, s
 def test_a_step_ending_after_the_timer_made_the_study_ready_is_settled(
     tmp_path: Path, study: SimulatedStudy
 ) -> None:
-    with _node(tmp_path, stable_seconds=0.3) as node:
+    # Every instance is indexed before the timers start: on a loaded machine a slow fsync
+    # between two puts would otherwise let the 0.3 s timer make a first version of three.
+    with _node(tmp_path, stable_seconds=0.3, start=False) as node:
         node.put(*study.files)
-        assert len(node.wait_for_jobs(1, timeout=2.0)) == 1  # the timer was first
+        node.readiness.start()
+        (job,) = node.wait_for_jobs(1, timeout=2.0)  # the timer was first
+        assert node.instances_in(job["study_version"]) == len(study.files)
         mpps_uid = node.step(study.study_uid, "COMPLETED", [_sop(p) for p in study.files])
 
         node.readiness.steps_changed(study.study_uid)

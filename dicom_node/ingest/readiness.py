@@ -65,7 +65,8 @@ class StudyReadiness:
         self._resume_pending()
 
     def shutdown(self) -> None:
-        self._scheduler.shutdown(wait=True)
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=True)
 
     def instance_arrived(self, study_uid: str, calling_ae: str | None) -> None:
         """Called by the receiver after each newly stored instance (cheap: no I/O)."""
