@@ -138,3 +138,16 @@ def test_harness_gives_finite_figures_and_finds_big_lesions_on_the_true_flair() 
     assert anchor["mae"] == 0.0 and anchor["coverage_90"]["brain"] == 1.0
     assert anchor["lesion_detection"]["sensitivity_ratio_to_true"] == 1.0
     assert out["brain_mean_mae"] > out["methods"][regression.name]["mae"]
+    # task level, tissues: the truth's segmentation is the true target's, baselines are scored
+    assert anchor["tissue_segmentation"]["mean"] == out["true_target_tissues"]["mean"]
+    assert anchor["tissue_segmentation"]["mean_ratio_to_true"] == 1.0
+    for name in (regression.name, matching.name):
+        seg = out["methods"][name]["tissue_segmentation"]
+        assert 0.0 <= seg["mean"] <= 1.0 and seg["mean_ratio_to_true"] is not None
+    # feature level: labelled, zero for the truth itself, above it for every baseline
+    assert "CT" in out["feature_note"] and "sim-encoder" in out["feature_note"]
+    assert anchor["features"]["encoder"] == "sim-encoder" and abs(anchor["features"]["fid"]) < 1e-6
+    for name in (regression.name, matching.name):
+        assert out["methods"][name]["features"]["fid"] > 0.1
+    fid = {name: out["methods"][name]["features"]["fid"] for name in (regression.name, matching.name)}
+    assert fid[matching.name] > fid[regression.name]

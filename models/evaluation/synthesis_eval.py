@@ -25,9 +25,17 @@ normalised by its median over the inputs' white-matter mask
 * calibration (predictors that return σ): coverage of ``mean ± 1.645 σ`` (nominal 90 %) in the
   brain and per tissue; ``None`` for the baselines.
 
-Not yet here (issue 18, item 6): feature-level distances on the project's encoder, tissue
-segmentation Dice and the hallucination AUROC (inserted / erased lesions: ``make_study(seed,
-n_lesions=0)`` gives the erased twin).
+* task, tissues (both targets): the fixed segmenter :mod:`models.evaluation.tissue_seg` on the
+  synthetic and on the true target, each scored against the simulator's CSF / grey / white
+  labels (Dice per tissue, mean over studies) and the ratio of the mean Dice to the true's;
+* feature: FID, KID and MMD between sim-encoder embeddings
+  (:mod:`models.evaluation.features`) of :data:`FEATURE_PATCHES_PER_CASE` patches per study of
+  the method's output and of the true target at the same positions — the encoder was trained
+  on simulated CT, so the images are mapped to pseudo-HU and the figures rank the methods
+  against each other only (:data:`FEATURE_MR_NOTE`, in ``evaluation.json``);
+
+The hallucination AUROC (inserted and erased lesions) is its own harness:
+:mod:`models.evaluation.synthesis_hallucination_eval`.
 
 Command line::
 
@@ -50,6 +58,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from models.evaluation import tissue_seg
+from models.evaluation.features import FEATURE_NOTE, PATCH, embed, extract_patches, feature_distances
 from models.evaluation.pixel import pixel_metrics
 from models.evaluation.synthesis_baselines import HistogramMatching, TissueRegression
 from models.evaluation.wm_lesions import detect, score
@@ -76,6 +86,18 @@ MIN_LESION_MM = 5.0
 #: Two-sided z of the nominal 90 % interval.
 Z90 = 1.6448536269514722
 SIMULATED = "SIMULATED data (models.sim.synthesis): not a clinical performance claim"
+#: Feature level: patches per test study (same positions for every method and the truth).
+FEATURE_PATCHES_PER_CASE = 16
+#: sim-encoder reads HU: an image in white-matter units ``v`` is shown to it as
+#: ``(v - 1) * 200 + 40`` (white matter at 40, the soft-tissue window's centre; 0-2.5 spans
+#: -160 to 340). A fixed, labelled mapping: the distances compare methods with each other, not
+#: with any published value.
+FEATURE_HU_PER_UNIT, FEATURE_HU_AT_WHITE = 200.0, 40.0
+FEATURE_MR_NOTE = (
+    FEATURE_NOTE + " For MR synthesis the encoder sees white-matter units mapped linearly to "
+    "pseudo-HU ((v - 1) x 200 + 40): an encoder trained on CT, so the distances rank methods "
+    "against each other only."
+)
 
 Progress = Callable[[str, int, int], None]
 
@@ -214,6 +236,48 @@ def _unpack(out: Any) -> tuple[np.ndarray, np.ndarray | None]:
     return np.asarray(out, np.float32), None
 
 
+def _tissue_figures(case: SynthesisCase, image: np.ndarray, target: str) -> dict[str, float | None]:
+    truth = {t: case.brain & (case.tissue == TISSUES[t]) for t in tissue_seg.TISSUES}
+    return tissue_seg.tissue_dice(image, case.brain, target, truth)
+
+
+def _pool_tissues(
+    per_case: Sequence[Mapping[str, float | None]], truth: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Mean Dice per tissue over studies (and, given the true target's, the ratio of the means)."""
+    pooled: dict[str, Any] = {}
+    for t in (*tissue_seg.TISSUES, "mean"):
+        values = [v for c in per_case if (v := c.get(t)) is not None]
+        pooled[t] = float(np.mean(values)) if values else None
+    if truth is not None:
+        pooled["mean_ratio_to_true"] = _ratio(pooled["mean"], truth["mean"])
+    return pooled
+
+
+def true_target_tissues(cases: Sequence[SynthesisCase], target: str) -> dict[str, Any]:
+    """The fixed tissue segmenter (:mod:`models.evaluation.tissue_seg`) on the true target."""
+    per = [_tissue_figures(c, c.truth, target) for c in cases]
+    return {
+        **_pool_tissues(per),
+        "per_case": [{"seed": c.seed, **p} for c, p in zip(cases, per, strict=True)],
+    }
+
+
+def feature_patches(case: SynthesisCase, image: np.ndarray) -> np.ndarray:
+    """:data:`FEATURE_PATCHES_PER_CASE` pseudo-HU patches of ``image`` centred in the brain, at
+    positions fixed by the case's seed (the same for every method and the truth)."""
+    rng = np.random.default_rng(case.seed)
+    hu = (np.asarray(image, np.float32) - 1.0) * FEATURE_HU_PER_UNIT + FEATURE_HU_AT_WHITE
+    size = min(PATCH, *image.shape[1:])
+    with_brain = np.flatnonzero(case.brain.any(axis=(1, 2)))
+    if with_brain.size == 0:
+        raise ValueError(f"study {case.seed}: no brain to take feature patches from")
+    # one patch per slice, the slices spread evenly over the brain's extent
+    picks = np.unique(np.round(np.linspace(0, with_brain.size - 1, FEATURE_PATCHES_PER_CASE)).astype(int))
+    chosen = with_brain[picks]
+    return extract_patches(hu[chosen], case.brain[chosen], FEATURE_PATCHES_PER_CASE, rng, size=size)
+
+
 def true_target_lesions(cases: Sequence[SynthesisCase]) -> dict[str, Any]:
     """The detector on the true (normalised) FLAIR of each case, pooled and per case."""
     per = [{"seed": c.seed, **_lesion_figures(c, c.truth)} for c in cases]
@@ -226,9 +290,12 @@ def score_method(
     task: str,
     *,
     truth_lesions: Mapping[str, Any] | None = None,
+    truth_tissues: Mapping[str, Any] | None = None,
+    truth_features: np.ndarray | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Pixel, task and calibration figures of one predictor on prepared cases."""
+    """Pixel, task, feature and calibration figures of one predictor on prepared cases
+    (``truth_*``: the true target's figures, for the ratios and the feature distances)."""
     _, target = task_contrasts(task)
     window = WINDOWS[target]
     per_case: list[dict[str, Any]] = []
@@ -236,6 +303,7 @@ def score_method(
     n_vox = dict.fromkeys(TISSUES, 0)
     cover = {k: [0, 0] for k in ("brain", *TISSUES)}
     lesion_cases = []
+    patches: list[np.ndarray] = []
     seconds = 0.0
     for i, case in enumerate(cases):
         t0 = time.perf_counter()
@@ -267,6 +335,8 @@ def score_method(
             figures = _lesion_figures(case, mean)
             row["lesion_detection"] = figures
             lesion_cases.append(figures)
+        row["tissue_dice"] = _tissue_figures(case, mean, target)
+        patches.append(feature_patches(case, mean))
         per_case.append(row)
         if progress:
             progress(predictor.name, i + 1, len(cases))
@@ -288,6 +358,12 @@ def score_method(
         result["lesion_detection"] = None
     result["coverage_90"] = (
         {k: (c[0] / c[1] if c[1] else None) for k, c in cover.items()} if cover["brain"][1] else None
+    )
+    result["tissue_segmentation"] = _pool_tissues([r["tissue_dice"] for r in per_case], truth_tissues)
+    result["features"] = (
+        feature_distances(embed(np.concatenate(patches)), truth_features)
+        if truth_features is not None
+        else None
     )
     result["per_case"] = per_case
     return result
@@ -335,14 +411,27 @@ def evaluate_methods(
         cases = [make_case(simulate(s, size=size, slices=slices), task) for s in seeds]
     _, target = task_contrasts(task)
     truth = true_target_lesions(cases) if target == "flair" else None
+    tissues = true_target_tissues(cases, target)
+    truth_features = embed(np.concatenate([feature_patches(c, c.truth) for c in cases]))
     methods = {
-        p.name: score_method(p, cases, task, truth_lesions=truth, progress=progress) for p in predictors
+        p.name: score_method(
+            p,
+            cases,
+            task,
+            truth_lesions=truth,
+            truth_tissues=tissues,
+            truth_features=truth_features,
+            progress=progress,
+        )
+        for p in predictors
     }
     return {
         "task": task,
         "target": target,
         "test_seeds": [c.seed for c in cases],
         "true_target": truth,
+        "true_target_tissues": tissues,
+        "feature_note": FEATURE_MR_NOTE,
         "brain_mean_mae": brain_mean_mae(cases),
         "methods": methods,
     }
@@ -414,6 +503,26 @@ def table(results: Mapping[str, Any]) -> str:
             f"(detector models.evaluation.wm_lesions on each image; tumour/oedema not counted as FP)"
         )
     lines.append(f"reference: the true brain mean everywhere gives MAE {fmt(results.get('brain_mean_mae'))}")
+    tissues = results.get("true_target_tissues")
+    if tissues:
+        lines += [
+            "",
+            "tissue segmentation Dice (fixed k-means segmenter models.evaluation.tissue_seg) and feature "
+            "distances to the true target (sim-encoder, CT-trained: ranks methods only)",
+            f"{'method':<20}{'CSF':>7}{'grey':>7}{'white':>7}{'mean':>7}{'ratio':>7}{'FID':>9}{'KID':>9}{'MMD':>8}",
+        ]
+        for name, r in rows:
+            seg, feat = r.get("tissue_segmentation") or {}, r.get("features") or {}
+            lines.append(
+                f"{name:<20}"
+                + "".join(f"{fmt(seg.get(t)):>7}" for t in ("csf", "grey", "white", "mean"))
+                + f"{fmt(seg.get('mean_ratio_to_true'), 2):>7}"
+                + f"{fmt(feat.get('fid'), 2):>9}{fmt(feat.get('kid'), 4):>9}{fmt(feat.get('mmd'), 4):>8}"
+            )
+        lines.append(
+            f"{'true ' + results['target']:<20}"
+            + "".join(f"{fmt(tissues.get(t)):>7}" for t in ("csf", "grey", "white", "mean"))
+        )
     for name, r in rows:
         if r["coverage_90"]:
             lines.append(f"{name}: 90 % coverage in brain {fmt(r['coverage_90']['brain'])}")
