@@ -21,6 +21,7 @@ _PIPELINES: dict[str, str] = {
     "sct": "pipelines.sct:sct",
     "prognosis": "pipelines.prognosis:prognosis",
     "synthesis": "pipelines.synthesis:synthesis",
+    "synthesis-t2w": "pipelines.synthesis:synthesis_t2w",
 }
 
 #: The learned model (zoo name) each pipeline runs; pipelines without one are absent.
@@ -29,6 +30,7 @@ MODEL_OF: dict[str, str] = {
     "sct": "sct-head",
     "prognosis": "prognosis-growth",
     "synthesis": "synthesis-t1w-t2w-to-flair",
+    "synthesis-t2w": "synthesis-t1w-to-t2w",
 }
 
 #: The shipped non-AI pipeline for the task of a learned pipeline (a rule's ``fallback:

@@ -64,6 +64,8 @@ from pipelines.writers import SYNTHESIS
 
 #: The shipped model the pipeline runs by default.
 MODEL_NAME = "synthesis-t1w-t2w-to-flair"
+#: The shipped model of ``synthesis-t2w`` (a T2w from the T1w alone).
+T2W_MODEL_NAME = "synthesis-t1w-to-t2w"
 #: Series Description patterns of the contrasts a brain protocol expects (``(?i)``: any case).
 DEFAULT_PROTOCOL: dict[str, str] = {
     "flair": r"(?i)flair|dark[ _-]?fluid",
@@ -76,8 +78,10 @@ _POST_CONTRAST = re.compile(r"(?i)t1.*(post|\+ ?c\b|\bgd\b|gad|contrast|\bce\b)|
 LABELS = {"t1w": "T1w", "t2w": "T2w", "flair": "FLAIR", "pd": "PD"}
 #: The synthetic image is written in white-matter units times this (white matter reads 1000).
 DISPLAY_SCALE = 1000.0
-#: First Series Number of the outputs.
+#: First Series Number of the outputs (``synthesis-t2w``: its own range, so a study that gets
+#: a synthetic T2w and, once its T2w is acquired, a synthetic FLAIR has no number twice).
 FIRST_SERIES_NUMBER = 1201
+T2W_FIRST_SERIES_NUMBER = 1221
 
 _TAGS = [
     "SeriesDescription",
@@ -337,12 +341,18 @@ def description(model: SynthesisModel) -> str:
     return f"SYNTHETIC {LABELS[model.target]} from {inputs} - not acquired"
 
 
-def synthesis(model_dir: Path | None = None) -> StagedPipeline:
-    """The pipeline with the model in ``model_dir`` (None: the newest shipped version)."""
-    model = SynthesisModel(model_dir) if model_dir else SynthesisModel.shipped(MODEL_NAME)
+def synthesis(
+    model_dir: Path | None = None,
+    *,
+    model_name: str = MODEL_NAME,
+    name: str = "synthesis",
+    first_series_number: int = FIRST_SERIES_NUMBER,
+) -> StagedPipeline:
+    """The pipeline with the model in ``model_dir`` (None: the newest shipped ``model_name``)."""
+    model = SynthesisModel(model_dir) if model_dir else SynthesisModel.shipped(model_name)
     domain, label = domain_of_card(vars(model.meta), "MR")
     return StagedPipeline(
-        name="synthesis",
+        name=name,
         version="1.0",
         stages=(
             SelectContrasts(model),
@@ -359,8 +369,18 @@ def synthesis(model_dir: Path | None = None) -> StagedPipeline:
                 output_modality="MR",
                 output_units="",
                 output_contrast=LABELS[model.target],
-                first_series_number=FIRST_SERIES_NUMBER,
+                first_series_number=first_series_number,
             ),
             Validate(),
         ),
+    )
+
+
+def synthesis_t2w(model_dir: Path | None = None) -> StagedPipeline:
+    """``synthesis-t2w``: the missing T2w from the T1w (:data:`T2W_MODEL_NAME` by default)."""
+    return synthesis(
+        model_dir,
+        model_name=T2W_MODEL_NAME,
+        name="synthesis-t2w",
+        first_series_number=T2W_FIRST_SERIES_NUMBER,
     )

@@ -511,7 +511,7 @@ MALFORMED = [
         "mode: first-match\nrules:\n  - name: seg\n    pipeline: segmentation\n    destinations: [pacs]\n",
         [
             "p.yaml:4: rules[0].pipeline: unknown pipeline 'segmentation' "
-            "(available: denoise-classical, forward, prognosis, restoration, sct, synthesis)"
+            "(available: denoise-classical, forward, prognosis, restoration, sct, synthesis, synthesis-t2w)"
         ],
         id="unknown-pipeline",
     ),
@@ -945,6 +945,36 @@ def test_default_policy_loads() -> None:
     assert synthesis.options["protocol_flair"] == synthesis.match.lacks_series
 
 
+def opt_in_t2w_policy(tmp_path: Path) -> Path:
+    """The default policy with its commented ``brain-mr-missing-t2w`` rule switched on."""
+    lines = DEFAULT_POLICY.read_text().splitlines()
+    start = lines.index("  # - name: brain-mr-missing-t2w")
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("  #"))
+    on = [("  " + line[4:]) for line in lines[start:end]]
+    path = tmp_path / "policy.yaml"
+    path.write_text("\n".join(lines[:start] + on + lines[end:]) + "\n")
+    return path
+
+
+def test_the_opt_in_t2w_rule_loads_and_routes_a_study_without_t2w(tmp_path: Path) -> None:
+    loaded = load_policy(opt_in_t2w_policy(tmp_path), known_destinations=DESTINATIONS)
+    t2w = loaded.policy.rules[-1]
+    assert t2w.name == "brain-mr-missing-t2w"
+    assert (t2w.pipeline, t2w.gate, t2w.fallback) == ("synthesis-t2w", "review", "nothing")
+    flair = loaded.policy.rules[3]
+    assert t2w.options["protocol_t1w"] == t2w.match.series_description == flair.match.series_description
+    assert t2w.options["protocol_t2w"] == t2w.match.lacks_series == flair.match.has_series
+    assert t2w.options["protocol_flair"] == t2w.match.has_series == flair.match.lacks_series
+    without_t2w = study(
+        series("t1", "MR", "T1W SE AXIAL", "BRAIN"),
+        series("flair", "MR", "T2 FLAIR AXIAL", "BRAIN"),
+        calling_ae="MR_SCANNER",
+    )
+    assert [v.rule.name for v in decide(loaded.policy, without_t2w).chosen] == ["brain-mr-missing-t2w"]
+    t1w_only = study(series("t1", "MR", "T1W SE AXIAL", "BRAIN"), calling_ae="MR_SCANNER")
+    assert decide(loaded.policy, t1w_only).chosen == ()
+
+
 def test_default_policy_needs_an_archive_for_the_prognosis_priors() -> None:
     with pytest.raises(PolicyError, match=r"rules\[2\]\.priors\.archive"):
         load_policy(DEFAULT_POLICY, known_destinations=DESTINATIONS, known_archives=set())
@@ -1051,6 +1081,28 @@ def test_default_policy_needs_a_tps_destination() -> None:
             [],
             "series t1: modality in ['CT']",
             id="knee-mr-without-flair",
+        ),
+        pytest.param(
+            study(
+                series("t1", "MR", "T1W SE AXIAL", "BRAIN"),
+                series("flair", "MR", "T2 FLAIR AXIAL", "BRAIN"),
+                calling_ae="MR_SCANNER",
+            ),
+            [],  # the T2w rule is opt-in (see test_the_opt_in_t2w_rule_...)
+            "series t1: modality in ['CT']",
+            id="brain-mr-without-t2w",
+        ),
+        pytest.param(
+            study(series("t1", "MR", "T1W SE AXIAL", "BRAIN"), calling_ae="MR_SCANNER"),
+            [],
+            "series t1: modality in ['CT']",
+            id="brain-mr-t1w-only-is-another-protocol",
+        ),
+        pytest.param(
+            study(series("t1", "MR", "T1 TSE SAG", "KNEE"), calling_ae="MR_SCANNER"),
+            [],
+            "series t1: modality in ['CT']",
+            id="knee-mr-without-t2w",
         ),
         pytest.param(
             study(series(description="LOW DOSE CHEST")),

@@ -247,8 +247,11 @@ def train(config: SynthesisTrainConfig, out_dir: Path) -> SynthesisCard:
         optimiser.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), config.clip)
-        for group in optimiser.param_groups:  # cosine decay over the time budget
-            done = min(1.0, (time.monotonic() - train_started) / max(deadline - train_started, 1.0))
+        # cosine decay over the budget, time or steps, whichever runs out first (1.0 and 1.1
+        # stopped at max_steps with the rate still at a fifth of its start)
+        elapsed = (time.monotonic() - train_started) / max(deadline - train_started, 1.0)
+        done = min(1.0, max(elapsed, step / config.max_steps))
+        for group in optimiser.param_groups:
             group["lr"] = config.lr * 0.5 * (1.0 + np.cos(np.pi * done))
         optimiser.step()
         losses.append(float(l1.detach()))
@@ -362,6 +365,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=120)
     parser.add_argument("--calib", type=int, default=30)
     parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=SynthesisTrainConfig.max_steps,
+        help="stop after this many steps even with time left (the learning rate decays over --minutes)",
+    )
+    parser.add_argument(
         "--recalibrate",
         type=Path,
         metavar="MODEL_DIR",
@@ -376,7 +385,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(exc))
     else:
         config = SynthesisTrainConfig(
-            task=args.task, minutes=args.minutes, train=args.train, calib=args.calib, version=args.version
+            task=args.task,
+            minutes=args.minutes,
+            train=args.train,
+            calib=args.calib,
+            version=args.version,
+            max_steps=args.max_steps,
         )
         card = train(config, args.out)
     print(

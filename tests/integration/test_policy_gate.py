@@ -174,11 +174,13 @@ def test_policy_explain_names_the_deciding_condition(tmp_path: Path) -> None:
         assert "deciding condition: failed on series" in out and "one of 2 alternatives" in out
         assert "no rule matches: the study is stored and nothing is processed or sent" in out
         explained = node.cli_json("policy", "explain", study)
-        verdict, synthesis, prognosis, sct = explained["rules"]
-        assert prognosis["rule"] == "brain-tumour-prognosis" and prognosis["matched"] is False
-        assert synthesis["rule"] == "brain-mr-missing-flair" and synthesis["matched"] is False
+        rules = {r["rule"]: r for r in explained["rules"]}
+        assert list(rules)[0] == "low-dose-ct-restoration"  # highest priority first
+        verdict, sct = rules["low-dose-ct-restoration"], rules["mr-planning-sct"]
+        for name in ("brain-tumour-prognosis", "brain-mr-missing-flair"):
+            assert rules[name]["matched"] is False, name
         assert verdict["matched"] is False and "alternatives" in verdict["deciding"]["condition"]
-        assert sct["rule"] == "mr-planning-sct" and sct["matched"] is False
+        assert sct["matched"] is False
         assert "RT_MR_PLANNING" in sct["deciding"]["condition"]  # not sent by the planning MR
         assert "CTDIvol = " in verdict["deciding"]["seen"]  # what the study actually had
         unknown = node.cli("policy", "explain", "1.2.3.4", check=False)
