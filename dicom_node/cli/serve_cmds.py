@@ -110,6 +110,7 @@ class DemoPipeline(StrEnum):
     RESTORATION = "restoration"
     FORWARD = "forward"
     PROGNOSIS = "prognosis"
+    SYNTHESIS = "synthesis"
 
 
 @app.command()

@@ -9,8 +9,10 @@ restored series, both maps, the SEG and the SR under the original study, prints 
 happened, the shipped model's evaluation figures (computed on simulated data) and where
 everything is, and stops what it started. ``--pipeline forward`` runs the plain backbone
 instead (the study delivered unchanged); ``--pipeline prognosis`` a predicted brain-tumour
-follow-up from priors in the archive (:mod:`dicom_node.lab.demo_prognosis`). It runs only in a home
-:func:`dicom_node.lab.demo_home.claim_home` gave it: never over a node it did not make.
+follow-up from priors in the archive (:mod:`dicom_node.lab.demo_prognosis`), ``--pipeline
+synthesis`` the missing FLAIR of a brain MR study (:mod:`dicom_node.lab.demo_synthesis`). It
+runs only in a home :func:`dicom_node.lab.demo_home.claim_home` gave it: never over a node it
+did not make.
 """
 
 from __future__ import annotations
@@ -97,9 +99,9 @@ file = "policy.yaml"
 
 
 def _policy(pipeline: str) -> str:
-    """The shipped default policy for the restoration and prognosis demos; a forward-all
-    rule otherwise."""
-    if pipeline in ("restoration", "prognosis"):
+    """The shipped default policy for the restoration, prognosis and synthesis demos; a
+    forward-all rule otherwise."""
+    if pipeline in ("restoration", "prognosis", "synthesis"):
         return (resources.files("policies") / "default.yaml").read_text()
     return policy_yaml(pipeline, name=f"demo-{pipeline}-everything")
 
@@ -202,10 +204,12 @@ def run_demo(
     """Run the demo in a home :func:`~dicom_node.lab.demo_home.claim_home` gave it."""
     home = claimed.path
     started = time.time()
-    if pipeline == "prognosis":
+    if pipeline in ("prognosis", "synthesis"):
         from dicom_node.lab.demo_prognosis import run_prognosis_demo
+        from dicom_node.lab.demo_synthesis import run_synthesis_demo
 
-        study_uid, sent, job_id, pacs_label, in_pacs, seconds = run_prognosis_demo(
+        reviewed = run_prognosis_demo if pipeline == "prognosis" else run_synthesis_demo
+        study_uid, sent, job_id, pacs_label, in_pacs, seconds = reviewed(
             claimed,
             console,
             config=lambda aet, port: _config(aet, port, pipeline),

@@ -50,3 +50,26 @@ def test_the_prognosis_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "SIMULATED" in out
     leftovers = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True)
     assert leftovers.stdout.strip() == ""
+
+
+def test_the_synthesis_demo_runs_end_to_end(tmp_path: Path) -> None:
+    """`dicom-node demo --pipeline synthesis` (`make demo PIPELINE=synthesis`): a brain MR study
+    without FLAIR sent, held, approved, delivered; figures labelled SIMULATED."""
+    home = tmp_path / "demo-home"
+    result = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "demo", "--home", str(home), "--pipeline", "synthesis"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "job 1 ran `synthesis`, nothing has left the node" in out
+    assert "approved by demo-reviewer: 6 delivery(ies) queued" in out
+    # 32 synthetic FLAIR slices + sigma and hallucination maps, SEG, SR, overlay (the acquired
+    # series went to the node only)
+    assert "delivered: 37 instances in 6 series" in out
+    assert "AI SYNTHETIC FLAIR from T1w+T2w - not acquired" in out
+    assert "SIMULATED" in out
+    leftovers = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == ""
