@@ -205,13 +205,15 @@ def run_demo(
     home = claimed.path
     started = time.time()
     if pipeline in ("prognosis", "synthesis"):
-        from dicom_node.lab.demo_prognosis import run_prognosis_demo
-        from dicom_node.lab.demo_synthesis import run_synthesis_demo
+        from dicom_node.lab import demo_prognosis, demo_synthesis
+        from dicom_node.lab.demo_review import run_reviewed_demo
 
-        reviewed = run_prognosis_demo if pipeline == "prognosis" else run_synthesis_demo
-        study_uid, sent, job_id, pacs_label, in_pacs, seconds = reviewed(
+        prepare = demo_prognosis.prepare if pipeline == "prognosis" else demo_synthesis.prepare
+        study_uid, sent, job_id, pacs_label, in_pacs, seconds = run_reviewed_demo(
             claimed,
             console,
+            label=pipeline,
+            prepare=prepare,
             config=lambda aet, port: _config(aet, port, pipeline),
             policy=_policy(pipeline),
             timeout=timeout * 2,

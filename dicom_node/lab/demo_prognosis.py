@@ -4,28 +4,25 @@ Orthanc plays the hospital's PACS and archive: it holds three earlier visits of 
 brain-tumour patient (:mod:`models.sim.prognosis`). The simulated MR scanner sends the fourth
 visit to a real ``dicom-node serve`` running the shipped policy; its ``brain-tumour-prognosis``
 rule fetches the two most recent earlier visits from Orthanc (C-GET), registers them, runs
-``prognosis`` and holds the result for review, as the rule says. The rest is
-:func:`dicom_node.lab.demo_review.run_reviewed_demo`: the held job and its figures, the
-approval, the delivery and what Orthanc holds under the current study. Every figure is
-computed on simulated data and says so.
+``prognosis`` and holds the result for review, as the rule says. :func:`prepare` writes the
+patient; the rest is :func:`dicom_node.lab.demo_review.run_reviewed_demo`: the held job and
+its figures, the approval, the delivery and what Orthanc holds under the current study. Every
+figure is computed on simulated data and says so.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
-from rich.console import Console
-
-from dicom_node.lab.demo_home import DemoHome
-from dicom_node.lab.demo_review import ReviewedStudy, run_reviewed_demo
+from dicom_node.lab.demo_review import ReviewedStudy
 from dicom_node.lab.simulate_prognosis import PrognosisSpec, write_prognosis_patient
 
 #: The simulated patient the demo follows.
 SEED = 5
 
 
-def _prepare(out: Path) -> ReviewedStudy:
+def prepare(out: Path) -> ReviewedStudy:
+    """Write the SIMULATED study under ``out``: what the demo sends and shows."""
     _, visits = write_prognosis_patient(out, PrognosisSpec(visits=4, seed=SEED))
     days = ", ".join(f"day {v.day}" for v in visits[:3])
     current = visits[3]
@@ -42,19 +39,4 @@ def _prepare(out: Path) -> ReviewedStudy:
             f"three earlier visits of a SIMULATED brain-tumour patient ({days}; T1 post-contrast "
             "and FLAIR each)"
         ),
-    )
-
-
-def run_prognosis_demo(
-    claimed: DemoHome,
-    console: Console,
-    *,
-    config: Callable[[str, int], str],
-    policy: str,
-    timeout: float = 600,
-) -> tuple[str, int, int, str, int, float]:
-    """Run the demo; returns (study UID, instances sent, job id, PACS, instances in the PACS,
-    seconds). ``config`` gives the node's config for the PACS's AE title and port."""
-    return run_reviewed_demo(
-        claimed, console, label="prognosis", prepare=_prepare, config=config, policy=policy, timeout=timeout
     )

@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Mapping
 
 import numpy as np
-from scipy.cluster.vq import kmeans2
+from scipy.cluster.vq import kmeans2, vq
 
 #: Quantiles of the brain's intensities the clusters start at, per target contrast.
 START_QUANTILES: dict[str, dict[str, float]] = {
@@ -48,7 +48,7 @@ def segment(image: np.ndarray, brain: np.ndarray, target: str) -> dict[str, np.n
     with warnings.catch_warnings():  # an empty cluster keeps its start centre
         warnings.simplefilter("ignore")
         centres, _ = kmeans2(values[:, None], init, iter=30, minit="matrix", missing="warn")
-    nearest = np.argmin(np.abs(values[:, None] - centres[:, 0][None, :]), axis=1)
+    nearest, _ = vq(values[:, None], centres)  # each voxel to its nearest final centre
     out = {}
     for k, name in enumerate(names):
         mask = np.zeros(brain.shape, bool)

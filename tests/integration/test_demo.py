@@ -31,39 +31,37 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert leftovers.stdout.strip() == ""
 
 
-def test_the_prognosis_demo_runs_end_to_end(tmp_path: Path) -> None:
-    """`dicom-node demo --pipeline prognosis` (`make demo PIPELINE=prognosis`): priors in the
-    archive, the current visit sent, held, approved, delivered; figures labelled SIMULATED."""
+def reviewed_demo(tmp_path: Path, pipeline: str) -> str:
+    """Run `dicom-node demo --pipeline PIPELINE`; its stdout once it exited 0 and left nothing
+    running."""
     home = tmp_path / "demo-home"
     result = subprocess.run(
-        [sys.executable, "-m", "dicom_node", "demo", "--home", str(home), "--pipeline", "prognosis"],
+        [sys.executable, "-m", "dicom_node", "demo", "--home", str(home), "--pipeline", pipeline],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
+    leftovers = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == ""
+    return result.stdout
+
+
+def test_the_prognosis_demo_runs_end_to_end(tmp_path: Path) -> None:
+    """`dicom-node demo --pipeline prognosis` (`make demo PIPELINE=prognosis`): priors in the
+    archive, the current visit sent, held, approved, delivered; figures labelled SIMULATED."""
+    out = reviewed_demo(tmp_path, "prognosis")
     assert "job 1 ran `prognosis`, nothing has left the node" in out
     assert "approved by demo-reviewer: 12 delivery(ies) queued" in out
     assert "delivered: 74 instances in 12 series" in out  # 2 x 32 predicted slices + 10 objects
     assert "AI PREDICTED T1c follow-up at +90 days - not an acquisition" in out
     assert "SIMULATED" in out
-    leftovers = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True)
-    assert leftovers.stdout.strip() == ""
 
 
 def test_the_synthesis_demo_runs_end_to_end(tmp_path: Path) -> None:
     """`dicom-node demo --pipeline synthesis` (`make demo PIPELINE=synthesis`): a brain MR study
     without FLAIR sent, held, approved, delivered; figures labelled SIMULATED."""
-    home = tmp_path / "demo-home"
-    result = subprocess.run(
-        [sys.executable, "-m", "dicom_node", "demo", "--home", str(home), "--pipeline", "synthesis"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
+    out = reviewed_demo(tmp_path, "synthesis")
     assert "job 1 ran `synthesis`, nothing has left the node" in out
     assert "approved by demo-reviewer: 6 delivery(ies) queued" in out
     # 32 synthetic FLAIR slices + sigma and hallucination maps, SEG, SR, overlay (the acquired
@@ -71,5 +69,3 @@ def test_the_synthesis_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "delivered: 37 instances in 6 series" in out
     assert "AI SYNTHETIC FLAIR from T1w+T2w - not acquired" in out
     assert "SIMULATED" in out
-    leftovers = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True)
-    assert leftovers.stdout.strip() == ""
