@@ -34,7 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 
-from audit import sqlite
+from audit.engine import make_engine
 from audit.events import AuditEvent, Outcome
 
 GENESIS_HASH = "0" * 64
@@ -186,8 +186,8 @@ class AuditTrail:
         self.actor = actor
         self.checkpoints = CheckpointFile(checkpoint_file) if checkpoint_file else None
         self.checkpoint_every = checkpoint_every
-        self._engine = sqlite.engine(url)
-        self._reader = sqlite.engine(url, begin="BEGIN")
+        self._engine = make_engine(url)
+        self._reader = make_engine(url, begin="BEGIN")
         self._is_sqlite = make_url(url).get_backend_name() == "sqlite"
         self._lock = threading.Lock()
         metadata.create_all(self._engine)

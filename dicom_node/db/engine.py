@@ -2,7 +2,7 @@
 
 SQLite runs in WAL mode so readers never block the receiver. Write transactions begin with
 ``BEGIN IMMEDIATE``: the write lock is taken up front, so two processes (receiver and
-workers) never deadlock upgrading a read lock (the engine setup is :mod:`audit.sqlite`,
+workers) never deadlock upgrading a read lock (the engine setup is :mod:`audit.engine`,
 shared with the audit log). ``synchronous=NORMAL`` keeps a commit durable across a process
 crash (kill -9); the DICOM files themselves are fsync'd, and startup reconciliation
 re-indexes any file whose index row a power loss took away.
@@ -21,7 +21,7 @@ from alembic.config import Config as AlembicConfig
 from sqlalchemy import Connection, CursorResult, Select
 from sqlalchemy.engine import make_url
 
-from audit import sqlite
+from audit.engine import make_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -41,9 +41,9 @@ class Database:
         self._local = threading.local()
         self._compiled: dict[Select[Any], tuple[str, Any, dict[str, Any]]] = {}
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
-        self._writer = sqlite.engine(url, "BEGIN IMMEDIATE", foreign_keys=True, pool_size=20, max_overflow=20)
+        self._writer = make_engine(url, "BEGIN IMMEDIATE", foreign_keys=True, pool_size=20, max_overflow=20)
         self._reader = (
-            sqlite.engine(url, "BEGIN", foreign_keys=True, pool_size=20, max_overflow=20)
+            make_engine(url, "BEGIN", foreign_keys=True, pool_size=20, max_overflow=20)
             if self.is_sqlite
             else self._writer
         )

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 
-def engine(
+def make_engine(
     url: str,
     begin: str = "BEGIN IMMEDIATE",
     *,
