@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: deps install-node lock demo test lint bench clean
+.PHONY: deps install-node lock demo test test-postgres lint bench clean
 
 # Everything, for development and CI: the node, ai, lab, test and dev extras in .venv.
 deps:
@@ -24,6 +24,12 @@ demo: deps
 
 test: deps lint
 	$(BIN)/python -m pytest -q --durations=25
+
+# The whole suite again with every node's index and audit log on PostgreSQL (a throwaway
+# server in a temporary directory; Debian's postgresql package). Not part of `make test`:
+# it takes as long again.
+test-postgres: deps
+	$(BIN)/python -m pytest -q --durations=25 --database=postgresql
 
 lint: deps
 	$(BIN)/lint-imports

@@ -1,4 +1,4 @@
-"""The project's one SQLAlchemy engine setup, tuned for SQLite.
+"""The project's one SQLAlchemy engine setup: SQLite (the embedded default) or PostgreSQL.
 
 SQLite runs in WAL mode, so readers never block the writer, with ``synchronous=NORMAL`` (a
 commit survives a process crash) and a 60 s busy timeout. The driver's own transaction
@@ -6,6 +6,14 @@ handling is switched off and every transaction starts with the ``begin`` stateme
 ``BEGIN IMMEDIATE`` takes the write lock up front, so two processes never deadlock upgrading a
 read lock (and a read-then-insert, such as appending to the audit chain, is one atomic step);
 a plain ``BEGIN`` suits readers, which then never hold up a writer.
+
+PostgreSQL (``postgresql+psycopg://``, the ``postgres`` extra) keeps the same promise: a
+writer's transaction starts by taking a transaction-level advisory lock (``lock_key``), so
+writers to one database take turns exactly as they do on SQLite and every read-then-write
+the node does is atomic; readers take no lock and see the last committed state. The lock is
+released at commit or rollback, and by the server when a connection dies (a killed process
+never leaves it held). Work that many processes claim at once (jobs, deliveries) may use a
+lock-free writer instead (``lock_key=None``) and ``SELECT ... FOR UPDATE SKIP LOCKED``.
 
 Both the audit trail and the node's own database use it; it lives here because ``audit`` is
 the bottom layer and imports no other project folder.
@@ -19,6 +27,11 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
+#: The advisory locks writers take on PostgreSQL: one for the node's database, one for the
+#: audit log (distinct, so the two may share a database without waiting on each other).
+NODE_WRITERS = 0x64636E01
+AUDIT_WRITERS = 0x64636E02
+
 
 def make_engine(
     url: str,
@@ -27,6 +40,7 @@ def make_engine(
     foreign_keys: bool = False,
     pool_size: int | None = None,
     max_overflow: int | None = None,
+    lock_key: int | None = None,
 ) -> Engine:
     """An engine for ``url``, set up as the module docstring describes when it is SQLite.
 
@@ -40,24 +54,36 @@ def make_engine(
     foreign_keys
         Also enforce foreign keys (``PRAGMA foreign_keys=ON``; SQLite only).
     pool_size, max_overflow
-        Connection pool limits (SQLite only); ``None`` keeps SQLAlchemy's default.
+        Connection pool limits; ``None`` keeps SQLAlchemy's default.
+    lock_key
+        PostgreSQL only: the advisory lock every transaction of this engine takes first
+        (``pg_advisory_xact_lock``), for an engine of writers; ``None`` for readers.
 
     Returns
     -------
     Engine
-        For SQLite, the engine described above. For any other database, a plain engine with
-        ``pool_pre_ping=True`` (the other arguments do not apply there).
+        For SQLite, the engine described above. For PostgreSQL, an engine with
+        ``pool_pre_ping=True`` whose transactions take ``lock_key`` first. Any other
+        database gets a plain engine.
     """
     parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
-    if parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     pool: dict[str, int] = {}
     if pool_size is not None:
         pool["pool_size"] = pool_size
     if max_overflow is not None:
         pool["max_overflow"] = max_overflow
+    if parsed.get_backend_name() != "sqlite":
+        server_engine = create_engine(url, pool_pre_ping=True, **pool)
+        if lock_key is not None and parsed.get_backend_name() == "postgresql":
+            key = int(lock_key)
+
+            @event.listens_for(server_engine, "begin")
+            def _take_turn(conn: Connection) -> None:
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({key})")
+
+        return server_engine
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     sqlite_engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False}, **pool)
 
     @event.listens_for(sqlite_engine, "connect")

@@ -2,8 +2,10 @@
 
 Each row carries ``prev_hash`` and ``hash = sha256(prev_hash || canonical_json(row))``, so
 editing, deleting or reordering a row breaks the chain. Appends from several threads and
-processes are serialised by the database write lock (``BEGIN IMMEDIATE`` on SQLite,
-``SELECT ... FOR UPDATE`` of the head elsewhere).
+processes are serialised by the database write lock (``BEGIN IMMEDIATE`` on SQLite, an
+advisory lock on PostgreSQL). The database itself refuses UPDATE, DELETE and TRUNCATE of
+the log (a trigger); on PostgreSQL the node may also connect as a role granted only SELECT
+and INSERT on it (``deploy/postgres/roles.sql``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 from sqlalchemy import (
     Column,
     Connection,
+    Engine,
     Float,
     Integer,
     MetaData,
@@ -34,7 +37,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 
-from audit.engine import make_engine
+from audit.engine import AUDIT_WRITERS, make_engine
 from audit.events import AuditEvent, Outcome
 
 GENESIS_HASH = "0" * 64
@@ -73,6 +76,29 @@ HASHED_FIELDS = (
     "actor",
     "facts",
 )
+
+
+_PG_APPEND_ONLY = """
+CREATE OR REPLACE FUNCTION audit_events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION USING MESSAGE = 'the audit log is append-only: ' || TG_OP || ' refused';
+END $$;
+CREATE OR REPLACE TRIGGER audit_events_no_rewrite BEFORE UPDATE OR DELETE ON audit_events
+    FOR EACH ROW EXECUTE FUNCTION audit_events_append_only();
+CREATE OR REPLACE TRIGGER audit_events_no_truncate BEFORE TRUNCATE ON audit_events
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_events_append_only();
+"""
+
+
+def _protect_postgresql(engine: Engine) -> None:
+    """Install the append-only triggers once (a role without DDL rights finds them there)."""
+    with engine.begin() as conn:
+        present = conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'audit_events'::regclass "
+            "AND tgname IN ('audit_events_no_rewrite', 'audit_events_no_truncate')"
+        ).scalar_one()
+        if present < 2:
+            conn.exec_driver_sql(_PG_APPEND_ONLY)
 
 
 def canonical_json(value: Any) -> str:
@@ -186,11 +212,14 @@ class AuditTrail:
         self.actor = actor
         self.checkpoints = CheckpointFile(checkpoint_file) if checkpoint_file else None
         self.checkpoint_every = checkpoint_every
-        self._engine = make_engine(url)
+        self._engine = make_engine(url, lock_key=AUDIT_WRITERS)
         self._reader = make_engine(url, begin="BEGIN")
-        self._is_sqlite = make_url(url).get_backend_name() == "sqlite"
+        backend = make_url(url).get_backend_name()
+        self._is_sqlite = backend == "sqlite"
         self._lock = threading.Lock()
         metadata.create_all(self._engine)
+        if backend == "postgresql":
+            _protect_postgresql(self._engine)
         if self._is_sqlite:
             # Defence in depth: the chain detects rewriting, these stop it happening by accident.
             with self._engine.begin() as conn:
@@ -228,10 +257,11 @@ class AuditTrail:
     def _append(self, rows: list[dict[str, Any]]) -> int:
         """Chain and insert ``rows`` in one transaction; returns the last sequence number."""
         with self._lock, self._engine.begin() as conn:
-            head_query = select(audit_events.c.seq, audit_events.c.hash).order_by(audit_events.c.seq.desc())
-            if not self._is_sqlite:
-                head_query = head_query.with_for_update()
-            head = conn.execute(head_query.limit(1)).first()
+            # the engine's write lock is held from the first statement: no other appender
+            # can read the same head
+            head = conn.execute(
+                select(audit_events.c.seq, audit_events.c.hash).order_by(audit_events.c.seq.desc()).limit(1)
+            ).first()
             seq, prev_hash = (head[0], head[1]) if head else (0, GENESIS_HASH)
             for row in rows:
                 seq += 1

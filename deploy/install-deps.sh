@@ -16,7 +16,8 @@ EXTRAS=ai,lab,test,dev
 # --- Debian packages -------------------------------------------------------------------
 # dcmtk: the test scanner (storescu/echoscu); orthanc: the PACS stand-in; dicom3tools:
 # dciodvfy, the IOD validator; chromium + chromium-driver: the web page tests;
-# orthanc-dicomweb: Orthanc's DICOMweb plugin, the DICOMweb archive of the priors tests.
+# orthanc-dicomweb: Orthanc's DICOMweb plugin, the DICOMweb archive of the priors tests;
+# postgresql (below).
 declare -A NEED=( [/usr/bin/storescu]=dcmtk [/usr/sbin/Orthanc]=orthanc [/usr/bin/dciodvfy]=dicom3tools
                   [/usr/bin/chromium]=chromium [/usr/bin/chromedriver]=chromium-driver
                   [/usr/share/orthanc/plugins/libOrthancDicomWeb.so]=orthanc-dicomweb )
@@ -24,6 +25,9 @@ missing=()
 for bin in "${!NEED[@]}"; do
   [ -e "$bin" ] || missing+=("${NEED[$bin]}")
 done
+# postgresql: the server the PostgreSQL tests start in a temporary directory (its binaries
+# live under a versioned path, /usr/lib/postgresql/<major>/bin)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO="sudo"; else
     echo "dicom-node: need root (or sudo) to install: ${missing[*]}" >&2; exit 1

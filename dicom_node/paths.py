@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from dicom_node.config import NodeConfig
+
+#: Environment variables that override ``[storage] database_url`` / ``audit_database_url``.
+DATABASE_URL_ENV = "DICOM_NODE_DATABASE_URL"
+AUDIT_DATABASE_URL_ENV = "DICOM_NODE_AUDIT_DATABASE_URL"
 
 
 @dataclass(frozen=True)
@@ -50,10 +55,23 @@ class NodePaths:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
 
     def database_url(self, config: NodeConfig) -> str:
-        return config.storage.database_url or f"sqlite:///{self.var / 'node.db'}"
+        """The index and job database: ``DICOM_NODE_DATABASE_URL`` in the environment (so a
+        server password can live in a root-only systemd ``EnvironmentFile`` rather than the
+        config), else ``[storage] database_url``, else SQLite at ``var/node.db``."""
+        return (
+            os.environ.get(DATABASE_URL_ENV, "").strip()
+            or config.storage.database_url
+            or f"sqlite:///{self.var / 'node.db'}"
+        )
 
     def checkpoint_file(self, config: NodeConfig) -> Path:
         return self.var / config.audit.checkpoint_file  # an absolute path replaces var/
 
     def audit_database_url(self, config: NodeConfig) -> str:
-        return config.storage.audit_database_url or f"sqlite:///{self.var / 'audit.db'}"
+        """The audit log: ``DICOM_NODE_AUDIT_DATABASE_URL``, else ``[storage]
+        audit_database_url``, else SQLite at ``var/audit.db``."""
+        return (
+            os.environ.get(AUDIT_DATABASE_URL_ENV, "").strip()
+            or config.storage.audit_database_url
+            or f"sqlite:///{self.var / 'audit.db'}"
+        )

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from audit import AuditTrail
 from dicom_node.config import LoadedConfig, NodeConfig, load_config
@@ -24,6 +25,10 @@ _QUIET = ("pynetdicom", "apscheduler", "alembic", "sqlalchemy", "PIL", "highdico
 
 class NoNodeState(Exception):
     """A command that reads a node's state was pointed at a home that holds none."""
+
+
+class DatabaseUnavailable(Exception):
+    """The configured database server cannot be reached or refuses the node."""
 
 
 def missing_state(paths: NodePaths, config: NodeConfig) -> Path | None:
@@ -80,14 +85,21 @@ class Runtime:
             shown = missing.relative_to(paths.home) if missing.is_relative_to(paths.home) else missing
             raise NoNodeState(f"no dicom-node state under {paths.home} ({shown} missing): is --home right?")
         paths.create()
-        db = Database(paths.database_url(loaded.config))
-        db.upgrade()
-        audit = AuditTrail(
-            paths.audit_database_url(loaded.config),
-            actor=actor,
-            checkpoint_file=paths.checkpoint_file(loaded.config),
-            checkpoint_every=loaded.config.audit.checkpoint_every,
-        )
+        url = paths.database_url(loaded.config)
+        try:
+            db = Database(url)
+            db.upgrade()
+            url = paths.audit_database_url(loaded.config)
+            audit = AuditTrail(
+                url,
+                actor=actor,
+                checkpoint_file=paths.checkpoint_file(loaded.config),
+                checkpoint_every=loaded.config.audit.checkpoint_every,
+            )
+        except OperationalError as exc:
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+            where = make_url(url).render_as_string(hide_password=True)
+            raise DatabaseUnavailable(f"cannot use the database {where}: {reason}") from None
         return cls(loaded=loaded, paths=paths, db=db, audit=audit)
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,70 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webdriver import WebDriver
 
+from dicom_node.lab import localpeers
+from dicom_node.paths import AUDIT_DATABASE_URL_ENV, DATABASE_URL_ENV
 from pipelines.base import InputInstance
+from tests import pg
 from tests.peers import ORTHANC, STORESCP, STORESCU, NodeProcess, Orthanc, have
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--database",
+        choices=("sqlite", "postgresql"),
+        default=os.environ.get("DICOM_NODE_TEST_DATABASE", "sqlite"),
+        help="where every node under test keeps its index and audit log: SQLite in its home "
+        "(default) or a fresh database on a throwaway PostgreSQL server (make test-postgres)",
+    )
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[pg.PostgresServer]:
+    """A PostgreSQL server for this test session (Debian's ``postgresql`` package)."""
+    bin_dir = pg.find_bin_dir()
+    if bin_dir is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install postgresql (see deploy/install-deps.sh)")
+        pytest.skip("not installed: postgresql")
+    server = pg.PostgresServer(bin_dir).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _database_under_test(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """In PostgreSQL mode: every node of the test on its own fresh databases."""
+    if request.config.getoption("--database") != "postgresql" or request.node.get_closest_marker("sqlite"):
+        yield
+        return
+    server: pg.PostgresServer = request.getfixturevalue("postgres_server")
+    created: list[str] = []
+
+    def fresh() -> tuple[str, str]:
+        index, audit = server.create_database("node"), server.create_database("audit")
+        created.extend((index, audit))
+        return server.url(index), server.url(audit)
+
+    # The test process's environment names one pair (in-process runtimes, commands the test
+    # runs); the first node home gets the same pair, any further home a pair of its own.
+    first = fresh()
+    homes: dict[Path, tuple[str, str]] = {}
+
+    def databases(home: Path) -> tuple[str, str]:
+        if home not in homes:
+            homes[home] = first if not homes else fresh()
+        return homes[home]
+
+    monkeypatch.setenv(DATABASE_URL_ENV, first[0])
+    monkeypatch.setenv(AUDIT_DATABASE_URL_ENV, first[1])
+    monkeypatch.setattr(localpeers, "DATABASES_FOR_HOME", databases)
+    try:
+        yield
+    finally:
+        for name in created:
+            server.drop_database(name)
 
 
 def require(*paths: str) -> None:
@@ -120,8 +183,20 @@ timeout_seconds = 10
     return text + extra
 
 
+def node_database_urls(node: NodeProcess) -> tuple[str, str] | None:
+    """The server databases (index, audit) a node's config names; None for SQLite in its home."""
+    storage = tomllib.loads(node.config_path.read_text()).get("storage", {})
+    index_url, audit_url = storage.get("database_url"), storage.get("audit_database_url")
+    if index_url and audit_url and not index_url.startswith("sqlite"):
+        return str(index_url), str(audit_url)
+    return None
+
+
 def db_rows(node: NodeProcess, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Read the node's SQLite index directly (cheap polling from tests)."""
+    """Read the node's index directly (cheap polling from tests); SQL written for SQLite."""
+    urls = node_database_urls(node)
+    if urls is not None:
+        return pg.rows(urls[0], sql, params)
     path = node.home / "var" / "node.db"
     if not path.exists():
         return []
@@ -135,14 +210,17 @@ def db_rows(node: NodeProcess, sql: str, params: tuple[Any, ...] = ()) -> list[t
 
 
 def audit_rows(node: NodeProcess, event: str) -> list[tuple[Any, ...]]:
+    query = (
+        "select seq, outcome, study_uid, calling_ae, peer_host, facts from audit_events"
+        " where event = ? order by seq"
+    )
+    urls = node_database_urls(node)
+    if urls is not None:
+        return pg.rows(urls[1], query, (event,))
     path = node.home / "var" / "audit.db"
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     try:
-        return con.execute(
-            "select seq, outcome, study_uid, calling_ae, peer_host, facts from audit_events"
-            " where event = ? order by seq",
-            (event,),
-        ).fetchall()
+        return con.execute(query, (event,)).fetchall()
     finally:
         con.close()
 

@@ -30,6 +30,7 @@ from dicom_node.safelog import protect_stderr
 EXTRA_OF = {
     **dict.fromkeys(("torch", "monai", "SimpleITK", "safetensors", "scipy", "skimage", "matplotlib"), "ai"),
     **dict.fromkeys(("nilearn", "nibabel", "sklearn"), "lab"),
+    "psycopg": "postgres",  # a postgresql+psycopg:// database URL
 }
 
 

@@ -36,12 +36,13 @@ class AuditedWrite:
 
 
 @contextmanager
-def audited_write(db: Database, audit: AuditTrail) -> Iterator[AuditedWrite]:
-    """A write transaction; the records queued on it are appended after it commits.
+def audited_write(db: Database, audit: AuditTrail, *, claim: bool = False) -> Iterator[AuditedWrite]:
+    """A write transaction (``claim``: a :meth:`Database.claim` one); the records queued on
+    it are appended after it commits.
 
     If the block raises, the transaction rolls back and nothing is recorded.
     """
-    with db.write() as conn:
+    with db.claim() if claim else db.write() as conn:
         work = AuditedWrite(conn)
         yield work
     work.flush(audit)

@@ -21,7 +21,7 @@ from alembic.config import Config as AlembicConfig
 from sqlalchemy import Connection, CursorResult, Select
 from sqlalchemy.engine import make_url
 
-from audit.engine import make_engine
+from audit.engine import NODE_WRITERS, make_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -41,17 +41,37 @@ class Database:
         self._local = threading.local()
         self._compiled: dict[Select[Any], tuple[str, Any, dict[str, Any]]] = {}
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
-        self._writer = make_engine(url, "BEGIN IMMEDIATE", foreign_keys=True, pool_size=20, max_overflow=20)
-        self._reader = (
-            make_engine(url, "BEGIN", foreign_keys=True, pool_size=20, max_overflow=20)
-            if self.is_sqlite
-            else self._writer
+        pool, overflow = 20, 20
+        self._writer = make_engine(
+            url,
+            "BEGIN IMMEDIATE",
+            foreign_keys=True,
+            lock_key=NODE_WRITERS,
+            pool_size=pool,
+            max_overflow=overflow,
+        )
+        self._reader = make_engine(url, "BEGIN", foreign_keys=True, pool_size=pool, max_overflow=overflow)
+        # claims need no writers' turn on a server: they lock only the rows they take
+        self._claimer = (
+            self._writer if self.is_sqlite else make_engine(url, pool_size=pool, max_overflow=overflow)
         )
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """A transaction that holds the write lock from its first statement."""
         with self._writer.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def claim(self) -> Iterator[Connection]:
+        """A write transaction for taking queued work (jobs, deliveries).
+
+        On SQLite it is :meth:`write`. On PostgreSQL it skips the writers' lock: its query
+        must lock the rows it takes with ``FOR UPDATE SKIP LOCKED`` and change them only by
+        compare-and-set, so several workers on several hosts claim different rows at once
+        instead of taking turns.
+        """
+        with self._claimer.begin() as conn:
             yield conn
 
     @contextmanager
@@ -101,5 +121,6 @@ class Database:
 
     def dispose(self) -> None:
         self._writer.dispose()
-        if self._reader is not self._writer:
-            self._reader.dispose()
+        self._reader.dispose()
+        if self._claimer is not self._writer:
+            self._claimer.dispose()

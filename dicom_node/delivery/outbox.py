@@ -140,7 +140,7 @@ class Outbox:
 
     def claim_due(self) -> DeliveryTask | None:
         now = time.time()
-        with self.db.write() as conn:
+        with self.db.claim() as conn:
             row = conn.execute(
                 delivery_rows()
                 .where(
@@ -151,13 +151,14 @@ class Outbox:
                 )
                 .order_by(t.deliveries.c.next_attempt_at, t.deliveries.c.id)
                 .limit(1)
+                .with_for_update(skip_locked=True, of=t.deliveries)
             ).first()
             if row is None:
                 return None
             attempt = row.attempts + 1
-            conn.execute(
+            taken = conn.execute(
                 update(t.deliveries)
-                .where(t.deliveries.c.id == row.id)
+                .where(t.deliveries.c.id == row.id, t.deliveries.c.state == DeliveryState.PENDING.value)
                 .values(
                     state=DeliveryState.SENDING.value,
                     attempts=attempt,
@@ -165,6 +166,8 @@ class Outbox:
                     lease_until=now + self.config.workers.lease_seconds,
                 )
             )
+            if taken.rowcount != 1:
+                return None  # another worker took it between our read and our write
             attempt_id = inserted_id(
                 conn.execute(insert(t.delivery_attempts).values(delivery_fk=row.id, started_at=now))
             )

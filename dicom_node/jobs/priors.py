@@ -241,7 +241,7 @@ def local_priors(conn: Connection, current: CurrentStudy) -> list[PriorStudy]:
             t.instances.c.current.is_(True),
             or_(t.instances.c.role.is_(None), t.instances.c.role == PRIOR),
         )
-        .group_by(t.series.c.id)
+        .group_by(t.studies.c.id, t.series.c.id)
         .order_by(t.studies.c.study_uid, t.series.c.id)
     ).all()
     studies: dict[str, PriorStudy] = {}

@@ -180,7 +180,7 @@ class JobRunner:
 
     def claim(self) -> ClaimedJob | None:
         """The oldest queued job, moved to ``running`` under this worker's claim (or None)."""
-        with audited_write(self.db, self.audit) as work:
+        with audited_write(self.db, self.audit, claim=True) as work:
             row = work.conn.execute(
                 select(t.jobs, t.studies.c.study_uid, t.patients.c.patient_id)
                 .join(t.studies, t.studies.c.id == t.jobs.c.study_fk)
@@ -188,6 +188,7 @@ class JobRunner:
                 .where(t.jobs.c.state == JobState.QUEUED.value)
                 .order_by(t.jobs.c.id)
                 .limit(1)
+                .with_for_update(skip_locked=True, of=t.jobs)
             ).first()
             if row is None:
                 return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -284,6 +286,24 @@ def policy_yaml(
     return str(yaml.safe_dump({"version": 1, "mode": mode, "rules": [rule]}, sort_keys=False))
 
 
+#: Gives each node home its own databases, as ``(index URL, audit URL)``; None (the default)
+#: leaves the node on SQLite in its home. The test suite's PostgreSQL mode sets it.
+DATABASES_FOR_HOME: Callable[[Path], tuple[str, str]] | None = None
+
+
+def with_databases(config_text: str, home: Path) -> str:
+    """``config_text`` with ``[storage]`` naming the databases DATABASES_FOR_HOME gives
+    ``home`` (unchanged when the hook is unset or the config names a database itself)."""
+    if DATABASES_FOR_HOME is None or "database_url" in config_text:
+        return config_text
+    index_url, audit_url = DATABASES_FOR_HOME(home)
+    lines = f'database_url = "{index_url}"\naudit_database_url = "{audit_url}"\n'
+    header = re.compile(r"^\[storage\][ \t]*\n", re.M)
+    if header.search(config_text):
+        return header.sub(lambda m: m.group(0) + lines, config_text, count=1)
+    return f"{config_text}\n[storage]\n{lines}"
+
+
 class NodeProcess:
     """``dicom-node serve`` as a real process on its own home, port and config."""
 
@@ -307,7 +327,7 @@ class NodeProcess:
         self.port = port or free_port()
         self.ae_title = ae_title
         self.config_path = home / "dicom-node.toml"
-        self.config_path.write_text(config_text)
+        self.config_path.write_text(with_databases(config_text, home))
         self.policy_path = home / "policy.yaml"
         self.policy_path.write_text(policy if policy is not None else policy_yaml())
         self.proc: subprocess.Popen[bytes] | None = None
