@@ -357,6 +357,8 @@ class AuditTrail:
         limit: int | None = None,
     ) -> list[AuditRecord]:
         """Records matching every given filter, oldest first. ``ae`` matches calling or called AE."""
+        if any("\x00" in text for text in (patient_id, study_uid, ae) if text):
+            return []  # no record holds a NUL (and PostgreSQL cannot even compare one)
         query = select(audit_events).order_by(audit_events.c.seq)
         if patient_id is not None:
             query = query.where(audit_events.c.patient_id == patient_id)

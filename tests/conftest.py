@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import sys
-import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,10 +16,11 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from dicom_node.lab import localpeers
-from dicom_node.paths import AUDIT_DATABASE_URL_ENV, DATABASE_URL_ENV
+from dicom_node.paths import AUDIT_DATABASE_URL_ENV, DATABASE_URL_ENV, NodePaths
 from pipelines.base import InputInstance
 from tests import pg
 from tests.peers import ORTHANC, STORESCP, STORESCU, NodeProcess, Orthanc, have
+from tests.state import state_rows, state_urls  # noqa: F401  (re-exported for the tests)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -49,38 +48,88 @@ def postgres_server() -> Iterator[pg.PostgresServer]:
         server.stop()
 
 
+class _Databases:
+    """PostgreSQL mode's map of node homes to their (index, audit) databases.
+
+    Each home gets a fresh pair the first time it is asked for, except that the first home a
+    test touches gets the pair the test's environment already names (so commands the test
+    runs with that environment find the same state). Pairs made during a test are dropped
+    after it; those of homes that outlive a test (module-scoped nodes) at the end."""
+
+    def __init__(self, server: pg.PostgresServer) -> None:
+        self.server = server
+        self.homes: dict[Path, tuple[str, str]] = {}
+        self.spare: tuple[str, str] | None = None
+        self.made: list[tuple[Path | None, list[str]]] = []
+
+    def fresh(self) -> tuple[tuple[str, str], list[str]]:
+        names = [self.server.create_database("node"), self.server.create_database("audit")]
+        return (self.server.url(names[0]), self.server.url(names[1])), names
+
+    def __call__(self, home: Path) -> tuple[str, str]:
+        home = home.resolve()
+        if home not in self.homes:
+            if self.spare is not None:
+                self.homes[home], self.spare = self.spare, None
+            else:
+                self.homes[home], names = self.fresh()
+                self.made.append((home, names))
+        return self.homes[home]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _postgres_mode(request: pytest.FixtureRequest) -> Iterator[_Databases | None]:
+    """``--database=postgresql``: every node home, from the first fixture on, on PostgreSQL."""
+    if request.config.getoption("--database") != "postgresql":
+        yield None
+        return
+    mapping = _Databases(request.getfixturevalue("postgres_server"))
+    localpeers.DATABASES_FOR_HOME = mapping
+    try:
+        yield mapping
+    finally:
+        localpeers.DATABASES_FOR_HOME = None
+
+
 @pytest.fixture(autouse=True)
-def _database_under_test(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """In PostgreSQL mode: every node of the test on its own fresh databases."""
-    if request.config.getoption("--database") != "postgresql" or request.node.get_closest_marker("sqlite"):
+def _database_under_test(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, _postgres_mode: _Databases | None
+) -> Iterator[None]:
+    """In PostgreSQL mode: this test's environment names a fresh pair, and every home the
+    test makes (in this process or as a node process) has its own."""
+    mapping = _postgres_mode
+    if mapping is None:
         yield
         return
-    server: pg.PostgresServer = request.getfixturevalue("postgres_server")
-    created: list[str] = []
-
-    def fresh() -> tuple[str, str]:
-        index, audit = server.create_database("node"), server.create_database("audit")
-        created.extend((index, audit))
-        return server.url(index), server.url(audit)
-
-    # The test process's environment names one pair (in-process runtimes, commands the test
-    # runs); the first node home gets the same pair, any further home a pair of its own.
-    first = fresh()
-    homes: dict[Path, tuple[str, str]] = {}
-
-    def databases(home: Path) -> tuple[str, str]:
-        if home not in homes:
-            homes[home] = first if not homes else fresh()
-        return homes[home]
-
-    monkeypatch.setenv(DATABASE_URL_ENV, first[0])
-    monkeypatch.setenv(AUDIT_DATABASE_URL_ENV, first[1])
-    monkeypatch.setattr(localpeers, "DATABASES_FOR_HOME", databases)
+    if request.node.get_closest_marker("own_database"):
+        monkeypatch.setattr(localpeers, "DATABASES_FOR_HOME", None)
+        yield
+        return
+    before = len(mapping.made)
+    mapping.spare, names = mapping.fresh()
+    mapping.made.append((None, names))
+    monkeypatch.setenv(DATABASE_URL_ENV, mapping.spare[0])
+    monkeypatch.setenv(AUDIT_DATABASE_URL_ENV, mapping.spare[1])
+    monkeypatch.setattr(NodePaths, "database_url", lambda paths, _config: mapping(paths.home)[0])
+    monkeypatch.setattr(NodePaths, "audit_database_url", lambda paths, _config: mapping(paths.home)[1])
     try:
         yield
     finally:
-        for name in created:
-            server.drop_database(name)
+        mapping.spare = None
+        made, mapping.made = mapping.made[before:], mapping.made[:before]
+        for home, db_names in made:
+            if home is not None:
+                mapping.homes.pop(home, None)
+            else:
+                mapping.homes = {
+                    h: urls for h, urls in mapping.homes.items() if not _names_in(urls, db_names)
+                }
+            for name in db_names:
+                mapping.server.drop_database(name)
+
+
+def _names_in(urls: tuple[str, str], names: list[str]) -> bool:
+    return any(f"/{name}?" in url for url in urls for name in names)
 
 
 def require(*paths: str) -> None:
@@ -183,46 +232,19 @@ timeout_seconds = 10
     return text + extra
 
 
-def node_database_urls(node: NodeProcess) -> tuple[str, str] | None:
-    """The server databases (index, audit) a node's config names; None for SQLite in its home."""
-    storage = tomllib.loads(node.config_path.read_text()).get("storage", {})
-    index_url, audit_url = storage.get("database_url"), storage.get("audit_database_url")
-    if index_url and audit_url and not index_url.startswith("sqlite"):
-        return str(index_url), str(audit_url)
-    return None
-
-
 def db_rows(node: NodeProcess, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Read the node's index directly (cheap polling from tests); SQL written for SQLite."""
-    urls = node_database_urls(node)
-    if urls is not None:
-        return pg.rows(urls[0], sql, params)
-    path = node.home / "var" / "node.db"
-    if not path.exists():
-        return []
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    try:
-        return con.execute(sql, params).fetchall()
-    except sqlite3.OperationalError:
-        return []
-    finally:
-        con.close()
+    """Read the node's index directly; SQL written for SQLite."""
+    return state_rows(node.home, sql, params)
 
 
 def audit_rows(node: NodeProcess, event: str) -> list[tuple[Any, ...]]:
-    query = (
+    return state_rows(
+        node.home,
         "select seq, outcome, study_uid, calling_ae, peer_host, facts from audit_events"
-        " where event = ? order by seq"
+        " where event = ? order by seq",
+        (event,),
+        audit=True,
     )
-    urls = node_database_urls(node)
-    if urls is not None:
-        return pg.rows(urls[1], query, (event,))
-    path = node.home / "var" / "audit.db"
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    try:
-        return con.execute(query, (event,)).fetchall()
-    finally:
-        con.close()
 
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

@@ -91,7 +91,7 @@ def test_untouched_log_verifies(tmp_path: Path) -> None:
     assert "audit log intact" in result.stdout and "checkpoint(s) match" in result.stdout
 
 
-@pytest.mark.sqlite
+@pytest.mark.own_database
 @pytest.mark.parametrize(
     ("tamper", "first_bad", "words"),
     [
@@ -136,7 +136,7 @@ def test_checkpoints_every_n_and_verify_reads_are_audited(tmp_path: Path) -> Non
     assert result.ok and result.records == 37 and result.checkpoints_checked == 3
 
 
-@pytest.mark.sqlite
+@pytest.mark.own_database
 def test_cli_reads_are_recorded_as_audit_log_used(tmp_path: Path) -> None:
     populate(tmp_path, n=3)
     assert verify(tmp_path).returncode == 0

@@ -31,6 +31,8 @@ from dicom_node.paths import AUDIT_DATABASE_URL_ENV, DATABASE_URL_ENV, NodePaths
 from dicom_node.runtime import Runtime
 from tests.pg import PostgresServer, connect_url
 
+pytestmark = pytest.mark.own_database
+
 ROLES_SQL = Path(__file__).parent.parent / "deploy" / "postgres" / "roles.sql"
 GRANTS_SQL = Path(__file__).parent.parent / "deploy" / "postgres" / "grants.sql"
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import sqlite3
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from dicom_node.web.app import WebContext, create_app
 from dicom_node.web.guard import PRESESSION_COOKIE, SESSION_COOKIE, TOKEN_FIELD, normalise_origin
 from dicom_node.web.server import WebServer
 from dicom_node.web.users import UserStore
+from tests.conftest import state_rows
 from tests.peers import free_port
 
 PASSWORD = "a long enough password"
@@ -37,23 +37,17 @@ class Site:
         return httpx.Client(base_url=self.base, follow_redirects=False, verify=False, timeout=30)
 
     def alerts(self) -> list[dict[str, Any]]:
-        con = sqlite3.connect(f"file:{self.home / 'var' / 'audit.db'}?mode=ro", uri=True)
-        try:
-            rows = con.execute(
-                "select actor, facts from audit_events where event = 'security-alert' order by seq"
-            ).fetchall()
-        finally:
-            con.close()
+        rows = state_rows(
+            self.home,
+            "select actor, facts from audit_events where event = 'security-alert' order by seq",
+            audit=True,
+        )
         return [{"actor": actor, **json.loads(facts)} for actor, facts in rows]
 
     def logins(self) -> list[dict[str, Any]]:
-        con = sqlite3.connect(f"file:{self.home / 'var' / 'audit.db'}?mode=ro", uri=True)
-        try:
-            rows = con.execute(
-                "select facts from audit_events where event = 'user-login' order by seq"
-            ).fetchall()
-        finally:
-            con.close()
+        rows = state_rows(
+            self.home, "select facts from audit_events where event = 'user-login' order by seq", audit=True
+        )
         return [json.loads(r[0]) for r in rows]
 
 

@@ -12,6 +12,7 @@ from rich.table import Table
 from audit import AuditEvent
 from dicom_node.cli.common import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_existing, print_json
 from dicom_node.db import queries
+from dicom_node.db.schema import MAX_ROW_ID
 from dicom_node.delivery.ledger import DeliveryState
 from dicom_node.ingest.completeness import waiting_reasons
 from dicom_node.jobs.state import JobState
@@ -173,7 +174,9 @@ def outbox(
 
 @outbox_app.command("attempts")
 def outbox_attempts(
-    delivery_id: Annotated[int, typer.Argument(help="Delivery id (see `dicom-node outbox`).")],
+    delivery_id: Annotated[
+        int, typer.Argument(help="Delivery id (see `dicom-node outbox`).", min=1, max=MAX_ROW_ID)
+    ],
     config: ConfigOpt = None,
     home: HomeOpt = Path("."),
     json_out: JsonOpt = False,
@@ -207,7 +210,7 @@ def outbox_attempts(
 
 @outbox_app.command("retry")
 def outbox_retry(
-    delivery_id: Annotated[int, typer.Argument(help="A dead-lettered delivery id.")],
+    delivery_id: Annotated[int, typer.Argument(help="A dead-lettered delivery id.", min=1, max=MAX_ROW_ID)],
     config: ConfigOpt = None,
     home: HomeOpt = Path("."),
 ) -> None:

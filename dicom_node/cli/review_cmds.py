@@ -25,6 +25,7 @@ from dicom_node.cli.common import (
     os_user,
     print_json,
 )
+from dicom_node.db.schema import MAX_ROW_ID
 
 review_app = typer.Typer(
     help="Outputs held for review: list, show, approve (deliver) or reject (never sent).",
@@ -32,7 +33,7 @@ review_app = typer.Typer(
 )
 app.add_typer(review_app, name="review")
 
-JobArg = Annotated[int, typer.Argument(help="Job id (see `dicom-node review list`).")]
+JobArg = Annotated[int, typer.Argument(help="Job id (see `dicom-node review list`).", min=1, max=MAX_ROW_ID)]
 ReviewerOpt = Annotated[
     str | None,
     typer.Option("--reviewer", help="Who decides, for the audit trail (default: os:<your login>)."),

@@ -22,6 +22,10 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
+#: The largest row id: PostgreSQL's INTEGER (SQLite's ids are wider but never get there).
+#: A larger id names no row on either backend.
+MAX_ROW_ID = 2**31 - 1
+
 metadata = MetaData(
     naming_convention={
         "ix": "ix_%(column_0_label)s",

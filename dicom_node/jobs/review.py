@@ -44,6 +44,8 @@ class HeldOutput:
 
 
 def _job_rows(conn: Any, job_id: int | None = None, state: str | None = JobState.HELD.value) -> list[Any]:
+    if job_id is not None and not 0 < job_id <= t.MAX_ROW_ID:
+        return []
     query = job_rows().order_by(t.jobs.c.updated_at)
     if job_id is not None:
         query = query.where(t.jobs.c.id == job_id)
@@ -87,6 +89,8 @@ def held_jobs(db: Database) -> list[dict[str, Any]]:
 
 def job_outputs(db: Database, job_id: int) -> list[HeldOutput]:
     """The job's output series, with their kind (read from the first file of each)."""
+    if not 0 < job_id <= t.MAX_ROW_ID:
+        return []
     with db.read() as conn:
         rows = conn.execute(
             select(t.job_outputs.c.series_uid, t.job_outputs.c.path)

@@ -34,6 +34,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dicom_node.lab.localpeers import STORESCU, NodeProcess, have, storescu  # noqa: E402
+from tests.state import state_rows  # noqa: E402
 
 HUGE_HEADER = bytes([0x01, 0x00, 0xFF, 0xFF, 0xFF, 0xFF])  # an A-ASSOCIATE-RQ of 4 GB
 _STREAM_CHUNK = bytes(64 * 1024)
@@ -160,18 +161,8 @@ def _connect(port: int) -> socket.socket:
 
 
 def _stored(node: NodeProcess) -> int:
-    import sqlite3
-
-    path = node.home / "var" / "node.db"
-    if not path.exists():
-        return 0
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    try:
-        return int(con.execute("select count(*) from instances").fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0
-    finally:
-        con.close()
+    rows = state_rows(node.home, "select count(*) from instances")
+    return int(rows[0][0]) if rows else 0
 
 
 def hold_under_attack(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from dicom_node.ingest.origin import PRIOR
 from dicom_node.ingest.store import InstanceStore
 from dicom_node.lab.localpeers import DICOMWEB_PLUGIN, dicomweb_config
 from dicom_node.runtime import Runtime
-from tests.conftest import audit_rows, db_rows, node_config, require
+from tests.conftest import audit_rows, db_rows, node_config, require, state_rows
 from tests.peers import ORTHANC, NodeProcess, Orthanc, free_port
 from tests.test_archives import mr_instance
 
@@ -245,9 +244,7 @@ def test_failures_end_in_time_with_the_reason(tmp_path: Path, archive: Orthanc) 
     )
     assert cli.returncode == 1
     assert cli.stderr.strip().count("\n") == 0 and "connection refused" in cli.stderr, cli.stderr
-    con = sqlite3.connect(tmp_path / "home" / "var" / "audit.db")
-    try:
-        outcomes = con.execute("select outcome, facts from audit_events where event = 'query'").fetchall()
-    finally:
-        con.close()
+    outcomes = state_rows(
+        tmp_path / "home", "select outcome, facts from audit_events where event = 'query'", audit=True
+    )
     assert any(o != 0 and json.loads(f)["archive"] == "down" for o, f in outcomes)

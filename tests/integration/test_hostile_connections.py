@@ -34,7 +34,7 @@ import pydicom
 import pytest
 
 from tests.bench.hostile_hold import hold_under_attack
-from tests.conftest import db_rows, node_config, require
+from tests.conftest import db_rows, node_config, require, state_rows
 from tests.peers import STORESCU, NodeProcess, storescu
 
 pytestmark = pytest.mark.integration
@@ -56,28 +56,18 @@ A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ABORT = 0x02, 0x03, 0x07
 
 
 def audit_since(node: NodeProcess, event: str, after_seq: int) -> list[dict[str, Any]]:
-    path = node.home / "var" / "audit.db"
-    import sqlite3
-
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    try:
-        rows = con.execute(
-            "select peer_host, calling_ae, facts from audit_events where event = ? and seq > ? order by seq",
-            (event, after_seq),
-        ).fetchall()
-    finally:
-        con.close()
+    rows = state_rows(
+        node.home,
+        "select peer_host, calling_ae, facts from audit_events where event = ? and seq > ? order by seq",
+        (event, after_seq),
+        audit=True,
+    )
     return [{"peer_host": host, "calling_ae": ae, **json.loads(facts)} for host, ae, facts in rows]
 
 
 def audit_head(node: NodeProcess) -> int:
-    import sqlite3
-
-    con = sqlite3.connect(f"file:{node.home / 'var' / 'audit.db'}?mode=ro", uri=True, timeout=30)
-    try:
-        return int(con.execute("select coalesce(max(seq), 0) from audit_events").fetchone()[0])
-    finally:
-        con.close()
+    rows = state_rows(node.home, "select coalesce(max(seq), 0) from audit_events", audit=True)
+    return int(rows[0][0]) if rows else 0
 
 
 def sop_uids(files: list[Path]) -> set[str]:

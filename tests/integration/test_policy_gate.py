@@ -23,7 +23,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from policies.loader import load_policy
-from tests.conftest import add_user, audit_rows, db_rows, node_config, require, wait_for_url
+from tests.conftest import add_user, audit_rows, db_rows, node_config, require, state_rows, wait_for_url
 from tests.peers import STORESCU, NodeProcess, Orthanc, free_port, policy_yaml, storescu
 
 pytestmark = pytest.mark.integration
@@ -65,13 +65,10 @@ def facts(node: NodeProcess, event: str) -> list[dict[str, Any]]:
 
 
 def actors(node: NodeProcess, event: str) -> list[str]:
-    import sqlite3
-
-    con = sqlite3.connect(f"file:{node.home / 'var' / 'audit.db'}?mode=ro", uri=True)
-    try:
-        return [r[0] for r in con.execute("select actor from audit_events where event = ?", (event,))]
-    finally:
-        con.close()
+    return [
+        r[0]
+        for r in state_rows(node.home, "select actor from audit_events where event = ?", (event,), audit=True)
+    ]
 
 
 def test_injected_hallucination_is_held_until_approved_and_a_rejected_one_never_arrives(

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import subprocess
 import time
 from collections import Counter, defaultdict
@@ -50,7 +49,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 
-from tests.conftest import db_rows, require
+from tests.conftest import db_rows, require, state_rows
 from tests.peers import DCIODVFY, NodeProcess
 from tests.test_writers import STALE_SYNTHETIC_DATA_ERROR
 
@@ -222,13 +221,11 @@ def jobs_of(node: NodeProcess, study: str) -> dict[str, tuple[int, str, str | No
 
 def rejection_reasons(node: NodeProcess) -> dict[str, str]:
     """SOP Instance UID → the receiver's whole reason (the Error Comment is cut at 64)."""
-    con = sqlite3.connect(f"file:{node.home / 'var' / 'audit.db'}?mode=ro", uri=True, timeout=30)
-    try:
-        rows = con.execute(
-            "select facts from audit_events where event in ('instance-quarantined', 'instance-rejected')"
-        ).fetchall()
-    finally:
-        con.close()
+    rows = state_rows(
+        node.home,
+        "select facts from audit_events where event in ('instance-quarantined', 'instance-rejected')",
+        audit=True,
+    )
     reasons = {}
     for (facts,) in rows:
         data = json.loads(facts) if isinstance(facts, str) else dict(facts or {})
