@@ -17,10 +17,11 @@ EXTRAS=ai,lab,test,dev
 # dcmtk: the test scanner (storescu/echoscu); orthanc: the PACS stand-in; dicom3tools:
 # dciodvfy, the IOD validator; chromium + chromium-driver: the web page tests;
 # orthanc-dicomweb: Orthanc's DICOMweb plugin, the DICOMweb archive of the priors tests;
-# postgresql (below).
+# redis-server: the Celery broker of the scale-out tests; postgresql (below).
 declare -A NEED=( [/usr/bin/storescu]=dcmtk [/usr/sbin/Orthanc]=orthanc [/usr/bin/dciodvfy]=dicom3tools
                   [/usr/bin/chromium]=chromium [/usr/bin/chromedriver]=chromium-driver
-                  [/usr/share/orthanc/plugins/libOrthancDicomWeb.so]=orthanc-dicomweb )
+                  [/usr/share/orthanc/plugins/libOrthancDicomWeb.so]=orthanc-dicomweb
+                  [/usr/bin/redis-server]=redis-server )
 missing=()
 for bin in "${!NEED[@]}"; do
   [ -e "$bin" ] || missing+=("${NEED[$bin]}")
@@ -37,7 +38,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The Debian orthanc package starts a system service on port 4242/8042; the node and
   # its tests run their own Orthanc instances, so stop it if the init system started it.
-  if command -v service >/dev/null 2>&1; then $SUDO service orthanc stop >/dev/null 2>&1 || true; fi
+  # Likewise Redis (6379) and PostgreSQL (5432): the tests start their own on loopback.
+  if command -v service >/dev/null 2>&1; then
+    for svc in orthanc redis-server postgresql; do $SUDO service "$svc" stop >/dev/null 2>&1 || true; done
+  fi
 fi
 
 # --- Python venv -----------------------------------------------------------------------

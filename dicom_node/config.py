@@ -292,6 +292,28 @@ class WorkersSection(_Section):
     poll_seconds: float = Field(0.5, gt=0)
     #: A claimed job or delivery whose worker stops renewing its lease is taken over after this.
     lease_seconds: float = Field(60.0, gt=5)
+    #: Who runs the jobs: ``local`` (the worker processes ``serve`` starts; the embedded
+    #: default) or ``celery`` (``dicom-node worker`` processes on any host, fed through a
+    #: broker; ``serve``'s own worker processes then only deliver).
+    engine: Literal["local", "celery"] = "local"
+    #: The Celery broker (``DICOM_NODE_BROKER_URL`` in the environment overrides it).
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    #: A queued job whose message no worker took is published again after this.
+    redispatch_seconds: float = Field(120.0, gt=0)
+    #: Longest run of a job, by pipeline (``default`` for the rest): past it the job fails
+    #: with that reason (Celery's soft time limit; the hard one is a minute later).
+    time_limit_seconds: dict[str, float] = Field(default_factory=lambda: {"default": 3600.0})
+
+    @field_validator("time_limit_seconds")
+    @classmethod
+    def _positive_limits(cls, limits: dict[str, float]) -> dict[str, float]:
+        bad = [name for name, seconds in limits.items() if not seconds > 0]
+        if bad:
+            raise ValueError(f"time limits must be positive seconds: {', '.join(bad)}")
+        return {"default": 3600.0, **limits}
+
+    def time_limit(self, pipeline: str) -> float:
+        return self.time_limit_seconds.get(pipeline, self.time_limit_seconds["default"])
 
 
 class StorageSection(_Section):

@@ -444,13 +444,21 @@ def _serve(
     )
     prior_fetcher.start()
     supervisor.start()
+    dispatcher = None
+    if config.workers.engine == "celery":
+        # jobs go to `dicom-node worker` processes through the broker
+        from dicom_node.broker import Dispatcher
+
+        dispatcher = Dispatcher(config, runtime.db)
+        dispatcher.start()
     log.info(
-        "dicom-node %s serving %s on %s (home %s, %d worker process(es), destinations: %s)",
+        "dicom-node %s serving %s on %s (home %s, %d worker process(es)%s, destinations: %s)",
         __version__,
         config.node.ae_title,
         ", ".join(receiver.listening),
         paths.home,
         config.workers.processes,
+        "; jobs run by Celery workers" if dispatcher is not None else "",
         ", ".join(config.destinations) or "none",
     )
     if ready_file is not None:
@@ -463,6 +471,8 @@ def _serve(
             watcher.stop()
         if web is not None:
             web.stop()
+        if dispatcher is not None:
+            dispatcher.stop()
         prior_fetcher.stop()
         receiver.stop()
         store.close()

@@ -22,7 +22,8 @@ from dicom_node.db.engine import Database
 from dicom_node.delivery.outbox import Outbox
 from dicom_node.delivery.profiles import DestinationProfiles
 from dicom_node.jobs.claims import claim_id, orphan_test
-from dicom_node.jobs.runner import JobRunner, recover_jobs
+from dicom_node.jobs.runner import ClaimedJob, JobRunner, recover_jobs
+from dicom_node.jobs.state import JobState
 from dicom_node.net.tls import ClientTls
 from dicom_node.paths import NodePaths
 
@@ -54,32 +55,44 @@ class Worker:
         self._held_lock = threading.Lock()
 
     def run(self) -> None:
+        """Deliver, keep leases, recover orphans; and, under the local engine, run jobs
+        (under the Celery engine, ``dicom-node worker`` processes run them)."""
         threads = [
             threading.Thread(target=self._delivery_loop, name="outbox", daemon=True),
-            threading.Thread(target=self._lease_loop, name="leases", daemon=True),
+            self.start_leases(),
         ]
-        for th in threads:
-            th.start()
-        log.info("worker %s started", self.worker_id)
+        threads[0].start()
+        runs_jobs = self.config.workers.engine == "local"
+        log.info("worker %s started (%s)", self.worker_id, "jobs, deliveries" if runs_jobs else "deliveries")
         next_recovery = 0.0
         while not self.stop_event.is_set():
             now = time.time()
             if now >= next_recovery:
                 self._recover()
                 next_recovery = now + self.config.workers.lease_seconds / 2
-            job = self.runner.claim()
+            job = self.runner.claim() if runs_jobs else None
             if job is None:
                 self.stop_event.wait(self.config.workers.poll_seconds)
                 continue
-            with self._held_lock:
-                self._held_jobs.add(job.job_id)
-            try:
-                self.runner.run(job)
-            finally:
-                with self._held_lock:
-                    self._held_jobs.discard(job.job_id)
+            self.run_claimed(job)
         for th in threads:
             th.join(timeout=5)
+
+    def start_leases(self) -> threading.Thread:
+        """Start renewing the leases of what this process holds (a daemon thread)."""
+        thread = threading.Thread(target=self._lease_loop, name="leases", daemon=True)
+        thread.start()
+        return thread
+
+    def run_claimed(self, job: ClaimedJob) -> JobState:
+        """Run a job this worker claimed, its lease renewed until it settles."""
+        with self._held_lock:
+            self._held_jobs.add(job.job_id)
+        try:
+            return self.runner.run(job)
+        finally:
+            with self._held_lock:
+                self._held_jobs.discard(job.job_id)
 
     def _delivery_loop(self) -> None:
         while not self.stop_event.is_set():

@@ -48,3 +48,11 @@ def test_sample_tables_validate() -> None:
     assert config.caller("CT_SCANNER_1") is not None
     assert config.archives["pacs"].method == "c-move"
     assert config.archive_of("ORTHANC") == "pacs"
+
+
+def test_the_scale_out_example_loads(tmp_path: Path) -> None:
+    """deploy/scale-out/dicom-node.toml: PostgreSQL, the Celery engine, time limits."""
+    loaded = load_config(EXAMPLE.parent / "scale-out" / "dicom-node.toml", tmp_path)
+    workers = loaded.config.workers
+    assert workers.engine == "celery" and workers.time_limit("restoration") == 1800.0
+    assert str(loaded.config.storage.database_url).startswith("postgresql+psycopg://")

@@ -14,6 +14,7 @@ from rich.text import Text
 
 from dicom_node.cli.common import ConfigOpt, HomeOpt, app, config_error, err_console, fail, open_runtime
 from dicom_node.config import ConfigError
+from dicom_node.paths import NodePaths
 from dicom_node.runtime import setup_logging
 
 
@@ -80,16 +81,35 @@ def serve(
     raise typer.Exit(code)
 
 
-@app.command(hidden=True)
+@app.command()
 def worker(
     config: ConfigOpt = None,
     home: HomeOpt = Path("."),
-    run_id: Annotated[str, typer.Option("--run-id")] = "standalone",
-    overrides: Annotated[str, typer.Option("--overrides")] = "{}",
+    queues: Annotated[
+        str | None,
+        typer.Option(
+            "--queues",
+            help="Celery engine: the pipelines this host runs, comma-separated (e.g. "
+            "restoration,synthesis on a GPU host); default: every pipeline.",
+        ),
+    ] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--processes", min=1, max=64, help="Celery engine: jobs at once (default [workers] processes)."
+        ),
+    ] = None,
+    run_id: Annotated[str, typer.Option("--run-id", hidden=True)] = "standalone",
+    overrides: Annotated[str, typer.Option("--overrides", hidden=True)] = "{}",
 ) -> None:
-    """A worker process (started by `serve`)."""
+    """Run jobs: under `[workers] engine = "celery"`, a Celery worker on this host that takes
+    jobs of the given pipelines from the broker (the node's database, broker and storage
+    must be reachable here). Under the local engine, `serve` starts its own workers."""
     from dicom_node.worker import Worker
 
+    if queues is not None or processes is not None or run_id == "standalone":
+        celery_worker(config, home, queues, processes, json.loads(overrides))
+        return
     runtime = open_runtime(config, home, json.loads(overrides))
     setup_logging(runtime.paths, runtime.config)
     w = Worker(runtime.config, runtime.paths, runtime.db, runtime.audit, run_id)
@@ -104,6 +124,34 @@ def worker(
     finally:
         logging.getLogger(__name__).info("worker %s stopped", w.worker_id)
         runtime.close()
+
+
+def celery_worker(
+    config: Path | None, home: Path, queues: str | None, processes: int | None, overrides: dict[str, Any]
+) -> None:
+    """``dicom-node worker`` run by hand: a Celery worker (the Celery engine only)."""
+    runtime = open_runtime(config, home, overrides)
+    node_config = runtime.config
+    runtime.close()
+    if node_config.workers.engine != "celery":
+        raise fail(
+            'this node runs its jobs in `serve`\'s own workers ([workers] engine = "local"); '
+            'set engine = "celery" to run them on separate worker hosts'
+        )
+    from dicom_node.broker import run_worker
+    from pipelines.registry import pipeline_names
+
+    known = pipeline_names()
+    chosen = [q.strip() for q in (queues or ",".join(known)).split(",") if q.strip()]
+    unknown = [q for q in chosen if q not in known]
+    if unknown or not chosen:
+        raise fail(
+            f"--queues: unknown pipeline(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}"
+        )
+    setup_logging(NodePaths.for_home(home, node_config), node_config)
+    run_worker(
+        node_config, home.resolve(), config, overrides, chosen, processes or node_config.workers.processes
+    )
 
 
 class DemoPipeline(StrEnum):

@@ -139,6 +139,9 @@ jobs = Table(
     Column("runs", Integer, nullable=False, default=0),
     Column("claimed_by", String(128)),
     Column("lease_until", Float),
+    #: When a message for the queued job was last published to the broker (Celery engine;
+    #: None: never, or the job was requeued since).
+    Column("dispatched_at", Float),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
 )

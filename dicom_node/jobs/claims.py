@@ -12,6 +12,10 @@ import socket
 from collections.abc import Callable
 
 HOST = socket.gethostname()
+#: The run id prefix of a worker that runs on its own (``dicom-node worker`` under the
+#: Celery engine), not as a child of ``serve``: a later ``serve`` on its host is not its
+#: successor, so only its process or its lease can tell whether it is gone.
+INDEPENDENT = "w-"
 
 #: (claimed_by, lease_until, now) → whether the claim's owner is gone.
 OrphanTest = Callable[[str | None, float | None, float], bool]
@@ -43,7 +47,7 @@ def orphan_test(current_run_id: str) -> OrphanTest:
         run_id, _, pid = rest.partition("/")
         if host != HOST:
             return False  # another machine's worker: only its lease can tell
-        if run_id != current_run_id:
+        if run_id != current_run_id and not run_id.startswith(INDEPENDENT):
             return True  # claimed by an earlier run of this node
         return not (pid.isdigit() and pid_alive(int(pid)))
 

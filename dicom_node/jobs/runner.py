@@ -130,6 +130,7 @@ def recover_jobs(db: Database, audit: AuditTrail, run_id: str, actor: str) -> in
                     actor=actor,
                     claimed_by=None,
                     lease_until=None,
+                    dispatched_at=None,
                 )
                 moved += 1
     return moved
@@ -178,17 +179,20 @@ class JobRunner:
                 )
         return self._pipelines[name]
 
-    def claim(self) -> ClaimedJob | None:
-        """The oldest queued job, moved to ``running`` under this worker's claim (or None)."""
+    def claim(self, job_id: int | None = None) -> ClaimedJob | None:
+        """The oldest queued job (or job ``job_id``, if it is queued), moved to ``running``
+        under this worker's claim; None when there is none."""
+        query = (
+            select(t.jobs, t.studies.c.study_uid, t.patients.c.patient_id)
+            .join(t.studies, t.studies.c.id == t.jobs.c.study_fk)
+            .join(t.patients, t.patients.c.id == t.studies.c.patient_fk)
+            .where(t.jobs.c.state == JobState.QUEUED.value)
+        )
+        if job_id is not None:
+            query = query.where(t.jobs.c.id == job_id)
         with audited_write(self.db, self.audit, claim=True) as work:
             row = work.conn.execute(
-                select(t.jobs, t.studies.c.study_uid, t.patients.c.patient_id)
-                .join(t.studies, t.studies.c.id == t.jobs.c.study_fk)
-                .join(t.patients, t.patients.c.id == t.studies.c.patient_fk)
-                .where(t.jobs.c.state == JobState.QUEUED.value)
-                .order_by(t.jobs.c.id)
-                .limit(1)
-                .with_for_update(skip_locked=True, of=t.jobs)
+                query.order_by(t.jobs.c.id).limit(1).with_for_update(skip_locked=True, of=t.jobs)
             ).first()
             if row is None:
                 return None

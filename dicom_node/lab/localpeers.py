@@ -26,6 +26,7 @@ STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 ECHOSCU = "/usr/bin/echoscu"
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 DCIODVFY = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"
 NODE_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -284,6 +285,34 @@ def policy_yaml(
         if value:
             rule[key] = value
     return str(yaml.safe_dump({"version": 1, "mode": mode, "rules": [rule]}, sort_keys=False))
+
+
+class RedisServer:
+    """A Redis broker on loopback for the Celery engine: its own port and folder, nothing
+    persisted, stopped by PID."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        log = (self.workdir / "redis.log").open("ab")
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "yes"],
+            stdout=log, stderr=log,
+        )  # fmt: skip
+        wait_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        stop(self.proc)
 
 
 #: Gives each node home its own databases, as ``(index URL, audit URL)``; None (the default)
