@@ -56,6 +56,9 @@ class NodeSection(_Section):
     ae_title: str = "DICOM_NODE"
     host: str = "127.0.0.1"
     port: Port = 11112
+    #: Receiving processes on the DICOM port(s): with more than one, each listens with
+    #: SO_REUSEPORT and the kernel spreads the associations over them (one GIL each).
+    receivers: int = Field(1, ge=1, le=32)
     #: Organisation UID root for UIDs this node creates. The default "2.25." derives UIDs
     #: from a hash (ISO/IEC 9834-8 UUID form) and needs no registration.
     uid_root: str = "2.25."

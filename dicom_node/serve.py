@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -181,11 +182,23 @@ def _die_with_parent() -> None:
 class WorkerSupervisor:
     """Starts the worker processes, restarts one that dies, stops them on shutdown."""
 
-    def __init__(self, runtime: Runtime, run_id: str, worker_argv: list[str]) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        run_id: str,
+        worker_argv: list[str],
+        count: int | None = None,
+        on_death: Callable[[], object] | None = None,
+        what: str = "worker",
+    ) -> None:
         self.runtime = runtime
         self.run_id = run_id
         self.argv = worker_argv
-        self.count = runtime.config.workers.processes
+        self.count = runtime.config.workers.processes if count is None else count
+        self.what = what
+        self.on_death = on_death or (
+            lambda: recover_jobs(self.runtime.db, self.runtime.audit, self.run_id, claim_id(self.run_id))
+        )
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * self.count
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
@@ -193,7 +206,7 @@ class WorkerSupervisor:
     def _spawn(self, slot: int) -> None:
         proc = subprocess.Popen(self.argv, preexec_fn=_die_with_parent, close_fds=True)
         self.procs[slot] = proc
-        log.info("worker %d started (pid %d)", slot, proc.pid)
+        log.info("%s %d started (pid %d)", self.what, slot, proc.pid)
 
     def start(self) -> None:
         for slot in range(self.count):
@@ -205,10 +218,32 @@ class WorkerSupervisor:
             for slot, proc in enumerate(self.procs):
                 if proc is None or proc.poll() is None:
                     continue
-                log.error("worker %d (pid %d) exited with %s; restarting", slot, proc.pid, proc.returncode)
-                recover_jobs(self.runtime.db, self.runtime.audit, self.run_id, claim_id(self.run_id))
+                log.error(
+                    "%s %d (pid %d) exited with %s; restarting", self.what, slot, proc.pid, proc.returncode
+                )
+                try:
+                    self.on_death()
+                except Exception:
+                    log.exception("%s %d: cleaning up after it failed", self.what, slot)
                 if not self._stop.is_set():
                     self._spawn(slot)
+
+    def wait_listening(self, run_dir: Path, timeout: float) -> bool:
+        """Wait until every receiving process started here says it listens."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            pending = [
+                p
+                for p in self.procs
+                if p is not None and not (run_dir / f"receiver.{p.pid}.listening").exists()
+            ]
+            if not pending:
+                return True
+            if any(p.poll() is not None for p in pending):
+                time.sleep(0.5)  # the watcher restarts it
+            time.sleep(0.05)
+        log.warning("%s process(es) not listening after %.0f s", self.what, timeout)
+        return False
 
     def stop(self, timeout: float = 15.0) -> None:
         self._stop.set()
@@ -270,8 +305,13 @@ def serve(
     config_path: Path | None,
     overrides: dict[str, Any],
     ready_file: Path | None = None,
+    receiver_of: str | None = None,
 ) -> int:
     """Run the node until SIGTERM/SIGINT. Returns the exit code.
+
+    ``receiver_of``: the run id of the ``serve`` that started this process as one more
+    receiving process (``[node] receivers``): it receives, indexes and makes studies ready,
+    and leaves everything else (web pages, workers, recovery) to that ``serve``.
 
     Raises
     ------
@@ -286,6 +326,15 @@ def serve(
         raise ConfigError(problem)
     check_tls_config(runtime.config, runtime.paths.home)  # TlsConfigError is a ConfigError
     web_tls = web_tls_files(runtime)
+    if receiver_of is not None:  # one more receiving process of a serve that holds the home
+        return _serve(
+            runtime,
+            config_path=config_path,
+            overrides=overrides,
+            ready_file=ready_file,
+            web_tls=None,
+            receiver_of=receiver_of,
+        )
     with ServeLock(runtime.paths.run / "serve.pid", runtime.paths.home):
         return _serve(
             runtime, config_path=config_path, overrides=overrides, ready_file=ready_file, web_tls=web_tls
@@ -299,12 +348,14 @@ def _serve(
     overrides: dict[str, Any],
     ready_file: Path | None,
     web_tls: tuple[Path, Path] | None,
+    receiver_of: str | None = None,
 ) -> int:
     config = runtime.config
     paths = runtime.paths
     audit = runtime.audit
-    run_id = uuid.uuid4().hex[:12]
+    run_id = receiver_of or uuid.uuid4().hex[:12]
     actor = claim_id(run_id)
+    main = receiver_of is None
 
     audit.record(
         AuditEvent.CONFIG_LOADED,
@@ -313,7 +364,13 @@ def _serve(
         sha256=runtime.loaded.sha256,
         overrides=overrides,
     )
-    audit.record(AuditEvent.APPLICATION_START, actor=actor, version=__version__, home=str(paths.home))
+    audit.record(
+        AuditEvent.APPLICATION_START,
+        actor=actor,
+        version=__version__,
+        home=str(paths.home),
+        role="node" if main else "receiver",
+    )
 
     router = PolicyRouter(
         None, paths.data, {n: d.ae_title for n, d in config.destinations.items()}, set(config.archives)
@@ -349,24 +406,25 @@ def _serve(
         fsync=config.storage.fsync,
         origin=OriginRules(config.node.ae_title, config.node.uid_root, job_output_lookup(runtime.db)),
     )
-    clean_mark = paths.run / _CLEAN_MARK
-    if clean_mark.exists():
-        clean_mark.unlink()
-    else:
-        last = latest_received_at(runtime.db)
-        store.reconcile(since=None if last is None else last - 600)
-    requeued = recover_jobs(runtime.db, audit, run_id, actor)
     outbox = Outbox(config, runtime.db, audit, actor)
-    redelivered = outbox.recover(orphan_test(run_id))
-    if requeued or redelivered:
-        log.warning(
-            "resumed %d job(s) and %d delivery(ies) left unfinished by the last run",
-            requeued,
-            redelivered,
-        )
+    clean_mark = paths.run / _CLEAN_MARK
+    if main:
+        if clean_mark.exists():
+            clean_mark.unlink()
+        else:
+            last = latest_received_at(runtime.db)
+            store.reconcile(since=None if last is None else last - 600)
+        requeued = recover_jobs(runtime.db, audit, run_id, actor)
+        redelivered = outbox.recover(orphan_test(run_id))
+        if requeued or redelivered:
+            log.warning(
+                "resumed %d job(s) and %d delivery(ies) left unfinished by the last run",
+                requeued,
+                redelivered,
+            )
 
     readiness.start()
-    forwarder = start_syslog_forwarder(runtime)
+    forwarder = start_syslog_forwarder(runtime) if main else None
     # Storage commitment results that peers report on new associations settle deliveries.
     # A scanner's MPPS COMPLETED makes its study ready once the instances it lists are stored.
     procedure_steps = PerformedProcedureSteps(config, runtime.db, audit, on_changed=readiness.steps_changed)
@@ -392,7 +450,34 @@ def _serve(
     ]
     if config_path is not None:
         worker_argv += ["--config", str(config_path)]
-    supervisor = WorkerSupervisor(runtime, run_id, worker_argv)
+    supervisor = WorkerSupervisor(runtime, run_id, worker_argv, count=None if main else 0)
+    receiver_argv = [
+        sys.executable,
+        "-m",
+        "dicom_node",
+        "serve",
+        "--home",
+        str(paths.home),
+        "--receiver-of",
+        run_id,
+    ]
+    receiver_argv += ["--overrides", json.dumps(overrides)]
+    if config_path is not None:
+        receiver_argv += ["--config", str(config_path)]
+
+    def _receiver_died() -> None:
+        # what it acknowledged but had not indexed yet (its staging files stay: the other
+        # receivers' are in the same folder, and the next full start quarantines them)
+        store.reconcile(since=time.time() - 600, staging=False)
+
+    receivers = WorkerSupervisor(
+        runtime,
+        run_id,
+        receiver_argv,
+        count=config.node.receivers - 1 if main else 0,
+        on_death=_receiver_died,
+        what="receiver",
+    )
 
     stop = threading.Event()
 
@@ -412,7 +497,7 @@ def _serve(
         readiness.shutdown()
         raise OSError(f"cannot listen: {exc.strerror}") from None
     web = None
-    if config.web.enabled:
+    if main and config.web.enabled:
         from dicom_node.web.app import WebContext, create_app
         from dicom_node.web.server import WebServer
 
@@ -442,10 +527,15 @@ def _serve(
         Archives(config, paths.home, audit, db=runtime.db, store=store, actor=actor),
         actor=actor,
     )
-    prior_fetcher.start()
+    if main:
+        prior_fetcher.start()
     supervisor.start()
+    receivers.start()
+    if not main:
+        (paths.run / f"receiver.{os.getpid()}.listening").write_text(f"{time.time()}\n")
+    receivers.wait_listening(paths.run, timeout=120)  # ready means every process is
     dispatcher = None
-    if config.workers.engine == "celery":
+    if main and config.workers.engine == "celery":
         # jobs go to `dicom-node worker` processes through the broker
         from dicom_node.broker import Dispatcher
 
@@ -473,7 +563,9 @@ def _serve(
             web.stop()
         if dispatcher is not None:
             dispatcher.stop()
-        prior_fetcher.stop()
+        receivers.stop()
+        if main:
+            prior_fetcher.stop()
         receiver.stop()
         store.close()
         readiness.shutdown()
@@ -482,6 +574,7 @@ def _serve(
         audit.checkpoint()
         if forwarder is not None:
             forwarder.stop(timeout=5)
-        clean_mark.write_text(f"{time.time()}\n")
+        if main:
+            clean_mark.write_text(f"{time.time()}\n")
         log.info("stopped cleanly")
     return 0

@@ -53,7 +53,13 @@ def serve(
     web_port: Annotated[
         int | None, typer.Option(help="Port of the web pages (default 8480; 0 = off).")
     ] = None,
+    receivers: Annotated[
+        int | None,
+        typer.Option(min=1, max=32, help="Receiving processes on the DICOM port (default 1; SO_REUSEPORT)."),
+    ] = None,
     ready_file: Annotated[Path | None, typer.Option(hidden=True)] = None,
+    receiver_of: Annotated[str | None, typer.Option("--receiver-of", hidden=True)] = None,
+    more_overrides: Annotated[str, typer.Option("--overrides", hidden=True)] = "{}",
 ) -> None:
     """Receive studies, run the routed pipelines, deliver the results. Stops on SIGTERM/Ctrl-C.
 
@@ -64,10 +70,16 @@ def serve(
     from dicom_node.serve import serve as run_serve
 
     overrides = serve_overrides(host, port, ae_title, workers, web_port)
+    if receivers is not None:
+        overrides["node"] = {**overrides.get("node", {}), "receivers": receivers}
+    for section, values in json.loads(more_overrides).items():  # a receiving process's parent's
+        overrides[section] = {**overrides.get(section, {}), **values}
     runtime = open_runtime(config, home, overrides)
     setup_logging(runtime.paths, runtime.config)
     try:
-        code = run_serve(runtime, config_path=config, overrides=overrides, ready_file=ready_file)
+        code = run_serve(
+            runtime, config_path=config, overrides=overrides, ready_file=ready_file, receiver_of=receiver_of
+        )
     except ConfigError as exc:
         raise config_error(exc) from None
     except (AlreadyRunning, OSError) as exc:

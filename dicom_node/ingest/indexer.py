@@ -131,7 +131,24 @@ def _series_id(conn: Connection, cache: _IdCache, f: InstanceFacts, study_fk: in
 
 
 def index_batch(conn: Connection, batch: list[PendingInstance], cache: _IdCache) -> None:
-    """Insert the index rows of ``batch`` in the caller's (write) transaction."""
+    """Insert the index rows of ``batch`` in the caller's (write) transaction.
+
+    A file another process of the node indexed first (its reconciliation after a receiving
+    process died, while this one still had the file in its batch) is skipped: same SOP
+    Instance UID and version, same file."""
+    held = set(
+        conn.execute(
+            select(t.instances.c.sop_uid, t.instances.c.version).where(
+                t.instances.c.sop_uid.in_({p.facts.sop_instance_uid for p in batch})
+            )
+        ).tuples()
+    )
+    fresh: dict[tuple[str, int], PendingInstance] = {}
+    for p in batch:
+        fresh.setdefault((p.facts.sop_instance_uid, p.version), p)
+    batch = [p for key, p in fresh.items() if key not in held]
+    if not batch:
+        return
     study_ids = {p.facts.study_uid: _study_id(conn, cache, p) for p in batch}
     open_versions = dict(
         conn.execute(

@@ -1,5 +1,10 @@
 """Study completeness: a study becomes *ready* after ``stable_seconds`` without a new instance.
 
+The index decides: a timer that fires checks the newest instance of the study's open
+version in the database, so instances another receiving process (or host) stored meanwhile
+keep the study open there too, and two processes making one study ready at once is
+settled by the write lock (the second finds nothing new).
+
 The indexer reports each batch of newly indexed instances (a dict write per instance);
 one APScheduler timer per study fires at ``last + stable``, re-arms itself if something
 arrived meanwhile, and otherwise hands the study to ``on_ready`` — the job layer's
@@ -171,6 +176,16 @@ class StudyReadiness:
                 return
             self._armed.discard(study_uid)
             self._last_seen.pop(study_uid, None)
+        # The index is the truth: another receiving process (or host) may have stored an
+        # instance of this study since this process last saw one.
+        latest = self._latest_arrival(study_uid)
+        if latest is not None and time.time() < latest + self.config.stable_seconds_for(calling_ae):
+            with self._lock:
+                seen = self._last_seen.get(study_uid, (0.0, calling_ae))
+                self._last_seen[study_uid] = (max(seen[0], latest), calling_ae)
+                self._armed.add(study_uid)
+            self._arm(study_uid, latest + self.config.stable_seconds_for(calling_ae))
+            return
         with self.db.read() as conn:
             verdict = assess(conn, self.config, study_uid)
         if verdict.held and not verdict.complete:
@@ -187,6 +202,19 @@ class StudyReadiness:
         if verdict.new_instances:
             with self.db.write() as conn:
                 settle_steps(conn, study_uid)  # the steps that ended before count no more
+
+    def _latest_arrival(self, study_uid: str) -> float | None:
+        """When the newest instance of the study's open version was received (any process)."""
+        with self.db.read() as conn:
+            latest = conn.execute(
+                select(func.max(t.instances.c.received_at))
+                .join(t.studies, t.studies.c.id == t.instances.c.study_fk)
+                .where(
+                    t.studies.c.study_uid == study_uid,
+                    t.instances.c.study_version == t.studies.c.open_version,
+                )
+            ).scalar_one_or_none()
+        return float(latest) if latest is not None else None
 
     def _resume_pending(self) -> None:
         """Re-arm timers for studies with instances not yet in any job (after a restart)."""

@@ -27,6 +27,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
+import ssl
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -38,6 +40,8 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.config import NodeConfig
@@ -199,8 +203,12 @@ class Receiver:
         node = self.config.node
         for address, ssl_context in self.listeners():
             try:
-                server = ae.start_server(
-                    address, block=False, evt_handlers=self.handlers(), ssl_context=ssl_context
+                server = (
+                    _start_shared_server(ae, address, self.handlers(), ssl_context)
+                    if node.receivers > 1
+                    else ae.start_server(
+                        address, block=False, evt_handlers=self.handlers(), ssl_context=ssl_context
+                    )
                 )
             except OSError as exc:
                 self.stop()  # all the node's ports or none
@@ -310,6 +318,8 @@ class Receiver:
                 "certificate_subject": ", ".join(presented.common_names) or None,
             }
         )
+        if self.config.node.receivers > 1:
+            tls["receiver_pid"] = os.getpid()  # which of the receiving processes took it
         self.audit.record(
             AuditEvent.ASSOCIATION_ACCEPTED,
             calling_ae=calling_ae,
@@ -610,3 +620,30 @@ def failure_status(status: int, reason: str) -> Dataset:
         if all(tag is not None for tag in tags):
             response.OffendingElement = tags
     return response
+
+
+class _SharedPortServer(ThreadedAssociationServer):
+    """An association server whose port other receiving processes of the node share: every
+    socket on it sets SO_REUSEPORT, and the kernel spreads new connections over them."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def _start_shared_server(
+    ae: AE, address: tuple[str, int], handlers: Any, ssl_context: ssl.SSLContext | None
+) -> ThreadedAssociationServer:
+    """``ae.start_server(block=False)`` with a :class:`_SharedPortServer`."""
+    server = ae.make_server(
+        address, evt_handlers=handlers, ssl_context=ssl_context, server_class=_SharedPortServer
+    )
+    thread = threading.Thread(
+        target=make_target(server.serve_forever), name=f"AcceptorServer@{address[1]}", daemon=True
+    )
+    thread.start()
+    # as start_server does: the AE counts its associations over its servers
+    # (maximum_associations) and shuts them down with it
+    ae._servers.append(server)
+    return server

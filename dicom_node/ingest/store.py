@@ -327,14 +327,15 @@ class InstanceStore:
 
     # -- recovery ---------------------------------------------------------------------
 
-    def reconcile(self, since: float | None = None) -> int:
+    def reconcile(self, since: float | None = None, *, staging: bool = True) -> int:
         """Index files on disk that have no index row (after a crash or a power loss).
 
         Only series directories modified at or after ``since`` are scanned (all when
         ``None``). Staging files left by an interrupted write were never acknowledged;
-        they are moved to quarantine. Returns the number of instances re-indexed.
+        they are moved to quarantine (``staging``: only when no other process of the node
+        may be writing one). Returns the number of instances re-indexed.
         """
-        for part in sorted(self.paths.tmp.glob("*.part")):
+        for part in sorted(self.paths.tmp.glob("*.part")) if staging else ():
             self.quarantine(
                 part.read_bytes(),
                 "1.2.840.10008.1.2.1",
