@@ -136,13 +136,14 @@ def index_batch(conn: Connection, batch: list[PendingInstance], cache: _IdCache)
     A file another process of the node indexed first (its reconciliation after a receiving
     process died, while this one still had the file in its batch) is skipped: same SOP
     Instance UID and version, same file."""
-    held = set(
-        conn.execute(
+    held = {
+        (str(sop), int(version))
+        for sop, version in conn.execute(
             select(t.instances.c.sop_uid, t.instances.c.version).where(
                 t.instances.c.sop_uid.in_({p.facts.sop_instance_uid for p in batch})
             )
-        ).tuples()
-    )
+        )
+    }
     fresh: dict[tuple[str, int], PendingInstance] = {}
     for p in batch:
         fresh.setdefault((p.facts.sop_instance_uid, p.version), p)
