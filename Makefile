@@ -40,6 +40,7 @@ bench: deps
 	$(BIN)/python tests/bench/bench_ingest.py
 	$(BIN)/python tests/bench/bench_audit.py
 	$(BIN)/python tests/bench/bench_restoration_e2e.py
+	$(BIN)/python tests/bench/bench_scaleout.py
 
 clean:
 	rm -rf demo-home .pytest_cache .ruff_cache .mypy_cache

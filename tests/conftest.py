@@ -15,6 +15,8 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webdriver import WebDriver
 
+from audit import AuditTrail
+from dicom_node.db.engine import Database
 from dicom_node.lab import localpeers
 from dicom_node.paths import AUDIT_DATABASE_URL_ENV, DATABASE_URL_ENV, NodePaths
 from pipelines.base import InputInstance
@@ -61,9 +63,19 @@ class _Databases:
         self.homes: dict[Path, tuple[str, str]] = {}
         self.spare: tuple[str, str] | None = None
         self.made: list[tuple[Path | None, list[str]]] = []
+        # Templates with the schema in place: a copy is much faster than running every
+        # migration for every test (tests/test_postgres.py runs them on empty databases).
+        self.templates = (server.create_database("tmplnode"), server.create_database("tmplaudit"))
+        index = Database(server.url(self.templates[0]))
+        index.upgrade()
+        index.dispose()
+        AuditTrail(server.url(self.templates[1])).dispose()
 
     def fresh(self) -> tuple[tuple[str, str], list[str]]:
-        names = [self.server.create_database("node"), self.server.create_database("audit")]
+        names = [
+            self.server.create_database("node", template=self.templates[0]),
+            self.server.create_database("audit", template=self.templates[1]),
+        ]
         return (self.server.url(names[0]), self.server.url(names[1])), names
 
     def __call__(self, home: Path) -> tuple[str, str]:

@@ -87,10 +87,11 @@ class PostgresServer:
             host=str(self.socket_dir), port=self.port, dbname=database, user=user, autocommit=True
         )
 
-    def create_database(self, prefix: str = "t") -> str:
+    def create_database(self, prefix: str = "t", template: str | None = None) -> str:
+        """A new database (a copy of ``template``, else an empty one); its name."""
         name = f"{prefix}{next(self._names)}_{int(time.time() * 1000) % 100000}"
         with self.connect() as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
         return name
 
     def drop_database(self, name: str) -> None:
