@@ -123,6 +123,7 @@ READ_ONLY = [
 ]
 
 
+@pytest.mark.own_database  # an SQLite home's missing files (a server database has none to miss)
 @pytest.mark.parametrize("args", READ_ONLY, ids=" ".join)
 def test_no_state_says_so_and_creates_nothing(tmp_path: Path, args: list[str]) -> None:
     before = tree(tmp_path)
@@ -136,6 +137,7 @@ def test_no_state_says_so_and_creates_nothing(tmp_path: Path, args: list[str]) -
     assert tree(tmp_path) == before
 
 
+@pytest.mark.own_database
 def test_an_existing_empty_directory_is_no_node_either(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -147,6 +149,7 @@ def test_an_existing_empty_directory_is_no_node_either(
     assert tree(tmp_path) == []
 
 
+@pytest.mark.own_database
 def test_a_missing_audit_log_is_named(node_home: Path) -> None:
     (node_home / "var" / "audit.db").unlink()
     result = cli("audit", "verify", "--home", str(node_home))
