@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+# the embedded defaults (SQLite in the home), whatever --database says
+pytestmark = [pytest.mark.integration, pytest.mark.own_database]
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+# the embedded defaults (SQLite in the home), whatever --database says
+pytestmark = [pytest.mark.integration, pytest.mark.own_database]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

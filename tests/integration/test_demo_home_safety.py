@@ -23,6 +23,9 @@ from dicom_node.serve import ServeLock
 from tests.conftest import require
 from tests.peers import STORESCU
 
+# the demo's embedded defaults (SQLite in the home), whatever --database says
+pytestmark = pytest.mark.own_database
+
 NODE_CONFIG = '# a real site\'s config\n[node]\nae_title = "SITE_NODE"\n\n[policy]\nfile = "policy.yaml"\n'
 
 

@@ -24,7 +24,8 @@ from pydicom.data import get_testdata_file
 from tests.conftest import node_config, require
 from tests.peers import STORESCP, STORESCU, DcmtkStoreSCP, NodeProcess, free_port, storescu
 
-pytestmark = pytest.mark.integration
+# the embedded defaults (SQLite in the home), whatever --database says
+pytestmark = [pytest.mark.integration, pytest.mark.own_database]
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("dicom_node", "pipelines", "models", "audit", "policies")
