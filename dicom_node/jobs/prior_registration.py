@@ -63,7 +63,7 @@ def prior_files(conn: Connection, job_id: int) -> dict[str, list[Path]]:
         .join(t.series, t.series.c.series_uid == t.job_priors.c.series_uid)
         .join(t.instances, t.instances.c.series_fk == t.series.c.id)
         .where(t.job_priors.c.job_fk == job_id, t.instances.c.current.is_(True))
-        .order_by(t.job_priors.c.id, t.instances.c.instance_number, t.instances.c.id)
+        .order_by(t.job_priors.c.id, t.instances.c.instance_number.asc().nulls_first(), t.instances.c.id)
     ).all()
     out: dict[str, list[Path]] = {}
     for row in rows:

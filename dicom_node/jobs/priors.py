@@ -299,7 +299,7 @@ def job_prior_records(conn: Connection, job_id: int) -> list[dict[str, object]]:
             select(t.instances.c.sop_uid, t.instances.c.sop_class_uid, t.instances.c.sha256)
             .join(t.series, t.series.c.id == t.instances.c.series_fk)
             .where(t.series.c.series_uid == row.series_uid, t.instances.c.current.is_(True))
-            .order_by(t.instances.c.instance_number, t.instances.c.id)
+            .order_by(t.instances.c.instance_number.asc().nulls_first(), t.instances.c.id)
         ).all()
         out.append(
             {

@@ -225,7 +225,9 @@ class JobRunner:
                 .join(t.job_inputs, t.job_inputs.c.instance_fk == t.instances.c.id)
                 .join(t.series, t.series.c.id == t.instances.c.series_fk)
                 .where(t.job_inputs.c.job_fk == job.job_id)
-                .order_by(t.series.c.series_uid, t.instances.c.instance_number, t.instances.c.id)
+                .order_by(
+                    t.series.c.series_uid, t.instances.c.instance_number.asc().nulls_first(), t.instances.c.id
+                )
             ).all()
         return StudyInput(
             job_id=job.job_id,

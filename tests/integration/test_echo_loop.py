@@ -73,7 +73,7 @@ def test_outputs_sent_back_open_no_job_and_no_delivery(ldct: Path, tmp_path: Pat
         assert _counts(node, orthanc) == before
         states = [s for (s,) in db_rows(node, "select state from jobs")]
         assert states == ["delivered"]
-        roles = db_rows(node, "select role, count(*) from instances group by role order by role")
+        roles = db_rows(node, "select role, count(*) from instances group by role order by role nulls first")
         assert dict(roles) == {None: 4, "own-output": len(ids)}
         search = node.cli_json("audit", "search", "--event", "own-output-returned")
         records = search["records"] if isinstance(search, dict) else search

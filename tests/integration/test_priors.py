@@ -163,7 +163,9 @@ def test_the_two_wanted_priors_are_moved_and_listed_in_the_provenance(
             (*earlier["20240310"], "main", 3, 1),
             (*earlier["20230310"], "main", 3, 1),
         ]
-        assert db_rows(node, "select role, count(*) from instances group by role order by role") == [
+        assert db_rows(
+            node, "select role, count(*) from instances group by role order by role nulls first"
+        ) == [
             (None, 3),
             (PRIOR, 6),
         ]
