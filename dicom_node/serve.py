@@ -239,8 +239,6 @@ class WorkerSupervisor:
             ]
             if not pending:
                 return True
-            if any(p.poll() is not None for p in pending):
-                time.sleep(0.5)  # the watcher restarts it
             time.sleep(0.05)
         log.warning("%s process(es) not listening after %.0f s", self.what, timeout)
         return False

@@ -56,13 +56,13 @@ class _Databases:
     Each home gets a fresh pair the first time it is asked for, except that the first home a
     test touches gets the pair the test's environment already names (so commands the test
     runs with that environment find the same state). Pairs made during a test are dropped
-    after it; those of homes that outlive a test (module-scoped nodes) at the end."""
+    after it; those of homes that outlive a test (module-scoped nodes) with the server."""
 
     def __init__(self, server: pg.PostgresServer) -> None:
         self.server = server
         self.homes: dict[Path, tuple[str, str]] = {}
         self.spare: tuple[str, str] | None = None
-        self.made: list[tuple[Path | None, list[str]]] = []
+        self.made: list[str] = []  # database names
         # Templates with the schema in place: a copy is much faster than running every
         # migration for every test (tests/test_postgres.py runs them on empty databases).
         self.templates = (server.create_database("tmplnode"), server.create_database("tmplaudit"))
@@ -71,12 +71,13 @@ class _Databases:
         index.dispose()
         AuditTrail(server.url(self.templates[1])).dispose()
 
-    def fresh(self) -> tuple[tuple[str, str], list[str]]:
+    def fresh(self) -> tuple[str, str]:
         names = [
             self.server.create_database("node", template=self.templates[0]),
             self.server.create_database("audit", template=self.templates[1]),
         ]
-        return (self.server.url(names[0]), self.server.url(names[1])), names
+        self.made.extend(names)
+        return self.server.url(names[0]), self.server.url(names[1])
 
     def __call__(self, home: Path) -> tuple[str, str]:
         home = home.resolve()
@@ -84,8 +85,7 @@ class _Databases:
             if self.spare is not None:
                 self.homes[home], self.spare = self.spare, None
             else:
-                self.homes[home], names = self.fresh()
-                self.made.append((home, names))
+                self.homes[home] = self.fresh()
         return self.homes[home]
 
 
@@ -117,9 +117,8 @@ def _database_under_test(
         monkeypatch.setattr(localpeers, "DATABASES_FOR_HOME", None)
         yield
         return
-    before = len(mapping.made)
-    mapping.spare, names = mapping.fresh()
-    mapping.made.append((None, names))
+    made_before, homes_before = len(mapping.made), set(mapping.homes)
+    mapping.spare = mapping.fresh()
     monkeypatch.setenv(DATABASE_URL_ENV, mapping.spare[0])
     monkeypatch.setenv(AUDIT_DATABASE_URL_ENV, mapping.spare[1])
     monkeypatch.setattr(NodePaths, "database_url", lambda paths, _config: mapping(paths.home)[0])
@@ -128,20 +127,10 @@ def _database_under_test(
         yield
     finally:
         mapping.spare = None
-        made, mapping.made = mapping.made[before:], mapping.made[:before]
-        for home, db_names in made:
-            if home is not None:
-                mapping.homes.pop(home, None)
-            else:
-                mapping.homes = {
-                    h: urls for h, urls in mapping.homes.items() if not _names_in(urls, db_names)
-                }
-            for name in db_names:
-                mapping.server.drop_database(name)
-
-
-def _names_in(urls: tuple[str, str], names: list[str]) -> bool:
-    return any(f"/{name}?" in url for url in urls for name in names)
+        mapping.homes = {h: urls for h, urls in mapping.homes.items() if h in homes_before}
+        made, mapping.made = mapping.made[made_before:], mapping.made[:made_before]
+        for name in made:
+            mapping.server.drop_database(name)
 
 
 def require(*paths: str) -> None:

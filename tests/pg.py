@@ -98,12 +98,6 @@ class PostgresServer:
         with self.connect() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-    def sql(self, database: str, statement: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-        """Run one statement; its rows (none for a statement that returns none)."""
-        with self.connect(database) as conn:
-            cur = conn.execute(statement, params or None)
-            return list(cur.fetchall()) if cur.description else []
-
 
 def connect_url(url: str) -> psycopg.Connection:
     """An autocommit psycopg connection to a ``postgresql+psycopg://`` SQLAlchemy URL."""

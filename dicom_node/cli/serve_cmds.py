@@ -119,7 +119,7 @@ def worker(
     must be reachable here). Under the local engine, `serve` starts its own workers."""
     from dicom_node.worker import Worker
 
-    if queues is not None or processes is not None or run_id == "standalone":
+    if run_id == "standalone":  # run by hand (serve names its own workers' run)
         celery_worker(config, home, queues, processes, json.loads(overrides))
         return
     runtime = open_runtime(config, home, json.loads(overrides))

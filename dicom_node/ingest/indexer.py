@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from audit import AuditEvent, AuditTrail
 from dicom_node.db import schema as t
@@ -130,26 +131,30 @@ def _series_id(conn: Connection, cache: _IdCache, f: InstanceFacts, study_fk: in
     return cache.series[f.series_uid]
 
 
-def index_batch(conn: Connection, batch: list[PendingInstance], cache: _IdCache) -> None:
+def index_batch(
+    conn: Connection, batch: list[PendingInstance], cache: _IdCache, *, skip_held: bool = False
+) -> None:
     """Insert the index rows of ``batch`` in the caller's (write) transaction.
 
-    A file another process of the node indexed first (its reconciliation after a receiving
-    process died, while this one still had the file in its batch) is skipped: same SOP
-    Instance UID and version, same file."""
-    held = {
-        (str(sop), int(version))
-        for sop, version in conn.execute(
-            select(t.instances.c.sop_uid, t.instances.c.version).where(
-                t.instances.c.sop_uid.in_({p.facts.sop_instance_uid for p in batch})
+    ``skip_held`` (after the insert failed on the unique SOP Instance UID and version): skip
+    a file another process of the node indexed first (its reconciliation after a receiving
+    process died, while this one still had the file in its batch), and duplicates within
+    the batch: same SOP Instance UID and version, same file."""
+    if skip_held:
+        held = {
+            (str(sop), int(version))
+            for sop, version in conn.execute(
+                select(t.instances.c.sop_uid, t.instances.c.version).where(
+                    t.instances.c.sop_uid.in_({p.facts.sop_instance_uid for p in batch})
+                )
             )
-        )
-    }
-    fresh: dict[tuple[str, int], PendingInstance] = {}
-    for p in batch:
-        fresh.setdefault((p.facts.sop_instance_uid, p.version), p)
-    batch = [p for key, p in fresh.items() if key not in held]
-    if not batch:
-        return
+        }
+        fresh: dict[tuple[str, int], PendingInstance] = {}
+        for p in batch:
+            fresh.setdefault((p.facts.sop_instance_uid, p.version), p)
+        batch = [p for key, p in fresh.items() if key not in held]
+        if not batch:
+            return
     study_ids = {p.facts.study_uid: _study_id(conn, cache, p) for p in batch}
     open_versions = dict(
         conn.execute(
@@ -323,13 +328,19 @@ class Indexer:
         for p in batch:
             p.sha256()  # hashing releases the GIL; done before taking the write lock
         delay = 0.5
+        skip_held = False
         while batch:
             try:
                 with self.db.write() as conn:
-                    index_batch(conn, batch, self._cache)
+                    index_batch(conn, batch, self._cache, skip_held=skip_held)
                 break
-            except Exception:
+            except Exception as exc:
                 self._cache = _IdCache()
+                if isinstance(exc, IntegrityError) and not skip_held:
+                    # a file another process indexed first (or twice in this batch): skip it
+                    skip_held = True
+                    log.warning("indexer: some of %d row(s) were indexed already; skipping those", len(batch))
+                    continue
                 log.exception("indexer: writing %d row(s) failed; retrying in %.1f s", len(batch), delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 30)
