@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -433,3 +434,70 @@ def test_never_raises_on_any_prefix(name: str) -> None:
     assert outcomes[len(data)] is True
     assert outcomes[len(data) // 2] is False
     assert outcomes[0] is False
+
+
+# -- the fast element decoder gives what pydicom gives -------------------------------------
+
+
+def _both_ways(data: bytes, ts: str, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
+    from dicom_node.ingest import instance
+
+    fast = check_instance(data, ts)
+    real_decode = instance._decode
+    with monkeypatch.context() as m:
+        m.setattr(instance, "_decode", lambda raw: real_decode(raw, fast=False))
+        slow = check_instance(data, ts)
+    return fast, slow
+
+
+def _comparable(result: tuple[InstanceFacts | None, Rejection | None]) -> Any:
+    facts, rejection = result
+    if facts is None:
+        return rejection
+    # Types too: a value the index stores as JSON must serialise the same way.
+    return facts, json.dumps(facts.tags, sort_keys=True)
+
+
+def test_fast_decoder_agrees_with_pydicom_on_every_bundled_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydicom.data import get_charset_files, get_testdata_files
+
+    compared = accepted_files = 0
+    for name in sorted(set(get_testdata_files())) + get_charset_files("*"):
+        try:
+            meta, data = split_part10(Path(name).read_bytes())
+            ts = str(meta.TransferSyntaxUID)
+        except Exception:
+            continue  # not a Part 10 file (or no transfer syntax): nothing to compare
+        fast, slow = _both_ways(data, ts, monkeypatch)
+        assert _comparable(fast) == _comparable(slow), name
+        compared += 1
+        accepted_files += fast[0] is not None
+    assert compared > 80 and accepted_files > 60, (compared, accepted_files)
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"SeriesNumber": "+5", "InstanceNumber": " 12", "KVP": "1.2e2", "SliceThickness": ".5"},
+        {"SeriesNumber": "3.0", "KVP": "120.", "SliceThickness": "-0"},
+        {"InstanceNumber": "", "KVP": "", "Manufacturer": ""},
+        {"ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"], "SeriesDescription": "a\\b"},
+        {"SpecificCharacterSet": "ISO_IR 100", "PatientName": "Müller^Jörg", "StudyDescription": "Thorax"},
+        {"SpecificCharacterSet": "ISO_IR 192", "StudyDescription": "Brust ß", "PatientID": "ÄÖ1"},
+        {"SpecificCharacterSet": ["", "ISO 2022 IR 87"], "StudyDescription": "CT"},
+        {"SpecificCharacterSet": "ISO_IR 13", "ProtocolName": "~x~", "StationName": "ST~1"},
+        {"CTDIvol": 12.75, "SamplesPerPixel": 1},
+        {"StudyDate": "20261205 ", "PatientBirthDate": "", "PatientSex": "O "},
+        {"SyntheticData": "YES", "FrameOfReferenceUID": "1.2.3.45"},
+    ],
+)
+def test_fast_decoder_agrees_with_pydicom_on_odd_values(
+    attrs: dict[str, Any], ts: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = make_ct()
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    fast, slow = _both_ways(encode(ds, ts), ts, monkeypatch)
+    assert _comparable(fast) == _comparable(slow)
+    assert fast[0] is not None

@@ -1,8 +1,10 @@
 """Ingest benchmark: dcmtk storescu → dcmtk storescp / Orthanc / dicom-node, same run.
 
 A simulated 300-slice 512x512 CT study (~150 MB) is sent by dcmtk ``storescu`` with
-TCP_NODELAY=1 to each receiver in turn, interleaved, ``--repeats`` times. Each receiver
-starts on fresh storage for each run and is stopped by PID afterwards. Prints median
+TCP_NODELAY=1 to each receiver in turn, interleaved, ``--repeats`` times (default 5): every
+repeat simulates a fresh study (new UIDs), and the order alternates (odd repeats run the
+receivers in reverse) so no receiver always goes first. Each receiver starts on fresh
+storage for each run and is stopped by PID afterwards. Prints median
 images/s per receiver and the ratios. Not a timed test: it prints figures.
 
 dicom-node runs as shipped: durable write (fsync) before each success status, SQL index,
@@ -14,7 +16,7 @@ slower than reuse, so whoever writes first into "cold" page cache pays more. The
 touches ``--warm-gb`` of memory first, and each run's storage is deleted before the next
 so every receiver writes into reused pages.
 
-Usage: ``python tests/bench/bench_ingest.py [--slices 300] [--repeats 3]``
+Usage: ``python tests/bench/bench_ingest.py [--slices 300] [--repeats 5]``
 """
 
 from __future__ import annotations
@@ -38,6 +40,30 @@ from dicom_node.lab.localpeers import (  # noqa: E402
     have,
     storescu,
 )
+
+
+def simulate(out: Path, slices: int, size: int) -> Path:
+    """A fresh simulated CT study (new UIDs) in ``out``, read once into the page cache."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dicom_node",
+            "simulate",
+            "ct",
+            "--out",
+            str(out),
+            "--slices",
+            str(slices),
+            "--size",
+            str(size),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    for f in out.iterdir():
+        f.read_bytes()  # page cache: the sender reads from memory for everyone
+    return out
 
 
 def warm_memory(gigabytes: float) -> None:
@@ -96,7 +122,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warm-gb", type=float, default=4.0)
     args = ap.parse_args()
 
@@ -106,42 +132,28 @@ def main() -> int:
         return 2
     root = Path(tempfile.mkdtemp(prefix="dn-bench-"))
     try:
-        study = root / "study"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "dicom_node",
-                "simulate",
-                "ct",
-                "--out",
-                str(study),
-                "--slices",
-                str(args.slices),
-                "--size",
-                str(args.size),
-            ],
-            check=True,
-            capture_output=True,
-        )
+        study = simulate(root / "study-0", args.slices, args.size)
         size_mb = sum(f.stat().st_size for f in study.iterdir()) / 1e6
         print(
             f"study: {args.slices} slices {args.size}x{args.size} CT (simulated), {size_mb:.0f} MB; "
             f"warming {args.warm_gb:g} GB of memory"
         )
         warm_memory(args.warm_gb)
-        for f in study.iterdir():
-            f.read_bytes()  # page cache: the sender reads from memory for everyone
         runs: dict[str, list[float]] = {"dcmtk storescp": [], "Orthanc": [], "dicom-node": []}
+        receivers = [
+            ("dcmtk storescp", run_storescp),
+            ("Orthanc", lambda w, s: run_orthanc(w, s, args.slices)),
+            ("dicom-node", lambda w, s: run_node(w, s, args.slices)),
+        ]
         for rep in range(args.repeats):
-            for name, fn in (
-                ("dcmtk storescp", lambda w: run_storescp(w, study)),
-                ("Orthanc", lambda w: run_orthanc(w, study, args.slices)),
-                ("dicom-node", lambda w: run_node(w, study, args.slices)),
-            ):
+            if rep:  # a fresh study (new UIDs) for every repeat; the previous one is deleted
+                shutil.rmtree(study)
+                study = simulate(root / f"study-{rep}", args.slices, args.size)
+            # Who goes first alternates: odd repeats run the receivers in reverse order.
+            for name, fn in receivers if rep % 2 == 0 else reversed(receivers):
                 work = root / f"run-{rep}-{name.split()[0].lower()}"
                 work.mkdir()
-                elapsed = fn(work)
+                elapsed = fn(work, study)
                 runs[name].append(elapsed)
                 shutil.rmtree(work)
                 print(

@@ -1,0 +1,101 @@
+"""The successful C-STORE response, encoded without pydicom.
+
+Every acknowledged instance costs one C-STORE-RSP. pynetdicom builds it as a pydicom
+``Dataset``, encodes it twice (once to learn the Command Group Length) and wraps it in a
+P-DATA primitive: ≈ 0.37 ms of CPU per instance on the reference VM, on the C-STORE round
+trip, under the GIL the receiving threads share. A response that carries nothing but the
+two UIDs, the message id and a status is seven fixed elements; :func:`store_response`
+writes them with :mod:`struct` in a few microseconds.
+
+Anything else (an Error Comment, an Offending Element, a UID that is not plain ASCII, a
+``EVT_DIMSE_SENT`` handler someone bound) takes pynetdicom's own path unchanged.
+``tests/test_fastpath.py`` checks the bytes are identical to pynetdicom's for every case
+the fast path takes.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
+
+_C_STORE_RSP = 0x8001
+_NO_DATA_SET = 0x0101
+_UL = struct.Struct("<HHII")
+_US = struct.Struct("<HHIH")
+
+
+def _uid(element: int, value: Any) -> bytes | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        raw = value.encode("ascii")
+    except UnicodeEncodeError:
+        return None
+    if len(raw) % 2:
+        raw += b"\0"
+    return struct.pack("<HHI", 0x0000, element, len(raw)) + raw
+
+
+def store_response(primitive: Any) -> bytes | None:
+    """The encoded Command Set of a C-STORE-RSP primitive, or None when it is not plain.
+
+    Plain: both UIDs present, an integer Message ID Being Responded To and Status, no
+    Error Comment and no Offending Element (pynetdicom encodes those).
+    """
+    if type(primitive) is not C_STORE:
+        return None
+    if primitive.ErrorComment is not None or primitive.OffendingElement is not None:
+        return None
+    message_id = primitive.MessageIDBeingRespondedTo
+    status = primitive.Status
+    if not isinstance(message_id, int) or not isinstance(status, int):
+        return None
+    if not (0 <= message_id <= 0xFFFF and 0 <= status <= 0xFFFF):
+        return None
+    sop_class = _uid(0x0002, primitive.AffectedSOPClassUID)
+    sop_instance = _uid(0x1000, primitive.AffectedSOPInstanceUID)
+    if sop_class is None or sop_instance is None:
+        return None
+    body = b"".join(
+        (
+            sop_class,
+            _US.pack(0x0000, 0x0100, 2, _C_STORE_RSP),
+            _US.pack(0x0000, 0x0120, 2, message_id),
+            _US.pack(0x0000, 0x0800, 2, _NO_DATA_SET),
+            _US.pack(0x0000, 0x0900, 2, status),
+            sop_instance,
+        )
+    )
+    return _UL.pack(0x0000, 0x0000, 4, len(body)) + body
+
+
+_original_send_msg = DIMSEServiceProvider.send_msg
+
+
+def send_msg(self: Any, primitive: Any, context_id: int) -> None:
+    """pynetdicom's ``send_msg``, with a plain C-STORE-RSP sent from :func:`store_response`."""
+    encoded = None
+    if type(primitive) is C_STORE and primitive.MessageIDBeingRespondedTo is not None:
+        encoded = store_response(primitive)
+    if encoded is None or self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+        _original_send_msg(self, primitive, context_id)
+        return
+    # One PDV when it fits (6 bytes: PDV item length and header); it always does with any
+    # maximum PDU length a peer may announce but the smallest.
+    limit = self.maximum_pdu_size
+    if limit and len(encoded) + 6 > limit:
+        _original_send_msg(self, primitive, context_id)
+        return
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
+    self.dul.send_pdu(pdata)
+
+
+def install() -> None:
+    """Send plain C-STORE responses through :func:`send_msg` (idempotent)."""
+    DIMSEServiceProvider.send_msg = send_msg  # type: ignore[method-assign]

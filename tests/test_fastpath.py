@@ -1,0 +1,75 @@
+"""The hand-encoded C-STORE-RSP is byte for byte what pynetdicom would send."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+
+from dicom_node.net.fastpath import store_response
+
+
+def _response(message_id: int, status: int, sop_class: str, sop_instance: str) -> C_STORE:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = message_id
+    rsp.AffectedSOPClassUID = sop_class
+    rsp.AffectedSOPInstanceUID = sop_instance
+    rsp.Status = status
+    return rsp
+
+
+def _pynetdicom_bytes(rsp: C_STORE) -> bytes:
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(rsp)
+    (pdata,) = list(msg.encode_msg(1, 0))
+    ((context_id, pdv),) = pdata.presentation_data_value_list
+    assert pdv[0] == 0x03  # command, last fragment
+    return bytes(pdv[1:])
+
+
+def _uid(rng: random.Random) -> str:
+    uid = "1.2.826.0.1"
+    for _ in range(rng.randint(1, 8)):
+        part = str(rng.randrange(1, 10 ** rng.randint(1, 12)))
+        if len(uid) + 1 + len(part) <= 64:
+            uid += "." + part
+    return uid
+
+
+def test_identical_to_pynetdicom_over_many_responses() -> None:
+    rng = random.Random(20261205)
+    statuses = [0x0000, 0xB000, 0xB007, 0xB006, 0xA700, 0xA900, 0xC000, 0x0110, 0x0117, 0xFFFF]
+    odd = even = 0
+    for _ in range(500):
+        rsp = _response(rng.randrange(0, 0x10000), rng.choice(statuses), _uid(rng), _uid(rng))
+        ours = store_response(rsp)
+        assert ours == _pynetdicom_bytes(rsp)
+        odd += len(rsp.AffectedSOPInstanceUID) % 2
+        even += 1 - len(rsp.AffectedSOPInstanceUID) % 2
+    assert odd > 100 and even > 100  # both paddings exercised
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"ErrorComment": "storage failure"},
+        {"OffendingElement": [0x00080018]},
+        {"AffectedSOPClassUID": None},
+        {"AffectedSOPInstanceUID": None},
+    ],
+)
+def test_anything_but_plain_is_left_to_pynetdicom(change: dict[str, object]) -> None:
+    rsp = _response(1, 0xA700, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4")
+    for name, value in change.items():
+        setattr(rsp, name, value)
+    assert store_response(rsp) is None
+
+
+def test_a_request_is_not_a_response() -> None:
+    rq = C_STORE()
+    rq.MessageID = 1
+    rq.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    rq.AffectedSOPInstanceUID = "1.2.3.4"
+    assert store_response(rq) is None
