@@ -379,7 +379,10 @@ def _read_bounded(dul: Any, bounds: PduBounds) -> None:
     if awaiting_request and pdu_type == 0x07:
         _report(dul, bounds, Closing.PEER_CLOSED, "A-ABORT before an A-ASSOCIATE-RQ")
     try:
-        pdu, event = dul._decode_pdu(header + body)
+        if pdu_type == 0x04 and not fastpath.wants_raw_pdus(dul.assoc):
+            pdu, event = fastpath.p_data_tf(body), "Evt10"
+        else:
+            pdu, event = dul._decode_pdu(header + body)
         if pdu_type == 0x01 and awaiting_request:
             # AE-6 converts it inside the state machine, where a failure stops the DUL
             # thread and leaves the socket open: find out here.
