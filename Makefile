@@ -39,6 +39,7 @@ lint: deps
 bench: deps
 	$(BIN)/python tests/bench/bench_ingest.py
 	$(BIN)/python tests/bench/bench_audit.py
+	$(BIN)/python tests/bench/bench_restoration_speed.py
 	$(BIN)/python tests/bench/bench_restoration_e2e.py
 	$(BIN)/python tests/bench/bench_scaleout.py
 
