@@ -55,7 +55,10 @@ def main() -> int:
                 raise RuntimeError("the classical baseline ran instead of the model: not a model timing")
             timings.append(dict(ctx.timings))
             model_s = sum(ctx.timings[s] for s in MODEL_STAGES)
-            print(f"  run {rep + 1}: model stages {model_s:6.2f} s  {args.slices / model_s:6.1f} slices/s", flush=True)
+            print(
+                f"  run {rep + 1}: model stages {model_s:6.2f} s  {args.slices / model_s:6.1f} slices/s",
+                flush=True,
+            )
             shutil.rmtree(out)
         print()
         print(f"study: {args.slices} slices {args.size}x{args.size} low-dose CT (SIMULATED), dose 0.25")
