@@ -516,3 +516,107 @@ def test_on_indexed_callback_receives_batch(tmp_path: Path, series) -> None:
     finally:
         store.close()
         rt.close()
+
+
+# -- data sets written while they arrive (dicom_node.ingest.staging) ---------------------------
+
+
+def _staged(node: Node, item: Received, gap: int, pieces: int = 4):
+    staged = node.store.stager().start(gap)
+    step = max(1, len(item.data) // pieces)
+    for start in range(0, len(item.data), step):
+        staged.write(memoryview(item.data)[start : start + step])  # as pynetdicom hands them over
+    assert staged.getvalue() == item.data  # still the in-memory buffer pynetdicom reads
+    return staged
+
+
+def _gap(item: Received) -> int:
+    from dicom_node.ingest.part10 import encode_file_meta
+
+    return len(encode_file_meta("1.2.840.10008.5.1.4.1.1.2", item.sop_uid, item.ts, CALLING_AE))
+
+
+def test_a_staged_data_set_is_stored_byte_for_byte(node: Node, series) -> None:
+    _, items = series
+    for item in items:
+        staged = _staged(node, item, _gap(item))
+        assert staged.path.exists()  # on disk before the handler runs
+        result = node.store.accept(
+            item.data, item.ts, claimed_sop_uid=item.sop_uid, calling_ae=CALLING_AE, staged=staged
+        )
+        staged.discard()  # what the receiver does afterwards: a no-op once used
+        assert result.outcome == StoreOutcome.STORED
+    node.store.indexer.flush()
+    for item in items:
+        meta, data = split_part10(_stored_path(node, item).read_bytes())
+        assert data == item.data and meta.MediaStorageSOPInstanceUID == item.sop_uid
+        assert meta.SourceApplicationEntityTitle.strip() == CALLING_AE
+    assert list(node.rt.paths.tmp.iterdir()) == []
+    assert len(node.instance_rows()) == len(items)
+
+
+def test_a_staged_data_set_whose_header_does_not_fit_is_written_the_ordinary_way(node: Node, series) -> None:
+    _, items = series
+    item = items[0]
+    staged = _staged(node, item, _gap(item) + 2)  # e.g. the data set's SOP Class differs from the request's
+    result = node.store.accept(
+        item.data, item.ts, claimed_sop_uid=item.sop_uid, calling_ae=CALLING_AE, staged=staged
+    )
+    staged.discard()
+    assert result.outcome == StoreOutcome.STORED
+    assert split_part10(_stored_path(node, item).read_bytes())[1] == item.data
+    assert list(node.rt.paths.tmp.iterdir()) == []
+
+
+def test_a_staged_duplicate_or_refusal_leaves_no_staging_file(node: Node, series) -> None:
+    _, items = series
+    item = items[1]
+    node.put(item)
+    staged = _staged(node, item, _gap(item))
+    result = node.store.accept(
+        item.data, item.ts, claimed_sop_uid=item.sop_uid, calling_ae=CALLING_AE, staged=staged
+    )
+    assert result.outcome == StoreOutcome.DUPLICATE
+    assert staged.path.exists()
+    staged.discard()
+    garbage = _staged(node, item, _gap(item))
+    refused = node.store.accept(b"\x08\x00" * 7, item.ts, claimed_sop_uid=item.sop_uid, staged=garbage)
+    assert refused.outcome == StoreOutcome.REJECTED
+    garbage.discard()
+    garbage.discard()  # idempotent
+    assert list(node.rt.paths.tmp.iterdir()) == []
+
+
+def test_a_staging_file_that_fails_to_write_falls_back(
+    node: Node, series, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicom_node.ingest import staging
+
+    _, items = series
+    item = items[2]
+    staged = node.store.stager().start(_gap(item))
+    staged.write(item.data[:1000])
+
+    def disk_full(fd: int, data: object, offset: int) -> int:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(staging.os, "pwrite", disk_full)
+        staged.write(item.data[1000:])
+    assert staged.getvalue() == item.data  # the in-memory copy is whole
+    result = node.store.accept(
+        item.data, item.ts, claimed_sop_uid=item.sop_uid, calling_ae=CALLING_AE, staged=staged
+    )
+    assert result.outcome == StoreOutcome.STORED
+    assert split_part10(_stored_path(node, item).read_bytes())[1] == item.data
+    assert list(node.rt.paths.tmp.iterdir()) == []
+
+
+def test_discard_all_drops_only_unfinished_data_sets(node: Node, series) -> None:
+    _, items = series
+    stager = node.store.stager()
+    open_one = stager.start(100)
+    open_one.write(b"x" * 10)
+    stager.discard_all()
+    assert not open_one.path.exists()
+    assert list(node.rt.paths.tmp.iterdir()) == []

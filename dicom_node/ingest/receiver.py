@@ -47,6 +47,8 @@ from audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.config import NodeConfig
 from dicom_node.ingest.instance import Rejection, StoreStatus
 from dicom_node.ingest.mpps import MPPS_SOP_CLASS, PerformedProcedureSteps
+from dicom_node.ingest.part10 import encode_file_meta
+from dicom_node.ingest.staging import StagedDataSet
 from dicom_node.ingest.store import InstanceStore, StoreOutcome
 from dicom_node.net.commitment import (
     PUSH_MODEL,
@@ -139,6 +141,7 @@ class Receiver:
             (evt.EVT_ESTABLISHED, self.on_established),
             (evt.EVT_RELEASED, self.on_closed),
             (evt.EVT_ABORTED, self.on_closed),
+            (evt.EVT_CONN_CLOSE, self.on_connection_closed),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_N_EVENT_REPORT, self.on_event_report),
@@ -307,6 +310,7 @@ class Receiver:
         called_ae = str(assoc.requestor.primitive.called_ae_title).strip()
         with self._tally_lock:
             self._tallies[id(assoc)] = _AssociationTally(calling_ae, peer_host, called_ae)
+        self._stage_data_sets(assoc, calling_ae)
         # Over TLS the record says so, with the certificate the peer authenticated with.
         presented = peer_certificate(assoc)
         tls: dict[str, Any] = (
@@ -329,7 +333,43 @@ class Receiver:
             **tls,
         )
 
+    def _stage_data_sets(self, assoc: Any, calling_ae: str) -> None:
+        """Write this association's C-STORE data sets to disk while they arrive
+        (:mod:`dicom_node.ingest.staging`); the DIMSE layer calls ``assoc._dn_stage``."""
+        stager = self.store.stager()
+        syntaxes: dict[int, str] = {}
+
+        def stage(command_set: Any, context_id: int) -> StagedDataSet | None:
+            if not syntaxes:
+                syntaxes.update(
+                    {int(cx.context_id): str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+                )
+            syntax = syntaxes.get(context_id)
+            try:
+                gap = len(
+                    encode_file_meta(
+                        str(command_set.AffectedSOPClassUID).strip("\0 "),
+                        str(command_set.AffectedSOPInstanceUID).strip("\0 "),
+                        str(syntax),
+                        calling_ae,
+                        self.prior_source(calling_ae, command_set),
+                    )
+                )
+            except (AttributeError, ValueError, UnicodeError):  # the handler refuses it later
+                return None
+            return stager.start(gap) if syntax is not None else None
+
+        assoc._dn_stager = stager
+        assoc._dn_stage = stage
+
+    def on_connection_closed(self, event: Any) -> None:
+        """Staging files of data sets that never completed (an abort, a dropped connection)."""
+        stager = getattr(event.assoc, "_dn_stager", None)
+        if stager is not None:
+            stager.discard_all()
+
     def on_closed(self, event: Any) -> None:
+        self.on_connection_closed(event)
         with self._tally_lock:
             tally = self._tallies.pop(id(event.assoc), None)
         if tally is None:
@@ -381,6 +421,7 @@ class Receiver:
         calling_ae = str(assoc.requestor.ae_title).strip()
         peer_host = assoc.requestor.address
         request = event.request
+        staged = request.DataSet if isinstance(request.DataSet, StagedDataSet) else None
         # A C-STORE request pynetdicom would have dropped (net.dimse_guard): refused below.
         defect = command_defect(request)
         claimed_uid = defect.claimed_sop_uid if defect else str(request.AffectedSOPInstanceUID or "")
@@ -391,6 +432,8 @@ class Receiver:
             log.error("refusing instance %s from %s: %s", claimed_uid, calling_ae, reason)
             if tally:
                 tally.counts["refused"] += 1
+            if staged is not None:
+                staged.discard()
             return self._out_of_resources(calling_ae, peer_host, claimed_uid, reason)
         transfer_syntax = str(UID(event.context.transfer_syntax))
         try:
@@ -419,12 +462,16 @@ class Receiver:
                     called_ae=tally.called_ae if tally else None,
                     max_inflated_bytes=self.config.receiver.max_inflated_mb * 1024 * 1024,
                     retrieved_from=self.prior_source(calling_ae, request),
+                    staged=staged,
                 )
         except Exception as exc:  # disk or database failure: nothing acknowledged
             log.exception("storing %s from %s failed", claimed_uid, calling_ae)
             # A database error's message quotes the row (names included): the type only.
             reason = f"storage failure: {describe_exception(exc)}"
             return self._out_of_resources(calling_ae, peer_host, claimed_uid, reason)
+        finally:
+            if staged is not None:
+                staged.discard()  # refused, a duplicate, or failed: its staging file goes
         if tally:
             tally.counts[result.outcome.value] += 1
         if result.outcome == StoreOutcome.REJECTED:

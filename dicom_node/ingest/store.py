@@ -2,7 +2,8 @@
 
 An instance is acknowledged only once its bytes are on disk for good: written to a
 staging file and fsync'd, renamed into ``studies/<Study>/<Series>/<SOP>.dcm``, and the
-directory fsync'd. The data set bytes are kept exactly as they came off the wire; the
+directory fsync'd. On the receiver the staging file is written while the data set arrives
+(:mod:`dicom_node.ingest.staging`). The data set bytes are kept exactly as they came off the wire; the
 node only prepends its own Part 10 file meta header.
 
 The file is the record; the SQL index is derived from it. Index rows (and the matching
@@ -45,6 +46,7 @@ from dicom_node.ingest.instance import DEFAULT_MAX_INFLATED_BYTES, InstanceFacts
 from dicom_node.ingest.origin import ACQUIRED, Origin, OriginRules, retrieved
 from dicom_node.ingest.part10 import encode_file_meta, split_part10
 from dicom_node.ingest.part10 import retrieved_from as part10_retrieved_from
+from dicom_node.ingest.staging import StagedDataSet, Stager
 from dicom_node.paths import NodePaths
 
 log = logging.getLogger(__name__)
@@ -157,6 +159,11 @@ class InstanceStore:
         """Staging file + fsync + rename + directory fsync."""
         self._commit(self._stage(chunks), final)
 
+    def stager(self) -> Stager:
+        """Staging files written while data sets arrive (one per association, see
+        :mod:`dicom_node.ingest.staging`)."""
+        return Stager(self.paths.tmp, durable=self.fsync)
+
     # -- the public operation ---------------------------------------------------------
 
     def _current_version(self, sop_uid: str) -> _Current | None:
@@ -184,6 +191,7 @@ class InstanceStore:
         called_ae: str | None = None,
         max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
         retrieved_from: str | None = None,
+        staged: StagedDataSet | None = None,
     ) -> StoreResult:
         """Store one received data set; durable on disk before it returns.
 
@@ -192,6 +200,9 @@ class InstanceStore:
         (``[receiver] max_inflated_mb``). ``retrieved_from``: the archive the node
         retrieved it from (C-MOVE, C-GET, WADO-RS): it is stored as a ``prior``
         (:func:`~dicom_node.ingest.origin.retrieved`), which never starts a job.
+        ``staged``: the same bytes already in a staging file (written as they arrived);
+        used when its header gap fits, else the bytes are written here. The caller
+        discards it afterwards (a no-op once it is used).
         """
         facts, rejection = check_instance(
             data, transfer_syntax, claimed_sop_uid, max_inflated_bytes=max_inflated_bytes
@@ -235,7 +246,12 @@ class InstanceStore:
             meta = encode_file_meta(
                 facts.sop_class_uid, facts.sop_instance_uid, transfer_syntax, calling_ae, retrieved_from
             )
-            self.write_durably(self.paths.data / relative, (meta, data))
+            final = self.paths.data / relative
+            ready = staged.finish(meta, len(data)) if staged is not None else None
+            if ready is not None:
+                self._commit(ready, final)
+            else:
+                self.write_durably(final, (meta, data))
             self.indexer.submit(
                 PendingInstance(
                     facts=facts,

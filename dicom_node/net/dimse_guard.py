@@ -43,6 +43,8 @@ from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.service_class import StorageServiceClass
 
+from dicom_node.net import fastpath
+
 log = logging.getLogger(__name__)
 
 _NO_DATA_SET = 0x0101
@@ -201,6 +203,9 @@ def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
     try:
         _check_order(self.message, primitive)
         _original_receive_primitive(self, primitive)
+        stage = getattr(self.assoc, "_dn_stage", None)
+        if stage is not None and self.message is not None:
+            fastpath.stage_data_set(self.message, stage)
     except Exception as exc:
         why = (
             str(exc) if isinstance(exc, _ProtocolViolation) else f"undecodable message ({type(exc).__name__})"

@@ -20,19 +20,30 @@ item's slice): 2 MB of copying under the GIL for a 512×512 CT slice. :func:`p_d
 builds the same PDU with each presentation data value a ``memoryview`` of the received
 buffer; the DIMSE layer copies it once, into the message. pynetdicom's own decoder still
 runs when someone bound ``EVT_DATA_RECV`` or ``EVT_PDU_RECV``.
+
+**A data set handed to its writer while it arrives.** An association may carry a
+``_dn_stage`` callable (the receiver sets one: :mod:`dicom_node.ingest.staging`). When a
+C-STORE request's command set is complete and its data set is due,
+:func:`stage_data_set` asks it for the buffer to assemble the data set in — a ``BytesIO``
+that also writes each fragment to disk as it comes.
 """
 
 from __future__ import annotations
 
+import logging
 import struct
+from io import BytesIO
 from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.pdu_primitives import P_DATA
+
+log = logging.getLogger(__name__)
 
 _C_STORE_RSP = 0x8001
 _NO_DATA_SET = 0x0101
@@ -137,6 +148,29 @@ def p_data_tf(body: bytearray | bytes) -> P_DATA_TF:
 def wants_raw_pdus(assoc: Any) -> bool:
     """Whether a handler bound to this association expects pynetdicom's own PDU decoding."""
     return bool(assoc.get_handlers(evt.EVT_DATA_RECV) or assoc.get_handlers(evt.EVT_PDU_RECV))
+
+
+def stage_data_set(message: Any, stage: Any) -> None:
+    """Give a C-STORE request whose data set is due the buffer ``stage`` offers for it.
+
+    ``stage(command_set, context_id)`` returns a ``BytesIO`` (or None: keep pynetdicom's).
+    Asked once per message; what already arrived is carried over.
+    """
+    if type(message) is not C_STORE_RQ or getattr(message, "_dn_staged", False):
+        return
+    message._dn_staged = True  # type: ignore[attr-defined]
+    current = message.data_set
+    if type(current) is not BytesIO:  # pynetdicom's own file mode, or already replaced
+        return
+    try:
+        staged = stage(message.command_set, message.context_id)
+    except Exception:  # the receiver's bug must not take the DUL down: keep pynetdicom's buffer
+        log.exception("staging a data set failed; it is assembled in memory only")
+        return
+    if staged is None:
+        return
+    staged.write(current.getvalue())
+    message.data_set = staged
 
 
 def install() -> None:

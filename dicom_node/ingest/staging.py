@@ -1,0 +1,181 @@
+"""A C-STORE data set written to its staging file while it is still arriving.
+
+The durable write is the longest step of a C-STORE round trip: ``fdatasync`` of a
+525 KB CT slice waits ≈ 0.8 ms for the disk on the reference VM, and the sender waits for
+the response all that time. But the data set arrives in several P-DATA-TF PDUs over about
+a millisecond. :class:`StagedDataSet` takes the place of pynetdicom's in-memory buffer for
+the message (it still is that buffer: a ``BytesIO``), and also writes every fragment to
+the staging file as it comes, starting the kernel's writeback of it at once
+(``sync_file_range(SYNC_FILE_RANGE_WRITE)``, which does not wait). When the handler has
+checked the instance, only the file meta header (written into the gap left for it at the
+start), what is still unwritten and the journal commit remain for ``fdatasync``: ≈ 0.2–0.3
+ms in the same measurement.
+
+Nothing about durability changes: the instance is still acknowledged only after the
+staging file is ``fdatasync``'d, renamed into the study tree and the directory
+``fsync``'d (:meth:`dicom_node.ingest.store.InstanceStore.accept`). A staging file of an
+instance never acknowledged (refused, a duplicate, an aborted association, a crash) is
+removed, or moved to quarantine by the next start like any other ``.part`` file.
+
+The gap for the meta header is sized from the C-STORE request (its UIDs, the negotiated
+transfer syntax, the calling AE title). The header actually written is built from the
+data set; when its length differs (a data set whose SOP Class differs from the
+request's), the staging file is dropped and the instance written the ordinary way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_SYNC_FILE_RANGE_WRITE = 2
+_FALLBACK = "staging file %s: %s; writing the instance the ordinary way"
+
+
+def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.sync_file_range
+    except (OSError, AttributeError):  # not Linux: the ordinary fdatasync does it all
+        return None
+    call.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
+    call.restype = ctypes.c_int
+
+    def start_writeback(fd: int, offset: int, length: int) -> None:
+        call(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # a failure only loses the head start
+
+    return start_writeback
+
+
+_start_writeback = _load_sync_file_range()
+
+
+class StagedDataSet(io.BytesIO):
+    """The data set of one C-STORE request, in memory and in its staging file.
+
+    Created in the DUL thread when the request's command set is complete; fragments are
+    written as pynetdicom appends them. ``gap``: bytes left free at the start of the file
+    for the Part 10 header. Any failure to write marks it unusable (the instance is then
+    written the ordinary way); it never raises into pynetdicom.
+    """
+
+    def __init__(
+        self, path: Path, gap: int, *, durable: bool, on_done: Callable[[StagedDataSet], None]
+    ) -> None:
+        super().__init__()
+        self.path = path
+        self.gap = gap
+        self.durable = durable
+        self._on_done = on_done
+        self._lock = threading.Lock()
+        self._size = 0
+        self._fd: int | None = None
+        self._usable = True
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except OSError as exc:
+            log.warning(_FALLBACK, path.name, exc)
+            self._usable = False
+
+    def write(self, data: Any) -> int:  # bytes-like, as BytesIO.write
+        written = super().write(data)
+        with self._lock:
+            if self._usable and self._fd is not None:
+                offset = self.gap + self._size
+                try:
+                    view = memoryview(data).cast("B")
+                    while view:
+                        view = view[os.pwrite(self._fd, view, offset + (written - len(view))) :]
+                    self._size += written
+                    if self.durable and _start_writeback is not None:
+                        _start_writeback(self._fd, offset, written)
+                except OSError as exc:
+                    log.warning(
+                        "staging file %s: %s; writing the instance the ordinary way", self.path.name, exc
+                    )
+                    self._usable = False
+        return written
+
+    def finish(self, meta: bytes, size: int) -> Path | None:
+        """Write ``meta`` into the gap and flush the file to disk; its path, or None when the
+        staging file cannot be used (then it is removed: write the instance otherwise).
+
+        ``size``: the length of the data set the caller stores (a check that it is this one).
+        """
+        with self._lock:
+            fd, self._fd = self._fd, None
+            usable = self._usable and fd is not None and len(meta) == self.gap and size == self._size
+            self._usable = False
+        try:
+            if usable:
+                assert fd is not None
+                os.pwrite(fd, meta, 0)
+                if self.durable:
+                    os.fdatasync(fd)
+                return self.path
+        except OSError as exc:
+            log.warning(_FALLBACK, self.path.name, exc)
+        finally:
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            if not usable:
+                self.path.unlink(missing_ok=True)
+            self._on_done(self)
+        self.path.unlink(missing_ok=True)
+        return None
+
+    def discard(self) -> None:
+        """Drop the staging file unless :meth:`finish` took it (idempotent)."""
+        with self._lock:
+            fd, self._fd = self._fd, None
+            self._usable = False
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            self.path.unlink(missing_ok=True)
+        self._on_done(self)
+
+
+class Stager:
+    """Staging files for one association's data sets (see the module doc).
+
+    ``discard_all`` at the end of the association removes what an abort left half-written.
+    """
+
+    def __init__(self, directory: Path, *, durable: bool) -> None:
+        self.directory = directory
+        self.durable = durable
+        self._open: set[StagedDataSet] = set()
+        self._lock = threading.Lock()
+
+    def start(self, gap: int) -> StagedDataSet:
+        staged = StagedDataSet(
+            self.directory / f"{uuid.uuid4().hex}.part", gap, durable=self.durable, on_done=self._done
+        )
+        with self._lock:
+            self._open.add(staged)
+        return staged
+
+    def _done(self, staged: StagedDataSet) -> None:
+        with self._lock:
+            self._open.discard(staged)
+
+    def discard_all(self) -> None:
+        with self._lock:
+            left = list(self._open)
+        for staged in left:
+            staged.discard()
