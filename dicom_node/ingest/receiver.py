@@ -337,27 +337,25 @@ class Receiver:
         """Write this association's C-STORE data sets to disk while they arrive
         (:mod:`dicom_node.ingest.staging`); the DIMSE layer calls ``assoc._dn_stage``."""
         stager = self.store.stager()
-        syntaxes: dict[int, str] = {}
+        syntaxes = {int(cx.context_id): str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
 
         def stage(command_set: Any, context_id: int) -> StagedDataSet | None:
-            if not syntaxes:
-                syntaxes.update(
-                    {int(cx.context_id): str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
-                )
             syntax = syntaxes.get(context_id)
+            if syntax is None:
+                return None
             try:
                 gap = len(
                     encode_file_meta(
                         str(command_set.AffectedSOPClassUID).strip("\0 "),
                         str(command_set.AffectedSOPInstanceUID).strip("\0 "),
-                        str(syntax),
+                        syntax,
                         calling_ae,
                         self.prior_source(calling_ae, command_set),
                     )
                 )
             except (AttributeError, ValueError, UnicodeError):  # the handler refuses it later
                 return None
-            return stager.start(gap) if syntax is not None else None
+            return stager.start(gap)
 
         assoc._dn_stager = stager
         assoc._dn_stage = stage
@@ -417,11 +415,18 @@ class Receiver:
 
     def on_store(self, event: Any) -> int | Dataset:
         """Store one instance; a refusal answers its status with the reason as Error Comment."""
+        staged = event.request.DataSet if isinstance(event.request.DataSet, StagedDataSet) else None
+        try:
+            return self._store(event, staged)
+        finally:
+            if staged is not None:
+                staged.discard()  # refused, a duplicate, or failed: its staging file goes
+
+    def _store(self, event: Any, staged: StagedDataSet | None) -> int | Dataset:
         assoc = event.assoc
         calling_ae = str(assoc.requestor.ae_title).strip()
         peer_host = assoc.requestor.address
         request = event.request
-        staged = request.DataSet if isinstance(request.DataSet, StagedDataSet) else None
         # A C-STORE request pynetdicom would have dropped (net.dimse_guard): refused below.
         defect = command_defect(request)
         claimed_uid = defect.claimed_sop_uid if defect else str(request.AffectedSOPInstanceUID or "")
@@ -432,8 +437,6 @@ class Receiver:
             log.error("refusing instance %s from %s: %s", claimed_uid, calling_ae, reason)
             if tally:
                 tally.counts["refused"] += 1
-            if staged is not None:
-                staged.discard()
             return self._out_of_resources(calling_ae, peer_host, claimed_uid, reason)
         transfer_syntax = str(UID(event.context.transfer_syntax))
         try:
@@ -469,9 +472,6 @@ class Receiver:
             # A database error's message quotes the row (names included): the type only.
             reason = f"storage failure: {describe_exception(exc)}"
             return self._out_of_resources(calling_ae, peer_host, claimed_uid, reason)
-        finally:
-            if staged is not None:
-                staged.discard()  # refused, a duplicate, or failed: its staging file goes
         if tally:
             tally.counts[result.outcome.value] += 1
         if result.outcome == StoreOutcome.REJECTED:

@@ -59,6 +59,14 @@ def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
 _start_writeback = _load_sync_file_range()
 
 
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 class StagedDataSet(io.BytesIO):
     """The data set of one C-STORE request, in memory and in its staging file.
 
@@ -99,9 +107,7 @@ class StagedDataSet(io.BytesIO):
                     if self.durable and _start_writeback is not None:
                         _start_writeback(self._fd, offset, written)
                 except OSError as exc:
-                    log.warning(
-                        "staging file %s: %s; writing the instance the ordinary way", self.path.name, exc
-                    )
+                    log.warning(_FALLBACK, self.path.name, exc)
                     self._usable = False
         return written
 
@@ -125,13 +131,7 @@ class StagedDataSet(io.BytesIO):
         except OSError as exc:
             log.warning(_FALLBACK, self.path.name, exc)
         finally:
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            if not usable:
-                self.path.unlink(missing_ok=True)
+            _close(fd)
             self._on_done(self)
         self.path.unlink(missing_ok=True)
         return None
@@ -142,10 +142,7 @@ class StagedDataSet(io.BytesIO):
             fd, self._fd = self._fd, None
             self._usable = False
         if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            _close(fd)
             self.path.unlink(missing_ok=True)
         self._on_done(self)
 

@@ -3,8 +3,8 @@
 An instance is acknowledged only once its bytes are on disk for good: written to a
 staging file and fsync'd, renamed into ``studies/<Study>/<Series>/<SOP>.dcm``, and the
 directory fsync'd. On the receiver the staging file is written while the data set arrives
-(:mod:`dicom_node.ingest.staging`). The data set bytes are kept exactly as they came off the wire; the
-node only prepends its own Part 10 file meta header.
+(:mod:`dicom_node.ingest.staging`). The data set bytes are kept exactly as they came off
+the wire; the node only prepends its own Part 10 file meta header.
 
 The file is the record; the SQL index is derived from it. Index rows (and the matching
 audit events) are written by :class:`~dicom_node.ingest.indexer.Indexer` in batches just after
