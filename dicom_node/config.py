@@ -387,6 +387,10 @@ class ModelsSection(_Section):
     #: ``DICOM_NODE_<PIPELINE>_MODEL`` in the environment overrides it (e.g.
     #: ``DICOM_NODE_SCT_MODEL=/srv/models/sct-site``).
     pin: dict[str, str] = {}
+    #: What networks compute in: ``auto`` (bfloat16 where the model card lists it as
+    #: evaluated and the CPU multiplies bfloat16 in hardware, else float32), ``float32``,
+    #: or ``bfloat16`` (refused at the first job for a model not evaluated in it).
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
 
     @field_validator("zoo")
     @classmethod

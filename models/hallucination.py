@@ -46,16 +46,31 @@ def data_consistency_score(
     return (np.abs(local_mean) / expected).astype(np.float32)
 
 
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every True voxel of ``mask`` (None: there is none).
+    Connected regions never leave it, so labelling the box labels the whole mask —
+    usually a small part of a volume whose suspect voxels are few."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
 def suspect_regions(score: np.ndarray, threshold: float, *, min_voxels: int = 4) -> np.ndarray:
     """Boolean mask of connected regions above ``threshold`` with at least ``min_voxels``."""
     mask = score > threshold
-    labels, count = ndimage.label(mask)
-    if count == 0:
+    box = _bounding_box(mask)
+    if box is None:
         return mask
-    sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
-    keep = np.zeros(count + 1, dtype=bool)
-    keep[1:] = sizes >= min_voxels
-    return keep[labels]
+    labels, count = ndimage.label(mask[box])
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    keep = sizes >= min_voxels
+    keep[0] = False
+    mask[box] = keep[labels]
+    return mask
 
 
 #: Windows (pixels) of the multi-scale local mean; a hallucinated or removed structure of
@@ -65,18 +80,51 @@ DEFAULT_WINDOWS = (3, 5, 7, 9)
 _CHUNK = 16
 
 
+def _laplacian(plane: np.ndarray) -> np.ndarray:
+    """Immerkær's 3×3 Laplacian, ``[[1,-2,1],[-2,4,-2],[1,-2,1]]`` with SciPy's "reflect"
+    edges, as the two 1-D passes it factors into (``[1,-2,1]`` along each axis): the same
+    values as ``ndimage.convolve`` to float32 rounding, at a third of its cost."""
+    p = np.pad(plane, 1, mode="symmetric")  # NumPy's "symmetric" is SciPy's "reflect"
+    rows = p[:, :-2] - 2 * p[:, 1:-1] + p[:, 2:]
+    return rows[:-2] - 2 * rows[1:-1] + rows[2:]
+
+
 def local_noise_sigma(observed: np.ndarray, window: int = 31) -> np.ndarray:
     """Per-pixel noise σ of the input: Immerkær's Laplacian estimator, averaged locally.
 
     A large window (default 31 px) follows the non-stationary noise of low-dose CT (more
     noise behind dense anatomy) while one inserted or removed small structure barely moves it.
     """
-    lap = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float32)
-    out = np.empty(observed.shape, dtype=np.float32)
+    out = np.empty(np.shape(observed), dtype=np.float32)
     for k, plane in enumerate(np.asarray(observed, np.float32)):
-        response = np.abs(ndimage.convolve(plane, lap, mode="reflect"))
+        response = np.abs(_laplacian(plane))
         out[k] = np.sqrt(np.pi / 2) / 6.0 * ndimage.uniform_filter(response, size=window)
     return np.maximum(out, 1e-3)
+
+
+class _BoxMeans:
+    """Local means of one slice over square windows up to ``2·radius + 1`` wide, from one
+    summed-area table (float64, so differences of large sums keep float32 precision): each
+    window then costs four lookups instead of two filter passes. Edges as SciPy's
+    ``uniform_filter`` ("reflect"); the values agree with it to float32 rounding."""
+
+    def __init__(self, plane: np.ndarray, radius: int) -> None:
+        padded = np.pad(plane, radius, mode="symmetric")
+        table = np.zeros((padded.shape[0] + 1, padded.shape[1] + 1))
+        np.cumsum(padded, axis=0, dtype=np.float64, out=table[1:, 1:])
+        np.cumsum(table[1:, 1:], axis=1, out=table[1:, 1:])
+        self.table, self.radius, self.shape = table, radius, plane.shape
+
+    def mean(self, window: int) -> np.ndarray:
+        """The ``window × window`` local mean (``window`` odd, at most ``2·radius + 1``)."""
+        h, w = self.shape
+        lo = self.radius - window // 2
+        hi = lo + window
+        t = self.table
+        total = t[hi : hi + h, hi : hi + w] - t[lo : lo + h, hi : hi + w]
+        total -= t[hi : hi + h, lo : lo + w]
+        total += t[lo : lo + h, lo : lo + w]
+        return (total * (1.0 / (window * window))).astype(np.float32)
 
 
 def restoration_score(
@@ -125,17 +173,27 @@ def restoration_score(
         with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
             list(pool.map(one, range(0, len(observed), _CHUNK)))
         return out
-    residual = np.asarray(observed, np.float32) - np.asarray(restored, np.float32)
+    observed = np.asarray(observed, np.float32)
     noise = local_noise_sigma(observed) if noise_sigma is None else np.asarray(noise_sigma, np.float32)
-    model = model_weight * np.asarray(sigma_model, np.float32)
-    best = np.zeros(residual.shape, dtype=np.float32)
-    for w in windows:
-        c = (correlation or {}).get(str(w), 1.0)
-        local_mean = ndimage.uniform_filter(residual, size=(1, w, w))
-        if model_correlation and str(w) in model_correlation:
-            model = model_correlation[str(w)] * np.asarray(sigma_model, np.float32)
-        spread = np.sqrt((noise * c / w) ** 2 + ndimage.uniform_filter(model, size=(1, w, w)) ** 2)
-        np.maximum(best, np.abs(local_mean) / spread, out=best)
+    noise = np.broadcast_to(noise, observed.shape)
+    sigma_model = np.asarray(sigma_model, np.float32)
+    radius = max(windows) // 2
+    if any(w % 2 == 0 for w in windows):
+        raise ValueError(f"score windows must be odd (centred), got {windows}")
+    best = np.zeros(observed.shape, dtype=np.float32)
+    for k in range(len(observed)):
+        residual = _BoxMeans(observed[k] - np.asarray(restored[k], np.float32), radius)
+        model = _BoxMeans(sigma_model[k], radius)
+        weight = model_weight
+        for w in windows:
+            c = (correlation or {}).get(str(w), 1.0)
+            if model_correlation and str(w) in model_correlation:
+                weight = model_correlation[str(w)]  # kept for the wider windows after it
+            # the model part: the local mean of weight · σ_model
+            spread = np.square(noise[k] * np.float32(c / w))
+            spread += np.square(np.float32(weight) * model.mean(w))
+            np.sqrt(spread, out=spread)
+            np.maximum(best[k], np.abs(residual.mean(w)) / spread, out=best[k])
     return best
 
 
@@ -145,5 +203,9 @@ def largest_region_voxels(suspect: np.ndarray) -> int:
     A focal invented or erased structure is one connected region; its size does not grow
     with the length of the scan, unlike the total suspect volume.
     """
-    labels, n = ndimage.label(np.asarray(suspect, bool))
-    return int(np.bincount(labels.ravel())[1:].max()) if n else 0
+    suspect = np.asarray(suspect, bool)
+    box = _bounding_box(suspect)
+    if box is None:
+        return 0
+    labels, _ = ndimage.label(suspect[box])
+    return int(np.bincount(labels.ravel())[1:].max())

@@ -228,6 +228,12 @@ def _card_facts(ctx: Context) -> dict[str, str]:
     }
 
 
+def _not_float32(precision: object) -> str | None:
+    """The run's inference precision for the provenance line: None for float32 (the
+    default, which the line leaves unsaid, so float32 outputs read as before)."""
+    return None if precision in (None, "float32") else str(precision)
+
+
 @dataclass(frozen=True)
 class Encode:
     """Write the derived series, both maps, the SEG, the SR (and the optional SC overlay).
@@ -271,6 +277,7 @@ class Encode:
             synthetic=self.synthetic,
             station=ctx.env.node_ae_title,
             priors=ctx.env.priors,
+            precision=_not_float32(ctx.parameters.get("inference_precision")),
         )
         uids = UidFactory(
             ctx.env.uid_root, job_key(ctx.study.job_id, [i.sop_uid for i in ctx.study.instances])

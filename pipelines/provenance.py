@@ -62,10 +62,12 @@ class OutputProvenance:
     station: str | None = None
     #: The prior series the job used; every object cites them.
     priors: tuple[PriorReference, ...] = ()
+    #: What the network computed in when not float32 (e.g. "bfloat16"); None: float32.
+    precision: str | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if f.name in ("station", "priors"):
+            if f.name in ("station", "priors", "precision"):
                 continue
             value = getattr(self, f.name)
             if value is None or (isinstance(value, str) and not value.strip()):
@@ -84,17 +86,19 @@ class OutputProvenance:
 
     def description(self) -> str:
         """One parseable line for Derivation / Contribution Description (≤ 1024 chars)."""
-        return (
+        line = (
             f"dicom-node {self.node_version}; pipeline {self.pipeline} {self.pipeline_version}; "
             f"model {self.model_name} {self.model_version}; weights sha256 {self.weights_sha256}"
         )
+        return f"{line}; inference {self.precision}" if self.precision else line
 
     @staticmethod
     def parse(description: str) -> dict[str, Any]:
         """Inverse of :meth:`description` (tests and auditors recover facts from one object)."""
         m = re.search(
             r"dicom-node (?P<node>\S+); pipeline (?P<pipeline>\S+) (?P<pipeline_version>\S+); "
-            r"model (?P<model>\S+) (?P<model_version>\S+); weights sha256 (?P<sha>[0-9a-f]{64})",
+            r"model (?P<model>\S+) (?P<model_version>\S+); weights sha256 (?P<sha>[0-9a-f]{64})"
+            r"(?:; inference (?P<precision>[a-z0-9]+))?",
             description,
         )
         if m is None:
@@ -106,6 +110,7 @@ class OutputProvenance:
             "model_name": m["model"],
             "model_version": m["model_version"],
             "weights_sha256": m["sha"],
+            "precision": m["precision"] or "float32",
         }
 
 

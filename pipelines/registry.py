@@ -33,6 +33,9 @@ MODEL_OF: dict[str, str] = {
     "synthesis-t2w": "synthesis-t1w-to-t2w",
 }
 
+#: Pipelines whose network can run in another precision than float32 (``[models] precision``).
+PRECISION_AWARE = frozenset({"restoration"})
+
 #: The shipped non-AI pipeline for the task of a learned pipeline (a rule's ``fallback:
 #: classical``); absent: there is none (``sct``: no classical synthetic CT ships).
 CLASSICAL_OF: dict[str, str] = {
@@ -44,8 +47,10 @@ def pipeline_names() -> list[str]:
     return sorted(_PIPELINES)
 
 
-def get_pipeline(name: str, model_dir: Path | None = None) -> Pipeline:
-    """Build pipeline ``name``; ``model_dir`` is its model's directory (None: the newest shipped).
+def get_pipeline(name: str, model_dir: Path | None = None, precision: str = "auto") -> Pipeline:
+    """Build pipeline ``name``; ``model_dir`` is its model's directory (None: the newest
+    shipped); ``precision`` what its network computes in, for the pipelines that have a
+    choice (:data:`PRECISION_AWARE`; the others run float32).
 
     Raises
     ------
@@ -62,7 +67,10 @@ def get_pipeline(name: str, model_dir: Path | None = None) -> Pipeline:
     module, _, factory = target.partition(":")
     try:
         build = getattr(import_module(module), factory)
-        pipeline: Pipeline = build(model_dir) if name in MODEL_OF else build()
+        if name in PRECISION_AWARE:
+            pipeline: Pipeline = build(model_dir, precision)
+        else:
+            pipeline = build(model_dir) if name in MODEL_OF else build()
     except ModuleNotFoundError as exc:
         raise PipelineError(
             f"pipeline {name} needs {exc.name!r}, which this installation lacks: pip install 'dicom-node[ai]'"

@@ -54,13 +54,19 @@ class ScoreRestoration:
         return ctx.evolve(hallucination=score, suspect=suspect, qc=qc)
 
 
-def restoration(model_dir: Path | None = None) -> StagedPipeline:
-    """The pipeline with the model in ``model_dir`` (None: the newest shipped version)."""
-    model = RestorationModel(model_dir) if model_dir else RestorationModel.shipped()
+def restoration(model_dir: Path | None = None, precision: str = "auto") -> StagedPipeline:
+    """The pipeline with the model in ``model_dir`` (None: the newest shipped version),
+    its network run in ``precision`` (see :func:`models.restoration.choose_precision`)."""
+    model = (
+        RestorationModel(model_dir, precision=precision)
+        if model_dir
+        else RestorationModel.shipped(precision=precision)
+    )
     domain, model_label = domain_of_card(vars(model.meta), "CT")
     return StagedPipeline(
         name="restoration",
         version="1.0",
+        precision=model.precision,
         stages=(
             SelectSeries(CT_CLASSES, what="CT"),
             CheckInputHeaders((domain,), model_label),

@@ -91,6 +91,8 @@ class StagedPipeline:
     name: str
     version: str
     stages: Sequence[Stage]
+    #: What its network computes in, where it has a choice (None: float32, no choice).
+    precision: str | None = None
 
     def execute(self, study: StudyInput, env: RunEnvironment) -> Context:
         ctx = Context(study=study, env=env, pipeline=self.name, pipeline_version=self.version)

@@ -765,7 +765,9 @@ def test_a_released_job_with_nothing_its_tps_accepts_fails_with_the_reason(
         def run(self, study: Any, run_env: Any) -> PipelineResult:
             return PipelineResult(outputs=(report,))
 
-    monkeypatch.setattr("dicom_node.jobs.runner.get_pipeline", lambda name, model_dir=None: OnlyReport())
+    monkeypatch.setattr(
+        "dicom_node.jobs.runner.get_pipeline", lambda name, model_dir=None, precision="auto": OnlyReport()
+    )
     job_id = _new_job(env, ["tps"])
     worker = Worker(_tps_only_config(), env.rt.paths, env.rt.db, env.rt.audit, "run-t")
     job = worker.runner.claim()
@@ -822,7 +824,9 @@ def test_a_series_the_tps_would_refuse_holds_the_job_and_cannot_be_approved(
         def run(self, study: Any, run_env: Any) -> PipelineResult:
             return PipelineResult(outputs=env.outputs)
 
-    monkeypatch.setattr("dicom_node.jobs.runner.get_pipeline", lambda name, model_dir=None: SendsTheSeries())
+    monkeypatch.setattr(
+        "dicom_node.jobs.runner.get_pipeline", lambda name, model_dir=None, precision="auto": SendsTheSeries()
+    )
     config = _config(pacs.dicom_port)
     config = config.model_copy(
         update={"destinations": {"tps": config.destinations["pacs"].model_copy(update={"profile": "tps"})}}

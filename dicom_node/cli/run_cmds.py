@@ -215,7 +215,9 @@ def run(
         raise fail(f"no DICOM Part 10 files found in {', '.join(map(str, paths))}")
     runtime = open_runtime(config, home)
     try:
-        chosen = get_pipeline(pipeline, runtime.config.models.directory(pipeline))
+        chosen = get_pipeline(
+            pipeline, runtime.config.models.directory(pipeline), runtime.config.models.precision
+        )
     except PipelineError as exc:
         runtime.close()
         raise fail(str(exc)) from None

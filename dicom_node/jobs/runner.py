@@ -165,9 +165,10 @@ class JobRunner:
                 model_dir = self.config.models.directory(name)
             except ValueError as exc:  # the pinned model went away since the config was loaded
                 raise PipelineError(f"[models] {exc}") from None
-            self._pipelines[name] = get_pipeline(name, model_dir)
+            self._pipelines[name] = pipeline = get_pipeline(name, model_dir, self.config.models.precision)
             if model_dir is not None:
                 card = read_card(model_dir)
+                precision = getattr(pipeline, "precision", None)
                 self.audit.record(
                     AuditEvent.MODEL_LOADED,
                     actor=self.worker_id,
@@ -176,6 +177,7 @@ class JobRunner:
                     version=card["version"],
                     weights_sha256=card["weights_sha256"],
                     directory=str(model_dir),
+                    **({"precision": precision} if precision else {}),
                 )
         return self._pipelines[name]
 

@@ -150,11 +150,16 @@ def main() -> None:  # pragma: no cover - run by hand (about 2 CPU-minutes)
     parser.add_argument("--model-dir", action="append", type=Path, help="a model directory (repeatable)")
     parser.add_argument("--cases", type=int, default=16)
     parser.add_argument("--json", type=Path, help="also write the table(s) here")
+    parser.add_argument(
+        "--precision", default="float32", choices=("float32", "bfloat16"), help="what the networks compute in"
+    )
     args = parser.parse_args()
     models = {v or "newest": RestorationModel.shipped(version=v) for v in args.version or []}
     models.update({str(d): RestorationModel(d) for d in args.model_dir or []})
     if not models:
         models = {"newest": RestorationModel.shipped()}
+    for model in models.values():
+        model.precision = args.precision  # evaluating a precision is how a card comes to list it
     tables = {name: evaluate(model, args.cases) for name, model in models.items()}
     if args.json:
         args.json.write_text(json.dumps(tables, indent=1) + "\n")

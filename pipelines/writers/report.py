@@ -432,6 +432,7 @@ class SummaryReportWriter:
                 f"pipeline {prov.pipeline} {prov.pipeline_version}",
                 f"weights sha256 {prov.weights_sha256}",
                 f"synthetic {'yes' if prov.synthetic else 'no'}",
+                *([f"inference precision {prov.precision}"] if prov.precision else []),
             ],
             family=codes.cid7162.ArtificialIntelligence,
             manufacturer=NODE_MANUFACTURER,
