@@ -317,6 +317,10 @@ class RestorationCard(StoredCard):
 class RestorationModel:
     """Loads a model from its zoo directory (weights hash checked) and predicts volumes."""
 
+    #: ``predict`` reads its input a slice (or a batch) at a time: ``len``, ``shape`` and
+    #: ``[k]`` / ``[a:b]`` are all it needs (see ``pipelines.fov.FilledSlices``).
+    reads_slices = True
+
     def __init__(
         self, directory: Path, *, threads: int | None = None, batch: int = 4, precision: str = "auto"
     ) -> None:
@@ -347,7 +351,8 @@ class RestorationModel:
     def predict_raw(self, volume_hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Restored HU and uncalibrated σ (HU) for a (slices, H, W) volume of any H × W
         (padded by reflection to what the network takes, outputs cropped back)."""
-        volume_hu = np.asarray(volume_hu)
+        if not hasattr(volume_hu, "shape"):  # an array, or slices read one by one (reads_slices)
+            volume_hu = np.asarray(volume_hu)
         means = np.empty(volume_hu.shape, np.float32)  # filled batch by batch: no stacked copies
         sigmas = np.empty(volume_hu.shape, np.float32)
         batch = self.slices_per_pass(volume_hu.shape[1:])
@@ -390,22 +395,22 @@ class RestorationModel:
     ) -> Prediction:
         """Restored volume and calibrated σ. ``spacing`` is (slice, row, column) in mm;
         ``pixel_mm`` gives each slice its own in-plane pixel size (a stack of cases)."""
-        volume = np.asarray(volume, np.float32)
         mean, sigma = self.predict_raw(volume)
         sizes = list(pixel_mm) if pixel_mm is not None else [None] * len(volume)
 
         def finish(k: int) -> SliceFacts:
             # everything after the network is per slice: the put-back and σ's scale, on
             # as many threads as cores (SciPy's filters and NumPy release the GIL)
-            facts = slice_facts(volume[k])
+            plane = np.asarray(volume[k], np.float32)
+            facts = slice_facts(plane)
             px = sizes[k]
             put_back(
-                volume[k],
+                plane,
                 mean[k],
                 self.meta.lowpass_for(facts.noise_hu),
                 (px, px) if px is not None else spacing[1:],
             )
-            sigma[k] *= np.float32(self.meta.scale_for_slice(facts, sigma[k], volume[k] > BODY_HU))
+            sigma[k] *= np.float32(self.meta.scale_for_slice(facts, sigma[k], plane > BODY_HU))
             return facts
 
         with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:

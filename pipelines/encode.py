@@ -95,6 +95,7 @@ def write_outputs(
     output_contrast: str | None = None,
     out_dir: Path | None = None,
     release_pixels: bool = False,
+    integer_maps: bool = False,
 ) -> OutputSet:
     """Write every output of one job and return them by kind.
 
@@ -136,6 +137,9 @@ def write_outputs(
         from memory (the report references objects by their headers only), so a long
         series never holds every output's pixels at once. The returned data sets then
         carry no pixel data: read the files.
+    integer_maps
+        Store the σ and hallucination maps as uint16 with a Real World Value Mapping
+        (see :meth:`UncertaintyMapWriter.write`): half the bytes to write and send.
     """
     stream = out_dir is not None and release_pixels
 
@@ -169,11 +173,11 @@ def write_outputs(
     ).write(volume, derived)
     done(images)
     sigma = UncertaintyMapWriter(provenance=provenance, uids=uids, series_number=n + 1, units=units).write(
-        volume, uncertainty
+        volume, uncertainty, integer=integer_maps
     )
     done([sigma])
     score = HallucinationMapWriter(provenance=provenance, uids=uids, series_number=n + 2).write(
-        volume, hallucination
+        volume, hallucination, integer=integer_maps
     )
     seg = SuspectRegionWriter(provenance=provenance, uids=uids, series_number=n + 3).write(volume, suspect)
     done([seg])
@@ -257,6 +261,8 @@ class Encode:
     output_modality: str | None = None
     #: Units of the prediction (e.g. "HU"); None: the source volume's units.
     output_units: str | None = None
+    #: σ and hallucination maps as uint16 with a Real World Value Mapping (half the bytes).
+    integer_maps: bool = False
     #: The MR contrast of the prediction when not the source's (synthesis: "FLAIR").
     output_contrast: str | None = None
     name: str = "encode"
@@ -303,6 +309,7 @@ class Encode:
             output_contrast=self.output_contrast,
             out_dir=ctx.env.workdir,
             release_pixels=True,  # each object is on disk before the next is made
+            integer_maps=self.integer_maps,
         )
         datasets: list[Dataset] = written.datasets()
         paths = [Path(ctx.env.workdir) / file_name(ds) for ds in datasets]

@@ -182,17 +182,54 @@ def fill_value(volume: Volume) -> float:
     return float(np.percentile(measured, 1.0)) if measured.size else 0.0
 
 
-def model_input(volume: Volume) -> np.ndarray:
-    """The volume as the model sees it: the outside of the field of view filled."""
+def model_input(volume: Volume, part: slice = slice(None)) -> np.ndarray:
+    """The volume (its slices ``part``) as the model sees it: the outside of the field of
+    view filled."""
     if volume.fov is None:
-        return volume.array
-    return np.where(volume.fov, volume.array, np.float32(fill_value(volume))).astype(np.float32, copy=False)
+        return volume.array[part]
+    return np.where(volume.fov[part], volume.array[part], np.float32(fill_value(volume))).astype(
+        np.float32, copy=False
+    )
 
 
-def as_delivered(volume: Volume, prediction: Prediction, outside: float | None = None) -> Prediction:
+class FilledSlices:
+    """:func:`model_input` a slice at a time: ``len``, ``shape``, ``[k]`` and ``[a:b]``
+    give filled copies of just those slices, so a model that reads its input slice by
+    slice (``reads_slices``) never holds a filled copy of the whole volume (a 300-slice
+    512² CT: 315 MB). ``np.asarray`` gives the whole filled volume."""
+
+    def __init__(self, volume: Volume) -> None:
+        self.volume = volume
+        self.shape = volume.array.shape
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.volume.array)
+
+    def __getitem__(self, index: int | slice) -> np.ndarray:
+        if isinstance(index, slice):
+            return model_input(self.volume, index)
+        return model_input(self.volume, slice(index, index + 1))[0]
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        whole = model_input(self.volume)
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+
+def as_delivered(
+    volume: Volume, prediction: Prediction, outside: float | None = None, *, inplace: bool = False
+) -> Prediction:
     """The prediction with the source's values outside the field of view (``outside``
-    instead, e.g. air for a synthetic CT) and σ 0 there: nothing was predicted there."""
+    instead, e.g. air for a synthetic CT) and σ 0 there: nothing was predicted there.
+    ``inplace``: written into the prediction's own float32 arrays (which the caller owns),
+    slice by slice, without volume-sized temporaries."""
     if volume.fov is None:
+        return prediction
+    if inplace and prediction.mean.dtype == prediction.sigma.dtype == np.float32:
+        for k, inside in enumerate(volume.fov):
+            outside_k = ~inside
+            prediction.mean[k][outside_k] = volume.array[k][outside_k] if outside is None else outside
+            prediction.sigma[k][outside_k] = 0.0
         return prediction
     kept = volume.array if outside is None else np.float32(outside)
     return Prediction(
@@ -201,18 +238,24 @@ def as_delivered(volume: Volume, prediction: Prediction, outside: float | None =
     )
 
 
-def scoring_pair(volume: Volume, prediction: Prediction) -> tuple[np.ndarray, np.ndarray]:
-    """(observed, predicted) for a hallucination score: the model's input and the
-    prediction, both with the outside filled alike (no departure there, no cliff)."""
-    observed = model_input(volume)
+def scoring_pair(
+    volume: Volume, prediction: Prediction, part: slice = slice(None)
+) -> tuple[np.ndarray, np.ndarray]:
+    """(observed, predicted) for a hallucination score (of the slices ``part``): the
+    model's input and the prediction, both with the outside filled alike (no departure
+    there, no cliff)."""
+    observed = model_input(volume, part)
     if volume.fov is None:
-        return observed, prediction.mean
-    return observed, np.where(volume.fov, prediction.mean, observed).astype(np.float32, copy=False)
+        return observed, prediction.mean[part]
+    return observed, np.where(volume.fov[part], prediction.mean[part], observed).astype(
+        np.float32, copy=False
+    )
 
 
-def clear_outside(volume: Volume, score: np.ndarray) -> np.ndarray:
-    """A hallucination score with 0 outside the field of view: never scored there."""
-    return score if volume.fov is None else np.where(volume.fov, score, np.float32(0.0))
+def clear_outside(volume: Volume, score: np.ndarray, part: slice = slice(None)) -> np.ndarray:
+    """A hallucination score (of the slices ``part``) with 0 outside the field of view:
+    never scored there."""
+    return score if volume.fov is None else np.where(volume.fov[part], score, np.float32(0.0))
 
 
 def inside(volume: Volume, mask: np.ndarray) -> np.ndarray:

@@ -85,7 +85,13 @@ class Predict:
 
     def run(self, ctx: Context) -> Context:
         volume = ctx.need_volume()
-        prediction = fov.as_delivered(volume, self.model.predict(fov.model_input(volume), volume.spacing))
+        # a model that reads its input slice by slice gets it filled a slice at a time, and
+        # its fresh arrays take the source's values outside the field of view in place:
+        # no volume-sized copies (memory, issue 20)
+        by_slice = getattr(self.model, "reads_slices", False)
+        given = fov.FilledSlices(volume) if by_slice else fov.model_input(volume)
+        predicted = self.model.predict(given, volume.spacing)  # type: ignore[arg-type]  # duck-typed: reads_slices
+        prediction = fov.as_delivered(volume, predicted, inplace=by_slice)
         drill = ctx.study.options.get("inject_hallucination_hu")
         if drill:
             prediction = inject_hallucination(prediction, float(drill), volume.spacing)

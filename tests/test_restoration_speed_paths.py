@@ -267,3 +267,89 @@ def test_shipped_card_lists_what_its_evaluations_cover() -> None:
         for precision in card.get("inference_precisions", ["float32"]):
             name = "evaluation.json" if precision == "float32" else f"evaluation-{precision}.json"
             assert (ZOO / version / name).is_file(), (version, precision)
+
+
+def test_integer_maps_read_back_within_half_a_step(tmp_path: Path) -> None:
+    """A uint16 σ map through its Real World Value Mapping: every value within half a
+    step of the float one; the step far below the smallest σ it has to tell apart."""
+    import pydicom
+
+    from dicom_node.lab.simulate import LdctSpec, write_ldct_study
+    from pipelines.uids import UidFactory
+    from pipelines.volume import load_series
+    from pipelines.writers import HallucinationMapWriter, UncertaintyMapWriter, map_values
+
+    write_ldct_study(tmp_path / "study", LdctSpec(slices=4, size=64, dose=0.25, seed=2))
+    volume = load_series([pydicom.dcmread(f) for f in sorted((tmp_path / "study" / "low-dose").iterdir())])
+    prov = OutputProvenance(
+        pipeline="restoration",
+        pipeline_version="1.0",
+        model_name="ldct-restoration",
+        model_version="1.3",
+        weights_sha256="b" * 64,
+        node_version="0.1",
+        synthetic=False,
+    )
+    rng = np.random.default_rng(9)
+    sigma = np.abs(rng.normal(12, 6, volume.array.shape)).astype(np.float32)
+    sigma[0, 0, :3] = (0.0, 300.0, 2.5)
+    uids = UidFactory("2.25.", "k")
+    as_int = UncertaintyMapWriter(provenance=prov, uids=uids, series_number=2, units="HU").write(
+        volume, sigma, tmp_path, integer=True
+    )
+    as_float = HallucinationMapWriter(provenance=prov, uids=uids, series_number=3).write(volume, sigma)
+    read = pydicom.dcmread(tmp_path / next(p.name for p in tmp_path.glob("*.dcm")))
+    assert read.BitsAllocated == 16 and read.pixel_array.dtype == np.uint16 and "FloatPixelData" not in read
+    step = 300.0 / 65535
+    frames = map_values(read)
+    assert frames.dtype == np.float32 and frames.shape == sigma.shape
+    # frames are in the map's own order: put them on the volume's slices by position
+    at = {round(float(np.dot(s.position, volume.normal)), 2): k for k, s in enumerate(volume.slices)}
+    values = np.empty_like(frames)
+    for i, item in enumerate(read.PerFrameFunctionalGroupsSequence):
+        xyz = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        values[at[round(float(np.dot(xyz, volume.normal)), 2)]] = frames[i]
+    assert float(np.abs(values - sigma).max()) <= step / 2 + 1e-4
+    assert step < 0.01  # HU; σ in a body is several HU
+    assert as_int.BitsAllocated == 16
+    assert as_float.BitsAllocated == 32 and np.array_equal(
+        np.sort(map_values(as_float), None), np.sort(sigma, None)
+    )
+
+
+def test_slab_and_in_place_field_of_view_helpers_equal_the_whole_volume_ones(tmp_path: Path) -> None:
+    """What the restoration stages now do a slice or a slab at a time (no volume-sized
+    copies) gives exactly what the whole-volume helpers give."""
+    from dataclasses import replace
+
+    import pydicom
+
+    from dicom_node.lab.simulate import LdctSpec, write_ldct_study
+    from models.base import Prediction
+    from pipelines import fov
+    from pipelines.volume import load_series
+
+    write_ldct_study(tmp_path / "study", LdctSpec(slices=5, size=64, dose=0.25, seed=4))
+    volume = load_series([pydicom.dcmread(f) for f in sorted((tmp_path / "study" / "low-dose").iterdir())])
+    rng = np.random.default_rng(10)
+    inside = np.ones(volume.array.shape, bool)
+    inside[:, :6, :] = False
+    inside[2, 30:, 50:] = False
+    volume = replace(volume, fov=inside)
+    whole = fov.model_input(volume)
+    lazy = fov.FilledSlices(volume)
+    assert len(lazy) == 5 and lazy.shape == whole.shape
+    assert np.array_equal(lazy[2], whole[2]) and np.array_equal(lazy[1:4], whole[1:4])
+    assert np.array_equal(np.asarray(lazy), whole)
+    mean = rng.normal(0, 50, volume.array.shape).astype(np.float32)
+    sigma = np.abs(rng.normal(5, 1, volume.array.shape)).astype(np.float32)
+    copied = fov.as_delivered(volume, Prediction(mean=mean.copy(), sigma=sigma.copy()))
+    in_place = fov.as_delivered(volume, Prediction(mean=mean, sigma=sigma), inplace=True)
+    assert in_place.mean is mean  # written into the prediction's own arrays
+    assert np.array_equal(in_place.mean, copied.mean) and np.array_equal(in_place.sigma, copied.sigma)
+    observed, restored = fov.scoring_pair(volume, in_place)
+    for part in (slice(0, 2), slice(2, 5)):
+        o, r = fov.scoring_pair(volume, in_place, part)
+        assert np.array_equal(o, observed[part]) and np.array_equal(r, restored[part])
+        score = rng.random(o.shape).astype(np.float32)
+        assert np.array_equal(fov.clear_outside(volume, score, part), np.where(inside[part], score, 0))

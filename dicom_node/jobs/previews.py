@@ -17,11 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.uid import ParametricMapStorage
 
 from dicom_node.db.engine import Database
 from dicom_node.jobs.review import ReviewError, job_outputs
 from pipelines.geometry import frame_group
-from pipelines.writers import KIND_DERIVED, KIND_HALLUCINATION, KIND_PROBABILITY, KIND_UNCERTAINTY
+from pipelines.writers import (
+    KIND_DERIVED,
+    KIND_HALLUCINATION,
+    KIND_PROBABILITY,
+    KIND_UNCERTAINTY,
+    map_values,
+)
 
 PREVIEW_KINDS = (KIND_DERIVED, KIND_UNCERTAINTY, KIND_HALLUCINATION, KIND_PROBABILITY)
 
@@ -31,7 +38,12 @@ def _slices(paths: tuple[Path, ...]) -> list[tuple[float, np.ndarray]]:
     out: list[tuple[float, np.ndarray]] = []
     for path in paths:
         ds = pydicom.dcmread(path)
-        pixels = np.asarray(ds.pixel_array, dtype=np.float32)
+        # a Parametric Map's real-world values (an integer map through its mapping)
+        pixels = (
+            map_values(ds)
+            if ds.get("SOPClassUID") == ParametricMapStorage
+            else np.asarray(ds.pixel_array, dtype=np.float32)
+        )
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
             pixels = pixels.reshape(frames, *pixels.shape[-2:])

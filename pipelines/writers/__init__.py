@@ -53,7 +53,12 @@ from pipelines.writers.common import (
 from pipelines.writers.derived import DerivedImageWriter
 from pipelines.writers.files import file_name, save
 from pipelines.writers.overlay import OverlayWriter
-from pipelines.writers.parametric import HallucinationMapWriter, ProbabilityMapWriter, UncertaintyMapWriter
+from pipelines.writers.parametric import (
+    HallucinationMapWriter,
+    ProbabilityMapWriter,
+    UncertaintyMapWriter,
+    map_values,
+)
 from pipelines.writers.report import SummaryReportWriter
 from pipelines.writers.segmentation import (
     SUSPECT_CATEGORY,
@@ -65,6 +70,7 @@ from pipelines.writers.segmentation import (
 from pipelines.writers.spatial_registration import KIND_REGISTRATION, SpatialRegistrationWriter
 
 __all__ = [
+    "map_values",
     "KIND_DERIVED",
     "KIND_EXTENT",
     "KIND_HALLUCINATION",

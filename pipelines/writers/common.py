@@ -44,6 +44,28 @@ from pipelines.provenance import OutputProvenance, PriorReference, ProvenanceErr
 from pipelines.uids import UidFactory
 from pipelines.volume import Volume
 
+
+def _remember_which_classes_are_images() -> None:
+    """highdicom asks, for every object it builds (each derived slice's acquisition
+    equipment item, each multi-frame image), whether the SOP class holds pixel data, by
+    walking the standard's IOD tables: 6 ms a question, 2 s for a 300-slice series. The
+    answer depends on the SOP Class UID alone, so it is remembered (the modules that
+    imported the function get the remembering one; nothing else changes)."""
+    import functools
+    import importlib
+
+    from highdicom import _standard_utils
+
+    original = _standard_utils.does_iod_have_pixel_data
+    remembered = functools.lru_cache(maxsize=256)(original)
+    for name in ("highdicom.base_content", "highdicom.content", "highdicom.image"):
+        module = importlib.import_module(name)
+        if getattr(module, "does_iod_have_pixel_data", None) is original:
+            module.does_iod_have_pixel_data = remembered  # type: ignore[attr-defined]
+
+
+_remember_which_classes_are_images()
+
 __all__ = [
     "KIND_DERIVED",
     "KIND_HALLUCINATION",

@@ -47,7 +47,45 @@ from pipelines.writers.common import (
 )
 from pipelines.writers.files import _file_meta_keep, save
 
-__all__ = ["HallucinationMapWriter", "ProbabilityMapWriter", "UncertaintyMapWriter"]
+__all__ = ["HallucinationMapWriter", "ProbabilityMapWriter", "UncertaintyMapWriter", "map_values"]
+
+#: The largest stored value of an integer (uint16) map: its range in 65 535 steps.
+INTEGER_LEVELS = 65535
+
+
+def quantise(values: np.ndarray, low: float, step: float) -> np.ndarray:
+    """``round((values − low) / step)`` as uint16, a slab at a time (no float64 copy of a
+    long series), clipped to 0 … 65 535."""
+    out = np.empty(values.shape, np.uint16)
+    flat_in, flat_out = values.reshape(len(values), -1), out.reshape(len(values), -1)
+    for start in range(0, len(values), 16):
+        part = (flat_in[start : start + 16] - np.float32(low)) * np.float32(1.0 / step)
+        np.rint(part, out=part)
+        np.clip(part, 0, INTEGER_LEVELS, out=part)
+        flat_out[start : start + 16] = part
+    return out
+
+
+def map_values(ds: Dataset) -> np.ndarray:
+    """A Parametric Map's real-world values, float32, shaped (frames, rows, columns): a
+    float map as stored; an integer map through its Real World Value Mapping (slope and
+    intercept, or its LUT)."""
+    pixels = np.asarray(ds.pixel_array)
+    pixels = pixels.reshape(-1, *pixels.shape[-2:])
+    if pixels.dtype.kind == "f":
+        return pixels.astype(np.float32, copy=False)
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+    items = shared.get("RealWorldValueMappingSequence") if shared is not None else None
+    if not items:  # per frame (not how these writers write it, but valid)
+        items = ds.PerFrameFunctionalGroupsSequence[0].RealWorldValueMappingSequence
+    mapping = items[0]
+    if "RealWorldValueLUTData" in mapping:
+        first = int(mapping.RealWorldValueFirstValueMapped)
+        lut = np.asarray(mapping.RealWorldValueLUTData, np.float32)
+        return lut[np.clip(pixels.astype(np.int64) - first, 0, len(lut) - 1)]
+    slope = np.float32(mapping.RealWorldValueSlope)
+    intercept = np.float32(mapping.RealWorldValueIntercept)
+    return pixels.astype(np.float32) * slope + intercept
 
 
 class _ParametricMapWriter:
@@ -92,7 +130,9 @@ class _ParametricMapWriter:
     def _validate(self, values: np.ndarray) -> None:
         """Hook for value checks of a particular map."""
 
-    def write(self, volume: Volume, values: np.ndarray, out_dir: Path | None = None) -> Dataset:
+    def write(
+        self, volume: Volume, values: np.ndarray, out_dir: Path | None = None, *, integer: bool = False
+    ) -> Dataset:
         """One multi-frame Parametric Map over all slices of ``volume``.
 
         Parameters
@@ -103,6 +143,11 @@ class _ParametricMapWriter:
             ``(slices, rows, columns)`` map, stored as 32-bit float.
         out_dir
             When given, the object is also saved there (see :func:`save`).
+        integer
+            Store 16-bit unsigned integers instead, with the Real World Value Mapping's
+            slope and intercept spanning the map's range in 65 535 steps (half the bytes;
+            more viewers read them). The step is ``(max − min) / 65535``: for a σ map of
+            0–300 HU, 0.005 HU. :func:`map_values` reads either kind back.
         """
         owner = type(self).__name__
         pixels = _check_array(owner, volume, values, "values").astype(np.float32, copy=False)
@@ -110,23 +155,40 @@ class _ParametricMapWriter:
         prov = self.provenance
         measures, orientation, positions = _geometry(volume)
         lo, hi = float(pixels.min()), float(pixels.max())
-        mapping = hd.pm.RealWorldValueMapping(
-            lut_label=self.lut_label,
-            lut_explanation=self.lut_explanation,
-            unit=self.unit,
-            value_range=(lo, hi if hi > lo else lo + 1.0),
-            slope=1.0,
-            intercept=0.0,
-            quantity_definition=self.quantity,
-        )
         center, width = _window_of(pixels)
-        # Float maps: LINEAR_EXACT, so a window narrower than 1 (scores, small sigmas) is valid.
+        if integer:
+            step = (hi - lo) / INTEGER_LEVELS if hi > lo else 1.0
+            stored = quantise(pixels, lo, step)
+            mapping = hd.pm.RealWorldValueMapping(
+                lut_label=self.lut_label,
+                lut_explanation=self.lut_explanation,
+                unit=self.unit,
+                value_range=(0, INTEGER_LEVELS),
+                slope=step,
+                intercept=lo,
+                quantity_definition=self.quantity,
+            )
+            # the window is on the stored values (no Modality LUT in a Parametric Map)
+            center, width = (center - lo) / step, max(width / step, 1.0)
+            del pixels
+        else:
+            stored = pixels
+            mapping = hd.pm.RealWorldValueMapping(
+                lut_label=self.lut_label,
+                lut_explanation=self.lut_explanation,
+                unit=self.unit,
+                value_range=(lo, hi if hi > lo else lo + 1.0),
+                slope=1.0,
+                intercept=0.0,
+                quantity_definition=self.quantity,
+            )
+        # LINEAR_EXACT, so a window narrower than 1 (scores, small sigmas) is valid.
         window = hd.VOILUTTransformation(
             window_center=center, window_width=width, voi_lut_function=hd.VOILUTFunctionValues.LINEAR_EXACT
         )
         pm = hd.pm.ParametricMap(
             source_images=list(volume.datasets),
-            pixel_array=pixels,
+            pixel_array=stored,
             series_instance_uid=self.series_instance_uid,
             series_number=self.series_number,
             sop_instance_uid=self.uids.instance(self.name, 1),
