@@ -283,6 +283,10 @@ class OutboxSection(_Section):
     """Delivery retries: exponential backoff with a cap, then dead-letter."""
 
     max_attempts: int = Field(10, ge=1)
+    #: Series each worker process sends at once, one association each (1: one after the
+    #: other). A PACS that accepts several associations from the node takes a job's
+    #: outputs faster with 2–4; each series is still claimed and sent once.
+    associations: int = Field(1, ge=1, le=16)
     backoff_initial_seconds: float = Field(5.0, gt=0)
     backoff_factor: float = Field(2.0, ge=1.0)
     backoff_max_seconds: float = Field(600.0, gt=0)

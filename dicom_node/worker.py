@@ -57,11 +57,13 @@ class Worker:
     def run(self) -> None:
         """Deliver, keep leases, recover orphans; and, under the local engine, run jobs
         (under the Celery engine, ``dicom-node worker`` processes run them)."""
-        threads = [
-            threading.Thread(target=self._delivery_loop, name="outbox", daemon=True),
-            self.start_leases(),
+        senders = [
+            threading.Thread(target=self._delivery_loop, name=f"outbox-{n}", daemon=True)
+            for n in range(self.config.outbox.associations)
         ]
-        threads[0].start()
+        for sender in senders:
+            sender.start()
+        threads = [*senders, self.start_leases()]
         runs_jobs = self.config.workers.engine == "local"
         log.info("worker %s started (%s)", self.worker_id, "jobs, deliveries" if runs_jobs else "deliveries")
         next_recovery = 0.0

@@ -927,3 +927,53 @@ def test_a_transcoded_delivery_says_so_in_its_attempt_and_audit_record(env: Env,
 
     story = render_text(build_study_report(env.study_uid, env.rt.audit.events(study_uid=env.study_uid)))
     assert f"delivered, {SLICES} sent — {note}" in story
+
+
+def test_several_associations_send_each_series_once(env: Env, pacs: MiniPACS, tmp_path: Path) -> None:
+    """``[outbox] associations = 3``: a worker sends three of a job's four series at once;
+    each is claimed, sent and recorded once, and the job settles once."""
+    from dicom_node.worker import Worker
+
+    extra: list[OutputInstance] = []
+    for n in range(3):  # three more series of the same job, copies with their own UIDs
+        series_uid = generate_uid()
+        for out in env.outputs:
+            ds = dcmread(out.path)
+            ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            path = tmp_path / f"extra-{n}-{ds.SOPInstanceUID}.dcm"
+            ds.save_as(path)
+            extra.append(
+                OutputInstance(
+                    ds.SOPInstanceUID, series_uid, out.sop_class_uid, out.transfer_syntax_uid, path
+                )
+            )
+    config = _config(pacs.dicom_port)
+    config = config.model_copy(
+        update={
+            "outbox": OutboxSection(associations=3),
+            "workers": config.workers.model_copy(update={"poll_seconds": 0.05}),
+        }
+    )
+    with env.rt.db.write() as conn:
+        record_outputs(conn, env.job_id, tuple(extra))
+        assert DestinationProfiles(config).queue(conn, env.job_id, ["pacs"])[1] == 4
+    worker = Worker(config, env.rt.paths, env.rt.db, env.rt.audit, "run-p")
+    runner = threading.Thread(target=worker.run, daemon=True)
+    runner.start()
+    try:
+        deadline = time.time() + 60
+        while env.job_state() != JobState.DELIVERED and time.time() < deadline:
+            time.sleep(0.05)
+        senders = [th.name for th in threading.enumerate() if th.name.startswith("outbox-")]
+        assert len(senders) == 3
+    finally:
+        worker.stop_event.set()
+        runner.join(timeout=10)
+    assert env.job_state() == JobState.DELIVERED
+    with env.rt.db.read() as conn:
+        rows = conn.execute(select(t.deliveries.c.state, t.deliveries.c.attempts)).all()
+    assert sorted(rows) == [("delivered", 1)] * 4
+    assert pacs.count() == 4 * SLICES
+    assert [h[1] for h in env.history()].count("delivered") == 1
+    assert len(env.rt.audit.events(AuditEvent.INSTANCES_TRANSFERRED)) == 4

@@ -28,7 +28,7 @@ from models.hallucination import (
 )
 from models.restoration import RestorationCard, RestorationModel, choose_precision, fill_holes
 from pipelines.provenance import OutputProvenance
-from pipelines.steps import upper_percentile
+from pipelines.quantiles import upper_percentile
 
 ZOO = Path(__file__).resolve().parents[1] / "models" / "zoo" / "ldct-restoration"
 
@@ -353,3 +353,40 @@ def test_slab_and_in_place_field_of_view_helpers_equal_the_whole_volume_ones(tmp
         assert np.array_equal(o, observed[part]) and np.array_equal(r, restored[part])
         score = rng.random(o.shape).astype(np.float32)
         assert np.array_equal(fov.clear_outside(volume, score, part), np.where(inside[part], score, 0))
+
+
+def test_below_minimum_search_skips_only_what_cannot_be_padding() -> None:
+    """The undeclared-padding search looks only around the low voxels and skips slices
+    with too few of them to hold a 5×5 majority: the same masks as the whole-plane search."""
+    from types import SimpleNamespace
+
+    from pipelines import fov
+
+    def whole_plane(array: np.ndarray) -> np.ndarray | None:
+        found = None
+        for k, plane in enumerate(array):
+            low = plane < fov.PHYSICAL_MIN_HU - fov.BELOW_MINIMUM_MARGIN_HU
+            if not low.any():
+                continue
+            core = ndimage.uniform_filter(low.astype(np.float32), size=5) > 0.5
+            if core.any():
+                found = np.zeros(array.shape, bool) if found is None else found
+                found[k] = ndimage.binary_dilation(core, iterations=2, mask=low) | core
+        return found
+
+    rng = np.random.default_rng(11)
+    for trial in range(120):
+        array = rng.normal(-1000, 60 if trial % 2 else 30, (3, 40, 37)).astype(np.float32)
+        if trial % 3 == 0:  # a padded block somewhere
+            r, c = rng.integers(0, 40), rng.integers(0, 37)
+            array[1, r : r + rng.integers(1, 12), c : c + rng.integers(1, 12)] = -2000
+        if trial % 4 == 0:  # a few isolated low voxels, some at the edge (mirrored there)
+            array[0, rng.integers(0, 40, 5), rng.integers(0, 37, 5)] = -3000
+            array[2, 0:2, 0:2] = -3000
+        if trial % 5 == 0:
+            array[2, :3, :] = -3000
+        volume = SimpleNamespace(modality="CT", units="HU", array=array)
+        expected, got = whole_plane(array), fov.below_physical_minimum(volume)  # type: ignore[arg-type]
+        assert (expected is None) == (got is None), trial
+        if expected is not None:
+            assert got is not None and (got == expected).all(), trial

@@ -17,6 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ParametricMapStorage
 
 from pipelines.geometry import planes_of
 from pipelines.provenance import OutputProvenance
+from pipelines.quantiles import upper_percentile
 from pipelines.uids import UidFactory
 from pipelines.volume import Volume
 from pipelines.writers.common import (
@@ -146,7 +147,7 @@ class OverlayWriter:
 
         center, width = _source_window(source, ref.frame_number) or _window_of(volume.array)
         grey = np.clip((volume.array[k] - (center - width / 2)) / width, 0, 1)
-        threshold = float(np.percentile(values, 95)) if self.threshold is None else float(self.threshold)
+        threshold = upper_percentile(values, 95.0) if self.threshold is None else float(self.threshold)
         top = max(float(values.max()), threshold + 1e-6)
         s = np.clip((values[k] - threshold) / (top - threshold), 0, 1)
         alpha = np.where(values[k] > threshold, 0.35 + 0.5 * s, 0.0)[..., None]

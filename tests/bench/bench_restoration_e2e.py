@@ -6,7 +6,8 @@ the last instance received to the last delivery confirmed, the stages of the job
 peak resident memory of the node's processes (serve + workers, and each); then the median
 against the targets (≤ 30 s and ≤ 1.5 GB on 2 cores, issue 20). The floor to compare with
 is the time Orthanc alone takes to receive the same slices (dcmtk storescu, one
-association), measured in the same session. Not a timed test. The study is SIMULATED
+association), measured in the same session. The node sends two series at once
+(``[outbox] associations = 2``: Orthanc accepts several associations). Not a timed test. The study is SIMULATED
 (models.sim, projection-domain low dose).
 
 Usage: ``python tests/bench/bench_restoration_e2e.py [--slices 300] [--runs 3]``
@@ -128,6 +129,8 @@ def _one_run(home: Path, study: Path, slices: int) -> tuple[float, int]:
 stable_seconds = 2
 [workers]
 poll_seconds = 0.2
+[outbox]
+associations = 2
 [destinations.pacs]
 ae_title = "{pacs.aet}"
 host = "127.0.0.1"

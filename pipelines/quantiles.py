@@ -1,0 +1,29 @@
+"""Quantiles of large volumes without partitioning every value."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def upper_percentile(values: np.ndarray, q: float) -> float:
+    """``np.percentile(values, q)`` (linear interpolation) for a high ``q``, without
+    partitioning every value: the two order statistics it needs are found among the values
+    above a threshold taken from a sample, and checked to be there (else the full
+    ``np.percentile``). The same value to float rounding, several times faster on a volume."""
+    flat = np.ravel(values)
+    n = flat.size
+    if n < 4096:
+        return float(np.percentile(flat, q))
+    rank = q / 100.0 * (n - 1)
+    lo = int(np.floor(rank))
+    sample = flat[:: max(1, n // 20000)]
+    threshold = np.percentile(sample, max(0.0, q - 2.0))
+    candidates = flat[flat >= threshold]
+    below = n - candidates.size  # every value below the threshold ranks under every candidate
+    if lo < below:
+        return float(np.percentile(flat, q))
+    j = lo - below
+    hi = min(j + 1, candidates.size - 1)
+    part = np.partition(candidates, (j, hi))
+    a, b, t = float(part[j]), float(part[hi]), rank - lo
+    return a + (b - a) * t if t < 0.5 else b - (b - a) * (1.0 - t)
