@@ -7,8 +7,8 @@ peak resident memory of the node's processes (serve + workers, and each); then t
 against the targets (≤ 30 s and ≤ 1.5 GB on 2 cores, issue 20). The floor to compare with
 is the time Orthanc alone takes to receive the same slices (dcmtk storescu, one
 association), measured in the same session. The node sends two series at once
-(``[outbox] associations = 2``: Orthanc accepts several associations). Not a timed test. The study is SIMULATED
-(models.sim, projection-domain low dose).
+(``[outbox] associations = 2``: Orthanc accepts several associations). Not a timed
+test. The study is SIMULATED (models.sim, projection-domain low dose).
 
 Usage: ``python tests/bench/bench_restoration_e2e.py [--slices 300] [--runs 3]``
 """
