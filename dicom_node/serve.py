@@ -496,13 +496,32 @@ def _serve(
         raise OSError(f"cannot listen: {exc.strerror}") from None
     web = None
     if main and config.web.enabled:
+        from dicom_node.web import health
         from dicom_node.web.app import WebContext, create_app
         from dicom_node.web.server import WebServer
+
+        checkpoint_file = paths.checkpoint_file(config)
+
+        def node_readiness() -> list[health.Check]:
+            checks = [
+                health.database_check(runtime.db),
+                health.storage_check(paths.data, config.receiver.min_free_disk_mb),
+                health.listener_check(receiver.listening),
+                health.audit_check(audit, checkpoint_file, config.audit.checkpoint_every),
+            ]
+            if supervisor.count:
+                checks.insert(3, health.workers_check(supervisor.procs))
+            return checks
 
         web = WebServer(
             create_app(
                 WebContext(
-                    config, runtime.db, audit, paths.checkpoint_file(config), https=web_tls is not None
+                    config,
+                    runtime.db,
+                    audit,
+                    checkpoint_file,
+                    https=web_tls is not None,
+                    readiness=node_readiness,
                 )
             ),
             config.web.host,

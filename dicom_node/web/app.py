@@ -26,7 +26,7 @@ from urllib.parse import quote
 from fastapi import Depends, FastAPI, Form, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
@@ -50,6 +50,7 @@ from dicom_node.web.guard import (
     token_matches,
     token_secret,
 )
+from dicom_node.web.health import Check, Readiness, audit_check, database_check, report
 from dicom_node.web.users import Role, User, UserStore
 
 COOKIE = SESSION_COOKIE
@@ -112,6 +113,9 @@ class WebContext:
     checkpoint_file: Path
     #: Served over HTTPS ([web] cert_file): cookies are Secure.
     https: bool = False
+    #: What ``/readyz`` checks (``serve`` adds storage, the DICOM listener and the
+    #: workers); None: the database and the audit log.
+    readiness: Readiness | None = None
 
 
 class _LoginThrottle:
@@ -273,6 +277,27 @@ def create_app(ctx: WebContext) -> FastAPI:
 
     def log_used(user: User, what: str, **facts: Any) -> None:
         ctx.audit.record(AuditEvent.AUDIT_LOG_USED, actor=f"web:{user.username}", what=what, **facts)
+
+    # -- health: no login (they say nothing about patients); for monitors and load balancers
+
+    def default_readiness() -> list[Check]:
+        return [
+            database_check(ctx.db),
+            audit_check(ctx.audit, ctx.checkpoint_file, ctx.config.audit.checkpoint_every),
+        ]
+
+    readiness = ctx.readiness or default_readiness
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        """Alive: the process answers HTTP."""
+        return JSONResponse({"alive": True})
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        """Ready to take studies: 200 when every check passes, else 503 naming what is wrong."""
+        ready, body = report(readiness())
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/login", response_class=HTMLResponse)
     def login_form(request: Request, next: Annotated[str, Query(max_length=2048)] = "/") -> Response:

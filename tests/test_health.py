@@ -1,0 +1,144 @@
+"""``/healthz`` and ``/readyz`` (issue 21, first part): each readiness check against the
+real thing it checks (a directory, a socket, a process, the audit log), the endpoints on
+the app, and a running node that turns non-ready when a worker dies and ready again when
+the supervisor has restarted it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from fastapi.testclient import TestClient
+
+from audit import AuditEvent
+from dicom_node.lab.localpeers import NodeProcess, free_port
+from dicom_node.runtime import Runtime
+from dicom_node.web import health
+from dicom_node.web.app import WebContext, create_app
+
+
+def test_storage_check_writes_and_compares_free_space_with_the_floor(tmp_path: Path) -> None:
+    assert health.storage_check(tmp_path / "data", 0).problem is None
+    assert not list((tmp_path / "data").iterdir())  # the probe file is gone
+    crossed = health.storage_check(tmp_path / "data", 10**9)  # a floor no disk has free
+    assert crossed.problem is not None and "below the 1000000000 MB floor" in crossed.problem
+    (tmp_path / "a-file").write_text("not a directory")
+    unwritable = health.storage_check(tmp_path / "a-file" / "data", 0)
+    assert unwritable.problem is not None and "cannot write" in unwritable.problem
+
+
+def test_listener_check_connects_to_each_port() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        assert health.listener_check([f"0.0.0.0:{port}"]).problem is None
+        assert health.listener_check([f"127.0.0.1:{port} (TLS)"]).problem is None
+    closed = health.listener_check([f"127.0.0.1:{free_port()}"])
+    assert closed.problem is not None and "does not accept" in closed.problem
+    assert health.listener_check([]).problem == "the DICOM listener is not running"
+
+
+def test_workers_check_names_the_stopped_slots() -> None:
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    try:
+        assert health.workers_check([running]).problem is None
+        problem = health.workers_check([running, done, None]).problem
+        assert problem is not None and problem.startswith("2 of 3") and "slot 1, 2" in problem
+    finally:
+        running.kill()
+        running.wait()
+
+
+def test_audit_check_wants_a_recent_checkpoint(tmp_path: Path) -> None:
+    rt = Runtime.open(None, tmp_path / "home")
+    try:
+        checkpoints = tmp_path / "checkpoints.jsonl"
+        for _ in range(5):
+            rt.audit.record(AuditEvent.APPLICATION_START, actor="test")
+        assert health.audit_check(rt.audit, checkpoints, 2).problem is not None  # 5 behind, no file
+        checkpoints.write_text(json.dumps({"seq": 4, "hash": "x", "at": 0, "actor": None}) + "\n")
+        assert health.audit_check(rt.audit, checkpoints, 2).problem is None
+        assert health.audit_check(rt.audit, tmp_path / "none.jsonl", 100).problem is None
+    finally:
+        rt.close()
+
+
+def test_the_endpoints_answer_without_login_and_name_what_is_wrong(tmp_path: Path) -> None:
+    rt = Runtime.open(None, tmp_path / "home")
+    problems: list[health.Check] = [health.Check("database"), health.Check("storage")]
+    try:
+        app = create_app(
+            WebContext(rt.config, rt.db, rt.audit, tmp_path / "cp.jsonl", readiness=lambda: problems)
+        )
+        client = TestClient(app)
+        assert client.get("/healthz").json() == {"alive": True}
+        ready = client.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json() == {"ready": True, "checks": {"database": "ok", "storage": "ok"}}
+        problems[1] = health.Check("storage", "12 MB free, below the 1024 MB floor")
+        not_ready = client.get("/readyz")
+        assert not_ready.status_code == 503
+        assert not_ready.json()["checks"]["storage"] == "12 MB free, below the 1024 MB floor"
+        assert not_ready.headers["cache-control"] == "no-store"
+        default = TestClient(create_app(WebContext(rt.config, rt.db, rt.audit, tmp_path / "cp.jsonl")))
+        assert set(default.get("/readyz").json()["checks"]) == {"database", "audit"}
+    finally:
+        rt.close()
+
+
+def test_a_database_that_does_not_answer_is_not_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt = Runtime.open(None, tmp_path / "home")
+    try:
+        assert health.database_check(rt.db).problem is None
+
+        def gone() -> None:
+            raise ConnectionError("connection refused")
+
+        monkeypatch.setattr(rt.db, "read", gone)
+        problem = health.database_check(rt.db).problem
+        assert problem is not None and "does not answer" in problem and "connection refused" in problem
+    finally:
+        rt.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX processes")
+def test_a_running_node_is_not_ready_while_a_worker_is_down(tmp_path: Path) -> None:
+    web_port = free_port()
+    node = NodeProcess(tmp_path / "node", "[workers]\nprocesses = 1\n", web_port=web_port).start()
+    base = f"http://127.0.0.1:{web_port}"
+    try:
+        ready = httpx.get(f"{base}/readyz", timeout=10)
+        assert ready.status_code == 200, ready.text
+        assert set(ready.json()["checks"]) == {"database", "storage", "dicom_listener", "workers", "audit"}
+        assert httpx.get(f"{base}/healthz", timeout=10).json() == {"alive": True}
+        assert node.proc is not None
+        (worker,) = [p for p in psutil.Process(node.proc.pid).children() if "worker" in p.cmdline()]
+        os.kill(worker.pid, signal.SIGKILL)
+        seen: list[int] = []
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            answer = httpx.get(f"{base}/readyz", timeout=10)
+            seen.append(answer.status_code)
+            if answer.status_code == 503:
+                assert "worker process(es) not running" in answer.json()["checks"]["workers"]
+            if 503 in seen and answer.status_code == 200:
+                break
+            time.sleep(0.02)
+        assert 503 in seen, "the dead worker was never reported"
+        assert seen[-1] == 200, "not ready again after the supervisor restarted the worker"
+    finally:
+        node.stop()
