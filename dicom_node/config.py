@@ -378,6 +378,9 @@ class WebSection(_Section):
     #: Origins (scheme://host:port) besides the page's own allowed to post forms, e.g. a
     #: reverse proxy's public address.
     trusted_origins: tuple[str, ...] = ()
+    #: ``/metrics`` from beyond loopback needs ``Authorization: Bearer <token>`` whose
+    #: sha256 (hex) is this (the token itself is never stored); empty: loopback only.
+    metrics_token_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")
 
 
 class ModelsSection(_Section):

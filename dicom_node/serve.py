@@ -522,6 +522,7 @@ def _serve(
                     checkpoint_file,
                     https=web_tls is not None,
                     readiness=node_readiness,
+                    data_dir=paths.data,
                 )
             ),
             config.web.host,

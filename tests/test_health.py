@@ -142,3 +142,41 @@ def test_a_running_node_is_not_ready_while_a_worker_is_down(tmp_path: Path) -> N
         assert seen[-1] == 200, "not ready again after the supervisor restarted the worker"
     finally:
         node.stop()
+
+
+def test_metrics_need_a_token_beyond_loopback_and_parse(tmp_path: Path) -> None:
+    import hashlib
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    rt = Runtime.open(None, tmp_path / "home")
+    try:
+        token = "a-long-random-scrape-token"
+        config = rt.config.model_copy(
+            update={
+                "web": rt.config.web.model_copy(
+                    update={"metrics_token_sha256": hashlib.sha256(token.encode()).hexdigest()}
+                )
+            }
+        )
+        client = TestClient(
+            create_app(WebContext(config, rt.db, rt.audit, tmp_path / "cp.jsonl", data_dir=tmp_path))
+        )
+        refused = client.get("/metrics")  # the test client is not a loopback address
+        assert refused.status_code == 401 and "Bearer" in refused.headers["www-authenticate"]
+        assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        scraped = client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+        assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
+        names = {f.name for f in text_string_to_metric_families(scraped.text)}
+        assert {
+            "dicomnode_instances_received",
+            "dicomnode_jobs",
+            "dicomnode_job_duration_seconds",
+            "dicomnode_deliveries",
+            "dicomnode_disk_free_bytes",
+            "dicomnode_audit_chain_head",
+        } <= names
+        no_token = TestClient(create_app(WebContext(rt.config, rt.db, rt.audit, tmp_path / "cp.jsonl")))
+        assert no_token.get("/metrics", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+    finally:
+        rt.close()

@@ -15,6 +15,9 @@ logins are throttled per user name and per source address.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
+import ipaddress
 import json
 import time
 from collections import defaultdict, deque
@@ -51,6 +54,7 @@ from dicom_node.web.guard import (
     token_secret,
 )
 from dicom_node.web.health import Check, Readiness, audit_check, database_check, report
+from dicom_node.web.metrics import CONTENT_TYPE_LATEST, NodeCollector, render
 from dicom_node.web.users import Role, User, UserStore
 
 COOKIE = SESSION_COOKIE
@@ -116,6 +120,8 @@ class WebContext:
     #: What ``/readyz`` checks (``serve`` adds storage, the DICOM listener and the
     #: workers); None: the database and the audit log.
     readiness: Readiness | None = None
+    #: The store's data directory (``/metrics``: free space); None: not reported.
+    data_dir: Path | None = None
 
 
 class _LoginThrottle:
@@ -156,6 +162,20 @@ class _LoginThrottle:
 
     def succeeded(self, username: str) -> None:
         self._by_name.pop(username, None)
+
+
+def _metrics_allowed(request: Request, token_sha256: str) -> bool:
+    """A loopback client, or a bearer token whose sha256 is the configured one."""
+    host = request.client.host if request.client else ""
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return True
+    except ValueError:
+        pass  # not an address (a test client): treated as remote
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if not token_sha256 or scheme.lower() != "bearer" or not token:
+        return False
+    return hmac.compare_digest(hashlib.sha256(token.strip().encode()).hexdigest(), token_sha256)
 
 
 def create_app(ctx: WebContext) -> FastAPI:
@@ -287,6 +307,19 @@ def create_app(ctx: WebContext) -> FastAPI:
         ]
 
     readiness = ctx.readiness or default_readiness
+
+    collector = NodeCollector(ctx.db, ctx.audit, ctx.data_dir or Path("/nonexistent"), ctx.checkpoint_file)
+
+    @app.get("/metrics")
+    def metrics(request: Request) -> Response:
+        """Prometheus text format: loopback freely, elsewhere with the configured bearer token."""
+        if not _metrics_allowed(request, ctx.config.web.metrics_token_sha256):
+            return PlainTextResponse(
+                "metrics: beyond loopback, send Authorization: Bearer <token> ([web] metrics_token_sha256)",
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return Response(render(collector), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:

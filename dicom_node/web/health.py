@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import text
 
@@ -133,17 +134,24 @@ def audit_check(audit: AuditTrail, checkpoint_file: Path, checkpoint_every: int)
     return Check("audit")
 
 
-def _last_checkpoint_seq(path: Path) -> int:
-    """The sequence number of the file's last checkpoint (0: none), read from its end (the
-    file grows by a line every ``checkpoint_every`` records, for years)."""
+def last_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The file's last checkpoint (``seq``, ``hash``, ``at``, ``actor``; None: none), read
+    from its end: the file grows by a line every ``checkpoint_every`` records, for years."""
     if not path.exists():
-        return 0
+        return None
     with path.open("rb") as f:
         f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - 4096))
+        f.seek(max(0, f.tell() - 4096))
         lines = [line for line in f.read().splitlines() if line.strip()]
-    return int(json.loads(lines[-1])["seq"]) if lines else 0
+    if not lines:
+        return None
+    found: dict[str, Any] = json.loads(lines[-1])
+    return found
+
+
+def _last_checkpoint_seq(path: Path) -> int:
+    last = last_checkpoint(path)
+    return 0 if last is None else int(last["seq"])
 
 
 def report(checks: Sequence[Check]) -> tuple[bool, dict[str, object]]:

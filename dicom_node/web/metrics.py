@@ -1,0 +1,189 @@
+"""``/metrics``: the node's counts in the Prometheus text format (prometheus-client).
+
+Everything that several processes or hosts share is read from the database at scrape
+time, so every receiver and worker process (and every host of a scale-out) is counted
+without a push gateway or multiprocess files, and a restart loses nothing: the database
+is the truth. Families (all prefixed ``dicomnode_``):
+
+* ``instances_received_total`` / ``instances_received_bytes_total`` by calling AE (what
+  the store holds; a purge would read as a counter reset), ``instances_quarantined_total``;
+* ``studies`` (held in the index), ``jobs`` by state and pipeline,
+  ``job_duration_seconds`` per pipeline (from running to its outcome: a histogram);
+* ``deliveries`` by state and destination (``dead`` is the dead-letter queue),
+  ``delivery_attempts_total`` by outcome, ``storage_commitments`` by state;
+* ``disk_free_bytes`` under the data directory, ``audit_chain_head`` (the newest record's
+  sequence number) and ``audit_checkpoint_age_seconds``.
+
+No patient data: labels are AE titles, pipeline and destination names, states.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from audit import AuditTrail
+from dicom_node.db import schema as t
+from dicom_node.db.engine import Database
+from dicom_node.web.health import last_checkpoint
+
+__all__ = ["CONTENT_TYPE_LATEST", "NodeCollector", "render"]
+
+#: Upper bounds (s) of the job duration histogram: a small study to a long synthetic CT.
+DURATION_BUCKETS = (5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+#: Job states a run ends in (the duration is from ``running`` to the first of these).
+_RUN_OUTCOMES = ("succeeded", "held", "failed", "delivering", "delivered")
+
+
+class NodeCollector(Collector):
+    """The node's metrics, read from the database (and the disk, the audit log) at scrape time."""
+
+    def __init__(self, db: Database, audit: AuditTrail, data_dir: Path, checkpoint_file: Path) -> None:
+        self.db = db
+        self.audit = audit
+        self.data_dir = data_dir
+        self.checkpoint_file = checkpoint_file
+
+    def collect(self) -> Iterator[Metric]:
+        with self.db.read() as conn:
+            received = CounterMetricFamily(
+                "dicomnode_instances_received",
+                "Instances held in the store, by calling AE",
+                labels=["calling_ae"],
+            )
+            received_bytes = CounterMetricFamily(
+                "dicomnode_instances_received_bytes", "Bytes of those instances", labels=["calling_ae"]
+            )
+            for ae, count, size in conn.execute(
+                select(
+                    t.instances.c.calling_ae, func.count(), func.coalesce(func.sum(t.instances.c.size), 0)
+                ).group_by(t.instances.c.calling_ae)
+            ):
+                received.add_metric([ae or ""], count)
+                received_bytes.add_metric([ae or ""], size)
+            yield received
+            yield received_bytes
+            quarantined = CounterMetricFamily(
+                "dicomnode_instances_quarantined",
+                "Instances quarantined, by calling AE",
+                labels=["calling_ae"],
+            )
+            for ae, count in conn.execute(
+                select(t.quarantine.c.calling_ae, func.count()).group_by(t.quarantine.c.calling_ae)
+            ):
+                quarantined.add_metric([ae or ""], count)
+            yield quarantined
+            yield GaugeMetricFamily(
+                "dicomnode_studies",
+                "Studies in the index",
+                value=conn.execute(select(func.count()).select_from(t.studies)).scalar_one(),
+            )
+            jobs = GaugeMetricFamily(
+                "dicomnode_jobs", "Jobs by state and pipeline", labels=["state", "pipeline"]
+            )
+            for state, pipeline, count in conn.execute(
+                select(t.jobs.c.state, t.jobs.c.pipeline, func.count()).group_by(
+                    t.jobs.c.state, t.jobs.c.pipeline
+                )
+            ):
+                jobs.add_metric([state, pipeline], count)
+            yield jobs
+            yield self._durations(conn)
+            deliveries = GaugeMetricFamily(
+                "dicomnode_deliveries",
+                "Deliveries by state (dead: the dead-letter queue) and destination",
+                labels=["state", "destination"],
+            )
+            for state, destination, count in conn.execute(
+                select(t.deliveries.c.state, t.deliveries.c.destination, func.count()).group_by(
+                    t.deliveries.c.state, t.deliveries.c.destination
+                )
+            ):
+                deliveries.add_metric([state, destination], count)
+            yield deliveries
+            attempts = CounterMetricFamily(
+                "dicomnode_delivery_attempts", "Delivery attempts by outcome", labels=["outcome"]
+            )
+            for outcome, count in conn.execute(
+                select(t.delivery_attempts.c.outcome, func.count()).group_by(t.delivery_attempts.c.outcome)
+            ):
+                attempts.add_metric([outcome or "unfinished"], count)
+            yield attempts
+            commitments = GaugeMetricFamily(
+                "dicomnode_storage_commitments", "Storage commitment transactions by state", labels=["state"]
+            )
+            for state, count in conn.execute(
+                select(t.storage_commitments.c.state, func.count()).group_by(t.storage_commitments.c.state)
+            ):
+                commitments.add_metric([state], count)
+            yield commitments
+        yield GaugeMetricFamily(
+            "dicomnode_disk_free_bytes",
+            "Free space under the data directory",
+            value=shutil.disk_usage(self.data_dir).free if self.data_dir.exists() else 0,
+        )
+        head, _ = self.audit.head()
+        yield GaugeMetricFamily(
+            "dicomnode_audit_chain_head", "Sequence number of the newest audit record", value=head
+        )
+        age = _checkpoint_age(self.checkpoint_file)
+        if age is not None:
+            yield GaugeMetricFamily(
+                "dicomnode_audit_checkpoint_age_seconds", "Seconds since the last audit checkpoint", value=age
+            )
+
+    def _durations(self, conn: object) -> HistogramMetricFamily:
+        """Seconds from ``running`` to the run's outcome, per pipeline (the latest run of each job)."""
+        started: dict[int, float] = {}
+        ended: dict[int, float] = {}
+        rows = conn.execute(  # type: ignore[attr-defined]
+            select(t.job_transitions.c.job_fk, t.job_transitions.c.to_state, t.job_transitions.c.at).order_by(
+                t.job_transitions.c.id
+            )
+        )
+        for job, state, at in rows:
+            if state == "running":
+                started[job] = at
+                ended.pop(job, None)
+            elif state in _RUN_OUTCOMES and job in started and job not in ended:
+                ended[job] = at
+        pipelines = dict(conn.execute(select(t.jobs.c.id, t.jobs.c.pipeline)).all())  # type: ignore[attr-defined]
+        by_pipeline: dict[str, list[float]] = defaultdict(list)
+        for job, at in ended.items():
+            by_pipeline[pipelines.get(job, "?")].append(max(at - started[job], 0.0))
+        family = HistogramMetricFamily(
+            "dicomnode_job_duration_seconds", "Job run time, from running to its outcome", labels=["pipeline"]
+        )
+        for pipeline, seconds in sorted(by_pipeline.items()):
+            buckets = [(_le(b), sum(1 for s in seconds if s <= b)) for b in DURATION_BUCKETS]
+            buckets.append(("+Inf", len(seconds)))
+            family.add_metric([pipeline], buckets, sum(seconds))
+        return family
+
+
+def _le(bound: float) -> str:
+    return str(float(bound))
+
+
+def _checkpoint_age(path: Path) -> float | None:
+    """Seconds since the file's last checkpoint (None: none yet, or unreadable)."""
+    try:
+        last = last_checkpoint(path)
+        return None if last is None else max(time.time() - float(last["at"]), 0.0)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def render(collector: NodeCollector) -> bytes:
+    """The text exposition of one scrape."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return generate_latest(registry)
