@@ -55,6 +55,13 @@ class PostgresServer:
             shutil.chown(self.root, SUPERUSER)
         initdb = str(self.bin / "initdb")
         self._run(initdb, "-D", str(self.data), "-U", SUPERUSER, "--auth=trust", "-E", "UTF8")
+        return self.resume()
+
+    def pause(self) -> None:
+        """Stop the server, keeping its data (``resume`` starts it again): the database gone."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> PostgresServer:
         # a test server: durability is PostgreSQL's business and is not what the tests
         # measure, so it skips fsync; enough connections for several nodes at once
         options = (
