@@ -114,6 +114,8 @@ class PipelineResult:
     gate: str | None = None
     #: Problems found when validating the written objects (a non-empty list holds the job).
     validation_errors: tuple[str, ...] = ()
+    #: Seconds each stage took, in order (empty: the pipeline has no stages to time).
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)

@@ -114,4 +114,5 @@ class StagedPipeline:
             qc=ctx.qc_by_series,
             gate=ctx.gate,
             validation_errors=ctx.validation_errors,
+            timings=dict(ctx.timings),
         )

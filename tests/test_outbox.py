@@ -977,3 +977,62 @@ def test_several_associations_send_each_series_once(env: Env, pacs: MiniPACS, tm
     assert pacs.count() == 4 * SLICES
     assert [h[1] for h in env.history()].count("delivered") == 1
     assert len(env.rt.audit.events(AuditEvent.INSTANCES_TRANSFERRED)) == 4
+
+
+def test_a_runs_stage_times_are_kept_and_reach_the_metrics(
+    env: Env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """What each stage of a run took is stored with the job and shows in /metrics as
+    ``dicomnode_job_stage_seconds{pipeline, stage}`` (``predict``: the inference time)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dicom_node.web.metrics import NodeCollector, render
+    from dicom_node.worker import Worker
+    from pipelines.base import PipelineResult
+    from pipelines.stages import StagedPipeline
+
+    class Wait:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def run(self, ctx: Any) -> Any:
+            time.sleep(0.02)
+            return ctx
+
+    staged = StagedPipeline(name="timed", version="1", stages=(Wait("load"), Wait("predict")))
+    timed = staged.run(Any, Any)  # type: ignore[arg-type]  # the stages ignore the context's content
+    assert list(timed.timings) == ["load", "predict"] and all(s >= 0.02 for s in timed.timings.values())
+
+    report = OutputInstance(
+        generate_uid(), generate_uid(), SR_CLASS, ExplicitVRLittleEndian, Path("/x/sr.dcm")
+    )
+
+    class Timed:
+        name = "only-report"
+        version = "0"
+
+        def run(self, study: Any, run_env: Any) -> PipelineResult:
+            return PipelineResult(outputs=(report,), timings={"load": 0.25, "predict": 3.5})
+
+    monkeypatch.setattr(
+        "dicom_node.jobs.runner.get_pipeline", lambda name, model_dir=None, precision="auto": Timed()
+    )
+    job_id = _new_job(env, [])
+    worker = Worker(_config(1, None), env.rt.paths, env.rt.db, env.rt.audit, "run-s")
+    job = worker.runner.claim()
+    assert job is not None and job.job_id == job_id
+    assert worker.runner.run(job) == JobState.SUCCEEDED
+    with env.rt.db.read() as conn:
+        kept = conn.execute(select(t.job_stage_times.c.stage, t.job_stage_times.c.seconds)).all()
+    assert sorted(kept) == [("load", 0.25), ("predict", 3.5)]
+    text = render(NodeCollector(env.rt.db, env.rt.audit, tmp_path, tmp_path / "cp.jsonl")).decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    key = (("pipeline", "only-report"), ("stage", "predict"))
+    assert samples[("dicomnode_job_stage_seconds_count", key)] == 1
+    assert samples[("dicomnode_job_stage_seconds_sum", key)] == 3.5
+    assert samples[("dicomnode_job_stage_seconds_bucket", (("le", "5.0"), *key))] == 1
+    assert samples[("dicomnode_job_stage_seconds_bucket", (("le", "1.0"), *key))] == 0

@@ -182,6 +182,18 @@ job_transitions = Table(
     Column("actor", String(128)),
 )
 
+#: Seconds each stage of a job's run took (one row per stage per run): inference time by
+#: pipeline and stage for /metrics.
+job_stage_times = Table(
+    "job_stage_times",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_fk", ForeignKey("jobs.id"), nullable=False, index=True),
+    Column("stage", String(64), nullable=False),
+    Column("seconds", Float, nullable=False),
+    Column("at", Float, nullable=False),
+)
+
 job_outputs = Table(
     "job_outputs",
     metadata,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from audit import AuditEvent, AuditTrail, Outcome
 from dicom_node import __version__
@@ -361,6 +361,15 @@ class JobRunner:
         try:
             with audited_write(self.db, self.audit) as work:
                 record_outputs(work.conn, job.job_id, result.outputs)
+                if result.timings:
+                    now = time.time()
+                    work.conn.execute(
+                        insert(t.job_stage_times),
+                        [
+                            {"job_fk": job.job_id, "stage": stage[:64], "seconds": float(seconds), "at": now}
+                            for stage, seconds in result.timings.items()
+                        ],
+                    )
                 if verdict.action == "hold":
                     held = f"held for review: {reasons}"
                     move(work, job.ref, JobState.HELD, expect=JobState.RUNNING, reason=held, **done)

@@ -8,7 +8,8 @@ is the truth. Families (all prefixed ``dicomnode_``):
 * ``instances_received_total`` / ``instances_received_bytes_total`` by calling AE (what
   the store holds; a purge would read as a counter reset), ``instances_quarantined_total``;
 * ``studies`` (held in the index), ``jobs`` by state and pipeline,
-  ``job_duration_seconds`` per pipeline (from running to its outcome: a histogram);
+  ``job_duration_seconds`` per pipeline (from running to its outcome: a histogram),
+  ``job_stage_seconds`` per pipeline and stage (``predict``: the model's inference);
 * ``deliveries`` by state and destination (``dead`` is the dead-letter queue),
   ``delivery_attempts_total`` by outcome, ``storage_commitments`` by state;
 * ``disk_free_bytes`` under the data directory, ``audit_chain_head`` (the newest record's
@@ -39,6 +40,8 @@ __all__ = ["CONTENT_TYPE_LATEST", "NodeCollector", "render"]
 
 #: Upper bounds (s) of the job duration histogram: a small study to a long synthetic CT.
 DURATION_BUCKETS = (5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+#: Upper bounds (s) of the stage histogram: a header check to a long inference.
+STAGE_BUCKETS = (0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 #: Job states a run ends in (the duration is from ``running`` to the first of these).
 _RUN_OUTCOMES = ("succeeded", "held", "failed", "delivering", "delivered")
 
@@ -97,6 +100,7 @@ class NodeCollector(Collector):
                 jobs.add_metric([state, pipeline], count)
             yield jobs
             yield self._durations(conn)
+            yield self._stage_times(conn)
             deliveries = GaugeMetricFamily(
                 "dicomnode_deliveries",
                 "Deliveries by state (dead: the dead-letter queue) and destination",
@@ -163,10 +167,35 @@ class NodeCollector(Collector):
             "dicomnode_job_duration_seconds", "Job run time, from running to its outcome", labels=["pipeline"]
         )
         for pipeline, seconds in sorted(by_pipeline.items()):
-            buckets = [(_le(b), sum(1 for s in seconds if s <= b)) for b in DURATION_BUCKETS]
-            buckets.append(("+Inf", len(seconds)))
-            family.add_metric([pipeline], buckets, sum(seconds))
+            _histogram(family, [pipeline], seconds, DURATION_BUCKETS)
         return family
+
+    def _stage_times(self, conn: object) -> HistogramMetricFamily:
+        """Seconds per stage of every run, by pipeline and stage (``predict``: inference)."""
+        by_stage: dict[tuple[str, str], list[float]] = defaultdict(list)
+        rows = conn.execute(  # type: ignore[attr-defined]
+            select(t.jobs.c.pipeline, t.job_stage_times.c.stage, t.job_stage_times.c.seconds).join(
+                t.jobs, t.jobs.c.id == t.job_stage_times.c.job_fk
+            )
+        )
+        for pipeline, stage, seconds in rows:
+            by_stage[(pipeline, stage)].append(seconds)
+        family = HistogramMetricFamily(
+            "dicomnode_job_stage_seconds",
+            "Seconds a stage of a job's run took (predict: the model's inference)",
+            labels=["pipeline", "stage"],
+        )
+        for (pipeline, stage), seconds in sorted(by_stage.items()):
+            _histogram(family, [pipeline, stage], seconds, STAGE_BUCKETS)
+        return family
+
+
+def _histogram(
+    family: HistogramMetricFamily, labels: list[str], values: list[float], bounds: tuple[float, ...]
+) -> None:
+    buckets = [(_le(b), sum(1 for v in values if v <= b)) for b in bounds]
+    buckets.append(("+Inf", len(values)))
+    family.add_metric(labels, buckets, sum(values))
 
 
 def _le(bound: float) -> str:
