@@ -200,12 +200,16 @@ class WorkerSupervisor:
             lambda: recover_jobs(self.runtime.db, self.runtime.audit, self.run_id, claim_id(self.run_id))
         )
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * self.count
+        #: When each slot's process was last started (time.monotonic()): /readyz wants a
+        #: restarted worker to have stayed up a while (a crash loop is not ready).
+        self.started_at: list[float] = [0.0] * self.count
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
 
     def _spawn(self, slot: int) -> None:
         proc = subprocess.Popen(self.argv, preexec_fn=_die_with_parent, close_fds=True)
         self.procs[slot] = proc
+        self.started_at[slot] = time.monotonic()
         log.info("%s %d started (pid %d)", self.what, slot, proc.pid)
 
     def start(self) -> None:
@@ -510,7 +514,7 @@ def _serve(
                 health.audit_check(audit, checkpoint_file, config.audit.checkpoint_every),
             ]
             if supervisor.count:
-                checks.insert(3, health.workers_check(supervisor.procs))
+                checks.insert(3, health.workers_check(supervisor.procs, supervisor.started_at))
             return checks
 
         web = WebServer(

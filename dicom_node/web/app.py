@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -164,6 +165,10 @@ class _LoginThrottle:
         self._by_name.pop(username, None)
 
 
+#: /readyz runs its checks at most this often; askers in between get the last answer.
+READINESS_EVERY_SECONDS = 1.0
+
+
 def _metrics_allowed(request: Request, token_sha256: str) -> bool:
     """A loopback client, or a bearer token whose sha256 is the configured one."""
     host = request.client.host if request.client else ""
@@ -306,7 +311,18 @@ def create_app(ctx: WebContext) -> FastAPI:
             audit_check(ctx.audit, ctx.checkpoint_file, ctx.config.audit.checkpoint_every),
         ]
 
-    readiness = ctx.readiness or default_readiness
+    checks_now = ctx.readiness or default_readiness
+    last: dict[str, Any] = {"at": 0.0, "checks": []}
+    checking = threading.Lock()
+
+    def readiness() -> list[Check]:
+        """The checks, run at most once a second however often /readyz is asked (each
+        writes and syncs a file and opens a connection; the port may be reachable)."""
+        with checking:
+            if time.monotonic() - last["at"] >= READINESS_EVERY_SECONDS:
+                last["checks"], last["at"] = checks_now(), time.monotonic()
+            found: list[Check] = last["checks"]
+            return found
 
     collector = NodeCollector(ctx.db, ctx.audit, ctx.data_dir or Path("/nonexistent"), ctx.checkpoint_file)
 

@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -104,15 +105,37 @@ def listener_check(listening: Sequence[str], timeout: float = 1.0) -> Check:
     return Check("dicom_listener")
 
 
-def workers_check(processes: Sequence[subprocess.Popen[bytes] | None]) -> Check:
-    """Every worker process runs (None: a slot not started yet)."""
+#: A worker started (or restarted) less than this long ago does not count as running yet:
+#: a worker that dies at start and is restarted, again and again, is not ready.
+WORKER_SETTLE_SECONDS = 5.0
+
+
+def workers_check(
+    processes: Sequence[subprocess.Popen[bytes] | None],
+    started_at: Sequence[float] = (),
+    settle_seconds: float = WORKER_SETTLE_SECONDS,
+) -> Check:
+    """Every worker process runs, and has for ``settle_seconds`` since it was (re)started
+    (``started_at``: time.monotonic() per slot; None: a slot not started yet)."""
+    now = time.monotonic()
     stopped = [k for k, proc in enumerate(processes) if proc is None or proc.poll() is not None]
-    if stopped:
-        return Check(
-            "workers",
-            f"{len(stopped)} of {len(processes)} worker process(es) not running "
-            f"(slot {', '.join(map(str, stopped))}; the supervisor restarts one that dies)",
-        )
+    settling = [
+        k
+        for k, at in enumerate(started_at)
+        if k not in stopped and k < len(processes) and now - at < settle_seconds
+    ]
+    if stopped or settling:
+        parts = []
+        if stopped:
+            parts.append(
+                f"{len(stopped)} of {len(processes)} worker process(es) not running "
+                f"(slot {', '.join(map(str, stopped))})"
+            )
+        if settling:
+            parts.append(
+                f"slot {', '.join(map(str, settling))} (re)started less than {settle_seconds:g} s ago"
+            )
+        return Check("workers", "; ".join(parts) + "; the supervisor restarts a worker that dies")
     return Check("workers")
 
 
