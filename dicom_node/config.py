@@ -439,6 +439,12 @@ class LoggingSection(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: Application log file under var/ (UIDs and ids only, never patient names).
     file: str = "log/dicom-node.log"
+    #: ``text`` (one readable line a record) or ``json`` (one object a line, for log
+    #: shippers: time, level, logger, event, message, process; never patient data).
+    format: Literal["text", "json"] = "text"
+    #: Where records go: ``auto`` (under systemd, stderr only: journald keeps it; else the
+    #: file and stderr), ``file``, ``stderr`` or ``both``.
+    destination: Literal["auto", "file", "stderr", "both"] = "auto"
 
 
 class NodeConfig(_Section):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import logging.handlers
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +110,54 @@ class Runtime:
         self.audit.dispose()
 
 
+def under_journald() -> bool:
+    """Whether stderr is systemd's journal stream (``JOURNAL_STREAM`` names its device and
+    inode, as systemd documents for exactly this test)."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+        return bool(value) and (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+def log_destinations(destination: str, stderr_wanted: bool = True) -> tuple[bool, bool]:
+    """(to the file, to stderr) for ``[logging] destination``: ``auto`` is stderr only
+    under journald (one copy of each record there), else both; ``stderr_wanted`` False
+    (a process whose stderr nobody reads) leaves the file only."""
+    if destination == "auto":
+        to_file, to_stderr = (False, True) if under_journald() else (True, True)
+    else:
+        to_file, to_stderr = destination in ("file", "both"), destination in ("stderr", "both")
+    if not stderr_wanted:
+        to_file, to_stderr = True, False
+    return to_file, to_stderr
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a record: ``time`` (UTC, ISO 8601 with milliseconds), ``level``,
+    ``logger``, ``event`` (the message's template: the same for every record of a kind,
+    what a shipper groups by), ``message``, ``process``, ``pid``, ``thread``; ``exception``
+    when there is one. Runs after :class:`PhiSafeFilter`, so it sees only what the filter let
+    through (a library's text withheld, controls escaped)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        body: dict[str, object] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "event": str(getattr(record, "event", record.msg)),
+            "message": record.getMessage(),
+            "process": record.processName,
+            "pid": record.process,
+            "thread": record.threadName,
+        }
+        if record.exc_info:
+            body["exception"] = self.formatException(record.exc_info)
+        return json.dumps(body, ensure_ascii=False, default=str)
+
+
 def setup_logging(paths: NodePaths, config: NodeConfig, *, to_stderr: bool = True) -> None:
     """Application log: UIDs and ids only — callers never log patient names, and what
     libraries say (log records, warnings, exception messages) passes :mod:`dicom_node.safelog`."""
@@ -114,11 +165,19 @@ def setup_logging(paths: NodePaths, config: NodeConfig, *, to_stderr: bool = Tru
     for handler in [h for h in root.handlers if getattr(h, CLI_HANDLER, False)]:
         root.removeHandler(handler)  # the command line's stopgap; these handlers replace it
     root.setLevel(config.logging.level)
-    fmt = logging.Formatter("%(asctime)s %(levelname)-7s %(processName)s[%(process)d] %(name)s: %(message)s")
-    file_handler = logging.handlers.WatchedFileHandler(paths.log_file)
-    file_handler.setFormatter(fmt)
-    file_handler.addFilter(PhiSafeFilter())
-    root.addHandler(file_handler)
+    fmt: logging.Formatter = (
+        JsonFormatter()
+        if config.logging.format == "json"
+        else logging.Formatter(
+            "%(asctime)s %(levelname)-7s %(processName)s[%(process)d] %(name)s: %(message)s"
+        )
+    )
+    to_file, to_stderr = log_destinations(config.logging.destination, to_stderr)
+    if to_file:
+        file_handler = logging.handlers.WatchedFileHandler(paths.log_file)
+        file_handler.setFormatter(fmt)
+        file_handler.addFilter(PhiSafeFilter())
+        root.addHandler(file_handler)
     if to_stderr:
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(fmt)

@@ -154,6 +154,9 @@ class PhiSafeFilter(logging.Filter):
                 )
         if record.exc_info and record.exc_info[1] is not None:
             record.exc_text = format_exception(record.exc_info[1])
+        # the message's template, before its arguments are folded in: what a JSON log's
+        # "event" groups by (for a library's record, the withheld-text line)
+        record.__dict__["event"] = escape_controls(str(record.msg))
         _one_line(record)
         return True
 
