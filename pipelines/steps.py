@@ -70,6 +70,13 @@ class LoadVolume:
             volume = load_series(datasets, resample=self.resample)
         except SeriesError as exc:
             raise PipelineError(str(exc)) from None
+        # the pixels are in the volume now; the data sets stay for their attributes (the
+        # writers copy and reference them), without the encoded pixels: half a volume's
+        # memory for a long CT series (issue 20)
+        for ds in volume.datasets:
+            for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+                if keyword in ds:
+                    del ds[keyword]
         return ctx.evolve(volume=volume)
 
 
