@@ -170,6 +170,20 @@ class CheckpointFile:
     def seqs(self) -> list[int]:
         return [p.seq for p in self.read()]
 
+    def last(self) -> Checkpoint | None:
+        """The newest checkpoint (None: none yet), read from the file's end: the file grows
+        by a line every ``checkpoint_every`` records, for years, and a monitor asks often."""
+        if not self.path.exists():
+            return None
+        with self.path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            lines = [line for line in f.read().splitlines() if line.strip()]
+        if not lines:
+            return None
+        d = json.loads(lines[-1])
+        return Checkpoint(int(d["seq"]), str(d["hash"]), float(d["at"]), d.get("actor"))
+
 
 @dataclass(frozen=True)
 class AuditRecord:

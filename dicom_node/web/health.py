@@ -17,7 +17,6 @@ A check that cannot be made here (no listener yet, no workers configured) is lef
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -27,11 +26,11 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import text
 
 from audit import AuditTrail
+from audit.trail import CheckpointFile
 from dicom_node.db.engine import Database
 
 
@@ -145,9 +144,10 @@ def audit_check(audit: AuditTrail, checkpoint_file: Path, checkpoint_every: int)
     except Exception as exc:
         return Check("audit", f"the audit log does not answer: {type(exc).__name__}: {str(exc)[:200]}")
     try:
-        last = _last_checkpoint_seq(checkpoint_file)
+        newest = CheckpointFile(checkpoint_file).last()
     except (OSError, ValueError, KeyError) as exc:
         return Check("audit", f"the audit checkpoint file {checkpoint_file} cannot be read: {exc}")
+    last = newest.seq if newest is not None else 0
     if head - last > 2 * checkpoint_every:
         return Check(
             "audit",
@@ -155,26 +155,6 @@ def audit_check(audit: AuditTrail, checkpoint_file: Path, checkpoint_every: int)
             f"(checkpoints every {checkpoint_every}): is {checkpoint_file} writable?",
         )
     return Check("audit")
-
-
-def last_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The file's last checkpoint (``seq``, ``hash``, ``at``, ``actor``; None: none), read
-    from its end: the file grows by a line every ``checkpoint_every`` records, for years."""
-    if not path.exists():
-        return None
-    with path.open("rb") as f:
-        f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - 4096))
-        lines = [line for line in f.read().splitlines() if line.strip()]
-    if not lines:
-        return None
-    found: dict[str, Any] = json.loads(lines[-1])
-    return found
-
-
-def _last_checkpoint_seq(path: Path) -> int:
-    last = last_checkpoint(path)
-    return 0 if last is None else int(last["seq"])
 
 
 def report(checks: Sequence[Check]) -> tuple[bool, dict[str, object]]:

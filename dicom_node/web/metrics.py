@@ -32,9 +32,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from audit import AuditTrail
+from audit.trail import CheckpointFile
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
-from dicom_node.web.health import last_checkpoint
 
 __all__ = ["CONTENT_TYPE_LATEST", "NodeCollector", "render"]
 
@@ -205,8 +205,8 @@ def _le(bound: float) -> str:
 def _checkpoint_age(path: Path) -> float | None:
     """Seconds since the file's last checkpoint (None: none yet, or unreadable)."""
     try:
-        last = last_checkpoint(path)
-        return None if last is None else max(time.time() - float(last["at"]), 0.0)
+        last = CheckpointFile(path).last()
+        return None if last is None else max(time.time() - last.at, 0.0)
     except (OSError, ValueError, KeyError):
         return None
 
