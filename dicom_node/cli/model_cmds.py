@@ -13,7 +13,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from dicom_node.cli.common import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, print_json, read_config
-from dicom_node.config import LoadedConfig, model_env_var
+from dicom_node.config import LoadedConfig
+from dicom_node.jobs.inventory import model_inventory
 
 models_app = typer.Typer(
     help="Models in the zoo: versions, which one runs, weights check, model card.",
@@ -21,65 +22,9 @@ models_app = typer.Typer(
 )
 app.add_typer(models_app, name="models")
 
-#: Models no pipeline runs, and what uses them instead.
-OTHER_USES = {"sim-encoder": "evaluate (features)"}
-
-
-def _entry(directory: Path, runs_in: str | None, pinned_by: str | None, *, in_zoo: bool) -> dict[str, Any]:
-    from models.zoo import read_card, sha256_of
-
-    card = read_card(directory)
-    weights = directory / card["weights_file"]
-    actual = sha256_of(weights) if weights.exists() else None
-    return {
-        # in a zoo, <model>/<version>/ names it; a directory elsewhere is named by its card
-        "name": directory.parent.name if in_zoo else card["name"],
-        "version": directory.name if in_zoo else card["version"],
-        "directory": str(directory),
-        "runs_in": runs_in,
-        "pinned_by": pinned_by,
-        "weights_sha256": card["weights_sha256"],
-        "weights_ok": actual == card["weights_sha256"],
-        "weights_bytes": weights.stat().st_size if weights.exists() else None,
-        "training_data": card.get("training_data", ""),
-        "calibration": card.get("calibration", ""),
-        "has_evaluation": (directory / "evaluation.json").exists(),
-    }
-
 
 def _rows(loaded: LoadedConfig) -> list[dict[str, Any]]:
-    """Every model directory in the shipped and the site zoos, and any pinned directory
-    outside them, each with the pipeline that runs it."""
-    from models.zoo import ZOO, model_names, versions
-    from pipelines.registry import MODEL_OF
-
-    config, env_pins = loaded.config, loaded.environment_pins
-    running: dict[Path, tuple[str | None, str | None]] = {}
-    for pipeline in MODEL_OF:
-        try:
-            directory = config.models.directory(pipeline)
-        except ValueError:
-            continue  # its model is not installed here: it runs nothing
-        assert directory is not None
-        why: str | None = None
-        if pipeline in env_pins:
-            why = f"{model_env_var(pipeline)}={env_pins[pipeline]}"
-        elif pipeline in config.models.pin:
-            why = f"[models] pin.{pipeline} = {config.models.pin[pipeline]!r}"
-        running[directory.resolve()] = (pipeline, why)
-    directories = [
-        zoo / name / version
-        for zoo in (*(Path(z) for z in config.models.zoo), ZOO)
-        for name in model_names(zoo)
-        for version in versions(name, zoo)
-    ]
-    seen = {d.resolve() for d in directories}
-    outside = [d for d in running if d not in seen]  # a pinned directory outside the zoos
-    rows = []
-    for directory in directories + outside:
-        runs_in, pinned_by = running.get(directory.resolve(), (OTHER_USES.get(directory.parent.name), None))
-        rows.append(_entry(directory, runs_in, pinned_by, in_zoo=directory not in outside))
-    return rows
+    return model_inventory(loaded.config, loaded.environment_pins)
 
 
 @models_app.command("list")
