@@ -369,8 +369,10 @@ class AuditTrail:
         events: list[str] | None = None,
         ae: str | None = None,
         limit: int | None = None,
+        after: int | None = None,
     ) -> list[AuditRecord]:
-        """Records matching every given filter, oldest first. ``ae`` matches calling or called AE."""
+        """Records matching every given filter, oldest first. ``ae`` matches calling or called AE;
+        ``after``: only records after that sequence number (paging)."""
         if any("\x00" in text for text in (patient_id, study_uid, ae) if text):
             return []  # no record holds a NUL (and PostgreSQL cannot even compare one)
         query = select(audit_events).order_by(audit_events.c.seq)
@@ -386,6 +388,8 @@ class AuditTrail:
             query = query.where(audit_events.c.event.in_([AuditEvent(e).value for e in events]))
         if ae is not None:
             query = query.where(or_(audit_events.c.calling_ae == ae, audit_events.c.called_ae == ae))
+        if after is not None:
+            query = query.where(audit_events.c.seq > after)
         if limit is not None:
             query = query.limit(limit)
         with self._read() as conn:

@@ -527,6 +527,7 @@ def _serve(
                     https=web_tls is not None,
                     readiness=node_readiness,
                     data_dir=paths.data,
+                    environment_pins=dict(runtime.loaded.environment_pins),
                 )
             ),
             config.web.host,

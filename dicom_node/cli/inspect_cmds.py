@@ -9,7 +9,6 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from audit import AuditEvent
 from dicom_node.cli.common import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_existing, print_json
 from dicom_node.db import queries
 from dicom_node.db.schema import MAX_ROW_ID
@@ -222,12 +221,6 @@ def outbox_retry(
         Outbox(runtime.config, runtime.db, runtime.audit, "cli").retry_dead(delivery_id, actor="cli")
     except (KeyError, ValueError) as exc:
         raise fail(str(exc).strip("'\"")) from None
-    runtime.audit.record(
-        AuditEvent.DELIVERY_ATTEMPT,
-        actor="cli",
-        delivery_id=delivery_id,
-        action="retry requested by operator",
-    )
     runtime.close()
     console.print(f"delivery {delivery_id} queued again")
 

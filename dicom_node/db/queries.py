@@ -10,27 +10,70 @@ from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
 
 
-def list_studies(db: Database) -> list[dict[str, Any]]:
-    """One dict per study: ids, patient, modalities, counts, and a state.
+def _paged(
+    query: Select[Any], key: Any, cursor: int | None, limit: int | None, newest_first: bool
+) -> Select[Any]:
+    """Keyset paging on ``key`` (a row id): oldest first, or newest first below ``cursor``."""
+    if newest_first:
+        query = query.order_by(key.desc())
+        if cursor is not None:
+            query = query.where(key < cursor)
+    else:
+        query = query.order_by(key)
+        if cursor is not None:
+            query = query.where(key > cursor)
+    return query.limit(limit) if limit is not None else query
+
+
+def list_studies(
+    db: Database,
+    *,
+    study_uid: str | None = None,
+    patient_id: str | None = None,
+    modality: str | None = None,
+    source_ae: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    cursor: int | None = None,
+    limit: int | None = None,
+    newest_first: bool = False,
+) -> list[dict[str, Any]]:
+    """One dict per study: ids, patient, modalities, counts, and a state; every filter
+    given must match (``since``/``until``: when its first instance arrived). Keyset
+    paging on the study's row id (``id``): see :func:`_paged`.
 
     ``state`` is ``receiving`` while instances wait for the completeness timer, otherwise
     the state of the study's newest job, or ``stored`` when no route matched.
     """
+    query = select(
+        t.studies.c.id,
+        t.studies.c.study_uid,
+        t.studies.c.study_date,
+        t.studies.c.accession_number,
+        t.studies.c.description,
+        t.studies.c.source_ae,
+        t.studies.c.open_version,
+        t.studies.c.first_received_at,
+        t.patients.c.patient_id,
+    ).join(t.patients, t.patients.c.id == t.studies.c.patient_fk)
+    if study_uid is not None:
+        query = query.where(t.studies.c.study_uid == study_uid)
+    if patient_id is not None:
+        query = query.where(t.patients.c.patient_id == patient_id)
+    if source_ae is not None:
+        query = query.where(t.studies.c.source_ae == source_ae)
+    if since is not None:
+        query = query.where(t.studies.c.first_received_at >= since)
+    if until is not None:
+        query = query.where(t.studies.c.first_received_at <= until)
+    if modality is not None:
+        query = query.where(
+            t.studies.c.id.in_(select(t.series.c.study_fk).where(t.series.c.modality == modality))
+        )
+    query = _paged(query, t.studies.c.id, cursor, limit, newest_first)
     with db.read() as conn:
-        studies = conn.execute(
-            select(
-                t.studies.c.id,
-                t.studies.c.study_uid,
-                t.studies.c.study_date,
-                t.studies.c.description,
-                t.studies.c.source_ae,
-                t.studies.c.open_version,
-                t.studies.c.first_received_at,
-                t.patients.c.patient_id,
-            )
-            .join(t.patients, t.patients.c.id == t.studies.c.patient_fk)
-            .order_by(t.studies.c.first_received_at)
-        ).all()
+        studies = conn.execute(query).all()
+        ids = [s.id for s in studies]
         series = conn.execute(
             select(
                 t.series.c.study_fk,
@@ -38,37 +81,46 @@ def list_studies(db: Database) -> list[dict[str, Any]]:
                 func.count(t.instances.c.id),
             )
             .join(t.instances, t.instances.c.series_fk == t.series.c.id)
-            .where(t.instances.c.current.is_(True))
+            .where(t.instances.c.current.is_(True), t.series.c.study_fk.in_(ids))
             .group_by(t.series.c.id)
         ).all()
         pending: dict[int, int] = dict(
             conn.execute(
                 select(t.instances.c.study_fk, func.count())
                 .join(t.studies, t.studies.c.id == t.instances.c.study_fk)
-                .where(t.instances.c.study_version == t.studies.c.open_version)
+                .where(t.instances.c.study_version == t.studies.c.open_version, t.studies.c.id.in_(ids))
                 .group_by(t.instances.c.study_fk)
             ).all()
         )
         last = dict(
             conn.execute(
-                select(t.instances.c.study_fk, func.max(t.instances.c.received_at)).group_by(
-                    t.instances.c.study_fk
-                )
+                select(t.instances.c.study_fk, func.max(t.instances.c.received_at))
+                .where(t.instances.c.study_fk.in_(ids))
+                .group_by(t.instances.c.study_fk)
             ).all()
         )
         latest_job = {
             row.study_fk: row.state
-            for row in conn.execute(select(t.jobs.c.study_fk, t.jobs.c.state).order_by(t.jobs.c.id)).all()
+            for row in conn.execute(
+                select(t.jobs.c.study_fk, t.jobs.c.state)
+                .where(t.jobs.c.study_fk.in_(ids))
+                .order_by(t.jobs.c.id)
+            ).all()
         }
+    by_study: dict[int, list[Any]] = {}
+    for row in series:
+        by_study.setdefault(row[0], []).append(row)
     out = []
     for s in studies:
-        mine = [row for row in series if row[0] == s.id]
+        mine = by_study.get(s.id, [])
         state = "receiving" if pending.get(s.id) else latest_job.get(s.id, "stored")
         out.append(
             {
+                "id": s.id,
                 "study_uid": s.study_uid,
                 "patient_id": s.patient_id,
                 "study_date": s.study_date,
+                "accession_number": s.accession_number,
                 "description": s.description,
                 "source_ae": s.source_ae,
                 "modalities": sorted({m for _, m, _ in mine if m}),
@@ -81,6 +133,56 @@ def list_studies(db: Database) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def study_series(db: Database, study_uid: str) -> list[dict[str, Any]]:
+    """The series of a study with their current instance counts, by series number."""
+    with db.read() as conn:
+        rows = conn.execute(
+            select(
+                t.series.c.series_uid,
+                t.series.c.modality,
+                t.series.c.series_number,
+                t.series.c.description,
+                t.series.c.body_part,
+                t.series.c.frame_of_reference_uid,
+                func.count(t.instances.c.id).label("instances"),
+            )
+            .join(t.studies, t.studies.c.id == t.series.c.study_fk)
+            .outerjoin(
+                t.instances,
+                (t.instances.c.series_fk == t.series.c.id) & t.instances.c.current.is_(True),
+            )
+            .where(t.studies.c.study_uid == study_uid)
+            .group_by(t.series.c.id)
+            .order_by(t.series.c.series_number, t.series.c.id)
+        ).all()
+    return [dict(r._mapping) for r in rows]
+
+
+def job_history(db: Database, job_id: int) -> dict[str, list[dict[str, Any]]]:
+    """A job's state transitions and the seconds each stage of its runs took, in order."""
+    with db.read() as conn:
+        transitions = conn.execute(
+            select(
+                t.job_transitions.c.from_state,
+                t.job_transitions.c.to_state,
+                t.job_transitions.c.at,
+                t.job_transitions.c.reason,
+                t.job_transitions.c.actor,
+            )
+            .where(t.job_transitions.c.job_fk == job_id)
+            .order_by(t.job_transitions.c.id)
+        ).all()
+        stages = conn.execute(
+            select(t.job_stage_times.c.stage, t.job_stage_times.c.seconds, t.job_stage_times.c.at)
+            .where(t.job_stage_times.c.job_fk == job_id)
+            .order_by(t.job_stage_times.c.id)
+        ).all()
+    return {
+        "transitions": [dict(r._mapping) for r in transitions],
+        "stages": [dict(r._mapping) for r in stages],
+    }
 
 
 def job_rows() -> Select[Any]:
@@ -109,20 +211,53 @@ def job_rows() -> Select[Any]:
     )
 
 
-def list_jobs(db: Database, state: str | None = None, study_uid: str | None = None) -> list[dict[str, Any]]:
-    query = job_rows().order_by(t.jobs.c.id)
+def list_jobs(
+    db: Database,
+    state: str | None = None,
+    study_uid: str | None = None,
+    *,
+    pipeline: str | None = None,
+    patient_id: str | None = None,
+    job_id: int | None = None,
+    cursor: int | None = None,
+    limit: int | None = None,
+    newest_first: bool = False,
+) -> list[dict[str, Any]]:
+    query = job_rows()
     if state:
         query = query.where(t.jobs.c.state == state)
     if study_uid:
         query = query.where(t.studies.c.study_uid == study_uid)
+    if pipeline:
+        query = query.where(t.jobs.c.pipeline == pipeline)
+    if patient_id:
+        query = query.where(t.patients.c.patient_id == patient_id)
+    if job_id is not None:
+        query = query.where(t.jobs.c.id == job_id)
+    query = _paged(query, t.jobs.c.id, cursor, limit, newest_first)
     with db.read() as conn:
+        rows = conn.execute(query).all()
         inputs: dict[int, int] = dict(
-            conn.execute(select(t.job_inputs.c.job_fk, func.count()).group_by(t.job_inputs.c.job_fk)).all()
+            conn.execute(
+                select(t.job_inputs.c.job_fk, func.count())
+                .where(t.job_inputs.c.job_fk.in_([r.id for r in rows]))
+                .group_by(t.job_inputs.c.job_fk)
+            ).all()
         )
-        return [{**dict(row._mapping), "inputs": inputs.get(row.id, 0)} for row in conn.execute(query).all()]
+    return [{**dict(row._mapping), "inputs": inputs.get(row.id, 0)} for row in rows]
 
 
-def list_deliveries(db: Database, state: str | None = None) -> list[dict[str, Any]]:
+def list_deliveries(
+    db: Database,
+    state: str | None = None,
+    *,
+    destination: str | None = None,
+    job_id: int | None = None,
+    delivery_id: int | None = None,
+    cursor: int | None = None,
+    limit: int | None = None,
+    newest_first: bool = False,
+) -> list[dict[str, Any]]:
     query = (
         select(
             t.deliveries.c.id,
@@ -138,20 +273,29 @@ def list_deliveries(db: Database, state: str | None = None) -> list[dict[str, An
         )
         .join(t.jobs, t.jobs.c.id == t.deliveries.c.job_fk)
         .join(t.studies, t.studies.c.id == t.jobs.c.study_fk)
-        .order_by(t.deliveries.c.id)
     )
     if state:
         query = query.where(t.deliveries.c.state == state)
+    if destination:
+        query = query.where(t.deliveries.c.destination == destination)
+    if job_id is not None:
+        query = query.where(t.deliveries.c.job_fk == job_id)
+    if delivery_id is not None:
+        query = query.where(t.deliveries.c.id == delivery_id)
+    query = _paged(query, t.deliveries.c.id, cursor, limit, newest_first)
     with db.read() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(query).all()]
         counts: dict[int, int] = dict(
             conn.execute(
-                select(t.job_outputs.c.job_fk.label("j"), func.count()).group_by(t.job_outputs.c.job_fk)
+                select(t.job_outputs.c.job_fk.label("j"), func.count())
+                .where(t.job_outputs.c.job_fk.in_({r["job_id"] for r in rows}))
+                .group_by(t.job_outputs.c.job_fk)
             ).all()
         )
-        rows = [dict(r._mapping) for r in conn.execute(query).all()]
         # The latest storage commitment transaction of each delivery (where there is one).
         latest = (
             select(func.max(t.storage_commitments.c.id))
+            .where(t.storage_commitments.c.delivery_fk.in_([r["id"] for r in rows]))
             .group_by(t.storage_commitments.c.delivery_fk)
             .scalar_subquery()
         )

@@ -324,3 +324,20 @@ sessions = Table(
     Column("created_at", Float, nullable=False),
     Column("expires_at", Float, nullable=False),
 )
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("user_fk", ForeignKey("users.id"), nullable=False, index=True),
+    #: What the token is for ("nightly export", "ris-bridge"): shown in listings and the audit.
+    Column("name", String(64), nullable=False),
+    #: sha256 of the token; the token itself is shown once, when it is made.
+    Column("token_sha256", String(64), nullable=False, unique=True),
+    Column("created_at", Float, nullable=False),
+    #: None: valid until revoked.
+    Column("expires_at", Float),
+    Column("revoked_at", Float),
+    #: Updated at most once a minute (a busy client must not make every request a write).
+    Column("last_used_at", Float),
+)

@@ -19,6 +19,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Connection, and_, func, insert, select, update
 
@@ -357,8 +358,9 @@ class Outbox:
                 recovered += 1
         return recovered
 
-    def retry_dead(self, delivery_id: int, actor: str) -> None:
-        """Operator action: give a dead-lettered delivery a fresh set of attempts."""
+    def retry_dead(self, delivery_id: int, actor: str, **facts: Any) -> None:
+        """Operator action: give a dead-lettered delivery a fresh set of attempts (audited
+        with ``actor``, in the same transaction)."""
         with audited_write(self.db, self.audit) as work:
             row = work.conn.execute(
                 select(t.deliveries.c.state, t.deliveries.c.job_fk, t.jobs.c.state.label("job_state"))
@@ -373,6 +375,13 @@ class Outbox:
                 update(t.deliveries)
                 .where(t.deliveries.c.id == delivery_id)
                 .values(state=DeliveryState.PENDING.value, attempts=0, next_attempt_at=time.time())
+            )
+            work.record(
+                AuditEvent.DELIVERY_ATTEMPT,
+                actor=actor,
+                delivery_id=delivery_id,
+                action="retry requested by operator",
+                **facts,
             )
             if row.job_state == JobState.FAILED.value:
                 move(

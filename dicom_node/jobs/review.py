@@ -66,7 +66,7 @@ def _summary(row: Any) -> dict[str, Any]:
         "pipeline": row.pipeline,
         "gate": row.gate,
         "destinations": list(row.destinations or []),
-        "reasons": _reasons(row.reason),
+        "reasons": held_reasons(row.reason),
         "destination_problems": list(row.destination_problems or []),
         "held_since": row.updated_at,
     }
@@ -76,7 +76,7 @@ def _ref(row: Any) -> JobRef:
     return JobRef(row.id, row.study_uid, row.patient_id, row.pipeline, row.study_version)
 
 
-def _reasons(reason: str | None) -> list[str]:
+def held_reasons(reason: str | None) -> list[str]:
     text = (reason or "").removeprefix("held for review: ")
     return [r for r in text.split("; ") if r]
 
@@ -148,6 +148,7 @@ def approve(
     *,
     handover: Handover,
     uid_root: str = "2.25.",
+    **facts: Any,
 ) -> int:
     """Release a held job: queue its deliveries and move it to ``delivering``.
 
@@ -158,6 +159,8 @@ def approve(
     the reviewer, when and the note, beside the held verdict's reasons and limits
     (:func:`dicom_node.jobs.report.approve_reports`; its UID under ``uid_root``): the held
     report is never sent.
+
+    ``facts``: more to record in the approval's audit record (the API token used).
 
     Returns the number of deliveries queued. Raises :class:`ReviewError` when the job is
     not held (already approved, rejected, or never held), or when a destination would
@@ -202,10 +205,11 @@ def approve(
             pipeline=row.pipeline,
             destinations=list(row.destinations),
             deliveries=queued.new,
-            held_for=_reasons(row.reason),
+            held_for=held_reasons(row.reason),
             note=note,
             report=[r.sop_uid for r in reports],
             held_report=[r.held_sop_uid for r in reports],
+            **facts,
         )
         try:
             move(
@@ -221,7 +225,7 @@ def approve(
     return queued.new
 
 
-def reject(db: Database, audit: AuditTrail, job_id: int, reviewer: str, reason: str) -> None:
+def reject(db: Database, audit: AuditTrail, job_id: int, reviewer: str, reason: str, **facts: Any) -> None:
     """Reject a held job: it moves to ``failed`` with the reason; nothing is ever sent."""
     reason = (reason or "").strip()
     if not reason:
@@ -238,7 +242,8 @@ def reject(db: Database, audit: AuditTrail, job_id: int, reviewer: str, reason: 
             rule=row.rule,
             pipeline=row.pipeline,
             reason=reason,
-            held_for=_reasons(row.reason),
+            held_for=held_reasons(row.reason),
+            **facts,
         )
         try:
             move(work, _ref(row), JobState.FAILED, expect=JobState.HELD, reason=why, actor=reviewer)

@@ -22,7 +22,7 @@ import json
 import threading
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -42,6 +42,7 @@ from dicom_node.db.engine import Database
 from dicom_node.delivery.profiles import DestinationProfiles
 from dicom_node.jobs.previews import PreviewCache
 from dicom_node.jobs.review import ReviewError, approve, held_jobs, job_detail, reject
+from dicom_node.web.api import API_PREFIX, create_api
 from dicom_node.web.guard import (
     PRESESSION_COOKIE,
     SAFE_METHODS,
@@ -123,6 +124,8 @@ class WebContext:
     readiness: Readiness | None = None
     #: The store's data directory (``/metrics``: free space); None: not reported.
     data_dir: Path | None = None
+    #: Model pins from the environment (``DICOM_NODE_<PIPELINE>_MODEL``): the API's model list names them.
+    environment_pins: dict[str, str] = field(default_factory=dict)
 
 
 class _LoginThrottle:
@@ -163,6 +166,17 @@ class _LoginThrottle:
 
     def succeeded(self, username: str) -> None:
         self._by_name.pop(username, None)
+
+    def address_blocked(self, address: str) -> bool:
+        """Credentials that name no user (API tokens): counted per source address only."""
+        return self._count(self._by_address, address) >= _ADDRESS_LIMIT
+
+    def failed_address(self, address: str) -> None:
+        now = time.time()
+        if len(self._by_address) > 10_000:
+            for old in [k for k, v in self._by_address.items() if not v or v[-1] < now - _FAILURE_WINDOW]:
+                del self._by_address[old]
+        self._by_address[address].append(now)
 
 
 #: /readyz runs its checks at most this often; askers in between get the last answer.
@@ -226,6 +240,7 @@ def create_app(ctx: WebContext) -> FastAPI:
         dependencies=[Depends(same_site_post)],
     )
     app.mount("/static", StaticFiles(directory=_HERE / "static"), name="static")
+    app.mount(API_PREFIX, create_api(ctx, users, throttle))
 
     @app.exception_handler(CrossSiteRefused)
     async def cross_site_refused(_request: Request, exc: CrossSiteRefused) -> Response:

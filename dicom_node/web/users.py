@@ -1,12 +1,17 @@
-"""People who use the web pages: accounts with a role, hashed passwords, login sessions.
+"""People who use the web pages and the REST API: accounts with a role, hashed passwords,
+login sessions, API tokens.
 
 Passwords are hashed with scrypt (stdlib, memory-hard) and a random salt per user; they
 are never stored or logged. A session is a random token held in the browser's cookie;
 the database keeps only its sha256, so a copy of the database cannot be used to log in.
+An API token (for scripts and other systems) belongs to one user and acts with that
+user's role; it is shown once when made, kept only as its sha256, and can be revoked or
+given an expiry. Disabling a user revokes their tokens.
 """
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import hmac
 import re
@@ -30,6 +35,13 @@ class Role(StrEnum):
     OPERATOR = "operator"
 
 
+#: Every API token starts so (secret scanners and log filters can recognise one).
+TOKEN_PREFIX = "dnt_"
+_TOKEN_NAME = re.compile(r"^[A-Za-z0-9 ._@:/-]{1,64}$")
+#: ``last_used_at`` is written at most this often per token.
+_LAST_USED_EVERY = 60.0
+
+
 class UserError(ValueError):
     """A user-management request that cannot be done (message says why)."""
 
@@ -40,6 +52,29 @@ class User:
     username: str
     role: Role
     disabled: bool
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    id: int
+    username: str
+    name: str
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+    last_used_at: float | None
+
+    def state(self, now: float | None = None) -> str:
+        """``active``, ``expired`` or ``revoked``."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= (now or time.time()):
+            return "expired"
+        return "active"
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def hash_password(password: str) -> str:
@@ -125,6 +160,11 @@ class UserStore:
                 raise UserError(f"no user {username!r}")
             conn.execute(update(t.users).where(t.users.c.id == row.id).values(disabled=True))
             conn.execute(delete(t.sessions).where(t.sessions.c.user_fk == row.id))
+            conn.execute(
+                update(t.api_tokens)
+                .where(t.api_tokens.c.user_fk == row.id, t.api_tokens.c.revoked_at.is_(None))
+                .values(revoked_at=time.time())
+            )
 
     def authenticate(self, username: str, password: str) -> User | None:
         with self.db.read() as conn:
@@ -173,3 +213,85 @@ class UserStore:
         digest = hashlib.sha256(token.encode()).hexdigest()
         with self.db.write() as conn:
             conn.execute(delete(t.sessions).where(t.sessions.c.token_sha256 == digest))
+
+    # -- API tokens -------------------------------------------------------------------
+
+    def create_token(self, username: str, name: str, days: float | None = None) -> tuple[ApiToken, str]:
+        """A new token for ``username`` (valid ``days``, or until revoked): the record and
+        the token itself, which is not kept and cannot be shown again."""
+        if not _TOKEN_NAME.match(name):
+            raise UserError(f"token name {name!r}: use 1-64 letters, digits, spaces or . _ @ : / -")
+        if days is not None and not 0 < days <= 3650:
+            raise UserError(f"token lifetime {days} days: choose more than 0 and at most 3650")
+        user = self.get(username)
+        if user is None:
+            raise UserError(f"no user {username!r}")
+        if user.disabled:
+            raise UserError(f"user {username!r} is disabled")
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        now = time.time()
+        with self.db.write() as conn:
+            conn.execute(
+                insert(t.api_tokens).values(
+                    user_fk=user.id,
+                    name=name,
+                    token_sha256=_digest(token),
+                    created_at=now,
+                    expires_at=now + days * 86400 if days is not None else None,
+                )
+            )
+        made = [k for k in self.tokens(username) if k.created_at == now and k.name == name]
+        return made[-1], token
+
+    def tokens(self, username: str | None = None) -> builtins.list[ApiToken]:
+        query = (
+            select(t.api_tokens, t.users.c.username)
+            .join(t.users, t.users.c.id == t.api_tokens.c.user_fk)
+            .order_by(t.api_tokens.c.id)
+        )
+        if username is not None:
+            query = query.where(t.users.c.username == username)
+        with self.db.read() as conn:
+            rows = conn.execute(query).all()
+        return [
+            ApiToken(r.id, r.username, r.name, r.created_at, r.expires_at, r.revoked_at, r.last_used_at)
+            for r in rows
+        ]
+
+    def revoke_token(self, token_id: int) -> ApiToken:
+        with self.db.write() as conn:
+            done = conn.execute(
+                update(t.api_tokens)
+                .where(t.api_tokens.c.id == token_id, t.api_tokens.c.revoked_at.is_(None))
+                .values(revoked_at=time.time())
+            )
+        found = [k for k in self.tokens() if k.id == token_id]
+        if not found:
+            raise UserError(f"no API token {token_id}")
+        if done.rowcount != 1:
+            raise UserError(f"API token {token_id} was revoked already")
+        return found[0]
+
+    def token_user(self, token: str) -> tuple[User, ApiToken] | None:
+        """The user an API token acts for, and the token; None when it is unknown, revoked,
+        expired, or its user is disabled."""
+        if not token.startswith(TOKEN_PREFIX) or len(token) > 128:
+            return None
+        now = time.time()
+        with self.db.read() as conn:
+            row = conn.execute(
+                select(t.api_tokens, t.users.c.username, t.users.c.role, t.users.c.disabled)
+                .join(t.users, t.users.c.id == t.api_tokens.c.user_fk)
+                .where(t.api_tokens.c.token_sha256 == _digest(token))
+            ).first()
+        if row is None or row.disabled:
+            return None
+        record = ApiToken(
+            row.id, row.username, row.name, row.created_at, row.expires_at, row.revoked_at, row.last_used_at
+        )
+        if record.state(now) != "active":
+            return None
+        if row.last_used_at is None or row.last_used_at < now - _LAST_USED_EVERY:
+            with self.db.write() as conn:
+                conn.execute(update(t.api_tokens).where(t.api_tokens.c.id == row.id).values(last_used_at=now))
+        return User(row.user_fk, row.username, Role(row.role), False), record
