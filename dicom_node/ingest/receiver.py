@@ -49,7 +49,7 @@ from dicom_node.ingest.instance import Rejection, StoreStatus
 from dicom_node.ingest.mpps import MPPS_SOP_CLASS, PerformedProcedureSteps
 from dicom_node.ingest.part10 import encode_file_meta
 from dicom_node.ingest.staging import StagedDataSet
-from dicom_node.ingest.store import InstanceStore, StoreOutcome
+from dicom_node.ingest.store import InstanceStore, StoreOutcome, StoreResult
 from dicom_node.net.commitment import (
     PUSH_MODEL,
     CommitmentReport,
@@ -98,6 +98,18 @@ class DiskGuard:
 
     def has_room(self) -> bool:
         return self.min_free == 0 or self.free_bytes() >= self.min_free
+
+
+@dataclass
+class Taken:
+    """What became of one received data set: its status (0x0000 stored, or a duplicate of
+    a stored one), the reason for a refusal, the store's result, and the tally it counts in
+    (``stored``, ``duplicate``, ``new-version``, ``rejected``, ``refused``, ``failed``)."""
+
+    status: int
+    reason: str | None
+    result: StoreResult | None = None
+    counted: str = "failed"
 
 
 class Receiver:
@@ -400,8 +412,10 @@ class Receiver:
     def on_echo(self, event: Any) -> int:
         return 0x0000
 
-    def _out_of_resources(self, calling_ae: str, peer_host: str, claimed_uid: str, reason: str) -> Dataset:
-        """Audit a refusal the node caused (disk floor, storage failure) and answer 0xA700."""
+    def _out_of_resources(
+        self, calling_ae: str | None, peer_host: str | None, claimed_uid: str, reason: str
+    ) -> Taken:
+        """Audit a refusal the node caused (disk floor, storage failure): 0xA700."""
         self.audit.record(
             AuditEvent.INSTANCE_REJECTED,
             Outcome.SERIOUS_FAILURE,
@@ -411,7 +425,7 @@ class Receiver:
             status=f"0x{StoreStatus.OUT_OF_RESOURCES:04X}",
             reason=reason,
         )
-        return failure_status(StoreStatus.OUT_OF_RESOURCES, reason)
+        return Taken(StoreStatus.OUT_OF_RESOURCES, reason)
 
     def on_store(self, event: Any) -> int | Dataset:
         """Store one instance; a refusal answers its status with the reason as Error Comment."""
@@ -431,16 +445,58 @@ class Receiver:
         defect = command_defect(request)
         claimed_uid = defect.claimed_sop_uid if defect else str(request.AffectedSOPInstanceUID or "")
         tally = self._tallies.get(id(assoc))
+        taken = self.take(
+            lambda: event.encoded_dataset(include_meta=False),
+            str(UID(event.context.transfer_syntax)),
+            claimed_uid=claimed_uid,
+            calling_ae=calling_ae,
+            peer_host=peer_host,
+            called_ae=tally.called_ae if tally else None,
+            retrieved_from=None if defect else self.prior_source(calling_ae, request),
+            staged=staged,
+            defect=defect,
+        )
+        if tally and taken.counted != "failed":  # a storage failure is not counted
+            tally.counts[taken.counted] += 1
+            if (
+                taken.result is not None
+                and taken.result.facts is not None
+                and taken.status == StoreStatus.SUCCESS
+            ):
+                facts = taken.result.facts
+                tally.studies.setdefault(facts.study_uid, set()).add(facts.sop_instance_uid)
+                tally.patient_by_study[facts.study_uid] = facts.patient_id
+        if taken.status != StoreStatus.SUCCESS:
+            return failure_status(taken.status, taken.reason or "refused")
+        return StoreStatus.SUCCESS
+
+    def take(
+        self,
+        data_of: Callable[[], bytes],
+        transfer_syntax: str,
+        *,
+        claimed_uid: str,
+        calling_ae: str | None,
+        peer_host: str | None,
+        called_ae: str | None = None,
+        retrieved_from: str | None = None,
+        staged: StagedDataSet | None = None,
+        defect: Any = None,
+    ) -> Taken:
+        """One received data set, whatever carried it (C-STORE, STOW-RS): the disk floor,
+        then the store's checks, dedup and versioning, durable before this returns; a
+        refusal is audited and quarantined as the store decides. ``data_of`` gives the
+        encoded data set (not read when the disk is below its floor); ``defect``: a
+        malformed C-STORE request (net.dimse_guard), refused as such."""
         if not self.disk.has_room():
             free_mb = self.disk.free_bytes() // (1024 * 1024)
             reason = f"free disk {free_mb} MB below the configured floor"
             log.error("refusing instance %s from %s: %s", claimed_uid, calling_ae, reason)
-            if tally:
-                tally.counts["refused"] += 1
-            return self._out_of_resources(calling_ae, peer_host, claimed_uid, reason)
-        transfer_syntax = str(UID(event.context.transfer_syntax))
+            taken = self._out_of_resources(calling_ae, peer_host, claimed_uid, reason)
+            taken.counted = "refused"
+            return taken
         try:
-            data = event.encoded_dataset(include_meta=False)
+            data = data_of()
             if defect is not None:
                 status = (
                     StoreStatus.INVALID_SOP_INSTANCE
@@ -462,9 +518,9 @@ class Receiver:
                     claimed_sop_uid=claimed_uid,
                     calling_ae=calling_ae,
                     peer_host=peer_host,
-                    called_ae=tally.called_ae if tally else None,
+                    called_ae=called_ae,
                     max_inflated_bytes=self.config.receiver.max_inflated_mb * 1024 * 1024,
-                    retrieved_from=self.prior_source(calling_ae, request),
+                    retrieved_from=retrieved_from,
                     staged=staged,
                 )
         except Exception as exc:  # disk or database failure: nothing acknowledged
@@ -472,8 +528,6 @@ class Receiver:
             # A database error's message quotes the row (names included): the type only.
             reason = f"storage failure: {describe_exception(exc)}"
             return self._out_of_resources(calling_ae, peer_host, claimed_uid, reason)
-        if tally:
-            tally.counts[result.outcome.value] += 1
         if result.outcome == StoreOutcome.REJECTED:
             assert result.rejection is not None
             self.audit.record(
@@ -486,20 +540,17 @@ class Receiver:
                 reason=result.rejection.reason,
                 quarantine_path=str(result.quarantine_path),
             )
-            return failure_status(result.rejection.status, result.rejection.reason)
+            return Taken(result.rejection.status, result.rejection.reason, result, result.outcome.value)
         facts = result.facts
         assert facts is not None
         log.debug(
-            "C-STORE %s (study %s) from %s@%s: %s",
+            "stored %s (study %s) from %s@%s: %s",
             facts.sop_instance_uid,
             facts.study_uid,
             calling_ae,
             peer_host,
             result.outcome.value,
         )
-        if tally:
-            tally.studies.setdefault(facts.study_uid, set()).add(facts.sop_instance_uid)
-            tally.patient_by_study[facts.study_uid] = facts.patient_id
         if result.outcome == StoreOutcome.DUPLICATE:
             # Stored and new-version instances are audited by the indexer with their row;
             # duplicates ride along in its next batch (kept off the C-STORE round trip).
@@ -516,7 +567,7 @@ class Receiver:
                     **({"role": result.role} if result.role else {}),
                 },
             )
-        return StoreStatus.SUCCESS
+        return Taken(StoreStatus.SUCCESS, None, result, result.outcome.value)
 
     def on_event_report(self, event: Any) -> tuple[int, None]:
         """A storage commitment result from a destination, on an association it opened."""
