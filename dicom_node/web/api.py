@@ -24,10 +24,9 @@ Listings are paged newest first (the audit log oldest first, as a chain is read)
 import datetime as dt
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
+from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -44,14 +43,14 @@ from dicom_node.jobs.inventory import model_inventory
 from dicom_node.jobs.review import ReviewError, approve, held_jobs, held_reasons, job_detail, reject
 from dicom_node.jobs.state import JobState
 from dicom_node.web import api_schemas as s
-from dicom_node.web.guard import SAFE_METHODS, SESSION_COOKIE, allowed_origins, form_token, origin_problem
-from dicom_node.web.users import ApiToken, Role, User, UserStore
+from dicom_node.web.callers import ApiProblem, Authenticator, Caller
+from dicom_node.web.guard import SESSION_COOKIE
+from dicom_node.web.users import Role, UserStore
 
 if TYPE_CHECKING:
     from dicom_node.web.app import WebContext, _LoginThrottle
 
 API_PREFIX = "/api"
-CSRF_HEADER = "X-CSRF-Token"
 _TEXT_MAX = 256
 _FIRST_YEAR, _LAST_YEAR = 1900, 2999
 
@@ -79,28 +78,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (403, "The user's role may not do this"),
     )
 }
-
-
-class ApiProblem(HTTPException):
-    pass
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who is calling: the user, and the API token when one was used (else a session)."""
-
-    user: User
-    token: ApiToken | None
-    address: str | None
-
-    @property
-    def actor(self) -> str:
-        return f"api:{self.user.username}"
-
-    def facts(self) -> dict[str, Any]:
-        if self.token is None:
-            return {"via": "session"}
-        return {"via": "token", "token_id": self.token.id, "token_name": self.token.name}
 
 
 def _instant(name: str, value: str | None, end: bool = False) -> float | None:
@@ -150,66 +127,7 @@ def create_api(ctx: "WebContext", users: UserStore, throttle: "_LoginThrottle") 
             problems.append(f"{where or 'request'}: {error.get('msg', 'invalid')}")
         return JSONResponse({"detail": "; ".join(problems)}, status_code=400)
 
-    def refuse_token(request: Request, address: str | None, why: str) -> None:
-        throttle.failed_address(address or "")
-        ctx.audit.record(
-            AuditEvent.USER_LOGIN,
-            Outcome.MINOR_FAILURE,
-            peer_host=address,
-            result="api token refused",
-            reason=why,
-            path=request.url.path,
-        )
-
-    def authenticate(
-        request: Request,
-        credentials: HTTPAuthorizationCredentials | None,
-        session: str | None,
-    ) -> Caller:
-        address = request.client.host if request.client else None
-        if throttle.address_blocked(address or ""):
-            raise ApiProblem(429, "too many refused credentials from this address; wait five minutes")
-        challenge = {"WWW-Authenticate": "Bearer"}
-        if request.headers.get("authorization"):
-            if credentials is None:
-                refuse_token(request, address, "not a bearer token")
-                raise ApiProblem(401, "send 'Authorization: Bearer <API token>'", headers=challenge)
-            found = users.token_user(credentials.credentials.strip())
-            if found is None:
-                refuse_token(request, address, "unknown, revoked or expired token, or its user is disabled")
-                raise ApiProblem(
-                    401,
-                    "the API token is unknown, revoked or expired, or its user is disabled",
-                    headers=challenge,
-                )
-            return Caller(found[0], found[1], address)
-        user = users.session_user(session)
-        if user is None:
-            raise ApiProblem(
-                401,
-                "sign in: send 'Authorization: Bearer <API token>' (dicom-node user token create)",
-                headers=challenge,
-            )
-        if request.method not in SAFE_METHODS:
-            allowed = allowed_origins(
-                request.url.scheme, request.headers.get("host"), ctx.config.web.trusted_origins
-            )
-            problem = origin_problem(request.headers, allowed)
-            if problem is None and request.headers.get(CSRF_HEADER) != form_token(session or ""):
-                problem = f"the {CSRF_HEADER} header is missing or out of date"
-            if problem is not None:
-                ctx.audit.record(
-                    AuditEvent.SECURITY_ALERT,
-                    Outcome.MINOR_FAILURE,
-                    actor=f"api:{user.username}",
-                    peer_host=address,
-                    alert="restricted-function",
-                    reason=f"cross-site request refused: {problem}",
-                    method=request.method,
-                    path=request.url.path,
-                )
-                raise ApiProblem(403, f"refused: {problem}")
-        return Caller(user, None, address)
+    callers = Authenticator(ctx, users, throttle)
 
     def role(needed: Role) -> Callable[..., Caller]:
         def dependency(
@@ -217,23 +135,7 @@ def create_api(ctx: "WebContext", users: UserStore, throttle: "_LoginThrottle") 
             credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
             session: Annotated[str | None, Security(cookie)],
         ) -> Caller:
-            caller = authenticate(request, credentials, session)
-            if caller.user.role != needed:
-                ctx.audit.record(
-                    AuditEvent.SECURITY_ALERT,
-                    Outcome.MINOR_FAILURE,
-                    actor=caller.actor,
-                    peer_host=caller.address,
-                    alert="restricted-function",
-                    reason=f"{request.method} {request.url.path} needs the {needed.value} role",
-                    role=caller.user.role.value,
-                    **caller.facts(),
-                )
-                raise ApiProblem(
-                    403,
-                    f"this needs the {needed.value} role; {caller.user.username} is {caller.user.role.value}",
-                )
-            return caller
+            return callers.require(request, callers.caller(request, credentials, session), needed)
 
         return dependency
 
