@@ -47,6 +47,10 @@ class AuditEvent(StrEnum):
     #: A rule's destination is the AE the study came from and the rule does not say
     #: ``return_to_sender: true``: the destination is left out. ``rule, destination, ae_title``.
     RETURN_TO_SENDER_SKIPPED = "return-to-sender-skipped"
+    #: One STOW-RS request (``POST /dicomweb/studies``): ``result`` (stored, partly stored,
+    #: none stored, refused), ``http_status``, ``stored``, ``duplicates``, ``failed``,
+    #: ``bytes``, the token used; each instance has its own ``instance-*`` record.
+    STOW_RECEIVED = "stow-received"
     STUDY_READY = "study-ready"
     STUDY_NOT_ROUTED = "study-not-routed"
     #: A Modality Performed Procedure Step (MPPS N-CREATE / N-SET) from a scanner, by the

@@ -159,11 +159,28 @@ class CompletenessSection(_Section):
 
 
 class Destination(_Section):
-    """A peer results are delivered to."""
+    """A peer results are delivered to: by C-STORE (``protocol = "dimse"``, the default)
+    to ``ae_title`` at ``host``:``port``, or by STOW-RS (``protocol = "dicomweb"``) to
+    ``dicomweb_url``, with the same outbox: retries with backoff, dead letters, audit."""
 
+    #: For a dicomweb destination: the sender name (AE title) it uses when it sends to
+    #: this node over STOW-RS (the return-to-sender guard reads it); default DICOMWEB.
     ae_title: str
     host: str
     port: Port
+    protocol: Literal["dimse", "dicomweb"] = "dimse"
+    #: Base URL of the peer's DICOMweb service, e.g. ``https://pacs.example/dicom-web``:
+    #: series are posted to ``<url>/studies``. An https URL is verified against
+    #: ``ca_file`` (default: the system's CAs).
+    dicomweb_url: str = ""
+    #: DICOMweb authentication, as for [archives]: HTTP basic (``username`` and a file with
+    #: the password) or a file holding a bearer token; relative to <home>. Secrets are never
+    #: written in the config.
+    username: str = ""
+    password_file: str = ""
+    token_file: str = ""
+    #: Instances per STOW-RS request (a series goes in as many requests as it needs).
+    stow_batch: int = Field(50, ge=1, le=1000)
     #: "tps": the job's series are checked before the gate (CT Image Storage, the planning
     #: MR's frame of reference, HU rescale, one evenly spaced stack, mandatory attributes,
     #: dciodvfy when installed); a job whose series would be refused is held with the
@@ -189,6 +206,50 @@ class Destination(_Section):
     tls_server_name: str | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dicomweb_address(cls, data: Any) -> Any:
+        """A dicomweb destination is addressed by its URL: host and port come from it (for
+        the audit), and it needs no AE title."""
+        if not isinstance(data, dict) or data.get("protocol") != "dicomweb":
+            return data
+        url = str(data.get("dicomweb_url", ""))
+        found = re.match(r"^(https?)://(\[[^\]]+\]|[^/:\s]+)(?::(\d+))?(/|$)", url)
+        if found is None:
+            raise ValueError(
+                f"protocol 'dicomweb' needs dicomweb_url (http:// or https://), not {url[:80]!r}"
+            )
+        scheme, host, port = found.group(1), found.group(2).strip("[]"), found.group(3)
+        return {
+            "ae_title": "DICOMWEB",
+            "host": host,
+            "port": int(port) if port else (443 if scheme == "https" else 80),
+            **data,
+        }
+
+    @model_validator(mode="after")
+    def _protocol_needs(self) -> Destination:
+        if self.protocol == "dimse":
+            if self.dicomweb_url or self.username or self.password_file or self.token_file:
+                raise ValueError(
+                    "dicomweb_url, username, password_file and token_file need protocol = 'dicomweb'"
+                )
+            return self
+        if self.storage_commitment:
+            raise ValueError(
+                "storage_commitment is DIMSE (N-ACTION): a dicomweb destination confirms by its STOW-RS"
+                " answer"
+            )
+        if self.tls:
+            raise ValueError("tls is DICOM TLS: a dicomweb destination is encrypted by an https:// URL")
+        if self.password_file and not self.username:
+            raise ValueError("password_file needs username")
+        if self.username and not self.password_file:
+            raise ValueError("username needs password_file (a password is never written in the config)")
+        if self.username and self.token_file:
+            raise ValueError("choose username/password_file or token_file, not both")
+        return self
 
 
 class ArchiveSection(_Section):
@@ -381,6 +442,8 @@ class WebSection(_Section):
     #: ``/metrics`` from beyond loopback needs ``Authorization: Bearer <token>`` whose
     #: sha256 (hex) is this (the token itself is never stored); empty: loopback only.
     metrics_token_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")
+    #: Largest STOW-RS request body (``POST /dicomweb/studies``) taken, in MB.
+    stow_max_mb: int = Field(4096, ge=1, le=1_048_576)
 
 
 class ModelsSection(_Section):

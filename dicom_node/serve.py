@@ -528,6 +528,7 @@ def _serve(
                     readiness=node_readiness,
                     data_dir=paths.data,
                     environment_pins=dict(runtime.loaded.environment_pins),
+                    receiver=receiver,
                 )
             ),
             config.web.host,

@@ -31,6 +31,7 @@ from dicom_node.db.engine import Database, inserted_id
 from dicom_node.delivery.commitment import StorageCommitments
 from dicom_node.delivery.ledger import DeliveryLedger, DeliveryState, DeliveryTask, delivery_rows, job_of
 from dicom_node.delivery.sender import SendReport, send_series
+from dicom_node.delivery.stow import send_series_stow
 from dicom_node.jobs.claims import OrphanTest
 from dicom_node.jobs.state import JobState, job_ref, move, record_outputs
 from dicom_node.net.tls import ClientTls
@@ -226,15 +227,19 @@ class Outbox:
             if missing:
                 report = SendReport(error=f"{len(missing)} output file(s) missing, first {missing[0]}")
             else:
-                if destination.storage_commitment:
-                    commitment = self.commitments.request(task, destination)
-                report = send_series(
-                    destination,
-                    task.files,
-                    calling_ae=self.config.node.ae_title,
-                    commitment=commitment,
-                    tls=self.tls,
-                )
+                if destination.protocol == "dicomweb":
+                    home = self.tls.home if self.tls is not None else Path.cwd()
+                    report = send_series_stow(destination, task.files, home)
+                else:
+                    if destination.storage_commitment:
+                        commitment = self.commitments.request(task, destination)
+                    report = send_series(
+                        destination,
+                        task.files,
+                        calling_ae=self.config.node.ae_title,
+                        commitment=commitment,
+                        tls=self.tls,
+                    )
         self.finish(task, report, transaction_uid=commitment.transaction_uid if commitment else None)
         return report
 

@@ -285,7 +285,7 @@ def _why_no_tls_association(
     )
 
 
-def _status_is_retryable(status: int) -> bool:
+def status_is_retryable(status: int) -> bool:
     # 0xA7xx out of resources, 0x0110 processing failure, 0x0213 resource limitation
     return (status & 0xFF00) == 0xA700 or status in (0x0110, 0x0213)
 
@@ -433,7 +433,7 @@ def send_series(
                     report.transcoded[key] = report.transcoded.get(key, 0) + 1
                 continue
             report.failed.append((f.sop_uid, f"0x{status:04X}"))
-            if _status_is_retryable(status):
+            if status_is_retryable(status):
                 report.error = f"{where} answered 0x{status:04X} (out of resources / busy)"
                 report.retryable = True
                 return report

@@ -407,12 +407,15 @@ class NodeProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 120, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             self.command(*args, "--home", str(self.home), "--config", str(self.config_path)),
             capture_output=True,
             text=True,
             timeout=timeout,
+            input=stdin,
         )
         if check and result.returncode != 0:
             raise AssertionError(

@@ -40,6 +40,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.db import queries
 from dicom_node.db.engine import Database
 from dicom_node.delivery.profiles import DestinationProfiles
+from dicom_node.ingest.receiver import Receiver
 from dicom_node.jobs.previews import PreviewCache
 from dicom_node.jobs.review import ReviewError, approve, held_jobs, job_detail, reject
 from dicom_node.web.api import API_PREFIX, create_api
@@ -57,6 +58,7 @@ from dicom_node.web.guard import (
 )
 from dicom_node.web.health import Check, Readiness, audit_check, database_check, report
 from dicom_node.web.metrics import CONTENT_TYPE_LATEST, NodeCollector, render
+from dicom_node.web.stow import DICOMWEB_PREFIX, create_stow
 from dicom_node.web.users import Role, User, UserStore
 
 COOKIE = SESSION_COOKIE
@@ -126,6 +128,8 @@ class WebContext:
     data_dir: Path | None = None
     #: Model pins from the environment (``DICOM_NODE_<PIPELINE>_MODEL``): the API's model list names them.
     environment_pins: dict[str, str] = field(default_factory=dict)
+    #: The DICOM receiver, whose path STOW-RS instances take; None: STOW-RS answers 503.
+    receiver: Receiver | None = None
 
 
 class _LoginThrottle:
@@ -241,6 +245,7 @@ def create_app(ctx: WebContext) -> FastAPI:
     )
     app.mount("/static", StaticFiles(directory=_HERE / "static"), name="static")
     app.mount(API_PREFIX, create_api(ctx, users, throttle))
+    app.mount(DICOMWEB_PREFIX, create_stow(ctx, users, throttle))
 
     @app.exception_handler(CrossSiteRefused)
     async def cross_site_refused(_request: Request, exc: CrossSiteRefused) -> Response:

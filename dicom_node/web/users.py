@@ -33,6 +33,9 @@ MIN_PASSWORD = 10
 class Role(StrEnum):
     AUDITOR = "auditor"
     OPERATOR = "operator"
+    #: Stores instances over STOW-RS and nothing else (a modality, a PACS, a gateway); its
+    #: user name is the calling AE title its instances are recorded (and routed) with.
+    SENDER = "sender"
 
 
 #: Every API token starts so (secret scanners and log filters can recognise one).
@@ -114,6 +117,10 @@ class UserStore:
             raise UserError(f"role {role!r}: choose {' or '.join(r.value for r in Role)}") from None
         if len(password) < MIN_PASSWORD:
             raise UserError(f"password too short: at least {MIN_PASSWORD} characters")
+        if role_value == Role.SENDER and len(username) > 16:
+            raise UserError(
+                f"sender {username!r}: at most 16 characters (it is the AE title its instances carry)"
+            )
         with self.db.write() as conn:
             if conn.execute(select(t.users.c.id).where(t.users.c.username == username)).first():
                 raise UserError(f"user {username!r} exists already")
