@@ -333,3 +333,51 @@ def list_quarantine(db: Database) -> list[dict[str, Any]]:
         return [
             dict(r._mapping) for r in conn.execute(select(t.quarantine).order_by(t.quarantine.c.id)).all()
         ]
+
+
+def dashboard_counts(db: Database, since: float) -> dict[str, Any]:
+    """What the operator's home page shows: what arrived, ran and left since ``since``
+    (today), and the queues now (jobs and deliveries by state)."""
+    with db.read() as conn:
+        received = conn.execute(
+            select(func.count(), func.coalesce(func.sum(t.instances.c.size), 0)).where(
+                t.instances.c.received_at >= since
+            )
+        ).one()
+        studies = conn.execute(
+            select(func.count()).select_from(t.studies).where(t.studies.c.first_received_at >= since)
+        ).scalar_one()
+        finished: dict[str, int] = dict(
+            conn.execute(
+                select(t.job_transitions.c.to_state, func.count())
+                .where(t.job_transitions.c.at >= since)
+                .group_by(t.job_transitions.c.to_state)
+            ).all()
+        )
+        delivered = conn.execute(
+            select(func.count()).select_from(t.deliveries).where(t.deliveries.c.delivered_at >= since)
+        ).scalar_one()
+        quarantined = conn.execute(
+            select(func.count()).select_from(t.quarantine).where(t.quarantine.c.at >= since)
+        ).scalar_one()
+        jobs: dict[str, int] = dict(
+            conn.execute(select(t.jobs.c.state, func.count()).group_by(t.jobs.c.state)).all()
+        )
+        deliveries: dict[str, int] = dict(
+            conn.execute(select(t.deliveries.c.state, func.count()).group_by(t.deliveries.c.state)).all()
+        )
+    return {
+        "today": {
+            "instances": int(received[0]),
+            "bytes": int(received[1]),
+            "studies": int(studies),
+            "quarantined": int(quarantined),
+            "jobs_created": int(finished.get("queued", 0)),
+            "jobs_held": int(finished.get("held", 0)),
+            "jobs_delivered": int(finished.get("delivered", 0)),
+            "jobs_failed": int(finished.get("failed", 0)) + int(finished.get("refused", 0)),
+            "series_delivered": int(delivered),
+        },
+        "jobs": {str(k): int(v) for k, v in jobs.items()},
+        "deliveries": {str(k): int(v) for k, v in deliveries.items()},
+    }

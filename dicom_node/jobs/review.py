@@ -21,6 +21,7 @@ import pydicom
 from sqlalchemy import select
 
 from audit import AuditEvent, AuditTrail
+from dicom_node.db import queries
 from dicom_node.db import schema as t
 from dicom_node.db.audited import audited_write
 from dicom_node.db.engine import Database
@@ -127,6 +128,25 @@ def job_detail(db: Database, audit: AuditTrail, job_id: int) -> dict[str, Any]:
         for o in job_outputs(db, job_id)
     ]
     return detail
+
+
+def job_overview(db: Database, audit: AuditTrail, job_id: int) -> dict[str, Any]:
+    """Everything about one job (the job page and ``/api/v1/jobs/{id}``): its row, the
+    gate's reasons (from its last move to ``held``), QC figures, outputs, state history,
+    stage times and deliveries. Raises :class:`ReviewError` when there is no such job."""
+    detail = job_detail(db, audit, job_id)
+    row = queries.list_jobs(db, job_id=job_id)[0]
+    history = queries.job_history(db, job_id)
+    held = [step for step in history["transitions"] if step["to_state"] == JobState.HELD.value]
+    return {
+        **row,
+        "gate_reasons": held_reasons(held[-1]["reason"]) if held else [],
+        "destination_problems": detail["destination_problems"],
+        "qc": detail["qc"],
+        "outputs": detail["outputs"],
+        **history,
+        "deliveries": queries.list_deliveries(db, job_id=job_id),
+    }
 
 
 def _held(conn: Any, job_id: int, action: str) -> Any:

@@ -40,7 +40,7 @@ from dicom_node.delivery.ledger import DeliveryState
 from dicom_node.delivery.outbox import Outbox
 from dicom_node.delivery.profiles import DestinationProfiles
 from dicom_node.jobs.inventory import model_inventory
-from dicom_node.jobs.review import ReviewError, approve, held_jobs, held_reasons, job_detail, reject
+from dicom_node.jobs.review import ReviewError, approve, held_jobs, job_overview, reject
 from dicom_node.jobs.state import JobState
 from dicom_node.web import api_schemas as s
 from dicom_node.web.callers import ApiProblem, Authenticator, Caller
@@ -249,21 +249,9 @@ def create_api(ctx: "WebContext", users: UserStore, throttle: "_LoginThrottle") 
 
     def one_job(job_id: int) -> dict[str, Any]:
         try:
-            detail = job_detail(ctx.db, ctx.audit, job_id)
+            return job_overview(ctx.db, ctx.audit, job_id)
         except ReviewError as exc:
             raise ApiProblem(404, str(exc)) from None
-        row = queries.list_jobs(ctx.db, job_id=job_id)[0]
-        history = queries.job_history(ctx.db, job_id)
-        held = [step for step in history["transitions"] if step["to_state"] == JobState.HELD.value]
-        return {
-            **row,
-            "gate_reasons": held_reasons(held[-1]["reason"]) if held else [],
-            "destination_problems": detail["destination_problems"],
-            "qc": detail["qc"],
-            "outputs": detail["outputs"],
-            **history,
-            "deliveries": queries.list_deliveries(ctx.db, job_id=job_id),
-        }
 
     @api.get(
         "/v1/jobs/{job_id}",

@@ -25,7 +25,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from fastapi import Depends, FastAPI, Form, Query, Request
 from fastapi import Path as PathParam
@@ -39,10 +39,13 @@ from audit.report import build_study_report
 from dicom_node.config import NodeConfig
 from dicom_node.db import queries
 from dicom_node.db.engine import Database
+from dicom_node.delivery.ledger import DeliveryState
+from dicom_node.delivery.outbox import Outbox
 from dicom_node.delivery.profiles import DestinationProfiles
 from dicom_node.ingest.receiver import Receiver
 from dicom_node.jobs.previews import PreviewCache
-from dicom_node.jobs.review import ReviewError, approve, held_jobs, job_detail, reject
+from dicom_node.jobs.review import ReviewError, approve, held_jobs, job_detail, job_overview, reject
+from dicom_node.jobs.state import JobState
 from dicom_node.web.api import API_PREFIX, create_api
 from dicom_node.web.guard import (
     PRESESSION_COOKIE,
@@ -74,6 +77,9 @@ _MAX_ID = 2**63 - 1
 _TEXT_MAX = 256
 
 JobId = Annotated[int, PathParam(ge=1, le=_MAX_ID)]
+PageCursor = Annotated[int | None, Query(ge=0, le=_MAX_ID)]
+#: Rows per page of the studies, jobs and outbox pages.
+PAGE = 50
 SearchText = Annotated[str, Query(max_length=_TEXT_MAX)]
 
 
@@ -447,7 +453,21 @@ def create_app(ctx: WebContext) -> FastAPI:
         user = session_user(request)
         if user is None:
             return RedirectResponse("/login", status_code=303)
-        return page(request, "home.html", user=user, title="Home")
+        if user.role != Role.OPERATOR:
+            return page(request, "home.html", user=user, title="Home")
+        midnight = dt.datetime.combine(dt.date.today(), dt.time()).timestamp()
+        counts = queries.dashboard_counts(ctx.db, midnight)
+        return page(
+            request,
+            "dashboard.html",
+            user=user,
+            title="Today",
+            c=counts,
+            day=dt.date.today().isoformat(),
+            held=counts["jobs"].get("held", 0),
+            dead=counts["deliveries"].get("dead", 0),
+            megabytes=f"{counts['today']['bytes'] / 1e6:.1f}",
+        )
 
     @app.get("/audit", response_class=HTMLResponse)
     def audit_search(
@@ -557,18 +577,174 @@ def create_app(ctx: WebContext) -> FastAPI:
         )
 
     @app.get("/studies", response_class=HTMLResponse)
-    def studies(request: Request) -> Response:
+    def studies(
+        request: Request,
+        patient: SearchText = "",
+        modality: Annotated[str, Query(max_length=16)] = "",
+        cursor: PageCursor = None,
+    ) -> Response:
         user = gate(request, Role.OPERATOR)
         if not isinstance(user, User):
             return user
+        found = queries.list_studies(
+            ctx.db,
+            patient_id=patient.strip() or None,
+            modality=modality.strip() or None,
+            cursor=cursor,
+            limit=PAGE,
+            newest_first=True,
+        )
+        for s in found:
+            s["when"] = _when(s["first_received_at"])
         return page(
             request,
             "studies.html",
             user=user,
-            title="Studies and jobs",
-            studies=queries.list_studies(ctx.db),
-            jobs=queries.list_jobs(ctx.db),
+            title="Studies",
+            studies=found,
+            q={"patient": patient, "modality": modality},
+            next_page=_next_page(request, found),
         )
+
+    job_states = [state.value for state in JobState]
+
+    @app.get("/jobs", response_class=HTMLResponse)
+    def jobs_page(
+        request: Request,
+        state: Annotated[str, Query(max_length=32)] = "",
+        pipeline: Annotated[str, Query(max_length=64)] = "",
+        study: Annotated[str, Query(max_length=64)] = "",
+        cursor: PageCursor = None,
+    ) -> Response:
+        user = gate(request, Role.OPERATOR)
+        if not isinstance(user, User):
+            return user
+        if state and state not in job_states:
+            return message_page(request, "Bad request", f"state: {state[:40]!r} is not a job state")
+        found = queries.list_jobs(
+            ctx.db,
+            state or None,
+            study.strip() or None,
+            pipeline=pipeline.strip() or None,
+            cursor=cursor,
+            limit=PAGE,
+            newest_first=True,
+        )
+        for j in found:
+            j["when"] = _when(j["updated_at"])
+        return page(
+            request,
+            "jobs.html",
+            user=user,
+            title="Jobs",
+            jobs=found,
+            states=job_states,
+            q={"state": state, "pipeline": pipeline, "study": study},
+            next_page=_next_page(request, found),
+        )
+
+    @app.get("/jobs/{job_id}", response_class=HTMLResponse)
+    def job_page(request: Request, job_id: JobId) -> Response:
+        user = gate(request, Role.OPERATOR)
+        if not isinstance(user, User):
+            return user
+        try:
+            j = job_overview(ctx.db, ctx.audit, job_id)
+        except ReviewError as exc:
+            return page(
+                request, "message.html", 404, user=user, title="No such job", kind="error", message=str(exc)
+            )
+        for step in j["transitions"]:
+            step["when"] = _when(step["at"])
+        for d in j["deliveries"]:
+            d["when"] = _when(d["delivered_at"])
+        return page(request, "job.html", user=user, title=f"Job {job_id}", j=j)
+
+    delivery_states = [state.value for state in DeliveryState]
+
+    @app.get("/outbox", response_class=HTMLResponse)
+    def outbox_page(
+        request: Request,
+        state: Annotated[str, Query(max_length=32)] = "",
+        destination: Annotated[str, Query(max_length=64)] = "",
+        cursor: PageCursor = None,
+    ) -> Response:
+        user = gate(request, Role.OPERATOR)
+        if not isinstance(user, User):
+            return user
+        if state and state not in delivery_states:
+            return message_page(request, "Bad request", f"state: {state[:40]!r} is not a delivery state")
+        found = queries.list_deliveries(
+            ctx.db,
+            state or None,
+            destination=destination.strip() or None,
+            cursor=cursor,
+            limit=PAGE,
+            newest_first=True,
+        )
+        for d in found:
+            d["when"] = _when(d["delivered_at"] or d["next_attempt_at"])
+        return page(
+            request,
+            "outbox.html",
+            user=user,
+            title="Outbox",
+            deliveries=found,
+            states=delivery_states,
+            q={"state": state, "destination": destination},
+            next_page=_next_page(request, found),
+        )
+
+    @app.get("/outbox/{delivery_id}", response_class=HTMLResponse)
+    def delivery_page(
+        request: Request, delivery_id: JobId, message: Annotated[str, Query(max_length=500)] = ""
+    ) -> Response:
+        user = gate(request, Role.OPERATOR)
+        if not isinstance(user, User):
+            return user
+        found = queries.list_deliveries(ctx.db, delivery_id=delivery_id)
+        if not found:
+            return page(
+                request,
+                "message.html",
+                404,
+                user=user,
+                title="No such delivery",
+                kind="error",
+                message=f"No delivery {delivery_id}.",
+            )
+        d = found[0]
+        attempts = queries.list_delivery_attempts(ctx.db, delivery_id)
+        for a in attempts:
+            a["when"] = _when(a["started_at"])
+        settled = d["state"] in (DeliveryState.DELIVERED.value, DeliveryState.DEAD.value)
+        return page(
+            request,
+            "delivery.html",
+            user=user,
+            title=f"Delivery {delivery_id}",
+            d=d,
+            attempts=attempts,
+            message=message,
+            next_attempt=_when(d["next_attempt_at"]),
+            delivered=_when(d["delivered_at"]),
+            refresh=not settled,
+        )
+
+    @app.post("/outbox/{delivery_id}/retry", response_class=HTMLResponse)
+    def delivery_retry(request: Request, delivery_id: JobId) -> Response:
+        user = gate(request, Role.OPERATOR)
+        if not isinstance(user, User):
+            return user
+        try:
+            Outbox(ctx.config, ctx.db, ctx.audit, "web").retry_dead(delivery_id, f"web:{user.username}")
+        except KeyError:
+            return message_page(request, "No such delivery", f"No delivery {delivery_id}.", 404)
+        except ValueError as exc:
+            done = f"Not retried: {exc}."
+        else:
+            done = f"Delivery {delivery_id} queued again: the outbox sends it at its next turn."
+        return RedirectResponse(f"/outbox/{delivery_id}?message={quote(done)}", status_code=303)
 
     previews = PreviewCache()
 
@@ -663,6 +839,15 @@ def create_app(ctx: WebContext) -> FastAPI:
         return RedirectResponse(f"/review?message={quote(done)}", status_code=303)
 
     return app
+
+
+def _next_page(request: Request, rows: list[dict[str, Any]]) -> str | None:
+    """The link to the next (older) page of a listing, with the same search; None: last page."""
+    if len(rows) < PAGE:
+        return None
+    query = {k: v for k, v in request.query_params.items() if k != "cursor"}
+    query["cursor"] = str(rows[-1]["id"])
+    return f"{request.url.path}?{urlencode(query)}"
 
 
 def _local_target(next_page: str) -> str:
