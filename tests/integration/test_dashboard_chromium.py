@@ -42,6 +42,7 @@ def test_operator_retries_a_dead_letter_from_the_dashboard_and_watches_it_delive
         browser.find_element(By.ID, "password").send_keys("operator password")
         browser.find_element(By.ID, "sign-in").click()
         wait_for_url(browser, "/")
+
         def tile(name: str) -> str:
             return " ".join(browser.find_element(By.ID, name).text.split())
 
