@@ -152,3 +152,34 @@ def test_a_dead_letter_is_opened_and_retried_with_the_form_token(site: Site) -> 
     )
     retried = [(a, json.loads(f)) for a, f in rows if "retry" in json.loads(f).get("action", "")]
     assert retried[-1][0] == "web:olga" and retried[-1][1]["delivery_id"] == site.dead
+
+
+def test_metrics_count_gate_verdicts_refusals_and_model_loads(site: Site) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from audit import AuditEvent, Outcome
+
+    site.rt.audit.record(
+        AuditEvent.MODEL_LOADED,
+        pipeline="restoration",
+        model="ldct-restoration",
+        version="1.3",
+        load_seconds=0.42,
+    )
+    site.rt.audit.record(
+        AuditEvent.INSTANCE_REJECTED,
+        Outcome.SERIOUS_FAILURE,
+        calling_ae="CT9",
+        reason="free disk below the floor",
+    )
+    text = httpx.get(site.base + "/metrics", timeout=30).text
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("dicomnode_gate_verdicts_total", (("verdict", "held"),))] == 2
+    assert samples[("dicomnode_instances_rejected_total", (("calling_ae", "CT9"),))] == 1
+    loaded = (("model", "ldct-restoration"), ("pipeline", "restoration"), ("version", "1.3"))
+    assert samples[("dicomnode_model_load_seconds", loaded)] == 0.42
+    assert not [k for k in samples if k[0] == "dicomnode_associations_open"], "no receiver in this process"

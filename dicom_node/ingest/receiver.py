@@ -240,6 +240,11 @@ class Receiver:
         for server in servers:
             server.shutdown()
 
+    def open_associations(self) -> int:
+        """Associations established on this process and not yet closed."""
+        with self._tally_lock:
+            return len(self._tallies)
+
     # -- association policy -----------------------------------------------------------
 
     def commitment_peer(self, calling_ae: str, peer_host: str | None) -> bool:

@@ -165,6 +165,7 @@ class JobRunner:
                 model_dir = self.config.models.directory(name)
             except ValueError as exc:  # the pinned model went away since the config was loaded
                 raise PipelineError(f"[models] {exc}") from None
+            started = time.perf_counter()
             self._pipelines[name] = pipeline = get_pipeline(name, model_dir, self.config.models.precision)
             if model_dir is not None:
                 card = read_card(model_dir)
@@ -177,6 +178,7 @@ class JobRunner:
                     version=card["version"],
                     weights_sha256=card["weights_sha256"],
                     directory=str(model_dir),
+                    load_seconds=round(time.perf_counter() - started, 3),
                     **({"precision": precision} if precision else {}),
                 )
         return self._pipelines[name]

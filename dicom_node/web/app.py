@@ -350,7 +350,13 @@ def create_app(ctx: WebContext) -> FastAPI:
             found: list[Check] = last["checks"]
             return found
 
-    collector = NodeCollector(ctx.db, ctx.audit, ctx.data_dir or Path("/nonexistent"), ctx.checkpoint_file)
+    collector = NodeCollector(
+        ctx.db,
+        ctx.audit,
+        ctx.data_dir or Path("/nonexistent"),
+        ctx.checkpoint_file,
+        open_associations=ctx.receiver.open_associations if ctx.receiver is not None else None,
+    )
 
     @app.get("/metrics")
     def metrics(request: Request) -> Response:

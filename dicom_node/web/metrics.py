@@ -20,10 +20,11 @@ No patient data: labels are AE titles, pipeline and destination names, states.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -31,8 +32,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from audit import AuditTrail
-from audit.trail import CheckpointFile
+from audit import AuditEvent, AuditTrail
+from audit.trail import CheckpointFile, audit_events
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
 
@@ -44,16 +45,28 @@ DURATION_BUCKETS = (5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 STAGE_BUCKETS = (0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 #: Job states a run ends in (the duration is from ``running`` to the first of these).
 _RUN_OUTCOMES = ("succeeded", "held", "failed", "delivering", "delivered")
+#: A finished run's gate verdict (from ``running``) and a reviewer's (from ``held``).
+_GATE_OUT = ("succeeded", "held")
+_REVIEW_OUT = ("delivering", "failed")
 
 
 class NodeCollector(Collector):
     """The node's metrics, read from the database (and the disk, the audit log) at scrape time."""
 
-    def __init__(self, db: Database, audit: AuditTrail, data_dir: Path, checkpoint_file: Path) -> None:
+    def __init__(
+        self,
+        db: Database,
+        audit: AuditTrail,
+        data_dir: Path,
+        checkpoint_file: Path,
+        open_associations: Callable[[], int] | None = None,
+    ) -> None:
         self.db = db
         self.audit = audit
         self.data_dir = data_dir
         self.checkpoint_file = checkpoint_file
+        #: The serving process's DICOM associations open now (None: not this process's).
+        self.open_associations = open_associations
 
     def collect(self) -> Iterator[Metric]:
         with self.db.read() as conn:
@@ -121,6 +134,7 @@ class NodeCollector(Collector):
             ):
                 attempts.add_metric([outcome or "unfinished"], count)
             yield attempts
+            yield self._gate_verdicts(conn)
             commitments = GaugeMetricFamily(
                 "dicomnode_storage_commitments", "Storage commitment transactions by state", labels=["state"]
             )
@@ -134,6 +148,13 @@ class NodeCollector(Collector):
             "Free space under the data directory",
             value=shutil.disk_usage(self.data_dir).free if self.data_dir.exists() else 0,
         )
+        yield from self._from_audit()
+        if self.open_associations is not None:
+            yield GaugeMetricFamily(
+                "dicomnode_associations_open",
+                "DICOM associations open now on this receiving process",
+                value=self.open_associations(),
+            )
         head, _ = self.audit.head()
         yield GaugeMetricFamily(
             "dicomnode_audit_chain_head", "Sequence number of the newest audit record", value=head
@@ -143,6 +164,52 @@ class NodeCollector(Collector):
             yield GaugeMetricFamily(
                 "dicomnode_audit_checkpoint_age_seconds", "Seconds since the last audit checkpoint", value=age
             )
+
+    def _gate_verdicts(self, conn: object) -> CounterMetricFamily:
+        """The safety gate's verdicts (released, held) and the reviewers' (approved, rejected)."""
+        family = CounterMetricFamily(
+            "dicomnode_gate_verdicts",
+            "Gate verdicts on finished runs (released, held) and review decisions (approved, rejected)",
+            labels=["verdict"],
+        )
+        names = {"succeeded": "released", "held": "held", "delivering": "approved", "failed": "rejected"}
+        for _, to_state, count in _gate_verdicts_rows(conn):
+            family.add_metric([names[to_state]], count)
+        return family
+
+    def _from_audit(self) -> Iterator[Metric]:
+        """What only the audit log knows: refusals the node caused, and model loads."""
+        rejected = CounterMetricFamily(
+            "dicomnode_instances_rejected",
+            "Instances refused by the node's own state (disk floor, storage failure), by calling AE",
+            labels=["calling_ae"],
+        )
+        load = GaugeMetricFamily(
+            "dicomnode_model_load_seconds",
+            "Seconds the latest load of each model took in a worker",
+            labels=["pipeline", "model", "version"],
+        )
+        loads: dict[tuple[str, str, str], float] = {}
+        with self.audit.read_connection() as conn:
+            for ae, count in conn.execute(
+                select(audit_events.c.calling_ae, func.count())
+                .where(audit_events.c.event == AuditEvent.INSTANCE_REJECTED.value)
+                .group_by(audit_events.c.calling_ae)
+            ):
+                rejected.add_metric([ae or ""], count)
+            for (facts,) in conn.execute(
+                select(audit_events.c.facts)
+                .where(audit_events.c.event == AuditEvent.MODEL_LOADED.value)
+                .order_by(audit_events.c.seq)
+            ):
+                found = json.loads(facts) if isinstance(facts, str) else dict(facts or {})
+                if "load_seconds" in found:
+                    key = (str(found.get("pipeline")), str(found.get("model")), str(found.get("version")))
+                    loads[key] = float(found["load_seconds"])
+        for labels, seconds in sorted(loads.items()):
+            load.add_metric(list(labels), seconds)
+        yield rejected
+        yield load
 
     def _durations(self, conn: object) -> HistogramMetricFamily:
         """Seconds from ``running`` to the run's outcome, per pipeline (the latest run of each job)."""
@@ -188,6 +255,18 @@ class NodeCollector(Collector):
         for (pipeline, stage), seconds in sorted(by_stage.items()):
             _histogram(family, [pipeline, stage], seconds, STAGE_BUCKETS)
         return family
+
+
+def _gate_verdicts_rows(conn: object) -> Iterator[tuple[str, str, int]]:
+    rows = conn.execute(  # type: ignore[attr-defined]
+        select(t.job_transitions.c.from_state, t.job_transitions.c.to_state, func.count())
+        .where(
+            ((t.job_transitions.c.from_state == "running") & t.job_transitions.c.to_state.in_(_GATE_OUT))
+            | ((t.job_transitions.c.from_state == "held") & t.job_transitions.c.to_state.in_(_REVIEW_OUT))
+        )
+        .group_by(t.job_transitions.c.from_state, t.job_transitions.c.to_state)
+    )
+    yield from rows
 
 
 def _histogram(

@@ -60,5 +60,7 @@ def test_a_study_through_the_node_moves_the_counts(tmp_path: Path, orthanc: Orth
         assert after[("dicomnode_delivery_attempts_total", (("outcome", "delivered"),))] >= 1
         assert after[("dicomnode_audit_chain_head", ())] > before[("dicomnode_audit_chain_head", ())]
         assert after[("dicomnode_disk_free_bytes", ())] > 0
+        assert after[("dicomnode_associations_open", ())] == 0, "storescu's association is closed"
+        assert after[("dicomnode_gate_verdicts_total", (("verdict", "released"),))] == 1
     finally:
         node.stop()
