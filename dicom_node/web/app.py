@@ -78,6 +78,8 @@ _TEXT_MAX = 256
 
 JobId = Annotated[int, PathParam(ge=1, le=_MAX_ID)]
 PageCursor = Annotated[int | None, Query(ge=0, le=_MAX_ID)]
+#: The review viewer's slice (0: the first; absent: where the hallucination map peaks).
+SliceIndex = Annotated[int | None, Query(alias="slice", ge=0, le=100_000)]
 #: Rows per page of the studies, jobs and outbox pages.
 PAGE = 50
 SearchText = Annotated[str, Query(max_length=_TEXT_MAX)]
@@ -763,7 +765,7 @@ def create_app(ctx: WebContext) -> FastAPI:
         return page(request, "review_list.html", user=user, title="Review queue", jobs=jobs, message=message)
 
     def review_page(
-        request: Request, user: User, job_id: int, status: int = 200, error: str = ""
+        request: Request, user: User, job_id: int, status: int = 200, error: str = "", at: int | None = None
     ) -> Response:
         try:
             detail = job_detail(ctx.db, ctx.audit, job_id)
@@ -771,10 +773,10 @@ def create_app(ctx: WebContext) -> FastAPI:
             return page(
                 request, "message.html", 404, user=user, title="No such job", kind="error", message=str(exc)
             )
-        context: dict[str, Any] = {"kinds": [], "z": 0.0, "where": "", "preview_error": ""}
+        context: dict[str, Any] = {"kinds": [], "z": 0.0, "where": "", "preview_error": "", "view": None}
         try:
-            made = previews.get(ctx.db, job_id)
-            context.update(kinds=list(made.images), z=made.z, where=made.why)
+            made = previews.get(ctx.db, job_id, at)
+            context.update(kinds=list(made.images), z=made.z, where=made.why, view=made)
         except (ReviewError, OSError, ValueError, AttributeError) as exc:
             context["preview_error"] = f"No preview: {exc}"
         return page(
@@ -789,21 +791,21 @@ def create_app(ctx: WebContext) -> FastAPI:
         )
 
     @app.get("/review/{job_id}", response_class=HTMLResponse)
-    def review_job(request: Request, job_id: JobId) -> Response:
+    def review_job(request: Request, job_id: JobId, at: SliceIndex = None) -> Response:
         user = gate(request, Role.OPERATOR)
         if not isinstance(user, User):
             return user
-        return review_page(request, user, job_id)
+        return review_page(request, user, job_id, at=at)
 
     @app.get("/review/{job_id}/preview/{kind}.png")
     def review_preview(
-        request: Request, job_id: JobId, kind: Annotated[str, PathParam(max_length=64)]
+        request: Request, job_id: JobId, kind: Annotated[str, PathParam(max_length=64)], at: SliceIndex = None
     ) -> Response:
         user = gate(request, Role.OPERATOR)
         if not isinstance(user, User):
             return user
         try:
-            data = previews.get(ctx.db, job_id).images[kind]
+            data = previews.get(ctx.db, job_id, at).images[kind]
         except (ReviewError, KeyError):
             return Response(status_code=404)
         return Response(data, media_type="image/png")

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
 
 from policies.loader import load_policy
 from tests.conftest import add_user, audit_rows, db_rows, node_config, require, state_rows, wait_for_url
@@ -247,9 +248,19 @@ def test_operator_reviews_and_approves_in_chromium(
         browser.find_element(By.ID, "held-1").click()
 
         assert "Job #1 — held" in browser.find_element(By.TAG_NAME, "h1").text
-        for kind in ("derived", "uncertainty", "hallucination"):
+        for kind in ("derived", "uncertainty", "hallucination", "overlay"):
             img = browser.find_element(By.ID, f"preview-{kind}")
             assert browser.execute_script("return arguments[0].naturalWidth", img) == 256, kind
+        # scroll through the slices, maps alongside and overlaid, and back to the peak
+        peak = browser.find_element(By.ID, "where").text
+        step = "slice-next" if browser.find_elements(By.ID, "slice-next") else "slice-prev"
+        browser.find_element(By.ID, step).click()
+        WebDriverWait(browser, 10).until(lambda b: b.find_element(By.ID, "where").text != peak)
+        assert "slice" in browser.find_element(By.ID, "where").text
+        img = browser.find_element(By.ID, "preview-overlay")
+        assert browser.execute_script("return arguments[0].naturalWidth", img) == 256
+        browser.find_element(By.ID, "slice-peak").click()
+        WebDriverWait(browser, 10).until(lambda b: b.find_element(By.ID, "where").text == peak)
         assert orthanc.statistics()["CountInstances"] == 0
 
         browser.find_element(By.ID, "approve-note").send_keys("checked in Chromium")
