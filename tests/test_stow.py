@@ -157,6 +157,16 @@ def test_a_part_that_is_not_dicom_fails_alone_and_is_kept_in_quarantine(site: Si
     assert len(site.instances()) == before + 1 and site.quarantined() == held + 1
 
 
+def test_parts_past_the_memory_budget_go_to_disk_and_store_the_same(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("dicom_node.web.stow._MEMORY_BUDGET", 0)
+    answer = site.post(multipart([f.read_bytes() for f in site.files]))
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["00081199"]["Value"]) == len(site.files)
+    assert not list(site.rt.paths.tmp.glob("*")), "no temporary file left behind"
+
+
 def test_an_instance_of_another_study_than_the_urls_fails(site: Site) -> None:
     other = generate_uid()
     answer = site.post(multipart([site.files[0].read_bytes()]), path=f"/dicomweb/studies/{other}")

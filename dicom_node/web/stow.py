@@ -48,6 +48,9 @@ DICOMWEB_PREFIX = "/dicomweb"
 DICOM_JSON = "application/dicom+json"
 #: A part stays in memory up to this size, then goes to a temporary file.
 _SPOOL_BYTES = 8 * 1024 * 1024
+#: Parts that begin after this many bytes of the body are written to disk at once (a
+#: 4 GB body of small parts must not sit in memory).
+_MEMORY_BUDGET = 64 * 1024 * 1024
 
 
 class StowRefused(Exception):
@@ -90,9 +93,13 @@ class _Body:
         )
 
     def _begin(self) -> None:
-        self.parts.append(
-            _Part(data=tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES, dir=self._dir))  # noqa: SIM115
-        )
+        # The first parts may stay in memory (each up to a few MB); once the body has passed
+        # the memory budget, every further part goes straight to a temporary file.
+        if self.received <= _MEMORY_BUDGET:
+            data: Any = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES, dir=self._dir)  # noqa: SIM115
+        else:
+            data = tempfile.TemporaryFile(dir=self._dir)  # noqa: SIM115
+        self.parts.append(_Part(data=data))
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         part = self.parts[-1]
