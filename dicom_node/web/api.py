@@ -143,7 +143,9 @@ def create_api(ctx: "WebContext", users: UserStore, throttle: "_LoginThrottle") 
     Auditor = Annotated[Caller, Depends(role(Role.AUDITOR))]
 
     def queried(caller: Caller, what: str, results: int, **facts: Any) -> None:
-        """Audit a read the API served (PS3.15 Query): who, through which token, what."""
+        """Audit a read the API served (PS3.15 Query): who, through which token, what
+        (``study_uid`` and ``patient_id`` — a study read, or a listing's filter — are the
+        record's indexed participants)."""
         ctx.audit.record(
             AuditEvent.QUERY,
             actor=caller.actor,
@@ -199,16 +201,7 @@ def create_api(ctx: "WebContext", users: UserStore, throttle: "_LoginThrottle") 
             "series_list": queries.study_series(ctx.db, study_uid),
             "jobs": queries.list_jobs(ctx.db, study_uid=study_uid),
         }
-        ctx.audit.record(
-            AuditEvent.QUERY,
-            actor=caller.actor,
-            peer_host=caller.address,
-            study_uid=study_uid,
-            patient_id=found[0]["patient_id"],
-            what="study",
-            results=1,
-            **caller.facts(),
-        )
+        queried(caller, "study", 1, study_uid=study_uid, patient_id=found[0]["patient_id"])
         return body
 
     # -- jobs -----------------------------------------------------------------------------
@@ -263,17 +256,7 @@ def create_api(ctx: "WebContext", users: UserStore, throttle: "_LoginThrottle") 
     def job(caller: Operator, job_id: RowId) -> dict[str, Any]:
         """One job: its states, stage times, QC figures, the gate's reasons, outputs, deliveries."""
         body = one_job(job_id)
-        ctx.audit.record(
-            AuditEvent.QUERY,
-            actor=caller.actor,
-            peer_host=caller.address,
-            study_uid=body["study_uid"],
-            patient_id=body["patient_id"],
-            what="job",
-            job_id=job_id,
-            results=1,
-            **caller.facts(),
-        )
+        queried(caller, "job", 1, study_uid=body["study_uid"], patient_id=body["patient_id"], job_id=job_id)
         return body
 
     # -- review ---------------------------------------------------------------------------
@@ -374,16 +357,7 @@ def create_api(ctx: "WebContext", users: UserStore, throttle: "_LoginThrottle") 
     def delivery(caller: Operator, delivery_id: RowId) -> dict[str, Any]:
         """One delivery with every attempt."""
         body = one_delivery(delivery_id)
-        ctx.audit.record(
-            AuditEvent.QUERY,
-            actor=caller.actor,
-            peer_host=caller.address,
-            study_uid=body["study_uid"],
-            what="delivery",
-            delivery_id=delivery_id,
-            results=1,
-            **caller.facts(),
-        )
+        queried(caller, "delivery", 1, study_uid=body["study_uid"], delivery_id=delivery_id)
         return body
 
     @api.post(
