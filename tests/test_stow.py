@@ -167,6 +167,14 @@ def test_parts_past_the_memory_budget_go_to_disk_and_store_the_same(
     assert not list(site.rt.paths.tmp.glob("*")), "no temporary file left behind"
 
 
+def test_too_many_parts_are_refused_whole(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("dicom_node.web.stow.MAX_PARTS", 2)
+    before = site.instances()
+    answer = site.post(multipart([f.read_bytes() for f in site.files[:3]]))
+    assert answer.status_code == 413 and "more than 2 parts" in answer.json()["detail"]
+    assert site.instances() == before and not list(site.rt.paths.tmp.glob("*"))
+
+
 def test_an_instance_of_another_study_than_the_urls_fails(site: Site) -> None:
     other = generate_uid()
     answer = site.post(multipart([site.files[0].read_bytes()]), path=f"/dicomweb/studies/{other}")

@@ -51,6 +51,8 @@ _SPOOL_BYTES = 8 * 1024 * 1024
 #: Parts that begin after this many bytes of the body are written to disk at once (a
 #: 4 GB body of small parts must not sit in memory).
 _MEMORY_BUDGET = 64 * 1024 * 1024
+#: Parts one request may hold (each costs a file object however small it is).
+MAX_PARTS = 20_000
 
 
 class StowRefused(Exception):
@@ -93,6 +95,8 @@ class _Body:
         )
 
     def _begin(self) -> None:
+        if len(self.parts) >= MAX_PARTS:
+            raise StowRefused(413, f"more than {MAX_PARTS} parts in one request: send the study in several")
         # The first parts may stay in memory (each up to a few MB); once the body has passed
         # the memory budget, every further part goes straight to a temporary file.
         if self.received <= _MEMORY_BUDGET:
