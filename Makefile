@@ -22,8 +22,13 @@ lock:
 demo: deps
 	$(BIN)/dicom-node demo $(if $(PIPELINE),--pipeline $(PIPELINE))
 
+# Two test processes by default (most integration tests wait on peers and subprocesses; the
+# files are dealt out whole, so a module's fixtures and its peers stay in one process);
+# PYTEST_WORKERS=0 runs them in this one process.
+PYTEST_WORKERS ?= 2
+
 test: deps lint
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q --durations=25 -n $(PYTEST_WORKERS) --dist loadfile
 
 # The whole suite again with every node's index and audit log on PostgreSQL (a throwaway
 # server in a temporary directory; Debian's postgresql package). Not part of `make test`:
