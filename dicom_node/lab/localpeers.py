@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,8 +38,34 @@ def have(path: str) -> bool:
     return Path(path).exists() and os.access(path, os.X_OK)
 
 
+#: Ports for local peers come from below the kernel's ephemeral range (32768 and up by
+#: default, /proc/sys/net/ipv4/ip_local_port_range), so an outgoing connection of another
+#: process cannot take one between its choice and the peer's bind; each pytest-xdist worker
+#: (PYTEST_XDIST_WORKER=gwN) draws from its own band, and a port is not handed out again
+#: while it is among the last few hundred this process gave.
+_PORT_BASE, _PORT_BAND, _PORT_BANDS = 20000, 1500, 8
+_recent_ports: deque[int] = deque(maxlen=600)
+_port_lock = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port nothing on this host is bound to now (on all interfaces)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    band = int(worker[2:]) % _PORT_BANDS if worker.startswith("gw") and worker[2:].isdigit() else 0
+    low = _PORT_BASE + band * _PORT_BAND
+    with _port_lock:
+        for _ in range(500):
+            port = random.randrange(low, low + _PORT_BAND)
+            if port in _recent_ports:
+                continue
+            try:
+                with socket.socket() as s:
+                    s.bind(("0.0.0.0", port))
+            except OSError:
+                continue  # in use (or still in TIME_WAIT on a listener): another
+            _recent_ports.append(port)
+            return port
+    with socket.socket() as s:  # the band is full: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
