@@ -11,48 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import requests
 
 from dicom_node.config import Destination
 from dicom_node.delivery.sender import SendReport, status_is_retryable
+from dicom_node.net.dicomweb import dicomweb_client
 from pipelines.base import OutputInstance
 
 #: HTTP answers that may go away by themselves (busy, restarting, a proxy's gateway error).
 _RETRYABLE_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
-
-
-def _secret(home: Path, value: str, key: str) -> str:
-    path = Path(value) if Path(value).is_absolute() else home / value
-    try:
-        return path.read_text().strip()
-    except OSError as exc:
-        raise ValueError(f"cannot read {key} {path}: {exc.strerror}") from None
-
-
-def stow_client(destination: Destination, home: Path) -> Any:
-    """A dicomweb-client for the destination, with its authentication and CA file."""
-    from dicomweb_client import DICOMwebClient
-
-    session = requests.Session()
-    headers: dict[str, str] = {}
-    if destination.username:
-        session.auth = (destination.username, _secret(home, destination.password_file, "password_file"))
-    if destination.token_file:
-        headers["Authorization"] = f"Bearer {_secret(home, destination.token_file, 'token_file')}"
-    if destination.ca_file:
-        ca = Path(destination.ca_file)
-        session.verify = str(ca if ca.is_absolute() else home / ca)
-    client = DICOMwebClient(
-        destination.dicomweb_url.rstrip("/"),
-        session=session,
-        headers=headers or None,
-        timeout=destination.timeout_seconds,
-    )
-    client.set_http_retry_params(retry=False)  # the outbox retries, with its backoff and audit
-    return client
 
 
 def _uids(answer: pydicom.Dataset, keyword: str) -> list[tuple[str, int | None]]:
@@ -80,8 +49,16 @@ def send_series_stow(destination: Destination, files: Sequence[OutputInstance], 
     where = f"DICOMweb {destination.dicomweb_url}"
     report = SendReport()
     try:
-        client = stow_client(destination, home)
-    except ValueError as exc:
+        client = dicomweb_client(
+            destination.dicomweb_url,
+            home,
+            timeout=destination.timeout_seconds,
+            username=destination.username,
+            password_file=destination.password_file,
+            token_file=destination.token_file,
+            ca_file=destination.ca_file,
+        )
+    except ValueError as exc:  # a secret file that cannot be read
         report.error = f"{where}: {exc}"
         return report
     for start in range(0, len(files), destination.stow_batch):

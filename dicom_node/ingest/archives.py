@@ -75,6 +75,7 @@ from dicom_node.db.engine import Database
 from dicom_node.ingest.part10 import split_part10
 from dicom_node.ingest.receiver import failure_status
 from dicom_node.ingest.store import InstanceStore, StoreOutcome
+from dicom_node.net.dicomweb import dicomweb_client
 from dicom_node.net.tls import ClientTls, TlsConfigError
 from dicom_node.net.tuning import on_connection_open, tune_pynetdicom
 
@@ -857,34 +858,19 @@ class Archive:
 
     def _dicomweb(self) -> Any:
         """A dicomweb-client for the archive, with its authentication and CA file."""
-        import requests
-        from dicomweb_client import DICOMwebClient
-
         s = self.section
-        session = requests.Session()
-        headers: dict[str, str] = {}
-        if s.username:
-            session.auth = (s.username, self._secret(s.password_file, "password_file"))
-        if s.token_file:
-            headers["Authorization"] = f"Bearer {self._secret(s.token_file, 'token_file')}"
-        if s.ca_file:
-            session.verify = str(self._path(s.ca_file))
-        client = DICOMwebClient(
-            s.dicomweb_url.rstrip("/"), session=session, headers=headers or None, timeout=s.timeout_seconds
-        )
-        client.set_http_retry_params(retry=False)  # each request is bounded by timeout_seconds alone
-        return client
-
-    def _path(self, value: str) -> Path:
-        path = Path(value)
-        return path if path.is_absolute() else self.archives.home / path
-
-    def _secret(self, value: str, key: str) -> str:
-        path = self._path(value)
         try:
-            return path.read_text().strip()
-        except OSError as exc:
-            raise ArchiveError(f"archives.{self.name}: cannot read {key} {path}: {exc.strerror}") from None
+            return dicomweb_client(
+                s.dicomweb_url,
+                self.archives.home,
+                timeout=s.timeout_seconds,
+                username=s.username,
+                password_file=s.password_file,
+                token_file=s.token_file,
+                ca_file=s.ca_file,
+            )
+        except ValueError as exc:  # a secret file that cannot be read
+            raise ArchiveError(f"archives.{self.name}: {exc}") from None
 
 
 def _abort(assoc: Any) -> None:

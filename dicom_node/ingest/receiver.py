@@ -57,7 +57,7 @@ from dicom_node.net.commitment import (
     ReportStatus,
     parse_event_report,
 )
-from dicom_node.net.dimse_guard import command_defect, install_dimse_guard
+from dicom_node.net.dimse_guard import CommandDefect, command_defect, install_dimse_guard
 from dicom_node.net.guard import guard_server
 from dicom_node.net.hostnames import HostNames
 from dicom_node.net.tls import certificate_problem, peer_certificate, server_context
@@ -418,7 +418,7 @@ class Receiver:
         return 0x0000
 
     def _out_of_resources(
-        self, calling_ae: str | None, peer_host: str | None, claimed_uid: str, reason: str
+        self, calling_ae: str | None, peer_host: str | None, claimed_uid: str, reason: str, counted: str
     ) -> Taken:
         """Audit a refusal the node caused (disk floor, storage failure): 0xA700."""
         self.audit.record(
@@ -430,7 +430,7 @@ class Receiver:
             status=f"0x{StoreStatus.OUT_OF_RESOURCES:04X}",
             reason=reason,
         )
-        return Taken(StoreStatus.OUT_OF_RESOURCES, reason)
+        return Taken(StoreStatus.OUT_OF_RESOURCES, reason, counted=counted)
 
     def on_store(self, event: Any) -> int | Dataset:
         """Store one instance; a refusal answers its status with the reason as Error Comment."""
@@ -459,7 +459,7 @@ class Receiver:
             called_ae=tally.called_ae if tally else None,
             retrieved_from=None if defect else self.prior_source(calling_ae, request),
             staged=staged,
-            defect=defect,
+            rejection=None if defect is None else _rejection_of(defect),
         )
         if tally and taken.counted != "failed":  # a storage failure is not counted
             tally.counts[taken.counted] += 1
@@ -486,32 +486,26 @@ class Receiver:
         called_ae: str | None = None,
         retrieved_from: str | None = None,
         staged: StagedDataSet | None = None,
-        defect: Any = None,
+        rejection: Rejection | None = None,
     ) -> Taken:
         """One received data set, whatever carried it (C-STORE, STOW-RS): the disk floor,
         then the store's checks, dedup and versioning, durable before this returns; a
         refusal is audited and quarantined as the store decides. ``data_of`` gives the
-        encoded data set (not read when the disk is below its floor); ``defect``: a
-        malformed C-STORE request (net.dimse_guard), refused as such."""
+        encoded data set (not read when the disk is below its floor); ``rejection``: the
+        carrier already refuses it (a malformed C-STORE request, net.dimse_guard; a STOW-RS
+        part that is no DICOM file): quarantined and audited as such."""
         if not self.disk.has_room():
             free_mb = self.disk.free_bytes() // (1024 * 1024)
             reason = f"free disk {free_mb} MB below the configured floor"
             log.error("refusing instance %s from %s: %s", claimed_uid, calling_ae, reason)
-            taken = self._out_of_resources(calling_ae, peer_host, claimed_uid, reason)
-            taken.counted = "refused"
-            return taken
+            return self._out_of_resources(calling_ae, peer_host, claimed_uid, reason, "refused")
         try:
             data = data_of()
-            if defect is not None:
-                status = (
-                    StoreStatus.INVALID_SOP_INSTANCE
-                    if defect.invalid_sop_instance_uid
-                    else StoreStatus.CANNOT_UNDERSTAND
-                )
+            if rejection is not None:
                 result = self.store.refuse(
                     data,
                     transfer_syntax,
-                    Rejection(status, defect.reason),
+                    rejection,
                     claimed_sop_uid=claimed_uid,
                     calling_ae=calling_ae,
                     peer_host=peer_host,
@@ -532,7 +526,7 @@ class Receiver:
             log.exception("storing %s from %s failed", claimed_uid, calling_ae)
             # A database error's message quotes the row (names included): the type only.
             reason = f"storage failure: {describe_exception(exc)}"
-            return self._out_of_resources(calling_ae, peer_host, claimed_uid, reason)
+            return self._out_of_resources(calling_ae, peer_host, claimed_uid, reason, "failed")
         if result.outcome == StoreOutcome.REJECTED:
             assert result.rejection is not None
             self.audit.record(
@@ -710,6 +704,14 @@ def error_comment(reason: str) -> str:
     else:
         text = re.split(r"[:'\"]", reason, maxsplit=1)[0].strip() or "refused"
     return text if len(text) <= _LO_MAX else text[: _LO_MAX - 3] + "..."
+
+
+def _rejection_of(defect: CommandDefect) -> Rejection:
+    """A malformed C-STORE request's refusal: its UID breaks the rules, or it cannot be read."""
+    status = (
+        StoreStatus.INVALID_SOP_INSTANCE if defect.invalid_sop_instance_uid else StoreStatus.CANNOT_UNDERSTAND
+    )
+    return Rejection(status, defect.reason)
 
 
 def failure_status(status: int, reason: str) -> Dataset:

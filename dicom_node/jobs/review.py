@@ -36,6 +36,10 @@ class ReviewError(RuntimeError):
     """A review action that cannot be done (no such job, not held, no reason given)."""
 
 
+class UnknownJob(ReviewError):
+    """There is no job with that id."""
+
+
 @dataclass(frozen=True)
 class HeldOutput:
     series_uid: str
@@ -116,7 +120,7 @@ def job_detail(db: Database, audit: AuditTrail, job_id: int) -> dict[str, Any]:
     with db.read() as conn:
         rows = _job_rows(conn, job_id, state=None)
     if not rows:
-        raise ReviewError(f"no job {job_id}")
+        raise UnknownJob(f"no job {job_id}")
     detail = _summary(rows[0])
     qc: dict[str, Any] = {}
     for record in audit.search(study_uid=detail["study_uid"], events=[AuditEvent.GATE_DECISION.value]):
@@ -153,7 +157,7 @@ def _held(conn: Any, job_id: int, action: str) -> Any:
     """The job's row, if it is held (else why not, as a :class:`ReviewError`)."""
     rows = _job_rows(conn, job_id, state=None)
     if not rows:
-        raise ReviewError(f"no job {job_id}")
+        raise UnknownJob(f"no job {job_id}")
     if rows[0].state != JobState.HELD.value:
         raise ReviewError(f"job {job_id} is {rows[0].state}, not held: nothing to {action}")
     return rows[0]

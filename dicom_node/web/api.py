@@ -21,7 +21,6 @@ Listings are paged newest first (the audit log oldest first, as a chain is read)
 # No ``from __future__ import annotations``: FastAPI reads the routes' annotations, and
 # ``Operator`` and ``Auditor`` are local to create_api.
 
-import datetime as dt
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
@@ -40,11 +39,12 @@ from dicom_node.delivery.ledger import DeliveryState
 from dicom_node.delivery.outbox import Outbox
 from dicom_node.delivery.profiles import DestinationProfiles
 from dicom_node.jobs.inventory import model_inventory
-from dicom_node.jobs.review import ReviewError, approve, held_jobs, job_overview, reject
+from dicom_node.jobs.review import ReviewError, UnknownJob, approve, held_jobs, job_overview, reject
 from dicom_node.jobs.state import JobState
 from dicom_node.web import api_schemas as s
 from dicom_node.web.callers import ApiProblem, Authenticator, Caller
 from dicom_node.web.guard import SESSION_COOKIE
+from dicom_node.web.params import BadParameter, search_instant, validation_problems
 from dicom_node.web.users import Role, UserStore
 
 if TYPE_CHECKING:
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 
 API_PREFIX = "/api"
 _TEXT_MAX = 256
-_FIRST_YEAR, _LAST_YEAR = 1900, 2999
 
 Limit = Annotated[int, Query(ge=1, le=500, description="Items per page (1-500).")]
 Cursor = Annotated[int | None, Query(ge=0, le=MAX_ROW_ID, description="`next_cursor` of the page before.")]
@@ -80,23 +79,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _instant(name: str, value: str | None, end: bool = False) -> float | None:
-    if not value:
-        return None
-    try:
-        day = dt.datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise ApiProblem(400, f"{name}: {value[:40]!r} is not a date (write YYYY-MM-DD)") from None
-    if not _FIRST_YEAR <= day.year <= _LAST_YEAR:
-        raise ApiProblem(400, f"{name}: year {day.year} is outside {_FIRST_YEAR}-{_LAST_YEAR}")
-    if end and len(value.strip()) <= 10:
-        day += dt.timedelta(days=1)
-    return day.timestamp()
-
-
 def _choice(name: str, value: str | None, allowed: list[str]) -> str | None:
     if value is not None and value not in allowed:
-        raise ApiProblem(400, f"{name}: {value[:40]!r} is not one of {', '.join(allowed)}")
+        raise BadParameter(f"{name}: {value[:40]!r} is not one of {', '.join(allowed)}")
     return value
 
 
@@ -121,11 +106,11 @@ def create_api(ctx: "WebContext", users: UserStore, throttle: "_LoginThrottle") 
 
     @api.exception_handler(RequestValidationError)
     async def invalid_parameter(_request: Request, exc: RequestValidationError) -> Response:
-        problems = []
-        for error in exc.errors()[:5]:
-            where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("query", "path", "body"))
-            problems.append(f"{where or 'request'}: {error.get('msg', 'invalid')}")
-        return JSONResponse({"detail": "; ".join(problems)}, status_code=400)
+        return JSONResponse({"detail": validation_problems(exc)}, status_code=400)
+
+    @api.exception_handler(BadParameter)
+    async def bad_parameter(_request: Request, exc: BadParameter) -> Response:
+        return JSONResponse({"detail": exc.message}, status_code=400)
 
     callers = Authenticator(ctx, users, throttle)
 
@@ -142,18 +127,21 @@ def create_api(ctx: "WebContext", users: UserStore, throttle: "_LoginThrottle") 
     Operator = Annotated[Caller, Depends(role(Role.OPERATOR))]
     Auditor = Annotated[Caller, Depends(role(Role.AUDITOR))]
 
-    def queried(caller: Caller, what: str, results: int, **facts: Any) -> None:
-        """Audit a read the API served (PS3.15 Query): who, through which token, what
-        (``study_uid`` and ``patient_id`` — a study read, or a listing's filter — are the
-        record's indexed participants)."""
+    def audited(caller: Caller, event: AuditEvent, what: str, **facts: Any) -> None:
+        """Audit a request the API served: who, through which token, what."""
         ctx.audit.record(
+            event, actor=caller.actor, peer_host=caller.address, what=what, **facts, **caller.facts()
+        )
+
+    def queried(caller: Caller, what: str, results: int, **facts: Any) -> None:
+        """A read (PS3.15 Query); ``study_uid`` and ``patient_id`` — a study read, or a
+        listing's filter — are the record's indexed participants; filters not given are left out."""
+        audited(
+            caller,
             AuditEvent.QUERY,
-            actor=caller.actor,
-            peer_host=caller.address,
-            what=what,
+            what,
             results=results,
             **{k: v for k, v in facts.items() if v is not None},
-            **caller.facts(),
         )
 
     # -- studies --------------------------------------------------------------------------
@@ -175,8 +163,8 @@ def create_api(ctx: "WebContext", users: UserStore, throttle: "_LoginThrottle") 
             patient_id=patient_id,
             modality=modality,
             source_ae=source_ae,
-            since=_instant("since", since),
-            until=_instant("until", until, end=True),
+            since=search_instant("since", since),
+            until=search_instant("until", until, end=True),
             cursor=cursor,
             limit=limit,
             newest_first=True,
@@ -240,12 +228,6 @@ def create_api(ctx: "WebContext", users: UserStore, throttle: "_LoginThrottle") 
         )
         return _page(found, limit)
 
-    def one_job(job_id: int) -> dict[str, Any]:
-        try:
-            return job_overview(ctx.db, ctx.audit, job_id)
-        except ReviewError as exc:
-            raise ApiProblem(404, str(exc)) from None
-
     @api.get(
         "/v1/jobs/{job_id}",
         response_model=s.JobDetail,
@@ -255,7 +237,10 @@ def create_api(ctx: "WebContext", users: UserStore, throttle: "_LoginThrottle") 
     )
     def job(caller: Operator, job_id: RowId) -> dict[str, Any]:
         """One job: its states, stage times, QC figures, the gate's reasons, outputs, deliveries."""
-        body = one_job(job_id)
+        try:
+            body = job_overview(ctx.db, ctx.audit, job_id)
+        except ReviewError as exc:
+            raise ApiProblem(404, str(exc)) from None
         queried(caller, "job", 1, study_uid=body["study_uid"], patient_id=body["patient_id"], job_id=job_id)
         return body
 
@@ -271,8 +256,10 @@ def create_api(ctx: "WebContext", users: UserStore, throttle: "_LoginThrottle") 
     def reviewed(job_id: int, action: Callable[[], int | None]) -> int | None:
         try:
             return action()
+        except UnknownJob as exc:
+            raise ApiProblem(404, str(exc)) from None
         except ReviewError as exc:
-            raise ApiProblem(404 if str(exc) == f"no job {job_id}" else 409, str(exc)) from None
+            raise ApiProblem(409, str(exc)) from None
 
     @api.post(
         "/v1/jobs/{job_id}/approve",
@@ -341,12 +328,6 @@ def create_api(ctx: "WebContext", users: UserStore, throttle: "_LoginThrottle") 
         queried(caller, "deliveries", len(found), state=state, destination=destination, job_id=job_id)
         return _page(found, limit)
 
-    def one_delivery(delivery_id: int) -> dict[str, Any]:
-        found = queries.list_deliveries(ctx.db, delivery_id=delivery_id)
-        if not found:
-            raise ApiProblem(404, f"no delivery {delivery_id}")
-        return {**found[0], "attempt_log": queries.list_delivery_attempts(ctx.db, delivery_id)}
-
     @api.get(
         "/v1/deliveries/{delivery_id}",
         response_model=s.DeliveryDetail,
@@ -356,7 +337,10 @@ def create_api(ctx: "WebContext", users: UserStore, throttle: "_LoginThrottle") 
     )
     def delivery(caller: Operator, delivery_id: RowId) -> dict[str, Any]:
         """One delivery with every attempt."""
-        body = one_delivery(delivery_id)
+        found = queries.list_deliveries(ctx.db, delivery_id=delivery_id)
+        if not found:
+            raise ApiProblem(404, f"no delivery {delivery_id}")
+        body = {**found[0], "attempt_log": queries.list_delivery_attempts(ctx.db, delivery_id)}
         queried(caller, "delivery", 1, study_uid=body["study_uid"], delivery_id=delivery_id)
         return body
 
@@ -391,14 +375,7 @@ def create_api(ctx: "WebContext", users: UserStore, throttle: "_LoginThrottle") 
     # -- audit ----------------------------------------------------------------------------
 
     def log_used(caller: Caller, what: str, **facts: Any) -> None:
-        ctx.audit.record(
-            AuditEvent.AUDIT_LOG_USED,
-            actor=caller.actor,
-            peer_host=caller.address,
-            what=what,
-            **facts,
-            **caller.facts(),
-        )
+        audited(caller, AuditEvent.AUDIT_LOG_USED, what, **facts)
 
     events = sorted(e.value for e in AuditEvent)
 
@@ -420,8 +397,8 @@ def create_api(ctx: "WebContext", users: UserStore, throttle: "_LoginThrottle") 
         found = ctx.audit.search(
             patient_id=patient_id,
             study_uid=study_uid,
-            since=_instant("since", since),
-            until=_instant("until", until, end=True),
+            since=search_instant("since", since),
+            until=search_instant("until", until, end=True),
             events=[_choice("event", event, events) or ""] if event else None,
             ae=ae,
             limit=limit,

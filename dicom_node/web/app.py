@@ -61,6 +61,7 @@ from dicom_node.web.guard import (
 )
 from dicom_node.web.health import Check, Readiness, audit_check, database_check, report
 from dicom_node.web.metrics import CONTENT_TYPE_LATEST, NodeCollector, render
+from dicom_node.web.params import BadParameter, search_instant, validation_problems
 from dicom_node.web.stow import DICOMWEB_PREFIX, create_stow
 from dicom_node.web.users import Role, User, UserStore
 
@@ -70,8 +71,6 @@ _FAILURE_WINDOW = 300.0
 #: Failed logins in the window before a user name, or a source address, must wait. An
 #: address gets more: several people may share one (a ward PC, a proxy).
 _NAME_LIMIT, _ADDRESS_LIMIT = 5, 20
-#: Searchable dates (a wider year is a typo, and the far ends overflow the clock).
-_FIRST_YEAR, _LAST_YEAR = 1900, 2999
 #: Row ids are SQLite integers.
 _MAX_ID = 2**63 - 1
 _TEXT_MAX = 256
@@ -85,14 +84,6 @@ PAGE = 50
 SearchText = Annotated[str, Query(max_length=_TEXT_MAX)]
 
 
-class BadRequest(Exception):
-    """A search parameter the page cannot use: a 400 that names it and why."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
 class CrossSiteRefused(Exception):
     """A POST that failed the origin or the form-token check: a 403."""
 
@@ -103,22 +94,6 @@ class CrossSiteRefused(Exception):
 
 def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
-
-
-def _day(name: str, value: str, end: bool = False) -> float | None:
-    """A search date (``YYYY-MM-DD`` or ISO date-time) as a timestamp; ``end``: a bare date
-    means up to the end of that day. Raises :class:`BadRequest` for anything else."""
-    if not value:
-        return None
-    try:
-        day = dt.datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise BadRequest(f"{name}: {value[:40]!r} is not a date (write YYYY-MM-DD)") from None
-    if not _FIRST_YEAR <= day.year <= _LAST_YEAR:
-        raise BadRequest(f"{name}: year {day.year} is outside {_FIRST_YEAR}-{_LAST_YEAR}")
-    if end and len(value.strip()) <= 10:
-        day += dt.timedelta(days=1)
-    return day.timestamp()
 
 
 @dataclass
@@ -168,13 +143,17 @@ class _LoginThrottle:
             return "name"
         return None
 
-    def failed(self, username: str, address: str) -> None:
+    @staticmethod
+    def _add(failures: dict[str, deque[float]], key: str) -> None:
         now = time.time()
-        for failures, key in ((self._by_name, username), (self._by_address, address)):
-            if len(failures) > 10_000:  # a flood of names: forget the ones whose window has passed
-                for old in [k for k, v in failures.items() if not v or v[-1] < now - _FAILURE_WINDOW]:
-                    del failures[old]
-            failures[key].append(now)
+        if len(failures) > 10_000:  # a flood of names: forget the ones whose window has passed
+            for old in [k for k, v in failures.items() if not v or v[-1] < now - _FAILURE_WINDOW]:
+                del failures[old]
+        failures[key].append(now)
+
+    def failed(self, username: str, address: str) -> None:
+        self._add(self._by_name, username)
+        self._add(self._by_address, address)
 
     def succeeded(self, username: str) -> None:
         self._by_name.pop(username, None)
@@ -184,11 +163,7 @@ class _LoginThrottle:
         return self._count(self._by_address, address) >= _ADDRESS_LIMIT
 
     def failed_address(self, address: str) -> None:
-        now = time.time()
-        if len(self._by_address) > 10_000:
-            for old in [k for k, v in self._by_address.items() if not v or v[-1] < now - _FAILURE_WINDOW]:
-                del self._by_address[old]
-        self._by_address[address].append(now)
+        self._add(self._by_address, address)
 
 
 #: /readyz runs its checks at most this often; askers in between get the last answer.
@@ -261,13 +236,7 @@ def create_app(ctx: WebContext) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_parameter(request: Request, exc: RequestValidationError) -> Response:
-        problems = []
-        for error in exc.errors()[:5]:
-            where = ".".join(
-                str(part) for part in error.get("loc", ()) if part not in ("query", "path", "body")
-            )
-            problems.append(f"{where or 'request'}: {error.get('msg', 'invalid')}")
-        return message_page(request, "Bad request", "; ".join(problems))
+        return message_page(request, "Bad request", validation_problems(exc))
 
     def message_page(request: Request, title: str, message: str, status: int = 400) -> Response:
         return page(
@@ -498,10 +467,10 @@ def create_app(ctx: WebContext) -> FastAPI:
         events = sorted(e.value for e in AuditEvent)
         bounds: tuple[float | None, float | None] = (None, None)
         try:
-            bounds = (_day("since", since), _day("until", until, end=True))
+            bounds = (search_instant("since", since), search_instant("until", until, end=True))
             if event and event not in events:
-                raise BadRequest(f"event: {event[:40]!r} is not an audit event (choose one from the list)")
-        except BadRequest as exc:
+                raise BadParameter(f"event: {event[:40]!r} is not an audit event (choose one from the list)")
+        except BadParameter as exc:
             error, status, searched = f"Cannot search: {exc.message}", 400, False
         if searched:
             found = ctx.audit.search(

@@ -173,7 +173,16 @@ class NodeCollector(Collector):
             labels=["verdict"],
         )
         names = {"succeeded": "released", "held": "held", "delivering": "approved", "failed": "rejected"}
-        for _, to_state, count in _gate_verdicts_rows(conn):
+        steps = t.job_transitions.c
+        rows = conn.execute(  # type: ignore[attr-defined]
+            select(steps.to_state, func.count())
+            .where(
+                ((steps.from_state == "running") & steps.to_state.in_(_GATE_OUT))
+                | ((steps.from_state == "held") & steps.to_state.in_(_REVIEW_OUT))
+            )
+            .group_by(steps.from_state, steps.to_state)
+        )
+        for to_state, count in rows:
             family.add_metric([names[to_state]], count)
         return family
 
@@ -255,18 +264,6 @@ class NodeCollector(Collector):
         for (pipeline, stage), seconds in sorted(by_stage.items()):
             _histogram(family, [pipeline, stage], seconds, STAGE_BUCKETS)
         return family
-
-
-def _gate_verdicts_rows(conn: object) -> Iterator[tuple[str, str, int]]:
-    rows = conn.execute(  # type: ignore[attr-defined]
-        select(t.job_transitions.c.from_state, t.job_transitions.c.to_state, func.count())
-        .where(
-            ((t.job_transitions.c.from_state == "running") & t.job_transitions.c.to_state.in_(_GATE_OUT))
-            | ((t.job_transitions.c.from_state == "held") & t.job_transitions.c.to_state.in_(_REVIEW_OUT))
-        )
-        .group_by(t.job_transitions.c.from_state, t.job_transitions.c.to_state)
-    )
-    yield from rows
 
 
 def _histogram(

@@ -31,11 +31,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from audit import AuditEvent, Outcome
-from dicom_node.ingest.instance import StoreStatus
+from dicom_node.ingest.instance import Rejection, StoreStatus
 from dicom_node.ingest.part10 import split_part10
 from dicom_node.web.callers import ApiProblem, Authenticator, Caller
 from dicom_node.web.users import Role, UserStore
@@ -67,8 +68,7 @@ class StowRefused(Exception):
 @dataclass
 class _Part:
     headers: dict[str, str] = field(default_factory=dict)
-    data: Any = None  # a SpooledTemporaryFile
-    size: int = 0
+    data: Any = None  # a (spooled) temporary file
 
 
 class _Body:
@@ -106,9 +106,7 @@ class _Body:
         self.parts.append(_Part(data=data))
 
     def _data(self, data: bytes, start: int, end: int) -> None:
-        part = self.parts[-1]
-        part.data.write(data[start:end])
-        part.size += end - start
+        self.parts[-1].data.write(data[start:end])
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
         self._field += data[start:end]
@@ -215,19 +213,17 @@ def _store_parts(receiver: "Receiver", body: _Body, caller: Caller, study_uid: s
             transfer_syntax = str(meta.TransferSyntaxUID)
             sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
             sop_uid = str(meta.get("MediaStorageSOPInstanceUID", ""))
-        except Exception as exc:  # not a Part 10 file: pydicom's errors vary
-            done.failed.append(("", "", StoreStatus.CANNOT_UNDERSTAND, f"not a DICOM Part 10 file: {exc}"))
-            why = f"STOW-RS part is not a DICOM Part 10 file: {exc}"
-            kept = receiver.store.quarantine(raw, "1.2.840.10008.1.2.1", why, None, sender, caller.address)
-            receiver.audit.record(
-                AuditEvent.INSTANCE_QUARANTINED,
-                Outcome.MINOR_FAILURE,
+        except Exception as exc:  # not a Part 10 file (pydicom's errors vary): kept in quarantine
+            why = f"not a DICOM Part 10 file: {exc}"
+            taken = receiver.take(
+                lambda raw=raw: raw,  # type: ignore[misc]
+                ExplicitVRLittleEndian,
+                claimed_uid="",
                 calling_ae=sender,
                 peer_host=caller.address,
-                status=f"0x{StoreStatus.CANNOT_UNDERSTAND:04X}",
-                reason=why,
-                quarantine_path=str(kept),
+                rejection=Rejection(StoreStatus.CANNOT_UNDERSTAND, why),
             )
+            done.failed.append(("", "", int(taken.status), taken.reason or why))
             continue
         if study_uid is not None:
             found = _study_of(raw)

@@ -19,11 +19,12 @@ import secrets
 import time
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import delete, insert, select, update
 
 from dicom_node.db import schema as t
-from dicom_node.db.engine import Database
+from dicom_node.db.engine import Database, inserted_id
 
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 _USERNAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
@@ -78,6 +79,18 @@ class ApiToken:
 
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+#: API tokens with their user's name, role and whether the user is disabled.
+_TOKEN_ROWS = select(t.api_tokens, t.users.c.username, t.users.c.role, t.users.c.disabled).join(
+    t.users, t.users.c.id == t.api_tokens.c.user_fk
+)
+
+
+def _token(row: Any) -> ApiToken:
+    return ApiToken(
+        row.id, row.username, row.name, row.created_at, row.expires_at, row.revoked_at, row.last_used_at
+    )
 
 
 def hash_password(password: str) -> str:
@@ -192,7 +205,7 @@ class UserStore:
             conn.execute(delete(t.sessions).where(t.sessions.c.expires_at < now))
             conn.execute(
                 insert(t.sessions).values(
-                    token_sha256=hashlib.sha256(token.encode()).hexdigest(),
+                    token_sha256=_digest(token),
                     user_fk=user.id,
                     created_at=now,
                     expires_at=now + hours * 3600,
@@ -203,7 +216,7 @@ class UserStore:
     def session_user(self, token: str | None) -> User | None:
         if not token:
             return None
-        digest = hashlib.sha256(token.encode()).hexdigest()
+        digest = _digest(token)
         with self.db.read() as conn:
             row = conn.execute(
                 select(t.users)
@@ -217,7 +230,7 @@ class UserStore:
     def close_session(self, token: str | None) -> None:
         if not token:
             return
-        digest = hashlib.sha256(token.encode()).hexdigest()
+        digest = _digest(token)
         with self.db.write() as conn:
             conn.execute(delete(t.sessions).where(t.sessions.c.token_sha256 == digest))
 
@@ -237,33 +250,27 @@ class UserStore:
             raise UserError(f"user {username!r} is disabled")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         now = time.time()
+        expires = now + days * 86400 if days is not None else None
         with self.db.write() as conn:
-            conn.execute(
-                insert(t.api_tokens).values(
-                    user_fk=user.id,
-                    name=name,
-                    token_sha256=_digest(token),
-                    created_at=now,
-                    expires_at=now + days * 86400 if days is not None else None,
+            token_id = inserted_id(
+                conn.execute(
+                    insert(t.api_tokens).values(
+                        user_fk=user.id,
+                        name=name,
+                        token_sha256=_digest(token),
+                        created_at=now,
+                        expires_at=expires,
+                    )
                 )
             )
-        made = [k for k in self.tokens(username) if k.created_at == now and k.name == name]
-        return made[-1], token
+        return ApiToken(token_id, username, name, now, expires, None, None), token
 
     def tokens(self, username: str | None = None) -> builtins.list[ApiToken]:
-        query = (
-            select(t.api_tokens, t.users.c.username)
-            .join(t.users, t.users.c.id == t.api_tokens.c.user_fk)
-            .order_by(t.api_tokens.c.id)
-        )
+        query = _TOKEN_ROWS.order_by(t.api_tokens.c.id)
         if username is not None:
             query = query.where(t.users.c.username == username)
         with self.db.read() as conn:
-            rows = conn.execute(query).all()
-        return [
-            ApiToken(r.id, r.username, r.name, r.created_at, r.expires_at, r.revoked_at, r.last_used_at)
-            for r in rows
-        ]
+            return [_token(r) for r in conn.execute(query).all()]
 
     def revoke_token(self, token_id: int) -> ApiToken:
         with self.db.write() as conn:
@@ -272,12 +279,12 @@ class UserStore:
                 .where(t.api_tokens.c.id == token_id, t.api_tokens.c.revoked_at.is_(None))
                 .values(revoked_at=time.time())
             )
-        found = [k for k in self.tokens() if k.id == token_id]
-        if not found:
+            row = conn.execute(_TOKEN_ROWS.where(t.api_tokens.c.id == token_id)).first()
+        if row is None:
             raise UserError(f"no API token {token_id}")
         if done.rowcount != 1:
             raise UserError(f"API token {token_id} was revoked already")
-        return found[0]
+        return _token(row)
 
     def token_user(self, token: str) -> tuple[User, ApiToken] | None:
         """The user an API token acts for, and the token; None when it is unknown, revoked,
@@ -286,16 +293,10 @@ class UserStore:
             return None
         now = time.time()
         with self.db.read() as conn:
-            row = conn.execute(
-                select(t.api_tokens, t.users.c.username, t.users.c.role, t.users.c.disabled)
-                .join(t.users, t.users.c.id == t.api_tokens.c.user_fk)
-                .where(t.api_tokens.c.token_sha256 == _digest(token))
-            ).first()
+            row = conn.execute(_TOKEN_ROWS.where(t.api_tokens.c.token_sha256 == _digest(token))).first()
         if row is None or row.disabled:
             return None
-        record = ApiToken(
-            row.id, row.username, row.name, row.created_at, row.expires_at, row.revoked_at, row.last_used_at
-        )
+        record = _token(row)
         if record.state(now) != "active":
             return None
         if row.last_used_at is None or row.last_used_at < now - _LAST_USED_EVERY:

@@ -1,0 +1,54 @@
+"""A dicomweb-client for a DICOMweb peer the config names: its base URL, its authentication
+(HTTP basic with the password in a file, or a bearer token in a file; relative to <home>,
+so no secret is written in the config) and the CA file that verifies an https URL.
+Used for archives searched and retrieved over DICOMweb (``ingest/archives.py``) and for
+destinations delivered to by STOW-RS (``delivery/stow.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _path(home: Path, value: str) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else home / path
+
+
+def read_secret(home: Path, value: str, key: str) -> str:
+    """The secret in file ``value`` (``key`` names the setting); ValueError saying which
+    file could not be read."""
+    path = _path(home, value)
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {key} {path}: {exc.strerror}") from None
+
+
+def dicomweb_client(
+    url: str,
+    home: Path,
+    *,
+    timeout: float,
+    username: str = "",
+    password_file: str = "",
+    token_file: str = "",
+    ca_file: str = "",
+) -> Any:
+    """A DICOMwebClient for ``url`` whose every request is bounded by ``timeout`` alone
+    (its own retries are off: the caller retries, with its backoff and its audit).
+    Raises ValueError when a secret file cannot be read."""
+    import requests
+    from dicomweb_client import DICOMwebClient
+
+    session = requests.Session()
+    headers: dict[str, str] = {}
+    if username:
+        session.auth = (username, read_secret(home, password_file, "password_file"))
+    if token_file:
+        headers["Authorization"] = f"Bearer {read_secret(home, token_file, 'token_file')}"
+    if ca_file:
+        session.verify = str(_path(home, ca_file))
+    client = DICOMwebClient(url.rstrip("/"), session=session, headers=headers or None, timeout=timeout)
+    client.set_http_retry_params(retry=False)
+    return client
