@@ -106,3 +106,15 @@ def test_failure_status_carries_status_comment_and_offending_elements() -> None:
     assert "OffendingElement" not in failure_status(
         StoreStatus.OUT_OF_RESOURCES, "free disk 1 MB below the floor"
     )
+
+
+def test_an_unknown_vr_on_an_element_no_check_decodes_is_refused() -> None:
+    """A flipped bit turning (0018,5100) Patient Position's CS into 'KS': stored, no reader
+    could read the file back (the hostile-data-set test's mutant), so it is refused."""
+    good = encode(ct(PatientPosition="HFS"))
+    at = good.index(b"\x18\x00\x00\x51CS")
+    mutant = good[: at + 4] + b"KS" + good[at + 6 :]
+    status, reason = reason_for(mutant)
+    assert status == StoreStatus.CANNOT_UNDERSTAND
+    assert reason == "cannot parse data set: element (0018,5100) has no known VR ('KS')"
+    assert check_instance(good, ExplicitVRLittleEndian, None)[1] is None

@@ -24,6 +24,7 @@ from pydicom.filereader import data_element_generator, read_dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import UID
+from pydicom.valuerep import VR
 
 from dicom_node.config import ReceiverSection
 from dicom_node.ingest.encoding import DEFLATED_SYNTAXES, MIB, check_encoding, inflate
@@ -271,6 +272,10 @@ def _producers(body: bytes, ts: UID) -> tuple[Producer, ...]:
         return ()
 
 
+#: Value Representations pydicom can read (PS3.5 6.2); any other is a corrupted header.
+_KNOWN_VRS = frozenset(vr.value for vr in VR)
+
+
 def _walk(data: bytes, implicit_vr: bool, little_endian: bool) -> dict[int, Any]:
     """Walk every top-level element; return the wanted ones. Raises on malformed bytes."""
     fp = io.BytesIO(data)
@@ -286,6 +291,10 @@ def _walk(data: bytes, implicit_vr: bool, little_endian: bool) -> dict[int, Any]
             if end > size:
                 raise ValueError(f"element {Tag(elem.tag)} needs {end - size} more bytes than were sent")
         tag = int(elem.tag)
+        if tag not in _WANTED and elem.VR is not None and elem.VR not in _KNOWN_VRS:
+            # a flipped bit in an explicit VR of an element no check decodes: no reader could
+            # read the stored file (a decoded element's own decoding says why, below)
+            raise ValueError(f"element {Tag(elem.tag)} has no known VR ({elem.VR!r})")
         if tag in _WANTED:
             if elem.value is None and length:  # deferred: take the value from the bytes
                 elem = elem._replace(value=data[elem.value_tell : elem.value_tell + length])  # type: ignore[union-attr]
