@@ -61,7 +61,12 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
 
 def suspect_regions(score: np.ndarray, threshold: float, *, min_voxels: int = 4) -> np.ndarray:
     """Boolean mask of connected regions above ``threshold`` with at least ``min_voxels``."""
-    mask = score > threshold
+    return large_regions(score > threshold, min_voxels=min_voxels)
+
+
+def large_regions(mask: np.ndarray, *, min_voxels: int = 4) -> np.ndarray:
+    """``mask`` (boolean, changed in place) without its connected regions of fewer than
+    ``min_voxels`` (for a score thresholded a slab at a time: :func:`suspect_regions`)."""
     box = _bounding_box(mask)
     if box is None:
         return mask

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from pipelines import spill
 from pipelines.base import InputRefused
 from pipelines.geometry import frame_group, orientation_name
 from pipelines.stages import Context
@@ -500,11 +501,20 @@ _PADDING_BELOW_HU = -1100.0
 
 def ct_tissue_in_air(array: np.ndarray, fov: np.ndarray | None = None) -> list[str]:
     """Reasons the HU histogram does not look like a CT of tissue in air ([] when it does)."""
-    values = array if fov is None else array[fov]
-    values = values[values > _PADDING_BELOW_HU]
-    if values.size == 0:
+    low, high = SOFT_TISSUE_HU
+    counted = air_count = soft_count = 0
+    for part in spill.slabs(len(array)) if array.ndim else [slice(None)]:  # counts, a slab at a time
+        values = array[part] if fov is None else array[part][fov[part]]
+        values = values[values > _PADDING_BELOW_HU]
+        counted += values.size
+        is_air = values < AIR_BELOW_HU
+        air_count += int(is_air.sum())
+        rest = values[~is_air]
+        soft_count += int(((rest >= low) & (rest <= high)).sum())
+        spill.release(array)
+    if counted == 0:
         return ["HU histogram: no voxel above -1100 HU (padding only?): not a CT of tissue in air"]
-    air = float(np.mean(values < AIR_BELOW_HU))
+    air = air_count / counted
     reasons = []
     if air < MIN_AIR_SHARE:
         reasons.append(
@@ -512,9 +522,7 @@ def ct_tissue_in_air(array: np.ndarray, fov: np.ndarray | None = None) -> list[s
             f"{MIN_AIR_SHARE:.0%} expected): not a CT of tissue in air (a map, values not in HU, "
             "or a reconstruction inside the body)"
         )
-    rest = values[values >= AIR_BELOW_HU]
-    low, high = SOFT_TISSUE_HU
-    soft = float(np.mean((rest >= low) & (rest <= high))) if rest.size else 0.0
+    soft = soft_count / (counted - air_count) if counted > air_count else 0.0
     if soft < MIN_SOFT_TISSUE_SHARE:
         reasons.append(
             f"HU histogram: little soft tissue ({soft:.0%} of the non-air voxels within "

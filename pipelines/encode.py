@@ -170,8 +170,7 @@ def write_outputs(
         output_modality=output_modality,
         units=output_units,
         contrast=output_contrast,
-    ).write(volume, derived)
-    done(images)
+    ).write(volume, derived, each=(lambda ds: done([ds])) if stream else None)  # saved one by one
     sigma = UncertaintyMapWriter(provenance=provenance, uids=uids, series_number=n + 1, units=units).write(
         volume, uncertainty, integer=integer_maps
     )

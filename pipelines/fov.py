@@ -33,6 +33,7 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from models.base import Prediction
+from pipelines import spill
 from pipelines.base import PipelineError
 from pipelines.geometry import frame_group
 from pipelines.stages import Context
@@ -294,8 +295,11 @@ class DetectFieldOfView:
                 "there is no image to process"
             )
         share = 1.0 - float(found.mask.mean())
+        mask = found.mask
+        if spill.file_backed(volume.array):  # a spilled volume's mask goes with it
+            mask = spill.Spill(ctx.env.workdir).copy("fov", mask)
         parameters = {
             **ctx.parameters,
             "outside_field_of_view": f"{share:.1%} of voxels ({'; '.join(found.causes)})",
         }
-        return ctx.evolve(volume=replace(volume, fov=found.mask), parameters=parameters)
+        return ctx.evolve(volume=replace(volume, fov=mask), parameters=parameters)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import numpy as np
 
 
@@ -22,6 +24,34 @@ def upper_percentile(values: np.ndarray, q: float) -> float:
     below = n - candidates.size  # every value below the threshold ranks under every candidate
     if lo < below:
         return float(np.percentile(flat, q))
+    j = lo - below
+    hi = min(j + 1, candidates.size - 1)
+    part = np.partition(candidates, (j, hi))
+    a, b, t = float(part[j]), float(part[hi]), rank - lo
+    return a + (b - a) * t if t < 0.5 else b - (b - a) * (1.0 - t)
+
+
+def upper_percentile_of_parts(parts: Callable[[], Iterator[np.ndarray]], q: float) -> float:
+    """:func:`upper_percentile` of the values ``parts()`` yields in pieces (e.g. a volume's
+    slabs inside its field of view), never holding them all: one pass counts them and
+    samples a threshold, a second keeps the values above it (a few per cent), from which the
+    two order statistics are taken. Called with ``parts`` again for each pass."""
+    n, samples = 0, []
+    for values in parts():
+        flat = np.ravel(values)
+        n += flat.size
+        samples.append(flat[:: max(1, flat.size // 2000)].copy())
+    if n == 0:
+        raise ValueError("upper_percentile_of_parts: no values")
+    sample = np.concatenate(samples)
+    rank = q / 100.0 * (n - 1)
+    lo = int(np.floor(rank))
+    for margin in (2.0, 10.0, 100.0):  # a threshold the two order statistics lie above
+        threshold = np.percentile(sample, max(0.0, q - margin)) if margin < 100.0 else -np.inf
+        candidates = np.concatenate([np.ravel(v)[np.ravel(v) >= threshold] for v in parts()])
+        below = n - candidates.size
+        if lo >= below:
+            break
     j = lo - below
     hi = min(j + 1, candidates.size - 1)
     part = np.partition(candidates, (j, hi))

@@ -13,56 +13,96 @@ place, and its report says so (:mod:`pipelines.baseline`).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from models.hallucination import suspect_regions
+from models.base import Prediction
+from models.hallucination import large_regions
 from models.restoration import RestorationModel
-from pipelines import fov
+from pipelines import fov, spill
 from pipelines.baseline import ModelOrBaseline, classical_baseline
 from pipelines.domain import CheckInputHeaders, CheckInputImage, domain_of_card
 from pipelines.encode import Encode
 from pipelines.stages import Context, StagedPipeline
-from pipelines.steps import CT_CLASSES, Gate, LoadVolume, Predict, SelectSeries, suspect_figures
+from pipelines.steps import CT_CLASSES, Gate, LoadVolume, SelectSeries, drill_disc, suspect_figures
 from pipelines.validate import Validate
-
-#: Slices scored at a time (bounds the temporaries; the score is per slice).
-SCORE_SLAB = 32
 
 
 @dataclass(frozen=True)
-class ScoreRestoration:
-    """The restoration hallucination map and its suspect regions (0 and none outside the
-    field of view; the QC figures are taken inside it)."""
+class PredictAndScore:
+    """Restore, score and measure a slab of slices at a time (issue 20: memory).
+
+    What used to be two stages over whole volumes — predict (restored image and σ) and
+    score (the hallucination map, suspect regions, QC figures) — runs slab by slab: each
+    slab is filled outside the field of view, restored, given the source's values and σ 0
+    outside the field of view, scored, and written into the job's spill files
+    (:mod:`pipelines.spill`), so the worker never holds more than a slab of the four
+    volume-sized arrays. Everything the model and the score compute is per slice, so the
+    figures are those of the whole-volume stages (``tests/test_restoration_slabs.py``).
+    """
 
     model: RestorationModel
     threshold: float = 6.0
     min_voxels: int = 6
-    name: str = "score"
+    slab: int = spill.SLAB
+    name: str = "predict-and-score"
 
     def run(self, ctx: Context) -> Context:
         volume = ctx.need_volume()
-        prediction = ctx.need_prediction()
-        # scored a slab at a time: no volume-sized copies of the filled input and output
-        score = np.empty(volume.array.shape, np.float32)
-        for start in range(0, len(score), SCORE_SLAB):
-            part = slice(start, start + SCORE_SLAB)
-            observed, restored = fov.scoring_pair(volume, prediction, part)
-            score[part] = fov.clear_outside(
-                volume, self.model.score(observed, restored, prediction.sigma[part]), part
-            )
-        suspect = suspect_regions(score, self.threshold, min_voxels=self.min_voxels)
+        shape = volume.array.shape
+        store = spill.Spill(ctx.env.workdir)
+        mean, sigma = store.array("restored", shape), store.array("sigma", shape)
+        score = store.array("score", shape)
+        above = store.array("suspect", shape, bool)
+        body_sum, body_count = 0.0, 0
+        drill = ctx.study.options.get("inject_hallucination_hu")
+        middle = len(volume.array) // 2
+        spent = {"predict": 0.0, "score": 0.0}
+        for part in spill.slabs(len(volume.array), self.slab):
+            started = time.perf_counter()
+            given = fov.model_input(volume, part)  # a copy, the outside filled
+            predicted = self.model.predict(given, volume.spacing)
+            m, s = predicted.mean, predicted.sigma
+            source = np.array(volume.array[part])
+            inside = None if volume.fov is None else volume.fov[part]
+            if inside is not None:  # nothing was predicted outside: the source's values, σ 0
+                m[~inside] = source[~inside]
+                s[~inside] = 0.0
+            if drill and part.start <= middle < part.stop:  # the gate fire drill
+                m[middle - part.start][drill_disc(shape[1:], volume.spacing)] += float(drill)
+            spent["predict"] += time.perf_counter() - started
+            started = time.perf_counter()
+            restored = m if inside is None else np.where(inside, m, given).astype(np.float32, copy=False)
+            slab_score = fov.clear_outside(volume, self.model.score(given, restored, s), part)
+            above[part] = slab_score > self.threshold
+            body = source > -500 if inside is None else (source > -500) & inside
+            body_sum += float(s[body].sum(dtype=np.float64))
+            body_count += int(body.sum())
+            mean[part], sigma[part], score[part] = m, s, slab_score
+            for array in (mean, sigma, score, above, volume.array, volume.fov):
+                spill.release(array)
+            spent["score"] += time.perf_counter() - started
+        suspect = large_regions(above, min_voxels=self.min_voxels)
         voxel_ml = volume.spacing[0] * volume.spacing[1] * volume.spacing[2] / 1000.0
-        body = fov.inside(volume, volume.array > -500)
         units = volume.units or "1"
         qc = {
             **ctx.qc,
-            "mean calibrated sigma in body": (round(float(prediction.sigma[body].mean()), 3), units),
+            "mean calibrated sigma in body": (round(body_sum / max(body_count, 1), 3), units),
             **suspect_figures(score, suspect, voxel_ml, self.threshold, within=volume.fov),
         }
-        return ctx.evolve(hallucination=score, suspect=suspect, qc=qc)
+        precision = self.model.precision
+        return ctx.evolve(
+            model=self.model.card,
+            prediction=Prediction(mean=mean, sigma=sigma),
+            parameters={**ctx.parameters, "inference_precision": precision},
+            hallucination=score,
+            suspect=suspect,
+            qc=qc,
+            timings={**ctx.timings, **spent},
+        )
 
 
 def restoration(model_dir: Path | None = None, precision: str = "auto") -> StagedPipeline:
@@ -81,12 +121,12 @@ def restoration(model_dir: Path | None = None, precision: str = "auto") -> Stage
         stages=(
             SelectSeries(CT_CLASSES, what="CT"),
             CheckInputHeaders((domain,), model_label),
-            LoadVolume(),
+            LoadVolume(spilled=True),  # the volume-sized arrays live in spill files
             CheckInputImage((domain,), model_label),
             fov.DetectFieldOfView(),
             ModelOrBaseline(
                 model,
-                learned=(Predict(model), ScoreRestoration(model)),
+                learned=(PredictAndScore(model),),
                 baseline=classical_baseline(),
                 noise_hu=domain.calibrated_noise_hu,
             ),

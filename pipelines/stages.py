@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from models.base import ModelCard, Prediction
+from pipelines import spill
 from pipelines.base import (
     GateOutcome,
     InputInstance,
@@ -77,6 +78,17 @@ class Context:
         return self.prediction
 
 
+def _release(ctx: Context) -> None:
+    """Drop the mapped pages of the context's file-backed arrays (:mod:`pipelines.spill`)."""
+    arrays = [ctx.hallucination, ctx.suspect]
+    if ctx.volume is not None:
+        arrays += [ctx.volume.array, ctx.volume.fov]
+    if ctx.prediction is not None:
+        arrays += [ctx.prediction.mean, ctx.prediction.sigma]
+    for array in arrays:
+        spill.release(array)
+
+
 class Stage(Protocol):
     @property
     def name(self) -> str: ...
@@ -96,10 +108,15 @@ class StagedPipeline:
 
     def execute(self, study: StudyInput, env: RunEnvironment) -> Context:
         ctx = Context(study=study, env=env, pipeline=self.name, pipeline_version=self.version)
-        for stage in self.stages:
-            started = time.perf_counter()
-            ctx = stage.run(ctx)
-            ctx = ctx.evolve(timings={**ctx.timings, stage.name: time.perf_counter() - started})
+        spill.remove(env.workdir)  # a run killed before it could clean up left its files
+        try:
+            for stage in self.stages:
+                started = time.perf_counter()
+                ctx = stage.run(ctx)
+                ctx = ctx.evolve(timings={**ctx.timings, stage.name: time.perf_counter() - started})
+                _release(ctx)  # between stages a file-backed volume holds no pages of this process
+        finally:
+            spill.remove(env.workdir)  # arrays still mapped stay readable until dropped
         return ctx
 
     def run(self, study: StudyInput, env: RunEnvironment) -> PipelineResult:

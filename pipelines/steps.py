@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pydicom
 
 from models.base import Model, Prediction
 from models.hallucination import data_consistency_score, largest_region_voxels, suspect_regions
-from pipelines import fov
+from pipelines import fov, spill
 from pipelines.base import GateOutcome, InputInstance, PipelineError
-from pipelines.quantiles import upper_percentile
+from pipelines.quantiles import upper_percentile_of_parts
 from pipelines.stages import Context
 from pipelines.volume import SeriesError, load_series
 
@@ -62,6 +63,9 @@ class LoadVolume:
     """Read the selected series and build the volume (refusing what is not one volume)."""
 
     resample: bool = False
+    #: Keep the voxels in the job's spill file (:mod:`pipelines.spill`), not in memory: for
+    #: pipelines whose later stages read the volume a slab at a time (``restoration``).
+    spilled: bool = False
     name: str = "load"
 
     def run(self, ctx: Context) -> Context:
@@ -70,6 +74,9 @@ class LoadVolume:
             volume = load_series(datasets, resample=self.resample)
         except SeriesError as exc:
             raise PipelineError(str(exc)) from None
+        del datasets
+        if self.spilled:
+            volume = replace(volume, array=spill.Spill(ctx.env.workdir).copy("volume", volume.array))
         # the pixels are in the volume now; the data sets stay for their attributes (the
         # writers copy and reference them), without the encoded pixels: half a volume's
         # memory for a long CT series (issue 20)
@@ -118,12 +125,18 @@ def inject_hallucination(
     structure and hold the output. Never set in a clinical rule.
     """
     mean = prediction.mean.copy()
-    k, rows, cols = len(mean) // 2, mean.shape[1], mean.shape[2]
+    k = len(mean) // 2
+    mean[k][drill_disc(mean.shape[1:], spacing)] += contrast_hu
+    return Prediction(mean=mean, sigma=prediction.sigma)
+
+
+def drill_disc(plane_shape: tuple[int, ...], spacing: tuple[float, float, float]) -> np.ndarray:
+    """Where :func:`inject_hallucination` puts its disc in the middle slice: 6 mm across,
+    at 45 % of the rows and half the columns."""
+    rows, cols = int(plane_shape[0]), int(plane_shape[1])
     yy, xx = np.mgrid[0:rows, 0:cols]
     radius_px = 3.0 / max(spacing[1], 1e-3)
-    disc = (yy - rows * 0.45) ** 2 + (xx - cols * 0.5) ** 2 <= radius_px**2
-    mean[k][disc] += contrast_hu
-    return Prediction(mean=mean, sigma=prediction.sigma)
+    return np.asarray((yy - rows * 0.45) ** 2 + (xx - cols * 0.5) ** 2 <= radius_px**2)
 
 
 @dataclass(frozen=True)
@@ -175,10 +188,16 @@ def suspect_figures(
     """The hallucination QC figures every pipeline reports (the gate's limits read them):
     score p99 and suspect fraction (over ``within``, default every voxel), total and
     largest suspect region (mL), and the threshold used."""
-    inside = score if within is None else score[within]
+
+    def inside() -> Iterator[np.ndarray]:  # a slab at a time: the score may be file-backed
+        for part in spill.slabs(len(score)):
+            values = score[part] if within is None else score[part][within[part]]
+            yield np.array(values)
+            spill.release(score)
+
     fraction = suspect.mean() if within is None else suspect.sum() / within.sum()
     return {
-        "hallucination score p99": (round(upper_percentile(inside, 99.0), 3), "1"),
+        "hallucination score p99": (round(upper_percentile_of_parts(inside, 99.0), 3), "1"),
         "suspect fraction": (round(float(fraction), 6), "1"),
         "suspect volume": (round(float(suspect.sum() * voxel_ml), 3), "mL"),
         "largest suspect region": (round(largest_region_voxels(suspect) * voxel_ml, 4), "mL"),

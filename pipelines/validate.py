@@ -99,21 +99,33 @@ def _expected_frame_of_reference(ctx: Context) -> str | None:
     return own or derived_frame_of_reference(ctx.env.uid_root, ctx.series[0].series_uid)
 
 
-def _native_float_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
-    """Uncompressed 32-bit float pixel data as a view of the file's bytes (no decoded copy:
-    a map of a long series is hundreds of MB), shaped (frames, rows, columns); else None."""
+def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
+    """Uncompressed little-endian pixel data — 32-bit float, or 8/16-bit single-sample
+    integers — as a view of the file's bytes (no decoded copy: a map of a long series is
+    hundreds of MB), shaped (frames, rows, columns); else None (decode it)."""
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if "FloatPixelData" not in ds or ts is None or ts.is_compressed or not ts.is_little_endian:
+    if ts is None or ts.is_compressed or not ts.is_little_endian:
+        return None
+    if "FloatPixelData" in ds:
+        data, dtype = ds.FloatPixelData, np.dtype("<f4")
+    elif "PixelData" in ds and int(ds.get("SamplesPerPixel", 1) or 1) == 1:
+        bits, signed = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("PixelRepresentation", 0) or 0)
+        if bits not in (8, 16):
+            return None
+        data, dtype = ds.PixelData, np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    else:
         return None
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    flat = np.frombuffer(ds.FloatPixelData, dtype="<f4")
-    return flat.reshape(frames, rows, cols) if flat.size == frames * rows * cols else flat
+    if len(data) < frames * rows * cols * dtype.itemsize:
+        return None  # short: let the decoder say what is wrong
+    flat = np.frombuffer(data, dtype=dtype, count=frames * rows * cols)
+    return flat.reshape(frames, rows, cols)
 
 
 def _pixel_problems(ds: pydicom.Dataset) -> list[str]:
     try:
-        pixels = _native_float_pixels(ds)
+        pixels = _native_pixels(ds)
         if pixels is None:
             pixels = np.asarray(ds.pixel_array)
     except Exception as exc:  # any decoder failure is a validation failure, not a crash

@@ -39,6 +39,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds, validate_value
 
+from pipelines import spill
 from pipelines.geometry import frame_group
 from pipelines.provenance import OutputProvenance, PriorReference, ProvenanceError
 from pipelines.uids import UidFactory
@@ -240,7 +241,7 @@ def _check_array(owner: str, volume: Volume, array: Any, name: str) -> np.ndarra
             f"{owner}: '{name}' has shape {values.shape}, the volume {volume.array.shape} "
             "(slices, rows, columns)"
         )
-    if values.dtype != bool and not np.all(np.isfinite(values)):
+    if values.dtype != bool and not spill.all_finite(values):  # a slab at a time
         raise ValueError(f"{owner}: '{name}' has NaN or infinite values")
     return values
 
@@ -483,11 +484,10 @@ def _source_window(ds: Dataset, frame_number: int | None) -> tuple[float, float]
 
 def _window_of(values: np.ndarray) -> tuple[float, float]:
     """Display window from the 1st-99th percentile (of a fixed subsample of a large volume)."""
-    flat = values.ravel()
-    step = max(1, flat.size // 4_000_000)
-    lo, hi = (float(v) for v in np.percentile(flat[::step], [1.0, 99.0]))
+    step = max(1, values.size // 4_000_000)
+    lo, hi = (float(v) for v in np.percentile(spill.strided_sample(values, step), [1.0, 99.0]))
     if hi <= lo:
-        lo, hi = float(values.min()), float(values.max())
+        lo, hi = spill.min_max(values)
     width = max(hi - lo, 1e-3)
     return (lo + hi) / 2.0, width
 

@@ -9,6 +9,7 @@ module and the modality's acquisition facts. See :class:`DerivedImageWriter`.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import CTImageStorage, MRImageStorage
 
+from pipelines import spill
 from pipelines.geometry import frame_group
 from pipelines.provenance import OutputProvenance
 from pipelines.uids import UidFactory
@@ -259,7 +261,14 @@ class DerivedImageWriter:
     def series_instance_uid(self) -> str:
         return self.uids.series(self.name)
 
-    def write(self, volume: Volume, array: np.ndarray, out_dir: Path | None = None) -> list[Dataset]:
+    def write(
+        self,
+        volume: Volume,
+        array: np.ndarray,
+        out_dir: Path | None = None,
+        *,
+        each: Callable[[Dataset], None] | None = None,
+    ) -> list[Dataset]:
         """One derived instance per slice of ``volume``, pixels from ``array``.
 
         Parameters
@@ -270,6 +279,9 @@ class DerivedImageWriter:
             ``(slices, rows, columns)`` in the volume's units (HU for CT), or in ``units``.
         out_dir
             When given, the instances are also saved there (see :func:`save`).
+        each
+            Called with each instance as soon as it is made (e.g. to save it and drop its
+            pixels, so a long series is never in memory at once).
 
         Returns
         -------
@@ -318,6 +330,11 @@ class DerivedImageWriter:
             ds.PixelData = stored.tobytes()
             _file_meta(ds)
             out.append(_finish(ds, self.provenance))
+            if each is not None:
+                each(ds)
+            if k % spill.SLAB == spill.SLAB - 1:
+                spill.release(values)  # a file-backed prediction: a slab of pages at a time
+        spill.release(values)
         if out_dir is not None:
             save(out, out_dir)
         return out

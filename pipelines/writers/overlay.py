@@ -6,7 +6,7 @@ required argument and is referenced. See :class:`OverlayWriter`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -15,9 +15,10 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ParametricMapStorage
 
+from pipelines import spill
 from pipelines.geometry import planes_of
 from pipelines.provenance import OutputProvenance
-from pipelines.quantiles import upper_percentile
+from pipelines.quantiles import upper_percentile_of_parts
 from pipelines.uids import UidFactory
 from pipelines.volume import Volume
 from pipelines.writers.common import (
@@ -95,8 +96,11 @@ class OverlayWriter:
     def busiest_slice(score: np.ndarray, mask: np.ndarray | None = None) -> int:
         """The slice with the largest hallucination burden (mask voxels, else positive score)."""
         burden = mask.reshape(len(mask), -1).sum(axis=1) if mask is not None and mask.any() else None
-        if burden is None:
-            burden = np.clip(score, 0, None).reshape(len(score), -1).sum(axis=1)
+        if burden is None:  # a slab at a time: the score may be file-backed (pipelines.spill)
+            burden = np.zeros(len(score))
+            for part in spill.slabs(len(score)):
+                burden[part] = np.clip(score[part], 0, None).reshape(part.stop - part.start, -1).sum(axis=1)
+                spill.release(score)
         return int(np.argmax(burden))
 
     def write(
@@ -147,10 +151,20 @@ class OverlayWriter:
 
         center, width = _source_window(source, ref.frame_number) or _window_of(volume.array)
         grey = np.clip((volume.array[k] - (center - width / 2)) / width, 0, 1)
-        threshold = upper_percentile(values, 95.0) if self.threshold is None else float(self.threshold)
-        top = max(float(values.max()), threshold + 1e-6)
-        s = np.clip((values[k] - threshold) / (top - threshold), 0, 1)
-        alpha = np.where(values[k] > threshold, 0.35 + 0.5 * s, 0.0)[..., None]
+        spill.release(volume.array)
+
+        def slabs() -> Iterator[np.ndarray]:
+            for part in spill.slabs(len(values)):
+                yield np.array(values[part])
+                spill.release(values)
+
+        threshold = (
+            upper_percentile_of_parts(slabs, 95.0) if self.threshold is None else float(self.threshold)
+        )
+        top = max(spill.min_max(values)[1], threshold + 1e-6)
+        shown = spill.read(values, slice(k, k + 1))[0]
+        s = np.clip((shown - threshold) / (top - threshold), 0, 1)
+        alpha = np.where(shown > threshold, 0.35 + 0.5 * s, 0.0)[..., None]
         rgb = (1 - alpha) * grey[..., None] + alpha * _hot(0.35 + 0.65 * s)
         pixels = np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
 

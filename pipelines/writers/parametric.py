@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from pipelines import spill
 from pipelines.provenance import OutputProvenance
 from pipelines.uids import UidFactory
 from pipelines.volume import Volume
@@ -63,6 +64,7 @@ def quantise(values: np.ndarray, low: float, step: float) -> np.ndarray:
         np.rint(part, out=part)
         np.clip(part, 0, INTEGER_LEVELS, out=part)
         flat_out[start : start + 16] = part
+        spill.release(values)
     return out
 
 
@@ -154,7 +156,7 @@ class _ParametricMapWriter:
         self._validate(pixels)
         prov = self.provenance
         measures, orientation, positions = _geometry(volume)
-        lo, hi = float(pixels.min()), float(pixels.max())
+        lo, hi = spill.min_max(pixels)  # a slab at a time: the map may be file-backed
         center, width = _window_of(pixels)
         if integer:
             step = (hi - lo) / INTEGER_LEVELS if hi > lo else 1.0
@@ -280,8 +282,9 @@ class UncertaintyMapWriter(_ParametricMapWriter):
         )
 
     def _validate(self, values: np.ndarray) -> None:
-        if float(values.min()) < 0.0:
-            raise ValueError(f"{type(self).__name__}: uncertainty values must be ≥ 0 (min {values.min():g})")
+        low = spill.min_max(values)[0]
+        if low < 0.0:
+            raise ValueError(f"{type(self).__name__}: uncertainty values must be ≥ 0 (min {low:g})")
 
 
 class HallucinationMapWriter(_ParametricMapWriter):
@@ -389,8 +392,8 @@ class ProbabilityMapWriter(_ParametricMapWriter):
         )
 
     def _validate(self, values: np.ndarray) -> None:
-        if float(values.min()) < 0.0 or float(values.max()) > 1.0:
+        low, high = spill.min_max(values)
+        if low < 0.0 or high > 1.0:
             raise ValueError(
-                f"{type(self).__name__}: probabilities must lie in 0 .. 1 "
-                f"(min {values.min():g}, max {values.max():g})"
+                f"{type(self).__name__}: probabilities must lie in 0 .. 1 (min {low:g}, max {high:g})"
             )
