@@ -366,6 +366,9 @@ class WorkersSection(_Section):
     engine: Literal["local", "celery"] = "local"
     #: The Celery broker (``DICOM_NODE_BROKER_URL`` in the environment overrides it).
     broker_url: str = "redis://127.0.0.1:6379/0"
+    #: Build the pipelines the policy's rules name (imports, model weights) when a worker
+    #: starts, before it takes its first job: the first study does not wait for them.
+    preload: bool = True
     #: A queued job whose message no worker took is published again after this.
     redispatch_seconds: float = Field(120.0, gt=0)
     #: Longest run of a job, by pipeline (``default`` for the rest): past it the job fails

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 
 from sqlalchemy import update
 
@@ -26,6 +27,7 @@ from dicom_node.jobs.runner import ClaimedJob, JobRunner, recover_jobs
 from dicom_node.jobs.state import JobState
 from dicom_node.net.tls import ClientTls
 from dicom_node.paths import NodePaths
+from policies.loader import PolicyError, load_policy
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,11 @@ class Worker:
         db: Database,
         audit: AuditTrail,
         run_id: str,
+        policy_path: Path | None = None,
     ) -> None:
         self.config = config
+        #: The policy whose pipelines are built at start (``[workers] preload``).
+        self.policy_path = policy_path
         self.db = db
         self.audit = audit
         self.run_id = run_id
@@ -66,6 +71,9 @@ class Worker:
         threads = [*senders, self.start_leases()]
         runs_jobs = self.config.workers.engine == "local"
         log.info("worker %s started (%s)", self.worker_id, "jobs, deliveries" if runs_jobs else "deliveries")
+        if runs_jobs and self.config.workers.preload:  # beside the job loop: a job never waits for
+            # a pipeline it does not need (building the one it needs is shared, not doubled)
+            threading.Thread(target=self.preload, name="preload", daemon=True).start()
         next_recovery = 0.0
         while not self.stop_event.is_set():
             now = time.time()
@@ -79,6 +87,21 @@ class Worker:
             self.run_claimed(job)
         for th in threads:
             th.join(timeout=5)
+
+    def preload(self) -> None:
+        """Build the pipelines the policy's rules name (imports and model weights take
+        seconds; a study should not wait for them)."""
+        if self.policy_path is None:
+            return
+        try:
+            names = sorted({rule.pipeline for rule in load_policy(self.policy_path).policy.rules})
+        except PolicyError:
+            return  # serve refused to start on it, or it changed since: jobs build what they need
+        for name, took in self.runner.preload(names).items():
+            if isinstance(took, str):
+                log.warning("worker %s: pipeline %s not built at start: %s", self.worker_id, name, took)
+            else:
+                log.info("worker %s: pipeline %s ready in %.1f s", self.worker_id, name, took)
 
     def start_leases(self) -> threading.Thread:
         """Start renewing the leases of what this process holds (a daemon thread)."""

@@ -124,7 +124,7 @@ def worker(
         return
     runtime = open_runtime(config, home, json.loads(overrides))
     setup_logging(runtime.paths, runtime.config)
-    w = Worker(runtime.config, runtime.paths, runtime.db, runtime.audit, run_id)
+    w = Worker(runtime.config, runtime.paths, runtime.db, runtime.audit, run_id, runtime.policy_path)
 
     def _stop(_signum: int, _frame: object) -> None:
         w.stop_event.set()

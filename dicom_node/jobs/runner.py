@@ -19,8 +19,9 @@ layer's, reached through the :class:`~dicom_node.jobs.handover.Handover` the cal
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -157,31 +158,54 @@ class JobRunner:
         #: Built pipelines by name: each model is loaded and its weights hash-checked once
         #: per worker process, not per job.
         self._pipelines: dict[str, Pipeline] = {}
+        #: One lock per pipeline name: built once, even when a job and the preload ask at once.
+        self._building: dict[str, threading.Lock] = {}
+        self._building_guard = threading.Lock()
 
     def pipeline(self, name: str) -> Pipeline:
         """Pipeline ``name`` with the model the config chose (built on first use)."""
-        if name not in self._pipelines:
-            try:
-                model_dir = self.config.models.directory(name)
-            except ValueError as exc:  # the pinned model went away since the config was loaded
-                raise PipelineError(f"[models] {exc}") from None
-            started = time.perf_counter()
-            self._pipelines[name] = pipeline = get_pipeline(name, model_dir, self.config.models.precision)
-            if model_dir is not None:
-                card = read_card(model_dir)
-                precision = getattr(pipeline, "precision", None)
-                self.audit.record(
-                    AuditEvent.MODEL_LOADED,
-                    actor=self.worker_id,
-                    pipeline=name,
-                    model=card["name"],
-                    version=card["version"],
-                    weights_sha256=card["weights_sha256"],
-                    directory=str(model_dir),
-                    load_seconds=round(time.perf_counter() - started, 3),
-                    **({"precision": precision} if precision else {}),
-                )
+        with self._building_guard:
+            building = self._building.setdefault(name, threading.Lock())
+        with building:
+            if name not in self._pipelines:
+                self._build(name)
         return self._pipelines[name]
+
+    def _build(self, name: str) -> None:
+        try:
+            model_dir = self.config.models.directory(name)
+        except ValueError as exc:  # the pinned model went away since the config was loaded
+            raise PipelineError(f"[models] {exc}") from None
+        started = time.perf_counter()
+        self._pipelines[name] = pipeline = get_pipeline(name, model_dir, self.config.models.precision)
+        if model_dir is not None:
+            card = read_card(model_dir)
+            precision = getattr(pipeline, "precision", None)
+            self.audit.record(
+                AuditEvent.MODEL_LOADED,
+                actor=self.worker_id,
+                pipeline=name,
+                model=card["name"],
+                version=card["version"],
+                weights_sha256=card["weights_sha256"],
+                directory=str(model_dir),
+                load_seconds=round(time.perf_counter() - started, 3),
+                **({"precision": precision} if precision else {}),
+            )
+
+    def preload(self, names: Iterable[str]) -> dict[str, float | str]:
+        """Build pipelines ``names`` now (see :meth:`pipeline`): name → seconds it took, or
+        why it could not be built (the job that needs it then fails with that reason)."""
+        done: dict[str, float | str] = {}
+        for name in names:
+            started = time.perf_counter()
+            try:
+                self.pipeline(name)
+            except Exception as exc:  # a missing model or an unknown pipeline: the job will say so
+                done[name] = describe_exception(exc)
+            else:
+                done[name] = round(time.perf_counter() - started, 2)
+        return done
 
     def claim(self, job_id: int | None = None) -> ClaimedJob | None:
         """The oldest queued job (or job ``job_id``, if it is queued), moved to ``running``

@@ -70,15 +70,25 @@ def main() -> int:
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument(
+        "--study",
+        type=Path,
+        help="a directory this bench's simulation wrote before (DIR/low-dose, same --slices and --size): "
+        "sent as it is instead of simulating it again",
+    )
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="dn-e2e-"))
     try:
-        t0 = time.perf_counter()
-        write_ldct_study(root / "study", LdctSpec(slices=args.slices, size=args.size, dose=0.25, seed=11))
-        print(
-            f"simulated {args.slices} slices {args.size}x{args.size} (SIMULATED, dose 0.25) in "
-            f"{time.perf_counter() - t0:.0f} s"
-        )
+        if args.study:
+            (root / "study").symlink_to(args.study.resolve())
+            print(f"study: {args.study} (SIMULATED, written by an earlier run)")
+        else:
+            t0 = time.perf_counter()
+            write_ldct_study(root / "study", LdctSpec(slices=args.slices, size=args.size, dose=0.25, seed=11))
+            print(
+                f"simulated {args.slices} slices {args.size}x{args.size} (SIMULATED, dose 0.25) in "
+                f"{time.perf_counter() - t0:.0f} s"
+            )
         floors, totals, peaks = [], [], []
         for run in range(args.runs):
             floors.append(_orthanc_alone(root / f"floor-{run}", root / "study" / "low-dose"))
@@ -167,10 +177,12 @@ file = "policy.yaml"
         transitions = con.execute("select to_state, at from job_transitions order by id").fetchall()
         deliveries = con.execute("select count(*), sum(state = 'delivered') from deliveries").fetchone()
         study_uid = con.execute("select study_uid from studies").fetchone()[0]
+        stages = con.execute("select stage, seconds from job_stage_times order by id").fetchall()
         con.close()
         print(f"job: {state()}; deliveries delivered {deliveries[1]}/{deliveries[0]}")
         for to, at in transitions:
             print(f"  {at - last_received:7.1f} s after the last instance: {to}")
+        print("  the pipeline's stages: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in stages))
         total = last_delivered - last_received
         each = ", ".join(f"{name} {size / 2**30:.2f}" for name, size in sorted(rss.each.values()))
         print(f"last instance received -> last delivery confirmed: {total:.1f} s")
