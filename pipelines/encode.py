@@ -17,6 +17,7 @@ from highdicom.sr import CodedConcept
 from pydicom import Dataset
 from pydicom.sr.coding import Code
 
+from pipelines import spill
 from pipelines.base import GateOutcome, OutputInstance
 from pipelines.provenance import OutputProvenance
 from pipelines.stages import Context
@@ -151,6 +152,8 @@ def write_outputs(
                 for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
                     if keyword in ds:
                         delattr(ds, keyword)
+            if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in datasets):
+                spill.trim()  # a multi-frame map's hundreds of MB, before the next is made
 
     n = _check_series_number("write_outputs", first_series_number)
     if not volume.frame_of_reference_uid:

@@ -16,10 +16,11 @@ still open keeps its data readable until it is closed (POSIX unlink semantics).
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,25 @@ def release(array: Any) -> None:
     found = _mapping(array)
     if found is not None and not found.closed:
         found.madvise(mmap.MADV_DONTNEED)
+
+
+def _libc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_TRIM = _libc_trim()
+
+
+def trim() -> None:
+    """Give the memory the allocator keeps from freed volume-sized temporaries back to the
+    system (glibc's ``malloc_trim``; nothing elsewhere): a stage's slabs and encoded
+    frames are freed, but glibc keeps the pages of its arenas for reuse, and the next
+    stage's peak would start from them."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 def read(array: np.ndarray, part: slice) -> np.ndarray:

@@ -87,6 +87,7 @@ def _release(ctx: Context) -> None:
         arrays += [ctx.prediction.mean, ctx.prediction.sigma]
     for array in arrays:
         spill.release(array)
+    spill.trim()
 
 
 class Stage(Protocol):

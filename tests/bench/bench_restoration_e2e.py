@@ -39,6 +39,8 @@ class PeakRss:
     def __init__(self, pid: int) -> None:
         self.root = psutil.Process(pid)
         self.peak = 0
+        #: When the peak was sampled (epoch seconds).
+        self.peak_at = 0.0
         #: Peak RSS by process (pid → (command tail, bytes)).
         self.each: dict[int, tuple[str, int]] = {}
         self._stop = threading.Event()
@@ -49,7 +51,8 @@ class PeakRss:
             try:
                 procs = [self.root, *self.root.children(recursive=True)]
                 sizes = {p.pid: p.memory_info().rss for p in procs if p.is_running()}
-                self.peak = max(self.peak, sum(sizes.values()))
+                if sum(sizes.values()) > self.peak:
+                    self.peak, self.peak_at = sum(sizes.values()), time.time()
                 for p in procs:
                     if p.pid in sizes and sizes[p.pid] > self.each.get(p.pid, ("", 0))[1]:
                         self.each[p.pid] = ("serve" if p.pid == self.root.pid else "worker", sizes[p.pid])
@@ -186,7 +189,10 @@ file = "policy.yaml"
         total = last_delivered - last_received
         each = ", ".join(f"{name} {size / 2**30:.2f}" for name, size in sorted(rss.each.values()))
         print(f"last instance received -> last delivery confirmed: {total:.1f} s")
-        print(f"peak RSS of the node: {rss.peak / 2**30:.2f} GB (each process's own peak, GB: {each})")
+        print(
+            f"peak RSS of the node: {rss.peak / 2**30:.2f} GB, {rss.peak_at - last_received:.1f} s after the "
+            f"last instance (each process's own peak, GB: {each})"
+        )
         series = pacs.series_of_study(study_uid)
         print(
             f"Orthanc holds {len(series)} series under the study: "
