@@ -19,7 +19,7 @@ from audit import AuditTrail
 from dicom_node.db.engine import Database
 from dicom_node.lab import localpeers
 from dicom_node.paths import AUDIT_DATABASE_URL_ENV, DATABASE_URL_ENV, NodePaths
-from pipelines.base import InputInstance
+from pipelines.base import InputInstance, StudyInput
 from tests import pg
 from tests.peers import ORTHANC, STORESCP, STORESCU, NodeProcess, Orthanc, have
 from tests.state import state_rows, state_urls  # noqa: F401  (re-exported for the tests)
@@ -329,4 +329,42 @@ storage_commitment = {"true" if commitment else "false"}
 commitment_timeout_seconds = {timeout}
 """
         + extra
+    )
+
+
+def write_circle_ct(
+    out: Path, *, slices: int, size: int, seed: int, outside_hu: float
+) -> tuple[list[Path], Any]:
+    """A SIMULATED low-dose CT (``out/low-dose``) whose scanner writes ``outside_hu``
+    outside its reconstruction circle (no Pixel Padding Value): the files, and the
+    ``(rows, columns)`` mask that is True outside the circle."""
+    import numpy as np
+
+    from dicom_node.lab.simulate import LdctSpec, write_ldct_study
+
+    spec = LdctSpec(slices=slices, size=size, dose=0.25, seed=seed)
+    low, _reference = write_ldct_study(out, spec, workers=2)
+    yy, xx = np.ogrid[:size, :size]
+    centre = (size - 1) / 2.0
+    outside = (yy - centre) ** 2 + (xx - centre) ** 2 > (size / 2.0 - 1.0) ** 2
+    for f in low.files:
+        ds = pydicom.dcmread(f)
+        stored = ds.pixel_array.copy()
+        stored[outside] = outside_hu - float(ds.RescaleIntercept)
+        ds.PixelData = stored.tobytes()
+        ds.save_as(f, enforce_file_format=True)
+    return list(low.files), outside
+
+
+def study_of(files: Sequence[Path], gate_policy: Any = None, options: dict[str, Any] | None = None) -> Any:
+    """A job's study snapshot (``pipelines.base.StudyInput``) of DICOM files of one study."""
+
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    return StudyInput(
+        job_id=1,
+        study_uid=str(first.StudyInstanceUID),
+        study_version=1,
+        instances=instances(files),
+        options=options or {},
+        gate_policy=gate_policy,
     )

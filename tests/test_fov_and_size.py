@@ -17,14 +17,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from dicom_node.lab.simulate import LdctSpec, SctSpec, write_ct_series, write_ldct_study, write_sct_study
+from dicom_node.lab.simulate import SctSpec, write_ct_series, write_sct_study
 from models.padding import pad_planes, size_multiple
 from models.sim.phantom import PhantomSpec
 from pipelines.base import GatePolicy, Pipeline, RunEnvironment, StudyInput
@@ -35,7 +34,7 @@ from pipelines.volume import Volume, load_series
 from pipelines.writers import kind_of
 from policies.engine import gate_output
 from policies.loader import load_policy
-from tests.conftest import instances
+from tests.conftest import study_of, write_circle_ct
 
 DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "policies" / "default.yaml"
 #: What the simulated scanner writes outside its reconstruction circle (no Pixel Padding Value).
@@ -43,18 +42,6 @@ OUTSIDE_HU = -2000
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def study_of(
-    files: Sequence[Path], gate_policy: GatePolicy | None = None, options: dict[str, Any] | None = None
-) -> StudyInput:
-    first = pydicom.dcmread(files[0], stop_before_pixels=True)
-    return StudyInput(
-        job_id=1,
-        study_uid=str(first.StudyInstanceUID),
-        study_version=1,
-        instances=instances(files),
-        options=options or {},
-        gate_policy=gate_policy,
-    )
 
 
 def default_gate(rule_name: str) -> GatePolicy:
@@ -207,20 +194,10 @@ class CircleStudy:
 @pytest.fixture(scope="module")
 def circle_study(tmp_path_factory: pytest.TempPathFactory) -> CircleStudy:
     """A SIMULATED low-dose chest CT whose scanner writes −2000 outside its circle."""
-    size = 512
-    low, _reference = write_ldct_study(
-        tmp_path_factory.mktemp("fov"), LdctSpec(slices=4, size=size, dose=0.25, seed=11), workers=2
+    files, outside = write_circle_ct(
+        tmp_path_factory.mktemp("fov"), slices=4, size=512, seed=11, outside_hu=OUTSIDE_HU
     )
-    yy, xx = np.ogrid[:size, :size]
-    centre = (size - 1) / 2.0
-    outside = (yy - centre) ** 2 + (xx - centre) ** 2 > (size / 2.0 - 1.0) ** 2
-    for f in low.files:
-        ds = pydicom.dcmread(f)
-        stored = ds.pixel_array.copy()
-        stored[outside] = OUTSIDE_HU - float(ds.RescaleIntercept)
-        ds.PixelData = stored.tobytes()
-        ds.save_as(f, enforce_file_format=True)
-    return CircleStudy(list(low.files), outside)
+    return CircleStudy(files, outside)
 
 
 def test_the_field_of_view_is_the_circle_and_nothing_else(circle_study: CircleStudy) -> None:

@@ -16,10 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import pydicom
 import pytest
 
-from dicom_node.lab.simulate import LdctSpec, write_ldct_study
 from models.hallucination import suspect_regions
 from models.restoration import RestorationModel
 from pipelines import fov, spill
@@ -29,7 +27,7 @@ from pipelines.registry import get_pipeline
 from pipelines.restoration import PredictAndScore
 from pipelines.stages import Context, StagedPipeline
 from pipelines.steps import CT_CLASSES, LoadVolume, Predict, SelectSeries, suspect_figures
-from tests.conftest import instances
+from tests.conftest import study_of, write_circle_ct
 
 OUTSIDE_HU = -2000
 THRESHOLD, MIN_VOXELS = 6.0, 6
@@ -38,20 +36,9 @@ THRESHOLD, MIN_VOXELS = 6.0, 6
 @pytest.fixture(scope="module")
 def circle_ct(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """A SIMULATED 7-slice low-dose CT whose scanner writes −2000 outside its circle."""
-    size = 256
-    low, _ = write_ldct_study(
-        tmp_path_factory.mktemp("slabs"), LdctSpec(slices=7, size=size, dose=0.25, seed=5), workers=2
-    )
-    yy, xx = np.ogrid[:size, :size]
-    centre = (size - 1) / 2.0
-    outside = (yy - centre) ** 2 + (xx - centre) ** 2 > (size / 2.0 - 1.0) ** 2
-    for f in low.files:
-        ds = pydicom.dcmread(f)
-        stored = ds.pixel_array.copy()
-        stored[outside] = OUTSIDE_HU - float(ds.RescaleIntercept)
-        ds.PixelData = stored.tobytes()
-        ds.save_as(f, enforce_file_format=True)
-    return list(low.files)
+    out = tmp_path_factory.mktemp("slabs")
+    files, _ = write_circle_ct(out, slices=7, size=256, seed=5, outside_hu=OUTSIDE_HU)
+    return files
 
 
 @pytest.fixture(scope="module")
@@ -59,20 +46,13 @@ def model() -> RestorationModel:
     return RestorationModel.shipped(precision="float32")
 
 
-def study_of(files: list[Path], drill: float | None) -> StudyInput:
-    first = pydicom.dcmread(files[0], stop_before_pixels=True)
-    return StudyInput(
-        job_id=1,
-        study_uid=str(first.StudyInstanceUID),
-        study_version=1,
-        instances=instances(files),
-        options={"inject_hallucination_hu": drill} if drill else {},
-    )
+def drilled(files: list[Path], drill: float | None) -> StudyInput:
+    return study_of(files, options={"inject_hallucination_hu": drill} if drill else None)
 
 
 def loaded(files: list[Path], workdir: Path, *, spilled: bool, drill: float | None) -> Context:
     workdir.mkdir(parents=True, exist_ok=True)
-    study = study_of(files, drill)
+    study = drilled(files, drill)
     ctx = Context(study=study, env=RunEnvironment(workdir=workdir), series=study.instances)
     ctx = LoadVolume(spilled=spilled).run(ctx)
     return fov.DetectFieldOfView().run(ctx)
@@ -129,7 +109,7 @@ def test_the_pipeline_deletes_its_spill_files_and_its_outputs_stay_readable(
 ) -> None:
     pipeline = get_pipeline("restoration", None)
     assert isinstance(pipeline, StagedPipeline)
-    ctx = pipeline.execute(study_of(circle_ct, None), RunEnvironment(workdir=tmp_path))
+    ctx = pipeline.execute(drilled(circle_ct, None), RunEnvironment(workdir=tmp_path))
     assert not spill.directory(tmp_path).exists()
     assert len(ctx.outputs) == len(circle_ct) + 5  # the series, both maps, SEG, overlay, SR
     assert all(o.path.is_file() and o.path.parent == tmp_path for o in ctx.outputs)
@@ -147,7 +127,7 @@ def test_a_failed_stage_leaves_no_spill_files(circle_ct: list[Path], tmp_path: P
 
     pipeline = StagedPipeline("t", "1", (SelectSeries(CT_CLASSES), LoadVolume(spilled=True), Boom()))
     with pytest.raises(RuntimeError, match="boom"):
-        pipeline.execute(study_of(circle_ct, None), RunEnvironment(workdir=tmp_path))
+        pipeline.execute(drilled(circle_ct, None), RunEnvironment(workdir=tmp_path))
     assert not spill.directory(tmp_path).exists()
 
 

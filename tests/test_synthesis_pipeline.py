@@ -24,26 +24,15 @@ from dicom_node.delivery.tps import dciodvfy_errors
 from dicom_node.lab.simulate import write_ct_series
 from dicom_node.lab.simulate_synthesis import SynthesisSpec, SynthesisStudy, write_synthesis_study
 from models.sim.phantom import PhantomSpec
-from pipelines.base import InputRefused, PipelineError, RunEnvironment, StudyInput
+from pipelines.base import InputRefused, PipelineError, RunEnvironment
 from pipelines.provenance import provenance_of
 from pipelines.registry import get_pipeline
 from pipelines.stages import Context, StagedPipeline
 from pipelines.synthesis import DEFAULT_PROTOCOL, contrast_of, protocol_of
 from pipelines.writers import kind_of
-from tests.conftest import instances
+from tests.conftest import study_of
 
 SEED = 30001  # a held-out seed of the synthesis evaluation
-
-
-def study_of(files: Sequence[Path], options: dict[str, str] | None = None) -> StudyInput:
-    first = pydicom.dcmread(files[0], stop_before_pixels=True)
-    return StudyInput(
-        job_id=1,
-        study_uid=str(first.StudyInstanceUID),
-        study_version=1,
-        instances=instances(files),
-        options=dict(options or {}),
-    )
 
 
 def acquired_files(written: SynthesisStudy) -> list[Path]:
@@ -164,7 +153,7 @@ def test_every_output_passes_dciodvfy(ran: Context) -> None:
 
 def refusal(pipeline: StagedPipeline, files: Sequence[Path], tmp_path: Path, **options: str) -> InputRefused:
     with pytest.raises(InputRefused) as refused:
-        pipeline.execute(study_of(files, options), RunEnvironment(workdir=tmp_path))
+        pipeline.execute(study_of(files, options=options), RunEnvironment(workdir=tmp_path))
     return refused.value
 
 
@@ -246,7 +235,7 @@ def test_the_protocol_names_the_series_and_timing_reads_the_rest(
     out = tmp_path / "out"
     out.mkdir()
     ctx = pipeline.execute(
-        study_of(t1w + t2w, {"protocol_t1w": "(?i)ax se 500"}), RunEnvironment(workdir=out)
+        study_of(t1w + t2w, options={"protocol_t1w": "(?i)ax se 500"}), RunEnvironment(workdir=out)
     )
     assert (
         ctx.parameters["input_series"]["t1w"]

@@ -27,6 +27,10 @@ def runtime(tmp_path: Path) -> Iterator[Runtime]:
         rt.close()
 
 
+def worker_of(runtime: Runtime, policy: Path | None) -> Worker:
+    return Worker(runtime.config, runtime.paths, runtime.db, runtime.audit, "run-w", policy)
+
+
 def two_rule_policy(path: Path) -> Path:
     rules = [
         {"name": "ldct", "pipeline": "restoration", "destinations": ["pacs"], "match": {"modality": "CT"}},
@@ -37,14 +41,7 @@ def two_rule_policy(path: Path) -> Path:
 
 
 def test_a_worker_builds_its_policys_pipelines_before_its_first_job(runtime: Runtime, tmp_path: Path) -> None:
-    worker = Worker(
-        runtime.config,
-        runtime.paths,
-        runtime.db,
-        runtime.audit,
-        "run-w",
-        two_rule_policy(tmp_path / "p.yaml"),
-    )
+    worker = worker_of(runtime, two_rule_policy(tmp_path / "p.yaml"))
     assert worker.config.workers.preload  # the default
     worker.preload()
     assert set(worker.runner._pipelines) == {"forward", "restoration"}
@@ -63,14 +60,7 @@ def test_a_pipeline_that_cannot_be_built_is_said_and_the_worker_goes_on(
         return object()
 
     monkeypatch.setattr("dicom_node.jobs.runner.get_pipeline", build)
-    worker = Worker(
-        runtime.config,
-        runtime.paths,
-        runtime.db,
-        runtime.audit,
-        "run-w",
-        two_rule_policy(tmp_path / "p.yaml"),
-    )
+    worker = worker_of(runtime, two_rule_policy(tmp_path / "p.yaml"))
     with caplog.at_level(logging.INFO, logger="dicom_node.worker"):
         worker.preload()
     assert set(worker.runner._pipelines) == {"forward"}
@@ -81,7 +71,7 @@ def test_a_pipeline_that_cannot_be_built_is_said_and_the_worker_goes_on(
 
 def test_no_policy_or_an_unreadable_one_builds_nothing(runtime: Runtime, tmp_path: Path) -> None:
     for policy in (None, tmp_path / "missing.yaml"):
-        worker = Worker(runtime.config, runtime.paths, runtime.db, runtime.audit, "run-w", policy)
+        worker = worker_of(runtime, policy)
         worker.preload()
         assert worker.runner._pipelines == {}
 
@@ -97,7 +87,7 @@ def test_a_job_and_the_preload_asking_at_once_build_it_once(
         return object()
 
     monkeypatch.setattr("dicom_node.jobs.runner.get_pipeline", build)
-    runner = Worker(runtime.config, runtime.paths, runtime.db, runtime.audit, "run-w").runner
+    runner = worker_of(runtime, None).runner
     got: list[Any] = []
     askers = [threading.Thread(target=lambda: got.append(runner.pipeline("forward"))) for _ in range(4)]
     for asker in askers:

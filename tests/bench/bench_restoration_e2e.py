@@ -10,7 +10,7 @@ association), measured in the same session. The node sends two series at once
 (``[outbox] associations = 2``: Orthanc accepts several associations). Not a timed
 test. The study is SIMULATED (models.sim, projection-domain low dose).
 
-Usage: ``python tests/bench/bench_restoration_e2e.py [--slices 300] [--runs 3]``
+Usage: ``python tests/bench/bench_restoration_e2e.py [--slices 300] [--runs 3] [--study DIR]``
 """
 
 from __future__ import annotations
