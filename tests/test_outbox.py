@@ -988,7 +988,7 @@ def test_a_runs_stage_times_are_kept_and_reach_the_metrics(
 
     from dicom_node.web.metrics import NodeCollector, render
     from dicom_node.worker import Worker
-    from pipelines.base import PipelineResult
+    from pipelines.base import PipelineResult, RunEnvironment
     from pipelines.stages import StagedPipeline
 
     class Wait:
@@ -1000,7 +1000,8 @@ def test_a_runs_stage_times_are_kept_and_reach_the_metrics(
             return ctx
 
     staged = StagedPipeline(name="timed", version="1", stages=(Wait("load"), Wait("predict")))
-    timed = staged.run(Any, Any)  # type: ignore[arg-type]  # the stages ignore the context's content
+    # the stages ignore the study; the run cleans its work directory's spill files
+    timed = staged.run(Any, RunEnvironment(workdir=tmp_path))  # type: ignore[arg-type]
     assert list(timed.timings) == ["load", "predict"] and all(s >= 0.02 for s in timed.timings.values())
 
     report = OutputInstance(

@@ -189,6 +189,8 @@ receivers = 2
         files = sum(len(list(d.glob("*.dcm"))) for d in studies)
         indexed = db_rows(node, "select count(distinct sop_uid) from instances")[0][0]
         verified = node.cli("audit", "verify", check=False)
+        # the killed run's spill files (its volume, prediction and maps) went with the re-run
+        leftover = [str(p) for p in node.home.rglob(".spill")]
     finally:
         gpu_host.stop()
         cpu_host.stop()
@@ -210,3 +212,4 @@ receivers = 2
     assert len({(job, series, dest) for job, series, dest, _s, _a in deliveries}) == len(deliveries)
     assert orthanc.statistics()["CountInstances"] == outputs
     assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert leftover == [], leftover
