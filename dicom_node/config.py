@@ -158,6 +158,16 @@ class CompletenessSection(_Section):
     mpps_discontinued: Literal["wait-for-timer", "ready-now", "hold"] = "wait-for-timer"
 
 
+def _check_http_credentials(username: str, password_file: str, token_file: str) -> None:
+    """A DICOMweb peer's authentication: a user with a password file, or a token file."""
+    if password_file and not username:
+        raise ValueError("password_file needs username")
+    if username and not password_file:
+        raise ValueError("username needs password_file (a password is never written in the config)")
+    if username and token_file:
+        raise ValueError("choose username/password_file or token_file, not both")
+
+
 class Destination(_Section):
     """A peer results are delivered to: by C-STORE (``protocol = "dimse"``, the default)
     to ``ae_title`` at ``host``:``port``, or by STOW-RS (``protocol = "dicomweb"``) to
@@ -243,12 +253,7 @@ class Destination(_Section):
             )
         if self.tls:
             raise ValueError("tls is DICOM TLS: a dicomweb destination is encrypted by an https:// URL")
-        if self.password_file and not self.username:
-            raise ValueError("password_file needs username")
-        if self.username and not self.password_file:
-            raise ValueError("username needs password_file (a password is never written in the config)")
-        if self.username and self.token_file:
-            raise ValueError("choose username/password_file or token_file, not both")
+        _check_http_credentials(self.username, self.password_file, self.token_file)
         return self
 
 
@@ -306,12 +311,7 @@ class ArchiveSection(_Section):
                 raise ValueError(f"method {self.method!r} needs {', '.join(missing)}")
         elif not re.match(r"^https?://[^/\s]+", self.dicomweb_url):
             raise ValueError("method 'dicomweb' needs dicomweb_url (http:// or https://)")
-        if self.password_file and not self.username:
-            raise ValueError("password_file needs username")
-        if self.username and not self.password_file:
-            raise ValueError("username needs password_file (a password is never written in the config)")
-        if self.token_file and self.username:
-            raise ValueError("set either username / password_file or token_file, not both")
+        _check_http_credentials(self.username, self.password_file, self.token_file)
         return self
 
     def as_peer(self) -> Destination:

@@ -229,20 +229,29 @@ class FilledSlices:
 
 
 def as_delivered(
-    volume: Volume, prediction: Prediction, outside: float | None = None, *, inplace: bool = False
+    volume: Volume,
+    prediction: Prediction,
+    outside: float | None = None,
+    *,
+    inplace: bool = False,
+    part: slice = slice(None),
 ) -> Prediction:
     """The prediction with the source's values outside the field of view (``outside``
     instead, e.g. air for a synthetic CT) and σ 0 there: nothing was predicted there.
     ``inplace``: written into the prediction's own float32 arrays (which the caller owns),
-    slice by slice, without volume-sized temporaries."""
+    slice by slice, without volume-sized temporaries; ``part``: the prediction is of those
+    slices of the volume (in place only)."""
     if volume.fov is None:
         return prediction
     if inplace and prediction.mean.dtype == prediction.sigma.dtype == np.float32:
-        for k, inside in enumerate(volume.fov):
+        source = volume.array[part]
+        for k, inside in enumerate(volume.fov[part]):
             outside_k = ~inside
-            prediction.mean[k][outside_k] = volume.array[k][outside_k] if outside is None else outside
+            prediction.mean[k][outside_k] = source[k][outside_k] if outside is None else outside
             prediction.sigma[k][outside_k] = 0.0
         return prediction
+    if part != slice(None):
+        raise ValueError("as_delivered: a part of the volume is delivered in place only")
     kept = volume.array if outside is None else np.float32(outside)
     return Prediction(
         mean=np.where(volume.fov, prediction.mean, kept).astype(np.float32, copy=False),

@@ -24,11 +24,7 @@ def upper_percentile(values: np.ndarray, q: float) -> float:
     below = n - candidates.size  # every value below the threshold ranks under every candidate
     if lo < below:
         return float(np.percentile(flat, q))
-    j = lo - below
-    hi = min(j + 1, candidates.size - 1)
-    part = np.partition(candidates, (j, hi))
-    a, b, t = float(part[j]), float(part[hi]), rank - lo
-    return a + (b - a) * t if t < 0.5 else b - (b - a) * (1.0 - t)
+    return _interpolated(candidates, lo - below, rank - lo)
 
 
 def upper_percentile_of_parts(parts: Callable[[], Iterator[np.ndarray]], q: float) -> float:
@@ -52,8 +48,13 @@ def upper_percentile_of_parts(parts: Callable[[], Iterator[np.ndarray]], q: floa
         below = n - candidates.size
         if lo >= below:
             break
-    j = lo - below
+    return _interpolated(candidates, lo - below, rank - lo)
+
+
+def _interpolated(candidates: np.ndarray, j: int, t: float) -> float:
+    """NumPy's linear interpolation between the ``j``-th and next smallest ``candidates``
+    (``t`` of the way), as ``np.percentile`` computes it."""
     hi = min(j + 1, candidates.size - 1)
     part = np.partition(candidates, (j, hi))
-    a, b, t = float(part[j]), float(part[hi]), rank - lo
+    a, b = float(part[j]), float(part[hi])
     return a + (b - a) * t if t < 0.5 else b - (b - a) * (1.0 - t)

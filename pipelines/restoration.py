@@ -64,21 +64,21 @@ class PredictAndScore:
         for part in spill.slabs(len(volume.array), self.slab):
             started = time.perf_counter()
             given = fov.model_input(volume, part)  # a copy, the outside filled
-            predicted = self.model.predict(given, volume.spacing)
+            predicted = fov.as_delivered(
+                volume, self.model.predict(given, volume.spacing), inplace=True, part=part
+            )
             m, s = predicted.mean, predicted.sigma
-            source = np.array(volume.array[part])
-            inside = None if volume.fov is None else volume.fov[part]
-            if inside is not None:  # nothing was predicted outside: the source's values, σ 0
-                m[~inside] = source[~inside]
-                s[~inside] = 0.0
             if drill and part.start <= middle < part.stop:  # the gate fire drill
                 m[middle - part.start][drill_disc(shape[1:], volume.spacing)] += float(drill)
             spent["predict"] += time.perf_counter() - started
             started = time.perf_counter()
+            inside = None if volume.fov is None else volume.fov[part]
             restored = m if inside is None else np.where(inside, m, given).astype(np.float32, copy=False)
             slab_score = fov.clear_outside(volume, self.model.score(given, restored, s), part)
             above[part] = slab_score > self.threshold
-            body = source > -500 if inside is None else (source > -500) & inside
+            body = volume.array[part] > -500
+            if inside is not None:
+                body &= inside
             body_sum += float(s[body].sum(dtype=np.float64))
             body_count += int(body.sum())
             mean[part], sigma[part], score[part] = m, s, slab_score

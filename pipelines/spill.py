@@ -133,6 +133,19 @@ def read(array: np.ndarray, part: slice) -> np.ndarray:
     return out
 
 
+def values(array: np.ndarray, within: np.ndarray | None = None) -> Callable[[], Iterator[np.ndarray]]:
+    """A fresh pass over ``array``'s values (those where ``within`` is True), a slab at a
+    time, each time it is called: the ``parts`` of
+    :func:`pipelines.quantiles.upper_percentile_of_parts`."""
+
+    def passes() -> Iterator[np.ndarray]:
+        for part in slabs(len(array)):
+            yield np.array(array[part] if within is None else array[part][within[part]])
+            release(array)
+
+    return passes
+
+
 def all_finite(array: np.ndarray) -> bool:
     """``np.isfinite(array).all()`` a slab at a time (no volume-sized boolean temporary)."""
     if array.dtype.kind not in "fc":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -188,16 +187,12 @@ def suspect_figures(
     """The hallucination QC figures every pipeline reports (the gate's limits read them):
     score p99 and suspect fraction (over ``within``, default every voxel), total and
     largest suspect region (mL), and the threshold used."""
-
-    def inside() -> Iterator[np.ndarray]:  # a slab at a time: the score may be file-backed
-        for part in spill.slabs(len(score)):
-            values = score[part] if within is None else score[part][within[part]]
-            yield np.array(values)
-            spill.release(score)
-
     fraction = suspect.mean() if within is None else suspect.sum() / within.sum()
     return {
-        "hallucination score p99": (round(upper_percentile_of_parts(inside, 99.0), 3), "1"),
+        "hallucination score p99": (
+            round(upper_percentile_of_parts(spill.values(score, within), 99.0), 3),
+            "1",
+        ),
         "suspect fraction": (round(float(fraction), 6), "1"),
         "suspect volume": (round(float(suspect.sum() * voxel_ml), 3), "mL"),
         "largest suspect region": (round(largest_region_voxels(suspect) * voxel_ml, 4), "mL"),

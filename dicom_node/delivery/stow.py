@@ -17,7 +17,7 @@ import requests
 
 from dicom_node.config import Destination
 from dicom_node.delivery.sender import SendReport, status_is_retryable
-from dicom_node.net.dicomweb import dicomweb_client
+from dicom_node.net.dicomweb import client_for
 from pipelines.base import OutputInstance
 
 #: HTTP answers that may go away by themselves (busy, restarting, a proxy's gateway error).
@@ -49,15 +49,7 @@ def send_series_stow(destination: Destination, files: Sequence[OutputInstance], 
     where = f"DICOMweb {destination.dicomweb_url}"
     report = SendReport()
     try:
-        client = dicomweb_client(
-            destination.dicomweb_url,
-            home,
-            timeout=destination.timeout_seconds,
-            username=destination.username,
-            password_file=destination.password_file,
-            token_file=destination.token_file,
-            ca_file=destination.ca_file,
-        )
+        client = client_for(destination, home)
     except ValueError as exc:  # a secret file that cannot be read
         report.error = f"{where}: {exc}"
         return report

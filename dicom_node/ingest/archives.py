@@ -75,7 +75,7 @@ from dicom_node.db.engine import Database
 from dicom_node.ingest.part10 import split_part10
 from dicom_node.ingest.receiver import failure_status
 from dicom_node.ingest.store import InstanceStore, StoreOutcome
-from dicom_node.net.dicomweb import dicomweb_client
+from dicom_node.net.dicomweb import client_for
 from dicom_node.net.tls import ClientTls, TlsConfigError
 from dicom_node.net.tuning import on_connection_open, tune_pynetdicom
 
@@ -858,17 +858,8 @@ class Archive:
 
     def _dicomweb(self) -> Any:
         """A dicomweb-client for the archive, with its authentication and CA file."""
-        s = self.section
         try:
-            return dicomweb_client(
-                s.dicomweb_url,
-                self.archives.home,
-                timeout=s.timeout_seconds,
-                username=s.username,
-                password_file=s.password_file,
-                token_file=s.token_file,
-                ca_file=s.ca_file,
-            )
+            return client_for(self.section, self.archives.home)
         except ValueError as exc:  # a secret file that cannot be read
             raise ArchiveError(f"archives.{self.name}: {exc}") from None
 

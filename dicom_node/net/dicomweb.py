@@ -7,7 +7,7 @@ destinations delivered to by STOW-RS (``delivery/stow.py``)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 
 def _path(home: Path, value: str) -> Path:
@@ -52,3 +52,38 @@ def dicomweb_client(
     client = DICOMwebClient(url.rstrip("/"), session=session, headers=headers or None, timeout=timeout)
     client.set_http_retry_params(retry=False)
     return client
+
+
+class DicomwebPeer(Protocol):
+    """A config section that names a DICOMweb peer (a ``dicomweb`` destination or archive)."""
+
+    @property
+    def dicomweb_url(self) -> str: ...
+
+    @property
+    def timeout_seconds(self) -> float: ...
+
+    @property
+    def username(self) -> str: ...
+
+    @property
+    def password_file(self) -> str: ...
+
+    @property
+    def token_file(self) -> str: ...
+
+    @property
+    def ca_file(self) -> str: ...
+
+
+def client_for(peer: DicomwebPeer, home: Path) -> Any:
+    """:func:`dicomweb_client` with the peer's URL, timeout, authentication and CA file."""
+    return dicomweb_client(
+        peer.dicomweb_url,
+        home,
+        timeout=peer.timeout_seconds,
+        username=peer.username,
+        password_file=peer.password_file,
+        token_file=peer.token_file,
+        ca_file=peer.ca_file,
+    )

@@ -6,7 +6,7 @@ required argument and is referenced. See :class:`OverlayWriter`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -153,13 +153,10 @@ class OverlayWriter:
         grey = np.clip((volume.array[k] - (center - width / 2)) / width, 0, 1)
         spill.release(volume.array)
 
-        def slabs() -> Iterator[np.ndarray]:
-            for part in spill.slabs(len(values)):
-                yield np.array(values[part])
-                spill.release(values)
-
         threshold = (
-            upper_percentile_of_parts(slabs, 95.0) if self.threshold is None else float(self.threshold)
+            upper_percentile_of_parts(spill.values(values), 95.0)
+            if self.threshold is None
+            else float(self.threshold)
         )
         top = max(spill.min_max(values)[1], threshold + 1e-6)
         shown = spill.read(values, slice(k, k + 1))[0]
