@@ -102,6 +102,12 @@ class Worker:
                 log.warning("worker %s: pipeline %s not built at start: %s", self.worker_id, name, took)
             else:
                 log.info("worker %s: pipeline %s ready in %.1f s", self.worker_id, name, took)
+        if names:
+            from pipelines.writers import warm_up  # highdicom: imported with the pipelines, not before
+
+            # the DICOM tables highdicom reads when it builds its first object: now, not in
+            # the first job's encode
+            log.info("worker %s: DICOM writer tables loaded in %.1f s", self.worker_id, warm_up())
 
     def start_leases(self) -> threading.Thread:
         """Start renewing the leases of what this process holds (a daemon thread)."""

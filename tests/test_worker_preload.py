@@ -95,3 +95,27 @@ def test_a_job_and_the_preload_asking_at_once_build_it_once(
     for asker in askers:
         asker.join()
     assert builds == ["forward"] and len(got) == 4 and all(g is got[0] for g in got)
+
+
+def test_the_dicom_tables_the_writers_read_are_loaded_at_start_too(
+    runtime: Runtime, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from highdicom import _standard_utils
+
+    tables = (
+        _standard_utils.get_module_attribute_map,
+        _standard_utils.get_iod_module_map,
+        _standard_utils.get_sop_class_iod_map,
+    )
+    for table in tables:
+        table.cache_clear()  # as in a fresh worker process
+    worker = worker_of(runtime, two_rule_policy(tmp_path / "p.yaml"))
+    with caplog.at_level(logging.INFO, logger="dicom_node.worker"):
+        worker.preload()
+    assert all(table.cache_info().currsize == 1 for table in tables)
+    assert any("DICOM writer tables loaded" in r.getMessage() for r in caplog.records)
+    # a worker without a policy builds nothing and loads nothing
+    for table in tables:
+        table.cache_clear()
+    worker_of(runtime, None).preload()
+    assert all(table.cache_info().currsize == 0 for table in tables)

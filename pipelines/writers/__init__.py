@@ -49,6 +49,7 @@ from pipelines.writers.common import (
     local_code,
     ucum,
     ucum_for_units,
+    warm_up,
 )
 from pipelines.writers.derived import DerivedImageWriter
 from pipelines.writers.files import file_name, save
@@ -102,4 +103,5 @@ __all__ = [
     "save",
     "ucum",
     "ucum_for_units",
+    "warm_up",
 ]
