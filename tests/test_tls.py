@@ -405,7 +405,11 @@ def test_a_bound_ae_gets_in_with_its_certificate_only(
 
     def echo_as(calling: str, identity: Identity | None, to: int = port) -> Any:
         tls_args = (client(pki, identity, tmp_path), "localhost") if to == port else None
-        return echo("127.0.0.1", to, called_ae="DICOM_NODE", calling_ae=calling, timeout=5, tls_args=tls_args)
+        # a rejection answers at once; 30 s so that a loaded CI machine does not turn a slow
+        # answer into a timed-out abort
+        return echo(
+            "127.0.0.1", to, called_ae="DICOM_NODE", calling_ae=calling, timeout=30, tls_args=tls_args
+        )
 
     assert echo_as("CT1", pki.scanner).status == 0
     assert echo_as("WORKSTATION", pki.rogue).status == 0  # known, not bound: the CA suffices
