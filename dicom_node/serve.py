@@ -45,6 +45,7 @@ from dicom_node.jobs.policywatch import PolicyWatcher
 from dicom_node.jobs.prior_fetch import PriorFetcher
 from dicom_node.jobs.routing import PolicyRouter
 from dicom_node.jobs.runner import recover_jobs
+from dicom_node.net.balance import LoadBoard
 from dicom_node.net.hostnames import parse_address, resolve_name
 from dicom_node.net.tls import check_config as check_tls_config
 from dicom_node.runtime import Runtime
@@ -493,6 +494,8 @@ def _serve(
         signal.signal(signal.SIGHUP, lambda _s, _f: watcher.request_reload())
         watcher.start()
 
+    if main and config.node.receivers > 1:
+        LoadBoard.reset(receiver.board_path)  # rows of an earlier run's processes go
     try:
         receiver.start()
     except OSError as exc:

@@ -50,6 +50,7 @@ from dicom_node.ingest.mpps import MPPS_SOP_CLASS, PerformedProcedureSteps
 from dicom_node.ingest.part10 import encode_file_meta
 from dicom_node.ingest.staging import StagedDataSet
 from dicom_node.ingest.store import InstanceStore, StoreOutcome, StoreResult
+from dicom_node.net.balance import Balancer, serve_handed
 from dicom_node.net.commitment import (
     PUSH_MODEL,
     CommitmentReport,
@@ -58,7 +59,7 @@ from dicom_node.net.commitment import (
     parse_event_report,
 )
 from dicom_node.net.dimse_guard import CommandDefect, command_defect, install_dimse_guard
-from dicom_node.net.guard import guard_server
+from dicom_node.net.guard import ConnectionGuard, guard_server
 from dicom_node.net.hostnames import HostNames
 from dicom_node.net.tls import certificate_problem, peer_certificate, server_context
 from dicom_node.net.tls import check_config as check_tls
@@ -134,6 +135,10 @@ class Receiver:
         self.disk = DiskGuard(paths.var, config.receiver.min_free_disk_mb)
         #: Relative [tls] files are under the home.
         self.home = paths.home
+        #: The board the node's receiving processes share (``[node] receivers`` > 1).
+        self.board_path = paths.run / "receivers.board"
+        self._balancer: Balancer | None = None
+        self._guard: ConnectionGuard | None = None
         self._tallies: dict[int, _AssociationTally] = {}
         self._tally_lock = threading.Lock()
         self._servers: list[Any] = []
@@ -228,13 +233,41 @@ class Receiver:
             except OSError as exc:
                 self.stop()  # all the node's ports or none
                 raise OSError(exc.errno, f"{exc.strerror} ({address[0]}:{address[1]})") from None
-            guard_server(server, self.config.receiver, self.audit)
+            guard = guard_server(server, self.config.receiver, self.audit)
             self._servers.append(server)
             where = f"{address[0]}:{address[1]}{' (TLS)' if ssl_context is not None else ''}"
             self.listening.append(where)
             log.info("receiver listening on %s as %s", where, node.ae_title)
+        if node.receivers > 1 and self._servers:
+            self._balance(guard)
+
+    def _balance(self, guard: ConnectionGuard) -> None:
+        """Even out connections over the node's receiving processes (:mod:`dicom_node.net.balance`)."""
+        by_port = {server.server_address[1]: server for server in self._servers}
+
+        def serve(port: int, sock: socket.socket) -> None:
+            server = by_port.get(port)
+            if server is None:  # another config than ours: not ours to serve
+                sock.close()
+                return
+            serve_handed(server, sock)
+
+        balancer = Balancer(self.board_path, guard.open_connections, serve)
+        balancer.start()
+        guard.on_count = balancer.publish
+        balancer.publish(guard.open_connections())
+        for server in self._servers:
+            server._dn_balancer = balancer
+        self._balancer, self._guard = balancer, guard
 
     def stop(self) -> None:
+        balancer, self._balancer = self._balancer, None
+        if balancer is not None:
+            for server in self._servers:
+                server._dn_balancer = None
+            if self._guard is not None:
+                self._guard.on_count = None
+            balancer.stop()
         servers, self._servers = self._servers, []
         self.listening = []
         for server in servers:

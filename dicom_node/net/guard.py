@@ -66,6 +66,7 @@ from pynetdicom.transport import RequestHandler
 
 from audit import AuditEvent, AuditTrail, Outcome
 from dicom_node.config import ReceiverSection
+from dicom_node.net.balance import HandedOff
 from dicom_node.net.tuning import PDATA_CEILING, Closing, PduBounds, bound_reads
 
 log = logging.getLogger(__name__)
@@ -234,6 +235,9 @@ class ConnectionGuard:
         #: Connections whose handler waits for their first bytes (closed when we stop).
         self._waiting: set[socket.socket] = set()
         self._stopping = False
+        #: Told the number of open connections (pending + associations) whenever it
+        #: changes, under the guard's lock (:class:`dicom_node.net.balance.Balancer`).
+        self.on_count: Callable[[int], None] | None = None
 
     # -- counts -----------------------------------------------------------------------------
 
@@ -241,6 +245,16 @@ class ConnectionGuard:
         """Pending connections and associations now (for tests and status pages)."""
         with self._lock:
             return {"pending": self._pending.total(), "associations": self._associations.total()}
+
+    def open_connections(self) -> int:
+        """Pending connections and associations, together."""
+        with self._lock:
+            return self._pending.total() + self._associations.total()
+
+    def _counted(self) -> None:
+        """Under the lock: the count changed."""
+        if self.on_count is not None:
+            self.on_count(self._pending.total() + self._associations.total())
 
     def _end(self, conn: _Connection) -> None:
         with self._lock:
@@ -252,6 +266,7 @@ class ConnectionGuard:
             for counter in (self._pending, self._associations):
                 if conn.host in counter and counter[conn.host] <= 0:
                     del counter[conn.host]
+            self._counted()
 
     # -- the accept loop --------------------------------------------------------------------
 
@@ -278,6 +293,7 @@ class ConnectionGuard:
                 self._pending[host] += 1
                 deadline = now + limits.association_request_seconds
                 self._admitted[request] = _Connection(host, now, deadline)
+                self._counted()
                 return True
         self._refused(host, refusal, why, stage="connection", action="closed")
         return False
@@ -291,6 +307,7 @@ class ConnectionGuard:
                 host = str(client_address[0])
                 conn = _Connection(host, now, now + self.limits.association_request_seconds)
                 self._pending[host] += 1
+                self._counted()
         return conn
 
     def forget(self, request: Any) -> None:
@@ -546,10 +563,18 @@ def _close(sock: socket.socket) -> None:
 
 def _accept_without_handshake(server: Any) -> Callable[[], tuple[socket.socket, Any]]:
     """``get_request`` that leaves the TLS handshake to the connection's thread (pynetdicom
-    does it in the accept loop, with no timeout: one silent client stops the listener)."""
+    does it in the accept loop, with no timeout: one silent client stops the listener).
+
+    With a balancer (``server._dn_balancer``, several receiving processes) a connection
+    may go to a sibling process instead, before TLS and before admission: the sibling
+    admits it (:func:`dicom_node.net.balance.serve_handed`)."""
 
     def get_request() -> tuple[socket.socket, Any]:
         sock, address = server.socket.accept()
+        balancer = getattr(server, "_dn_balancer", None)
+        if balancer is not None and balancer.hand_off(server.server_address[1], sock):
+            sock.close()  # the sibling holds its own copy
+            raise HandedOff(f"connection from {address[0]} handed to a sibling process")
         if server.ssl_context:
             sock = server.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, address

@@ -1,7 +1,7 @@
 """Several receiving processes on one DICOM port (``[node] receivers``, SO_REUSEPORT).
 
-One study arrives over four associations at once: the kernel spreads them over the
-receiving processes, the index decides when the study is complete (not one process's
+One study arrives over eight associations at once: they are spread over the receiving
+processes, the index decides when the study is complete (not one process's
 timer), and the study becomes one job holding every instance. Then a receiving process is
 killed with SIGKILL in the middle of a study: the node starts it again, and every instance
 it acknowledged is in the index, intact.
@@ -56,8 +56,9 @@ def test_one_study_over_eight_associations_to_two_receivers_is_one_job(
     try:
         assert len(_receivers(node)) == 1, "serve starts one more receiving process"
         files = sorted(ct200.glob("*.dcm"))
-        # eight associations: the kernel hashes each to a process, so both get some
-        # (all eight on one has odds of 1 in 128: then this shows readiness on one process)
+        # eight associations: the kernel hashes each to a process and a busier process
+        # hands a new connection to its sibling (net.balance), so both get some (unless each
+        # sender is done before the next connects: then this shows readiness on one process)
         parts = [files[k::8] for k in range(8)]
         senders = [_send(node, part, tmp_path / f"storescu{k}.log") for k, part in enumerate(parts)]
         for sender in senders:

@@ -1,0 +1,163 @@
+"""Even load over a node's receiving processes (``dicom_node.net.balance``, issue 19).
+
+The board's bookkeeping on its own, then two receivers sharing one plain and one TLS port
+(in one process, as two receiving processes would: SO_REUSEPORT, one board): whichever
+socket the kernel picks, associations held open end up spread evenly, and a sibling that
+is gone or deaf never costs a connection.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from audit import AuditTrail
+from dicom_node.config import NodeConfig
+from dicom_node.ingest.receiver import Receiver
+from dicom_node.net.balance import LoadBoard
+from dicom_node.net.tuning import tune_pynetdicom
+from dicom_node.paths import NodePaths
+from tests.peers import free_port
+from tests.test_tls import Pki, client, pki, tls_section  # noqa: F401  (pki: the fixture)
+
+
+def _gone_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_rows_are_taken_lowest_first_and_a_dead_process_frees_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "board"
+    LoadBoard.reset(path)
+    me, parent = LoadBoard(path), LoadBoard(path)
+    assert me.join() == 0
+    assert parent.join(pid=os.getppid()) == 1
+    dead = LoadBoard(path)
+    assert dead.join(pid=_gone_pid()) == 2
+    later = LoadBoard(path)
+    assert later.join(pid=os.getppid()) == 2, "the row of a process that is gone is free again"
+    me.leave()
+    assert LoadBoard(path).join(pid=os.getppid()) == 0, "and so is one left"
+
+
+def test_a_connection_in_flight_counts_for_the_row_it_goes_to(tmp_path: Path) -> None:
+    path = tmp_path / "board"
+    LoadBoard.reset(path)
+    a, b = LoadBoard(path), LoadBoard(path)
+    a.join(), b.join(pid=os.getppid())
+    a.publish(3)
+    b.publish(1)
+    assert a.lighter_than(3) == [(1, os.getppid())]
+    assert b.lighter_than(1) == [], "only a sibling with fewer connections takes one"
+    a.handed(1)
+    a.handed(1)
+    assert a.load(1) == 3 and a.lighter_than(3) == [], "two on their way: b is as busy as a"
+    b.taken(0)
+    b.publish(2)
+    assert a.load(1) == 3, "taken: now in b's own count, not twice"
+    # b's process goes and another takes its row: what was on its way to b is not owed
+    b.leave()
+    c = LoadBoard(path)
+    assert c.join(pid=os.getppid()) == 1
+    assert a.load(1) == 0
+
+
+# -- two receivers on shared ports --------------------------------------------------------
+
+
+def _receiver(home: Path, plain: int, tls: int, certs: Pki, name: str) -> tuple[Receiver, AuditTrail]:
+    config = NodeConfig.model_validate(
+        {
+            "node": {"port": plain, "receivers": 2},
+            "tls": tls_section(certs, port=tls).model_dump(),
+            "callers": [{"ae_title": "WORKSTATION"}],
+        }
+    )
+    audit = AuditTrail(f"sqlite:///{home / f'audit-{name}.db'}")
+    # C-ECHO and association policy only: no instance is stored, so no store (nor staging).
+    store = cast(Any, SimpleNamespace(stager=lambda: None))
+    return Receiver(config, NodePaths.for_home(home, config), store, audit), audit
+
+
+@pytest.fixture
+def pair(pki: Pki, tmp_path: Path) -> Iterator[tuple[Receiver, Receiver, int, int]]:  # noqa: F811
+    plain, tls = free_port(), free_port()
+    (one, audit_one), (two, audit_two) = (
+        _receiver(tmp_path, plain, tls, pki, "one"),
+        _receiver(tmp_path, plain, tls, pki, "two"),
+    )
+    one.board_path.parent.mkdir(parents=True, exist_ok=True)
+    LoadBoard.reset(one.board_path)
+    one.start()
+    two.start()
+    try:
+        yield one, two, plain, tls
+    finally:
+        two.stop()
+        one.stop()
+        audit_one.dispose()
+        audit_two.dispose()
+
+
+def _associations(receiver: Receiver) -> int:
+    return sum(1 for s in receiver._servers for a in s.active_associations if a.is_established)
+
+
+def _associate(port: int, tls_args: Any = None) -> Any:
+    tune_pynetdicom()
+    ae = AE(ae_title="WORKSTATION")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOM_NODE", tls_args=tls_args)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    return assoc
+
+
+def test_associations_held_open_are_spread_evenly_plain_and_tls(
+    pair: tuple[Receiver, Receiver, int, int],
+    pki: Pki,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    one, two, plain, tls = pair
+    held = [_associate(plain) for _ in range(4)]
+    assert sorted([_associations(one), _associations(two)]) == [2, 2]
+    tls_args = (client(pki, pki.rogue, tmp_path), "localhost")  # any certificate of the CA
+    held += [_associate(tls, tls_args) for _ in range(4)]
+    assert [_associations(one), _associations(two)] == [4, 4], "TLS connections go over unopened, too"
+    balancers = [one._balancer, two._balancer]
+    assert all(b is not None for b in balancers)
+    moved = sum(b.handed_off for b in balancers if b is not None)
+    assert moved == sum(b.taken_in for b in balancers if b is not None)
+    for assoc in held:
+        assoc.release()
+
+
+def test_a_sibling_that_is_gone_or_deaf_costs_no_connection(
+    pair: tuple[Receiver, Receiver, int, int],
+) -> None:
+    one, two, plain, _ = pair
+    b1, b2 = one._balancer, two._balancer
+    assert b1 is not None and b2 is not None
+    b2._intake.close()  # deaf: still on the board and alive, but nothing takes what is sent
+    held = []
+    while b1.refused == 0 and len(held) < 40:  # until the kernel has made one the busier
+        held.append(_associate(plain))
+    assert b1.refused > 0, "one never tried to hand a connection to its idle sibling"
+    assert _associations(one) + _associations(two) == len(held), "every connection was served"
+    for assoc in held:
+        assoc.release()
+    two.stop()  # gone: off the board, its port closed
+    held = [_associate(plain) for _ in range(3)]
+    assert _associations(one) == 3
+    for assoc in held:
+        assoc.release()
