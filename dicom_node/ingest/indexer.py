@@ -232,6 +232,7 @@ class Indexer:
         *,
         max_batch: int = 256,
         gather_seconds: float = 0.25,
+        quiet_seconds: float = 0.02,
         max_queue: int = 512,
     ) -> None:
         self.db = db
@@ -239,6 +240,7 @@ class Indexer:
         self.on_indexed = on_indexed
         self.max_batch = max_batch
         self.gather_seconds = gather_seconds
+        self.quiet_seconds = quiet_seconds
         self.max_queue = max_queue
         self._queue: deque[PendingInstance] = deque()
         self._audits: deque[tuple[AuditEvent, dict[str, Any]]] = deque()
@@ -304,13 +306,19 @@ class Indexer:
                 if self._stopping and not self._queue and not self._audits:
                     return
             with self._cond:
-                # Let a burst accumulate into one transaction, unless someone is waiting.
-                deadline = time.monotonic() + self.gather_seconds
-                while not self._flush_requested and not self._stopping:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                # Let a burst accumulate into one transaction (for at most gather_seconds),
+                # unless someone is waiting, the batch is full, or the burst is over: nothing
+                # new for quiet_seconds (then waiting longer only delays the rows).
+                now = time.monotonic()
+                deadline, quiet_until = now + self.gather_seconds, now + self.quiet_seconds
+                seen = len(self._queue) + len(self._audits)
+                while not self._flush_requested and not self._stopping and len(self._queue) < self.max_batch:
+                    now = time.monotonic()
+                    if (queued := len(self._queue) + len(self._audits)) != seen:
+                        seen, quiet_until = queued, now + self.quiet_seconds
+                    if now >= deadline or now >= quiet_until:
                         break
-                    self._cond.wait(remaining)
+                    self._cond.wait(min(deadline, quiet_until) - now)
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch))]
                 audits = [self._audits.popleft() for _ in range(len(self._audits))]
                 self._busy = True
