@@ -55,7 +55,11 @@ def serve(
     ] = None,
     receivers: Annotated[
         int | None,
-        typer.Option(min=1, max=32, help="Receiving processes on the DICOM port (default 1; SO_REUSEPORT)."),
+        typer.Option(
+            min=1,
+            max=32,
+            help="Receiving processes on the DICOM port (default 1; SO_REUSEPORT, load evened out).",
+        ),
     ] = None,
     ready_file: Annotated[Path | None, typer.Option(hidden=True)] = None,
     receiver_of: Annotated[str | None, typer.Option("--receiver-of", hidden=True)] = None,

@@ -2,12 +2,13 @@
 minute with one and two Celery workers. Not a timed test: it prints figures.
 
 Ingest: ``--studies`` simulated CT studies of ``--slices`` 512x512 slices each (SIMULATED),
-sent by one dcmtk ``storescu`` (TCP_NODELAY=1) per study, all at once (``--studies 1``:
-one association). Receivers, each on fresh storage per run and interleaved (who goes
-first rotates): dcmtk storescp (no fsync, no index), Orthanc (Debian defaults:
-SyncStorageArea, SQLite index), dicom-node with one receiving process and with
-``--receivers`` processes on one port (SO_REUSEPORT; durable write, index and audit log
-on, SQLite). Wall time from the first storescu started to the last one done, and for
+sent over each of ``--associations`` (default 1 and 4) in turn: the studies split over that
+many dcmtk ``storescu`` processes (TCP_NODELAY=1), one association each, all at once.
+Receivers, each on fresh storage per run and interleaved (who goes first rotates): dcmtk
+storescp (no fsync, no index), Orthanc (Debian defaults: SyncStorageArea, SQLite index),
+dicom-node with one receiving process and with ``--receivers`` processes on one port
+(SO_REUSEPORT, connections evened out by ``dicom_node.net.balance``; durable write, index
+and audit log on, SQLite). Wall time from the first storescu started to the last one done, and for
 dicom-node until every instance is indexed. Median of ``--repeats``.
 
 Celery: ``--jobs`` simulated low-dose CT studies (24 slices, 512x512) routed to
@@ -17,8 +18,8 @@ delivered to Orthanc. On a 2-core machine a second worker competes for the same 
 cores as the first (and with the receiver, PostgreSQL and Redis): the figure says how much
 of a second machine's worth that is, not what a second machine gives.
 
-Usage: ``python tests/bench/bench_scaleout.py [--studies 4] [--slices 150] [--repeats 3]
-[--jobs 4] [--skip-celery]``
+Usage: ``python tests/bench/bench_scaleout.py [--studies 4] [--slices 150] [--associations 1,4]
+[--repeats 3] [--jobs 4] [--skip-celery]``
 """
 
 from __future__ import annotations
@@ -53,17 +54,18 @@ from tests.state import state_rows  # noqa: E402
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
-def send_all(studies: list[Path], port: int, aet: str) -> float:
-    """Every study over its own association, all at once; seconds until the last is done."""
+def send_all(groups: list[list[Path]], port: int, aet: str) -> float:
+    """Each group of studies over its own association, all at once; seconds until the last
+    is done."""
     t0 = time.perf_counter()
     procs = [
         subprocess.Popen(
-            [STORESCU, "-aet", "BENCH", "-aec", aet, "+sd", "+r", "127.0.0.1", str(port), str(s)],
+            [STORESCU, "-aet", "BENCH", "-aec", aet, "+sd", "+r", "127.0.0.1", str(port), *map(str, group)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=ENV,
         )  # fmt: skip
-        for s in studies
+        for group in groups
     ]
     for p in procs:
         _, err = p.communicate(timeout=1200)
@@ -72,7 +74,7 @@ def send_all(studies: list[Path], port: int, aet: str) -> float:
     return time.perf_counter() - t0
 
 
-def run_storescp(work: Path, studies: list[Path], _n: int) -> float:
+def run_storescp(work: Path, studies: list[list[Path]], _n: int) -> float:
     peer = DcmtkStoreSCP(work).start()
     try:
         return send_all(studies, peer.port, peer.aet)
@@ -80,7 +82,7 @@ def run_storescp(work: Path, studies: list[Path], _n: int) -> float:
         peer.stop()
 
 
-def run_orthanc(work: Path, studies: list[Path], n: int) -> float:
+def run_orthanc(work: Path, studies: list[list[Path]], n: int) -> float:
     peer = Orthanc(work).start()
     try:
         elapsed = send_all(studies, peer.dicom_port, peer.aet)
@@ -91,8 +93,8 @@ def run_orthanc(work: Path, studies: list[Path], n: int) -> float:
         peer.stop()
 
 
-def run_node(receivers: int) -> Callable[[Path, list[Path], int], float]:
-    def run(work: Path, studies: list[Path], n: int) -> float:
+def run_node(receivers: int) -> Callable[[Path, list[list[Path]], int], float]:
+    def run(work: Path, studies: list[list[Path]], n: int) -> float:
         config = f"[completeness]\nstable_seconds = 3600\n[node]\nreceivers = {receivers}\n"
         node = NodeProcess(work / "node", config).start()
         try:
@@ -119,10 +121,6 @@ def ingest(root: Path, args: argparse.Namespace) -> None:
     studies = [simulate(root / f"study{k}", "ct", args.slices, seed=k) for k in range(args.studies)]
     n = args.studies * args.slices
     size_mb = sum(f.stat().st_size for s in studies for f in s.iterdir()) / 1e6
-    print(
-        f"ingest: {args.studies} x {args.slices} slices 512x512 CT (SIMULATED), {size_mb:.0f} MB, "
-        f"{args.studies} association(s) at once"
-    )
     for s in studies:
         for f in s.iterdir():
             f.read_bytes()  # page cache: the senders read from memory for everyone
@@ -132,27 +130,35 @@ def ingest(root: Path, args: argparse.Namespace) -> None:
         ("dicom-node x1", run_node(1)),
         (f"dicom-node x{args.receivers}", run_node(args.receivers)),
     ]
-    runs: dict[str, list[float]] = {name: [] for name, _ in receivers}
-    for rep in range(args.repeats):
-        order = receivers[rep % len(receivers) :] + receivers[: rep % len(receivers)]
-        for name, fn in order:
-            work = root / f"run-{rep}-{name.replace(' ', '-')}"
-            work.mkdir()
-            elapsed = fn(work, studies, n)
-            shutil.rmtree(work)
-            runs[name].append(elapsed)
-            print(f"  repeat {rep + 1} {name:16s} {elapsed:6.2f} s  {n / elapsed:7.1f} img/s", flush=True)
-    med = {k: statistics.median(v) for k, v in runs.items()}
-    print(f"\n{'receiver':18s} {'median s':>9s} {'img/s':>8s}")
-    for name, m in med.items():
-        print(f"{name:18s} {m:9.2f} {n / m:8.1f}")
-    for name in med:
-        if name.startswith("dicom-node"):
-            print(
-                f"{name} / Orthanc: {med['Orthanc'] / med[name]:.2f}x   "
-                f"/ dcmtk storescp: {med['dcmtk storescp'] / med[name]:.2f}x   (images/s)"
-            )
-    print()
+    for associations in args.associations:
+        # the same studies, sent over `associations` associations at once
+        groups = [studies[k::associations] for k in range(associations)]
+        print(
+            f"ingest: {args.studies} x {args.slices} slices 512x512 CT (SIMULATED), {size_mb:.0f} MB, "
+            f"{associations} association(s) at once"
+        )
+        runs: dict[str, list[float]] = {name: [] for name, _ in receivers}
+        for rep in range(args.repeats):
+            order = receivers[rep % len(receivers) :] + receivers[: rep % len(receivers)]
+            for name, fn in order:
+                work = root / f"run-{associations}-{rep}-{name.replace(' ', '-')}"
+                work.mkdir()
+                elapsed = fn(work, groups, n)
+                shutil.rmtree(work)
+                runs[name].append(elapsed)
+                print(f"  repeat {rep + 1} {name:16s} {elapsed:6.2f} s  {n / elapsed:7.1f} img/s", flush=True)
+        med = {k: statistics.median(v) for k, v in runs.items()}
+        print(f"\n{'receiver':18s} {'median s':>9s} {'img/s':>8s}   ({associations} association(s))")
+        for name, m in med.items():
+            print(f"{name:18s} {m:9.2f} {n / m:8.1f}")
+        for name in med:
+            if name.startswith("dicom-node"):
+                print(
+                    f"{name} / Orthanc: {med['Orthanc'] / med[name]:.2f}x   "
+                    f"/ dcmtk storescp: {med['dcmtk storescp'] / med[name]:.2f}x   (images/s, "
+                    f"{associations} association(s))"
+                )
+        print()
 
 
 def celery_jobs(root: Path, args: argparse.Namespace) -> None:
@@ -198,7 +204,7 @@ file = "policy.yaml"
                     )
                 time.sleep(8)  # the workers start (imports, broker connection)
                 t0 = time.perf_counter()
-                send_all(studies, node.port, node.ae_title)
+                send_all([[study] for study in studies], node.port, node.ae_title)
                 settled = (
                     "select count(*) from jobs where state in ('delivered', 'held', 'failed', 'refused')"
                 )
@@ -233,6 +239,12 @@ def main() -> int:
     ap.add_argument("--studies", type=int, default=4)
     ap.add_argument("--slices", type=int, default=150)
     ap.add_argument("--receivers", type=int, default=2)
+    ap.add_argument(
+        "--associations",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=[1, 4],
+        help="comma-separated: the studies are sent over this many associations at once, each in turn",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=4)
     ap.add_argument("--skip-celery", action="store_true")
