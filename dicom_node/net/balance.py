@@ -133,7 +133,10 @@ class LoadBoard:
 
     def publish(self, connections: int) -> None:
         if self.row >= 0:
-            self._set(self.row, 1, connections)
+            try:
+                self._set(self.row, 1, connections)
+            except ValueError:  # closed under a connection that ended as we stopped
+                pass
 
     def _rows_in_use(self) -> int:
         """Rows are taken lowest first: those past the last one with a process are unused."""
