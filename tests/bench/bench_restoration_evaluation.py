@@ -82,6 +82,16 @@ def main() -> int:
                 f"  {dose:10s} {name:38s} {before:8.4f} {after:8.4f} {change:+8.4f}  "
                 f"±{tolerance:g} {'ok' if ok else 'MOVED'}"
             )
+    if precision != "float32" and (model.directory / "evaluation.json").exists():
+        # the float32 table is the model's reference: how far this precision is from it
+        reference = json.loads((model.directory / "evaluation.json").read_text())
+        for dose, table in reference["doses"].items():
+            before, after = (
+                _get(table, ("psnr_db", "model")),
+                _get(now["doses"].get(dose, {}), ("psnr_db", "model")),
+            )
+            if before is not None and after is not None:
+                print(f"  {dose:10s} PSNR in {precision} against the float32 table: {after - before:+.2f} dB")
     unchanged = bool(within) and all(within)
     print(
         f"evaluation table of the shipped model: {'unchanged' if unchanged else 'CHANGED'} "
