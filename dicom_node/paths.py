@@ -75,3 +75,17 @@ class NodePaths:
             or config.storage.audit_database_url
             or f"sqlite:///{self.var / 'audit.db'}"
         )
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` (one recorded in the run folder, a claim or the receivers' board)
+    still names a running process."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True

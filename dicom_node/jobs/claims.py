@@ -11,6 +11,8 @@ import os
 import socket
 from collections.abc import Callable
 
+from dicom_node.paths import pid_alive
+
 HOST = socket.gethostname()
 #: The run id prefix of a worker that runs on its own (``dicom-node worker`` under the
 #: Celery engine), not as a child of ``serve``: a later ``serve`` on its host is not its
@@ -23,16 +25,6 @@ OrphanTest = Callable[[str | None, float | None, float], bool]
 
 def claim_id(run_id: str, pid: int | None = None) -> str:
     return f"{HOST}/{run_id}/{pid or os.getpid()}"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def orphan_test(current_run_id: str) -> OrphanTest:

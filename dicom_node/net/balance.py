@@ -38,6 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dicom_node.paths import pid_alive
+
 log = logging.getLogger(__name__)
 
 #: Rows in the board: ``[node] receivers`` is at most 32.
@@ -51,18 +53,6 @@ _MESSAGE = struct.Struct("<HH")  # the listening port the connection came in on,
 
 class HandedOff(OSError):
     """``get_request`` gave the connection to a sibling: ``socketserver`` skips it."""
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class LoadBoard:
@@ -113,7 +103,7 @@ class LoadBoard:
         with self.path.open("rb") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             for row in range(ROWS):
-                if not _alive(self.pid(row)):
+                if not pid_alive(self.pid(row)):
                     # What others handed to the row's last process is not in flight to us,
                     # and what it handed is not owed by them: start level with everyone.
                     for other in range(ROWS):
@@ -156,7 +146,7 @@ class LoadBoard:
             if row == self.row or pid <= 0:
                 continue
             load = self.load(row, rows)
-            if load < mine and _alive(pid):
+            if load < mine and pid_alive(pid):
                 found.append((load, row, pid))
         return [(row, pid) for _, row, pid in sorted(found)]
 
