@@ -26,6 +26,8 @@ from dicom_node.ingest.receiver import Receiver
 from dicom_node.net.balance import LoadBoard
 from dicom_node.net.tuning import tune_pynetdicom
 from dicom_node.paths import NodePaths
+from dicom_node.runtime import Runtime
+from dicom_node.web.metrics import NodeCollector
 from tests.peers import free_port
 from tests.test_tls import Pki, client, pki, tls_section  # noqa: F401  (pki: the fixture)
 
@@ -134,6 +136,20 @@ def test_associations_held_open_are_spread_evenly_plain_and_tls(
     tls_args = (client(pki, pki.rogue, tmp_path), "localhost")  # any certificate of the CA
     held += [_associate(tls, tls_args) for _ in range(4)]
     assert [_associations(one), _associations(two)] == [4, 4], "TLS connections go over unopened, too"
+    # what /metrics shows an operator: each receiving process's open connections
+    rt = Runtime.open(None, tmp_path / "metrics-home", {})
+    try:
+        collector = NodeCollector(
+            rt.db,
+            rt.audit,
+            tmp_path,
+            tmp_path / "checkpoints",
+            connections_by_process=one.connections_by_process,
+        )
+        family = next(f for f in collector.collect() if f.name == "dicomnode_receiver_connections_open")
+        assert sorted((s.labels["receiver"], s.value) for s in family.samples) == [("0", 4), ("1", 4)]
+    finally:
+        rt.close()
     balancers = [one._balancer, two._balancer]
     assert all(b is not None for b in balancers)
     moved = sum(b.handed_off for b in balancers if b is not None)

@@ -273,6 +273,17 @@ class Receiver:
         for server in servers:
             server.shutdown()
 
+    def connections_by_process(self) -> list[tuple[int, int]] | None:
+        """(board row, open connections) of each receiving process on this host, from the
+        receivers' board; None with one receiving process (no board)."""
+        balancer = self._balancer
+        if balancer is None:
+            return None
+        try:
+            return [(row, connections) for row, _pid, connections in balancer.board.rows()]
+        except ValueError:  # the board closed: we stop
+            return None
+
     def open_associations(self) -> int:
         """Associations established on this process and not yet closed."""
         with self._tally_lock:

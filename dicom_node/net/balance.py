@@ -150,6 +150,15 @@ class LoadBoard:
                 found.append((load, row, pid))
         return [(row, pid) for _, row, pid in sorted(found)]
 
+    def rows(self) -> list[tuple[int, int, int]]:
+        """(row, pid, open connections) of every row whose process runs."""
+        found = []
+        for row in range(self._rows_in_use()):
+            pid = self.pid(row)
+            if pid_alive(pid):
+                found.append((row, pid, self.connections(row)))
+        return found
+
     def handed(self, to: int) -> None:
         self._set(self.row, _HEADER + to, self._handed(self.row, to) + 1)
 

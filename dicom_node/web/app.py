@@ -327,6 +327,7 @@ def create_app(ctx: WebContext) -> FastAPI:
         ctx.data_dir or Path("/nonexistent"),
         ctx.checkpoint_file,
         open_associations=ctx.receiver.open_associations if ctx.receiver is not None else None,
+        connections_by_process=ctx.receiver.connections_by_process if ctx.receiver is not None else None,
     )
 
     @app.get("/metrics")

@@ -60,6 +60,7 @@ class NodeCollector(Collector):
         data_dir: Path,
         checkpoint_file: Path,
         open_associations: Callable[[], int] | None = None,
+        connections_by_process: Callable[[], list[tuple[int, int]] | None] | None = None,
     ) -> None:
         self.db = db
         self.audit = audit
@@ -67,6 +68,8 @@ class NodeCollector(Collector):
         self.checkpoint_file = checkpoint_file
         #: The serving process's DICOM associations open now (None: not this process's).
         self.open_associations = open_associations
+        #: (receiving process's board row, open connections) on this host (None: one process).
+        self.connections_by_process = connections_by_process
 
     def collect(self) -> Iterator[Metric]:
         with self.db.read() as conn:
@@ -155,6 +158,17 @@ class NodeCollector(Collector):
                 "DICOM associations open now on this receiving process",
                 value=self.open_associations(),
             )
+        by_process = self.connections_by_process() if self.connections_by_process is not None else None
+        if by_process is not None:
+            family = GaugeMetricFamily(
+                "dicomnode_receiver_connections_open",
+                "Connections (waiting to associate or associated) open now per receiving process "
+                "of this host ([node] receivers), by its row on the receivers' board",
+                labels=["receiver"],
+            )
+            for row, connections in by_process:
+                family.add_metric([str(row)], connections)
+            yield family
         head, _ = self.audit.head()
         yield GaugeMetricFamily(
             "dicomnode_audit_chain_head", "Sequence number of the newest audit record", value=head
