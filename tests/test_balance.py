@@ -23,7 +23,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from audit import AuditTrail
 from dicom_node.config import NodeConfig
 from dicom_node.ingest.receiver import Receiver
-from dicom_node.net.balance import LoadBoard
+from dicom_node.net.balance import ROWS, LoadBoard
 from dicom_node.net.tuning import tune_pynetdicom
 from dicom_node.paths import NodePaths
 from dicom_node.runtime import Runtime
@@ -177,3 +177,19 @@ def test_a_sibling_that_is_gone_or_deaf_costs_no_connection(
     assert _associations(one) == 3
     for assoc in held:
         assoc.release()
+
+
+def test_a_board_that_cannot_be_joined_leaves_receiving_as_it_was(pki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    plain, tls = free_port(), free_port()
+    receiver, audit = _receiver(tmp_path, plain, tls, pki, "full")
+    receiver.board_path.parent.mkdir(parents=True, exist_ok=True)
+    LoadBoard.reset(receiver.board_path)
+    for _ in range(ROWS):  # every row taken by a running process
+        LoadBoard(receiver.board_path).join(pid=os.getppid())
+    receiver.start()
+    try:
+        assert receiver._balancer is None and receiver.connections_by_process() is None
+        _associate(plain).release()
+    finally:
+        receiver.stop()
+        audit.dispose()

@@ -253,7 +253,12 @@ class Receiver:
             serve_handed(server, sock)
 
         balancer = Balancer(self.board_path, guard.open_connections, serve)
-        balancer.start()
+        try:
+            balancer.start()
+        except (OSError, RuntimeError) as exc:  # receiving matters more than spreading
+            log.warning("receiving processes: connections not evened out here: %s", exc)
+            balancer.stop()
+            return
         guard.on_count = balancer.publish
         balancer.publish(guard.open_connections())
         for server in self._servers:

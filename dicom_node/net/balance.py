@@ -65,6 +65,8 @@ class LoadBoard:
             if os.fstat(fd).st_size < ROWS * _ROW_BYTES:
                 os.ftruncate(fd, ROWS * _ROW_BYTES)
             self._map = mmap.mmap(fd, ROWS * _ROW_BYTES)
+            #: Names this board's sockets (:func:`_address`): another node's board is another file.
+            self.inode = os.fstat(fd).st_ino
         finally:
             os.close(fd)
         self.row = -1
@@ -166,9 +168,9 @@ class LoadBoard:
         self._set(self.row, _HEADER + ROWS + source, self._taken(self.row, source) + 1)
 
 
-def _address(board: Path, row: int, pid: int) -> str:
+def _address(board: LoadBoard, row: int, pid: int) -> str:
     """The abstract Unix socket of one row's process (no file; gone with the process)."""
-    return f"\0dicom-node-balance:{os.stat(board).st_ino}:{row}:{pid}"
+    return f"\0dicom-node-balance:{board.inode}:{row}:{pid}"
 
 
 class Balancer:
@@ -200,7 +202,7 @@ class Balancer:
 
     def start(self) -> None:
         self.board.join()
-        self._intake.bind(_address(self.board.path, self.board.row, os.getpid()))
+        self._intake.bind(_address(self.board, self.board.row, os.getpid()))
         self._thread = threading.Thread(target=self._take, name="balance-intake", daemon=True)
         self._thread.start()
 
@@ -221,7 +223,7 @@ class Balancer:
                     [_MESSAGE.pack(port, self.board.row)],
                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))],
                     0,
-                    _address(self.board.path, row, pid),
+                    _address(self.board, row, pid),
                 )
             except OSError:  # gone, or its queue is full: the next
                 self.refused += 1
@@ -262,7 +264,7 @@ class Balancer:
         self._stopping = True
         try:
             # wake the intake thread: an empty datagram to ourselves
-            self._outlet.sendto(b"", _address(self.board.path, self.board.row, os.getpid()))
+            self._outlet.sendto(b"", _address(self.board, self.board.row, os.getpid()))
         except OSError:
             pass
         if self._thread is not None:
