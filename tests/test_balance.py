@@ -9,6 +9,7 @@ is gone or deaf never costs a connection.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -164,14 +165,25 @@ def test_a_sibling_that_is_gone_or_deaf_costs_no_connection(
     one, two, plain, _ = pair
     b1, b2 = one._balancer, two._balancer
     assert b1 is not None and b2 is not None
-    b2._intake.close()  # deaf: still on the board and alive, but nothing takes what is sent
-    held = []
-    while b1.refused == 0 and len(held) < 40:  # until the kernel has made one the busier
-        held.append(_associate(plain))
-    assert b1.refused > 0, "one never tried to hand a connection to its idle sibling"
-    assert _associations(one) + _associations(two) == len(held), "every connection was served"
+    # two's row names a running process that has no socket bound (as after its intake
+    # thread failed): what one sends there is refused
+    b1.board._set(b2.board.row, 0, os.getppid())
+    # one is the busier (the kernel decides who accepts what, so say so here): its hand-off
+    # is refused, and it keeps the connection
+    counted, b1.connections = b1.connections, lambda: 5
+    mine, other = socket.socketpair()
+    try:
+        assert b1.hand_off(plain, mine) is False
+        assert b1.refused == 1 and b1.handed_off == 0
+    finally:
+        mine.close()
+        other.close()
+    b1.connections = counted
+    held = [_associate(plain) for _ in range(6)]  # whoever the kernel picks, each is served
+    assert _associations(one) + _associations(two) == len(held)
     for assoc in held:
         assoc.release()
+    b1.board._set(b2.board.row, 0, os.getpid())
     two.stop()  # gone: off the board, its port closed
     held = [_associate(plain) for _ in range(3)]
     assert _associations(one) == 3

@@ -234,6 +234,16 @@ class Balancer:
         return False
 
     def _take(self) -> None:
+        try:
+            self._take_until_stopped()
+        finally:
+            if not self._stopping:
+                # Never leave a bound socket nobody reads: siblings would queue connections
+                # there. Closed, the name is gone, their hand-offs fail and they serve.
+                log.error("taking connections from sibling processes stopped")
+                self._intake.close()
+
+    def _take_until_stopped(self) -> None:
         while True:
             try:
                 data, fds, _flags, _addr = socket.recv_fds(self._intake, _MESSAGE.size, 1)
