@@ -50,7 +50,7 @@ from dicom_node.ingest.mpps import MPPS_SOP_CLASS, PerformedProcedureSteps
 from dicom_node.ingest.part10 import encode_file_meta
 from dicom_node.ingest.staging import StagedDataSet
 from dicom_node.ingest.store import InstanceStore, StoreOutcome, StoreResult
-from dicom_node.net.balance import Balancer, serve_handed
+from dicom_node.net.balance import Balancer
 from dicom_node.net.commitment import (
     PUSH_MODEL,
     CommitmentReport,
@@ -59,7 +59,7 @@ from dicom_node.net.commitment import (
     parse_event_report,
 )
 from dicom_node.net.dimse_guard import CommandDefect, command_defect, install_dimse_guard
-from dicom_node.net.guard import ConnectionGuard, guard_server
+from dicom_node.net.guard import ConnectionGuard, guard_server, serve_handed
 from dicom_node.net.hostnames import HostNames
 from dicom_node.net.tls import certificate_problem, peer_certificate, server_context
 from dicom_node.net.tls import check_config as check_tls
@@ -138,7 +138,6 @@ class Receiver:
         #: The board the node's receiving processes share (``[node] receivers`` > 1).
         self.board_path = paths.run / "receivers.board"
         self._balancer: Balancer | None = None
-        self._guard: ConnectionGuard | None = None
         self._tallies: dict[int, _AssociationTally] = {}
         self._tally_lock = threading.Lock()
         self._servers: list[Any] = []
@@ -259,19 +258,18 @@ class Receiver:
             log.warning("receiving processes: connections not evened out here: %s", exc)
             balancer.stop()
             return
-        guard.on_count = balancer.publish
-        balancer.publish(guard.open_connections())
+        guard.on_count = balancer.board.publish
+        balancer.board.publish(guard.open_connections())
         for server in self._servers:
             server._dn_balancer = balancer
-        self._balancer, self._guard = balancer, guard
+        self._balancer = balancer
 
     def stop(self) -> None:
         balancer, self._balancer = self._balancer, None
         if balancer is not None:
             for server in self._servers:
                 server._dn_balancer = None
-            if self._guard is not None:
-                self._guard.on_count = None
+                server._dn_guard.on_count = None  # one guard for all of them
             balancer.stop()
         servers, self._servers = self._servers, []
         self.listening = []

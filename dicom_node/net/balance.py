@@ -36,7 +36,6 @@ import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from dicom_node.paths import pid_alive
 
@@ -206,9 +205,6 @@ class Balancer:
         self._thread = threading.Thread(target=self._take, name="balance-intake", daemon=True)
         self._thread.start()
 
-    def publish(self, connections: int) -> None:
-        self.board.publish(connections)
-
     def hand_off(self, port: int, sock: socket.socket) -> bool:
         """Give ``sock`` (just accepted on ``port``, nothing read) to a lighter sibling.
 
@@ -251,8 +247,6 @@ class Balancer:
                 return  # closed: we stop
             if self._stopping and not fds:
                 return
-            for fd in fds[1:]:
-                os.close(fd)
             if not fds:
                 continue
             sock = socket.socket(fileno=fds[0])
@@ -283,24 +277,3 @@ class Balancer:
         self._outlet.close()
         self.board.leave()
         self.board.close()
-
-
-def serve_handed(server: Any, sock: socket.socket) -> None:
-    """Serve a connection a sibling accepted on the same port, as ``server``'s accept loop
-    would have (``socketserver.BaseServer._handle_request_noblock``)."""
-    try:
-        address = sock.getpeername()
-    except OSError:  # gone already
-        sock.close()
-        return
-    request: Any = sock
-    if getattr(server, "ssl_context", None):
-        request = server.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-    if server.verify_request(request, address):
-        try:
-            server.process_request(request, address)
-        except Exception:
-            server.handle_error(request, address)
-            server.shutdown_request(request)
-    else:
-        server.shutdown_request(request)

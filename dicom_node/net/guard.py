@@ -249,12 +249,15 @@ class ConnectionGuard:
     def open_connections(self) -> int:
         """Pending connections and associations, together."""
         with self._lock:
-            return self._pending.total() + self._associations.total()
+            return self._open()
+
+    def _open(self) -> int:
+        return self._pending.total() + self._associations.total()
 
     def _counted(self) -> None:
         """Under the lock: the count changed."""
         if self.on_count is not None:
-            self.on_count(self._pending.total() + self._associations.total())
+            self.on_count(self._open())
 
     def _end(self, conn: _Connection) -> None:
         with self._lock:
@@ -567,7 +570,7 @@ def _accept_without_handshake(server: Any) -> Callable[[], tuple[socket.socket, 
 
     With a balancer (``server._dn_balancer``, several receiving processes) a connection
     may go to a sibling process instead, before TLS and before admission: the sibling
-    admits it (:func:`dicom_node.net.balance.serve_handed`)."""
+    admits it (:func:`serve_handed`)."""
 
     def get_request() -> tuple[socket.socket, Any]:
         sock, address = server.socket.accept()
@@ -575,11 +578,35 @@ def _accept_without_handshake(server: Any) -> Callable[[], tuple[socket.socket, 
         if balancer is not None and balancer.hand_off(server.server_address[1], sock):
             sock.close()  # the sibling holds its own copy
             raise HandedOff(f"connection from {address[0]} handed to a sibling process")
-        if server.ssl_context:
-            sock = server.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        return sock, address
+        return _unopened_tls(server, sock), address
 
     return get_request
+
+
+def _unopened_tls(server: Any, sock: socket.socket) -> Any:
+    """``sock`` wrapped for the server's TLS, if it has any, with no handshake yet."""
+    if server.ssl_context:
+        return server.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    return sock
+
+
+def serve_handed(server: Any, sock: socket.socket) -> None:
+    """Serve a connection a sibling process accepted on the same port, as ``server``'s
+    accept loop would have (``socketserver.BaseServer._handle_request_noblock``)."""
+    try:
+        address = sock.getpeername()
+    except OSError:  # gone already
+        sock.close()
+        return
+    request = _unopened_tls(server, sock)
+    if server.verify_request(request, address):
+        try:
+            server.process_request(request, address)
+        except Exception:
+            server.handle_error(request, address)
+            server.shutdown_request(request)
+    else:
+        server.shutdown_request(request)
 
 
 def _forgetting(server: Any, guard: ConnectionGuard) -> Callable[[Any], None]:
