@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.valuerep import VR
 
 _UNDEFINED = 0xFFFFFFFF
 _PIXEL_DATA = 0x7FE00010
@@ -40,6 +41,8 @@ _ITEM_GROUP = 0xFFFE
 _LONG_VRS = frozenset(vr.encode() for vr in "OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 #: VRs that may have undefined length: sequences, UN holding one, encapsulated pixel data.
 _UNDEFINED_OK = frozenset((b"SQ", b"UN", b"OB", b"OW"))
+#: Value Representations pydicom reads (PS3.5 6.2).
+_KNOWN_VRS = frozenset(vr.value.encode() for vr in VR)
 
 #: Deflated data sets (PS3.5 A.5): pydicom knows the first; the JPIP Referenced Deflate
 #: syntaxes (JPEG 2000 and HTJ2K) deflate their data sets the same way.
@@ -276,6 +279,65 @@ def check_encoding(body: _Bytes, transfer_syntax: str) -> EncodingMismatch | Non
             )
         return None
     return None
+
+
+_HEADERS = {order + f: struct.Struct(order + f).unpack_from for order in "<>" for f in ("HHL", "HH2sH", "L")}
+
+
+def plain_elements(body: _Bytes, transfer_syntax: str, wanted: frozenset[int]) -> dict[int, _Header] | None:
+    """The headers of the ``wanted`` top-level elements, in one pass over a plain data set.
+
+    A plain data set is the common case: a native (not encapsulated) transfer syntax, every
+    top-level element of defined length with a known VR (explicit VR) and inside the bytes.
+    Such a data set is encoded as its transfer syntax says (:func:`check_encoding` finds
+    nothing), so the receiver reads it without walking it twice.
+
+    Returns None for anything else (an undefined length, an unknown or invalid VR, an item
+    tag at the top level, bytes cut short): then the general path decides, and words the
+    reason.
+    """
+    ts = UID(transfer_syntax)
+    if not ts.is_transfer_syntax or ts.is_encapsulated:
+        return None
+    order = "<" if ts.is_little_endian else ">"
+    size = len(body)
+    found: dict[int, _Header] = {}
+    at = 0
+    # The element header read inline (this runs for every instance received).
+    if ts.is_implicit_VR:
+        implicit = _HEADERS[order + "HHL"]
+        while at + 8 <= size:
+            group, element, length = implicit(body, at)
+            if length == _UNDEFINED or group == _ITEM_GROUP:
+                return None
+            value_at = at + 8
+            at = value_at + length
+            tag = group << 16 | element
+            if tag in wanted:
+                found[tag] = _Header(tag, None, length, value_at)
+    else:
+        explicit = _HEADERS[order + "HH2sH"]
+        long_length = _HEADERS[order + "L"]
+        while at + 8 <= size:
+            group, element, vr, length = explicit(body, at)
+            if vr not in _KNOWN_VRS or group == _ITEM_GROUP:
+                return None
+            if vr in _LONG_VRS:
+                if at + 12 > size:
+                    return None
+                length = long_length(body, at + 8)[0]
+                if length == _UNDEFINED:
+                    return None
+                value_at = at + 12
+            else:
+                value_at = at + 8
+            at = value_at + length
+            tag = group << 16 | element
+            if tag in wanted:
+                found[tag] = _Header(tag, vr, length, value_at)
+    if at != size:  # cut short, or bytes left that hold no element header
+        return None
+    return found
 
 
 # -- inflating ---------------------------------------------------------------------------------

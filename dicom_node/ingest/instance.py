@@ -19,15 +19,15 @@ from typing import Any
 
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import convert_raw_data_element
+from pydicom.dataelem import RawDataElement, convert_raw_data_element, empty_value_for_VR
 from pydicom.filereader import data_element_generator, read_dataset
 from pydicom.multival import MultiValue
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 from pydicom.valuerep import VR
 
 from dicom_node.config import ReceiverSection
-from dicom_node.ingest.encoding import DEFLATED_SYNTAXES, MIB, check_encoding, inflate
+from dicom_node.ingest.encoding import DEFLATED_SYNTAXES, MIB, check_encoding, inflate, plain_elements
 
 _UNDEFINED = 0xFFFFFFFF
 _PIXEL_DATA = 0x7FE00010
@@ -306,6 +306,39 @@ def _walk(data: bytes, implicit_vr: bool, little_endian: bool) -> dict[int, Any]
     return wanted
 
 
+#: Values longer than this are read lazily by :func:`_walk` (pydicom's ``defer_size``).
+_DEFER_BYTES = 256
+#: Off: every data set takes the general path (the tests compare both).
+_PLAIN_WALK = True
+_RECORDED = _WANTED | {_PIXEL_DATA, _CONTRIBUTING_EQUIPMENT}
+
+
+def _walk_plain(data: bytes, ts: UID) -> dict[int, Any] | None:
+    """What :func:`_walk` returns, in one pass, for a plain data set (see
+    :func:`~dicom_node.ingest.encoding.plain_elements`); None: take the general path.
+
+    The raw elements are built as pydicom's generator builds them, so everything after the
+    walk is the same (``tests/test_instance.py`` compares both on every bundled file).
+    """
+    heads = plain_elements(data, ts, _RECORDED)
+    if heads is None:
+        return None
+    implicit, little = ts.is_implicit_VR, ts.is_little_endian
+    raw: dict[int, Any] = {}
+    for tag, head in heads.items():
+        vr = None if head.vr is None else head.vr.decode()
+        start, length = head.value_at, head.length
+        value: Any
+        if length == 0:
+            value = empty_value_for_VR(vr, raw=True)
+        elif length <= _DEFER_BYTES:
+            value = bytes(data[start : start + length])
+        else:
+            value = data[start : start + length] if tag in _WANTED else None
+        raw[tag] = RawDataElement(BaseTag(tag), vr, length, value, start, implicit, little)
+    return raw
+
+
 def _expected_native_pixel_bytes(values: dict[str, Any]) -> int | None:
     rows, cols = _int(values, "Rows"), _int(values, "Columns")
     bits = _int(values, "BitsAllocated")
@@ -355,18 +388,22 @@ def check_instance(
             )
             return None, Rejection(status, refused.reason)
     assert body is not None
-    try:
-        raw = _walk(body, ts.is_implicit_VR, ts.is_little_endian)
-    except Exception as exc:  # pydicom raises many types for garbage; all mean the same here
+    # A plain data set is walked once, and is encoded as promised; anything else takes the
+    # general path: pydicom's walk, then the encoding check.
+    raw = _walk_plain(body, ts) if _PLAIN_WALK else None
+    if raw is None:
+        try:
+            raw = _walk(body, ts.is_implicit_VR, ts.is_little_endian)
+        except Exception as exc:  # pydicom raises many types for garbage; all mean the same here
+            mismatch = check_encoding(body, ts)
+            if mismatch is not None and mismatch.reads_as_other_vr:  # not garbage: the wrong encoding
+                return None, Rejection(StoreStatus.CANNOT_UNDERSTAND, mismatch.reason)
+            return None, Rejection(StoreStatus.CANNOT_UNDERSTAND, f"cannot parse data set: {exc}")
+        # pydicom reads on where the bytes break the transfer syntax (implicit VR found where
+        # explicit was promised, say); what a receiving tool cannot read is refused here.
         mismatch = check_encoding(body, ts)
-        if mismatch is not None and mismatch.reads_as_other_vr:  # not garbage: the wrong encoding
+        if mismatch is not None:
             return None, Rejection(StoreStatus.CANNOT_UNDERSTAND, mismatch.reason)
-        return None, Rejection(StoreStatus.CANNOT_UNDERSTAND, f"cannot parse data set: {exc}")
-    # pydicom reads on where the bytes break the transfer syntax (implicit VR found where
-    # explicit was promised, say); what a receiving tool cannot read is refused here.
-    mismatch = check_encoding(body, ts)
-    if mismatch is not None:
-        return None, Rejection(StoreStatus.CANNOT_UNDERSTAND, mismatch.reason)
     if not raw:
         return None, Rejection(StoreStatus.CANNOT_UNDERSTAND, "cannot parse data set: no elements")
 
