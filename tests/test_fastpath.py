@@ -122,3 +122,128 @@ def test_p_data_tf_decodes_like_pynetdicom() -> None:
 def test_p_data_tf_refuses_items_that_do_not_fit(body: bytes) -> None:
     with pytest.raises(ValueError):
         p_data_tf(body)
+
+
+# -- the response sent from the association thread --------------------------------------------
+
+
+def test_p_data_tf_bytes_are_pynetdicoms() -> None:
+    from pynetdicom.pdu_primitives import P_DATA
+
+    from dicom_node.net.fastpath import p_data_tf_bytes
+
+    rng = random.Random(7)
+    for _ in range(200):
+        context_id = rng.randrange(1, 256, 2)
+        command = rng.randbytes(rng.randrange(1, 300))
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+        assert p_data_tf_bytes(context_id, command) == P_DATA_TF(pdata).encode()
+
+
+class _Transport:
+    def __init__(self, raw: object) -> None:
+        self.socket = raw
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+
+class _Assoc:
+    def __init__(self, handlers: list[object]) -> None:
+        self.handlers = handlers
+
+    def get_handlers(self, event: object) -> list[object]:
+        return self.handlers
+
+
+class _Dul:
+    def __init__(self, raw: object, state: str = "Sta6", queued: int = 0, handlers: int = 0) -> None:
+        import queue
+        from types import SimpleNamespace
+
+        self.socket = _Transport(raw)
+        self.state_machine = SimpleNamespace(current_state=state)
+        self.to_provider_queue: queue.Queue[object] = queue.Queue()
+        for _ in range(queued):
+            self.to_provider_queue.put(object())
+        self.assoc = _Assoc([object()] * handlers)
+
+
+def test_plain_response_is_sent_from_the_calling_thread() -> None:
+    import socket
+
+    from dicom_node.net.fastpath import p_data_tf_bytes, send_now
+
+    a, b = socket.socketpair()
+    try:
+        dul = _Dul(a)
+        assert send_now(dul, 5, b"\x01\x02")
+        assert dul.socket.sent == [p_data_tf_bytes(5, b"\x01\x02")]
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize(
+    "why", ["tls", "not data transfer", "primitive queued first", "pdu-sent handler", "no socket"]
+)
+def test_response_goes_through_the_dul_otherwise(why: str) -> None:
+    import socket
+    import ssl
+
+    from dicom_node.net.fastpath import send_now
+
+    a, b = socket.socketpair()
+    try:
+        raw: object = a
+        if why == "tls":
+            raw = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).wrap_socket(
+                socket.socket(), server_side=True, do_handshake_on_connect=False
+            )
+        elif why == "no socket":
+            raw = None
+        dul = _Dul(
+            raw,
+            state="Sta8" if why == "not data transfer" else "Sta6",
+            queued=1 if why == "primitive queued first" else 0,
+            handlers=1 if why == "pdu-sent handler" else 0,
+        )
+        assert not send_now(dul, 1, b"\x00")
+        assert dul.socket.sent == []
+    finally:
+        a.close()
+        b.close()
+
+
+def test_sends_on_one_socket_do_not_interleave(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads sending through one AssociationSocket: each send runs alone."""
+    import threading
+    import time
+
+    from pynetdicom.transport import AssociationSocket
+
+    from dicom_node.net import fastpath
+
+    inside = []
+    overlap = []
+
+    def slow_send(self: object, data: bytes) -> None:
+        inside.append(1)
+        if len(inside) > 1:
+            overlap.append(1)
+        time.sleep(0.01)
+        inside.pop()
+
+    monkeypatch.setattr(fastpath, "_original_socket_send", slow_send)
+    transport = AssociationSocket.__new__(AssociationSocket)
+    threads = [
+        threading.Thread(target=lambda: [fastpath._serialised_send(transport, b"x") for _ in range(10)])
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not overlap

@@ -1,4 +1,4 @@
-"""The two per-instance steps of pynetdicom that cost most, done lean.
+"""The per-instance steps of pynetdicom that cost most, done lean.
 
 **The successful C-STORE response, encoded without pydicom.**
 
@@ -10,7 +10,9 @@ two UIDs, the message id and a status is seven fixed elements; :func:`store_resp
 writes them with :mod:`struct` in a few microseconds.
 
 Anything else (an Error Comment, an Offending Element, a UID that is not plain ASCII, a
-``EVT_DIMSE_SENT`` handler someone bound) takes pynetdicom's own path unchanged.
+``EVT_DIMSE_SENT`` handler someone bound) takes pynetdicom's own path unchanged. The plain
+response is also sent from the association thread itself when the DUL thread would only
+relay it (:func:`send_now`): the sender waits for it, and the hand-off cost a thread wake-up.
 ``tests/test_fastpath.py`` checks the bytes are identical to pynetdicom's for every case
 the fast path takes.
 
@@ -31,7 +33,9 @@ that also writes each fragment to disk as it comes.
 from __future__ import annotations
 
 import logging
+import ssl
 import struct
+import threading
 from io import BytesIO
 from typing import Any
 
@@ -42,12 +46,15 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.transport import AssociationSocket
 
 log = logging.getLogger(__name__)
 
 _C_STORE_RSP = 0x8001
 _NO_DATA_SET = 0x0101
 _UL = struct.Struct("<HHII")
+_PDU_HEAD = struct.Struct(">BBL")
+_ITEM_LENGTH = struct.Struct(">L")
 _US = struct.Struct("<HHIH")
 
 
@@ -113,9 +120,60 @@ def send_msg(self: Any, primitive: Any, context_id: int) -> None:
     if limit and len(encoded) + 6 > limit:
         _original_send_msg(self, primitive, context_id)
         return
+    if send_now(self.dul, context_id, encoded):
+        return
     pdata = P_DATA()
     pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
     self.dul.send_pdu(pdata)
+
+
+def p_data_tf_bytes(context_id: int, command: bytes) -> bytes:
+    """A P-DATA-TF PDU holding one presentation data value: the last (only) fragment of the
+    command set ``command`` on presentation context ``context_id``."""
+    item = 2 + len(command)  # context id, message control header, the fragment
+    header = _PDU_HEAD.pack(0x04, 0x00, 4 + item) + _ITEM_LENGTH.pack(item)
+    return header + bytes((context_id, 0x03)) + command
+
+
+def send_now(dul: Any, context_id: int, command: bytes) -> bool:
+    """Send a response's command set from the calling (association) thread, when that is
+    exactly what the DUL thread would do with it; False: hand it to the DUL as pynetdicom does.
+
+    pynetdicom queues every PDU for its DUL thread, which wakes, runs the state machine
+    (Sta6 + Evt9: DT-1, send the P-DATA-TF, stay in Sta6) and sends it: a thread hand-off on
+    every acknowledgement, which the sender waits for. Sent here when the DUL is in Sta6 with
+    nothing queued before it (order kept), on a plain TCP socket (an SSL object must not be
+    written by one thread while another reads it), and when no ``EVT_PDU_SENT`` handler is
+    bound (the DUL fires it). The socket's sends are serialised (:func:`install`), and a
+    failed send posts Evt17 (transport closed) as the DUL's own sends do.
+    """
+    transport = dul.socket
+    raw = getattr(transport, "socket", None)
+    if (
+        raw is None
+        or isinstance(raw, ssl.SSLSocket)
+        or dul.state_machine.current_state != "Sta6"
+        or not dul.to_provider_queue.empty()
+        or dul.assoc.get_handlers(evt.EVT_PDU_SENT)
+    ):
+        return False
+    transport.send(p_data_tf_bytes(context_id, command))
+    return True
+
+
+_original_socket_send = AssociationSocket.send
+_send_locks_lock = threading.Lock()
+
+
+def _serialised_send(self: Any, bytestream: bytes) -> None:
+    """pynetdicom's ``AssociationSocket.send``, one thread at a time per socket: responses
+    may be sent from the association thread (:func:`send_now`) as well as the DUL's."""
+    lock = self.__dict__.get("_dn_send_lock")
+    if lock is None:
+        with _send_locks_lock:
+            lock = self.__dict__.setdefault("_dn_send_lock", threading.Lock())
+    with lock:
+        _original_socket_send(self, bytestream)
 
 
 def p_data_tf(body: bytearray | bytes) -> P_DATA_TF:
@@ -174,5 +232,7 @@ def stage_data_set(message: Any, stage: Any) -> None:
 
 
 def install() -> None:
-    """Send plain C-STORE responses through :func:`send_msg` (idempotent)."""
+    """Send plain C-STORE responses through :func:`send_msg`, serialise each socket's sends
+    (idempotent)."""
     DIMSEServiceProvider.send_msg = send_msg  # type: ignore[method-assign]
+    AssociationSocket.send = _serialised_send  # type: ignore[method-assign]
