@@ -521,8 +521,8 @@ def test_on_indexed_callback_receives_batch(tmp_path: Path, series) -> None:
 # -- data sets written while they arrive (dicom_node.ingest.staging) ---------------------------
 
 
-def _staged(node: Node, item: Received, gap: int, pieces: int = 4):
-    staged = node.store.stager().start(gap)
+def _staged(stager, item: Received, gap: int, pieces: int = 4):
+    staged = stager.start(gap)
     step = max(1, len(item.data) // pieces)
     for start in range(0, len(item.data), step):
         staged.write(memoryview(item.data)[start : start + step])  # as pynetdicom hands them over
@@ -538,8 +538,9 @@ def _gap(item: Received) -> int:
 
 def test_a_staged_data_set_is_stored_byte_for_byte(node: Node, series) -> None:
     _, items = series
+    stager = node.store.stager()  # one per association
     for item in items:
-        staged = _staged(node, item, _gap(item))
+        staged = _staged(stager, item, _gap(item))
         assert staged.path.exists()  # on disk before the handler runs
         result = node.store.accept(
             item.data, item.ts, claimed_sop_uid=item.sop_uid, calling_ae=CALLING_AE, staged=staged
@@ -551,6 +552,7 @@ def test_a_staged_data_set_is_stored_byte_for_byte(node: Node, series) -> None:
         meta, data = split_part10(_stored_path(node, item).read_bytes())
         assert data == item.data and meta.MediaStorageSOPInstanceUID == item.sop_uid
         assert meta.SourceApplicationEntityTitle.strip() == CALLING_AE
+    stager.discard_all()  # the association ends
     assert list(node.rt.paths.tmp.iterdir()) == []
     assert len(node.instance_rows()) == len(items)
 
@@ -558,13 +560,15 @@ def test_a_staged_data_set_is_stored_byte_for_byte(node: Node, series) -> None:
 def test_a_staged_data_set_whose_header_does_not_fit_is_written_the_ordinary_way(node: Node, series) -> None:
     _, items = series
     item = items[0]
-    staged = _staged(node, item, _gap(item) + 2)  # e.g. the data set's SOP Class differs from the request's
+    stager = node.store.stager()
+    staged = _staged(stager, item, _gap(item) + 2)  # e.g. the data set's SOP Class differs from the request's
     result = node.store.accept(
         item.data, item.ts, claimed_sop_uid=item.sop_uid, calling_ae=CALLING_AE, staged=staged
     )
     staged.discard()
     assert result.outcome == StoreOutcome.STORED
     assert split_part10(_stored_path(node, item).read_bytes())[1] == item.data
+    stager.discard_all()
     assert list(node.rt.paths.tmp.iterdir()) == []
 
 
@@ -572,18 +576,21 @@ def test_a_staged_duplicate_or_refusal_leaves_no_staging_file(node: Node, series
     _, items = series
     item = items[1]
     node.put(item)
-    staged = _staged(node, item, _gap(item))
+    stager = node.store.stager()
+    staged = _staged(stager, item, _gap(item))
     result = node.store.accept(
         item.data, item.ts, claimed_sop_uid=item.sop_uid, calling_ae=CALLING_AE, staged=staged
     )
     assert result.outcome == StoreOutcome.DUPLICATE
     assert staged.path.exists()
     staged.discard()
-    garbage = _staged(node, item, _gap(item))
+    garbage = _staged(stager, item, _gap(item))
     refused = node.store.accept(b"\x08\x00" * 7, item.ts, claimed_sop_uid=item.sop_uid, staged=garbage)
     assert refused.outcome == StoreOutcome.REJECTED
     garbage.discard()
     garbage.discard()  # idempotent
+    assert not staged.path.exists() and not garbage.path.exists()
+    stager.discard_all()
     assert list(node.rt.paths.tmp.iterdir()) == []
 
 
@@ -594,7 +601,8 @@ def test_a_staging_file_that_fails_to_write_falls_back(
 
     _, items = series
     item = items[2]
-    staged = node.store.stager().start(_gap(item))
+    stager = node.store.stager()
+    staged = stager.start(_gap(item))
     staged.write(item.data[:1000])
 
     def disk_full(fd: int, data: object, offset: int) -> int:
@@ -609,6 +617,7 @@ def test_a_staging_file_that_fails_to_write_falls_back(
     )
     assert result.outcome == StoreOutcome.STORED
     assert split_part10(_stored_path(node, item).read_bytes())[1] == item.data
+    stager.discard_all()
     assert list(node.rt.paths.tmp.iterdir()) == []
 
 
@@ -620,3 +629,65 @@ def test_discard_all_drops_only_unfinished_data_sets(node: Node, series) -> None
     stager.discard_all()
     assert not open_one.path.exists()
     assert list(node.rt.paths.tmp.iterdir()) == []
+
+
+def _wait_for_spare(stager) -> tuple:
+    import time
+
+    deadline = time.monotonic() + 10
+    while stager._spare is None:
+        assert time.monotonic() < deadline, "no spare staging file was made"
+        time.sleep(0.005)
+    return stager._spare
+
+
+def test_the_next_staging_file_is_created_ahead_and_used(node: Node, series) -> None:
+    """Creating a file is off the sender's path: made ahead on a helper thread, empty until
+    a data set takes it; the association's end removes the one never used."""
+    _, items = series
+    stager = node.store.stager()
+    for item in items[:3]:
+        spare_path, _ = _wait_for_spare(stager)
+        assert spare_path.exists() and spare_path.stat().st_size == 0
+        staged = _staged(stager, item, _gap(item))
+        assert staged.path == spare_path
+        result = node.store.accept(
+            item.data, item.ts, claimed_sop_uid=item.sop_uid, calling_ae=CALLING_AE, staged=staged
+        )
+        assert result.outcome == StoreOutcome.STORED
+        assert not spare_path.exists()  # renamed into the study tree
+    spare_path, _ = _wait_for_spare(stager)
+    stager.discard_all()
+    assert not spare_path.exists()
+    stager._make_spare()  # a helper run that comes after the end makes nothing
+    assert list(node.rt.paths.tmp.iterdir()) == []
+
+
+def test_staging_files_are_created_as_needed_when_no_spare_can_be_made(
+    node: Node, series, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicom_node.ingest import staging
+
+    _, items = series
+    item = items[0]
+    monkeypatch.setattr(staging.Stager, "_refill", lambda self: None)
+    stager = node.store.stager()
+    staged = _staged(stager, item, _gap(item))
+    assert (
+        node.store.accept(
+            item.data, item.ts, claimed_sop_uid=item.sop_uid, calling_ae=CALLING_AE, staged=staged
+        ).outcome
+        == StoreOutcome.STORED
+    )
+    stager.discard_all()
+    assert list(node.rt.paths.tmp.iterdir()) == []
+
+
+def test_reconcile_removes_empty_staging_files_and_quarantines_the_others(node: Node) -> None:
+    tmp = node.rt.paths.tmp
+    (tmp / "a.part").write_bytes(b"")  # made ahead of a data set, then a crash
+    (tmp / "b.part").write_bytes(b"\x08\x00" * 8)  # half a data set
+    node.store.reconcile()
+    assert list(tmp.iterdir()) == []
+    quarantined = sorted(p.suffix for p in node.rt.paths.quarantine.iterdir())
+    assert quarantined.count(".dcm") == 1, quarantined  # the half data set; nothing for the empty one

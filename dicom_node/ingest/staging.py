@@ -15,7 +15,8 @@ Nothing about durability changes: the instance is still acknowledged only after 
 staging file is ``fdatasync``'d, renamed into the study tree and the directory
 ``fsync``'d (:meth:`dicom_node.ingest.store.InstanceStore.accept`). A staging file of an
 instance never acknowledged (refused, a duplicate, an aborted association, a crash) is
-removed, or moved to quarantine by the next start like any other ``.part`` file.
+removed, or moved to quarantine by the next start like any other ``.part`` file. Each
+file is created before its data set arrives (:class:`Stager`).
 
 The gap for the meta header is sized from the C-STORE request (its UIDs, the negotiated
 transfer syntax, the calling AE title). The header actually written is built from the
@@ -32,6 +33,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +79,15 @@ class StagedDataSet(io.BytesIO):
     """
 
     def __init__(
-        self, path: Path, gap: int, *, durable: bool, on_done: Callable[[StagedDataSet], None]
+        self,
+        path: Path,
+        gap: int,
+        *,
+        durable: bool,
+        on_done: Callable[[StagedDataSet], None],
+        fd: int | None = None,
     ) -> None:
+        """``fd``: ``path`` already created (empty) and open for writing; else it is created."""
         super().__init__()
         self.path = path
         self.gap = gap
@@ -86,13 +95,14 @@ class StagedDataSet(io.BytesIO):
         self._on_done = on_done
         self._lock = threading.Lock()
         self._size = 0
-        self._fd: int | None = None
+        self._fd: int | None = fd
         self._usable = True
-        try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        except OSError as exc:
-            log.warning(_FALLBACK, path.name, exc)
-            self._usable = False
+        if fd is None:
+            try:
+                self._fd = _create(path)
+            except OSError as exc:
+                log.warning(_FALLBACK, path.name, exc)
+                self._usable = False
 
     def write(self, data: Any) -> int:  # bytes-like, as BytesIO.write
         written = super().write(data)
@@ -150,7 +160,13 @@ class StagedDataSet(io.BytesIO):
 class Stager:
     """Staging files for one association's data sets (see the module doc).
 
-    ``discard_all`` at the end of the association removes what an abort left half-written.
+    Each data set's file is created ahead of it: when one is taken, the next is created on
+    a helper thread while the data set arrives, so creating a file (an inode and a directory
+    entry: ≈ 0.1 ms on the reference VM) is off the path the sender waits on. A spare never
+    used is empty; ``discard_all`` at the end of the association removes it and whatever an
+    abort left half-written. An empty staging file left by a crash holds no byte of any data
+    set and is simply removed at the next start
+    (:meth:`~dicom_node.ingest.store.InstanceStore.reconcile`).
     """
 
     def __init__(self, directory: Path, *, durable: bool) -> None:
@@ -158,14 +174,44 @@ class Stager:
         self.durable = durable
         self._open: set[StagedDataSet] = set()
         self._lock = threading.Lock()
+        self._spare: tuple[Path, int] | None = None
+        self._closed = False
+        self._refill()
 
     def start(self, gap: int) -> StagedDataSet:
-        staged = StagedDataSet(
-            self.directory / f"{uuid.uuid4().hex}.part", gap, durable=self.durable, on_done=self._done
-        )
+        with self._lock:
+            spare, self._spare = self._spare, None
+        path, fd = spare if spare is not None else (self._new_path(), None)
+        staged = StagedDataSet(path, gap, durable=self.durable, on_done=self._done, fd=fd)
         with self._lock:
             self._open.add(staged)
+        self._refill()
         return staged
+
+    def _new_path(self) -> Path:
+        return self.directory / f"{uuid.uuid4().hex}.part"
+
+    def _refill(self) -> None:
+        try:
+            _spares().submit(self._make_spare)
+        except RuntimeError:  # the interpreter is shutting down: files are created as needed
+            pass
+
+    def _make_spare(self) -> None:
+        with self._lock:
+            if self._closed or self._spare is not None:
+                return
+        path = self._new_path()
+        try:
+            fd = _create(path)
+        except OSError:
+            return  # start() creates it itself, and says why if it fails there too
+        with self._lock:
+            if not self._closed and self._spare is None:
+                self._spare = (path, fd)
+                return
+        _close(fd)
+        path.unlink(missing_ok=True)
 
     def _done(self, staged: StagedDataSet) -> None:
         with self._lock:
@@ -174,5 +220,27 @@ class Stager:
     def discard_all(self) -> None:
         with self._lock:
             left = list(self._open)
+            spare, self._spare = self._spare, None
+            self._closed = True
         for staged in left:
             staged.discard()
+        if spare is not None:
+            _close(spare[1])
+            spare[0].unlink(missing_ok=True)
+
+
+def _create(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+
+
+_spare_maker: ThreadPoolExecutor | None = None
+_spare_maker_lock = threading.Lock()
+
+
+def _spares() -> ThreadPoolExecutor:
+    """The one helper thread (per process) that creates the next staging files."""
+    global _spare_maker
+    with _spare_maker_lock:
+        if _spare_maker is None:
+            _spare_maker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="staging-files")
+        return _spare_maker

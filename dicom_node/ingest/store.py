@@ -347,11 +347,15 @@ class InstanceStore:
         """Index files on disk that have no index row (after a crash or a power loss).
 
         Only series directories modified at or after ``since`` are scanned (all when
-        ``None``). Staging files left by an interrupted write were never acknowledged;
-        they are moved to quarantine (``staging``: only when no other process of the node
-        may be writing one). Returns the number of instances re-indexed.
+        ``None``). Staging files left by an interrupted write were never acknowledged:
+        empty ones (created ahead of a data set) are removed, the others moved to
+        quarantine (``staging``: only when no other process of the node may be writing
+        one). Returns the number of instances re-indexed.
         """
         for part in sorted(self.paths.tmp.glob("*.part")) if staging else ():
+            if part.stat().st_size == 0:  # created ahead of a data set that never came
+                part.unlink()
+                continue
             self.quarantine(
                 part.read_bytes(),
                 "1.2.840.10008.1.2.1",
