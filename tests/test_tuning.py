@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 from types import SimpleNamespace
 
+import pytest
+
 from dicom_node.net.tuning import on_connection_open
 
 
@@ -92,3 +94,30 @@ def test_an_acceptor_whose_connection_ends_before_its_request_ends_at_once() -> 
         assoc.release()
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("state", "queued", "handlers", "straight"),
+    [
+        ("Sta6", 0, 0, True),
+        ("Sta7", 0, 0, False),  # release requested: the state machine decides
+        ("Sta6", 1, 0, False),  # an earlier event first (order kept)
+        ("Sta6", 0, 1, False),  # someone listens for the transitions
+    ],
+)
+def test_a_p_data_goes_straight_to_dimse_only_in_plain_data_transfer(
+    state: str, queued: int, handlers: int, straight: bool
+) -> None:
+    import queue
+
+    from dicom_node.net.tuning import _straight_to_dimse
+
+    events: queue.Queue[str] = queue.Queue()
+    for _ in range(queued):
+        events.put("Evt19")
+    dul = SimpleNamespace(
+        state_machine=SimpleNamespace(current_state=state),
+        event_queue=events,
+        assoc=SimpleNamespace(get_handlers=lambda event: [object()] * handlers),
+    )
+    assert _straight_to_dimse(dul) is straight

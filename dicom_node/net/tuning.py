@@ -17,6 +17,10 @@ sleeps, recognised by the thread that makes them:
 Both still wake at least every millisecond, so everything pynetdicom checks by polling
 (timers, release, abort, shutdown) behaves as before. ``tune_pynetdicom`` is idempotent.
 
+A received P-DATA-TF goes straight to the DIMSE layer when the association is in data
+transfer with nothing queued before it: what the state machine does with it then (DT-2),
+without two queues and the dispatch between (every 512×512 slice arrives in about six).
+
 Two per-message costs go: pynetdicom's "standard" log handlers, which format a summary of
 every PDU and DIMSE message whatever the log level, are not bound (the PHI filter withholds
 library text anyway), and a plain successful C-STORE-RSP is encoded without pydicom
@@ -62,6 +66,7 @@ import pydicom.config
 import pynetdicom._config
 import pynetdicom.association
 import pynetdicom.dul
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
@@ -391,8 +396,24 @@ def _read_bounded(dul: Any, bounds: PduBounds) -> None:
         detail = f"{_PDU_NAMES[pdu_type]} does not decode ({type(exc).__name__})"
         _refuse(dul, bounds, Closing.MALFORMED_PDU, detail)
         return
+    if event == "Evt10" and _straight_to_dimse(dul):
+        # What Sta6 + Evt10 does (DT-2: the P-DATA indication to DIMSE, stay in Sta6),
+        # without the queues and the state machine's dispatch between.
+        dul.assoc.dimse.receive_primitive(pdu.to_primitive())
+        return
     dul.event_queue.put(event)
     dul._recv_pdu.put(pdu)
+
+
+def _straight_to_dimse(dul: Any) -> bool:
+    """A received P-DATA-TF may go to the DIMSE layer at once: the association is in data
+    transfer (Sta6), no earlier event is waiting (order kept), and nobody listens for the
+    state machine's transitions (``EVT_FSM_TRANSITION`` would not fire for it)."""
+    return (
+        dul.state_machine.current_state == "Sta6"
+        and dul.event_queue.empty()
+        and not dul.assoc.get_handlers(evt.EVT_FSM_TRANSITION)
+    )
 
 
 _original_read_pdu_data = DULServiceProvider._read_pdu_data
