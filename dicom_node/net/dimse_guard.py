@@ -130,6 +130,28 @@ _US_LE = struct.Struct("<H")
 _PLAIN_REQUESTS = True
 
 
+def _plain_value(elem: Any, us: bool) -> int | UID | None:
+    """One value of a plain command element, as pydicom converts it; None: not plain.
+
+    The DIMSE layer and the staging hook have read some elements already (pydicom then
+    holds them converted): those are taken as converted.
+    """
+    if type(elem) is RawDataElement:
+        raw = elem.value
+        if not isinstance(raw, bytes):
+            return None
+        if us:
+            return _US_LE.unpack(raw)[0] if len(raw) == 2 else None
+        if not raw.isascii() or b"\\" in raw:
+            return None
+        text = raw.decode("ascii").rstrip("\0 ")
+        return UID(text) if text else None
+    value = getattr(elem, "value", None)
+    if us:
+        return value if type(value) is int else None
+    return value if isinstance(value, UID) and value and value.isascii() else None
+
+
 def _plain_store_primitive(message: DIMSEMessage) -> C_STORE | None:
     """The primitive of a plain C-STORE request, built in one pass; None for anything else.
 
@@ -143,24 +165,16 @@ def _plain_store_primitive(message: DIMSEMessage) -> C_STORE | None:
     """
     values: dict[str, Any] = {}
     for elem in message.command_set.elements():
-        if type(elem) is not RawDataElement or not isinstance(elem.value, bytes):
-            return None
-        tag, raw = int(elem.tag), elem.value
+        tag = int(elem.tag)
         if tag == _GROUP_LENGTH:
             continue
-        if tag in _PLAIN_US:
-            if len(raw) != 2:
-                return None
-            values[_PLAIN_US[tag]] = _US_LE.unpack(raw)[0]
-        elif tag in _PLAIN_UIDS:
-            if not raw.isascii() or b"\\" in raw:
-                return None
-            text = raw.decode("ascii").rstrip("\0 ")
-            if not text:
-                return None
-            values[_PLAIN_UIDS[tag]] = UID(text)
-        else:
+        name = _PLAIN_US.get(tag) or _PLAIN_UIDS.get(tag)
+        if name is None:
             return None
+        value = _plain_value(elem, tag in _PLAIN_US)
+        if value is None:
+            return None
+        values[name] = value
     if len(values) != len(_PLAIN_US) + len(_PLAIN_UIDS) or values["CommandDataSetType"] == _NO_DATA_SET:
         return None
     primitive = C_STORE()
@@ -184,7 +198,10 @@ def _to_primitive(self: DIMSEMessage) -> Any:
         return primitive
     if not isinstance(self, C_STORE_RQ):
         return _original_to_primitive(self)
-    plain = _plain_store_primitive(self) if _PLAIN_REQUESTS else None
+    try:
+        plain = _plain_store_primitive(self) if _PLAIN_REQUESTS else None
+    except Exception:  # whatever the one pass trips on, the general path words it
+        plain = None
     if plain is not None:
         return plain
     scratch = C_STORE()
