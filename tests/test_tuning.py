@@ -121,3 +121,64 @@ def test_a_p_data_goes_straight_to_dimse_only_in_plain_data_transfer(
         assoc=SimpleNamespace(get_handlers=lambda event: [object()] * handlers),
     )
     assert _straight_to_dimse(dul) is straight
+
+
+def test_checked_transfer_syntaxes_give_what_pynetdicom_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The negotiation's transfer syntax cache: the same lists, the same refusals."""
+    from pynetdicom.presentation import PresentationContext
+
+    from dicom_node.net import tuning
+
+    monkeypatch.setattr(tuning, "_CHECKED_SYNTAXES", {})
+    proposals = [
+        ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"],  # a repeat
+        [
+            "1.2.840.10008.1.2.4.50",
+            b"1.2.840.10008.1.2.4.70",
+            "1.2.826.0.1.3680043.8.498.1",
+        ],  # bytes, private
+        ["1.2.840.10008.5.1.4.1.1.2", "", None],  # not a transfer syntax, empty, none
+    ]
+    for _ in range(2):  # the second round finds every good UID in the cache
+        for proposal in proposals:
+            ours, theirs = PresentationContext(), PresentationContext()
+            for syntax in proposal:
+                outcomes = []
+                for add, context in (
+                    (tuning._add_transfer_syntax, ours),
+                    (tuning._original_add_transfer_syntax, theirs),
+                ):
+                    try:
+                        add(context, syntax)
+                        outcomes.append(None)
+                    except ValueError:
+                        outcomes.append("refused")
+                assert outcomes[0] == outcomes[1], syntax
+            assert ours.transfer_syntax == theirs.transfer_syntax
+    assert "1.2.840.10008.1.2.1" in tuning._CHECKED_SYNTAXES
+    assert "1.2.840.10008.5.1.4.1.1.2" not in tuning._CHECKED_SYNTAXES  # warned about: checked each time
+    for odd in ("1.2.abc", "1.02.3", "1." + "2" * 70):  # non-conformant, or too long
+        outcomes = []
+        for add in (tuning._add_transfer_syntax, tuning._original_add_transfer_syntax):
+            context = PresentationContext()
+            try:
+                add(context, odd)
+                outcomes.append(context.transfer_syntax)
+            except ValueError:
+                outcomes.append("refused")
+        assert outcomes[0] == outcomes[1], odd
+        assert odd not in tuning._CHECKED_SYNTAXES
+
+
+def test_the_transfer_syntax_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pynetdicom.presentation import PresentationContext
+
+    from dicom_node.net import tuning
+
+    monkeypatch.setattr(tuning, "_CHECKED_SYNTAXES", {})
+    monkeypatch.setattr(tuning, "_CHECKED_SYNTAXES_MAX", 5)
+    context = PresentationContext()
+    for k in range(20):
+        tuning._add_transfer_syntax(context, f"1.2.826.0.1.3680043.8.498.{k + 1}")
+    assert len(tuning._CHECKED_SYNTAXES) == 5
+    assert len(context.transfer_syntax) == 20
