@@ -13,8 +13,9 @@ SQLite index). storescp writes files without fsync and keeps no index.
 
 Fairness: on a VM, the first touch of a never-used guest memory page is several times
 slower than reuse, so whoever writes first into "cold" page cache pays more. The bench
-touches ``--warm-gb`` of memory first, and each run's storage is deleted before the next
-so every receiver writes into reused pages. Each new study and each deletion is written
+touches ``--warm-gb`` of memory first (and again after each new study: the simulator frees
+gigabytes), and each run's storage is deleted before the next so every receiver writes into
+reused pages. Each new study and each deletion is written
 back (``sync``) before the next receiver starts: otherwise whoever runs first after them
 waits behind that writeback in its own fsyncs.
 
@@ -160,6 +161,7 @@ def main() -> int:
             if rep:  # a fresh study (new UIDs) for every repeat; the previous one is deleted
                 shutil.rmtree(study)
                 study = simulate(root / f"study-{rep}", args.slices, args.size)
+                warm_memory(args.warm_gb)  # the simulator's freed memory is cold again
             # Who goes first alternates: odd repeats run the receivers in reverse order.
             for name, fn in receivers if rep % 2 == 0 else reversed(receivers):
                 work = root / f"run-{rep}-{name.split()[0].lower()}"
