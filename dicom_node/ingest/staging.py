@@ -162,7 +162,7 @@ class Stager:
 
     Each data set's file is created ahead of it: when one is taken, the next is created on
     a helper thread while the data set arrives, so creating a file (an inode and a directory
-    entry: ≈ 0.1 ms on the reference VM) is off the path the sender waits on. A spare never
+    entry: 0.1–0.35 ms on the reference VM) is off the path the sender waits on. A spare never
     used is empty; ``discard_all`` at the end of the association removes it and whatever an
     abort left half-written. An empty staging file left by a crash holds no byte of any data
     set and is simply removed at the next start
