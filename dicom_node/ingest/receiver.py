@@ -343,6 +343,9 @@ class Receiver:
             caller = self.config.caller(calling_ae)
             why = None if caller is None else certificate_problem(caller, peer_certificate(assoc))
             if why is None:
+                # Before the A-ASSOCIATE-AC goes out: the DUL thread may read the first
+                # data set before this thread has run the EVT_ESTABLISHED handlers.
+                self._stage_data_sets(assoc, calling_ae)
                 return
             alert = "node-authentication"
         assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_USER, _CALLING_AE_NOT_RECOGNISED)
@@ -374,7 +377,6 @@ class Receiver:
         called_ae = str(assoc.requestor.primitive.called_ae_title).strip()
         with self._tally_lock:
             self._tallies[id(assoc)] = _AssociationTally(calling_ae, peer_host, called_ae)
-        self._stage_data_sets(assoc, calling_ae)
         # Over TLS the record says so, with the certificate the peer authenticated with.
         presented = peer_certificate(assoc)
         tls: dict[str, Any] = (
@@ -399,11 +401,19 @@ class Receiver:
 
     def _stage_data_sets(self, assoc: Any, calling_ae: str) -> None:
         """Write this association's C-STORE data sets to disk while they arrive
-        (:mod:`dicom_node.ingest.staging`); the DIMSE layer calls ``assoc._dn_stage``."""
-        stager = self.store.stager()
-        syntaxes = {int(cx.context_id): str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+        (:mod:`dicom_node.ingest.staging`); the DIMSE layer calls ``assoc._dn_stage``, in
+        the DUL thread. Installed when the request passes the node's checks, before the
+        contexts are negotiated: the stager and the accepted contexts are taken at the
+        first data set (which can only come after the A-ASSOCIATE-AC)."""
+        syntaxes: dict[int, str] = {}
 
         def stage(command_set: Any, context_id: int) -> StagedDataSet | None:
+            stager = getattr(assoc, "_dn_stager", None)
+            if stager is None:
+                syntaxes.update(
+                    {int(cx.context_id): str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+                )
+                stager = assoc._dn_stager = self.store.stager()
             syntax = syntaxes.get(context_id)
             if syntax is None:
                 return None
@@ -421,7 +431,6 @@ class Receiver:
                 return None
             return stager.start(gap)
 
-        assoc._dn_stager = stager
         assoc._dn_stage = stage
 
     def on_connection_closed(self, event: Any) -> None:
