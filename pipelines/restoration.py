@@ -64,8 +64,9 @@ class PredictAndScore:
         for part in spill.slabs(len(volume.array), self.slab):
             started = time.perf_counter()
             given = fov.model_input(volume, part)  # a copy, the outside filled
+            noise = np.empty(given.shape, np.float32)  # the input's noise map, for both
             predicted = fov.as_delivered(
-                volume, self.model.predict(given, volume.spacing), inplace=True, part=part
+                volume, self.model.predict(given, volume.spacing, noise_map=noise), inplace=True, part=part
             )
             m, s = predicted.mean, predicted.sigma
             if drill and part.start <= middle < part.stop:  # the gate fire drill
@@ -74,7 +75,7 @@ class PredictAndScore:
             started = time.perf_counter()
             inside = None if volume.fov is None else volume.fov[part]
             restored = m if inside is None else np.where(inside, m, given).astype(np.float32, copy=False)
-            slab_score = fov.clear_outside(volume, self.model.score(given, restored, s), part)
+            slab_score = fov.clear_outside(volume, self.model.score(given, restored, s, noise), part)
             above[part] = slab_score > self.threshold
             body = volume.array[part] > -500
             if inside is not None:

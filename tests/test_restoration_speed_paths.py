@@ -3,8 +3,9 @@
 Each fast path must give what the plain implementation gives — to float32 rounding — on
 odd sizes, flat and noisy slices, ties and empty masks: the hallucination score (box means
 from one summed-area table), the noise map (the Laplacian as two 1-D passes), hole
-filling by labelling, the p99 without a full partition, and labelling only the box that
-holds the suspect voxels. And the inference precision: chosen only among those the
+filling by labelling, the p99 without a full partition, labelling only the box that
+holds the suspect voxels, the median of a masked map, the binned body test, and the noise
+map computed once for the slice facts and the score. And the inference precision: chosen only among those the
 model card lists as evaluated, and named in every output's provenance.
 """
 
@@ -26,7 +27,15 @@ from models.hallucination import (
     restoration_score,
     suspect_regions,
 )
-from models.restoration import RestorationCard, RestorationModel, choose_precision, fill_holes
+from models.restoration import (
+    RestorationCard,
+    RestorationModel,
+    _bin,
+    _bins_inside,
+    choose_precision,
+    fill_holes,
+    masked_median,
+)
 from pipelines.provenance import OutputProvenance
 from pipelines.quantiles import upper_percentile
 
@@ -129,6 +138,56 @@ def test_fill_holes_is_binary_fill_holes() -> None:
         mask[13:16, 13:16] = False  # a hole
         assert (fill_holes(mask) == ndimage.binary_fill_holes(mask)).all(), density
     assert fill_holes(np.ones((5, 5), bool)).all() and not fill_holes(np.zeros((5, 5), bool)).any()
+
+
+def test_masked_median_is_numpys_median() -> None:
+    rng = np.random.default_rng(11)
+    for size in (1, 2, 3, 10, 11, 1000, 1001):
+        for dtype in (np.float32, np.float64):
+            values = rng.normal(0, 30, size).astype(dtype)
+            ties = np.round(values / 10)  # many equal values
+            for data in (values, ties):
+                mask = rng.random(size) < 0.7
+                mask[0] = True
+                assert masked_median(data, mask) == float(np.median(data[mask])), (size, dtype)
+    plane = rng.normal(0, 1, (37, 53)).astype(np.float32)
+    mask = plane > -0.3
+    kept = plane.copy()
+    assert masked_median(plane, mask) == float(np.median(plane[mask]))
+    assert (plane == kept).all()  # the caller's array is not reordered
+    plane[3, 4] = np.nan
+    mask[3, 4] = True
+    assert np.isnan(masked_median(plane, mask))
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (37, 53), (8, 9), (3, 3)])
+@pytest.mark.parametrize("factor", [2, 3, 4])
+def test_bins_inside_is_the_binned_mean_test(shape: tuple[int, int], factor: int) -> None:
+    rng = np.random.default_rng(12)
+    for density in (0.0, 0.9, 0.99, 1.0):
+        mask = rng.random(shape) < density
+        mask[: shape[0] // 2, : shape[1] // 2] = density > 0  # whole bins inside
+        expected = _bin(mask.astype(np.float32), factor) > 0.99
+        assert (_bins_inside(mask, factor) == expected).all(), (shape, factor, density)
+
+
+def test_the_shared_noise_map_changes_no_output() -> None:
+    """``predict(noise_map=...)`` fills the input's noise map, which ``score`` takes
+    instead of computing it again: the same restored image, σ, slice facts and score."""
+    model = RestorationModel(ZOO / "1.3", precision="float32")
+    rng = np.random.default_rng(13)
+    volume = _ct_like(rng, (3, 96, 80))
+    plain = model.predict(volume, (1.0, 0.7, 0.7))
+    facts = list(model.last_facts)
+    noise = np.empty(volume.shape, np.float32)
+    shared = model.predict(volume, (1.0, 0.7, 0.7), noise_map=noise)
+    assert (shared.mean == plain.mean).all() and (shared.sigma == plain.sigma).all()
+    assert model.last_facts == facts
+    assert (noise == local_noise_sigma(volume)).all()
+    score = model.score(volume, plain.mean, plain.sigma)
+    assert (model.score(volume, plain.mean, plain.sigma, noise) == score).all()
+    with pytest.raises(ValueError, match="noise_map"):
+        model.predict(volume, (1.0, 0.7, 0.7), noise_map=np.empty((2, 96, 80), np.float32))
 
 
 def test_upper_percentile_is_numpy_percentile() -> None:
