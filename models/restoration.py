@@ -436,41 +436,39 @@ class RestorationModel:
         volume: np.ndarray,
         spacing: tuple[float, float, float],
         pixel_mm: Sequence[float] | None = None,
-        *,
-        noise_map: np.ndarray | None = None,
     ) -> Prediction:
         """Restored volume and calibrated σ. ``spacing`` is (slice, row, column) in mm;
-        ``pixel_mm`` gives each slice its own in-plane pixel size (a stack of cases).
-        ``noise_map``: a float32 array of the volume's shape that receives the input's
-        ``local_noise_sigma`` (computed here for the slice facts anyway), to hand to
-        :meth:`score` — one computation of it instead of two."""
+        ``pixel_mm`` gives each slice its own in-plane pixel size (a stack of cases)."""
         mean, sigma = self.predict_raw(volume)
         sizes = list(pixel_mm) if pixel_mm is not None else [None] * len(volume)
-        if noise_map is not None and noise_map.shape != mean.shape:
-            raise ValueError(f"noise_map: shape {noise_map.shape}, the volume's is {mean.shape}")
 
         def finish(k: int) -> SliceFacts:
             # everything after the network is per slice: the put-back and σ's scale, on
             # as many threads as cores (SciPy's filters and NumPy release the GIL)
-            plane = np.asarray(volume[k], np.float32)
-            if noise_map is not None:
-                from models.hallucination import local_noise_sigma
-
-                noise_map[k] = local_noise_sigma(plane[None])[0]
-            facts = slice_facts(plane, None if noise_map is None else noise_map[k])
             px = sizes[k]
-            put_back(
-                plane,
-                mean[k],
-                self.meta.lowpass_for(facts.noise_hu),
-                (px, px) if px is not None else spacing[1:],
-            )
-            sigma[k] *= np.float32(self.meta.scale_for_slice(facts, sigma[k], plane > BODY_HU))
-            return facts
+            pixel = (px, px) if px is not None else spacing[1:]
+            return self.finish_slice(np.asarray(volume[k], np.float32), mean[k], sigma[k], pixel)
 
         with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
             self.last_facts = list(pool.map(finish, range(len(volume))))
         return Prediction(mean=mean, sigma=sigma)
+
+    def finish_slice(
+        self,
+        plane: np.ndarray,
+        mean: np.ndarray,
+        sigma: np.ndarray,
+        pixel_mm: Sequence[float],
+        noise_map: np.ndarray | None = None,
+    ) -> SliceFacts:
+        """What follows the network for one slice, in place: the put-back into ``mean``
+        (the network's restored slice, HU) and σ's calibrated scale on ``sigma`` (its raw
+        σ), from the input ``plane`` (float32 HU). ``noise_map``: the plane's
+        ``local_noise_sigma`` when the caller has it (the score needs the same map)."""
+        facts = slice_facts(plane, noise_map)
+        put_back(plane, mean, self.meta.lowpass_for(facts.noise_hu), pixel_mm)
+        sigma *= np.float32(self.meta.scale_for_slice(facts, sigma, plane > BODY_HU))
+        return facts
 
 
 def put_back(plane: np.ndarray, restored: np.ndarray, width_mm: float, pixel_mm: Sequence[float]) -> None:

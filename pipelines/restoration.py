@@ -13,14 +13,17 @@ place, and its report says so (:mod:`pipelines.baseline`).
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
 
 from models.base import Prediction
-from models.hallucination import large_regions
+from models.hallucination import large_regions, local_noise_sigma
 from models.restoration import RestorationModel
 from pipelines import fov, spill
 from pipelines.baseline import ModelOrBaseline, classical_baseline
@@ -33,15 +36,17 @@ from pipelines.validate import Validate
 
 @dataclass(frozen=True)
 class PredictAndScore:
-    """Restore, score and measure a slab of slices at a time (issue 20: memory).
+    """Restore, score and measure a slab of slices at a time (issue 20: memory and time).
 
     What used to be two stages over whole volumes — predict (restored image and σ) and
     score (the hallucination map, suspect regions, QC figures) — runs slab by slab: each
-    slab is filled outside the field of view, restored, given the source's values and σ 0
-    outside the field of view, scored, and written into the job's spill files
-    (:mod:`pipelines.spill`), so the worker never holds more than a slab of the four
-    volume-sized arrays. Everything the model and the score compute is per slice, so the
-    figures are those of the whole-volume stages (``tests/test_restoration_slabs.py``).
+    slab is filled outside the field of view and goes through the network; then each of
+    its slices, on as many threads as cores, gets the put-back and σ's scale, the
+    source's values and σ 0 outside the field of view, its score, and its place in the
+    job's spill files (:mod:`pipelines.spill`), so the worker never holds more than a
+    slab of the four volume-sized arrays, and nothing after the network waits on one
+    core. Everything the model and the score compute is per slice, so the figures are
+    those of the whole-volume stages (``tests/test_restoration_slabs.py``).
     """
 
     model: RestorationModel
@@ -57,35 +62,51 @@ class PredictAndScore:
         mean, sigma = store.array("restored", shape), store.array("sigma", shape)
         score = store.array("score", shape)
         above = store.array("suspect", shape, bool)
-        body_sum, body_count = 0.0, 0
-        drill = ctx.study.options.get("inject_hallucination_hu")
+        drill = float(ctx.study.options.get("inject_hallucination_hu") or 0.0)
+        disc = drill_disc(shape[1:], volume.spacing) if drill else None
         middle = len(volume.array) // 2
-        spent = {"predict": 0.0, "score": 0.0}
-        for part in spill.slabs(len(volume.array), self.slab):
-            started = time.perf_counter()
-            given = fov.model_input(volume, part)  # a copy, the outside filled
-            noise = np.empty(given.shape, np.float32)  # the input's noise map, for both
-            predicted = fov.as_delivered(
-                volume, self.model.predict(given, volume.spacing, noise_map=noise), inplace=True, part=part
-            )
-            m, s = predicted.mean, predicted.sigma
-            if drill and part.start <= middle < part.stop:  # the gate fire drill
-                m[middle - part.start][drill_disc(shape[1:], volume.spacing)] += float(drill)
-            spent["predict"] += time.perf_counter() - started
-            started = time.perf_counter()
-            inside = None if volume.fov is None else volume.fov[part]
-            restored = m if inside is None else np.where(inside, m, given).astype(np.float32, copy=False)
-            slab_score = fov.clear_outside(volume, self.model.score(given, restored, s, noise), part)
-            above[part] = slab_score > self.threshold
-            body = volume.array[part] > -500
+        spent = {"network": 0.0, "after-network": 0.0}
+        body_sums: list[tuple[float, int]] = []
+
+        def one(k: int, part: slice, given: np.ndarray, m: np.ndarray, s: np.ndarray) -> tuple[float, int]:
+            """Slice ``part.start + k`` after the network (``m``, ``s``: its raw output)."""
+            index = part.start + k
+            plane = given[k]
+            noise = local_noise_sigma(plane[None])[0]  # for the slice facts and the score
+            self.model.finish_slice(plane, m, s, volume.spacing[1:], noise)
+            source = volume.array[index]
+            inside = None if volume.fov is None else volume.fov[index]
+            if inside is not None:  # nothing was predicted outside the field of view
+                outside = ~inside
+                m[outside] = source[outside]
+                s[outside] = 0.0
+            if disc is not None and index == middle:  # the gate fire drill
+                m[disc] += drill
+            restored = m if inside is None else np.where(inside, m, plane).astype(np.float32, copy=False)
+            slab_score = self.model.score(plane[None], restored[None], s[None], noise[None])[0]
+            if inside is not None:
+                slab_score = np.where(inside, slab_score, np.float32(0.0))
+            above[index] = slab_score > self.threshold
+            body = source > -500
             if inside is not None:
                 body &= inside
-            body_sum += float(s[body].sum(dtype=np.float64))
-            body_count += int(body.sum())
-            mean[part], sigma[part], score[part] = m, s, slab_score
-            for array in (mean, sigma, score, above, volume.array, volume.fov):
-                spill.release(array)
-            spent["score"] += time.perf_counter() - started
+            mean[index], sigma[index], score[index] = m, s, slab_score
+            return float(s[body].sum(dtype=np.float64)), int(body.sum())
+
+        with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+            for part in spill.slabs(len(volume.array), self.slab):
+                started = time.perf_counter()
+                given = fov.model_input(volume, part)  # a copy, the outside filled
+                m, s = self.model.predict_raw(given)
+                spent["network"] += time.perf_counter() - started
+                started = time.perf_counter()
+                n = len(given)
+                body_sums += pool.map(one, range(n), repeat(part, n), repeat(given, n), m, s)
+                for array in (mean, sigma, score, above, volume.array, volume.fov):
+                    spill.release(array)
+                spent["after-network"] += time.perf_counter() - started
+        body_sum = sum(total for total, _ in body_sums)
+        body_count = sum(count for _, count in body_sums)
         suspect = large_regions(above, min_voxels=self.min_voxels)
         voxel_ml = volume.spacing[0] * volume.spacing[1] * volume.spacing[2] / 1000.0
         units = volume.units or "1"

@@ -172,22 +172,22 @@ def test_bins_inside_is_the_binned_mean_test(shape: tuple[int, int], factor: int
 
 
 def test_the_shared_noise_map_changes_no_output() -> None:
-    """``predict(noise_map=...)`` fills the input's noise map, which ``score`` takes
-    instead of computing it again: the same restored image, σ, slice facts and score."""
+    """The pipeline computes each slice's noise map once, for ``finish_slice`` (the slice
+    facts) and ``score``: the same restored image, σ, slice facts and score as
+    :meth:`RestorationModel.predict` and :meth:`RestorationModel.score` give alone."""
     model = RestorationModel(ZOO / "1.3", precision="float32")
     rng = np.random.default_rng(13)
     volume = _ct_like(rng, (3, 96, 80))
     plain = model.predict(volume, (1.0, 0.7, 0.7))
     facts = list(model.last_facts)
-    noise = np.empty(volume.shape, np.float32)
-    shared = model.predict(volume, (1.0, 0.7, 0.7), noise_map=noise)
-    assert (shared.mean == plain.mean).all() and (shared.sigma == plain.sigma).all()
-    assert model.last_facts == facts
-    assert (noise == local_noise_sigma(volume)).all()
     score = model.score(volume, plain.mean, plain.sigma)
-    assert (model.score(volume, plain.mean, plain.sigma, noise) == score).all()
-    with pytest.raises(ValueError, match="noise_map"):
-        model.predict(volume, (1.0, 0.7, 0.7), noise_map=np.empty((2, 96, 80), np.float32))
+    mean, sigma = model.predict_raw(volume)
+    for k, plane in enumerate(volume):
+        noise = local_noise_sigma(plane[None])[0]
+        assert model.finish_slice(plane, mean[k], sigma[k], (0.7, 0.7), noise) == facts[k]
+        assert (mean[k] == plain.mean[k]).all() and (sigma[k] == plain.sigma[k]).all()
+        shared = model.score(plane[None], mean[k][None], sigma[k][None], noise[None])[0]
+        assert (shared == score[k]).all()
 
 
 def test_upper_percentile_is_numpy_percentile() -> None:
