@@ -108,30 +108,37 @@ def local_noise_sigma(observed: np.ndarray, window: int = 31) -> np.ndarray:
 
 
 class _BoxMeans:
-    """Local means of one slice over square windows up to ``2·radius + 1`` wide, from one
-    summed-area table (float64, so differences of large sums keep float32 precision): each
-    window then costs four lookups instead of two filter passes. Edges as SciPy's
-    ``uniform_filter`` ("reflect"); the values agree with it to float32 rounding."""
+    """Local means of one slice over odd square windows up to ``2·radius + 1`` wide, as
+    direct float32 sums: the window's rows are summed once (a wider window adds two rows
+    to the last one's sum, so ask in increasing order), then its columns. Edges as SciPy's
+    ``uniform_filter`` ("reflect"). Half the time of a float64 summed-area table (which
+    this replaced, issue 20); the two agree to float32 rounding (a few 1e-6 of the
+    values summed)."""
 
     def __init__(self, plane: np.ndarray, radius: int) -> None:
-        padded = np.pad(plane, radius, mode="symmetric")
-        table = np.zeros((padded.shape[0] + 1, padded.shape[1] + 1))
-        inner = table[1:, 1:]
-        inner[...] = padded  # float64 first: both sums then run in place (a third faster)
-        np.cumsum(inner, axis=1, out=inner)
-        np.cumsum(inner, axis=0, out=inner)
-        self.table, self.radius, self.shape = table, radius, plane.shape
+        self.padded = np.pad(np.asarray(plane, np.float32), radius, mode="symmetric")
+        self.radius, self.shape = radius, plane.shape
+        self._rows: np.ndarray | None = None
+        self._half = 0
 
     def mean(self, window: int) -> np.ndarray:
         """The ``window × window`` local mean (``window`` odd, at most ``2·radius + 1``)."""
+        half, r, p = window // 2, self.radius, self.padded
+        if half > r:
+            raise ValueError(f"window {window} is wider than 2·{r} + 1")
         h, w = self.shape
-        lo = self.radius - window // 2
-        hi = lo + window
-        t = self.table
-        rows = t[hi : hi + h] - t[lo : lo + h]  # the window's rows, every column: one pass
-        total = rows[:, hi : hi + w] - rows[:, lo : lo + w]
-        out = np.empty(self.shape, np.float32)
-        return np.multiply(total, 1.0 / (window * window), out=out, casting="same_kind")
+        if self._rows is None or half < self._half:
+            self._rows, self._half = p[r : r + h].copy(), 0
+        rows = self._rows
+        while self._half < half:
+            self._half += 1
+            rows += p[r - self._half : r - self._half + h]
+            rows += p[r + self._half : r + self._half + h]
+        total = rows[:, r - half : r - half + w].copy()
+        for j in range(1 - half, half + 1):
+            total += rows[:, r + j : r + j + w]
+        total *= np.float32(1.0 / (window * window))
+        return total
 
 
 def restoration_score(

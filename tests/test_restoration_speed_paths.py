@@ -1,12 +1,13 @@
 """The faster restoration paths (issue 20) against the SciPy/NumPy code they replace.
 
 Each fast path must give what the plain implementation gives — to float32 rounding — on
-odd sizes, flat and noisy slices, ties and empty masks: the hallucination score (box means
-from one summed-area table), the noise map (the Laplacian as two 1-D passes), hole
-filling by labelling, the p99 without a full partition, labelling only the box that
-holds the suspect voxels, the median of a masked map, the binned body test, and the noise
-map computed once for the slice facts and the score. And the inference precision: chosen only among those the
-model card lists as evaluated, and named in every output's provenance.
+odd sizes, flat and noisy slices, ties and empty masks: the hallucination score (box
+means as direct float32 row and column sums), the noise map (the Laplacian as two 1-D
+passes), hole filling by labelling, the p99 without a full partition, labelling only the
+box that holds the suspect voxels, the median of a masked map, the binned body test, and
+the noise map computed once for the slice facts and the score. And the inference
+precision: chosen only among those the model card lists as evaluated, and named in every
+output's provenance.
 """
 
 from __future__ import annotations
@@ -114,6 +115,18 @@ def test_box_means_match_uniform_filter_at_every_window_and_edge() -> None:
     boxes = _BoxMeans(plane, 4)
     for w in (1, 3, 5, 7, 9):
         np.testing.assert_allclose(boxes.mean(w), ndimage.uniform_filter(plane, w), rtol=1e-6, atol=1e-3)
+
+
+def test_box_means_in_any_order_and_too_wide_a_window() -> None:
+    """The row sums grow with the window; a narrower window after a wider one starts them
+    again, and a window wider than the padding is refused."""
+    rng = np.random.default_rng(14)
+    plane = (rng.normal(0, 200, (31, 20)) - 40).astype(np.float32)
+    boxes = _BoxMeans(plane, 4)
+    for w in (9, 3, 3, 7, 1, 5, 9):
+        np.testing.assert_allclose(boxes.mean(w), ndimage.uniform_filter(plane, w), rtol=1e-6, atol=1e-3)
+    with pytest.raises(ValueError, match="wider"):
+        boxes.mean(11)
 
 
 def test_even_windows_are_refused() -> None:
