@@ -979,6 +979,49 @@ def test_several_associations_send_each_series_once(env: Env, pacs: MiniPACS, tm
     assert len(env.rt.audit.events(AuditEvent.INSTANCES_TRANSFERRED)) == 4
 
 
+def test_a_job_that_waited_for_its_model_keeps_the_wait(
+    env: Env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A worker's first job that finds the model still loading keeps the wait as its first
+    stage time (``model-load``); the next job, with the model built, has none."""
+    from dicom_node.worker import Worker
+    from pipelines.base import PipelineResult
+
+    report = OutputInstance(
+        generate_uid(), generate_uid(), SR_CLASS, ExplicitVRLittleEndian, Path("/x/sr.dcm")
+    )
+
+    class Timed:
+        name = "only-report"
+        version = "0"
+
+        def run(self, study: Any, run_env: Any) -> PipelineResult:
+            return PipelineResult(outputs=(report,), timings={"predict": 1.5})
+
+    def slow_build(name: str, model_dir: Any = None, precision: str = "auto") -> Timed:
+        time.sleep(0.3)  # the imports and the weights
+        return Timed()
+
+    monkeypatch.setattr("dicom_node.jobs.runner.get_pipeline", slow_build)
+    worker = Worker(_config(1, None), env.rt.paths, env.rt.db, env.rt.audit, "run-m")
+    stages = []
+    for _ in range(2):
+        job_id = _new_job(env, [])
+        job = worker.runner.claim()
+        assert job is not None and job.job_id == job_id
+        assert worker.runner.run(job) == JobState.SUCCEEDED
+        with env.rt.db.read() as conn:
+            rows = conn.execute(
+                select(t.job_stage_times.c.stage, t.job_stage_times.c.seconds).where(
+                    t.job_stage_times.c.job_fk == job_id
+                )
+            ).all()
+        stages.append(dict(rows))
+    first, second = stages
+    assert set(first) == {"model-load", "predict"} and first["model-load"] >= 0.3
+    assert second == {"predict": 1.5}
+
+
 def test_a_runs_stage_times_are_kept_and_reach_the_metrics(
     env: Env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -137,6 +137,12 @@ def recover_jobs(db: Database, audit: AuditTrail, run_id: str, actor: str) -> in
     return moved
 
 
+#: A job that waited this long (s) for its pipeline's model to be loaded (a worker just
+#: started and still preloading, or preload off) keeps the wait as its first stage time,
+#: ``model-load``: in the job's stage times and in /metrics, so a slow first study says why.
+MODEL_WAIT_SHOWN = 0.05
+
+
 class JobRunner:
     """Claims queued jobs and runs them to a settled state."""
 
@@ -319,7 +325,9 @@ class JobRunner:
             job.study_version,
         )
         try:
+            asked = time.perf_counter()
             pipeline = self.pipeline(job.pipeline)
+            waited = time.perf_counter() - asked  # > 0 when the model was still loading
             workdir = self.paths.outputs / f"job-{job.job_id}"
             workdir.mkdir(parents=True, exist_ok=True)
             study = self.load_input(job)
@@ -334,6 +342,8 @@ class JobRunner:
             )
             computed, files, env = self.register_priors(job, study, env)
             result = pipeline.run(study, env)
+            if waited >= MODEL_WAIT_SHOWN:
+                result = replace(result, timings={"model-load": round(waited, 3), **result.timings})
             registered = self.add_registrations(job, study, computed, files, result, env)
             result = registered.result
             with self.db.read() as conn:
