@@ -418,8 +418,9 @@ class RestorationModel:
         noise_map: np.ndarray | None = None,
     ) -> np.ndarray:
         """The restoration hallucination map with this model's measured correlations
-        (``noise_map``: ``local_noise_sigma(observed)`` when the caller has it, e.g. from
-        :meth:`predict` ``(noise_map=...)``; computed here otherwise)."""
+        (``noise_map``: ``local_noise_sigma(observed)`` when the caller has it — the
+        restoration pipeline computes it once per slice for :meth:`finish_slice` and this;
+        computed here otherwise)."""
         from models.hallucination import restoration_score
 
         return restoration_score(
