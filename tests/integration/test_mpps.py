@@ -135,6 +135,8 @@ def test_an_instance_never_sent_keeps_the_study_waiting_for_the_timer(
         job = _first_job_within(node, stable + 3.0)
         assert job is not None, "the idle timer did not make the study ready"
         assert job[1] >= last_instance + stable - 0.5
+        # the audit record follows the job's commit (commit, then audit): wait for it
+        node.wait_for(lambda: audit_rows(node, "study-ready"), timeout=5, every=0.1, what="study-ready")
         assert audit_rows(node, "study-complete") == []
         assert json.loads(audit_rows(node, "study-ready")[0][5])["instances"] == 6
     finally:
