@@ -34,7 +34,7 @@ from dicom_node.lab.simulate import write_ct_series
 from dicom_node.net.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE, CommitmentReport, Failure, ReportStatus
 from dicom_node.runtime import Runtime
 from models.sim.phantom import PhantomSpec
-from pipelines.base import OutputInstance
+from pipelines.base import OutputInstance, PipelineResult
 
 SLICES = 3
 
@@ -723,6 +723,23 @@ def test_peer_without_storage_commitment_fails_before_sending(env: Env, pacs: Mi
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
 
 
+class _ReportOnly:
+    """A pipeline (``only-report``) whose run writes one SR output (never read) and says
+    the stage times it is given."""
+
+    name = "only-report"
+    version = "0"
+
+    def __init__(self, timings: dict[str, float] | None = None) -> None:
+        self.report = OutputInstance(
+            generate_uid(), generate_uid(), SR_CLASS, ExplicitVRLittleEndian, Path("/x/sr.dcm")
+        )
+        self.timings = timings or {}
+
+    def run(self, study: Any, run_env: Any) -> PipelineResult:
+        return PipelineResult(outputs=(self.report,), timings=dict(self.timings))
+
+
 def _tps_only_config() -> NodeConfig:
     config = _config(1, None)
     tps = config.destinations["pacs"].model_copy(update={"profile": "tps"})
@@ -752,21 +769,9 @@ def test_a_released_job_with_nothing_its_tps_accepts_fails_with_the_reason(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from dicom_node.worker import Worker
-    from pipelines.base import PipelineResult
-
-    report = OutputInstance(
-        generate_uid(), generate_uid(), SR_CLASS, ExplicitVRLittleEndian, Path("/x/sr.dcm")
-    )
-
-    class OnlyReport:
-        name = "only-report"
-        version = "0"
-
-        def run(self, study: Any, run_env: Any) -> PipelineResult:
-            return PipelineResult(outputs=(report,))
 
     monkeypatch.setattr(
-        "dicom_node.jobs.runner.get_pipeline", lambda name, model_dir=None, precision="auto": OnlyReport()
+        "dicom_node.jobs.runner.get_pipeline", lambda name, model_dir=None, precision="auto": _ReportOnly()
     )
     job_id = _new_job(env, ["tps"])
     worker = Worker(_tps_only_config(), env.rt.paths, env.rt.db, env.rt.audit, "run-t")
@@ -810,7 +815,6 @@ def test_a_series_the_tps_would_refuse_holds_the_job_and_cannot_be_approved(
 ) -> None:
     from dicom_node.jobs.review import ReviewError, approve
     from dicom_node.worker import Worker
-    from pipelines.base import PipelineResult
 
     victim = env.outputs[1].path
     ds = dcmread(victim)
@@ -985,22 +989,10 @@ def test_a_job_that_waited_for_its_model_keeps_the_wait(
     """A worker's first job that finds the model still loading keeps the wait as its first
     stage time (``model-load``); the next job, with the model built, has none."""
     from dicom_node.worker import Worker
-    from pipelines.base import PipelineResult
 
-    report = OutputInstance(
-        generate_uid(), generate_uid(), SR_CLASS, ExplicitVRLittleEndian, Path("/x/sr.dcm")
-    )
-
-    class Timed:
-        name = "only-report"
-        version = "0"
-
-        def run(self, study: Any, run_env: Any) -> PipelineResult:
-            return PipelineResult(outputs=(report,), timings={"predict": 1.5})
-
-    def slow_build(name: str, model_dir: Any = None, precision: str = "auto") -> Timed:
+    def slow_build(name: str, model_dir: Any = None, precision: str = "auto") -> _ReportOnly:
         time.sleep(0.3)  # the imports and the weights
-        return Timed()
+        return _ReportOnly({"predict": 1.5})
 
     monkeypatch.setattr("dicom_node.jobs.runner.get_pipeline", slow_build)
     worker = Worker(_config(1, None), env.rt.paths, env.rt.db, env.rt.audit, "run-m")
@@ -1031,7 +1023,7 @@ def test_a_runs_stage_times_are_kept_and_reach_the_metrics(
 
     from dicom_node.web.metrics import NodeCollector, render
     from dicom_node.worker import Worker
-    from pipelines.base import PipelineResult, RunEnvironment
+    from pipelines.base import RunEnvironment
     from pipelines.stages import StagedPipeline
 
     class Wait:
@@ -1047,19 +1039,9 @@ def test_a_runs_stage_times_are_kept_and_reach_the_metrics(
     timed = staged.run(Any, RunEnvironment(workdir=tmp_path))  # type: ignore[arg-type]
     assert list(timed.timings) == ["load", "predict"] and all(s >= 0.02 for s in timed.timings.values())
 
-    report = OutputInstance(
-        generate_uid(), generate_uid(), SR_CLASS, ExplicitVRLittleEndian, Path("/x/sr.dcm")
-    )
-
-    class Timed:
-        name = "only-report"
-        version = "0"
-
-        def run(self, study: Any, run_env: Any) -> PipelineResult:
-            return PipelineResult(outputs=(report,), timings={"load": 0.25, "predict": 3.5})
-
     monkeypatch.setattr(
-        "dicom_node.jobs.runner.get_pipeline", lambda name, model_dir=None, precision="auto": Timed()
+        "dicom_node.jobs.runner.get_pipeline",
+        lambda name, model_dir=None, precision="auto": _ReportOnly({"load": 0.25, "predict": 3.5}),
     )
     job_id = _new_job(env, [])
     worker = Worker(_config(1, None), env.rt.paths, env.rt.db, env.rt.audit, "run-s")
