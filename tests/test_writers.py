@@ -629,3 +629,39 @@ def test_segmentation_writes_only_what_it_may(name: str, lacks: str, tmp_path: P
     assert float(measures.SliceThickness) == pytest.approx(float(own) if own else volume.spacing[0])
     if DCIODVFY.exists():
         assert dciodvfy_errors(path) == [], lacks
+
+
+def test_remembered_standard_answers_are_highdicoms() -> None:
+    """The per-class answers the writers remember (pipelines.writers.common) are the ones
+    highdicom's own functions give, for single- and multi-frame classes alike, and every
+    highdicom module that asks gets the remembering function."""
+    import importlib
+
+    from highdicom import _standard_utils as su
+    from pydicom import uid as U
+
+    classes = [
+        U.CTImageStorage,
+        U.MRImageStorage,
+        U.EnhancedCTImageStorage,
+        U.EnhancedMRImageStorage,
+        U.ParametricMapStorage,
+        U.SegmentationStorage,
+        U.SecondaryCaptureImageStorage,
+        U.ComprehensiveSRStorage,
+        U.SpatialRegistrationStorage,
+    ]
+    image = importlib.import_module("highdicom.image")
+    for sop_class in classes:
+        probe = Dataset()
+        probe.SOPClassUID = sop_class
+        truth = su.is_attribute_in_iod("NumberOfFrames", sop_class)
+        assert image.is_multiframe_image(probe) is truth, sop_class
+        assert image.is_multiframe_image(probe) is truth, sop_class  # remembered: same answer
+        assert image.does_iod_have_pixel_data(sop_class) == su.does_iod_have_pixel_data(sop_class)
+    assert image.is_multiframe_image is not su.is_multiframe_image
+    for name in ("highdicom.content", "highdicom.spatial", "highdicom.utils", "highdicom.sr.content"):
+        module = importlib.import_module(name)
+        assert module.is_multiframe_image is image.is_multiframe_image, name
+    with pytest.raises(AttributeError):
+        image.is_multiframe_image(Dataset())  # no SOP Class UID: highdicom's error, not a guess
