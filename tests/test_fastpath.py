@@ -247,3 +247,132 @@ def test_sends_on_one_socket_do_not_interleave(monkeypatch: pytest.MonkeyPatch) 
     for t in threads:
         t.join()
     assert not overlap
+
+
+# -- a C-STORE request streamed from the association thread -----------------------------------
+
+
+def _store_request(data: bytes | None, path: object = None) -> C_STORE:
+    import io
+
+    req = C_STORE()
+    req.MessageID = 11
+    req.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    req.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.2.1125.1.42"
+    req.Priority = 0
+    if data is not None:
+        req.DataSet = io.BytesIO(data)
+    if path is not None:
+        req._dataset_path = path
+    return req
+
+
+def _pynetdicom_request_bytes(req: C_STORE, context_id: int, max_pdu: int) -> bytes:
+    from pynetdicom.dimse_messages import C_STORE_RQ
+
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    return b"".join(P_DATA_TF(pdata).encode() for pdata in msg.encode_msg(context_id, max_pdu))
+
+
+def _our_request_bytes(req: C_STORE, context_id: int, max_pdu: int) -> bytes:
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dsutils import encode
+
+    from dicom_node.net.fastpath import request_pdus
+
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    command = encode(msg.command_set, True, True)
+    assert command is not None
+    return b"".join(bytes(piece) for piece in request_pdus(msg, context_id, max_pdu, command))
+
+
+@pytest.mark.parametrize("max_pdu", [0, 7, 100, 16_384, 65_536, 4_194_304])
+def test_request_pdus_are_pynetdicoms(tmp_path: object, max_pdu: int) -> None:
+    """The PDUs streamed for a C-STORE request are byte for byte those pynetdicom's DUL
+    sends: the data set in memory or in a file (at an offset, as pynetdicom sends a Part 10
+    file), of lengths around the fragment size and the read batch, and empty."""
+    from pathlib import Path
+
+    from dicom_node.net.fastpath import SEND_BATCH
+
+    rng = random.Random(max_pdu)
+    step = (max_pdu - 6) if max_pdu else 1000
+    lengths = {0, 2, step - 2, step, step + 2, 3 * step, SEND_BATCH - 2, SEND_BATCH + step + 4}
+    lengths.update(rng.randrange(2, 3 * SEND_BATCH, 2) for _ in range(3))
+    if max_pdu == 7:  # one byte per fragment: keep it small
+        lengths = {0, 2, 4, 30}
+    for length in sorted(lengths):
+        data = rng.randbytes(length)
+        context_id = rng.randrange(1, 256, 2)
+        assert _our_request_bytes(_store_request(data), context_id, max_pdu) == _pynetdicom_request_bytes(
+            _store_request(data), context_id, max_pdu
+        ), ("memory", length)
+        offset = 132 + rng.randrange(0, 64, 2)
+        file = Path(str(tmp_path)) / f"ds-{length}.dcm"
+        file.write_bytes(rng.randbytes(offset) + data)
+        assert _our_request_bytes(
+            _store_request(None, (file, offset)), context_id, max_pdu
+        ) == _pynetdicom_request_bytes(_store_request(None, (file, offset)), context_id, max_pdu), (
+            "file",
+            length,
+        )
+
+
+def test_request_is_streamed_from_the_calling_thread() -> None:
+    """Under the conditions of send_now, the request goes straight to the socket (the peer
+    reads pynetdicom's bytes); under any other, pynetdicom's DUL sends it."""
+    import socket
+    import threading
+    from types import SimpleNamespace
+
+    from dicom_node.net.fastpath import send_request_now
+
+    data = random.Random(3).randbytes(300_000)
+    expected = _pynetdicom_request_bytes(_store_request(data), 3, 16_384)
+    a, b = socket.socketpair()
+    received = bytearray()
+
+    def read() -> None:
+        while len(received) < len(expected):
+            chunk = b.recv(1 << 20)
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        dul = _Dul(a)
+        dimse = SimpleNamespace(dul=dul, maximum_pdu_size=16_384)
+        assert send_request_now(dimse, _store_request(data), 3)
+        reader.join(10)
+        assert bytes(received) == expected
+        assert dul.socket.sent == []  # not through pynetdicom's transport
+        for blocked in (_Dul(a, state="Sta7"), _Dul(a, queued=1), _Dul(a, handlers=1), _Dul(None)):
+            assert not send_request_now(
+                SimpleNamespace(dul=blocked, maximum_pdu_size=16_384), _store_request(data), 3
+            )
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_failed_stream_closes_the_transport_as_pynetdicom_does() -> None:
+    import queue
+    import socket
+    from types import SimpleNamespace
+
+    from dicom_node.net.fastpath import send_request_now
+
+    a, b = socket.socketpair()
+    b.close()
+    try:
+        dul = _Dul(a)
+        dul.event_queue = queue.Queue()  # type: ignore[attr-defined]
+        dimse = SimpleNamespace(dul=dul, maximum_pdu_size=16_384)
+        assert send_request_now(dimse, _store_request(b"\x00" * 2_000_000), 1)
+        assert dul.event_queue.get_nowait() == "Evt17"  # type: ignore[attr-defined]
+    finally:
+        a.close()
