@@ -46,6 +46,7 @@ bench: deps
 	$(BIN)/python tests/bench/bench_audit.py
 	$(BIN)/python tests/bench/bench_restoration_speed.py
 	$(BIN)/python tests/bench/bench_restoration_e2e.py
+	$(BIN)/python tests/bench/bench_delivery.py
 	$(BIN)/python tests/bench/bench_restoration_evaluation.py
 	$(BIN)/python tests/bench/bench_scaleout.py
 
