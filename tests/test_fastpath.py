@@ -285,7 +285,8 @@ def _our_request_bytes(req: C_STORE, context_id: int, max_pdu: int) -> bytes:
     msg.primitive_to_message(req)
     command = encode(msg.command_set, True, True)
     assert command is not None
-    return b"".join(bytes(piece) for piece in request_pdus(msg, context_id, max_pdu, command))
+    pieces = request_pdus(command, msg.data_set, msg._data_set_path, context_id, max_pdu)
+    return b"".join(bytes(piece) for piece in pieces)
 
 
 @pytest.mark.parametrize("max_pdu", [0, 7, 100, 16_384, 65_536, 4_194_304])
@@ -324,7 +325,9 @@ def test_request_is_streamed_from_the_calling_thread() -> None:
     """Under the conditions of send_now, the request goes straight to the socket (the peer
     reads pynetdicom's bytes); under any other, pynetdicom's DUL sends it."""
     import socket
+    import tempfile
     import threading
+    from pathlib import Path
     from types import SimpleNamespace
 
     from dicom_node.net.fastpath import send_request_now
@@ -350,6 +353,15 @@ def test_request_is_streamed_from_the_calling_thread() -> None:
         reader.join(10)
         assert bytes(received) == expected
         assert dul.socket.sent == []  # not through pynetdicom's transport
+        # the same request with its data set in a file (as the node's sender passes a path)
+        file = Path(tempfile.mkdtemp()) / "ds.dcm"
+        file.write_bytes(b"\x00" * 132 + data)
+        received.clear()
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert send_request_now(dimse, _store_request(None, (file, 132)), 3)
+        reader.join(10)
+        assert bytes(received) == expected
         for blocked in (_Dul(a, state="Sta7"), _Dul(a, queued=1), _Dul(a, handlers=1), _Dul(None)):
             assert not send_request_now(
                 SimpleNamespace(dul=blocked, maximum_pdu_size=16_384), _store_request(data), 3
@@ -376,3 +388,52 @@ def test_a_failed_stream_closes_the_transport_as_pynetdicom_does() -> None:
         assert dul.event_queue.get_nowait() == "Evt17"  # type: ignore[attr-defined]
     finally:
         a.close()
+
+
+def _request(rng: random.Random) -> C_STORE:
+    import io
+
+    req = C_STORE()
+    req.MessageID = rng.randrange(0, 0x10000)
+    req.AffectedSOPClassUID = _uid(rng)
+    req.AffectedSOPInstanceUID = _uid(rng)
+    req.Priority = rng.choice([0, 1, 2])
+    req.DataSet = io.BytesIO(b"\x00" * rng.randrange(2, 64, 2))
+    return req
+
+
+def test_request_command_identical_to_pynetdicom_over_many_requests() -> None:
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dsutils import encode
+
+    from dicom_node.net.fastpath import store_request
+
+    rng = random.Random(11)
+    for _ in range(500):
+        req = _request(rng)
+        msg = C_STORE_RQ()
+        msg.primitive_to_message(req)
+        assert store_request(req) == encode(msg.command_set, True, True)
+
+
+@pytest.mark.parametrize("change", ["move originator", "empty data set", "no data set", "a response"])
+def test_unusual_requests_are_left_to_pynetdicom(change: str) -> None:
+    import io
+
+    from dicom_node.net.fastpath import store_request
+
+    req = _request(random.Random(5))
+    if change == "move originator":
+        req.MoveOriginatorApplicationEntityTitle = "MOVER"
+        req.MoveOriginatorMessageID = 3
+    elif change == "empty data set":
+        req.DataSet = io.BytesIO()
+    elif change == "no data set":
+        req = C_STORE()
+        req.MessageID = 1
+        req.AffectedSOPClassUID = "1.2.3"
+        req.AffectedSOPInstanceUID = "1.2.3.4"
+        req.Priority = 0
+    else:
+        req.MessageIDBeingRespondedTo = 1
+    assert store_request(req) is None

@@ -111,6 +111,54 @@ def store_response(primitive: Any) -> bytes | None:
     return _UL.pack(0x0000, 0x0000, 4, len(body)) + body
 
 
+_C_STORE_RQ = 0x0001
+_DATA_SET = 0x0001
+
+
+def store_request(primitive: Any) -> bytes | None:
+    """The encoded Command Set of a C-STORE-RQ primitive with a data set, or None when it
+    is not plain.
+
+    Plain: both UIDs present, an integer Message ID and Priority, no Move Originator (a
+    C-MOVE sub-operation's fields: pynetdicom encodes those), and the data set given
+    either in memory (a non-empty ``BytesIO``) or as a file (``_dataset_path``).
+    """
+    if type(primitive) is not C_STORE or primitive.MessageIDBeingRespondedTo is not None:
+        return None
+    if (
+        primitive.MoveOriginatorApplicationEntityTitle is not None
+        or primitive.MoveOriginatorMessageID is not None
+    ):
+        return None
+    in_memory = primitive.DataSet
+    in_file = getattr(primitive, "_dataset_path", None)
+    if (in_memory is None) == (in_file is None):
+        return None
+    if in_memory is not None and (type(in_memory) is not BytesIO or not in_memory.getbuffer().nbytes):
+        return None
+    message_id = primitive.MessageID
+    priority = primitive.Priority
+    if type(message_id) is not int or type(priority) is not int:
+        return None
+    if not (0 <= message_id <= 0xFFFF and 0 <= priority <= 0xFFFF):
+        return None
+    sop_class = _uid(0x0002, primitive.AffectedSOPClassUID)
+    sop_instance = _uid(0x1000, primitive.AffectedSOPInstanceUID)
+    if sop_class is None or sop_instance is None:
+        return None
+    body = b"".join(
+        (
+            sop_class,
+            _US.pack(0x0000, 0x0100, 2, _C_STORE_RQ),
+            _US.pack(0x0000, 0x0110, 2, message_id),
+            _US.pack(0x0000, 0x0700, 2, priority),
+            _US.pack(0x0000, 0x0800, 2, _DATA_SET),
+            sop_instance,
+        )
+    )
+    return _UL.pack(0x0000, 0x0000, 4, len(body)) + body
+
+
 _original_send_msg = DIMSEServiceProvider.send_msg
 
 
@@ -175,13 +223,16 @@ def _pdv_pdu(context_id: int, control: int, length: int) -> bytes:
     return _PDU_HEAD.pack(0x04, 0x00, 4 + item) + _ITEM_LENGTH.pack(item) + bytes((context_id, control))
 
 
-def request_pdus(message: Any, context_id: int, max_pdu: int, command: bytes) -> Any:
-    """The P-DATA-TF PDUs of a C-STORE request ``message`` (a ``C_STORE_RQ`` made from its
-    primitive), as pieces of bytes to send in order: the same PDVs, cut at the same places,
-    as pynetdicom's ``DIMSEMessage.encode_msg`` with the same maximum PDU length (0: no
-    limit), then encoded by its ``P_DATA_TF``. ``command``: the message's command set,
-    encoded (Implicit VR Little Endian). A data set read from a file is read a megabyte at
-    a time instead of one fragment at a time."""
+def request_pdus(
+    command: bytes, data_set: BytesIO | None, data_set_path: Any, context_id: int, max_pdu: int
+) -> Any:
+    """The P-DATA-TF PDUs of a C-STORE request, as pieces of bytes to send in order: the
+    same PDVs, cut at the same places, as pynetdicom's ``DIMSEMessage.encode_msg`` with the
+    same maximum PDU length (0: no limit), then encoded by its ``P_DATA_TF``.
+    ``command``: the request's command set, encoded (Implicit VR Little Endian);
+    ``data_set``: its data set in memory, else ``data_set_path``: ``(file, offset)``, as
+    pynetdicom's message holds them. A data set read from a file is read a megabyte at a
+    time instead of one fragment at a time."""
     if 0 < max_pdu < 7:
         raise ValueError("a maximum PDU length between 1 and 6 leaves no room for data")
     step = max_pdu - 6 if max_pdu else max(len(command), 1)
@@ -189,8 +240,8 @@ def request_pdus(message: Any, context_id: int, max_pdu: int, command: bytes) ->
     for n, piece in enumerate(pieces):
         yield _pdv_pdu(context_id, 0x03 if n == len(pieces) - 1 else 0x01, len(piece))
         yield piece
-    if message.data_set is not None:
-        data = message.data_set.getbuffer()
+    if data_set is not None:
+        data = data_set.getbuffer()
         try:
             if len(data):
                 step = max_pdu - 6 if max_pdu else len(data)
@@ -201,9 +252,9 @@ def request_pdus(message: Any, context_id: int, max_pdu: int, command: bytes) ->
         finally:
             data.release()
         return
-    if message._data_set_path is None:
+    if data_set_path is None:
         return
-    path, offset = message._data_set_path
+    path, offset = data_set_path
     with open(path, "rb") as f:
         length = f.seek(0, 2) - f.seek(offset)
         step = max_pdu - 6 if max_pdu else length
@@ -244,17 +295,21 @@ def send_request_now(dimse: Any, primitive: Any, context_id: int) -> bool:
     max_pdu = dimse.maximum_pdu_size
     if 0 < max_pdu < 7:
         return False
-    message = C_STORE_RQ()
-    message.primitive_to_message(primitive)
-    message.context_id = context_id
-    command = encode(message.command_set, True, True)
-    if command is None:
-        return False  # pynetdicom's own path says why
+    command = store_request(primitive)
+    if command is not None:  # the usual request, encoded without pydicom
+        data_set, data_set_path = primitive.DataSet, primitive._dataset_path
+    else:
+        message = C_STORE_RQ()
+        message.primitive_to_message(primitive)
+        command = encode(message.command_set, True, True)
+        if command is None:
+            return False  # pynetdicom's own path says why
+        data_set, data_set_path = message.data_set, message._data_set_path
     batch: list[Any] = []
     size = 0
     with _send_lock(dul.socket):
         # a local failure (the file cannot be read) raises, as in pynetdicom's encode_msg
-        for piece in request_pdus(message, context_id, max_pdu, command):
+        for piece in request_pdus(command, data_set, data_set_path, context_id, max_pdu):
             batch.append(piece)
             size += len(piece)
             if size >= SEND_BATCH:
