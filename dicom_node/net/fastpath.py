@@ -88,25 +88,30 @@ def store_response(primitive: Any) -> bytes | None:
         return None
     if primitive.ErrorComment is not None or primitive.OffendingElement is not None:
         return None
-    message_id = primitive.MessageIDBeingRespondedTo
-    status = primitive.Status
-    if not isinstance(message_id, int) or not isinstance(status, int):
-        return None
-    if not (0 <= message_id <= 0xFFFF and 0 <= status <= 0xFFFF):
-        return None
-    sop_class = _uid(0x0002, primitive.AffectedSOPClassUID)
-    sop_instance = _uid(0x1000, primitive.AffectedSOPInstanceUID)
+    return _command_set(
+        primitive.AffectedSOPClassUID,
+        primitive.AffectedSOPInstanceUID,
+        (0x0100, _C_STORE_RSP),
+        (0x0120, primitive.MessageIDBeingRespondedTo),
+        (0x0800, _NO_DATA_SET),
+        (0x0900, primitive.Status),
+    )
+
+
+def _command_set(sop_class_uid: Any, sop_instance_uid: Any, *numbers: tuple[int, Any]) -> bytes | None:
+    """A command set of the Affected SOP Class UID, the US elements ``numbers``
+    ((element, value), in tag order) and the Affected SOP Instance UID, encoded as
+    pynetdicom does (Implicit VR Little Endian, the group length first); None when a UID
+    is not plain ASCII or a value is not an integer that fits US."""
+    for _, value in numbers:
+        if not isinstance(value, int) or not 0 <= value <= 0xFFFF:
+            return None
+    sop_class = _uid(0x0002, sop_class_uid)
+    sop_instance = _uid(0x1000, sop_instance_uid)
     if sop_class is None or sop_instance is None:
         return None
     body = b"".join(
-        (
-            sop_class,
-            _US.pack(0x0000, 0x0100, 2, _C_STORE_RSP),
-            _US.pack(0x0000, 0x0120, 2, message_id),
-            _US.pack(0x0000, 0x0800, 2, _NO_DATA_SET),
-            _US.pack(0x0000, 0x0900, 2, status),
-            sop_instance,
-        )
+        (sop_class, *(_US.pack(0x0000, element, 2, value) for element, value in numbers), sop_instance)
     )
     return _UL.pack(0x0000, 0x0000, 4, len(body)) + body
 
@@ -136,27 +141,14 @@ def store_request(primitive: Any) -> bytes | None:
         return None
     if in_memory is not None and (type(in_memory) is not BytesIO or not in_memory.getbuffer().nbytes):
         return None
-    message_id = primitive.MessageID
-    priority = primitive.Priority
-    if type(message_id) is not int or type(priority) is not int:
-        return None
-    if not (0 <= message_id <= 0xFFFF and 0 <= priority <= 0xFFFF):
-        return None
-    sop_class = _uid(0x0002, primitive.AffectedSOPClassUID)
-    sop_instance = _uid(0x1000, primitive.AffectedSOPInstanceUID)
-    if sop_class is None or sop_instance is None:
-        return None
-    body = b"".join(
-        (
-            sop_class,
-            _US.pack(0x0000, 0x0100, 2, _C_STORE_RQ),
-            _US.pack(0x0000, 0x0110, 2, message_id),
-            _US.pack(0x0000, 0x0700, 2, priority),
-            _US.pack(0x0000, 0x0800, 2, _DATA_SET),
-            sop_instance,
-        )
+    return _command_set(
+        primitive.AffectedSOPClassUID,
+        primitive.AffectedSOPInstanceUID,
+        (0x0100, _C_STORE_RQ),
+        (0x0110, primitive.MessageID),
+        (0x0700, primitive.Priority),
+        (0x0800, _DATA_SET),
     )
-    return _UL.pack(0x0000, 0x0000, 4, len(body)) + body
 
 
 _original_send_msg = DIMSEServiceProvider.send_msg
