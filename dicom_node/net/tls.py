@@ -205,6 +205,12 @@ class _ServerSideSocket(ssl.SSLSocket):
             self.do_handshake()
         return super().recv(buflen, flags)
 
+    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+        # the receiver reads a PDU into its buffer (net.tuning._receive)
+        if not self._handshake_done:
+            self.do_handshake()
+        return super().recv_into(buffer, nbytes, flags)
+
     def do_handshake(self, block: bool = False) -> None:
         try:
             super().do_handshake(block)
