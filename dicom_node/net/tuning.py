@@ -69,6 +69,7 @@ import pynetdicom.dul
 from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.presentation import PresentationContext
@@ -142,6 +143,29 @@ def _association_idle(assoc: Any, timeout: float) -> None:
             # its DIMSE timeout while the network idle timer aborted the association:
             # hand the wake-up on.
             queue.not_empty.notify()
+
+
+_original_get_msg = DIMSEServiceProvider.get_msg
+
+
+def _get_msg(self: Any, block: bool = False) -> Any:
+    """pynetdicom's ``get_msg``, except that an association's own reactor takes nothing
+    while a ``send_*()`` call holds the reactor paused.
+
+    pynetdicom pauses the reactor for a call (``send_c_store`` and the like) by clearing
+    ``_reactor_checkpoint`` and waiting until ``_is_paused`` is true. Right after the
+    previous call set the checkpoint, ``_is_paused`` is still true until the reactor thread
+    wakes: a call that follows at once finds it true, sends, and the reactor, waking late,
+    takes the response off the queue ("Received unexpected C-STORE service message") while
+    the call waits for it until its DIMSE timeout. The reactor does nothing else with a
+    message, so it is left on the queue for the call; the reactor goes round and pauses.
+    """
+    if not block:
+        assoc: Any = self._assoc
+        reactor: Any = threading.current_thread()
+        if reactor is assoc and not reactor._reactor_checkpoint.is_set():
+            return None, None
+    return _original_get_msg(self, block)
 
 
 def _sleep(seconds: float) -> None:
@@ -483,6 +507,7 @@ def tune_pynetdicom() -> None:
         DULServiceProvider.run_reactor = _run_reactor  # type: ignore[method-assign]
         DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
         PresentationContext.add_transfer_syntax = _add_transfer_syntax  # type: ignore[method-assign]
+        DIMSEServiceProvider.get_msg = _get_msg  # type: ignore[method-assign]
         # Send stored files straight from disk, without decoding and re-encoding them.
         pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True
         # pynetdicom's "standard" handlers format a debug summary of every PDU and DIMSE
