@@ -348,7 +348,7 @@ def test_request_is_streamed_from_the_calling_thread() -> None:
     reader.start()
     try:
         dul = _Dul(a)
-        dimse = SimpleNamespace(dul=dul, maximum_pdu_size=16_384)
+        dimse = SimpleNamespace(dul=dul, maximum_pdu_size=16_384, dimse_timeout=10)
         assert send_request_now(dimse, _store_request(data), 3)
         reader.join(10)
         assert bytes(received) == expected
@@ -364,7 +364,9 @@ def test_request_is_streamed_from_the_calling_thread() -> None:
         assert bytes(received) == expected
         for blocked in (_Dul(a, state="Sta7"), _Dul(a, queued=1), _Dul(a, handlers=1), _Dul(None)):
             assert not send_request_now(
-                SimpleNamespace(dul=blocked, maximum_pdu_size=16_384), _store_request(data), 3
+                SimpleNamespace(dul=blocked, maximum_pdu_size=16_384, dimse_timeout=10),
+                _store_request(data),
+                3,
             )
     finally:
         a.close()
@@ -383,7 +385,7 @@ def test_a_failed_stream_closes_the_transport_as_pynetdicom_does() -> None:
     try:
         dul = _Dul(a)
         dul.event_queue = queue.Queue()  # type: ignore[attr-defined]
-        dimse = SimpleNamespace(dul=dul, maximum_pdu_size=16_384)
+        dimse = SimpleNamespace(dul=dul, maximum_pdu_size=16_384, dimse_timeout=10)
         assert send_request_now(dimse, _store_request(b"\x00" * 2_000_000), 1)
         assert dul.event_queue.get_nowait() == "Evt17"  # type: ignore[attr-defined]
     finally:
@@ -437,3 +439,27 @@ def test_unusual_requests_are_left_to_pynetdicom(change: str) -> None:
     else:
         req.MessageIDBeingRespondedTo = 1
     assert store_request(req) is None
+
+
+def test_a_peer_that_stops_reading_does_not_hold_the_sender() -> None:
+    """The peer's receive buffer full and nobody reading: the stream gives up within the
+    DIMSE timeout and closes the transport (Evt17), instead of blocking for ever."""
+    import queue
+    import socket
+    import time
+    from types import SimpleNamespace
+
+    from dicom_node.net.fastpath import send_request_now
+
+    a, b = socket.socketpair()
+    try:
+        dul = _Dul(a)
+        dul.event_queue = queue.Queue()  # type: ignore[attr-defined]
+        dimse = SimpleNamespace(dul=dul, maximum_pdu_size=16_384, dimse_timeout=0.5)
+        started = time.monotonic()
+        assert send_request_now(dimse, _store_request(b"\x00" * 64_000_000), 1)
+        assert time.monotonic() - started < 5
+        assert dul.event_queue.get_nowait() == "Evt17"  # type: ignore[attr-defined]
+    finally:
+        a.close()
+        b.close()

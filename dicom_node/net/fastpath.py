@@ -40,9 +40,12 @@ bytes are pynetdicom's, for data sets in memory and in files, every fragment siz
 from __future__ import annotations
 
 import logging
+import select
+import socket
 import ssl
 import struct
 import threading
+import time
 from io import BytesIO
 from typing import Any
 
@@ -297,6 +300,10 @@ def send_request_now(dimse: Any, primitive: Any, context_id: int) -> bool:
         if command is None:
             return False  # pynetdicom's own path says why
         data_set, data_set_path = message.data_set, message._data_set_path
+    # A peer that stops reading must not hold this thread for ever (the requestor's socket
+    # has no timeout): each batch must leave within the DIMSE timeout, which bounds the
+    # wait for the response too.
+    timeout = dimse.dimse_timeout
     batch: list[Any] = []
     size = 0
     with _send_lock(dul.socket):
@@ -305,19 +312,29 @@ def send_request_now(dimse: Any, primitive: Any, context_id: int) -> bool:
             batch.append(piece)
             size += len(piece)
             if size >= SEND_BATCH:
-                if not _sendall(dul, raw, batch):
+                if not _sendall(dul, raw, batch, timeout):
                     return True
                 batch, size = [], 0
         if batch:
-            _sendall(dul, raw, batch)
+            _sendall(dul, raw, batch, timeout)
     return True
 
 
-def _sendall(dul: Any, raw: Any, batch: list[Any]) -> bool:
-    """Send ``batch``; False when the transport failed (then Evt17 is posted, as
-    pynetdicom's ``AssociationSocket.send`` does)."""
+def _sendall(dul: Any, raw: Any, batch: list[Any], timeout: float | None) -> bool:
+    """Send ``batch`` within ``timeout`` seconds (None: no limit); False when the transport
+    failed or the peer took nothing for that long (then Evt17 is posted, as pynetdicom's
+    ``AssociationSocket.send`` does on a failure)."""
+    data = memoryview(b"".join(batch))
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        raw.sendall(b"".join(batch))
+        while data:
+            try:
+                data = data[raw.send(data, socket.MSG_DONTWAIT) :]
+            except (BlockingIOError, InterruptedError):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError("the peer took nothing within the DIMSE timeout") from None
+                select.select([], [raw], [], remaining)
         return True
     except OSError:
         dul.event_queue.put("Evt17")
