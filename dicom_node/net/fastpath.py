@@ -239,11 +239,7 @@ def request_pdus(
         data = data_set.getbuffer()
         try:
             if len(data):
-                step = max_pdu - 6 if max_pdu else len(data)
-                for start in range(0, len(data), step):
-                    fragment = data[start : start + step]
-                    yield _pdv_pdu(context_id, 0x02 if start + step >= len(data) else 0x00, len(fragment))
-                    yield fragment
+                yield from _data_pdus(context_id, data, max_pdu - 6 if max_pdu else len(data), True)
         finally:
             data.release()
         return
@@ -262,13 +258,18 @@ def request_pdus(
             block = f.read(min(chunk, length - sent))
             if not block:
                 raise OSError(f"{path} ended {sent} bytes into a {length}-byte data set")
-            view = memoryview(block)
-            for start in range(0, len(view), step):
-                fragment = view[start : start + step]
-                last = sent + start + len(fragment) >= length
-                yield _pdv_pdu(context_id, 0x02 if last else 0x00, len(fragment))
-                yield fragment
             sent += len(block)
+            yield from _data_pdus(context_id, memoryview(block), step, sent >= length)
+
+
+def _data_pdus(context_id: int, data: memoryview, step: int, ends: bool) -> Any:
+    """Headers and fragments of ``data`` cut every ``step`` bytes; the last fragment is
+    marked the data set's last when ``ends``."""
+    for start in range(0, len(data), step):
+        fragment = data[start : start + step]
+        last = ends and start + step >= len(data)
+        yield _pdv_pdu(context_id, 0x02 if last else 0x00, len(fragment))
+        yield fragment
 
 
 def send_request_now(dimse: Any, primitive: Any, context_id: int) -> bool:

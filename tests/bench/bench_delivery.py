@@ -31,8 +31,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import pydicom
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dicom_node.cli.run_cmds import _study_inputs  # noqa: E402
@@ -44,33 +42,20 @@ from pipelines.base import OutputInstance, RunEnvironment, StudyInput  # noqa: E
 from pipelines.registry import get_pipeline  # noqa: E402
 
 
-def job_outputs(root: Path, slices: int) -> Path:
-    """Run the restoration pipeline on a simulated study; the directory of its outputs."""
+def job_outputs(root: Path, slices: int) -> list[list[OutputInstance]]:
+    """Run the restoration pipeline on a simulated study; its outputs, series by series."""
     write_ldct_study(root / "study", LdctSpec(slices=slices, size=512, dose=0.25, seed=11))
     studies, _, _ = _study_inputs([root / "study" / "low-dose"])
     ((study_uid, instances),) = studies.items()
     out = root / "outputs"
     out.mkdir()
-    get_pipeline("restoration", None, "auto").execute(  # type: ignore[attr-defined]
+    ctx = get_pipeline("restoration", None, "auto").execute(  # type: ignore[attr-defined]
         StudyInput(job_id=0, study_uid=study_uid, study_version=0, instances=tuple(instances)),
         RunEnvironment(workdir=out, uid_root="2.25.", node_version="bench"),
     )
-    return out
-
-
-def by_series(out: Path) -> list[list[OutputInstance]]:
     series: dict[str, list[OutputInstance]] = defaultdict(list)
-    for path in sorted(out.glob("*.dcm")):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        series[str(ds.SeriesInstanceUID)].append(
-            OutputInstance(
-                sop_uid=str(ds.SOPInstanceUID),
-                series_uid=str(ds.SeriesInstanceUID),
-                sop_class_uid=str(ds.SOPClassUID),
-                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                path=path,
-            )
-        )
+    for output in ctx.outputs:
+        series[output.series_uid].append(output)
     return list(series.values())
 
 
@@ -129,8 +114,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="dn-bench-delivery-"))
     try:
         t0 = time.perf_counter()
-        out = job_outputs(root, args.slices)
-        series = by_series(out)
+        series = job_outputs(root, args.slices)
         files = [f.path for s in series for f in s]
         size = sum(p.stat().st_size for p in files)
         print(

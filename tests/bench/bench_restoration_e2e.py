@@ -167,15 +167,15 @@ NOT_PRELOADED = "not built at start"
 def _wait_preloaded(node: NodeProcess, timeout: float = 300.0) -> float:
     """Seconds until the node's worker has built its pipelines (its log says so)."""
     started = time.perf_counter()
-    deadline = started + timeout
-    while time.perf_counter() < deadline:
+
+    def preloaded() -> bool:
         text = node.stdout.read_text(errors="replace")
         if NOT_PRELOADED in text:
             raise RuntimeError(f"the worker could not build its pipelines:\n{text[-2000:]}")
-        if PRELOADED in text:
-            return time.perf_counter() - started
-        time.sleep(0.2)
-    raise TimeoutError("the worker did not finish loading its models")
+        return PRELOADED in text
+
+    node.wait_for(preloaded, timeout=timeout, every=0.2, what="the worker to load its models")
+    return time.perf_counter() - started
 
 
 def _one_run(home: Path, study: Path, slices: int, *, warm: bool = True) -> tuple[float, int]:
