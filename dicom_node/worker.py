@@ -102,6 +102,11 @@ class Worker:
                 log.warning("worker %s: pipeline %s not built at start: %s", self.worker_id, name, took)
             else:
                 log.info("worker %s: pipeline %s ready in %.1f s", self.worker_id, name, took)
+        if names and self.config.workers.encode_helper:
+            from pipelines import parallel
+
+            if parallel.start():
+                log.info("worker %s: encode helper process started", self.worker_id)
         if names:
             from pipelines.writers import warm_up  # highdicom: imported with the pipelines, not before
 

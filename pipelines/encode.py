@@ -17,7 +17,7 @@ from highdicom.sr import CodedConcept
 from pydicom import Dataset
 from pydicom.sr.coding import Code
 
-from pipelines import spill
+from pipelines import parallel, spill
 from pipelines.base import GateOutcome, OutputInstance
 from pipelines.provenance import OutputProvenance
 from pipelines.stages import Context
@@ -147,13 +147,7 @@ def write_outputs(
     def done(datasets: list[Dataset]) -> None:
         if stream:
             assert out_dir is not None
-            save(datasets, out_dir)
-            for ds in datasets:
-                for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-                    if keyword in ds:
-                        delattr(ds, keyword)
-            if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in datasets):
-                spill.trim()  # a multi-frame map's hundreds of MB, before the next is made
+            _save_and_release(datasets, out_dir)
 
     n = _check_series_number("write_outputs", first_series_number)
     if not volume.frame_of_reference_uid:
@@ -163,7 +157,7 @@ def write_outputs(
         )
     image_units = volume.units if output_units is None else output_units
     units = uncertainty_units if uncertainty_units is not None else ucum_for_units(image_units)
-    images = DerivedImageWriter(
+    images_writer = DerivedImageWriter(
         provenance=provenance,
         uids=uids,
         series_number=n,
@@ -173,23 +167,38 @@ def write_outputs(
         output_modality=output_modality,
         units=output_units,
         contrast=output_contrast,
-    ).write(volume, derived, each=(lambda ds: done([ds])) if stream else None)  # saved one by one
-    sigma = UncertaintyMapWriter(provenance=provenance, uids=uids, series_number=n + 1, units=units).write(
-        volume, uncertainty, integer=integer_maps
     )
-    done([sigma])
-    score = HallucinationMapWriter(provenance=provenance, uids=uids, series_number=n + 2).write(
-        volume, hallucination, integer=integer_maps
-    )
-    seg = SuspectRegionWriter(provenance=provenance, uids=uids, series_number=n + 3).write(volume, suspect)
-    done([seg])
-    picture = None
-    if overlay:
-        picture = OverlayWriter(provenance=provenance, uids=uids, series_number=n + 4).write(
-            volume, hallucination, hallucination_map=score, mask=np.asarray(suspect, dtype=bool)
+    # The derived series (a data set and a file per slice: a third of the encoding) goes to
+    # the helper process when the worker has one, and the maps are written here meanwhile.
+    beside = parallel.submit(_derived_series, images_writer, volume, derived, out_dir) if stream else None
+    if beside is None:
+        images = images_writer.write(volume, derived, each=(lambda ds: done([ds])) if stream else None)
+    try:
+        sigma = UncertaintyMapWriter(
+            provenance=provenance, uids=uids, series_number=n + 1, units=units
+        ).write(volume, uncertainty, integer=integer_maps)
+        done([sigma])
+        score = HallucinationMapWriter(provenance=provenance, uids=uids, series_number=n + 2).write(
+            volume, hallucination, integer=integer_maps
         )
-        done([picture])
-    done([score])  # the overlay reads the hallucination map's pixels
+        seg = SuspectRegionWriter(provenance=provenance, uids=uids, series_number=n + 3).write(
+            volume, suspect
+        )
+        done([seg])
+        picture = None
+        if overlay:
+            picture = OverlayWriter(provenance=provenance, uids=uids, series_number=n + 4).write(
+                volume, hallucination, hallucination_map=score, mask=np.asarray(suspect, dtype=bool)
+            )
+            done([picture])
+        done([score])  # the overlay reads the hallucination map's pixels
+    except BaseException:
+        if beside is not None:
+            parallel.settle(beside)  # never leave the helper writing into a job that failed here
+        raise
+    if beside is not None:
+        assert out_dir is not None
+        images = parallel.result(beside, lambda: _derived_series(images_writer, volume, derived, out_dir))
     written = [*images, sigma, score, seg, *([picture] if picture is not None else [])]
     report = SummaryReportWriter(
         provenance=provenance, uids=uids, series_number=n + 5, model_card=model_card
@@ -199,6 +208,26 @@ def write_outputs(
     if out_dir is not None and not stream:
         save(result.datasets(), out_dir)
     return result
+
+
+def _save_and_release(datasets: list[Dataset], out_dir: Path) -> None:
+    """Save ``datasets`` and drop their pixel data from memory (the report references
+    objects by their headers only)."""
+    save(datasets, out_dir)
+    for ds in datasets:
+        for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            if keyword in ds:
+                delattr(ds, keyword)
+    if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in datasets):
+        spill.trim()  # a multi-frame map's hundreds of MB, before the next is made
+
+
+def _derived_series(
+    writer: DerivedImageWriter, volume: Volume, derived: np.ndarray, out_dir: Path
+) -> list[Dataset]:
+    """The derived series, each instance saved as soon as it is made and its pixels
+    dropped: in the worker, or in its helper process (:mod:`pipelines.parallel`)."""
+    return writer.write(volume, derived, each=lambda ds: _save_and_release([ds], out_dir))
 
 
 #: The QC fact (1: yes) the report carries when the source series had no Frame of Reference

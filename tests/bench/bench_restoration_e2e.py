@@ -88,6 +88,11 @@ def main() -> int:
         help="a directory this bench's simulation wrote before (DIR/low-dose, same --slices and --size): "
         "sent as it is instead of simulating it again",
     )
+    ap.add_argument(
+        "--encode-helper",
+        action="store_true",
+        help="[workers] encode_helper = true: the derived series written in a helper process",
+    )
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="dn-e2e-"))
     try:
@@ -107,7 +112,11 @@ def main() -> int:
             print(f"run {run + 1}: " + ("a node started just before the study" if cold else "a running node"))
             floors.append(_orthanc_alone(root / f"floor-{run}", root / "study" / "low-dose"))
             total, peak = _one_run(
-                root / f"run-{run}", root / "study" / "low-dose", args.slices, warm=not cold
+                root / f"run-{run}",
+                root / "study" / "low-dose",
+                args.slices,
+                warm=not cold,
+                encode_helper=args.encode_helper,
             )
             if cold:
                 colds.append((total, peak))
@@ -178,9 +187,12 @@ def _wait_preloaded(node: NodeProcess, timeout: float = 300.0) -> float:
     return time.perf_counter() - started
 
 
-def _one_run(home: Path, study: Path, slices: int, *, warm: bool = True) -> tuple[float, int]:
+def _one_run(
+    home: Path, study: Path, slices: int, *, warm: bool = True, encode_helper: bool = False
+) -> tuple[float, int]:
     """One end-to-end run on a fresh node and Orthanc: (seconds, peak RSS bytes). ``warm``:
-    send once the worker has loaded its models; else as soon as the node listens."""
+    send once the worker has loaded its models; else as soon as the node listens.
+    ``encode_helper``: ``[workers] encode_helper`` (the derived series in a helper process)."""
     home.mkdir()
     pacs = Orthanc(home).start()
     config = f"""
@@ -188,6 +200,7 @@ def _one_run(home: Path, study: Path, slices: int, *, warm: bool = True) -> tupl
 stable_seconds = 2
 [workers]
 poll_seconds = 0.2
+encode_helper = {str(encode_helper).lower()}
 [outbox]
 associations = 2
 [destinations.pacs]
