@@ -41,7 +41,7 @@ from pipelines.writers import (
     save,
     ucum_for_units,
 )
-from pipelines.writers.common import _check_series_number
+from pipelines.writers.common import _check_series_number, learn_pixel_data_answers, pixel_data_answers
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,11 @@ def write_outputs(
     )
     # The derived series (a data set and a file per slice: a third of the encoding) goes to
     # the helper process when the worker has one, and the maps are written here meanwhile.
-    beside = parallel.submit(_derived_series, images_writer, volume, derived, out_dir) if stream else None
+    beside = (
+        parallel.submit(_derived_series, images_writer, volume, derived, out_dir, pixel_data_answers())
+        if stream
+        else None
+    )
     if beside is None:
         images = images_writer.write(volume, derived, each=(lambda ds: done([ds])) if stream else None)
     try:
@@ -223,10 +227,18 @@ def _save_and_release(datasets: list[Dataset], out_dir: Path) -> None:
 
 
 def _derived_series(
-    writer: DerivedImageWriter, volume: Volume, derived: np.ndarray, out_dir: Path
+    writer: DerivedImageWriter,
+    volume: Volume,
+    derived: np.ndarray,
+    out_dir: Path,
+    answers: dict[str, bool] | None = None,
 ) -> list[Dataset]:
     """The derived series, each instance saved as soon as it is made and its pixels
-    dropped: in the worker, or in its helper process (:mod:`pipelines.parallel`)."""
+    dropped: in the worker, or in its helper process (:mod:`pipelines.parallel`), which
+    takes the worker's ``answers`` to highdicom's "holds pixel data?" instead of loading
+    the standard's tables to ask again."""
+    if answers:
+        learn_pixel_data_answers(answers)
     return writer.write(volume, derived, each=lambda ds: _save_and_release([ds], out_dir))
 
 

@@ -219,3 +219,29 @@ def test_the_helper_ends_when_its_worker_is_killed(tmp_path: Path) -> None:
             return  # gone (and reaped by init)
         time.sleep(0.1)
     pytest.fail(f"helper {pid} still runs 10 s after its worker was killed")
+
+
+def _tables_loaded() -> int:
+    """In the helper: whether highdicom's largest table (62 MB of objects) was loaded."""
+    from highdicom import _standard_utils
+
+    return _standard_utils.get_module_attribute_map.cache_info().currsize
+
+
+def test_the_helper_takes_the_workers_answers_instead_of_the_tables(volume: Volume, tmp_path: Path) -> None:
+    from highdicom import _standard_utils
+
+    from pipelines.writers.common import pixel_data_answers, warm_up
+
+    warm_up()  # as the worker's preload: the CT and MR answers are known here
+    answers = pixel_data_answers()
+    for sop_class, answer in answers.items():  # highdicom's own answers
+        assert answer == _standard_utils.does_iod_have_pixel_data(sop_class)
+    parallel.stop()
+    assert parallel.start()
+    try:
+        _write(volume, tmp_path / "out")
+        future = parallel.submit(_tables_loaded)
+        assert future is not None and parallel.result(future, lambda: -1) == 0
+    finally:
+        parallel.stop()

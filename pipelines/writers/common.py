@@ -45,6 +45,21 @@ from pipelines.provenance import OutputProvenance, PriorReference, ProvenanceErr
 from pipelines.uids import UidFactory
 from pipelines.volume import Volume
 
+#: SOP Class UID → whether its IOD holds pixel data: highdicom's answer, asked once per
+#: class (see :func:`_remember_which_classes_are_images`).
+_HOLDS_PIXEL_DATA: dict[str, bool] = {}
+
+
+def pixel_data_answers() -> dict[str, bool]:
+    """The "holds pixel data?" answers this process has (to hand to another one)."""
+    return dict(_HOLDS_PIXEL_DATA)
+
+
+def learn_pixel_data_answers(answers: dict[str, bool]) -> None:
+    """Take answers another process had: this one need not load the standard's tables
+    (62 MB of Python objects) to ask again (the encode helper, :mod:`pipelines.parallel`)."""
+    _HOLDS_PIXEL_DATA.update({str(k): bool(v) for k, v in answers.items()})
+
 
 def _remember_which_classes_are_images() -> None:
     """highdicom asks, for every object it builds (each derived slice's acquisition
@@ -62,7 +77,14 @@ def _remember_which_classes_are_images() -> None:
     from highdicom import _standard_utils
 
     has_pixels = _standard_utils.does_iod_have_pixel_data
-    remembered = functools.lru_cache(maxsize=256)(has_pixels)
+
+    def remembered(sop_class_uid: str) -> bool:
+        answer = _HOLDS_PIXEL_DATA.get(sop_class_uid)
+        if answer is None:
+            answer = _HOLDS_PIXEL_DATA[sop_class_uid] = bool(has_pixels(sop_class_uid))
+        return answer
+
+    remembered.__doc__ = has_pixels.__doc__
     multiframe = _standard_utils.is_multiframe_image
 
     @functools.lru_cache(maxsize=256)
