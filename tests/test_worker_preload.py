@@ -121,19 +121,20 @@ def test_the_dicom_tables_the_writers_read_are_loaded_at_start_too(
     assert all(table.cache_info().currsize == 0 for table in tables)
 
 
-def test_the_encode_helper_starts_with_the_preload_when_asked(runtime: Runtime, tmp_path: Path) -> None:
+def test_the_encode_helper_starts_with_the_preload_unless_off(runtime: Runtime, tmp_path: Path) -> None:
     from pipelines import parallel
 
-    worker = worker_of(runtime, two_rule_policy(tmp_path / "p.yaml"))
-    assert not worker.config.workers.encode_helper  # the default: off
-    parallel.stop()
-    worker.preload()
-    assert not parallel.started()
-    on = runtime.config.model_copy(
-        update={"workers": runtime.config.workers.model_copy(update={"encode_helper": True})}
+    policy = two_rule_policy(tmp_path / "p.yaml")
+    off = runtime.config.model_copy(
+        update={"workers": runtime.config.workers.model_copy(update={"encode_helper": False})}
     )
+    parallel.stop()
+    Worker(off, runtime.paths, runtime.db, runtime.audit, "run-w", policy).preload()
+    assert not parallel.started()
+    worker = worker_of(runtime, policy)
+    assert worker.config.workers.encode_helper  # the default
     try:
-        Worker(on, runtime.paths, runtime.db, runtime.audit, "run-w", tmp_path / "p.yaml").preload()
+        worker.preload()
         assert parallel.started()
     finally:
         parallel.stop()

@@ -90,10 +90,12 @@ def main() -> int:
     )
     ap.add_argument(
         "--encode-helper",
-        action="store_true",
-        help="[workers] encode_helper = true: the derived series written in a helper process",
+        choices=("on", "off"),
+        help="[workers] encode_helper (the derived series written in a helper process); "
+        "default: the node's default",
     )
     args = ap.parse_args()
+    print(f"[workers] encode_helper: {args.encode_helper or 'the node default'}")
     root = Path(tempfile.mkdtemp(prefix="dn-e2e-"))
     try:
         if args.study:
@@ -116,7 +118,7 @@ def main() -> int:
                 root / "study" / "low-dose",
                 args.slices,
                 warm=not cold,
-                encode_helper=args.encode_helper,
+                encode_helper=None if args.encode_helper is None else args.encode_helper == "on",
             )
             if cold:
                 colds.append((total, peak))
@@ -188,11 +190,12 @@ def _wait_preloaded(node: NodeProcess, timeout: float = 300.0) -> float:
 
 
 def _one_run(
-    home: Path, study: Path, slices: int, *, warm: bool = True, encode_helper: bool = False
+    home: Path, study: Path, slices: int, *, warm: bool = True, encode_helper: bool | None = None
 ) -> tuple[float, int]:
     """One end-to-end run on a fresh node and Orthanc: (seconds, peak RSS bytes). ``warm``:
     send once the worker has loaded its models; else as soon as the node listens.
-    ``encode_helper``: ``[workers] encode_helper`` (the derived series in a helper process)."""
+    ``encode_helper``: ``[workers] encode_helper`` (the derived series in a helper process;
+    None: the node's default)."""
     home.mkdir()
     pacs = Orthanc(home).start()
     config = f"""
@@ -200,7 +203,7 @@ def _one_run(
 stable_seconds = 2
 [workers]
 poll_seconds = 0.2
-encode_helper = {str(encode_helper).lower()}
+{"" if encode_helper is None else f"encode_helper = {str(encode_helper).lower()}"}
 [outbox]
 associations = 2
 [destinations.pacs]
