@@ -126,13 +126,20 @@ def _open_mapped(path: str, dtype: str, shape: tuple[int, ...], offset: int) -> 
     return np.memmap(path, dtype=np.dtype(dtype), mode="r", shape=shape, offset=offset)
 
 
+class _TooLarge(Exception):
+    pass
+
+
 class _Pickler(pickle.Pickler):
     """Pickles a memory-mapped array (the mapping itself, not a view of it) as a reference
-    to its file; everything else as ``pickle`` does."""
+    to its file; everything else as ``pickle`` does, except an array in memory larger than
+    :data:`MAX_PAYLOAD`, which stops it at once (the call is not sent)."""
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, np.memmap) and isinstance(obj.base, mmap.mmap) and obj.filename:
             return _open_mapped, (str(obj.filename), obj.dtype.str, tuple(obj.shape), int(obj.offset))
+        if isinstance(obj, np.ndarray) and obj.nbytes > MAX_PAYLOAD:
+            raise _TooLarge
         return NotImplemented
 
 
@@ -159,6 +166,8 @@ def submit(fn: Callable[..., T], *args: Any) -> Future[T] | None:
         return None
     try:
         payload = _dumps((fn, args))
+    except _TooLarge:
+        return None
     except Exception as exc:  # something that does not pickle: do it here
         log.debug("not sent to the helper: %s", exc)
         return None
