@@ -374,7 +374,8 @@ class WorkersSection(_Section):
     #: under one GIL, so the helper puts a second core to work (:mod:`pipelines.parallel`).
     #: About 0.15 GB more memory (on 2 cores: a 300-slice job's encode 7.4–9.2 → 5.6–6.7 s,
     #: the node's peak 1.20 → 1.33 GB). A helper that is gone only means the worker writes
-    #: everything itself; false: never start one.
+    #: everything itself; false: never start one. ``serve``'s worker processes start one;
+    #: a Celery worker host does not (its pool's processes may not have children).
     encode_helper: bool = True
     #: A queued job whose message no worker took is published again after this.
     redispatch_seconds: float = Field(120.0, gt=0)

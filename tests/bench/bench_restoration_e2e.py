@@ -3,17 +3,17 @@ by dcmtk storescu to dicom-node (route: CTDIvol < 5 mGy → restoration → Orth
 
 Prints, for each of ``--runs`` runs (a fresh node and a fresh Orthanc each), the time from
 the last instance received to the last delivery confirmed, the stages of the job, and the
-peak resident memory of the node's processes (serve + workers, and each); then the median
-against the targets (≤ 30 s and ≤ 1.5 GB on 2 cores, issue 20). Those runs send the study
-to a running node: one whose worker has loaded its models (it logs "DICOM writer tables
-loaded"), as a node serving a department is. ``--cold-runs`` more runs (default 1) send it
-as soon as a freshly started node listens, so the job also waits for the worker to import
-torch and MONAI and load the weights (its ``model-load`` stage): that first study after a
-start is printed apart. The floor to compare with
-is the time Orthanc alone takes to receive the same slices (dcmtk storescu, one
-association), measured in the same session. The node sends two series at once
-(``[outbox] associations = 2``: Orthanc accepts several associations). Not a timed
-test. The study is SIMULATED (models.sim, projection-domain low dose).
+peak resident memory of the node's processes (serve + workers + their encode helpers, and
+each); then the median against the targets (≤ 30 s and ≤ 1.5 GB on 2 cores, issue 20).
+Those runs send the study to a running node: one whose worker has loaded its models (it
+logs "DICOM writer tables loaded"), as a node serving a department is. ``--cold-runs``
+more runs (default 1) send it as soon as a freshly started node listens, so the job also
+waits for the worker to import torch and MONAI and load the weights (its ``model-load``
+stage): that first study after a start is printed apart. The floor to compare with is the
+time Orthanc alone takes to receive the same slices (dcmtk storescu, one association),
+measured in the same session. The node sends two series at once (``[outbox] associations =
+2``: Orthanc accepts several associations). Not a timed test. The study is SIMULATED
+(models.sim, projection-domain low dose).
 
 Usage: ``python tests/bench/bench_restoration_e2e.py [--slices 300] [--runs 3] [--cold-runs 1]
 [--study DIR]``
@@ -141,7 +141,8 @@ def main() -> int:
             f"end to end = {total / floor:.1f}x that floor"
         )
         print(
-            f"  peak RSS of the node (serve + worker): {peak / 2**30:.2f} GB (target <= 1.5 GB; "
+            f"  peak RSS of the node (serve + worker + encode helper): {peak / 2**30:.2f} GB "
+            f"(target <= 1.5 GB; "
             f"runs {', '.join(f'{p / 2**30:.2f}' for p in peaks)})"
         )
         if colds:
