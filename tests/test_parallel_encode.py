@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -110,14 +111,25 @@ def test_the_helper_writes_the_same_files(helper: None, volume: Volume, tmp_path
         serial = _write(volume, serial_dir)
     finally:
         parallel._executor = executor
-    calls = []
+    calls: list[Any] = []
+    fell_back: list[int] = []
     original = parallel.result
-    parallel.result = lambda future, fallback: calls.append(future) or original(future, fallback)  # type: ignore[assignment]
+
+    def watched(future: Any, fallback: Any) -> Any:
+        calls.append(future)
+
+        def noted() -> Any:
+            fell_back.append(1)
+            return fallback()
+
+        return original(future, noted)
+
+    parallel.result = watched
     try:
         beside = _write(volume, helper_dir)
     finally:
-        parallel.result = original  # type: ignore[assignment]
-    assert len(calls) == 1  # the derived series went to the helper
+        parallel.result = original
+    assert len(calls) == 1 and not fell_back  # the derived series was written by the helper
     assert beside == serial  # the same objects, in the same order
     assert _contents(helper_dir) == _contents(serial_dir)
     assert len(list(helper_dir.glob("*.dcm"))) == volume.array.shape[0] + 5
@@ -126,8 +138,9 @@ def test_the_helper_writes_the_same_files(helper: None, volume: Volume, tmp_path
 def test_an_error_in_the_work_reaches_the_caller(helper: None, volume: Volume, tmp_path: Path) -> None:
     derived = fake_outputs(volume)[0]
     derived[2, 3, 4] = np.nan
-    with pytest.raises(ValueError, match="NaN or infinite"):
+    with pytest.raises(ValueError, match="NaN or infinite") as raised:
         _write(volume, tmp_path / "out", derived)
+    assert type(raised.value.__cause__).__name__ == "_RemoteTraceback"  # raised in the helper
 
 
 def test_a_failure_here_waits_for_the_helper(
@@ -152,7 +165,8 @@ def test_a_failure_here_waits_for_the_helper(
 def test_a_helper_that_died_leaves_the_outputs_complete(helper: None, volume: Volume, tmp_path: Path) -> None:
     executor = parallel._executor
     assert executor is not None
-    for process in list(executor._processes.values()):  # type: ignore[attr-defined]
+    for process in list(executor._processes.values()):
+        assert process.pid is not None
         os.kill(process.pid, signal.SIGKILL)
     time.sleep(0.5)
     uids = _write(volume, tmp_path / "out")
@@ -167,7 +181,7 @@ def test_a_helper_that_died_leaves_the_outputs_complete(helper: None, volume: Vo
 def _helper_pids() -> list[int]:
     executor = parallel._executor
     assert executor is not None
-    return [process.pid for process in executor._processes.values()]  # type: ignore[attr-defined]
+    return [int(process.pid or 0) for process in executor._processes.values()]
 
 
 def test_the_helper_outlives_the_thread_that_started_it() -> None:
