@@ -96,13 +96,14 @@ def start() -> bool:
         return True
 
 
-def stop() -> None:
-    """Stop the helper (a later :func:`start` starts a new one)."""
+def stop(wait: bool = True) -> None:
+    """Stop the helper (a later :func:`start` starts a new one); ``wait``: until it has
+    ended."""
     global _executor
     with _lock:
         executor, _executor = _executor, None
     if executor is not None:
-        executor.shutdown(wait=True, cancel_futures=True)
+        executor.shutdown(wait=wait, cancel_futures=True)
 
 
 def started() -> bool:
@@ -110,11 +111,7 @@ def started() -> bool:
 
 
 def _restart_after_failure() -> None:
-    global _executor
-    with _lock:
-        executor, _executor = _executor, None
-    if executor is not None:
-        executor.shutdown(wait=False, cancel_futures=True)
+    stop(wait=False)
     # a new one for the next job, spawned beside this one (which writes its own meanwhile)
     threading.Thread(target=start, name="encode-helper-start", daemon=True).start()
 
