@@ -43,6 +43,7 @@ lint: deps
 
 bench: deps
 	$(BIN)/python tests/bench/bench_ingest.py
+	$(BIN)/python tests/bench/bench_ingest_busy.py
 	$(BIN)/python tests/bench/bench_audit.py
 	$(BIN)/python tests/bench/bench_restoration_speed.py
 	$(BIN)/python tests/bench/bench_restoration_e2e.py

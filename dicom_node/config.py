@@ -377,6 +377,12 @@ class WorkersSection(_Section):
     #: everything itself; false: never start one. ``serve``'s worker processes start one;
     #: a Celery worker host does not (its pool's processes may not have children).
     encode_helper: bool = True
+    #: How much lower the worker processes' CPU priority is than the receiver's (a Unix nice
+    #: increment, 0–19; the encode helper inherits it). The scanner waits for each instance's
+    #: acknowledgement, and the receiver needs the CPU for that while a job runs inference on
+    #: every core; a worker at nice 10 gets about a tenth of a contended core against it and
+    #: all of an idle one, so jobs lose nothing when nothing arrives. 0: the same priority.
+    nice: int = Field(10, ge=0, le=19)
     #: A queued job whose message no worker took is published again after this.
     redispatch_seconds: float = Field(120.0, gt=0)
     #: Longest run of a job, by pipeline (``default`` for the rest): past it the job fails

@@ -180,6 +180,19 @@ def _die_with_parent() -> None:
         pass
 
 
+def _child_setup(nice: int) -> Callable[[], None]:
+    """The ``preexec_fn`` of a process ``serve`` starts: it dies with ``serve`` and runs
+    ``nice`` steps below it (from its first import on: a worker's start-up takes seconds of
+    CPU, and the receiver may be taking a study meanwhile)."""
+
+    def setup() -> None:
+        _die_with_parent()
+        if nice:
+            os.nice(nice)
+
+    return setup
+
+
 class WorkerSupervisor:
     """Starts the worker processes, restarts one that dies, stops them on shutdown."""
 
@@ -191,12 +204,15 @@ class WorkerSupervisor:
         count: int | None = None,
         on_death: Callable[[], object] | None = None,
         what: str = "worker",
+        nice: int = 0,
     ) -> None:
         self.runtime = runtime
         self.run_id = run_id
         self.argv = worker_argv
         self.count = runtime.config.workers.processes if count is None else count
         self.what = what
+        #: How far below ``serve``'s CPU priority its processes run (``[workers] nice``).
+        self.nice = nice
         self.on_death = on_death or (
             lambda: recover_jobs(self.runtime.db, self.runtime.audit, self.run_id, claim_id(self.run_id))
         )
@@ -208,7 +224,7 @@ class WorkerSupervisor:
         self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
 
     def _spawn(self, slot: int) -> None:
-        proc = subprocess.Popen(self.argv, preexec_fn=_die_with_parent, close_fds=True)
+        proc = subprocess.Popen(self.argv, preexec_fn=_child_setup(self.nice), close_fds=True)
         self.procs[slot] = proc
         self.started_at[slot] = time.monotonic()
         log.info("%s %d started (pid %d)", self.what, slot, proc.pid)
@@ -453,7 +469,9 @@ def _serve(
     ]
     if config_path is not None:
         worker_argv += ["--config", str(config_path)]
-    supervisor = WorkerSupervisor(runtime, run_id, worker_argv, count=None if main else 0)
+    supervisor = WorkerSupervisor(
+        runtime, run_id, worker_argv, count=None if main else 0, nice=config.workers.nice
+    )
     receiver_argv = [
         sys.executable,
         "-m",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 from enum import StrEnum
 from pathlib import Path
@@ -165,6 +166,8 @@ def celery_worker(
             f"--queues: unknown pipeline(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}"
         )
     setup_logging(NodePaths.for_home(home, node_config), node_config)
+    if node_config.workers.nice:  # below a receiver on the same host (its pool processes inherit it)
+        os.nice(node_config.workers.nice)
     run_worker(
         node_config, home.resolve(), config, overrides, chosen, processes or node_config.workers.processes
     )

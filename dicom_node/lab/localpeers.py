@@ -94,6 +94,52 @@ def stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeou
         proc.wait()
 
 
+def _cpu_ticks(root: int) -> int:
+    """User + system clock ticks of process ``root`` and every descendant alive now."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        pid = int(entry.name)
+        parents[pid] = int(fields[1])
+        ticks[pid] = int(fields[11]) + int(fields[12])
+    total = 0
+    for pid, t in ticks.items():
+        p = pid
+        while p > 1 and p != root:
+            p = parents.get(p, 0)
+        if p == root:
+            total += t
+    return total
+
+
+def wait_idle(
+    proc: subprocess.Popen[bytes] | None, window: float = 0.5, share: float = 0.05, timeout: float = 30.0
+) -> float:
+    """Wait until ``proc`` and its children use under ``share`` of one core over ``window``
+    seconds (a receiver just started may still be importing or loading in a child process);
+    returns the seconds waited. A benchmark measures each receiver at rest this way, so none
+    is timed against its own start-up."""
+    if proc is None:
+        return 0.0
+    hz = os.sysconf("SC_CLK_TCK")
+    t0 = time.monotonic()
+    before = _cpu_ticks(proc.pid)
+    while time.monotonic() - t0 < timeout:
+        time.sleep(window)
+        now = _cpu_ticks(proc.pid)
+        if (now - before) / hz < share * window:
+            break
+        before = now
+    return time.monotonic() - t0
+
+
 def storescu(
     files_or_dir: Path | list[Path],
     port: int,

@@ -17,7 +17,11 @@ touches ``--warm-gb`` of memory first (and again after each new study: the simul
 gigabytes), and each run's storage is deleted before the next so every receiver writes into
 reused pages. Each new study and each deletion is written
 back (``sync``) before the next receiver starts: otherwise whoever runs first after them
-waits behind that writeback in its own fsyncs.
+waits behind that writeback in its own fsyncs. Each receiver is sent the study once it is at
+rest (its processes under 5 % of a core for half a second: ``wait_idle``): dicom-node's
+worker process still imports for about 2 s after the port opens, and a study sent into that
+measured the start-up, not the ingest (1.66–1.79 s against 1.16–1.47 s after a 6 s wait,
+4 interleaved pairs, 2026-12-07); Orthanc and storescp are at rest within the first check.
 
 Usage: ``python tests/bench/bench_ingest.py [--slices 300] [--repeats 5]``
 """
@@ -43,6 +47,7 @@ from dicom_node.lab.localpeers import (  # noqa: E402
     Orthanc,
     have,
     storescu,
+    wait_idle,
 )
 
 
@@ -98,6 +103,7 @@ def timed_send(study: Path, port: int, aet: str) -> float:
 def run_storescp(work: Path, study: Path) -> float:
     peer = DcmtkStoreSCP(work).start()
     try:
+        wait_idle(peer.proc)
         return timed_send(study, peer.port, peer.aet)
     finally:
         peer.stop()
@@ -106,6 +112,7 @@ def run_storescp(work: Path, study: Path) -> float:
 def run_orthanc(work: Path, study: Path, n: int) -> float:
     peer = Orthanc(work).start()
     try:
+        wait_idle(peer.proc)
         elapsed = timed_send(study, peer.dicom_port, peer.aet)
         stored = peer.statistics()["CountInstances"]
         if stored != n:
@@ -118,6 +125,7 @@ def run_orthanc(work: Path, study: Path, n: int) -> float:
 def run_node(work: Path, study: Path, n: int) -> float:
     node = NodeProcess(work / "node", "[completeness]\nstable_seconds = 3600\n").start()
     try:
+        wait_idle(node.proc)  # its worker process imports for ~2 s after the port opens
         elapsed = timed_send(study, node.port, node.ae_title)
         rows = node.wait_for(
             lambda: [s for s in node.cli_json("studies") if s["instances"] == n],

@@ -9,7 +9,9 @@ storescp (no fsync, no index), Orthanc (Debian defaults: SyncStorageArea, SQLite
 dicom-node with one receiving process and with ``--receivers`` processes on one port
 (SO_REUSEPORT, connections evened out by ``dicom_node.net.balance``; durable write, index
 and audit log on, SQLite). Wall time from the first storescu started to the last one done, and for
-dicom-node until every instance is indexed. Median of ``--repeats``.
+dicom-node until every instance is indexed. Median of ``--repeats``. Each receiver is sent
+the studies once it is at rest (``wait_idle``: dicom-node's worker and extra receiving
+processes import for seconds after the port opens; see ``bench_ingest.py``).
 
 Celery: ``--jobs`` simulated low-dose CT studies (24 slices, 512x512) routed to
 ``restoration``, run by one and then two ``dicom-node worker`` processes (Celery, Redis,
@@ -47,6 +49,7 @@ from dicom_node.lab.localpeers import (  # noqa: E402
     RedisServer,
     have,
     policy_yaml,
+    wait_idle,
 )
 from tests.pg import PostgresServer, find_bin_dir  # noqa: E402
 from tests.state import state_rows  # noqa: E402
@@ -77,6 +80,7 @@ def send_all(groups: list[list[Path]], port: int, aet: str) -> float:
 def run_storescp(work: Path, studies: list[list[Path]], _n: int) -> float:
     peer = DcmtkStoreSCP(work).start()
     try:
+        wait_idle(peer.proc)
         return send_all(studies, peer.port, peer.aet)
     finally:
         peer.stop()
@@ -85,6 +89,7 @@ def run_storescp(work: Path, studies: list[list[Path]], _n: int) -> float:
 def run_orthanc(work: Path, studies: list[list[Path]], n: int) -> float:
     peer = Orthanc(work).start()
     try:
+        wait_idle(peer.proc)
         elapsed = send_all(studies, peer.dicom_port, peer.aet)
         if (stored := peer.statistics()["CountInstances"]) != n:
             raise RuntimeError(f"Orthanc holds {stored} instances, expected {n}")
@@ -98,6 +103,7 @@ def run_node(receivers: int) -> Callable[[Path, list[list[Path]], int], float]:
         config = f"[completeness]\nstable_seconds = 3600\n[node]\nreceivers = {receivers}\n"
         node = NodeProcess(work / "node", config).start()
         try:
+            wait_idle(node.proc)  # its worker (and second receiver) import for seconds after the port opens
             t0 = time.perf_counter()
             send_all(studies, node.port, node.ae_title)
             while state_rows(node.home, "select count(*) from instances") != [(n,)]:
