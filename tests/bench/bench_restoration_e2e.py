@@ -94,8 +94,16 @@ def main() -> int:
         help="[workers] encode_helper (the derived series written in a helper process); "
         "default: the node's default",
     )
+    ap.add_argument(
+        "--nice",
+        type=int,
+        choices=range(20),
+        metavar="0-19",
+        help="[workers] nice (the workers' CPU priority below the receiver's); default: the node's default",
+    )
     args = ap.parse_args()
     print(f"[workers] encode_helper: {args.encode_helper or 'the node default'}")
+    print(f"[workers] nice: {'the node default' if args.nice is None else args.nice}")
     root = Path(tempfile.mkdtemp(prefix="dn-e2e-"))
     try:
         if args.study:
@@ -119,6 +127,7 @@ def main() -> int:
                 args.slices,
                 warm=not cold,
                 encode_helper=None if args.encode_helper is None else args.encode_helper == "on",
+                nice=args.nice,
             )
             if cold:
                 colds.append((total, peak))
@@ -191,12 +200,18 @@ def _wait_preloaded(node: NodeProcess, timeout: float = 300.0) -> float:
 
 
 def _one_run(
-    home: Path, study: Path, slices: int, *, warm: bool = True, encode_helper: bool | None = None
+    home: Path,
+    study: Path,
+    slices: int,
+    *,
+    warm: bool = True,
+    encode_helper: bool | None = None,
+    nice: int | None = None,
 ) -> tuple[float, int]:
     """One end-to-end run on a fresh node and Orthanc: (seconds, peak RSS bytes). ``warm``:
     send once the worker has loaded its models; else as soon as the node listens.
     ``encode_helper``: ``[workers] encode_helper`` (the derived series in a helper process;
-    None: the node's default)."""
+    None: the node's default). ``nice``: ``[workers] nice`` (None: the node's default)."""
     home.mkdir()
     pacs = Orthanc(home).start()
     config = f"""
@@ -205,6 +220,7 @@ stable_seconds = 2
 [workers]
 poll_seconds = 0.2
 {"" if encode_helper is None else f"encode_helper = {str(encode_helper).lower()}"}
+{"" if nice is None else f"nice = {nice}"}
 [outbox]
 associations = 2
 [destinations.pacs]
