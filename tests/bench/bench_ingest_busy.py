@@ -27,12 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_ingest import settle_disk, warm_memory  # noqa: E402
-from bench_restoration_e2e import _wait_preloaded  # noqa: E402
+from bench_restoration_e2e import _orthanc_alone, _wait_preloaded, restoration_node  # noqa: E402
 
-from dicom_node.lab.localpeers import NodeProcess, Orthanc, policy_yaml, storescu, wait_idle  # noqa: E402
+from dicom_node.lab.localpeers import Orthanc, storescu, wait_idle  # noqa: E402
 from dicom_node.lab.simulate import LdctSpec, write_ldct_study  # noqa: E402
-
-LOW_DOSE_CT = {"modality": "CT", "attributes": [{"keyword": "CTDIvol", "op": "<", "value": 5.0}]}
 
 
 def _send(study: Path, port: int, aet: str) -> float:
@@ -57,20 +55,7 @@ def _one_run(home: Path, studies: dict[str, Path], nice: int) -> tuple[float, fl
     """(seconds for A at rest, seconds for B during A's job) on a fresh node."""
     home.mkdir()
     pacs = Orthanc(home).start()
-    config = f"""
-[completeness]
-stable_seconds = 2
-[workers]
-poll_seconds = 0.2
-nice = {nice}
-[destinations.pacs]
-ae_title = "{pacs.aet}"
-host = "127.0.0.1"
-port = {pacs.dicom_port}
-[policy]
-file = "policy.yaml"
-"""
-    node = NodeProcess(home / "node", config, policy=policy_yaml("restoration", match=LOW_DOSE_CT)).start()
+    node = restoration_node(home, pacs, f"nice = {nice}", associations=1)
     try:
         _wait_preloaded(node)
         wait_idle(node.proc)
@@ -84,16 +69,6 @@ file = "policy.yaml"
         return at_rest, during
     finally:
         node.stop()
-        pacs.stop()
-
-
-def _orthanc_at_rest(home: Path, study: Path) -> float:
-    home.mkdir()
-    pacs = Orthanc(home).start()
-    try:
-        wait_idle(pacs.proc)
-        return _send(study, pacs.dicom_port, pacs.aet)
-    finally:
         pacs.stop()
 
 
@@ -126,7 +101,7 @@ def main() -> int:
                 )
             warm_memory(4)
             settle_disk()
-            floor.append(_orthanc_at_rest(root / f"orthanc{rep}", studies["B"]))
+            floor.append(_orthanc_alone(root / f"orthanc{rep}", studies["B"]))
             print(f"  repeat {rep + 1} Orthanc at rest, study B: {floor[-1]:.2f} s", flush=True)
         print()
         orthanc = statistics.median(floor)

@@ -199,6 +199,32 @@ def _wait_preloaded(node: NodeProcess, timeout: float = 300.0) -> float:
     return time.perf_counter() - started
 
 
+#: The policy's match: restoration for low-dose CT (the simulated study's CTDIvol is lower).
+LOW_DOSE_CT = {"modality": "CT", "attributes": [{"keyword": "CTDIvol", "op": "<", "value": 5.0}]}
+
+
+def restoration_node(home: Path, pacs: Orthanc, workers: str = "", associations: int = 2) -> NodeProcess:
+    """A node started in ``home/node`` that routes low-dose CT to ``restoration`` and
+    delivers to ``pacs`` (a 2 s completeness wait); ``workers``: more ``[workers]`` lines;
+    ``associations``: ``[outbox] associations``."""
+    config = f"""
+[completeness]
+stable_seconds = 2
+[workers]
+poll_seconds = 0.2
+{workers}
+[outbox]
+associations = {associations}
+[destinations.pacs]
+ae_title = "{pacs.aet}"
+host = "127.0.0.1"
+port = {pacs.dicom_port}
+[policy]
+file = "policy.yaml"
+"""
+    return NodeProcess(home / "node", config, policy=policy_yaml("restoration", match=LOW_DOSE_CT)).start()
+
+
 def _one_run(
     home: Path,
     study: Path,
@@ -214,24 +240,9 @@ def _one_run(
     None: the node's default). ``nice``: ``[workers] nice`` (None: the node's default)."""
     home.mkdir()
     pacs = Orthanc(home).start()
-    config = f"""
-[completeness]
-stable_seconds = 2
-[workers]
-poll_seconds = 0.2
-{"" if encode_helper is None else f"encode_helper = {str(encode_helper).lower()}"}
-{"" if nice is None else f"nice = {nice}"}
-[outbox]
-associations = 2
-[destinations.pacs]
-ae_title = "{pacs.aet}"
-host = "127.0.0.1"
-port = {pacs.dicom_port}
-[policy]
-file = "policy.yaml"
-"""
-    low_dose_ct = {"modality": "CT", "attributes": [{"keyword": "CTDIvol", "op": "<", "value": 5.0}]}
-    node = NodeProcess(home / "node", config, policy=policy_yaml("restoration", match=low_dose_ct)).start()
+    workers = "" if encode_helper is None else f"encode_helper = {str(encode_helper).lower()}\n"
+    workers += "" if nice is None else f"nice = {nice}\n"
+    node = restoration_node(home, pacs, workers)
     assert node.proc is not None
     try:
         if warm:
