@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 ECHOSCU = "/usr/bin/echoscu"
@@ -94,28 +96,15 @@ def stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeou
         proc.wait()
 
 
-def _cpu_ticks(root: int) -> int:
-    """User + system clock ticks of process ``root`` and every descendant alive now."""
-    parents: dict[int, int] = {}
-    ticks: dict[int, int] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+def _cpu_seconds(root: psutil.Process) -> float:
+    """User + system CPU seconds of ``root`` and every descendant alive now."""
+    total = 0.0
+    for proc in (root, *root.children(recursive=True)):
         try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
+            times = proc.cpu_times()
+        except psutil.Error:
             continue  # gone meanwhile
-        pid = int(entry.name)
-        parents[pid] = int(fields[1])
-        ticks[pid] = int(fields[11]) + int(fields[12])
-    total = 0
-    for pid, t in ticks.items():
-        p = pid
-        while p > 1 and p != root:
-            p = parents.get(p, 0)
-        if p == root:
-            total += t
+        total += times.user + times.system
     return total
 
 
@@ -128,13 +117,13 @@ def wait_idle(
     is timed against its own start-up."""
     if proc is None:
         return 0.0
-    hz = os.sysconf("SC_CLK_TCK")
+    root = psutil.Process(proc.pid)
     t0 = time.monotonic()
-    before = _cpu_ticks(proc.pid)
+    before = _cpu_seconds(root)
     while time.monotonic() - t0 < timeout:
         time.sleep(window)
-        now = _cpu_ticks(proc.pid)
-        if (now - before) / hz < share * window:
+        now = _cpu_seconds(root)
+        if now - before < share * window:
             break
         before = now
     return time.monotonic() - t0

@@ -26,19 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_ingest import settle_disk, warm_memory  # noqa: E402
+from bench_ingest import settle_disk, timed_send, warm_memory  # noqa: E402
 from bench_restoration_e2e import _orthanc_alone, _wait_preloaded, restoration_node  # noqa: E402
 
-from dicom_node.lab.localpeers import Orthanc, storescu, wait_idle  # noqa: E402
+from dicom_node.lab.localpeers import Orthanc, wait_idle  # noqa: E402
 from dicom_node.lab.simulate import LdctSpec, write_ldct_study  # noqa: E402
-
-
-def _send(study: Path, port: int, aet: str) -> float:
-    t0 = time.perf_counter()
-    sent = storescu(study, port, aet)
-    if sent.returncode != 0:
-        raise RuntimeError(f"storescu to {aet} failed:\n{sent.stderr[-2000:]}")
-    return time.perf_counter() - t0
 
 
 def _job_states(db: Path) -> list[str]:
@@ -59,11 +51,11 @@ def _one_run(home: Path, studies: dict[str, Path], nice: int) -> tuple[float, fl
     try:
         _wait_preloaded(node)
         wait_idle(node.proc)
-        at_rest = _send(studies["A"], node.port, node.ae_title)
+        at_rest = timed_send(studies["A"], node.port, node.ae_title)
         db = home / "node" / "var" / "node.db"
         node.wait_for(lambda: "running" in _job_states(db), timeout=120, every=0.1, what="the job to start")
         time.sleep(4.0)  # past loading the study: the network and what follows run on every core
-        during = _send(studies["B"], node.port, node.ae_title)
+        during = timed_send(studies["B"], node.port, node.ae_title)
         if _job_states(db)[:1] != ["running"]:
             raise RuntimeError("the job ended before study B was in: use more --slices")
         return at_rest, during
