@@ -11,9 +11,12 @@ import pytest
 from sqlalchemy import func, insert, select
 
 from audit import AuditEvent, Outcome
+from dicom_node.config import NodeConfig
 from dicom_node.db import schema as t
 from dicom_node.db.audited import audited_write
 from dicom_node.db.engine import inserted_id
+from dicom_node.delivery.profiles import DestinationProfiles
+from dicom_node.jobs.runner import JobRunner
 from dicom_node.jobs.state import (
     ALLOWED,
     IllegalTransition,
@@ -242,7 +245,10 @@ def test_allowed_covers_every_state() -> None:
     # a job is created queued, or fetching-priors when its rule asks for priors
     assert ALLOWED[None] == {JobState.QUEUED, JobState.FETCHING_PRIORS}
     assert ALLOWED[JobState.FETCHING_PRIORS] == {JobState.QUEUED, JobState.REFUSED}
-    assert ALLOWED[JobState.DELIVERED] == frozenset()  # terminal
+    terminal = {JobState.DELIVERED, JobState.SUPERSEDED}
+    assert {state for state in JobState if not ALLOWED[state]} == terminal
+    # only a job no worker has taken yet can be superseded
+    assert {src for src, targets in ALLOWED.items() if JobState.SUPERSEDED in targets} == {JobState.QUEUED}
     # every state is reachable from creation
     reachable: set[JobState] = set()
     frontier: list[JobState | None] = [None]
@@ -252,8 +258,8 @@ def test_allowed_covers_every_state() -> None:
                 reachable.add(nxt)
                 frontier.append(nxt)
     assert reachable == set(JobState)
-    # every non-terminal state can still reach delivered
-    for state in JobState:
+    # every state but superseded can still reach delivered
+    for state in set(JobState) - {JobState.SUPERSEDED}:
         seen, todo = {state}, [state]
         while todo:
             for nxt in ALLOWED[todo.pop()]:
@@ -288,3 +294,71 @@ def test_move_records_job_facts_once_committed(rt: Runtime) -> None:
     assert events[1].facts["reason"] == "boom"
     assert all(e.facts["job_id"] == job_id and e.facts["pipeline"] == "forward" for e in events)
     assert all(e.facts["study_version"] == 1 for e in events)
+
+
+# --------------------------------------------------------------------------- superseded
+
+
+def _runner(rt: Runtime) -> JobRunner:
+    config = NodeConfig()
+    return JobRunner(config, rt.paths, rt.db, rt.audit, "test-worker", DestinationProfiles(config))
+
+
+def _version_job(rt: Runtime, study: int, version: int, ids: list[int], rule: str | None = "ldct") -> int:
+    with rt.db.write() as conn:
+        return create_job(
+            conn,
+            study_fk=study,
+            study_version=version,
+            pipeline="forward",
+            destinations=["pacs"],
+            instance_ids=ids,
+            actor="tester",
+            rule=rule,
+        )
+
+
+def test_a_queued_job_of_an_older_study_version_is_superseded_not_run(rt: Runtime) -> None:
+    """A study that went quiet mid-transfer became ready (version 1, a partial snapshot) and
+    was sent again in full (version 2) before a worker took version 1's job: the worker
+    settles version 1's job unrun, naming the job that replaces it, and runs version 2's."""
+    study, ids = _study_with_instances(rt, 4)
+    partial = _version_job(rt, study, 1, ids[:2])
+    other_rule = _version_job(rt, study, 1, ids[:2], rule="another-rule")
+    full = _version_job(rt, study, 2, ids)
+    runner = _runner(rt)
+
+    assert runner.claim(partial) is None  # asked for by id (a Celery task): not run either
+    claimed = runner.claim()
+    assert claimed is not None and claimed.job_id == other_rule  # another rule's job is its own
+    claimed = runner.claim()
+    assert claimed is not None and claimed.job_id == full and claimed.study_version == 2
+    assert runner.claim() is None
+
+    row = _job(rt, partial)
+    assert (row["state"], row["runs"], row["claimed_by"]) == ("superseded", 0, None)
+    assert row["reason"].startswith(f"superseded by job {full} on study version 2 (rule ldct)")
+    assert _history(rt, partial) == [(None, "queued"), ("queued", "superseded")]
+    (event,) = [e for e in rt.audit.events(AuditEvent.JOB_TRANSITION) if e.facts["job_id"] == partial]
+    assert event.outcome == Outcome.SUCCESS and event.facts["to_state"] == "superseded"
+    assert event.actor == "test-worker" and "superseded by job" in event.facts["reason"]
+
+
+def test_a_job_already_running_when_the_study_changes_runs_on(rt: Runtime) -> None:
+    """Only a job no worker has taken is superseded: one running (or done) when a newer
+    version arrives keeps its run, and the newer version gets its own job as before."""
+    study, ids = _study_with_instances(rt, 3)
+    first = _version_job(rt, study, 1, ids, rule=None)
+    runner = _runner(rt)
+    claimed = runner.claim()
+    assert claimed is not None and claimed.job_id == first
+    second = _version_job(rt, study, 2, ids, rule=None)
+    claimed = runner.claim()
+    assert claimed is not None and claimed.job_id == second
+    assert _job(rt, first)["state"] == "running"
+    # a job without a rule is superseded by a newer job of the same pipeline only
+    third = _version_job(rt, study, 3, ids, rule=None)
+    fourth = _version_job(rt, study, 4, ids, rule="ldct")
+    claimed = runner.claim()
+    assert claimed is not None and claimed.job_id == third
+    assert _job(rt, fourth)["state"] == "queued"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import Connection, insert, select
 
 from audit import AuditEvent, AuditTrail, Outcome
 from dicom_node import __version__
@@ -107,6 +107,25 @@ def _gate_policy(job: ClaimedJob) -> GatePolicy:
         return verdict.action, verdict.reasons
 
     return decide
+
+
+def newer_job(conn: Connection, job: Any) -> Any:
+    """The newest job (its ``id`` and ``study_version``) of a later version of the study
+    of ``job`` (a ``jobs`` row) by the same rule (the same pipeline when the job has no
+    rule), or None: a job that has one must not run, its snapshot being a subset of that
+    job's (:data:`JobState.SUPERSEDED`)."""
+    same_rule = t.jobs.c.rule.is_(None) if job.rule is None else t.jobs.c.rule == job.rule
+    return conn.execute(
+        select(t.jobs.c.id, t.jobs.c.study_version)
+        .where(
+            t.jobs.c.study_fk == job.study_fk,
+            t.jobs.c.pipeline == job.pipeline,
+            same_rule,
+            t.jobs.c.study_version > job.study_version,
+        )
+        .order_by(t.jobs.c.study_version.desc(), t.jobs.c.id.desc())
+        .limit(1)
+    ).first()
 
 
 def recover_jobs(db: Database, audit: AuditTrail, run_id: str, actor: str) -> int:
@@ -225,21 +244,42 @@ class JobRunner:
         if job_id is not None:
             query = query.where(t.jobs.c.id == job_id)
         with audited_write(self.db, self.audit, claim=True) as work:
-            row = work.conn.execute(
-                query.order_by(t.jobs.c.id).limit(1).with_for_update(skip_locked=True, of=t.jobs)
-            ).first()
-            if row is None:
-                return None
-            job = ClaimedJob(
-                JobRef(row.id, row.study_uid, row.patient_id, row.pipeline, row.study_version),
-                list(row.destinations),
-                rule=row.rule,
-                gate=row.gate or "auto",
-                qc_policy=dict(row.qc_policy or {}),
-                options=dict(row.options or {}),
-                series_uid=row.series_uid,
-                priors=dict(row.priors) if row.priors else None,
-            )
+            while True:
+                row = work.conn.execute(
+                    query.order_by(t.jobs.c.id).limit(1).with_for_update(skip_locked=True, of=t.jobs)
+                ).first()
+                if row is None:
+                    return None
+                job = ClaimedJob(
+                    JobRef(row.id, row.study_uid, row.patient_id, row.pipeline, row.study_version),
+                    list(row.destinations),
+                    rule=row.rule,
+                    gate=row.gate or "auto",
+                    qc_policy=dict(row.qc_policy or {}),
+                    options=dict(row.options or {}),
+                    series_uid=row.series_uid,
+                    priors=dict(row.priors) if row.priors else None,
+                )
+                newer = newer_job(work.conn, row)
+                if newer is None:
+                    break
+                move(
+                    work,
+                    job.ref,
+                    JobState.SUPERSEDED,
+                    expect=JobState.QUEUED,
+                    actor=self.worker_id,
+                    reason=(
+                        f"superseded by job {newer.id} on study version {newer.study_version} "
+                        f"(rule {row.rule or row.pipeline}): the study changed after this snapshot "
+                        f"(version {row.study_version}); not run"
+                    ),
+                    claimed_by=None,
+                    lease_until=None,
+                )
+                log.info("job %d: superseded by job %d (study v%d)", row.id, newer.id, newer.study_version)
+                if job_id is not None:
+                    return None
             move(
                 work,
                 job.ref,

@@ -13,6 +13,10 @@ deliveries. ``failed`` and ``held`` can be retried/released by an operator. ``re
 means the input is outside the model's declared domain (not a failure): the rule's
 fallback has run as a job of its own (:mod:`dicom_node.jobs.fallback`); an operator may
 queue a refused job again, e.g. after pinning a model whose domain covers the input.
+``queued → superseded``: when a worker takes a job whose study has since had a newer
+version routed by the same rule, the job is settled unrun (its snapshot holds a subset of
+the newer job's instances: a study that went quiet mid-transfer and was sent again must
+not also be processed half).
 
 :func:`move` is how a job is settled: the transition and its audit record, recorded once
 the transaction commits (:mod:`dicom_node.db.audited`), from facts the caller already has.
@@ -47,12 +51,15 @@ class JobState(StrEnum):
     FETCHING_PRIORS = "fetching-priors"
     DELIVERING = "delivering"
     DELIVERED = "delivered"
+    #: Never run: a newer version of its study got a job by the same rule before a worker
+    #: took this one (its snapshot is a subset of the newer one's; the reason names it).
+    SUPERSEDED = "superseded"
 
 
 ALLOWED: dict[JobState | None, frozenset[JobState]] = {
     None: frozenset({JobState.QUEUED, JobState.FETCHING_PRIORS}),
     JobState.FETCHING_PRIORS: frozenset({JobState.QUEUED, JobState.REFUSED}),
-    JobState.QUEUED: frozenset({JobState.RUNNING}),
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.SUPERSEDED}),
     # running → queued: the worker was lost; the job resumes from the start.
     JobState.RUNNING: frozenset(
         {JobState.SUCCEEDED, JobState.FAILED, JobState.REFUSED, JobState.HELD, JobState.QUEUED}
@@ -65,6 +72,7 @@ ALLOWED: dict[JobState | None, frozenset[JobState]] = {
     # delivering → failed: a delivery was dead-lettered; an operator retry goes back.
     JobState.DELIVERING: frozenset({JobState.DELIVERED, JobState.FAILED}),
     JobState.DELIVERED: frozenset(),
+    JobState.SUPERSEDED: frozenset(),
 }
 
 
