@@ -178,13 +178,13 @@ receivers = 2
         gpu_host = CeleryWorker(node, "restoration", "worker-restoration-2").start()
 
         settled = "select count(*) from jobs where state not in ('delivered', 'superseded')"
-        node.wait_for(
-            lambda: (
-                db_rows(node, settled) == [(0,)] and db_rows(node, "select count(*) from jobs")[0][0] >= 3
-            ),
-            timeout=600,
-            what="every job delivered",
-        )
+
+        def all_delivered() -> bool:
+            ended = db_rows(node, "select id, state, reason from jobs where state in ('failed', 'refused')")
+            assert not ended, f"a job ended without delivering: {ended}"  # fail now, not at the timeout
+            return db_rows(node, settled) == [(0,)] and db_rows(node, "select count(*) from jobs")[0][0] >= 3
+
+        node.wait_for(all_delivered, timeout=600, what="every job delivered")
         time.sleep(3.0)  # nothing more arrives or runs
         jobs = db_rows(node, "select pipeline, runs, state from jobs order by id")
         deliveries = db_rows(
