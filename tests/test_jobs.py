@@ -362,3 +362,29 @@ def test_a_job_already_running_when_the_study_changes_runs_on(rt: Runtime) -> No
     claimed = runner.claim()
     assert claimed is not None and claimed.job_id == third
     assert _job(rt, fourth)["state"] == "queued"
+
+
+def test_a_held_job_of_an_older_study_version_says_so_and_cannot_be_approved(rt: Runtime) -> None:
+    """The job of version 1 ran and was held; the study then changed and version 2 got a job
+    by the same rule. The review queue says so, and approving version 1 is refused, naming
+    the job to review instead (it holds every instance version 1 had and what came since)."""
+    from dicom_node.jobs.review import ReviewError, approve, held_jobs, job_detail
+
+    study, ids = _study_with_instances(rt, 3)
+    old = _version_job(rt, study, 1, ids[:2])
+    with rt.db.read() as conn:
+        ref = job_ref(conn, old)
+    with audited_write(rt.db, rt.audit) as work:
+        move(work, ref, JobState.RUNNING, expect=JobState.QUEUED)
+        move(work, ref, JobState.HELD, expect=JobState.RUNNING, reason="held for review: rule says review")
+    (listed,) = held_jobs(rt.db)
+    assert listed["id"] == old and listed["newer_version"] is None
+
+    new = _version_job(rt, study, 2, ids)
+    (listed,) = held_jobs(rt.db)
+    assert listed["newer_version"] == {"job": new, "study_version": 2, "state": "queued"}
+    assert job_detail(rt.db, rt.audit, old)["newer_version"] == listed["newer_version"]
+    with pytest.raises(ReviewError, match=rf"review job {new}, and reject this one"):
+        approve(rt.db, rt.audit, old, "dr-reviewer", handover=DestinationProfiles(NodeConfig()))
+    assert _job(rt, old)["state"] == "held"
+    assert rt.audit.events(AuditEvent.REVIEW_APPROVED) == []

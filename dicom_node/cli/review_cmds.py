@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -67,9 +67,20 @@ def review_list(config: ConfigOpt = None, home: HomeOpt = Path("."), json_out: J
             r["pipeline"],
             ",".join(r["destinations"]),
             _when(r["held_since"]),
-            "; ".join(r["reasons"]),
+            "; ".join(r["reasons"] + _newer(r)),
         )
     console.print(table)
+
+
+def _newer(job: dict[str, Any]) -> list[str]:
+    """The line saying that a later version of the study has a job by the same rule."""
+    newer = job.get("newer_version")
+    if not newer:
+        return []
+    return [
+        f"the study changed: job {newer['job']} ({newer['state']}) was made from version "
+        f"{newer['study_version']}; review that one (this one cannot be approved)"
+    ]
 
 
 @review_app.command("show")
@@ -118,6 +129,8 @@ def review_show(
     )
     for reason in detail["reasons"]:
         console.print(Text(f"  held because: {reason}"))
+    for line in _newer(detail):
+        console.print(Text(f"  {line}", style="bold"))
     if detail["qc"]:
         console.print(Text("QC figures: " + "; ".join(f"{k} {v:.4g}" for k, v in detail["qc"].items())))
     for o in detail["outputs"]:

@@ -28,7 +28,7 @@ from dicom_node.db.engine import Database
 from dicom_node.db.queries import job_rows
 from dicom_node.jobs.handover import Handover
 from dicom_node.jobs.report import approve_reports
-from dicom_node.jobs.state import JobRef, JobState, StaleTransition, move
+from dicom_node.jobs.state import JobRef, JobState, StaleTransition, move, newer_job
 from pipelines.writers import kind_of
 
 
@@ -51,7 +51,7 @@ class HeldOutput:
 def _job_rows(conn: Any, job_id: int | None = None, state: str | None = JobState.HELD.value) -> list[Any]:
     if job_id is not None and not 0 < job_id <= t.MAX_ROW_ID:
         return []
-    query = job_rows().order_by(t.jobs.c.updated_at)
+    query = job_rows().add_columns(t.jobs.c.study_fk).order_by(t.jobs.c.updated_at)
     if job_id is not None:
         query = query.where(t.jobs.c.id == job_id)
     if state is not None:
@@ -59,7 +59,8 @@ def _job_rows(conn: Any, job_id: int | None = None, state: str | None = JobState
     return list(conn.execute(query).all())
 
 
-def _summary(row: Any) -> dict[str, Any]:
+def _summary(row: Any, conn: Any) -> dict[str, Any]:
+    newer = newer_job(conn, row)
     return {
         "id": row.id,
         "state": row.state,
@@ -74,6 +75,12 @@ def _summary(row: Any) -> dict[str, Any]:
         "reasons": held_reasons(row.reason),
         "destination_problems": list(row.destination_problems or []),
         "held_since": row.updated_at,
+        # a later version of the study has a job by the same rule: this one cannot be approved
+        "newer_version": (
+            None
+            if newer is None
+            else {"job": newer.id, "study_version": newer.study_version, "state": newer.state}
+        ),
     }
 
 
@@ -89,7 +96,7 @@ def held_reasons(reason: str | None) -> list[str]:
 def held_jobs(db: Database) -> list[dict[str, Any]]:
     """Jobs waiting for review, oldest first."""
     with db.read() as conn:
-        return [_summary(r) for r in _job_rows(conn)]
+        return [_summary(r, conn) for r in _job_rows(conn)]
 
 
 def job_outputs(db: Database, job_id: int) -> list[HeldOutput]:
@@ -119,9 +126,9 @@ def job_detail(db: Database, audit: AuditTrail, job_id: int) -> dict[str, Any]:
     """One job (any state) with its outputs and the QC figures the gate saw."""
     with db.read() as conn:
         rows = _job_rows(conn, job_id, state=None)
-    if not rows:
-        raise UnknownJob(f"no job {job_id}")
-    detail = _summary(rows[0])
+        if not rows:
+            raise UnknownJob(f"no job {job_id}")
+        detail = _summary(rows[0], conn)
     qc: dict[str, Any] = {}
     for record in audit.search(study_uid=detail["study_uid"], events=[AuditEvent.GATE_DECISION.value]):
         if record.facts.get("job_id") == job_id and record.facts.get("stage") == "output":
@@ -193,6 +200,13 @@ def approve(
     reason = f"approved by {reviewer}" + (f": {note}" if note else "")
     with audited_write(db, audit) as work:
         row = _held(work.conn, job_id, "approve")
+        newer = newer_job(work.conn, row)
+        if newer is not None:
+            raise ReviewError(
+                f"job {job_id} was made from version {row.study_version} of the study; job {newer.id} "
+                f"({newer.state}) from version {newer.study_version}, by the same rule, holds every "
+                f"instance this one had and what arrived since: review job {newer.id}, and reject this one"
+            )
         if not row.destinations:
             raise ReviewError(f"job {job_id}: its rule names no destination to deliver to")
         if row.destination_problems:

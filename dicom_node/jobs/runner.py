@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import insert, select
 
 from audit import AuditEvent, AuditTrail, Outcome
 from dicom_node import __version__
@@ -48,7 +48,7 @@ from dicom_node.jobs.prior_registration import (
 from dicom_node.jobs.priors import job_prior_records, prior_references
 from dicom_node.jobs.provenance import record_provenance
 from dicom_node.jobs.report import final_verdict
-from dicom_node.jobs.state import JobRef, JobState, StaleTransition, job_ref, move, record_outputs
+from dicom_node.jobs.state import JobRef, JobState, StaleTransition, job_ref, move, newer_job, record_outputs
 from dicom_node.paths import NodePaths
 from dicom_node.safelog import describe_exception
 from models.zoo import read_card
@@ -107,25 +107,6 @@ def _gate_policy(job: ClaimedJob) -> GatePolicy:
         return verdict.action, verdict.reasons
 
     return decide
-
-
-def newer_job(conn: Connection, job: Any) -> Any:
-    """The newest job (its ``id`` and ``study_version``) of a later version of the study
-    of ``job`` (a ``jobs`` row) by the same rule (the same pipeline when the job has no
-    rule), or None: a job that has one must not run, its snapshot being a subset of that
-    job's (:data:`JobState.SUPERSEDED`)."""
-    same_rule = t.jobs.c.rule.is_(None) if job.rule is None else t.jobs.c.rule == job.rule
-    return conn.execute(
-        select(t.jobs.c.id, t.jobs.c.study_version)
-        .where(
-            t.jobs.c.study_fk == job.study_fk,
-            t.jobs.c.pipeline == job.pipeline,
-            same_rule,
-            t.jobs.c.study_version > job.study_version,
-        )
-        .order_by(t.jobs.c.study_version.desc(), t.jobs.c.id.desc())
-        .limit(1)
-    ).first()
 
 
 def recover_jobs(db: Database, audit: AuditTrail, run_id: str, actor: str) -> int:

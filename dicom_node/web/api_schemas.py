@@ -153,6 +153,15 @@ class JobDetail(JobSummary):
     deliveries: list[Delivery]
 
 
+class NewerVersion(Body):
+    """A later version of the held job's study has a job by the same rule: the held one
+    cannot be approved; review this one."""
+
+    job: int
+    study_version: int
+    state: str
+
+
 class HeldJob(Body):
     id: int
     study_uid: str
@@ -164,6 +173,7 @@ class HeldJob(Body):
     reasons: list[str]
     destination_problems: list[str]
     held_since: float
+    newer_version: NewerVersion | None = None
 
 
 class ApproveBody(Body):
