@@ -255,8 +255,6 @@ class JobRunner:
                         f"(rule {row.rule or row.pipeline}): the study changed after this snapshot "
                         f"(version {row.study_version}); not run"
                     ),
-                    claimed_by=None,
-                    lease_until=None,
                 )
                 log.info("job %d: superseded by job %d (study v%d)", row.id, newer.id, newer.study_version)
                 if job_id is not None:
