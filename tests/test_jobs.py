@@ -304,13 +304,20 @@ def _runner(rt: Runtime) -> JobRunner:
     return JobRunner(config, rt.paths, rt.db, rt.audit, "test-worker", DestinationProfiles(config))
 
 
-def _version_job(rt: Runtime, study: int, version: int, ids: list[int], rule: str | None = "ldct") -> int:
+def _version_job(
+    rt: Runtime,
+    study: int,
+    version: int,
+    ids: list[int],
+    rule: str | None = "ldct",
+    pipeline: str = "forward",
+) -> int:
     with rt.db.write() as conn:
         return create_job(
             conn,
             study_fk=study,
             study_version=version,
-            pipeline="forward",
+            pipeline=pipeline,
             destinations=["pacs"],
             instance_ids=ids,
             actor="tester",
@@ -324,6 +331,7 @@ def test_a_queued_job_of_an_older_study_version_is_superseded_not_run(rt: Runtim
     settles version 1's job unrun, naming the job that replaces it, and runs version 2's."""
     study, ids = _study_with_instances(rt, 4)
     partial = _version_job(rt, study, 1, ids[:2])
+    fallback = _version_job(rt, study, 1, ids[:2], pipeline="denoise-classical")  # the rule's fallback
     other_rule = _version_job(rt, study, 1, ids[:2], rule="another-rule")
     full = _version_job(rt, study, 2, ids)
     runner = _runner(rt)
@@ -339,6 +347,7 @@ def test_a_queued_job_of_an_older_study_version_is_superseded_not_run(rt: Runtim
     assert (row["state"], row["runs"], row["claimed_by"]) == ("superseded", 0, None)
     assert row["reason"].startswith(f"superseded by job {full} on study version 2 (rule ldct)")
     assert _history(rt, partial) == [(None, "queued"), ("queued", "superseded")]
+    assert _job(rt, fallback)["state"] == "superseded"  # the same rule's, though another pipeline
     (event,) = [e for e in rt.audit.events(AuditEvent.JOB_TRANSITION) if e.facts["job_id"] == partial]
     assert event.outcome == Outcome.SUCCESS and event.facts["to_state"] == "superseded"
     assert event.actor == "test-worker" and "superseded by job" in event.facts["reason"]

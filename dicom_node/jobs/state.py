@@ -245,18 +245,18 @@ def record_outputs(conn: Connection, job_id: int, outputs: tuple[OutputInstance,
 def newer_job(conn: Connection, job: Any) -> Any:
     """The newest job (``id``, ``study_version``, ``state``) made from a later version of
     the study of ``job`` (a row with ``study_fk``, ``pipeline``, ``rule`` and
-    ``study_version``) by the same rule (the same pipeline when the job has no rule), or
-    None. A queued job that has one is :data:`JobState.SUPERSEDED` at the claim (its
-    snapshot is a subset of that job's); a held one cannot be approved."""
-    same_rule = t.jobs.c.rule.is_(None) if job.rule is None else t.jobs.c.rule == job.rule
+    ``study_version``) by the same rule — whatever its pipeline, so a fallback of the older
+    version counts too — or, for a job without a rule, with the same pipeline; None when
+    there is none. A queued job that has one is :data:`JobState.SUPERSEDED` at the claim
+    (its snapshot is a subset of that job's); a held one cannot be approved."""
+    lineage = (
+        (t.jobs.c.rule.is_(None), t.jobs.c.pipeline == job.pipeline)
+        if job.rule is None
+        else (t.jobs.c.rule == job.rule,)
+    )
     return conn.execute(
         select(t.jobs.c.id, t.jobs.c.study_version, t.jobs.c.state)
-        .where(
-            t.jobs.c.study_fk == job.study_fk,
-            t.jobs.c.pipeline == job.pipeline,
-            same_rule,
-            t.jobs.c.study_version > job.study_version,
-        )
+        .where(t.jobs.c.study_fk == job.study_fk, *lineage, t.jobs.c.study_version > job.study_version)
         .order_by(t.jobs.c.study_version.desc(), t.jobs.c.id.desc())
         .limit(1)
     ).first()
