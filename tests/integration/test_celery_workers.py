@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dicom_node.lab.localpeers import REDIS_SERVER, NodeProcess, Orthanc, RedisServer
@@ -90,10 +91,10 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def _studies(root: Path) -> list[Path]:
-    """One 512² CT for restoration (long enough to kill a worker inside it), a larger one to
-    forward (long enough to kill a receiving process inside it) and a small one; SIMULATED."""
+    """One 512² CT for restoration (long enough to kill a worker inside it), and two to
+    forward, each long enough that the receiving process killed is inside one; SIMULATED."""
     made = []
-    for k, (size, slices) in enumerate(((512, 24), (256, 80), (128, 6))):
+    for k, (size, slices) in enumerate(((512, 24), (256, 80), (128, 40))):
         low, _ = write_ldct_study(
             root / f"study{k}", LdctSpec(slices=slices, size=size, seed=40 + k), patient_id=f"SIM-CELERY-{k}"
         )
@@ -142,8 +143,22 @@ receivers = 2
         # three studies at once, from three storescu processes, spread over two receivers
         senders = [_send(node, c, d, log) for c, d, log in zip(callers, studies, logs, strict=True)]
         stored = node.home / "var" / "data" / "studies"
-        node.wait_for(lambda: len(list(stored.rglob("*.dcm"))) >= 30, timeout=60, every=0.02, what="30 files")
         (receiver,) = _receivers(node)
+
+        def mid_study() -> bool:
+            """The second receiving process holds a scanner's association (the hand-off
+            spreads the three over both) and instances have been stored."""
+            try:
+                held = any(
+                    c.status == psutil.CONN_ESTABLISHED and c.laddr.port == node.port
+                    for c in receiver.net_connections("tcp")
+                )
+            except psutil.Error:
+                return False
+            return held and next(stored.rglob("*.dcm"), None) is not None
+
+        # (waiting for 30 files instead left, in 1 run of 3, no association on that process)
+        node.wait_for(mid_study, timeout=60, every=0.005, what="the second receiver inside an association")
         receiver.kill()  # SIGKILL, mid-study
         # the scanners send again what failed, as they do: each as soon as its sender gave up
         # (a study that goes quiet longer than stable_seconds becomes ready half-received;
