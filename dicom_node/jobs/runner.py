@@ -231,22 +231,13 @@ class JobRunner:
                 ).first()
                 if row is None:
                     return None
-                job = ClaimedJob(
-                    JobRef(row.id, row.study_uid, row.patient_id, row.pipeline, row.study_version),
-                    list(row.destinations),
-                    rule=row.rule,
-                    gate=row.gate or "auto",
-                    qc_policy=dict(row.qc_policy or {}),
-                    options=dict(row.options or {}),
-                    series_uid=row.series_uid,
-                    priors=dict(row.priors) if row.priors else None,
-                )
+                ref = JobRef(row.id, row.study_uid, row.patient_id, row.pipeline, row.study_version)
                 newer = newer_job(work.conn, row)
                 if newer is None:
                     break
                 move(
                     work,
-                    job.ref,
+                    ref,
                     JobState.SUPERSEDED,
                     expect=JobState.QUEUED,
                     actor=self.worker_id,
@@ -259,6 +250,16 @@ class JobRunner:
                 log.info("job %d: superseded by job %d (study v%d)", row.id, newer.id, newer.study_version)
                 if job_id is not None:
                     return None
+            job = ClaimedJob(
+                ref,
+                list(row.destinations),
+                rule=row.rule,
+                gate=row.gate or "auto",
+                qc_policy=dict(row.qc_policy or {}),
+                options=dict(row.options or {}),
+                series_uid=row.series_uid,
+                priors=dict(row.priors) if row.priors else None,
+            )
             move(
                 work,
                 job.ref,
