@@ -631,6 +631,37 @@ def test_discard_all_drops_only_unfinished_data_sets(node: Node, series) -> None
     assert list(node.rt.paths.tmp.iterdir()) == []
 
 
+def test_the_end_of_an_association_waits_for_a_spare_being_created(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The helper thread may be creating the next staging file when the association ends
+    (found by CI: one such file was still there after ``discard_all`` returned). The end waits
+    for it, so nothing is left behind."""
+    import threading
+
+    from dicom_node.ingest import staging
+
+    creating, release = threading.Event(), threading.Event()
+    real_create = staging._create
+
+    def slow_create(path: Path) -> int:
+        creating.set()
+        release.wait(5)
+        return real_create(path)
+
+    monkeypatch.setattr(staging, "_create", slow_create)
+    stager = node.store.stager()  # its first spare is being created, slowly
+    assert creating.wait(5), "the helper thread never started a spare"
+    ender = threading.Thread(target=stager.discard_all)
+    ender.start()
+    time.sleep(0.1)
+    assert ender.is_alive(), "the end did not wait for the spare being created"
+    release.set()
+    ender.join(5)
+    assert not ender.is_alive()
+    assert list(node.rt.paths.tmp.iterdir()) == []
+
+
 def _wait_for_spare(stager) -> tuple:
     import time
 

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 _SYNC_FILE_RANGE_WRITE = 2
 _FALLBACK = "staging file %s: %s; writing the instance the ordinary way"
+# How long an association's end waits for a spare staging file being created (a create takes
+# 0.1–0.35 ms; a stalled disk must not hold the end: the start's reconcile removes a leftover)
+_MAKER_WAIT_S = 2.0
 
 
 def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
@@ -174,6 +177,8 @@ class Stager:
         self.durable = durable
         self._open: set[StagedDataSet] = set()
         self._lock = threading.Lock()
+        self._maker_idle = threading.Condition(self._lock)
+        self._making = False  # the helper thread is creating a spare at this moment
         self._spare: tuple[Path, int] | None = None
         self._closed = False
         self._refill()
@@ -199,29 +204,37 @@ class Stager:
 
     def _make_spare(self) -> None:
         with self._lock:
-            if self._closed or self._spare is not None:
+            if self._closed or self._spare is not None or self._making:
                 return
+            self._making = True
         path = self._new_path()
         try:
-            fd = _create(path)
+            fd: int | None = _create(path)
         except OSError:
-            return  # start() creates it itself, and says why if it fails there too
+            fd = None  # start() creates it itself, and says why if it fails there too
         with self._lock:
-            if not self._closed and self._spare is None:
-                self._spare = (path, fd)
-                return
-        _close(fd)
-        path.unlink(missing_ok=True)
+            try:
+                if fd is not None and not self._closed and self._spare is None:
+                    self._spare = (path, fd)
+                elif fd is not None:  # the association ended meanwhile: leave nothing behind
+                    _close(fd)
+                    path.unlink(missing_ok=True)
+            finally:
+                self._making = False
+                self._maker_idle.notify_all()
 
     def _done(self, staged: StagedDataSet) -> None:
         with self._lock:
             self._open.discard(staged)
 
     def discard_all(self) -> None:
+        """At the association's end: remove every staging file it still has, including a
+        spare the helper thread is creating at this moment (waited for, briefly)."""
         with self._lock:
+            self._closed = True
+            self._maker_idle.wait_for(lambda: not self._making, timeout=_MAKER_WAIT_S)
             left = list(self._open)
             spare, self._spare = self._spare, None
-            self._closed = True
         for staged in left:
             staged.discard()
         if spare is not None:
