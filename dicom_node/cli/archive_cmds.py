@@ -29,11 +29,11 @@ from dicom_node.ingest.store import InstanceStore
 from dicom_node.serve import running_serve
 
 archives_app = typer.Typer(
-    help="Archives to query and retrieve prior studies from ([archives.NAME]).", no_args_is_help=True
+    help="Archives to query and retrieve prior studies from (\\[archives.NAME]).", no_args_is_help=True
 )
 app.add_typer(archives_app, name="archives")
 
-NameArg = Annotated[str, typer.Argument(help="The archive, as named in [archives.NAME].")]
+NameArg = Annotated[str, typer.Argument(help="The archive, as named in \\[archives.NAME].")]
 
 
 def _day(value: str | None, option: str) -> date | None:

@@ -31,9 +31,15 @@ app = typer.Typer(
 
 
 def make_console(stderr: bool = False) -> Console:
-    """Rich console; when output is not a terminal, wide enough that UIDs are never cut."""
-    probe = Console(stderr=stderr)
-    return probe if probe.is_terminal else Console(stderr=stderr, width=240)
+    """Rich console; when output is not a terminal, wide enough that UIDs are never cut.
+
+    Without Rich markup: what the commands print comes from the network and the database (a
+    calling AE title, a Patient ID, a Series Description, a refusal reason), and under
+    markup a "[b]" in it would be taken as a style and a "[/x]" would raise. Styles are
+    given as ``Text`` objects instead.
+    """
+    probe = Console(stderr=stderr, markup=False)
+    return probe if probe.is_terminal else Console(stderr=stderr, width=240, markup=False)
 
 
 console = make_console()

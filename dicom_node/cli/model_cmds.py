@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from dicom_node.cli.common import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, print_json, read_config
@@ -42,7 +41,7 @@ def list_models(config: ConfigOpt = None, home: HomeOpt = Path("."), json_out: J
                 r["name"],
                 r["version"],
                 r["runs_in"] or "",
-                escape(r["pinned_by"] or ""),
+                r["pinned_by"] or "",
                 "ok" if r["weights_ok"] else "MISMATCH",
                 f"{(r['weights_bytes'] or 0) / 1e6:.1f} MB",
                 r["directory"],

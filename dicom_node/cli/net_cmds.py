@@ -37,7 +37,7 @@ TlsOpt = Annotated[
     bool,
     typer.Option(
         "--tls",
-        help="DICOM TLS: verify the peer against [tls] ca_file (or --ca-file), present [tls] cert_file.",
+        help="DICOM TLS: verify the peer against \\[tls] ca_file (or --ca-file), present \\[tls] cert_file.",
     ),
 ]
 CaFileOpt = Annotated[

@@ -68,7 +68,7 @@ def serve(
 ) -> None:
     """Receive studies, run the routed pipelines, deliver the results. Stops on SIGTERM/Ctrl-C.
 
-    Listening beyond loopback needs [receiver] require_known_callers and require_called_ae
+    Listening beyond loopback needs \\[receiver] require_known_callers and require_called_ae
     (or accept_unknown_callers = true); one serve per --home."""
     from dicom_node.jobs.routing import PolicyError
     from dicom_node.serve import AlreadyRunning
@@ -113,15 +113,16 @@ def worker(
     processes: Annotated[
         int | None,
         typer.Option(
-            "--processes", min=1, max=64, help="Celery engine: jobs at once (default [workers] processes)."
+            "--processes", min=1, max=64, help="Celery engine: jobs at once (default \\[workers] processes)."
         ),
     ] = None,
     run_id: Annotated[str, typer.Option("--run-id", hidden=True)] = "standalone",
     overrides: Annotated[str, typer.Option("--overrides", hidden=True)] = "{}",
 ) -> None:
-    """Run jobs: under `[workers] engine = "celery"`, a Celery worker on this host that takes
-    jobs of the given pipelines from the broker (the node's database, broker and storage
-    must be reachable here). Under the local engine, `serve` starts its own workers."""
+    """Run jobs on this host: a Celery worker, under `\\[workers] engine = "celery"`.
+
+    It takes jobs of the given pipelines from the broker (the node's database, broker and
+    storage must be reachable here). Under the local engine, `serve` starts its own workers."""
     from dicom_node.worker import Worker
 
     if run_id == "standalone":  # run by hand (serve names its own workers' run)
