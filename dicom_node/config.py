@@ -65,6 +65,14 @@ class NodeSection(_Section):
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root(cls, value: str) -> str:
+        from pipelines.uids import derive_uid
+
+        derive_uid(value, "config check")  # ValueError: not a UID prefix, or too long for one
+        return value
+
 
 class ReceiverSection(_Section):
     """C-STORE SCP behaviour."""
@@ -413,6 +421,33 @@ class StorageSection(_Section):
     #: fsync each stored file and its directory before answering success.
     fsync: bool = True
 
+    @field_validator("database_url", "audit_database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        if value:
+            check_database_url(value)
+        return value
+
+
+def check_database_url(url: str) -> None:
+    """Raise ``ValueError`` (one line, no password) unless ``url`` is a SQLAlchemy URL of a
+    database kind SQLAlchemy knows (the driver itself is imported only when connecting)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError(
+            "not a database URL (e.g. postgresql+psycopg://node@db.example/dicom_node, sqlite:///path)"
+        ) from None
+    try:
+        parsed.get_dialect()
+    except NoSuchModuleError:
+        raise ValueError(
+            f"unknown database kind {parsed.drivername!r} (sqlite or postgresql+psycopg)"
+        ) from None
+
 
 class SyslogSection(_Section):
     """Audit records to a syslog collector over TLS (RFC 5425 / RFC 5424, IHE ATNA)."""
@@ -599,6 +634,8 @@ def _format_problem(problem: ErrorDetails, source: str) -> str:
         "input" in problem
         and problem["type"] not in ("missing",)
         and not isinstance(problem["input"], dict | list)
+        # a URL may hold a password (postgresql://user:secret@host/db): never echo one
+        and not str(problem["loc"][-1] if problem["loc"] else "").endswith("url")
     ):
         msg = f"{msg} (got {problem['input']!r})"
     if msg.startswith("Value error, "):

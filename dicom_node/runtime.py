@@ -16,9 +16,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from audit import AuditTrail
-from dicom_node.config import LoadedConfig, NodeConfig, load_config
+from dicom_node.config import LoadedConfig, NodeConfig, check_database_url, load_config
 from dicom_node.db.engine import Database
-from dicom_node.paths import NodePaths
+from dicom_node.paths import AUDIT_DATABASE_URL_ENV, DATABASE_URL_ENV, NodePaths
 from dicom_node.safelog import CLI_HANDLER, PhiSafeFilter, route_warnings_and_crashes
 
 #: Third-party loggers that would otherwise flood the log (or, at DEBUG, dump data sets
@@ -30,7 +30,11 @@ class NoNodeState(Exception):
     """A command that reads a node's state was pointed at a home that holds none."""
 
 
-class DatabaseUnavailable(Exception):
+class StateUnavailable(Exception):
+    """The node's state cannot be opened (one line saying why)."""
+
+
+class DatabaseUnavailable(StateUnavailable):
     """The configured database server cannot be reached or refuses the node."""
 
 
@@ -84,10 +88,25 @@ class Runtime:
         unless the node's databases are already there."""
         loaded = load_config(config_path, home, overrides)
         paths = NodePaths.for_home(home, loaded.config)
+        for what, env, url in (
+            ("database_url", DATABASE_URL_ENV, paths.database_url(loaded.config)),
+            ("audit_database_url", AUDIT_DATABASE_URL_ENV, paths.audit_database_url(loaded.config)),
+        ):
+            try:  # the config checked its own; one from the environment is checked here
+                check_database_url(url)
+            except ValueError as exc:
+                raise DatabaseUnavailable(f"{env} (or [storage] {what}): {exc}") from None
         if existing and (missing := missing_state(paths, loaded.config)) is not None:
             shown = missing.relative_to(paths.home) if missing.is_relative_to(paths.home) else missing
             raise NoNodeState(f"no dicom-node state under {paths.home} ({shown} missing): is --home right?")
-        paths.create()
+        try:
+            paths.create()
+        except OSError as exc:
+            where = f" {exc.filename}" if exc.filename else ""
+            raise StateUnavailable(
+                f"cannot create the node's state{where}: {exc.strerror or exc} "
+                "(check --home, [storage] data_dir and quarantine_dir, [logging] file)"
+            ) from None
         url = paths.database_url(loaded.config)
         try:
             db = Database(url)

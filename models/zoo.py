@@ -47,7 +47,12 @@ def read_card(directory: Path | str) -> dict[str, Any]:
     path = Path(directory) / CARD_FILE
     if not path.exists():
         raise FileNotFoundError(f"no model card at {path}")
-    card: dict[str, Any] = json.loads(path.read_text())
+    try:
+        card = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"model card {path} is not valid JSON: {exc}") from None
+    if not isinstance(card, dict):
+        raise ValueError(f"model card {path} is not a JSON object")
     return card
 
 
@@ -91,8 +96,17 @@ class StoredCard:
 
     @classmethod
     def read_from(cls, directory: Path | str) -> Self:
-        """The card of a model directory (``FileNotFoundError`` when it has none)."""
-        return cls(**read_card(directory))
+        """The card of a model directory (``FileNotFoundError`` when it has none;
+        ``ValueError`` when it is not this kind of card)."""
+        card = read_card(directory)
+        try:
+            return cls(**card)
+        except TypeError as exc:  # fields of another kind of model, or some missing
+            what = str(exc).partition("__init__() ")[2] or str(exc)
+            raise ValueError(
+                f"{Path(directory) / CARD_FILE} is not a card of this kind of model "
+                f"(it is {card.get('name')!r}): {what}"
+            ) from None
 
     def write_to(self, directory: Path | str) -> Path:
         """Write this card as ``card.json`` into ``directory``; returns its path."""
@@ -181,13 +195,25 @@ def resolve(name: str, pin: str | None = None, zoos: Sequence[Path] = ()) -> Pat
         directory = Path(pin)
         if not (directory / CARD_FILE).is_file():
             raise ModelNotFound(f"{directory} is not a model directory (no {CARD_FILE} in it)")
-        return directory
+        return _of_model(directory, name)
     for zoo in (*zoos, ZOO):
         if (zoo / name / pin / CARD_FILE).is_file():
-            return zoo / name / pin
+            return _of_model(zoo / name / pin, name)
     have = sorted({v for zoo in (*zoos, ZOO) for v in versions(name, zoo)}, key=_version_order)
     where = ", ".join(str(z) for z in (*zoos, ZOO))
     raise ModelNotFound(f"no version {pin!r} of {name} in {where} (there: {', '.join(have) or 'none'})")
+
+
+def _of_model(directory: Path, name: str) -> Path:
+    """``directory``, after checking that its card is a card of model ``name``: a pipeline
+    given another model's directory would load it as its own (or run another task)."""
+    try:
+        card_name = read_card(directory).get("name")
+    except ValueError as exc:
+        raise ModelNotFound(str(exc)) from None
+    if card_name != name:
+        raise ModelNotFound(f"{directory} holds model {card_name!r}, not {name!r}")
+    return directory
 
 
 def verified_weights(directory: Path, weights_file: str, expected_sha256: str) -> Path:

@@ -277,3 +277,43 @@ def test_bad_config_lists_every_problem(tmp_path: Path) -> None:
     assert lines[2].startswith(f"config error: {bad}: outbox.max_attempts: ")
     assert "more problem" not in result.stderr
     assert tree(tmp_path) == before
+
+
+# --- (e) state that cannot be opened: one line, no traceback ---------------------------------
+
+
+def test_a_data_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    config = tmp_path / "node.toml"
+    config.write_text(f'[storage]\ndata_dir = "{tmp_path / "a-file"}"\n')
+    from pydicom.data import get_testdata_file
+
+    ct = get_testdata_file("CT_small.dcm")
+    result = cli(
+        "run",
+        "forward",
+        str(ct),
+        "--out",
+        str(tmp_path / "out"),
+        "--config",
+        str(config),
+        "--home",
+        str(tmp_path / "h"),
+    )
+    assert result.exit_code == 1, result.output
+    assert "cannot create the node's state" in result.stderr and "Not a directory" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_a_bad_database_url_in_the_environment_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DICOM_NODE_DATABASE_URL", "postgres://node:s3cret@db/x")
+    result = cli("studies", "--home", str(tmp_path / "h"))
+    assert result.exit_code == 1, result.output
+    assert (
+        "DICOM_NODE_DATABASE_URL (or [storage] database_url): unknown database kind 'postgres'"
+        in result.stderr
+    )
+    assert "s3cret" not in result.output
+    assert not (tmp_path / "h").exists()

@@ -166,6 +166,30 @@ BAD_CONFIGS = [
     ),
     pytest.param('[logging]\nlevel = "LOUD"\n', ["logging.level", "'LOUD'"], id="bad-log-level"),
     pytest.param("[workers]\nprocesses = 65\n", ["workers.processes", "64"], id="too-many-workers"),
+    pytest.param('[node]\nuid_root = "abc"\n', ["node.uid_root", "not a valid UID prefix"], id="uid-root"),
+    pytest.param(
+        '[node]\nuid_root = "1.2.826.0.1.3680043.8.498.123456789012345678901234567890"\n',
+        ["node.uid_root", "fewer than 10 digits"],
+        id="uid-root-too-long",
+    ),
+    pytest.param(
+        '[storage]\ndatabase_url = "not a url"\n', ["storage.database_url", "not a database URL"], id="db-url"
+    ),
+    pytest.param(
+        '[storage]\naudit_database_url = "foo://bar"\n',
+        ["storage.audit_database_url", "unknown database kind 'foo'"],
+        id="audit-db-kind",
+    ),
+    pytest.param(
+        '[models]\npin = {restoration = "MODELS/sct-head/1.0"}\n',
+        ["pin.restoration", "holds model 'sct-head', not 'ldct-restoration'"],
+        id="pin-another-model",
+    ),
+    pytest.param(
+        '[models]\npin = {synthesis = "MODELS/synthesis-t1w-to-t2w/1.0"}\n',
+        ["pin.synthesis", "holds model 'synthesis-t1w-to-t2w', not 'synthesis-t1w-t2w-to-flair'"],
+        id="pin-another-task",
+    ),
 ]
 
 
@@ -173,7 +197,9 @@ BAD_CONFIGS = [
 def test_bad_config_is_one_line_naming_key_and_problem(
     tmp_path: Path, text: str, fragments: list[str]
 ) -> None:
-    path = write(tmp_path / "bad.toml", text)
+    from models.zoo import ZOO
+
+    path = write(tmp_path / "bad.toml", text.replace("MODELS/", f"{ZOO}/"))
     message = config_error(path)
     assert "\n" not in message
     assert message.startswith(f"{path}: ")
@@ -324,3 +350,20 @@ def test_cli_config_error_with_brackets_in_value_exits_2(tmp_path: Path) -> None
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("config error:")
     assert "'[/x]'" in lines[0]
+
+
+def test_a_database_url_is_never_echoed(tmp_path: Path) -> None:
+    """ "postgres://" is not a SQLAlchemy name (it is "postgresql"): a common slip, and the URL
+    holds the password."""
+    path = write(tmp_path / "bad.toml", '[storage]\ndatabase_url = "postgres://node:s3cret@db/x"\n')
+    message = config_error(path)
+    assert "storage.database_url: unknown database kind 'postgres'" in message
+    assert "s3cret" not in message
+
+
+def test_a_model_card_that_is_not_json_is_named(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "card.json").write_text("{ not json")
+    path = write(tmp_path / "bad.toml", f'[models]\npin = {{restoration = "{tmp_path / "m"}"}}\n')
+    message = config_error(path)
+    assert "pin.restoration: model card" in message and "is not valid JSON" in message

@@ -61,7 +61,7 @@ def test_a_directory_without_a_card_says_where_it_looked(tmp_path: Path) -> None
 def test_versions_are_ordered_by_number_not_by_text(tmp_path: Path) -> None:
     for version in ("1.2", "1.10", "1.9", "2.0-site"):
         (tmp_path / "m" / version).mkdir(parents=True)
-        (tmp_path / "m" / version / "card.json").write_text("{}")
+        (tmp_path / "m" / version / "card.json").write_text('{"name": "m"}')
     assert zoo.versions("m", tmp_path) == ["1.2", "1.9", "1.10", "2.0-site"]
     assert zoo.resolve("m", "1.10", [tmp_path]) == tmp_path / "m" / "1.10"
     with pytest.raises(

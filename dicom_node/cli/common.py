@@ -19,7 +19,7 @@ from rich.text import Text
 
 from dicom_node import __version__
 from dicom_node.config import ConfigError, LoadedConfig, load_config
-from dicom_node.runtime import DatabaseUnavailable, NoNodeState, Runtime
+from dicom_node.runtime import NoNodeState, Runtime, StateUnavailable
 
 app = typer.Typer(
     name="dicom-node",
@@ -93,7 +93,7 @@ def open_runtime(
         return Runtime.open(config, home, overrides, actor=actor)
     except ConfigError as exc:
         raise config_error(exc) from None
-    except DatabaseUnavailable as exc:
+    except StateUnavailable as exc:
         raise fail(str(exc)) from None
 
 
@@ -104,7 +104,7 @@ def open_existing(config: Path | None, home: Path, actor: str | None = None) -> 
         return Runtime.open(config, home, actor=actor, existing=True)
     except ConfigError as exc:
         raise config_error(exc) from None
-    except (NoNodeState, DatabaseUnavailable) as exc:
+    except (NoNodeState, StateUnavailable) as exc:
         raise fail(str(exc)) from None
 
 
