@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DisconnectionError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from audit import AuditEvent, AuditTrail
 from dicom_node.db import schema as t
@@ -221,6 +222,13 @@ def _audit_entry(p: PendingInstance) -> tuple[AuditEvent, dict[str, Any]]:
     return event, facts
 
 
+def _transient(exc: BaseException) -> bool:
+    """Whether a failed write may succeed if retried as it is: the database unreachable,
+    locked or busy, a connection lost. Anything else (a value the database cannot hold, a
+    bug) fails the same way every time."""
+    return isinstance(exc, OperationalError | InterfaceError | DisconnectionError | SATimeoutError)
+
+
 class Indexer:
     """Background writer of index rows and instance audit records."""
 
@@ -332,6 +340,40 @@ class Indexer:
                     self._busy = False
                     self._cond.notify_all()
 
+    def _write_each(self, batch: list[PendingInstance]) -> list[PendingInstance]:
+        """Commit the rows one at a time; those committed (or indexed already).
+
+        A row that fails on its own for a reason other than the database being away is set
+        aside: logged with its file, which stays where it is (acknowledged bytes are never
+        touched), so one instance that cannot be indexed cannot stop every later one.
+        """
+        written = []
+        for p in batch:
+            delay = 0.5
+            while True:
+                try:
+                    with self.db.write() as conn:
+                        index_batch(conn, [p], self._cache, skip_held=True)
+                    written.append(p)
+                    break
+                except Exception as exc:
+                    self._cache = _IdCache()
+                    if _transient(exc):
+                        log.exception("indexer: writing a row failed; retrying in %.1f s", delay)
+                        time.sleep(delay)
+                        delay = min(delay * 2, 30)
+                        continue
+                    log.error(
+                        "indexer: instance %s (file %s in the data directory) cannot be indexed "
+                        "and is set aside; its file is kept: %s: %s",
+                        p.facts.sop_instance_uid,
+                        p.relative_path,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    break
+        return written
+
     def _write(self, batch: list[PendingInstance], audits: list[tuple[AuditEvent, dict[str, Any]]]) -> None:
         for p in batch:
             p.sha256()  # hashing releases the GIL; done before taking the write lock
@@ -349,6 +391,17 @@ class Indexer:
                     skip_held = True
                     log.warning("indexer: some of %d row(s) were indexed already; skipping those", len(batch))
                     continue
+                if not _transient(exc):
+                    # not the database being away: some row cannot be written, and retrying the
+                    # batch would hold up every instance after it for ever
+                    log.warning(
+                        "indexer: writing %d row(s) failed (%s: %s); writing them one at a time",
+                        len(batch),
+                        type(exc).__name__,
+                        exc,
+                    )
+                    batch = self._write_each(batch)
+                    break
                 log.exception("indexer: writing %d row(s) failed; retrying in %.1f s", len(batch), delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 30)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Any
 
@@ -166,12 +166,54 @@ def _text(values: dict[str, Any], keyword: str) -> str | None:
     return str(value).strip() or None
 
 
+#: The range of an Integer String (PS3.5 6.2) and of the index's integer columns.
+_IS_MIN, _IS_MAX = -(2**31), 2**31 - 1
+
+
 def _int(values: dict[str, Any], keyword: str) -> int | None:
+    """The value as an integer; None when absent, not a number, or outside the IS range (an
+    Instance Number of 10**20 is no number the index can hold, nor one DICOM allows)."""
     value = values.get(keyword)
     try:
-        return int(value) if value not in (None, "") else None
+        number = int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+    return number if number is None or _IS_MIN <= number <= _IS_MAX else None
+
+
+#: Identifying values longer than their index column (``dicom_node.db.schema``, the VR's
+#: maximum): cut short, one could match another patient's or study's, so the instance is
+#: refused. Descriptive values are shortened in the index only (the file keeps them whole);
+#: a date or UID that does not fit is no valid date or UID and is left out of the index.
+_IDENTIFYING_MAX = {"patient_id": 64, "issuer_of_patient_id": 64, "accession_number": 16}
+_DESCRIPTIVE_MAX = {
+    "patient_name": 324,
+    "patient_sex": 16,
+    "study_description": 64,
+    "modality": 16,
+    "series_description": 64,
+    "body_part": 16,
+}
+_DROPPED_UNLESS_FITS = {"patient_birth_date": 8, "study_date": 8, "frame_of_reference_uid": 64}
+
+
+def _fit_index(facts: InstanceFacts) -> tuple[InstanceFacts | None, str | None]:
+    """``facts`` with every value fitting its index column, or (None, why it is refused)."""
+    for name, limit in _IDENTIFYING_MAX.items():
+        value = getattr(facts, name)
+        if value is not None and len(value) > limit:
+            label = name.replace("_", " ").replace("id", "ID")
+            return None, f"{label} longer than {limit} characters ({len(value)})"
+    changes: dict[str, Any] = {}
+    for name, limit in _DESCRIPTIVE_MAX.items():
+        value = getattr(facts, name)
+        if value is not None and len(value) > limit:
+            changes[name] = value[:limit]
+    for name, limit in _DROPPED_UNLESS_FITS.items():
+        value = getattr(facts, name)
+        if value is not None and len(value) > limit:
+            changes[name] = None
+    return (replace(facts, **changes) if changes else facts), None
 
 
 _VR_OF: dict[int, str] = {tag: dictionary_VR(tag) for tag in _KEYWORDS}
@@ -467,4 +509,7 @@ def check_instance(
     for uid in (facts.sop_class_uid, facts.sop_instance_uid, facts.study_uid, facts.series_uid):
         if len(uid) > 64 or not UID(uid).is_valid:
             return None, Rejection(StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"invalid UID {uid[:70]!r}")
-    return facts, None
+    fitted, too_long = _fit_index(facts)
+    if fitted is None:
+        return None, Rejection(StoreStatus.CANNOT_UNDERSTAND, str(too_long))
+    return fitted, None
