@@ -10,6 +10,7 @@ and INSERT on it (``deploy/postgres/roles.sql``).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -135,6 +136,46 @@ class Checkpoint:
         return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.at))
 
 
+class CheckpointError(ValueError):
+    """A checkpoint line that cannot be read: it names the file and the line."""
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def parse_checkpoint(line: bytes | str) -> Checkpoint:
+    """One checkpoint line, as :meth:`CheckpointFile.write` writes it.
+
+    Raises ValueError saying what is wrong: a checkpoint is an external anchor, and one that
+    was cut off or damaged cannot vouch for anything, so nothing in it is guessed.
+    """
+    try:
+        d = json.loads(line)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise ValueError("not valid JSON (cut off or damaged)") from None
+    if not isinstance(d, dict):
+        raise ValueError("not a JSON object")
+    for key in ("seq", "hash", "at"):
+        if key not in d:
+            raise ValueError(f"{key!r} is missing")
+    seq, digest, at, actor = d["seq"], d["hash"], d["at"], d.get("actor")
+    if type(seq) is not int or seq < 1:
+        raise ValueError(f"'seq' is not a record number: {_short(seq)}")
+    if not isinstance(digest, str):
+        raise ValueError(f"'hash' is not text: {_short(digest)}")
+    if isinstance(at, bool) or not isinstance(at, int | float):
+        raise ValueError(f"'at' is not a time: {_short(at)}")
+    try:
+        time.gmtime(at)
+    except (OverflowError, OSError, ValueError):  # NaN, infinity, out of range
+        raise ValueError(f"'at' is not a time: {_short(at)}") from None
+    if actor is not None and not isinstance(actor, str):
+        raise ValueError(f"'actor' is not text: {_short(actor)}")
+    return Checkpoint(seq, digest, float(at), actor)
+
+
 class CheckpointFile:
     """Chain heads written outside the database (JSON lines, append-only, fsync'd).
 
@@ -158,13 +199,23 @@ class CheckpointFile:
             os.close(fd)
 
     def read(self) -> list[Checkpoint]:
+        """Every checkpoint, oldest first; none while the file does not exist yet (a fresh
+        node writes its first at record ``checkpoint_every`` or at its first shutdown).
+
+        Raises :class:`CheckpointError` (file and line) for a line that cannot be read and
+        OSError for a file that cannot be.
+        """
         if not self.path.exists():
             return []
         points = []
-        for line in self.path.read_text().splitlines():
+        for number, line in enumerate(self.path.read_bytes().split(b"\n"), start=1):
             if line.strip():
-                d = json.loads(line)
-                points.append(Checkpoint(int(d["seq"]), str(d["hash"]), float(d["at"]), d.get("actor")))
+                try:
+                    points.append(parse_checkpoint(line))
+                except ValueError as exc:
+                    raise CheckpointError(
+                        f"checkpoint file {self.path} line {number} cannot be read: {exc}"
+                    ) from None
         return points
 
     def seqs(self) -> list[int]:
@@ -172,7 +223,8 @@ class CheckpointFile:
 
     def last(self) -> Checkpoint | None:
         """The newest checkpoint (None: none yet), read from the file's end: the file grows
-        by a line every ``checkpoint_every`` records, for years, and a monitor asks often."""
+        by a line every ``checkpoint_every`` records, for years, and a monitor asks often.
+        Raises OSError or ValueError for a file or a last line that cannot be read."""
         if not self.path.exists():
             return None
         with self.path.open("rb") as f:
@@ -181,8 +233,7 @@ class CheckpointFile:
             lines = [line for line in f.read().splitlines() if line.strip()]
         if not lines:
             return None
-        d = json.loads(lines[-1])
-        return Checkpoint(int(d["seq"]), str(d["hash"]), float(d["at"]), d.get("actor"))
+        return parse_checkpoint(lines[-1])
 
 
 @dataclass(frozen=True)
@@ -406,7 +457,22 @@ class AuditTrail:
         expected, prev_hash, count = 1, GENESIS_HASH, 0
         hashes_at: dict[int, str] = {}
         source = CheckpointFile(checkpoint_file) if checkpoint_file else self.checkpoints
-        wanted = set(source.seqs()) if source is not None else set()
+        # Read once, before the walk (a checkpoint appended meanwhile names a record the walk
+        # may not reach, and would read as a cut-off tail). A checkpoint that cannot be read
+        # cannot vouch for anything: the log is then not shown intact. A configured file
+        # that is not there yet holds none (a fresh node); a named one must be there.
+        points: list[Checkpoint] = []
+        unreadable = None
+        try:
+            if checkpoint_file is not None and not Path(checkpoint_file).exists():
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))  # named: must exist
+            points = source.read() if source is not None else []
+        except CheckpointError as exc:
+            unreadable = str(exc)
+        except OSError as exc:
+            assert source is not None
+            unreadable = f"checkpoint file {source.path} cannot be read: {exc.strerror or exc}"
+        wanted = {p.seq for p in points}
         with self._read() as conn:
             rows = conn.execution_options(yield_per=5000).execute(
                 select(audit_events).order_by(audit_events.c.seq)
@@ -443,30 +509,33 @@ class AuditTrail:
                 expected += 1
                 count += 1
         head = expected - 1
+        if unreadable is not None:
+            return VerifyResult(
+                False, count, head, None, f"{unreadable}; the log cannot be held against its checkpoints"
+            )
         checked = 0
-        if source is not None:
-            for point in source.read():
-                checked += 1
-                if point.seq > head:
-                    return VerifyResult(
-                        False,
-                        count,
-                        head,
-                        head + 1,
-                        f"the log ends at record {head} but a checkpoint written {point.when} names record "
-                        f"{point.seq}: records {head + 1}..{point.seq} were cut off",
-                        checked,
-                    )
-                if hashes_at.get(point.seq) != point.hash:
-                    return VerifyResult(
-                        False,
-                        count,
-                        head,
-                        point.seq,
-                        f"record {point.seq} differs from the checkpoint written {point.when} "
-                        "(the chain was rewritten)",
-                        checked,
-                    )
+        for point in points:
+            checked += 1
+            if point.seq > head:
+                return VerifyResult(
+                    False,
+                    count,
+                    head,
+                    head + 1,
+                    f"the log ends at record {head} but a checkpoint written {point.when} names record "
+                    f"{point.seq}: records {head + 1}..{point.seq} were cut off",
+                    checked,
+                )
+            if hashes_at.get(point.seq) != point.hash:
+                return VerifyResult(
+                    False,
+                    count,
+                    head,
+                    point.seq,
+                    f"record {point.seq} differs from the checkpoint written {point.when} "
+                    "(the chain was rewritten)",
+                    checked,
+                )
         return VerifyResult(True, count, head, None, None, checked)
 
     def events(self, event: AuditEvent | None = None, study_uid: str | None = None) -> list[AuditRecord]:

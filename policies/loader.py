@@ -8,6 +8,7 @@ pydantic error at ``rules[2].match.modality`` is reported at that key's line.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,24 +63,84 @@ def _where(loc: tuple[int | str, ...]) -> str:
 _TYPE_WORDS = {"float": "a number", "int": "a whole number", "str": "text", "bool": "true or false"}
 
 
-def _duplicate_keys(node: yaml.Node | None, source: Path) -> list[str]:
-    """YAML silently keeps the last of two equal keys; a policy file must not."""
-    problems: list[str] = []
+def _children(node: yaml.Node) -> Iterator[tuple[int | str, yaml.Node]]:
+    """A node's keys and values (a mapping) or items (a sequence), each with its place."""
     if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
         for key, value in node.value:
-            name = str(key.value)
-            if name in seen:
-                problems.append(
-                    f"{source}:{key.start_mark.line + 1}: {name}: this key appears twice in the same "
-                    f"mapping (first at line {seen[name]}); YAML would silently keep only the last"
-                )
-            else:
-                seen[name] = key.start_mark.line + 1
-            problems += _duplicate_keys(value, source)
+            yield str(key.value), key
+            yield str(key.value), value
     elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            problems += _duplicate_keys(item, source)
+        yield from enumerate(node.value)
+
+
+def _recursive_alias(root: yaml.Node | None, source: Path) -> str | None:
+    """The first alias that refers to a node containing it (``rules: &a [*a]``), as a problem.
+
+    Such a file is data that contains itself: nothing can validate or use it. Walked without
+    recursion, each node once (a node an alias shares is not walked again).
+    """
+    if root is None:
+        return None
+    done: set[int] = set()
+    path: list[tuple[yaml.Node, tuple[int | str, ...], Iterator[tuple[int | str, yaml.Node]]]]
+    path = [(root, (), _children(root))]
+    on_path = {id(root)}
+    while path:
+        node, loc, children = path[-1]
+        for part, child in children:
+            if id(child) in on_path:
+                line = child.start_mark.line + 1
+                return (
+                    f"{source}:{line}: {_where((*loc, part))}: recursive alias: it refers to the node "
+                    f"anchored at line {line}, which contains it"
+                )
+            if id(child) not in done:
+                on_path.add(id(child))
+                path.append((child, (*loc, part), _children(child)))
+                break
+        else:
+            path.pop()
+            on_path.discard(id(node))
+            done.add(id(node))
+    return None
+
+
+def _duplicate_keys(root: yaml.Node | None, source: Path) -> list[str]:
+    """YAML silently keeps the last of two equal keys; a policy file must not.
+
+    Each mapping is checked once, however many aliases share it; walked without recursion
+    (the caller has refused recursive aliases first), in document order.
+    """
+    problems: list[str] = []
+
+    def check(node: yaml.Node) -> Iterator[yaml.Node]:
+        """Report the node's own duplicate keys, each before the value that follows it."""
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, value in node.value:
+                name = str(key.value)
+                if name in seen:
+                    problems.append(
+                        f"{source}:{key.start_mark.line + 1}: {name}: this key appears twice in the same "
+                        f"mapping (first at line {seen[name]}); YAML would silently keep only the last"
+                    )
+                else:
+                    seen[name] = key.start_mark.line + 1
+                yield value
+        elif isinstance(node, yaml.SequenceNode):
+            yield from node.value
+
+    if root is None:
+        return problems
+    done = {id(root)}
+    walk = [check(root)]
+    while walk:
+        child = next(walk[-1], None)
+        if child is None:
+            walk.pop()
+        elif id(child) not in done:
+            done.add(id(child))
+            walk.append(check(child))
     return problems
 
 
@@ -203,6 +264,11 @@ def parse_policy(
         raise PolicyError(
             [f"{source}{line}: not valid YAML: {getattr(exc, 'problem', exc)}{where}"]
         ) from None
+    except RecursionError:  # PyYAML composes recursively: thousands of nested [ or {
+        raise PolicyError([f"{source}: not valid YAML: nested too deeply to read"]) from None
+    recursive = _recursive_alias(root, source)
+    if recursive is not None:
+        raise PolicyError([recursive])
     if not isinstance(data, dict):
         raise PolicyError([f"{source}:1: a policy file is a mapping with 'mode' and 'rules'"])
     problems = _duplicate_keys(root, source)

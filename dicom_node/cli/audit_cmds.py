@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import stat
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -51,7 +52,23 @@ def parse_when(value: str | None, option: str) -> float | None:
         raise fail(
             f"{option} {value!r}: expected an ISO date or date-time, e.g. 2026-11-26 or 2026-11-26T14:30"
         ) from None
-    return parsed.timestamp()
+    try:
+        return parsed.timestamp()
+    except (ValueError, OverflowError, OSError) as exc:  # e.g. 0001-01-01 as local time
+        raise fail(f"{option} {value!r}: outside the dates this system can convert ({exc})") from None
+
+
+def _check_named_checkpoints(path: Path) -> None:
+    """A checkpoint file named on the command line must be there: a mistyped name must not
+    read as "no checkpoints yet" (as a configured file that a fresh node has not written)."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise fail(f"--checkpoint-file {path}: no such file") from None
+    except OSError as exc:
+        raise fail(f"--checkpoint-file {path}: cannot be read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise fail(f"--checkpoint-file {path}: a directory, not a checkpoint file")
 
 
 @audit_app.command("verify")
@@ -63,7 +80,12 @@ def verify(
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Check the hash chain and the external checkpoints. Exit 0 when intact, 1 otherwise."""
+    """Check the hash chain and the external checkpoints. Exit 0 when intact, 1 otherwise.
+
+    A checkpoint that cannot be read leaves the log not shown intact (exit 1).
+    """
+    if checkpoint_file is not None:
+        _check_named_checkpoints(checkpoint_file)
     runtime = open_existing(config, home)
     started = time.perf_counter()
     result = runtime.audit.verify(checkpoint_file)
@@ -83,6 +105,8 @@ def verify(
             f"audit log intact: {result.records} records, head {result.head_seq}, "
             f"{result.checkpoints_checked} checkpoint(s) match ({elapsed:.2f} s)"
         )
+    elif result.first_bad_seq is None:  # the records hold, but cannot be shown against the checkpoints
+        console.print(f"AUDIT LOG NOT INTACT — {result.problem}", markup=False, soft_wrap=True)
     else:
         console.print(
             f"AUDIT LOG NOT INTACT — first bad record: {result.first_bad_seq}: {result.problem}", markup=False
@@ -112,12 +136,13 @@ def search(
         if name not in known:
             raise fail(f"--event {name!r}: unknown event (known: {', '.join(sorted(known))})")
     filters = {"patient": patient, "study": study, "since": since, "until": until, "event": event, "ae": ae}
+    since_at, until_at = parse_when(since, "--since"), parse_when(until, "--until")
     runtime = open_existing(config, home)
     records = runtime.audit.search(
         patient_id=patient,
         study_uid=study,
-        since=parse_when(since, "--since"),
-        until=parse_when(until, "--until"),
+        since=since_at,
+        until=until_at,
         events=event,
         ae=ae,
         limit=limit,
@@ -193,30 +218,53 @@ def export(
     config: ConfigOpt = None,
     home: HomeOpt = Path("."),
 ) -> None:
-    """A FHIR Bundle of AuditEvent + Provenance (R5 or R4B), or DICOM audit messages (PS3.15 XML)."""
+    """A FHIR Bundle of AuditEvent + Provenance (R5 or R4B), or DICOM audit messages (PS3.15 XML).
+
+    The export is written first and recorded after, as a failure when it could not be written.
+    """
     from audit import export as exporter
 
+    since_at, until_at = parse_when(since, "--since"), parse_when(until, "--until")
     runtime = open_existing(config, home)
-    records = runtime.audit.search(
-        study_uid=study, since=parse_when(since, "--since"), until=parse_when(until, "--until")
-    )
-    _log_used(runtime.audit, "export", format=format.value, study_uid=study, records=len(records))
-    runtime.audit.record(
-        AuditEvent.EXPORT,
-        actor=os_user(),
-        study_uid=study,
-        format=format.value,
-        records=len(records),
-        to=str(out or "stdout"),
-    )
-    runtime.close()
-    if format is ExportFormat.DICOM_XML:
-        text = exporter.dicom_xml_document(records)
-    else:
-        version = "R5" if format is ExportFormat.FHIR_R5 else "R4B"
-        text = json.dumps(exporter.fhir_bundle(records, version=version), indent=2)
-    if out is None:
-        typer.echo(text)
-    else:
-        out.write_text(text)
+    try:
+        records = runtime.audit.search(study_uid=study, since=since_at, until=until_at)
+        if format is ExportFormat.DICOM_XML:
+            text = exporter.dicom_xml_document(records)
+        else:
+            version = "R5" if format is ExportFormat.FHIR_R5 else "R4B"
+            text = json.dumps(exporter.fhir_bundle(records, version=version), indent=2)
+        error = None
+        if out is None:
+            typer.echo(text)
+        else:
+            try:
+                out.write_text(text, encoding="utf-8")  # the XML declares UTF-8; JSON is UTF-8
+            except OSError as exc:
+                error = str(exc.strerror or exc)
+        outcome = Outcome.SUCCESS if error is None else Outcome.SERIOUS_FAILURE
+        failed = {} if error is None else {"error": error}
+        _log_used(
+            runtime.audit,
+            "export",
+            outcome,
+            format=format.value,
+            study_uid=study,
+            records=len(records),
+            **failed,
+        )
+        runtime.audit.record(
+            AuditEvent.EXPORT,
+            outcome,
+            actor=os_user(),
+            study_uid=study,
+            format=format.value,
+            records=len(records),
+            to=str(out or "stdout"),
+            **failed,
+        )
+    finally:
+        runtime.close()
+    if error is not None:
+        raise fail(f"--out {out}: cannot write the export: {error}")
+    if out is not None:
         console.print(f"wrote {len(records)} record(s) as {format.value} to {out}")
