@@ -351,6 +351,73 @@ def test_a_malformed_request_is_aborted_and_audited() -> None:
         assert [r["refusal"] for r in refusals] == [Refusal.MALFORMED_PDU.value]
 
 
+def _items(body: bytes) -> list[tuple[int, bytes]]:
+    """The items of a PDU's variable field (type, value), in order."""
+    items, at = [], 0
+    while at < len(body):
+        kind, length = body[at], struct.unpack(">H", body[at + 2 : at + 4])[0]
+        items.append((kind, body[at + 4 : at + 4 + length]))
+        at += 4 + length
+    return items
+
+
+def _item(kind: int, value: bytes) -> bytes:
+    return struct.pack(">BBH", kind, 0, len(value)) + value
+
+
+def _request_without(drop: str) -> bytes:
+    """The captured A-ASSOCIATE-RQ with one mandatory part taken out, or too small."""
+    request = associate_rq()
+    fixed, items = request[6:74], _items(request[74:])
+    rebuilt = b""
+    for kind, value in items:
+        if kind == 0x20:  # presentation context: id, 3 reserved bytes, then its sub-items
+            subs = _items(value[4:])
+            keep = [(k, v) for k, v in subs if not (drop == "abstract" and k == 0x30)]
+            keep = [(k, v) for k, v in keep if not (drop == "transfer" and k == 0x40)]
+            value = value[:4] + b"".join(_item(k, v) for k, v in keep)
+        if kind == 0x50:
+            if drop == "user":
+                continue
+            if drop.startswith("max-"):  # Maximum Length sub-item set to a tiny value
+                subs = _items(value)
+                value = b"".join(
+                    _item(k, struct.pack(">L", int(drop[4:])) if k == 0x51 else v) for k, v in subs
+                )
+        rebuilt += _item(kind, value)
+    body = fixed + rebuilt
+    return struct.pack(">BBL", 0x01, 0, len(body)) + body
+
+
+@pytest.mark.parametrize(
+    ("drop", "problem"),
+    [
+        ("abstract", "presentation context 1 has no abstract syntax"),
+        ("transfer", "presentation context 1 has no transfer syntax"),
+        ("user", "has no Maximum Length (User Information) item"),
+        ("max-1", "Maximum Length 1 is too small for any data"),
+        ("max-6", "Maximum Length 6 is too small for any data"),
+    ],
+)
+def test_a_request_without_what_negotiation_needs_is_aborted_and_audited(
+    drop: str, problem: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pynetdicom decodes these and fails later in its own threads: without an abstract or
+    transfer syntax the acceptor thread raised (the connection closed, nothing answered, a
+    CRITICAL in the log); without a usable Maximum Length every answer failed to encode."""
+    with guarded_scp() as scp, caplog.at_level(logging.WARNING):
+        sock = connect(scp.port)
+        sock.sendall(_request_without(drop))
+        pdu = read_pdu(sock)
+        sock.close()
+        assert pdu == (A_ABORT, bytes([0, 0, 0x02, 0x06])), pdu
+        refusals = scp.refusals(expect=1)
+        assert [r["refusal"] for r in refusals] == [Refusal.MALFORMED_PDU.value]
+        assert any(problem in str(v) for v in refusals[0].values()), refusals[0]
+        assert echo(scp.port)[0], "the node answers the next caller"
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.CRITICAL], "no traceback"
+
+
 def test_an_accepted_connection_shares_the_servers_contexts_instead_of_copying_them() -> None:
     """pynetdicom deep-copies the supported contexts for every connection: with every
     storage class and transfer syntax (the receiver's), ~50 ms and ~1.3 MB each before

@@ -427,7 +427,10 @@ def _read_bounded(dul: Any, bounds: PduBounds) -> None:
         if pdu_type == 0x01 and awaiting_request:
             # AE-6 converts it inside the state machine, where a failure stops the DUL
             # thread and leaves the socket open: find out here.
-            pdu.to_primitive()
+            problem = request_problem(pdu.to_primitive())
+            if problem is not None:
+                _refuse(dul, bounds, Closing.MALFORMED_PDU, f"A-ASSOCIATE-RQ {problem}")
+                return
     except Exception as exc:
         detail = f"{_PDU_NAMES[pdu_type]} does not decode ({type(exc).__name__})"
         _refuse(dul, bounds, Closing.MALFORMED_PDU, detail)
@@ -439,6 +442,32 @@ def _read_bounded(dul: Any, bounds: PduBounds) -> None:
         return
     dul.event_queue.put(event)
     dul._recv_pdu.put(pdu)
+
+
+#: A P-DATA-TF PDV item takes 6 bytes before its first byte of data (PS3.8 9.3.5.1).
+_PDV_OVERHEAD = 6
+
+
+def request_problem(primitive: Any) -> str | None:
+    """What makes a decoded A-ASSOCIATE-RQ unusable, or None.
+
+    pynetdicom decodes these and fails later, inside its threads: a presentation context
+    without an abstract syntax or a transfer syntax raised in the acceptor's negotiation
+    (the connection closed with no answer), and without a Maximum Length item, or one too
+    small for a PDV, every answer failed to encode (PS3.8 9.3.2: the User Information item
+    and its Maximum Length sub-item are mandatory).
+    """
+    for context in primitive.presentation_context_definition_list or ():
+        if not context.abstract_syntax:
+            return f"presentation context {context.context_id} has no abstract syntax"
+        if not context.transfer_syntax:
+            return f"presentation context {context.context_id} has no transfer syntax"
+    length = primitive.maximum_length_received
+    if length is None:
+        return "has no Maximum Length (User Information) item"
+    if 0 < length <= _PDV_OVERHEAD:
+        return f"Maximum Length {length} is too small for any data"
+    return None
 
 
 def _straight_to_dimse(dul: Any) -> bool:
