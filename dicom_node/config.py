@@ -106,6 +106,10 @@ class ReceiverSection(_Section):
     #: Largest data set accepted after inflating a Deflated transfer syntax, in MB (a data
     #: set is also refused when it inflates well beyond what its image attributes declare).
     max_inflated_mb: int = Field(1024, ge=1)
+    #: Largest data set received in one C-STORE, in MB (0 = no limit): one arriving beyond it
+    #: is aborted while it streams (it is held in memory and in its staging file as it comes).
+    #: The free-disk floor (min_free_disk_mb) is also checked every 64 MB of a data set.
+    max_dataset_mb: int = Field(2048, ge=0)
     #: How often host names in [[callers]] hosts are resolved again, in seconds.
     caller_hosts_refresh_seconds: float = Field(300.0, gt=0)
 

@@ -64,3 +64,78 @@ def test_the_first_data_set_is_staged_even_when_the_association_thread_is_late(
         receiver.stop()
         store.close()
         rt.close()
+
+
+@pytest.mark.parametrize("limit", ["size", "disk"])
+def test_a_data_set_past_its_limit_is_aborted_while_it_streams(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: str
+) -> None:
+    """A data set is held in memory and in its staging file as it arrives; before
+    ``max_dataset_mb`` one sender streaming fragments without end took the node's memory
+    and disk with it (1 GB streamed: 1 GB more memory, and the free-disk floor passed by
+    525 MB, because the floor was checked only once the data set had arrived)."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from dicom_node.net import dimse_guard
+
+    port = free_port()
+    # PDUs of 16 KB, as most senders use: the data set arrives in many
+    receiver_config: dict[str, Any] = {"max_dataset_mb": 1 if limit == "size" else 0, "max_pdu_bytes": 16384}
+    config = NodeConfig.model_validate(
+        {"node": {"port": port, "ae_title": "NODE"}, "receiver": receiver_config}
+    )
+    rt = Runtime.open(None, tmp_path)
+    store = InstanceStore(rt.paths, rt.db, Indexer(rt.db, rt.audit, gather_seconds=0.01))
+    receiver = Receiver(config, rt.paths, store, rt.audit)
+    if limit == "disk":  # the floor passed once 64 MB of a data set have arrived
+        monkeypatch.setattr(receiver.disk, "min_free", 1)
+        monkeypatch.setattr(receiver.disk, "has_room", lambda: False)
+        monkeypatch.setattr(
+            dimse_guard.DataSetLimits, "__init__", _every_megabyte(dimse_guard.DataSetLimits.__init__)
+        )
+    receiver.start()
+    try:
+        ds = dcmread(get_testdata_file("CT_small.dcm"))
+        ds.PixelData = bytes(
+            3 * 1024 * 1024
+        )  # 3 MB of pixels (the attributes no longer match: never checked)
+        ae = AE(ae_title="CT1")
+        ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        assoc = ae.associate("127.0.0.1", port, ae_title="NODE")
+        assert assoc.is_established
+        status = assoc.send_c_store(ds)
+        assert not status, "no answer: the association was aborted"
+        deadline = time.monotonic() + 5
+        while not assoc.is_aborted and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert assoc.is_aborted
+        store.indexer.flush(timeout=5)
+        with rt.db.read() as conn:
+            from sqlalchemy import func, select
+
+            from dicom_node.db import schema as t
+
+            assert conn.execute(select(func.count()).select_from(t.instances)).scalar() == 0
+        deadline = time.monotonic() + 10  # the connection's end removes its staging files
+        while list(rt.paths.tmp.glob("*.part")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert list(rt.paths.tmp.glob("*.part")) == []
+        small = dcmread(get_testdata_file("CT_small.dcm"))
+        monkeypatch.setattr(receiver.disk, "has_room", lambda: True)
+        again = ae.associate("127.0.0.1", port, ae_title="NODE")
+        assert again.is_established, "the next caller is served"
+        assert again.send_c_store(small).Status == 0x0000 or limit == "disk"
+        again.release()
+    finally:
+        receiver.stop()
+        store.close()
+        rt.close()
+
+
+def _every_megabyte(init: Any) -> Any:
+    def patched(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        object.__setattr__(self, "room_every", 1024 * 1024)
+
+    return patched

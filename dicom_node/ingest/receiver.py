@@ -58,7 +58,7 @@ from dicom_node.net.commitment import (
     ReportStatus,
     parse_event_report,
 )
-from dicom_node.net.dimse_guard import CommandDefect, command_defect, install_dimse_guard
+from dicom_node.net.dimse_guard import CommandDefect, DataSetLimits, command_defect, install_dimse_guard
 from dicom_node.net.guard import ConnectionGuard, guard_server, serve_handed
 from dicom_node.net.hostnames import HostNames
 from dicom_node.net.tls import certificate_problem, peer_certificate, server_context
@@ -432,6 +432,10 @@ class Receiver:
             return stager.start(gap)
 
         assoc._dn_stage = stage
+        assoc._dn_limits = DataSetLimits(
+            max_bytes=self.config.receiver.max_dataset_mb * 1024 * 1024,
+            has_room=self.disk.has_room if self.disk.min_free else None,
+        )
 
     def on_connection_closed(self, event: Any) -> None:
         """Staging files of data sets that never completed (an abort, a dropped connection)."""

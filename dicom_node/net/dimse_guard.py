@@ -35,7 +35,9 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from io import BytesIO
 from typing import Any
 
 from pydicom.dataelem import RawDataElement
@@ -81,6 +83,35 @@ class CommandDefect:
 
 class _ProtocolViolation(Exception):
     """DIMSE fragments that cannot form a message (the message is the reason)."""
+
+
+@dataclass(frozen=True)
+class DataSetLimits:
+    """What one arriving data set may take (the receiver sets ``assoc._dn_limits``)."""
+
+    #: Bytes; 0: no limit.
+    max_bytes: int
+    #: Whether the disk still has room, asked every ``room_every`` bytes of a data set.
+    has_room: Callable[[], bool] | None = None
+    room_every: int = 64 * 1024 * 1024
+
+
+def _check_size(message: DIMSEMessage, limits: DataSetLimits) -> None:
+    """Raise when the data set arriving for ``message`` passed a limit (it grows as it comes:
+    pynetdicom appends each fragment, so its position is its size)."""
+    data = getattr(message, "data_set", None)
+    if not isinstance(data, BytesIO):
+        return
+    size = data.tell()
+    if limits.max_bytes and size > limits.max_bytes:
+        raise _ProtocolViolation(
+            f"a data set larger than {limits.max_bytes // (1024 * 1024)} MB ([receiver] max_dataset_mb)"
+        )
+    checked = getattr(message, "_dn_room_checked", 0)
+    if limits.has_room is not None and size - checked >= limits.room_every:
+        message._dn_room_checked = size  # type: ignore[attr-defined]
+        if not limits.has_room():
+            raise _ProtocolViolation("free disk below [receiver] min_free_disk_mb while a data set arrived")
 
 
 def command_defect(request: Any) -> CommandDefect | None:
@@ -289,6 +320,9 @@ def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
         stage = getattr(self.assoc, "_dn_stage", None)
         if stage is not None and self.message is not None:
             fastpath.stage_data_set(self.message, stage)
+        limits = getattr(self.assoc, "_dn_limits", None)
+        if limits is not None and self.message is not None:
+            _check_size(self.message, limits)
     except Exception as exc:
         why = (
             str(exc) if isinstance(exc, _ProtocolViolation) else f"undecodable message ({type(exc).__name__})"
