@@ -24,11 +24,14 @@ class WebServer:
         self.port = port
         self.tls = tls
         # No access log: request lines carry query strings (patient IDs in searches).
+        # No proxy headers: uvicorn would take X-Forwarded-For from any loopback client, which
+        # could then pick the address the login throttle counts and the audit log records.
         self._server = uvicorn.Server(
             uvicorn.Config(
                 app,
                 log_level="warning",
                 access_log=False,
+                proxy_headers=False,
                 lifespan="off",
                 ssl_certfile=str(tls[0]) if tls else None,
                 ssl_keyfile=str(tls[1]) if tls else None,
