@@ -3,6 +3,7 @@ studies in it, bring one in as a prior (see docs/priors.md, "Archives")."""
 
 from __future__ import annotations
 
+import socket
 from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated
@@ -22,7 +23,8 @@ from dicom_node.cli.common import (
     print_json,
     read_config,
 )
-from dicom_node.ingest.archives import ArchiveError, Archives, StudyQuery
+from dicom_node.delivery.sender import unresolvable
+from dicom_node.ingest.archives import Archive, ArchiveError, Archives, StudyQuery
 from dicom_node.ingest.indexer import Indexer
 from dicom_node.ingest.origin import OriginRules, job_output_lookup
 from dicom_node.ingest.store import InstanceStore
@@ -45,14 +47,22 @@ def _day(value: str | None, option: str) -> date | None:
         raise fail(f"{option} {value!r}: expected a date as YYYY-MM-DD, e.g. 2024-01-01") from None
 
 
+def _unresolvable(archive: Archive, exc: socket.gaierror) -> typer.Exit:
+    """An archive whose host name does not resolve: one line naming it."""
+    return fail(unresolvable(str(archive.section.host), archive.where, exc))
+
+
 @archives_app.command("echo")
 def echo_cmd(name: NameArg, config: ConfigOpt = None, home: HomeOpt = Path(".")) -> None:
     """C-ECHO the archive (a QIDO-RS request for a dicomweb one): is it up, does it accept us?"""
     loaded = read_config(config, home)  # writes nothing to disk
     try:
-        said = Archives(loaded.config, home, None).get(name).echo()
+        archive = Archives(loaded.config, home, None).get(name)
+        said = archive.echo()
     except ArchiveError as exc:
         raise fail(str(exc)) from None
+    except socket.gaierror as exc:
+        raise _unresolvable(archive, exc) from None
     console.print(f"{said}: success", highlight=False)
 
 
@@ -86,6 +96,8 @@ def find_cmd(
         series_of = {s.study_uid: archive.find_series(s.study_uid) for s in studies} if series else {}
     except ArchiveError as exc:
         raise fail(str(exc)) from None
+    except socket.gaierror as exc:
+        raise _unresolvable(archive, exc) from None
     finally:
         runtime.close()
     if json_out:

@@ -51,7 +51,7 @@ def evaluate_restoration(
         raise fail(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     try:
         model = RestorationModel(model_dir) if model_dir else RestorationModel.shipped()
-    except (FileNotFoundError, RuntimeError) as exc:
+    except (FileNotFoundError, RuntimeError, ValueError) as exc:
         raise fail(str(exc)) from None
     # the evaluation is what admits a precision into the card, so it may run one the card
     # does not list yet
@@ -113,7 +113,7 @@ def evaluate_sct(
     torch.set_num_threads(2)
     try:
         model = SctModel(model_dir) if model_dir else SctModel.shipped()
-    except (FileNotFoundError, RuntimeError) as exc:
+    except (FileNotFoundError, RuntimeError, ValueError) as exc:
         raise fail(f"{exc} (pass --model DIR to evaluate another model directory)") from None
     if seed is None:
         seed = int((model.meta.training or {}).get("seed", SctEvalConfig().seed))

@@ -6,9 +6,10 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from rich.table import Table
@@ -24,7 +25,7 @@ from dicom_node.cli.common import (
     print_json,
     read_config,
 )
-from dicom_node.config import Destination, NodeConfig
+from dicom_node.config import Destination, NodeConfig, _check_ae_title
 from dicom_node.delivery.sender import echo as c_echo
 from dicom_node.delivery.sender import send_series
 from dicom_node.net.tls import ClientTls, TlsConfigError
@@ -56,6 +57,32 @@ def parse_peer(value: str) -> tuple[str, str, int]:
     if not m:
         raise fail(f"--to {value!r}: expected AET@HOST:PORT, e.g. ORTHANC@127.0.0.1:4242")
     return m["aet"], m["host"], int(m["port"])
+
+
+def calling_title(calling: str | None, config: NodeConfig) -> str:
+    """--calling, checked as the node's own AE title is (default: the node's)."""
+    if calling is None:
+        return config.node.ae_title
+    try:
+        return _check_ae_title(calling)
+    except ValueError as exc:
+        raise fail(f"--calling: {exc}") from None
+
+
+def destination(options: dict[str, str], **fields: Any) -> Destination:
+    """The peer as a :class:`Destination`; a bad value is one line naming the option it
+    came from (``options``: field name → option, e.g. ``{"port": "PORT"}``)."""
+    try:
+        return Destination(**fields)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            option = options.get(field, field)
+            message = str(error["msg"]).removeprefix("Value error, ")
+            value = repr(fields.get(field))
+            problems.append(f"{option}: {message}" if value in message else f"{option} {value}: {message}")
+        raise fail("; ".join(problems)) from None
 
 
 def _absolute(ca_file: str | None) -> str:
@@ -93,8 +120,11 @@ def echo(
 ) -> None:
     """C-ECHO a peer: is it up, and does it accept us?"""
     node_config = read_config(config, home).config  # writes nothing to disk
-    calling_ae = calling or node_config.node.ae_title
-    peer = Destination(
+    calling_ae = calling_title(calling, node_config)
+    if not timeout > 0:
+        raise fail(f"--timeout {timeout:g}: must be more than 0 seconds")
+    peer = destination(
+        {"ae_title": "--aet", "host": "HOST", "port": "PORT"},
         ae_title=aet,
         host=host,
         port=port,
@@ -174,8 +204,14 @@ def send(
     """
     aet, host, port = parse_peer(to)
     node_config = read_config(config, home).config  # writes nothing to disk
-    calling_ae = calling or node_config.node.ae_title
-    destination = Destination(
+    calling_ae = calling_title(calling, node_config)
+    peer = destination(
+        {
+            "ae_title": f"--to {to!r}: AE title",
+            "host": f"--to {to!r}: host",
+            "port": f"--to {to!r}: port",
+            "timeout_seconds": "--timeout",
+        },
         ae_title=aet,
         host=host,
         port=port,
@@ -184,13 +220,13 @@ def send(
         ca_file=_absolute(ca_file),
         tls_server_name=tls_server_name,
     )
-    client = tls_client(node_config, home, destination)
+    client = tls_client(node_config, home, peer)
     by_series, skipped = _collect(paths)
     if not by_series:
         raise fail(f"no DICOM Part 10 files found in {', '.join(map(str, paths))}")
     results = []
     for series_uid, files in by_series.items():
-        report = send_series(destination, files, calling_ae=calling_ae, tls=client)
+        report = send_series(peer, files, calling_ae=calling_ae, tls=client)
         results.append(
             {
                 "series_uid": series_uid,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 from rich.table import Table
 
 from audit import AuditEvent, Outcome
@@ -39,8 +40,9 @@ from dicom_node.cli.common import (
 )
 from dicom_node.ingest.part10 import split_part10
 from dicom_node.jobs.provenance import record_provenance
+from models.zoo import read_card, version_dir
 from pipelines.base import InputInstance, Pipeline, PipelineError, RunEnvironment, StudyInput
-from pipelines.registry import get_pipeline, pipeline_names
+from pipelines.registry import MODEL_OF, PRECISION_AWARE, get_pipeline, pipeline_names
 
 if TYPE_CHECKING:
     from pipelines.stages import Context, Stage
@@ -159,7 +161,33 @@ def qc_tables(qc: dict[str, dict[str, Any]]) -> list[Table]:
     return tables
 
 
-def _study_inputs(paths: list[Path]) -> tuple[dict[str, list[InputInstance]], dict[str, str | None], int]:
+#: Why ``run`` left a file out, as the --json key and the words of the text output.
+SKIP_REASONS: dict[str, str] = {
+    "not_part10": "not DICOM Part 10",
+    "incomplete_file_meta": "without SOP Class, SOP Instance or Transfer Syntax UID in the file meta",
+    "invalid_uid": "with an invalid UID (the receiver refuses these too)",
+}
+
+
+def _valid_uid(uid: str) -> bool:
+    """What the receiver accepts as a UID (``dicom_node.ingest.instance``): at most 64
+    characters, digits and dots. A UID names files and directories under --out, so one like
+    ``../x`` or ``/tmp/x`` must never get that far."""
+    return len(uid) <= 64 and UID(uid).is_valid
+
+
+def skipped_line(skipped: dict[str, int]) -> str | None:
+    """ "skipped 3 file(s): 2 not DICOM Part 10, 1 with an invalid UID (...)" (None: none skipped)."""
+    total = sum(skipped.values())
+    if not total:
+        return None
+    reasons = ", ".join(f"{n} {SKIP_REASONS[key]}" for key, n in skipped.items() if n)
+    return f"skipped {total} file(s): {reasons}"
+
+
+def _study_inputs(
+    paths: list[Path],
+) -> tuple[dict[str, list[InputInstance]], dict[str, str | None], dict[str, int]]:
     files: list[Path] = []
     for p in paths:
         if p.is_dir():
@@ -170,7 +198,7 @@ def _study_inputs(paths: list[Path]) -> tuple[dict[str, list[InputInstance]], di
             raise fail(f"{p}: no such file or directory")
     studies: dict[str, list[InputInstance]] = defaultdict(list)
     patients: dict[str, str | None] = {}
-    skipped = 0
+    skipped = dict.fromkeys(SKIP_REASONS, 0)
     for f in files:
         try:
             raw = f.read_bytes()
@@ -182,20 +210,52 @@ def _study_inputs(paths: list[Path]) -> tuple[dict[str, list[InputInstance]], di
             )
             study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
         except (InvalidDicomError, AttributeError, KeyError, ValueError, OSError):
-            skipped += 1
+            skipped["not_part10"] += 1
+            continue
+        try:
+            sop_uid = str(meta.MediaStorageSOPInstanceUID)
+            sop_class_uid = str(meta.MediaStorageSOPClassUID)
+            transfer_syntax_uid = str(meta.TransferSyntaxUID)
+        except AttributeError:
+            skipped["incomplete_file_meta"] += 1
+            continue
+        if not all(_valid_uid(u) for u in (sop_class_uid, sop_uid, study_uid, series_uid)):
+            skipped["invalid_uid"] += 1
             continue
         studies[study_uid].append(
             InputInstance(
-                sop_uid=str(meta.MediaStorageSOPInstanceUID),
+                sop_uid=sop_uid,
                 series_uid=series_uid,
-                sop_class_uid=str(meta.MediaStorageSOPClassUID),
-                transfer_syntax_uid=str(meta.TransferSyntaxUID),
+                sop_class_uid=sop_class_uid,
+                transfer_syntax_uid=transfer_syntax_uid,
                 path=f,
                 sha256=hashlib.sha256(data).hexdigest(),
             )
         )
         patients[study_uid] = str(ds.get("PatientID", "")) or None
     return studies, patients, skipped
+
+
+def _not_a_directory(path: Path) -> Path | None:
+    """The first of ``path`` and its parents that exists and is not a directory (None: none;
+    ``mkdir(parents=True)`` can make ``path``)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
+def run_job_id(pipeline: Pipeline, model_dir: Path | None, precision: str | None) -> str:
+    """The job id ``run`` derives its output UIDs from: the pipeline, its version and the
+    model that runs. The same run twice gives the same UIDs; another pipeline, another
+    pipeline version or another model never does (a PACS would take one object for another)."""
+    parts = ["run", pipeline.name, pipeline.version]
+    if model_dir is not None:
+        card = read_card(model_dir)
+        parts += [str(card.get("name")), str(card.get("version")), str(card.get("weights_sha256"))]
+    if precision is not None:
+        parts.append(precision)
+    return " ".join(parts)
 
 
 @app.command("run")
@@ -212,22 +272,42 @@ def run(
         raise fail(f"unknown pipeline {pipeline!r} (available: {', '.join(pipeline_names())})")
     studies, patients, skipped = _study_inputs(paths)
     if not studies:
-        raise fail(f"no DICOM Part 10 files found in {', '.join(map(str, paths))}")
+        why = skipped_line(skipped)
+        raise fail(
+            f"no DICOM Part 10 files found in {', '.join(map(str, paths))}" + (f" ({why})" if why else "")
+        )
+    targets = {study_uid: out if len(studies) == 1 else out / study_uid for study_uid in studies}
+    for target in targets.values():
+        blocker = _not_a_directory(target)
+        if blocker is not None:
+            raise fail(f"--out {out}: {blocker} exists and is not a directory")
     runtime = open_runtime(config, home)
     try:
-        chosen = get_pipeline(
-            pipeline, runtime.config.models.directory(pipeline), runtime.config.models.precision
+        model_dir = runtime.config.models.directory(pipeline)
+        chosen = get_pipeline(pipeline, model_dir, runtime.config.models.precision)
+        job_id = run_job_id(
+            chosen,
+            model_dir or (version_dir(MODEL_OF[pipeline]) if pipeline in MODEL_OF else None),
+            runtime.config.models.precision if pipeline in PRECISION_AWARE else None,
         )
-    except PipelineError as exc:
+    except (PipelineError, ValueError, OSError) as exc:
         runtime.close()
         raise fail(str(exc)) from None
+    out_root = out.resolve()
     actor = os_user()
     summary: list[dict[str, Any]] = []
     failed = False
     with stage_progress(pipeline, len(studies)) as for_study:
         for index, (study_uid, instances) in enumerate(studies.items(), start=1):
-            study = StudyInput(job_id=0, study_uid=study_uid, study_version=0, instances=tuple(instances))
-            target = out if len(studies) == 1 else out / study_uid
+            # job_key takes the text id (it names the pipeline and the model), so no two
+            # pipelines or models give their outputs the same UIDs; the audit keeps job 0.
+            study = StudyInput(
+                job_id=job_id,  # type: ignore[arg-type]
+                study_uid=study_uid,
+                study_version=0,
+                instances=tuple(instances),
+            )
+            target = targets[study_uid]
             target.mkdir(parents=True, exist_ok=True)
             runtime.audit.record(
                 AuditEvent.INSTANCES_ACCESSED,
@@ -259,18 +339,22 @@ def run(
                 continue
             record_provenance(
                 runtime.audit,
-                study=study,
+                study=replace(study, job_id=0),
                 pipeline=chosen,
                 result=result,
                 patient_id=patients.get(study_uid),
                 actor=actor,
                 run="dicom-node run",
+                uid_job_id=job_id,
             )
             series: dict[str, list[str]] = defaultdict(list)
             for o in result.outputs:
                 path = o.path
                 if target.resolve() not in path.resolve().parents:  # e.g. `forward`: outputs are the inputs
                     path = target / o.series_uid / f"{o.sop_uid}.dcm"
+                    if out_root not in path.resolve().parents:  # UIDs were checked: never happens
+                        runtime.close()
+                        raise fail(f"refusing to write {path}: outside --out {out}")
                     path.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(o.path, path)
                 series[o.series_uid].append(str(path))
@@ -287,7 +371,15 @@ def run(
             )
     runtime.close()
     if json_out:
-        print_json({"pipeline": pipeline, "out": str(out), "studies": summary, "skipped_files": skipped})
+        print_json(
+            {
+                "pipeline": pipeline,
+                "out": str(out),
+                "studies": summary,
+                "skipped_files": sum(skipped.values()),
+                "skipped_by_reason": skipped,
+            }
+        )
     else:
         for s in summary:
             if "error" in s:
@@ -308,7 +400,8 @@ def run(
                 console.print(f"gate: {s['gate']}", markup=False)
             for qc_table in qc_tables(s["qc"]):
                 console.print(qc_table)
-        if skipped:
-            console.print(f"skipped {skipped} file(s) that are not DICOM Part 10")
+        why = skipped_line(skipped)
+        if why:
+            console.print(why, markup=False, highlight=False)
     if failed:
         raise typer.Exit(1)

@@ -16,6 +16,15 @@ simulate_app = typer.Typer(
 app.add_typer(simulate_app, name="simulate")
 
 
+def _writable(out: Path) -> None:
+    """--out must be (or become) a directory: checked before anything is simulated."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise fail(f"--out {out}: {p} exists and is not a directory")
+            return
+
+
 class Anatomy(StrEnum):
     CHEST = "chest"
     HEAD = "head"
@@ -31,13 +40,14 @@ def simulate_ct(
     out: Annotated[Path, typer.Option("--out", help="Directory to write the series into.")],
     slices: Annotated[int, typer.Option(min=1, max=2000, help="Number of axial slices.")] = 50,
     size: Annotated[int, typer.Option(min=32, max=1024, help="Rows and columns.")] = 512,
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same pixels).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed (same seed, same pixels).")] = 0,
     patient_id: Annotated[str, typer.Option(help="Patient ID to write.")] = "SIM-0001",
 ) -> None:
     """A procedural torso CT phantom, one file per slice, int16 in HU."""
     from dicom_node.lab.simulate import write_ct_series
     from models.sim.phantom import PhantomSpec
 
+    _writable(out)
     study = write_ct_series(
         out, PhantomSpec(rows=size, columns=size, slices=slices, seed=seed), patient_id=patient_id
     )
@@ -51,13 +61,14 @@ def simulate_ldct(
     slices: Annotated[int, typer.Option(min=1, max=2000, help="Number of axial slices.")] = 24,
     size: Annotated[int, typer.Option(min=64, max=1024, help="Rows and columns.")] = 512,
     anatomy: Annotated[Anatomy, typer.Option(help="Body part (MNI152-based).")] = Anatomy.CHEST,
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same study).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed (same seed, same study).")] = 0,
 ) -> None:
     """Physics-based low-dose CT: projection-domain noise at the given dose, plus the reference."""
     from rich.progress import Progress
 
     from dicom_node.lab.simulate import LdctSpec, write_ldct_study
 
+    _writable(out)
     spec = LdctSpec(anatomy=anatomy.value, slices=slices, size=size, dose=dose, seed=seed)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("simulating slices", total=slices)
@@ -75,13 +86,14 @@ def simulate_sct(
         int, typer.Option(min=1, max=40, help="Contiguous 2.5 mm axial slices (the head model spans 102 mm).")
     ] = 24,
     size: Annotated[int, typer.Option(min=32, max=1024, help="Rows and columns.")] = 256,
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same pixels).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed (same seed, same pixels).")] = 0,
     sequence: Annotated[MrSequence, typer.Option(help="MR series to write (spin echo).")] = MrSequence.T1,
     patient_id: Annotated[str, typer.Option(help="Patient ID to write.")] = "SIM-SCT-0001",
 ) -> None:
     """Paired MR / CT head (MNI152-based): the MR planning series and, separately, the reference CT."""
     from dicom_node.lab.simulate import SctSpec, write_sct_study
 
+    _writable(out)
     spec = SctSpec(slices=slices, size=size, seed=seed, sequence=sequence.value)
     with console.status("simulating the paired MR / CT head"):
         mr, ct = write_sct_study(out, spec, patient_id=patient_id)
@@ -98,7 +110,7 @@ def simulate_prognosis(
         Path, typer.Option("--out", help="Writes OUT/visit-1/, OUT/visit-2/, ... (one study each).")
     ],
     visits: Annotated[int, typer.Option(min=2, max=12, help="Number of visits (studies).")] = 4,
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same patient).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed (same seed, same patient).")] = 0,
     size: Annotated[int, typer.Option(min=32, max=512, help="Rows and columns.")] = 128,
     slices: Annotated[int, typer.Option(min=4, max=64, help="Contiguous 3 mm axial slices.")] = 32,
     t2w: Annotated[bool, typer.Option("--t2w/--no-t2w", help="Also write a T2-weighted series.")] = False,
@@ -107,6 +119,7 @@ def simulate_prognosis(
     """A simulated brain-tumour patient (MNI152, Fisher-Kolmogorov growth): T1c and FLAIR per visit."""
     from dicom_node.lab.simulate_prognosis import PrognosisSpec, write_prognosis_patient
 
+    _writable(out)
     spec = PrognosisSpec(visits=visits, seed=seed, size=size, slices=slices, t2w=t2w)
     with console.status("simulating the tumour's growth and the follow-up studies"):
         patient, studies = write_prognosis_patient(out, spec, patient_id=patient_id)
@@ -144,7 +157,7 @@ def simulate_synthesis(
     out: Annotated[
         Path, typer.Option("--out", help="Writes OUT/<contrast>/, OUT/reference/<missing>/, OUT/truth.json.")
     ],
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same study).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed (same seed, same study).")] = 0,
     missing: Annotated[
         MissingContrast, typer.Option(help="Contrast kept aside under OUT/reference/ (none: write all).")
     ] = MissingContrast.FLAIR,

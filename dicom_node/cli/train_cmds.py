@@ -24,6 +24,7 @@ def _paired_series(low_dir: Path, ref_dir: Path) -> list[Pair]:
     """A site's own paired series (same geometry, one low-dose and one reference) → pairs."""
     import numpy as np
     from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
 
     from models.training.restoration import Pair
     from pipelines.volume import SeriesError, load_series
@@ -32,8 +33,16 @@ def _paired_series(low_dir: Path, ref_dir: Path) -> list[Pair]:
         files = sorted(f for f in directory.rglob("*") if f.is_file())
         if not files:
             raise fail(f"{directory}: no files")
+        datasets = []
+        for f in files:
+            try:
+                datasets.append(dcmread(f))
+            except InvalidDicomError:
+                raise fail(f"{f}: not a DICOM Part 10 file") from None
+            except OSError as exc:
+                raise fail(f"{f}: cannot be read ({exc.strerror or exc})") from None
         try:
-            return load_series([dcmread(f) for f in files])
+            return load_series(datasets)
         except SeriesError as exc:
             raise fail(f"{directory}: {exc}") from None
 

@@ -233,6 +233,11 @@ def _offered_by_sop_class(contexts: Sequence[tuple[str, tuple[UID, ...]]]) -> di
     return offered
 
 
+def unresolvable(host: str, where: str, exc: socket.gaierror) -> str:
+    """The one line for a host name that does not resolve."""
+    return f"cannot connect to {where}: host {host!r} not found ({exc.strerror or exc})"
+
+
 def _why_no_association(
     host: str, port: int, where: str, tls_args: tuple[ssl.SSLContext, str] | None = None
 ) -> str:
@@ -344,13 +349,21 @@ def send_series(
     except TlsConfigError as exc:
         report.error = str(exc)  # the config must change: retrying cannot help
         return report
-    assoc = ae.associate(
-        destination.host,
-        destination.port,
-        ae_title=destination.ae_title,
-        evt_handlers=handlers,
-        tls_args=tls_args,
-    )
+    try:
+        assoc = ae.associate(
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            evt_handlers=handlers,
+            tls_args=tls_args,
+        )
+    except socket.gaierror as exc:  # DNS may answer later: retryable
+        report.error = unresolvable(destination.host, where, exc)
+        report.retryable = True
+        return report
+    except ValueError as exc:  # pynetdicom refuses the address or an AE title
+        report.error = f"cannot associate with {where}: {exc}"
+        return report
     if not assoc.is_established:
         if assoc.is_rejected:
             rj = assoc.acceptor.primitive
@@ -531,14 +544,19 @@ def echo(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     ae.add_requested_context("1.2.840.10008.1.1")
-    assoc = ae.associate(
-        host,
-        port,
-        ae_title=called_ae,
-        evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)],
-        tls_args=tls_args,
-    )
     where = f"{called_ae}@{host}:{port}"
+    try:
+        assoc = ae.associate(
+            host,
+            port,
+            ae_title=called_ae,
+            evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)],
+            tls_args=tls_args,
+        )
+    except socket.gaierror as exc:
+        return EchoResult(None, unresolvable(host, where, exc))
+    except ValueError as exc:  # pynetdicom refuses the address or an AE title
+        return EchoResult(None, f"cannot associate with {where}: {exc}")
     if not assoc.is_established:
         if assoc.is_rejected:
             rj = assoc.acceptor.primitive
