@@ -12,29 +12,14 @@ from typing import Any
 import pytest
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from typer.testing import CliRunner, Result
 
-from dicom_node.cli import app
 from dicom_node.cli.run_cmds import qc_tables
 from dicom_node.delivery.ledger import DeliveryState
 from dicom_node.jobs.state import JobState
 from dicom_node.runtime import Runtime
 from dicom_node.web.users import Role
+from tests.cli_helpers import cli, flat, tree
 from tests.peers import free_port
-
-
-def cli(*args: str) -> Result:
-    return CliRunner().invoke(app, list(args))
-
-
-def tree(root: Path) -> list[str]:
-    """Every path under ``root`` (relative), so "nothing was created" is one comparison."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-
-
-def flat(text: str) -> str:
-    """Typer's error box, unwrapped: the box drawing and line breaks removed."""
-    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ UIDs, checks --out first; `echo` / `send` / `archives` name a bad value or an un
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import socket
 from pathlib import Path
@@ -17,29 +16,16 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import UID
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
-from dicom_node.cli import app
 from dicom_node.runtime import Runtime
+from tests.cli_helpers import cli, flat, tree
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*VR UI:UserWarning")
 
 CT_SMALL = Path(str(get_testdata_file("CT_small.dcm")))
 INVALID_UID = "with an invalid UID (the receiver refuses these too)"
 NO_META = "without SOP Class, SOP Instance or Transfer Syntax UID in the file meta"
-
-
-def cli(*args: str) -> Result:
-    return CliRunner().invoke(app, list(args))
-
-
-def tree(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-
-
-def flat(text: str) -> str:
-    """Typer's error box, unwrapped."""
-    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
 
 
 def one_line(result: Result, code: int = 1) -> str:

@@ -23,6 +23,7 @@ from dicom_node.ingest.store import InstanceStore, StoreOutcome
 from dicom_node.lab.simulate import write_ct_series
 from dicom_node.runtime import Runtime
 from models.sim.phantom import PhantomSpec
+from tests.cli_helpers import flat
 
 # A section name in a help text: "[workers]", "\[archives.NAME]" (escaped for Rich); not
 # "[1<=x<=64]" or "[default: ...]", which Click and Typer write themselves
@@ -35,10 +36,6 @@ def _commands(command: Any, path: list[str]) -> Iterator[tuple[Any, list[str]]]:
         yield from _commands(sub, [*path, name])
 
 
-def _flat(text: str) -> str:
-    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
-
-
 def test_help_texts_keep_the_config_section_names() -> None:
     runner = CliRunner()
     checked = 0
@@ -49,7 +46,7 @@ def test_help_texts_keep_the_config_section_names() -> None:
         wanted = {f"[{m.group(1)}]" for text in texts for m in SECTION.finditer(text)}
         if not wanted:
             continue
-        shown = _flat(runner.invoke(app, [*path, "--help"], env={"COLUMNS": "300"}).output)
+        shown = flat(runner.invoke(app, [*path, "--help"], env={"COLUMNS": "300"}).output)
         for name in wanted:
             assert name in shown, f"`dicom-node {' '.join(path)} --help` lost {name!r}: {shown}"
             checked += 1
@@ -107,7 +104,7 @@ def test_values_from_the_network_are_printed_as_they_are(
 ) -> None:
     result = CliRunner().invoke(app, [command, "--home", str(home_with_hostile_values)])
     assert result.exit_code == 0, result.output
-    shown = _flat(result.stdout)
+    shown = flat(result.stdout)
     assert HOSTILE_AE in shown, shown
     if command == "studies":
         assert HOSTILE_PATIENT in shown, shown
