@@ -302,3 +302,11 @@ def test_a_bad_database_url_in_the_environment_is_one_line(
     )
     assert "s3cret" not in result.output
     assert not (tmp_path / "h").exists()
+
+
+def test_attempts_of_an_unknown_delivery_say_so(node_home: Path) -> None:
+    """Like `outbox retry`: an id that names no delivery is an error, not an empty table."""
+    for args in (["outbox", "attempts", "99999"], ["outbox", "retry", "99999"]):
+        result = cli(*args, "--home", str(node_home))
+        assert result.exit_code == 1, result.output
+        assert "no delivery 99999" in result.stderr

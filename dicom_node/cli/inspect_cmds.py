@@ -8,9 +8,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from sqlalchemy import select
 
 from dicom_node.cli.common import ConfigOpt, HomeOpt, JsonOpt, app, console, fail, open_existing, print_json
 from dicom_node.db import queries
+from dicom_node.db import schema as t
 from dicom_node.db.schema import MAX_ROW_ID
 from dicom_node.delivery.ledger import DeliveryState
 from dicom_node.ingest.completeness import waiting_reasons
@@ -183,6 +185,12 @@ def outbox_attempts(
     """Every attempt of one delivery, with its outcome."""
     runtime = open_existing(config, home)
     rows = queries.list_delivery_attempts(runtime.db, delivery_id)
+    if not rows:  # none yet, or no such delivery: say which
+        with runtime.db.read() as conn:
+            known = conn.execute(select(t.deliveries.c.id).where(t.deliveries.c.id == delivery_id)).first()
+        if known is None:
+            runtime.close()
+            raise fail(f"no delivery {delivery_id} (see `dicom-node outbox`)")
     runtime.close()
     if json_out:
         print_json(rows)
