@@ -314,3 +314,13 @@ def test_evaluate_sct_with_another_models_card(tmp_path: Path) -> None:
     )
     assert line.endswith(" (pass --model DIR to evaluate another model directory)")
     assert not report.exists()
+
+
+@pytest.mark.parametrize("patient_id", ["P" * 65, "A\\B", " "])
+def test_simulate_writes_only_a_patient_id_the_standard_allows(tmp_path: Path, patient_id: str) -> None:
+    """The node's own receiver refuses a Patient ID over 64 characters (cut short it could
+    name another patient): its simulator must not write one."""
+    result = cli("simulate", "ct", "--patient-id", patient_id, "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    assert "a Patient ID has 1 to 64 characters and no backslash" in flat(result.stderr)
+    assert not (tmp_path / "out").exists()

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from dicom_node.cli.common import app, console, fail
+
+
+def _patient_id(value: str) -> str:
+    """A Patient ID the standard allows (LO: at most 64 characters, no backslash): a
+    receiver, this node's included, refuses one that is longer."""
+    if len(value) > 64 or "\\" in value or not value.strip():
+        raise typer.BadParameter("a Patient ID has 1 to 64 characters and no backslash")
+    return value
+
+
+def _patient_id_option(help_text: str) -> Any:
+    return typer.Option(callback=_patient_id, help=help_text)
+
 
 simulate_app = typer.Typer(
     help="Write simulated DICOM studies (clearly labelled SIMULATED).", no_args_is_help=True
@@ -41,7 +54,7 @@ def simulate_ct(
     slices: Annotated[int, typer.Option(min=1, max=2000, help="Number of axial slices.")] = 50,
     size: Annotated[int, typer.Option(min=32, max=1024, help="Rows and columns.")] = 512,
     seed: Annotated[int, typer.Option(min=0, help="Random seed (same seed, same pixels).")] = 0,
-    patient_id: Annotated[str, typer.Option(help="Patient ID to write.")] = "SIM-0001",
+    patient_id: Annotated[str, _patient_id_option("Patient ID to write.")] = "SIM-0001",
 ) -> None:
     """A procedural torso CT phantom, one file per slice, int16 in HU."""
     from dicom_node.lab.simulate import write_ct_series
@@ -88,7 +101,7 @@ def simulate_sct(
     size: Annotated[int, typer.Option(min=32, max=1024, help="Rows and columns.")] = 256,
     seed: Annotated[int, typer.Option(min=0, help="Random seed (same seed, same pixels).")] = 0,
     sequence: Annotated[MrSequence, typer.Option(help="MR series to write (spin echo).")] = MrSequence.T1,
-    patient_id: Annotated[str, typer.Option(help="Patient ID to write.")] = "SIM-SCT-0001",
+    patient_id: Annotated[str, _patient_id_option("Patient ID to write.")] = "SIM-SCT-0001",
 ) -> None:
     """Paired MR / CT head (MNI152-based): the MR planning series and, separately, the reference CT."""
     from dicom_node.lab.simulate import SctSpec, write_sct_study
@@ -114,7 +127,7 @@ def simulate_prognosis(
     size: Annotated[int, typer.Option(min=32, max=512, help="Rows and columns.")] = 128,
     slices: Annotated[int, typer.Option(min=4, max=64, help="Contiguous 3 mm axial slices.")] = 32,
     t2w: Annotated[bool, typer.Option("--t2w/--no-t2w", help="Also write a T2-weighted series.")] = False,
-    patient_id: Annotated[str, typer.Option(help="Patient ID shared by all visits.")] = "SIM-PROG-0001",
+    patient_id: Annotated[str, _patient_id_option("Patient ID shared by all visits.")] = "SIM-PROG-0001",
 ) -> None:
     """A simulated brain-tumour patient (MNI152, Fisher-Kolmogorov growth): T1c and FLAIR per visit."""
     from dicom_node.lab.simulate_prognosis import PrognosisSpec, write_prognosis_patient
@@ -167,7 +180,7 @@ def simulate_synthesis(
         FieldStrength | None, typer.Option(help="Main field in tesla (drawn per seed if omitted).")
     ] = None,
     pd: Annotated[bool, typer.Option("--pd/--no-pd", help="Also write a proton-density series.")] = False,
-    patient_id: Annotated[str, typer.Option(help="Patient ID to write.")] = "SIM-SYN-0001",
+    patient_id: Annotated[str, _patient_id_option("Patient ID to write.")] = "SIM-SYN-0001",
 ) -> None:
     """Multi-contrast brain MR (MNI152, WM lesions): T1w, T2w, FLAIR (PD); one contrast kept aside."""
     from dicom_node.lab.simulate_synthesis import SynthesisSpec, write_synthesis_study
