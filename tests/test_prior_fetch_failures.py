@@ -116,7 +116,11 @@ class BlockingArchive(FakeArchive):
         self.returned = threading.Event()
 
     def retrieve(
-        self, study_uid: str, series_uids: Any = None, timeout: float | None = None
+        self,
+        study_uid: str,
+        series_uids: Any = None,
+        timeout: float | None = None,
+        patient: tuple[str, str] | None = None,
     ) -> RetrieveResult:
         self.retrieving.set()
         self.aborted.wait(30)

@@ -373,9 +373,14 @@ class StoringArchive(FakeArchive):
         self.fail: str | None = None
 
     def retrieve(
-        self, study_uid: str, series_uids: Any = None, timeout: float | None = None
+        self,
+        study_uid: str,
+        series_uids: Any = None,
+        timeout: float | None = None,
+        patient: tuple[str, str] | None = None,
     ) -> RetrieveResult:
         assert timeout is not None and timeout > 0
+        assert patient == ("P1", ""), "a job's retrieval names the patient the prior must belong to"
         self.retrieved.append((study_uid, tuple(series_uids or ())))
         if self.fail:
             return RetrieveResult("pacs", "c-move", study_uid, tuple(series_uids), error=self.fail)

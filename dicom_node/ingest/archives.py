@@ -74,7 +74,7 @@ from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
 from dicom_node.ingest.part10 import split_part10
 from dicom_node.ingest.receiver import failure_status
-from dicom_node.ingest.store import InstanceStore, StoreOutcome
+from dicom_node.ingest.store import Expected, InstanceStore, StoreOutcome
 from dicom_node.net.dicomweb import client_for
 from dicom_node.net.tls import ClientTls, TlsConfigError
 from dicom_node.net.tuning import on_connection_open, tune_pynetdicom
@@ -525,10 +525,19 @@ class Archive:
     # -- retrieval ------------------------------------------------------------------
 
     def retrieve(
-        self, study_uid: str, series_uids: Sequence[str] | None = None, timeout: float | None = None
+        self,
+        study_uid: str,
+        series_uids: Sequence[str] | None = None,
+        timeout: float | None = None,
+        patient: tuple[str, str] | None = None,
     ) -> RetrieveResult:
         """Bring ``study_uid`` (only ``series_uids`` of it, when given) into this node's store
         as priors, within ``timeout`` seconds (default ``retrieve_timeout_seconds``).
+
+        ``patient``: (Patient ID, issuer) the study must belong to. A data set of another
+        study or patient is refused and quarantined, never stored as a prior (C-GET and
+        WADO-RS check each one here; C-MOVE's arrive at the receiver, which refuses one of a
+        study held under another patient, and only the asked study's count).
 
         Never raises for the archive's problems: the result says what arrived and why the
         rest did not.
@@ -537,6 +546,7 @@ class Archive:
         deadline = started + (timeout if timeout is not None else self.section.retrieve_timeout_seconds)
         series = tuple(series_uids or ())
         result = RetrieveResult(self.name, self.section.method, study_uid, series)
+        expected = Expected(study_uid, *(patient or (None, "")))
         if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
             result.error = (
                 f"{self.section.max_concurrent_retrievals} retrieval(s) from {self.where} already running; "
@@ -550,9 +560,9 @@ class Archive:
                 if self.section.method == "c-move":
                     self._move(result, deadline)
                 elif self.section.method == "c-get":
-                    self._get(result, deadline)
+                    self._get(result, deadline, expected)
                 else:
-                    self._wado(result, deadline)
+                    self._wado(result, deadline, expected)
             except ArchiveError as exc:
                 result.error = str(exc)
             except RuntimeError:  # pynetdicom: a request on the association just aborted
@@ -624,7 +634,7 @@ class Archive:
             result.failures.append(reason)
             result.error = result.error or reason
 
-    def _get(self, result: RetrieveResult, deadline: float) -> None:
+    def _get(self, result: RetrieveResult, deadline: float, expected: Expected) -> None:
         """C-GET: the archive's C-STORE sub-operations arrive on this association."""
         store = self.archives.store
         if store is None:
@@ -635,7 +645,10 @@ class Archive:
         def on_store(event: Any) -> int | Dataset:
             claimed = str(event.request.AffectedSOPInstanceUID or "")
             outcome = self._store(
-                event.encoded_dataset(include_meta=False), str(UID(event.context.transfer_syntax)), claimed
+                event.encoded_dataset(include_meta=False),
+                str(UID(event.context.transfer_syntax)),
+                claimed,
+                expected,
             )
             if isinstance(outcome, str):
                 stored.append(outcome)
@@ -658,7 +671,9 @@ class Archive:
         store.indexer.flush(timeout=max(1.0, deadline - time.monotonic()))
         result.sop_uids = sorted(set(stored))
 
-    def _store(self, data: bytes, transfer_syntax: str, claimed: str | None) -> str | tuple[int, str]:
+    def _store(
+        self, data: bytes, transfer_syntax: str, claimed: str | None, expected: Expected
+    ) -> str | tuple[int, str]:
         """Hand one retrieved data set to the store as a prior: its SOP Instance UID, or
         (status, reason) when it was refused (quarantined, audited)."""
         store = self.archives.store
@@ -666,6 +681,7 @@ class Archive:
         result = store.accept(
             data,
             transfer_syntax,
+            expected=expected,
             claimed_sop_uid=claimed,
             calling_ae=self.section.ae_title,
             peer_host=self.section.host,
@@ -745,7 +761,7 @@ class Archive:
             return False
         return True
 
-    def _wado(self, result: RetrieveResult, deadline: float) -> None:
+    def _wado(self, result: RetrieveResult, deadline: float, expected: Expected) -> None:
         """WADO-RS: each instance of the study (or of the series) into the store."""
         if self.archives.store is None:
             raise ValueError("a dicomweb retrieval needs the node's store (Archives(store=...))")
@@ -778,7 +794,7 @@ class Archive:
                         f"{claimed}: cannot encode the WADO-RS response ({type(exc).__name__})"
                     )
                     continue
-                outcome = self._store(data, transfer_syntax, claimed)
+                outcome = self._store(data, transfer_syntax, claimed, expected)
                 if isinstance(outcome, str):
                     result.completed += 1
                     stored.append(outcome)

@@ -42,8 +42,14 @@ from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
 from dicom_node.ingest.content import same_content
 from dicom_node.ingest.indexer import Indexer, PendingInstance
-from dicom_node.ingest.instance import DEFAULT_MAX_INFLATED_BYTES, InstanceFacts, Rejection, check_instance
-from dicom_node.ingest.origin import ACQUIRED, Origin, OriginRules, retrieved
+from dicom_node.ingest.instance import (
+    DEFAULT_MAX_INFLATED_BYTES,
+    InstanceFacts,
+    Rejection,
+    StoreStatus,
+    check_instance,
+)
+from dicom_node.ingest.origin import ACQUIRED, PRIOR, Origin, OriginRules, retrieved
 from dicom_node.ingest.part10 import encode_file_meta, split_part10
 from dicom_node.ingest.part10 import retrieved_from as part10_retrieved_from
 from dicom_node.ingest.staging import StagedDataSet, Stager
@@ -54,7 +60,13 @@ log = logging.getLogger(__name__)
 _LOCK_STRIPES = 64
 _SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 _NEWEST_VERSION = (
-    select(t.instances.c.version, t.instances.c.sha256, t.instances.c.path, t.instances.c.transfer_syntax_uid)
+    select(
+        t.instances.c.version,
+        t.instances.c.sha256,
+        t.instances.c.path,
+        t.instances.c.transfer_syntax_uid,
+        t.instances.c.role,
+    )
     .where(t.instances.c.sop_uid == bindparam("sop_uid"))
     .order_by(t.instances.c.version.desc())
     .limit(1)
@@ -170,12 +182,16 @@ class InstanceStore:
         pending = self.indexer.pending(sop_uid)
         if pending is not None:
             data = pending.data
-            return _Current(pending.version, pending.sha256(), pending.transfer_syntax, lambda: data)
+            return _Current(
+                pending.version, pending.sha256(), pending.transfer_syntax, lambda: data, pending.role
+            )
         row = self.db.lookup(_NEWEST_VERSION, sop_uid=sop_uid)
         if row is None:
             return None
         path = self.paths.data / str(row[2])
-        return _Current(int(row[0]), str(row[1]), str(row[3]), lambda: split_part10(path.read_bytes())[1])
+        return _Current(
+            int(row[0]), str(row[1]), str(row[3]), lambda: split_part10(path.read_bytes())[1], row[4]
+        )
 
     def _classify(self, facts: InstanceFacts) -> Origin:
         return self.origin.classify(facts) if self.origin is not None else ACQUIRED
@@ -192,6 +208,7 @@ class InstanceStore:
         max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
         retrieved_from: str | None = None,
         staged: StagedDataSet | None = None,
+        expected: Expected | None = None,
     ) -> StoreResult:
         """Store one received data set; durable on disk before it returns.
 
@@ -202,7 +219,13 @@ class InstanceStore:
         (:func:`~dicom_node.ingest.origin.retrieved`), which never starts a job.
         ``staged``: the same bytes already in a staging file (written as they arrived);
         used when its header gap fits, else the bytes are written here. The caller
-        discards it afterwards (a no-op once it is used).
+        discards it afterwards (a no-op once it is used). ``expected``: the study and patient
+        a retrieval asked for; an instance of another is refused (quarantined).
+
+        A prior (retrieved, or a sub-operation of the node's own C-MOVE) is refused when it
+        would make a new version of an instance the node did not retrieve, or belongs to a
+        study this node holds under another patient: an archive's answer must never change
+        what was acquired, nor put one patient's images into another's study.
         """
         facts, rejection = check_instance(
             data, transfer_syntax, claimed_sop_uid, max_inflated_bytes=max_inflated_bytes
@@ -221,6 +244,17 @@ class InstanceStore:
         origin = self._classify(facts)
         if retrieved_from is not None:
             origin = retrieved(retrieved_from, origin)
+        if origin.role == PRIOR:
+            problem = self._prior_problem(facts, expected)
+            if problem is not None:
+                return self.refuse(
+                    data,
+                    transfer_syntax,
+                    Rejection(StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, problem),
+                    claimed_sop_uid=claimed_sop_uid,
+                    calling_ae=calling_ae,
+                    peer_host=peer_host,
+                )
         with lock:
             current = self._current_version(facts.sop_instance_uid)
             if current is not None:
@@ -241,6 +275,19 @@ class InstanceStore:
                         f"({UID(current.transfer_syntax).name}), re-sent in {UID(transfer_syntax).name}",
                         role=origin.role,
                     )
+            if current is not None and origin.role == PRIOR and current.role != PRIOR:
+                return self.refuse(
+                    data,
+                    transfer_syntax,
+                    Rejection(
+                        StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+                        "a retrieved instance may not replace one this node received otherwise "
+                        "(same SOP Instance UID, other content)",
+                    ),
+                    claimed_sop_uid=claimed_sop_uid,
+                    calling_ae=calling_ae,
+                    peer_host=peer_host,
+                )
             version = 1 if current is None else current.version + 1
             relative = relative_path(facts, version)
             meta = encode_file_meta(
@@ -270,6 +317,31 @@ class InstanceStore:
             )
         outcome = StoreOutcome.STORED if version == 1 else StoreOutcome.NEW_VERSION
         return StoreResult(outcome, facts=facts, version=version, role=origin.role)
+
+    def _prior_problem(self, facts: InstanceFacts, expected: Expected | None) -> str | None:
+        """Why a prior must not be stored, or None (see :meth:`accept`)."""
+        if expected is not None:
+            if facts.study_uid != expected.study_uid:
+                return f"retrieved for study {expected.study_uid}, but the data set is of {facts.study_uid}"
+            if expected.patient_id is not None and (facts.patient_id, facts.issuer_of_patient_id) != (
+                expected.patient_id,
+                expected.issuer,
+            ):
+                return (
+                    "retrieved for another patient (Patient ID or its issuer differs from the one asked for)"
+                )
+        with self.db.read() as conn:
+            holder = conn.execute(
+                select(t.patients.c.patient_id, t.patients.c.issuer)
+                .join(t.studies, t.studies.c.patient_fk == t.patients.c.id)
+                .where(t.studies.c.study_uid == facts.study_uid)
+            ).first()
+        if holder is not None and (holder.patient_id, holder.issuer) != (
+            facts.patient_id,
+            facts.issuer_of_patient_id,
+        ):
+            return "this node holds the study under another patient (Patient ID or its issuer differs)"
+        return None
 
     def refuse(
         self,
@@ -432,6 +504,16 @@ class InstanceStore:
 
 
 @dataclass(frozen=True)
+class Expected:
+    """What a retrieval asked for: a data set of another study or patient is refused."""
+
+    study_uid: str
+    #: None: any patient (a retrieval by study alone, e.g. ``dicom-node archives retrieve``).
+    patient_id: str | None = None
+    issuer: str = ""
+
+
+@dataclass(frozen=True)
 class _Current:
     """The newest version of a SOP Instance UID, with its data set bytes on demand."""
 
@@ -439,6 +521,8 @@ class _Current:
     sha256: str
     transfer_syntax: str
     data: Callable[[], bytes]
+    #: own-output / ai-output / prior; None: acquired.
+    role: str | None = None
 
 
 def relative_path(facts: InstanceFacts, version: int) -> str:

@@ -202,7 +202,9 @@ class PriorFetcher:
             if left <= 0 or archive is None:
                 problems.append(f"{study_uid}: not retrieved within {priors.timeout_seconds:g} s")
                 continue
-            result = archive.retrieve(study_uid, series_uids, timeout=left)
+            result = archive.retrieve(
+                study_uid, series_uids, timeout=left, patient=(current.patient_id, current.issuer)
+            )
             retrieved_at[study_uid] = time.time()
             if not result.ok:
                 problems.append(f"{study_uid}: {_why(result)}")

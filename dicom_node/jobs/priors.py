@@ -47,6 +47,9 @@ class CurrentStudy:
     #: The job's input series' Modality and Body Part Examined (for ``same``).
     modality: str | None = None
     body_part: str | None = None
+    #: Issuer of Patient ID ("" when the study names none): the same Patient ID from another
+    #: issuer is another patient.
+    issuer: str = ""
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,7 @@ def current_study(conn: Connection, study_id: int, series_uid: str | None) -> Cu
     """The job's study, from the index; its input series ``series_uid`` (None: the study's
     largest acquired series) gives the Modality and Body Part ``same`` compares with."""
     row = conn.execute(
-        select(t.studies.c.study_uid, t.studies.c.study_date, t.patients.c.patient_id)
+        select(t.studies.c.study_uid, t.studies.c.study_date, t.patients.c.patient_id, t.patients.c.issuer)
         .join(t.patients, t.patients.c.id == t.studies.c.patient_fk)
         .where(t.studies.c.id == study_id)
     ).one()
@@ -216,7 +219,9 @@ def current_study(conn: Connection, study_id: int, series_uid: str | None) -> Cu
         ).first()
     if s is not None:
         modality, body_part = s.modality, s.body_part
-    return CurrentStudy(row.study_uid, row.patient_id, parse_da(row.study_date), modality, body_part)
+    return CurrentStudy(
+        row.study_uid, row.patient_id, parse_da(row.study_date), modality, body_part, row.issuer or ""
+    )
 
 
 def local_priors(conn: Connection, current: CurrentStudy) -> list[PriorStudy]:
@@ -237,6 +242,7 @@ def local_priors(conn: Connection, current: CurrentStudy) -> list[PriorStudy]:
         .join(t.instances, t.instances.c.series_fk == t.series.c.id)
         .where(
             t.patients.c.patient_id == current.patient_id,
+            t.patients.c.issuer == current.issuer,
             t.studies.c.study_uid != current.study_uid,
             t.instances.c.current.is_(True),
             or_(t.instances.c.role.is_(None), t.instances.c.role == PRIOR),

@@ -1,0 +1,127 @@
+"""A prior of another patient is never stored as this patient's, nor used.
+
+Found by an archive that misbehaved on purpose (2026-12-07): a study of the same Patient ID
+from another issuer was used as a prior; an archive that answered a C-GET with another
+patient's instance inside the asked series had it stored and used; one that sent an
+instance reusing the current study's SOP Instance UID replaced the acquired instance with
+its own; and a C-GET answered with another study was reported as the asked one retrieved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from sqlalchemy import select
+
+from dicom_node.db import schema as t
+from dicom_node.ingest.indexer import Indexer
+from dicom_node.ingest.origin import OriginRules, job_output_lookup
+from dicom_node.ingest.store import Expected, InstanceStore, StoreOutcome
+from dicom_node.jobs import priors as p
+from dicom_node.runtime import Runtime
+from tests.test_archives import NODE_AE, mr_instance, wire_bytes
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[tuple[Runtime, InstanceStore]]:
+    rt = Runtime.open(None, tmp_path)
+    origin = OriginRules(NODE_AE, "1.2.826.0.1.3680043.10.999.", job_output_lookup(rt.db))
+    store = InstanceStore(rt.paths, rt.db, Indexer(rt.db, rt.audit, gather_seconds=0.01), origin=origin)
+    try:
+        yield rt, store
+    finally:
+        store.close()
+        rt.close()
+
+
+def _put(store: InstanceStore, ds, *, prior: bool, expected: Expected | None = None):
+    return store.put(
+        wire_bytes(ds),
+        ExplicitVRLittleEndian,
+        claimed_sop_uid=ds.SOPInstanceUID,
+        calling_ae="PACS" if prior else "SCANNER",
+        retrieved_from="pacs" if prior else None,
+        expected=expected,
+    )
+
+
+def _current_rows(rt: Runtime, sop_uid: str) -> list[tuple[int, str | None, bool]]:
+    with rt.db.read() as conn:
+        return [
+            (r.version, r.role, r.current)
+            for r in conn.execute(
+                select(t.instances.c.version, t.instances.c.role, t.instances.c.current)
+                .where(t.instances.c.sop_uid == sop_uid)
+                .order_by(t.instances.c.version)
+            )
+        ]
+
+
+def test_a_retrieved_instance_of_another_patient_or_study_is_refused(node) -> None:
+    rt, store = node
+    study, series = generate_uid(), generate_uid()
+    asked = Expected(study, "P1", "")
+    ours = mr_instance("P1", study, series, 1, "20230101")
+    assert _put(store, ours, prior=True, expected=asked).outcome == StoreOutcome.STORED
+
+    theirs = mr_instance("P2", study, series, 2, "20230101")  # inside the asked series
+    result = _put(store, theirs, prior=True, expected=asked)
+    assert result.outcome == StoreOutcome.REJECTED and result.quarantine_path is not None
+    assert result.rejection is not None and "retrieved for another patient" in result.rejection.reason
+
+    issuer = mr_instance("P1", study, series, 3, "20230101")
+    issuer.IssuerOfPatientID = "HOSP_B"  # the same Patient ID from another issuer: another patient
+    assert _put(store, issuer, prior=True, expected=asked).outcome == StoreOutcome.REJECTED
+
+    other_study = mr_instance("P1", generate_uid(), generate_uid(), 1, "20230101")
+    result = _put(store, other_study, prior=True, expected=asked)
+    assert result.outcome == StoreOutcome.REJECTED
+    assert result.rejection is not None and f"retrieved for study {study}" in result.rejection.reason
+    with rt.db.read() as conn:
+        stored = conn.execute(select(t.instances.c.sop_uid)).scalars().all()
+    assert stored == [ours.SOPInstanceUID]
+
+
+def test_a_prior_never_joins_a_study_held_under_another_patient(node) -> None:
+    """C-MOVE's sub-operations arrive at the receiver, which knows no asked patient: the
+    study this node holds decides."""
+    rt, store = node
+    study, series = generate_uid(), generate_uid()
+    assert (
+        _put(store, mr_instance("P1", study, series, 1, "20230101"), prior=False).outcome
+        == StoreOutcome.STORED
+    )
+    result = _put(store, mr_instance("P2", study, series, 2, "20230101"), prior=True)
+    assert result.outcome == StoreOutcome.REJECTED
+    assert result.rejection is not None and "under another patient" in result.rejection.reason
+
+
+def test_a_retrieved_instance_never_replaces_an_acquired_one(node) -> None:
+    rt, store = node
+    acquired = mr_instance("P1", generate_uid(), generate_uid(), 1, "20240601")
+    assert _put(store, acquired, prior=False).outcome == StoreOutcome.STORED
+    forged = mr_instance("P1", acquired.StudyInstanceUID, acquired.SeriesInstanceUID, 1, "20240601")
+    forged.SOPInstanceUID = forged.file_meta.MediaStorageSOPInstanceUID = acquired.SOPInstanceUID
+    forged.InstanceNumber = 7  # other content under the same SOP Instance UID
+    result = _put(store, forged, prior=True)
+    assert result.outcome == StoreOutcome.REJECTED
+    assert result.rejection is not None and "may not replace" in result.rejection.reason
+    assert _current_rows(rt, acquired.SOPInstanceUID) == [(1, None, True)]
+
+
+def test_local_priors_are_of_the_same_patient_and_issuer(node) -> None:
+    rt, store = node
+    current, same, other_issuer = generate_uid(), generate_uid(), generate_uid()
+    _put(store, mr_instance("P1", current, generate_uid(), 1, "20240601"), prior=False)
+    _put(store, mr_instance("P1", same, generate_uid(), 1, "20230101"), prior=False)
+    elsewhere = mr_instance("P1", other_issuer, generate_uid(), 1, "20230601")
+    elsewhere.IssuerOfPatientID = "HOSP_B"
+    _put(store, elsewhere, prior=False)
+    with rt.db.read() as conn:
+        study_id = conn.execute(select(t.studies.c.id).where(t.studies.c.study_uid == current)).scalar_one()
+        now = p.current_study(conn, study_id, None)
+        assert (now.patient_id, now.issuer) == ("P1", "")
+        assert [s.study_uid for s in p.local_priors(conn, now)] == [same]
