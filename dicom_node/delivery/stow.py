@@ -71,6 +71,15 @@ def send_series_stow(destination: Destination, files: Sequence[OutputInstance], 
             report.error = f"{where} cannot be reached: {type(exc).__name__}"
             report.retryable = True
             return report
+        except requests.TooManyRedirects:
+            report.error = (
+                f"{where} answered with a redirect, which is not followed (configure the URL it names)"
+            )
+            return report
+        except requests.RequestException as exc:
+            report.error = f"{where}: the request failed ({type(exc).__name__})"
+            report.retryable = True
+            return report
         confirmed = {uid for uid, _ in _uids(answer, "ReferencedSOPSequence")}
         refused = {uid: reason for uid, reason in _uids(answer, "FailedSOPSequence")}
         for f in batch:

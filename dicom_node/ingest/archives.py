@@ -455,7 +455,7 @@ class Archive:
                         limit=_QIDO_LIMIT,
                     ),
                 )
-                return [Dataset.from_json(item) for item in found]
+                return _datasets_from_json(self, found)
             ds = Dataset()
             ds.QueryRetrieveLevel = "SERIES"
             for keyword in _SERIES_RETURN_KEYS:
@@ -479,7 +479,7 @@ class Archive:
                 search_filters=filters, fields=list(_STUDY_RETURN_KEYS), limit=_QIDO_LIMIT
             ),
         )
-        return [Dataset.from_json(item) for item in found]
+        return _datasets_from_json(self, found)
 
     def _audited_query(
         self, level: str, keys: dict[str, str], patient_id: str | None, run: Callable[[], list[Dataset]]
@@ -937,12 +937,31 @@ def _http(archive: Archive, call: Callable[[], Any]) -> Any:
         raise ArchiveError(
             f"{archive.where} did not answer within {archive.section.timeout_seconds:g} s"
         ) from None
+    except requests.TooManyRedirects:
+        raise ArchiveError(
+            f"{archive.where} answered with a redirect, which is not followed (configure the URL it names)"
+        ) from None
     except requests.ConnectionError as exc:
         text = str(exc)
         why = "connection refused (is it running?)" if "refused" in text.lower() else "cannot connect"
         if isinstance(exc, requests.exceptions.SSLError):
             why = "TLS failed (check ca_file)"
         raise ArchiveError(f"{archive.where}: {why}") from None
+    except ValueError:  # a body that is not JSON (requests' JSONDecodeError is one)
+        raise ArchiveError(f"{archive.where} answered something that is not DICOM JSON") from None
+    except requests.RequestException as exc:
+        raise ArchiveError(f"{archive.where}: the request failed ({type(exc).__name__})") from None
+
+
+def _datasets_from_json(archive: Archive, found: Any) -> list[Dataset]:
+    """A QIDO-RS answer as data sets; anything but a list of DICOM JSON objects is the
+    archive's fault, said in one line."""
+    try:
+        if not isinstance(found, list):
+            raise TypeError("not a list")
+        return [Dataset.from_json(item) for item in found]
+    except Exception:  # pydicom raises several kinds for JSON that is not DICOM's
+        raise ArchiveError(f"{archive.where} answered something that is not DICOM JSON") from None
 
 
 def _why_unreachable(host: str, port: int, where: str, timeout: float) -> str:

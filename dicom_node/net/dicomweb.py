@@ -42,6 +42,9 @@ def dicomweb_client(
     from dicomweb_client import DICOMwebClient
 
     session = requests.Session()
+    # A redirect is not followed: a query names a patient, a STOW carries images, and both
+    # go only to the configured URL (a redirect raises requests.TooManyRedirects).
+    session.max_redirects = 0
     headers: dict[str, str] = {}
     if username:
         session.auth = (username, read_secret(home, password_file, "password_file"))
