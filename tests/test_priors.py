@@ -210,14 +210,16 @@ class FakeArchive:
         self.series_asked: list[str] = []
         self.queries: list[StudyQuery] = []
 
-    def find_studies(self, query: StudyQuery) -> list[StudyMatch]:
+    def find_studies(self, query: StudyQuery, deadline: float | None = None) -> list[StudyMatch]:
         self.queries.append(query)
         return [
             StudyMatch(uid, "P1", "SIM", day, None, ("MR",), None, len(desc), None)
             for uid, (day, desc) in self.studies.items()
         ]
 
-    def find_series(self, study_uid: str, modality: str | None = None) -> list[SeriesMatch]:
+    def find_series(
+        self, study_uid: str, modality: str | None = None, deadline: float | None = None
+    ) -> list[SeriesMatch]:
         self.series_asked.append(study_uid)
         _, descriptions = self.studies[study_uid]
         return [
@@ -586,7 +588,7 @@ def test_the_provenance_of_a_job_lists_its_priors(node: tuple[Runtime, InstanceS
 
 
 class BrokenArchive(FakeArchive):
-    def find_studies(self, query: StudyQuery) -> list[StudyMatch]:
+    def find_studies(self, query: StudyQuery, deadline: float | None = None) -> list[StudyMatch]:
         raise RuntimeError("unexpected")
 
 

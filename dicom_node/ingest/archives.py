@@ -426,19 +426,22 @@ class Archive:
 
     # -- queries --------------------------------------------------------------------
 
-    def find_studies(self, query: StudyQuery) -> list[StudyMatch]:
-        """The studies matching ``query``, oldest first (audited as a Query)."""
+    def find_studies(self, query: StudyQuery, deadline: float | None = None) -> list[StudyMatch]:
+        """The studies matching ``query``, oldest first (audited as a Query); by
+        ``deadline`` (``time.monotonic()``; see :meth:`_c_find`)."""
 
         def run() -> list[Dataset]:
             if self.section.method == "dicomweb":
                 return self._qido_studies(query)
-            return self._c_find(query.identifier())
+            return self._c_find(query.identifier(), deadline)
 
         found = self._audited_query("STUDY", query.keys(), query.patient_id, run)
         matches = [m for m in map(StudyMatch.from_dataset, found) if keep_study(m, query)]
         return sorted(matches, key=lambda m: (m.study_date or "", m.study_uid))
 
-    def find_series(self, study_uid: str, modality: str | None = None) -> list[SeriesMatch]:
+    def find_series(
+        self, study_uid: str, modality: str | None = None, deadline: float | None = None
+    ) -> list[SeriesMatch]:
         """The series of ``study_uid`` (of ``modality`` when given), by Series Number."""
         keys = {"StudyInstanceUID": study_uid, **({"Modality": modality} if modality else {})}
 
@@ -462,7 +465,7 @@ class Archive:
                 setattr(ds, keyword, "")
             for keyword, value in keys.items():
                 setattr(ds, keyword, value)
-            return self._c_find(ds)
+            return self._c_find(ds, deadline)
 
         found = self._audited_query("SERIES", keys, None, run)
         matches = [SeriesMatch.from_dataset(ds) for ds in found]
@@ -504,11 +507,19 @@ class Archive:
         self.audit.record(AuditEvent.QUERY, Outcome.SUCCESS, **common, matches=len(found))
         return found
 
-    def _c_find(self, identifier: Dataset) -> list[Dataset]:
+    def _c_find(self, identifier: Dataset, deadline: float | None = None) -> list[Dataset]:
+        """The matches of one C-FIND. It ends by ``deadline`` (default: the archive's
+        ``retrieve_timeout_seconds`` from now), however many pending answers come: the
+        association is aborted when it passes."""
         found: list[Dataset] = []
-        with self._association([StudyRootQueryRetrieveInformationModelFind]) as assoc:
+        if deadline is None:
+            deadline = time.monotonic() + self.section.retrieve_timeout_seconds
+        limit = max(0.0, deadline - time.monotonic())
+        with self._association([StudyRootQueryRetrieveInformationModelFind], deadline=deadline) as assoc:
             for status, answer in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
                 if "Status" not in status:
+                    if time.monotonic() >= deadline - 0.5:
+                        raise ArchiveError(f"{self.where} did not finish the C-FIND within {limit:.0f} s")
                     raise ArchiveError(
                         f"no C-FIND response from {self.where} within {self.section.timeout_seconds:g} s"
                     )

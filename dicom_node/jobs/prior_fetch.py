@@ -192,7 +192,7 @@ class PriorFetcher:
         archive: Any = None
         try:
             archive = self.archives.get(priors.archive)
-            remote = p.archive_priors(archive, priors, current)
+            remote = p.archive_priors(archive, priors, current, deadline)
         except ArchiveError as exc:
             problems.append(f"archive {priors.archive}: {exc}")
         selection = p.choose(priors, current, p.merge(local, remote))

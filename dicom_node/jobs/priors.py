@@ -13,6 +13,7 @@ See docs/priors.md, "Priors in policies".
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
@@ -21,7 +22,7 @@ from typing import Any
 from sqlalchemy import Connection, func, or_, select
 
 from dicom_node.db import schema as t
-from dicom_node.ingest.archives import Archive, StudyQuery, keep_study
+from dicom_node.ingest.archives import Archive, ArchiveError, StudyQuery, keep_study
 from dicom_node.ingest.origin import PRIOR
 from pipelines.provenance import PriorReference
 from policies.model import Priors
@@ -263,14 +264,19 @@ def local_priors(conn: Connection, current: CurrentStudy) -> list[PriorStudy]:
     return list(studies.values())
 
 
-def archive_priors(archive: Archive, priors: Priors, current: CurrentStudy) -> list[PriorStudy]:
+def archive_priors(
+    archive: Archive, priors: Priors, current: CurrentStudy, deadline: float | None = None
+) -> list[PriorStudy]:
     """The archive's studies that could qualify, with their series (raises ArchiveError).
 
     Series are asked for only for studies inside the window, newest first, until ``count``
     studies with a wanted series are found (a patient's long history costs few queries).
+    Everything ends by ``deadline`` (``time.monotonic()``): an archive that keeps answering
+    "pending", or offers thousands of studies none of which has a wanted series, cannot hold
+    the job past its rule's timeout.
     """
     q = query(priors, current)
-    matches = [m for m in archive.find_studies(q) if keep_study(m, q)]
+    matches = [m for m in archive.find_studies(q, deadline) if keep_study(m, q)]
     candidates = [
         PriorStudy(m.study_uid, m.patient_id, parse_da(m.study_date))
         for m in matches
@@ -280,10 +286,15 @@ def archive_priors(archive: Archive, priors: Priors, current: CurrentStudy) -> l
     candidates.sort(key=lambda c: (c.study_date or date.min, c.study_uid), reverse=True)
     out: list[PriorStudy] = []
     found = 0
-    for study in candidates:
+    for asked, study in enumerate(candidates):
+        if deadline is not None and time.monotonic() >= deadline:
+            raise ArchiveError(
+                f"the series of {len(candidates)} candidate studies could not all be asked for within "
+                f"{priors.timeout_seconds:g} s ({asked} were, none with a wanted series)"
+            )
         series = tuple(
             PriorSeries(s.series_uid, s.modality, s.description, s.body_part, s.instance_count)
-            for s in archive.find_series(study.study_uid, priors.modality)
+            for s in archive.find_series(study.study_uid, priors.modality, deadline)
         )
         out.append(replace(study, series=series))
         if any(series_wanted(priors, current, s) for s in series):
