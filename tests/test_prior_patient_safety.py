@@ -125,3 +125,32 @@ def test_local_priors_are_of_the_same_patient_and_issuer(node) -> None:
         now = p.current_study(conn, study_id, None)
         assert (now.patient_id, now.issuer) == ("P1", "")
         assert [s.study_uid for s in p.local_priors(conn, now)] == [same]
+
+
+def test_an_acquired_instance_never_joins_a_study_of_another_patient(node, tmp_path: Path) -> None:
+    """Not only priors: a study never mixes patients, or a job would process both patients'
+    images as one study. Checked before the acknowledgement, so the sender hears it."""
+    rt, store = node
+    study, series = generate_uid(), generate_uid()
+    first = mr_instance("P1", study, series, 1, "20240601")
+    assert _put(store, first, prior=False).outcome == StoreOutcome.STORED
+    second = mr_instance("P2", study, series, 2, "20240601")  # before the first is even indexed
+    result = _put(store, second, prior=False)
+    assert result.outcome == StoreOutcome.REJECTED and result.quarantine_path is not None
+    assert result.rejection is not None and "held here under another patient" in result.rejection.reason
+    issuer = mr_instance("P1", study, series, 3, "20240601")
+    issuer.IssuerOfPatientID = "HOSP_B"
+    assert _put(store, issuer, prior=False).outcome == StoreOutcome.REJECTED
+    unnamed = mr_instance("", study, series, 4, "20240601")  # Type 2: an empty Patient ID does not decide
+    assert _put(store, unnamed, prior=False).outcome == StoreOutcome.STORED
+
+    # A store that starts later (another receiving process, a restart) asks the index.
+    store.indexer.flush(timeout=10)
+    other = InstanceStore(rt.paths, rt.db, Indexer(rt.db, rt.audit, gather_seconds=0.01))
+    try:
+        third = mr_instance("P2", study, series, 5, "20240601")
+        assert _put(other, third, prior=False).outcome == StoreOutcome.REJECTED
+        same = mr_instance("P1", study, series, 6, "20240601")
+        assert _put(other, same, prior=False).outcome == StoreOutcome.STORED
+    finally:
+        other.close()

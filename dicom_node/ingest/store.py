@@ -28,6 +28,7 @@ import os
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -59,6 +60,9 @@ log = logging.getLogger(__name__)
 
 _LOCK_STRIPES = 64
 _SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+#: Studies whose patient one store remembers (the rest are looked up again).
+_STUDY_PATIENTS_KEPT = 10_000
+
 _NEWEST_VERSION = (
     select(
         t.instances.c.version,
@@ -114,6 +118,9 @@ class InstanceStore:
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._known_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
+        #: Study Instance UID -> (Patient ID, issuer) of the studies seen by this process.
+        self._study_patients: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._study_patients_lock = threading.Lock()
 
     def close(self) -> None:
         self.indexer.stop()
@@ -255,6 +262,16 @@ class InstanceStore:
                     calling_ae=calling_ae,
                     peer_host=peer_host,
                 )
+        other_patient = self._study_patient_problem(facts)
+        if other_patient is not None:
+            return self.refuse(
+                data,
+                transfer_syntax,
+                Rejection(StoreStatus.CANNOT_UNDERSTAND, other_patient),
+                claimed_sop_uid=claimed_sop_uid,
+                calling_ae=calling_ae,
+                peer_host=peer_host,
+            )
         with lock:
             current = self._current_version(facts.sop_instance_uid)
             if current is not None:
@@ -341,6 +358,43 @@ class InstanceStore:
             facts.issuer_of_patient_id,
         ):
             return "this node holds the study under another patient (Patient ID or its issuer differs)"
+        return None
+
+    def _study_patient_problem(self, facts: InstanceFacts) -> str | None:
+        """Why an instance may not join its study: the node holds that Study Instance UID
+        under another patient (Patient ID or issuer). A study never mixes patients: a job
+        would process both patients' images as one study and label its outputs with one name.
+        An instance without a Patient ID (Type 2: it may be empty) does not decide it.
+
+        One database lookup per study per process; the first instance of a new study sets
+        its patient for those that follow, also while it is still waiting for the index.
+        """
+        if not facts.patient_id:
+            return None
+        patient = (facts.patient_id, facts.issuer_of_patient_id)
+        with self._study_patients_lock:
+            known = self._study_patients.get(facts.study_uid)
+        if known is None:
+            with self.db.read() as conn:
+                row = conn.execute(
+                    select(t.patients.c.patient_id, t.patients.c.issuer)
+                    .join(t.studies, t.studies.c.patient_fk == t.patients.c.id)
+                    .where(t.studies.c.study_uid == facts.study_uid)
+                ).first()
+            found = (
+                (str(row.patient_id), str(row.issuer or ""))
+                if row is not None and row.patient_id
+                else patient
+            )
+            with self._study_patients_lock:
+                known = self._study_patients.setdefault(facts.study_uid, found)
+                while len(self._study_patients) > _STUDY_PATIENTS_KEPT:
+                    self._study_patients.popitem(last=False)
+        if known != patient:
+            return (
+                f"study {facts.study_uid} is held here under another patient (Patient ID or its issuer "
+                "differs): a study never mixes patients"
+            )
         return None
 
     def refuse(
