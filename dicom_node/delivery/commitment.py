@@ -31,7 +31,7 @@ from dicom_node.db.audited import AuditedWrite, audited_write
 from dicom_node.db.engine import Database
 from dicom_node.delivery.ledger import DeliveryLedger, DeliveryState, DeliveryTask
 from dicom_node.delivery.sender import CommitmentRequest, SendReport
-from dicom_node.net.commitment import CommitmentReport, ReportStatus
+from dicom_node.net.commitment import EVENT_FAILURES_EXIST, CommitmentReport, ReportStatus
 
 log = logging.getLogger(__name__)
 
@@ -72,20 +72,28 @@ class _Evaluation:
 
 
 def _evaluate(report: CommitmentReport, references: list[tuple[str, ...]], destination: str) -> _Evaluation:
-    """Committed only when every requested instance is in the report's committed list."""
+    """Committed only when every requested instance is in the report's committed list and
+    none is in its Failed SOP Sequence (an instance in both is failed). A report of event
+    type 2 (failures exist) that names no failure is contradictory: failed too."""
     requested = {uid: sop_class for sop_class, uid in references}
-    committed = {uid for _, uid in report.committed if uid in requested}
-    failures: list[dict[str, Any]] = [
-        {"sop_uid": f.sop_uid, "sop_class_uid": f.sop_class_uid, "reason": f.reason_text}
-        for f in report.failed
-        if f.sop_uid in requested and f.sop_uid not in committed
-    ]
+    failures: list[dict[str, Any]] = []
+    for f in report.failed:
+        if f.sop_uid in requested and f.sop_uid not in {x["sop_uid"] for x in failures}:
+            failures.append({"sop_uid": f.sop_uid, "sop_class_uid": f.sop_class_uid, "reason": f.reason_text})
+    failed_uids = {x["sop_uid"] for x in failures}
+    committed = {uid for _, uid in report.committed if uid in requested and uid not in failed_uids}
     reported = committed | {f["sop_uid"] for f in failures}
     failures += [
         {"sop_uid": uid, "sop_class_uid": sop_class, "reason": "left out of the report"}
         for uid, sop_class in requested.items()
         if uid not in reported
     ]
+    if not failures and report.event_type == EVENT_FAILURES_EXIST:
+        detail = (
+            f"{destination} sent a contradictory storage commitment report: event type 2 "
+            f"(failures exist) but no failed instance among the {len(requested)} requested"
+        )
+        return _Evaluation(CommitmentState.FAILED, len(committed), [], detail)
     if not failures:
         return _Evaluation(CommitmentState.COMMITTED, len(committed), [], None)
     reasons = Counter(str(f["reason"]) for f in failures)
@@ -121,6 +129,28 @@ class StorageCommitments:
             before_request=lambda: self._open(task, destination, transaction_uid),
             settled=lambda: self._settled(transaction_uid),
             linger_seconds=min(COMMITMENT_LINGER_SECONDS, destination.commitment_timeout_seconds),
+            on_unusable=lambda why: self.record_unusable(task, destination, transaction_uid, why),
+        )
+
+    def record_unusable(
+        self, task: DeliveryTask, destination: Destination, transaction_uid: str, why: str
+    ) -> None:
+        """Audit a report on the sending association that is not a usable result (the send
+        then fails with ``why``)."""
+        self.audit.record(
+            AuditEvent.STORAGE_COMMITMENT_RESULT,
+            Outcome.MINOR_FAILURE,
+            **{
+                **self.ledger.facts(task, destination),
+                # on a report, the peer is the calling AE and this node the called one
+                "calling_ae": destination.ae_title,
+                "called_ae": self.config.node.ae_title,
+                "peer_host": destination.host,
+            },
+            via="same-association",
+            transaction_uid=transaction_uid,
+            result="ignored",
+            reason=why,
         )
 
     def _open(self, task: DeliveryTask, destination: Destination, transaction_uid: str) -> None:

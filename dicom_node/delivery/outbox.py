@@ -274,6 +274,10 @@ class Outbox:
         counts = {"instances_sent": report.sent, "instances_failed": len(report.failed)}
         if report.transcoded:
             counts["instances_transcoded"] = sum(report.transcoded.values())
+        if report.warnings:
+            counts["instances_warned"] = report.warnings
+        # what the attempt did besides its outcome: transcoding, warning statuses (with codes)
+        note = "; ".join(filter(None, (report.transcoding_note, report.warning_note))) or None
         with audited_write(self.db, self.audit) as work:
             if transaction_uid is not None:
                 sent = self.commitments.after_send(work.conn, transaction_uid, report, destination, now)
@@ -294,7 +298,7 @@ class Outbox:
                 now,
                 from_state=DeliveryState.SENDING.value,
                 counts=counts,
-                note=report.transcoding_note,
+                note=note,
                 finished_at=now,
                 instances_sent=report.sent,
                 instances_failed=len(report.failed),

@@ -43,6 +43,7 @@ from pydicom.uid import (
     JPEGExtended12Bit,
 )
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE, N_ACTION
 from pynetdicom.presentation import PresentationContext
 
 from dicom_node.config import Destination
@@ -71,6 +72,13 @@ _ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03
 _ALWAYS_LOSSY = {JPEGBaseline8Bit: "ISO_10918_1", JPEGExtended12Bit: "ISO_10918_1"}
 #: N-ACTION statuses no retry will change: not authorised, no such SOP class / action.
 _PERMANENT_ACTION_STATUSES = (0x0124, 0x0118, 0x0123)
+#: PS3.4 B.2.3 / C.4.2.1.4 warning statuses of a C-STORE (the instance is stored).
+WARNING_STATUSES = {
+    0xB000: "coercion of data elements",
+    0xB006: "elements discarded",
+    0xB007: "data set does not match SOP class",
+    0x0107: "attribute list error",
+}
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,8 @@ class CommitmentRequest:
     settled: Callable[[], bool]
     #: How long the association stays open after the N-ACTION for a report on it.
     linger_seconds: float = 2.0
+    #: Records (audits) a report on this association that is not a usable result (why).
+    on_unusable: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -95,6 +105,8 @@ class SendReport:
 
     sent: int = 0
     warnings: int = 0
+    #: Warning status (0xB007, …) → instances stored with it.
+    warning_statuses: dict[int, int] = field(default_factory=dict)
     failed: list[tuple[str, str]] = field(default_factory=list)
     error: str | None = None
     retryable: bool = False
@@ -116,6 +128,17 @@ class SendReport:
             f"transcoded from {UID(stored).name} to {UID(sent).name} for {n} instance(s)"
             for (stored, sent), n in self.transcoded.items()
         )
+
+    @property
+    def warning_note(self) -> str | None:
+        """The instances the peer stored with a warning status, and the codes (None: none)."""
+        if not self.warnings:
+            return None
+        codes = ", ".join(
+            f"0x{status:04X} {WARNING_STATUSES.get(status, 'warning')} ({n})"
+            for status, n in sorted(self.warning_statuses.items())
+        )
+        return f"{self.warnings} instance(s) stored with a warning: {codes}"
 
 
 class TooManyContexts(ValueError):
@@ -239,10 +262,17 @@ def unresolvable(host: str, where: str, exc: socket.gaierror) -> str:
 
 
 def _why_no_association(
-    host: str, port: int, where: str, tls_args: tuple[ssl.SSLContext, str] | None = None
+    host: str,
+    port: int,
+    where: str,
+    tls_args: tuple[ssl.SSLContext, str] | None = None,
+    *,
+    acse_timeout: float | None = None,
+    waited: float = 0.0,
 ) -> str:
-    """A clear reason for an operator: refused, unreachable, a failed TLS handshake, or
-    aborted after connecting."""
+    """A clear reason for an operator: refused, unreachable, a failed TLS handshake, no
+    answer to the association request within ``acse_timeout`` (``waited``: how long the
+    attempt took), or aborted after connecting."""
     try:
         with socket.create_connection((host, port), timeout=5) as sock:
             if tls_args is not None:
@@ -253,6 +283,11 @@ def _why_no_association(
         return f"cannot connect to {where}: timed out (host down or a firewall in between?)"
     except OSError as exc:
         return f"cannot connect to {where}: {exc.strerror or exc}"
+    if acse_timeout is not None and waited >= acse_timeout:
+        return (
+            f"{where} accepted the connection but did not answer the association request "
+            f"within the ACSE timeout ({acse_timeout:g} s)"
+        )
     return f"{where} accepted the connection but aborted the association (check its AE title and config)"
 
 
@@ -339,9 +374,10 @@ def send_series(
     for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, list(syntaxes))
     handlers: list[Any] = [(evt.EVT_CONN_OPEN, on_connection_open)]
+    unusable: list[str] = []  # why a report on this association could not be used
     if commitment is not None:
         ae.add_requested_context(PUSH_MODEL, list(_UNCOMPRESSED))
-        handlers.append((evt.EVT_N_EVENT_REPORT, _report_handler(commitment)))
+        handlers.append((evt.EVT_N_EVENT_REPORT, _report_handler(commitment, unusable)))
 
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
     try:
@@ -349,6 +385,7 @@ def send_series(
     except TlsConfigError as exc:
         report.error = str(exc)  # the config must change: retrying cannot help
         return report
+    started = time.monotonic()
     try:
         assoc = ae.associate(
             destination.host,
@@ -379,10 +416,18 @@ def send_series(
             )
         else:
             # pynetdicom reports a refused connection as an abort; find out which it was.
-            report.error = _why_no_association(destination.host, destination.port, where, tls_args)
+            report.error = _why_no_association(
+                destination.host,
+                destination.port,
+                where,
+                tls_args,
+                acse_timeout=ae.acse_timeout,
+                waited=time.monotonic() - started,
+            )
             report.retryable = True
         return report
 
+    responses = _Responses(assoc)
     try:
         accepted: dict[str, list[UID]] = defaultdict(list)
         for cx in assoc.accepted_contexts:
@@ -432,7 +477,17 @@ def send_series(
                         f"accepted: {_names(accepted[f.sop_class_uid])}"
                     )
                     return report
-            status_ds = assoc.send_c_store(payload)  # type: ignore[arg-type]
+            msg_id = responses.next_id()
+            status_ds = assoc.send_c_store(payload, msg_id=msg_id)  # type: ignore[arg-type]
+            mismatch = responses.mismatch(C_STORE, msg_id, f.sop_uid)
+            if mismatch is not None:
+                assoc.abort()
+                report.error = (
+                    f"{where} answered C-STORE request {msg_id} (instance {f.sop_uid}) with {mismatch}; "
+                    "association aborted"
+                )
+                report.retryable = True
+                return report
             if "Status" not in status_ds:
                 report.error = f"no C-STORE response from {where} (timeout or abort)"
                 report.retryable = True
@@ -440,7 +495,9 @@ def send_series(
             status = int(status_ds.Status)
             if _status_is_success(status):
                 report.sent += 1
-                report.warnings += status != 0x0000
+                if status != 0x0000:
+                    report.warnings += 1
+                    report.warning_statuses[status] = report.warning_statuses.get(status, 0) + 1
                 if wire_ts != stored:
                     key = (str(stored), str(wire_ts))
                     report.transcoded[key] = report.transcoded.get(key, 0) + 1
@@ -454,9 +511,11 @@ def send_series(
             first_uid, first_status = report.failed[0]
             report.error = f"{where} refused {len(report.failed)} instance(s), first status {first_status}"
         elif commitment is not None:
-            _request_commitment(assoc, commitment, files, where, report)
+            _request_commitment(assoc, commitment, files, where, report, responses, unusable)
         if report.transcoded:
             log.info("sent to %s: %s", where, report.transcoding_note)
+        if report.warnings:
+            log.warning("sent to %s: %s", where, report.warning_note)
         return report
     except (OSError, RuntimeError) as exc:
         report.error = f"connection to {where} lost: {exc}"
@@ -479,8 +538,56 @@ def _tls_args(destination: Destination, tls: ClientTls | None) -> tuple[ssl.SSLC
     return tls.args_for(destination)
 
 
-def _report_handler(commitment: CommitmentRequest) -> Callable[[Any], tuple[int, None]]:
-    """EVT_N_EVENT_REPORT handler for a report on the association of the request."""
+class _Responses:
+    """Numbers the requests of one association and checks the response each takes.
+
+    pynetdicom's ``send_*()`` calls take the next message off the DIMSE queue as their
+    response and return only its status: a stale or duplicated response would be taken
+    for the answer to the request just sent. The response taken is kept here (by wrapping
+    the association's ``get_msg`` for its blocking calls) so that its Message ID Being
+    Responded To and Affected SOP Instance UID can be checked against the request.
+    """
+
+    def __init__(self, assoc: Any) -> None:
+        self._last_id = 0
+        self._taken: Any = None
+        dimse = assoc.dimse
+        get_msg = dimse.get_msg
+
+        def taking(block: bool = False) -> Any:
+            item = get_msg(block)
+            if block:  # a send_*() call waiting for its response (the reactor does not block)
+                self._taken = item[1]
+            return item
+
+        dimse.get_msg = taking
+
+    def next_id(self) -> int:
+        """The Message ID of the next request (1, 2, 3 … unique on the association)."""
+        self._last_id = self._last_id % 0xFFFF + 1
+        self._taken = None
+        return self._last_id
+
+    def mismatch(self, kind: type, msg_id: int, sop_uid: str | None) -> str | None:
+        """What is wrong with the response taken for request ``msg_id`` (None: it answers
+        it, or there was none: the caller reports the missing response)."""
+        rsp = self._taken
+        if rsp is None:
+            return None
+        if type(rsp) is not kind:
+            return f"a {type(rsp).__name__.replace('_', '-')} message instead of its response"
+        answered = getattr(rsp, "MessageIDBeingRespondedTo", None)
+        if answered != msg_id:
+            return f"a response to message {answered}"
+        affected = getattr(rsp, "AffectedSOPInstanceUID", None)
+        if sop_uid is not None and affected and str(affected) != sop_uid:
+            return f"a response naming another instance ({affected})"
+        return None
+
+
+def _report_handler(commitment: CommitmentRequest, unusable: list[str]) -> Callable[[Any], tuple[int, None]]:
+    """EVT_N_EVENT_REPORT handler for a report on the association of the request; why a
+    report could not be used is appended to ``unusable`` (and audited)."""
 
     def on_event_report(event: Any) -> tuple[int, None]:
         if str(event.request.AffectedSOPClassUID) != PUSH_MODEL:
@@ -488,9 +595,19 @@ def _report_handler(commitment: CommitmentRequest) -> Callable[[Any], tuple[int,
         try:
             result = parse_event_report(event.event_type, event.event_information)
         except CommitmentReportError as exc:
-            log.warning("storage commitment report on the sending association ignored: %s", exc)
-            return ReportStatus.PROCESSING_FAILURE, None
-        return commitment.on_report(result), None
+            why = str(exc)
+        except Exception as exc:  # an undecodable data set is the peer's problem, not a crash
+            why = f"the report cannot be decoded: {exc}"
+        else:
+            return commitment.on_report(result), None
+        log.warning("storage commitment report on the sending association refused: %s", why)
+        if commitment.on_unusable is not None:
+            try:
+                commitment.on_unusable(why)
+            except Exception:  # the audit's failure must not leave the peer unanswered
+                log.exception("recording an unusable storage commitment report failed")
+        unusable.append(why)  # last: the sender releases the association once it sees it
+        return ReportStatus.PROCESSING_FAILURE, None
 
     return on_event_report
 
@@ -501,11 +618,27 @@ def _request_commitment(
     files: Sequence[OutputInstance],
     where: str,
     report: SendReport,
+    responses: _Responses,
+    unusable: list[str],
 ) -> None:
-    """N-ACTION for every sent file, then linger briefly for a report on this association."""
+    """N-ACTION for every sent file, then linger briefly for a report on this association.
+
+    A report on it that cannot be used fails the send (retryable) with the reason."""
     info = action_information(commitment.transaction_uid, ((f.sop_class_uid, f.sop_uid) for f in files))
     commitment.before_request()
-    status_ds, _reply = assoc.send_n_action(info, ACTION_REQUEST_COMMITMENT, PUSH_MODEL, PUSH_MODEL_INSTANCE)
+    msg_id = responses.next_id()
+    status_ds, _reply = assoc.send_n_action(
+        info, ACTION_REQUEST_COMMITMENT, PUSH_MODEL, PUSH_MODEL_INSTANCE, msg_id=msg_id
+    )
+    mismatch = responses.mismatch(N_ACTION, msg_id, None)
+    if mismatch is not None:
+        assoc.abort()
+        report.error = (
+            f"{where} answered the storage commitment request (message {msg_id}) with {mismatch}; "
+            "association aborted"
+        )
+        report.retryable = True
+        return
     if "Status" not in status_ds:
         report.error = f"no N-ACTION (storage commitment) response from {where} (timeout or abort)"
         report.retryable = True
@@ -517,8 +650,12 @@ def _request_commitment(
         return
     report.commitment_requested = True
     until = time.monotonic() + commitment.linger_seconds
-    while time.monotonic() < until and assoc.is_established and not commitment.settled():
+    while time.monotonic() < until and assoc.is_established and not commitment.settled() and not unusable:
         time.sleep(0.05)
+    if unusable and not commitment.settled():
+        time.sleep(0.1)  # the N-EVENT-REPORT response goes out before the A-RELEASE request
+        report.error = f"{where} sent a storage commitment report that cannot be used: {unusable[0]}"
+        report.retryable = True
 
 
 @dataclass(frozen=True)

@@ -91,22 +91,42 @@ def parse_event_report(event_type: int | None, info: Dataset | None) -> Commitme
     Raises
     ------
     CommitmentReportError
-        The report lacks a Transaction UID or has an event type other than 1 or 2.
+        The report lacks a Transaction UID, has an event type other than 1 or 2, or holds
+        a value that cannot be decoded (a Failure Reason that is not one number, a
+        sequence item that is not a data set, …).
     """
     if event_type not in (EVENT_ALL_COMMITTED, EVENT_FAILURES_EXIST):
         raise CommitmentReportError(f"event type {event_type} is not a storage commitment result (1 or 2)")
-    if info is None or not info.get("TransactionUID"):
-        raise CommitmentReportError("the report has no Transaction UID")
-    committed = tuple(
-        (str(item.get("ReferencedSOPClassUID", "")), str(item.get("ReferencedSOPInstanceUID", "")))
-        for item in info.get("ReferencedSOPSequence", [])
-    )
-    failed = tuple(
-        Failure(
-            str(item.get("ReferencedSOPClassUID", "")),
-            str(item.get("ReferencedSOPInstanceUID", "")),
-            int(item.FailureReason) if item.get("FailureReason") is not None else None,
+    try:
+        if info is None or not info.get("TransactionUID"):
+            raise CommitmentReportError("the report has no Transaction UID")
+        committed = tuple(
+            (str(item.get("ReferencedSOPClassUID", "")), str(item.get("ReferencedSOPInstanceUID", "")))
+            for item in info.get("ReferencedSOPSequence", [])
         )
-        for item in info.get("FailedSOPSequence", [])
-    )
-    return CommitmentReport(str(info.TransactionUID), int(event_type), committed, failed)
+        failed = tuple(
+            Failure(
+                str(item.get("ReferencedSOPClassUID", "")),
+                str(item.get("ReferencedSOPInstanceUID", "")),
+                _failure_reason(item),
+            )
+            for item in info.get("FailedSOPSequence", [])
+        )
+        return CommitmentReport(str(info.TransactionUID), int(event_type), committed, failed)
+    except CommitmentReportError:
+        raise
+    except Exception as exc:  # pydicom raises what it likes on a malformed element
+        raise CommitmentReportError(f"the report cannot be decoded: {exc}") from exc
+
+
+def _failure_reason(item: Dataset) -> int | None:
+    """A Failed SOP Sequence item's Failure Reason (None: not given)."""
+    value = item.get("FailureReason")
+    if value is None:
+        return None
+    if not isinstance(value, int) or not 0 <= value <= 0xFFFF:
+        raise CommitmentReportError(
+            f"Failure Reason {value!r} of instance {item.get('ReferencedSOPInstanceUID', '?')} "
+            "is not one 16-bit value"
+        )
+    return int(value)
