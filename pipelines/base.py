@@ -67,7 +67,9 @@ class InputInstance:
 class StudyInput:
     """The fixed snapshot of a study a job was created with."""
 
-    job_id: int
+    #: The job's id; ``dicom-node run`` gives a string naming the pipeline and the model
+    #: instead (its outputs' UIDs derive from it: another pipeline never shares them).
+    job_id: int | str
     study_uid: str
     study_version: int
     instances: tuple[InputInstance, ...]

@@ -302,7 +302,7 @@ def run(
             # job_key takes the text id (it names the pipeline and the model), so no two
             # pipelines or models give their outputs the same UIDs; the audit keeps job 0.
             study = StudyInput(
-                job_id=job_id,  # type: ignore[arg-type]
+                job_id=job_id,
                 study_uid=study_uid,
                 study_version=0,
                 instances=tuple(instances),
