@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
 from rich.table import Table
 
 from audit import AuditEvent, Outcome
@@ -38,6 +37,7 @@ from dicom_node.cli.common import (
     os_user,
     print_json,
 )
+from dicom_node.ingest.instance import valid_uid
 from dicom_node.ingest.part10 import split_part10
 from dicom_node.jobs.provenance import record_provenance
 from models.zoo import read_card, version_dir
@@ -169,13 +169,6 @@ SKIP_REASONS: dict[str, str] = {
 }
 
 
-def _valid_uid(uid: str) -> bool:
-    """What the receiver accepts as a UID (``dicom_node.ingest.instance``): at most 64
-    characters, digits and dots. A UID names files and directories under --out, so one like
-    ``../x`` or ``/tmp/x`` must never get that far."""
-    return len(uid) <= 64 and UID(uid).is_valid
-
-
 def skipped_line(skipped: dict[str, int]) -> str | None:
     """ "skipped 3 file(s): 2 not DICOM Part 10, 1 with an invalid UID (...)" (None: none skipped)."""
     total = sum(skipped.values())
@@ -219,7 +212,7 @@ def _study_inputs(
         except AttributeError:
             skipped["incomplete_file_meta"] += 1
             continue
-        if not all(_valid_uid(u) for u in (sop_class_uid, sop_uid, study_uid, series_uid)):
+        if not all(valid_uid(u) for u in (sop_class_uid, sop_uid, study_uid, series_uid)):
             skipped["invalid_uid"] += 1
             continue
         studies[study_uid].append(

@@ -166,6 +166,12 @@ def _text(values: dict[str, Any], keyword: str) -> str | None:
     return str(value).strip() or None
 
 
+def valid_uid(uid: str) -> bool:
+    """A UID the node accepts: at most 64 characters, digits and dots (it also names the
+    instance's directories and file in the store, so ``../x`` never gets that far)."""
+    return len(uid) <= 64 and UID(uid).is_valid
+
+
 #: The range of an Integer String (PS3.5 6.2) and of the index's integer columns.
 _IS_MIN, _IS_MAX = -(2**31), 2**31 - 1
 
@@ -507,7 +513,7 @@ def check_instance(
     except Exception as exc:
         return None, Rejection(StoreStatus.CANNOT_UNDERSTAND, f"cannot decode attributes: {exc}")
     for uid in (facts.sop_class_uid, facts.sop_instance_uid, facts.study_uid, facts.series_uid):
-        if len(uid) > 64 or not UID(uid).is_valid:
+        if not valid_uid(uid):
             return None, Rejection(StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"invalid UID {uid[:70]!r}")
     fitted, too_long = _fit_index(facts)
     if fitted is None:

@@ -251,23 +251,12 @@ class InstanceStore:
         origin = self._classify(facts)
         if retrieved_from is not None:
             origin = retrieved(retrieved_from, origin)
-        if origin.role == PRIOR:
-            problem = self._prior_problem(facts, expected)
-            if problem is not None:
-                return self.refuse(
-                    data,
-                    transfer_syntax,
-                    Rejection(StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, problem),
-                    claimed_sop_uid=claimed_sop_uid,
-                    calling_ae=calling_ae,
-                    peer_host=peer_host,
-                )
-        other_patient = self._study_patient_problem(facts)
-        if other_patient is not None:
+        refused = self._admission(facts, origin, expected)
+        if refused is not None:
             return self.refuse(
                 data,
                 transfer_syntax,
-                Rejection(StoreStatus.CANNOT_UNDERSTAND, other_patient),
+                refused,
                 claimed_sop_uid=claimed_sop_uid,
                 calling_ae=calling_ae,
                 peer_host=peer_host,
@@ -335,6 +324,27 @@ class InstanceStore:
         outcome = StoreOutcome.STORED if version == 1 else StoreOutcome.NEW_VERSION
         return StoreResult(outcome, facts=facts, version=version, role=origin.role)
 
+    def _admission(self, facts: InstanceFacts, origin: Origin, expected: Expected | None) -> Rejection | None:
+        """Why an instance may not be stored where it claims to belong, or None: a prior
+        that is not the one asked for (0xA900), a study held under another patient (0xC000)."""
+        if origin.role == PRIOR:
+            problem = self._prior_problem(facts, expected)
+            if problem is not None:
+                return Rejection(StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, problem)
+        other_patient = self._study_patient_problem(facts)
+        if other_patient is not None:
+            return Rejection(StoreStatus.CANNOT_UNDERSTAND, other_patient)
+        return None
+
+    def _study_holder(self, study_uid: str) -> Any:
+        """The index's (patient_id, issuer) row of the patient holding ``study_uid``, or None."""
+        with self.db.read() as conn:
+            return conn.execute(
+                select(t.patients.c.patient_id, t.patients.c.issuer)
+                .join(t.studies, t.studies.c.patient_fk == t.patients.c.id)
+                .where(t.studies.c.study_uid == study_uid)
+            ).first()
+
     def _prior_problem(self, facts: InstanceFacts, expected: Expected | None) -> str | None:
         """Why a prior must not be stored, or None (see :meth:`accept`)."""
         if expected is not None:
@@ -347,12 +357,7 @@ class InstanceStore:
                 return (
                     "retrieved for another patient (Patient ID or its issuer differs from the one asked for)"
                 )
-        with self.db.read() as conn:
-            holder = conn.execute(
-                select(t.patients.c.patient_id, t.patients.c.issuer)
-                .join(t.studies, t.studies.c.patient_fk == t.patients.c.id)
-                .where(t.studies.c.study_uid == facts.study_uid)
-            ).first()
+        holder = self._study_holder(facts.study_uid)
         if holder is not None and (holder.patient_id, holder.issuer) != (
             facts.patient_id,
             facts.issuer_of_patient_id,
@@ -375,12 +380,7 @@ class InstanceStore:
         with self._study_patients_lock:
             known = self._study_patients.get(facts.study_uid)
         if known is None:
-            with self.db.read() as conn:
-                row = conn.execute(
-                    select(t.patients.c.patient_id, t.patients.c.issuer)
-                    .join(t.studies, t.studies.c.patient_fk == t.patients.c.id)
-                    .where(t.studies.c.study_uid == facts.study_uid)
-                ).first()
+            row = self._study_holder(facts.study_uid)
             found = (
                 (str(row.patient_id), str(row.issuer or ""))
                 if row is not None and row.patient_id
