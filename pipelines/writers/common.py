@@ -249,6 +249,43 @@ def _ds(value: float) -> str:
     return format_number_as_ds(float(value))
 
 
+#: Specific Character Set terms highdicom takes (``hd.SpecificCharacterSetValues``).
+_HIGHDICOM_CHARSETS = frozenset(term.value for term in hd.SpecificCharacterSetValues)
+#: Multi-byte code-extension terms, which may not be a multi-valued set's first value.
+_MULTI_BYTE_EXTENSIONS = frozenset({"ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149"})
+#: What an object highdicom builds carries when the source's set is one it does not take.
+UTF8 = "ISO_IR 192"
+
+
+def output_character_set(source: Dataset) -> str | list[str] | None:
+    """The Specific Character Set of an object highdicom builds from ``source``.
+
+    highdicom copies the source's set and refuses some that sources send: the empty first
+    value of a code-extension set (``\\ISO 2022 IR 87``, what Japanese scanners write; the
+    standard reads it as ``ISO 2022 IR 6``, PS3.3 C.12.1.1.2), a set it has no term for
+    (Korean ``ISO 2022 IR 149``) or a lone code-extension term. Such a job failed at its
+    first Parametric Map. Now: the source's own set where highdicom takes it (the empty
+    first value spelled ``ISO 2022 IR 6``), else UTF-8 (``ISO_IR 192``): pydicom has
+    already decoded the source's text, so the names arrive unchanged either way. ``None``
+    when the source has no set (the default repertoire)."""
+    raw = source.get("SpecificCharacterSet")
+    if raw is None:
+        return None
+    values = [str(v).strip() for v in (raw if isinstance(raw, (MultiValue, list, tuple)) else [raw])]
+    if len(values) <= 1:
+        term = values[0] if values else ""
+        if not term:
+            return None
+        return term if term in _HIGHDICOM_CHARSETS and not term.startswith("ISO 2022") else UTF8
+    if not values[0]:
+        values[0] = "ISO 2022 IR 6"
+    fits = (
+        all(v in _HIGHDICOM_CHARSETS and v.startswith("ISO 2022") for v in values)
+        and values[0] not in _MULTI_BYTE_EXTENSIONS
+    )
+    return values if fits else UTF8
+
+
 def _lo(text: str) -> str:
     """Trim to the 64 characters of an LO value."""
     return text[:64]

@@ -39,6 +39,7 @@ from pipelines.writers.common import (
     _source_window,
     _sources_by_uid,
     _window_of,
+    output_character_set,
 )
 from pipelines.writers.files import _file_meta_keep, save
 
@@ -168,6 +169,7 @@ class OverlayWriter:
         row_letter, column_letter, _ = hd.spatial.get_closest_patient_orientation(volume.direction())
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source,
+            specific_character_set=output_character_set(source),
             pixel_array=pixels,
             photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
             bits_allocated=8,
@@ -182,6 +184,10 @@ class OverlayWriter:
             transfer_syntax_uid=ExplicitVRLittleEndian,
             contributing_equipment=_contributing_equipment(prov, include_acquisition=False),
         )
+        # from_ref_dataset copies a handful of Patient and Study attributes; the other
+        # outputs carry them all (highdicom's copy), and an overlay without the Issuer of
+        # Patient ID could be filed under another patient where IDs are only unique per issuer
+        sc.copy_patient_and_study_information(source)
         sc.ImageType = ["DERIVED", "SECONDARY"]
         sc.BurnedInAnnotation = "YES"
         _copy_anatomy(sc, source, empty_laterality=True)

@@ -44,6 +44,7 @@ from pipelines.writers.common import (
     _software_versions,
     _window_of,
     local_code,
+    output_character_set,
     ucum,
 )
 from pipelines.writers.files import _file_meta_keep, save
@@ -190,6 +191,7 @@ class _ParametricMapWriter:
         )
         pm = hd.pm.ParametricMap(
             source_images=list(volume.datasets),
+            specific_character_set=output_character_set(volume.datasets[0]),
             pixel_array=stored,
             series_instance_uid=self.series_instance_uid,
             series_number=self.series_number,

@@ -53,6 +53,7 @@ from pipelines.writers.common import (
     KIND_SUSPECT,
     KIND_UNCERTAINTY,
     NODE_MANUFACTURER,
+    UTF8,
     _ai_series_description,
     _check_provenance,
     _check_series_number,
@@ -402,6 +403,7 @@ class SummaryReportWriter:
         sr = hd.sr.ComprehensiveSR(
             evidence=[*volume.datasets, *outputs],
             content=root,
+            specific_character_set=UTF8,  # reasons and notes are free text
             series_instance_uid=self.series_instance_uid,
             series_number=self.series_number,
             sop_instance_uid=self.uids.instance(self.name, 1),
@@ -416,7 +418,6 @@ class SummaryReportWriter:
             device_serial_number=prov.weights_sha256,
         )
         sr.SeriesDescription = _ai_series_description("output summary (model card, QC, gate)")
-        sr.SpecificCharacterSet = "ISO_IR 192"  # reasons and notes are free text
         _file_meta_keep(sr)
         _finish(sr, prov)
         if out_dir is not None:

@@ -36,6 +36,7 @@ from pipelines.writers.common import (
     _geometry,
     _lo,
     _software_versions,
+    output_character_set,
 )
 from pipelines.writers.files import _file_meta_keep, save
 
@@ -169,6 +170,7 @@ class SuspectRegionWriter:
         )
         seg = hd.seg.Segmentation(
             source_images=list(volume.datasets),
+            specific_character_set=output_character_set(volume.datasets[0]),
             pixel_array=values.astype(np.uint8),
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[segment],
@@ -278,6 +280,7 @@ class TumourExtentWriter:
         measures, orientation, positions = _geometry(volume)
         seg = hd.seg.Segmentation(
             source_images=list(volume.datasets),
+            specific_character_set=output_character_set(volume.datasets[0]),
             pixel_array=np.stack(masks, axis=-1),
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=segments,
