@@ -84,7 +84,7 @@ _TAGS = [
     "Modality", "SOPClassUID", "ImageType", "RescaleType", "PhotometricInterpretation",
     "PixelSpacing", "SliceThickness", "Rows", "Columns", "ImageOrientationPatient",
     "BodyPartExamined", "SeriesInstanceUID", *_DESCRIPTIONS, "RepetitionTime", "EchoTime",
-    "EffectiveEchoTime",
+    "EffectiveEchoTime", "MagneticFieldStrength",
     "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
 ]  # fmt: skip
 
@@ -92,6 +92,12 @@ ImageCheck = Literal["ct-tissue-in-air", "mr-head"]
 #: "axial" admits a gantry-tilted or an oblique axial series: the slice normal within this
 #: many degrees of the patient's head-foot axis.
 MAX_AXIAL_TILT_DEG = 30.0
+#: How far an input's Magnetic Field Strength may be from one the model was trained at:
+#: scanners of one nominal field report it differently (a 3 T Siemens says 2.89, a 1.5 T
+#: one 1.494), and a 1.5 T model must not take a 1.0 T or 1.2 T open scanner's images.
+FIELD_TOLERANCE_T = 0.15
+#: Above this a Magnetic Field Strength is in gauss, as older GE scanners write it (15000).
+_GAUSS_ABOVE = 100.0
 
 
 class CalibratedNoise(BaseModel):
@@ -145,6 +151,10 @@ class InputDomain(BaseModel):
     body_parts: tuple[str, ...] = ()
     #: MR sequence family (a key of :data:`CONTRAST_RULES`); None: not checked.
     sequence: str | None = None
+    #: Main field strengths (T) the model was trained and evaluated at: an MR input's
+    #: Magnetic Field Strength must be within :data:`FIELD_TOLERANCE_T` of one (relaxation
+    #: times, hence contrast, change with the field). Empty: not checked.
+    field_strengths_t: tuple[float, ...] = ()
     image_check: ImageCheck | None = None
     calibrated_noise_hu: CalibratedNoise | None = None
 
@@ -162,6 +172,13 @@ class InputDomain(BaseModel):
     @classmethod
     def _upper(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(v.strip().upper() for v in value)
+
+    @field_validator("field_strengths_t")
+    @classmethod
+    def _fields(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < v <= 20 for v in value):
+            raise ValueError(f"expected field strengths in tesla (0-20], got {list(value)}")
+        return value
 
     @field_validator("sequence")
     @classmethod
@@ -454,6 +471,8 @@ def header_reasons(datasets: Sequence[Dataset], domain: InputDomain, model: str)
         reasons += _anatomy_from_tags(datasets, domain, model)
     if domain.sequence:
         reasons += _sequence_reasons(datasets, domain.sequence, model)
+    if domain.field_strengths_t:
+        reasons += field_strength_reasons(datasets, domain.field_strengths_t, model)
     return reasons
 
 
@@ -486,6 +505,34 @@ def _sequence_reasons(datasets: Sequence[Dataset], sequence: str, model: str) ->
         f"sequence: MR series {series_uid} is not {what}: it has {seen}; {model} takes {sequence} MR only "
         "(send the matching series, or select it in the policy rule)"
     ]
+
+
+def _field_strength(ds: Dataset) -> float | None:
+    """Magnetic Field Strength in tesla (a value in gauss converted); None when absent,
+    unreadable or not positive."""
+    value = _numbers(ds.get("MagneticFieldStrength"), 1)
+    if value is None or not value[0] > 0:
+        return None
+    return value[0] / 10_000.0 if value[0] > _GAUSS_ABOVE else value[0]
+
+
+def field_strength_reasons(datasets: Sequence[Dataset], trained: tuple[float, ...], model: str) -> list[str]:
+    """Why the series of ``datasets`` is outside the field strengths ``trained`` (tesla,
+    each ± :data:`FIELD_TOLERANCE_T`); [] when inside. A series that does not say is outside."""
+    fields = [_field_strength(ds) for ds in datasets]
+    known = " or ".join(f"{t:g} T" for t in trained)
+    takes = f"{model} was trained at {known} (± {FIELD_TOLERANCE_T:g} T)"
+    if any(f is None for f in fields):
+        return [
+            f"field strength not given (Magnetic Field Strength, 0018,0087): {takes}, and contrast "
+            "changes with the field; the node does not guess it"
+        ]
+    off = sorted(
+        {f for f in fields if f is not None and min(abs(f - t) for t in trained) > FIELD_TOLERANCE_T}
+    )
+    if off:
+        return [f"field strength {off[0]:g} T: {takes}"]
+    return []
 
 
 # -- the pixels ---------------------------------------------------------------------------------

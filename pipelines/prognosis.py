@@ -63,6 +63,7 @@ from pipelines.base import (
     RunEnvironment,
     StudyInput,
 )
+from pipelines.domain import field_strength_reasons
 from pipelines.encode import _card_facts
 from pipelines.provenance import OutputProvenance
 from pipelines.registration import resample_onto
@@ -152,6 +153,9 @@ def check_input_domain(volume: Volume, domain: dict[str, Any], model: str, what:
     lo, hi = domain.get("slice_spacing_mm", (0.0, math.inf))
     if not lo <= volume.spacing[0] <= hi:
         reasons.append(f"{what}: slice spacing {volume.spacing[0]:g} mm is outside {lo}-{hi} mm")
+    trained = tuple(float(t) for t in domain.get("field_strengths_t", ()))
+    if trained:
+        reasons += [f"{what}: {r}" for r in field_strength_reasons(volume.datasets, trained, model)]
     least = int(domain.get("min_slices", 1))
     if len(volume.slices) < least:
         reasons.append(f"{what}: {len(volume.slices)} slices, fewer than {least} (the brain must be covered)")
@@ -222,15 +226,27 @@ def _load(instances: Sequence[InputInstance], what: str) -> Volume:
     return volume
 
 
-def prior_visits(priors: Sequence[RegisteredPrior], current_day: date) -> tuple[list[VisitImages], list[str]]:
+def prior_visits(
+    priors: Sequence[RegisteredPrior], current_day: date, field_strengths_t: Sequence[float] = ()
+) -> tuple[list[VisitImages], list[str]]:
     """Earlier visits with both a T1c and a FLAIR registered to the current T1c, oldest first;
-    and a note per prior series or study that could not be used."""
+    and a note per prior series or study that could not be used. With ``field_strengths_t``
+    (the card's), a prior series acquired at another field strength is not used: its
+    tumour would be segmented outside what the model was made for."""
     by_study: dict[str, dict[str, RegisteredPrior]] = {}
     notes = []
     for prior in priors:
         if _synthetic(prior.header):
             uid = prior.reference.series_uid
             notes.append(f"prior series {uid}: an AI output (synthetic), not an acquisition; not used")
+            continue
+        off_field = (
+            field_strength_reasons([prior.header], tuple(field_strengths_t), "the model")
+            if field_strengths_t
+            else []
+        )
+        if off_field:
+            notes.append(f"prior series {prior.reference.series_uid}: {off_field[0]}; not used")
             continue
         kind = sequence_of(prior.header)
         if kind is None:
@@ -378,7 +394,8 @@ class PrognosisPipeline:
         if not t1c.frame_of_reference_uid:
             raise InputRefused(self.label, t1c.series_uid, ["the T1c series has no Frame of Reference UID"])
         current_day = _study_day(t1c.datasets[0].get("StudyDate"), "the current study")
-        visits, notes = prior_visits(env.registered_priors, current_day)
+        fields = tuple(float(t) for t in domain.get("field_strengths_t", ()))
+        visits, notes = prior_visits(env.registered_priors, current_day, fields)
         if not visits:  # refused before any segmentation or model runs
             raise InputRefused(self.label, t1c.series_uid, [_NO_PRIORS, *(notes or [_NONE_REGISTERED])])
         flair_on_t1c = resample_onto(flair, flair.array, t1c)

@@ -626,3 +626,75 @@ def test_a_forward_fallback_sends_the_refused_series_only_and_a_fallback_never_c
             ).scalars()
         )
     assert inputs == [ids[0]]  # the refused series, not the study's other one
+
+
+# -- field strength (every MR model was trained at the simulator's field strengths) -------------
+def _with_field(paths: list[Path], value: str | None, folder: Path) -> list[Path]:
+    """Copies of ``paths`` whose Magnetic Field Strength is ``value`` (None: removed)."""
+    folder.mkdir(parents=True)
+    out = []
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        if value is None:
+            del ds.MagneticFieldStrength
+        else:
+            ds.MagneticFieldStrength = value
+        out.append(folder / path.name)
+        ds.save_as(out[-1])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "fields"),
+    [
+        ("sct-head", [1.5]),
+        ("synthesis-t1w-t2w-to-flair", [1.5, 3.0]),
+        ("synthesis-t1w-to-t2w", [1.5, 3.0]),
+        ("prognosis-growth", [1.5]),
+    ],
+)
+def test_each_mr_card_declares_the_field_strengths_it_was_trained_at(name: str, fields: list[float]) -> None:
+    """The simulators' field strengths: ``models.sim.mrct`` and ``models.sim.prognosis`` 1.5 T,
+    ``models.sim.synthesis`` 1.5 T and 3 T."""
+    from models.sim import mrct, synthesis
+
+    assert mrct.FIELD_STRENGTH_T == 1.5 and synthesis.FIELD_STRENGTHS_T == (1.5, 3.0)
+    assert read_card(version_dir(name))["input_domain"]["field_strengths_t"] == fields
+
+
+@pytest.mark.parametrize(
+    ("value", "refused"),
+    [
+        ("1.5", None),
+        ("1.494", None),  # how a Siemens 1.5 T scanner reports itself
+        ("15000", None),  # gauss, as older GE scanners write it
+        ("3", "field strength 3 T: sct-head 1.0 was trained at 1.5 T (± 0.15 T)"),
+        ("2.89", "field strength 2.89 T: sct-head 1.0 was trained at 1.5 T (± 0.15 T)"),  # Siemens 3 T
+        ("0.35", "field strength 0.35 T: sct-head 1.0 was trained at 1.5 T (± 0.15 T)"),  # an MR-linac
+        ("1.2", "field strength 1.2 T: sct-head 1.0 was trained at 1.5 T (± 0.15 T)"),  # an open scanner
+        (
+            None,
+            "field strength not given (Magnetic Field Strength, 0018,0087): sct-head 1.0 was trained at "
+            "1.5 T (± 0.15 T), and contrast changes with the field; the node does not guess it",
+        ),
+    ],
+)
+def test_sct_refuses_a_field_strength_it_was_not_trained_at(
+    value: str | None, refused: str | None, sct: StagedPipeline, head_mr: list[Path], tmp_path: Path
+) -> None:
+    paths = _with_field(head_mr, value, tmp_path / "in")
+    if refused is None:
+        through_checks(sct, paths, tmp_path / "work")
+        return
+    assert refusal(sct, paths, tmp_path).reasons == (refused,)
+
+
+def test_synthesis_takes_both_its_field_strengths_and_refuses_7_tesla(tmp_path: Path) -> None:
+    domain, label = domain_of_card(read_card(version_dir("synthesis-t1w-t2w-to-flair")), "MR")
+    mr, _ = write_sct_study(tmp_path / "study", SctSpec(slices=2, size=128, seed=8))
+    for value, expected in (("3.0", []), ("1.5", []), ("2.89", []), ("7", ["field strength 7 T"])):
+        datasets = [pydicom.dcmread(f) for f in mr.files]
+        for ds in datasets:
+            ds.MagneticFieldStrength = value
+        reasons = header_reasons(datasets, domain, label)
+        assert [r.split(":")[0] for r in reasons] == expected, (value, reasons)

@@ -17,6 +17,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicom_node.lab.simulate_prognosis import PrognosisSpec, VisitStudy, write_prognosis_patient
+from models.zoo import read_card, version_dir
 from pipelines.base import (
     InputInstance,
     InputRefused,
@@ -296,3 +297,31 @@ def test_visits_whose_extents_do_not_overlap_are_caught() -> None:
     assert (
         check_consistency(list(zip(days, [a, np.zeros_like(a), a], strict=True))) == 1.0
     )  # nothing to compare
+
+
+def test_a_series_at_another_field_strength_is_refused_now_and_not_used_as_a_prior(patient: Patient) -> None:
+    """The growth model's segmentation saw simulated 1.5 T images only (its card's
+    ``field_strengths_t``): a current series at 3 T is refused, a 3 T prior is left out."""
+    from pipelines.prognosis import check_input_domain
+    from pipelines.volume import load_series
+
+    first, second = patient.visits
+    fields = read_card(version_dir("prognosis-growth"))["input_domain"]["field_strengths_t"]
+    assert fields == [1.5]
+    volume = load_series([pydicom.dcmread(p) for p in second.series["t1c"].files])
+    check_input_domain(volume, {"field_strengths_t": fields}, "m", "the T1c series")
+    for ds in volume.datasets:
+        ds.MagneticFieldStrength = "3"
+    with pytest.raises(InputRefused) as refused:
+        check_input_domain(volume, {"field_strengths_t": fields}, "m", "the T1c series")
+    assert refused.value.reasons == ("the T1c series: field strength 3 T: m was trained at 1.5 T (± 0.15 T)",)
+
+    shape = (16, 64, 64)
+    today = _study_day(volume.datasets[0].StudyDate, "x")
+    both = [_registered(first, "t1c", shape), _registered(first, "flair", shape)]
+    visits, notes = prior_visits(both, today, fields)
+    assert [v.study_uid for v in visits] == [first.study_uid] and notes == []
+    both[1].header.MagneticFieldStrength = "3"
+    visits, notes = prior_visits(both, today, fields)
+    assert visits == []
+    assert "field strength 3 T: the model was trained at 1.5 T (± 0.15 T); not used" in notes[0]

@@ -70,6 +70,8 @@ INPUT_DOMAIN: dict[str, object] = {
     "body_parts": ["HEAD", "BRAIN"],
     "sequence": "t1w",
     "image_check": "mr-head",
+    # the simulator's two field strengths (``models.sim.synthesis.FIELD_STRENGTHS_T``)
+    "field_strengths_t": [1.5, 3.0],
 }
 
 
