@@ -84,7 +84,8 @@ _TAGS = [
     "Modality", "SOPClassUID", "ImageType", "RescaleType", "PhotometricInterpretation",
     "PixelSpacing", "SliceThickness", "Rows", "Columns", "ImageOrientationPatient",
     "BodyPartExamined", "SeriesInstanceUID", *_DESCRIPTIONS, "RepetitionTime", "EchoTime",
-    "EffectiveEchoTime", "MagneticFieldStrength",
+    "EffectiveEchoTime", "MagneticFieldStrength", "ScanningSequence", "EchoPulseSequence",
+    "InversionRecovery", "EchoPlanarPulseSequence",
     "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
 ]  # fmt: skip
 
@@ -96,6 +97,12 @@ MAX_AXIAL_TILT_DEG = 30.0
 #: scanners of one nominal field report it differently (a 3 T Siemens says 2.89, a 1.5 T
 #: one 1.494), and a 1.5 T model must not take a 1.0 T or 1.2 T open scanner's images.
 FIELD_TOLERANCE_T = 0.15
+#: Scanning Sequence (0018,0020) defined terms, and what each is called in a reason.
+SCANNING_SEQUENCES = frozenset({"SE", "IR", "GR", "EP", "RM"})
+_SEQUENCE_NAMES = {
+    "SE": "spin echo", "IR": "inversion recovery", "GR": "gradient echo", "EP": "echo planar",
+    "RM": "research mode",
+}  # fmt: skip
 #: Above this a Magnetic Field Strength is in gauss, as older GE scanners write it (15000).
 _GAUSS_ABOVE = 100.0
 
@@ -155,6 +162,11 @@ class InputDomain(BaseModel):
     #: Magnetic Field Strength must be within :data:`FIELD_TOLERANCE_T` of one (relaxation
     #: times, hence contrast, change with the field). Empty: not checked.
     field_strengths_t: tuple[float, ...] = ()
+    #: Scanning Sequence values (0018,0020) an MR input may have, every one of them in this
+    #: set (SE spin echo, IR inversion recovery, GR gradient recalled, EP echo planar, RM
+    #: research mode); an enhanced MR's Echo Pulse Sequence, Inversion Recovery and Echo
+    #: Planar Pulse Sequence are read as the same letters. Empty: not checked.
+    scanning_sequences: tuple[str, ...] = ()
     image_check: ImageCheck | None = None
     calibrated_noise_hu: CalibratedNoise | None = None
 
@@ -178,6 +190,17 @@ class InputDomain(BaseModel):
     def _fields(cls, value: tuple[float, ...]) -> tuple[float, ...]:
         if any(not 0 < v <= 20 for v in value):
             raise ValueError(f"expected field strengths in tesla (0-20], got {list(value)}")
+        return value
+
+    @field_validator("scanning_sequences")
+    @classmethod
+    def _scanning(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        value = tuple(v.strip().upper() for v in value)
+        unknown = sorted(set(value) - SCANNING_SEQUENCES)
+        if unknown:
+            raise ValueError(
+                f"unknown Scanning Sequence {unknown} (known: {', '.join(sorted(SCANNING_SEQUENCES))})"
+            )
         return value
 
     @field_validator("sequence")
@@ -473,6 +496,8 @@ def header_reasons(datasets: Sequence[Dataset], domain: InputDomain, model: str)
         reasons += _sequence_reasons(datasets, domain.sequence, model)
     if domain.field_strengths_t:
         reasons += field_strength_reasons(datasets, domain.field_strengths_t, model)
+    if domain.scanning_sequences:
+        reasons += _scanning_reasons(datasets, domain.scanning_sequences, model)
     return reasons
 
 
@@ -532,6 +557,48 @@ def field_strength_reasons(datasets: Sequence[Dataset], trained: tuple[float, ..
     )
     if off:
         return [f"field strength {off[0]:g} T: {takes}"]
+    return []
+
+
+def _flag(ds: Dataset, keyword: str, group: str) -> bool:
+    """An enhanced MR's YES/NO ``keyword`` at the top level or in the shared group ``group``."""
+    value = ds.get(keyword)
+    if value in (None, ""):
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        items = shared[0].get(group) if shared else None
+        value = items[0].get(keyword) if items else None
+    return str(value or "").strip().upper() == "YES"
+
+
+def _scanning_sequence(ds: Dataset) -> set[str] | None:
+    """The Scanning Sequence letters of an instance; an enhanced MR's from its Echo Pulse
+    Sequence and flags. None when the instance does not say."""
+    value = ds.get("ScanningSequence")
+    if value not in (None, ""):
+        values = [value] if isinstance(value, str) else list(value)
+        given = {str(v).strip().upper() for v in values if str(v).strip()}
+        return given or None
+    pulse = str(ds.get("EchoPulseSequence", "") or "").strip().upper()
+    if pulse not in ("SPIN", "GRADIENT", "BOTH"):
+        return None
+    letters = {"SPIN": {"SE"}, "GRADIENT": {"GR"}, "BOTH": {"SE", "GR"}}[pulse]
+    if _flag(ds, "InversionRecovery", "MRModifierSequence"):
+        letters.add("IR")
+    if _flag(ds, "EchoPlanarPulseSequence", "MRModifierSequence"):
+        letters.add("EP")
+    return letters
+
+
+def _scanning_reasons(datasets: Sequence[Dataset], allowed: tuple[str, ...], model: str) -> list[str]:
+    trained = " or ".join(f"{a} ({_SEQUENCE_NAMES.get(a, a)})" for a in allowed)
+    takes = f"{model} was trained on {trained} images only"
+    found = [_scanning_sequence(ds) for ds in datasets]
+    if any(f is None for f in found):
+        return [f"scanning sequence not given (Scanning Sequence, 0018,0020): {takes}"]
+    off = sorted({"\\".join(sorted(f)) for f in found if f is not None and not f <= set(allowed)})
+    if off:
+        names = ", ".join(_SEQUENCE_NAMES.get(x, x) for x in off[0].split("\\"))
+        return [f"scanning sequence {off[0]} ({names}): {takes}, and the contrast differs"]
     return []
 
 

@@ -225,6 +225,7 @@ def retagged(source: Dataset, pixels: np.ndarray, spacing_mm: float, out: Path) 
     ds.PixelSpacing = [spacing_mm, spacing_mm]
     ds.SliceThickness = 5
     ds.RepetitionTime, ds.EchoTime = 500, 12
+    ds.ScanningSequence, ds.MagneticFieldStrength = "SE", 1.5
     ds.Rows, ds.Columns = pixels.shape
     ds.BitsAllocated = ds.BitsStored = 16
     ds.HighBit, ds.PixelRepresentation = 15, 0
@@ -698,3 +699,79 @@ def test_synthesis_takes_both_its_field_strengths_and_refuses_7_tesla(tmp_path: 
             ds.MagneticFieldStrength = value
         reasons = header_reasons(datasets, domain, label)
         assert [r.split(":")[0] for r in reasons] == expected, (value, reasons)
+
+
+# -- scanning sequence (the MR models saw simulated spin echoes only) -----------------------------
+def _with_sequence(paths: list[Path], folder: Path, **tags: object) -> list[Path]:
+    folder.mkdir(parents=True)
+    out = []
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for keyword, value in tags.items():
+            if value is None:
+                delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+        out.append(folder / path.name)
+        ds.save_as(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("name", ["sct-head", "synthesis-t1w-t2w-to-flair", "synthesis-t1w-to-t2w"])
+def test_each_image_model_card_declares_spin_echo_inputs(name: str) -> None:
+    assert read_card(version_dir(name))["input_domain"]["scanning_sequences"] == ["SE"]
+
+
+@pytest.mark.parametrize(
+    ("tags", "refused"),
+    [
+        ({"SequenceVariant": ["SK", "SP"]}, None),  # a turbo spin echo: still SE
+        (
+            {"ScanningSequence": "GR", "SequenceVariant": ["SP", "SS"]},  # a spoiled gradient echo T1
+            "scanning sequence GR (gradient echo): sct-head 1.0 was trained on SE (spin echo) images only, "
+            "and the contrast differs",
+        ),
+        (
+            {"ScanningSequence": ["SE", "IR"]},  # an inversion-prepared T1 (T1 FLAIR)
+            "scanning sequence IR\\SE (inversion recovery, spin echo): sct-head 1.0 was trained on SE "
+            "(spin echo) images only, and the contrast differs",
+        ),
+        (
+            {"ScanningSequence": None},
+            "scanning sequence not given (Scanning Sequence, 0018,0020): sct-head 1.0 was trained on SE "
+            "(spin echo) images only",
+        ),
+    ],
+)
+def test_sct_refuses_a_t1w_that_is_not_a_spin_echo(
+    tags: dict[str, object], refused: str | None, sct: StagedPipeline, head_mr: list[Path], tmp_path: Path
+) -> None:
+    paths = _with_sequence(head_mr, tmp_path / "in", **tags)
+    if refused is None:
+        through_checks(sct, paths, tmp_path / "work")
+        return
+    assert refusal(sct, paths, tmp_path).reasons == (refused,)
+
+
+def test_an_enhanced_mr_is_read_by_its_echo_pulse_sequence(head_mr: list[Path]) -> None:
+    domain, label = domain_of_card(read_card(version_dir("sct-head")), "MR")
+    ds = pydicom.dcmread(head_mr[0])
+    del ds.ScanningSequence
+    modifier = Dataset()
+    modifier.InversionRecovery = "NO"
+    shared = Dataset()
+    shared.MRModifierSequence = [modifier]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    for pulse, expected in (
+        ("SPIN", []),
+        ("GRADIENT", ["scanning sequence GR"]),
+        ("", ["scanning sequence not given"]),
+    ):
+        ds.EchoPulseSequence = pulse
+        found = [r.split(" (")[0] for r in header_reasons([ds], domain, label) if r.startswith("scanning")]
+        assert found == expected, pulse
+    ds.EchoPulseSequence = "SPIN"
+    modifier.InversionRecovery = "YES"
+    assert [r.split(" (")[0] for r in header_reasons([ds], domain, label) if r.startswith("scanning")] == [
+        "scanning sequence IR\\SE"
+    ]

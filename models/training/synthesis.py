@@ -72,6 +72,8 @@ INPUT_DOMAIN: dict[str, object] = {
     "image_check": "mr-head",
     # the simulator's two field strengths (``models.sim.synthesis.FIELD_STRENGTHS_T``)
     "field_strengths_t": [1.5, 3.0],
+    # the simulator's T1w and T2w are spin echoes
+    "scanning_sequences": ["SE"],
 }
 
 
