@@ -139,8 +139,8 @@ def test_an_acquired_instance_never_joins_a_study_of_another_patient(node, tmp_p
     assert result.outcome == StoreOutcome.REJECTED and result.quarantine_path is not None
     assert result.rejection is not None and "held here under another patient" in result.rejection.reason
     issuer = mr_instance("P1", study, series, 3, "20240601")
-    issuer.IssuerOfPatientID = "HOSP_B"
-    assert _put(store, issuer, prior=False).outcome == StoreOutcome.REJECTED
+    issuer.IssuerOfPatientID = "HOSP_B"  # the first said no issuer: not a contradiction
+    assert _put(store, issuer, prior=False).outcome == StoreOutcome.STORED
     unnamed = mr_instance("", study, series, 4, "20240601")  # Type 2: an empty Patient ID does not decide
     assert _put(store, unnamed, prior=False).outcome == StoreOutcome.STORED
 
@@ -154,3 +154,49 @@ def test_an_acquired_instance_never_joins_a_study_of_another_patient(node, tmp_p
         assert _put(other, same, prior=False).outcome == StoreOutcome.STORED
     finally:
         other.close()
+
+
+def test_a_missing_issuer_does_not_split_a_study_but_another_issuer_does(node) -> None:
+    """The images carry the issuer (from the worklist), the scanner's dose report or a screen
+    capture does not: the same Patient ID without an issuer joins the study, either way
+    round. The same Patient ID under another issuer is another patient: refused."""
+    rt, store = node
+    study, series = generate_uid(), generate_uid()
+    first = mr_instance("P1", study, series, 1, "20240601")
+    first.IssuerOfPatientID = "HOSP_A"
+    assert _put(store, first, prior=False).outcome == StoreOutcome.STORED
+    bare = mr_instance("P1", study, series, 2, "20240601")
+    assert "IssuerOfPatientID" not in bare
+    assert _put(store, bare, prior=False).outcome == StoreOutcome.STORED
+    other = mr_instance("P1", study, series, 3, "20240601")
+    other.IssuerOfPatientID = "HOSP_B"
+    result = _put(store, other, prior=False)
+    assert result.outcome == StoreOutcome.REJECTED
+    assert result.rejection is not None and "held here under another patient" in result.rejection.reason
+
+    store.indexer.flush(timeout=10)  # a later process asks the index: the same answers
+    later = InstanceStore(rt.paths, rt.db, Indexer(rt.db, rt.audit, gather_seconds=0.01))
+    try:
+        assert _put(later, mr_instance("P1", study, series, 4, "20240601"), prior=False).outcome == (
+            StoreOutcome.STORED
+        )
+        again = mr_instance("P1", study, series, 5, "20240601")
+        again.IssuerOfPatientID = "HOSP_B"
+        assert _put(later, again, prior=False).outcome == StoreOutcome.REJECTED
+    finally:
+        later.close()
+
+
+def test_the_first_issuer_named_decides_for_instances_that_follow(node) -> None:
+    _rt, store = node
+    study, series = generate_uid(), generate_uid()
+    assert _put(store, mr_instance("P1", study, series, 1, "20240601"), prior=False).outcome == (
+        StoreOutcome.STORED
+    )
+    outcomes = []
+    for number, issuer in ((2, "HOSP_A"), (3, "HOSP_B"), (4, "")):
+        ds = mr_instance("P1", study, series, number, "20240601")
+        if issuer:
+            ds.IssuerOfPatientID = issuer
+        outcomes.append(_put(store, ds, prior=False).outcome)
+    assert outcomes == [StoreOutcome.STORED, StoreOutcome.REJECTED, StoreOutcome.STORED]

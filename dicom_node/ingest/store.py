@@ -369,7 +369,11 @@ class InstanceStore:
         """Why an instance may not join its study: the node holds that Study Instance UID
         under another patient (Patient ID or issuer). A study never mixes patients: a job
         would process both patients' images as one study and label its outputs with one name.
-        An instance without a Patient ID (Type 2: it may be empty) does not decide it.
+        An instance without a Patient ID (Type 2: it may be empty) does not decide it, nor
+        does a missing Issuer of Patient ID beside the same Patient ID: modalities fill the
+        issuer unevenly (the images from the worklist, a dose report or a screen capture
+        without it), and a Study Instance UID shared by two patients of the same Patient ID
+        is not a thing the issuer's absence makes likely. Two different issuers do decide.
 
         One database lookup per study per process; the first instance of a new study sets
         its patient for those that follow, also while it is still waiting for the index.
@@ -390,7 +394,10 @@ class InstanceStore:
                 known = self._study_patients.setdefault(facts.study_uid, found)
                 while len(self._study_patients) > _STUDY_PATIENTS_KEPT:
                     self._study_patients.popitem(last=False)
-        if known != patient:
+        if known[0] == patient[0] and not known[1] and patient[1]:
+            with self._study_patients_lock:  # the first issuer named decides for the rest here
+                self._study_patients[facts.study_uid] = patient
+        if known[0] != patient[0] or (known[1] and patient[1] and known[1] != patient[1]):
             return (
                 f"study {facts.study_uid} is held here under another patient (Patient ID or its issuer "
                 "differs): a study never mixes patients"
