@@ -51,6 +51,10 @@ class AuditEvent(StrEnum):
     #: none stored, refused), ``http_status``, ``stored``, ``duplicates``, ``failed``,
     #: ``bytes``, the token used; each instance has its own ``instance-*`` record.
     STOW_RECEIVED = "stow-received"
+    #: The retention rule removed a study's files (``[retention]``): ``study_uid,
+    #: patient_id, instances, bytes, outputs`` (job output files removed), ``reason`` (age
+    #: or disk pressure) and ``last_activity``. Reported as DICOM Instances Accessed, action D.
+    STUDY_PURGED = "study-purged"
     STUDY_READY = "study-ready"
     STUDY_NOT_ROUTED = "study-not-routed"
     #: A Modality Performed Procedure Step (MPPS N-CREATE / N-SET) from a scanner, by the

@@ -453,6 +453,33 @@ def check_database_url(url: str) -> None:
         ) from None
 
 
+class RetentionSection(_Section):
+    """When received studies and their outputs leave this node's disk. Off by default:
+    nothing is removed until ``keep_days`` or ``free_disk_mb`` says so.
+
+    A study is removed only when nothing still needs its files: no job of it queued,
+    running, waiting for priors, held for review or delivering; no delivery of its outputs
+    still under way; not a prior of such a job. Index, job and delivery rows stay (the
+    history the web pages and the audit log show); each removal is an audit record.
+    """
+
+    #: Remove a study once this many days have passed since its last activity (an instance
+    #: received, a job of it moving); 0: never for age.
+    keep_days: float = Field(0.0, ge=0)
+    #: When free space under the data directory is below this many MB, remove the studies
+    #: with the oldest activity first, down to ``min_age_hours``, until it is above; 0: off.
+    #: Set it above ``[receiver] min_free_disk_mb``, where the receiver starts refusing.
+    free_disk_mb: int = Field(0, ge=0)
+    #: Under disk pressure, never remove a study active within this many hours.
+    min_age_hours: float = Field(24.0, ge=1)
+    #: How often ``serve`` applies the rule, in minutes.
+    check_minutes: float = Field(60.0, gt=0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.keep_days > 0 or self.free_disk_mb > 0
+
+
 class SyslogSection(_Section):
     """Audit records to a syslog collector over TLS (RFC 5425 / RFC 5424, IHE ATNA)."""
 
@@ -580,6 +607,7 @@ class NodeConfig(_Section):
     outbox: OutboxSection = OutboxSection()
     workers: WorkersSection = WorkersSection()
     storage: StorageSection = StorageSection()
+    retention: RetentionSection = RetentionSection()
     audit: AuditSection = AuditSection()
     web: WebSection = WebSection()
     models: ModelsSection = ModelsSection()

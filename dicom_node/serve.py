@@ -32,6 +32,7 @@ from audit.syslog import AuditForwarder, SyslogTlsSender
 from dicom_node import __version__
 from dicom_node.config import ConfigError, NodeConfig
 from dicom_node.delivery.outbox import Outbox
+from dicom_node.delivery.retention import Retention
 from dicom_node.ingest.archives import Archives
 from dicom_node.ingest.indexer import Indexer
 from dicom_node.ingest.mpps import PerformedProcedureSteps
@@ -572,8 +573,11 @@ def _serve(
         Archives(config, paths.home, audit, db=runtime.db, store=store, actor=actor),
         actor=actor,
     )
+    # [retention]: studies whose files may go, on a timer, in the main process only
+    retention = Retention(runtime.db, audit, config.retention, paths.data, paths.outputs, actor=actor)
     if main:
         prior_fetcher.start()
+        retention.start()
     supervisor.start()
     receivers.start()
     if not main:
@@ -611,6 +615,7 @@ def _serve(
         receivers.stop()
         if main:
             prior_fetcher.stop()
+            retention.stop()
         receiver.stop()
         store.close()
         readiness.shutdown()

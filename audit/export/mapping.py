@@ -177,6 +177,7 @@ EVENT_MAP: dict[AuditEvent, EventMapping] = {
     AuditEvent.STORAGE_COMMITMENT_RESULT: EventMapping(INSTANCES_TRANSFERRED, "R"),
     AuditEvent.STORAGE_COMMITMENT_TIMEOUT: EventMapping(INSTANCES_TRANSFERRED, "R"),
     AuditEvent.PROVENANCE: EventMapping(INSTANCES_ACCESSED, "C"),
+    AuditEvent.STUDY_PURGED: EventMapping(INSTANCES_ACCESSED, "D"),
     AuditEvent.REVIEW_APPROVED: EventMapping(INSTANCES_ACCESSED, "R"),
     AuditEvent.REVIEW_REJECTED: EventMapping(INSTANCES_ACCESSED, "R"),
     AuditEvent.STUDY_READY: EventMapping(APPLICATION_ACTIVITY, "E"),

@@ -16,6 +16,7 @@ from dicom_node.cli import (  # noqa: F401  (imported for their commands)
     model_cmds,
     net_cmds,
     policy_cmds,
+    retention_cmds,
     review_cmds,
     run_cmds,
     serve_cmds,

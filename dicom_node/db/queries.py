@@ -42,8 +42,9 @@ def list_studies(
     given must match (``since``/``until``: when its first instance arrived). Keyset
     paging on the study's row id (``id``): see :func:`_paged`.
 
-    ``state`` is ``receiving`` while instances wait for the completeness timer, otherwise
-    the state of the study's newest job, or ``stored`` when no route matched.
+    ``state`` is ``receiving`` while instances wait for the completeness timer, ``purged``
+    once the retention rule removed its files, otherwise the state of the study's newest
+    job, or ``stored`` when no route matched.
     """
     query = select(
         t.studies.c.id,
@@ -54,6 +55,7 @@ def list_studies(
         t.studies.c.source_ae,
         t.studies.c.open_version,
         t.studies.c.first_received_at,
+        t.studies.c.purged_at,
         t.patients.c.patient_id,
     ).join(t.patients, t.patients.c.id == t.studies.c.patient_fk)
     if study_uid is not None:
@@ -114,6 +116,8 @@ def list_studies(
     for s in studies:
         mine = by_study.get(s.id, [])
         state = "receiving" if pending.get(s.id) else latest_job.get(s.id, "stored")
+        if s.purged_at is not None:
+            state = "purged"  # its files were removed by the retention rule
         out.append(
             {
                 "id": s.id,
@@ -130,6 +134,7 @@ def list_studies(
                 "state": state,
                 "first_received_at": s.first_received_at,
                 "last_received_at": last.get(s.id),
+                "purged_at": s.purged_at,
             }
         )
     return out

@@ -63,6 +63,9 @@ studies = Table(
     Column("first_received_at", Float, nullable=False),
     #: Version that newly arriving instances join; bumped when the study becomes ready.
     Column("open_version", Integer, nullable=False, default=1),
+    #: When the retention rule removed the study's files ([retention]); cleared when an
+    #: instance of it arrives again. NULL: its files are on disk.
+    Column("purged_at", Float),
 )
 
 series = Table(
@@ -109,6 +112,10 @@ instances = Table(
     #: made it and it came back), ``ai-output`` (another AI node made it; rules decide),
     #: NULL for an acquired instance.
     Column("role", String(16)),
+    #: When the retention rule removed this file (the row stays: the study's history). A
+    #: purged instance is never current; the same SOP Instance UID sent again is stored as
+    #: a new version, whatever its bytes.
+    Column("purged_at", Float),
     UniqueConstraint("sop_uid", "version", name="uq_instances_sop_uid_version"),
     Index("ix_instances_study_version", "study_fk", "study_version"),
 )

@@ -380,6 +380,18 @@ class Outbox:
                 raise KeyError(f"no delivery {delivery_id}")
             if row.state != DeliveryState.DEAD.value:
                 raise ValueError(f"delivery {delivery_id} is {row.state}, not dead")
+            purged = work.conn.execute(
+                select(t.instances.c.purged_at)
+                .join(t.job_inputs, t.job_inputs.c.instance_fk == t.instances.c.id)
+                .where(t.job_inputs.c.job_fk == row.job_fk, t.instances.c.purged_at.is_not(None))
+                .limit(1)
+            ).scalar()
+            if purged is not None:
+                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(purged)))
+                raise ValueError(
+                    f"delivery {delivery_id}: the retention rule removed job {row.job_fk}'s study and "
+                    f"outputs on {when}; nothing is left to send (send the study again to run it anew)"
+                )
             work.conn.execute(
                 update(t.deliveries)
                 .where(t.deliveries.c.id == delivery_id)

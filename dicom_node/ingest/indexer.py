@@ -196,6 +196,12 @@ def index_batch(
             }
         )
     conn.execute(insert(t.instances), rows)
+    # an instance of a study the retention rule removed brings the study back
+    conn.execute(
+        update(t.studies)
+        .where(t.studies.c.id.in_(set(study_ids.values())), t.studies.c.purged_at.is_not(None))
+        .values(purged_at=None)
+    )
 
 
 def _audit_entry(p: PendingInstance) -> tuple[AuditEvent, dict[str, Any]]:

@@ -70,6 +70,7 @@ _NEWEST_VERSION = (
         t.instances.c.path,
         t.instances.c.transfer_syntax_uid,
         t.instances.c.role,
+        t.instances.c.purged_at,
     )
     .where(t.instances.c.sop_uid == bindparam("sop_uid"))
     .order_by(t.instances.c.version.desc())
@@ -171,7 +172,17 @@ class InstanceStore:
     def _commit(self, staging: Path, final: Path) -> None:
         """Rename a flushed staging file into place and make the rename durable."""
         self._ensure_dir(final.parent)
-        os.replace(staging, final)
+        try:
+            os.replace(staging, final)
+        except FileNotFoundError:
+            if not staging.exists():
+                raise
+            # the folder went after this process made it: the retention rule removes a
+            # study's emptied folders (an instance of it arriving again comes here)
+            with self._dirs_lock:
+                self._known_dirs.discard(final.parent)
+            self._ensure_dir(final.parent)
+            os.replace(staging, final)
         self._fsync_dir(final.parent)
 
     def write_durably(self, final: Path, chunks: Iterable[bytes]) -> None:
@@ -197,7 +208,12 @@ class InstanceStore:
             return None
         path = self.paths.data / str(row[2])
         return _Current(
-            int(row[0]), str(row[1]), str(row[3]), lambda: split_part10(path.read_bytes())[1], row[4]
+            int(row[0]),
+            str(row[1]),
+            str(row[3]),
+            lambda: split_part10(path.read_bytes())[1],
+            row[4],
+            purged=row[5] is not None,
         )
 
     def _classify(self, facts: InstanceFacts) -> Origin:
@@ -263,7 +279,7 @@ class InstanceStore:
             )
         with lock:
             current = self._current_version(facts.sop_instance_uid)
-            if current is not None:
+            if current is not None and not current.purged:
                 if current.sha256 == hashlib.sha256(data).hexdigest():
                     return StoreResult(
                         StoreOutcome.DUPLICATE,
@@ -281,7 +297,7 @@ class InstanceStore:
                         f"({UID(current.transfer_syntax).name}), re-sent in {UID(transfer_syntax).name}",
                         role=origin.role,
                     )
-            if current is not None and origin.role == PRIOR and current.role != PRIOR:
+            if current is not None and not current.purged and origin.role == PRIOR and current.role != PRIOR:
                 return self.refuse(
                     data,
                     transfer_syntax,
@@ -584,6 +600,9 @@ class _Current:
     data: Callable[[], bytes]
     #: own-output / ai-output / prior; None: acquired.
     role: str | None = None
+    #: The retention rule removed its file: the same SOP Instance UID arriving again is a
+    #: new version whatever its bytes (nothing to compare with, nothing to be a duplicate of).
+    purged: bool = False
 
 
 def relative_path(facts: InstanceFacts, version: int) -> str:

@@ -45,10 +45,13 @@ class Study(Body):
     instances: int
     #: The study version the last job ran on (a later arrival opens the next).
     version: int
-    #: ``receiving``, ``stored`` (no rule matched) or the state of its newest job.
+    #: ``receiving``, ``stored`` (no rule matched), ``purged`` (the retention rule removed
+    #: its files; the rows stay) or the state of its newest job.
     state: str
     first_received_at: float
     last_received_at: float | None
+    #: When the retention rule removed its files (None: they are on disk).
+    purged_at: float | None = None
 
 
 class Series(Body):
