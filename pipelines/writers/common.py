@@ -9,12 +9,16 @@
 * Contributing Equipment (the source's scanner, the node, the model) and Software
   Versions, which carry the provenance of every object;
 * the output kinds (``KIND_*``) and :func:`kind_of`, which tells them apart again;
+* the source's Patient and Study modules, copied whole into every output
+  (:func:`_copy_patient_and_study`), and its Timezone Offset From UTC with the output's own
+  dates and times in that zone (:func:`_keep_timezone`);
 * what the writers read from the source: windows, per-frame values (through
   :func:`pipelines.geometry.frame_group`), references, body part, plane geometry.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import re
 from collections.abc import Iterable, Sequence
@@ -37,7 +41,7 @@ from pydicom.uid import (
     SegmentationStorage,
     SpatialRegistrationStorage,
 )
-from pydicom.valuerep import format_number_as_ds, validate_value
+from pydicom.valuerep import DA, DT, TM, format_number_as_ds, validate_value
 
 from pipelines import spill
 from pipelines.geometry import frame_group
@@ -240,8 +244,11 @@ def _concept(owner: str, argument: str, value: Any) -> CodedConcept:
     raise TypeError(f"{owner}: argument {argument!r} must be a pydicom Code or highdicom CodedConcept")
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now().astimezone()
+def _now(source: Dataset | None = None) -> dt.datetime:
+    """Now, in the zone ``source``'s Timezone Offset From UTC names (else the local one)."""
+    now = dt.datetime.now().astimezone()
+    zone = None if source is None else _timezone_of(source)
+    return now if zone is None else now.astimezone(zone)
 
 
 def _ds(value: float) -> str:
@@ -425,6 +432,134 @@ def _uses_local_scheme(ds: Dataset) -> bool:
                 if item.get("CodingSchemeDesignator") == LOCAL_SCHEME or _uses_local_scheme(item):
                     return True
     return False
+
+
+#: The top-level attributes of the Patient, Clinical Trial Subject, General Study, Patient
+#: Study and Clinical Trial Study modules, as highdicom's tables of the standard list them
+#: (what its ``copy_patient_and_study_information`` copies into the objects it builds), and
+#: Ethnic Group, which those tables no longer list but sources carry. Every output copies
+#: those its source has: a PACS files an object by its Patient and Study modules, and two
+#: outputs of one job must not tell different stories of the same patient and study.
+_PATIENT_STUDY_KEYWORDS = (
+    # Patient
+    "ReferencedPatientSequence", "PatientName", "PatientID", "IssuerOfPatientID", "TypeOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence", "SourcePatientGroupIdentificationSequence",
+    "GroupOfPatientsIdentificationSequence", "PatientBirthDate", "PatientBirthTime",
+    "PatientBirthDateInAlternativeCalendar", "PatientDeathDateInAlternativeCalendar",
+    "PatientAlternativeCalendar", "PatientSex", "QualityControlSubject", "StrainDescription",
+    "StrainNomenclature", "StrainStockSequence", "StrainAdditionalInformation", "StrainCodeSequence",
+    "GeneticModificationsSequence", "OtherPatientNames", "OtherPatientIDsSequence",
+    "ReferencedPatientPhotoSequence", "EthnicGroup", "EthnicGroupCodeSequence",
+    "PatientSpeciesDescription", "PatientSpeciesCodeSequence", "PatientBreedDescription",
+    "PatientBreedCodeSequence", "BreedRegistrationSequence", "ResponsiblePerson",
+    "ResponsiblePersonRole", "ResponsibleOrganization", "PatientComments", "PatientIdentityRemoved",
+    "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+    # Clinical Trial Subject
+    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
+    "IssuerOfClinicalTrialProtocolID", "OtherClinicalTrialProtocolIDsSequence", "ClinicalTrialSiteID",
+    "ClinicalTrialSiteName", "IssuerOfClinicalTrialSiteID", "ClinicalTrialSubjectID",
+    "IssuerOfClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID",
+    "IssuerOfClinicalTrialSubjectReadingID", "ClinicalTrialProtocolEthicsCommitteeName",
+    "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
+    # General Study
+    "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "IssuerOfAccessionNumberSequence",
+    "ReferringPhysicianName", "ReferringPhysicianIdentificationSequence", "ConsultingPhysicianName",
+    "ConsultingPhysicianIdentificationSequence", "StudyDescription", "ProcedureCodeSequence",
+    "PhysiciansOfRecord", "PhysiciansOfRecordIdentificationSequence", "NameOfPhysiciansReadingStudy",
+    "PhysiciansReadingStudyIdentificationSequence", "ReferencedStudySequence", "StudyID",
+    "RequestingService", "RequestingServiceCodeSequence", "ReasonForPerformedProcedureCodeSequence",
+    # Patient Study
+    "AdmittingDiagnosesDescription", "AdmittingDiagnosesCodeSequence", "PatientAge", "PatientSize",
+    "PatientSizeCodeSequence", "PatientBodyMassIndex", "MeasuredAPDimension", "MeasuredLateralDimension",
+    "PatientWeight", "MedicalAlerts", "Allergies", "Occupation", "SmokingStatus",
+    "AdditionalPatientHistory", "PregnancyStatus", "LastMenstrualDate", "PatientSexNeutered",
+    "ReasonForVisit", "ReasonForVisitCodeSequence", "AdmissionID", "IssuerOfAdmissionIDSequence",
+    "ServiceEpisodeID", "ServiceEpisodeDescription", "IssuerOfServiceEpisodeIDSequence", "PatientState",
+    # Clinical Trial Study
+    "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription", "LongitudinalTemporalOffsetFromEvent",
+    "LongitudinalTemporalEventType", "ClinicalTrialTimePointTypeCodeSequence",
+    "IssuerOfClinicalTrialTimePointID", "ConsentForClinicalTrialUseSequence",
+)  # fmt: skip
+
+
+def _copy_patient_and_study(ds: Dataset, source: Dataset) -> None:
+    """Every attribute of :data:`_PATIENT_STUDY_KEYWORDS` ``source`` has and ``ds`` lacks
+    (a copy: fixing an invalid value in ``ds`` never changes the source)."""
+    for keyword in _PATIENT_STUDY_KEYWORDS:
+        if keyword in source and keyword not in ds:
+            ds[keyword] = copy.deepcopy(source[keyword])
+
+
+#: Timezone Offset From UTC: ``&ZZXX`` (PS3.3 C.12.1.1.8), e.g. ``+0900``, ``-0330``.
+_UTC_OFFSET = re.compile(r"([+-])(\d\d)(\d\d)")
+
+
+def _timezone_of(ds: Dataset) -> dt.timezone | None:
+    """The zone ``ds``'s Timezone Offset From UTC (0008,0201) names; None where it names
+    none (absent, or not an offset ``&ZZXX`` from -1200 to +1400)."""
+    match = _UTC_OFFSET.fullmatch(str(ds.get("TimezoneOffsetFromUTC", "") or "").strip())
+    if match is None:
+        return None
+    sign, hours, minutes = match[1], int(match[2]), int(match[3])
+    offset = dt.timedelta(hours=hours, minutes=minutes)
+    if minutes > 59 or offset > dt.timedelta(hours=14 if sign == "+" else 12):
+        return None
+    return dt.timezone(-offset if sign == "-" else offset)
+
+
+#: The date and time pairs the writers (and highdicom) stamp with the local time an
+#: object is made.
+_MADE_AT = (
+    ("InstanceCreationDate", "InstanceCreationTime"),
+    ("ContentDate", "ContentTime"),
+    ("SeriesDate", "SeriesTime"),
+)
+#: DCM 109101 "Acquisition Equipment": a Contributing Equipment item of the source's
+#: scanner, whose Contribution DateTime is the source's acquisition (in the source's zone).
+_ACQUISITION_EQUIPMENT = "109101"
+
+
+def _in_zone(local: dt.datetime, zone: dt.tzinfo) -> dt.datetime:
+    """A naive local date and time, as the same moment in ``zone``."""
+    return local.astimezone().astimezone(zone)
+
+
+def _keep_timezone(ds: Dataset, source: Dataset) -> None:
+    """The source's Timezone Offset From UTC, with the object's own moments in its zone.
+
+    The offset applies to every date and time of an object without one of its own: the
+    Study Date and Time (and the Patient's Birth Time, ...) copied from the source are in
+    the source's zone, and an output without the offset has them read in the receiver's.
+    So the output states the source's offset, and what it stamped in local time (Instance
+    Creation, Content and Series Date and Time; a Contribution DateTime without an offset
+    of its own, as highdicom writes its item) is moved into that zone. A source without
+    an offset (or with an invalid one) leaves the object as it is."""
+    zone = _timezone_of(source)
+    if zone is None:
+        return
+    ds.TimezoneOffsetFromUTC = str(source.TimezoneOffsetFromUTC).strip()
+    for date_keyword, time_keyword in _MADE_AT:
+        day, time = str(ds.get(date_keyword, "") or ""), str(ds.get(time_keyword, "") or "")
+        if not day or not time:
+            continue
+        try:
+            moment = _in_zone(dt.datetime.combine(DA(day), TM(time)), zone)
+        except (TypeError, ValueError):
+            continue  # not a stamp of this node's (it writes valid ones)
+        fraction = "." in time
+        ds[date_keyword].value = moment.strftime("%Y%m%d")
+        ds[time_keyword].value = moment.strftime("%H%M%S.%f" if fraction else "%H%M%S")
+    for item in ds.get("ContributingEquipmentSequence", []):
+        stamped = str(item.get("ContributionDateTime", "") or "")
+        purpose = item.get("PurposeOfReferenceCodeSequence") or [Dataset()]
+        if not stamped or str(purpose[0].get("CodeValue", "")) == _ACQUISITION_EQUIPMENT:
+            continue
+        try:
+            when = DT(stamped)
+        except ValueError:
+            continue
+        if when.tzinfo is None:
+            item.ContributionDateTime = _in_zone(when, zone).strftime("%Y%m%d%H%M%S.%f%z")
 
 
 #: De-identification Method of an output whose source says Patient Identity Removed YES

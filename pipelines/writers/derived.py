@@ -37,9 +37,11 @@ from pipelines.writers.common import (
     _concept,
     _contributing_equipment,
     _copy_anatomy,
+    _copy_patient_and_study,
     _ds,
     _finish,
     _frame_value,
+    _keep_timezone,
     _lo,
     _now,
     _referenced_series,
@@ -52,30 +54,6 @@ from pipelines.writers.common import (
 from pipelines.writers.files import _file_meta, save
 
 __all__ = ["DerivedImageWriter"]
-
-_PATIENT_STUDY_KEYWORDS = (
-    # Patient
-    "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence",
-    "TypeOfPatientID", "PatientBirthDate", "PatientBirthTime", "PatientSex", "OtherPatientIDsSequence",
-    "OtherPatientNames", "PatientComments", "PatientIdentityRemoved", "DeidentificationMethod",
-    "DeidentificationMethodCodeSequence", "PatientSpeciesDescription", "PatientSpeciesCodeSequence",
-    "PatientBreedDescription", "PatientBreedCodeSequence", "BreedRegistrationSequence",
-    "ResponsiblePerson", "ResponsiblePersonRole", "ResponsibleOrganization", "QualityControlSubject",
-    # Clinical Trial Subject / Study
-    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
-    "ClinicalTrialSiteID", "ClinicalTrialSiteName", "ClinicalTrialSubjectID",
-    "ClinicalTrialSubjectReadingID", "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription",
-    "ConsentForClinicalTrialUseSequence",
-    # General Study
-    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName",
-    "ReferringPhysicianIdentificationSequence", "StudyID", "AccessionNumber",
-    "IssuerOfAccessionNumberSequence", "StudyDescription", "ProcedureCodeSequence",
-    "ReasonForPerformedProcedureCodeSequence", "RequestingService",
-    # Patient Study
-    "AdmittingDiagnosesDescription", "AdmittingDiagnosesCodeSequence", "PatientAge", "PatientSize",
-    "PatientWeight", "PatientSizeCodeSequence", "Occupation", "AdditionalPatientHistory",
-    "PregnancyStatus", "PatientSexNeutered",
-)  # fmt: skip
 
 #: Type 2 attributes written empty when the source lacks them (never invented).
 _TYPE2_EMPTY = (
@@ -360,9 +338,7 @@ class DerivedImageWriter:
         ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
         ds.SOPClassUID = CTImageStorage if modality == "CT" else MRImageStorage
         ds.SOPInstanceUID = self.uids.instance(self.name, k + 1)
-        for keyword in _PATIENT_STUDY_KEYWORDS:
-            if keyword in source:
-                ds[keyword] = source[keyword]
+        _copy_patient_and_study(ds, source)
         for keyword in _TYPE2_EMPTY:
             if keyword not in ds:
                 setattr(ds, keyword, "")
@@ -449,6 +425,7 @@ class DerivedImageWriter:
             [(volume.series_uid, ref.sop_class_uid, ref.sop_instance_uid)]
         )
         ds.ContributingEquipmentSequence = _contributing_equipment(prov, source)
+        _keep_timezone(ds, source)
         return ds
 
     @staticmethod

@@ -31,7 +31,9 @@ from pipelines.writers.common import (
     _check_uids,
     _contributing_equipment,
     _copy_anatomy,
+    _copy_patient_and_study,
     _finish,
+    _keep_timezone,
     _lo,
     _referenced_series,
     _software_versions,
@@ -188,6 +190,8 @@ class OverlayWriter:
         # outputs carry them all (highdicom's copy), and an overlay without the Issuer of
         # Patient ID could be filed under another patient where IDs are only unique per issuer
         sc.copy_patient_and_study_information(source)
+        _copy_patient_and_study(sc, source)
+        _keep_timezone(sc, source)
         sc.ImageType = ["DERIVED", "SECONDARY"]
         sc.BurnedInAnnotation = "YES"
         _copy_anatomy(sc, source, empty_laterality=True)

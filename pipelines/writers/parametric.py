@@ -38,8 +38,10 @@ from pipelines.writers.common import (
     _concept,
     _contributing_equipment,
     _copy_anatomy,
+    _copy_patient_and_study,
     _finish,
     _geometry,
+    _keep_timezone,
     _lo,
     _software_versions,
     _window_of,
@@ -214,6 +216,8 @@ class _ParametricMapWriter:
         )
         pm.SeriesDescription = self.series_description
         _copy_anatomy(pm, volume.datasets[0], empty_laterality=True)
+        _copy_patient_and_study(pm, volume.datasets[0])
+        _keep_timezone(pm, volume.datasets[0])
         _file_meta_keep(pm)
         _finish(pm, prov)
         if out_dir is not None:

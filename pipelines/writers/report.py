@@ -59,8 +59,11 @@ from pipelines.writers.common import (
     _check_series_number,
     _check_uids,
     _contributing_equipment,
+    _copy_patient_and_study,
     _finish,
+    _keep_timezone,
     _lo,
+    _now,
     _software_versions,
     kind_of,
     local_code,
@@ -418,6 +421,8 @@ class SummaryReportWriter:
             device_serial_number=prov.weights_sha256,
         )
         sr.SeriesDescription = _ai_series_description("output summary (model card, QC, gate)")
+        _copy_patient_and_study(sr, volume.datasets[0])
+        _keep_timezone(sr, volume.datasets[0])
         _file_meta_keep(sr)
         _finish(sr, prov)
         if out_dir is not None:
@@ -701,7 +706,9 @@ def reported_figures(ds: Dataset) -> dict[str, tuple[float, str]]:
 
 
 def _now_stamp(ds: Dataset) -> None:
-    now = dt.datetime.now().astimezone()
+    """Content and Instance Creation Date and Time: now, in the zone of the report's
+    Timezone Offset From UTC (the source's) where it states one."""
+    now = _now(ds)
     ds.ContentDate = now.strftime("%Y%m%d")
     ds.ContentTime = now.strftime("%H%M%S.%f")
     ds.InstanceCreationDate = ds.ContentDate

@@ -32,8 +32,10 @@ from pipelines.writers.common import (
     _check_uids,
     _contributing_equipment,
     _copy_anatomy,
+    _copy_patient_and_study,
     _finish,
     _geometry,
+    _keep_timezone,
     _lo,
     _software_versions,
     output_character_set,
@@ -193,6 +195,8 @@ class SuspectRegionWriter:
         seg.SeriesDescription = _ai_series_description("suspect regions (possible hallucination)")
         _slice_thickness_from_geometry(seg, measures)
         _copy_anatomy(seg, volume.datasets[0], empty_laterality=False)
+        _copy_patient_and_study(seg, volume.datasets[0])
+        _keep_timezone(seg, volume.datasets[0])
         _file_meta_keep(seg)
         _finish(seg, prov)
         if out_dir is not None:
@@ -303,6 +307,8 @@ class TumourExtentWriter:
         seg.SeriesDescription = _ai_series_description(self.description)
         _slice_thickness_from_geometry(seg, measures)
         _copy_anatomy(seg, volume.datasets[0], empty_laterality=False)
+        _copy_patient_and_study(seg, volume.datasets[0])
+        _keep_timezone(seg, volume.datasets[0])
         _file_meta_keep(seg)
         _finish(seg, prov)
         if out_dir is not None:

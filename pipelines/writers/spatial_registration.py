@@ -27,15 +27,17 @@ from pipelines.writers.common import (
     _code_item,
     _contributing_equipment,
     _copy_anatomy,
+    _copy_patient_and_study,
     _ds,
     _finish,
+    _keep_timezone,
     _lo,
     _now,
     _reference_item,
     _referenced_series,
     _software_versions,
 )
-from pipelines.writers.derived import _PATIENT_STUDY_KEYWORDS, _TYPE2_EMPTY
+from pipelines.writers.derived import _TYPE2_EMPTY
 from pipelines.writers.files import _file_meta, save
 
 if TYPE_CHECKING:  # SimpleITK (the 'ai' extra) is not loaded to write or read the object
@@ -232,9 +234,7 @@ class SpatialRegistrationWriter:
         ds.SOPInstanceUID = self.sop_instance_uid
         ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
         # Patient, Clinical Trial Subject, General Study, Patient Study: the current study's
-        for keyword in _PATIENT_STUDY_KEYWORDS:
-            if keyword in source:
-                ds[keyword] = source[keyword]
+        _copy_patient_and_study(ds, source)
         for keyword in _TYPE2_EMPTY:
             if keyword not in ds:
                 setattr(ds, keyword, "")
@@ -291,6 +291,7 @@ class SpatialRegistrationWriter:
             other.ReferencedSeriesSequence = _referenced_series(prior_refs)
             ds.StudiesContainingOtherReferencedInstancesSequence = [other]
         ds.ContributingEquipmentSequence = _contributing_equipment(prov, source, include_acquisition=False)
+        _keep_timezone(ds, source)
         _file_meta(ds)
         _finish(ds, prov)
         if out_dir is not None:
