@@ -265,3 +265,33 @@ def test_mr_with_mixed_orientations_is_refused(tmp_path: Path) -> None:
     assert problem.startswith("the MR series mixes 2 orientations (12 axial [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]")
     assert "12 sagittal [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]" in problem
     assert problem.endswith("it is not one stack of slices — select one orientation")
+
+
+@pytest.mark.skipif(not Path(DCIODVFY).is_file(), reason="dicom3tools not installed")
+def test_a_trial_patients_series_is_not_held_for_attributes_dciodvfy_does_not_know(
+    ct: list[Path],
+) -> None:
+    """Outputs copy the source's whole Patient and Study modules; a clinical-trial source's
+    issuers and codes are standard attributes an older dciodvfy calls unrecognised."""
+    from pydicom.dataset import Dataset
+
+    for path in ct:
+        ds = pydicom.dcmread(path)
+        issuer = Dataset()
+        issuer.LocalNamespaceEntityID = "SPONSOR"
+        code = Dataset()
+        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "T1", "99X", "baseline"
+        ds.ClinicalTrialSponsorName, ds.ClinicalTrialProtocolID = "SPONSOR", "PROT-1"
+        ds.ClinicalTrialProtocolName, ds.ClinicalTrialSiteName = "Protocol one", "Site one"
+        ds.IssuerOfClinicalTrialProtocolID = "SPONSOR"
+        ds.OtherClinicalTrialProtocolIDsSequence = [Dataset()]
+        ds.OtherClinicalTrialProtocolIDsSequence[0].ClinicalTrialProtocolID = "P2"
+        ds.OtherClinicalTrialProtocolIDsSequence[0].IssuerOfClinicalTrialProtocolID = "OTHER"
+        ds.ClinicalTrialSiteID, ds.IssuerOfClinicalTrialSiteID = "S1", "SPONSOR"
+        ds.ClinicalTrialSubjectID, ds.IssuerOfClinicalTrialSubjectID = "SUBJ-1", "SPONSOR"
+        ds.ClinicalTrialSubjectReadingID, ds.IssuerOfClinicalTrialSubjectReadingID = "R1", "SPONSOR"
+        ds.ClinicalTrialTimePointID, ds.IssuerOfClinicalTrialTimePointID = "TP1", "SPONSOR"
+        ds.ClinicalTrialTimePointTypeCodeSequence = [code]
+        ds.EthnicGroupCodeSequence = [code]
+        ds.save_as(path)
+    assert validate_for_tps(ct) == []

@@ -40,8 +40,23 @@ MAX_PROBLEMS = 20
 #: dciodvfy lines that say nothing about the object: dicom3tools builds whose dictionary
 #: predates Synthetic Data (0008,001C) (e.g. Debian bookworm's 1.00~20220618) call that
 #: standard attribute unrecognised, and a synthetic CT must carry it (Synthetic Data YES).
-STALE_DCIODVFY_ERRORS = (
-    "Error - Attribute with an even group number is not a recognized standard attribute - (0x0008,0x001c)",
+#: The same builds predate the clinical-trial issuers and codes (0012,00xx) and Ethnic
+#: Group Code Sequence (0010,2161), which an output copies from a trial patient's source
+#: with the rest of its Patient and Study modules.
+_UNRECOGNISED = "Error - Attribute with an even group number is not a recognized standard attribute - "
+STALE_DCIODVFY_ERRORS = tuple(
+    _UNRECOGNISED + tag
+    for tag in (
+        "(0x0008,0x001c)",  # Synthetic Data
+        "(0x0010,0x2161)",  # Ethnic Group Code Sequence
+        "(0x0012,0x0022)",  # Issuer of Clinical Trial Protocol ID
+        "(0x0012,0x0023)",  # Other Clinical Trial Protocol IDs Sequence
+        "(0x0012,0x0032)",  # Issuer of Clinical Trial Site ID
+        "(0x0012,0x0041)",  # Issuer of Clinical Trial Subject ID
+        "(0x0012,0x0043)",  # Issuer of Clinical Trial Subject Reading ID
+        "(0x0012,0x0054)",  # Clinical Trial Time Point Type Code Sequence
+        "(0x0012,0x0055)",  # Issuer of Clinical Trial Time Point ID
+    )
 )
 
 #: Attributes a TPS needs with a value (PS3.3 Type 1, plus Patient ID and Patient
