@@ -57,6 +57,7 @@ MODULES = ("patient", "clinical-trial-subject", "general-study", "patient-study"
 MODULE_KEYWORDS = (
     *dict.fromkeys(a["keyword"] for m in MODULES for a in get_module_attribute_map()[m] if not a["path"]),
     "EthnicGroup",
+    "LongitudinalTemporalInformationModified",  # SOP Common: were the copied dates shifted?
 )
 #: The one Error line that dicom3tools builds older than Synthetic Data (0008,001C) give.
 STALE_SYNTHETIC_DATA = "Error - </(0008,001c)>"
@@ -103,6 +104,7 @@ def _real_world(
     ds.PatientAge, ds.PatientSize, ds.PatientWeight = visit.age, "1.78", visit.weight
     ds.PatientComments = "Allergic to iodinated contrast"
     ds.EthnicGroup = "EURO"
+    ds.LongitudinalTemporalInformationModified = "MODIFIED"
     ds.PatientIdentityRemoved = "NO"
     ds.AccessionNumber = visit.accession
     ds.IssuerOfAccessionNumberSequence = [

@@ -479,6 +479,8 @@ _PATIENT_STUDY_KEYWORDS = (
     "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription", "LongitudinalTemporalOffsetFromEvent",
     "LongitudinalTemporalEventType", "ClinicalTrialTimePointTypeCodeSequence",
     "IssuerOfClinicalTrialTimePointID", "ConsentForClinicalTrialUseSequence",
+    # SOP Common, but it says whether the dates copied above were shifted (de-identification)
+    "LongitudinalTemporalInformationModified",
 )  # fmt: skip
 
 
