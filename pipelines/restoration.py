@@ -141,7 +141,7 @@ def restoration(model_dir: Path | None = None, precision: str = "auto") -> Stage
         version="1.0",
         precision=model.precision,
         stages=(
-            SelectSeries(CT_CLASSES, what="CT"),
+            SelectSeries(CT_CLASSES, what="CT", domain=domain),
             CheckInputHeaders((domain,), model_label),
             LoadVolume(spilled=True),  # the volume-sized arrays live in spill files
             CheckInputImage((domain,), model_label),

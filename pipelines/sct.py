@@ -150,7 +150,7 @@ def sct(model_dir: Path | None = None) -> StagedPipeline:
         name="sct",
         version="1.0",
         stages=(
-            SelectSeries(MR_CLASSES, what="MR"),
+            SelectSeries(MR_CLASSES, what="MR", domain=domain),
             CheckInputHeaders((domain,), model_label),
             RequireFrameOfReference(f"{model.card.name} {model.card.version}"),
             LoadVolume(),

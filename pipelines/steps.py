@@ -12,6 +12,8 @@ from models.base import Model, Prediction
 from models.hallucination import data_consistency_score, largest_region_voxels, suspect_regions
 from pipelines import fov, spill
 from pipelines.base import GateOutcome, InputInstance, PipelineError
+from pipelines.domain import MAX_AXIAL_TILT_DEG, REFUSED_IMAGE_TYPE_VALUES, InputDomain, header_reasons
+from pipelines.geometry import frame_group
 from pipelines.quantiles import upper_percentile_of_parts
 from pipelines.stages import Context
 from pipelines.volume import SeriesError, load_series
@@ -35,12 +37,48 @@ def made_by_this_node(path: str) -> bool:
     return written_by_this_node(ds)
 
 
+def axial_acquisition(ds: pydicom.Dataset) -> bool:
+    """True for an instance of an original primary acquisition in axial slices (tilted up to
+    :data:`pipelines.domain.MAX_AXIAL_TILT_DEG`): what every model here is given. A
+    localizer, a map, a reformat (:data:`pipelines.domain.REFUSED_IMAGE_TYPE_VALUES`), a
+    derived or secondary series, or a sagittal, coronal or oblique one is not."""
+    image_type = ds.get("ImageType")
+    values = [image_type] if isinstance(image_type, str) else list(image_type or ())
+    values = [str(v).strip().upper() for v in values]
+    if values[:2] != ["ORIGINAL", "PRIMARY"] or REFUSED_IMAGE_TYPE_VALUES & set(values):
+        return False
+    cosines = ds.get("ImageOrientationPatient")
+    if not cosines:
+        plane = frame_group(ds, 1, "PlaneOrientationSequence")
+        cosines = plane.get("ImageOrientationPatient") if plane is not None else None
+    try:
+        row, column = np.asarray(cosines, dtype=float).reshape(2, 3)
+    except (TypeError, ValueError):
+        return False
+    normal = np.cross(row, column)
+    length = float(np.linalg.norm(normal))
+    if not length:
+        return False
+    return bool(np.degrees(np.arccos(min(1.0, abs(float(normal[2])) / length))) <= MAX_AXIAL_TILT_DEG)
+
+
 @dataclass(frozen=True)
 class SelectSeries:
-    """Pick the series to process: the largest series of the wanted SOP classes."""
+    """Pick the series to process.
+
+    The policy's choice (``StudyInput.series_uid``) when the study holds it in one of the
+    wanted SOP classes. Otherwise the pipeline chooses among the series of those classes
+    (never one this node wrote), as a scanner sends a study: several series, of which one is
+    the acquisition to process. It takes the largest series that ``domain`` (the model's
+    input domain, when given) accepts by its first header; else the largest original primary
+    axial acquisition (not a localizer, a map, a reformat or a screen capture); else the
+    largest series, which the input-domain check then refuses with its reasons.
+    """
 
     sop_classes: frozenset[str]
     what: str = "image"
+    #: The model's input domain: a series inside it is preferred (None: not consulted).
+    domain: InputDomain | None = None
     name: str = "select"
 
     def run(self, ctx: Context) -> Context:
@@ -53,8 +91,14 @@ class SelectSeries:
         candidates = [s for s in by_series.values() if not made_by_this_node(str(s[0].path))]
         if not candidates:
             raise PipelineError(f"no {self.what} series in study {ctx.study.study_uid} to process")
-        chosen = max(candidates, key=len)
+        chosen = max(candidates, key=self._preference)  # the first of equals: the study's order
         return ctx.evolve(series=tuple(chosen))
+
+    def _preference(self, series: list[InputInstance]) -> tuple[bool, bool, int]:
+        """(inside the domain, an axial acquisition, size): larger is preferred."""
+        first = pydicom.dcmread(series[0].path, stop_before_pixels=True)
+        inside = self.domain is None or not header_reasons([first], self.domain, "the model")
+        return inside, axial_acquisition(first), len(series)
 
 
 @dataclass(frozen=True)

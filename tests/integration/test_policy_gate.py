@@ -168,7 +168,7 @@ def test_policy_explain_names_the_deciding_condition(tmp_path: Path) -> None:
         node.wait_for(lambda: db_rows(node, "select count(*) from instances")[0][0] == 6, what="indexed")
         out = node.cli("policy", "explain", study).stdout
         assert "rule low-dose-ct-restoration [priority 20]: no match" in out
-        assert "rule mr-planning-sct [priority 10]: no match" in out
+        assert "rule mr-planning-sct [priority 20]: no match" in out
         assert "deciding condition: failed on series" in out and "one of 2 alternatives" in out
         assert "no rule matches: the study is stored and nothing is processed or sent" in out
         explained = node.cli_json("policy", "explain", study)
