@@ -53,11 +53,25 @@ from models.synthesis import SynthesisModel
 from models.synthesis_hallucination import MIN_REGION_MM3, SUSPECT_THRESHOLD, hallucination_score
 from models.synthesis_norm import NormalisationError, brain_mask
 from pipelines.base import InputInstance, InputRefused, PipelineError
-from pipelines.domain import CheckInputHeaders, CheckInputImage, InputDomain, domain_of_card, header_reasons
+from pipelines.domain import (
+    REFUSED_IMAGE_TYPE_VALUES,
+    CheckInputHeaders,
+    CheckInputImage,
+    InputDomain,
+    domain_of_card,
+    header_reasons,
+)
 from pipelines.encode import Encode
 from pipelines.registration import resample_onto
 from pipelines.stages import Context, StagedPipeline
-from pipelines.steps import MR_CLASSES, Gate, LoadVolume, suspect_figures, written_by_this_node
+from pipelines.steps import (
+    MR_CLASSES,
+    Gate,
+    LoadVolume,
+    axial_acquisition,
+    suspect_figures,
+    written_by_this_node,
+)
 from pipelines.validate import Validate
 from pipelines.volume import SeriesError, Volume, load_series
 from pipelines.writers import SYNTHESIS
@@ -93,6 +107,9 @@ _TAGS = [
     "ContrastBolusAgent",
     "FrameOfReferenceUID",
     "ContributingEquipmentSequence",
+    "ImageType",
+    "ImageOrientationPatient",
+    "SharedFunctionalGroupsSequence",
 ]
 
 
@@ -136,26 +153,47 @@ def contrast_of(ds: Dataset, protocol: Mapping[str, re.Pattern[str]]) -> str | N
     """The contrast an MR series shows (``"t1w"``, ``"t2w"``, ``"flair"``, ``"t1c"``, a
     protocol's own name) or None, from its first instance's header: the Series Description
     against the protocol (FLAIR first, a post-contrast T1 is ``"t1c"``), else the acquisition."""
+    return _reading(ds, protocol)[0]
+
+
+def _timing_readable(ds: Dataset) -> bool:
+    """Whether TR and TE may say what a series shows: an original primary image (not a
+    localizer, a map or a reformat) that is neither a gradient echo nor echo planar. An SWI
+    (gradient echo, short TR and TE) is no T1w, a DWI (echo planar, long TR and TE) no T2w,
+    and a brain study usually holds both, larger than its T1w and T2w."""
+    image_type = ds.get("ImageType")
+    values = [image_type] if isinstance(image_type, str) else list(image_type or ())
+    values = [str(v).strip().upper() for v in values]
+    if values and (values[:2] != ["ORIGINAL", "PRIMARY"] or REFUSED_IMAGE_TYPE_VALUES & set(values)):
+        return False
+    scanning = ds.get("ScanningSequence")
+    letters = [scanning] if isinstance(scanning, str) else list(scanning or ())
+    return not {str(v).strip().upper() for v in letters} & {"GR", "EP"}
+
+
+def _reading(ds: Dataset, protocol: Mapping[str, re.Pattern[str]]) -> tuple[str | None, bool]:
+    """(the contrast, whether the Series Description said it) — see :func:`contrast_of`."""
     description = str(ds.get("SeriesDescription", "") or "")
+    agent = bool(str(ds.get("ContrastBolusAgent", "") or "").strip())
     if description:
         if protocol.get("flair") and protocol["flair"].search(description):
-            return "flair"
-        if _POST_CONTRAST.search(description):
-            return "t1c"
+            return "flair", True
+        if _POST_CONTRAST.search(description) or agent:
+            return "t1c", True
         for name, pattern in protocol.items():
             if name != "flair" and pattern.search(description):
-                return name
+                return name, True
     tr, te, ti = (_number(ds, k) for k in ("RepetitionTime", "EchoTime", "InversionTime"))
     if ti is not None and ti >= 1500:
-        return "flair"
-    if str(ds.get("ContrastBolusAgent", "") or "").strip():
-        return "t1c"
-    if tr is not None and te is not None:
+        return "flair", False
+    if agent:
+        return "t1c", False
+    if tr is not None and te is not None and _timing_readable(ds):
         if tr < 1000 and te < 30:
-            return "t1w"
+            return "t1w", False
         if tr >= 2000 and te >= 60:
-            return "t2w"
-    return None
+            return "t2w", False
+    return None, False
 
 
 @dataclass(frozen=True)
@@ -175,19 +213,27 @@ def by_series(instances: Iterable[InputInstance]) -> dict[str, list[InputInstanc
 
 
 def read_contrasts(ctx: Context, protocol: Mapping[str, re.Pattern[str]]) -> Contrasts:
+    """Each contrast's series: of several read as one contrast, a series the protocol's
+    description names beats one read by its acquisition alone, then an original axial
+    acquisition beats a localizer, map or reformat, then the larger wins (the first of
+    equals)."""
     mr = by_series(i for i in ctx.study.instances if i.sop_class_uid in MR_CLASSES)
     found: dict[str, tuple[InputInstance, ...]] = {}
+    rank: dict[str, tuple[bool, bool, int]] = {}
     seen = []
     for uid, instances in mr.items():
         ds = pydicom.dcmread(instances[0].path, stop_before_pixels=True, specific_tags=_TAGS)
         if written_by_this_node(ds):
             continue
-        contrast = contrast_of(ds, protocol)
+        contrast, described = _reading(ds, protocol)
         seen.append(
             f"{str(ds.get('SeriesDescription', '') or '(no description)')!r} ({uid}): {contrast or 'unknown'}"
         )
-        if contrast and len(instances) > len(found.get(contrast, ())):
-            found[contrast] = tuple(instances)
+        if contrast is None:
+            continue
+        preference = (described, axial_acquisition(ds), len(instances))
+        if contrast not in rank or preference > rank[contrast]:
+            found[contrast], rank[contrast] = tuple(instances), preference
     return Contrasts(found, tuple(seen))
 
 

@@ -448,11 +448,6 @@ def _brain_extras(planning: Study, out: Path) -> dict[str, list[Path]]:
     }  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed (pipelines/synthesis.py::contrast_of / read_contrasts): an SWI is read as the T1w "
-    "and a DWI as the T2w by TR/TE, and the largest of each wins over the series the protocol names",
-)
 @pytest.mark.parametrize("extra", ["dwi", "swi"])
 def test_synthesis_reads_the_protocols_t1w_and_t2w_not_a_larger_swi_or_dwi(
     planning: Study, tmp_path: Path, extra: str

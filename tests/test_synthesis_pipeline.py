@@ -258,6 +258,17 @@ def test_the_protocol_names_the_series_and_timing_reads_the_rest(
         ("", {"RepetitionTime": "500", "EchoTime": "12"}, "t1w"),
         ("", {"RepetitionTime": "4000", "EchoTime": "100"}, "t2w"),
         ("", {"RepetitionTime": "3000", "EchoTime": "15"}, None),
+        # an SWI and a DWI have T1w- and T2w-like TR and TE; a localizer's say nothing
+        ("", {"RepetitionTime": "27", "EchoTime": "20", "ScanningSequence": "GR"}, None),
+        ("", {"RepetitionTime": "5000", "EchoTime": "90", "ScanningSequence": ["SE", "EP"]}, None),
+        (
+            "",
+            {"RepetitionTime": "500", "EchoTime": "12", "ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]},
+            None,
+        ),
+        ("", {"RepetitionTime": "500", "EchoTime": "12", "ImageType": ["DERIVED", "SECONDARY", "MPR"]}, None),
+        ("", {"RepetitionTime": "500", "EchoTime": "12", "ScanningSequence": "SE"}, "t1w"),
+        ("T1 SE AX", {"ContrastBolusAgent": "Gadovist"}, "t1c"),  # the agent says more than the words
         ("SURVEY", {}, None),
     ],
 )
