@@ -121,10 +121,25 @@ def _series_checks(cond: SeriesConditions, s: SeriesView, prefix: str = "") -> l
                 repr(s.description or ""),
             )
         )
+    localizer = _is_localizer(s)
     for c in cond.attributes:
+        if localizer and c.keyword != "ImageType":
+            # a topogram's CTDIvol, kVp or thickness are its own, not the acquisition's: a
+            # low-dose rule must not match a full-dose CT by its scout
+            checks.append(
+                Check(f"{prefix}{c.describe()}", False, "a localizer (its figures are not the scan's)")
+            )
+            continue
         ok, seen = _compare(c, s.attribute(c.keyword))
         checks.append(Check(f"{prefix}{c.describe()}", ok, seen))
     return checks
+
+
+def _is_localizer(s: SeriesView) -> bool:
+    """Whether the series is a localizer, scout or topogram (by its Image Type)."""
+    image_type = s.attribute("ImageType")
+    values = [image_type] if isinstance(image_type, str) else list(image_type or ())
+    return bool({str(v).strip().upper() for v in values} & {"LOCALIZER", "SCOUT"})
 
 
 def evaluate_rule(rule: Rule, study: StudyView) -> RuleVerdict:

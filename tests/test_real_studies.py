@@ -350,11 +350,6 @@ def test_run_restoration_skips_a_localizer_larger_than_the_axial_series(chest: S
     assert chosen_series(ctx) == chest.uid("soft")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed (policies/engine.py::evaluate_rule, dicom_node/jobs/routing.py::_selected_series): the "
-    "low-dose rule matches on the topogram's CTDIvol, and its select takes the largest CT series",
-)
 def test_a_full_dose_ct_is_not_restored_because_its_topogram_has_a_low_ctdivol(
     chest: Study, tmp_path: Path
 ) -> None:
