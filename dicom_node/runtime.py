@@ -17,7 +17,7 @@ from sqlalchemy.exc import OperationalError
 
 from audit import AuditTrail
 from dicom_node.config import LoadedConfig, NodeConfig, check_database_url, load_config
-from dicom_node.db.engine import Database
+from dicom_node.db.engine import Database, SchemaError
 from dicom_node.paths import AUDIT_DATABASE_URL_ENV, DATABASE_URL_ENV, NodePaths
 from dicom_node.safelog import CLI_HANDLER, PhiSafeFilter, route_warnings_and_crashes
 
@@ -110,7 +110,11 @@ class Runtime:
         url = paths.database_url(loaded.config)
         try:
             db = Database(url)
-            db.upgrade()
+            try:
+                db.upgrade()
+            except SchemaError as exc:
+                db.dispose()
+                raise StateUnavailable(str(exc)) from None
             url = paths.audit_database_url(loaded.config)
             audit = AuditTrail(
                 url,

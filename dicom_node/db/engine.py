@@ -18,12 +18,49 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Connection, CursorResult, Select
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, CursorResult, Select, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from audit.engine import NODE_WRITERS, make_engine
+from dicom_node.db.schema import metadata
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+#: PostgreSQL's SQLSTATE for "insufficient privilege" (e.g. "must be owner of table studies").
+_NO_PRIVILEGE = "42501"
+
+#: What the node's runtime role needs on every table and sequence of the schema
+#: (``deploy/postgres/grants.sql``).
+_TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
+
+
+class SchemaError(Exception):
+    """The database's schema is not the one this code needs and cannot be made so here; the
+    message is one line: what was found, and what to do. Nothing was changed."""
+
+
+def _alembic_config(url: str) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def _revisions(conn: Connection) -> tuple[str, ...]:
+    """The schema revision(s) the database records (none: a new database)."""
+    return tuple(sorted(MigrationContext.configure(conn).get_current_heads()))
+
+
+def _no_privilege(exc: DBAPIError) -> bool:
+    return getattr(exc.orig, "sqlstate", None) == _NO_PRIVILEGE
+
+
+def _first_line(exc: DBAPIError) -> str:
+    text_ = str(exc.orig) if exc.orig is not None else str(exc)
+    return text_.strip().splitlines()[0] if text_.strip() else type(exc).__name__
 
 
 def inserted_id(result: CursorResult[Any]) -> int:
@@ -110,14 +147,113 @@ class Database:
         return tuple(row) if row is not None else None
 
     def upgrade(self) -> None:
-        """Bring the schema to the newest Alembic revision (idempotent)."""
-        cfg = AlembicConfig()
-        cfg.set_main_option("script_location", str(MIGRATIONS))
-        cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
-        with self._writer.connect() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
-            conn.commit()
+        """Bring the schema to the newest Alembic revision (idempotent).
+
+        Every migration a start needs runs in one transaction under the writers' lock: two
+        processes starting at once upgrade once, and a failure leaves the schema as it was.
+        Raises :class:`SchemaError` (nothing changed) for a schema a newer release made (a
+        downgrade: this code would misread it), for an upgrade the database's role may not
+        make (PostgreSQL: the runtime role of ``deploy/postgres/roles.sql`` owns no table),
+        and, on PostgreSQL, for tables or sequences the role may not use (an upgrade added
+        them and ``deploy/postgres/grants.sql`` was not run again).
+        """
+        cfg = _alembic_config(self.url)
+        script = ScriptDirectory.from_config(cfg)
+        head = script.get_current_head()
+        assert head is not None
+        known = {rev.revision for rev in script.walk_revisions()}
+        with self._reader.connect() as conn:  # at head (every start but the first after an
+            current = self._read_revisions(conn)  # upgrade): no write lock to wait for
+        if current != (head,):
+            with self._writer.connect() as conn, conn.begin():
+                current = _revisions(conn)  # again, under the lock: another process may have
+                self._refuse_unknown(current, head, known)  # upgraded meanwhile
+                if current != (head,):
+                    cfg.attributes["connection"] = conn  # Alembic joins this transaction
+                    try:
+                        command.upgrade(cfg, "head")
+                    except DBAPIError as exc:
+                        if not _no_privilege(exc):
+                            raise
+                        raise SchemaError(
+                            f"the database {self._where()} has schema revision "
+                            f"{', '.join(current) or 'none'} and this dicom-node needs {head}, but "
+                            f"{self._who()} may not change the schema ({_first_line(exc)}): start "
+                            "dicom-node once with the database URL of the role that owns the "
+                            "schema (deploy/postgres/roles.sql, step 2), then run deploy/postgres/"
+                            "grants.sql again; nothing was changed"
+                        ) from None
+        if self._writer.dialect.name == "postgresql":
+            self._check_privileges()
+
+    def _read_revisions(self, conn: Connection) -> tuple[str, ...]:
+        try:
+            return _revisions(conn)
+        except DBAPIError as exc:
+            if not _no_privilege(exc):
+                raise
+            raise SchemaError(
+                f"{self._who()} may not read the schema revision in {self._where()} "
+                f"({_first_line(exc)}): run deploy/postgres/grants.sql again as a superuser"
+            ) from None
+
+    def _where(self) -> str:
+        """The database, for a message: an SQLite file's path, a server URL without password."""
+        parsed = make_url(self.url)
+        if self.is_sqlite:
+            return str(parsed.database)
+        return parsed.render_as_string(hide_password=True)
+
+    def _who(self) -> str:
+        user = make_url(self.url).username
+        return f"the role {user}" if user else "this database role"
+
+    def _refuse_unknown(self, current: tuple[str, ...], head: str, known: set[str]) -> None:
+        unknown = [rev for rev in current if rev not in known]
+        if unknown:
+            raise SchemaError(
+                f"the database {self._where()} has schema revision {', '.join(unknown)}, which this "
+                f"dicom-node does not know (its newest is {head}): a newer release has upgraded it, "
+                "and this one would misread it. Run that release again, or restore the copy of the "
+                "database taken before the upgrade; nothing was changed"
+            )
+
+    def _check_privileges(self) -> None:
+        """PostgreSQL: the role can use every table and sequence of the schema."""
+        tables = sorted(metadata.tables)
+        with self._reader.connect() as conn:
+            missing = conn.execute(
+                text(
+                    "SELECT t.name, p.privilege FROM unnest(CAST(:tables AS text[])) AS t(name)"
+                    " CROSS JOIN unnest(CAST(:privileges AS text[])) AS p(privilege)"
+                    " WHERE to_regclass(quote_ident(t.name)) IS NOT NULL"
+                    " AND NOT has_table_privilege(to_regclass(quote_ident(t.name)), p.privilege)"
+                    " UNION ALL"  # the sequences behind the tables' id columns
+                    " SELECT s.relname, 'USAGE' FROM pg_depend d"
+                    " JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'"
+                    " WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass"
+                    " AND d.refobjid IN (SELECT to_regclass(quote_ident(n))"
+                    " FROM unnest(CAST(:tables AS text[])) AS n)"
+                    # CASE: the planner may test rows that are not sequences first
+                    " AND NOT CASE WHEN s.relkind = 'S' THEN has_sequence_privilege(s.oid, 'USAGE')"
+                    " ELSE true END"
+                ),
+                {"tables": tables, "privileges": list(_TABLE_PRIVILEGES)},
+            ).all()
+        if missing:
+            grouped: dict[str, list[str]] = {}
+            for name, privilege in missing:
+                grouped.setdefault(name, []).append(privilege)
+            order = (*_TABLE_PRIVILEGES, "USAGE")
+            named = "; ".join(
+                f"{name} ({', '.join(sorted(privs, key=order.index))})"
+                for name, privs in sorted(grouped.items())
+            )
+            raise SchemaError(
+                f"{self._who()} may not use what this dicom-node needs in {self._where()}: {named}. "
+                "Run deploy/postgres/grants.sql again as a superuser (it grants the tables an "
+                "upgrade added)"
+            )
 
     def dispose(self) -> None:
         self._writer.dispose()
