@@ -68,7 +68,7 @@ from pipelines.encode import _card_facts
 from pipelines.provenance import OutputProvenance
 from pipelines.registration import resample_onto
 from pipelines.stages import Context
-from pipelines.steps import MR_CLASSES, Gate, made_by_this_node, written_by_this_node
+from pipelines.steps import MR_CLASSES, Gate, axial_acquisition, made_by_this_node, written_by_this_node
 from pipelines.uids import UidFactory, job_key
 from pipelines.validate import validate_outputs
 from pipelines.volume import SeriesError, Volume, load_series
@@ -195,6 +195,7 @@ def select_current(study: StudyInput, model: str) -> tuple[list[InputInstance], 
     """The current study's T1c and FLAIR series (the rule's series, when it chose one, is the
     T1c); InputRefused naming what was found when either is missing."""
     found: dict[str, list[list[InputInstance]]] = {"t1c": [], "flair": []}
+    rank: dict[str, tuple[bool, bool, int]] = {}
     seen = []
     for uid, instances in _series(study).items():
         if made_by_this_node(str(instances[0].path)):
@@ -203,10 +204,11 @@ def select_current(study: StudyInput, model: str) -> tuple[list[InputInstance], 
         kind = sequence_of(header)
         seen.append(f"{header.get('SeriesDescription', '') or uid} ({kind or 'other'})")
         if kind is not None:
-            if study.series_uid == uid:
-                found[kind].insert(0, instances)
-            else:
-                found[kind].append(instances)
+            # the rule's series first, then an original axial acquisition (not a larger
+            # coronal reformat of it), then the larger
+            preference = (study.series_uid == uid, axial_acquisition(header), len(instances))
+            if kind not in rank or preference > rank[kind]:
+                found[kind], rank[kind] = [instances], preference
     missing = [k for k in ("t1c", "flair") if not found[k]]
     if missing:
         names = {"t1c": "a T1 post-contrast", "flair": "a FLAIR"}
@@ -215,7 +217,7 @@ def select_current(study: StudyInput, model: str) -> tuple[list[InputInstance], 
             f"(found: {', '.join(seen) or 'no MR series'})"
         )
         raise InputRefused(model, study.series_uid, [reason])
-    return max(found["t1c"], key=len), max(found["flair"], key=len)
+    return found["t1c"][0], found["flair"][0]
 
 
 def _load(instances: Sequence[InputInstance], what: str) -> Volume:

@@ -114,6 +114,38 @@ def test_the_rule_chosen_series_and_the_flair_are_selected(patient: Patient) -> 
     assert {i.series_uid for i in flair} == {visit.series["flair"].series_uid}
 
 
+def test_the_axial_t1c_is_taken_not_a_larger_coronal_reformat_of_it(patient: Patient, tmp_path: Path) -> None:
+    """Scanners send reformats beside the acquisition: a coronal MPR of the post-contrast T1
+    with more images must not be the series the growth model reads."""
+    from pydicom.uid import generate_uid
+
+    visit = patient.visits[-1]
+    series_uid = generate_uid()
+    reformat = []
+    for k, path in enumerate(visit.series["t1c"].files * 2):  # twice the images
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.ImageType = ["DERIVED", "SECONDARY", "MPR"]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+        ds.SeriesDescription = "T1 POST-CONTRAST COR MPR"
+        out = tmp_path / f"mpr{k}.dcm"
+        ds.save_as(out)
+        reformat.append(
+            InputInstance(
+                str(ds.SOPInstanceUID),
+                series_uid,
+                str(ds.SOPClassUID),
+                str(ds.file_meta.TransferSyntaxUID),
+                out,
+                "",
+            )
+        )
+    study = StudyInput(1, visit.study_uid, 1, (*reformat, *_instances(visit, ("t1c", "flair"))))
+    t1c, _flair = select_current(study, "m")
+    assert {i.series_uid for i in t1c} == {visit.series["t1c"].series_uid}
+
+
 def test_without_registered_priors_the_job_is_refused_before_the_model_runs(
     patient: Patient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
