@@ -85,7 +85,7 @@ _TAGS = [
     "PixelSpacing", "SliceThickness", "Rows", "Columns", "ImageOrientationPatient",
     "BodyPartExamined", "SeriesInstanceUID", *_DESCRIPTIONS, "RepetitionTime", "EchoTime",
     "EffectiveEchoTime", "MagneticFieldStrength", "ScanningSequence", "EchoPulseSequence",
-    "InversionRecovery", "EchoPlanarPulseSequence",
+    "InversionRecovery", "EchoPlanarPulseSequence", "EchoNumbers",
     "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
 ]  # fmt: skip
 
@@ -498,6 +498,14 @@ def header_reasons(datasets: Sequence[Dataset], domain: InputDomain, model: str)
         reasons += field_strength_reasons(datasets, domain.field_strengths_t, model)
     if domain.scanning_sequences:
         reasons += _scanning_reasons(datasets, domain.scanning_sequences, model)
+    if domain.modality == "MR":
+        echoes = sorted({e for e in (_numbers(ds.get("EchoNumbers"), 1) for ds in datasets) if e is not None})
+        if len(echoes) > 1:
+            listed = ", ".join(f"{e[0]:g}" for e in echoes)
+            reasons.append(
+                f"echoes: the series holds echoes {listed} at the same slice positions; {model} takes one "
+                "image per slice (have the scanner send each echo as its own series, or select one)"
+            )
     return reasons
 
 

@@ -775,3 +775,27 @@ def test_an_enhanced_mr_is_read_by_its_echo_pulse_sequence(head_mr: list[Path]) 
     assert [r.split(" (")[0] for r in header_reasons([ds], domain, label) if r.startswith("scanning")] == [
         "scanning sequence IR\\SE"
     ]
+
+
+def test_a_multi_echo_series_is_refused_naming_its_echoes(
+    sct: StagedPipeline, head_mr: list[Path], tmp_path: Path
+) -> None:
+    """Two echoes in one series sit at the same positions: before, the job failed on a
+    "duplicate slice position"; now it is refused before loading, saying what the series is."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    paths = []
+    for k, path in enumerate(head_mr):
+        for echo in (1, 2):
+            ds = pydicom.dcmread(path)
+            ds.EchoNumbers = echo
+            if echo == 2:
+                ds.SOPInstanceUID = generate_uid()
+                ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            paths.append(folder / f"{k}-{echo}.dcm")
+            ds.save_as(paths[-1])
+    reasons = refusal(sct, paths, tmp_path / "out").reasons
+    assert reasons == (
+        "echoes: the series holds echoes 1, 2 at the same slice positions; sct-head 1.0 takes one image "
+        "per slice (have the scanner send each echo as its own series, or select one)",
+    )
