@@ -174,6 +174,17 @@ def test_an_old_study_leaves_the_disk_and_its_history_stays(node: Node) -> None:
     assert facts["instances"] == 3 and facts["outputs"] == [f"job-{job}"]
     assert "no activity for 14 days" in facts["reason"]
     assert node.retention(keep_days=14).apply().removed == []  # once
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dicom_node.web.metrics import NodeCollector, render
+
+    scraped = render(NodeCollector(node.rt.db, node.rt.audit, node.rt.paths.data, node.rt.paths.var / "cp"))
+    gauges = {
+        f.name: f.samples[0].value
+        for f in text_string_to_metric_families(scraped.decode())
+        if f.name in ("dicomnode_studies", "dicomnode_studies_purged")
+    }
+    assert gauges == {"dicomnode_studies": 2, "dicomnode_studies_purged": 1}
 
 
 def test_what_is_still_needed_is_kept_whatever_its_age(node: Node) -> None:

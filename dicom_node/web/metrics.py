@@ -7,7 +7,8 @@ is the truth. Families (all prefixed ``dicomnode_``):
 
 * ``instances_received_total`` / ``instances_received_bytes_total`` by calling AE (what
   the store holds; a purge would read as a counter reset), ``instances_quarantined_total``;
-* ``studies`` (held in the index), ``jobs`` by state and pipeline,
+* ``studies`` (held in the index), ``studies_purged`` (their files removed by the
+  retention rule), ``jobs`` by state and pipeline,
   ``job_duration_seconds`` per pipeline (from running to its outcome: a histogram),
   ``job_stage_seconds`` per pipeline and stage (``predict``: the model's inference);
 * ``deliveries`` by state and destination (``dead`` is the dead-letter queue),
@@ -104,6 +105,13 @@ class NodeCollector(Collector):
                 "dicomnode_studies",
                 "Studies in the index",
                 value=conn.execute(select(func.count()).select_from(t.studies)).scalar_one(),
+            )
+            yield GaugeMetricFamily(
+                "dicomnode_studies_purged",
+                "Studies in the index whose files the retention rule removed ([retention])",
+                value=conn.execute(
+                    select(func.count()).select_from(t.studies).where(t.studies.c.purged_at.is_not(None))
+                ).scalar_one(),
             )
             jobs = GaugeMetricFamily(
                 "dicomnode_jobs", "Jobs by state and pipeline", labels=["state", "pipeline"]
