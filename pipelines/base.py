@@ -178,10 +178,25 @@ class InputRefused(PipelineError):
     ``fallback`` says what runs instead. ``series_uid`` is the series that was refused.
     """
 
-    def __init__(self, model: str, series_uid: str | None, reasons: Sequence[str]) -> None:
+    def __init__(
+        self, model: str, series_uid: str | None, reasons: Sequence[str], *, series: str | None = None
+    ) -> None:
         self.model = model
         self.series_uid = series_uid
         self.reasons = tuple(reasons)
-        super().__init__(
-            f"input outside the domain of {model} (series {series_uid or '?'}): {'; '.join(self.reasons)}"
-        )
+        #: How a person knows the series: its number and description (see :func:`series_label`).
+        self.series = series
+        named = f"{series_uid or '?'}, {series}" if series else f"{series_uid or '?'}"
+        super().__init__(f"input outside the domain of {model} (series {named}): {'; '.join(self.reasons)}")
+
+
+def series_label(ds: object) -> str | None:
+    """``#3 'T1 SE AX'``: a series as a person finds it on the scanner or in the PACS (its
+    Series Number and Description, from one instance's header); None when it has neither."""
+    get = getattr(ds, "get", None)
+    if get is None:
+        return None
+    number = str(get("SeriesNumber", "") or "").strip()
+    description = str(get("SeriesDescription", "") or "").strip()
+    parts = ([f"#{number}"] if number else []) + ([repr(description)] if description else [])
+    return " ".join(parts) or None

@@ -39,7 +39,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from pipelines import spill
-from pipelines.base import InputRefused
+from pipelines.base import InputRefused, series_label
 from pipelines.geometry import frame_group, orientation_name
 from pipelines.stages import Context
 from pipelines.volume import Volume
@@ -81,7 +81,7 @@ _REGION_SYNONYMS = {"HEAD": {"BRAIN", "SKULL", "NEURO"}, "CHEST": {"THORAX", "LU
 
 _DESCRIPTIONS = ("StudyDescription", "SeriesDescription", "ProtocolName")
 _TAGS = [
-    "Modality", "SOPClassUID", "ImageType", "RescaleType", "PhotometricInterpretation",
+    "Modality", "SOPClassUID", "SeriesNumber", "ImageType", "RescaleType", "PhotometricInterpretation",
     "PixelSpacing", "SliceThickness", "Rows", "Columns", "ImageOrientationPatient",
     "BodyPartExamined", "SeriesInstanceUID", *_DESCRIPTIONS, "RepetitionTime", "EchoTime",
     "EffectiveEchoTime", "MagneticFieldStrength", "ScanningSequence", "EchoPulseSequence",
@@ -809,7 +809,12 @@ class CheckInputHeaders:
         modality = str(datasets[0].get("Modality", "")) if datasets else ""
         reasons = header_reasons(datasets, _domain_for(self.domains, modality), self.declared_by)
         if reasons:
-            raise InputRefused(self.declared_by, ctx.series[0].series_uid if ctx.series else None, reasons)
+            raise InputRefused(
+                self.declared_by,
+                ctx.series[0].series_uid if ctx.series else None,
+                reasons,
+                series=series_label(datasets[0]) if datasets else None,
+            )
         return ctx
 
 
@@ -825,5 +830,6 @@ class CheckInputImage:
         volume = ctx.need_volume()
         reasons = image_reasons(volume, _domain_for(self.domains, volume.modality))
         if reasons:
-            raise InputRefused(self.declared_by, volume.series_uid, reasons)
+            label = series_label(volume.datasets[0]) if volume.datasets else None
+            raise InputRefused(self.declared_by, volume.series_uid, reasons, series=label)
         return ctx

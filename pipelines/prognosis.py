@@ -62,6 +62,7 @@ from pipelines.base import (
     RegisteredPrior,
     RunEnvironment,
     StudyInput,
+    series_label,
 )
 from pipelines.domain import field_strength_reasons
 from pipelines.encode import _card_facts
@@ -160,7 +161,8 @@ def check_input_domain(volume: Volume, domain: dict[str, Any], model: str, what:
     if len(volume.slices) < least:
         reasons.append(f"{what}: {len(volume.slices)} slices, fewer than {least} (the brain must be covered)")
     if reasons:
-        raise InputRefused(model, volume.series_uid, reasons)
+        label = series_label(volume.datasets[0]) if volume.datasets else None
+        raise InputRefused(model, volume.series_uid, reasons, series=label)
 
 
 def _study_day(value: Any, what: str) -> date:

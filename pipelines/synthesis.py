@@ -52,7 +52,7 @@ from models.hallucination import suspect_regions
 from models.synthesis import SynthesisModel
 from models.synthesis_hallucination import MIN_REGION_MM3, SUSPECT_THRESHOLD, hallucination_score
 from models.synthesis_norm import NormalisationError, brain_mask
-from pipelines.base import InputInstance, InputRefused, PipelineError
+from pipelines.base import InputInstance, InputRefused, PipelineError, series_label
 from pipelines.domain import (
     REFUSED_IMAGE_TYPE_VALUES,
     CheckInputHeaders,
@@ -292,7 +292,10 @@ class CheckOtherInputs:
             reasons = header_reasons(datasets, domain, self.declared_by)
             if reasons:
                 raise InputRefused(
-                    self.declared_by, uid, [f"{LABELS.get(contrast or '', 'input')}: {r}" for r in reasons]
+                    self.declared_by,
+                    uid,
+                    [f"{LABELS.get(contrast or '', 'input')}: {r}" for r in reasons],
+                    series=series_label(datasets[0]) if datasets else None,
                 )
         return ctx
 

@@ -547,7 +547,8 @@ def test_a_refused_job_ends_refused_and_its_classical_fallback_runs_and_delivers
     series_uid = str(pydicom.dcmread(low_dose_ct[0], stop_before_pixels=True).SeriesInstanceUID)
     assert refused["state"] == "refused"
     assert refused["reason"] == (
-        f"input outside the domain of ldct-restoration 1.3 (series {series_uid}): anatomy check (tags): "
+        f"input outside the domain of ldct-restoration 1.3 (series {series_uid}, #2 'SIMULATED LOW DOSE 25% "
+        "CHEST'): anatomy check (tags): "
         "Body Part Examined ABDOMEN; ldct-restoration 1.3 takes HEAD, BRAIN, SKULL, CHEST, THORAX, LUNG; "
         f"fallback classical: job {fallback_id} (denoise-classical) queued"
     )
