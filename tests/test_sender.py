@@ -236,3 +236,37 @@ def test_a_syntax_with_no_fit_among_those_accepted_is_named_before_anything_is_s
         "accepted: JPEG-LS Lossless Image Compression"
     )
     assert (report.sent, peer.received) == (0, [])
+
+
+def test_a_release_that_never_completes_is_aborted_in_time() -> None:
+    """pynetdicom's release can wait for ever for a reactor that will not pause; the sender
+    bounds it and aborts (a fresh-clone CI run hung 10 minutes there)."""
+    import threading
+    import time as _time
+
+    from dicom_node.delivery.sender import release_within
+
+    class Stuck:
+        is_established = True
+
+        def __init__(self) -> None:
+            self.aborted = threading.Event()
+
+        def release(self) -> None:
+            self.aborted.wait(30)  # as pynetdicom's pause loop: only an abort ends it
+
+        def abort(self) -> None:
+            self.aborted.set()
+
+    stuck = Stuck()
+    started = _time.monotonic()
+    release_within(stuck, 0.3, "PACS@127.0.0.1:104")
+    assert stuck.aborted.is_set() and _time.monotonic() - started < 2.0
+
+    class Fine(Stuck):
+        def release(self) -> None:
+            self.released = True
+
+    fine = Fine()
+    release_within(fine, 5.0, "PACS@127.0.0.1:104")
+    assert fine.released and not fine.aborted.is_set()

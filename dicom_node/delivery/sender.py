@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -62,6 +63,36 @@ from dicom_node.net.tuning import on_connection_open, tune_pynetdicom
 from pipelines.base import OutputInstance
 
 log = logging.getLogger(__name__)
+
+#: How much longer than the destination's timeout a release may take before it is aborted.
+_RELEASE_GRACE_SECONDS = 5.0
+
+
+def release_within(assoc: Any, seconds: float, where: str) -> None:
+    """``assoc.release()``, aborted after ``seconds``.
+
+    pynetdicom's release first waits, without a limit, for the association's reactor to
+    pause. When the reactor has just released the association itself (its network idle
+    timer ran out while the sender waited for a storage commitment report), that wait can
+    last for ever: a fresh-clone CI run hung in it for 10 minutes. Whatever was sent is
+    settled before the release, so an association that will not release is aborted."""
+    if not assoc.is_established:
+        return
+    done = threading.Event()
+
+    def release() -> None:
+        try:
+            assoc.release()
+        except Exception:  # the association went meanwhile: nothing to release
+            log.debug("releasing the association with %s failed", where, exc_info=True)
+        finally:
+            done.set()
+
+    threading.Thread(target=release, name="release", daemon=True).start()
+    if not done.wait(seconds):
+        log.warning("the association with %s did not release within %g s; aborted", where, seconds)
+        assoc.abort()
+
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _MAX_CONTEXTS = 128
@@ -522,8 +553,7 @@ def send_series(
         report.retryable = True
         return report
     finally:
-        if assoc.is_established:
-            assoc.release()
+        release_within(assoc, destination.timeout_seconds + _RELEASE_GRACE_SECONDS, where)
 
 
 def _tls_args(destination: Destination, tls: ClientTls | None) -> tuple[ssl.SSLContext, str] | None:
