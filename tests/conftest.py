@@ -368,3 +368,23 @@ def study_of(files: Sequence[Path], gate_policy: Any = None, options: dict[str, 
         options=options or {},
         gate_policy=gate_policy,
     )
+
+
+@pytest.fixture
+def store_node(tmp_path: Path) -> Iterator[tuple[Any, Any]]:
+    """A node's runtime and instance store under AE ``DICOMNODE`` (its own outputs and
+    returned priors recognised), without a receiver: what the prior and archive tests store
+    through."""
+    from dicom_node.ingest.indexer import Indexer
+    from dicom_node.ingest.origin import OriginRules, job_output_lookup
+    from dicom_node.ingest.store import InstanceStore
+    from dicom_node.runtime import Runtime
+
+    rt = Runtime.open(None, tmp_path)
+    origin = OriginRules("DICOMNODE", "1.2.826.0.1.3680043.10.999.", job_output_lookup(rt.db))
+    store = InstanceStore(rt.paths, rt.db, Indexer(rt.db, rt.audit, gather_seconds=0.01), origin=origin)
+    try:
+        yield rt, store
+    finally:
+        store.close()
+        rt.close()

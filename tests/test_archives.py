@@ -7,7 +7,6 @@ The instances are small SIMULATED MR images made here (a gradient, no anatomy).
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,8 +31,7 @@ from dicom_node.ingest.archives import (
     StudyQuery,
     keep_study,
 )
-from dicom_node.ingest.indexer import Indexer
-from dicom_node.ingest.origin import PRIOR, OriginRules, job_output_lookup
+from dicom_node.ingest.origin import PRIOR
 from dicom_node.ingest.receiver import Receiver
 from dicom_node.ingest.store import InstanceStore
 from dicom_node.jobs.intake import JobIntake
@@ -226,23 +224,11 @@ def test_archive_down_is_one_line_and_the_query_is_audited_as_failed(tmp_path: P
 # -- the prior role --------------------------------------------------------------------------
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[tuple[Runtime, InstanceStore]]:
-    rt = Runtime.open(None, tmp_path)
-    origin = OriginRules(NODE_AE, "1.2.826.0.1.3680043.10.999.", job_output_lookup(rt.db))
-    store = InstanceStore(rt.paths, rt.db, Indexer(rt.db, rt.audit, gather_seconds=0.01), origin=origin)
-    try:
-        yield rt, store
-    finally:
-        store.close()
-        rt.close()
-
-
 @pytest.mark.parametrize("ai_outputs", [False, True])
 def test_a_retrieved_prior_opens_no_job_and_reaches_no_destination(
-    node: tuple[Runtime, InstanceStore], ai_outputs: bool
+    store_node: tuple[Runtime, InstanceStore], ai_outputs: bool
 ) -> None:
-    rt, store = node
+    rt, store = store_node
     study_uid, series_uid = generate_uid(), generate_uid()
     for number in (1, 2):
         ds = mr_instance("P1", study_uid, series_uid, number, "20230105")

@@ -9,32 +9,17 @@ its own; and a C-GET answered with another study was reported as the asked one r
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
 from dicom_node.db import schema as t
 from dicom_node.ingest.indexer import Indexer
-from dicom_node.ingest.origin import OriginRules, job_output_lookup
 from dicom_node.ingest.store import Expected, InstanceStore, StoreOutcome
 from dicom_node.jobs import priors as p
 from dicom_node.runtime import Runtime
-from tests.test_archives import NODE_AE, mr_instance, wire_bytes
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[tuple[Runtime, InstanceStore]]:
-    rt = Runtime.open(None, tmp_path)
-    origin = OriginRules(NODE_AE, "1.2.826.0.1.3680043.10.999.", job_output_lookup(rt.db))
-    store = InstanceStore(rt.paths, rt.db, Indexer(rt.db, rt.audit, gather_seconds=0.01), origin=origin)
-    try:
-        yield rt, store
-    finally:
-        store.close()
-        rt.close()
+from tests.test_archives import mr_instance, wire_bytes
 
 
 def _put(store: InstanceStore, ds, *, prior: bool, expected: Expected | None = None):
@@ -60,8 +45,8 @@ def _current_rows(rt: Runtime, sop_uid: str) -> list[tuple[int, str | None, bool
         ]
 
 
-def test_a_retrieved_instance_of_another_patient_or_study_is_refused(node) -> None:
-    rt, store = node
+def test_a_retrieved_instance_of_another_patient_or_study_is_refused(store_node) -> None:
+    rt, store = store_node
     study, series = generate_uid(), generate_uid()
     asked = Expected(study, "P1", "")
     ours = mr_instance("P1", study, series, 1, "20230101")
@@ -85,10 +70,10 @@ def test_a_retrieved_instance_of_another_patient_or_study_is_refused(node) -> No
     assert stored == [ours.SOPInstanceUID]
 
 
-def test_a_prior_never_joins_a_study_held_under_another_patient(node) -> None:
+def test_a_prior_never_joins_a_study_held_under_another_patient(store_node) -> None:
     """C-MOVE's sub-operations arrive at the receiver, which knows no asked patient: the
     study this node holds decides."""
-    rt, store = node
+    rt, store = store_node
     study, series = generate_uid(), generate_uid()
     assert (
         _put(store, mr_instance("P1", study, series, 1, "20230101"), prior=False).outcome
@@ -99,8 +84,8 @@ def test_a_prior_never_joins_a_study_held_under_another_patient(node) -> None:
     assert result.rejection is not None and "under another patient" in result.rejection.reason
 
 
-def test_a_retrieved_instance_never_replaces_an_acquired_one(node) -> None:
-    rt, store = node
+def test_a_retrieved_instance_never_replaces_an_acquired_one(store_node) -> None:
+    rt, store = store_node
     acquired = mr_instance("P1", generate_uid(), generate_uid(), 1, "20240601")
     assert _put(store, acquired, prior=False).outcome == StoreOutcome.STORED
     forged = mr_instance("P1", acquired.StudyInstanceUID, acquired.SeriesInstanceUID, 1, "20240601")
@@ -112,8 +97,8 @@ def test_a_retrieved_instance_never_replaces_an_acquired_one(node) -> None:
     assert _current_rows(rt, acquired.SOPInstanceUID) == [(1, None, True)]
 
 
-def test_local_priors_are_of_the_same_patient_and_issuer(node) -> None:
-    rt, store = node
+def test_local_priors_are_of_the_same_patient_and_issuer(store_node) -> None:
+    rt, store = store_node
     current, same, other_issuer = generate_uid(), generate_uid(), generate_uid()
     _put(store, mr_instance("P1", current, generate_uid(), 1, "20240601"), prior=False)
     _put(store, mr_instance("P1", same, generate_uid(), 1, "20230101"), prior=False)
@@ -127,10 +112,10 @@ def test_local_priors_are_of_the_same_patient_and_issuer(node) -> None:
         assert [s.study_uid for s in p.local_priors(conn, now)] == [same]
 
 
-def test_an_acquired_instance_never_joins_a_study_of_another_patient(node, tmp_path: Path) -> None:
+def test_an_acquired_instance_never_joins_a_study_of_another_patient(store_node, tmp_path: Path) -> None:
     """Not only priors: a study never mixes patients, or a job would process both patients'
     images as one study. Checked before the acknowledgement, so the sender hears it."""
-    rt, store = node
+    rt, store = store_node
     study, series = generate_uid(), generate_uid()
     first = mr_instance("P1", study, series, 1, "20240601")
     assert _put(store, first, prior=False).outcome == StoreOutcome.STORED
@@ -156,11 +141,11 @@ def test_an_acquired_instance_never_joins_a_study_of_another_patient(node, tmp_p
         other.close()
 
 
-def test_a_missing_issuer_does_not_split_a_study_but_another_issuer_does(node) -> None:
+def test_a_missing_issuer_does_not_split_a_study_but_another_issuer_does(store_node) -> None:
     """The images carry the issuer (from the worklist), the scanner's dose report or a screen
     capture does not: the same Patient ID without an issuer joins the study, either way
     round. The same Patient ID under another issuer is another patient: refused."""
-    rt, store = node
+    rt, store = store_node
     study, series = generate_uid(), generate_uid()
     first = mr_instance("P1", study, series, 1, "20240601")
     first.IssuerOfPatientID = "HOSP_A"
@@ -187,8 +172,8 @@ def test_a_missing_issuer_does_not_split_a_study_but_another_issuer_does(node) -
         later.close()
 
 
-def test_the_first_issuer_named_decides_for_instances_that_follow(node) -> None:
-    _rt, store = node
+def test_the_first_issuer_named_decides_for_instances_that_follow(store_node) -> None:
+    _rt, store = store_node
     study, series = generate_uid(), generate_uid()
     assert _put(store, mr_instance("P1", study, series, 1, "20240601"), prior=False).outcome == (
         StoreOutcome.STORED

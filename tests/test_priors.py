@@ -4,7 +4,6 @@ load, and the selection of prior studies (window, interval, regex, count, local 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -251,18 +250,6 @@ def test_the_archive_is_asked_for_series_only_until_enough_qualify() -> None:
 # -- from the index ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[tuple[Runtime, InstanceStore]]:
-    rt = Runtime.open(None, tmp_path)
-    origin = OriginRules(NODE_AE, "1.2.826.0.1.3680043.10.999.", job_output_lookup(rt.db))
-    store = InstanceStore(rt.paths, rt.db, Indexer(rt.db, rt.audit, gather_seconds=0.01), origin=origin)
-    try:
-        yield rt, store
-    finally:
-        store.close()
-        rt.close()
-
-
 def _put(
     store: InstanceStore, patient: str, study: str, series: str, day: str, prior: bool, number: int = 1
 ) -> None:
@@ -273,8 +260,8 @@ def _put(
     )  # fmt: skip
 
 
-def test_local_priors_come_from_the_index(node: tuple[Runtime, InstanceStore]) -> None:
-    rt, store = node
+def test_local_priors_come_from_the_index(store_node: tuple[Runtime, InstanceStore]) -> None:
+    rt, store = store_node
     current, acquired, retrieved, other = (generate_uid() for _ in range(4))
     _put(store, "P1", current, generate_uid(), "20240601", prior=False)
     acquired_series = generate_uid()
@@ -456,8 +443,8 @@ ARCHIVE = {
 }
 
 
-def test_a_job_fetches_the_two_newest_priors_and_runs(node: tuple[Runtime, InstanceStore]) -> None:
-    rt, store = node
+def test_a_job_fetches_the_two_newest_priors_and_runs(store_node: tuple[Runtime, InstanceStore]) -> None:
+    rt, store = store_node
     job_id, _ = _job_for_current_study(rt, store)
     archive = StoringArchive(store, dict(ARCHIVE))
     fetcher = PriorFetcher(rt.db, rt.audit, OneArchive(archive))
@@ -496,9 +483,9 @@ def test_a_job_fetches_the_two_newest_priors_and_runs(node: tuple[Runtime, Insta
 
 @pytest.mark.parametrize("on_missing", ["refuse", "run"])
 def test_archive_down_refuses_or_runs_as_the_rule_says(
-    node: tuple[Runtime, InstanceStore], on_missing: str
+    store_node: tuple[Runtime, InstanceStore], on_missing: str
 ) -> None:
-    rt, store = node
+    rt, store = store_node
     job_id, _ = _job_for_current_study(rt, store, on_missing)
     started = time.monotonic()
     state = PriorFetcher(rt.db, rt.audit, OneArchive(None)).fetch(job_id)
@@ -517,8 +504,8 @@ def test_archive_down_refuses_or_runs_as_the_rule_says(
         assert conn.execute(select(t.job_priors)).all() == []
 
 
-def test_a_failed_retrieval_is_named_and_the_job_refused(node: tuple[Runtime, InstanceStore]) -> None:
-    rt, store = node
+def test_a_failed_retrieval_is_named_and_the_job_refused(store_node: tuple[Runtime, InstanceStore]) -> None:
+    rt, store = store_node
     job_id, _ = _job_for_current_study(rt, store, "refuse")
     archive = StoringArchive(store, dict(ARCHIVE))
     archive.fail = "C-MOVE: 0 completed, 1 failed (0xA801 move destination unknown)"
@@ -531,8 +518,8 @@ def test_a_failed_retrieval_is_named_and_the_job_refused(node: tuple[Runtime, In
     )
 
 
-def test_the_fetcher_thread_settles_waiting_jobs(node: tuple[Runtime, InstanceStore]) -> None:
-    rt, store = node
+def test_the_fetcher_thread_settles_waiting_jobs(store_node: tuple[Runtime, InstanceStore]) -> None:
+    rt, store = store_node
     job_id, _ = _job_for_current_study(rt, store)
     fetcher = PriorFetcher(rt.db, rt.audit, OneArchive(StoringArchive(store, dict(ARCHIVE))), every=0.05)
     fetcher.start()
@@ -545,12 +532,12 @@ def test_the_fetcher_thread_settles_waiting_jobs(node: tuple[Runtime, InstanceSt
     assert _job(rt, job_id)[:2] == ("queued", "priors: 2 at hand")
 
 
-def test_the_provenance_of_a_job_lists_its_priors(node: tuple[Runtime, InstanceStore]) -> None:
+def test_the_provenance_of_a_job_lists_its_priors(store_node: tuple[Runtime, InstanceStore]) -> None:
     from dicom_node.config import NodeConfig
     from dicom_node.delivery.profiles import DestinationProfiles
     from dicom_node.jobs.runner import JobRunner
 
-    rt, store = node
+    rt, store = store_node
     job_id, current = _job_for_current_study(rt, store)
     assert PriorFetcher(rt.db, rt.audit, OneArchive(StoringArchive(store, dict(ARCHIVE)))).fetch(job_id)
     config = NodeConfig.model_validate(
@@ -594,9 +581,9 @@ class BrokenArchive(FakeArchive):
 
 @pytest.mark.parametrize("on_missing", ["refuse", "run"])
 def test_a_broken_fetch_never_leaves_the_job_waiting(
-    node: tuple[Runtime, InstanceStore], on_missing: str
+    store_node: tuple[Runtime, InstanceStore], on_missing: str
 ) -> None:
-    rt, store = node
+    rt, store = store_node
     job_id, _ = _job_for_current_study(rt, store, on_missing)
     fetcher = PriorFetcher(rt.db, rt.audit, OneArchive(BrokenArchive({})), every=0.05)
     fetcher.start()
@@ -612,7 +599,7 @@ def test_a_broken_fetch_never_leaves_the_job_waiting(
 
 
 def test_the_runner_registers_the_job_priors_and_a_refusal_ends_the_job_refused(
-    node: tuple[Runtime, InstanceStore], monkeypatch: pytest.MonkeyPatch
+    store_node: tuple[Runtime, InstanceStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The wiring: with ``registration: rigid`` frozen on the job, the runner hands the
     registration step the job's prior series files (the registration itself is
@@ -623,7 +610,7 @@ def test_the_runner_registers_the_job_priors_and_a_refusal_ends_the_job_refused(
     from dicom_node.jobs import runner as runner_module
     from pipelines.base import InputRefused
 
-    rt, store = node
+    rt, store = store_node
     job_id, _ = _job_for_current_study(rt, store, "refuse")
     assert PriorFetcher(rt.db, rt.audit, OneArchive(StoringArchive(store, dict(ARCHIVE)))).fetch(job_id)
     with rt.db.write() as conn:
