@@ -37,15 +37,25 @@ def made_by_this_node(path: str) -> bool:
     return written_by_this_node(ds)
 
 
+def image_type_values(ds: pydicom.Dataset) -> list[str]:
+    """The instance's Image Type values, stripped and upper case ([] when it has none)."""
+    image_type = ds.get("ImageType")
+    values = [image_type] if isinstance(image_type, str) else list(image_type or ())
+    return [str(v).strip().upper() for v in values]
+
+
+def original_acquisition(image_type: list[str]) -> bool:
+    """Whether Image Type values (:func:`image_type_values`) say an original primary image
+    that is not a localizer, a map or a reformat (:data:`pipelines.domain.REFUSED_IMAGE_TYPE_VALUES`)."""
+    return image_type[:2] == ["ORIGINAL", "PRIMARY"] and not REFUSED_IMAGE_TYPE_VALUES & set(image_type)
+
+
 def axial_acquisition(ds: pydicom.Dataset) -> bool:
     """True for an instance of an original primary acquisition in axial slices (tilted up to
     :data:`pipelines.domain.MAX_AXIAL_TILT_DEG`): what every model here is given. A
     localizer, a map, a reformat (:data:`pipelines.domain.REFUSED_IMAGE_TYPE_VALUES`), a
     derived or secondary series, or a sagittal, coronal or oblique one is not."""
-    image_type = ds.get("ImageType")
-    values = [image_type] if isinstance(image_type, str) else list(image_type or ())
-    values = [str(v).strip().upper() for v in values]
-    if values[:2] != ["ORIGINAL", "PRIMARY"] or REFUSED_IMAGE_TYPE_VALUES & set(values):
+    if not original_acquisition(image_type_values(ds)):
         return False
     cosines = ds.get("ImageOrientationPatient")
     if not cosines:

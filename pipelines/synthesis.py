@@ -54,7 +54,6 @@ from models.synthesis_hallucination import MIN_REGION_MM3, SUSPECT_THRESHOLD, ha
 from models.synthesis_norm import NormalisationError, brain_mask
 from pipelines.base import InputInstance, InputRefused, PipelineError, series_label
 from pipelines.domain import (
-    REFUSED_IMAGE_TYPE_VALUES,
     CheckInputHeaders,
     CheckInputImage,
     InputDomain,
@@ -69,6 +68,8 @@ from pipelines.steps import (
     Gate,
     LoadVolume,
     axial_acquisition,
+    image_type_values,
+    original_acquisition,
     suspect_figures,
     written_by_this_node,
 )
@@ -161,10 +162,8 @@ def _timing_readable(ds: Dataset) -> bool:
     localizer, a map or a reformat) that is neither a gradient echo nor echo planar. An SWI
     (gradient echo, short TR and TE) is no T1w, a DWI (echo planar, long TR and TE) no T2w,
     and a brain study usually holds both, larger than its T1w and T2w."""
-    image_type = ds.get("ImageType")
-    values = [image_type] if isinstance(image_type, str) else list(image_type or ())
-    values = [str(v).strip().upper() for v in values]
-    if values and (values[:2] != ["ORIGINAL", "PRIMARY"] or REFUSED_IMAGE_TYPE_VALUES & set(values)):
+    values = image_type_values(ds)
+    if values and not original_acquisition(values):
         return False
     scanning = ds.get("ScanningSequence")
     letters = [scanning] if isinstance(scanning, str) else list(scanning or ())

@@ -186,10 +186,9 @@ class OverlayWriter:
             transfer_syntax_uid=ExplicitVRLittleEndian,
             contributing_equipment=_contributing_equipment(prov, include_acquisition=False),
         )
-        # from_ref_dataset copies a handful of Patient and Study attributes; the other
-        # outputs carry them all (highdicom's copy), and an overlay without the Issuer of
-        # Patient ID could be filed under another patient where IDs are only unique per issuer
-        sc.copy_patient_and_study_information(source)
+        # from_ref_dataset copies a handful of Patient and Study attributes; the overlay
+        # carries them all, as every output does (an overlay without the Issuer of Patient
+        # ID could be filed under another patient where IDs are only unique per issuer)
         _copy_patient_and_study(sc, source)
         _keep_timezone(sc, source)
         sc.ImageType = ["DERIVED", "SECONDARY"]
