@@ -21,7 +21,6 @@ from pydicom.uid import CTImageStorage, MRImageStorage
 from pipelines.base import PipelineResult, RunEnvironment, StudyInput
 from pipelines.provenance import PriorReference
 from pipelines.writers import common as W
-from tests.test_priors import node  # noqa: F401  (the runtime fixture)
 from tests.test_writers import (
     PROVENANCE,
     STALE_SYNTHETIC_DATA_ERROR,
@@ -148,7 +147,7 @@ def test_no_priors_leaves_an_object_alone() -> None:
     assert "ReferencedSeriesSequence" not in ds
 
 
-def test_the_runner_hands_the_job_priors_to_the_pipeline(node: Any) -> None:  # noqa: F811
+def test_the_runner_hands_the_job_priors_to_the_pipeline(store_node: Any) -> None:
     """The job's fetched priors reach the pipeline as ``env.priors`` (study, series, every
     instance with its SOP Class), so its writers can cite them."""
     from dicom_node.config import NodeConfig
@@ -157,7 +156,7 @@ def test_the_runner_hands_the_job_priors_to_the_pipeline(node: Any) -> None:  # 
     from dicom_node.jobs.runner import JobRunner
     from tests.test_priors import ARCHIVE, OneArchive, StoringArchive, _job_for_current_study
 
-    rt, store = node
+    rt, store = store_node
     job_id, _ = _job_for_current_study(rt, store)
     assert PriorFetcher(rt.db, rt.audit, OneArchive(StoringArchive(store, dict(ARCHIVE)))).fetch(job_id)
     config = NodeConfig.model_validate(

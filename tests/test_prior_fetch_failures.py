@@ -27,12 +27,11 @@ from dicom_node.ingest.store import InstanceStore
 from dicom_node.jobs.prior_fetch import PriorFetcher
 from dicom_node.runtime import Runtime
 from tests.peers import free_port
-from tests.test_priors import (  # noqa: F401  (node: a fixture)
+from tests.test_priors import (
     ARCHIVE,
     FakeArchive,
     _job,
     _job_for_current_study,
-    node,
 )
 
 
@@ -140,11 +139,11 @@ class AbortableArchives:
 
 
 def test_stopping_the_fetcher_leaves_a_waiting_job_for_the_next_start(
-    node: tuple[Runtime, InstanceStore],  # noqa: F811
+    store_node: tuple[Runtime, InstanceStore],
 ) -> None:
     """The fetcher's stop aborts the retrieval under way and returns promptly; the job stays
     in ``fetching-priors`` (not refused for a retrieval the node itself cut short)."""
-    rt, store = node
+    rt, store = store_node
     job_id, _ = _job_for_current_study(rt, store, "refuse")
     archive = BlockingArchive()
     fetcher = PriorFetcher(rt.db, rt.audit, AbortableArchives(archive), every=0.05)
