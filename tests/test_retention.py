@@ -267,6 +267,66 @@ def test_an_instance_arriving_during_the_review_keeps_its_study(node: Node) -> N
     assert outcome.removed == [] and len(node.files(study)) == 4
 
 
+def test_a_copy_acknowledged_during_the_review_keeps_its_study(node: Node) -> None:
+    """A duplicate (the same bytes sent again) acknowledged after the review chose the
+    study and before its removal commits: the acknowledgement relied on the file, so the
+    removal stands back (before, the copy was acknowledged and its file deleted)."""
+    study, sent = node.study(days_ago=20)
+    keeper = node.retention(keep_days=14)
+    with node.rt.db.read() as conn:
+        plan = review(conn, keeper.section)
+    assert [c.study_uid for c in plan.due] == [study]
+    again = node.put(sent[0])
+    assert again.outcome == StoreOutcome.DUPLICATE and again.version == 1
+    outcome = RetentionOutcome()
+    keeper._remove(plan.due[0], "test", outcome)
+    assert outcome.removed == [] and len(node.files(study)) == 3
+    # and a copy is activity: the next review keeps the study for keep_days more
+    assert node.retention(keep_days=14).apply().removed == []
+    with node.rt.db.read() as conn:
+        seen = conn.execute(
+            select(t.instances.c.last_seen_at).where(t.instances.c.sop_uid == sent[0].SOPInstanceUID)
+        ).scalar()
+    assert seen is not None and seen > time.time() - 60
+
+
+def test_a_copy_arriving_after_the_removal_committed_is_stored_again(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other order: the removal commits between the store's duplicate test and its
+    acknowledgement. The store's mark finds the row purged, so the copy is written as a
+    new version and survives the removal's deletes."""
+    study, sent = node.study(days_ago=20)
+    keeper = node.retention(keep_days=14)
+    with node.rt.db.read() as conn:
+        plan = review(conn, keeper.section)
+    held: list[Any] = []
+    original = keeper._delete
+
+    def commit_only(paths: Any) -> int:  # the removal's transaction has committed; its deletes wait
+        held.extend(paths)
+        return 0
+
+    monkeypatch.setattr(keeper, "_delete", commit_only)
+    looked_up = node.store._current_version
+
+    def purge_after_lookup(sop_uid: str) -> Any:
+        current = looked_up(sop_uid)  # not purged yet when the store looks
+        outcome = RetentionOutcome()
+        keeper._remove(plan.due[0], "test", outcome)
+        assert [c.study_uid for c in outcome.removed] == [study]
+        return current
+
+    monkeypatch.setattr(node.store, "_current_version", purge_after_lookup)
+    again = node.put(sent[0])
+    monkeypatch.undo()
+    assert again.outcome == StoreOutcome.NEW_VERSION and again.version == 2
+    original(held)  # now the removal deletes what its transaction named
+    node.store.indexer.flush(timeout=10)
+    (path,) = node.files(study)
+    assert path.name.endswith(".v2.dcm")
+
+
 def test_a_removal_cut_short_is_finished_by_the_next_run(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
     study, _ = node.study(days_ago=20)
     keeper = node.retention(keep_days=14)

@@ -116,6 +116,11 @@ instances = Table(
     #: purged instance is never current; the same SOP Instance UID sent again is stored as
     #: a new version, whatever its bytes.
     Column("purged_at", Float),
+    #: When an identical copy last arrived (a duplicate: acknowledged, not stored again).
+    #: The retention rule counts it as activity, and never removes a file a duplicate's
+    #: acknowledgement relied on (the store records it, under the writers' lock, before it
+    #: acknowledges; a purge that committed first makes the copy a new version instead).
+    Column("last_seen_at", Float),
     UniqueConstraint("sop_uid", "version", name="uq_instances_sop_uid_version"),
     Index("ix_instances_study_version", "study_fk", "study_version"),
 )

@@ -23,7 +23,11 @@ Removing one study, crash-safe and without losing what arrives meanwhile:
 
 An instance of the study arriving meanwhile is safe: the store sees a purged newest
 version, so it writes a new version to a new path (never one of the paths being deleted)
-and the indexer brings the study back (``purged_at`` cleared). Index, job and delivery rows
+and the indexer brings the study back (``purged_at`` cleared). A copy of a stored instance
+(a duplicate, acknowledged without storing it again) is safe too: before it is acknowledged
+the store marks the row ``last_seen_at`` under the writers' lock, which step 1 sees (the
+study stays, and the copy counts as activity); if step 1 committed first, the mark finds the
+row purged and the copy is written as a new version. Index, job and delivery rows
 stay: they are the study's history, shown by the web pages and the audit log.
 """
 
@@ -37,7 +41,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import Connection, and_, func, select, update
+from sqlalchemy import Connection, and_, case, func, select, update
 
 from audit import AuditEvent, AuditTrail
 from dicom_node.config import RetentionSection
@@ -104,11 +108,18 @@ class Outcome:
     free_mb_after: int | None = None
 
 
+#: When an instance last arrived: received, or an identical copy acknowledged since.
+_arrival = case(
+    (t.instances.c.last_seen_at > t.instances.c.received_at, t.instances.c.last_seen_at),
+    else_=t.instances.c.received_at,
+)
+
+
 def _last_activity(conn: Connection) -> dict[int, float]:
-    """Per study (not purged): the newest instance received or job transition."""
+    """Per study (not purged): the newest instance received (a duplicate too) or job transition."""
     received = dict(
         conn.execute(
-            select(t.instances.c.study_fk, func.max(t.instances.c.received_at))
+            select(t.instances.c.study_fk, func.max(_arrival))
             .join(t.studies, t.studies.c.id == t.instances.c.study_fk)
             .where(t.studies.c.purged_at.is_(None))
             .group_by(t.instances.c.study_fk)
@@ -293,12 +304,10 @@ class Retention:
             if _holds(conn, [candidate.study_fk]):  # a job started, a delivery reopened meanwhile
                 return
             newest = conn.execute(
-                select(func.max(t.instances.c.received_at)).where(
-                    t.instances.c.study_fk == candidate.study_fk
-                )
+                select(func.max(_arrival)).where(t.instances.c.study_fk == candidate.study_fk)
             ).scalar()
-            if newest is not None and float(newest) > candidate.last_activity:  # an instance came meanwhile
-                return
+            if newest is not None and float(newest) > candidate.last_activity:
+                return  # an instance came meanwhile, or a copy of one (its ack relies on the file)
             rows = conn.execute(
                 select(t.instances.c.id, t.instances.c.path, t.instances.c.size).where(
                     t.instances.c.study_fk == candidate.study_fk, t.instances.c.purged_at.is_(None)

@@ -30,14 +30,14 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID
-from sqlalchemy import bindparam, func, insert, select
+from sqlalchemy import bindparam, func, insert, select, update
 
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
@@ -201,7 +201,12 @@ class InstanceStore:
         if pending is not None:
             data = pending.data
             return _Current(
-                pending.version, pending.sha256(), pending.transfer_syntax, lambda: data, pending.role
+                pending.version,
+                pending.sha256(),
+                pending.transfer_syntax,
+                lambda: data,
+                pending.role,
+                indexed=False,
             )
         row = self.db.lookup(_NEWEST_VERSION, sop_uid=sop_uid)
         if row is None:
@@ -215,6 +220,40 @@ class InstanceStore:
             row[4],
             purged=row[5] is not None,
         )
+
+    @staticmethod
+    def _duplicate_of(current: _Current, data: bytes, transfer_syntax: str) -> str | None:
+        """Why ``data`` is a duplicate of ``current`` (identical bytes or the same content in
+        another lossless syntax), or None when it is not one."""
+        if current.sha256 == hashlib.sha256(data).hexdigest():
+            return "identical bytes"
+        if same_content(current.data(), current.transfer_syntax, data, transfer_syntax):
+            return (
+                f"same content as version {current.version} "
+                f"({UID(current.transfer_syntax).name}), re-sent in {UID(transfer_syntax).name}"
+            )
+        return None
+
+    def _seen_again(self, sop_uid: str, current: _Current) -> bool:
+        """Record that a duplicate of the indexed ``current`` arrived (``last_seen_at``),
+        unless the retention rule has purged it meanwhile: False then, and the copy must be
+        stored as a new version. One write under the writers' lock, before the duplicate is
+        acknowledged: either it commits first, and the purge sees the activity and keeps the
+        study, or the purge commits first, and this finds no row to mark. So an
+        acknowledged duplicate never stands for a file the purge is deleting."""
+        if not current.indexed:  # received moments ago, not yet indexed: nothing to purge
+            return True
+        with self.db.write() as conn:
+            marked = conn.execute(
+                update(t.instances)
+                .where(
+                    t.instances.c.sop_uid == sop_uid,
+                    t.instances.c.version == current.version,
+                    t.instances.c.purged_at.is_(None),
+                )
+                .values(last_seen_at=time.time())
+            ).rowcount
+        return bool(marked)
 
     def _classify(self, facts: InstanceFacts) -> Origin:
         return self.origin.classify(facts) if self.origin is not None else ACQUIRED
@@ -279,24 +318,23 @@ class InstanceStore:
             )
         with lock:
             current = self._current_version(facts.sop_instance_uid)
+            duplicate = None
             if current is not None and not current.purged:
-                if current.sha256 == hashlib.sha256(data).hexdigest():
-                    return StoreResult(
-                        StoreOutcome.DUPLICATE,
-                        facts=facts,
-                        version=current.version,
-                        duplicate_of="identical bytes",
-                        role=origin.role,
-                    )
-                if same_content(current.data(), current.transfer_syntax, data, transfer_syntax):
-                    return StoreResult(
-                        StoreOutcome.DUPLICATE,
-                        facts=facts,
-                        version=current.version,
-                        duplicate_of=f"same content as version {current.version} "
-                        f"({UID(current.transfer_syntax).name}), re-sent in {UID(transfer_syntax).name}",
-                        role=origin.role,
-                    )
+                duplicate = self._duplicate_of(current, data, transfer_syntax)
+            if (
+                duplicate is not None
+                and current is not None
+                and not self._seen_again(facts.sop_instance_uid, current)
+            ):
+                current, duplicate = replace(current, purged=True), None  # removed meanwhile: a new version
+            if duplicate is not None and current is not None:
+                return StoreResult(
+                    StoreOutcome.DUPLICATE,
+                    facts=facts,
+                    version=current.version,
+                    duplicate_of=duplicate,
+                    role=origin.role,
+                )
             if current is not None and not current.purged and origin.role == PRIOR and current.role != PRIOR:
                 return self.refuse(
                     data,
@@ -603,6 +641,8 @@ class _Current:
     #: The retention rule removed its file: the same SOP Instance UID arriving again is a
     #: new version whatever its bytes (nothing to compare with, nothing to be a duplicate of).
     purged: bool = False
+    #: In the index (False: submitted to the indexer moments ago, not yet written).
+    indexed: bool = True
 
 
 def relative_path(facts: InstanceFacts, version: int) -> str:
