@@ -9,6 +9,7 @@ whose message is one line naming the key and the problem; the CLI prints it and 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 import tomllib
@@ -527,6 +528,32 @@ class WebSection(_Section):
     metrics_token_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")
     #: Largest STOW-RS request body (``POST /dicomweb/studies``) taken, in MB.
     stow_max_mb: int = Field(4096, ge=1, le=1_048_576)
+    #: The reverse proxies in front of the pages (addresses or networks, e.g. "127.0.0.1",
+    #: "10.20.0.0/24"), whose X-Forwarded-For and X-Forwarded-Proto are believed. Behind
+    #: one, the address the login throttle counts, the audit log records and /metrics'
+    #: loopback rule tests is then the browser's (the nearest one the proxies did not add),
+    #: not the proxy's. Empty: the headers are ignored, as any client could set them.
+    trusted_proxies: tuple[str, ...] = ()
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        checked = []
+        for entry in value:
+            entry = entry.strip()
+            try:
+                checked.append(
+                    str(ipaddress.ip_network(entry, strict=False))
+                    if "/" in entry
+                    else str(ipaddress.ip_address(entry))
+                )
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an IP address or network (e.g. 127.0.0.1 or 10.20.0.0/24); "
+                    'name each proxy by address: trusting every sender ("*") would let any '
+                    "client choose the address the audit log records"
+                ) from None
+        return tuple(checked)
 
 
 class ModelsSection(_Section):

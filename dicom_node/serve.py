@@ -556,6 +556,7 @@ def _serve(
             config.web.host,
             config.web.port,
             tls=web_tls,
+            trusted_proxies=config.web.trusted_proxies,
         )
         try:
             web.start()

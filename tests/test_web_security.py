@@ -66,7 +66,9 @@ def start_site(
         https=tls is not None,
     )
     port = free_port()
-    server = WebServer(create_app(ctx), "127.0.0.1", port, tls=tls)
+    server = WebServer(
+        create_app(ctx), "127.0.0.1", port, tls=tls, trusted_proxies=runtime.config.web.trusted_proxies
+    )
     server.start()
     try:
         yield Site(f"{'https' if tls else 'http'}://127.0.0.1:{port}", home)

@@ -7,6 +7,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import uvicorn
@@ -19,19 +20,30 @@ class WebServer:
     ``tls`` is (certificate chain, private key), PEM; None serves plain HTTP.
     """
 
-    def __init__(self, app: FastAPI, host: str, port: int, tls: tuple[Path, Path] | None = None) -> None:
+    def __init__(
+        self,
+        app: FastAPI,
+        host: str,
+        port: int,
+        tls: tuple[Path, Path] | None = None,
+        trusted_proxies: Sequence[str] = (),
+    ) -> None:
         self.host = host
         self.port = port
         self.tls = tls
         # No access log: request lines carry query strings (patient IDs in searches).
-        # No proxy headers: uvicorn would take X-Forwarded-For from any loopback client, which
-        # could then pick the address the login throttle counts and the audit log records.
+        # Proxy headers only from the configured proxies ([web] trusted_proxies): uvicorn
+        # would otherwise take X-Forwarded-For from any loopback client, which could then
+        # pick the address the login throttle counts and the audit log records. From those,
+        # uvicorn takes the nearest address the proxies did not add (a client's own
+        # X-Forwarded-For entries come before it).
         self._server = uvicorn.Server(
             uvicorn.Config(
                 app,
                 log_level="warning",
                 access_log=False,
-                proxy_headers=False,
+                proxy_headers=bool(trusted_proxies),
+                forwarded_allow_ips=list(trusted_proxies) or None,
                 lifespan="off",
                 ssl_certfile=str(tls[0]) if tls else None,
                 ssl_keyfile=str(tls[1]) if tls else None,
