@@ -195,13 +195,7 @@ class InputDomain(BaseModel):
     @field_validator("scanning_sequences")
     @classmethod
     def _scanning(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        value = tuple(v.strip().upper() for v in value)
-        unknown = sorted(set(value) - SCANNING_SEQUENCES)
-        if unknown:
-            raise ValueError(
-                f"unknown Scanning Sequence {unknown} (known: {', '.join(sorted(SCANNING_SEQUENCES))})"
-            )
-        return value
+        return scanning_letters(value)
 
     @field_validator("sequence")
     @classmethod
@@ -211,6 +205,18 @@ class InputDomain(BaseModel):
                 f"{value!r} has no acquisition rule (known: {', '.join(sorted(CONTRAST_RULES))})"
             )
         return value
+
+
+def scanning_letters(value: Iterable[str]) -> tuple[str, ...]:
+    """A card's Scanning Sequence values, upper case (``ValueError`` naming any that is not
+    a defined term of :data:`SCANNING_SEQUENCES`)."""
+    letters = tuple(str(v).strip().upper() for v in value)
+    unknown = sorted(set(letters) - SCANNING_SEQUENCES)
+    if unknown:
+        raise ValueError(
+            f"unknown Scanning Sequence {unknown} (known: {', '.join(sorted(SCANNING_SEQUENCES))})"
+        )
+    return letters
 
 
 def default_domain(modality: str, sequence: str | None = None) -> InputDomain:
@@ -412,7 +418,8 @@ def header_reasons(datasets: Sequence[Dataset], domain: InputDomain, model: str)
 
     Each reason starts with what was checked (``modality``, ``SOP class``, ``Image Type``,
     ``Rescale Type``, ``Photometric Interpretation``, ``orientation``, ``pixel spacing``,
-    ``slice thickness``, ``image size``, ``anatomy check (tags)``, ``sequence``).
+    ``slice thickness``, ``image size``, ``anatomy check (tags)``, ``sequence``, ``field strength``,
+    ``scanning sequence``, ``echoes``).
     """
     reasons: list[str] = []
     modalities = {str(ds.get("Modality", "") or "(none)") for ds in datasets}
@@ -497,16 +504,23 @@ def header_reasons(datasets: Sequence[Dataset], domain: InputDomain, model: str)
     if domain.field_strengths_t:
         reasons += field_strength_reasons(datasets, domain.field_strengths_t, model)
     if domain.scanning_sequences:
-        reasons += _scanning_reasons(datasets, domain.scanning_sequences, model)
+        reasons += scanning_sequence_reasons(datasets, domain.scanning_sequences, model)
     if domain.modality == "MR":
-        echoes = sorted({e for e in (_numbers(ds.get("EchoNumbers"), 1) for ds in datasets) if e is not None})
-        if len(echoes) > 1:
-            listed = ", ".join(f"{e[0]:g}" for e in echoes)
-            reasons.append(
-                f"echoes: the series holds echoes {listed} at the same slice positions; {model} takes one "
-                "image per slice (have the scanner send each echo as its own series, or select one)"
-            )
+        reasons += echo_reasons(datasets, model)
     return reasons
+
+
+def echo_reasons(datasets: Sequence[Dataset], model: str) -> list[str]:
+    """Why the MR series of ``datasets`` is not one image per slice: it holds several echoes
+    (Echo Numbers) at the same positions, which no model here was trained on; [] when one."""
+    echoes = sorted({e for e in (_numbers(ds.get("EchoNumbers"), 1) for ds in datasets) if e is not None})
+    if len(echoes) < 2:
+        return []
+    listed = ", ".join(f"{e[0]:g}" for e in echoes)
+    return [
+        f"echoes: the series holds echoes {listed} at the same slice positions; {model} takes one "
+        "image per slice (have the scanner send each echo as its own series, or select one)"
+    ]
 
 
 def _anatomy_from_tags(datasets: Sequence[Dataset], domain: InputDomain, model: str) -> list[str]:
@@ -597,8 +611,11 @@ def _scanning_sequence(ds: Dataset) -> set[str] | None:
     return letters
 
 
-def _scanning_reasons(datasets: Sequence[Dataset], allowed: tuple[str, ...], model: str) -> list[str]:
-    trained = " or ".join(f"{a} ({_SEQUENCE_NAMES.get(a, a)})" for a in allowed)
+def scanning_sequence_reasons(datasets: Sequence[Dataset], allowed: tuple[str, ...], model: str) -> list[str]:
+    """Why the MR series of ``datasets`` is outside the Scanning Sequences ``allowed`` (every
+    letter an instance has must be one of them); [] when inside. A series that does not say
+    (neither Scanning Sequence nor an enhanced MR's Echo Pulse Sequence) is outside."""
+    trained = "\\".join(allowed) + f" ({', '.join(_SEQUENCE_NAMES.get(a, a) for a in allowed)})"
     takes = f"{model} was trained on {trained} images only"
     found = [_scanning_sequence(ds) for ds in datasets]
     if any(f is None for f in found):

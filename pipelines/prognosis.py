@@ -24,14 +24,18 @@ Outputs per horizon, on the current study and its Frame of Reference:
 and one Comprehensive SR with the current and predicted volumes, their 90 % intervals and
 the horizon of each, the model card, the gate's verdict and the priors used (Pertinent Other
 Evidence). A study this cannot read — no T1c or FLAIR, no brain or no tumour found, fewer than
-one usable earlier visit, dates missing — ends the job ``refused`` with the reason.
+one usable earlier visit, dates missing — ends the job ``refused`` with the reason; so does a
+T1c or FLAIR outside the model card's ``input_domain`` (:func:`check_input_headers` before a
+pixel is decoded: a scanning sequence the role's images were not trained on, several echoes;
+:func:`check_input_domain` on the loaded volume: anatomy, geometry, field strength). A prior
+outside it is left out, with a note (``prior_notes``), not refused.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -64,7 +68,7 @@ from pipelines.base import (
     StudyInput,
     series_label,
 )
-from pipelines.domain import field_strength_reasons
+from pipelines.domain import echo_reasons, field_strength_reasons, scanning_letters, scanning_sequence_reasons
 from pipelines.encode import _card_facts
 from pipelines.provenance import OutputProvenance
 from pipelines.registration import resample_onto
@@ -104,6 +108,9 @@ MIN_VISIT_OVERLAP = 0.5
 #: Longest horizon accepted (days).
 MAX_HORIZON_DAYS = 730
 
+#: The series roles the card's per-role keys name, and what each is called in a reason.
+SERIES_ROLES = {"t1c": "the T1c series", "flair": "the FLAIR series"}
+
 _FLAIR = re.compile(r"FLAIR|DARK[ _-]?FLUID", re.IGNORECASE)
 _T1C = re.compile(
     r"T1.*(POST|\+ ?C\b|\bGD\b|GAD|CONTRAST|\bCE\b)|\bT1C\b|T1\+C|\bMPRAGE\b.*(POST|GD)", re.IGNORECASE
@@ -135,6 +142,49 @@ def _synthetic(ds: Dataset) -> bool:
     """True for an image no scanner acquired: Synthetic Data YES, or written by this node
     (a PACS may hold our predictions under the patient's earlier studies)."""
     return str(ds.get("SyntheticData", "") or "").upper() == "YES" or written_by_this_node(ds)
+
+
+def scanning_by_role(domain: Mapping[str, Any], model: str) -> dict[str, tuple[str, ...]]:
+    """The card's ``input_domain.scanning_sequences`` per series role: the Scanning Sequence
+    values (0018,0020) the role's training images had, e.g. ``{"t1c": ["SE"], "flair": ["SE",
+    "IR"]}``; one list applies to both roles. {} when the card declares none (not checked).
+
+    Raises
+    ------
+    PipelineError
+        One line naming the card and the key, when the value is malformed.
+    """
+    raw = domain.get("scanning_sequences") or {}
+    key = f"prognosis: model card {model}: input_domain.scanning_sequences"
+    if isinstance(raw, list | tuple):
+        raw = dict.fromkeys(SERIES_ROLES, raw)
+    if not isinstance(raw, Mapping):
+        raise PipelineError(f'{key}: expected {{"t1c": [...], "flair": [...]}} or one list, got {raw!r}')
+    unknown = sorted(set(raw) - set(SERIES_ROLES))
+    if unknown:
+        raise PipelineError(f"{key}: unknown series role {unknown} (known: {', '.join(SERIES_ROLES)})")
+    try:
+        return {role: scanning_letters(values) for role, values in raw.items() if values}
+    except ValueError as exc:
+        raise PipelineError(f"{key}: {exc}") from None
+
+
+def check_input_headers(
+    datasets: Sequence[Dataset], domain: Mapping[str, Any], model: str, role: str
+) -> None:
+    """Refuse, before a pixel is decoded, the current T1c or FLAIR series (``role``) whose tags
+    put it outside the card's ``input_domain``: a Scanning Sequence other than the role's
+    training images had, or none given (:func:`scanning_by_role`); several echoes at the same
+    slice positions. The shared checks of :mod:`pipelines.domain`, as the other MR pipelines
+    run them; a multi-echo series would not even load as one volume."""
+    what = SERIES_ROLES[role]
+    allowed = scanning_by_role(domain, model).get(role, ())
+    reasons = scanning_sequence_reasons(datasets, allowed, model) if allowed else []
+    reasons += echo_reasons(datasets, model)
+    if reasons:
+        first = datasets[0]
+        series_uid = str(first.get("SeriesInstanceUID", "") or "") or None
+        raise InputRefused(model, series_uid, [f"{what}: {r}" for r in reasons], series=series_label(first))
 
 
 def check_input_domain(volume: Volume, domain: dict[str, Any], model: str, what: str) -> None:
@@ -231,12 +281,17 @@ def _load(instances: Sequence[InputInstance], what: str) -> Volume:
 
 
 def prior_visits(
-    priors: Sequence[RegisteredPrior], current_day: date, field_strengths_t: Sequence[float] = ()
+    priors: Sequence[RegisteredPrior],
+    current_day: date,
+    field_strengths_t: Sequence[float] = (),
+    scanning_sequences: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[list[VisitImages], list[str]]:
     """Earlier visits with both a T1c and a FLAIR registered to the current T1c, oldest first;
     and a note per prior series or study that could not be used. With ``field_strengths_t``
-    (the card's), a prior series acquired at another field strength is not used: its
-    tumour would be segmented outside what the model was made for."""
+    and ``scanning_sequences`` (the card's; the latter per role, :func:`scanning_by_role`),
+    a prior series acquired at another field strength, or with a scanning sequence its
+    role's training images did not have, is not used: its tumour would be segmented
+    outside what the model was made for."""
     by_study: dict[str, dict[str, RegisteredPrior]] = {}
     notes = []
     for prior in priors:
@@ -255,6 +310,11 @@ def prior_visits(
         kind = sequence_of(prior.header)
         if kind is None:
             notes.append(f"prior series {prior.reference.series_uid}: neither T1c nor FLAIR, not used")
+            continue
+        allowed = tuple((scanning_sequences or {}).get(kind, ()))
+        off_sequence = scanning_sequence_reasons([prior.header], allowed, "the model") if allowed else []
+        if off_sequence:
+            notes.append(f"prior series {prior.reference.series_uid}: {off_sequence[0]}; not used")
             continue
         by_study.setdefault(prior.reference.study_uid, {})[kind] = prior
     visits = []
@@ -390,16 +450,20 @@ class PrognosisPipeline:
     def run(self, study: StudyInput, env: RunEnvironment) -> PipelineResult:
         horizons = self.horizons(study)
         t1c_series, flair_series = select_current(study, self.label)
+        domain = dict(self.model.meta.input_domain)
+        for instances, role in ((t1c_series, "t1c"), (flair_series, "flair")):
+            headers = [pydicom.dcmread(i.path, stop_before_pixels=True) for i in instances]
+            check_input_headers(headers, domain, self.label, role)
         t1c = _load(t1c_series, "the current T1c series")
         flair = _load(flair_series, "the current FLAIR series")
-        domain = dict(self.model.meta.input_domain)
         check_input_domain(t1c, domain, self.label, "the T1c series")
         check_input_domain(flair, domain, self.label, "the FLAIR series")
         if not t1c.frame_of_reference_uid:
             raise InputRefused(self.label, t1c.series_uid, ["the T1c series has no Frame of Reference UID"])
         current_day = _study_day(t1c.datasets[0].get("StudyDate"), "the current study")
         fields = tuple(float(t) for t in domain.get("field_strengths_t", ()))
-        visits, notes = prior_visits(env.registered_priors, current_day, fields)
+        scanning = scanning_by_role(domain, self.label)
+        visits, notes = prior_visits(env.registered_priors, current_day, fields, scanning)
         if not visits:  # refused before any segmentation or model runs
             raise InputRefused(self.label, t1c.series_uid, [_NO_PRIORS, *(notes or [_NONE_REGISTERED])])
         flair_on_t1c = resample_onto(flair, flair.array, t1c)
