@@ -171,6 +171,11 @@ class PipelineError(Exception):
     with this message as its reason."""
 
 
+#: Job option set for a rule that makes one job per series (``select: {each: true}``): the
+#: job's series is the only one its pipeline may process (another job has each other one).
+EACH_SERIES_OPTION = "each_series"
+
+
 class InputRefused(PipelineError):
     """The input is outside the model's declared input domain (:mod:`pipelines.domain`).
 

@@ -11,7 +11,7 @@ import pydicom
 from models.base import Model, Prediction
 from models.hallucination import data_consistency_score, largest_region_voxels, suspect_regions
 from pipelines import fov, spill
-from pipelines.base import GateOutcome, InputInstance, PipelineError
+from pipelines.base import EACH_SERIES_OPTION, GateOutcome, InputInstance, InputRefused, PipelineError
 from pipelines.domain import MAX_AXIAL_TILT_DEG, REFUSED_IMAGE_TYPE_VALUES, InputDomain, header_reasons
 from pipelines.geometry import frame_group
 from pipelines.quantiles import upper_percentile_of_parts
@@ -98,6 +98,16 @@ class SelectSeries:
                 by_series[inst.series_uid].append(inst)
         if ctx.study.series_uid and ctx.study.series_uid in by_series:
             return ctx.evolve(series=tuple(by_series[ctx.study.series_uid]))  # the policy's choice
+        if ctx.study.series_uid and ctx.study.options.get(EACH_SERIES_OPTION):
+            # one job per series: choosing another would process a series twice (its own job's)
+            raise InputRefused(
+                f"this {self.what} pipeline",
+                ctx.study.series_uid,
+                [
+                    f"the rule made this job for this series (select: each), which holds no "
+                    f"{self.what} image of the classes the pipeline processes"
+                ],
+            )
         candidates = [s for s in by_series.values() if not made_by_this_node(str(s[0].path))]
         if not candidates:
             raise PipelineError(f"no {self.what} series in study {ctx.study.study_uid} to process")

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from policies.model import Comparison, Gate, Policy, QcGates, Rule, SeriesConditions
+from policies.model import Comparison, Gate, Match, Policy, QcGates, Rule, Select, SeriesConditions
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,9 @@ class RuleVerdict:
     checks: tuple[Check, ...]
     #: The series that met the series conditions (the one the rule is about).
     series_uid: str | None
+    #: A rule with ``select: {each: true}`` that matched: every series it takes, one job
+    #: each, in the study's order (empty for a rule that makes one job per study).
+    each_series: tuple[str, ...] = ()
 
     @property
     def deciding(self) -> Check | None:
@@ -142,6 +145,63 @@ def _is_localizer(s: SeriesView) -> bool:
     return bool({str(v).strip().upper() for v in values} & {"LOCALIZER", "SCOUT"})
 
 
+def fits_select(select: Select | None, s: SeriesView) -> bool:
+    """Whether series ``s`` meets a rule's ``select`` conditions (no ``select``: any series)."""
+    if select is None:
+        return True
+    return (select.modality is None or (s.modality or "") in select.modality) and (
+        select.series_description is None
+        or re.search(select.series_description, s.description or "") is not None
+    )
+
+
+def _match_checks(m: Match, s: SeriesView) -> list[Check]:
+    """The series-level conditions of a rule's ``match`` (``any_of``: one alternative) on ``s``."""
+    own = _series_checks(m, s, prefix=f"series {s.series_uid}: ")
+    if m.any_of:
+        alternatives = [
+            _series_checks(alt, s, prefix=f"series {s.series_uid}: any_of[{i}] ")
+            for i, alt in enumerate(m.any_of)
+        ]
+        ok_alt = next((a for a in alternatives if all(c.passed for c in a)), None)
+        if ok_alt is not None:
+            own = [*own, *ok_alt]
+        else:
+            seen = "; ".join(f"{c.condition} → {c.seen}" for a in alternatives for c in a)
+            own = [*own, Check(f"series {s.series_uid}: one of {len(m.any_of)} alternatives", False, seen)]
+    return own
+
+
+def _each_series(
+    rule: Rule, checks: list[Check], meeting: list[tuple[SeriesView, list[Check]]]
+) -> RuleVerdict:
+    """The verdict of a rule with ``select: {each: true}`` whose study conditions held: it
+    takes every series of ``meeting`` (those that met its series conditions, each with its
+    checks) that fits ``select`` and is not a localizer, and names the first (with its
+    checks); taking none is a failed condition (the rule does not match)."""
+    taken: list[tuple[SeriesView, list[Check]]] = []
+    left = []
+    for s, own in meeting:
+        if _is_localizer(s):
+            left.append(f"{s.series_uid}: a localizer")
+        elif not fits_select(rule.select, s):
+            left.append(f"{s.series_uid}: {s.modality} {s.description or ''!r} does not fit select")
+        else:
+            taken.append((s, own))
+    if not taken:
+        condition = "select.each: a series meeting the match and select conditions, not a localizer"
+        seen = "; ".join(left) or "the study has no series"
+        return RuleVerdict(rule, False, (*checks, Check(condition, False, seen)), None)
+    first, own = taken[0]
+    return RuleVerdict(
+        rule,
+        True,
+        tuple(checks + own) or (Check("no conditions", True, "every study"),),
+        first.series_uid,
+        tuple(s.series_uid for s, _ in taken),
+    )
+
+
 def evaluate_rule(rule: Rule, study: StudyView) -> RuleVerdict:
     if rule.ai_outputs == "ignore" and any(s.made_by_ai for s in study.series):
         acquired = tuple(s for s in study.series if not s.made_by_ai)
@@ -176,30 +236,25 @@ def evaluate_rule(rule: Rule, study: StudyView) -> RuleVerdict:
         checks.append(Check(f"study lacks any series ~ /{m.lacks_series}/", not present, f"{descriptions}"))
     if not all(c.passed for c in checks):
         return RuleVerdict(rule, False, tuple(checks), None)
-    series_level = bool(m.modality or m.body_part or m.series_description or m.attributes or m.any_of)
-    if not series_level:
+    if not m.series_conditions():
+        if rule.per_series:
+            return _each_series(rule, checks, [(s, []) for s in study.series])
         return RuleVerdict(rule, True, tuple(checks) or (Check("no conditions", True, "every study"),), None)
+    meeting: list[tuple[SeriesView, list[Check]]] = []
     best: list[Check] | None = None
     for s in study.series:
-        own = _series_checks(m, s, prefix=f"series {s.series_uid}: ")
-        if m.any_of:
-            alternatives = [
-                _series_checks(alt, s, prefix=f"series {s.series_uid}: any_of[{i}] ")
-                for i, alt in enumerate(m.any_of)
-            ]
-            ok_alt = next((a for a in alternatives if all(c.passed for c in a)), None)
-            if ok_alt is not None:
-                own = [*own, *ok_alt]
-            else:
-                seen = "; ".join(f"{c.condition} → {c.seen}" for a in alternatives for c in a)
-                own = [
-                    *own,
-                    Check(f"series {s.series_uid}: one of {len(m.any_of)} alternatives", False, seen),
-                ]
+        own = _match_checks(m, s)
         if all(c.passed for c in own):
-            return RuleVerdict(rule, True, tuple(checks + own), s.series_uid)
-        if best is None or sum(c.passed for c in own) > sum(c.passed for c in best):
+            meeting.append((s, own))
+            if not rule.per_series:
+                break  # the rule is about the first series that meets its conditions
+        elif best is None or sum(c.passed for c in own) > sum(c.passed for c in best):
             best = own
+    if meeting and rule.per_series:
+        return _each_series(rule, checks, meeting)
+    if meeting:
+        first, own = meeting[0]
+        return RuleVerdict(rule, True, tuple(checks + own), first.series_uid)
     if best is None:
         best = [Check("a series meeting the series conditions", False, "the study has no series")]
     return RuleVerdict(rule, False, tuple(checks + best), None)

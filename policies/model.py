@@ -112,15 +112,32 @@ class Match(SeriesConditions):
     _ae = field_validator("calling_ae", "called_ae", mode="before")(_names)
     _present = field_validator("has_series", "lacks_series")(_regex)
 
+    def series_conditions(self) -> bool:
+        """Does the rule ask anything of a series (not only of the study)?"""
+        return bool(
+            self.modality or self.body_part or self.series_description or self.attributes or self.any_of
+        )
+
 
 class Select(_Strict):
-    """Which series the pipeline processes (default: the largest of its kind)."""
+    """Which series the pipeline processes (default: the largest of its kind, one job per
+    study); with ``each: true``, every series that fits, one job per series."""
 
     modality: tuple[str, ...] | None = None
     series_description: str | None = None
+    #: One job per series instead of one per study: every series of the study that meets
+    #: the rule's series-level ``match`` conditions and these (never a localizer, an AI
+    #: output or the node's own output), e.g. both reconstructions (two kernels) of one
+    #: acquisition, or the halves of an acquisition a scanner split into two series. Not for
+    #: pipelines that read several series of the study together (synthesis, prognosis).
+    each: bool = False
 
     _names = field_validator("modality", mode="before")(_names)
     _regex = field_validator("series_description")(_regex)
+
+    def conditions(self) -> bool:
+        """Does it name the series it takes (a modality or a description)?"""
+        return self.modality is not None or self.series_description is not None
 
 
 class QcGates(_Strict):
@@ -297,6 +314,24 @@ class Rule(_Strict):
                 "destinations: a rule that is not gate: shadow must name at least one destination"
             )
         return self
+
+    @model_validator(mode="after")
+    def _each_names_its_series(self) -> Rule:
+        named = self.select is not None and self.select.conditions()
+        if self.per_series and not (named or self.match.series_conditions()):
+            raise ValueError(
+                "select.each: one job per series needs conditions that say which series — a "
+                "series-level match condition (modality, body_part, series_description, "
+                "attributes, any_of) or select's modality / series_description; as written it "
+                "would make a job for every series of the study, dose reports and screen "
+                "captures included"
+            )
+        return self
+
+    @property
+    def per_series(self) -> bool:
+        """One job per series (``select: {each: true}``) rather than one per study."""
+        return self.select is not None and self.select.each
 
 
 class Policy(_Strict):

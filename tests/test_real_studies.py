@@ -300,18 +300,20 @@ def chosen_series(ctx: Context) -> str:
 
 
 # -- the low-dose chest CT ------------------------------------------------------------------------
-def test_low_dose_chest_restores_one_axial_reconstruction_once_whatever_else_the_study_holds(
+def test_low_dose_chest_restores_each_axial_reconstruction_once_whatever_else_the_study_holds(
     chest: Study, tmp_path: Path
 ) -> None:
-    """Pins existing behaviour. The shipped rule restores one series, the largest axial
-    reconstruction (lung kernel 1 mm), never the topogram, the dose screen or the dose SR,
-    and the dose SR and the screen in the job's snapshot break nothing."""
+    """The shipped rule restores each low-dose axial reconstruction (soft-tissue kernel and
+    lung kernel: one job each, ``select: {each: true}``), never the topogram, the dose screen
+    or the dose SR, and the dose SR and the screen in the job's snapshot break nothing.
+    (Until 2026-12-07 it restored only the larger reconstruction and nothing said the
+    other existed.)"""
     from pipelines.restoration import restoration
 
     decision, plans = route(tmp_path / "node", chest.files(), "CT_SCANNER")
-    (plan,) = plans
-    assert (plan.rule, plan.pipeline) == ("low-dose-ct-restoration", "restoration")
-    assert plan.series_uid == chest.uid("lung")
+    assert [(p.rule, p.pipeline) for p in plans] == [("low-dose-ct-restoration", "restoration")] * 2
+    assert [p.series_uid for p in plans] == [chest.uid("soft"), chest.uid("lung")]
+    plan = plans[1]
     out = tmp_path / "out"
     out.mkdir()
     assert [v.rule.name for v in decision.chosen] == ["low-dose-ct-restoration"]

@@ -104,7 +104,8 @@ def check(
     for rule in rules:
         console.print(
             Text(
-                f"  [{rule.priority}] {rule.name}: {rule.pipeline} → "
+                f"  [{rule.priority}] {rule.name}: {rule.pipeline}"
+                f"{' (one job per series, select.each)' if rule.per_series else ''} → "
                 f"{', '.join(rule.destinations) or 'nowhere'}; {_gate_text(rule)}{_fallback_text(rule)}"
             )
         )
@@ -124,19 +125,40 @@ def _verdict_json(v: RuleVerdict) -> dict[str, Any]:
         "priority": v.rule.priority,
         "matched": v.matched,
         "series_uid": v.series_uid,
+        # a rule with select: {each: true}: every series it takes, one job each
+        "each_series": list(v.each_series),
         "checks": [{"condition": c.condition, "passed": c.passed, "seen": c.seen} for c in v.checks],
         "deciding": None if deciding is None else {"condition": deciding.condition, "seen": deciding.seen},
     }
 
 
-def _next_steps(decision: Decision, plans: list[Any]) -> list[str]:
+def _series_text(uid: str | None, view: StudyView) -> str:
+    """A series as ``explain`` names it: UID, modality and description (None: the pipeline's)."""
+    if uid is None:
+        return "(pipeline chooses)"
+    s = next((s for s in view.series if s.series_uid == uid), None)
+    return uid if s is None else f"{uid} ({s.modality} {s.description or ''!r})"
+
+
+def _next_steps(decision: Decision, plans: list[Any], view: StudyView) -> list[str]:
+    """One line per chosen rule: the pipeline, the series (each, one job per series, for a
+    rule with ``select: {each: true}``), the destinations, the gate and the fallback."""
     if not decision.chosen:
         return ["no rule matches: the study is stored and nothing is processed or sent"]
     steps = []
-    for v, plan in zip(decision.chosen, plans, strict=True):
+    for v in decision.chosen:
+        own = [p for p in plans if p.rule == v.rule.name]
+        if not own:
+            continue
+        series = [_series_text(p.series_uid, view) for p in own]
+        on = (
+            f"on each of {len(own)} series, one job each: {'; '.join(series)}"
+            if v.rule.per_series
+            else f"on series {series[0]}"
+        )
         steps.append(
-            f"rule {v.rule.name}: run {plan.pipeline} on series {plan.series_uid or '(pipeline chooses)'}, "
-            f"then {', '.join(plan.destinations) or 'no destination'}; {_gate_text(v.rule)}"
+            f"rule {v.rule.name}: run {own[0].pipeline} {on}, "
+            f"then {', '.join(own[0].destinations) or 'no destination'}; {_gate_text(v.rule)}"
             f"{_fallback_text(v.rule)}"
         )
     return steps
@@ -194,7 +216,16 @@ def explain(
             view, decision, plans = router.plan(conn, study_id)
             assert decision is not None
             priors = _explain_priors(runtime, conn, study_id, decision, query_archive)
-        jobs = queries.list_jobs(runtime.db, study_uid=study_uid.strip())
+            # the series each job took (several jobs of one rule: one per series)
+            job_series = dict(
+                conn.execute(
+                    select(t.jobs.c.id, t.jobs.c.series_uid).where(t.jobs.c.study_fk == study_id)
+                ).all()
+            )
+        jobs = [
+            {**j, "series_uid": job_series.get(j["id"])}
+            for j in queries.list_jobs(runtime.db, study_uid=study_uid.strip())
+        ]
     finally:
         runtime.close()
     assert decision is not None
@@ -208,7 +239,10 @@ def explain(
                 "called_ae": view.called_ae,
                 "rules": [_verdict_json(v) for v in decision.verdicts],
                 "chosen": [v.rule.name for v in decision.chosen],
-                "next": _next_steps(decision, plans),
+                "next": _next_steps(decision, plans, view),
+                "plans": [
+                    {"rule": p.rule, "pipeline": p.pipeline, "series_uid": p.series_uid} for p in plans
+                ],
                 "priors": priors,
                 "jobs": jobs,
             }
@@ -324,15 +358,22 @@ def _print_explanation(
         if v.deciding is not None:
             verb = "matched on" if v.matched else "failed on"
             out.print(Text(f"    deciding condition: {verb} {v.deciding.condition}"))
+        if v.each_series:
+            out.print(
+                Text(f"    takes each of {len(v.each_series)} series (select.each), one job per series:")
+            )
+            for uid in v.each_series:
+                out.print(Text(f"      {_series_text(uid, view)}"))
     out.print(Text("next:", style="bold"))
-    for step in _next_steps(decision, plans):
+    for step in _next_steps(decision, plans, view):
         out.print(Text(f"  {step}"))
     if jobs:
         out.print(Text("jobs already made for this study:", style="bold"))
         for j in jobs:
             out.print(
                 Text(
-                    f"  job {j['id']} (v{j['study_version']}) {j['pipeline']}: "
+                    f"  job {j['id']} (v{j['study_version']}) {j['pipeline']}"
+                    f"{' on series ' + j['series_uid'] if j.get('series_uid') else ''}: "
                     f"{j['state']} {j['reason'] or ''}"
                 )
             )

@@ -200,6 +200,8 @@ def job_rows() -> Select[Any]:
             t.jobs.c.study_version,
             t.jobs.c.pipeline,
             t.jobs.c.rule,
+            #: the series the rule took (two jobs of one rule and study version differ here)
+            t.jobs.c.series_uid,
             t.jobs.c.gate,
             t.jobs.c.destinations,
             t.jobs.c.state,

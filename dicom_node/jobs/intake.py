@@ -1,7 +1,8 @@
-"""A ready study becomes jobs: one per rule the policy chooses, on a frozen snapshot.
+"""A ready study becomes jobs: one per rule the policy chooses (one per series it takes, for
+a rule with ``select: {each: true}``), on a frozen snapshot.
 
 :meth:`JobIntake.study_ready` runs in one transaction: it snapshots the study's current
-instances into a job per matching rule (with the rule's gate, QC limits, options and
+instances into a job per plan of the router (with the rule's gate, QC limits, options and
 selected series frozen into the job) and opens the next study version, so an instance
 arriving later can only ever join a *new* job, never a finished one. The completeness
 timers of :mod:`dicom_node.ingest.readiness` call it.
@@ -40,7 +41,8 @@ class JobIntake:
         self.actor = actor
 
     def study_ready(self, study_uid: str) -> list[int]:
-        """Snapshot the study into one job per rule the policy chooses. Returns the new job ids."""
+        """Snapshot the study into one job per plan of the policy (per rule, or per series of a
+        rule with ``select: {each: true}``). Returns the new job ids."""
         job_ids: list[int] = []
         with audited_write(self.db, self.audit) as work:
             conn = work.conn
@@ -70,8 +72,12 @@ class JobIntake:
             with_ai = list(conn.execute(current.where(not_own_output())).scalars())
             _view, decision, all_plans = self.router.plan(conn, study.id) if self.router else (None, None, [])
             plans = []
+            skipped: set[tuple[str, str]] = set()  # (rule, destination): once, whatever its series
             for plan in all_plans:
                 for name, ae in plan.skipped_destinations:
+                    if (plan.rule, name) in skipped:
+                        continue
+                    skipped.add((plan.rule, name))
                     work.record(
                         AuditEvent.RETURN_TO_SENDER_SKIPPED,
                         Outcome.SUCCESS,
@@ -116,6 +122,11 @@ class JobIntake:
                 instances=len(snapshot),
                 new_instances=new_count,
                 jobs=job_ids,
+                # which series each job takes (several jobs of one rule: one per series)
+                job_series=[
+                    {"job_id": job_id, "rule": plan.rule, "series_uid": plan.series_uid}
+                    for job_id, plan in zip(job_ids, plans, strict=True)
+                ],
             )
             if not plans:
                 why = "no policy is configured" if decision is None else "no rule of the policy matches"
@@ -148,6 +159,7 @@ class JobIntake:
                     pipeline=plan.pipeline,
                     gate=plan.gate,
                     destinations=plan.destinations,
+                    series_uid=plan.series_uid,
                     stage="routing",
                 )
                 work.record(

@@ -4,7 +4,9 @@ The node builds the policy engine's view of a study from its index (modality, Se
 Description, body part, calling/called AE, and the routing tags it keeps per instance);
 an attribute the index does not keep is read from the series' first header, once. The
 engine decides; this module turns the chosen rules into job plans, each with the rule's
-gate, QC limits, options and selected series frozen into the job.
+gate, QC limits, options and selected series frozen into the job: one plan per rule, or,
+for a rule with ``select: {each: true}``, one per series it takes (the same plan each time,
+on its own series).
 
 Instances the node wrote itself (role ``own-output``) and priors it retrieved from an
 archive (role ``prior``) are not part of the view; series
@@ -16,7 +18,6 @@ the rule says ``return_to_sender: true`` (the plan names what was left out, for 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -28,7 +29,8 @@ from sqlalchemy import ColumnElement, Connection, func, or_, select
 
 from dicom_node.db import schema as t
 from dicom_node.ingest.origin import OWN_OUTPUT, PRIOR
-from policies.engine import Decision, SeriesView, StudyView, decide
+from pipelines.base import EACH_SERIES_OPTION
+from policies.engine import Decision, RuleVerdict, SeriesView, StudyView, decide, fits_select
 from policies.loader import LoadedPolicy, PolicyError, load_policy
 from policies.model import FALLBACK_OPTION, Rule
 
@@ -132,20 +134,16 @@ def study_view(conn: Connection, study_id: int, data_dir: Path) -> StudyView:
     return StudyView(study.study_uid, study.source_ae, called, tuple(series))
 
 
-def _selected_series(rule: Rule, study: StudyView, matched_series: str | None) -> str | None:
-    """The series the rule's ``select`` picks (largest fitting one), else the matched one."""
+def _selected_series(rule: Rule, study: StudyView, verdict: RuleVerdict) -> list[str | None]:
+    """The series the rule's jobs take, one job each: with ``select: {each: true}`` every
+    series the engine found (:attr:`RuleVerdict.each_series`); otherwise one, the largest
+    series that fits ``select``, else the matched one (None: the pipeline chooses)."""
+    if rule.per_series:
+        return list(verdict.each_series)
     if rule.select is None:
-        return matched_series
-    fitting = [
-        s
-        for s in study.series
-        if (rule.select.modality is None or (s.modality or "") in rule.select.modality)
-        and (
-            rule.select.series_description is None
-            or re.search(rule.select.series_description, s.description or "")
-        )
-    ]
-    return max(fitting, key=lambda s: s.instances).series_uid if fitting else matched_series
+        return [verdict.series_uid]
+    fitting = [s for s in study.series if fits_select(rule.select, s)]
+    return [max(fitting, key=lambda s: s.instances).series_uid if fitting else verdict.series_uid]
 
 
 class PolicyRouter:
@@ -214,21 +212,23 @@ class PolicyRouter:
             rule_view = view
             if v.rule.ai_outputs == "ignore":
                 rule_view = replace(view, series=tuple(s for s in view.series if not s.made_by_ai))
-            plans.append(
-                JobPlan(
-                    rule=v.rule.name,
-                    pipeline=v.rule.pipeline,
-                    destinations=destinations,
-                    gate=v.rule.gate,
-                    qc_policy=v.rule.qc.model_dump(),
-                    options=_job_options(v.rule),
-                    series_uid=_selected_series(v.rule, rule_view, v.series_uid),
-                    include_ai_outputs=v.rule.ai_outputs == "accept",
-                    skipped_destinations=skipped,
-                    fallback=v.rule.fallback,
-                    priors=v.rule.priors.model_dump(mode="json") if v.rule.priors else None,
+            # one plan per series the rule takes (one, unless it says select: {each: true})
+            for series_uid in _selected_series(v.rule, rule_view, v):
+                plans.append(
+                    JobPlan(
+                        rule=v.rule.name,
+                        pipeline=v.rule.pipeline,
+                        destinations=list(destinations),
+                        gate=v.rule.gate,
+                        qc_policy=v.rule.qc.model_dump(),
+                        options=_job_options(v.rule),
+                        series_uid=series_uid,
+                        include_ai_outputs=v.rule.ai_outputs == "accept",
+                        skipped_destinations=skipped,
+                        fallback=v.rule.fallback,
+                        priors=v.rule.priors.model_dump(mode="json") if v.rule.priors else None,
+                    )
                 )
-            )
         return view, decision, plans
 
 
@@ -237,6 +237,8 @@ def _job_options(rule: Rule) -> dict[str, Any]:
     options: dict[str, Any] = dict(rule.options)
     if rule.fallback != "nothing":
         options[FALLBACK_OPTION] = rule.fallback
+    if rule.per_series:  # the job's series is the only one its pipeline may take
+        options[EACH_SERIES_OPTION] = True
     return options
 
 

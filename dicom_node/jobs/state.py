@@ -248,15 +248,23 @@ def newer_job(conn: Connection, job: Any) -> Any:
     ``study_version``) by the same rule — whatever its pipeline, so a fallback of the older
     version counts too — or, for a job without a rule, with the same pipeline; None when
     there is none. A queued job that has one is :data:`JobState.SUPERSEDED` at the claim
-    (its snapshot is a subset of that job's); a held one cannot be approved."""
+    (its snapshot is a subset of that job's); a held one cannot be approved. A job with a
+    ``series_uid`` names the newer job of the same series first (a rule with ``select:
+    {each: true}`` makes one job per series of each version)."""
     lineage = (
         (t.jobs.c.rule.is_(None), t.jobs.c.pipeline == job.pipeline)
         if job.rule is None
         else (t.jobs.c.rule == job.rule,)
     )
-    return conn.execute(
+    newer = (
         select(t.jobs.c.id, t.jobs.c.study_version, t.jobs.c.state)
         .where(t.jobs.c.study_fk == job.study_fk, *lineage, t.jobs.c.study_version > job.study_version)
         .order_by(t.jobs.c.study_version.desc(), t.jobs.c.id.desc())
         .limit(1)
-    ).first()
+    )
+    series_uid = getattr(job, "series_uid", None)
+    if series_uid:  # a rule that makes one job per series: the job of the same series
+        same = conn.execute(newer.where(t.jobs.c.series_uid == series_uid)).first()
+        if same is not None:
+            return same
+    return conn.execute(newer).first()
