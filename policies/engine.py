@@ -56,6 +56,10 @@ class RuleVerdict:
     #: A rule with ``select: {each: true}`` that matched: every series it takes, one job
     #: each, in the study's order (empty for a rule that makes one job per study).
     each_series: tuple[str, ...] = ()
+    #: A matching rule with series-level ``match`` conditions: every series that met them
+    #: (a one-job-per-study ``select`` chooses among these; empty: the match asked nothing
+    #: of a series).
+    meeting: tuple[str, ...] = ()
 
     @property
     def deciding(self) -> Check | None:
@@ -245,16 +249,16 @@ def evaluate_rule(rule: Rule, study: StudyView) -> RuleVerdict:
     for s in study.series:
         own = _match_checks(m, s)
         if all(c.passed for c in own):
-            meeting.append((s, own))
-            if not rule.per_series:
-                break  # the rule is about the first series that meets its conditions
+            meeting.append((s, own))  # the rule is about the first; a select chooses among all
         elif best is None or sum(c.passed for c in own) > sum(c.passed for c in best):
             best = own
     if meeting and rule.per_series:
         return _each_series(rule, checks, meeting)
     if meeting:
         first, own = meeting[0]
-        return RuleVerdict(rule, True, tuple(checks + own), first.series_uid)
+        return RuleVerdict(
+            rule, True, tuple(checks + own), first.series_uid, meeting=tuple(s.series_uid for s, _ in meeting)
+        )
     if best is None:
         best = [Check("a series meeting the series conditions", False, "the study has no series")]
     return RuleVerdict(rule, False, tuple(checks + best), None)

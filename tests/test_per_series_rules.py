@@ -291,6 +291,8 @@ def test_a_full_dose_series_beside_a_low_dose_one_is_not_restored(node: Node) ->
     study.add("full", ctdi=11.0, description="Thorax 2.5 B30f", number=3, slices=6)
     node.send_study(study)
     assert [p.series_uid for p in node.plan(study)] == [study.uid("low")]
+    # a rule without each too: its select chooses among the series its match conditions met
+    assert [p.series_uid for p in node.plan(study, per_study_policy())] == [study.uid("low")]
 
 
 def test_without_each_a_rule_makes_one_plan_per_study_as_before(node: Node) -> None:

@@ -137,12 +137,18 @@ def study_view(conn: Connection, study_id: int, data_dir: Path) -> StudyView:
 def _selected_series(rule: Rule, study: StudyView, verdict: RuleVerdict) -> list[str | None]:
     """The series the rule's jobs take, one job each: with ``select: {each: true}`` every
     series the engine found (:attr:`RuleVerdict.each_series`); otherwise one, the largest
-    series that fits ``select``, else the matched one (None: the pipeline chooses)."""
+    series that fits ``select`` among those that met the match's series conditions (all, if
+    it set none), else the matched one (None: the pipeline chooses)."""
     if rule.per_series:
         return list(verdict.each_series)
     if rule.select is None:
         return [verdict.series_uid]
-    fitting = [s for s in study.series if fits_select(rule.select, s)]
+    # never a series the match's series conditions refused (a full-dose series beside the
+    # low-dose one a CTDIvol condition met): among those that met them, when it set any
+    meeting = set(verdict.meeting)
+    fitting = [
+        s for s in study.series if fits_select(rule.select, s) and (not meeting or s.series_uid in meeting)
+    ]
     return [max(fitting, key=lambda s: s.instances).series_uid if fitting else verdict.series_uid]
 
 
