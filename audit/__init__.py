@@ -1,6 +1,6 @@
 """Hash-chained audit log, event vocabulary and exports. Imports no other project folder."""
 
 from audit.events import AuditEvent, Outcome
-from audit.trail import AuditRecord, AuditTrail
+from audit.trail import AuditRecord, AuditTrail, NoAuditLog
 
-__all__ = ["AuditEvent", "AuditRecord", "AuditTrail", "Outcome"]
+__all__ = ["AuditEvent", "AuditRecord", "AuditTrail", "NoAuditLog", "Outcome"]

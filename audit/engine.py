@@ -16,16 +16,21 @@ never leaves it held). Work that many processes claim at once (jobs, deliveries)
 lock-free writer instead (``lock_key=None``) and ``SELECT ... FOR UPDATE SKIP LOCKED``.
 
 Both the audit trail and the node's own database use it; it lives here because ``audit`` is
-the bottom layer and imports no other project folder.
+the bottom layer and imports no other project folder. :func:`make_read_only_engine` is for
+reading a database someone handed over (``audit verify --audit-db``): it writes nothing.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 #: The advisory locks writers take on PostgreSQL: one for the node's database, one for the
 #: audit log (distinct, so the two may share a database without waiting on each other).
@@ -102,3 +107,51 @@ def make_engine(
         conn.exec_driver_sql(begin)
 
     return sqlite_engine
+
+
+def make_read_only_engine(url: str) -> Engine:
+    """An engine that only reads ``url`` and creates nothing, not even a missing database.
+
+    Parameters
+    ----------
+    url
+        SQLAlchemy URL. For SQLite, the file must exist.
+
+    Returns
+    -------
+    Engine
+        SQLite: the file opened read-only. With no ``-wal`` file beside it (a copy, or a log
+        no process has open) it is opened as immutable, so SQLite adds no ``-wal`` or
+        ``-shm`` file beside it either; with one (a log in use, or copied with its WAL) it
+        is read through that WAL, which SQLite may need a ``-shm`` file for. PostgreSQL:
+        every transaction is read-only (``default_transaction_read_only``). Any other
+        database gets a plain engine.
+
+    Raises
+    ------
+    FileNotFoundError, IsADirectoryError
+        An SQLite URL whose file is not there, or is a directory.
+    """
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        return create_engine(
+            url, pool_pre_ping=True, connect_args={"options": "-c default_transaction_read_only=on"}
+        )
+    if backend != "sqlite":
+        return create_engine(url)
+    name = str(parsed.database or "")
+    if name in ("", ":memory:"):
+        raise FileNotFoundError(errno.ENOENT, "an SQLite URL that names no file", url)
+    path = Path(name)
+    if not path.exists():
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    mode = "mode=ro" if path.with_name(path.name + "-wal").exists() else "immutable=1"
+    uri = f"{path.resolve().as_uri()}?{mode}"  # as_uri: a '?' or '#' in the name is escaped
+
+    def connect() -> sqlite3.Connection:
+        return sqlite3.connect(uri, uri=True, check_same_thread=False)
+
+    return create_engine("sqlite://", creator=connect, poolclass=NullPool)

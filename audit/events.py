@@ -84,6 +84,12 @@ class AuditEvent(StrEnum):
     STORAGE_COMMITMENT_RESULT = "storage-commitment-result"
     STORAGE_COMMITMENT_TIMEOUT = "storage-commitment-timeout"
     CONFIG_LOADED = "config-loaded"
+    #: The node database's schema was upgraded in place (``serve`` or ``worker`` at start, or
+    #: ``dicom-node db upgrade``); written once per upgrade, after its migrations committed,
+    #: by the process that ran them. Facts: ``database`` (SQLite file, or server URL without
+    #: password), ``from_revision``, ``to_revision``, ``version`` (of dicom-node); the actor
+    #: is who ran it (``os:<login>``). Reported as Security Alert, Software Configuration.
+    SCHEMA_UPGRADED = "schema-upgraded"
     #: A worker built a pipeline with a learned model (once per process): ``pipeline, model,
     #: version, weights_sha256, directory``; the weights were checked against the card.
     MODEL_LOADED = "model-loaded"

@@ -33,12 +33,13 @@ from sqlalchemy import (
     Table,
     Text,
     insert,
+    inspect,
     or_,
     select,
 )
 from sqlalchemy.engine import make_url
 
-from audit.engine import AUDIT_WRITERS, make_engine
+from audit.engine import AUDIT_WRITERS, make_engine, make_read_only_engine
 from audit.events import AuditEvent, Outcome
 
 GENESIS_HASH = "0" * 64
@@ -138,6 +139,10 @@ class Checkpoint:
 
 class CheckpointError(ValueError):
     """A checkpoint line that cannot be read: it names the file and the line."""
+
+
+class NoAuditLog(LookupError):
+    """A database opened read-only holds no audit log (no ``audit_events`` table)."""
 
 
 def _short(value: Any) -> str:
@@ -263,6 +268,11 @@ class AuditTrail:
         separate, more protected storage than the image index).
     actor
         Default actor written on each record (e.g. ``"serve@host:pid"``).
+    read_only
+        Only read the log (:meth:`verify`, :meth:`search`, :meth:`events`): nothing is
+        created or written, a missing SQLite file raises FileNotFoundError and a database
+        without the log :class:`NoAuditLog`; :meth:`record` is refused. For a copy of the
+        log handed to an auditor (``dicom-node audit verify --audit-db``).
     """
 
     def __init__(
@@ -272,16 +282,30 @@ class AuditTrail:
         *,
         checkpoint_file: Path | None = None,
         checkpoint_every: int = 100,
+        read_only: bool = False,
     ) -> None:
         self.url = url
         self.actor = actor
         self.checkpoints = CheckpointFile(checkpoint_file) if checkpoint_file else None
         self.checkpoint_every = checkpoint_every
-        self._engine = make_engine(url, lock_key=AUDIT_WRITERS)
-        self._reader = make_engine(url, begin="BEGIN")
+        self.read_only = read_only
+        self._lock = threading.Lock()
         backend = make_url(url).get_backend_name()
         self._is_sqlite = backend == "sqlite"
-        self._lock = threading.Lock()
+        if read_only:
+            self._engine = self._reader = make_read_only_engine(url)
+            try:
+                with self._reader.connect() as conn:
+                    present = inspect(conn).has_table(audit_events.name)
+            except BaseException:
+                self._reader.dispose()
+                raise
+            if not present:
+                self._reader.dispose()
+                raise NoAuditLog(f"no {audit_events.name} table")
+            return
+        self._engine = make_engine(url, lock_key=AUDIT_WRITERS)
+        self._reader = make_engine(url, begin="BEGIN")
         metadata.create_all(self._engine)
         if backend == "postgresql":
             _protect_postgresql(self._engine)
@@ -321,6 +345,8 @@ class AuditTrail:
 
     def _append(self, rows: list[dict[str, Any]]) -> int:
         """Chain and insert ``rows`` in one transaction; returns the last sequence number."""
+        if self.read_only:
+            raise PermissionError(f"the audit log {self._shown()} was opened read-only: nothing is recorded")
         with self._lock, self._engine.begin() as conn:
             # the engine's write lock is held from the first statement: no other appender
             # can read the same head
@@ -339,6 +365,9 @@ class AuditTrail:
             if seq // self.checkpoint_every != (first - 1) // self.checkpoint_every:
                 self.checkpoints.write(seq, prev_hash, self.actor)
         return int(seq)
+
+    def _shown(self) -> str:
+        return make_url(self.url).render_as_string(hide_password=True)
 
     def head(self) -> tuple[int, str]:
         """Sequence number and hash of the newest record (0 and the genesis hash if empty)."""

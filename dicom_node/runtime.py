@@ -1,8 +1,17 @@
-"""Opening a node home: config, directories, database (migrated), audit log, logging."""
+"""Opening a node home: config, directories, audit log, database (its schema), logging.
+
+Who may change the node database's schema: ``Runtime.open(..., upgrade=True)`` upgrades an
+older release's schema and records a ``schema-upgraded`` audit record; ``serve``, ``worker``
+and ``dicom-node db upgrade`` open it so. Every other command opens it without: a new
+database still gets its schema (the first command on a fresh home works as before), but
+one an older release left is refused in one line and left as it is, since that release may
+still be running on it.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import getpass
 import json
 import logging
 import logging.handlers
@@ -15,9 +24,10 @@ from typing import Any
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
-from audit import AuditTrail
+from audit import AuditEvent, AuditTrail
+from dicom_node import __version__
 from dicom_node.config import LoadedConfig, NodeConfig, check_database_url, load_config
-from dicom_node.db.engine import Database, SchemaError
+from dicom_node.db.engine import Database, SchemaChange, SchemaError
 from dicom_node.paths import AUDIT_DATABASE_URL_ENV, DATABASE_URL_ENV, NodePaths
 from dicom_node.safelog import CLI_HANDLER, PhiSafeFilter, route_warnings_and_crashes
 
@@ -36,6 +46,14 @@ class StateUnavailable(Exception):
 
 class DatabaseUnavailable(StateUnavailable):
     """The configured database server cannot be reached or refuses the node."""
+
+
+def os_user() -> str:
+    """Who runs this process, for the audit trail (``os:<login>``)."""
+    try:
+        return f"os:{getpass.getuser()}"
+    except Exception:  # no login name (containers)
+        return "os:unknown"
 
 
 def missing_state(paths: NodePaths, config: NodeConfig) -> Path | None:
@@ -60,6 +78,8 @@ class Runtime:
     paths: NodePaths
     db: Database
     audit: AuditTrail
+    #: What opening changed in the node database's schema (created or upgraded); None: nothing.
+    schema_change: SchemaChange | None = None
 
     @property
     def config(self) -> NodeConfig:
@@ -83,9 +103,29 @@ class Runtime:
         actor: str | None = None,
         *,
         existing: bool = False,
+        upgrade: bool = False,
     ) -> Runtime:
-        """Open ``home``; with ``existing``, raise :class:`NoNodeState` (creating nothing)
-        unless the node's databases are already there."""
+        """Open ``home``.
+
+        Parameters
+        ----------
+        config_path, home, overrides
+            Where the config and the state are, and values that replace the config's.
+        actor
+            The audit trail's default actor; also who a schema upgrade is recorded as
+            (default ``os:<login>``).
+        existing
+            Raise :class:`NoNodeState` (creating nothing) unless the node's databases are
+            already there.
+        upgrade
+            Upgrade a node database an older release left (``serve``, ``worker``, ``db
+            upgrade``), and record it in the audit trail once it has committed
+            (``schema-upgraded``; not when there was nothing to upgrade, nor by the second of
+            two processes starting at once). Without it a new database still gets its schema,
+            but an older one is refused (:class:`StateUnavailable`, one line saying to stop
+            the node and run ``dicom-node db upgrade``) and left untouched. A schema a newer
+            release made is refused either way.
+        """
         loaded = load_config(config_path, home, overrides)
         paths = NodePaths.for_home(home, loaded.config)
         for what, env, url in (
@@ -107,30 +147,55 @@ class Runtime:
                 f"cannot create the node's state{where}: {exc.strerror or exc} "
                 "(check --home, [storage] data_dir and quarantine_dir, [logging] file)"
             ) from None
-        url = paths.database_url(loaded.config)
+        # The audit trail first: an upgrade is recorded there once it has committed, so an
+        # audit log that cannot be opened stops the upgrade before it starts.
+        url = paths.audit_database_url(loaded.config)
+        audit: AuditTrail | None = None
+        db: Database | None = None
         try:
-            db = Database(url)
-            try:
-                db.upgrade()
-            except SchemaError as exc:
-                db.dispose()
-                raise StateUnavailable(str(exc)) from None
-            url = paths.audit_database_url(loaded.config)
             audit = AuditTrail(
                 url,
                 actor=actor,
                 checkpoint_file=paths.checkpoint_file(loaded.config),
                 checkpoint_every=loaded.config.audit.checkpoint_every,
             )
+            url = paths.database_url(loaded.config)
+            db = Database(url)
+            change = db.upgrade() if upgrade else db.create_or_check()
+            if change is not None and not change.created:
+                url = audit.url
+                audit.record(
+                    AuditEvent.SCHEMA_UPGRADED,
+                    actor=actor or os_user(),
+                    database=db.where,
+                    from_revision=change.before_text,
+                    to_revision=change.after,
+                    version=__version__,
+                )
+        except SchemaError as exc:
+            _dispose(db, audit)
+            raise StateUnavailable(str(exc)) from None
         except OperationalError as exc:
+            _dispose(db, audit)
             reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
             where = make_url(url).render_as_string(hide_password=True)
             raise DatabaseUnavailable(f"cannot use the database {where}: {reason}") from None
-        return cls(loaded=loaded, paths=paths, db=db, audit=audit)
+        except BaseException:
+            _dispose(db, audit)
+            raise
+        return cls(loaded=loaded, paths=paths, db=db, audit=audit, schema_change=change)
 
     def close(self) -> None:
         self.db.dispose()
         self.audit.dispose()
+
+
+def _dispose(db: Database | None, audit: AuditTrail | None) -> None:
+    """Close what a failed :meth:`Runtime.open` had opened."""
+    if db is not None:
+        db.dispose()
+    if audit is not None:
+        audit.dispose()
 
 
 def under_journald() -> bool:

@@ -396,6 +396,8 @@ def old_home(tmp_path: Path) -> Iterator[Path]:
 
 def test_the_cli_reads_and_acts_on_an_old_release_s_home(old_home: Path) -> None:
     where = ("--home", str(old_home))
+    upgraded = cli("db", "upgrade", *where)  # the other commands refuse an older schema
+    assert upgraded.exit_code == 0 and "from schema revision 0009" in upgraded.output, upgraded.output
     verified = cli("audit", "verify", *where)
     assert verified.exit_code == 0 and "intact" in verified.output, verified.output
 

@@ -90,7 +90,7 @@ def test_the_runtime_role_is_told_to_upgrade_as_the_owner(
     monkeypatch.setenv(AUDIT_DATABASE_URL_ENV, site.server.url(site.audit, site.runtime))
 
     with pytest.raises(StateUnavailable) as refused:
-        Runtime.open(None, tmp_path / "home")
+        Runtime.open(None, tmp_path / "home", upgrade=True)  # a node's start
     message = str(refused.value)
     assert f"schema revision 0011 and this dicom-node needs {HEAD}" in message
     assert f"the role {site.runtime} may not change the schema" in message

@@ -39,6 +39,7 @@ job-transition            110100 Application Activity             E       local 
 gate-decision             110100 Application Activity             E       local
 model-loaded              110100 Application Activity             E       local
 config-loaded             110113 Security Alert                   E       110131 Software Config. + local
+schema-upgraded           110113 Security Alert                   E       110131 Software Config. + local
 user-changed              110113 Security Alert                   E       110137 User Security Attr.
                                                                           Changed + local
 anything else             110100 Application Activity             E       local (the stored name)
@@ -186,6 +187,9 @@ EVENT_MAP: dict[AuditEvent, EventMapping] = {
     AuditEvent.GATE_DECISION: EventMapping(APPLICATION_ACTIVITY, "E"),
     AuditEvent.MODEL_LOADED: EventMapping(APPLICATION_ACTIVITY, "E"),
     AuditEvent.CONFIG_LOADED: EventMapping(SECURITY_ALERT, "E", (SOFTWARE_CONFIGURATION,)),
+    # a change to the software's own data structures: PS3.15's "software configuration"
+    # change (Application Activity has event types for start and stop only)
+    AuditEvent.SCHEMA_UPGRADED: EventMapping(SECURITY_ALERT, "E", (SOFTWARE_CONFIGURATION,)),
     AuditEvent.USER_CHANGED: EventMapping(SECURITY_ALERT, "E", (USER_SECURITY_ATTRIBUTES_CHANGED,)),
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dicom_node.cli import (  # noqa: F401  (imported for their commands)
     archive_cmds,
     audit_cmds,
+    db_cmds,
     eval_cmds,
     inspect_cmds,
     model_cmds,

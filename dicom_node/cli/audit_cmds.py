@@ -1,4 +1,5 @@
-"""``dicom-node audit verify | search | report | export`` — every read is itself audited."""
+"""``dicom-node audit verify | search | report | export`` — every read is itself audited,
+but for ``verify --audit-db``, which reads a handed-over audit database alone and writes nothing."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
-from audit import AuditEvent, AuditTrail, Outcome
+from audit import AuditEvent, AuditTrail, NoAuditLog, Outcome
+from audit.trail import VerifyResult
 from dicom_node.cli.common import (
     ConfigOpt,
     HomeOpt,
@@ -25,6 +29,8 @@ from dicom_node.cli.common import (
     os_user,
     print_json,
 )
+from dicom_node.config import check_database_url
+from dicom_node.db.engine import first_line
 
 audit_app = typer.Typer(
     help="The tamper-evident audit log: verify, search, report, export.", no_args_is_help=True
@@ -73,10 +79,21 @@ def _check_named_checkpoints(path: Path) -> None:
 
 @audit_app.command("verify")
 def verify(
+    ctx: typer.Context,
     config: ConfigOpt = None,
     home: HomeOpt = Path("."),
     checkpoint_file: Annotated[
         Path | None, typer.Option(help="Checkpoints to hold the log against (default: the configured file).")
+    ] = None,
+    audit_db: Annotated[
+        str | None,
+        typer.Option(
+            "--audit-db",
+            metavar="PATH_OR_URL",
+            help="Verify this audit database alone (an SQLite file, or a database URL), read-only: "
+            "no node home is opened, nothing is created or written (not even the record of this "
+            "check). Hold it against checkpoints with --checkpoint-file.",
+        ),
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -86,6 +103,13 @@ def verify(
     """
     if checkpoint_file is not None:
         _check_named_checkpoints(checkpoint_file)
+    if audit_db is not None:
+        for name in ("config", "home"):
+            source = ctx.get_parameter_source(name)  # Typer's own click: compared by name
+            if source is not None and source.name == "COMMANDLINE":
+                raise fail(f"--audit-db verifies that database alone: leave out --{name}", 2)
+        _verify_alone(audit_db, checkpoint_file, json_out)
+        return
     runtime = open_existing(config, home)
     started = time.perf_counter()
     result = runtime.audit.verify(checkpoint_file)
@@ -98,8 +122,13 @@ def verify(
         first_bad_seq=result.first_bad_seq,
     )
     runtime.close()
+    _show_verified(result, elapsed, json_out)
+
+
+def _show_verified(result: VerifyResult, elapsed: float, json_out: bool, **more: Any) -> None:
+    """Print what ``verify`` found; exit 1 unless the log is intact."""
     if json_out:
-        print_json({**result.__dict__, "seconds": round(elapsed, 3)})
+        print_json({**result.__dict__, "seconds": round(elapsed, 3), **more})
     elif result.ok:
         console.print(
             f"audit log intact: {result.records} records, head {result.head_seq}, "
@@ -113,6 +142,49 @@ def verify(
         )
     if not result.ok:
         raise typer.Exit(1)
+
+
+def _audit_db_url(value: str) -> tuple[str, str]:
+    """``--audit-db`` as (SQLAlchemy URL, how to name it): a URL as given (checked, shown
+    without its password), anything else an SQLite file's path."""
+    if "://" not in value:
+        return f"sqlite:///{Path(value).absolute()}", value
+    try:
+        check_database_url(value)
+    except ValueError as exc:
+        raise fail(f"--audit-db: {exc}") from None
+    return value, make_url(value).render_as_string(hide_password=True)
+
+
+def _verify_alone(audit_db: str, checkpoint_file: Path | None, json_out: bool) -> None:
+    """``verify --audit-db``: that database's chain (and the named checkpoints), nothing else."""
+    url, shown = _audit_db_url(audit_db)
+    try:
+        trail = AuditTrail(url, read_only=True)
+    except FileNotFoundError:
+        raise fail(f"--audit-db {shown}: no such file (nothing was created)") from None
+    except IsADirectoryError:
+        raise fail(f"--audit-db {shown}: a directory, not an audit database") from None
+    except NoAuditLog:
+        raise fail(f"--audit-db {shown}: holds no audit log (no audit_events table)") from None
+    except DBAPIError as exc:
+        raise fail(f"--audit-db {shown}: cannot be read: {first_line(exc)}") from None
+    try:
+        started = time.perf_counter()
+        result = trail.verify(checkpoint_file)
+        elapsed = time.perf_counter() - started
+    except DBAPIError as exc:
+        raise fail(f"--audit-db {shown}: cannot be read: {first_line(exc)}") from None
+    finally:
+        trail.dispose()
+    if result.ok and checkpoint_file is None and not json_out:
+        console.print(
+            f"{shown}: no checkpoint file given (--checkpoint-file), so a cut-off tail would not show",
+            markup=False,
+            soft_wrap=True,
+            highlight=False,
+        )
+    _show_verified(result, elapsed, json_out, database=shown)
 
 
 @audit_app.command("search")

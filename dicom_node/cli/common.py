@@ -6,7 +6,6 @@ one line and exit 2 (configuration) or 1 (everything else); tracebacks are for b
 
 from __future__ import annotations
 
-import getpass
 import json
 import sys
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from rich.text import Text
 from dicom_node import __version__
 from dicom_node.config import ConfigError, LoadedConfig, load_config
 from dicom_node.runtime import NoNodeState, Runtime, StateUnavailable
+from dicom_node.runtime import os_user as os_user  # who runs a command, for the audit trail
 
 app = typer.Typer(
     name="dicom-node",
@@ -87,33 +87,37 @@ def open_runtime(
     home: Path,
     overrides: dict[str, Any] | None = None,
     actor: str | None = None,
+    *,
+    upgrade: bool = False,
 ) -> Runtime:
-    """Open the home, creating its state when it has none (``serve``, ``run``, ``user add``)."""
+    """Open the home, creating its state when it has none (``serve``, ``run``, ``user add``).
+
+    ``upgrade``: bring an older release's schema up to date (``serve`` and ``worker`` only);
+    without it such a home is refused in one line, exit 1 (:meth:`Runtime.open`).
+    """
     try:
-        return Runtime.open(config, home, overrides, actor=actor)
+        return Runtime.open(config, home, overrides, actor=actor, upgrade=upgrade)
     except ConfigError as exc:
         raise config_error(exc) from None
     except StateUnavailable as exc:
         raise fail(str(exc)) from None
 
 
-def open_existing(config: Path | None, home: Path, actor: str | None = None) -> Runtime:
+def open_existing(
+    config: Path | None, home: Path, actor: str | None = None, *, upgrade: bool = False
+) -> Runtime:
     """Open a home that already holds a node's state; on one that holds none, say so and
-    exit 1, creating nothing (a mistyped --home must not read as an empty node)."""
+    exit 1, creating nothing (a mistyped --home must not read as an empty node).
+
+    ``upgrade`` as for :func:`open_runtime` (``db upgrade`` only); without it an older
+    release's schema is refused, exit 1, and left as it is.
+    """
     try:
-        return Runtime.open(config, home, actor=actor, existing=True)
+        return Runtime.open(config, home, actor=actor, existing=True, upgrade=upgrade)
     except ConfigError as exc:
         raise config_error(exc) from None
     except (NoNodeState, StateUnavailable) as exc:
         raise fail(str(exc)) from None
-
-
-def os_user() -> str:
-    """Who runs this command, for the audit trail (``os:<login>``)."""
-    try:
-        return f"os:{getpass.getuser()}"
-    except Exception:  # no login name (containers)
-        return "os:unknown"
 
 
 def print_json(value: Any) -> None:

@@ -14,7 +14,7 @@ import typer
 from rich.text import Text
 
 from dicom_node.cli.common import ConfigOpt, HomeOpt, app, config_error, err_console, fail, open_runtime
-from dicom_node.config import ConfigError
+from dicom_node.config import ConfigError, load_config
 from dicom_node.paths import NodePaths
 from dicom_node.runtime import setup_logging
 
@@ -79,7 +79,7 @@ def serve(
         overrides["node"] = {**overrides.get("node", {}), "receivers": receivers}
     for section, values in json.loads(more_overrides).items():  # a receiving process's parent's
         overrides[section] = {**overrides.get(section, {}), **values}
-    runtime = open_runtime(config, home, overrides)
+    runtime = open_runtime(config, home, overrides, upgrade=True)  # a start upgrades the schema
     setup_logging(runtime.paths, runtime.config)
     try:
         code = run_serve(
@@ -128,7 +128,7 @@ def worker(
     if run_id == "standalone":  # run by hand (serve names its own workers' run)
         celery_worker(config, home, queues, processes, json.loads(overrides))
         return
-    runtime = open_runtime(config, home, json.loads(overrides))
+    runtime = open_runtime(config, home, json.loads(overrides), upgrade=True)
     setup_logging(runtime.paths, runtime.config)
     w = Worker(runtime.config, runtime.paths, runtime.db, runtime.audit, run_id, runtime.policy_path)
 
@@ -147,15 +147,20 @@ def worker(
 def celery_worker(
     config: Path | None, home: Path, queues: str | None, processes: int | None, overrides: dict[str, Any]
 ) -> None:
-    """``dicom-node worker`` run by hand: a Celery worker (the Celery engine only)."""
-    runtime = open_runtime(config, home, overrides)
-    node_config = runtime.config
-    runtime.close()
-    if node_config.workers.engine != "celery":
+    """``dicom-node worker`` run by hand: a Celery worker (the Celery engine only). It
+    upgrades an older schema as ``serve`` does, before its pool children open the node."""
+    try:
+        engine = load_config(config, home, overrides).config.workers.engine
+    except ConfigError as exc:
+        raise config_error(exc) from None
+    if engine != "celery":  # refused before the database is opened: nothing upgraded
         raise fail(
             'this node runs its jobs in `serve`\'s own workers ([workers] engine = "local"); '
             'set engine = "celery" to run them on separate worker hosts'
         )
+    runtime = open_runtime(config, home, overrides, upgrade=True)
+    node_config = runtime.config
+    runtime.close()
     from dicom_node.broker import run_worker
     from pipelines.registry import pipeline_names
 

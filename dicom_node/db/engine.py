@@ -1,4 +1,4 @@
-"""Database connections: one engine for writes, one for reads, schema upgraded by Alembic.
+"""Database connections: one engine for writes, one for reads, schema kept by Alembic.
 
 SQLite runs in WAL mode so readers never block the receiver. Write transactions begin with
 ``BEGIN IMMEDIATE``: the write lock is taken up front, so two processes (receiver and
@@ -6,6 +6,11 @@ workers) never deadlock upgrading a read lock (the engine setup is :mod:`audit.e
 shared with the audit log). ``synchronous=NORMAL`` keeps a commit durable across a process
 crash (kill -9); the DICOM files themselves are fsync'd, and startup reconciliation
 re-indexes any file whose index row a power loss took away.
+
+The schema: :meth:`Database.upgrade` brings an older one up to date (``serve``, ``worker``,
+``dicom-node db upgrade``); :meth:`Database.create_or_check` gives a new database its schema
+but refuses one an older release left (every other command: it must not migrate the schema
+under an older node that is still running).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +48,48 @@ class SchemaError(Exception):
     message is one line: what was found, and what to do. Nothing was changed."""
 
 
+class SchemaBehind(SchemaError):
+    """The database has an older release's schema, and this call may not upgrade it
+    (:meth:`Database.create_or_check`). Nothing was changed."""
+
+
+@dataclass(frozen=True)
+class SchemaChange:
+    """What one call changed in the schema: the revision(s) it found and the one it left.
+
+    Attributes
+    ----------
+    before
+        The revisions the database recorded; empty for a new database (the schema created).
+    after
+        The revision it is at now (this code's newest).
+    """
+
+    before: tuple[str, ...]
+    after: str
+
+    @property
+    def created(self) -> bool:
+        """A new database given its schema, rather than an older schema upgraded."""
+        return not self.before
+
+    @property
+    def before_text(self) -> str:
+        return ", ".join(self.before) or "none"
+
+
 def _alembic_config(url: str) -> AlembicConfig:
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
+
+
+def newest_revision() -> str:
+    """The schema revision this code needs: the newest of its migrations."""
+    head = ScriptDirectory.from_config(_alembic_config("")).get_current_head()
+    assert head is not None
+    return head
 
 
 def _revisions(conn: Connection) -> tuple[str, ...]:
@@ -58,7 +101,8 @@ def _no_privilege(exc: DBAPIError) -> bool:
     return getattr(exc.orig, "sqlstate", None) == _NO_PRIVILEGE
 
 
-def _first_line(exc: DBAPIError) -> str:
+def first_line(exc: DBAPIError) -> str:
+    """The first line of what the database said (for a one-line message)."""
     text_ = str(exc.orig) if exc.orig is not None else str(exc)
     return text_.strip().splitlines()[0] if text_.strip() else type(exc).__name__
 
@@ -146,7 +190,7 @@ class Database:
             cursor.close()
         return tuple(row) if row is not None else None
 
-    def upgrade(self) -> None:
+    def upgrade(self) -> SchemaChange | None:
         """Bring the schema to the newest Alembic revision (idempotent).
 
         Every migration a start needs runs in one transaction under the writers' lock: two
@@ -156,7 +200,33 @@ class Database:
         make (PostgreSQL: the runtime role of ``deploy/postgres/roles.sql`` owns no table),
         and, on PostgreSQL, for tables or sequences the role may not use (an upgrade added
         them and ``deploy/postgres/grants.sql`` was not run again).
+
+        Returns
+        -------
+        SchemaChange or None
+            What this call changed, once it has committed; None when the schema was at the
+            newest revision already (or another process upgraded it meanwhile).
         """
+        return self._to_head(upgrade_older=True)
+
+    def create_or_check(self) -> SchemaChange | None:
+        """Use the schema as it is: give a new database (no revision yet) its schema, but
+        never upgrade one an older release left.
+
+        For every command but ``serve``, ``worker`` and ``db upgrade``: an older node may still
+        be running on this database, and a command that only reads must not change its schema
+        under it. Raises :class:`SchemaBehind` (nothing changed, no write lock taken) for an
+        older schema, and whatever :meth:`upgrade` raises for a newer one or missing
+        privileges.
+
+        Returns
+        -------
+        SchemaChange or None
+            The schema created (``before`` empty) for a new database; None otherwise.
+        """
+        return self._to_head(upgrade_older=False)
+
+    def _to_head(self, *, upgrade_older: bool) -> SchemaChange | None:
         cfg = _alembic_config(self.url)
         script = ScriptDirectory.from_config(cfg)
         head = script.get_current_head()
@@ -164,11 +234,17 @@ class Database:
         known = {rev.revision for rev in script.walk_revisions()}
         with self._reader.connect() as conn:  # at head (every start but the first after an
             current = self._read_revisions(conn)  # upgrade): no write lock to wait for
+        change = None
         if current != (head,):
+            self._refuse_unknown(current, head, known)
+            if current and not upgrade_older:
+                raise self._behind(current, head)  # before the lock: a running node holds it
             with self._writer.connect() as conn, conn.begin():
                 current = _revisions(conn)  # again, under the lock: another process may have
                 self._refuse_unknown(current, head, known)  # upgraded meanwhile
                 if current != (head,):
+                    if current and not upgrade_older:
+                        raise self._behind(current, head)
                     cfg.attributes["connection"] = conn  # Alembic joins this transaction
                     try:
                         command.upgrade(cfg, "head")
@@ -176,15 +252,25 @@ class Database:
                         if not _no_privilege(exc):
                             raise
                         raise SchemaError(
-                            f"the database {self._where()} has schema revision "
+                            f"the database {self.where} has schema revision "
                             f"{', '.join(current) or 'none'} and this dicom-node needs {head}, but "
-                            f"{self._who()} may not change the schema ({_first_line(exc)}): start "
+                            f"{self._who()} may not change the schema ({first_line(exc)}): start "
                             "dicom-node once with the database URL of the role that owns the "
                             "schema (deploy/postgres/roles.sql, step 2), then run deploy/postgres/"
                             "grants.sql again; nothing was changed"
                         ) from None
+                    change = SchemaChange(current, head)
+            # the transaction has committed here: only now is the change reported
         if self._writer.dialect.name == "postgresql":
             self._check_privileges()
+        return change
+
+    def _behind(self, current: tuple[str, ...], head: str) -> SchemaBehind:
+        return SchemaBehind(
+            f"the database {self.where} has schema revision {', '.join(current)} and this "
+            f"dicom-node needs {head}: stop the running node, then run `dicom-node db upgrade` "
+            "(or start `dicom-node serve`); nothing was changed"
+        )
 
     def _read_revisions(self, conn: Connection) -> tuple[str, ...]:
         try:
@@ -193,11 +279,12 @@ class Database:
             if not _no_privilege(exc):
                 raise
             raise SchemaError(
-                f"{self._who()} may not read the schema revision in {self._where()} "
-                f"({_first_line(exc)}): run deploy/postgres/grants.sql again as a superuser"
+                f"{self._who()} may not read the schema revision in {self.where} "
+                f"({first_line(exc)}): run deploy/postgres/grants.sql again as a superuser"
             ) from None
 
-    def _where(self) -> str:
+    @property
+    def where(self) -> str:
         """The database, for a message: an SQLite file's path, a server URL without password."""
         parsed = make_url(self.url)
         if self.is_sqlite:
@@ -212,7 +299,7 @@ class Database:
         unknown = [rev for rev in current if rev not in known]
         if unknown:
             raise SchemaError(
-                f"the database {self._where()} has schema revision {', '.join(unknown)}, which this "
+                f"the database {self.where} has schema revision {', '.join(unknown)}, which this "
                 f"dicom-node does not know (its newest is {head}): a newer release has upgraded it, "
                 "and this one would misread it. Run that release again, or restore the copy of the "
                 "database taken before the upgrade; nothing was changed"
@@ -250,7 +337,7 @@ class Database:
                 for name, privs in sorted(grouped.items())
             )
             raise SchemaError(
-                f"{self._who()} may not use what this dicom-node needs in {self._where()}: {named}. "
+                f"{self._who()} may not use what this dicom-node needs in {self.where}: {named}. "
                 "Run deploy/postgres/grants.sql again as a superuser (it grants the tables an "
                 "upgrade added)"
             )
