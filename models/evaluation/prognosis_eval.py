@@ -457,13 +457,25 @@ def write_zoo(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="writes calibration.json and evaluation.json")
-    parser.add_argument("--train", type=int, default=len(TRAIN_SEEDS), help="training patients (even)")
+    parser.add_argument(
+        "--train",
+        type=int,
+        default=len(TRAIN_SEEDS),
+        help=f"training patients (seeds from {TRAIN_SEEDS[0]} on; the first {PRIOR_PATIENTS} learn the "
+        "prior, temperature and vote scaling, the rest the interval factor)",
+    )
     parser.add_argument(
         "--test",
         type=int,
         default=len(TEST_SEEDS),
         help=f"test patients (seeds from {TEST_SEEDS[0]} on; beyond the default {len(TEST_SEEDS)}, "
         "the seeds that follow, never used while learning)",
+    )
+    parser.add_argument(
+        "--test-first",
+        type=int,
+        default=TEST_SEEDS[0],
+        help="the first test seed (a held-out set never used before: seeds from here on)",
     )
     parser.add_argument("--cache", type=Path, help="keep each simulated patient and its ensemble here")
     parser.add_argument(
@@ -475,16 +487,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    train = _cases(TRAIN_SEEDS[: args.train], "train", args.cache)
+    train_seeds = tuple(range(TRAIN_SEEDS[0], TRAIN_SEEDS[0] + args.train))  # TRAIN_SEEDS up to 80
+    if args.test_first < train_seeds[-1] + 1 and args.test_first + args.test > train_seeds[0]:
+        parser.error("the test seeds overlap the training seeds")
+    train = _cases(train_seeds, "train", args.cache)
     half = min(PRIOR_PATIENTS, len(train) // 2)
     calibration = learn_calibration(train[:half], train[half:])
     calibration.save(args.out / "calibration.json")
-    test_seeds = tuple(range(TEST_SEEDS[0], TEST_SEEDS[0] + args.test))  # TEST_SEEDS[: args.test] up to 40
+    test_seeds = tuple(
+        range(args.test_first, args.test_first + args.test)
+    )  # default: TEST_SEEDS[: args.test]
     test = _cases(test_seeds, "test", args.cache)
     results = evaluate(test, calibration)
     results["meta"] = {
         "data": SIMULATED,
-        "train_seeds": list(TRAIN_SEEDS[: args.train]),
+        "train_seeds": list(train_seeds),
         "test_seeds": list(test_seeds),
         "seconds": time.monotonic() - started,
         "calibration": json.loads((args.out / "calibration.json").read_text()),
