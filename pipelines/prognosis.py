@@ -272,9 +272,18 @@ def select_current(study: StudyInput, model: str) -> tuple[list[InputInstance], 
     return found["t1c"][0], found["flair"][0]
 
 
-def _load(instances: Sequence[InputInstance], what: str) -> Volume:
+def _read(instances: Sequence[InputInstance], what: str) -> list[Dataset]:
+    """The series' data sets, read once: their headers are checked, then the same data sets
+    are loaded (:func:`_load`); no pixel is decoded here."""
     try:
-        volume = load_series([pydicom.dcmread(i.path) for i in instances])
+        return [pydicom.dcmread(i.path) for i in instances]
+    except (ValueError, OSError) as exc:
+        raise PipelineError(f"prognosis: cannot load {what}: {exc}") from None
+
+
+def _load(datasets: Sequence[Dataset], what: str) -> Volume:
+    try:
+        volume = load_series(list(datasets))
     except (SeriesError, ValueError, OSError) as exc:
         raise PipelineError(f"prognosis: cannot load {what}: {exc}") from None
     return volume
@@ -451,11 +460,14 @@ class PrognosisPipeline:
         horizons = self.horizons(study)
         t1c_series, flair_series = select_current(study, self.label)
         domain = dict(self.model.meta.input_domain)
-        for instances, role in ((t1c_series, "t1c"), (flair_series, "flair")):
-            headers = [pydicom.dcmread(i.path, stop_before_pixels=True) for i in instances]
-            check_input_headers(headers, domain, self.label, role)
-        t1c = _load(t1c_series, "the current T1c series")
-        flair = _load(flair_series, "the current FLAIR series")
+        current = {
+            "t1c": (t1c_series, "the current T1c series"),
+            "flair": (flair_series, "the current FLAIR series"),
+        }
+        read = {role: _read(instances, what) for role, (instances, what) in current.items()}
+        for role, datasets in read.items():  # before a pixel is decoded
+            check_input_headers(datasets, domain, self.label, role)
+        t1c, flair = (_load(read[role], current[role][1]) for role in ("t1c", "flair"))
         check_input_domain(t1c, domain, self.label, "the T1c series")
         check_input_domain(flair, domain, self.label, "the FLAIR series")
         if not t1c.frame_of_reference_uid:

@@ -50,11 +50,11 @@ from pipelines.steps import CT_CLASSES, SelectSeries
 from pipelines.uids import UidFactory, job_key
 from policies.engine import SeriesView, StudyView, decide
 from policies.loader import PolicyError, load_policy, parse_policy
+from tests.test_real_studies import dose_report_of
 
 DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "policies" / "default.yaml"
 NODE_AE = "DICOMNODE"
 SCANNER = "CT_SCANNER"
-SR_DOSE = "1.2.840.10008.5.1.4.1.1.88.67"  # X-Ray Radiation Dose SR Storage
 RULE = "low-dose-ct-restoration"
 
 
@@ -135,22 +135,7 @@ class CtStudy:
 
     def add_dose_report(self, name: str = "sr") -> None:
         """An X-Ray Radiation Dose SR (Modality SR, a bare container), as scanners send it."""
-        first = next(iter(self.series.values()))[0]
-        ds = Dataset()
-        for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate"):
-            setattr(ds, keyword, first.get(keyword))
-        ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = "100000", "", "", "1"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = self.study_uid, generate_uid()
-        ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = SR_DOSE, generate_uid(), "SR"
-        ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = 999, 1, "Dose Report"
-        ds.Manufacturer = "SIMULATED"
-        concept = Dataset()
-        concept.CodeValue, concept.CodingSchemeDesignator = "113701", "DCM"
-        concept.CodeMeaning = "X-Ray Radiation Dose Report"
-        ds.ValueType, ds.ConceptNameCodeSequence, ds.ContinuityOfContent = "CONTAINER", [concept], "SEPARATE"
-        ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "UNVERIFIED"
-        ds.ContentDate, ds.ContentTime, ds.ContentSequence = ds.StudyDate, ds.StudyTime, []
-        self.series[name] = [ds]
+        self.series[name] = [dose_report_of(next(iter(self.series.values()))[0])]
 
 
 def new_study() -> CtStudy:

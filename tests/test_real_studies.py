@@ -125,8 +125,7 @@ def localizer(first: Path, out: Path, count: int, description: str, **attributes
     )
 
 
-def _study_level(source: Path, sop_class: str, modality: str, description: str, number: int) -> Dataset:
-    study = pydicom.dcmread(source, stop_before_pixels=True)
+def _study_level(study: Dataset, sop_class: str, modality: str, description: str, number: int) -> Dataset:
     ds = Dataset()
     for keyword in _STUDY_KEYS:
         if keyword in study:
@@ -138,20 +137,28 @@ def _study_level(source: Path, sop_class: str, modality: str, description: str, 
 
 
 def dose_report(source: Path, out: Path) -> Path:
-    """An X-Ray Radiation Dose SR (Modality SR) of the study (a bare container)."""
-    ds = _study_level(source, SR_DOSE, "SR", "Dose Report", 999)
+    """An X-Ray Radiation Dose SR (Modality SR) of the study of ``source``, saved in ``out``."""
+    return _save(dose_report_of(pydicom.dcmread(source, stop_before_pixels=True)), out / "0001.dcm")
+
+
+def dose_report_of(study: Dataset) -> Dataset:
+    """An X-Ray Radiation Dose SR (Modality SR) of the study ``study`` is an instance of (a
+    bare container, as scanners send it beside the images)."""
+    ds = _study_level(study, SR_DOSE, "SR", "Dose Report", 999)
     concept = Dataset()
     concept.CodeValue, concept.CodingSchemeDesignator = "113701", "DCM"
     concept.CodeMeaning = "X-Ray Radiation Dose Report"
     ds.ValueType, ds.ConceptNameCodeSequence, ds.ContinuityOfContent = "CONTAINER", [concept], "SEPARATE"
     ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "UNVERIFIED"
     ds.ContentDate, ds.ContentTime, ds.ContentSequence = ds.StudyDate, ds.StudyTime, []
-    return _save(ds, out / "0001.dcm")
+    return ds
 
 
 def dose_screen(source: Path, out: Path) -> Path:
     """The dose screen a CT sends: Secondary Capture, Modality CT, DERIVED\\SECONDARY\\SCREEN SAVE."""
-    ds = _study_level(source, SECONDARY_CAPTURE, "CT", "Patient Protocol", 501)
+    ds = _study_level(
+        pydicom.dcmread(source, stop_before_pixels=True), SECONDARY_CAPTURE, "CT", "Patient Protocol", 501
+    )
     ds.ConversionType, ds.ImageType = "WSD", ["DERIVED", "SECONDARY", "SCREEN SAVE"]
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.Rows, ds.Columns = 1, "MONOCHROME2", 64, 64
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0

@@ -216,16 +216,7 @@ def explain(
             view, decision, plans = router.plan(conn, study_id)
             assert decision is not None
             priors = _explain_priors(runtime, conn, study_id, decision, query_archive)
-            # the series each job took (several jobs of one rule: one per series)
-            job_series = dict(
-                conn.execute(
-                    select(t.jobs.c.id, t.jobs.c.series_uid).where(t.jobs.c.study_fk == study_id)
-                ).all()
-            )
-        jobs = [
-            {**j, "series_uid": job_series.get(j["id"])}
-            for j in queries.list_jobs(runtime.db, study_uid=study_uid.strip())
-        ]
+        jobs = queries.list_jobs(runtime.db, study_uid=study_uid.strip())  # each with its series
     finally:
         runtime.close()
     assert decision is not None

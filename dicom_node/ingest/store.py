@@ -318,23 +318,18 @@ class InstanceStore:
             )
         with lock:
             current = self._current_version(facts.sop_instance_uid)
-            duplicate = None
             if current is not None and not current.purged:
                 duplicate = self._duplicate_of(current, data, transfer_syntax)
-            if (
-                duplicate is not None
-                and current is not None
-                and not self._seen_again(facts.sop_instance_uid, current)
-            ):
-                current, duplicate = replace(current, purged=True), None  # removed meanwhile: a new version
-            if duplicate is not None and current is not None:
-                return StoreResult(
-                    StoreOutcome.DUPLICATE,
-                    facts=facts,
-                    version=current.version,
-                    duplicate_of=duplicate,
-                    role=origin.role,
-                )
+                if duplicate is not None:
+                    if self._seen_again(facts.sop_instance_uid, current):
+                        return StoreResult(
+                            StoreOutcome.DUPLICATE,
+                            facts=facts,
+                            version=current.version,
+                            duplicate_of=duplicate,
+                            role=origin.role,
+                        )
+                    current = replace(current, purged=True)  # removed meanwhile: a new version
             if current is not None and not current.purged and origin.role == PRIOR and current.role != PRIOR:
                 return self.refuse(
                     data,

@@ -39,13 +39,13 @@ from pipelines.provenance import provenance_of
 from pipelines.writers import kind_of
 from tests.conftest import db_rows, node_config, require
 from tests.peers import STORESCU, NodeProcess, Orthanc, free_port, storescu
+from tests.test_real_studies import dose_report_of
 
 pytestmark = pytest.mark.integration
 
 DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
 RULE = "low-dose-ct-restoration"
 SCANNER = "CT_SCANNER"
-SR_DOSE = "1.2.840.10008.5.1.4.1.1.88.67"  # X-Ray Radiation Dose SR Storage
 PATIENT_ID = "SIM-EACH-SERVE-0001"
 CTDI_VOL = 1.8  # mGy: the shipped rule restores CT under 5
 SLICES, SIZE, SEED = 5, 160, 41
@@ -88,22 +88,8 @@ def _header(study_uid: str, frame_uid: str, **kw: Any) -> SeriesHeader:
 
 def _dose_report(first: Dataset) -> Dataset:
     """An X-Ray Radiation Dose SR (Modality SR, a bare container), as scanners send it
-    (built as ``tests/test_per_series_rules.py`` builds it)."""
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate"):
-        setattr(ds, keyword, first.get(keyword))
-    ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = first.StudyTime, "", "", "1"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = first.StudyInstanceUID, generate_uid()
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = SR_DOSE, generate_uid(), "SR"
-    ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = 999, 1, "Dose Report"
-    ds.Manufacturer = "SIMULATED"
-    concept = Dataset()
-    concept.CodeValue, concept.CodingSchemeDesignator = "113701", "DCM"
-    concept.CodeMeaning = "X-Ray Radiation Dose Report"
-    ds.ValueType, ds.ConceptNameCodeSequence, ds.ContinuityOfContent = "CONTAINER", [concept], "SEPARATE"
-    ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "UNVERIFIED"
-    ds.ContentDate, ds.ContentTime, ds.ContentSequence = ds.StudyDate, ds.StudyTime, []
+    (:func:`tests.test_real_studies.dose_report_of`), with its file meta."""
+    ds = dose_report_of(first)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
