@@ -511,6 +511,17 @@ def test_job_listings_say_which_series_each_job_takes(node: Node) -> None:
     made = JobIntake(node.rt.db, node.rt.audit, node.router()).study_ready(study.study_uid)
     listed = {j["id"]: j["series_uid"] for j in queries.list_jobs(node.rt.db)}
     assert [listed[i] for i in made] == [study.uid("soft"), study.uid("lung")]
+    numbered = {j["id"]: (j["series_number"], j["series_description"]) for j in queries.list_jobs(node.rt.db)}
+    assert [numbered[i] for i in made] == [(2, "LDCT Thorax 2.5 B30f"), (3, "LDCT Thorax 2.5 B70f lung")]
+    node.store.close()
+    node.rt.close()
+
+    # the text table names each job's series as a person finds it on the scanner
+    result = CliRunner().invoke(app, ["jobs", "--home", str(node.home)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 5}
+    assert "#2 'LDCT Thorax 2.5 B30f'" in rows[str(made[0])]
+    assert "#3 'LDCT Thorax 2.5 B70f lung'" in rows[str(made[1])]
 
 
 def test_a_per_series_job_never_takes_another_series_than_its_own(tmp_path: Path) -> None:

@@ -17,10 +17,22 @@ from dicom_node.db.schema import MAX_ROW_ID
 from dicom_node.delivery.ledger import DeliveryState
 from dicom_node.ingest.completeness import waiting_reasons
 from dicom_node.jobs.state import JobState
+from pipelines.base import series_label
 
 
 def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
+
+
+def _series_of(row: dict[str, Any]) -> str:
+    """The series a job took, as a person finds it (``#3 'LD CHEST B30f'``); its UID when the
+    index holds neither number nor description; empty for a job of the whole study."""
+    if not row.get("series_uid"):
+        return ""
+    label = series_label(
+        {"SeriesNumber": row.get("series_number"), "SeriesDescription": row.get("series_description")}
+    )
+    return label or str(row["series_uid"])
 
 
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
@@ -100,6 +112,7 @@ def jobs(
                 "id",
                 "study",
                 "v",
+                "series",
                 "pipeline",
                 "inputs",
                 "destinations",
@@ -112,6 +125,7 @@ def jobs(
                     r["id"],
                     r["study_uid"],
                     r["study_version"],
+                    _series_of(r),
                     r["pipeline"],
                     r["inputs"],
                     ",".join(r["destinations"]),

@@ -202,6 +202,8 @@ def job_rows() -> Select[Any]:
             t.jobs.c.rule,
             #: the series the rule took (two jobs of one rule and study version differ here)
             t.jobs.c.series_uid,
+            t.series.c.series_number,
+            t.series.c.description.label("series_description"),
             t.jobs.c.gate,
             t.jobs.c.destinations,
             t.jobs.c.state,
@@ -215,6 +217,7 @@ def job_rows() -> Select[Any]:
         )
         .join(t.studies, t.studies.c.id == t.jobs.c.study_fk)
         .join(t.patients, t.patients.c.id == t.studies.c.patient_fk)
+        .outerjoin(t.series, t.series.c.series_uid == t.jobs.c.series_uid)
     )
 
 
