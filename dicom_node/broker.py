@@ -53,6 +53,18 @@ def broker_url(config: NodeConfig) -> str:
     return os.environ.get(BROKER_URL_ENV, "").strip() or config.workers.broker_url
 
 
+#: Message priorities on the Redis broker, whose transport keeps one list per step and takes
+#: the lowest step first (kombu's ``priority_steps``; 0 is the most urgent — RabbitMQ counts
+#: the other way, and is not the broker this node is tested with).
+PRIORITY_STEPS = [0, 3, 6, 9]
+_PRIORITY_OF_URGENCY = {t.URGENCY["urgent"]: 0, t.URGENCY["normal"]: 6}
+
+
+def message_priority(urgency: int) -> int:
+    """The broker message priority of a job of this urgency (urgent 0, normal 6)."""
+    return _PRIORITY_OF_URGENCY.get(urgency, 0 if urgency > 0 else 6)
+
+
 def celery_app(config: NodeConfig) -> Celery:
     """The Celery application of this node's config (both sides: publisher and worker)."""
     app = Celery("dicom_node", broker=broker_url(config), set_as_current=False)
@@ -67,7 +79,9 @@ def celery_app(config: NodeConfig) -> Celery:
         task_create_missing_queues=True,
         broker_connection_retry_on_startup=True,
         # a message unacknowledged this long is delivered again: longer than any job may run
-        broker_transport_options={"visibility_timeout": longest},
+        # one Redis list per priority step, the most urgent taken first from every queue the
+        # worker reads (message_priority); the queues themselves stay round-robin
+        broker_transport_options={"visibility_timeout": longest, "priority_steps": PRIORITY_STEPS},
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )
@@ -88,13 +102,14 @@ class Dispatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dispatcher", daemon=True)
 
-    def due(self) -> list[tuple[int, str]]:
-        """Mark the queued jobs that need a message as dispatched now; their (id, pipeline)."""
+    def due(self) -> list[tuple[int, str, int]]:
+        """Mark the queued jobs that need a message as dispatched now; their (id, pipeline,
+        urgency), the most urgent first."""
         now = time.time()
         stale = now - self.config.workers.redispatch_seconds
         with self.db.claim() as conn:
             rows = conn.execute(
-                select(t.jobs.c.id, t.jobs.c.pipeline)
+                select(t.jobs.c.id, t.jobs.c.pipeline, t.jobs.c.urgency)
                 .where(
                     t.jobs.c.state == JobState.QUEUED.value,
                     or_(
@@ -103,7 +118,7 @@ class Dispatcher:
                         t.jobs.c.dispatched_at < t.jobs.c.updated_at,
                     ),
                 )
-                .order_by(t.jobs.c.id)
+                .order_by(t.jobs.c.urgency.desc(), t.jobs.c.id)
                 .limit(100)
                 .with_for_update(skip_locked=True, of=t.jobs)
             ).all()
@@ -111,13 +126,18 @@ class Dispatcher:
                 conn.execute(
                     update(t.jobs).where(t.jobs.c.id.in_([r.id for r in rows])).values(dispatched_at=now)
                 )
-        return [(int(r.id), str(r.pipeline)) for r in rows]
+        return [(int(r.id), str(r.pipeline), int(r.urgency)) for r in rows]
 
-    def publish(self, jobs: Sequence[tuple[int, str]]) -> None:
-        for job_id, pipeline in jobs:
+    def publish(self, jobs: Sequence[tuple[int, str, int]]) -> None:
+        for job_id, pipeline, urgency in jobs:
             soft = self.config.workers.time_limit(pipeline)
             self.app.send_task(
-                TASK, args=[job_id], queue=pipeline, soft_time_limit=soft, time_limit=soft + 60
+                TASK,
+                args=[job_id],
+                queue=pipeline,
+                soft_time_limit=soft,
+                time_limit=soft + 60,
+                priority=message_priority(urgency),
             )
             log.info("job %d published to queue %s", job_id, pipeline)
 

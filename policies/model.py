@@ -270,6 +270,11 @@ class Rule(_Strict):
     return_to_sender: bool = False
     #: Earlier studies of the patient to fetch before the job runs (None: none).
     priors: Priors | None = None
+    #: How soon the job must run (``priority`` decides which rule matches; this decides when
+    #: its job runs): ``urgent`` jobs are taken before every ``normal`` one queued (e.g. a
+    #: synthetic CT a planning physicist waits for, behind a morning's low-dose CTs), and
+    #: their outputs are sent before those of normal jobs. Oldest first within each.
+    urgency: Literal["normal", "urgent"] = "normal"
 
     @field_validator("name")
     @classmethod

@@ -34,16 +34,19 @@ def rt(tmp_path: Path) -> Iterator[Runtime]:
         runtime.close()
 
 
-def _jobs(rt: Runtime, pipelines: list[str]) -> list[int]:
+def _jobs(rt: Runtime, pipelines: list[str], urgency: str = "normal") -> list[int]:
     now = time.time()
     ids = []
     with rt.db.write() as conn:
-        patient = inserted_id(conn.execute(insert(t.patients).values(patient_id="P1", issuer="")))
+        patient = inserted_id(conn.execute(insert(t.patients).values(patient_id=f"P-{urgency}", issuer="")))
         for k, pipeline in enumerate(pipelines):
             study = inserted_id(
                 conn.execute(
                     insert(t.studies).values(
-                        study_uid=f"1.2.3.{k}", patient_fk=patient, first_received_at=now, open_version=1
+                        study_uid=f"1.2.3.{t.URGENCY[urgency]}.{k}",
+                        patient_fk=patient,
+                        first_received_at=now,
+                        open_version=1,
                     )
                 )
             )
@@ -56,6 +59,7 @@ def _jobs(rt: Runtime, pipelines: list[str]) -> list[int]:
                     destinations=["pacs"],
                     instance_ids=[],
                     actor="tester",
+                    urgency=urgency,
                 )  # fmt: skip
             )
     return ids
@@ -67,15 +71,15 @@ def test_a_queued_job_is_published_once_and_again_only_when_it_needs_it(rt: Runt
     )
     dispatcher = broker.Dispatcher(config, rt.db)
     first, second = _jobs(rt, ["restoration", "forward"])
-    assert dispatcher.due() == [(first, "restoration"), (second, "forward")]
+    assert dispatcher.due() == [(first, "restoration", 0), (second, "forward", 0)]
     assert dispatcher.due() == []  # published: not again while a worker may still take it
     # the job went back to queued after its message (a retry, a lost worker): publish now
     with rt.db.write() as conn:
         conn.execute(update(t.jobs).where(t.jobs.c.id == first).values(updated_at=time.time() + 1))
-    assert dispatcher.due() == [(first, "restoration")]
+    assert dispatcher.due() == [(first, "restoration", 0)]
     # nobody took the other one within redispatch_seconds: the message may be lost
     time.sleep(0.6)
-    assert (second, "forward") in dispatcher.due()
+    assert (second, "forward", 0) in dispatcher.due()
     # a job that is not queued is never published
     with rt.db.write() as conn:
         conn.execute(update(t.jobs).values(state=JobState.RUNNING.value, dispatched_at=None))
@@ -102,6 +106,23 @@ def test_a_message_goes_to_its_pipeline_queue_with_its_time_limits(rt: Runtime) 
         message.ack()
         with pytest.raises(Exception):  # noqa: B017 - kombu's Empty
             conn.SimpleQueue("forward").get(timeout=0.2)
+
+
+def test_urgent_jobs_are_published_first_and_with_the_broker_s_first_priority(rt: Runtime) -> None:
+    normal = _jobs(rt, ["restoration", "restoration"])
+    (urgent,) = _jobs(rt, ["sct"], urgency="urgent")
+    dispatcher = broker.Dispatcher(rt.config, rt.db)
+    assert dispatcher.due() == [
+        (urgent, "sct", 1),
+        (normal[0], "restoration", 0),
+        (normal[1], "restoration", 0),
+    ]
+    # Redis takes the lowest priority step first (kombu's transport): urgent 0, normal 6
+    assert broker.message_priority(1) == 0 and broker.message_priority(0) == 6
+    assert (
+        broker.message_priority(1) in broker.PRIORITY_STEPS
+        and broker.message_priority(0) in broker.PRIORITY_STEPS
+    )
 
 
 def test_a_message_for_a_job_no_longer_queued_runs_nothing(

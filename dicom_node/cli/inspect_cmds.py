@@ -126,7 +126,7 @@ def jobs(
                     r["study_uid"],
                     r["study_version"],
                     _series_of(r),
-                    r["pipeline"],
+                    r["pipeline"] + (" (urgent)" if r["urgency"] == "urgent" else ""),
                     r["inputs"],
                     ",".join(r["destinations"]),
                     r["state"],

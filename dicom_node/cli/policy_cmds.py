@@ -105,7 +105,8 @@ def check(
         console.print(
             Text(
                 f"  [{rule.priority}] {rule.name}: {rule.pipeline}"
-                f"{' (one job per series, select.each)' if rule.per_series else ''} → "
+                f"{' (one job per series, select.each)' if rule.per_series else ''}"
+                f"{' (urgent: runs and is sent before normal jobs)' if rule.urgency == 'urgent' else ''} → "
                 f"{', '.join(rule.destinations) or 'nowhere'}; {_gate_text(rule)}{_fallback_text(rule)}"
             )
         )

@@ -205,6 +205,7 @@ def job_rows() -> Select[Any]:
             t.series.c.series_number,
             t.series.c.description.label("series_description"),
             t.jobs.c.gate,
+            t.jobs.c.urgency,
             t.jobs.c.destinations,
             t.jobs.c.state,
             t.jobs.c.reason,
@@ -254,7 +255,10 @@ def list_jobs(
                 .group_by(t.job_inputs.c.job_fk)
             ).all()
         )
-    return [{**dict(row._mapping), "inputs": inputs.get(row.id, 0)} for row in rows]
+    return [
+        {**dict(row._mapping), "urgency": t.urgency_name(row.urgency), "inputs": inputs.get(row.id, 0)}
+        for row in rows
+    ]
 
 
 def list_deliveries(

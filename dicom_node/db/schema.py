@@ -125,6 +125,15 @@ instances = Table(
     Index("ix_instances_study_version", "study_fk", "study_version"),
 )
 
+#: A rule's ``urgency`` as stored in ``jobs.urgency`` (higher runs first).
+URGENCY: dict[str, int] = {"normal": 0, "urgent": 1}
+
+
+def urgency_name(value: int) -> str:
+    """The word for a stored ``jobs.urgency`` (a number no rule can give: the number)."""
+    return next((name for name, n in URGENCY.items() if n == value), str(value))
+
+
 jobs = Table(
     "jobs",
     metadata,
@@ -146,6 +155,9 @@ jobs = Table(
     Column("destination_problems", JSON),
     #: The rule's ``priors`` (policies.model.Priors), frozen at creation; None: none asked.
     Column("priors", JSON),
+    #: The rule's ``urgency`` (:data:`URGENCY`): queued jobs are taken most urgent first,
+    #: then oldest first; a job's deliveries go before those of less urgent jobs.
+    Column("urgency", Integer, nullable=False, default=0, server_default="0"),
     Column("state", String(16), nullable=False, index=True),
     Column("reason", Text),
     Column("runs", Integer, nullable=False, default=0),

@@ -151,7 +151,8 @@ class Outbox:
                     # defence in depth: a held, failed or shadow job never sends anything
                     t.jobs.c.state == JobState.DELIVERING.value,
                 )
-                .order_by(t.deliveries.c.next_attempt_at, t.deliveries.c.id)
+                # an urgent job's outputs first, then the longest due
+                .order_by(t.jobs.c.urgency.desc(), t.deliveries.c.next_attempt_at, t.deliveries.c.id)
                 .limit(1)
                 .with_for_update(skip_locked=True, of=t.deliveries)
             ).first()

@@ -81,6 +81,7 @@ def queue_fallback(work: AuditedWrite, job: JobRef, refused: InputRefused, actor
         qc_policy=dict(row.qc_policy or {}),
         options={**options, FALLBACK_OF_OPTION: job.job_id},
         series_uid=refused.series_uid or row.series_uid,
+        urgency=int(row.urgency),
     )
     work.record(
         AuditEvent.JOB_TRANSITION,

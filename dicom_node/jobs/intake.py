@@ -107,6 +107,7 @@ class JobIntake:
                         options=plan.options,
                         series_uid=plan.series_uid,
                         priors=plan.priors,
+                        urgency=plan.urgency,
                     )
                 )
             conn.execute(
@@ -124,7 +125,12 @@ class JobIntake:
                 jobs=job_ids,
                 # which series each job takes (several jobs of one rule: one per series)
                 job_series=[
-                    {"job_id": job_id, "rule": plan.rule, "series_uid": plan.series_uid}
+                    {
+                        "job_id": job_id,
+                        "rule": plan.rule,
+                        "series_uid": plan.series_uid,
+                        "urgency": plan.urgency,
+                    }
                     for job_id, plan in zip(job_ids, plans, strict=True)
                 ],
             )

@@ -55,6 +55,8 @@ class JobPlan:
     fallback: str = "nothing"
     #: The rule's ``priors`` (frozen into the job; the job starts in ``fetching-priors``).
     priors: dict[str, Any] | None = None
+    #: The rule's ``urgency`` (``normal`` or ``urgent``).
+    urgency: str = "normal"
 
 
 @dataclass
@@ -233,6 +235,7 @@ class PolicyRouter:
                         skipped_destinations=skipped,
                         fallback=v.rule.fallback,
                         priors=v.rule.priors.model_dump(mode="json") if v.rule.priors else None,
+                        urgency=v.rule.urgency,
                     )
                 )
         return view, decision, plans

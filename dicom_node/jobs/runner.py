@@ -214,8 +214,8 @@ class JobRunner:
         return done
 
     def claim(self, job_id: int | None = None) -> ClaimedJob | None:
-        """The oldest queued job (or job ``job_id``, if it is queued), moved to ``running``
-        under this worker's claim; None when there is none."""
+        """The most urgent queued job, oldest first among equals (or job ``job_id``, if it is
+        queued), moved to ``running`` under this worker's claim; None when there is none."""
         query = (
             select(t.jobs, t.studies.c.study_uid, t.patients.c.patient_id)
             .join(t.studies, t.studies.c.id == t.jobs.c.study_fk)
@@ -227,7 +227,9 @@ class JobRunner:
         with audited_write(self.db, self.audit, claim=True) as work:
             while True:
                 row = work.conn.execute(
-                    query.order_by(t.jobs.c.id).limit(1).with_for_update(skip_locked=True, of=t.jobs)
+                    query.order_by(t.jobs.c.urgency.desc(), t.jobs.c.id)
+                    .limit(1)
+                    .with_for_update(skip_locked=True, of=t.jobs)
                 ).first()
                 if row is None:
                     return None

@@ -141,9 +141,11 @@ def create_job(
     options: dict[str, object] | None = None,
     series_uid: str | None = None,
     priors: dict[str, object] | None = None,
+    urgency: str | int = "normal",
 ) -> int:
     """Insert a job with its input snapshot, in the caller's transaction: ``queued``, or
-    ``fetching-priors`` when the rule asked for ``priors``."""
+    ``fetching-priors`` when the rule asked for ``priors``. ``urgency``: the rule's
+    (``normal``, ``urgent``) or the stored number (a follow-up job keeps its job's)."""
     state = JobState.FETCHING_PRIORS if priors else JobState.QUEUED
     now = time.time()
     job_id = int(
@@ -160,6 +162,7 @@ def create_job(
                     options=options or {},
                     series_uid=series_uid,
                     priors=priors,
+                    urgency=urgency if isinstance(urgency, int) else t.URGENCY[urgency],
                     state=state.value,
                     runs=0,
                     created_at=now,
