@@ -493,6 +493,32 @@ def test_associations_are_limited_per_host() -> None:
         assert refusals[0]["action"] == "a-associate-rj"
 
 
+def test_a_peer_that_releases_and_associates_again_at_once_finds_its_place_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pynetdicom frees nothing until after its A-RELEASE-RP is out; a modality that sends
+    its next study at once got "local limit exceeded". Made certain here by an acceptor
+    slow after its answer: the place must be free before the answer."""
+    from pynetdicom.acse import ACSE
+
+    answer = ACSE.send_release
+
+    def slow_after_answer(self: ACSE, is_response: bool = False) -> None:
+        answer(self, is_response)
+        if is_response and self.assoc.is_acceptor:
+            time.sleep(0.5)
+
+    monkeypatch.setattr(ACSE, "send_release", slow_after_answer)
+    with guarded_scp(max_associations=1) as scp:
+        holder = AE(ae_title="HOLDER")
+        holder.add_requested_context(Verification)
+        for _ in range(3):
+            assoc = holder.associate("127.0.0.1", scp.port, ae_title="GUARDED")
+            assert assoc.is_established, "the released association's place was still taken"
+            assoc.release()
+        assert scp.refusals(Refusal.TOO_MANY_ASSOCIATIONS) == []
+
+
 def test_max_associations_counts_established_associations() -> None:
     with guarded_scp(max_associations=2) as scp:
         holder = AE(ae_title="HOLDER")

@@ -35,7 +35,8 @@ A-ASSOCIATE-RQ has passed the checks below, then an *association* until it ends:
   every accepted connection (with every storage class and transfer syntax: ~50 ms of CPU
   and ~1.3 MB before a byte is read) although negotiation only reads them; the guarded
   server's list is shared instead.
-* **ending stops counting at once**: a released, aborted or refused association, or a
+* **ending stops counting at once**: a released association (from the peer's A-RELEASE-RQ,
+  before the node's answer), an aborted or refused one, or a
   connection gone before its request (``tuning`` wakes pynetdicom's acceptor thread,
   which otherwise waits ``acse_timeout``), frees its place when it ends, and its socket
   is closed with it.
@@ -380,6 +381,18 @@ class ConnectionGuard:
         assoc.bind(evt.EVT_REJECTED, self._on_rejected, [conn])
         assoc.bind(evt.EVT_RELEASED, self._on_ended, [conn])
         assoc.bind(evt.EVT_ABORTED, self._on_ended, [conn])
+        send_release = assoc.acse.send_release
+
+        def free_then_answer(is_response: bool = False) -> None:
+            # pynetdicom triggers EVT_RELEASED only after its A-RELEASE-RP is out: a peer that
+            # associates again at once (a modality sending its next study) found its place
+            # still taken and was refused "local limit exceeded". The peer asked to release:
+            # nothing more comes on this association, so its place is free before the answer.
+            if is_response:
+                self._end(conn)
+            send_release(is_response)
+
+        assoc.acse.send_release = free_then_answer
         run = assoc.run
 
         def run_then_end() -> None:
