@@ -89,6 +89,12 @@ class _Databases:
         return self.homes[home]
 
 
+#: NodePaths' own URL methods (the session patches them in PostgreSQL mode; an
+#: ``own_database`` test gets them back).
+_SQLITE_DATABASE_URL = NodePaths.database_url
+_SQLITE_AUDIT_DATABASE_URL = NodePaths.audit_database_url
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _postgres_mode(request: pytest.FixtureRequest) -> Iterator[_Databases | None]:
     """``--database=postgresql``: every node home, from the first fixture on, on PostgreSQL."""
@@ -97,10 +103,16 @@ def _postgres_mode(request: pytest.FixtureRequest) -> Iterator[_Databases | None
         return
     mapping = _Databases(request.getfixturevalue("postgres_server"))
     localpeers.DATABASES_FOR_HOME = mapping
-    try:
-        yield mapping
-    finally:
-        localpeers.DATABASES_FOR_HOME = None
+    # For the whole session, not per test: a home a module- or session-scoped fixture makes
+    # (before any test's own patch is in place) must be on PostgreSQL too, or the fixture's
+    # node and the test's own commands would read different databases.
+    with pytest.MonkeyPatch.context() as session_patch:
+        session_patch.setattr(NodePaths, "database_url", lambda paths, _config: mapping(paths.home)[0])
+        session_patch.setattr(NodePaths, "audit_database_url", lambda paths, _config: mapping(paths.home)[1])
+        try:
+            yield mapping
+        finally:
+            localpeers.DATABASES_FOR_HOME = None
 
 
 @pytest.fixture(autouse=True)
@@ -115,14 +127,14 @@ def _database_under_test(
         return
     if request.node.get_closest_marker("own_database"):
         monkeypatch.setattr(localpeers, "DATABASES_FOR_HOME", None)
+        monkeypatch.setattr(NodePaths, "database_url", _SQLITE_DATABASE_URL)
+        monkeypatch.setattr(NodePaths, "audit_database_url", _SQLITE_AUDIT_DATABASE_URL)
         yield
         return
     made_before, homes_before = len(mapping.made), set(mapping.homes)
     mapping.spare = mapping.fresh()
     monkeypatch.setenv(DATABASE_URL_ENV, mapping.spare[0])
     monkeypatch.setenv(AUDIT_DATABASE_URL_ENV, mapping.spare[1])
-    monkeypatch.setattr(NodePaths, "database_url", lambda paths, _config: mapping(paths.home)[0])
-    monkeypatch.setattr(NodePaths, "audit_database_url", lambda paths, _config: mapping(paths.home)[1])
     try:
         yield
     finally:

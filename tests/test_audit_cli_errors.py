@@ -147,6 +147,12 @@ def test_library_verify_of_a_named_missing_file_is_not_intact(tmp_path: Path) ->
 # --- export: write first, then record ----------------------------------------------------------
 
 
+def _a_file(path: Path) -> Path:
+    """A plain file in the home (node.db is one only on SQLite)."""
+    path.write_text("not a directory")
+    return path
+
+
 @pytest.mark.parametrize(
     ("where", "why"),
     [
@@ -155,7 +161,7 @@ def test_library_verify_of_a_named_missing_file_is_not_intact(tmp_path: Path) ->
             lambda home: home / "no-such-dir" / "out.json", "No such file or directory", id="missing-dir"
         ),
         pytest.param(
-            lambda home: home / "var" / "node.db" / "out.json", "Not a directory", id="under-a-file"
+            lambda home: _a_file(home / "var" / "a-file") / "out.json", "Not a directory", id="under-a-file"
         ),
     ],
 )

@@ -290,6 +290,7 @@ def test_a_data_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.output
 
 
+@pytest.mark.own_database  # the environment's URL is the subject: PostgreSQL mode would replace it
 def test_a_bad_database_url_in_the_environment_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
