@@ -229,9 +229,12 @@ def test_every_operation_answers_the_right_role_and_refuses_the_wrong_one_and_no
     refused = [a for a in node.audit("security-alert") if a.get("alert") == "restricted-function"]
     assert len(refused) >= len(operations) and all(a["token_id"] for a in refused[-len(operations) :])
     # the right role: every operation answers 2xx with its documented body
+    refused = _refused_job(node)
     for method, path, op in operations:
         (role,) = op["x-roles"]
-        job = node.held[1] if path.endswith("/reject") else node.held[0]
+        job = (
+            node.held[1] if path.endswith("/reject") else refused if path.endswith("/rerun") else node.held[0]
+        )
         with node.client(role) as right:
             r = _call(right, node, method, path, job)
         assert r.status_code == 200, (method, path, r.text)
@@ -240,6 +243,31 @@ def test_every_operation_answers_the_right_role_and_refuses_the_wrong_one_and_no
     assert node.job_state(node.held[0]) == "delivering"
     assert node.job_state(node.held[1]) == "failed"
     assert node.delivery_state(node.dead_delivery) == "pending"
+    assert node.job_state(refused) == "queued"
+    _refuse(node, refused)  # the module's other tests count the node's jobs by state
+
+
+def _refused_job(node: Node) -> int:
+    """A refused job of the node's study (its input was outside a model's domain)."""
+    with node.rt.db.write() as conn:
+        study_fk = conn.execute(select(t.studies.c.id)).scalar_one()
+        job_id = create_job(
+            conn,
+            study_fk=study_fk,
+            study_version=1,
+            pipeline="forward",
+            destinations=["pacs"],
+            instance_ids=[],
+            rule="ct-forward",
+        )
+    _refuse(node, job_id)
+    return job_id
+
+
+def _refuse(node: Node, job_id: int) -> None:
+    with node.rt.db.write() as conn:
+        transition(conn, job_id, JobState.RUNNING, expect=JobState.QUEUED)
+        transition(conn, job_id, JobState.REFUSED, expect=JobState.RUNNING, reason="outside the domain")
 
 
 def test_an_approval_through_the_api_is_audited_with_the_tokens_user(node: Node) -> None:
@@ -300,7 +328,8 @@ def test_listings_page_newest_first_and_the_audit_log_oldest_first(node: Node) -
             if cursor is None:
                 break
     assert seen == [j["id"] for j in everything["items"]] == sorted(seen, reverse=True)
-    assert len(seen) == 3 and everything["next_cursor"] is None
+    with node.rt.db.read() as conn:
+        assert len(seen) == len(conn.execute(select(t.jobs.c.id)).all()) and everything["next_cursor"] is None
     with node.client("auditor") as c:
         first = c.get("/api/v1/audit/events", params={"limit": 4}).json()
         second = c.get("/api/v1/audit/events", params={"limit": 4, "cursor": first["next_cursor"]}).json()
@@ -341,6 +370,35 @@ def test_unknown_things_are_404_and_wrong_states_409(node: Node) -> None:
         assert r.status_code == 400 and r.json()["detail"].startswith("reason")
     with node.client("auditor") as c:
         assert c.get("/api/v1/audit/studies/1.2.3.4.5").status_code == 404
+
+
+def test_an_operator_runs_a_refused_job_again_and_what_cannot_run_again_is_a_409(node: Node) -> None:
+    job_id = _refused_job(node)
+    with node.client("auditor") as c:
+        assert c.post(f"/api/v1/jobs/{job_id}/rerun", json={}).status_code == 403
+    with node.client("operator") as c:
+        assert c.post("/api/v1/jobs/424242/rerun", json={}).status_code == 404
+        held = c.post(f"/api/v1/jobs/{node.held[0]}/rerun", json={})  # approved by now: delivering
+        assert held.status_code == 409 and "being delivered" in held.json()["detail"]
+        rejected = c.post(f"/api/v1/jobs/{node.held[1]}/rerun", json={})
+        assert rejected.status_code == 409 and "rejected at review" in rejected.json()["detail"]
+        ok = c.post(f"/api/v1/jobs/{job_id}/rerun", json={"reason": "model pinned"})
+        assert ok.status_code == 200, ok.text
+        assert ok.json() == {
+            "job_id": job_id,
+            "state": "queued",
+            "detail": f"job {job_id} (forward) queued again; it was refused",
+        }
+    try:
+        (record,) = [
+            a
+            for a in node.audit("job-transition")
+            if a.get("action") == "rerun requested by operator" and a["job_id"] == job_id
+        ]
+        assert (record["actor"], record["via"], record["token_name"]) == ("api:olga", "token", "ris-bridge")
+        assert record["job_id"] == job_id and "model pinned" in record["reason"]
+    finally:  # the module's other tests count the node's jobs by state
+        _refuse(node, job_id)
 
 
 def test_tokens_are_hashed_at_rest_revocable_expiring_and_die_with_their_user(node: Node) -> None:

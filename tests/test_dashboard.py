@@ -24,7 +24,7 @@ from dicom_node.web.guard import TOKEN_FIELD
 from dicom_node.web.server import WebServer
 from dicom_node.web.users import UserStore
 from tests.conftest import state_rows
-from tests.test_api import PASSWORD, _seed
+from tests.test_api import PASSWORD, _refused_job, _seed
 
 
 @dataclass
@@ -183,3 +183,36 @@ def test_metrics_count_gate_verdicts_refusals_and_model_loads(site: Site) -> Non
     loaded = (("model", "ldct-restoration"), ("pipeline", "restoration"), ("version", "1.3"))
     assert samples[("dicomnode_model_load_seconds", loaded)] == 0.42
     assert not [k for k in samples if k[0] == "dicomnode_associations_open"], "no receiver in this process"
+
+
+def test_a_refused_job_is_run_again_from_its_page_with_the_form_token(site: Site) -> None:
+    """Last in the module: it adds a job (the counts above are of the seeded three)."""
+    job_id = _refused_job(site)  # a Site has the rt a Node has
+    with signed_in(site) as browser:
+        page = browser.get(f"/jobs/{job_id}").text
+        assert f"Job #{job_id} — refused" in page and 'id="rerun"' in page
+        assert 'id="rerun"' not in browser.get(f"/jobs/{site.held[0]}").text, "a held job is reviewed instead"
+        refused = browser.post(f"/jobs/{job_id}/rerun", headers={"Origin": site.base})
+        assert refused.status_code == 403
+        done = browser.post(
+            f"/jobs/{job_id}/rerun",
+            data={TOKEN_FIELD: form_token(page), "reason": "pinned the older model"},
+            headers={"Origin": site.base},
+        )
+        assert done.status_code == 303
+        after = browser.get(done.headers["location"]).text
+        assert f"Job #{job_id} — queued" in after and "queued again" in after and 'id="rerun"' not in after
+        again = browser.post(
+            f"/jobs/{job_id}/rerun", data={TOKEN_FIELD: form_token(after)}, headers={"Origin": site.base}
+        )
+        assert "Not run again: job" in browser.get(again.headers["location"]).text
+    rows = state_rows(
+        site.home,
+        "select actor, facts from audit_events where event = 'job-transition' order by seq",
+        audit=True,
+    )
+    (rerun,) = [
+        (a, json.loads(f)) for a, f in rows if json.loads(f).get("action") == "rerun requested by operator"
+    ]
+    assert rerun[0] == "web:olga" and rerun[1]["job_id"] == job_id
+    assert "pinned the older model" in rerun[1]["reason"]

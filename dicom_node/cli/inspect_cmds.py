@@ -90,8 +90,17 @@ def studies(config: ConfigOpt = None, home: HomeOpt = Path("."), json_out: JsonO
     )
 
 
-@app.command()
+jobs_app = typer.Typer(
+    help="Jobs and their state (queued, running, succeeded, failed, refused, held, delivering, "
+    "delivered); run a failed or refused one again.",
+    invoke_without_command=True,
+)
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.callback()
 def jobs(
+    ctx: typer.Context,
     config: ConfigOpt = None,
     home: HomeOpt = Path("."),
     state: Annotated[JobState | None, typer.Option(help="Only jobs in this state.")] = None,
@@ -99,6 +108,8 @@ def jobs(
     json_out: JsonOpt = False,
 ) -> None:
     """Jobs and their state (queued, running, succeeded, failed, refused, held, delivering, delivered)."""
+    if ctx.invoked_subcommand is not None:
+        return
     runtime = open_existing(config, home)
     rows = queries.list_jobs(runtime.db, state=state.value if state else None, study_uid=study)
     runtime.close()
@@ -137,6 +148,32 @@ def jobs(
             ],
         )
     )
+
+
+@jobs_app.command("rerun")
+def jobs_rerun(
+    job_id: Annotated[int, typer.Argument(help="A failed or refused job's id.", min=1, max=MAX_ROW_ID)],
+    reason: Annotated[
+        str, typer.Option(help="Why (kept in the job's history and the audit log), e.g. what was fixed.")
+    ] = "",
+    config: ConfigOpt = None,
+    home: HomeOpt = Path("."),
+) -> None:
+    """Run a failed or refused job again, on the same input, once what stopped it is fixed
+    (a model that could not load, a pin to a model whose input domain covers the series)."""
+    from dicom_node.jobs.rerun import NotRerunnable, rerun_job
+    from dicom_node.runtime import os_user
+
+    runtime = open_existing(config, home, actor="cli")
+    try:
+        said = rerun_job(runtime.db, runtime.audit, job_id, os_user(), reason)
+    except KeyError as exc:
+        raise fail(str(exc).strip("'\"")) from None
+    except NotRerunnable as exc:
+        raise fail(str(exc)) from None
+    finally:
+        runtime.close()
+    console.print(said)
 
 
 outbox_app = typer.Typer(

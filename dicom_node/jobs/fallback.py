@@ -60,6 +60,19 @@ def queue_fallback(work: AuditedWrite, job: JobRef, refused: InputRefused, actor
     pipeline, none_runs = fallback_pipeline(job.pipeline, fallback)
     if pipeline is None:
         return none_runs
+    earlier = [
+        other.id
+        for other in work.conn.execute(
+            select(t.jobs.c.id, t.jobs.c.options).where(
+                t.jobs.c.study_fk == row.study_fk, t.jobs.c.pipeline == pipeline, t.jobs.c.id > job.job_id
+            )
+        )
+        if (other.options or {}).get(FALLBACK_OF_OPTION) == job.job_id
+    ]
+    if earlier:  # refused again after an operator ran it again: its fallback ran the first time
+        return (
+            f"fallback {fallback}: job {earlier[0]} ({pipeline}) was queued at its first refusal; not again"
+        )
     inputs = select(t.job_inputs.c.instance_fk).where(t.job_inputs.c.job_fk == job.job_id)
     if pipeline == "forward" and refused.series_uid:
         inputs = (

@@ -206,10 +206,12 @@ def move(
     expect: JobState,
     reason: str | None = None,
     actor: str | None = None,
+    audit_facts: dict[str, Any] | None = None,
     **values: object,
 ) -> None:
     """Move a job (:func:`transition`) and queue its ``job-transition`` audit record, which
-    is appended once ``work`` commits. Every settling of a job goes through here."""
+    is appended once ``work`` commits. Every settling of a job goes through here.
+    ``audit_facts``: more facts for the record (how a web caller was authenticated)."""
     transition(work.conn, job.job_id, to_state, expect=expect, reason=reason, actor=actor, **values)
     work.record(
         AuditEvent.JOB_TRANSITION,
@@ -223,6 +225,7 @@ def move(
         from_state=expect.value,
         to_state=to_state.value,
         reason=reason,
+        **(audit_facts or {}),
     )
 
 

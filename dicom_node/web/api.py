@@ -39,6 +39,7 @@ from dicom_node.delivery.ledger import DeliveryState
 from dicom_node.delivery.outbox import Outbox
 from dicom_node.delivery.profiles import DestinationProfiles
 from dicom_node.jobs.inventory import model_inventory
+from dicom_node.jobs.rerun import NotRerunnable, rerun_job
 from dicom_node.jobs.review import ReviewError, UnknownJob, approve, held_jobs, job_overview, reject
 from dicom_node.jobs.state import JobState
 from dicom_node.web import api_schemas as s
@@ -243,6 +244,28 @@ def create_api(ctx: "WebContext", users: UserStore, throttle: "_LoginThrottle") 
             raise ApiProblem(404, str(exc)) from None
         queried(caller, "job", 1, study_uid=body["study_uid"], patient_id=body["patient_id"], job_id=job_id)
         return body
+
+    @api.post(
+        "/v1/jobs/{job_id}/rerun",
+        response_model=s.RerunDone,
+        openapi_extra=OPERATOR,
+        tags=["jobs"],
+        responses={
+            404: {"model": s.Problem},
+            409: {"model": s.Problem, "description": "Not failed or refused (the detail says what to do)"},
+        },
+    )
+    def rerun(caller: Operator, job_id: RowId, body: s.RerunRequest | None = None) -> dict[str, Any]:
+        """Run a failed or refused job again on the same input, once what stopped it is fixed."""
+        try:
+            said = rerun_job(
+                ctx.db, ctx.audit, job_id, caller.actor, body.reason if body else "", **caller.facts()
+            )
+        except KeyError:
+            raise ApiProblem(404, f"no job {job_id}") from None
+        except NotRerunnable as exc:
+            raise ApiProblem(409, str(exc)) from None
+        return {"job_id": job_id, "state": JobState.QUEUED.value, "detail": said}
 
     # -- review ---------------------------------------------------------------------------
 

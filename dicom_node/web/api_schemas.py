@@ -71,6 +71,10 @@ class JobSummary(Body):
     study_version: int
     pipeline: str
     rule: str | None
+    #: The series the rule took (None: the pipeline chose among the study's).
+    series_uid: str | None = None
+    #: The rule's urgency: ``normal`` or ``urgent`` (runs and is sent first).
+    urgency: str = "normal"
     gate: str
     destinations: list[str]
     state: str
@@ -196,6 +200,18 @@ class ReviewDone(Body):
 class RetryDone(Body):
     delivery_id: int
     state: str
+
+
+class RerunDone(Body):
+    job_id: int
+    state: str
+    #: What was done, in words.
+    detail: str
+
+
+class RerunRequest(Body):
+    #: Why (kept in the job's history and the audit log), e.g. what was fixed.
+    reason: str = Field("", max_length=500)
 
 
 class AuditEventOut(Body):

@@ -44,6 +44,7 @@ from dicom_node.delivery.outbox import Outbox
 from dicom_node.delivery.profiles import DestinationProfiles
 from dicom_node.ingest.receiver import Receiver
 from dicom_node.jobs.previews import PreviewCache
+from dicom_node.jobs.rerun import NotRerunnable, rerun_job
 from dicom_node.jobs.review import ReviewError, approve, held_jobs, job_detail, job_overview, reject
 from dicom_node.jobs.state import JobState
 from dicom_node.web.api import API_PREFIX, create_api
@@ -622,7 +623,9 @@ def create_app(ctx: WebContext) -> FastAPI:
         )
 
     @app.get("/jobs/{job_id}", response_class=HTMLResponse)
-    def job_page(request: Request, job_id: JobId) -> Response:
+    def job_page(
+        request: Request, job_id: JobId, message: Annotated[str, Query(max_length=500)] = ""
+    ) -> Response:
         user = gate(request, Role.OPERATOR)
         if not isinstance(user, User):
             return user
@@ -636,7 +639,24 @@ def create_app(ctx: WebContext) -> FastAPI:
             step["when"] = _when(step["at"])
         for d in j["deliveries"]:
             d["when"] = _when(d["delivered_at"])
-        return page(request, "job.html", user=user, title=f"Job {job_id}", j=j)
+        return page(request, "job.html", user=user, title=f"Job {job_id}", j=j, message=message)
+
+    @app.post("/jobs/{job_id}/rerun", response_class=HTMLResponse)
+    def job_rerun(
+        request: Request, job_id: JobId, reason: Annotated[str, Form(max_length=500)] = ""
+    ) -> Response:
+        user = gate(request, Role.OPERATOR)
+        if not isinstance(user, User):
+            return user
+        try:
+            said = rerun_job(ctx.db, ctx.audit, job_id, f"web:{user.username}", reason.strip())
+        except KeyError:
+            return message_page(request, "No such job", f"No job {job_id}.", 404)
+        except NotRerunnable as exc:
+            done = f"Not run again: {exc}."
+        else:
+            done = f"{said[:1].upper()}{said[1:]}: a worker takes it at its turn."
+        return RedirectResponse(f"/jobs/{job_id}?message={quote(done)}", status_code=303)
 
     delivery_states = [state.value for state in DeliveryState]
 
