@@ -457,8 +457,8 @@ def test_intake_makes_one_job_per_series_of_one_study_version_and_audits_which(n
     (ready,) = node.rt.audit.events(AuditEvent.STUDY_READY)
     assert ready.facts["jobs"] == job_ids
     assert ready.facts["job_series"] == [
-        {"job_id": job_ids[0], "rule": RULE, "series_uid": study.uid("soft")},
-        {"job_id": job_ids[1], "rule": RULE, "series_uid": study.uid("lung")},
+        {"job_id": job_ids[0], "rule": RULE, "series_uid": study.uid("soft"), "urgency": "normal"},
+        {"job_id": job_ids[1], "rule": RULE, "series_uid": study.uid("lung"), "urgency": "normal"},
     ]
     routed = [e for e in node.rt.audit.events(AuditEvent.GATE_DECISION) if e.facts.get("stage") == "routing"]
     assert [(e.facts["job_id"], e.facts["series_uid"]) for e in routed] == [

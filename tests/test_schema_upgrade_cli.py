@@ -249,7 +249,9 @@ def test_serve_s_runtime_upgrades_once_when_two_start_at_once(
             },
         )
     ]
-    monkeypatch.undo()
+    monkeypatch.setattr(
+        Database, "_read_revisions", read_revisions
+    )  # (not undo(): other fixtures' patches stay)
     runtime = Runtime.open(None, old_home, upgrade=True)  # a later start: nothing to do
     runtime.close()
     assert runtime.schema_change is None and len(upgrades(old_home)) == 1
