@@ -211,6 +211,12 @@ def test_a_refused_job_is_run_again_from_its_page_with_the_form_token(site: Site
         "select actor, facts from audit_events where event = 'job-transition' order by seq",
         audit=True,
     )
+    with site.rt.db.write() as conn:  # an urgent rule's job says so in the listing and on its page
+        conn.execute(t.jobs.update().where(t.jobs.c.id == job_id).values(urgency=1))
+    with signed_in(site) as browser:
+        listing = browser.get("/jobs", params={"state": "queued"}).text
+        assert f'id="job-{job_id}"' in listing and 'class="urgent">urgent<' in listing
+        assert 'class="urgent">urgent<' in browser.get(f"/jobs/{job_id}").text
     (rerun,) = [
         (a, json.loads(f)) for a, f in rows if json.loads(f).get("action") == "rerun requested by operator"
     ]
