@@ -57,12 +57,12 @@ def broker_url(config: NodeConfig) -> str:
 #: the lowest step first (kombu's ``priority_steps``; 0 is the most urgent — RabbitMQ counts
 #: the other way, and is not the broker this node is tested with).
 PRIORITY_STEPS = [0, 3, 6, 9]
-_PRIORITY_OF_URGENCY = {t.URGENCY["urgent"]: 0, t.URGENCY["normal"]: 6}
+_PRIORITY_OF_URGENCY = {t.URGENCY["urgent"]: 0, t.URGENCY["normal"]: 6, t.URGENCY["offpeak"]: 9}
 
 
 def message_priority(urgency: int) -> int:
-    """The broker message priority of a job of this urgency (urgent 0, normal 6)."""
-    return _PRIORITY_OF_URGENCY.get(urgency, 0 if urgency > 0 else 6)
+    """The broker message priority of a job of this urgency (urgent 0, normal 6, off-peak 9)."""
+    return _PRIORITY_OF_URGENCY.get(urgency, 0 if urgency > 0 else 9 if urgency < 0 else 6)
 
 
 def celery_app(config: NodeConfig) -> Celery:
@@ -104,13 +104,15 @@ class Dispatcher:
 
     def due(self) -> list[tuple[int, str, int]]:
         """Mark the queued jobs that need a message as dispatched now; their (id, pipeline,
-        urgency), the most urgent first."""
+        urgency), the most urgent first (off-peak jobs only inside their hours)."""
         now = time.time()
         stale = now - self.config.workers.redispatch_seconds
+        hours = [] if self.config.workers.in_offpeak() else [t.jobs.c.urgency >= t.URGENCY["normal"]]
         with self.db.claim() as conn:
             rows = conn.execute(
                 select(t.jobs.c.id, t.jobs.c.pipeline, t.jobs.c.urgency)
                 .where(
+                    *hours,
                     t.jobs.c.state == JobState.QUEUED.value,
                     or_(
                         t.jobs.c.dispatched_at.is_(None),

@@ -8,6 +8,7 @@ whose message is one line naming the key and the problem; the CLI prints it and 
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import ipaddress
 import os
@@ -366,6 +367,20 @@ class OutboxSection(_Section):
     backoff_max_seconds: float = Field(600.0, gt=0)
 
 
+def offpeak_window(text: str) -> tuple[datetime.time, datetime.time]:
+    """``"19:00-07:00"`` as (start, end) times; ValueError with what is wrong."""
+    parts = text.replace(" ", "").split("-")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start, end = (datetime.time.fromisoformat(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"{text!r}: give the off-peak window as HH:MM-HH:MM, e.g. 19:00-07:00") from None
+    if start == end:
+        raise ValueError(f"{text!r}: the off-peak window starts and ends at the same time")
+    return start, end
+
+
 class WorkersSection(_Section):
     """Worker processes (separate from the receiver so inference never starves the network)."""
 
@@ -401,6 +416,23 @@ class WorkersSection(_Section):
     #: Longest run of a job, by pipeline (``default`` for the rest): past it the job fails
     #: with that reason (Celery's soft time limit; the hard one is a minute later).
     time_limit_seconds: dict[str, float] = Field(default_factory=lambda: {"default": 3600.0})
+    #: When the jobs of rules with ``urgency: offpeak`` run (the node's local time,
+    #: ``HH:MM-HH:MM``, across midnight when the end is earlier than the start): outside it
+    #: they wait, queued, so research and batch work leave the cores to the day's clinical
+    #: jobs. The other urgencies run at any hour.
+    offpeak_hours: str = "19:00-07:00"
+
+    @field_validator("offpeak_hours")
+    @classmethod
+    def _offpeak_window(cls, value: str) -> str:
+        offpeak_window(value)  # ValueError: not a window
+        return value
+
+    def in_offpeak(self, when: datetime.datetime | None = None) -> bool:
+        """Whether ``when`` (default now, local time) is inside ``offpeak_hours``."""
+        start, end = offpeak_window(self.offpeak_hours)
+        now = (when or datetime.datetime.now()).time()
+        return start <= now < end if start < end else now >= start or now < end
 
     @field_validator("time_limit_seconds")
     @classmethod

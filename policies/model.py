@@ -274,7 +274,10 @@ class Rule(_Strict):
     #: its job runs): ``urgent`` jobs are taken before every ``normal`` one queued (e.g. a
     #: synthetic CT a planning physicist waits for, behind a morning's low-dose CTs), and
     #: their outputs are sent before those of normal jobs. Oldest first within each.
-    urgency: Literal["normal", "urgent"] = "normal"
+    #: ``offpeak`` jobs run only inside ``[workers] offpeak_hours`` (default 19:00-07:00),
+    #: after every other queued job: research and batch work that must not take the cores
+    #: from the day's clinical jobs.
+    urgency: Literal["normal", "urgent", "offpeak"] = "normal"
 
     @field_validator("name")
     @classmethod

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from audit import AuditEvent
 from dicom_node import broker
 from dicom_node.cli import app
+from dicom_node.config import ConfigError, NodeConfig, WorkersSection, load_config
 from dicom_node.db import queries
 from dicom_node.db import schema as t
 from dicom_node.db.audited import audited_write
@@ -60,7 +61,7 @@ def test_the_policy_says_urgent_or_normal_and_nothing_else() -> None:
     assert rules["brain-mr-missing-flair"].urgency == "normal"  # the default
     with pytest.raises(PolicyError) as err:
         parse_policy(URGENT_POLICY.replace("urgency: urgent", "urgency: stat"), "bad.yaml")
-    assert "urgency" in str(err.value) and "'normal' or 'urgent'" in str(err.value)
+    assert "urgency" in str(err.value) and "'normal', 'urgent' or 'offpeak'" in str(err.value)
 
 
 def test_an_urgent_study_s_jobs_are_taken_before_older_normal_ones(node: Node) -> None:
@@ -180,3 +181,61 @@ def test_on_redis_an_urgent_message_is_taken_before_normal_ones_already_waiting(
             message.ack()
         queue.close()
     assert got == [*urgent, *normal]
+
+
+OFFPEAK_POLICY = DEFAULT_POLICY.read_text().replace(
+    f"  - name: {RULE}\n", f"  - name: {RULE}\n    urgency: offpeak\n", 1
+)
+
+
+@pytest.mark.parametrize(
+    ("window", "at", "inside"),
+    [
+        ("19:00-07:00", "23:30", True),
+        ("19:00-07:00", "06:59", True),
+        ("19:00-07:00", "07:00", False),
+        ("19:00-07:00", "12:00", False),
+        ("01:00-05:30", "03:00", True),
+        ("01:00-05:30", "05:30", False),
+    ],
+)
+def test_the_offpeak_window_may_cross_midnight(window: str, at: str, inside: bool) -> None:
+    import datetime
+
+    workers = NodeConfig.model_validate({"workers": {"offpeak_hours": window}}).workers
+    when = datetime.datetime.combine(datetime.date(2026, 12, 7), datetime.time.fromisoformat(at))
+    assert workers.in_offpeak(when) is inside
+
+
+@pytest.mark.parametrize("bad", ["19:00", "25:00-07:00", "07:00-07:00", "night", "19:00-07:00-08:00"])
+def test_a_bad_offpeak_window_is_one_config_line(tmp_path: Path, bad: str) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(f'[workers]\noffpeak_hours = "{bad}"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(config, tmp_path)
+    assert any("offpeak_hours" in p and "HH:MM-HH:MM" in p or "same time" in p for p in err.value.problems)
+
+
+def test_offpeak_jobs_wait_for_their_hours_and_then_come_after_every_other(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch, clinical = two_kernels(), two_kernels()
+    node.send_study(batch)
+    node.send_study(clinical)
+    offpeak = JobIntake(node.rt.db, node.rt.audit, node.router(OFFPEAK_POLICY)).study_ready(batch.study_uid)
+    shipped = node.router(DEFAULT_POLICY.read_text())  # (router() alone reads the last policy written)
+    normal = JobIntake(node.rt.db, node.rt.audit, shipped).study_ready(clinical.study_uid)
+    assert max(offpeak) < min(normal)  # older, and still last
+    listed = {j["id"]: j["urgency"] for j in queries.list_jobs(node.rt.db)}
+    assert [listed[i] for i in offpeak] == ["offpeak", "offpeak"]
+
+    runner = _runner(node)
+    monkeypatch.setattr(WorkersSection, "in_offpeak", lambda self, when=None: False)  # daytime
+    assert [runner.claim().job_id for _ in range(2)] == normal  # type: ignore[union-attr]
+    assert runner.claim() is None and runner.claim(offpeak[0]) is None  # waits, even when named
+    dispatcher = broker.Dispatcher(node.rt.config, node.rt.db)
+    assert dispatcher.due() == []  # nor is it published
+    monkeypatch.setattr(WorkersSection, "in_offpeak", lambda self, when=None: True)  # evening
+    assert dispatcher.due() == [(offpeak[0], "restoration", -1), (offpeak[1], "restoration", -1)]
+    assert broker.message_priority(-1) == 9
+    assert [runner.claim().job_id for _ in range(2)] == offpeak  # type: ignore[union-attr]

@@ -137,7 +137,7 @@ def jobs(
                     r["study_uid"],
                     r["study_version"],
                     _series_of(r),
-                    r["pipeline"] + (" (urgent)" if r["urgency"] == "urgent" else ""),
+                    r["pipeline"] + ("" if r["urgency"] == "normal" else f" ({r['urgency']})"),
                     r["inputs"],
                     ",".join(r["destinations"]),
                     r["state"],

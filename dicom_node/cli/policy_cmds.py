@@ -33,6 +33,14 @@ policy_app = typer.Typer(
 app.add_typer(policy_app, name="policy")
 
 
+#: How ``policy check`` says a rule's urgency.
+_URGENCY_TEXT = {
+    "normal": "",
+    "urgent": " (urgent: runs and is sent before normal jobs)",
+    "offpeak": " (off-peak: runs only inside [workers] offpeak_hours, after every other job)",
+}
+
+
 def _gate_text(rule: Rule) -> str:
     limits = {
         k: v for k, v in rule.qc.model_dump().items() if v is not None and k != "hold_on_failed_validation"
@@ -106,7 +114,7 @@ def check(
             Text(
                 f"  [{rule.priority}] {rule.name}: {rule.pipeline}"
                 f"{' (one job per series, select.each)' if rule.per_series else ''}"
-                f"{' (urgent: runs and is sent before normal jobs)' if rule.urgency == 'urgent' else ''} → "
+                f"{_URGENCY_TEXT[rule.urgency]} → "
                 f"{', '.join(rule.destinations) or 'nowhere'}; {_gate_text(rule)}{_fallback_text(rule)}"
             )
         )

@@ -126,7 +126,7 @@ instances = Table(
 )
 
 #: A rule's ``urgency`` as stored in ``jobs.urgency`` (higher runs first).
-URGENCY: dict[str, int] = {"normal": 0, "urgent": 1}
+URGENCY: dict[str, int] = {"offpeak": -1, "normal": 0, "urgent": 1}
 
 
 def urgency_name(value: int) -> str:

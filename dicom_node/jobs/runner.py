@@ -215,7 +215,8 @@ class JobRunner:
 
     def claim(self, job_id: int | None = None) -> ClaimedJob | None:
         """The most urgent queued job, oldest first among equals (or job ``job_id``, if it is
-        queued), moved to ``running`` under this worker's claim; None when there is none."""
+        queued), moved to ``running`` under this worker's claim; None when there is none.
+        An ``offpeak`` job is taken only inside ``[workers] offpeak_hours``."""
         query = (
             select(t.jobs, t.studies.c.study_uid, t.patients.c.patient_id)
             .join(t.studies, t.studies.c.id == t.jobs.c.study_fk)
@@ -224,6 +225,8 @@ class JobRunner:
         )
         if job_id is not None:
             query = query.where(t.jobs.c.id == job_id)
+        if not self.config.workers.in_offpeak():  # off-peak jobs wait for their hours
+            query = query.where(t.jobs.c.urgency >= t.URGENCY["normal"])
         with audited_write(self.db, self.audit, claim=True) as work:
             while True:
                 row = work.conn.execute(
