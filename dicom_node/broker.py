@@ -40,7 +40,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
 from dicom_node.jobs.claims import INDEPENDENT
-from dicom_node.jobs.state import JobState
+from dicom_node.jobs.state import JobState, runnable_now
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ _PRIORITY_OF_URGENCY = {t.URGENCY["urgent"]: 0, t.URGENCY["normal"]: 6, t.URGENC
 
 def message_priority(urgency: int) -> int:
     """The broker message priority of a job of this urgency (urgent 0, normal 6, off-peak 9)."""
-    return _PRIORITY_OF_URGENCY.get(urgency, 0 if urgency > 0 else 9 if urgency < 0 else 6)
+    return _PRIORITY_OF_URGENCY[max(-1, min(1, urgency))]
 
 
 def celery_app(config: NodeConfig) -> Celery:
@@ -107,12 +107,11 @@ class Dispatcher:
         urgency), the most urgent first (off-peak jobs only inside their hours)."""
         now = time.time()
         stale = now - self.config.workers.redispatch_seconds
-        hours = [] if self.config.workers.in_offpeak() else [t.jobs.c.urgency >= t.URGENCY["normal"]]
         with self.db.claim() as conn:
             rows = conn.execute(
                 select(t.jobs.c.id, t.jobs.c.pipeline, t.jobs.c.urgency)
                 .where(
-                    *hours,
+                    *runnable_now(self.config.workers),
                     t.jobs.c.state == JobState.QUEUED.value,
                     or_(
                         t.jobs.c.dispatched_at.is_(None),

@@ -183,6 +183,17 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
         peer.stop()
 
 
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[localpeers.RedisServer]:
+    """A Redis broker on loopback (the Celery engine's), stopped after the test."""
+    require(localpeers.REDIS_SERVER)
+    server = localpeers.RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def ct50(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A simulated 50-slice 512x512 CT study (one series)."""

@@ -9,7 +9,6 @@ the order they were made (oldest first), so the sCT waited for every CT ahead of
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,10 +30,9 @@ from dicom_node.jobs.fallback import queue_fallback
 from dicom_node.jobs.intake import JobIntake
 from dicom_node.jobs.runner import JobRunner
 from dicom_node.jobs.state import JobState, create_job, job_ref, transition
-from dicom_node.lab.localpeers import REDIS_SERVER, RedisServer
+from dicom_node.lab.localpeers import RedisServer
 from pipelines.base import InputRefused
 from policies.loader import PolicyError, parse_policy
-from tests.conftest import require
 from tests.test_outbox import Env, _config, env  # noqa: F401 - env is a fixture
 from tests.test_per_series_rules import (
     DEFAULT_POLICY,
@@ -140,16 +138,6 @@ def test_an_urgent_job_s_outputs_are_sent_before_those_waiting_from_normal_jobs(
     first, second = outbox.claim_due(), outbox.claim_due()
     assert first is not None and second is not None
     assert (first.job_id, second.job_id) == (urgent, env.job_id)
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    require(REDIS_SERVER)
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_on_redis_an_urgent_message_is_taken_before_normal_ones_already_waiting(

@@ -32,7 +32,8 @@ from audit import AuditTrail
 from dicom_node.db import schema as t
 from dicom_node.db.audited import audited_write
 from dicom_node.db.engine import Database
-from dicom_node.jobs.state import JobState, job_ref, move, newer_job
+from dicom_node.db.queries import job_rows
+from dicom_node.jobs.state import JobRef, JobState, move, newer_job
 
 #: The states a job may be run again from.
 RERUNNABLE = (JobState.FAILED, JobState.REFUSED)
@@ -66,7 +67,9 @@ def rerun_job(
         Why not, and what to do instead.
     """
     with audited_write(db, audit) as work:
-        row = work.conn.execute(select(t.jobs).where(t.jobs.c.id == job_id)).first()
+        row = work.conn.execute(
+            job_rows().add_columns(t.jobs.c.study_fk, t.studies.c.purged_at).where(t.jobs.c.id == job_id)
+        ).first()
         if row is None:
             raise KeyError(f"no job {job_id}")
         state = JobState(row.state)
@@ -75,28 +78,28 @@ def rerun_job(
                 f"job {job_id} is {state.value}: {_WHY_NOT.get(state.value, 'not failed or refused')}"
             )
         if state is JobState.FAILED:
-            last = work.conn.execute(
-                select(t.job_transitions.c.from_state, t.job_transitions.c.actor)
+            came_from = work.conn.execute(
+                select(t.job_transitions.c.from_state)
                 .where(t.job_transitions.c.job_fk == job_id)
                 .order_by(t.job_transitions.c.id.desc())
                 .limit(1)
-            ).first()
-            if last is not None and last.from_state == JobState.HELD.value:
+            ).scalar()
+            if came_from == JobState.HELD.value:
                 raise NotRerunnable(
                     f"job {job_id} was rejected at review ({row.reason}): a rejected job never runs or "
                     "sends again; to process the study afresh, send it again"
                 )
-            dead = list(
+            deliveries = list(
                 work.conn.execute(
                     select(t.deliveries.c.id)
                     .where(t.deliveries.c.job_fk == job_id)
                     .order_by(t.deliveries.c.id)
                 ).scalars()
             )
-            if dead:
+            if deliveries:
                 raise NotRerunnable(
                     f"job {job_id} failed delivering its outputs, which exist: `dicom-node outbox retry` "
-                    f"sends them again (its deliveries: {', '.join(map(str, dead))})"
+                    f"sends them again (its deliveries: {', '.join(map(str, deliveries))})"
                 )
         newer = newer_job(work.conn, row)
         if newer is not None:
@@ -104,17 +107,14 @@ def rerun_job(
                 f"job {job_id}'s study has a newer version ({newer.study_version}) with job {newer.id} "
                 f"({newer.state}) by the same rule: that is the job to run"
             )
-        purged = work.conn.execute(
-            select(t.studies.c.purged_at).where(t.studies.c.id == row.study_fk)
-        ).scalar_one()
-        if purged is not None:
+        if row.purged_at is not None:
             raise NotRerunnable(
                 f"job {job_id}'s study files were removed by the retention rule: send the study again"
             )
         said = f"run again by {actor}" + (f": {reason}" if reason else "")
         move(
             work,
-            job_ref(work.conn, job_id),
+            JobRef(job_id, row.study_uid, row.patient_id, row.pipeline, row.study_version),
             JobState.QUEUED,
             expect=state,
             reason=f"{said} (was {state.value}: {row.reason or 'no reason recorded'})"[:2000],

@@ -55,7 +55,7 @@ class JobPlan:
     fallback: str = "nothing"
     #: The rule's ``priors`` (frozen into the job; the job starts in ``fetching-priors``).
     priors: dict[str, Any] | None = None
-    #: The rule's ``urgency`` (``normal`` or ``urgent``).
+    #: The rule's ``urgency`` (``normal``, ``urgent`` or ``offpeak``).
     urgency: str = "normal"
 
 

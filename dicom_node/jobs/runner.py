@@ -48,7 +48,16 @@ from dicom_node.jobs.prior_registration import (
 from dicom_node.jobs.priors import job_prior_records, prior_references
 from dicom_node.jobs.provenance import record_provenance
 from dicom_node.jobs.report import final_verdict
-from dicom_node.jobs.state import JobRef, JobState, StaleTransition, job_ref, move, newer_job, record_outputs
+from dicom_node.jobs.state import (
+    JobRef,
+    JobState,
+    StaleTransition,
+    job_ref,
+    move,
+    newer_job,
+    record_outputs,
+    runnable_now,
+)
 from dicom_node.paths import NodePaths
 from dicom_node.safelog import describe_exception
 from models.zoo import read_card
@@ -225,8 +234,7 @@ class JobRunner:
         )
         if job_id is not None:
             query = query.where(t.jobs.c.id == job_id)
-        if not self.config.workers.in_offpeak():  # off-peak jobs wait for their hours
-            query = query.where(t.jobs.c.urgency >= t.URGENCY["normal"])
+        query = query.where(*runnable_now(self.config.workers))  # off-peak jobs wait for their hours
         with audited_write(self.db, self.audit, claim=True) as work:
             while True:
                 row = work.conn.execute(

@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import ColumnElement, Connection, insert, select, update
 
 from audit import AuditEvent, Outcome
+from dicom_node.config import WorkersSection
 from dicom_node.db import schema as t
 from dicom_node.db.audited import AuditedWrite
 from dicom_node.db.engine import inserted_id
@@ -126,6 +127,12 @@ def transition(
     )
 
 
+def runnable_now(workers: WorkersSection) -> list[ColumnElement[bool]]:
+    """Conditions on ``jobs`` a queued job must meet to be run (claimed or published) now:
+    outside ``[workers] offpeak_hours``, that it is not an ``offpeak`` job; none inside."""
+    return [] if workers.in_offpeak() else [t.jobs.c.urgency >= t.URGENCY["normal"]]
+
+
 def create_job(
     conn: Connection,
     *,
@@ -145,7 +152,7 @@ def create_job(
 ) -> int:
     """Insert a job with its input snapshot, in the caller's transaction: ``queued``, or
     ``fetching-priors`` when the rule asked for ``priors``. ``urgency``: the rule's
-    (``normal``, ``urgent``) or the stored number (a follow-up job keeps its job's)."""
+    (``normal``, ``urgent``, ``offpeak``) or the stored number (a follow-up job keeps its job's)."""
     state = JobState.FETCHING_PRIORS if priors else JobState.QUEUED
     now = time.time()
     job_id = int(

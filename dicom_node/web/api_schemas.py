@@ -73,7 +73,8 @@ class JobSummary(Body):
     rule: str | None
     #: The series the rule took (None: the pipeline chose among the study's).
     series_uid: str | None = None
-    #: The rule's urgency: ``normal`` or ``urgent`` (runs and is sent first).
+    #: The rule's urgency: ``normal``, ``urgent`` (runs and is sent first) or ``offpeak``
+    #: (runs only inside ``[workers] offpeak_hours``).
     urgency: str = "normal"
     gate: str
     destinations: list[str]

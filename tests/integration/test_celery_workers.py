@@ -17,13 +17,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
-from dicom_node.lab.localpeers import REDIS_SERVER, NodeProcess, Orthanc, RedisServer
+from dicom_node.lab.localpeers import NodeProcess, Orthanc, RedisServer
 from dicom_node.lab.simulate import LdctSpec, write_ldct_study
 from tests.conftest import db_rows, node_config, require
 from tests.integration.test_crash_recovery import acknowledged_files, sop_of
@@ -78,16 +77,6 @@ class CeleryWorker:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    require(REDIS_SERVER)
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _studies(root: Path) -> list[Path]:
