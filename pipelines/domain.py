@@ -611,19 +611,33 @@ def _scanning_sequence(ds: Dataset) -> set[str] | None:
     return letters
 
 
-def scanning_sequence_reasons(datasets: Sequence[Dataset], allowed: tuple[str, ...], model: str) -> list[str]:
+def scanning_sequence_reasons(
+    datasets: Sequence[Dataset], allowed: tuple[str, ...], model: str, *, exact: bool = False
+) -> list[str]:
     """Why the MR series of ``datasets`` is outside the Scanning Sequences ``allowed`` (every
-    letter an instance has must be one of them); [] when inside. A series that does not say
-    (neither Scanning Sequence nor an enhanced MR's Echo Pulse Sequence) is outside."""
+    letter an instance has must be one of them; with ``exact``, every one of them must be
+    there too: a FLAIR role declared ``SE\\IR`` takes no series that says spin echo alone,
+    whatever its inversion time); [] when inside. A series that does not say (neither
+    Scanning Sequence nor an enhanced MR's Echo Pulse Sequence) is outside."""
     trained = "\\".join(allowed) + f" ({', '.join(_SEQUENCE_NAMES.get(a, a) for a in allowed)})"
     takes = f"{model} was trained on {trained} images only"
     found = [_scanning_sequence(ds) for ds in datasets]
     if any(f is None for f in found):
         return [f"scanning sequence not given (Scanning Sequence, 0018,0020): {takes}"]
-    off = sorted({"\\".join(sorted(f)) for f in found if f is not None and not f <= set(allowed)})
+    declared = set(allowed)
+    off = sorted({"\\".join(sorted(f)) for f in found if f is not None and not f <= declared})
     if off:
         names = ", ".join(_SEQUENCE_NAMES.get(x, x) for x in off[0].split("\\"))
         return [f"scanning sequence {off[0]} ({names}): {takes}, and the contrast differs"]
+    short = sorted({"\\".join(sorted(f)) for f in found if exact and f is not None and f != declared})
+    if short:
+        seen = short[0].split("\\")
+        names = ", ".join(_SEQUENCE_NAMES.get(x, x) for x in seen)
+        lacking = sorted(declared - set(seen))
+        missing = ", ".join(f"{x} ({_SEQUENCE_NAMES.get(x, x)})" for x in lacking)
+        return [
+            f"scanning sequence {short[0]} ({names}) without {missing}: {takes}, and the contrast differs"
+        ]
     return []
 
 

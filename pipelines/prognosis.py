@@ -147,7 +147,9 @@ def _synthetic(ds: Dataset) -> bool:
 def scanning_by_role(domain: Mapping[str, Any], model: str) -> dict[str, tuple[str, ...]]:
     """The card's ``input_domain.scanning_sequences`` per series role: the Scanning Sequence
     values (0018,0020) the role's training images had, e.g. ``{"t1c": ["SE"], "flair": ["SE",
-    "IR"]}``; one list applies to both roles. {} when the card declares none (not checked).
+    "IR"]}``; one list applies to both roles. The letters are the role's whole combination: a
+    series must carry every one (a FLAIR that says ``SE`` alone is refused, whatever its
+    inversion time). {} when the card declares none (not checked).
 
     Raises
     ------
@@ -179,7 +181,7 @@ def check_input_headers(
     run them; a multi-echo series would not even load as one volume."""
     what = SERIES_ROLES[role]
     allowed = scanning_by_role(domain, model).get(role, ())
-    reasons = scanning_sequence_reasons(datasets, allowed, model) if allowed else []
+    reasons = scanning_sequence_reasons(datasets, allowed, model, exact=True) if allowed else []
     reasons += echo_reasons(datasets, model)
     if reasons:
         first = datasets[0]
@@ -321,7 +323,9 @@ def prior_visits(
             notes.append(f"prior series {prior.reference.series_uid}: neither T1c nor FLAIR, not used")
             continue
         allowed = tuple((scanning_sequences or {}).get(kind, ()))
-        off_sequence = scanning_sequence_reasons([prior.header], allowed, "the model") if allowed else []
+        off_sequence = (
+            scanning_sequence_reasons([prior.header], allowed, "the model", exact=True) if allowed else []
+        )
         if off_sequence:
             notes.append(f"prior series {prior.reference.series_uid}: {off_sequence[0]}; not used")
             continue

@@ -256,6 +256,40 @@ def test_an_echo_planar_flair_is_refused(
     assert refused.value.series == FLAIR_LABEL
 
 
+def test_a_flair_that_says_spin_echo_alone_is_refused_whatever_its_inversion_time(
+    card: dict[str, Any], label: str, visits: tuple[VisitStudy, ...], tmp_path: Path
+) -> None:
+    """The FLAIR role is found by its inversion time, but the card's SE\\IR is the whole
+    combination its training images had: a header that says spin echo alone is not one of them."""
+    paths = _copies(visits[-1].series["flair"].files, tmp_path / "flair", ScanningSequence="SE")
+    headers = _headers(paths)
+    assert float(headers[0].InversionTime) >= 1500  # still read as the FLAIR
+    with pytest.raises(InputRefused) as refused:
+        check_input_headers(headers, card["input_domain"], label, "flair")
+    assert refused.value.reasons == (
+        f"the FLAIR series: scanning sequence SE (spin echo) without IR (inversion recovery): {label} was "
+        "trained on SE\\IR (spin echo, inversion recovery) images only, and the contrast differs",
+    )
+
+
+def test_a_prior_flair_that_says_spin_echo_alone_is_left_out(
+    card: dict[str, Any], visits: tuple[VisitStudy, ...]
+) -> None:
+    first, current = visits
+    priors = list(_priors(first))
+    flair = next(p for p in priors if float(p.header.get("InversionTime", 0) or 0) >= 1500)
+    flair.header.ScanningSequence = "SE"
+    today = _study_day(current.study_date, "x")
+    scanning = scanning_by_role(card["input_domain"], "m")
+    used, notes = prior_visits(tuple(priors), today, card["input_domain"]["field_strengths_t"], scanning)
+    assert used == []
+    assert notes[0] == (
+        f"prior series {flair.reference.series_uid}: scanning sequence SE (spin echo) without IR "
+        "(inversion recovery): the model was trained on SE\\IR (spin echo, inversion recovery) images "
+        "only, and the contrast differs; not used"
+    )
+
+
 @pytest.mark.parametrize(
     ("role", "series", "trained"),
     [("t1c", T1C_LABEL, "SE (spin echo)"), ("flair", FLAIR_LABEL, "SE\\IR (spin echo, inversion recovery)")],
