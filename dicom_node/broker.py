@@ -36,7 +36,7 @@ from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown
 from sqlalchemy import or_, select, update
 
-from dicom_node.config import NodeConfig
+from dicom_node.config import NodeConfig, WorkersSection
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
 from dicom_node.jobs.claims import INDEPENDENT
@@ -207,9 +207,37 @@ def run_job(task: Any, job_id: int) -> str:
     worker = _child_worker()
     job = worker.runner.claim(job_id)
     if job is None:
+        workers = worker.runner.config.workers
+        if waits_for_offpeak(worker.runner.db, workers, job_id):
+            log.info(
+                "job %d: off-peak, its hours (%s) ended before its message came; it stays queued "
+                "and is published again when they begin",
+                job_id,
+                workers.offpeak_hours,
+            )
+            return "waits-for-offpeak"
         log.info("job %d: not queued any more (taken, settled or cancelled); message dropped", job_id)
         return "not-queued"
     return str(worker.run_claimed(job).value)
+
+
+def waits_for_offpeak(db: Database, workers: WorkersSection, job_id: int) -> bool:
+    """Whether queued job ``job_id`` is an off-peak job outside its hours; if so it is marked
+    not dispatched, so the dispatcher publishes it as soon as the hours begin (not a
+    ``redispatch_seconds`` later)."""
+    if workers.in_offpeak():
+        return False
+    with db.claim() as conn:
+        marked = conn.execute(
+            update(t.jobs)
+            .where(
+                t.jobs.c.id == job_id,
+                t.jobs.c.state == JobState.QUEUED.value,
+                t.jobs.c.urgency < t.URGENCY["normal"],
+            )
+            .values(dispatched_at=None)
+        )
+    return bool(marked.rowcount)
 
 
 def run_worker(

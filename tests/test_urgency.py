@@ -227,3 +227,84 @@ def test_offpeak_jobs_wait_for_their_hours_and_then_come_after_every_other(
     assert dispatcher.due() == [(offpeak[0], "restoration", -1), (offpeak[1], "restoration", -1)]
     assert broker.message_priority(-1) == 9
     assert [runner.claim().job_id for _ in range(2)] == offpeak  # type: ignore[union-attr]
+
+
+def _scrape(node: Node) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dicom_node.web.metrics import NodeCollector, render
+
+    collector = NodeCollector(
+        node.rt.db,
+        node.rt.audit,
+        node.rt.paths.data,
+        node.rt.paths.home / "cp.jsonl",
+        workers=node.rt.config.workers,
+    )
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(render(collector).decode())
+        for s in family.samples
+        if s.name.startswith("dicomnode_jobs_")
+    }
+
+
+def test_metrics_tell_offpeak_jobs_waiting_for_their_hours_from_a_queue_no_worker_serves(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A monitor alerting on the queue's age must not page anyone at 9 am for a batch the
+    rule put off until the evening, and must still see a normal job nobody takes."""
+    batch, clinical = two_kernels(), two_kernels()
+    node.send_study(batch)
+    node.send_study(clinical)
+    offpeak = JobIntake(node.rt.db, node.rt.audit, node.router(OFFPEAK_POLICY)).study_ready(batch.study_uid)
+    with node.rt.db.write() as conn:  # the batch queued an hour ago
+        conn.execute(update(t.jobs).where(t.jobs.c.id.in_(offpeak)).values(updated_at=time.time() - 3600))
+    oldest = ("dicomnode_jobs_queued_oldest_seconds", (("urgency", "offpeak"),))
+
+    monkeypatch.setattr(WorkersSection, "in_offpeak", lambda self, when=None: False)  # daytime
+    day = _scrape(node)
+    assert day[("dicomnode_jobs_waiting_offpeak", ())] == 2
+    assert day[oldest] == 0 and day[("dicomnode_jobs_queued_oldest_seconds", (("urgency", "normal"),))] == 0
+
+    shipped = node.router(DEFAULT_POLICY.read_text())
+    JobIntake(node.rt.db, node.rt.audit, shipped).study_ready(clinical.study_uid)
+    time.sleep(0.05)
+    day = _scrape(node)
+    assert 0 < day[("dicomnode_jobs_queued_oldest_seconds", (("urgency", "normal"),))] < 60
+    assert day[oldest] == 0 and day[("dicomnode_jobs_queued_oldest_seconds", (("urgency", "urgent"),))] == 0
+
+    monkeypatch.setattr(WorkersSection, "in_offpeak", lambda self, when=None: True)  # evening
+    night = _scrape(node)
+    assert night[("dicomnode_jobs_waiting_offpeak", ())] == 0
+    assert 3500 < night[oldest] < 3700  # now it waits for a worker, and has for an hour
+
+
+def test_an_offpeak_message_that_comes_after_its_hours_ended_leaves_the_job_queued_for_the_next(
+    node: Node, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Published at 06:59, taken from the broker at 07:01: the job stays queued, the log says
+    why (not "not queued any more"), and the evening's dispatcher publishes it at once."""
+    from types import SimpleNamespace
+
+    batch = two_kernels()
+    node.send_study(batch)
+    offpeak = JobIntake(node.rt.db, node.rt.audit, node.router(OFFPEAK_POLICY)).study_ready(batch.study_uid)
+    dispatcher = broker.Dispatcher(node.rt.config, node.rt.db)
+    monkeypatch.setattr(WorkersSection, "in_offpeak", lambda self, when=None: True)
+    assert [job for job, _, _ in dispatcher.due()] == offpeak
+    monkeypatch.setattr(WorkersSection, "in_offpeak", lambda self, when=None: False)  # 07:01
+    monkeypatch.setitem(broker._CHILD, "worker", SimpleNamespace(runner=_runner(node)))
+    with caplog.at_level("INFO", logger="dicom_node.broker"):
+        assert broker.run_job(None, offpeak[0]) == "waits-for-offpeak"
+    assert "off-peak, its hours (19:00-07:00) ended before its message came" in caplog.text
+    assert "not queued any more" not in caplog.text
+    states = {j["id"]: j["state"] for j in queries.list_jobs(node.rt.db)}
+    assert states[offpeak[0]] == "queued"
+
+    monkeypatch.setattr(WorkersSection, "in_offpeak", lambda self, when=None: True)  # 19:00
+    assert [job for job, _, _ in dispatcher.due()] == [offpeak[0]]  # not a redispatch_seconds later
+    with node.rt.db.write() as conn:  # a job settled elsewhere is still "not queued any more"
+        conn.execute(update(t.jobs).where(t.jobs.c.id == offpeak[1]).values(state="superseded"))
+    monkeypatch.setattr(WorkersSection, "in_offpeak", lambda self, when=None: False)
+    assert broker.run_job(None, offpeak[1]) == "not-queued"

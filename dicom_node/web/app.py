@@ -329,6 +329,7 @@ def create_app(ctx: WebContext) -> FastAPI:
         ctx.checkpoint_file,
         open_associations=ctx.receiver.open_associations if ctx.receiver is not None else None,
         connections_by_process=ctx.receiver.connections_by_process if ctx.receiver is not None else None,
+        workers=ctx.config.workers,
     )
 
     @app.get("/metrics")

@@ -9,6 +9,9 @@ is the truth. Families (all prefixed ``dicomnode_``):
   the store holds; a purge would read as a counter reset), ``instances_quarantined_total``;
 * ``studies`` (held in the index), ``studies_purged`` (their files removed by the
   retention rule), ``jobs`` by state and pipeline,
+  ``jobs_queued_oldest_seconds`` by urgency (the oldest queued job that may run now: off-peak
+  jobs outside ``[workers] offpeak_hours`` are not waiting for a worker) and
+  ``jobs_waiting_offpeak`` (those off-peak jobs),
   ``job_duration_seconds`` per pipeline (from running to its outcome: a histogram),
   ``job_stage_seconds`` per pipeline and stage (``predict``: the model's inference);
 * ``deliveries`` by state and destination (``dead`` is the dead-letter queue),
@@ -27,6 +30,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -37,6 +41,10 @@ from audit import AuditEvent, AuditTrail
 from audit.trail import CheckpointFile, audit_events
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
+from dicom_node.jobs.state import runnable_now
+
+if TYPE_CHECKING:
+    from dicom_node.config import WorkersSection
 
 __all__ = ["CONTENT_TYPE_LATEST", "NodeCollector", "render"]
 
@@ -62,6 +70,7 @@ class NodeCollector(Collector):
         checkpoint_file: Path,
         open_associations: Callable[[], int] | None = None,
         connections_by_process: Callable[[], list[tuple[int, int]] | None] | None = None,
+        workers: WorkersSection | None = None,
     ) -> None:
         self.db = db
         self.audit = audit
@@ -71,6 +80,8 @@ class NodeCollector(Collector):
         self.open_associations = open_associations
         #: (receiving process's board row, open connections) on this host (None: one process).
         self.connections_by_process = connections_by_process
+        #: ``[workers]``: which queued jobs may run now (None: the queue families are left out).
+        self.workers = workers
 
     def collect(self) -> Iterator[Metric]:
         with self.db.read() as conn:
@@ -154,6 +165,8 @@ class NodeCollector(Collector):
             ):
                 commitments.add_metric([state], count)
             yield commitments
+            if self.workers is not None:
+                yield from self._queue(conn, self.workers)
         yield GaugeMetricFamily(
             "dicomnode_disk_free_bytes",
             "Free space under the data directory",
@@ -186,6 +199,40 @@ class NodeCollector(Collector):
             yield GaugeMetricFamily(
                 "dicomnode_audit_checkpoint_age_seconds", "Seconds since the last audit checkpoint", value=age
             )
+
+    @staticmethod
+    def _queue(conn: Any, workers: WorkersSection) -> Iterator[Metric]:
+        """How long the queue's runnable jobs have waited, by urgency, and how many off-peak
+        jobs wait for their hours: a monitor alerts on the first without paging anyone at
+        night for the second."""
+        queued = t.jobs.c.state == "queued"
+        oldest = GaugeMetricFamily(
+            "dicomnode_jobs_queued_oldest_seconds",
+            "Seconds the oldest queued job that may run now has waited, by urgency (0: none); "
+            "off-peak jobs outside [workers] offpeak_hours are not counted",
+            labels=["urgency"],
+        )
+        since = dict(
+            conn.execute(
+                select(t.jobs.c.urgency, func.min(t.jobs.c.updated_at))
+                .where(queued, *runnable_now(workers))
+                .group_by(t.jobs.c.urgency)
+            ).all()
+        )
+        now = time.time()
+        for name, value in t.URGENCY.items():
+            oldest.add_metric([name], max(0.0, now - since[value]) if value in since else 0.0)
+        yield oldest
+        waiting = 0
+        if not workers.in_offpeak():
+            waiting = conn.execute(
+                select(func.count()).select_from(t.jobs).where(queued, t.jobs.c.urgency < t.URGENCY["normal"])
+            ).scalar_one()
+        yield GaugeMetricFamily(
+            "dicomnode_jobs_waiting_offpeak",
+            "Queued off-peak jobs waiting for [workers] offpeak_hours (0 inside them)",
+            value=waiting,
+        )
 
     def _gate_verdicts(self, conn: object) -> CounterMetricFamily:
         """The safety gate's verdicts (released, held) and the reviewers' (approved, rejected)."""
