@@ -356,3 +356,35 @@ def test_outputs_state_their_moments_in_the_sources_time_zone(tmp_path: Path) ->
     plain_prior = _study(tmp_path / "plain-prior", PRIOR, "ISO_IR 100", "Müller^Jürgen", None)
     for path in _every_output(plain, plain_prior, tmp_path / "plain-out"):
         assert "TimezoneOffsetFromUTC" not in pydicom.dcmread(path, stop_before_pixels=True), path.name
+
+
+def test_every_image_output_answers_its_source_s_request(tmp_path: Path) -> None:
+    """The source series' Request Attributes Sequence (the order: Requested Procedure ID,
+    Scheduled Procedure Step ID, Accession Number) is in every image object made from it,
+    the current study's, never the prior's; a source without one gives outputs without one."""
+    current = _study(tmp_path / "current", CURRENT, "ISO_IR 100", "Müller^Jürgen", None)
+    prior = _study(tmp_path / "prior", PRIOR, "ISO_IR 100", "Müller^Jürgen", None)
+    images = 0
+    for path in _every_output(current, prior, tmp_path / "out"):
+        out = pydicom.dcmread(path, stop_before_pixels=True)
+        if out.Modality == "SR":  # an SR has no General Series module; its study names the order
+            assert "RequestAttributesSequence" not in out, path.name
+            continue
+        (item,) = out.RequestAttributesSequence
+        assert (item.RequestedProcedureID, item.ScheduledProcedureStepID, item.AccessionNumber) == (
+            "RP-1",
+            "SPS-1",
+            CURRENT.accession,
+        ), path.name
+        images += 1
+    assert images >= 6  # derived series, both maps, SEG, overlay, registration, probability map, extent
+
+    _study(tmp_path / "plain", CURRENT, "ISO_IR 100", "Müller^Jürgen", None)
+    unordered = []
+    for path in sorted((tmp_path / "plain").glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        del ds.RequestAttributesSequence
+        unordered.append(ds)
+    plain = load_series(unordered)
+    for path in _every_output(plain, prior, tmp_path / "plain-out"):
+        assert "RequestAttributesSequence" not in pydicom.dcmread(path, stop_before_pixels=True), path.name

@@ -11,7 +11,8 @@
 * the output kinds (``KIND_*``) and :func:`kind_of`, which tells them apart again;
 * the source's Patient and Study modules, copied whole into every output
   (:func:`_copy_patient_and_study`), and its Timezone Offset From UTC with the output's own
-  dates and times in that zone (:func:`_keep_timezone`);
+  dates and times in that zone (:func:`_keep_timezone`); its Request Attributes Sequence
+  into every image object (:func:`_keep_request`);
 * what the writers read from the source: windows, per-frame values (through
   :func:`pipelines.geometry.frame_group`), references, body part, plane geometry.
 """
@@ -562,6 +563,16 @@ def _keep_timezone(ds: Dataset, source: Dataset) -> None:
             continue
         if when.tzinfo is None:
             item.ContributionDateTime = _in_zone(when, zone).strftime("%Y%m%d%H%M%S.%f%z")
+
+
+def _keep_request(ds: Dataset, source: Dataset) -> None:
+    """The source's Request Attributes Sequence (General Series, the order the scanner
+    fulfilled: Requested Procedure ID, Accession Number, Scheduled Procedure Step): an
+    image object derived from the series answers the same request, and a RIS or PACS that
+    files series by their order finds the outputs beside their source. A copy; absent in
+    the source, absent here."""
+    if "RequestAttributesSequence" in source and "RequestAttributesSequence" not in ds:
+        ds.RequestAttributesSequence = copy.deepcopy(source.RequestAttributesSequence)
 
 
 #: De-identification Method of an output whose source says Patient Identity Removed YES

@@ -41,6 +41,7 @@ from pipelines.writers.common import (
     _ds,
     _finish,
     _frame_value,
+    _keep_request,
     _keep_timezone,
     _lo,
     _now,
@@ -426,6 +427,7 @@ class DerivedImageWriter:
         )
         ds.ContributingEquipmentSequence = _contributing_equipment(prov, source)
         _keep_timezone(ds, source)
+        _keep_request(ds, source)
         return ds
 
     @staticmethod

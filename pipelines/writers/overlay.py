@@ -33,6 +33,7 @@ from pipelines.writers.common import (
     _copy_anatomy,
     _copy_patient_and_study,
     _finish,
+    _keep_request,
     _keep_timezone,
     _lo,
     _referenced_series,
@@ -191,6 +192,7 @@ class OverlayWriter:
         # ID could be filed under another patient where IDs are only unique per issuer)
         _copy_patient_and_study(sc, source)
         _keep_timezone(sc, source)
+        _keep_request(sc, source)
         sc.ImageType = ["DERIVED", "SECONDARY"]
         sc.BurnedInAnnotation = "YES"
         _copy_anatomy(sc, source, empty_laterality=True)

@@ -41,6 +41,7 @@ from pipelines.writers.common import (
     _copy_patient_and_study,
     _finish,
     _geometry,
+    _keep_request,
     _keep_timezone,
     _lo,
     _software_versions,
@@ -218,6 +219,7 @@ class _ParametricMapWriter:
         _copy_anatomy(pm, volume.datasets[0], empty_laterality=True)
         _copy_patient_and_study(pm, volume.datasets[0])
         _keep_timezone(pm, volume.datasets[0])
+        _keep_request(pm, volume.datasets[0])
         _file_meta_keep(pm)
         _finish(pm, prov)
         if out_dir is not None:

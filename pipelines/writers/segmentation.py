@@ -35,6 +35,7 @@ from pipelines.writers.common import (
     _copy_patient_and_study,
     _finish,
     _geometry,
+    _keep_request,
     _keep_timezone,
     _lo,
     _software_versions,
@@ -197,6 +198,7 @@ class SuspectRegionWriter:
         _copy_anatomy(seg, volume.datasets[0], empty_laterality=False)
         _copy_patient_and_study(seg, volume.datasets[0])
         _keep_timezone(seg, volume.datasets[0])
+        _keep_request(seg, volume.datasets[0])
         _file_meta_keep(seg)
         _finish(seg, prov)
         if out_dir is not None:
@@ -309,6 +311,7 @@ class TumourExtentWriter:
         _copy_anatomy(seg, volume.datasets[0], empty_laterality=False)
         _copy_patient_and_study(seg, volume.datasets[0])
         _keep_timezone(seg, volume.datasets[0])
+        _keep_request(seg, volume.datasets[0])
         _file_meta_keep(seg)
         _finish(seg, prov)
         if out_dir is not None:

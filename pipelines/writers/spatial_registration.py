@@ -30,6 +30,7 @@ from pipelines.writers.common import (
     _copy_patient_and_study,
     _ds,
     _finish,
+    _keep_request,
     _keep_timezone,
     _lo,
     _now,
@@ -292,6 +293,7 @@ class SpatialRegistrationWriter:
             ds.StudiesContainingOtherReferencedInstancesSequence = [other]
         ds.ContributingEquipmentSequence = _contributing_equipment(prov, source, include_acquisition=False)
         _keep_timezone(ds, source)
+        _keep_request(ds, source)
         _file_meta(ds)
         _finish(ds, prov)
         if out_dir is not None:
