@@ -132,7 +132,7 @@ def test_the_multiple_follows_the_networks_strides() -> None:
 # -- any size --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ct_122(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    spec = PhantomSpec(rows=122, columns=122, slices=3, pixel_spacing_mm=3.2, seed=4)
+    spec = PhantomSpec(rows=122, columns=122, slices=3, pixel_spacing_mm=0.78, seed=4)  # a targeted recon
     study = write_ct_series(tmp_path_factory.mktemp("ct122"), spec, series_description="SIMULATED 122x122")
     return list(study.files)
 

@@ -107,7 +107,7 @@ def sct() -> StagedPipeline:
 
 @pytest.fixture(scope="module")
 def low_dose_ct(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """A SIMULATED 25 %-dose chest CT, 4 slices of 128² (3.1 mm pixels, as the node's tests send)."""
+    """A SIMULATED 25 %-dose chest CT, 4 slices of 128² (0.78 mm pixels, a 100 mm field)."""
     low, _reference = write_ldct_study(
         tmp_path_factory.mktemp("ldct"), LdctSpec(slices=4, size=128, dose=0.25, seed=5), workers=1
     )
@@ -138,6 +138,33 @@ def test_each_restoration_card_declares_its_domain_and_calibrated_noise(name: st
     # measured on the card's own calibration slices (40 for 1.0/1.1, 80 for 1.2; 1.3 keeps 1.2's)
     assert (noise.low, noise.high) == ((4.4, 20.9) if version in ("1.2", "1.3") else (4.4, 19.6))
     assert f"the {card['training']['calib_cases']} calibration slices" in noise.measured_on
+    # trained and evaluated at 0.49 (head) and 0.78 mm (chest); at 256² and 128² (0.98-3.1 mm)
+    # 1.3 was no better than non-local means (docs/models/ldct-restoration.md)
+    assert domain.pixel_spacing_mm == (0.4, 0.8)
+
+
+@pytest.mark.parametrize(
+    ("args", "spacing"),
+    [
+        ([], 0.78125),  # 512²'s chest pixels at 128²: a 100 mm targeted reconstruction
+        (["--anatomy", "head"], 0.488281),
+        (["--fov-mm", "400"], 3.125),  # the whole chest at 128²: coarser than the model takes
+    ],
+)
+def test_simulated_low_dose_ct_keeps_the_trained_pixels_at_any_size_unless_told(
+    args: list[str], spacing: float, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+
+    out = tmp_path / "sim"
+    run = CliRunner().invoke(
+        app, ["simulate", "ldct", "--out", str(out), "--slices", "1", "--size", "128", *args]
+    )
+    assert run.exit_code == 0, run.output
+    (path,) = (out / "low-dose").glob("*.dcm")
+    assert [float(v) for v in pydicom.dcmread(path).PixelSpacing] == [spacing, spacing]
 
 
 def test_the_sct_card_declares_a_t1w_axial_head() -> None:
@@ -188,6 +215,7 @@ def test_the_perfusion_map_is_refused_by_restoration_naming_image_type(
         "Image Type DERIVED\\PRIMARY\\PERFUSION\\RCBF: not an ORIGINAL\\PRIMARY acquisition "
         "(PERFUSION, RCBF: a map, a localizer or a reformat)",
         "Rescale Type US: pixel values are not HU",
+        "pixel spacing 0.388672×0.388672 mm outside 0.4–0.8 mm",
     )
     assert str(refused).startswith(
         "input outside the domain of ldct-restoration 1.3 (series 1.3.6.1.4.1.5962."

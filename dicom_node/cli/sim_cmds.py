@@ -75,6 +75,18 @@ def simulate_ldct(
     size: Annotated[int, typer.Option(min=64, max=1024, help="Rows and columns.")] = 512,
     anatomy: Annotated[Anatomy, typer.Option(help="Body part (MNI152-based).")] = Anatomy.CHEST,
     seed: Annotated[int, typer.Option(min=0, help="Random seed (same seed, same study).")] = 0,
+    fov_mm: Annotated[
+        float | None,
+        typer.Option(
+            "--fov-mm",
+            min=50.0,
+            max=600.0,
+            help="Reconstruction field of view in mm. Default: 512x512's pixel size at any --size "
+            "(250 mm x size/512 head, 400 mm x size/512 chest: a targeted reconstruction below 512), "
+            "the pixels the restoration model was trained and evaluated on (0.4-0.8 mm); "
+            "coarser ones are refused by its input domain.",
+        ),
+    ] = None,
 ) -> None:
     """Physics-based low-dose CT: projection-domain noise at the given dose, plus the reference."""
     from rich.progress import Progress
@@ -82,7 +94,7 @@ def simulate_ldct(
     from dicom_node.lab.simulate import LdctSpec, write_ldct_study
 
     _writable(out)
-    spec = LdctSpec(anatomy=anatomy.value, slices=slices, size=size, dose=dose, seed=seed)
+    spec = LdctSpec(anatomy=anatomy.value, slices=slices, size=size, dose=dose, seed=seed, fov_mm=fov_mm)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("simulating slices", total=slices)
         low, ref = write_ldct_study(out, spec, progress=lambda done, total: bar.update(task, completed=done))

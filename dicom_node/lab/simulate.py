@@ -200,13 +200,29 @@ class LdctSpec:
     #: Axial levels covered (0..1, see models.sim.anatomy), evenly spaced.
     levels: tuple[float, float] = (0.2, 0.8)
     slice_thickness_mm: float = 2.5
+    #: Reconstruction field of view, mm. None: 512²'s pixel size at any matrix (the
+    #: anatomy's 250 mm head or 400 mm chest × size / 512: below 512 a targeted, centred
+    #: reconstruction), the pixels the restoration model was trained and evaluated on;
+    #: coarser ones are outside its input domain (0.4-0.8 mm).
+    fov_mm: float | None = None
+
+    @property
+    def field_mm(self) -> float:
+        """The field of view this study is reconstructed over (see :attr:`fov_mm`)."""
+        from models.sim.anatomy import DEFAULT_CHEST_FOV_MM, DEFAULT_HEAD_FOV_MM
+
+        if self.fov_mm is not None:
+            return self.fov_mm
+        return (DEFAULT_HEAD_FOV_MM if self.anatomy == "head" else DEFAULT_CHEST_FOV_MM) * self.size / 512
 
 
-def _simulate_level(args: tuple[str, int, int, float, float]) -> tuple[np.ndarray, np.ndarray, float]:
+def _simulate_level(
+    args: tuple[str, int, int, float, float, float],
+) -> tuple[np.ndarray, np.ndarray, float]:
     from models.sim.ldct import make_case
 
-    anatomy, seed, size, dose, level = args
-    case = make_case(anatomy, seed, size=size, dose=dose, level=level)  # type: ignore[arg-type]
+    anatomy, seed, size, dose, level, fov_mm = args
+    case = make_case(anatomy, seed, size=size, dose=dose, level=level, fov_mm=fov_mm)  # type: ignore[arg-type]
     return case.low_dose_hu.astype(np.float32), case.reference_hu.astype(np.float32), case.pixel_mm
 
 
@@ -225,7 +241,7 @@ def write_ldct_study(
     """
     lo, hi = spec.levels
     levels = [lo + (hi - lo) * (k + 0.5) / spec.slices for k in range(spec.slices)]
-    jobs = [(spec.anatomy, spec.seed, spec.size, spec.dose, level) for level in levels]
+    jobs = [(spec.anatomy, spec.seed, spec.size, spec.dose, level, spec.field_mm) for level in levels]
     low_slices, ref_slices, spacings = [], [], []
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for k, (low_hu, ref_hu, spacing) in enumerate(pool.map(_simulate_level, jobs)):

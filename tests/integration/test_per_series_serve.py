@@ -49,6 +49,8 @@ SCANNER = "CT_SCANNER"
 PATIENT_ID = "SIM-EACH-SERVE-0001"
 CTDI_VOL = 1.8  # mGy: the shipped rule restores CT under 5
 SLICES, SIZE, SEED = 5, 160, 41
+#: 512²'s chest pixels (0.78 mm), which the restoration model admits: a targeted reconstruction.
+FOV_MM = 400.0 * SIZE / 512
 
 
 @dataclass
@@ -121,7 +123,7 @@ def write_two_kernel_study(out: Path) -> SentStudy:
         ("lung", 3, "LDCT Thorax 1.0 B70f", "B70f", "ramp"),
     ):
         cases = [
-            make_case("chest", SEED, size=SIZE, dose=0.25, level=level, filter_name=fbp_filter)
+            make_case("chest", SEED, size=SIZE, dose=0.25, level=level, filter_name=fbp_filter, fov_mm=FOV_MM)
             for level in levels
         ]
         header = _header(
