@@ -237,7 +237,7 @@ def planning(tmp_path_factory: pytest.TempPathFactory) -> Study:
     base = SeriesHeader(
         study_uid=generate_uid(), series_uid="", frame_uid=generate_uid(), patient_id="SIM-RT-0001",
         study_description="SIMULATED MR HEAD RT PLANNING", body_part="HEAD", station_name="SIMULATED MR",
-        pixel_spacing_mm=1.9, slice_thickness_mm=2.5,
+        pixel_spacing_mm=0.95, slice_thickness_mm=2.5,
     )  # fmt: skip
     t1 = mr_series(out / "t1", _native_header(3, "T1 SE AX", base), 500, 12, 12)
     mr_series(out / "t2", _native_header(4, "T2 SE AX", base), 4000, 100, 12)

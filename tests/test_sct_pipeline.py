@@ -29,7 +29,7 @@ from pipelines.provenance import provenance_of
 from pipelines.writers import kind_of
 from tests.conftest import require
 
-SLICES, SIZE = 12, 128
+SLICES, SIZE = 12, 256  # sct-head takes 0.4-1.0 mm pixels: 256² over 250 mm
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 #: Attributes of the MR Image module (and MR acquisition facts) a CT must not carry.
 MR_ONLY = (
@@ -184,7 +184,7 @@ def test_every_object_passes_dciodvfy_and_the_sct_passes_the_tps_checks(run: Sct
 
 
 def test_a_t2_weighted_series_is_refused_with_the_reason(tmp_path: Path) -> None:
-    mr, _ = write_sct_study(tmp_path / "study", SctSpec(slices=4, size=64, seed=8, sequence="t2"))
+    mr, _ = write_sct_study(tmp_path / "study", SctSpec(slices=4, size=256, seed=8, sequence="t2"))
     out = tmp_path / "out"
     result = cli("run", "sct", str(tmp_path / "study" / "mr"), "--out", str(out), "--home", str(tmp_path))
     assert result.returncode == 1

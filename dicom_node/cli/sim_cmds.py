@@ -110,7 +110,14 @@ def simulate_sct(
     slices: Annotated[
         int, typer.Option(min=1, max=40, help="Contiguous 2.5 mm axial slices (the head model spans 102 mm).")
     ] = 24,
-    size: Annotated[int, typer.Option(min=32, max=1024, help="Rows and columns.")] = 256,
+    size: Annotated[
+        int,
+        typer.Option(
+            min=32,
+            max=1024,
+            help="Rows and columns over a 250 mm field: sct-head takes 256 or 512 (0.4-1.0 mm pixels).",
+        ),
+    ] = 256,
     seed: Annotated[int, typer.Option(min=0, help="Random seed (same seed, same pixels).")] = 0,
     sequence: Annotated[MrSequence, typer.Option(help="MR series to write (spin echo).")] = MrSequence.T1,
     patient_id: Annotated[str, _patient_id_option("Patient ID to write.")] = "SIM-SCT-0001",

@@ -33,7 +33,7 @@ def test_planning_mr_to_sct_held_for_review_then_committed_by_the_tps(
     tmp_path: Path, orthanc: Orthanc
 ) -> None:
     require(STORESCU)
-    mr, _reference = write_sct_study(tmp_path / "study", SctSpec(slices=SLICES, size=128, seed=11))
+    mr, _reference = write_sct_study(tmp_path / "study", SctSpec(slices=SLICES, size=256, seed=11))
     port = free_port()
     orthanc.register_modality("dicom-node", "DICOM_NODE", port)  # to report the commitment back
     no_pacs = f"""
