@@ -64,7 +64,7 @@ INPUT_DOMAIN: dict[str, object] = {
     "sop_classes": ["1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1"],
     "image_type": ["ORIGINAL", "PRIMARY"],
     "orientation": "axial",
-    "pixel_spacing_mm": [0.4, 2.5],
+    "pixel_spacing_mm": [0.9, 2.5],  # evaluated at 1.875 and 0.94 mm; at 0.47 mm worse than regression
     "slice_thickness_mm": [0.8, 6.0],
     "image_size_px": [64, 1024],
     "body_parts": ["HEAD", "BRAIN"],
