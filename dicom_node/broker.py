@@ -34,7 +34,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown
-from sqlalchemy import or_, select, update
+from sqlalchemy import and_, not_, or_, select, update
 
 from dicom_node.config import NodeConfig, WorkersSection
 from dicom_node.db import schema as t
@@ -225,16 +225,13 @@ def waits_for_offpeak(db: Database, workers: WorkersSection, job_id: int) -> boo
     """Whether queued job ``job_id`` is an off-peak job outside its hours; if so it is marked
     not dispatched, so the dispatcher publishes it as soon as the hours begin (not a
     ``redispatch_seconds`` later)."""
-    if workers.in_offpeak():
+    runnable = runnable_now(workers)
+    if not runnable:  # inside the hours every queued job may run
         return False
     with db.claim() as conn:
         marked = conn.execute(
             update(t.jobs)
-            .where(
-                t.jobs.c.id == job_id,
-                t.jobs.c.state == JobState.QUEUED.value,
-                t.jobs.c.urgency < t.URGENCY["normal"],
-            )
+            .where(t.jobs.c.id == job_id, t.jobs.c.state == JobState.QUEUED.value, not_(and_(*runnable)))
             .values(dispatched_at=None)
         )
     return bool(marked.rowcount)

@@ -626,19 +626,16 @@ def scanning_sequence_reasons(
         return [f"scanning sequence not given (Scanning Sequence, 0018,0020): {takes}"]
     declared = set(allowed)
     off = sorted({"\\".join(sorted(f)) for f in found if f is not None and not f <= declared})
-    if off:
-        names = ", ".join(_SEQUENCE_NAMES.get(x, x) for x in off[0].split("\\"))
-        return [f"scanning sequence {off[0]} ({names}): {takes}, and the contrast differs"]
-    short = sorted({"\\".join(sorted(f)) for f in found if exact and f is not None and f != declared})
-    if short:
-        seen = short[0].split("\\")
-        names = ", ".join(_SEQUENCE_NAMES.get(x, x) for x in seen)
-        lacking = sorted(declared - set(seen))
-        missing = ", ".join(f"{x} ({_SEQUENCE_NAMES.get(x, x)})" for x in lacking)
-        return [
-            f"scanning sequence {short[0]} ({names}) without {missing}: {takes}, and the contrast differs"
-        ]
-    return []
+    short = sorted({"\\".join(sorted(f)) for f in found if f is not None and f != declared}) if exact else []
+    if not off and not short:
+        return []
+    seen = (off or short)[0]
+    letters = seen.split("\\")
+    said = f"{seen} ({', '.join(_SEQUENCE_NAMES.get(x, x) for x in letters)})"
+    if not off:  # every letter declared, but not every declared letter given
+        lacking = sorted(declared - set(letters))
+        said += " without " + ", ".join(f"{x} ({_SEQUENCE_NAMES.get(x, x)})" for x in lacking)
+    return [f"scanning sequence {said}: {takes}, and the contrast differs"]
 
 
 # -- the pixels ---------------------------------------------------------------------------------

@@ -35,13 +35,13 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, not_, select
 
 from audit import AuditEvent, AuditTrail
 from audit.trail import CheckpointFile, audit_events
 from dicom_node.db import schema as t
 from dicom_node.db.engine import Database
-from dicom_node.jobs.state import runnable_now
+from dicom_node.jobs.state import JobState, runnable_now
 
 if TYPE_CHECKING:
     from dicom_node.config import WorkersSection
@@ -205,7 +205,8 @@ class NodeCollector(Collector):
         """How long the queue's runnable jobs have waited, by urgency, and how many off-peak
         jobs wait for their hours: a monitor alerts on the first without paging anyone at
         night for the second."""
-        queued = t.jobs.c.state == "queued"
+        queued = t.jobs.c.state == JobState.QUEUED.value
+        runnable = runnable_now(workers)  # [] inside the hours: every queued job may run
         oldest = GaugeMetricFamily(
             "dicomnode_jobs_queued_oldest_seconds",
             "Seconds the oldest queued job that may run now has waited, by urgency (0: none); "
@@ -215,7 +216,7 @@ class NodeCollector(Collector):
         since = dict(
             conn.execute(
                 select(t.jobs.c.urgency, func.min(t.jobs.c.updated_at))
-                .where(queued, *runnable_now(workers))
+                .where(queued, *runnable)
                 .group_by(t.jobs.c.urgency)
             ).all()
         )
@@ -224,9 +225,9 @@ class NodeCollector(Collector):
             oldest.add_metric([name], max(0.0, now - since[value]) if value in since else 0.0)
         yield oldest
         waiting = 0
-        if not workers.in_offpeak():
+        if runnable:
             waiting = conn.execute(
-                select(func.count()).select_from(t.jobs).where(queued, t.jobs.c.urgency < t.URGENCY["normal"])
+                select(func.count()).select_from(t.jobs).where(queued, not_(and_(*runnable)))
             ).scalar_one()
         yield GaugeMetricFamily(
             "dicomnode_jobs_waiting_offpeak",
