@@ -80,9 +80,11 @@ def _on_volume(ds: pydicom.Dataset, volume: Any, segment: int | None = None) -> 
     return out
 
 
-def run_patient(seed: int, work: Path, pipeline: PrognosisPipeline) -> dict[str, Any]:
+def run_patient(seed: int, work: Path, pipeline: PrognosisPipeline, size: int = 128) -> dict[str, Any]:
     """One patient through the chain; its figures."""
-    patient, visits = write_prognosis_patient(work / f"sim-{seed}", PrognosisSpec(visits=4, seed=seed))
+    patient, visits = write_prognosis_patient(
+        work / f"sim-{seed}", PrognosisSpec(visits=4, seed=seed, size=size)
+    )
     current, follow = patient.visits[2], patient.visits[3]
     horizon = follow.day - current.day
     instances = tuple(_instance(p) for s in visits[2].series.values() for p in s.files)
@@ -188,12 +190,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=10)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--size", type=int, default=128, help="rows and columns over the 240 mm field (128: 1.875 mm pixels)"
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     pipeline = prognosis()
     rows = []
     for seed in TEST_SEEDS[: args.patients]:
-        row = run_patient(seed, args.out / "work", pipeline)
+        row = run_patient(seed, args.out / "work", pipeline, args.size)
         rows.append(row)
         if "refused" in row:
             print(f"seed {seed}: refused: {row['refused']}", flush=True)
@@ -207,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "chain.json").write_text(
         json.dumps({"data": SIMULATED, "summary": summary, "rows": rows}, indent=1)
     )
-    print(SIMULATED)
+    print(f"{SIMULATED}; {args.size} x {args.size} pixels, {240.0 / args.size:.3g} mm")
     for k, v in summary.items():
         print(f"  {k}: {v:.3f}" if isinstance(v, float) and not math.isnan(v) else f"  {k}: {v}")
     return 0

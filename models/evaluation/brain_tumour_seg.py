@@ -128,19 +128,24 @@ def score_visit(patient: SimulatedPatient, visit: Visit) -> VisitScore:
     )
 
 
-def evaluate(patients: int, first_seed: int = 2000, visits: int = 4) -> list[VisitScore]:
-    """Score every visit of ``patients`` simulated patients (seeds from ``first_seed``)."""
-    from models.sim.prognosis import make_patient
+def evaluate(
+    patients: int, first_seed: int = 2000, visits: int = 4, size: int | None = None
+) -> list[VisitScore]:
+    """Score every visit of ``patients`` simulated patients (seeds from ``first_seed``);
+    ``size``: rows and columns of every image over the simulator's field of view (default
+    the simulator's, 128: 1.875 mm pixels over 240 mm)."""
+    from models.sim.prognosis import DEFAULT_SIZE, make_patient
 
     scores: list[VisitScore] = []
     for seed in range(first_seed, first_seed + patients):
-        patient = make_patient(seed, visits=visits)
+        patient = make_patient(seed, visits=visits, size=size or DEFAULT_SIZE)
         scores.extend(score_visit(patient, visit) for visit in patient.visits)
     return scores
 
 
-def _summary(scores: Sequence[VisitScore]) -> str:
-    lines = [f"SIMULATED data: {len({s.seed for s in scores})} patients, {len(scores)} visits"]
+def _summary(scores: Sequence[VisitScore], pixel_mm: float | None = None) -> str:
+    pixels = f", {pixel_mm:.3g} mm pixels" if pixel_mm else ""
+    lines = [f"SIMULATED data: {len({s.seed for s in scores})} patients, {len(scores)} visits{pixels}"]
     for name in ("brain", "core", "whole", "white", "white_mae"):
         values = np.array([getattr(s, name) for s in scores])
         lines.append(
@@ -176,8 +181,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="seeds 1 - 6 and 1000 - 1019 were used to tune the method",
     )
     parser.add_argument("--visits", type=int, default=4)
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="rows and columns over the simulator's 240 mm field (default 128: 1.875 mm pixels)",
+    )
     args = parser.parse_args(argv)
-    print(_summary(evaluate(args.patients, args.first_seed, args.visits)))
+    from models.sim.prognosis import DEFAULT_FOV_MM, DEFAULT_SIZE
+
+    size = args.size or DEFAULT_SIZE
+    print(_summary(evaluate(args.patients, args.first_seed, args.visits, size), DEFAULT_FOV_MM / size))
 
 
 if __name__ == "__main__":
