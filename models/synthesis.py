@@ -24,6 +24,13 @@ the inputs only (never from a label), by :func:`sigma_groups` under the card's
   threshold that held most lesion voxels held 30 or more times as many grey-matter voxels;
 * ``brain-edge`` (cards from 1.1): the voxels within :attr:`SigmaRule.edge_px` in-plane voxels
   of the brain mask's border (partial volume with CSF and, at run time, the mask's own error).
+
+**Finer pixels than the network's.** A card may declare ``resample: {"pixel_spacing_mm": [lo,
+hi], "to_mm": P}``: a series whose pixels lie in that range (finer than the input domain's
+own, where the network was evaluated as it is) is put on cells of about ``P`` mm over the same
+field (:class:`models.inplane_grid.InPlaneGrid`: area means), the network and σ run there, and
+the target and σ come back onto the series' pixels by linear interpolation. The evaluation
+that admitted it is in ``docs/synthesis.md``.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from monai.networks.nets import UNet
 from scipy import ndimage
 from torch import nn
 
+from models.inplane_grid import InPlaneGrid, finer_than
 from models.padding import pad_planes, size_multiple
 from models.restoration import load_network
 from models.synthesis_norm import normalise_inputs, task_contrasts
@@ -203,16 +211,59 @@ class SynthesisCard(StoredCard):
     sigma_scales: dict[str, float]
     #: The groups beyond :data:`GROUPS` and the σ widening (:class:`SigmaRule`); empty in 1.0.
     sigma_rule: dict[str, Any] = field(default_factory=dict)
+    #: Finer pixels the model takes on a coarser grid (:class:`Resampling`); empty: none.
+    resample: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Resampling:
+    """A card's ``resample``: series with pixels in ``pixel_spacing_mm`` run on cells of about
+    ``to_mm`` (see the module)."""
+
+    pixel_spacing_mm: tuple[float, float]
+    to_mm: float
+
+    @classmethod
+    def from_card(cls, values: Mapping[str, Any], label: str) -> Resampling | None:
+        if not values:
+            return None
+        try:
+            lo, hi = (float(v) for v in values["pixel_spacing_mm"])
+            to_mm = float(values["to_mm"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"model card {label}: resample needs pixel_spacing_mm [low, high] and to_mm ({exc})"
+            ) from None
+        if not 0 < lo < hi < to_mm:
+            raise ValueError(
+                f"model card {label}: resample.pixel_spacing_mm {lo}-{hi} must be finer than to_mm {to_mm}"
+            )
+        return cls((lo, hi), to_mm)
+
+    def applies(self, spacing: Sequence[float]) -> bool:
+        """Whether a series of ``spacing`` (slice, row, column mm) is resampled: no pixel side
+        below the range, one at least finer than its top (which is where the input domain's
+        own range starts)."""
+        lo, hi = self.pixel_spacing_mm
+        sides = (float(spacing[1]), float(spacing[2]))
+        return all(p >= lo * 0.99 for p in sides) and any(finer_than(p, hi) for p in sides)
 
 
 @dataclass(frozen=True)
 class SynthesisOutput:
-    """Target (white-matter units), calibrated σ, and the normalisation it was made in."""
+    """Target (white-matter units), calibrated σ, and the normalisation it was made in.
+
+    When the series was resampled (:class:`Resampling`), ``grid`` is the grid and
+    ``on_grid`` the output on its cells (``scales`` are that normalisation's); ``mean``,
+    ``sigma`` and ``brain`` are on the series' pixels either way.
+    """
 
     mean: np.ndarray
     sigma: np.ndarray
     scales: dict[str, float]
     brain: np.ndarray
+    grid: InPlaneGrid | None = None
+    on_grid: SynthesisOutput | None = None
 
 
 class SynthesisModel:
@@ -233,6 +284,10 @@ class SynthesisModel:
         self.card = self.meta.model_card()
         self.batch = batch
         self.name = f"{self.meta.name} {self.meta.version}"
+        self.resampling = Resampling.from_card(self.meta.resample, self.name)
+
+    #: The evaluation harness passes each case's spacing (``predict(..., spacing=...)``).
+    takes_spacing = True
 
     @classmethod
     def shipped(cls, name: str, version: str | None = None) -> SynthesisModel:
@@ -250,12 +305,34 @@ class SynthesisModel:
             sigmas.append(padding.crop(torch.exp(0.5 * log_var[:, 0]).numpy()))
         return np.concatenate(means), np.concatenate(sigmas)
 
-    def predict_full(self, inputs: Mapping[str, np.ndarray], brain: np.ndarray) -> SynthesisOutput:
-        """The target contrast (white-matter units) and its calibrated σ, 0 outside ``brain``."""
+    def predict_full(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        brain: np.ndarray,
+        spacing: Sequence[float] | None = None,
+    ) -> SynthesisOutput:
+        """The target contrast (white-matter units) and its calibrated σ, 0 outside ``brain``.
+
+        ``spacing`` (slice, row, column mm): the series' pixels; where the card resamples
+        them (:class:`Resampling`) the network runs on the coarser grid. Without it the
+        network runs on the pixels as given."""
         missing = [c for c in self.inputs if c not in inputs]
         if missing:
             raise ValueError(f"{self.name} needs {', '.join(missing)} (task {self.meta.task})")
         brain = np.asarray(brain, bool)
+        if spacing is not None and self.resampling is not None and self.resampling.applies(spacing):
+            grid = InPlaneGrid(
+                tuple(brain.shape),
+                (float(spacing[0]), float(spacing[1]), float(spacing[2])),
+                self.resampling.to_mm,
+            )
+            coarse = self._predict_here({c: grid.down(inputs[c]) for c in self.inputs}, grid.down_mask(brain))
+            mean = np.where(brain, np.maximum(grid.up(coarse.mean), 0.0), 0.0).astype(np.float32)
+            sigma = np.where(brain, grid.up(coarse.sigma), 0.0).astype(np.float32)
+            return SynthesisOutput(mean, sigma, coarse.scales, brain, grid=grid, on_grid=coarse)
+        return self._predict_here({c: inputs[c] for c in self.inputs}, brain)
+
+    def _predict_here(self, inputs: Mapping[str, np.ndarray], brain: np.ndarray) -> SynthesisOutput:
         norm = normalise_inputs({c: inputs[c] for c in self.inputs}, brain)
         mean, sigma = self.predict_normalised([norm.images[c] for c in self.inputs])
         groups = sigma_groups(norm.images, brain, self.sigma_rule)
@@ -264,7 +341,9 @@ class SynthesisModel:
         sigma = np.where(brain, sigma, 0.0).astype(np.float32)
         return SynthesisOutput(mean, sigma, norm.scales, brain)
 
-    def predict(self, inputs: Mapping[str, np.ndarray], brain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict(
+        self, inputs: Mapping[str, np.ndarray], brain: np.ndarray, spacing: Sequence[float] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(mean, σ) — the evaluation harness's predictor interface."""
-        out = self.predict_full(inputs, brain)
+        out = self.predict_full(inputs, brain, spacing)
         return out.mean, out.sigma

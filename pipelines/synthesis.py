@@ -343,13 +343,22 @@ class PredictSynthesis:
             arrays[contrast] = resample_onto(other, other.array, t1w)
         try:
             brain = brain_mask(t1w.array, t1w.spacing)
-            out = self.model.predict_full(arrays, brain)
+            out = self.model.predict_full(arrays, brain, t1w.spacing)
         except NormalisationError as exc:
             raise InputRefused(self.model.name, t1w.series_uid, [f"no brain to synthesise: {exc}"]) from None
         if not out.brain.any():
             raise InputRefused(self.model.name, t1w.series_uid, ["no brain found in the T1w images"])
-        normalised = {c: arrays[c] / out.scales[c] for c in self.model.inputs}
-        score = hallucination_score(normalised, out.mean, out.sigma, out.brain, t1w.spacing)
+        if out.grid is not None and out.on_grid is not None:
+            # the score where the network ran (its thresholds were measured there), then back
+            grid, cells = out.grid, out.on_grid
+            normalised = {c: grid.down(arrays[c]) / cells.scales[c] for c in self.model.inputs}
+            on_cells = hallucination_score(
+                normalised, cells.mean, cells.sigma, cells.brain, grid.cell_spacing
+            )
+            score = np.where(out.brain, np.maximum(grid.up(on_cells), 0.0), 0.0).astype(np.float32)
+        else:
+            normalised = {c: arrays[c] / out.scales[c] for c in self.model.inputs}
+            score = hallucination_score(normalised, out.mean, out.sigma, out.brain, t1w.spacing)
         voxel_mm3 = float(np.prod(t1w.spacing))
         min_voxels = max(2, math.ceil(MIN_REGION_MM3 / voxel_mm3))
         suspect = suspect_regions(score, SUSPECT_THRESHOLD, min_voxels=min_voxels) & out.brain
@@ -363,12 +372,15 @@ class PredictSynthesis:
             ),
         }
         qc.update(suspect_figures(score, suspect, voxel_ml, SUSPECT_THRESHOLD, within=out.brain))
+        if out.grid is not None:
+            qc["network pixel size"] = (round(max(out.grid.cell_spacing[1:]), 3), "mm")
         prediction = Prediction(
             mean=(out.mean * DISPLAY_SCALE).astype(np.float32),
             sigma=(out.sigma * DISPLAY_SCALE).astype(np.float32),
         )
         parameters = {
             **ctx.parameters,
+            **({"network_cells": list(out.grid.cells)} if out.grid is not None else {}),
             "display_scale": DISPLAY_SCALE,
             "suspect_threshold": SUSPECT_THRESHOLD,
             "suspect_min_region_mm3": MIN_REGION_MM3,
@@ -399,6 +411,10 @@ def synthesis(
     """The pipeline with the model in ``model_dir`` (None: the newest shipped ``model_name``)."""
     model = SynthesisModel(model_dir) if model_dir else SynthesisModel.shipped(model_name)
     domain, label = domain_of_card(vars(model.meta), "MR")
+    if model.resampling is not None and domain.pixel_spacing_mm:
+        # finer pixels than the network's are taken on its grid (models.synthesis.Resampling)
+        low = min(model.resampling.pixel_spacing_mm[0], domain.pixel_spacing_mm[0])
+        domain = domain.model_copy(update={"pixel_spacing_mm": (low, domain.pixel_spacing_mm[1])})
     return StagedPipeline(
         name=name,
         version="1.0",

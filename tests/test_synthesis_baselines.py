@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,3 +152,36 @@ def test_harness_gives_finite_figures_and_finds_big_lesions_on_the_true_flair() 
         assert out["methods"][name]["features"]["fid"] > 0.1
     fid = {name: out["methods"][name]["features"]["fid"] for name in (regression.name, matching.name)}
     assert fid[matching.name] > fid[regression.name]
+
+
+class _SpacingSeen:
+    """A predictor that asks for each case's pixel size, as the synthesis network does."""
+
+    name = "spacing seen"
+    takes_spacing = True
+
+    def __init__(self) -> None:
+        self.seen: list[object] = []
+
+    def predict(
+        self, inputs: Mapping[str, np.ndarray], brain: np.ndarray, spacing: object = None
+    ) -> np.ndarray:
+        self.seen.append(spacing)
+        return np.where(brain, 1.0, 0.0).astype(np.float32)
+
+
+def test_harness_gives_a_predictor_that_asks_for_it_the_case_spacing() -> None:
+    task = "t1w+t2w->flair"
+    case = make_case(_study(30002, **SMALL), task)
+    predictor = _SpacingSeen()
+    evaluate_methods([predictor], [30002], task, cases=[case])
+    assert predictor.seen == [case.spacing_mm]
+
+
+def test_harness_test_seeds_start_where_asked_and_stay_test_seeds(tmp_path: Path) -> None:
+    from models.evaluation.synthesis_eval import TEST_SEEDS, run
+
+    with pytest.raises(ValueError, match="test-first"):
+        run(tmp_path, "t1w+t2w->flair", train=1, test=5, test_first=len(TEST_SEEDS) - 2)
+    with pytest.raises(ValueError, match="test-first"):
+        run(tmp_path, "t1w+t2w->flair", train=1, test=1, test_first=-1)

@@ -116,7 +116,10 @@ class Predictor(Protocol):
     name: str
 
     def predict(self, inputs: Mapping[str, np.ndarray], brain: np.ndarray) -> Any:
-        """Target in white-matter units: an array or a :class:`SynthesisPrediction`."""
+        """Target in white-matter units: an array or a :class:`SynthesisPrediction`.
+
+        A predictor with ``takes_spacing = True`` is also given ``spacing=`` (slice, row,
+        column mm) of the case, as the node gives the network the series' pixel size."""
         ...
 
 
@@ -307,7 +310,11 @@ def score_method(
     seconds = 0.0
     for i, case in enumerate(cases):
         t0 = time.perf_counter()
-        mean, sigma = _unpack(predictor.predict(case.inputs, case.brain))
+        if getattr(predictor, "takes_spacing", False):  # runs as in the node: on its pixel size
+            out = predictor.predict(case.inputs, case.brain, spacing=case.spacing_mm)  # type: ignore[call-arg]
+        else:
+            out = predictor.predict(case.inputs, case.brain)
+        mean, sigma = _unpack(out)
         seconds += time.perf_counter() - t0
         if mean.shape != case.truth.shape:
             raise ValueError(f"{predictor.name}: prediction {mean.shape} vs truth {case.truth.shape}")
@@ -535,17 +542,21 @@ def run(
     *,
     train: int = 40,
     test: int = len(TEST_SEEDS),
+    test_first: int = 0,
     model_dir: Path | None = None,
     size: int = 128,
     slices: int = 32,
 ) -> dict[str, Any]:
     """Fit both baselines on training seeds, score them (and the network in ``model_dir``, if
     given) on test seeds; write ``evaluation.json`` and ``report.md`` into ``out``."""
-    if not 1 <= train <= len(TRAIN_SEEDS) or not 1 <= test <= len(TEST_SEEDS):
-        raise ValueError(f"train 1-{len(TRAIN_SEEDS)}, test 1-{len(TEST_SEEDS)}")
+    if not 1 <= train <= len(TRAIN_SEEDS) or not 1 <= test <= len(TEST_SEEDS) - test_first or test_first < 0:
+        raise ValueError(
+            f"train 1-{len(TRAIN_SEEDS)}, test 1-{len(TEST_SEEDS)} from the first "
+            f"(--test-first skips that many; {len(TEST_SEEDS)} in all)"
+        )
     start = time.perf_counter()
     train_seeds = list(TRAIN_SEEDS[:train])
-    test_seeds = list(TEST_SEEDS[:test])
+    test_seeds = list(TEST_SEEDS[test_first : test_first + test])
     network: list[Any] = []
     if model_dir is not None:  # checked before anything is simulated
         from models.synthesis import SynthesisModel
@@ -590,6 +601,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--test", type=int, default=len(TEST_SEEDS), help=f"test studies (first N of {len(TEST_SEEDS)})"
     )
+    ap.add_argument(
+        "--test-first", type=int, default=0, help="skip this many test seeds (score the next --test)"
+    )
     ap.add_argument("--model", type=Path, help="a synthesis model directory to score beside the baselines")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--slices", type=int, default=32)
@@ -600,6 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.task,
             train=args.train,
             test=args.test,
+            test_first=args.test_first,
             model_dir=args.model,
             size=args.size,
             slices=args.slices,
