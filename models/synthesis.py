@@ -305,28 +305,39 @@ class SynthesisModel:
             sigmas.append(padding.crop(torch.exp(0.5 * log_var[:, 0]).numpy()))
         return np.concatenate(means), np.concatenate(sigmas)
 
+    def grid_for(self, shape: Sequence[int], spacing: Sequence[float]) -> InPlaneGrid | None:
+        """The grid a series of ``shape`` and ``spacing`` (slice, row, column) runs on, or
+        None when it runs on its own pixels (:class:`Resampling`)."""
+        if self.resampling is None or not self.resampling.applies(spacing):
+            return None
+        return InPlaneGrid(
+            (int(shape[0]), int(shape[1]), int(shape[2])),
+            (float(spacing[0]), float(spacing[1]), float(spacing[2])),
+            self.resampling.to_mm,
+        )
+
     def predict_full(
         self,
         inputs: Mapping[str, np.ndarray],
         brain: np.ndarray,
         spacing: Sequence[float] | None = None,
+        *,
+        brain_on_grid: np.ndarray | None = None,
     ) -> SynthesisOutput:
         """The target contrast (white-matter units) and its calibrated σ, 0 outside ``brain``.
 
         ``spacing`` (slice, row, column mm): the series' pixels; where the card resamples
-        them (:class:`Resampling`) the network runs on the coarser grid. Without it the
+        them (:meth:`grid_for`) the network runs on the coarser grid, within
+        ``brain_on_grid`` when given (else the cells ``brain`` half covers). Without it the
         network runs on the pixels as given."""
         missing = [c for c in self.inputs if c not in inputs]
         if missing:
             raise ValueError(f"{self.name} needs {', '.join(missing)} (task {self.meta.task})")
         brain = np.asarray(brain, bool)
-        if spacing is not None and self.resampling is not None and self.resampling.applies(spacing):
-            grid = InPlaneGrid(
-                tuple(brain.shape),
-                (float(spacing[0]), float(spacing[1]), float(spacing[2])),
-                self.resampling.to_mm,
-            )
-            coarse = self._predict_here({c: grid.down(inputs[c]) for c in self.inputs}, grid.down_mask(brain))
+        grid = self.grid_for(brain.shape, spacing) if spacing is not None else None
+        if grid is not None:
+            cells_brain = grid.down_mask(brain) if brain_on_grid is None else np.asarray(brain_on_grid, bool)
+            coarse = self._predict_here({c: grid.down(inputs[c]) for c in self.inputs}, cells_brain)
             mean = np.where(brain, np.maximum(grid.up(coarse.mean), 0.0), 0.0).astype(np.float32)
             sigma = np.where(brain, grid.up(coarse.sigma), 0.0).astype(np.float32)
             return SynthesisOutput(mean, sigma, coarse.scales, brain, grid=grid, on_grid=coarse)

@@ -341,9 +341,16 @@ class PredictSynthesis:
                     ],
                 )
             arrays[contrast] = resample_onto(other, other.array, t1w)
+        grid = self.model.grid_for(t1w.array.shape, t1w.spacing)
         try:
-            brain = brain_mask(t1w.array, t1w.spacing)
-            out = self.model.predict_full(arrays, brain, t1w.spacing)
+            if grid is None:
+                brain = brain_mask(t1w.array, t1w.spacing)
+                out = self.model.predict_full(arrays, brain, t1w.spacing)
+            else:  # the brain found where the network runs: the mask's method was built at 1.875 mm
+                # (on 0.47 mm pixels it took in 45 % more than the brain, SIMULATED)
+                cells_brain = brain_mask(grid.down(t1w.array), grid.cell_spacing)
+                brain = grid.up(cells_brain.astype(np.float32)) >= 0.5
+                out = self.model.predict_full(arrays, brain, t1w.spacing, brain_on_grid=cells_brain)
         except NormalisationError as exc:
             raise InputRefused(self.model.name, t1w.series_uid, [f"no brain to synthesise: {exc}"]) from None
         if not out.brain.any():

@@ -168,3 +168,17 @@ def test_a_series_finer_than_every_range_is_refused_with_the_range(
     with pytest.raises(InputRefused) as refused:
         synthesis(resampling_model).execute(study_of(files), RunEnvironment(workdir=tmp_path / "out"))
     assert "0.4–2.5" in " ".join(refused.value.reasons)
+
+
+def test_a_512_series_gets_its_brain_found_on_the_grid(tmp_path: Path) -> None:
+    """The shipped card on a SIMULATED 512² study (0.47 mm): the brain mask is found on the
+    1.875 mm cells, where its method works (on the 0.47 mm pixels it took in 2.3 l for a
+    1.6 l brain), and the synthetic FLAIR comes back on the 512² grid."""
+    _, study = write_synthesis_study(tmp_path / "study", SynthesisSpec(seed=30030, size=512))
+    files = [f for s in study.acquired.values() for f in s.files]
+    ctx = synthesis().execute(study_of(files), RunEnvironment(workdir=tmp_path / "out"))
+    assert ctx.qc["network pixel size"][0] == pytest.approx(1.875, abs=0.01)
+    assert 1000 < ctx.qc["brain volume"][0] < 2000
+    assert ctx.prediction is not None and ctx.prediction.mean.shape == (32, 512, 512)
+    derived = [pydicom.dcmread(o.path) for o in ctx.outputs]
+    assert {(d.Rows, d.Columns) for d in derived if kind_of(d) == "derived"} == {(512, 512)}
