@@ -21,7 +21,9 @@ a few tens of milliseconds each way.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -115,3 +117,54 @@ def finer_than(pixel_mm: float, lowest_mm: float) -> bool:
     """Whether a pixel of ``pixel_mm`` is finer than a model's range starting at ``lowest_mm``
     (with a 1 % tolerance, as DICOM's decimal strings round)."""
     return math.isfinite(pixel_mm) and pixel_mm < lowest_mm * 0.99
+
+
+@dataclass(frozen=True)
+class Resampling:
+    """A model card's ``resample: {"pixel_spacing_mm": [lo, hi], "to_mm": P}``: a series whose
+    pixels lie in that range (finer than the card's own ``input_domain``, which starts at
+    ``hi``) is taken on cells of about ``P`` mm (:class:`InPlaneGrid`)."""
+
+    pixel_spacing_mm: tuple[float, float]
+    to_mm: float
+
+    @classmethod
+    def from_card(cls, values: Mapping[str, Any], label: str) -> Resampling | None:
+        if not values:
+            return None
+        try:
+            lo, hi = (float(v) for v in values["pixel_spacing_mm"])
+            to_mm = float(values["to_mm"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"model card {label}: resample needs pixel_spacing_mm [low, high] and to_mm ({exc})"
+            ) from None
+        if not 0 < lo < hi < to_mm:
+            raise ValueError(
+                f"model card {label}: resample.pixel_spacing_mm {lo}-{hi} must be finer than to_mm {to_mm}"
+            )
+        return cls((lo, hi), to_mm)
+
+    def applies(self, spacing: Sequence[float]) -> bool:
+        """Whether a series of ``spacing`` (slice, row, column mm) is resampled: no pixel side
+        below the range, one at least finer than its top (which is where the input domain's
+        own range starts)."""
+        lo, hi = self.pixel_spacing_mm
+        sides = (float(spacing[1]), float(spacing[2]))
+        return all(p >= lo * 0.99 for p in sides) and any(finer_than(p, hi) for p in sides)
+
+    def grid(self, shape: Sequence[int], spacing: Sequence[float]) -> InPlaneGrid | None:
+        """The grid a series of ``shape`` and ``spacing`` (slice, row, column) is taken on, or
+        None when it is taken on its own pixels."""
+        if not self.applies(spacing):
+            return None
+        return InPlaneGrid(
+            (int(shape[0]), int(shape[1]), int(shape[2])),
+            (float(spacing[0]), float(spacing[1]), float(spacing[2])),
+            self.to_mm,
+        )
+
+    def widened(self, pixel_spacing_mm: Sequence[float]) -> tuple[float, float]:
+        """An ``input_domain`` pixel range (low, high) taken down to this range's low end."""
+        low, high = float(pixel_spacing_mm[0]), float(pixel_spacing_mm[1])
+        return (min(low, self.pixel_spacing_mm[0]), high)

@@ -44,12 +44,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 from scipy.special import expit
 
 from models.growth import grow, tissue_diffusivity
+from models.inplane_grid import Resampling
 from models.zoo import StoredCard, version_dir
 
 #: Visibility thresholds of the tumour cell density.
@@ -340,6 +342,9 @@ class PrognosisCard(StoredCard):
 
     #: Follow-up horizons (days after the current visit) the pipeline predicts by default.
     horizons_days: list[int] = field(default_factory=lambda: [90])
+    #: Finer pixels whose visits are segmented on a coarser grid
+    #: (:class:`~models.inplane_grid.Resampling`); empty: none.
+    resample: dict[str, Any] = field(default_factory=dict)
 
 
 class PrognosisModel:
@@ -350,6 +355,7 @@ class PrognosisModel:
         self.meta = PrognosisCard.read_from(self.directory)
         self.calibration = Calibration.load(self.meta.verified_weights(self.directory))
         self.card = self.meta.model_card()
+        self.resampling = Resampling.from_card(self.meta.resample, f"{self.meta.name} {self.meta.version}")
 
     @classmethod
     def shipped(cls) -> PrognosisModel:

@@ -46,7 +46,7 @@ from monai.networks.nets import UNet
 from scipy import ndimage
 from torch import nn
 
-from models.inplane_grid import InPlaneGrid, finer_than
+from models.inplane_grid import InPlaneGrid, Resampling
 from models.padding import pad_planes, size_multiple
 from models.restoration import load_network
 from models.synthesis_norm import normalise_inputs, task_contrasts
@@ -216,40 +216,6 @@ class SynthesisCard(StoredCard):
 
 
 @dataclass(frozen=True)
-class Resampling:
-    """A card's ``resample``: series with pixels in ``pixel_spacing_mm`` run on cells of about
-    ``to_mm`` (see the module)."""
-
-    pixel_spacing_mm: tuple[float, float]
-    to_mm: float
-
-    @classmethod
-    def from_card(cls, values: Mapping[str, Any], label: str) -> Resampling | None:
-        if not values:
-            return None
-        try:
-            lo, hi = (float(v) for v in values["pixel_spacing_mm"])
-            to_mm = float(values["to_mm"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(
-                f"model card {label}: resample needs pixel_spacing_mm [low, high] and to_mm ({exc})"
-            ) from None
-        if not 0 < lo < hi < to_mm:
-            raise ValueError(
-                f"model card {label}: resample.pixel_spacing_mm {lo}-{hi} must be finer than to_mm {to_mm}"
-            )
-        return cls((lo, hi), to_mm)
-
-    def applies(self, spacing: Sequence[float]) -> bool:
-        """Whether a series of ``spacing`` (slice, row, column mm) is resampled: no pixel side
-        below the range, one at least finer than its top (which is where the input domain's
-        own range starts)."""
-        lo, hi = self.pixel_spacing_mm
-        sides = (float(spacing[1]), float(spacing[2]))
-        return all(p >= lo * 0.99 for p in sides) and any(finer_than(p, hi) for p in sides)
-
-
-@dataclass(frozen=True)
 class SynthesisOutput:
     """Target (white-matter units), calibrated σ, and the normalisation it was made in.
 
@@ -307,14 +273,8 @@ class SynthesisModel:
 
     def grid_for(self, shape: Sequence[int], spacing: Sequence[float]) -> InPlaneGrid | None:
         """The grid a series of ``shape`` and ``spacing`` (slice, row, column) runs on, or
-        None when it runs on its own pixels (:class:`Resampling`)."""
-        if self.resampling is None or not self.resampling.applies(spacing):
-            return None
-        return InPlaneGrid(
-            (int(shape[0]), int(shape[1]), int(shape[2])),
-            (float(spacing[0]), float(spacing[1]), float(spacing[2])),
-            self.resampling.to_mm,
-        )
+        None when it runs on its own pixels (:class:`~models.inplane_grid.Resampling`)."""
+        return None if self.resampling is None else self.resampling.grid(shape, spacing)
 
     def predict_full(
         self,

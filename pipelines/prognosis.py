@@ -46,7 +46,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from models.brain_tumour_seg import BrainSegmentation, segment
+from models.brain_tumour_seg import BrainSegmentation, segment, segment_on_grid
 from models.prognosis import (
     Anatomy,
     Observation,
@@ -457,6 +457,11 @@ class PrognosisPipeline:
     def segment_visit(
         self, t1c: np.ndarray, flair: np.ndarray, spacing: Sequence[float]
     ) -> BrainSegmentation:
+        """One visit's segmentation on the current T1c's grid; pixels finer than the card's
+        own range are segmented on its ``resample`` grid and brought back."""
+        grid = None if self.model.resampling is None else self.model.resampling.grid(t1c.shape, spacing)
+        if grid is not None:
+            return segment_on_grid(t1c, flair, grid)
         return segment(t1c, flair, spacing)
 
     # -- run
@@ -464,6 +469,9 @@ class PrognosisPipeline:
         horizons = self.horizons(study)
         t1c_series, flair_series = select_current(study, self.label)
         domain = dict(self.model.meta.input_domain)
+        if self.model.resampling is not None and domain.get("pixel_spacing_mm"):
+            # finer pixels are segmented on the resample grid (segment_visit)
+            domain["pixel_spacing_mm"] = list(self.model.resampling.widened(domain["pixel_spacing_mm"]))
         current = {
             "t1c": (t1c_series, "the current T1c series"),
             "flair": (flair_series, "the current FLAIR series"),

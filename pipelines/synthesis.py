@@ -420,8 +420,9 @@ def synthesis(
     domain, label = domain_of_card(vars(model.meta), "MR")
     if model.resampling is not None and domain.pixel_spacing_mm:
         # finer pixels than the network's are taken on its grid (models.synthesis.Resampling)
-        low = min(model.resampling.pixel_spacing_mm[0], domain.pixel_spacing_mm[0])
-        domain = domain.model_copy(update={"pixel_spacing_mm": (low, domain.pixel_spacing_mm[1])})
+        domain = domain.model_copy(
+            update={"pixel_spacing_mm": model.resampling.widened(domain.pixel_spacing_mm)}
+        )
     return StagedPipeline(
         name=name,
         version="1.0",

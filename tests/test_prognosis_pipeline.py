@@ -156,7 +156,7 @@ def test_without_registered_priors_the_job_is_refused_before_the_model_runs(
         horizons_days = [90]
         input_domain: dict[str, object] = {}
 
-    pipeline.model = type("M", (), {"meta": Card()})()  # type: ignore[assignment]
+    pipeline.model = type("M", (), {"meta": Card(), "resampling": None})()  # type: ignore[assignment]
     monkeypatch.setattr(PrognosisPipeline, "segment_visit", lambda *a: pytest.fail("segmented"))
     visit = patient.visits[-1]
     study = StudyInput(1, visit.study_uid, 1, _instances(visit, ("t1c", "flair")))
@@ -249,7 +249,7 @@ def test_horizons_come_from_the_rule_or_the_card() -> None:
     class Card:
         horizons_days = [90]
 
-    pipeline.model = type("M", (), {"meta": Card()})()  # type: ignore[assignment]
+    pipeline.model = type("M", (), {"meta": Card(), "resampling": None})()  # type: ignore[assignment]
 
     def horizons(options: dict[str, object]) -> list[int]:
         return pipeline.horizons(StudyInput(1, "1.2", 1, (), options=options))

@@ -18,8 +18,8 @@ import pydicom
 import pytest
 
 from dicom_node.lab.simulate_synthesis import SynthesisSpec, SynthesisStudy, write_synthesis_study
-from models.inplane_grid import InPlaneGrid
-from models.synthesis import Resampling, SynthesisModel
+from models.inplane_grid import InPlaneGrid, Resampling
+from models.synthesis import SynthesisModel
 from models.synthesis_norm import brain_mask
 from models.zoo import version_dir
 from pipelines.base import InputRefused, RunEnvironment
@@ -95,9 +95,10 @@ def test_the_network_runs_on_the_coarser_cells_and_its_output_comes_back(
     # what ran on the cells is the network on the area means, exactly as if given them
     grid = InPlaneGrid(t1w.array.shape, t1w.spacing, 1.875)
     direct = model.predict_full({c: grid.down(a) for c, a in arrays.items()}, grid.down_mask(brain))
-    np.testing.assert_array_equal(out.on_grid.mean, direct.mean)
-    np.testing.assert_array_equal(out.on_grid.sigma, direct.sigma)
-    np.testing.assert_allclose(out.mean, np.where(brain, np.maximum(grid.up(direct.mean), 0), 0), atol=1e-6)
+    # (to float precision: the network's threads may sum in another order from call to call)
+    np.testing.assert_allclose(out.on_grid.mean, direct.mean, atol=1e-4)
+    np.testing.assert_allclose(out.on_grid.sigma, direct.sigma, atol=1e-4)
+    np.testing.assert_allclose(out.mean, np.where(brain, np.maximum(grid.up(direct.mean), 0), 0), atol=1e-4)
     assert not out.mean[~brain].any() and not out.sigma[~brain].any()
     assert (out.sigma[brain] > 0).all()
     # without the series' spacing the network runs on the pixels as given (nothing implied)

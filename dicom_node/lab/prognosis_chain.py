@@ -193,9 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--size", type=int, default=128, help="rows and columns over the 240 mm field (128: 1.875 mm pixels)"
     )
+    parser.add_argument("--model", type=Path, default=None, help="a prognosis-growth version directory")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    pipeline = prognosis()
+    pipeline = prognosis(args.model)
     rows = []
     for seed in TEST_SEEDS[: args.patients]:
         row = run_patient(seed, args.out / "work", pipeline, args.size)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from models.brain_tumour_seg import segment
+from models.brain_tumour_seg import segment, segment_on_grid
+from models.inplane_grid import InPlaneGrid
 from models.sim.prognosis import SimulatedPatient, Visit
 
 
@@ -106,10 +107,16 @@ class VisitScore:
     seconds: float
 
 
-def score_visit(patient: SimulatedPatient, visit: Visit) -> VisitScore:
-    """Segment one simulated visit and compare it with its truth."""
+def score_visit(patient: SimulatedPatient, visit: Visit, grid_mm: float | None = None) -> VisitScore:
+    """Segment one simulated visit and compare it with its truth; ``grid_mm``: pixels finer
+    than that are segmented on cells of about that size (:func:`segment_on_grid`), as the
+    prognosis pipeline does when its card resamples them."""
     start = time.perf_counter()
-    result = segment(visit.images["t1c"], visit.images["flair"], patient.spacing_mm)
+    t1c, flair = visit.images["t1c"], visit.images["flair"]
+    if grid_mm and min(patient.spacing_mm[1:]) < grid_mm * 0.99:
+        result = segment_on_grid(t1c, flair, InPlaneGrid(t1c.shape, patient.spacing_mm, grid_mm))
+    else:
+        result = segment(t1c, flair, patient.spacing_mm)
     seconds = time.perf_counter() - start
     truth = simulated_truth(patient, visit)
     voxel_ml = float(np.prod(patient.spacing_mm)) / 1000.0
@@ -129,7 +136,11 @@ def score_visit(patient: SimulatedPatient, visit: Visit) -> VisitScore:
 
 
 def evaluate(
-    patients: int, first_seed: int = 2000, visits: int = 4, size: int | None = None
+    patients: int,
+    first_seed: int = 2000,
+    visits: int = 4,
+    size: int | None = None,
+    grid_mm: float | None = None,
 ) -> list[VisitScore]:
     """Score every visit of ``patients`` simulated patients (seeds from ``first_seed``);
     ``size``: rows and columns of every image over the simulator's field of view (default
@@ -139,7 +150,7 @@ def evaluate(
     scores: list[VisitScore] = []
     for seed in range(first_seed, first_seed + patients):
         patient = make_patient(seed, visits=visits, size=size or DEFAULT_SIZE)
-        scores.extend(score_visit(patient, visit) for visit in patient.visits)
+        scores.extend(score_visit(patient, visit, grid_mm) for visit in patient.visits)
     return scores
 
 
@@ -187,11 +198,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help="rows and columns over the simulator's 240 mm field (default 128: 1.875 mm pixels)",
     )
+    parser.add_argument(
+        "--grid-mm",
+        type=float,
+        default=None,
+        help="segment pixels finer than this on cells of this size (as a card's resample does)",
+    )
     args = parser.parse_args(argv)
     from models.sim.prognosis import DEFAULT_FOV_MM, DEFAULT_SIZE
 
     size = args.size or DEFAULT_SIZE
-    print(_summary(evaluate(args.patients, args.first_seed, args.visits, size), DEFAULT_FOV_MM / size))
+    scores = evaluate(args.patients, args.first_seed, args.visits, size, args.grid_mm)
+    print(_summary(scores, DEFAULT_FOV_MM / size))
+    if args.grid_mm and DEFAULT_FOV_MM / size < args.grid_mm * 0.99:
+        print(f"  segmented on cells of about {args.grid_mm:g} mm, brought back onto the pixels")
 
 
 if __name__ == "__main__":
