@@ -102,3 +102,9 @@ def test_the_shipped_cards_say_where_prognosis_was_measured() -> None:
     for version in ("1.0", "1.1", "1.2"):
         card = json.loads((version_dir("prognosis-growth", version) / "card.json").read_text())
         assert card["input_domain"]["pixel_spacing_mm"] == [0.9, 2.5]
+        # only the version run at 512² on the grid takes finer pixels that way
+        assert bool(card.get("resample")) == (version == "1.2")
+    shipped = PrognosisModel.shipped()
+    assert shipped.meta.version == "1.2" and shipped.resampling is not None
+    assert shipped.resampling.applies((3.0, 0.47, 0.47))
+    assert not shipped.resampling.applies((3.0, 0.94, 0.94))
