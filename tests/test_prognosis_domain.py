@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicom_node.lab.simulate_prognosis import PrognosisSpec, VisitStudy, write_prognosis_patient
+from models.inplane_grid import Resampling
 from models.zoo import read_card, version_dir, versions
 from pipelines.base import (
     InputInstance,
@@ -107,12 +108,13 @@ class ReachedSegmentation(Exception):
 
 
 def _pipeline(card: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> PrognosisPipeline:
-    """The pipeline with the shipped card's input domain and no model: segmenting a visit
-    raises :class:`ReachedSegmentation`."""
+    """The pipeline with the shipped card's input domain (and its ``resample``) and no model:
+    segmenting a visit raises :class:`ReachedSegmentation`."""
     pipeline = PrognosisPipeline.__new__(PrognosisPipeline)
     pipeline.label = f"{card['name']} {card['version']}"
     meta = SimpleNamespace(horizons_days=[90], input_domain=card["input_domain"])
-    pipeline.model = SimpleNamespace(meta=meta)  # type: ignore[assignment]
+    resampling = Resampling.from_card(card.get("resample") or {}, pipeline.label)
+    pipeline.model = SimpleNamespace(meta=meta, resampling=resampling)  # type: ignore[assignment]
 
     def reached(*_: object) -> None:
         raise ReachedSegmentation
