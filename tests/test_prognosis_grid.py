@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 
 from dicom_node.lab.simulate_prognosis import PrognosisSpec, write_prognosis_patient
@@ -21,8 +20,9 @@ from models.inplane_grid import InPlaneGrid
 from models.prognosis import PrognosisModel
 from models.sim.prognosis import make_patient
 from models.zoo import version_dir
-from pipelines.base import InputInstance, InputRefused, RunEnvironment, StudyInput
+from pipelines.base import InputRefused, RunEnvironment
 from pipelines.prognosis import PrognosisPipeline
+from tests.conftest import study_of
 
 
 @pytest.fixture(scope="module")
@@ -78,21 +78,7 @@ def test_the_checked_range_runs_down_to_the_resample_range(
 ) -> None:
     _, visits = write_prognosis_patient(tmp_path / "p", PrognosisSpec(visits=2, seed=3, size=64, slices=16))
     current = visits[-1]
-    instances = []
-    for key in ("t1c", "flair"):
-        for path in current.series[key].files:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            instances.append(
-                InputInstance(
-                    str(ds.SOPInstanceUID),
-                    str(ds.SeriesInstanceUID),
-                    str(ds.SOPClassUID),
-                    str(ds.file_meta.TransferSyntaxUID),
-                    path,
-                    "",
-                )
-            )
-    study = StudyInput(1, current.study_uid, 1, tuple(instances))
+    study = study_of([f for key in ("t1c", "flair") for f in current.series[key].files])
     with pytest.raises(InputRefused) as refused:
         PrognosisPipeline(resampling_model).run(study, RunEnvironment(workdir=tmp_path / "out"))
     assert any("3.75 x 3.75 mm is outside 0.4-2.5 mm" in r for r in refused.value.reasons)
