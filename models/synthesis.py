@@ -221,7 +221,9 @@ class SynthesisOutput:
 
     When the series was resampled (:class:`Resampling`), ``grid`` is the grid and
     ``on_grid`` the output on its cells (``scales`` are that normalisation's); ``mean``,
-    ``sigma`` and ``brain`` are on the series' pixels either way.
+    ``sigma`` and ``brain`` are on the series' pixels either way. ``normalised``: the inputs
+    as the network saw them (white-matter units), where it ran (empty on a resampled
+    output: they are its ``on_grid``'s).
     """
 
     mean: np.ndarray
@@ -230,6 +232,7 @@ class SynthesisOutput:
     brain: np.ndarray
     grid: InPlaneGrid | None = None
     on_grid: SynthesisOutput | None = None
+    normalised: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class SynthesisModel:
@@ -277,40 +280,47 @@ class SynthesisModel:
         return None if self.resampling is None else self.resampling.grid(shape, spacing)
 
     def predict_full(
-        self,
-        inputs: Mapping[str, np.ndarray],
-        brain: np.ndarray,
-        spacing: Sequence[float] | None = None,
-        *,
-        brain_on_grid: np.ndarray | None = None,
+        self, inputs: Mapping[str, np.ndarray], brain: np.ndarray, spacing: Sequence[float] | None = None
     ) -> SynthesisOutput:
         """The target contrast (white-matter units) and its calibrated σ, 0 outside ``brain``.
 
         ``spacing`` (slice, row, column mm): the series' pixels; where the card resamples
-        them (:meth:`grid_for`) the network runs on the coarser grid, within
-        ``brain_on_grid`` when given (else the cells ``brain`` half covers). Without it the
-        network runs on the pixels as given."""
-        missing = [c for c in self.inputs if c not in inputs]
-        if missing:
-            raise ValueError(f"{self.name} needs {', '.join(missing)} (task {self.meta.task})")
+        them (:meth:`grid_for`) the network runs on the coarser grid, within the cells
+        ``brain`` half covers (:meth:`predict_on_grid`). Without it the network runs on the
+        pixels as given."""
         brain = np.asarray(brain, bool)
         grid = self.grid_for(brain.shape, spacing) if spacing is not None else None
         if grid is not None:
-            cells_brain = grid.down_mask(brain) if brain_on_grid is None else np.asarray(brain_on_grid, bool)
-            coarse = self._predict_here({c: grid.down(inputs[c]) for c in self.inputs}, cells_brain)
-            mean = np.where(brain, np.maximum(grid.up(coarse.mean), 0.0), 0.0).astype(np.float32)
-            sigma = np.where(brain, grid.up(coarse.sigma), 0.0).astype(np.float32)
-            return SynthesisOutput(mean, sigma, coarse.scales, brain, grid=grid, on_grid=coarse)
-        return self._predict_here({c: inputs[c] for c in self.inputs}, brain)
+            return self.predict_on_grid(inputs, brain, grid, grid.down_mask(brain))
+        return self._predict_here(inputs, brain)
+
+    def predict_on_grid(
+        self, inputs: Mapping[str, np.ndarray], brain: np.ndarray, grid: InPlaneGrid, cells_brain: np.ndarray
+    ) -> SynthesisOutput:
+        """:meth:`predict_full` on ``grid``'s cells, within ``cells_brain``; the target and σ
+        back on the pixels, 0 outside ``brain``."""
+        self._check_inputs(inputs)
+        brain = np.asarray(brain, bool)
+        on_cells = {c: grid.down(inputs[c]) for c in self.inputs}
+        coarse = self._predict_here(on_cells, np.asarray(cells_brain, bool))
+        mean = np.where(brain, np.maximum(grid.up(coarse.mean), 0.0), 0.0).astype(np.float32)
+        sigma = np.where(brain, grid.up(coarse.sigma), 0.0).astype(np.float32)
+        return SynthesisOutput(mean, sigma, coarse.scales, brain, grid=grid, on_grid=coarse)
+
+    def _check_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:
+        missing = [c for c in self.inputs if c not in inputs]
+        if missing:
+            raise ValueError(f"{self.name} needs {', '.join(missing)} (task {self.meta.task})")
 
     def _predict_here(self, inputs: Mapping[str, np.ndarray], brain: np.ndarray) -> SynthesisOutput:
+        self._check_inputs(inputs)
         norm = normalise_inputs({c: inputs[c] for c in self.inputs}, brain)
         mean, sigma = self.predict_normalised([norm.images[c] for c in self.inputs])
         groups = sigma_groups(norm.images, brain, self.sigma_rule)
         sigma = calibrated_sigma(sigma, groups, self.sigma_rule, self.meta.sigma_scales)
         mean = np.where(brain, np.maximum(mean, 0.0), 0.0).astype(np.float32)
         sigma = np.where(brain, sigma, 0.0).astype(np.float32)
-        return SynthesisOutput(mean, sigma, norm.scales, brain)
+        return SynthesisOutput(mean, sigma, norm.scales, brain, normalised=norm.images)
 
     def predict(
         self, inputs: Mapping[str, np.ndarray], brain: np.ndarray, spacing: Sequence[float] | None = None

@@ -350,7 +350,7 @@ class PredictSynthesis:
                 # (on 0.47 mm pixels it took in 45 % more than the brain, SIMULATED)
                 cells_brain = brain_mask(grid.down(t1w.array), grid.cell_spacing)
                 brain = grid.up(cells_brain.astype(np.float32)) >= 0.5
-                out = self.model.predict_full(arrays, brain, t1w.spacing, brain_on_grid=cells_brain)
+                out = self.model.predict_on_grid(arrays, brain, grid, cells_brain)
         except NormalisationError as exc:
             raise InputRefused(self.model.name, t1w.series_uid, [f"no brain to synthesise: {exc}"]) from None
         if not out.brain.any():
@@ -358,9 +358,8 @@ class PredictSynthesis:
         if out.grid is not None and out.on_grid is not None:
             # the score where the network ran (its thresholds were measured there), then back
             grid, cells = out.grid, out.on_grid
-            normalised = {c: grid.down(arrays[c]) / cells.scales[c] for c in self.model.inputs}
             on_cells = hallucination_score(
-                normalised, cells.mean, cells.sigma, cells.brain, grid.cell_spacing
+                cells.normalised, cells.mean, cells.sigma, cells.brain, grid.cell_spacing
             )
             score = np.where(out.brain, np.maximum(grid.up(on_cells), 0.0), 0.0).astype(np.float32)
         else:
@@ -419,7 +418,7 @@ def synthesis(
     model = SynthesisModel(model_dir) if model_dir else SynthesisModel.shipped(model_name)
     domain, label = domain_of_card(vars(model.meta), "MR")
     if model.resampling is not None and domain.pixel_spacing_mm:
-        # finer pixels than the network's are taken on its grid (models.synthesis.Resampling)
+        # finer pixels than the network's are taken on its grid (models.inplane_grid.Resampling)
         domain = domain.model_copy(
             update={"pixel_spacing_mm": model.resampling.widened(domain.pixel_spacing_mm)}
         )

@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from models.brain_tumour_seg import segment, segment_on_grid
-from models.inplane_grid import InPlaneGrid
+from models.inplane_grid import InPlaneGrid, finer_than
 from models.sim.prognosis import SimulatedPatient, Visit
 
 
@@ -113,7 +113,7 @@ def score_visit(patient: SimulatedPatient, visit: Visit, grid_mm: float | None =
     prognosis pipeline does when its card resamples them."""
     start = time.perf_counter()
     t1c, flair = visit.images["t1c"], visit.images["flair"]
-    if grid_mm and min(patient.spacing_mm[1:]) < grid_mm * 0.99:
+    if grid_mm and finer_than(min(patient.spacing_mm[1:]), grid_mm):
         result = segment_on_grid(t1c, flair, InPlaneGrid(t1c.shape, patient.spacing_mm, grid_mm))
     else:
         result = segment(t1c, flair, patient.spacing_mm)
@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     size = args.size or DEFAULT_SIZE
     scores = evaluate(args.patients, args.first_seed, args.visits, size, args.grid_mm)
     print(_summary(scores, DEFAULT_FOV_MM / size))
-    if args.grid_mm and DEFAULT_FOV_MM / size < args.grid_mm * 0.99:
+    if args.grid_mm and finer_than(DEFAULT_FOV_MM / size, args.grid_mm):
         print(f"  segmented on cells of about {args.grid_mm:g} mm, brought back onto the pixels")
 
 
