@@ -161,3 +161,61 @@ def test_auroc_is_the_mann_whitney_fraction() -> None:
     assert auroc([1.0], [1.0]) == 0.5
     assert auroc([1.0, 3.0], [2.0]) == 0.5
     assert auroc([], [1.0]) is None
+
+
+def _white_matter_flair(inputs, brain):  # type: ignore[no-untyped-def]
+    """A stand-in "network" (no torch): FLAIR from the normalised T2w in white matter."""
+    t1, t2 = inputs["t1w"], inputs["t2w"]
+    flair = np.where(t1 > 0.6, np.clip(t2, 0, 2.5) * 0.8, 0.1)
+    return np.where(brain, flair, 0).astype(np.float32), np.where(brain, 0.05, 0).astype(np.float32)
+
+
+class _OnAGrid:
+    """The stand-in run as the node runs a model whose card resamples the pixels: on cells
+    twice the pixel size, its outputs back on the pixels (models.synthesis.predict_on_grid)."""
+
+    def __call__(self, inputs, brain):  # type: ignore[no-untyped-def]
+        raise AssertionError("the harness must ask for the whole output (full) with the spacing")
+
+    def full(self, inputs, brain, spacing):  # type: ignore[no-untyped-def]
+        from models.inplane_grid import InPlaneGrid
+        from models.synthesis import SynthesisOutput
+        from models.synthesis_norm import normalise_inputs
+
+        grid = InPlaneGrid(tuple(brain.shape), tuple(spacing), 2 * spacing[1])
+        cells_brain = grid.down_mask(brain)
+        norm = normalise_inputs({c: grid.down(v) for c, v in inputs.items()}, cells_brain)
+        mean, sigma = _white_matter_flair(norm.images, cells_brain)
+        coarse = SynthesisOutput(mean, sigma, norm.scales, cells_brain, normalised=norm.images)
+        up_mean = np.where(brain, np.maximum(grid.up(mean), 0), 0).astype(np.float32)
+        up_sigma = np.where(brain, grid.up(sigma), 0).astype(np.float32)
+        return SynthesisOutput(up_mean, up_sigma, norm.scales, brain, grid=grid, on_grid=coarse)
+
+
+def test_a_model_on_a_coarser_grid_is_scored_as_the_node_scores_it() -> None:
+    """--size 512 with the shipped card: the network and the map run on the cells. The
+    harness scores what pipelines.synthesis delivers (the cells' map brought back onto the
+    pixels), tampers on the cells, and (memory) may drop each pair's maps once its QC figures
+    are taken, with the same pooled figures."""
+    from models.evaluation import synthesis_hallucination_eval as he
+
+    stand_in = _OnAGrid()
+    pair = he.make_pair(20150, stand_in, ("t1w", "t2w"), size=64, slices=16)
+    view = pair.on_grid
+    assert view is not None and view.grid.cells == (32, 32)
+    assert view.mean.shape == (16, 32, 32) and pair.mean.shape == (16, 64, 64)
+    scored = he.score_pair(pair)
+    on_cells = hallucination_score(view.inputs, view.mean, view.sigma, view.brain, view.grid.cell_spacing)
+    delivered = np.where(pair.brain, np.maximum(view.grid.up(on_cells), 0), 0)  # pipelines.synthesis
+    np.testing.assert_allclose(scored.maps["honest"], delivered, atol=1e-6)
+    assert scored.erased and scored.maps["erased"].shape == pair.brain.shape
+    # an erased lesion scores higher than the same place in the honest twin, on the whole
+    assert np.mean(scored.erased) > np.mean(scored.same_place)
+
+    kept = he.run_variant(stand_in, ("t1w", "t2w"), [20150], size=64, slices=16)
+    light = he.run_variant(stand_in, ("t1w", "t2w"), [20150], size=64, slices=16, keep_maps=False)
+    assert light[1][0].maps == {} and light[0][0].brain.size == 0
+    a = he.pool(*kept, SUSPECT_THRESHOLD, MIN_REGION_MM3)
+    b = he.pool(*light, SUSPECT_THRESHOLD, MIN_REGION_MM3)
+    a.pop("seconds_per_map"), b.pop("seconds_per_map")  # a clock
+    assert a == b and a["lesions_scored"] > 0

@@ -45,6 +45,16 @@ Choosing the two constants (:func:`choose_constants`, training-role seeds only)
     (erased + inserted) overlapped by a suspect region among those with at most
     :data:`MAX_FALSE_REGIONS_PER_STUDY` suspect regions per clean twin on average (ties: the
     higher threshold, then the larger region). Test seeds are never used for this.
+Other pixel sizes (``--size``)
+    The studies are simulated at ``size``² over the same 240 mm field (128: 1.875 mm, the
+    training's; 256: 0.94 mm; 512: 0.47 mm). Where the model's card resamples such pixels
+    (:class:`models.inplane_grid.Resampling`), everything is scored as the node scores it
+    (:mod:`pipelines.synthesis`): the network, its σ and the map run on the cells, and the
+    map comes back onto the pixels by interpolation; the tampering (a region's output
+    replaced, a lesion pasted in) is done on the cells the region half covers, the network's
+    own grid. Regions, region scores, the detector and the QC limits are on the pixels, as
+    delivered. At sizes above 128 each pair's maps are dropped once its figures are taken
+    (memory).
 T1w alone (optional, ``--t1w-only``)
     There is no trained T1w → FLAIR network: the per-tissue regression baseline
     (:class:`models.evaluation.synthesis_baselines.TissueRegression`, task ``t1w->flair``)
@@ -54,7 +64,7 @@ T1w alone (optional, ``--t1w-only``)
 Command line::
 
     python -m models.evaluation.synthesis_hallucination_eval --out DIR [--test N] [--model DIR]
-        [--t1w-only] [--choose]
+        [--size 128|256|512] [--t1w-only] [--choose]
 
 writes ``DIR/evaluation.json`` and ``DIR/report.md`` (every heading says SIMULATED).
 """
@@ -84,6 +94,7 @@ from models.evaluation.synthesis_eval import (
 )
 from models.evaluation.wm_lesions import detect
 from models.hallucination import suspect_regions
+from models.inplane_grid import InPlaneGrid
 from models.sim.synthesis import SynthLabel, make_study
 from models.synthesis_hallucination import MIN_REGION_MM3, SUSPECT_THRESHOLD, hallucination_score
 from models.synthesis_norm import normalise_inputs
@@ -109,6 +120,20 @@ Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
+class GridView:
+    """A pair as the network saw it on its grid (see the module: other pixel sizes)."""
+
+    grid: InPlaneGrid
+    brain: np.ndarray  # the cells the study's brain half covers
+    inputs: dict[str, np.ndarray]  # normalised on the cells, as the network saw them
+    twin_inputs: dict[str, np.ndarray]
+    mean: np.ndarray  # on the cells
+    sigma: np.ndarray
+    twin_mean: np.ndarray
+    twin_sigma: np.ndarray
+
+
+@dataclass(frozen=True)
 class TwinPair:
     """A study, its erased twin, and the predictor's honest outputs on each."""
 
@@ -127,6 +152,7 @@ class TwinPair:
     t1_visible: dict[int, bool]
     avoid: np.ndarray  # lesions, tumour core and oedema: no random negative goes there
     white: np.ndarray  # white matter of the twin (simulator's labels)
+    on_grid: GridView | None = None  # the network ran on a coarser grid (its card resamples)
 
 
 def make_pair(
@@ -139,8 +165,27 @@ def make_pair(
     names = tuple(inputs)
     raw = {c: study.images[c] for c in names}
     twin_raw = {c: twin.images[c] for c in names}
-    mean, sigma = predict(raw, study.brain)
-    twin_mean, twin_sigma = predict(twin_raw, twin.brain)
+    full = getattr(predict, "full", None)
+    view = None
+    if full is not None:  # the network: where its card resamples these pixels, on its grid
+        out, twin_out = full(raw, study.brain, study.spacing_mm), full(twin_raw, twin.brain, study.spacing_mm)
+        mean, sigma, twin_mean, twin_sigma = out.mean, out.sigma, twin_out.mean, twin_out.sigma
+        if out.grid is not None:
+            cells, twin_cells = out.on_grid, twin_out.on_grid
+            assert cells is not None and twin_cells is not None
+            view = GridView(
+                grid=out.grid,
+                brain=cells.brain,
+                inputs=cells.normalised,
+                twin_inputs=twin_cells.normalised,
+                mean=cells.mean,
+                sigma=cells.sigma,
+                twin_mean=twin_cells.mean,
+                twin_sigma=twin_cells.sigma,
+            )
+    else:
+        mean, sigma = predict(raw, study.brain)
+        twin_mean, twin_sigma = predict(twin_raw, twin.brain)
     ignore = (study.tissue == SynthLabel.TUMOUR_CORE) | (study.tissue == SynthLabel.OEDEMA)
     return TwinPair(
         seed=seed,
@@ -158,6 +203,7 @@ def make_pair(
         t1_visible={les.id: les.t1_visible for les in study.lesions},
         avoid=(study.lesion_labels > 0) | ignore,
         white=twin.brain & (twin.tissue == SynthLabel.WHITE),
+        on_grid=view,
     )
 
 
@@ -218,30 +264,59 @@ class PairScores:
     maps: dict[str, np.ndarray] = field(default_factory=dict)
     regions: dict[int, np.ndarray] = field(default_factory=dict)
     seconds_per_map: float = 0.0
+    #: The QC figures at (threshold, minimum region mm³), taken before the maps were dropped.
+    qc: dict[tuple[float, float], dict[str, Any]] = field(default_factory=dict)
+
+
+def _maps(pair: TwinPair, union: np.ndarray | None) -> tuple[dict[str, np.ndarray], float]:
+    """The honest and twin maps, and with lesion regions (``union``) the erased and inserted
+    ones; the seconds the honest map took."""
+    view = pair.on_grid
+    if view is None:
+        inputs, twin_inputs, brain, spacing = pair.inputs, pair.twin_inputs, pair.brain, pair.spacing_mm
+        mean, sigma, twin_mean, twin_sigma = pair.mean, pair.sigma, pair.twin_mean, pair.twin_sigma
+        tampered = union
+    else:  # as pipelines.synthesis scores a resampled series: on the cells, then back up
+        inputs, twin_inputs, brain, spacing = (
+            view.inputs,
+            view.twin_inputs,
+            view.brain,
+            view.grid.cell_spacing,
+        )
+        mean, sigma, twin_mean, twin_sigma = view.mean, view.sigma, view.twin_mean, view.twin_sigma
+        tampered = None if union is None else view.grid.down_mask(union) & view.brain
+
+    def score(images: Mapping[str, np.ndarray], target: np.ndarray, spread: np.ndarray) -> np.ndarray:
+        on_network_grid = hallucination_score(images, target, spread, brain, spacing)
+        if view is None:
+            return on_network_grid
+        up = view.grid.up(on_network_grid)
+        return np.where(pair.brain, np.maximum(up, 0.0), 0.0).astype(np.float32)
+
+    t0 = time.perf_counter()
+    maps = {"honest": score(inputs, mean, sigma)}
+    seconds = time.perf_counter() - t0
+    maps["twin"] = score(twin_inputs, twin_mean, twin_sigma)
+    if tampered is not None:
+        # the true FLAIR where the network ran: on the cells, as a scanner at that pixel size would show it
+        truth = pair.truth if view is None else view.grid.down(pair.truth)
+        maps["erased"] = score(
+            inputs, np.where(tampered, twin_mean, mean), np.where(tampered, twin_sigma, sigma)
+        )
+        maps["inserted"] = score(twin_inputs, np.where(tampered, truth, twin_mean), twin_sigma)
+    return maps, seconds
 
 
 def score_pair(pair: TwinPair, *, detect_misses: bool = True) -> PairScores:
     """Erased, inserted and honest maps of one pair and their region scores."""
     sp = pair.spacing_mm
-    t0 = time.perf_counter()
-    honest = hallucination_score(pair.inputs, pair.mean, pair.sigma, pair.brain, sp)
-    seconds = time.perf_counter() - t0
-    twin = hallucination_score(pair.twin_inputs, pair.twin_mean, pair.twin_sigma, pair.brain, sp)
     regions = lesion_regions(pair)
-    out = PairScores(pair.seed, maps={"honest": honest, "twin": twin}, regions=regions)
+    union = np.any(list(regions.values()), axis=0) if regions else None
+    maps, seconds = _maps(pair, union)
+    honest, twin = maps["honest"], maps["twin"]
+    out = PairScores(pair.seed, maps=maps, regions=regions)
     if regions:
-        union = np.any(list(regions.values()), axis=0)
-        tampered = hallucination_score(
-            pair.inputs,
-            np.where(union, pair.twin_mean, pair.mean),
-            np.where(union, pair.twin_sigma, pair.sigma),
-            pair.brain,
-            sp,
-        )
-        inserted = hallucination_score(
-            pair.twin_inputs, np.where(union, pair.truth, pair.twin_mean), pair.twin_sigma, pair.brain, sp
-        )
-        out.maps.update(erased=tampered, inserted=inserted)
+        tampered, inserted = maps["erased"], maps["inserted"]
         rng = np.random.default_rng(pair.seed)
         found = detect(pair.mean, pair.brain, sp).labels if detect_misses else None
         for lesion, region in regions.items():
@@ -309,7 +384,10 @@ def pool(
     lesions = [row for s in scores for row in s.lesions]
     missed = [r for r in lesions if r["found"] is False]
     found = [r for r in lesions if r["found"] is True]
-    qc = [qc_figures(p, s, threshold, region_mm3) for p, s in zip(pairs, scores, strict=True)]
+    qc = [
+        s.qc.get((threshold, region_mm3)) or qc_figures(p, s, threshold, region_mm3)
+        for p, s in zip(pairs, scores, strict=True)
+    ]
     hits = {k: [h for row in qc for h in row[f"{k}_hit"]] for k in ("erased", "inserted")}
 
     def mean(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
@@ -402,6 +480,11 @@ class NetworkPredictor:
         out = self.model.predict_full(inputs, brain)
         return out.mean, out.sigma
 
+    def full(self, inputs: Mapping[str, np.ndarray], brain: np.ndarray, spacing: Sequence[float]) -> Any:
+        """The model's whole output for a series of ``spacing``: on its grid where its card
+        resamples such pixels (a :class:`models.synthesis.SynthesisOutput`)."""
+        return self.model.predict_full(inputs, brain, spacing)
+
 
 class T1wRegressionPredictor:
     """T1w-only stand-in: per-tissue regression (t1w → FLAIR) with σ per class from training residuals."""
@@ -439,16 +522,47 @@ def run_variant(
     seeds: Sequence[int],
     *,
     progress: Progress | None = None,
+    keep_maps: bool = True,
     **sim: int,
 ) -> tuple[list[TwinPair], list[PairScores]]:
+    """Pairs and their scores. ``keep_maps=False``: each pair's QC figures are taken at the
+    shipped operating point at once and its maps dropped (the pairs keep only what
+    :func:`pool` reads then), so a 512² run holds one pair's maps at a time."""
     pairs, scores = [], []
     for i, seed in enumerate(seeds):
         pair = make_pair(seed, predict, inputs, **sim)
-        pairs.append(pair)
-        scores.append(score_pair(pair))
+        scored = score_pair(pair)
+        if not keep_maps:
+            at = (SUSPECT_THRESHOLD, MIN_REGION_MM3)
+            scored.qc[at] = qc_figures(pair, scored, *at)
+            scored.maps, scored.regions = {}, {}
+        pairs.append(pair if keep_maps else _light(pair))
+        scores.append(scored)
         if progress:
             progress(f"{'+'.join(inputs)} seed {seed} ({i + 1}/{len(seeds)})")
     return pairs, scores
+
+
+def _light(pair: TwinPair) -> TwinPair:
+    """The pair without its volumes (its figures are taken; see :func:`run_variant`)."""
+    empty = np.zeros((0,), np.float32)
+    return TwinPair(
+        seed=pair.seed,
+        spacing_mm=pair.spacing_mm,
+        brain=empty,
+        inputs={},
+        twin_inputs={},
+        mean=empty,
+        sigma=empty,
+        twin_mean=empty,
+        twin_sigma=empty,
+        truth=empty,
+        lesion_labels=empty,
+        diameters_mm=pair.diameters_mm,
+        t1_visible=pair.t1_visible,
+        avoid=empty,
+        white=empty,
+    )
 
 
 def report(results: Mapping[str, Any]) -> str:
@@ -456,7 +570,8 @@ def report(results: Mapping[str, Any]) -> str:
     lines = [
         "# SIMULATED — hallucination map of MR contrast synthesis (issue 18, item 4)",
         "",
-        f"{SIMULATED}. Model {results['model']}; test seeds {results['test_seeds'][0]}–"
+        f"{SIMULATED}. {results.get('pixels', '128² (1.875 mm)')}. "
+        f"Model {results['model']}; test seeds {results['test_seeds'][0]}–"
         f"{results['test_seeds'][-1]} ({len(results['test_seeds'])} studies); constants "
         f"SUSPECT_THRESHOLD = {results['suspect_threshold']}, MIN_REGION_MM3 = {results['min_region_mm3']} "
         "(chosen on training-role seeds 20150–20199). Definitions: module docstring of "
@@ -529,6 +644,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--test", type=int, default=30, help="first N test seeds (30000-)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=128,
+        choices=(128, 256, 512),
+        help="in-plane pixels over the same 240 mm field (128: 1.875 mm, the training's)",
+    )
     parser.add_argument("--t1w-only", action="store_true", help="also the T1w-only stand-in predictor")
     parser.add_argument(
         "--choose", action="store_true", help="also rerun the constants' choice (seeds 20150-20199)"
@@ -546,7 +668,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
     network = NetworkPredictor(args.model)
+    sim = {"size": args.size}
+    keep_maps = args.size <= 128
+    pixel_mm = 240.0 / args.size
+    grid = network.model.grid_for((1, args.size, args.size), (3.0, pixel_mm, pixel_mm))
+    pixels = f"{args.size}² ({pixel_mm:.3g} mm pixels)" + (
+        f", the network, σ and map on its {max(grid.cell_spacing[1:]):.4g} mm grid"
+        if grid is not None
+        else ""
+    )
     results: dict[str, Any] = {
+        "size": args.size,
+        "pixels": pixels,
         "simulated_data": True,
         "note": SIMULATED,
         "model": network.name,
@@ -559,12 +692,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         assert set(CHOICE_SEEDS) <= set(TRAIN_SEEDS)
         pairs, scores = run_variant(network, ("t1w", "t2w"), list(CHOICE_SEEDS), progress=progress)
         results["choice"] = choose_constants(pairs, scores)
-    pairs, scores = run_variant(network, ("t1w", "t2w"), seeds, progress=progress)
+    pairs, scores = run_variant(network, ("t1w", "t2w"), seeds, progress=progress, keep_maps=keep_maps, **sim)
     name = f"T1w + T2w → FLAIR, network {network.name}"
     results["variants"][name] = pool(pairs, scores, SUSPECT_THRESHOLD, MIN_REGION_MM3)
     if args.t1w_only:
         stand_in = T1wRegressionPredictor()
-        pairs, scores = run_variant(stand_in, ("t1w",), seeds, progress=progress)
+        pairs, scores = run_variant(stand_in, ("t1w",), seeds, progress=progress, keep_maps=keep_maps, **sim)
         results["variants"][f"T1w alone → FLAIR, {stand_in.name}"] = pool(
             pairs, scores, SUSPECT_THRESHOLD, MIN_REGION_MM3
         )
@@ -572,7 +705,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         t1w_network = NetworkPredictor(args.t1w_model)
         if t1w_network.model.inputs != ("t1w",) or t1w_network.model.target != "flair":
             parser.error(f"--t1w-model {args.t1w_model}: {t1w_network.name} is not a t1w->flair model")
-        pairs, scores = run_variant(t1w_network, ("t1w",), seeds, progress=progress)
+        pairs, scores = run_variant(
+            t1w_network, ("t1w",), seeds, progress=progress, keep_maps=keep_maps, **sim
+        )
         results["variants"][f"T1w alone → FLAIR, network {t1w_network.name}"] = pool(
             pairs, scores, SUSPECT_THRESHOLD, MIN_REGION_MM3
         )
