@@ -672,7 +672,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     keep_maps = args.size <= 128
     pixel_mm = 240.0 / args.size
     grid = network.model.grid_for((1, args.size, args.size), (3.0, pixel_mm, pixel_mm))
-    pixels = f"{args.size}² ({pixel_mm:.3g} mm pixels)" + (
+    pixels = f"{args.size}² ({pixel_mm:.4g} mm pixels)" + (
         f", the network, σ and map on its {max(grid.cell_spacing[1:]):.4g} mm grid"
         if grid is not None
         else ""
