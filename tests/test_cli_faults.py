@@ -173,6 +173,28 @@ def test_simulate_out_that_is_a_file(tmp_path: Path, kind: str) -> None:
     assert tree(tmp_path) == before
 
 
+@pytest.mark.parametrize("kind", ["ct", "sct", "ldct", "prognosis", "synthesis"])
+def test_simulate_out_that_cannot_be_created(kind: str) -> None:
+    """A folder no one can make (under /proc) was a FileNotFoundError traceback."""
+    out = "/proc/dicom-node-test/out"
+    result = cli("simulate", kind, "--out", out)
+    assert one_line(result) == f"error: --out {out}: cannot create it (No such file or directory)"
+
+
+def test_simulate_on_a_disk_that_fills_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicom_node.lab import simulate
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(28, "No space left on device", str(tmp_path / "out" / "0001.dcm"))
+
+    monkeypatch.setattr(simulate, "write_ct_series", full)
+    out = tmp_path / "out"
+    result = cli("simulate", "ct", "--out", str(out), "--slices", "2", "--size", "32")
+    assert one_line(result) == (
+        f"error: writing the simulated study to {out} failed: No space left on device ({out / '0001.dcm'})"
+    )
+
+
 # --- 5. echo and send: a bad value or an unknown host is one line -----------------------------
 
 AE_RULE = "is not a valid AE title (1-16 printable ASCII characters, no backslash)"

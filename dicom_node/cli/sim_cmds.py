@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,12 +33,29 @@ app.add_typer(simulate_app, name="simulate")
 
 
 def _writable(out: Path) -> None:
-    """--out must be (or become) a directory: checked before anything is simulated."""
+    """--out must be (or become) a directory this user can write in: made (when missing) and
+    checked before anything is simulated."""
     for p in (out, *out.parents):
         if p.exists():
             if not p.is_dir():
                 raise fail(f"--out {out}: {p} exists and is not a directory")
-            return
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise fail(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise fail(f"--out {out}: not writable by this user")
+
+
+@contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """A disk that fills or a folder that goes while the study is written: said, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise fail(f"writing the simulated study to {out} failed: {exc.strerror or exc}{where}") from None
 
 
 class Anatomy(StrEnum):
@@ -61,9 +81,10 @@ def simulate_ct(
     from models.sim.phantom import PhantomSpec
 
     _writable(out)
-    study = write_ct_series(
-        out, PhantomSpec(rows=size, columns=size, slices=slices, seed=seed), patient_id=patient_id
-    )
+    with _writing(out):
+        study = write_ct_series(
+            out, PhantomSpec(rows=size, columns=size, slices=slices, seed=seed), patient_id=patient_id
+        )
     console.print(f"wrote {len(study.files)} simulated CT slices to {out} (study {study.study_uid})")
 
 
@@ -95,7 +116,7 @@ def simulate_ldct(
 
     _writable(out)
     spec = LdctSpec(anatomy=anatomy.value, slices=slices, size=size, dose=dose, seed=seed, fov_mm=fov_mm)
-    with Progress(console=console, transient=True) as bar:
+    with _writing(out), Progress(console=console, transient=True) as bar:
         task = bar.add_task("simulating slices", total=slices)
         low, ref = write_ldct_study(out, spec, progress=lambda done, total: bar.update(task, completed=done))
     console.print(
@@ -127,7 +148,7 @@ def simulate_sct(
 
     _writable(out)
     spec = SctSpec(slices=slices, size=size, seed=seed, sequence=sequence.value)
-    with console.status("simulating the paired MR / CT head"):
+    with _writing(out), console.status("simulating the paired MR / CT head"):
         mr, ct = write_sct_study(out, spec, patient_id=patient_id)
     console.print(
         f"wrote {len(mr.files)} SIMULATED MR slices ({sequence.upper()}-weighted spin echo) to {out / 'mr'} "
@@ -153,7 +174,7 @@ def simulate_prognosis(
 
     _writable(out)
     spec = PrognosisSpec(visits=visits, seed=seed, size=size, slices=slices, t2w=t2w)
-    with console.status("simulating the tumour's growth and the follow-up studies"):
+    with _writing(out), console.status("simulating the tumour's growth and the follow-up studies"):
         patient, studies = write_prognosis_patient(out, spec, patient_id=patient_id)
     previous = None
     for study, visit in zip(studies, patient.visits, strict=True):
@@ -206,6 +227,7 @@ def simulate_synthesis(
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise fail(f"{out} exists and is not an empty directory: choose a new --out")
+    _writable(out)
     spec = SynthesisSpec(
         seed=seed,
         size=size,
@@ -215,7 +237,7 @@ def simulate_synthesis(
         pd=pd,
     )
     try:
-        with console.status("simulating the multi-contrast brain MR study"):
+        with _writing(out), console.status("simulating the multi-contrast brain MR study"):
             sim, written = write_synthesis_study(out, spec, patient_id=patient_id)
     except ValueError as exc:
         raise fail(str(exc)) from exc
