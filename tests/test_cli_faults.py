@@ -26,6 +26,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*VR UI:UserWarning")
 CT_SMALL = Path(str(get_testdata_file("CT_small.dcm")))
 INVALID_UID = "with an invalid UID (the receiver refuses these too)"
 NO_META = "without SOP Class, SOP Instance or Transfer Syntax UID in the file meta"
+#: Why no one can make a folder under /proc (root: it does not exist; others: not allowed).
+CANNOT_MAKE = ("No such file or directory", "Permission denied")
 
 
 def one_line(result: Result, code: int = 1) -> str:
@@ -178,7 +180,30 @@ def test_simulate_out_that_cannot_be_created(kind: str) -> None:
     """A folder no one can make (under /proc) was a FileNotFoundError traceback."""
     out = "/proc/dicom-node-test/out"
     result = cli("simulate", kind, "--out", out)
-    assert one_line(result) == f"error: --out {out}: cannot create it (No such file or directory)"
+    assert one_line(result) in {f"error: --out {out}: cannot create it ({why})" for why in CANNOT_MAKE}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["evaluate", "restoration", "--report"],
+        ["evaluate", "sct", "--report"],
+        ["evaluate", "prognosis", "--report"],
+        ["evaluate", "synthesis", "--report"],
+        ["train", "restoration", "--out"],
+        ["train", "sct", "--out"],
+        ["run", "forward", str(CT_SMALL), "--out"],
+    ],
+    ids=lambda a: "-".join(a[:2]),
+)
+def test_an_output_folder_that_cannot_be_made_is_refused_before_the_work(
+    args: list[str], tmp_path: Path
+) -> None:
+    """An evaluation or a training run wrote its report or weights only at the end: a folder
+    that could not be made cost the whole run and then a traceback."""
+    out = "/proc/dicom-node-test/out"
+    result = cli(*args, out, "--home", str(tmp_path / "home")) if args[0] == "run" else cli(*args, out)
+    assert one_line(result) in {f"error: {args[-1]} {out}: cannot create it ({why})" for why in CANNOT_MAKE}
 
 
 def test_simulate_on_a_disk_that_fills_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,6 +7,7 @@ one line and exit 2 (configuration) or 1 (everything else); tracebacks are for b
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +66,23 @@ F = TypeVar("F", bound=Callable[..., Any])
 def fail(message: str, code: int = 1) -> typer.Exit:
     err_console.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def output_dir(path: Path, option: str = "--out") -> None:
+    """A directory a command will write into (``--out``, ``--report``): made now (when
+    missing) and checked writable, before any work that could take minutes or hours is
+    spent. A file in its way, a folder that cannot be made or is not writable: one line."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise fail(f"{option} {path}: {p} exists and is not a directory")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise fail(f"{option} {path}: cannot create it ({exc.strerror or exc})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise fail(f"{option} {path}: not writable by this user")
 
 
 def config_error(exc: ConfigError) -> typer.Exit:

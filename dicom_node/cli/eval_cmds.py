@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from dicom_node.cli.common import app, console, fail
+from dicom_node.cli.common import app, console, fail, output_dir
 
 evaluate_app = typer.Typer(
     help="Evaluate models on held-out simulated data (HTML + JSON report).", no_args_is_help=True
@@ -56,6 +56,7 @@ def evaluate_restoration(
     # the evaluation is what admits a precision into the card, so it may run one the card
     # does not list yet
     model.precision = precision
+    output_dir(report, "--report")
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("evaluating", total=None)
         results, summary, example = evaluate_with_example(
@@ -118,6 +119,7 @@ def evaluate_sct(
     if seed is None:
         seed = int((model.meta.training or {}).get("seed", SctEvalConfig().seed))
     config = SctEvalConfig(seed=seed, n_cases=cases, slices=slices, size=size, fit_cases=fit_cases)
+    output_dir(report, "--report")
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("evaluating", total=None)
         try:
@@ -187,9 +189,10 @@ def evaluate_prognosis(
     except (FileNotFoundError, RuntimeError, ValueError) as exc:
         raise fail(f"{exc} (pass --model DIR to evaluate another model directory)") from None
     calibration, source = model.calibration, f"calibration of {model.directory}"
+    if learn and train % 2:
+        raise fail("--train must be even (half learn the prior, half the interval)")
+    output_dir(report, "--report")
     if learn:
-        if train % 2:
-            raise fail("--train must be even (half learn the prior, half the interval)")
         cases = pe._cases(pe.TRAIN_SEEDS[:train], "train", cache)
         half = min(pe.PRIOR_PATIENTS, len(cases) // 2)
         calibration = pe.learn_calibration(cases[:half], cases[half:])
@@ -246,6 +249,7 @@ def evaluate_synthesis(
 
     if task not in TASKS:
         raise fail(f"--task {task!r}: one of {', '.join(sorted(TASKS))}")
+    output_dir(report, "--report")
     try:
         results = run(report, task, train=train, test=test, model_dir=model_dir)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

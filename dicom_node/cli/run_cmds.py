@@ -35,6 +35,7 @@ from dicom_node.cli.common import (
     fail,
     open_runtime,
     os_user,
+    output_dir,
     print_json,
 )
 from dicom_node.ingest.instance import valid_uid
@@ -274,6 +275,7 @@ def run(
         blocker = _not_a_directory(target)
         if blocker is not None:
             raise fail(f"--out {out}: {blocker} exists and is not a directory")
+    output_dir(out)
     runtime = open_runtime(config, home)
     try:
         model_dir = runtime.config.models.directory(pipeline)

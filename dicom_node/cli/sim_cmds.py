@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -11,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from dicom_node.cli.common import app, console, fail
+from dicom_node.cli.common import app, console, fail, output_dir
 
 
 def _patient_id(value: str) -> str:
@@ -30,22 +29,6 @@ simulate_app = typer.Typer(
     help="Write simulated DICOM studies (clearly labelled SIMULATED).", no_args_is_help=True
 )
 app.add_typer(simulate_app, name="simulate")
-
-
-def _writable(out: Path) -> None:
-    """--out must be (or become) a directory this user can write in: made (when missing) and
-    checked before anything is simulated."""
-    for p in (out, *out.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise fail(f"--out {out}: {p} exists and is not a directory")
-            break
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise fail(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise fail(f"--out {out}: not writable by this user")
 
 
 @contextmanager
@@ -80,7 +63,7 @@ def simulate_ct(
     from dicom_node.lab.simulate import write_ct_series
     from models.sim.phantom import PhantomSpec
 
-    _writable(out)
+    output_dir(out)
     with _writing(out):
         study = write_ct_series(
             out, PhantomSpec(rows=size, columns=size, slices=slices, seed=seed), patient_id=patient_id
@@ -114,7 +97,7 @@ def simulate_ldct(
 
     from dicom_node.lab.simulate import LdctSpec, write_ldct_study
 
-    _writable(out)
+    output_dir(out)
     spec = LdctSpec(anatomy=anatomy.value, slices=slices, size=size, dose=dose, seed=seed, fov_mm=fov_mm)
     with _writing(out), Progress(console=console, transient=True) as bar:
         task = bar.add_task("simulating slices", total=slices)
@@ -146,7 +129,7 @@ def simulate_sct(
     """Paired MR / CT head (MNI152-based): the MR planning series and, separately, the reference CT."""
     from dicom_node.lab.simulate import SctSpec, write_sct_study
 
-    _writable(out)
+    output_dir(out)
     spec = SctSpec(slices=slices, size=size, seed=seed, sequence=sequence.value)
     with _writing(out), console.status("simulating the paired MR / CT head"):
         mr, ct = write_sct_study(out, spec, patient_id=patient_id)
@@ -172,7 +155,7 @@ def simulate_prognosis(
     """A simulated brain-tumour patient (MNI152, Fisher-Kolmogorov growth): T1c and FLAIR per visit."""
     from dicom_node.lab.simulate_prognosis import PrognosisSpec, write_prognosis_patient
 
-    _writable(out)
+    output_dir(out)
     spec = PrognosisSpec(visits=visits, seed=seed, size=size, slices=slices, t2w=t2w)
     with _writing(out), console.status("simulating the tumour's growth and the follow-up studies"):
         patient, studies = write_prognosis_patient(out, spec, patient_id=patient_id)
@@ -227,7 +210,7 @@ def simulate_synthesis(
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise fail(f"{out} exists and is not an empty directory: choose a new --out")
-    _writable(out)
+    output_dir(out)
     spec = SynthesisSpec(
         seed=seed,
         size=size,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from dicom_node.cli.common import app, console, fail
+from dicom_node.cli.common import app, console, fail, output_dir
 
 if TYPE_CHECKING:  # torch and friends load only when training runs
     from models.training.restoration import Pair
@@ -202,6 +202,7 @@ def train_restoration(
         residual_lowpass_mm=residual_lowpass_mm,
         putback_noise_hu=putback_noise_hu,
     )
+    output_dir(out)  # the inputs are good: now the folder, before the hours of training
     with _progress_bar() as progress:
         report = train(config, out, pairs=pairs, calib_pairs=calib, init_weights=init, progress=progress)
     _trained(out, report.card, report.seconds)
@@ -242,6 +243,7 @@ def train_sct(
         slices=slices,
         version=version,
     )
+    output_dir(out)
     with _progress_bar() as progress:
         report = train(config, out, init_weights=init, progress=progress)
     _trained(out, report.card, report.seconds)
