@@ -76,7 +76,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -545,24 +545,11 @@ def run_variant(
 
 def _light(pair: TwinPair) -> TwinPair:
     """The pair without its volumes (its figures are taken; see :func:`run_variant`)."""
-    empty = np.zeros((0,), np.float32)
-    return TwinPair(
-        seed=pair.seed,
-        spacing_mm=pair.spacing_mm,
-        brain=empty,
-        inputs={},
-        twin_inputs={},
-        mean=empty,
-        sigma=empty,
-        twin_mean=empty,
-        twin_sigma=empty,
-        truth=empty,
-        lesion_labels=empty,
-        diameters_mm=pair.diameters_mm,
-        t1_visible=pair.t1_visible,
-        avoid=empty,
-        white=empty,
-    )
+    e = np.zeros((0,), np.float32)
+    return replace(
+        pair, brain=e, mean=e, sigma=e, twin_mean=e, twin_sigma=e, truth=e, lesion_labels=e, avoid=e, white=e,
+        inputs={}, twin_inputs={}, on_grid=None,
+    )  # fmt: skip
 
 
 def report(results: Mapping[str, Any]) -> str:
