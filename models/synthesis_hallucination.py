@@ -63,6 +63,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from models.inplane_grid import InPlaneGrid
 from models.synthesis_norm import white_matter_mask
 
 #: Suspect voxels: score above this. Chosen with :data:`MIN_REGION_MM3` on training-role
@@ -228,3 +229,18 @@ def hallucination_score(
     window = (1, 3, 3)
     score = np.maximum(ndimage.uniform_filter(erased, window), ndimage.uniform_filter(inserted, window))
     return np.where(brain & np.isfinite(score), score, 0.0).astype(np.float32)
+
+
+def hallucination_score_on_grid(
+    grid: InPlaneGrid,
+    inputs: Mapping[str, np.ndarray],
+    mean: np.ndarray,
+    sigma: np.ndarray,
+    cells_brain: np.ndarray,
+    brain: np.ndarray,
+) -> np.ndarray:
+    """:func:`hallucination_score` of a model that ran on ``grid``'s cells (``inputs``,
+    ``mean``, ``sigma`` and ``cells_brain`` there: its thresholds were measured at that pixel
+    size), brought back onto the series' pixels within ``brain``, never below 0."""
+    on_cells = hallucination_score(inputs, mean, sigma, cells_brain, grid.cell_spacing)
+    return np.where(brain, np.maximum(grid.up(on_cells), 0.0), 0.0).astype(np.float32)

@@ -50,7 +50,12 @@ from pydicom.dataset import Dataset
 from models.base import Prediction
 from models.hallucination import suspect_regions
 from models.synthesis import SynthesisModel
-from models.synthesis_hallucination import MIN_REGION_MM3, SUSPECT_THRESHOLD, hallucination_score
+from models.synthesis_hallucination import (
+    MIN_REGION_MM3,
+    SUSPECT_THRESHOLD,
+    hallucination_score,
+    hallucination_score_on_grid,
+)
 from models.synthesis_norm import NormalisationError, brain_mask
 from pipelines.base import InputInstance, InputRefused, PipelineError, series_label
 from pipelines.domain import (
@@ -357,11 +362,10 @@ class PredictSynthesis:
             raise InputRefused(self.model.name, t1w.series_uid, ["no brain found in the T1w images"])
         if out.grid is not None and out.on_grid is not None:
             # the score where the network ran (its thresholds were measured there), then back
-            grid, cells = out.grid, out.on_grid
-            on_cells = hallucination_score(
-                cells.normalised, cells.mean, cells.sigma, cells.brain, grid.cell_spacing
+            cells = out.on_grid
+            score = hallucination_score_on_grid(
+                out.grid, cells.normalised, cells.mean, cells.sigma, cells.brain, out.brain
             )
-            score = np.where(out.brain, np.maximum(grid.up(on_cells), 0.0), 0.0).astype(np.float32)
         else:
             normalised = {c: arrays[c] / out.scales[c] for c in self.model.inputs}
             score = hallucination_score(normalised, out.mean, out.sigma, out.brain, t1w.spacing)

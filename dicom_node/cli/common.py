@@ -68,15 +68,22 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def not_a_directory(path: Path) -> Path | None:
+    """The first of ``path`` and its parents that exists and is not a directory (None: none;
+    ``mkdir(parents=True)`` can make ``path``)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
 def output_dir(path: Path, option: str = "--out") -> None:
     """A directory a command will write into (``--out``, ``--report``): made now (when
     missing) and checked writable, before any work that could take minutes or hours is
     spent. A file in its way, a folder that cannot be made or is not writable: one line."""
-    for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise fail(f"{option} {path}: {p} exists and is not a directory")
-            break
+    blocker = not_a_directory(path)
+    if blocker is not None:
+        raise fail(f"{option} {path}: {blocker} exists and is not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -33,6 +33,7 @@ from dicom_node.cli.common import (
     console,
     err_console,
     fail,
+    not_a_directory,
     open_runtime,
     os_user,
     output_dir,
@@ -230,15 +231,6 @@ def _study_inputs(
     return studies, patients, skipped
 
 
-def _not_a_directory(path: Path) -> Path | None:
-    """The first of ``path`` and its parents that exists and is not a directory (None: none;
-    ``mkdir(parents=True)`` can make ``path``)."""
-    for p in (path, *path.parents):
-        if p.exists():
-            return None if p.is_dir() else p
-    return None
-
-
 def run_job_id(pipeline: Pipeline, model_dir: Path | None, precision: str | None) -> str:
     """The job id ``run`` derives its output UIDs from: the pipeline, its version and the
     model that runs. The same run twice gives the same UIDs; another pipeline, another
@@ -272,7 +264,7 @@ def run(
         )
     targets = {study_uid: out if len(studies) == 1 else out / study_uid for study_uid in studies}
     for target in targets.values():
-        blocker = _not_a_directory(target)
+        blocker = not_a_directory(target)
         if blocker is not None:
             raise fail(f"--out {out}: {blocker} exists and is not a directory")
     output_dir(out)

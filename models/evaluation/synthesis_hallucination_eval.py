@@ -96,7 +96,12 @@ from models.evaluation.wm_lesions import detect
 from models.hallucination import suspect_regions
 from models.inplane_grid import InPlaneGrid
 from models.sim.synthesis import SynthLabel, make_study
-from models.synthesis_hallucination import MIN_REGION_MM3, SUSPECT_THRESHOLD, hallucination_score
+from models.synthesis_hallucination import (
+    MIN_REGION_MM3,
+    SUSPECT_THRESHOLD,
+    hallucination_score,
+    hallucination_score_on_grid,
+)
 from models.synthesis_norm import normalise_inputs
 
 SIMULATED = "SIMULATED data (models.sim.synthesis): not a clinical performance claim"
@@ -273,25 +278,20 @@ def _maps(pair: TwinPair, union: np.ndarray | None) -> tuple[dict[str, np.ndarra
     ones; the seconds the honest map took."""
     view = pair.on_grid
     if view is None:
-        inputs, twin_inputs, brain, spacing = pair.inputs, pair.twin_inputs, pair.brain, pair.spacing_mm
+        inputs, twin_inputs = pair.inputs, pair.twin_inputs
         mean, sigma, twin_mean, twin_sigma = pair.mean, pair.sigma, pair.twin_mean, pair.twin_sigma
         tampered = union
+
+        def score(images: Mapping[str, np.ndarray], target: np.ndarray, spread: np.ndarray) -> np.ndarray:
+            return hallucination_score(images, target, spread, pair.brain, pair.spacing_mm)
+
     else:  # as pipelines.synthesis scores a resampled series: on the cells, then back up
-        inputs, twin_inputs, brain, spacing = (
-            view.inputs,
-            view.twin_inputs,
-            view.brain,
-            view.grid.cell_spacing,
-        )
+        inputs, twin_inputs = view.inputs, view.twin_inputs
         mean, sigma, twin_mean, twin_sigma = view.mean, view.sigma, view.twin_mean, view.twin_sigma
         tampered = None if union is None else view.grid.down_mask(union) & view.brain
 
-    def score(images: Mapping[str, np.ndarray], target: np.ndarray, spread: np.ndarray) -> np.ndarray:
-        on_network_grid = hallucination_score(images, target, spread, brain, spacing)
-        if view is None:
-            return on_network_grid
-        up = view.grid.up(on_network_grid)
-        return np.where(pair.brain, np.maximum(up, 0.0), 0.0).astype(np.float32)
+        def score(images: Mapping[str, np.ndarray], target: np.ndarray, spread: np.ndarray) -> np.ndarray:
+            return hallucination_score_on_grid(view.grid, images, target, spread, view.brain, pair.brain)
 
     t0 = time.perf_counter()
     maps = {"honest": score(inputs, mean, sigma)}
